@@ -1,0 +1,46 @@
+# The two commands a new user runs are `make demo` and `make test`; both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint unit integration bench mosquitto clean
+
+setup: $(STAMP) mosquitto
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all,test]'
+	touch $(STAMP)
+
+# Mosquitto is the broker of the demo and the tests; Debian ships it.
+mosquitto:
+	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null || { \
+	  echo "installing mosquitto with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+
+demo: setup
+	$(BIN)/edgebento demo --workdir build/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+integration: setup
+	$(BIN)/pytest tests/integration
+
+test: setup lint
+	$(BIN)/pytest tests
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

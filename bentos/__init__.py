@@ -1,0 +1,3 @@
+"""See DESIGN.md."""
+
+from __future__ import annotations

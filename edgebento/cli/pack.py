@@ -1,0 +1,146 @@
+"""``edgebento keygen`` and ``edgebento pack create|sign|verify|inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from modelpack import (
+    MANIFEST_FILE,
+    Manifest,
+    create_pack,
+    generate_keypair,
+    load_pack,
+    sign_pack,
+)
+from modelpack.errors import ManifestError
+
+
+def register(sub: Any) -> None:
+    keygen = sub.add_parser("keygen", help="write an ed25519 signing key pair")
+    keygen.add_argument(
+        "--out", type=Path, required=True, help="directory for signing.key and signing.pub"
+    )
+    keygen.set_defaults(func=cmd_keygen)
+
+    pack = sub.add_parser("pack", help="create, sign, verify and inspect ModelPacks")
+    verbs = pack.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    create = verbs.add_parser("create", help="make a pack directory from an ONNX model")
+    create.add_argument("model", type=Path, metavar="MODEL.onnx")
+    create.add_argument("--name", required=True)
+    create.add_argument("--version", type=int, required=True)
+    create.add_argument("--out", type=Path, required=True)
+    create.add_argument(
+        "--samples", type=Path, help="golden samples (.npz with inputs/NAME and outputs/NAME)"
+    )
+    create.add_argument(
+        "--label", action="append", default=[], dest="labels", help="a class label (repeat)"
+    )
+    create.add_argument("--key", type=Path, help="sign with this signing.key as well")
+    create.set_defaults(func=cmd_create)
+
+    sign = verbs.add_parser("sign", help="sign a pack's manifest")
+    sign.add_argument("dir", type=Path)
+    sign.add_argument("--key", type=Path, required=True)
+    sign.set_defaults(func=cmd_sign)
+
+    verify = verbs.add_parser(
+        "verify", help="check signature, hashes and layout; exit 0 when valid"
+    )
+    verify.add_argument("dir", type=Path)
+    verify.add_argument(
+        "--pub", type=Path, action="append", required=True, help="a trusted public key (repeat)"
+    )
+    verify.set_defaults(func=cmd_verify)
+
+    inspect = verbs.add_parser("inspect", help="print the manifest")
+    inspect.add_argument("dir", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print the manifest JSON as it is")
+    inspect.set_defaults(func=cmd_inspect)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key, pub = generate_keypair(args.out)
+    print(f"wrote {key} (keep it secret) and {pub} (give it to every device and service)")
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    create_pack(
+        args.model,
+        args.out,
+        name=args.name,
+        version=args.version,
+        samples=args.samples,
+        labels=args.labels,
+        key=args.key,
+    )
+    state = "signed" if args.key else "unsigned; sign it with 'edgebento pack sign'"
+    print(f"wrote pack {args.name} v{args.version} to {args.out} ({state})")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    sig = sign_pack(args.dir, args.key)
+    print(f"signed {args.dir} ({sig.name})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    pack = load_pack(args.dir, trusted=args.pub)
+    m = pack.manifest
+    print(f"ok: {m.name} v{m.version}, {len(m.files)} files, signed by key {pack.signed_by}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = args.dir / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror}") from exc
+    manifest = Manifest.from_bytes(data)
+    if args.json:
+        print(json.dumps(json.loads(data), indent=2))
+        return 0
+    console = Console()
+    summary = Table(title=f"{manifest.name} v{manifest.version}", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("created", manifest.created_at.isoformat())
+    summary.add_row("expires", manifest.expires_at.isoformat() if manifest.expires_at else "never")
+    summary.add_row("parent", manifest.parent or "-")
+    summary.add_row("signed", "yes" if (args.dir / "manifest.sig").exists() else "no")
+    if manifest.labels:
+        summary.add_row("labels", ", ".join(manifest.labels))
+    for key, value in manifest.optimization.items():
+        summary.add_row(
+            f"optimization.{key}", json.dumps(value) if not isinstance(value, str) else value
+        )
+    console.print(summary)
+    io = Table(title="io signature")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for s in specs:
+            shape = (
+                "unknown"
+                if s.shape is None
+                else "[" + ", ".join("?" if d is None else str(d) for d in s.shape) + "]"
+            )
+            io.add_row(kind, escape(s.name), s.dtype, escape(shape))
+    console.print(io)
+    files = Table(title="files")
+    for col in ("path", "size", "sha256"):
+        files.add_column(col)
+    for f in manifest.files:
+        files.add_row(escape(f.path), f"{f.size:,}", f.sha256[:16] + "…")
+    console.print(files)
+    return 0

@@ -1,0 +1,113 @@
+"""The one error tree of edgebento.
+
+Every refusal is a typed error whose message says, in one line, what was wrong. Lower-level
+exceptions (OSError, cryptography, onnxruntime, boto3, paho) are translated once, at the boundary
+where they happen, with ``raise X(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class EdgebentoError(Exception):
+    """Base of every error edgebento raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        # One line, always: messages end up in logs, MQTT replies and HTTP bodies.
+        super().__init__(" ".join(str(message).split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(EdgebentoError):
+    """A setting, file or flag that cannot be used as given."""
+
+
+# --- the pack --------------------------------------------------------------------------------
+
+
+class PackError(EdgebentoError):
+    """A ModelPack that cannot be created, read or trusted."""
+
+
+class ManifestError(PackError):
+    """manifest.json is missing, is not valid JSON, or does not follow the schema."""
+
+
+class SignatureError(PackError):
+    """manifest.sig is missing, malformed, or not made by a trusted key."""
+
+
+class IntegrityError(PackError):
+    """A file's size or sha256 differs from what the manifest says."""
+
+
+class LayoutError(PackError):
+    """A file the manifest does not list, a symlink, or a path that escapes the pack."""
+
+
+class SizeLimitError(PackError):
+    """A pack, a file or an archive past the configured size cap."""
+
+
+class ModelInvalidError(PackError):
+    """The ONNX model fails onnx.checker or cannot be opened by ONNX Runtime."""
+
+
+class ExpiredError(PackError):
+    """The manifest's expires_at is in the past."""
+
+
+class VersionError(PackError):
+    """A version that is not allowed here (not newer than the installed one, or taken)."""
+
+
+class ArchiveError(PackError):
+    """A pack archive with an unsafe or unreadable member."""
+
+
+class KeyFileError(PackError):
+    """A signing or public key file that cannot be read."""
+
+
+# --- inference -------------------------------------------------------------------------------
+
+
+class InputError(EdgebentoError):
+    """A request whose tensors do not match the model's io signature.
+
+    ``reason`` is a short machine-readable code (used as a metrics label); the message says
+    exactly what was wrong for a person.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class InferenceError(EdgebentoError):
+    """ONNX Runtime failed on input that passed validation."""
+
+
+# --- the cloud and the device ----------------------------------------------------------------
+
+
+class StoreError(EdgebentoError):
+    """An object store operation that failed (S3 or a local directory)."""
+
+
+class NotFoundError(StoreError):
+    """An object, pack or version that is not in the store."""
+
+
+class ProtocolError(EdgebentoError):
+    """An MQTT message that does not follow the device protocol."""
+
+
+class BrokerError(EdgebentoError):
+    """The MQTT broker cannot be reached or refused us."""
+
+
+class AuthError(BrokerError):
+    """The broker rejected the credentials: retrying will not help."""

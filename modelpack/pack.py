@@ -1,0 +1,181 @@
+"""Creating and signing ModelPacks, and the verified ``Pack`` every stage passes on."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpack.errors import LayoutError, PackError
+from modelpack.hashing import sha256_file
+from modelpack.manifest import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    SAMPLES_FILE,
+    SIGNATURE_FILE,
+    FileEntry,
+    Manifest,
+    SequenceInput,
+)
+from modelpack.signing import load_private_key, sign
+
+INPUT_PREFIX = "inputs/"
+OUTPUT_PREFIX = "outputs/"
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Golden inputs and the outputs the model must reproduce on them."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Pack:
+    """A pack directory whose manifest, signature and files were verified by ``load_pack``."""
+
+    root: Path
+    manifest: Manifest
+    manifest_sha256: str
+    signed_by: str | None  # key id, or None when loaded unsigned on request
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / MODEL_FILE
+
+    @property
+    def samples(self) -> Samples | None:
+        if self.manifest.file(SAMPLES_FILE) is None:
+            return None
+        return read_samples(self.root / SAMPLES_FILE)
+
+
+def write_samples(
+    path: Path, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+) -> None:
+    arrays = {INPUT_PREFIX + k: np.asarray(v) for k, v in inputs.items()}
+    arrays.update({OUTPUT_PREFIX + k: np.asarray(v) for k, v in outputs.items()})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    path.write_bytes(buffer.getvalue())
+
+
+def read_samples(path: Path) -> Samples:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise PackError(f"{path.name} is not a readable npz of golden samples: {exc}") from exc
+    return Samples(
+        inputs={k[len(INPUT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(INPUT_PREFIX)},
+        outputs={
+            k[len(OUTPUT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(OUTPUT_PREFIX)
+        },
+    )
+
+
+def _copy_in(src: Path, dst: Path) -> None:
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+
+
+def list_files(root: Path) -> list[FileEntry]:
+    """Every regular file under root but the manifest and its signature, hashed."""
+    entries = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise LayoutError(f"{rel} is a symlink; packs hold regular files only")
+        if path.is_dir() or rel in (MANIFEST_FILE, SIGNATURE_FILE):
+            continue
+        entries.append(FileEntry(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
+    return entries
+
+
+def create_pack(
+    model: Path,
+    out: Path,
+    *,
+    name: str,
+    version: int,
+    samples: Path | Samples | None = None,
+    report: Path | None = None,
+    labels: Sequence[str] = (),
+    optimization: Mapping[str, Any] | None = None,
+    parent: str | None = None,
+    expires_at: datetime | None = None,
+    sequence: Sequence[SequenceInput] = (),
+    metadata: Mapping[str, str] | None = None,
+    extras: Sequence[Path] = (),
+    key: Path | None = None,
+) -> Path:
+    """Write a pack directory at ``out`` and return the path of its manifest.
+
+    ``extras`` are further files (report.html, ...) copied in by name and listed like the rest.
+    The pack is unsigned unless ``key`` (a signing.key file) is given; ``sign_pack`` signs later.
+    """
+    from modelpack.iosig import read_io_signature
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in out.iterdir() if p.name != MANIFEST_FILE]
+    known = {MODEL_FILE, SAMPLES_FILE, REPORT_FILE, SIGNATURE_FILE, *(p.name for p in extras)}
+    if any(n not in known for n in stale):
+        raise LayoutError(f"{out} holds other files ({', '.join(sorted(stale))}); use an empty dir")
+    (out / SIGNATURE_FILE).unlink(missing_ok=True)
+    _copy_in(model, out / MODEL_FILE)
+    if isinstance(samples, Samples):
+        write_samples(out / SAMPLES_FILE, samples.inputs, samples.outputs)
+    elif samples is not None:
+        _copy_in(samples, out / SAMPLES_FILE)
+    if report is not None:
+        _copy_in(report, out / REPORT_FILE)
+    for extra in extras:
+        _copy_in(extra, out / extra.name)
+    inputs, outputs = read_io_signature(out / MODEL_FILE)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        created_at=datetime.now(UTC).replace(microsecond=0),
+        expires_at=expires_at,
+        files=list_files(out),
+        inputs=inputs,
+        outputs=outputs,
+        labels=list(labels),
+        optimization=dict(optimization or {}),
+        parent=parent or sha256_file(model),
+        sequence=list(sequence),
+        metadata=dict(metadata or {}),
+    )
+    _write_atomic(out / MANIFEST_FILE, manifest.to_bytes())
+    if key is not None:
+        sign_pack(out, key)
+    return out / MANIFEST_FILE
+
+
+def sign_pack(root: Path, key: Path) -> Path:
+    """Check that every file matches the manifest, then write manifest.sig over its bytes."""
+    from modelpack.loader import load_pack
+
+    private = load_private_key(key)
+    load_pack(root, trusted=(), allow_unsigned=True)  # refuses a pack whose files drifted
+    data = (root / MANIFEST_FILE).read_bytes()
+    _write_atomic(root / SIGNATURE_FILE, sign(data, private))
+    return root / SIGNATURE_FILE
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

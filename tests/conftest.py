@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support import models
+
+# Nothing in the tests may reach the network beyond loopback, or AWS's real endpoints.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def mlp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return models.mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(signing.key, signing.pub) made once for the session."""
+    from modelpack import generate_keypair
+
+    return generate_keypair(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def signed_pack(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> Path:
+    """A fresh signed pack of the MLP, with golden samples, that a test may tamper with."""
+    from modelpack import Samples, create_pack
+
+    inputs, outputs = models.golden_samples(mlp_model)
+    out = tmp_path / "pack"
+    create_pack(
+        mlp_model, out, name="tiny", version=1, samples=Samples(inputs, outputs), key=keys[0]
+    )
+    return out
