@@ -166,7 +166,7 @@ def sign_pack(root: Path, key: Path) -> Path:
     from modelpack.loader import load_pack
 
     private = load_private_key(key)
-    load_pack(root, trusted=(), allow_unsigned=True)  # refuses a pack whose files drifted
+    load_pack(root, trusted=(), allow_unsigned=True, allow_expired=True)  # refuses drifted files
     data = (root / MANIFEST_FILE).read_bytes()
     _write_atomic(root / SIGNATURE_FILE, sign(data, private))
     return root / SIGNATURE_FILE

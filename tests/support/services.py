@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,9 @@ class Mosquitto:
             "log_type error",
             "log_type warning",
         ]
+        if os.geteuid() == 0:
+            # As root Mosquitto drops to user "mosquitto", who cannot read pytest's private dirs.
+            lines.append("user root")
         if self.users is None:
             lines.append("allow_anonymous true")
         else:
