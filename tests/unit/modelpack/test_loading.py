@@ -82,7 +82,7 @@ def test_added_file_is_refused(signed_pack: Path, keys: tuple[Path, Path]) -> No
 
 def test_removed_file_is_refused(signed_pack: Path, keys: tuple[Path, Path]) -> None:
     (signed_pack / "samples.npz").unlink()
-    with pytest.raises(IntegrityError, match="samples.npz is listed in the manifest but missing"):
+    with pytest.raises(IntegrityError, match=r"samples\.npz is listed in the manifest but missing"):
         load_pack(signed_pack, trusted=[keys[1]])
 
 
@@ -140,7 +140,7 @@ def test_symlinked_file_is_refused(
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
     (signed_pack / "link.txt").symlink_to(outside)
-    with pytest.raises(LayoutError, match="link.txt is a symlink"):
+    with pytest.raises(LayoutError, match=r"link\.txt is a symlink"):
         load_pack(signed_pack, trusted=[keys[1]])
 
 
@@ -151,7 +151,7 @@ def test_listed_file_replaced_by_symlink_is_refused(
     moved = tmp_path / "samples.npz"
     real.rename(moved)
     real.symlink_to(moved)  # same bytes, but through a link
-    with pytest.raises(LayoutError, match="samples.npz is a symlink"):
+    with pytest.raises(LayoutError, match=r"samples\.npz is a symlink"):
         load_pack(signed_pack, trusted=[keys[1]])
 
 
@@ -216,7 +216,7 @@ def test_signed_invalid_model_fails_onnx_checker(tmp_path: Path, keys: tuple[Pat
 
     doc["files"] = [f.model_dump() for f in list_files(out)]
     _resign(out, keys[0], doc)
-    with pytest.raises(ModelInvalidError, match="fails onnx.checker"):
+    with pytest.raises(ModelInvalidError, match=r"fails onnx\.checker"):
         load_pack(out, trusted=[keys[1]])
 
 
