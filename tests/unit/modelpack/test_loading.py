@@ -269,3 +269,14 @@ def test_signing_key_is_private(tmp_path: Path) -> None:
     key, pub = generate_keypair(tmp_path / "k")
     assert os.stat(key).st_mode & 0o777 == 0o600
     assert pub.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+
+
+def test_size_caps(signed_pack: Path, keys: tuple[Path, Path]) -> None:
+    from modelpack import Limits, SizeLimitError
+
+    with pytest.raises(SizeLimitError, match="the cap is 100"):
+        load_pack(signed_pack, trusted=[keys[1]], limits=Limits(max_pack_bytes=100))
+    with pytest.raises(SizeLimitError, match="more than 1 files"):
+        load_pack(signed_pack, trusted=[keys[1]], limits=Limits(max_files=1))
+    with pytest.raises(SizeLimitError, match=r"manifest\.json is \d+ bytes; the cap is 10"):
+        load_pack(signed_pack, trusted=[keys[1]], limits=Limits(max_manifest_bytes=10))
