@@ -13,6 +13,14 @@ from modelpack.errors import EdgebentoError
 # Each module has ``register(subparsers)``, which adds its verbs with ``func`` set.
 COMMAND_MODULES = [
     "edgebento.cli.pack",
+    "edgebento.cli.demo",
+    "edgebento.cli.optimize",
+    "edgebento.cli.bento",
+    "edgebento.cli.deploy",
+    "edgebento.cli.sync",
+    "edgebento.cli.registry",
+    "edgebento.cli.rollout",
+    "edgebento.cli.fleet",
 ]
 
 
