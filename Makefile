@@ -22,6 +22,11 @@ mosquitto:
 	  echo "installing mosquitto with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
+# buildah, podman, vfs storage, the Debian base image of bentofile.yaml, and promtool, for the
+# bentos tests and `bentoml containerize --backend buildah` (idempotent; seconds when done).
+container-tools: $(STAMP)
+	$(BIN)/python -m bentos.container setup --promtool $(BIN)
+
 demo: setup
 	$(BIN)/edgebento demo --workdir build/demo
 
@@ -36,10 +41,11 @@ unit: $(STAMP)
 integration: setup
 	$(BIN)/pytest tests/integration
 
-test: setup lint
+test: setup lint container-tools
 	$(BIN)/pytest tests
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[all,test,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -1,0 +1,109 @@
+"""A small Keras CNN on digits: does the search pick the right one of static QDQ, dynamic, FP32?
+
+"Right" is judged from an independent side-by-side run of the three families' best models: the
+fastest whose accuracy drop is within 1 point.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_optimize_digits import _data
+from benchmarks.optimize_common import quantize_dynamic_defaults, side_by_side
+from optimize import optimize_model
+from optimize.data import Dataset
+
+WORK = Path("build/bench/cnn")
+
+
+def _train(x: np.ndarray, y: np.ndarray, path: Path) -> Path:
+    from optimize.convert import import_tensorflow
+
+    tf = import_tensorflow()
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential(
+        [
+            layers.Input((8, 8, 1), name="image"),
+            layers.Conv2D(32, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.Conv2D(64, 3, padding="same", activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+    model.compile(
+        tf.keras.optimizers.Adam(2e-3),
+        tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, epochs=25, batch_size=64, verbose=0)
+    model.save(str(path))
+    return path
+
+
+def _family(name: str) -> str:
+    return "static" if name.startswith("static") else ("dynamic" if "dynamic" in name else "fp32")
+
+
+def run(results_dir: Path) -> dict[str, Any]:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    x_train, y_train, x_test, y_test = _data()
+    x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
+    source = _train(x_train, y_train, WORK / "cnn.keras")
+    np.savez(WORK / "train.npz", image=x_train, labels=y_train)
+    np.savez(WORK / "test.npz", image=x_test, labels=y_test)
+    result = optimize_model(
+        source,
+        WORK / "pack",
+        name="cnn",
+        version=1,
+        data=WORK / "train.npz",
+        eval_data=WORK / "test.npz",
+        prune="off",
+        cache=WORK / "cache",
+        latency_seconds=30,
+    )
+    fp32 = next(c for c in result.candidates if c.name == "fp32")
+    assert fp32.path is not None
+    models = {"fp32": fp32.path}
+    models["quantize_dynamic"] = quantize_dynamic_defaults(
+        fp32.path, WORK / "quantize_dynamic.onnx"
+    )
+    for family in ("dynamic", "static"):
+        best = [c for c in result.candidates if _family(c.name) == family and c.within_budget]
+        if best:
+            pick = min(best, key=lambda c: c.latency.p50_ms if c.latency else 1e9)
+            assert pick.path is not None
+            models[f"best_{family}"] = pick.path
+    data = Dataset({"image": x_test}, y_test, frozenset({"image"}))
+    table = side_by_side(models, data, batch=256, labels=y_test, seconds=30)
+    base_acc = table["fp32"]["accuracy"]
+    ok = {
+        k: v
+        for k, v in table.items()
+        if k in ("fp32", "best_dynamic", "best_static") and base_acc - v["accuracy"] <= 0.01
+    }
+    right = min(ok, key=lambda k: ok[k]["p50_ms"])
+    right_family = {"fp32": "fp32", "best_dynamic": "dynamic", "best_static": "static"}[right]
+    chosen_family = _family(result.chosen.name)
+    return {
+        "headline": (
+            f"search chose {result.chosen.name} ({chosen_family}); side by side the fastest within "
+            f"budget is {right_family}: static {table.get('best_static', {}).get('speedup', '-')}x, "
+            f"dynamic {table.get('best_dynamic', {}).get('speedup', '-')}x, "
+            f"quantize_dynamic {table['quantize_dynamic']['speedup']}x FP32"
+        ),
+        "targets_met": chosen_family == right_family,
+        "chosen": result.chosen.name,
+        "reason": result.reason,
+        "right_family": right_family,
+        "side_by_side": table,
+        "candidates": result.rows,
+    }

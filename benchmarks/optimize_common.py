@@ -1,0 +1,50 @@
+"""What the optimize benchmarks share: baselines measured side by side with edgebento's pick."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpack.iosig import read_io_signature
+from optimize import verify
+from optimize.data import Dataset
+
+
+def quantize_dynamic_defaults(model: Path, out: Path) -> Path:
+    """What people do by hand: onnxruntime's quantize_dynamic with its defaults."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantize_dynamic(str(model), str(out))
+    return out
+
+
+def side_by_side(
+    models: dict[str, Path], data: Dataset, batch: int, labels: np.ndarray | None, seconds: float
+) -> dict[str, dict[str, Any]]:
+    """Fidelity against the first model, size and interleaved latency, from one run."""
+    first = next(iter(models.values()))
+    inputs, outputs = read_io_signature(first)
+    predictors = {k: verify.load(p, inputs, outputs) for k, p in models.items()}
+    reference = verify.run_all(next(iter(predictors.values())), data, batch)
+    latencies = verify.latencies(predictors, data, batch, seconds)
+    base_ms = next(iter(latencies.values())).p50_ms
+    found = {}
+    for name, predictor in predictors.items():
+        fid = verify.fidelity(reference, verify.run_all(predictor, data, batch), labels)
+        size = verify.size_of(models[name])
+        lat = latencies[name]
+        found[name] = {
+            "p50_ms": round(lat.p50_ms, 3),
+            "p99_ms": round(lat.p99_ms, 3),
+            "p50_ms_batch1": round(lat.p50_ms_batch1, 4),
+            "speedup": round(base_ms / lat.p50_ms, 3),
+            "accuracy": fid.accuracy,
+            "top1_agreement": fid.top1_agreement,
+            "cosine_min": round(fid.cosine_min, 5),
+            "cosine_mean": round(fid.cosine_mean, 5),
+            "size_bytes": size.bytes,
+            "gzip_bytes": size.gzip_bytes,
+        }
+    return found

@@ -1,0 +1,121 @@
+"""``edgebento optimize``: prune and quantize a model into a verified ModelPack."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from modelpack.errors import ConfigError
+
+
+def _prune(value: str) -> str | float:
+    if value in ("auto", "off"):
+        return value
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("auto, off or a ratio such as 0.5") from exc
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "optimize",
+        help="prune and quantize a model under an accuracy budget into a ModelPack",
+    )
+    p.add_argument(
+        "source",
+        type=Path,
+        metavar="SOURCE",
+        help=".onnx, .keras/.h5, SavedModel dir, TorchScript .pt",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the pack directory to write")
+    p.add_argument("--name", help="pack name (default: the source's file name)")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument(
+        "--data", type=Path, help=".npz, one array per input (+ labels): calibration and eval"
+    )
+    p.add_argument("--eval-data", type=Path, help=".npz held back for fidelity only")
+    p.add_argument("--max-drop", type=float, help="budget as a fraction: 0.01 = 1 accuracy point")
+    p.add_argument("--quantize", choices=("auto", "dynamic", "static", "off"), default="auto")
+    p.add_argument(
+        "--prune", type=_prune, default="auto", help="auto, off or a ratio of units to remove"
+    )
+    p.add_argument("--train-data", type=Path, help=".npz with labels to fine-tune Keras pruning")
+    p.add_argument("--key", type=Path, help="sign the pack with this signing.key")
+    p.add_argument("--bentoml", action="store_true", help="also save it to the BentoML model store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_optimize)
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from optimize import optimize_model
+
+    result = optimize_model(
+        args.source,
+        args.out,
+        name=args.name or args.source.stem.replace(" ", "-") or "model",
+        version=args.version,
+        data=args.data,
+        eval_data=args.eval_data,
+        max_drop=args.max_drop,
+        quantize=args.quantize,
+        prune=args.prune,
+        train_data=args.train_data,
+        key=args.key,
+        progress=not args.no_progress,
+    )
+    console = Console()
+    table = Table(title="candidates")
+    for col in ("candidate", "size", "gzip", "p50 ms", "p99 ms", "speedup", "fidelity", "chosen"):
+        table.add_column(col)
+    for row in result.rows:
+        table.add_row(*_cells(row))
+    console.print(table)
+    console.print(f"chosen: [bold]{escape(result.chosen.name)}[/bold] ({escape(result.reason)})")
+    console.print(f"pack: {result.pack_dir}   report: {result.report_html}")
+    if args.bentoml:
+        console.print(
+            f"saved to the BentoML model store as {_save_to_bentoml(result.pack_dir, args.key)}"
+        )
+    return 0
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    lat, fid = row["latency"], row["fidelity"] or {}
+    fidelity = ", ".join(
+        f"{label} {fid[k]:.4f}"
+        for k, label in (
+            ("accuracy", "acc"),
+            ("top1_agreement", "top-1"),
+            ("cosine_min", "cos_min"),
+        )
+        if fid.get(k) is not None
+    )
+    status = "yes" if row["chosen"] else (row["error"] or row["violation"] or "")
+    return [
+        escape(row["candidate"]),
+        f"{row['size_bytes'] / 1e6:.2f} MB" if row["size_bytes"] else "-",
+        f"{row['gzip_bytes'] / 1e6:.2f} MB" if row["gzip_bytes"] else "-",
+        f"{lat['p50_ms']:.2f}" if lat else "-",
+        f"{lat['p99_ms']:.2f}" if lat else "-",
+        f"{row['speedup']:.2f}x" if row["speedup"] else "-",
+        escape(fidelity or "-"),
+        escape(status[:60]),
+    ]
+
+
+def _save_to_bentoml(pack_dir: Path, key: Path | None) -> str:
+    # optimize knows nothing of BentoML; the CLI composes it with bentos' one import function.
+    from bentos.store import import_pack
+
+    if key is None:
+        return import_pack(pack_dir, [], allow_unsigned=True)
+    pub = key.with_suffix(".pub")
+    if not pub.exists():
+        raise ConfigError(f"--bentoml with --key needs the public key beside it: {pub} is missing")
+    return import_pack(pack_dir, [pub])

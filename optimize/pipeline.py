@@ -1,0 +1,314 @@
+"""``optimize_model``: source model in, verified ModelPack with its report out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modelpack import Samples, create_pack
+from modelpack.errors import ConfigError
+from modelpack.iosig import read_io_signature
+from optimize import report as reports
+from optimize.convert import to_onnx
+from optimize.data import Dataset, load_npz, split, synthesize
+from optimize.keras_prune import KerasPruneConfig, prune_keras
+from optimize.load import NormalizeConfig, normalize
+from optimize.passes import PassFailed, Runner
+from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
+from optimize.prune import PruneConfig, prune_with
+from optimize.quantize import search_space
+from optimize.search import Search, hash_data, with_latency
+
+AUTO_PRUNE_RATIOS = (0.5, 0.75)
+GOLDEN_ROWS = 8
+
+
+class OptimizeOptions(BaseModel):
+    """What the user asks for (CLI flags or ``optimize_model`` arguments), checked once."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    version: int = Field(gt=0)
+    max_drop: float | None = Field(default=None, gt=0, lt=1)
+    quantize: Literal["auto", "dynamic", "static", "off"] = "auto"
+    prune: Literal["auto", "off"] | float = "auto"
+    batch: int = Field(default=64, gt=0)
+    latency_seconds: float = Field(default=15.0, gt=0)
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    chosen: Candidate
+    reason: str
+    candidates: list[Candidate]
+    rows: list[dict[str, Any]]  # the report's table
+    report_json: Path
+    report_html: Path
+    pack_dir: Path
+
+
+def _options(**values: Any) -> OptimizeOptions:
+    try:
+        options = OptimizeOptions(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+    if isinstance(options.prune, float) and not 0 < options.prune < 1:
+        raise ConfigError(
+            f"--prune takes auto, off or a ratio between 0 and 1, not {options.prune}"
+        )
+    return options
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("EDGEBENTO_CACHE", "~/.cache/edgebento")).expanduser() / "optimize"
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    ) as progress:
+        yield progress
+
+
+def _bases(
+    runner: Runner,
+    source: Path,
+    kind: str,
+    base: Path,
+    options: OptimizeOptions,
+    calibration: Dataset,
+    train: Dataset | None,
+    notes: list[str],
+) -> dict[str, Path]:
+    """FP32 plus every pruned model to quantize further."""
+    bases = {BASELINE: base}
+    if options.prune == "off":
+        return bases
+    ratios = AUTO_PRUNE_RATIOS if options.prune == "auto" else (float(options.prune),)
+    if kind == "keras" and train is not None:
+        keras_configs = {"keras-sparse-80%": KerasPruneConfig()} | {
+            # Cut units are re-learned by fine-tuning; sparsity on top of that cost accuracy
+            # on digits (1.7 points at 50% units), so the two are separate candidates.
+            f"keras-prune-{r:.0%}": KerasPruneConfig(units_ratio=r, sparsity=0.0)
+            for r in ratios
+        }
+        for label, config in keras_configs.items():
+            try:
+                pruned = runner.run(
+                    "keras-prune",
+                    lambda s, d, c: prune_keras(source, d, c, train),
+                    base,
+                    config,
+                    data_key=hash_data(train),
+                )
+                bases[label] = runner.run("normalize", normalize, pruned, NormalizeConfig())
+            except PassFailed as exc:
+                notes.append(f"{label} failed: {exc.reason}")
+        notes.append("tfmot sparsity gives compression (gzip) only: ONNX Runtime skips no zeros")
+        return bases  # fine-tuned unit pruning beats cutting units from the ONNX graph blind
+    if kind == "keras":
+        notes.append("Keras pruning skipped: it fine-tunes, so it needs --train-data")
+    for parent, model in list(bases.items()):
+        prefix = "" if parent == BASELINE else f"{parent} + "
+        for ratio in ratios:
+            try:
+                bases[f"{prefix}prune-{ratio:.0%}"] = runner.run(
+                    "prune", prune_with(calibration), model, PruneConfig(ratio=ratio)
+                )
+            except PassFailed as exc:
+                notes.append(f"structured pruning at {ratio:.0%} not applied: {exc.reason}")
+                break
+    return bases
+
+
+def _data(
+    model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
+) -> tuple[Dataset, Dataset]:
+    if data is None and eval_data is None:
+        synthetic = synthesize(model, inputs)
+        notes.append("fidelity was measured on synthetic inputs: pass --data for real figures")
+        return synthetic, synthetic
+    calibration = load_npz(data, inputs) if data else None
+    evaluation = load_npz(eval_data, inputs) if eval_data else None
+    if calibration is not None and evaluation is None:
+        calibration, evaluation = split(calibration)
+    elif calibration is None:
+        calibration = evaluation
+    assert calibration is not None and evaluation is not None
+    return calibration, evaluation
+
+
+def optimize_model(
+    source: Path,
+    out: Path,
+    *,
+    name: str,
+    version: int,
+    data: Path | None = None,
+    eval_data: Path | None = None,
+    max_drop: float | None = None,
+    quantize: str = "auto",
+    prune: str | float = "auto",
+    train_data: Path | None = None,
+    key: Path | None = None,
+    progress: bool = True,
+    cache: Path | None = None,
+    latency_seconds: float = 15.0,
+) -> OptimizeResult:
+    """Prune and quantize ``source`` under an accuracy budget and write the best as a pack."""
+    options = _options(
+        name=name,
+        version=version,
+        max_drop=max_drop,
+        quantize=quantize,
+        prune=prune,
+        latency_seconds=latency_seconds,
+    )
+    source, out = Path(source), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; give a new directory for the pack")
+    runner = Runner(cache or default_cache())
+    notes: list[str] = []
+    with _progress(progress) as bars, tempfile.TemporaryDirectory(prefix="edgebento-opt-") as tmp:
+        staging = Path(tmp)
+        task = bars.add_task("convert and normalize", total=2)
+        example = _raw_arrays(data) if data else None
+        converted = staging / "source.onnx"
+        kind = to_onnx(source, converted, example)
+        bars.advance(task)
+        base = runner.run("normalize", normalize, converted, NormalizeConfig())
+        bars.advance(task)
+        inputs, outputs = read_io_signature(base)
+        calibration, evaluation = _data(base, inputs, data, eval_data, notes)
+        train = load_npz(train_data, inputs) if train_data else None
+        labels = evaluation.labels is not None
+        budget = Budget(options.max_drop or 0.01, labels)
+
+        task = bars.add_task("prune and calibrate", total=None)
+        bases = _bases(runner, source, kind, base, options, calibration, train, notes)
+        search = Search(
+            runner,
+            inputs,
+            outputs,
+            calibration,
+            evaluation,
+            min(options.batch, evaluation.rows),
+            budget,
+            tick=lambda what: bars.update(task, description=f"candidate: {what[:40]}"),
+        )
+        built = [Candidate(BASELINE, (BASELINE,), base, {})]
+        op_types = _op_types(base)
+        for base_name, path in bases.items():
+            if base_name != BASELINE:
+                built.append(Candidate(base_name, (base_name,), path, {}))
+            space = search_space(options.quantize, True, op_types)
+            if base_name != BASELINE:  # pruned models get the two most telling variants
+                space = [c for c in space if c.per_channel and not c.reduce_range][:2]
+            for config in space:
+                built.append(search.quantized(base_name, path, config))
+        bars.update(task, total=len(built), completed=0)
+        measured = []
+        for candidate in built:
+            measured.append(search.measure(candidate))
+            bars.advance(task)
+        measured += search.refine(measured, bases)
+        bars.update(task, description="latency (interleaved)")
+        measured = with_latency(measured, search, options.latency_seconds)
+        choice = pick(measured)
+        assert search.reference_fidelity is not None
+        report = reports.build(
+            measured,
+            choice,
+            budget,
+            source=source.name,
+            synthetic=evaluation.synthetic,
+            footprint=runner.records(),
+            notes=notes,
+        )
+        report_json = reports.write_json(report, staging / "report.json")
+        png = reports.chart_png(report, budget, search.reference_fidelity.accuracy)
+        report_html = reports.write_html(report, png, staging / reports.REPORT_HTML)
+        _write_pack(choice, search, evaluation, report, out, options, key, report_json, report_html)
+    return OptimizeResult(
+        choice.candidate,
+        choice.reason,
+        measured,
+        report["candidates"],
+        out / "report.json",
+        out / reports.REPORT_HTML,
+        out,
+    )
+
+
+def _raw_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files if k != "labels"}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable .npz file: {exc}") from exc
+
+
+def _op_types(model: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
+
+
+def _write_pack(
+    choice: Choice,
+    search: Search,
+    evaluation: Dataset,
+    report: dict[str, Any],
+    out: Path,
+    options: OptimizeOptions,
+    key: Path | None,
+    report_json: Path,
+    report_html: Path,
+) -> None:
+    chosen = choice.candidate
+    assert chosen.path is not None
+    golden = evaluation.take(slice(0, GOLDEN_ROWS)).inputs
+    outputs = search.predictors[chosen.name].run(golden, validate=False)
+    row = next(r for r in report["candidates"] if r["chosen"])
+    base = next(r for r in report["candidates"] if r["candidate"] == BASELINE)
+    summary = {
+        "chosen": chosen.name,
+        "reason": choice.reason,
+        "steps": list(chosen.steps),
+        "speedup": row["speedup"],
+        "fidelity": row["fidelity"],
+        "budget": report["budget"],
+        "size_bytes": row["size_bytes"],
+        "gzip_bytes": row["gzip_bytes"],
+        "fp32_size_bytes": base["size_bytes"],
+        "fidelity_data": report["fidelity_data"],
+        "report": reports.REPORT_HTML,
+    }
+    create_pack(
+        chosen.path,
+        out,
+        name=options.name,
+        version=options.version,
+        samples=Samples(dict(golden), dict(outputs)),
+        report=report_json,
+        optimization=summary,
+        extras=[report_html],
+        key=key,
+    )

@@ -1,0 +1,185 @@
+"""int8 quantization candidates: dynamic variants and static QDQ with calibration.
+
+Each candidate is a ``QuantizeConfig``; ``quantize`` is its pure transform. ``search_space``
+lists the candidates worth measuring for a model: on an AVX2 CPU without VNNI, U8S8 products can
+saturate (``reduce_range`` trades one bit for safety), per-channel weights keep accuracy, and
+quantizing only MatMul/Gemm (not Gather, not the attention helpers) often keeps fidelity at
+nearly the same speed. Which is best is measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from optimize.data import Dataset
+from optimize.passes import PassConfig
+
+log = logging.getLogger(__name__)
+
+Calibration = Literal["MinMax", "Entropy", "Percentile"]
+
+
+class QuantizeConfig(PassConfig):
+    mode: Literal["dynamic", "static"]
+    per_channel: bool = False
+    reduce_range: bool = False
+    weight_type: Literal["int8", "uint8"] = "int8"
+    op_types: tuple[str, ...] = ()  # () = every op type the quantizer supports
+    calibration: Calibration = "MinMax"
+    exclude: tuple[str, ...] = ()  # node names kept in float
+    calibration_rows: int = 64
+
+    @property
+    def label(self) -> str:
+        parts: list[str] = [self.mode]
+        if self.mode == "static":
+            parts.append(self.calibration.lower())
+        if self.per_channel:
+            parts.append("per-channel")
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.weight_type != "int8":
+            parts.append(self.weight_type)
+        if self.op_types:
+            parts.append("+".join(self.op_types))
+        if self.exclude:
+            parts.append(f"exclude-{len(self.exclude)}")
+        return " ".join(parts)
+
+
+class PreprocessConfig(PassConfig):
+    """ORT's quant_pre_process: symbolic shape inference, graph optimization, shape inference."""
+
+    skip_symbolic_shape: bool = False
+    skip_optimization: bool = False
+
+
+def preprocess(src: Path, dst: Path, config: PreprocessConfig) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = src.resolve(), dst.resolve()
+    # When symbolic shape inference gives up, ORT saves its partial model (and the weights
+    # beside it) into the working directory: keep that litter in a directory of our own.
+    with tempfile.TemporaryDirectory(prefix="edgebento-prep-") as tmp, contextlib.chdir(tmp):
+        quant_pre_process(
+            str(src),
+            str(dst),
+            skip_symbolic_shape=config.skip_symbolic_shape,
+            skip_optimization=config.skip_optimization,
+        )
+
+
+PREPROCESS_FALLBACKS = (
+    PreprocessConfig(),
+    # ORT's symbolic shape inference fails on some real models (unknown ops, loops).
+    PreprocessConfig(skip_symbolic_shape=True),
+    PreprocessConfig(skip_symbolic_shape=True, skip_optimization=True),
+)
+
+
+class CalibrationReader:
+    """Feeds calibration rows to ORT's static quantizer, one small batch at a time."""
+
+    def __init__(self, data: Dataset, rows: int, batch: int = 8) -> None:
+        self._batches = list(data.take(slice(0, rows)).batches(batch))
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+
+def _qtype(name: str) -> object:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+
+
+def quantize_with(data: Dataset | None) -> object:
+    """The transform for ``Runner.run``; static configs calibrate on ``data``."""
+
+    def quantize(src: Path, dst: Path, config: QuantizeConfig) -> None:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+
+        # Graphs already fused by ORT carry ops without type info; default them to float.
+        extra = {"DefaultTensorType": 1}
+        op_types = list(config.op_types) or None
+        if config.mode == "dynamic":
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=_qtype(config.weight_type),
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=list(config.exclude),
+                extra_options=extra,
+            )
+            return
+        if data is None:
+            raise ValueError("static quantization needs calibration data")
+        quantize_static(
+            str(src),
+            str(dst),
+            CalibrationReader(data, config.calibration_rows),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=_qtype(config.weight_type),
+            op_types_to_quantize=op_types,
+            nodes_to_exclude=list(config.exclude),
+            calibrate_method=getattr(CalibrationMethod, config.calibration),
+            extra_options={**extra, "CalibMovingAverage": False},
+        )
+
+    return quantize
+
+
+def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[QuantizeConfig]:
+    """The candidates to measure, cheapest to build first."""
+    if mode == "off":
+        return []
+    found: list[QuantizeConfig] = []
+    if mode in ("auto", "dynamic"):
+        matmul_only = tuple(t for t in ("MatMul", "Gemm") if t in op_types)
+        found += [
+            QuantizeConfig(mode="dynamic"),  # what quantize_dynamic gives by default
+            QuantizeConfig(mode="dynamic", per_channel=True),
+            QuantizeConfig(mode="dynamic", per_channel=True, reduce_range=True),
+        ]
+        if matmul_only:
+            found += [
+                QuantizeConfig(mode="dynamic", per_channel=True, op_types=matmul_only),
+                QuantizeConfig(
+                    mode="dynamic", per_channel=True, reduce_range=True, op_types=matmul_only
+                ),
+            ]
+    # Static QDQ pays off where convolutions dominate; "auto" tries it there (calibrating a
+    # transformer costs minutes for a graph ORT runs slower than the dynamic one).
+    if has_data and (mode == "static" or (mode == "auto" and "Conv" in op_types)):
+        found += [
+            QuantizeConfig(mode="static", per_channel=True, calibration="MinMax"),
+            QuantizeConfig(
+                mode="static", per_channel=True, reduce_range=True, calibration="MinMax"
+            ),
+            QuantizeConfig(mode="static", per_channel=True, calibration="Percentile"),
+        ]
+        if mode == "static":
+            found.append(QuantizeConfig(mode="static", per_channel=True, calibration="Entropy"))
+    return found

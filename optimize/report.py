@@ -1,0 +1,190 @@
+"""report.json for machines, report.html (table plus a latency-vs-fidelity chart) for people."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from optimize.pick import Budget, Candidate, Choice
+
+REPORT_HTML = "report.html"
+SCHEMA_VERSION = 1
+
+
+def fidelity_text(c: Candidate) -> str:
+    f = c.fidelity
+    if f is None:
+        return "-"
+    parts = []
+    if f.accuracy is not None:
+        parts.append(f"acc {f.accuracy:.2%}")
+    if f.top1_agreement is not None:
+        parts.append(f"top-1 {f.top1_agreement:.2%}")
+    parts.append(f"cos_min {f.cosine_min:.4f}")
+    return ", ".join(parts)
+
+
+def row(c: Candidate, chosen: str, baseline_ms: float | None) -> dict[str, Any]:
+    lat = c.latency
+    return {
+        "candidate": c.name,
+        "steps": list(c.steps),
+        "config": c.config,
+        "size_bytes": c.size.bytes if c.size else None,
+        "gzip_bytes": c.size.gzip_bytes if c.size else None,
+        "latency": asdict(lat) if lat else None,
+        "speedup": round(baseline_ms / lat.p50_ms, 3) if lat and baseline_ms else None,
+        "fidelity": asdict(c.fidelity) if c.fidelity else None,
+        "within_budget": c.within_budget,
+        "violation": c.violation,
+        "error": c.error,
+        "chosen": c.name == chosen,
+    }
+
+
+def build(
+    candidates: Sequence[Candidate],
+    choice: Choice,
+    budget: Budget,
+    *,
+    source: str,
+    synthetic: bool,
+    footprint: list[dict[str, Any]],
+    notes: Sequence[str],
+) -> dict[str, Any]:
+    base = next((c for c in candidates if c.name == "fp32"), None)
+    baseline_ms = base.latency.p50_ms if base and base.latency else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "budget": budget.describe(),
+        "fidelity_data": "synthetic inputs (no --data given)" if synthetic else "held-back data",
+        "chosen": choice.candidate.name,
+        "reason": choice.reason,
+        "summary": f"chosen {choice.candidate.name}: {choice.reason}",
+        "candidates": [row(c, choice.candidate.name, baseline_ms) for c in candidates],
+        "notes": list(notes),
+        "footprint": footprint,
+    }
+
+
+def write_json(report: dict[str, Any], path: Path) -> Path:
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def _fidelity_axis(c: dict[str, Any], labels: bool) -> float | None:
+    f = c["fidelity"]
+    if not f:
+        return None
+    return f["accuracy"] if labels and f["accuracy"] is not None else f["cosine_min"]
+
+
+def chart_png(report: dict[str, Any], budget: Budget, reference: float | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = budget.labels and reference is not None
+    points: list[tuple[float, float, dict[str, Any]]] = []
+    for c in report["candidates"]:
+        y = _fidelity_axis(c, labels)
+        if c["latency"] is not None and y is not None:
+            points.append((float(c["latency"]["p50_ms"]), float(y), c))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    # The chosen one is drawn last so that nothing hides it.
+    for x, y, c in sorted(points, key=lambda p: bool(p[2]["chosen"])):
+        color = "tab:green" if c["chosen"] else ("tab:blue" if c["within_budget"] else "tab:red")
+        ax.scatter(x, y, color=color, s=90 if c["chosen"] else 30, zorder=3 if c["chosen"] else 2)
+        # Only FP32, the pick and the Pareto front are named; the table names the rest.
+        pareto = not any(ox <= x and oy >= y and (ox, oy) != (x, y) for ox, oy, _ in points)
+        if c["chosen"] or c["candidate"] == "fp32" or pareto:
+            ax.annotate(
+                c["candidate"], (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
+    line = (
+        (reference - budget.max_drop) if labels and reference is not None else 1 - budget.max_drop
+    )
+    ax.axhline(line, color="tab:red", linestyle="--", label=f"budget: {budget.describe()}")
+    batch = next((c["latency"]["batch"] for c in report["candidates"] if c["latency"]), 1)
+    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_ylabel("accuracy" if labels else "cosine_min vs FP32")
+    ax.set_title("latency against fidelity (green: chosen, red: outside the budget)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _cells(c: dict[str, Any]) -> list[str]:
+    lat = c["latency"]
+    f = c["fidelity"] or {}
+    fid = ", ".join(
+        f"{k} {f[k]:.4f}"
+        for k in ("accuracy", "top1_agreement", "cosine_min")
+        if f.get(k) is not None
+    )
+    status = c["error"] or c["violation"] or ("chosen" if c["chosen"] else "within budget")
+    return [
+        c["candidate"],
+        f"{c['size_bytes'] / 1e6:.2f} MB / {c['gzip_bytes'] / 1e6:.2f} MB"
+        if c["size_bytes"]
+        else "-",
+        f"{lat['p50_ms']:.2f}" if lat else "-",
+        f"{lat['p99_ms']:.2f}" if lat else "-",
+        f"{lat['p50_ms_batch1']:.3f}" if lat else "-",
+        f"{c['speedup']:.2f}x" if c["speedup"] else "-",
+        fid or "-",
+        status,
+    ]
+
+
+def write_html(report: dict[str, Any], png: bytes, path: Path) -> Path:
+    head = [
+        "candidate",
+        "size / gzip",
+        "p50 ms",
+        "p99 ms",
+        "p50 ms batch 1",
+        "speedup",
+        "fidelity",
+        "status",
+    ]
+    rows = "\n".join(
+        "<tr{}>{}</tr>".format(
+            ' class="chosen"' if c["chosen"] else "",
+            "".join(f"<td>{html.escape(x)}</td>" for x in _cells(c)),
+        )
+        for c in report["candidates"]
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"])
+    image = base64.b64encode(png).decode()
+    path.write_text(
+        f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>edgebento optimize: {html.escape(report["source"])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
+tr.chosen{{background:#e6f4ea;font-weight:bold}}</style></head><body>
+<h1>edgebento optimize</h1>
+<p>Source <code>{html.escape(report["source"])}</code>. Budget: {html.escape(report["budget"])}.
+Fidelity measured on {html.escape(report["fidelity_data"])}.</p>
+<p><b>Chosen: {html.escape(report["chosen"])}</b>: {html.escape(report["reason"])}.</p>
+<table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>
+{rows}
+</table>
+<h2>Latency against fidelity</h2>
+<img alt="latency against fidelity" src="data:image/png;base64,{image}">
+<ul>{notes}</ul>
+</body></html>
+"""
+    )
+    return path

@@ -1,0 +1,168 @@
+"""The search: build candidates (prune x quantize), verify them all, refine by node exclusion."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelpack import Predictor, TensorSpec
+from modelpack.errors import EdgebentoError
+from optimize import verify
+from optimize.data import Dataset
+from optimize.passes import PassFailed, Runner
+from optimize.pick import BASELINE, NOISE, Budget, Candidate
+from optimize.quantize import PREPROCESS_FALLBACKS, QuantizeConfig, preprocess, quantize_with
+from optimize.sensitivity import node_errors
+from optimize.verify import Fidelity, Outputs
+
+log = logging.getLogger(__name__)
+
+EXCLUDE_STEPS = (1, 2, 4, 8)
+Tick = Callable[[str], None]
+
+
+@dataclass
+class Search:
+    """What one search works with, and the sessions it keeps open for the latency round."""
+
+    runner: Runner
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+    calibration: Dataset
+    evaluation: Dataset
+    batch: int
+    budget: Budget
+    tick: Tick
+    reference: Outputs = field(default_factory=dict)
+    reference_fidelity: Fidelity | None = None
+    predictors: dict[str, Predictor] = field(default_factory=dict)
+    preprocessed: dict[Path, Path] = field(default_factory=dict)
+
+    def measure(self, candidate: Candidate) -> Candidate:
+        """Load, run on the eval data, compare with FP32; failures become the reason."""
+        self.tick(candidate.name)
+        if candidate.error or candidate.path is None:
+            return candidate
+        try:
+            predictor = verify.load(candidate.path, self.inputs, self.outputs)
+            outputs = verify.run_all(predictor, self.evaluation, self.batch)
+        except EdgebentoError as exc:
+            return replace(candidate, error=str(exc))
+        if candidate.name == BASELINE:
+            self.reference = outputs
+        found = verify.fidelity(self.reference, outputs, self.evaluation.labels)
+        if candidate.name == BASELINE:
+            self.reference_fidelity = found
+        self.predictors[candidate.name] = predictor
+        assert self.reference_fidelity is not None
+        return replace(
+            candidate,
+            fidelity=found,
+            size=verify.size_of(candidate.path),
+            violation=self.budget.violation(self.reference_fidelity, found),
+        )
+
+    def quantized(self, base_name: str, base: Path, config: QuantizeConfig) -> Candidate:
+        name = config.label if base_name == BASELINE else f"{base_name} + {config.label}"
+        steps = (base_name, "preprocess", "quantize")
+        try:
+            source = self._preprocess(base)
+            data = self.calibration if config.mode == "static" else None
+            key = str(hash_data(self.calibration)) if data is not None else ""
+            path = self.runner.run("quantize", quantize_with(data), source, config, key)  # type: ignore[arg-type]
+        except PassFailed as exc:
+            return Candidate(name, steps, None, config.model_dump(mode="json"), error=exc.reason)
+        return Candidate(name, steps, path, config.model_dump(mode="json"))
+
+    def _preprocess(self, base: Path) -> Path:
+        """ORT's pre-processing, retried without symbolic shapes, then without optimization."""
+        if base in self.preprocessed:
+            return self.preprocessed[base]
+        last: PassFailed | None = None
+        for config in PREPROCESS_FALLBACKS:
+            try:
+                path = self.runner.run("preprocess", preprocess, base, config)
+            except PassFailed as exc:
+                last = exc
+                continue
+            self.preprocessed[base] = path
+            return path
+        log.info("pre-processing failed (%s); quantizing the graph as it is", last)
+        self.preprocessed[base] = base
+        return base
+
+    def refine(
+        self, candidates: list[Candidate], bases: dict[str, Path], max_tries: int = 2
+    ) -> list[Candidate]:
+        """Exclude the most sensitive nodes from fast candidates that miss the budget."""
+        added: list[Candidate] = []
+        # Only where quantization broke the budget: a pruned base that misses it stays missed.
+        base_ok = {c.name for c in candidates if c.error is None and c.violation is None}
+        failing = [
+            c
+            for c in candidates
+            if c.error is None
+            and c.violation is not None
+            and c.config.get("mode")
+            and not c.config.get("exclude")
+            and c.steps[0] in base_ok
+        ]
+        failing.sort(key=_quality_key)
+        for candidate in failing[:max_tries]:
+            base_name = candidate.steps[0]
+            config = QuantizeConfig.model_validate(candidate.config)
+            try:
+                errors = node_errors(
+                    bases[base_name],
+                    self.calibration,
+                    per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                )
+            except Exception as exc:  # an unusual graph: skip refinement, keep the search going
+                log.info("per-node error failed on %s: %s", candidate.name, exc)
+                continue
+            for k in EXCLUDE_STEPS:
+                if k >= len(errors):
+                    break
+                excluded = tuple(e.node for e in errors[:k])
+                new = self.measure(
+                    self.quantized(base_name, bases[base_name], replace_exclude(config, excluded))
+                )
+                added.append(new)
+                if new.within_budget:
+                    break
+        return added
+
+
+def replace_exclude(config: QuantizeConfig, nodes: tuple[str, ...]) -> QuantizeConfig:
+    return config.model_copy(update={"exclude": nodes})
+
+
+def _quality_key(c: Candidate) -> Any:
+    """Closest to the budget first: those need the fewest exclusions."""
+    f = c.fidelity
+    return -(f.cosine_min if f else 0.0) - (f.accuracy or 0.0 if f else 0.0)
+
+
+def hash_data(data: Dataset) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(data.inputs):
+        digest.update(name.encode())
+        digest.update(data.inputs[name].tobytes())
+    return digest.hexdigest()
+
+
+def with_latency(candidates: list[Candidate], search: Search, seconds: float) -> list[Candidate]:
+    """One interleaved latency round over every model that loaded."""
+    loaded = {c.name: search.predictors[c.name] for c in candidates if c.name in search.predictors}
+    found = verify.latencies(loaded, search.evaluation, search.batch, seconds)
+    return [replace(c, latency=found.get(c.name)) if c.name in found else c for c in candidates]
+
+
+def fast_enough(candidate: Candidate, baseline_ms: float) -> bool:
+    return bool(candidate.latency and candidate.latency.p50_ms < baseline_ms * (1 - NOISE))

@@ -1,0 +1,115 @@
+"""The command must not crash on the shapes real ONNX models come in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from modelpack import Predictor, load_pack
+from modelpack.errors import ModelInvalidError
+from optimize import optimize_model
+from tests.unit.optimize import shapes
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "old-opset-11": lambda p: shapes.wide_mlp(p, opset=11),
+    "several-inputs-and-a-scalar": shapes.several_inputs_scalar,
+    "recurrent-state": shapes.recurrent,
+    "broken-shape-info": shapes.bad_shape_info,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_odd_models_give_a_valid_pack(kind: str, tmp_path: Path, cache: Path) -> None:
+    source = BUILDERS[kind](tmp_path / f"{kind}.onnx")
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name=kind,
+        version=1,
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    pack = load_pack(result.pack_dir, trusted=[], allow_unsigned=True)
+    assert pack.manifest.optimization["chosen"] == result.chosen.name
+    report = json.loads(result.report_json.read_text())
+    assert report["fidelity_data"] == "synthetic inputs (no --data given)"
+    assert len(report["candidates"]) >= 2  # FP32 and at least one int8 variant were tried
+    assert all(c["error"] or c["fidelity"] for c in report["candidates"])
+    # The golden samples are what the chosen model gives: a device's health check passes.
+    samples = pack.samples
+    assert samples is not None
+    predictor = Predictor.from_pack(pack)
+    got = predictor.run(samples.inputs)
+    for name, expected in samples.outputs.items():
+        assert got[name].shape == expected.shape
+    if kind == "old-opset-11":
+        assert onnx.load(str(pack.model_path)).opset_import[0].version >= 13
+
+
+def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
+    tmp_path: Path, cache: Path
+) -> None:
+    source = shapes.upsample_opset9(tmp_path / "old.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name="old",
+        version=1,
+        data=tmp_path / "data.npz",
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    failed = {r["candidate"]: r["error"] for r in result.rows if r["error"]}
+    assert "static percentile per-channel" in failed
+    assert failed["static percentile per-channel"].startswith("ValueError: ")
+    measured = [r for r in result.rows if r["latency"] and r["candidate"] != "fp32"]
+    assert len(measured) >= 4  # the other candidates were still built and timed
+    html = result.report_html.read_text()
+    assert "ValueError" in html
+    pack = load_pack(result.pack_dir, trusted=[], allow_unsigned=True)
+    assert onnx.load(str(pack.model_path)).opset_import[0].version == 13  # upgraded from 9
+
+
+def test_a_model_ort_cannot_run_is_a_clear_error(
+    wide_mlp: Path, tmp_path: Path, cache: Path
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    model = onnx.load(str(wide_mlp))
+    model.graph.node[1].op_type = "NoSuchOp"
+    onnx.save(model, str(broken))
+    with pytest.raises(ModelInvalidError, match="NoSuchOp"):
+        optimize_model(broken, tmp_path / "pack", name="b", version=1, progress=False, cache=cache)
+    assert not (tmp_path / "pack").exists()
+
+
+def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path, cache: Path) -> None:
+    source = shapes.runtime_expand(tmp_path / "expand.onnx")
+    x = np.random.default_rng(2).standard_normal((40, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, shape=np.array([1, 4], np.int64))
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name="expand",
+        version=1,
+        data=tmp_path / "data.npz",
+        quantize="dynamic",
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    steps = json.loads(result.report_json.read_text())["footprint"]
+    tries = [
+        (s["config"]["skip_symbolic_shape"], s["error"]) for s in steps if s["name"] == "preprocess"
+    ]
+    assert tries[0][0] is False and tries[0][1] is not None  # ORT's symbolic inference gave up
+    assert tries[1] == (True, None)  # and the retry without it worked
+    assert all(r["fidelity"] for r in result.rows)
