@@ -31,7 +31,7 @@ def parse_body(body: bytes | str | None, max_bytes: int = MAX_BODY_BYTES) -> Any
         )
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
         raise InputError(
             f"the request body is not valid JSON: {exc}", reason="invalid_json"
         ) from exc

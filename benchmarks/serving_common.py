@@ -1,0 +1,242 @@
+"""Shared pieces of the serving benchmarks: wrk as the load generator, servers in subprocesses,
+and the baseline (the seed's pattern: a Flask app whose /api/predict calls onnxruntime per
+request, on Flask's own threaded server).
+
+Everything listens on 127.0.0.1 only. wrk comes from Debian (installed with apt-get if absent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+FLASK_APP = """
+import os, sys
+import numpy as np, onnxruntime as ort
+from flask import Flask, jsonify, request
+
+session = ort.InferenceSession(os.environ["BASELINE_MODEL"], providers=["CPUExecutionProvider"])
+types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+dtypes = {i.name: types[i.type] for i in session.get_inputs()}
+app = Flask(__name__)
+
+@app.route("/api/predict", methods=["POST"])
+def predict():
+    data = request.get_json()
+    feed = {k: np.asarray(v, dtype=dtypes[k]) for k, v in data["inputs"].items()}
+    names = [o.name for o in session.get_outputs()]
+    outputs = session.run(names, feed)
+    return jsonify({"outputs": {n: o.tolist() for n, o in zip(names, outputs)}})
+
+@app.route("/ping")
+def ping():
+    return "ok"
+
+if __name__ == "__main__":
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    app.run(host="127.0.0.1", port=int(sys.argv[1]), threaded=True)
+"""
+
+WRK_SCRIPT = """
+local bodies = {%s}
+local counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "%s", nil, bodies[(counter %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  io.write(string.format(
+    'WRKJSON {"requests": %%d, "duration_us": %%d, "non2xx": %%d, "errors": %%d, "p50_us": %%d, "p99_us": %%d, "mean_us": %%f}\\n',
+    summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True, env=env)
+    return shutil.which("wrk") or "/usr/bin/wrk"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests_per_s": round(self.rps, 1),
+            "requests": self.requests,
+            "non_2xx": self.non_2xx,
+            "socket_errors": self.socket_errors,
+            "p50_ms": round(self.p50_ms, 2),
+            "p99_ms": round(self.p99_ms, 2),
+        }
+
+
+def wrk(
+    url: str, bodies: Sequence[bytes], connections: int, seconds: float, threads: int = 2
+) -> LoadResult:
+    """POST the bodies round-robin with ``connections`` concurrent clients for ``seconds``."""
+    from urllib.parse import urlparse
+
+    path = urlparse(url).path or "/"
+    literals = ",".join("[==[" + b.decode() + "]==]" for b in bodies)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % (literals, path))
+    try:
+        out = subprocess.run(
+            [
+                ensure_wrk(),
+                f"-t{min(threads, connections)}",
+                f"-c{connections}",
+                f"-d{max(int(seconds), 1)}s",
+                "--timeout",
+                "10s",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
+    data = json.loads(line.removeprefix("WRKJSON "))
+    return LoadResult(
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        non_2xx=data["non2xx"],
+        socket_errors=data["errors"],
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Process:
+    """A server in its own session, stopped with its whole process group."""
+
+    popen: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def wait_ready(self, path: str, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-1500:]}")
+            try:
+                if httpx.get(self.url + path, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.url} not ready: {self.log.read_text()[-1500:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Process:
+    popen = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return Process(popen, f"http://{LOOPBACK}:{port}", log)
+
+
+def start_flask(model: Path, workdir: Path) -> Process:
+    app = workdir / "flask_baseline.py"
+    app.write_text(FLASK_APP)
+    port = free_port()
+    proc = start(
+        [sys.executable, str(app), str(port)],
+        {"BASELINE_MODEL": str(model)},
+        port,
+        workdir / "flask.log",
+    )
+    proc.wait_ready("/ping")
+    return proc
+
+
+def start_bento(home: Path, model_tag: str, workdir: Path, **env: str) -> Process:
+    port = free_port()
+    proc = start(
+        [str(BIN / "bentoml"), "serve", ".", "--host", LOOPBACK, "--port", str(port)],
+        {
+            "BENTOML_HOME": str(home),
+            "EDGEBENTO_MODEL": model_tag,
+            "BENTOML_DO_NOT_TRACK": "true",
+            **env,
+        },
+        port,
+        workdir / f"bento-{model_tag.replace(':', '-')}.log",
+    )
+    proc.wait_ready("/readyz")
+    return proc
+
+
+def import_to_store(pack: Path, pub: Path, home: Path) -> str:
+    out = subprocess.run(
+        [str(BIN / "edgebento"), "bento", "import", str(pack), "--pub", str(pub)],
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.split()[1]  # "stored NAME:vN in ..."

@@ -1,0 +1,133 @@
+"""A Lambda container image build context and its SAM template for one pack.
+
+The context holds the pack (verified before it is copied), the trusted public key, the code the
+handler needs (``modelpack`` and ``bentos``, no BentoML), a ``requirements.txt``, a
+``Dockerfile`` with ``awslambdaric`` as the entrypoint, and ``template.yaml`` for
+``sam build && sam deploy`` (an HTTP API with ``POST /predict`` and ``GET /metadata``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelpack import load_pack
+
+# The serving set of the handler: no bentoml, no onnx, no TensorFlow.
+REQUIREMENTS = [
+    "awslambdaric>=3,<4",
+    "numpy>=1.26,<3",
+    "onnxruntime==1.32.*",
+    "pydantic>=2.7,<3",
+    "cryptography>=42",
+    "prometheus-client==0.26.*",
+    "rich>=13",
+]
+CODE_PACKAGES = ("modelpack", "bentos")
+
+DOCKERFILE = """\
+# Lambda container image: awslambdaric runs bentos.lambda_handler.handler.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \\
+    EDGEBENTO_PACK=/var/task/pack \\
+    EDGEBENTO_TRUST=/var/task/trust/signing.pub
+WORKDIR /var/task
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+COPY modelpack/ modelpack/
+COPY bentos/ bentos/
+COPY trust/ trust/
+COPY pack/ pack/
+ENTRYPOINT ["python", "-m", "awslambdaric"]
+CMD ["bentos.lambda_handler.handler"]
+"""
+
+
+@dataclass(frozen=True)
+class LambdaOptions:
+    pack: Path
+    trust: Path
+    memory_mb: int = 1024
+    timeout_s: int = 30
+    architecture: str = "x86_64"
+
+
+def _function_name(name: str, version: int) -> str:
+    return "".join(c if c.isalnum() else "-" for c in f"{name}-v{version}")
+
+
+def sam_template(name: str, version: int, o: LambdaOptions) -> dict[str, Any]:
+    logical = "PredictFunction"
+    return {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Transform": "AWS::Serverless-2016-10-31",
+        "Description": f"edgebento: {name} v{version} served by bentos.lambda_handler",
+        "Resources": {
+            logical: {
+                "Type": "AWS::Serverless::Function",
+                "Properties": {
+                    "FunctionName": _function_name(name, version),
+                    "PackageType": "Image",
+                    "Architectures": [o.architecture],
+                    "MemorySize": o.memory_mb,
+                    "Timeout": o.timeout_s,
+                    "Environment": {"Variables": {"EDGEBENTO_PACK": "/var/task/pack"}},
+                    "FunctionUrlConfig": {"AuthType": "AWS_IAM"},
+                    "Events": {
+                        "Predict": {
+                            "Type": "HttpApi",
+                            "Properties": {"Path": "/predict", "Method": "POST"},
+                        },
+                        "Metadata": {
+                            "Type": "HttpApi",
+                            "Properties": {"Path": "/metadata", "Method": "GET"},
+                        },
+                    },
+                },
+                "Metadata": {
+                    "Dockerfile": "Dockerfile",
+                    "DockerContext": ".",
+                    "DockerTag": f"v{version}",
+                },
+            }
+        },
+        "Outputs": {
+            "PredictUrl": {
+                "Description": "POST tensor JSON here",
+                "Value": {
+                    "Fn::Sub": "https://${ServerlessHttpApi}.execute-api.${AWS::Region}.amazonaws.com/predict"
+                },
+            },
+            "FunctionUrl": {
+                "Description": "The function URL (IAM auth)",
+                "Value": {"Fn::GetAtt": [f"{logical}Url", "FunctionUrl"]},
+            },
+        },
+    }
+
+
+def write_lambda_context(o: LambdaOptions, out: Path) -> list[Path]:
+    """Verify the pack, then write the build context into ``out``; returns the written files."""
+    import yaml
+
+    pack = load_pack(o.pack, [o.trust])
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "pack", ignore_errors=True)
+    shutil.copytree(pack.root, out / "pack")
+    (out / "trust").mkdir(exist_ok=True)
+    shutil.copyfile(o.trust, out / "trust" / "signing.pub")
+    root = Path(__file__).resolve().parent.parent
+    for package in CODE_PACKAGES:
+        shutil.rmtree(out / package, ignore_errors=True)
+        shutil.copytree(
+            root / package, out / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    (out / "requirements.txt").write_text("\n".join(REQUIREMENTS) + "\n")
+    (out / "Dockerfile").write_text(DOCKERFILE)
+    m = pack.manifest
+    (out / "template.yaml").write_text(
+        yaml.safe_dump(sam_template(m.name, m.version, o), sort_keys=False)
+    )
+    return [out / n for n in ("Dockerfile", "template.yaml", "requirements.txt", "pack")]

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from bentos.batching import Batcher
+from bentos.endpoint import ModelEndpoint
+from modelpack import Pack
+from tests.unit.bentos.seqmodel import tokens
+
+
+def _slow_run(endpoint: ModelEndpoint, gate: threading.Event):
+    """The real model, held at the first batch until the test lets it go (so a queue forms)."""
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(5)
+        return endpoint.predictor.run(feed, validate=False)
+
+    return run
+
+
+async def _submit_all(batcher: Batcher, feeds: list[dict[str, np.ndarray]], gate: threading.Event):
+    tasks = [asyncio.ensure_future(batcher.submit(feeds[0]))]
+    await asyncio.sleep(0.02)  # the first is running (held at the gate) ...
+    tasks += [asyncio.ensure_future(batcher.submit(f)) for f in feeds[1:]]
+    await asyncio.sleep(0.05)  # ... and the rest queue behind it
+    gate.set()
+    return await asyncio.gather(*tasks)
+
+
+def test_queued_requests_run_as_one_batch_and_each_gets_its_own_rows(mlp_pack: Pack) -> None:
+    endpoint = ModelEndpoint(mlp_pack, batching=False)
+    gate = threading.Event()
+    batcher = Batcher(_slow_run(endpoint, gate), max_rows=64)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((n, 8)).astype(np.float32)} for n in (1, 2, 1, 3, 1)]
+    results = asyncio.run(_submit_all(batcher, feeds, gate))
+    assert batcher.batches == 2  # the first alone (nobody waited for it), then the other four
+    for feed, result in zip(feeds, results, strict=True):
+        alone = endpoint.predictor.run(feed)
+        assert result["probs"].shape == (feed["x"].shape[0], 3)
+        np.testing.assert_allclose(result["probs"], alone["probs"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_lone_request_runs_at_once_without_a_window(mlp_pack: Pack) -> None:
+    endpoint = ModelEndpoint(mlp_pack)
+    assert endpoint.batcher is not None
+
+    async def one() -> int:
+        answer = await endpoint.predict(b'{"inputs": {"x": [[0, 1, 2, 3, 4, 5, 6, 7]]}}')
+        return answer.status
+
+    assert asyncio.run(one()) == 200
+    assert endpoint.batcher.batches == 1
+
+
+def test_the_row_cap_splits_a_queue_into_several_batches(mlp_pack: Pack) -> None:
+    endpoint = ModelEndpoint(mlp_pack, batching=False)
+    gate = threading.Event()
+    batcher = Batcher(_slow_run(endpoint, gate), max_rows=4)
+    feeds = [{"x": np.full((1, 8), i, dtype=np.float32)} for i in range(9)]
+    results = asyncio.run(_submit_all(batcher, feeds, gate))
+    assert batcher.batches == 3  # 1 alone, then 4 + 4
+    assert [r["probs"].shape[0] for r in results] == [1] * 9
+
+
+def test_sequences_of_different_lengths_are_padded_per_batch_and_cut_back(seq_pack: Pack) -> None:
+    endpoint = ModelEndpoint(seq_pack, batching=False)
+    gate = threading.Event()
+    batcher = Batcher(_slow_run(endpoint, gate), plan=endpoint.plan, max_rows=64)
+    feeds = [tokens(n, seed) for seed, n in enumerate((4, 40, 2, 38, 3, 6))]
+    results = asyncio.run(_submit_all(batcher, feeds, gate))
+    # The first alone; the queue sorted into a run of short and a run of long sequences.
+    assert batcher.batches == 3
+    for feed, result in zip(feeds, results, strict=True):
+        alone = endpoint.predictor.run(feed)
+        length = feed["input_ids"].shape[1]
+        assert result["hidden"].shape == (1, length, 4)
+        np.testing.assert_allclose(result["hidden"], alone["hidden"], rtol=1e-6)
+        np.testing.assert_allclose(result["pooled"], alone["pooled"], rtol=1e-5, atol=1e-6)
