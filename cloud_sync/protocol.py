@@ -116,6 +116,7 @@ class Desired(_Doc):
     model: ModelRef
     url: str | None = None  # where the pack lives; else resolved through the agent's store
     rollout: str | None = None
+    rollback: bool = False  # an aborted rollout sets the previous version back on purpose
     ts: float = Field(default_factory=time.time)
 
 

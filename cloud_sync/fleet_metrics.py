@@ -1,0 +1,240 @@
+"""What the fleet looks like, from retained status and telemetry: a summary per device and the
+Prometheus metrics ``edgebento sync`` serves on ``/metrics``.
+
+Inference records (``kind == "inference"``) are read defensively; the fields used are
+``count`` (or ``requests``/``inferences``), ``errors``, ``p50_ms``, ``p99_ms`` and ``window_s``
+in ``data``. Records of other kinds only refresh "last seen".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cloud_sync.protocol import Status
+
+
+def _number(data: dict[str, Any], *names: str) -> float | None:
+    for name in names:
+        value = data.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def histogram_quantile_ms(data: dict[str, Any], q: float) -> float | None:
+    """The upper bound (ms) of the bucket holding quantile q of a per-bucket latency histogram
+    (the agent's ``latency_buckets_s`` and ``latency_counts``)."""
+    bounds, counts = data.get("latency_buckets_s"), data.get("latency_counts")
+    if not isinstance(bounds, list) or not isinstance(counts, list) or len(bounds) != len(counts):
+        return None
+    total = sum(c for c in counts if isinstance(c, int | float))
+    if total <= 0:
+        return None
+    running = 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        running += count if isinstance(count, int | float) else 0
+        if running >= q * total:
+            if isinstance(bound, int | float):
+                return float(bound) * 1000.0
+            # past the last finite bucket: report the last finite bound, a lower bound
+            finite = [b for b in bounds if isinstance(b, int | float)]
+            return float(finite[-1]) * 1000.0 if finite else None
+    return None
+
+
+@dataclass(frozen=True)
+class InferenceWindow:
+    """One inference record's figures."""
+
+    ts: float
+    count: float
+    errors: float
+    p50_ms: float | None
+    p99_ms: float | None
+    window_s: float | None
+    model_version: int | None
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> InferenceWindow | None:
+        if record.get("kind") != "inference":
+            return None
+        data = record.get("data") or {}
+        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+        version = model.get("version") if isinstance(model, dict) else None
+        errors = _number(data, "errors", "failed") or 0.0
+        ok = _number(data, "ok")
+        count = ok + errors if ok is not None else _number(data, "count", "requests") or 0.0
+        return cls(
+            ts=float(record.get("ts", time.time())),
+            count=count,
+            errors=errors,
+            p50_ms=_number(data, "p50_ms") or histogram_quantile_ms(data, 0.5),
+            p99_ms=_number(data, "p99_ms") or histogram_quantile_ms(data, 0.99),
+            window_s=_number(data, "window_s", "interval_s"),
+            model_version=version if isinstance(version, int) else None,
+        )
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    device: str
+    state: str = "unknown"
+    model: str | None = None
+    version: int | None = None
+    desired_version: int | None = None
+    last_seen: float | None = None
+    inference_rate: float | None = None
+    p99_ms: float | None = None
+    errors: float = 0.0
+    inferences: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending_update(self) -> bool:
+        return self.desired_version is not None and self.desired_version != self.version
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "model": self.model,
+            "version": self.version,
+            "desired_version": self.desired_version,
+            "pending_update": self.pending_update,
+            "last_seen": self.last_seen,
+            "inference_rate": self.inference_rate,
+            "p99_ms": self.p99_ms,
+            "errors": self.errors,
+            "inferences": self.inferences,
+            **self.extra,
+        }
+
+
+class FleetView:
+    """Device summaries folded from status, desired state and telemetry records; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.devices: dict[str, DeviceSummary] = {}
+        self._last_window: dict[str, float] = {}
+
+    def _get(self, device: str) -> DeviceSummary:
+        return self.devices.get(device) or DeviceSummary(device)
+
+    def on_status(self, status: Status) -> None:
+        with self._lock:
+            cur = self._get(status.device)
+            extra = {k: v for k, v in (status.model_extra or {}).items() if k in ("last_update",)}
+            self.devices[status.device] = replace(
+                cur,
+                state=status.state,
+                model=status.model.name if status.model else None,
+                version=status.model.version if status.model else None,
+                last_seen=max(cur.last_seen or 0.0, status.ts),
+                extra={**cur.extra, **extra},
+            )
+
+    def on_desired(self, device: str, version: int) -> None:
+        with self._lock:
+            self.devices[device] = replace(self._get(device), desired_version=version)
+
+    def on_record(self, record: dict[str, Any]) -> InferenceWindow | None:
+        device = str(record.get("device"))
+        window = InferenceWindow.from_record(record)
+        with self._lock:
+            cur = self._get(device)
+            ts = float(record.get("ts", 0.0))
+            cur = replace(cur, last_seen=max(cur.last_seen or 0.0, ts))
+            if window is not None:
+                # The agent sends counts since its previous record: the gap between two
+                # records is the window when the record does not say.
+                since = window.window_s or ts - self._last_window.get(device, ts)
+                self._last_window[device] = ts
+                rate = window.count / since if since > 0 else cur.inference_rate
+                cur = replace(
+                    cur,
+                    inference_rate=rate,
+                    p99_ms=window.p99_ms if window.p99_ms is not None else cur.p99_ms,
+                    errors=cur.errors + window.errors,
+                    inferences=cur.inferences + window.count,
+                )
+            self.devices[device] = cur
+        return window
+
+    def snapshot(self) -> dict[str, DeviceSummary]:
+        with self._lock:
+            return dict(sorted(self.devices.items()))
+
+
+class FleetMetrics:
+    """Prometheus metrics of the fleet and of the ingestion itself, on their own registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.online = Gauge("edgebento_fleet_devices_online", "devices online", registry=r)
+        self.version = Gauge(
+            "edgebento_fleet_model_version",
+            "model version per device",
+            ["device", "model"],
+            registry=r,
+        )
+        self.inferences = Counter(
+            "edgebento_fleet_inferences", "inferences reported", ["device"], registry=r
+        )
+        self.errors = Counter(
+            "edgebento_fleet_inference_errors", "failed inferences reported", ["device"], registry=r
+        )
+        self.rate = Gauge(
+            "edgebento_fleet_inference_rate", "inferences per second", ["device"], registry=r
+        )
+        self.latency = Gauge(
+            "edgebento_fleet_inference_latency_seconds",
+            "latency quantiles reported by each device",
+            ["device", "quantile"],
+            registry=r,
+        )
+        self.records = Counter(
+            "edgebento_sync_records", "telemetry records stored", ["root"], registry=r
+        )
+        self.duplicates = Counter(
+            "edgebento_sync_duplicates", "records dropped as already stored", registry=r
+        )
+        self.rejected = Counter(
+            "edgebento_sync_rejected_messages", "messages that broke the protocol", registry=r
+        )
+        self.objects = Counter("edgebento_sync_objects", "objects written", registry=r)
+        self.upload_seconds = Histogram(
+            "edgebento_sync_flush_seconds", "time to write one flush", registry=r
+        )
+        self.upload_failures = Counter(
+            "edgebento_sync_flush_failures", "flushes that failed and will be retried", registry=r
+        )
+
+    def on_status(self, view: FleetView, status: Status) -> None:
+        view.on_status(status)
+        self.online.set(sum(1 for d in view.snapshot().values() if d.state == "online"))
+        if status.model is not None:
+            self.version.labels(status.device, status.model.name).set(status.model.version)
+
+    def on_record(self, view: FleetView, record: dict[str, Any]) -> None:
+        window = view.on_record(record)
+        if window is None:
+            return
+        device = str(record.get("device"))
+        self.inferences.labels(device).inc(window.count)
+        self.errors.labels(device).inc(window.errors)
+        if window.window_s:
+            self.rate.labels(device).set(window.count / window.window_s)
+        for quantile, value in (("0.5", window.p50_ms), ("0.99", window.p99_ms)):
+            if value is not None:
+                self.latency.labels(device, quantile).set(value / 1000.0)
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,163 @@
+"""The cloud side's MQTT connection: a paho-mqtt 2.x MQTT 5 client from a broker URL.
+
+``mqtt://[user:pass@]host[:1883]`` or ``mqtts://...[:8883]``. paho's own loop thread reconnects
+with its capped exponential backoff (``reconnect_delay_set``); a broker that rejects the
+credentials raises ``AuthError`` instead of being retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from modelpack.errors import AuthError, BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+_AUTH_FAILURES = {134, 135, 138, 140}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} names no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+class CloudClient:
+    """A connected MQTT 5 client whose loop runs in paho's own thread.
+
+    ``on_connect(session_present)`` runs after every (re)connect, so callers can subscribe
+    again when the broker kept no session for them.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        client_id: str | None = None,
+        manual_ack: bool = False,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+        receive_maximum: int | None = None,
+        on_message: Callable[[Any, Any, Any], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.address = parse_broker_url(broker_url)
+        self.url = broker_url
+        self.client_id = client_id or f"edgebento-cloud-{uuid.uuid4().hex[:10]}"
+        self._clean_start = clean_start
+        self._props = Properties(PacketTypes.CONNECT)
+        if session_expiry_s:
+            self._props.SessionExpiryInterval = session_expiry_s
+        if receive_maximum:
+            self._props.ReceiveMaximum = receive_maximum
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        if self.address.username:
+            self.client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            self.client.tls_set_context(ssl.create_default_context())
+        # Come back quickly: Mosquitto 2.0 does not restore shared subscriptions from its
+        # persistence file, so what the fleet publishes between a broker restart and our
+        # resubscription reaches nobody in the share.
+        self.client.reconnect_delay_set(min_delay=0.25, max_delay=8)  # type: ignore[arg-type]
+        if log.isEnabledFor(logging.DEBUG):
+            self.client.enable_logger(log)
+        self.connected = threading.Event()
+        self.fatal: BrokerError | None = None
+        self._user_on_connect = on_connect
+        self._user_on_disconnect = on_disconnect
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        if on_message is not None:
+            self.client.on_message = on_message
+
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            if reason.value in _AUTH_FAILURES:
+                self.fatal = AuthError(f"{self.url} rejected the credentials: {reason}")
+                self.client.disconnect()
+            return
+        self.connected.set()
+        if self._user_on_connect is not None:
+            self._user_on_connect(bool(flags.session_present))
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self.connected.clear()
+        if self._user_on_disconnect is not None:
+            self._user_on_disconnect()
+
+    def start(self, timeout: float = 10.0) -> CloudClient:
+        try:
+            self.client.connect(
+                self.address.host,
+                self.address.port,
+                keepalive=15,
+                clean_start=self._clean_start,
+                properties=self._props,
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot reach the broker at {self.url}: {exc}") from exc
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            if self.fatal is not None:
+                raise self.fatal
+            raise BrokerError(f"the broker at {self.url} did not accept us within {timeout:.0f}s")
+        return self
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(timeout=10)
+        except (RuntimeError, ValueError) as exc:
+            raise BrokerError(f"publishing to {topic} failed: {exc}") from exc
+        if not info.is_published():
+            raise BrokerError(f"the broker at {self.url} did not acknowledge {topic} in 10s")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> CloudClient:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -1,0 +1,207 @@
+"""The object store both the cloud and the devices use: S3 (through boto3) or a local directory.
+
+Import path and API (keys are ``/``-separated, relative, never ``..``)::
+
+    from cloud_sync.store import ObjectStore, open_store
+
+    store: ObjectStore = open_store("s3://bucket/prefix")   # or "file:///path" or "/plain/path"
+    store = open_store(url, endpoint_url=None, region=None)  # endpoint also from AWS_ENDPOINT_URL
+    store.put_bytes(key: str, data: bytes) -> None           # atomic: readers see old or new
+    store.get_bytes(key: str) -> bytes                       # NotFoundError when missing
+    store.put_file(key: str, path: Path) -> None             # multipart on S3 for big files
+    store.get_file(key: str, path: Path) -> Path             # NotFoundError; atomic local write
+    store.exists(key: str) -> bool
+    store.list(prefix: str = "") -> list[str]                # sorted keys under prefix
+    store.delete(key: str) -> None                           # missing key: no error
+    store.presign(key: str, expires_s: int = 3600) -> str    # https URL (S3) or file:// URL
+    store.url -> str                                         # the URL it was opened with
+
+Every failure is a ``modelpack.errors.StoreError`` (``NotFoundError`` for a missing object).
+Both implementations use the same key layout, so a directory synced with ``aws s3 sync`` works
+as a store and the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from modelpack.errors import NotFoundError, StoreError
+
+_TMP_PREFIX = ".tmp-"
+
+
+def check_key(key: str) -> str:
+    """A key is relative and plain: no leading '/', no '.' or '..' parts, no backslash."""
+    parts = key.split("/")
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or any(p in ("", ".", "..") for p in parts)
+        or parts[-1].startswith(_TMP_PREFIX)
+    ):
+        raise StoreError(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(ABC):
+    """Bytes under keys. Writes are atomic per object; there is no rename and no append."""
+
+    url: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, path: Path) -> Path: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def presign(self, key: str, expires_s: int = 3600) -> str: ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | None = None, source: Path | None = None) -> None:
+    """Write a temp file beside ``path``, fsync it, rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if source is not None:
+                with source.open("rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+            else:
+                fh.write(data or b"")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class LocalStore(ObjectStore):
+    """A directory: the embedded default, and what tests without S3 use."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            write_atomic(self._path(key), data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {key} to {self.url}: {exc}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise NotFoundError(f"{key} is not in {self.url}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read {key} from {self.url}: {exc}") from exc
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            write_atomic(self._path(key), source=Path(path))
+        except OSError as exc:
+            raise StoreError(f"cannot copy {path} to {key} in {self.url}: {exc}") from exc
+
+    def get_file(self, key: str, path: Path) -> Path:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFoundError(f"{key} is not in {self.url}")
+        try:
+            write_atomic(Path(path), source=src)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"{key} is not in {self.url}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot copy {key} from {self.url} to {path}: {exc}") from exc
+        return Path(path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = PurePosixPath(Path(dirpath).relative_to(self.root).as_posix())
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    continue
+                key = name if str(rel) == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {key} from {self.url}: {exc}") from exc
+
+    def presign(self, key: str, expires_s: int = 3600) -> str:
+        # A local file needs no signature; the URL is what a device on this host can open.
+        return self._path(key).as_uri()
+
+
+def open_store(
+    url: str | Path, *, endpoint_url: str | None = None, region: str | None = None
+) -> ObjectStore:
+    """Open ``s3://bucket/prefix``, ``file:///path`` or a plain directory path."""
+    text = str(url)
+    parsed = urlparse(text)
+    if parsed.scheme == "s3":
+        from cloud_sync.s3store import S3Store
+
+        if not parsed.netloc:
+            raise StoreError(f"{text} names no bucket (expected s3://bucket/prefix)")
+        return S3Store(
+            parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url, region=region
+        )
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"{text}: file URLs must name a local path (file:///path)")
+        return LocalStore(parsed.path)
+    if "://" not in text:
+        return LocalStore(text)
+    raise StoreError(
+        f"unsupported store URL {text!r}: use s3://bucket/prefix, file:///path or a path"
+    )

@@ -1,0 +1,74 @@
+"""``edgebento fleet status``: one row per device."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def register(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="what every device runs and how it is doing")
+    verbs = fleet.add_subparsers(dest="verb", metavar="VERB", required=True)
+    status = verbs.add_parser("status", help="one row per device from status and telemetry")
+    status.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port")
+    status.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
+    status.add_argument(
+        "--listen", type=float, default=2.0, help="seconds to listen for telemetry (2)"
+    )
+    status.add_argument("--store", help="also read each device's latest telemetry object here")
+    status.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    status.add_argument("--json", action="store_true", help='print {"devices": {"ID": {...}}}')
+    status.set_defaults(func=cmd_status)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0.0, time.time() - ts)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet import fleet_status
+    from cloud_sync.protocol import Topics
+    from cloud_sync.store import open_store
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
+    devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
+    if args.json:
+        doc = {"devices": {d: s.as_json() for d, s in devices.items()}}
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    table = Table(title=f"fleet on {args.broker} ({len(devices)} devices)")
+    for col in ("device", "state", "model", "last seen", "inf/s", "p99 ms", "errors", "pending"):
+        table.add_column(col, justify="right" if col in ("inf/s", "p99 ms", "errors") else "left")
+    for device, s in devices.items():
+        model = f"{s.model} v{s.version}" if s.model else "-"
+        pending = f"-> v{s.desired_version}" if s.pending_update else ""
+        state = "[green]online[/]" if s.state == "online" else f"[red]{s.state}[/]"
+        table.add_row(
+            escape(device),
+            state,
+            escape(model),
+            _ago(s.last_seen),
+            _num(s.inference_rate, ".1f"),
+            _num(s.p99_ms, ".1f"),
+            f"{s.errors:.0f}",
+            pending,
+        )
+    Console().print(table if devices else f"no device has reported on {args.broker}")
+    return 0

@@ -1,0 +1,164 @@
+"""``edgebento publish`` and ``edgebento registry list|show|promote``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get("EDGEBENTO_STORE")
+    parser.add_argument(
+        "--store",
+        default=env,
+        required=env is None,
+        help="s3://bucket/prefix, file:///path or a path (default $EDGEBENTO_STORE)",
+    )
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+
+
+def register(sub: Any) -> None:
+    publish = sub.add_parser("publish", help="verify, sign and upload a pack to the registry")
+    publish.add_argument("pack", type=Path, metavar="PACK", help="a pack directory")
+    add_store_args(publish)
+    publish.add_argument("--key", type=Path, help="signing.key: signs an unsigned pack")
+    publish.add_argument(
+        "--trust", type=Path, action="append", default=[], help="a public key to verify with"
+    )
+    publish.add_argument("--channel", default="stable", help="channel to point at it (stable)")
+    publish.add_argument(
+        "--force", action="store_true", help="publish although the report failed its budget"
+    )
+    publish.set_defaults(func=cmd_publish)
+
+    registry = sub.add_parser("registry", help="list and show published packs")
+    verbs = registry.add_subparsers(dest="verb", metavar="VERB", required=True)
+    listing = verbs.add_parser("list", help="every published version")
+    add_store_args(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+    show = verbs.add_parser("show", help="one version: its entry and manifest")
+    show.add_argument("name")
+    show.add_argument("version", type=int)
+    add_store_args(show)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_show)
+    promote = verbs.add_parser("promote", help="point a channel at a published version")
+    promote.add_argument("name")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--channel", required=True)
+    add_store_args(promote)
+    promote.set_defaults(func=cmd_promote)
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from cloud_sync.registry import Registry
+    from cloud_sync.store import open_store
+
+    return Registry(open_store(args.store, endpoint_url=args.endpoint_url))
+
+
+def _when(ts: str | float) -> str:
+    if isinstance(ts, float | int):
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return ts.replace("T", " ").removesuffix("+00:00")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    console = Console()
+    with console.status(f"verifying and uploading {args.pack} to {registry.store.url}"):
+        entry = registry.publish(
+            args.pack, key=args.key, trusted=args.trust, channel=args.channel, force=args.force
+        )
+    forced = " (failed its budget; published with --force)" if entry.within_budget is False else ""
+    console.print(
+        f"published {entry.name} v{entry.version} ({entry.archive_size:,} bytes, signed by "
+        f"{entry.signed_by}) to {registry.store.url}; channel {args.channel} -> "
+        f"v{entry.version}{forced}"
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    entries = registry.entries()
+    channels = {name: registry.channels(name) for name in {e.name for e in entries}}
+    if args.json:
+        out = [
+            {
+                **e.model_dump(mode="json"),
+                "channels": sorted(c for c, v in channels[e.name].items() if v == e.version),
+            }
+            for e in entries
+        ]
+        print(json.dumps({"packs": out}, indent=2))
+        return 0
+    table = Table(title=f"packs in {registry.store.url}")
+    for col in ("name", "version", "channel", "size", "created", "fidelity"):
+        table.add_column(col, justify="right" if col in ("version", "size") else "left")
+    for e in entries:
+        tags = ", ".join(sorted(c for c, v in channels[e.name].items() if v == e.version))
+        fidelity = e.fidelity or "-"
+        if e.within_budget is False:
+            fidelity += " (over budget)"
+        table.add_row(
+            escape(e.name),
+            str(e.version),
+            escape(tags) or "-",
+            f"{e.archive_size:,}",
+            _when(e.created_at),
+            escape(fidelity),
+        )
+    Console().print(table if entries else f"no packs in {registry.store.url}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    entry = registry.entry(args.name, args.version)
+    manifest = registry.manifest(args.name, args.version)
+    channels = sorted(c for c, v in registry.channels(args.name).items() if v == args.version)
+    if args.json:
+        doc = {
+            "entry": entry.model_dump(mode="json"),
+            "channels": channels,
+            "manifest": manifest.model_dump(mode="json"),
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    table = Table(title=f"{entry.name} v{entry.version}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {
+        "channels": ", ".join(channels) or "-",
+        "created": _when(entry.created_at),
+        "published": _when(entry.published_at),
+        "signed by": entry.signed_by or "-",
+        "archive": f"{entry.archive_size:,} bytes, sha256 {entry.archive_sha256[:16]}…",
+        "manifest sha256": entry.manifest_sha256,
+        "fidelity": entry.fidelity or "-",
+        "within budget": {True: "yes", False: "NO", None: "unknown"}[entry.within_budget],
+        "inputs": ", ".join(f"{t.name} {t.dtype} {t.shape}" for t in manifest.inputs),
+        "outputs": ", ".join(f"{t.name} {t.dtype} {t.shape}" for t in manifest.outputs),
+        "files": ", ".join(f.path for f in manifest.files),
+    }
+    for key, value in rows.items():
+        table.add_row(key, escape(value))
+    Console().print(table)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    registry.set_channel(args.name, args.channel, args.version)
+    print(f"channel {args.channel} of {args.name} -> v{args.version}")
+    return 0

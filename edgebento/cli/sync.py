@@ -1,0 +1,69 @@
+"""``edgebento sync``: the fleet's telemetry from MQTT into the store, and /metrics for the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import threading
+from typing import Any
+
+from rich.console import Console
+
+
+def register(sub: Any) -> None:
+    sync = sub.add_parser(
+        "sync", help="ingest the fleet's telemetry into the store (runs until stopped)"
+    )
+    sync.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port")
+    sync.add_argument("--store", required=True, help="s3://bucket/prefix, file:///path or a path")
+    sync.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    sync.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
+    sync.add_argument(
+        "--share",
+        default="edgebento-sync",
+        help="shared subscription group (default edgebento-sync)",
+    )
+    sync.add_argument(
+        "--client-id",
+        help="MQTT client id; keep it fixed per process so a restart resumes its session "
+        "(default: edgebento-sync-HOSTNAME)",
+    )
+    sync.add_argument(
+        "--flush-interval", type=float, default=1.0, help="seconds between writes (default 1)"
+    )
+    sync.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    sync.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics")
+    sync.set_defaults(func=cmd_sync)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from cloud_sync.ingest import SyncOptions, TelemetrySync
+    from cloud_sync.protocol import Topics
+    from cloud_sync.store import open_store
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url)
+    options = SyncOptions(
+        share=args.share,
+        client_id=args.client_id or f"edgebento-sync-{socket.gethostname()}",
+        flush_interval_s=args.flush_interval,
+    )
+    sync = TelemetrySync(store, args.broker, topics=Topics(args.prefix), options=options)
+    if args.metrics_port:
+        sync.metrics.serve(args.metrics_port, args.metrics_addr)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console = Console(stderr=True)
+    sync.start()
+    console.print(
+        f"syncing telemetry from {args.broker} to {store.url} as {options.client_id}"
+        + (f"; /metrics on {args.metrics_addr}:{args.metrics_port}" if args.metrics_port else "")
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        sync.stop()
+        console.print(f"stopped: {sync.stored_records} records in {sync.objects_written} objects")
+    return 0
