@@ -1,0 +1,318 @@
+"""The edge agent on loopback: MQTT inference round trip, pipelined throughput, a model swap under
+load, and the agent's memory with its breakdown by import.
+
+Baselines from the same run: the in-process ``Predictor.run`` latency (the floor the MQTT hop
+adds to), and AWS IoT Greengrass v2's documented minimum of 96 MB RAM for its nucleus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.support.services import Mosquitto
+
+TARGETS = {"p50_ms": 2.0, "p99_ms": 10.0, "throughput_per_s": 2000.0, "rss_mb": 70.0}
+GREENGRASS_MIN_RAM_MB = 96  # docs.aws.amazon.com/greengrass/v2: device requirements (Java nucleus)
+REPO = Path(__file__).resolve().parents[1]
+
+# What the agent process imports, in order; each row adds one layer (measured in a fresh process).
+LAYERS = [
+    ("python", ""),
+    ("+ numpy", "import numpy"),
+    ("+ onnxruntime", "import onnxruntime"),
+    ("+ paho-mqtt", "import paho.mqtt.client"),
+    ("+ pydantic", "import pydantic"),
+    ("+ cryptography (ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
+    ("+ modelpack", "import modelpack"),
+    ("+ edge_agent", "import edge_agent.agent"),
+]
+
+
+def _rss_mb_of_imports(code: str) -> float:
+    probe = (
+        code
+        + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    return int(out.stdout.strip()) / 1024
+
+
+def rss_breakdown() -> list[dict[str, Any]]:
+    rows, code, previous = [], "", 0.0
+    for label, line in LAYERS:
+        code += line + "\n"
+        total = _rss_mb_of_imports(code)
+        rows.append(
+            {"layer": label, "rss_mb": round(total, 1), "adds_mb": round(total - previous, 1)}
+        )
+        previous = total
+    return rows
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    import socket
+
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Requester:
+    """An MQTT 5 client that sends inference requests and matches replies by correlation data."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.topic = topic
+        self.reply_topic = f"bench/{uuid.uuid4().hex[:8]}/reply"
+        self.replies: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"bench-{uuid.uuid4().hex[:6]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.on_socket_open = _no_delay
+        self.client.on_message = lambda c, u, m: self.replies.put(
+            (time.perf_counter(), json.loads(m.payload))
+        )
+        self.client.connect("127.0.0.1", port, 30)
+        self.client.loop_start()
+        self.client.subscribe(self.reply_topic, 1)
+        time.sleep(0.2)
+
+    def send(self, body: bytes, correlation: bytes) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = correlation
+        self.client.publish(self.topic, body, qos=1, properties=props)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _body(i: int, x: list[list[float]]) -> bytes:
+    return json.dumps({"id": f"r{i}", "inputs": {"x": x}}).encode()
+
+
+def round_trips(req: Requester, x: list[list[float]], n: int) -> list[float]:
+    latencies = []
+    for i in range(n):
+        start = time.perf_counter()
+        req.send(_body(i, x), b"c")
+        done, reply = req.replies.get(timeout=10)
+        assert reply["ok"] and reply["id"] == f"r{i}", reply
+        latencies.append((done - start) * 1000)
+    return latencies
+
+
+def pipelined(req: Requester, x: list[list[float]], n: int, window: int = 64) -> dict[str, Any]:
+    """n requests with up to ``window`` in flight; answers per second and failures."""
+    sent = got = failed = 0
+    start = time.perf_counter()
+    while got < n:
+        while sent < n and sent - got < window:
+            req.send(_body(sent, x), b"p")
+            sent += 1
+        _, reply = req.replies.get(timeout=10)
+        got += 1
+        failed += not reply.get("ok")
+    seconds = time.perf_counter() - start
+    return {
+        "requests": n,
+        "seconds": round(seconds, 3),
+        "per_s": round(n / seconds, 1),
+        "failed": failed,
+    }
+
+
+def _agent_rss_mb(pid: int) -> float:
+    import psutil
+
+    return float(psutil.Process(pid).memory_info().rss) / (1 << 20)
+
+
+def _agent_private_mb(pid: int) -> dict[str, float]:
+    """USS (memory only this process holds) and PSS: RSS counts shared library pages in full."""
+    import psutil
+
+    info = psutil.Process(pid).memory_full_info()
+    return {"uss": round(info.uss / (1 << 20), 1), "pss": round(info.pss / (1 << 20), 1)}
+
+
+def run(results_dir: Path) -> dict[str, Any]:
+    from modelpack import Predictor, Samples, create_pack, generate_keypair, load_pack
+    from tests.support import models
+
+    with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
+        work = Path(tmp)
+        key, pub = generate_keypair(work / "keys")
+        packs = []
+        for version in (1, 2, 3):
+            model = models.mlp(
+                work / f"digits{version}.onnx", n_in=64, hidden=64, n_out=10, seed=version
+            )
+            inputs, outputs = models.golden_samples(model, n_in=64)
+            packs.append(work / f"v{version}")
+            create_pack(
+                model,
+                packs[-1],
+                name="digits",
+                version=version,
+                samples=Samples(inputs, outputs),
+                key=key,
+            )
+        x = np.random.default_rng(0).random((1, 64), dtype=np.float32).tolist()
+
+        # The floor: the same model in-process, no MQTT.
+        predictor = Predictor.from_pack(load_pack(packs[0], [pub], check_model=False))
+        floor = []
+        for _ in range(2000):
+            t = time.perf_counter()
+            predictor.run({"x": np.asarray(x, np.float32)})
+            floor.append((time.perf_counter() - t) * 1000)
+
+        broker = Mosquitto(workdir=work / "mosquitto").start()
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "run",
+                "--device",
+                "bench",
+                "--broker",
+                broker.url,
+                "--data-dir",
+                str(work / "agent"),
+                "--trust",
+                str(pub),
+                "--pack",
+                str(packs[0]),
+                "--prefix",
+                "bench",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        req = Requester(broker.port, "bench/bench/infer")
+        try:
+            _wait_ready(req, x)
+            round_trips(req, x, 300)  # warm up
+            rss_idle = _agent_rss_mb(agent.pid)
+            lat = np.asarray(round_trips(req, x, 3000))
+            throughput = pipelined(req, x, 10000)
+            swap = _swap_under_load(req, x, packs[1:], broker.port)
+            rss_after = _agent_rss_mb(agent.pid)
+            private = _agent_private_mb(agent.pid)
+        finally:
+            req.close()
+            agent.terminate()
+            agent.wait(15)
+            broker.stop()
+    breakdown = rss_breakdown()
+    p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+    result = {
+        "model": "digits MLP 64-64-10, float32, batch 1",
+        "round_trip_ms": {
+            "p50": round(p50, 3),
+            "p90": round(float(np.percentile(lat, 90)), 3),
+            "p99": round(p99, 3),
+            "n": len(lat),
+        },
+        "baseline_in_process_ms": {
+            "p50": round(float(np.percentile(floor, 50)), 4),
+            "p99": round(float(np.percentile(floor, 99)), 4),
+        },
+        "pipelined": throughput,
+        "swap_under_load": swap,
+        "agent_rss_mb": {
+            "connected_idle": round(rss_idle, 1),
+            "after_load_and_swaps": round(rss_after, 1),
+            **private,
+        },
+        "rss_breakdown": breakdown,
+        "baseline_greengrass_min_ram_mb": GREENGRASS_MIN_RAM_MB,
+        "targets": TARGETS,
+    }
+    result["targets_met"] = bool(
+        p50 <= TARGETS["p50_ms"]
+        and p99 <= TARGETS["p99_ms"]
+        and throughput["per_s"] >= TARGETS["throughput_per_s"]
+        and swap["failed"] == 0
+        and rss_after <= TARGETS["rss_mb"]
+    )
+    result["headline"] = (
+        f"round trip p50 {p50:.2f} ms, p99 {p99:.2f} ms; {throughput['per_s']:.0f} inferences/s pipelined; "
+        f"{swap['failed']} failed of {swap['requests']} during {swap['swaps']} swaps; "
+        f"RSS {rss_after:.0f} MB (Greengrass >= {GREENGRASS_MIN_RAM_MB} MB)"
+    )
+    return result
+
+
+def _wait_ready(req: Requester, x: list[list[float]]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        req.send(_body(-1, x), b"w")
+        try:
+            if req.replies.get(timeout=0.5)[1].get("ok"):
+                return
+        except queue.Empty:
+            continue
+    raise RuntimeError("the agent did not answer within 30 s")
+
+
+def _swap_under_load(
+    req: Requester, x: list[list[float]], packs: list[Path], port: int
+) -> dict[str, Any]:
+    """Deploy each pack while pipelined requests run; every request must be answered ok."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def load() -> None:
+        total = {"requests": 0, "failed": 0, "per_s": []}
+        while not done.is_set():
+            chunk = pipelined(req, x, 500, window=32)
+            total["requests"] += chunk["requests"]
+            total["failed"] += chunk["failed"]
+        outcome.update(total)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    ctl = Requester(port, "bench/bench/cmd/deploy")
+    versions = []
+    try:
+        time.sleep(0.5)
+        for pack in packs:
+            ctl.send(json.dumps({"id": uuid.uuid4().hex, "url": str(pack)}).encode(), b"d")
+            _, reply = ctl.replies.get(timeout=60)
+            assert reply["ok"], reply
+            versions.append(reply["model"]["version"])
+            time.sleep(0.5)
+    finally:
+        done.set()
+        worker.join()
+        ctl.close()
+    return {
+        "requests": outcome["requests"],
+        "failed": outcome["failed"],
+        "swaps": len(packs),
+        "versions": versions,
+    }

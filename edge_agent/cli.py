@@ -1,0 +1,117 @@
+"""``edge-agent run``: the device daemon's command line (flags override EDGEBENTO_* and the file)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modelpack.errors import AuthError, EdgebentoError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="The edgebento device daemon: MQTT commands, local inference, verified updates.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="connect to the broker and serve the installed model")
+    run.add_argument("--config", type=Path, help="a TOML file with these settings and more")
+    run.add_argument("--device", help="this device's id (topics are {prefix}/{device}/...)")
+    run.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    run.add_argument("--data-dir", type=Path, help="where packs, state and the outbox live")
+    run.add_argument(
+        "--trust", type=Path, action="append", help="a publisher's public key (repeatable)"
+    )
+    run.add_argument("--store", help="object store URL for deploy by name and capture uploads")
+    run.add_argument("--pack", type=Path, help="the pack to serve when nothing is installed yet")
+    run.add_argument("--telemetry-interval", type=float, help="seconds between heartbeats")
+    run.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and POST /infer")
+    run.add_argument("--prefix", help="topic prefix (default edgebento)")
+    run.add_argument("--group", dest="groups", action="append", help="a group this device is in")
+    run.add_argument("--protocol", choices=["5", "3.1.1"], help="MQTT version (default 5)")
+    run.add_argument("--client-id", help="MQTT client id (default edge-agent-DEVICE)")
+    run.add_argument("--username", help="broker user name")
+    run.add_argument("--password", help="broker password (better: EDGEBENTO_PASSWORD)")
+    run.add_argument("--ca-file", type=Path, help="CA bundle for mqtts://")
+    run.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
+    run.add_argument("--key-file", type=Path, help="client key (mTLS)")
+    run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
+    run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    names = [
+        "device",
+        "broker",
+        "data_dir",
+        "trust",
+        "store",
+        "pack",
+        "metrics_port",
+        "prefix",
+        "groups",
+        "protocol",
+        "client_id",
+        "username",
+        "password",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "outbox_max_bytes",
+        "log_level",
+    ]
+    flags: dict[str, Any] = {n: getattr(args, n) for n in names}
+    if args.telemetry_interval is not None:
+        flags["limits"] = {"telemetry_interval": args.telemetry_interval}
+    return flags
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+
+    config = load_config(args.config, _flags(args))
+    logging.getLogger().setLevel(config.log_level.upper())
+    agent = Agent(config)
+    signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
+    agent.start()
+    logging.getLogger("edge_agent").info(
+        "device %s serving %s on %s", config.device, agent.inference.model_ref, config.broker
+    )
+    try:
+        agent.run_forever()
+    except AuthError:
+        agent.stop(flush_s=0)
+        raise
+    agent.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except AuthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3  # systemd: RestartPreventExitStatus=3, a wrong password stays wrong
+    except EdgebentoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The agent's settings: a TOML file, overridden by ``EDGEBENTO_*`` variables, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelpack.errors import ConfigError
+
+ENV_PREFIX = "EDGEBENTO_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineConfig(_Section):
+    """Perceive, decide, act: a sensor topic in, the model, a result (or action) topic out."""
+
+    name: str
+    input_topic: str
+    output_topic: str
+    input: str | None = None  # the model input a bare list of numbers feeds; default: the only one
+    labels: list[str] = Field(default_factory=list)  # argmax -> label on the output, if given
+    threshold: float | None = None  # publish only when the top score reaches it
+
+
+class Limits(_Section):
+    """What ``config`` commands may change at run time."""
+
+    telemetry_interval: float = Field(default=10.0, gt=0)
+    max_batch: int = Field(default=256, gt=0)
+    max_payload_bytes: int = Field(default=1 << 20, gt=0)
+    drain_rate: float = Field(default=500.0, gt=0)  # telemetry records per second after a reconnect
+    latency_budget_ms: float = Field(default=250.0, gt=0)  # health check after an update
+
+
+class AgentConfig(_Section):
+    device: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    broker: str = "mqtt://127.0.0.1:1883"
+    data_dir: Path
+    trust: list[Path] = Field(min_length=1)
+    store: str | None = None
+    pack: Path | None = None
+    prefix: str = "edgebento"
+    groups: list[str] = Field(default_factory=list)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # mTLS, as AWS IoT Core wants
+    key_file: Path | None = None
+    keepalive: int = Field(default=30, ge=5)
+    backoff_min: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=30.0, gt=0)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+    outbox_max_bytes: int = Field(default=16 << 20, ge=4096)
+    outbox_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    telemetry_batch: int = Field(default=50, gt=0)
+    intra_op_threads: int = Field(default=1, ge=0)
+    inference_workers: int = Field(default=0, ge=0)  # 0: on the MQTT network thread
+    golden_rtol: float = 1e-3
+    golden_atol: float = 1e-4
+    capture_rate: float = Field(default=0.0, ge=0, le=1)
+    capture_max_bytes: int = Field(default=4 << 20, gt=0)
+    keep_packs: int = Field(default=3, ge=2)
+    limits: Limits = Field(default_factory=Limits)
+    pipelines: list[PipelineConfig] = Field(default_factory=list)
+    log_level: str = "INFO"
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        return value
+
+    @property
+    def broker_host(self) -> str:
+        return urlsplit(self.broker).hostname or "127.0.0.1"
+
+    @property
+    def broker_port(self) -> int:
+        parts = urlsplit(self.broker)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker).scheme == "mqtts"
+
+
+# Settings that may come from EDGEBENTO_* (lists are split on commas).
+_LIST_FIELDS = {"trust", "groups"}
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name in AgentConfig.model_fields:
+        if name in ("limits", "pipelines"):
+            continue
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None or raw == "":
+            continue
+        found[name] = [p for p in raw.split(",") if p] if name in _LIST_FIELDS else raw
+    if ENV_PREFIX + "TELEMETRY_INTERVAL" in environ:
+        found["limits"] = {"telemetry_interval": environ[ENV_PREFIX + "TELEMETRY_INTERVAL"]}
+    return found
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    # One [agent] table, or the settings at the top level.
+    return dict(data.get("agent", data))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> AgentConfig:
+    """File, then environment, then flags (None means "not given"); one error for bad values."""
+    settings: dict[str, Any] = _read_file(file) if file is not None else {}
+    settings = _merge(settings, _from_env(dict(os.environ if environ is None else environ)))
+    settings = _merge(settings, {k: v for k, v in (flags or {}).items() if v not in (None, [])})
+    try:
+        return AgentConfig.model_validate(settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"agent config: {where}: {first['msg']}") from exc

@@ -1,0 +1,268 @@
+"""The MQTT session: one paho-mqtt 2.x client, kept connected for as long as the agent runs.
+
+Reconnects with capped, jittered backoff that resets after a successful CONNACK, re-sends the
+subscriptions when the broker kept no session for us, and stops for good (``AuthError``) when
+the broker rejects the credentials, because retrying a wrong password never helps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.config import AgentConfig
+from modelpack.errors import AuthError, BrokerError
+
+log = logging.getLogger(__name__)
+
+# CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
+_AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
+SESSION_EXPIRY_S = 3600
+
+
+def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    """Nagle's algorithm would hold a reply behind our PUBACK until a delayed ACK: 40 ms."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    retained: bool = False
+
+
+class Backoff:
+    """Exponential backoff with "equal jitter": uniform(c/2, c), c = min(cap, base * 2**attempt).
+
+    Half the delay is random, so a fleet that lost its broker at once does not come back at once,
+    and the other half keeps a device from hammering a broker that is still down.
+    """
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Session:
+    """A context-managed MQTT connection with a last will and locally tracked subscriptions."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        will: tuple[str, bytes],
+        on_message: Callable[[Incoming], None],
+        on_connect: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.v5 = config.protocol == "5"
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.fatal: BrokerError | None = None
+        self.backoff = Backoff(config.backoff_min, config.backoff_max)
+        self.connects = 0
+        self.client = self._make_client(will)
+
+    def _make_client(self, will: tuple[str, bytes]) -> mqtt.Client:
+        cfg = self.config
+        client_id = cfg.client_id or f"edge-agent-{cfg.device}"
+        if self.v5:
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv5,
+                reconnect_on_failure=False,
+            )
+        else:
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=False,
+                protocol=mqtt.MQTTv311,
+                reconnect_on_failure=False,
+            )
+        client.will_set(will[0], will[1], qos=1, retain=True)
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            client.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.max_inflight_messages_set(100)
+        client.on_socket_open = _no_delay
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # --- subscriptions and publishing ---------------------------------------------------------
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self._subscriptions[topic] = qos
+        if self.connected:
+            self.client.subscribe(topic, qos)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        properties = None
+        if self.v5 and correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    # --- paho callbacks (on paho's network thread) -------------------------------------------
+
+    def _handle_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            if reason.value in _AUTH_FAILURES:
+                self.fatal = AuthError(
+                    f"broker {self.config.broker} rejected the credentials of "
+                    f"{self.config.username or 'an anonymous client'}: {reason}; not retrying"
+                )
+            log.warning("broker refused the connection: %s", reason)
+            client.disconnect()
+            return
+        self.backoff.reset()
+        self.connects += 1
+        # Subscribing again is idempotent, and needed even with a session present: the broker
+        # may hold one made under another configuration (prefix, groups), and it is what makes
+        # the broker resend the retained desired state on every connect.
+        for topic, qos in self._subscriptions.items():
+            client.subscribe(topic, qos)
+        self._lost.clear()
+        self._connected.set()
+        log.info("connected to %s (session present: %s)", self.config.broker, flags.session_present)
+        if self._on_connect_cb is not None:
+            self._on_connect_cb(bool(flags.session_present))
+
+    def _handle_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self._connected.clear()
+        self._lost.set()
+        if not self._stop.is_set():
+            log.warning("disconnected from %s: %s", self.config.broker, reason)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        response_topic = correlation = None
+        props = getattr(msg, "properties", None)
+        if props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation = getattr(props, "CorrelationData", None)
+        try:
+            self._on_message_cb(
+                Incoming(
+                    msg.topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain)
+                )
+            )
+        except Exception:  # a bug in one handler must not take the network loop down
+            log.exception("handling a message on %s failed", msg.topic)
+
+    # --- the connection loop -------------------------------------------------------------------
+
+    def _connect_once(self) -> bool:
+        cfg = self.config
+        try:
+            if self.v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
+                self.client.connect(
+                    cfg.broker_host,
+                    cfg.broker_port,
+                    cfg.keepalive,
+                    clean_start=False,
+                    properties=props,
+                )
+            else:
+                self.client.connect(cfg.broker_host, cfg.broker_port, cfg.keepalive)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot reach broker %s: %s", cfg.broker, exc)
+            return False
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._connect_once():
+                self._lost.clear()
+                self.client.loop_start()
+                while not self._stop.is_set() and not self._lost.wait(0.5):
+                    pass
+                if self._stop.is_set():
+                    return
+                self.client.loop_stop()
+                if self.fatal is not None:
+                    log.error("%s", self.fatal)
+                    return
+            delay = self.backoff.next()
+            log.info("reconnecting in %.2fs", delay)
+            self._stop.wait(delay)
+
+    def start(self) -> Session:
+        self._thread = threading.Thread(target=self._run, name="mqtt-session", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, last_words: tuple[str, bytes] | None = None) -> None:
+        """Publish ``last_words`` (retained) if connected, then disconnect cleanly."""
+        if last_words is not None and self.connected:
+            info = self.publish(last_words[0], last_words[1], qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=2.0)
+        self._stop.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Session:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,87 @@
+"""Broker credentials and ACLs: a wrong password stops the agent with a clear error, and a device
+with its own credentials works inside its own topics and nowhere else."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import DEVICE_PASSWORDS
+from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
+    AgentProcess,
+    Client,
+    agent_factory_fixture,
+    pack_v1_fixture,
+    wait_online,
+)
+from tests.support.services import Mosquitto
+
+
+def test_bad_credentials_stop_the_agent_with_a_clear_error(
+    auth_broker: Mosquitto, agent_factory: Any, pack_v1: Path
+) -> None:
+    agent: AgentProcess = agent_factory(
+        broker=auth_broker,
+        pack=pack_v1,
+        prefix="edgebento",
+        env={"EDGEBENTO_USERNAME": "dev-a", "EDGEBENTO_PASSWORD": "wrong"},
+    )
+    assert agent.process is not None
+    code = agent.process.wait(30)  # it gives up instead of retrying for ever
+    assert code == 3
+    assert "rejected the credentials of dev-a" in agent.output()
+    assert "not retrying" in agent.output()
+
+
+@pytest.fixture
+def admin(auth_broker: Mosquitto) -> Any:
+    c = Client(auth_broker, username="admin", password=DEVICE_PASSWORDS["admin"])
+    c.reply_topic = "edgebento/dev-a/replies/admin"  # where dev-a may write
+    c.collect(c.reply_topic)
+    yield c
+    c.close()
+
+
+def test_a_device_with_its_own_credentials_is_confined_to_its_topics(
+    auth_broker: Mosquitto, agent_factory: Any, pack_v1: Path, admin: Client
+) -> None:
+    agent_factory(
+        broker=auth_broker,
+        pack=pack_v1,
+        prefix="edgebento",
+        env={"EDGEBENTO_USERNAME": "dev-a", "EDGEBENTO_PASSWORD": DEVICE_PASSWORDS["dev-a"]},
+    )
+    wait_online(admin, "edgebento", "dev-a")
+    assert admin.request("edgebento/dev-a/cmd/ping", {})["ok"] is True
+    # A reply it is asked to send into another device's topics is dropped by the broker.
+    elsewhere = admin.collect("edgebento/dev-b/replies/#")
+    admin.reply_topic = "edgebento/dev-b/replies/admin"
+    admin.publish("edgebento/dev-a/cmd/ping", {"id": "sneaky", "reply_to": admin.reply_topic})
+    time.sleep(1.0)
+    assert elsewhere.empty()
+    admin.reply_topic = "edgebento/dev-a/replies/admin"
+
+
+def test_a_devices_credentials_cannot_act_as_another_device(
+    auth_broker: Mosquitto, agent_factory: Any, pack_v1: Path, admin: Client, tmp_path: Path
+) -> None:
+    impostor: AgentProcess = agent_factory(
+        broker=auth_broker,
+        pack=pack_v1,
+        prefix="edgebento",
+        device="dev-b",
+        data_dir=tmp_path / "impostor",
+        env={"EDGEBENTO_USERNAME": "dev-a", "EDGEBENTO_PASSWORD": DEVICE_PASSWORDS["dev-a"]},
+    )
+    status = admin.collect("edgebento/dev-b/status")
+    admin.reply_topic = "edgebento/dev-b/replies/admin"  # admin may read anything
+    admin.collect(admin.reply_topic)
+    # Its subscriptions to dev-b's commands are refused, so nobody answers there...
+    with pytest.raises(AssertionError, match="no reply"):
+        admin.request("edgebento/dev-b/cmd/ping", {}, timeout=2.0)
+    # ...and it cannot claim dev-b's status, though it runs.
+    assert impostor.process is not None and impostor.process.poll() is None
+    assert all(not m.payload or b'"online"' not in m.payload for m in list(status.queue))

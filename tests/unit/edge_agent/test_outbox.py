@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from edge_agent.outbox import Outbox, batch_payload
+from edge_agent.session import Backoff
+
+
+def _records(outbox: Outbox) -> list[dict]:
+    return [json.loads(p.body) for p in outbox.peek(0, 10_000)]
+
+
+def test_seq_rises_by_one_and_survives_a_reopen_with_a_new_boot(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    assert [box.append("heartbeat", {"i": i}) for i in range(3)] == [0, 1, 2]
+    first_boot = box.boot_id
+    box.close()
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    assert box.boot_id != first_boot and box.count == 3
+    assert box.append("heartbeat", {}) == 0
+    records = _records(box)
+    assert [(r["boot_id"] == first_boot, r["seq"]) for r in records] == [
+        (True, 0),
+        (True, 1),
+        (True, 2),
+        (False, 0),
+    ]
+    assert records[0]["device"] == "dev" and records[0]["schema_version"] == 1
+
+
+def test_acknowledged_records_leave_and_the_batch_is_a_telemetry_batch(tmp_path: Path) -> None:
+    from cloud_sync.protocol import TelemetryBatch
+
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    for i in range(5):
+        box.append("event", {"i": i})
+    pending = box.peek(0, 3)
+    batch = TelemetryBatch.model_validate_json(batch_payload(pending))
+    assert [r.seq for r in batch.records] == [0, 1, 2]
+    box.ack([p.id for p in pending])
+    assert box.count == 2 and [r["seq"] for r in _records(box)] == [3, 4]
+    assert box.bytes == sum(len(p.body) for p in box.peek(0, 10))
+
+
+def test_drop_oldest_evicts_and_counts(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", "dev", 4096, "drop_oldest")
+    for i in range(100):
+        assert box.append("event", {"i": i, "pad": "x" * 100}) == i
+    assert box.bytes <= 4096
+    kept = [r["seq"] for r in _records(box)]
+    assert kept == list(range(kept[0], 100))  # the newest, contiguous
+    assert box.counters()["evicted"] == 100 - len(kept)
+
+
+def test_drop_newest_refuses_without_taking_a_seq(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", "dev", 4096, "drop_newest")
+    results = [box.append("event", {"i": i, "pad": "x" * 100}) for i in range(100)]
+    stored = [r for r in results if r is not None]
+    assert stored == list(range(len(stored)))
+    assert box.counters()["dropped_overflow"] == 100 - len(stored)
+    box.ack([p.id for p in box.peek(0, 5)])
+    assert box.append("event", {}) == len(stored)  # no hole in the numbering
+
+
+def test_backoff_is_capped_jittered_and_resets() -> None:
+    backoff = Backoff(0.5, 8.0, random.Random(1))
+    delays = [backoff.next() for _ in range(12)]
+    assert all(0.25 <= d <= 8.0 for d in delays)
+    assert len(set(delays)) == len(delays)  # jittered
+    assert max(delays[6:]) > 2.0  # grew
+    backoff.reset()
+    assert backoff.next() <= 0.5
