@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,30 +66,90 @@ def keras_to_onnx(model: Any, dst: Path, opset: int = OPSET) -> None:
     dst.write_bytes(proto.SerializeToString())
 
 
+def _is_pickled_torch_save(source: Path) -> bool:
+    """A ``torch.save`` zip holds ``data.pkl`` but no TorchScript code; looking runs nothing."""
+    with source.open("rb") as head:
+        if head.read(1) == b"\x80":  # the PROTO opcode: a bare pickle (the legacy format)
+            return True
+    try:
+        with zipfile.ZipFile(source) as archive:
+            parts = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return "data.pkl" in parts and "constants.pkl" not in parts
+
+
+def _refuse_pickle(source: Path) -> ConfigError:
+    return ConfigError(
+        f"{source.name} is a pickled torch.save file, not TorchScript; unpickling can run any"
+        " code, so it is not loaded: save it with torch.jit.save(torch.jit.script(model))"
+    )
+
+
+def _forward_inputs(module: Any, source: Path, example: dict[str, Any]) -> list[str]:
+    """The ``forward`` parameters the data feeds, in call order, so no input is swapped."""
+    params = module.forward.schema.arguments[1:]  # [0] is self
+    names: list[str] = []
+    for arg in params:
+        if arg.name in example:
+            names.append(arg.name)
+        elif not arg.has_default_value():
+            raise ConfigError(
+                f"{source.name}: forward takes {', '.join(a.name for a in params)};"
+                f" the data has no array {arg.name!r} (it holds {', '.join(example)})"
+            )
+        else:  # an optional parameter left out: it and those after it keep their defaults
+            break
+    return names
+
+
+def _output_names(module: Any, args: tuple[Any, ...]) -> list[str]:
+    """TorchScript outputs have no names; the exporter would call them "9": name them."""
+    import torch
+
+    with torch.no_grad():
+        result = module(*args)
+    count = len(result) if isinstance(result, tuple | list) else 1
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def torch_to_onnx(source: Path, dst: Path, example: dict[str, Any], opset: int = OPSET) -> None:
-    """Export a TorchScript module (``torch.jit.save``); inputs named as in ``example``."""
+    """Export a TorchScript module (``torch.jit.save``); inputs named as ``forward`` names them."""
     try:
         import torch
     except ImportError as exc:
-        raise ConfigError("PyTorch sources need torch: pip install 'edgebento[bench]'") from exc
-    try:
+        raise ConfigError("PyTorch sources need torch: pip install 'edgebento[torch]'") from exc
+    if _is_pickled_torch_save(source):
+        raise _refuse_pickle(source)
+    try:  # torch.jit.load reads TorchScript only: its unpickler resolves no Python globals
         module = torch.jit.load(str(source), map_location="cpu").eval()
-    except Exception as exc:  # only TorchScript: unpickling a module would run arbitrary code
+    except Exception as exc:
         raise ConfigError(
             f"{source.name} is not a TorchScript file; save it with torch.jit.save or export ONNX"
         ) from exc
-    names = list(example)
-    args = tuple(torch.from_numpy(example[n][:1]) for n in names)
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            args,
-            str(dst),
-            input_names=names,
-            dynamic_axes={n: {0: "batch"} for n in names},
-            opset_version=opset,
-            dynamo=False,
-        )
+    names = _forward_inputs(module, source, example)
+    # One row traces the graph; scalar inputs have no rows and no batch axis.
+    args = tuple(torch.from_numpy(example[n][:1] if example[n].ndim else example[n]) for n in names)
+    try:
+        outputs = _output_names(module, args)
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter is the one that takes a ScriptModule; its deprecation
+            # notices would only confuse a user of this command.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(dst),
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in names if example[n].ndim},
+                opset_version=opset,
+                dynamo=False,
+            )
+    except Exception as exc:  # shape and dtype mismatches surface as RuntimeError from torch
+        shapes = ", ".join(f"{n} {example[n].dtype}{list(example[n].shape)}" for n in names)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot export {source.name} to ONNX with {shapes}: {reason}") from exc
 
 
 def to_onnx(source: Path, dst: Path, example: dict[str, Any] | None) -> SourceKind:
