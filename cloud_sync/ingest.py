@@ -44,7 +44,7 @@ from cloud_sync.parts import (
 from cloud_sync.protocol import Status, TelemetryBatch, Topics
 from cloud_sync.store import ObjectStore
 from modelpack import sha256_bytes
-from modelpack.errors import EdgebentoError, ProtocolError
+from modelpack.errors import EdgebentoError, ProtocolError, first_problem
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def parse_batch(topics: Topics, topic: str, payload: bytes) -> list[dict[str, An
     try:
         batch = TelemetryBatch.model_validate_json(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "batch"
-        raise ProtocolError(f"telemetry on {topic}: {where}: {first['msg']}") from exc
+        raise ProtocolError(f"telemetry on {topic}: {first_problem(exc, 'batch')}") from exc
     records = []
     for record in batch.records:
         if record.device != device:

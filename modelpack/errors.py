@@ -7,6 +7,8 @@ where they happen, with ``raise X(...) from exc``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgebentoError(Exception):
     """Base of every error edgebento raises on purpose."""
@@ -111,3 +113,13 @@ class BrokerError(EdgebentoError):
 
 class AuthError(BrokerError):
     """The broker rejected the credentials: retrying will not help."""
+
+
+def first_problem(exc: Any, whole: str) -> str:
+    """``where: what`` of a pydantic ValidationError's first error, for a one-line message.
+
+    ``whole`` names the document when the error is about all of it (no location).
+    """
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or whole
+    return f"{where}: {first['msg']}"

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelpack.errors import ManifestError
+from modelpack.errors import ManifestError, first_problem
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -174,6 +174,4 @@ class Manifest(_Frozen):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "manifest"
-            raise ManifestError(f"manifest.json: {where}: {first['msg']}") from exc
+            raise ManifestError(f"manifest.json: {first_problem(exc, 'manifest')}") from exc

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpack import Samples, create_pack
-from modelpack.errors import ConfigError
+from modelpack.errors import ConfigError, first_problem
 from modelpack.iosig import read_io_signature
 from optimize import report as reports
 from optimize.convert import to_onnx
@@ -59,8 +59,7 @@ def _options(**values: Any) -> OptimizeOptions:
     try:
         options = OptimizeOptions(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        raise ConfigError(first_problem(exc, "options")) from exc
     if isinstance(options.prune, float) and not 0 < options.prune < 1:
         raise ConfigError(
             f"--prune takes auto, off or a ratio between 0 and 1, not {options.prune}"
