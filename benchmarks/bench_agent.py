@@ -32,34 +32,62 @@ LAYERS = [
     ("python", ""),
     ("+ numpy", "import numpy"),
     ("+ onnxruntime", "import onnxruntime"),
-    ("+ paho-mqtt", "import paho.mqtt.client"),
+    ("+ paho-mqtt (and ssl)", "import paho.mqtt.client"),
     ("+ pydantic", "import pydantic"),
     ("+ cryptography (ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
-    ("+ modelpack", "import modelpack"),
-    ("+ edge_agent", "import edge_agent.agent"),
+    ("+ modelpack (its pydantic models built)", "import modelpack"),
+    ("+ edge_agent", "import edge_agent.agent, edge_agent.cli"),
+    ("+ psutil (heartbeat)", "import psutil"),
+    (
+        "+ the digits pack verified and its session loaded",
+        "from modelpack import Predictor, PredictorOptions, load_pack\n"
+        "from pathlib import Path\n"
+        "p = Predictor.from_pack(load_pack(Path({pack!r}), [Path({pub!r})], check_model=False),"
+        " PredictorOptions(intra_op_threads=1))",
+    ),
 ]
 
+# RSS, and the two figures that do not count shared library pages in full: USS (pages only this
+# process holds) and PSS (shared pages divided among the processes sharing them).
+_PROBE = """
+fields = {}
+for line in open('/proc/self/smaps_rollup'):
+    parts = line.split()
+    if len(parts) == 3 and parts[2] == 'kB':
+        fields[parts[0].rstrip(':')] = int(parts[1])
+uss = fields.get('Private_Clean', 0) + fields.get('Private_Dirty', 0)
+print(fields['Rss'], uss, fields['Pss'])
+"""
 
-def _rss_mb_of_imports(code: str) -> float:
-    probe = (
-        code
-        + "\nprint([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
-    )
+
+def _memory_of_imports(code: str) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+        [sys.executable, "-c", code + "\n" + _PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    return int(out.stdout.strip()) / 1024
+    rss, uss, pss = (int(v) / 1024 for v in out.stdout.split()[-3:])
+    return {"rss_mb": round(rss, 1), "uss_mb": round(uss, 1), "pss_mb": round(pss, 1)}
 
 
-def rss_breakdown() -> list[dict[str, Any]]:
-    rows, code, previous = [], "", 0.0
+def rss_breakdown(pack: Path, pub: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    code, previous = "", {"rss_mb": 0.0, "uss_mb": 0.0}
     for label, line in LAYERS:
-        code += line + "\n"
-        total = _rss_mb_of_imports(code)
+        code += line.format(pack=str(pack), pub=str(pub)) + "\n"
+        mem = _memory_of_imports(code)
         rows.append(
-            {"layer": label, "rss_mb": round(total, 1), "adds_mb": round(total - previous, 1)}
+            {
+                "layer": label,
+                **mem,
+                "adds_rss_mb": round(mem["rss_mb"] - previous["rss_mb"], 1),
+                "adds_uss_mb": round(mem["uss_mb"] - previous["uss_mb"], 1),
+            }
         )
-        previous = total
+        previous = mem
     return rows
 
 
@@ -188,30 +216,7 @@ def run(results_dir: Path) -> dict[str, Any]:
             floor.append((time.perf_counter() - t) * 1000)
 
         broker = Mosquitto(workdir=work / "mosquitto").start()
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "edge_agent",
-                "run",
-                "--device",
-                "bench",
-                "--broker",
-                broker.url,
-                "--data-dir",
-                str(work / "agent"),
-                "--trust",
-                str(pub),
-                "--pack",
-                str(packs[0]),
-                "--prefix",
-                "bench",
-                "--log-level",
-                "WARNING",
-            ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+        agent = _start_agent("bench", broker.url, work, pub, packs[0], {})
         req = Requester(broker.port, "bench/bench/infer")
         try:
             _wait_ready(req, x)
@@ -226,8 +231,17 @@ def run(results_dir: Path) -> dict[str, Any]:
             req.close()
             agent.terminate()
             agent.wait(15)
+        try:
+            arenas = {
+                name: _memory_after_load(name, broker, work, pub, packs[0], x, env)
+                for name, env in (
+                    ("default", {"MALLOC_ARENA_MAX": ""}),
+                    ("malloc_arena_max_2", {"MALLOC_ARENA_MAX": "2"}),
+                )
+            }
+        finally:
             broker.stop()
-    breakdown = rss_breakdown()
+        breakdown = rss_breakdown(packs[0], pub)
     p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
     result = {
         "model": "digits MLP 64-64-10, float32, batch 1",
@@ -249,6 +263,7 @@ def run(results_dir: Path) -> dict[str, Any]:
             **private,
         },
         "rss_breakdown": breakdown,
+        "malloc_arenas": arenas,
         "baseline_greengrass_min_ram_mb": GREENGRASS_MIN_RAM_MB,
         "targets": TARGETS,
     }
@@ -265,6 +280,43 @@ def run(results_dir: Path) -> dict[str, Any]:
         f"RSS {rss_after:.0f} MB (Greengrass >= {GREENGRASS_MIN_RAM_MB} MB)"
     )
     return result
+
+
+def _start_agent(
+    device: str, broker_url: str, work: Path, pub: Path, pack: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "edge_agent", "run", "--device", device]
+    command += ["--broker", broker_url, "--data-dir", str(work / f"agent-{device}")]
+    command += ["--trust", str(pub), "--pack", str(pack), "--prefix", "bench"]
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.Popen(
+        [*command, "--log-level", "WARNING"],
+        cwd=REPO,
+        env={k: v for k, v in environ.items() if v != ""},  # "": unset it
+    )
+
+
+def _memory_after_load(
+    device: str,
+    broker: Mosquitto,
+    work: Path,
+    pub: Path,
+    pack: Path,
+    x: list[list[float]],
+    env: dict[str, str],
+) -> dict[str, float]:
+    """A fresh agent with ``env`` (glibc malloc settings), after the same load, one after another."""
+    agent = _start_agent(device, broker.url, work, pub, pack, env)
+    req = Requester(broker.port, f"bench/{device}/infer")
+    try:
+        _wait_ready(req, x)
+        round_trips(req, x, 300)
+        pipelined(req, x, 3000)
+        return {"rss": round(_agent_rss_mb(agent.pid), 1), **_agent_private_mb(agent.pid)}
+    finally:
+        req.close()
+        agent.terminate()
+        agent.wait(15)
 
 
 def _wait_ready(req: Requester, x: list[list[float]]) -> None:

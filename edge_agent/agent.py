@@ -276,8 +276,26 @@ class Agent:
         key = payload.decode(errors="replace")
         if key == self._refused_desired:
             return  # refused once already this boot; a new desired document will try again
+        running = self.updater.current
+        downgrade_from = None  # the running version, when the desired one is below it
+        if running is not None and running.manifest.name == want.name:
+            downgrade_from = (
+                running.manifest.version if want.version < running.manifest.version else None
+            )
         try:
-            if desired.url:
+            if downgrade_from is not None and not desired.rollback:
+                self._refused_desired = key
+                self.updater.refuse(
+                    f"desired {want.name} v{want.version} is lower than the running "
+                    f'v{downgrade_from} and not marked "rollback": true; a device never '
+                    "downgrades unless told to",
+                    "desired",
+                    source=f"{want.name} v{want.version}",
+                )
+                return
+            if downgrade_from is not None:
+                self.updater.rollback_to(want.name, want.version, desired.url, trigger="desired")
+            elif desired.url:
                 self.updater.deploy_url(desired.url, trigger="desired")
             else:
                 self.updater.deploy_named(want.name, want.version, trigger="desired")

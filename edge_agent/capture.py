@@ -1,8 +1,13 @@
 """Sampled capture of inference inputs and outputs, shipped to the object store.
 
 Capped twice: a sampling ``rate`` (share of requests kept) and ``max_bytes`` per capture file.
-A full buffer is shipped and a new one begun; with no store configured files stay in
-``{data_dir}/captures`` for someone to collect. Captures are JSON lines, never pickles.
+A full buffer is shipped and a new one begun; with no store configured files stay under
+``{data_dir}`` for someone to collect. Captures are gzipped JSON lines, never pickles.
+
+Files go to the same partitioned layout as the capture records cloud_sync ingests
+(``capture/date=YYYY-MM-DD/device=ID/part-...jsonl.gz``, built by ``cloud_sync.parts``), under a
+stream of their own, ``{boot_id}.samples``, numbered by sample: were they under the boot's own
+stream, ingest would read their sample ranges as telemetry seqs already stored and drop records.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,13 @@ from modelpack.errors import EdgebentoError
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    lines: tuple[bytes, ...]
+    first: int  # the sample number (1, 2, ... per boot) of the first line
+    first_ts: float
 
 
 class Capture:
@@ -41,6 +54,7 @@ class Capture:
         self.active = rate > 0
         self._lines: list[bytes] = []
         self._size = 0
+        self._first_ts = 0.0  # when the buffer's first sample was taken: its date partition
         self._lock = threading.Lock()
         self._rng = random.Random()
         self.samples = 0
@@ -51,20 +65,32 @@ class Capture:
         """Called after every successful inference; keeps a sampled share of them."""
         if not self.active or self._rng.random() >= self.rate:
             return
+        now = time.time()
         line = json.dumps(
-            {"ts": time.time(), "request": request, "answer": answer}, separators=(",", ":")
+            {"ts": now, "request": request, "answer": answer}, separators=(",", ":")
         ).encode()
         if len(line) > self.max_bytes:
             return
-        full: list[bytes] | None = None
+        full: _Batch | None = None
         with self._lock:
             if self._size + len(line) > self.max_bytes:
-                full, self._lines, self._size = self._lines, [], 0
+                full = self._take()
+            if not self._lines:
+                self._first_ts = now
             self._lines.append(line + b"\n")
             self._size += len(line) + 1
             self.samples += 1
         if full:
             threading.Thread(target=self._ship, args=(full,), daemon=True).start()
+
+    def _take(self) -> _Batch | None:
+        """The buffered samples as one batch (under the lock), and an empty buffer."""
+        if not self._lines:
+            return None
+        first = self.samples - len(self._lines) + 1
+        batch = _Batch(tuple(self._lines), first, self._first_ts)
+        self._lines, self._size = [], 0
+        return batch
 
     def start(self, rate: float | None, max_bytes: int | None) -> dict[str, Any]:
         self.rate = rate if rate is not None else (self.rate or 0.1)
@@ -75,9 +101,9 @@ class Capture:
     def stop(self) -> dict[str, Any]:
         self.active = False
         with self._lock:
-            lines, self._lines, self._size = self._lines, [], 0
-        if lines:
-            self._ship(lines)
+            batch = self._take()
+        if batch:
+            self._ship(batch)
         return self.status()
 
     def status(self) -> dict[str, Any]:
@@ -89,20 +115,33 @@ class Capture:
             "shipped": list(self.shipped),
         }
 
-    def _key(self) -> str:
-        return f"captures/{self.device}/{self.boot_id}/{time.time_ns()}.jsonl"
+    def key(self, batch: _Batch) -> str:
+        from cloud_sync.parts import stream_of
 
-    def _ship(self, lines: list[bytes]) -> None:
-        data = b"".join(lines)
-        key = self._key()
+        stream = stream_of(
+            {
+                "kind": "capture",
+                "ts": batch.first_ts,
+                "device": self.device,
+                "boot_id": f"{self.boot_id}.samples",
+            }
+        )
+        return stream.key(batch.first, batch.first + len(batch.lines) - 1)
+
+    def _ship(self, batch: _Batch) -> None:
+        import gzip
+
+        count = len(batch.lines)
+        data = gzip.compress(b"".join(batch.lines), mtime=0)
+        key = self.key(batch)
         try:
             where = self._put(key, data)
         except (EdgebentoError, OSError) as exc:
-            log.warning("capture of %d samples not shipped: %s", len(lines), exc)
-            self.report({"event": "capture_failed", "samples": len(lines), "error": str(exc)})
+            log.warning("capture of %d samples not shipped: %s", count, exc)
+            self.report({"event": "capture_failed", "samples": count, "error": str(exc)})
             return
         self.shipped.append(where)
-        self.report({"event": "capture", "samples": len(lines), "bytes": len(data), "key": where})
+        self.report({"event": "capture", "samples": count, "bytes": len(data), "key": where})
 
     def _put(self, key: str, data: bytes) -> str:
         if self.store_url:

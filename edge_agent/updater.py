@@ -160,12 +160,63 @@ class Updater:
             self._write_state(InstallState(target, rest))
             return self._outcome("rolled_back", f"rolled back to {self._label(pack)}", "command")
 
-    def _install(self, fetch: Callable[[Path], Path], source: str, trigger: str) -> dict[str, Any]:
+    def rollback_to(
+        self, name: str, version: int, url: str | None = None, trigger: str = "desired"
+    ) -> dict[str, Any]:
+        """Go back to exactly ``name`` v``version``, as a desired state with ``rollback`` asks.
+
+        The copy kept as an earlier good pack is preferred; if there is none (or it no longer
+        verifies), the pack is fetched from ``url`` or through the store. Either way it is
+        verified with the trusted keys and health-checked, and it must be that very version:
+        never below what the desired state names.
+        """
+        with self._lock:
+            state = self.read_state()
+            for index, dirname in enumerate(state.history):
+                if not dirname.startswith(f"{name}-v{version}-"):
+                    continue
+                try:
+                    pack = self._verify(self.packs_dir / dirname)
+                    predictor = self._load_predictor(pack)
+                    health = self._health_check(pack, predictor)
+                except EdgebentoError as exc:
+                    log.warning("the kept copy %s is not usable (%s); fetching it", dirname, exc)
+                    continue
+                self._go_live(pack, predictor)
+                self._write_state(InstallState(dirname, state.history[index + 1 :]))
+                return self._outcome(
+                    "rolled_back",
+                    f"rolled back to {self._label(pack)} (the copy kept on the device)",
+                    trigger,
+                    health=health,
+                )
+        if url:
+            return self._install(
+                lambda target: fetch_url(url, target), url, trigger, (name, version)
+            )
+        return self._install(
+            lambda target: fetch_named(self.config.store, name, version, target),
+            f"{name} v{version}",
+            trigger,
+            (name, version),
+        )
+
+    def refuse(self, message: str, trigger: str, **extra: Any) -> dict[str, Any]:
+        """Report an update that was refused before anything was fetched."""
+        return self._outcome("refused", message, trigger, **extra)
+
+    def _install(
+        self,
+        fetch: Callable[[Path], Path],
+        source: str,
+        trigger: str,
+        rollback_to: tuple[str, int] | None = None,
+    ) -> dict[str, Any]:
         with self._lock:
             staging = self.staging_dir / uuid.uuid4().hex
             try:
                 try:
-                    return self._install_locked(fetch, source, trigger, staging)
+                    return self._install_locked(fetch, source, trigger, staging, rollback_to)
                 except OSError as exc:  # a full or read-only disk while staging
                     raise PackError(f"cannot stage {source}: {exc.strerror or exc}") from exc
             except EdgebentoError as exc:
@@ -176,12 +227,23 @@ class Updater:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def _install_locked(
-        self, fetch: Callable[[Path], Path], source: str, trigger: str, staging: Path
+        self,
+        fetch: Callable[[Path], Path],
+        source: str,
+        trigger: str,
+        staging: Path,
+        rollback_to: tuple[str, int] | None,
     ) -> dict[str, Any]:
         fetched = fetch(staging)
         pack = self._verify(fetched)
         cur = self.current
-        if cur is not None and cur.manifest.name == pack.manifest.name:
+        if rollback_to is not None:
+            if (pack.manifest.name, pack.manifest.version) != rollback_to:
+                raise VersionError(
+                    f"{source} holds {self._label(pack)}, not the {rollback_to[0]} "
+                    f"v{rollback_to[1]} the rollback asks for"
+                )
+        elif cur is not None and cur.manifest.name == pack.manifest.name:
             if cur.manifest_sha256 == pack.manifest_sha256:
                 return self._outcome(
                     "unchanged", f"{self._label(pack)} is already running", trigger
@@ -211,10 +273,20 @@ class Updater:
         old = self.current
         self._go_live(pack, predictor)
         state = self.read_state()
-        history = state.history if old is None else (old.root.name, *state.history)
+        # History holds earlier good packs only: a rollback does not keep the pack it left.
+        history = state.history
+        if old is not None and rollback_to is None:
+            history = (old.root.name, *history)
         history = tuple(d for d in history if d != final.name)[: self.config.keep_packs - 1]
         self._write_state(InstallState(final.name, history))
         self._prune(final.name, history)
+        if rollback_to is not None:
+            return self._outcome(
+                "rolled_back",
+                f"rolled back to {self._label(pack)} (fetched from {source})",
+                trigger,
+                health=health,
+            )
         return self._outcome(
             "installed", f"now serving {self._label(pack)}", trigger, health=health
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +151,11 @@ def test_config_changes_limits_and_capture_ships_samples(
     stop = client.request(f"{topic_prefix}/dev-a/cmd/capture", {"action": "stop"})
     assert stop["ok"] is True and stop["samples"] == 3 and len(stop["shipped"]) == 1
     key = stop["shipped"][0]
-    lines = (store / key).read_text().splitlines()
+    # The same partitioned layout as the capture records cloud_sync ingests, a stream of its own.
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert key.startswith(f"capture/date={day}/device=dev-a/part-")
+    assert key.endswith(".samples-000000000001-000000000003.jsonl.gz")
+    lines = gzip.decompress((store / key).read_bytes()).decode().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["answer"]["model"]["version"] == 1
 
 

@@ -113,3 +113,29 @@ def test_inference_counts_and_a_pipeline_decides(
     result = json.loads(sent[0][1])
     probs = np.asarray(result["outputs"]["probs"][0])
     assert result["label"] == "abc"[int(np.argmax(probs))] and pipe.failed == 1
+
+
+def test_rollback_to_prefers_the_kept_copy_else_fetches_exactly_that_version(
+    setup: Any, tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]
+) -> None:
+    updater, inference, events = setup
+    v1 = _pack(tmp_path / "v1", mlp_model, keys[0], 1)
+    updater.boot(v1)
+    updater.deploy_url(str(_pack(tmp_path / "v2", mlp_model, keys[0], 2)))
+    kept = updater.rollback_to("tiny", 1)  # no url and no store: only the kept copy can serve
+    assert kept["outcome"] == "rolled_back" and "kept on the device" in kept["message"]
+    assert inference.model_ref == {"name": "tiny", "version": 1}
+    assert json.loads(updater.state_file.read_text())["history"] == []
+
+    updater.deploy_url(str(tmp_path / "v2"))
+    kept_dir = next(p for p in updater.packs_dir.iterdir() if p.name.startswith("tiny-v1-"))
+    (kept_dir / "model.onnx").write_bytes(b"tampered on the device")
+    with pytest.raises(VersionError, match="not the tiny v1 the rollback asks for"):
+        updater.rollback_to("tiny", 1, url=str(tmp_path / "v2"))
+    assert inference.model_ref == {"name": "tiny", "version": 2}
+    fetched = updater.rollback_to("tiny", 1, url=str(v1))
+    assert fetched["outcome"] == "rolled_back" and "fetched from" in fetched["message"]
+    assert inference.model_ref == {"name": "tiny", "version": 1}
+    state = json.loads(updater.state_file.read_text())
+    assert state["current"].startswith("tiny-v1-") and state["history"] == []
+    assert [e["outcome"] for e in events][-3:] == ["installed", "refused", "rolled_back"]
