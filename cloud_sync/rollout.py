@@ -14,8 +14,9 @@ is offline gets its desired state all the same and catches up when it connects; 
 the rollout up unless ``wait_all``. The rollout aborts when the share of failed devices, or the
 inference error rate on the new version, is over ``abort_failure_rate`` percent, or when the
 new version's p99 latency is over ``abort_p99_ratio`` times the previous version's; then every
-touched device is set back to its previous version (desired state, plus a ``rollback`` command
-to devices that already run the new one, since an agent never downgrades on its own).
+touched device is set back to its previous version through its retained desired state, marked
+``rollback`` (an agent downgrades only when the desired state says so), so a device that is
+offline during the abort goes back when it connects.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from cloud_sync.rollout_state import (
 )
 from cloud_sync.store import ObjectStore
 from cloud_sync.watch import FleetWatch
-from modelpack.errors import BrokerError
 
 log = logging.getLogger(__name__)
 _FAILED_OUTCOMES = ("rolled_back", "refused")
@@ -214,18 +214,17 @@ class Rollout:
             self.watch.set_desired(progress.device, back)
         self._save()
         deadline = time.monotonic() + ROLLBACK_WAIT_S
-        asked: set[str] = set()
         while time.monotonic() < deadline:
             pending = [d for d in touched if d.state != "rolled_back"]
             for progress in pending:
-                self._roll_back_one(progress, asked)
+                self._check_rolled_back(progress)
             if all(d.state == "rolled_back" or not self._online(d.device) for d in touched):
                 break
             self.watch.wait(self.poll_s)
         self._save()
         return self.state
 
-    def _roll_back_one(self, progress: DeviceProgress, asked: set[str]) -> None:
+    def _check_rolled_back(self, progress: DeviceProgress) -> None:
         status = self.watch.statuses.get(progress.device)
         running = status.model if status is not None else None
         prev = progress.previous
@@ -237,13 +236,3 @@ class Rollout:
                 f"runs v{prev.version}" if prev else "nothing to go back to",
             )
             return
-        on_target = running is not None and running.version == self.state.version
-        if on_target and self._online(progress.device) and progress.device not in asked:
-            asked.add(progress.device)
-            try:
-                reply = self.watch.command(progress.device, "rollback", {"version": prev.version})
-            except BrokerError as exc:
-                progress.detail = str(exc)
-                return
-            if not reply.get("ok"):
-                progress.detail = f"rollback refused: {reply.get('error')}"

@@ -5,11 +5,9 @@ Used by rollouts (to set desired state and see each device report) and by ``flee
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +17,6 @@ from pydantic import ValidationError
 from cloud_sync.fleet_metrics import FleetView
 from cloud_sync.mqtt import CloudClient
 from cloud_sync.protocol import Desired, Status, TelemetryBatch, Topics
-from modelpack.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +51,6 @@ class FleetWatch:
         self.view = FleetView()
         self.stats: dict[tuple[str, int | None], VersionStats] = defaultdict(VersionStats)
         self.changed = threading.Condition()
-        self._replies: dict[str, dict[str, Any]] = {}
-        self._reply_topic = f"{topics.prefix}/_cloud/{uuid.uuid4().hex[:12]}/reply"
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
@@ -68,14 +63,10 @@ class FleetWatch:
             self.topics.all_status(),
             f"{self.topics.prefix}/+/desired",
             self.topics.all_telemetry(),
-            self._reply_topic,
         ):
             self.client.client.subscribe(topic, qos=1)
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
-        if msg.topic == self._reply_topic:
-            self._on_reply(msg.payload)
-            return
         device = self.topics.device_of(msg.topic)
         if not self._wanted(device) or not msg.payload:
             return
@@ -112,16 +103,6 @@ class FleetWatch:
                 stats.p99s.append(window.p99_ms)
             self.stats[(device, window.model_version or version)].add(stats)
 
-    def _on_reply(self, payload: bytes) -> None:
-        try:
-            body = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(body, dict) and isinstance(body.get("id"), str):
-            self._replies[body["id"]] = body
-            with self.changed:
-                self.changed.notify_all()
-
     # --- acting ----------------------------------------------------------------------------------
 
     def start(self, settle_s: float = 0.5) -> FleetWatch:
@@ -141,20 +122,6 @@ class FleetWatch:
         """Retained, so a device that is offline now reconciles when it connects."""
         payload = b"" if desired is None else desired.model_dump_json(exclude_none=True).encode()
         self.client.publish(self.topics.desired(device), payload, qos=1, retain=True)
-
-    def command(
-        self, device: str, name: str, args: dict[str, Any], timeout: float = 30.0
-    ) -> dict[str, Any]:
-        request_id = f"cloud-{uuid.uuid4().hex[:12]}"
-        body = {"id": request_id, "reply_to": self._reply_topic, **args}
-        self.client.publish(self.topics.cmd(device, name), json.dumps(body).encode(), qos=1)
-        deadline = time.monotonic() + timeout
-        while request_id not in self._replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerError(f"{device} did not answer {name} within {timeout:.0f}s")
-            self.wait(min(left, 0.5))
-        return self._replies.pop(request_id)
 
     def version_stats(self, devices: list[str], version: int | None, same: bool) -> VersionStats:
         """Summed figures of ``devices`` on ``version`` (``same``) or on any other version."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.protocol import COMMANDS, Request
-from modelpack.errors import ProtocolError
+from modelpack.errors import ProtocolError, first_problem
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -104,9 +104,7 @@ def parse_args(model: type[_Args], request: Request) -> Any:
     try:
         return model.model_validate(args)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "arguments"
-        raise ProtocolError(f"{where}: {first['msg']}") from exc
+        raise ProtocolError(f"{first_problem(exc, 'arguments')}") from exc
 
 
 def ping(agent: Agent, request: Request) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from modelpack.errors import ConfigError
+from modelpack.errors import ConfigError, first_problem
 
 ENV_PREFIX = "EDGEBENTO_"
 
@@ -149,6 +149,4 @@ def load_config(
     try:
         return AgentConfig.model_validate(settings)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"agent config: {where}: {first['msg']}") from exc
+        raise ConfigError(f"agent config: {first_problem(exc, 'config')}") from exc
