@@ -90,6 +90,8 @@ def load_stored_pack(model_path: Path | str, trust: Path | str | None = None) ->
     """
     root = Path(model_path)
     trust = trust or os.environ.get("EDGEBENTO_TRUST") or None
+    if trust and not Path(trust).exists():
+        raise ConfigError(f"the trusted key {trust} (EDGEBENTO_TRUST) does not exist")
     key = Path(trust) if trust else root / TRUST_FILE
     if key.exists():
         return load_pack(root / PACK_DIR, [key], check_model=False)

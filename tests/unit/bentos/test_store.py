@@ -92,3 +92,19 @@ def test_an_unsigned_stored_pack_needs_an_explicit_opt_in(
         load_stored_pack(stored)
     monkeypatch.setenv("EDGEBENTO_ALLOW_UNSIGNED", "1")
     assert load_stored_pack(stored).signed_by is None
+
+
+def test_a_missing_trust_file_is_named(
+    model_store: Path,
+    signed_pack: Path,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bentoml
+
+    import_pack(signed_pack, [keys[1]])
+    stored = Path(bentoml.models.get("tiny:v1").path)
+    monkeypatch.setenv("EDGEBENTO_TRUST", str(tmp_path / "gone.pub"))
+    with pytest.raises(ConfigError, match=r"gone\.pub \(EDGEBENTO_TRUST\) does not exist"):
+        load_stored_pack(stored)
