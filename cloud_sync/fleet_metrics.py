@@ -192,10 +192,17 @@ class FleetMetrics:
         self.rate = Gauge(
             "edgebento_fleet_inference_rate", "inferences per second", ["device"], registry=r
         )
-        self.latency = Gauge(
-            "edgebento_fleet_inference_latency_seconds",
-            "latency quantiles reported by each device",
-            ["device", "quantile"],
+        # Separate gauges, not a "quantile" label: Prometheus keeps that label for summaries.
+        self.p50 = Gauge(
+            "edgebento_fleet_inference_p50_seconds",
+            "median inference latency each device reported",
+            ["device"],
+            registry=r,
+        )
+        self.p99 = Gauge(
+            "edgebento_fleet_inference_p99_seconds",
+            "p99 inference latency each device reported",
+            ["device"],
             registry=r,
         )
         self.records = Counter(
@@ -230,9 +237,9 @@ class FleetMetrics:
         self.errors.labels(device).inc(window.errors)
         if window.window_s:
             self.rate.labels(device).set(window.count / window.window_s)
-        for quantile, value in (("0.5", window.p50_ms), ("0.99", window.p99_ms)):
+        for gauge, value in ((self.p50, window.p50_ms), (self.p99, window.p99_ms)):
             if value is not None:
-                self.latency.labels(device, quantile).set(value / 1000.0)
+                gauge.labels(device).set(value / 1000.0)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server

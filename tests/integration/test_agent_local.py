@@ -16,6 +16,7 @@ from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
     wait_for,
     wait_online,
 )
+from tests.support.promtool import assert_promtool_passes
 from tests.support.services import free_port, wait_for_port
 
 
@@ -79,5 +80,6 @@ labels = ["left", "stay", "right"]
     assert 'edgebento_model_info{name="tiny",version="1"} 1.0' in text
     assert 'edgebento_input_rejected_total{reason="shape"} 1.0' in text
     assert "edgebento_inference_seconds_count" in text
+    assert_promtool_passes(text)
     status, health = _get(f"{base}/healthz")
     assert status == 200 and json.loads(health)["model"]["name"] == "tiny"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from modelpack import load_pack
+from tests.support.promtool import assert_promtool_passes
 from tests.support.services import LOOPBACK, free_port
 from tests.unit.bentos.seqmodel import sequence_pack, tokens
 
@@ -208,13 +208,6 @@ def test_64_concurrent_clients_all_get_their_own_answers(
         )
 
 
-def _promtool() -> str:
-    found = shutil.which("promtool") or str(BIN / "promtool")
-    if not Path(found).exists():
-        pytest.fail("promtool is missing: run 'make container-tools' (make test does)")
-    return found
-
-
 def test_metrics_have_ours_and_bentomls_and_pass_promtool(tiny: str) -> None:
     httpx.post(tiny + "/predict", json={"inputs": {"x": [[0.0] * 8]}})
     httpx.post(tiny + "/predict", content=b"{bad")
@@ -228,10 +221,7 @@ def test_metrics_have_ours_and_bentomls_and_pass_promtool(tiny: str) -> None:
         "bentoml_service_request_total",
     ):
         assert name in text, name
-    check = subprocess.run(
-        [_promtool(), "check", "metrics"], input=text, capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    assert_promtool_passes(text)
 
 
 def test_sequences_of_any_length_are_batched_and_cut_back(

@@ -18,6 +18,7 @@ import pytest
 
 from cloud_sync.parts import decode_jsonl_gz
 from cloud_sync.store import ObjectStore, open_store
+from tests.support.promtool import assert_promtool_passes
 from tests.support.services import Mosquitto, MotoS3, free_port
 
 pytestmark = pytest.mark.slow
@@ -260,6 +261,7 @@ def test_two_sync_processes_share_one_subscription(
     assert evidence["payload"] == "{not json" and "dev-0/telemetry" in evidence["topic"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
     assert "edgebento_fleet_inferences_total" in metrics
+    assert_promtool_passes(metrics)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
