@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -249,8 +250,11 @@ def step_fleet(demo: Demo, v1: Path, v2: Path, keys: Path, request: bytes, label
             "--devices", ",".join(devices), "--canary", "50", "--waves", "1", "--wait", "--timeout", "180",
         )  # fmt: skip
         demo.note("rollout", "digits v2 is running on dev-1 and dev-2")
-        time.sleep(5)  # a few heartbeats for the telemetry sync
-        demo.run(BIN / "edgebento", "fleet", "status", "--broker", url)
+        traffic = _send_traffic(broker, devices, infer, seconds=8, rate=50)
+        time.sleep(4)  # two heartbeats into the traffic, so fleet status shows it
+        demo.run(BIN / "edgebento", "fleet", "status", "--broker", url, "--listen", "3")
+        traffic.join()
+        time.sleep(2)  # the last heartbeat reaches the store
         parts = (
             sorted((store / "telemetry").rglob("*.jsonl.gz"))
             if (store / "telemetry").exists()
@@ -260,6 +264,46 @@ def step_fleet(demo: Demo, v1: Path, v2: Path, keys: Path, request: bytes, label
     finally:
         demo.stop_all()
         broker.stop()
+
+
+def _send_traffic(
+    broker: Mosquitto, devices: Sequence[str], request: dict[str, Any], seconds: float, rate: int
+) -> threading.Thread:
+    """Inference traffic over MQTT in the background, ``rate`` requests/s per device, one JSON
+    request per line into ``mosquitto_pub -l``, as a sensor gateway would send it."""
+    pubs = []
+    for device in devices:
+        argv = [
+            "mosquitto_pub",
+            "-h",
+            LOOPBACK,
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-t",
+            f"edgebento/{device}/infer",
+            "-l",
+        ]
+        console.print(
+            f"[dim]$[/dim] [bold]{shlex.join(argv)}[/bold] [dim]< {rate} requests/s for {seconds:.0f}s &[/dim]"
+        )
+        pubs.append((device, subprocess.Popen(argv, stdin=subprocess.PIPE, text=True)))
+
+    def feed() -> None:
+        for i in range(int(seconds * rate)):
+            for device, pub in pubs:
+                line = {**request, "id": f"load-{i}", "reply_to": f"demo/replies/{device}"}
+                pub.stdin.write(json.dumps(line) + "\n")  # type: ignore[union-attr]
+                pub.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(1 / rate)
+        for _, pub in pubs:
+            pub.stdin.close()  # type: ignore[union-attr]
+            pub.wait(timeout=30)
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    return thread
 
 
 def _wait_online(broker: Mosquitto, devices: Sequence[str], timeout: float = 60.0) -> None:
