@@ -13,7 +13,9 @@ golden samples), or has failed (its status shows the update rolled back or refus
 is offline gets its desired state all the same and catches up when it connects; it does not hold
 the rollout up unless ``wait_all``. The rollout aborts when the share of failed devices, or the
 inference error rate on the new version, is over ``abort_failure_rate`` percent, or when the
-new version's p99 latency is over ``abort_p99_ratio`` times the previous version's; then every
+new version's p99 latency is over ``abort_p99_ratio`` times the previous version's (both from
+telemetry, once ``min_inferences`` ran on the new version; each settled wave is watched for
+``bake_s`` before the next one, so there is traffic to judge); then every
 touched device is set back to its previous version through its retained desired state, marked
 ``rollback`` (an agent downgrades only when the desired state says so), so a device that is
 offline during the abort goes back when it connects.
@@ -177,11 +179,26 @@ class Rollout:
                 if progress.state == "updating":  # online, yet silent until the deadline
                     progress.state = "failed"
                     progress.detail = f"did not report v{self.state.version} in {self.timeout_s:g}s"
-            if (reason := abort_reason(self.state, self.watch)) is not None:
+            if (reason := self._bake(index, deadline)) is not None:
                 return self.abort(reason)
             self.state.current_wave += 1
             self._save()
         return self.state
+
+    def _bake(self, index: int, deadline: float) -> str | None:
+        """Watch the fleet for ``bake_s`` after a wave, then give the abort reason, if any.
+
+        A device reports the new version as soon as it passed its health check, before it served
+        any traffic: without this wait the error-rate and p99 checks would see no inference on
+        the new version, and a slow or failing model would reach every wave.
+        """
+        baking = any(d.state == "done" for d in self.state.wave(index))
+        until = min(deadline, time.monotonic() + (self.state.thresholds.bake_s if baking else 0))
+        while (reason := abort_reason(self.state, self.watch)) is None:
+            if time.monotonic() >= until:
+                break
+            self.watch.wait(self.poll_s)
+        return reason
 
     def _finish(self, deadline: float) -> None:
         while self.wait_all and time.monotonic() < deadline:

@@ -37,6 +37,7 @@ class Thresholds(BaseModel):
     abort_failure_rate: float = Field(default=5.0, ge=0, le=100)  # % of devices or inferences
     abort_p99_ratio: float = Field(default=1.5, gt=0)  # new p99 over the previous version's
     min_inferences: int = Field(default=50, ge=1)  # fewer say nothing about error rates
+    bake_s: float = Field(default=60.0, ge=0)  # watch each wave's telemetry this long
 
 
 class RolloutState(BaseModel):

@@ -50,6 +50,19 @@ def register(sub: Any) -> None:
         help="abort when p99 on the new version exceeds this times the old one (1.5)",
     )
     p.add_argument(
+        "--min-inferences",
+        type=int,
+        default=50,
+        help="inferences on the new version before error rate and p99 count (50)",
+    )
+    p.add_argument(
+        "--bake",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to watch each wave's telemetry (p99, errors) before the next wave (60)",
+    )
+    p.add_argument(
         "--wait", action="store_true", help="exit 0 only when every target runs the version"
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole rollout")
@@ -112,6 +125,8 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
                 waves=args.waves,
                 abort_failure_rate=args.abort_failure_rate,
                 abort_p99_ratio=args.abort_p99_ratio,
+                min_inferences=args.min_inferences,
+                bake_s=args.bake,
             )
             state = start_rollout(
                 store, watch, args.target[0], version, _targets(args, watch), thresholds

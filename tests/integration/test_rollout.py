@@ -97,17 +97,20 @@ def fleet(
     s3_bucket: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Callable[..., list[Agent]]]:
-    """Publish v1 and v2 to the store and start agents serving v1."""
+    """Publish v1 and v2 (of ``v2_model`` when given) to the store and start agents serving v1."""
     env = {"AWS_ENDPOINT_URL": s3_server.endpoint_url}
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     store_url = f"s3://{s3_bucket}/fleet"
     agents: list[Agent] = []
 
-    def start(devices: list[str], broken_v2: bool = False) -> list[Agent]:
+    def start(
+        devices: list[str], broken_v2: bool = False, v2_model: Path | None = None
+    ) -> list[Agent]:
         registry = Registry(open_store(store_url))
         v1 = make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
         registry.publish(v1, key=keys[0])
-        registry.publish(make_pack(tmp_path / "v2", mlp_model, keys[0], 2, broken_v2), key=keys[0])
+        v2 = make_pack(tmp_path / "v2", v2_model or mlp_model, keys[0], 2, broken_v2)
+        registry.publish(v2, key=keys[0])
         for device in devices:
             agents.append(
                 Agent(broker, tmp_path, device, keys[1], topic_prefix, store_url, v1, env).start()
@@ -152,7 +155,7 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
 ) -> None:
     fleet(["a", "b", "c"])
     store_url = fleet.store_url  # type: ignore[attr-defined]
-    base = ["--store", store_url, "--broker", broker.url, "--prefix", topic_prefix]
+    base = ["--store", store_url, "--broker", broker.url, "--prefix", topic_prefix, "--bake", "0"]
     # The first run dies by kill -9 after the canary is done; 'resume' carries on from the store.
     first = subprocess.Popen(
         [
@@ -220,6 +223,8 @@ def test_rollout_aborts_on_a_failed_health_check_and_leaves_the_old_version(
             topic_prefix,
             "--devices",
             "a,b,c",
+            "--bake",
+            "0",
             "--timeout",
             "60",
             "--json",
@@ -245,7 +250,7 @@ def test_offline_device_catches_up_from_its_retained_desired_state(
     agents = fleet(["a", "b"])
     store_url = fleet.store_url  # type: ignore[attr-defined]
     agents[1].stop()  # b goes offline (its status says so) before the rollout
-    base = ["--store", store_url, "--broker", broker.url, "--prefix", topic_prefix]
+    base = ["--store", store_url, "--broker", broker.url, "--prefix", topic_prefix, "--bake", "0"]
     assert (
         main(["rollout", "tiny", "2", *base, "--devices", "a,b", "--timeout", "60", "--json"]) == 0
     )

@@ -1,0 +1,268 @@
+"""Rollouts that abort on what the fleet's telemetry says while real traffic flows.
+
+Real Mosquitto, moto's S3 server and three ``edge-agent`` processes serving v1; a background
+thread sends inference requests to every device over MQTT during the rollout. v2 is a pack that
+passes its own health check (its golden samples) but is much slower, or fails on some of the
+inputs the devices really get: the rollout must see it in the telemetry of the canary, abort,
+and send the canary back to v1.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cloud_sync.rollout_state import load_state
+from cloud_sync.store import open_store
+from edgebento.cli import main
+from tests.integration.test_agent_harness import Client
+from tests.integration.test_rollout import (  # noqa: F401 - fixture
+    Agent,
+    fleet,
+    rollout_ids,
+    wait_versions,
+)
+from tests.support.services import Mosquitto
+
+pytestmark = pytest.mark.slow
+DEVICES = ["a", "b", "c"]
+NORMAL = [[0.25, -0.5, 1.0, 0.0, -1.0, 0.5, 0.75, -0.25]]
+GLITCH = [[1000.0] * 8]  # a saturated sensor: v1 answers it, the fragile v2 does not
+
+
+def _prepend(base: Path, out: Path, nodes: list[Any], inits: list[Any], feeds: str) -> Path:
+    """``base``'s graph with ``nodes`` in front of it, reading ``feeds`` where it read ``x``."""
+    import onnx
+
+    model = onnx.load(str(base))
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = [feeds if name == "x" else name for name in node.input]
+    old = list(graph.node)
+    graph.ClearField("node")
+    graph.node.extend([*nodes, *old])
+    graph.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def slow_mlp(base: Path, out: Path, size: int = 512, layers: int = 24) -> Path:
+    """The same answers and io signature as ``base``, after a chain of ``layers`` MatMuls of
+    ``size``x``size`` that depends on the input (so nothing folds it away) and adds 0 to x."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(weight, "slow_w"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "slow_zero"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["slow_xm"], keepdims=0),
+        helper.make_node("Add", ["slow_w", "slow_xm"], ["slow_h0"]),
+    ]
+    for i in range(layers):  # Tanh keeps the values finite, so 0 * sum stays 0
+        nodes += [
+            helper.make_node("MatMul", [f"slow_h{i}", "slow_w"], [f"slow_m{i}"]),
+            helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_h{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceSum", [f"slow_h{layers}"], ["slow_s"], keepdims=0),
+        helper.make_node("Mul", ["slow_s", "slow_zero"], ["slow_z"]),
+        helper.make_node("Add", ["x", "slow_z"], ["slow_x"]),
+    ]
+    return _prepend(base, out, nodes, inits, "slow_x")
+
+
+def fragile_mlp(base: Path, out: Path, limit: float = 100.0) -> Path:
+    """``base`` behind a Reshape whose target shape is [-1, 8] for inputs up to ``limit`` and
+    [-1, 9] above it, so ONNX Runtime fails at run time on such inputs (golden samples pass)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array(limit, np.float32), "frag_limit"),
+        numpy_helper.from_array(np.array([-1, 8], np.int64), "frag_shape"),
+        numpy_helper.from_array(np.array([0, 1], np.int64), "frag_step"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["frag_max"], keepdims=0),
+        helper.make_node("Greater", ["frag_max", "frag_limit"], ["frag_big"]),
+        helper.make_node("Cast", ["frag_big"], ["frag_k"], to=TensorProto.INT64),
+        helper.make_node("Mul", ["frag_step", "frag_k"], ["frag_d"]),
+        helper.make_node("Add", ["frag_shape", "frag_d"], ["frag_target"]),
+        helper.make_node("Reshape", ["x", "frag_target"], ["frag_x"]),
+    ]
+    return _prepend(base, out, nodes, inits, "frag_x")
+
+
+class Traffic:
+    """Inference requests to the devices, round robin, from a background thread; bounded in
+    count and time. Replies come back to the client's reply topic."""
+
+    def __init__(
+        self,
+        client: Client,
+        prefix: str,
+        devices: list[str],
+        inputs: Callable[[int], list[list[float]]],
+        rate: float = 30.0,
+        limit: int = 3000,
+        seconds: float = 60.0,
+    ) -> None:
+        self.client, self.prefix, self.devices, self.inputs = client, prefix, devices, inputs
+        self.rate, self.limit, self.seconds = rate, limit, seconds
+        self.sent: dict[str, str] = {}  # request id -> device
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        until = time.monotonic() + self.seconds
+        for i in range(self.limit):
+            if self._stop.is_set() or time.monotonic() > until:
+                return
+            device = self.devices[i % len(self.devices)]
+            request = {
+                "id": f"req-{i}",
+                "reply_to": self.client.reply_topic,
+                "inputs": {"x": self.inputs(i)},
+            }
+            self.sent[request["id"]] = device
+            topic = f"{self.prefix}/{device}/infer"
+            self.client.client.publish(topic, json.dumps(request).encode(), qos=1)
+            self._stop.wait(1.0 / self.rate)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def replies(self) -> list[dict[str, Any]]:
+        """Every reply received so far."""
+        q = self.client.queues[self.client.reply_topic]
+        out = []
+        while True:
+            try:
+                out.append(json.loads(q.get_nowait().payload))
+            except queue.Empty:
+                return out
+
+
+def run_rollout(broker: Mosquitto, store_url: str, prefix: str, *flags: str) -> int:
+    return main(
+        [
+            "rollout",
+            "tiny",
+            "2",
+            "--store",
+            store_url,
+            "--broker",
+            broker.url,
+            "--prefix",
+            prefix,
+            "--devices",
+            ",".join(DEVICES),
+            "--canary",
+            "30",
+            "--waves",
+            "1",
+            "--min-inferences",
+            "20",
+            "--bake",
+            "15",
+            "--timeout",
+            "60",
+            "--json",
+            *flags,
+        ]
+    )
+
+
+def assert_aborted_back_on_v1(
+    shown: dict[str, Any], broker: Mosquitto, store_url: str, prefix: str
+) -> None:
+    """The canary went back, the other waves never started, and the store says aborted."""
+    assert {d["device"]: d["state"] for d in shown["devices"]} == {
+        "a": "rolled_back",
+        "b": "pending",
+        "c": "pending",
+    }
+    wait_versions(broker, prefix, dict.fromkeys(DEVICES, 1))
+    assert rollout_ids(store_url) == [shown["id"]]
+    saved = load_state(open_store(store_url), shown["id"])
+    assert saved.phase == "aborted" and saved.reason == shown["reason"]
+
+
+def test_rollout_aborts_when_the_new_version_is_much_slower(
+    fleet: Callable[..., list[Agent]],  # noqa: F811
+    broker: Mosquitto,
+    topic_prefix: str,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet(DEVICES, v2_model=slow_mlp(mlp_model, tmp_path / "slow.onnx"))
+    store_url = fleet.store_url  # type: ignore[attr-defined]
+    client = Client(broker)
+    try:
+        with Traffic(client, topic_prefix, DEVICES, lambda _i: NORMAL) as traffic:
+            code = run_rollout(broker, store_url, topic_prefix, "--abort-p99-ratio", "3")
+        shown = json.loads(capsys.readouterr().out)
+        assert code == 1 and shown["phase"] == "aborted", shown
+        assert "p99 on v2 is" in shown["reason"] and "(over 3x)" in shown["reason"]
+        assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
+        replies = traffic.replies()
+        assert replies and all(r["ok"] for r in replies)  # slow, never wrong
+        assert {r["model"]["version"] for r in replies} == {1, 2}
+    finally:
+        client.close()
+
+
+def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
+    fleet: Callable[..., list[Agent]],  # noqa: F811
+    broker: Mosquitto,
+    topic_prefix: str,
+    mlp_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet(DEVICES, v2_model=fragile_mlp(mlp_model, tmp_path / "fragile.onnx"))
+    store_url = fleet.store_url  # type: ignore[attr-defined]
+    client = Client(broker)
+    try:
+        glitchy = Traffic(
+            client, topic_prefix, DEVICES, lambda i: GLITCH if (i // 3) % 2 else NORMAL
+        )
+        with glitchy as traffic:
+            code = run_rollout(
+                broker,
+                store_url,
+                topic_prefix,
+                "--abort-failure-rate",
+                "20",
+                "--abort-p99-ratio",
+                "1000",
+            )
+        shown = json.loads(capsys.readouterr().out)
+        assert code == 1 and shown["phase"] == "aborted", shown
+        assert "inference error rate on v2" in shown["reason"]
+        assert "(over 20%)" in shown["reason"]
+        assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
+        replies = traffic.replies()
+        failed = [r for r in replies if not r["ok"]]
+        assert failed and all("inference failed" in r["error"] for r in failed)
+        assert {traffic.sent[r["id"]] for r in failed} == {"a"}  # only the canary ran v2
+        assert any(r["ok"] and r["model"]["version"] == 1 for r in replies)
+    finally:
+        client.close()
