@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.agent import AgentProcess, Client, make_pack
+from tests.support.fleet import wait_versions
 from tests.support.services import Mosquitto, MotoS3
 
 DEVICE_PASSWORDS = {"admin": "admin-secret", "dev-a": "pw-a", "dev-b": "pw-b"}
@@ -62,3 +65,89 @@ def s3_bucket(s3_server: MotoS3) -> str:
 def topic_prefix() -> str:
     """A unique topic prefix, so tests on one broker never hear each other."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(name="pack_v1")
+def pack_v1_fixture(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> Path:
+    return make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
+
+
+@pytest.fixture(name="agent_factory")
+def agent_factory_fixture(
+    broker: Mosquitto, tmp_path: Path, keys: tuple[Path, Path], topic_prefix: str
+) -> Iterator[Any]:
+    started: list[AgentProcess] = []
+
+    def start(**kwargs: Any) -> AgentProcess:
+        kwargs.setdefault("broker", broker)
+        kwargs.setdefault("data_dir", tmp_path / "agent")
+        kwargs.setdefault("trust", keys[1])
+        kwargs.setdefault("prefix", topic_prefix)
+        agent = AgentProcess(**kwargs).start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process is not None and agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()
+
+
+@pytest.fixture(name="client")
+def client_fixture(broker: Mosquitto) -> Iterator[Client]:
+    c = Client(broker)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def fleet(
+    broker: Mosquitto,
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    topic_prefix: str,
+    mlp_model: Path,
+    s3_server: MotoS3,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[..., list[AgentProcess]]]:
+    """Publish v1 and v2 (of ``v2_model`` when given; golden samples it cannot reproduce with
+    ``broken_v2``) to an S3 registry and start one agent per device serving v1."""
+    from cloud_sync.registry import Registry
+    from cloud_sync.store import open_store
+
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    store_url = f"s3://{s3_bucket}/fleet"
+    agents: list[AgentProcess] = []
+
+    def start(
+        devices: list[str], broken_v2: bool = False, v2_model: Path | None = None
+    ) -> list[AgentProcess]:
+        registry = Registry(open_store(store_url))
+        v1 = make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
+        registry.publish(v1, key=keys[0])
+        v2 = make_pack(tmp_path / "v2", v2_model or mlp_model, keys[0], 2, wrong_golden=broken_v2)
+        registry.publish(v2, key=keys[0])
+        for device in devices:
+            agent = AgentProcess(
+                broker,
+                tmp_path / device,
+                keys[1],
+                topic_prefix,
+                device,
+                v1,
+                ("--store", store_url),
+                env,
+            )
+            agents.append(agent.start())
+        wait_versions(broker, topic_prefix, dict.fromkeys(devices, 1))
+        return agents
+
+    start.store_url = store_url  # type: ignore[attr-defined]
+    yield start
+    for agent in agents:
+        if agent.process is not None and agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()

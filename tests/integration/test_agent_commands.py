@@ -12,16 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
-    Client,
-    agent_factory_fixture,
-    client_fixture,
-    make_pack,
-    pack_v1_fixture,
-    wait_for,
-    wait_online,
-)
 from tests.support import models
+from tests.support.agent import Client, make_pack, wait_for, wait_online
 from tests.support.services import Mosquitto
 
 

@@ -18,11 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
-    AgentProcess,
-    agent_factory_fixture,
-    pack_v1_fixture,
-)
+from tests.support.agent import AgentProcess
 from tests.support.services import Mosquitto, free_port
 
 

@@ -8,14 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
-    Client,
-    agent_factory_fixture,
-    client_fixture,
-    pack_v1_fixture,
-    wait_for,
-    wait_online,
-)
+from tests.support.agent import Client, wait_for, wait_online
 from tests.support.promtool import assert_promtool_passes
 from tests.support.services import free_port, wait_for_port
 

@@ -8,15 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
-    Client,
-    agent_factory_fixture,
-    client_fixture,
-    make_pack,
-    pack_v1_fixture,
-    wait_for,
-    wait_online,
-)
+from tests.support.agent import Client, make_pack, wait_for, wait_online
 
 X = [[0.5] * 8]
 

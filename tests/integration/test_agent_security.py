@@ -10,13 +10,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import DEVICE_PASSWORDS
-from tests.integration.test_agent_harness import (  # noqa: F401 - fixtures
-    AgentProcess,
-    Client,
-    agent_factory_fixture,
-    pack_v1_fixture,
-    wait_online,
-)
+from tests.support.agent import AgentProcess, Client, wait_online
 from tests.support.services import Mosquitto
 
 

@@ -13,14 +13,14 @@ import pytest
 from cloud_sync.protocol import Desired, ModelRef, Topics
 from cloud_sync.watch import FleetWatch
 from edgebento.cli import main
-from tests.integration.test_rollout import Agent, fleet, wait_versions  # noqa: F401 (fixture)
+from tests.support.agent import AgentProcess
 from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
 
 
 def test_fleet_status_shows_each_device(
-    fleet: Callable[..., list[Agent]],  # noqa: F811
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     capsys: pytest.CaptureFixture[str],
@@ -61,7 +61,7 @@ def test_fleet_status_shows_each_device(
 
 
 def test_agent_telemetry_lands_in_the_store_and_feeds_fleet_status(
-    fleet: Callable[..., list[Agent]],  # noqa: F811
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     tmp_path: Path,

@@ -8,146 +8,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from cloud_sync.protocol import Topics
-from cloud_sync.registry import Registry
 from cloud_sync.rollout_state import load_state
 from cloud_sync.store import open_store
 from cloud_sync.watch import FleetWatch
 from edgebento.cli import main
-from modelpack import Samples, create_pack
-from tests.support import models
-from tests.support.services import Mosquitto, MotoS3
+from tests.support.agent import AgentProcess
+from tests.support.fleet import rollout_ids, wait_versions
+from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 CLI = "import sys; from edgebento.cli import main; sys.exit(main())"
 
 
-def make_pack(out: Path, model: Path, key: Path, version: int, broken: bool = False) -> Path:
-    inputs, outputs = models.golden_samples(model)
-    if broken:  # golden outputs the model does not reproduce: the health check must fail
-        outputs = {name: value + 1.0 for name, value in outputs.items()}
-    create_pack(model, out, name="tiny", version=version, samples=Samples(inputs, outputs), key=key)
-    return out
-
-
-class Agent:
-    def __init__(
-        self,
-        broker: Mosquitto,
-        root: Path,
-        device: str,
-        pub: Path,
-        prefix: str,
-        store: str,
-        pack: Path,
-        env: dict[str, str],
-    ) -> None:
-        self.device, self.log = device, root / f"{device}.log"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "run",
-            "--device",
-            device,
-            "--broker",
-            broker.url,
-            "--data-dir",
-            str(root / device),
-            "--trust",
-            str(pub),
-            "--prefix",
-            prefix,
-            "--store",
-            store,
-            "--pack",
-            str(pack),
-            "--telemetry-interval",
-            "0.5",
-        ]
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), **env}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Agent:
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log.open("ab")
-        )
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-
-
-@pytest.fixture
-def fleet(
-    broker: Mosquitto,
-    tmp_path: Path,
-    keys: tuple[Path, Path],
-    topic_prefix: str,
-    mlp_model: Path,
-    s3_server: MotoS3,
-    s3_bucket: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Callable[..., list[Agent]]]:
-    """Publish v1 and v2 (of ``v2_model`` when given) to the store and start agents serving v1."""
-    env = {"AWS_ENDPOINT_URL": s3_server.endpoint_url}
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
-    store_url = f"s3://{s3_bucket}/fleet"
-    agents: list[Agent] = []
-
-    def start(
-        devices: list[str], broken_v2: bool = False, v2_model: Path | None = None
-    ) -> list[Agent]:
-        registry = Registry(open_store(store_url))
-        v1 = make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
-        registry.publish(v1, key=keys[0])
-        v2 = make_pack(tmp_path / "v2", v2_model or mlp_model, keys[0], 2, broken_v2)
-        registry.publish(v2, key=keys[0])
-        for device in devices:
-            agents.append(
-                Agent(broker, tmp_path, device, keys[1], topic_prefix, store_url, v1, env).start()
-            )
-        wait_versions(broker, topic_prefix, dict.fromkeys(devices, 1))
-        return agents
-
-    start.store_url = store_url  # type: ignore[attr-defined]
-    yield start
-    for agent in agents:
-        if agent.proc is not None and agent.proc.poll() is None:
-            agent.proc.kill()
-            agent.proc.wait()
-
-
-def wait_versions(
-    broker: Mosquitto, prefix: str, want: dict[str, int], timeout: float = 60
-) -> None:
-    with FleetWatch(broker.url, Topics(prefix), set(want)) as watch:
-        deadline = time.monotonic() + timeout
-        while True:
-            have = {
-                d: s.model.version if s.model and s.state == "online" else None
-                for d, s in watch.statuses.items()
-            }
-            if all(have.get(d) == v for d, v in want.items()):
-                return
-            assert time.monotonic() < deadline, f"devices report {have}, expected {want}"
-            watch.wait(0.5)
-
-
-def rollout_ids(store_url: str) -> list[str]:
-    return [k.split("/")[1].removesuffix(".json") for k in open_store(store_url).list("rollouts/")]
-
-
 def test_rollout_across_three_devices_completes_and_survives_a_restart(
-    fleet: Callable[..., list[Agent]],
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     tmp_path: Path,
@@ -203,7 +84,7 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
 
 
 def test_rollout_aborts_on_a_failed_health_check_and_leaves_the_old_version(
-    fleet: Callable[..., list[Agent]],
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     capsys: pytest.CaptureFixture[str],
@@ -242,7 +123,7 @@ def test_rollout_aborts_on_a_failed_health_check_and_leaves_the_old_version(
 
 
 def test_offline_device_catches_up_from_its_retained_desired_state(
-    fleet: Callable[..., list[Agent]],
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     capsys: pytest.CaptureFixture[str],

@@ -23,13 +23,8 @@ import pytest
 from cloud_sync.rollout_state import load_state
 from cloud_sync.store import open_store
 from edgebento.cli import main
-from tests.integration.test_agent_harness import Client
-from tests.integration.test_rollout import (  # noqa: F401 - fixture
-    Agent,
-    fleet,
-    rollout_ids,
-    wait_versions,
-)
+from tests.support.agent import AgentProcess, Client
+from tests.support.fleet import rollout_ids, wait_versions
 from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
@@ -205,7 +200,7 @@ def assert_aborted_back_on_v1(
 
 
 def test_rollout_aborts_when_the_new_version_is_much_slower(
-    fleet: Callable[..., list[Agent]],  # noqa: F811
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     mlp_model: Path,
@@ -230,7 +225,7 @@ def test_rollout_aborts_when_the_new_version_is_much_slower(
 
 
 def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
-    fleet: Callable[..., list[Agent]],  # noqa: F811
+    fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
     mlp_model: Path,

@@ -1,0 +1,242 @@
+"""The agent in its own process, and an MQTT client that drives it like the cloud would.
+
+The fixtures built on these (pack_v1, agent_factory, client) are in tests/integration/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.support import models
+from tests.support.services import Mosquitto
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_pack(
+    out: Path,
+    model: Path,
+    key: Path | None,
+    version: int,
+    name: str = "tiny",
+    expires_at: datetime | None = None,
+    wrong_golden: bool = False,
+) -> Path:
+    """A pack of ``model`` with golden samples (deliberately wrong ones with ``wrong_golden``)."""
+    from modelpack import Samples, create_pack
+
+    inputs, outputs = models.golden_samples(model)
+    if wrong_golden:
+        outputs = {k: v + 1.0 for k, v in outputs.items()}
+    create_pack(
+        model,
+        out,
+        name=name,
+        version=version,
+        samples=Samples(inputs, outputs),
+        expires_at=expires_at,
+        key=key,
+    )
+    return out
+
+
+class Client:
+    """A paho client (MQTT 5 unless told otherwise) with request/reply and topic collectors."""
+
+    def __init__(
+        self,
+        broker: Mosquitto,
+        v5: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.v5 = v5
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"test-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        if username:
+            self.client.username_pw_set(username, password)
+        self.queues: dict[str, queue.Queue[mqtt.MQTTMessage]] = {}
+        self.client.on_message = self._on_message
+        self.reply_topic = f"replies/{uuid.uuid4().hex[:8]}"
+        self.client.connect("127.0.0.1", broker.port, 30)
+        self.client.loop_start()
+        self.collect(self.reply_topic)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        for pattern, q in self.queues.items():
+            if mqtt.topic_matches_sub(pattern, msg.topic):
+                q.put(msg)
+
+    def collect(self, pattern: str, qos: int = 1) -> queue.Queue[mqtt.MQTTMessage]:
+        q: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.queues[pattern] = q
+        result, _ = self.client.subscribe(pattern, qos)
+        assert result == mqtt.MQTT_ERR_SUCCESS
+        time.sleep(0.1)  # let SUBACK arrive before anything is published
+        return q
+
+    def publish(
+        self, topic: str, doc: Any, retain: bool = False, properties: Properties | None = None
+    ) -> None:
+        payload = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+        self.client.publish(
+            topic, payload, qos=1, retain=retain, properties=properties
+        ).wait_for_publish(5)
+
+    def request(
+        self, topic: str, doc: dict[str, Any], timeout: float = 20.0, via: str = "auto"
+    ) -> dict[str, Any]:
+        """Send a request and wait for its reply (response topic on MQTT 5, else reply_to)."""
+        doc = {"id": uuid.uuid4().hex, **doc}
+        correlation = uuid.uuid4().bytes
+        props = None
+        if self.v5 and via in ("auto", "response_topic"):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = correlation
+        else:
+            doc.setdefault("reply_to", self.reply_topic)
+        self.publish(topic, doc, properties=props)
+        return self.wait_reply(doc["id"], timeout, correlation if props else None)
+
+    def wait_reply(
+        self, request_id: str, timeout: float = 20.0, correlation: bytes | None = None
+    ) -> dict[str, Any]:
+        q = self.queues[self.reply_topic]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            body = json.loads(msg.payload)
+            if body.get("id") == request_id:
+                if correlation is not None:
+                    assert msg.properties.CorrelationData == correlation
+                return body
+        raise AssertionError(f"no reply to {request_id} within {timeout}s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_for(q: queue.Queue[mqtt.MQTTMessage], check: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """The first JSON message on q for which check(doc) is true."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if not msg.payload:
+            continue
+        doc = json.loads(msg.payload)
+        seen.append(doc)
+        if check(doc):
+            return doc
+    raise AssertionError(f"no matching message within {timeout}s; saw {seen[-3:]}")
+
+
+class AgentProcess:
+    """``python -m edge_agent run`` in its own process; kill -9 it, restart it."""
+
+    def __init__(
+        self,
+        broker: Mosquitto,
+        data_dir: Path,
+        trust: Path,
+        prefix: str,
+        device: str = "dev-a",
+        pack: Path | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.broker, self.data_dir, self.trust = broker, data_dir, trust
+        self.prefix, self.device, self.pack = prefix, device, pack
+        self.args, self.env = args, env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"agent-{device}.log"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--device",
+            self.device,
+            "--broker",
+            self.broker.url,
+            "--data-dir",
+            str(self.data_dir),
+            "--trust",
+            str(self.trust),
+            "--prefix",
+            self.prefix,
+            "--telemetry-interval",
+            "0.5",
+        ]
+        if self.pack is not None:
+            cmd += ["--pack", str(self.pack)]
+        return cmd + list(self.args)
+
+    def start(self) -> AgentProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
+        self.process = subprocess.Popen(
+            self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("ab")
+        )
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"the agent did not stop on SIGTERM:\n{self.output()[-2000:]}"
+            ) from None
+
+
+def wait_online(
+    client: Client, prefix: str, device: str, version: int | None = None, timeout: float = 30.0
+) -> dict[str, Any]:
+    q = client.collect(f"{prefix}/{device}/status")
+    return wait_for(
+        q,
+        lambda d: (
+            d.get("state") == "online"
+            and (version is None or (d.get("model") or {}).get("version") == version)
+        ),
+        timeout,
+    )

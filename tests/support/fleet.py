@@ -1,0 +1,31 @@
+"""Watching a fleet of agents from the cloud side, for rollout and fleet tests."""
+
+from __future__ import annotations
+
+import time
+
+from cloud_sync.protocol import Topics
+from cloud_sync.store import open_store
+from cloud_sync.watch import FleetWatch
+from tests.support.services import Mosquitto
+
+
+def wait_versions(
+    broker: Mosquitto, prefix: str, want: dict[str, int], timeout: float = 60
+) -> None:
+    """Until every device in ``want`` is online and reports the version it names."""
+    with FleetWatch(broker.url, Topics(prefix), set(want)) as watch:
+        deadline = time.monotonic() + timeout
+        while True:
+            have = {
+                d: s.model.version if s.model and s.state == "online" else None
+                for d, s in watch.statuses.items()
+            }
+            if all(have.get(d) == v for d, v in want.items()):
+                return
+            assert time.monotonic() < deadline, f"devices report {have}, expected {want}"
+            watch.wait(0.5)
+
+
+def rollout_ids(store_url: str) -> list[str]:
+    return [k.split("/")[1].removesuffix(".json") for k in open_store(store_url).list("rollouts/")]
