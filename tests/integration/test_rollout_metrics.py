@@ -206,22 +206,19 @@ def test_rollout_aborts_when_the_new_version_is_much_slower(
     mlp_model: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    client: Client,
 ) -> None:
     fleet(DEVICES, v2_model=slow_mlp(mlp_model, tmp_path / "slow.onnx"))
     store_url = fleet.store_url  # type: ignore[attr-defined]
-    client = Client(broker)
-    try:
-        with Traffic(client, topic_prefix, DEVICES, lambda _i: NORMAL) as traffic:
-            code = run_rollout(broker, store_url, topic_prefix, "--abort-p99-ratio", "3")
-        shown = json.loads(capsys.readouterr().out)
-        assert code == 1 and shown["phase"] == "aborted", shown
-        assert "p99 on v2 is" in shown["reason"] and "(over 3x)" in shown["reason"]
-        assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
-        replies = traffic.replies()
-        assert replies and all(r["ok"] for r in replies)  # slow, never wrong
-        assert {r["model"]["version"] for r in replies} == {1, 2}
-    finally:
-        client.close()
+    with Traffic(client, topic_prefix, DEVICES, lambda _i: NORMAL) as traffic:
+        code = run_rollout(broker, store_url, topic_prefix, "--abort-p99-ratio", "3")
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 1 and shown["phase"] == "aborted", shown
+    assert "p99 on v2 is" in shown["reason"] and "(over 3x)" in shown["reason"]
+    assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
+    replies = traffic.replies()
+    assert replies and all(r["ok"] for r in replies)  # slow, never wrong
+    assert {r["model"]["version"] for r in replies} == {1, 2}
 
 
 def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
@@ -231,33 +228,28 @@ def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
     mlp_model: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    client: Client,
 ) -> None:
     fleet(DEVICES, v2_model=fragile_mlp(mlp_model, tmp_path / "fragile.onnx"))
     store_url = fleet.store_url  # type: ignore[attr-defined]
-    client = Client(broker)
-    try:
-        glitchy = Traffic(
-            client, topic_prefix, DEVICES, lambda i: GLITCH if (i // 3) % 2 else NORMAL
+    glitchy = Traffic(client, topic_prefix, DEVICES, lambda i: GLITCH if (i // 3) % 2 else NORMAL)
+    with glitchy as traffic:
+        code = run_rollout(
+            broker,
+            store_url,
+            topic_prefix,
+            "--abort-failure-rate",
+            "20",
+            "--abort-p99-ratio",
+            "1000",
         )
-        with glitchy as traffic:
-            code = run_rollout(
-                broker,
-                store_url,
-                topic_prefix,
-                "--abort-failure-rate",
-                "20",
-                "--abort-p99-ratio",
-                "1000",
-            )
-        shown = json.loads(capsys.readouterr().out)
-        assert code == 1 and shown["phase"] == "aborted", shown
-        assert "inference error rate on v2" in shown["reason"]
-        assert "(over 20%)" in shown["reason"]
-        assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
-        replies = traffic.replies()
-        failed = [r for r in replies if not r["ok"]]
-        assert failed and all("inference failed" in r["error"] for r in failed)
-        assert {traffic.sent[r["id"]] for r in failed} == {"a"}  # only the canary ran v2
-        assert any(r["ok"] and r["model"]["version"] == 1 for r in replies)
-    finally:
-        client.close()
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 1 and shown["phase"] == "aborted", shown
+    assert "inference error rate on v2" in shown["reason"]
+    assert "(over 20%)" in shown["reason"]
+    assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
+    replies = traffic.replies()
+    failed = [r for r in replies if not r["ok"]]
+    assert failed and all("inference failed" in r["error"] for r in failed)
+    assert {traffic.sent[r["id"]] for r in failed} == {"a"}  # only the canary ran v2
+    assert any(r["ok"] and r["model"]["version"] == 1 for r in replies)
