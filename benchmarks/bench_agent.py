@@ -21,115 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.agent_memory import REPO, agent_private_mb, agent_rss_mb, rss_breakdown, rss_floor
 from tests.support.services import Mosquitto
 
 TARGETS = {"p50_ms": 2.0, "p99_ms": 10.0, "throughput_per_s": 2000.0, "rss_mb": 70.0}
 GREENGRASS_MIN_RAM_MB = 96  # docs.aws.amazon.com/greengrass/v2: device requirements (Java nucleus)
-REPO = Path(__file__).resolve().parents[1]
-
-# What the agent process imports, in order; each row adds one layer (measured in a fresh process).
-LAYERS = [
-    ("python", ""),
-    ("+ numpy", "import numpy"),
-    ("+ onnxruntime", "import onnxruntime"),
-    ("+ paho-mqtt (and ssl)", "import paho.mqtt.client"),
-    ("+ pydantic", "import pydantic"),
-    ("+ cryptography (ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
-    ("+ modelpack (its pydantic models built)", "import modelpack"),
-    ("+ edge_agent", "import edge_agent.agent, edge_agent.cli"),
-    ("+ psutil (heartbeat)", "import psutil"),
-    (
-        "+ the digits pack verified and its session loaded",
-        "from modelpack import Predictor, PredictorOptions, load_pack\n"
-        "from pathlib import Path\n"
-        "p = Predictor.from_pack(load_pack(Path({pack!r}), [Path({pub!r})], check_model=False),"
-        " PredictorOptions(intra_op_threads=1))",
-    ),
-]
-
-# RSS, and the two figures that do not count shared library pages in full: USS (pages only this
-# process holds) and PSS (shared pages divided among the processes sharing them).
-_PROBE = """
-fields = {}
-for line in open('/proc/self/smaps_rollup'):
-    parts = line.split()
-    if len(parts) == 3 and parts[2] == 'kB':
-        fields[parts[0].rstrip(':')] = int(parts[1])
-uss = fields.get('Private_Clean', 0) + fields.get('Private_Dirty', 0)
-print(fields['Rss'], uss, fields['Pss'])
-"""
-
-
-def _memory_of_imports(code: str, argv: list[str] | None = None) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", code + "\n" + _PROBE, *(argv or [])],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    rss, uss, pss = (int(v) / 1024 for v in out.stdout.split()[-3:])
-    return {"rss_mb": round(rss, 1), "uss_mb": round(uss, 1), "pss_mb": round(pss, 1)}
-
-
-# The least any agent that does what the issue asks can hold: the runtime, the MQTT client and the
-# SQLite outbox, the model's session loaded and run, connected and subscribed, and no edgebento
-# code at all. Then the same with pydantic and one model, which the house style requires for
-# everything that arrives over MQTT.
-_FLOOR = """
-import sqlite3, sys, time
-import numpy, onnxruntime as ort
-import paho.mqtt.client as mqtt
-options = ort.SessionOptions()
-options.intra_op_num_threads = options.inter_op_num_threads = 1
-session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
-for _ in range(100):
-    session.run(None, {"x": numpy.zeros((1, 64), numpy.float32)})
-outbox = sqlite3.connect(sys.argv[3])
-outbox.execute("pragma journal_mode=wal")
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor", protocol=mqtt.MQTTv5)
-client.connect("127.0.0.1", int(sys.argv[2]))
-client.loop_start()
-client.subscribe("floor/#", 1)
-time.sleep(1)
-"""
-_WITH_PYDANTIC = """
-from pydantic import BaseModel
-class Request(BaseModel):
-    id: str
-    inputs: dict[str, list[list[float]]]
-Request.model_validate_json('{"id": "a", "inputs": {"x": [[1.0]]}}')
-"""
-
-
-def rss_floor(model: Path, broker_port: int, work: Path) -> dict[str, dict[str, float]]:
-    argv = [str(model), str(broker_port), str(work / "floor.db")]
-    return {
-        name: _memory_of_imports(code, argv)
-        for name, code in (
-            ("runtime_mqtt_outbox_session", _FLOOR),
-            ("plus_pydantic_one_model", _FLOOR + _WITH_PYDANTIC),
-        )
-    }
-
-
-def rss_breakdown(pack: Path, pub: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    code, previous = "", {"rss_mb": 0.0, "uss_mb": 0.0}
-    for label, line in LAYERS:
-        code += line.format(pack=str(pack), pub=str(pub)) + "\n"
-        mem = _memory_of_imports(code)
-        rows.append(
-            {
-                "layer": label,
-                **mem,
-                "adds_rss_mb": round(mem["rss_mb"] - previous["rss_mb"], 1),
-                "adds_uss_mb": round(mem["uss_mb"] - previous["uss_mb"], 1),
-            }
-        )
-        previous = mem
-    return rows
 
 
 def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
@@ -210,20 +106,6 @@ def pipelined(req: Requester, x: list[list[float]], n: int, window: int = 64) ->
     }
 
 
-def _agent_rss_mb(pid: int) -> float:
-    import psutil
-
-    return float(psutil.Process(pid).memory_info().rss) / (1 << 20)
-
-
-def _agent_private_mb(pid: int) -> dict[str, float]:
-    """USS (memory only this process holds) and PSS: RSS counts shared library pages in full."""
-    import psutil
-
-    info = psutil.Process(pid).memory_full_info()
-    return {"uss": round(info.uss / (1 << 20), 1), "pss": round(info.pss / (1 << 20), 1)}
-
-
 def run(results_dir: Path) -> dict[str, Any]:
     from modelpack import Predictor, Samples, create_pack, generate_keypair, load_pack
     from tests.support import models
@@ -262,12 +144,12 @@ def run(results_dir: Path) -> dict[str, Any]:
         try:
             _wait_ready(req, x)
             round_trips(req, x, 300)  # warm up
-            rss_idle = _agent_rss_mb(agent.pid)
+            rss_idle = agent_rss_mb(agent.pid)
             lat = np.asarray(round_trips(req, x, 3000))
             throughput = pipelined(req, x, 10000)
             swap = _swap_under_load(req, x, packs[1:], broker.port)
-            rss_after = _agent_rss_mb(agent.pid)
-            private = _agent_private_mb(agent.pid)
+            rss_after = agent_rss_mb(agent.pid)
+            private = agent_private_mb(agent.pid)
         finally:
             req.close()
             agent.terminate()
@@ -357,7 +239,7 @@ def _memory_after_load(
         _wait_ready(req, x)
         round_trips(req, x, 300)
         pipelined(req, x, 3000)
-        return {"rss": round(_agent_rss_mb(agent.pid), 1), **_agent_private_mb(agent.pid)}
+        return {"rss": round(agent_rss_mb(agent.pid), 1), **agent_private_mb(agent.pid)}
     finally:
         req.close()
         agent.terminate()
