@@ -36,6 +36,11 @@ def register(sub: Any) -> None:
     lam.add_argument("--out", type=Path, required=True)
     lam.add_argument("--memory", type=int, default=1024, help="MB")
     lam.add_argument("--timeout", type=int, default=30, help="seconds")
+    lam.add_argument(
+        "--base-image",
+        default="python:3.11-slim",
+        help="any image with Python 3.11 and pip (default: %(default)s)",
+    )
     lam.set_defaults(func=cmd_lambda)
 
 
@@ -68,7 +73,11 @@ def cmd_lambda(args: argparse.Namespace) -> int:
     from bentos.deploy_lambda import LambdaOptions, write_lambda_context
 
     options = LambdaOptions(
-        pack=args.pack, trust=args.pub, memory_mb=args.memory, timeout_s=args.timeout
+        pack=args.pack,
+        trust=args.pub,
+        memory_mb=args.memory,
+        timeout_s=args.timeout,
+        base_image=args.base_image,
     )
     write_lambda_context(options, args.out)
     print(f"wrote a Lambda image context and template.yaml to {args.out}")

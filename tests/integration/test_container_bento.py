@@ -6,8 +6,6 @@ No Docker engine here: buildah builds with chroot isolation on vfs storage, and
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,34 +18,23 @@ import numpy as np
 import pytest
 
 from bentos.container import container_env, setup
+from tests.support.agent import make_pack
+from tests.support.containers import run_checked as _run
+from tests.support.containers import stop_group, working_container
 from tests.support.services import LOOPBACK, free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 900) -> str:
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(cmd[:3])}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
 def image(
     tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path], mlp_model: Path
 ) -> Iterator[tuple[str, dict[str, str], Path]]:
-    from modelpack import Samples, create_pack
-    from tests.support import models
-
     setup()  # idempotent: what `make container-tools` did already
     work = tmp_path_factory.mktemp("container")
-    pack = work / "tiny"
-    inputs, outputs = models.golden_samples(mlp_model)
-    create_pack(
-        mlp_model, pack, name="tiny", version=1, samples=Samples(inputs, outputs), key=keys[0]
-    )
+    pack = make_pack(work / "tiny", mlp_model, keys[0], version=1)
     env = {**container_env(), "BENTOML_HOME": str(work / "bentoml"), "EDGEBENTO_MODEL": "tiny:v1"}
     _run([str(BIN / "edgebento"), "bento", "import", str(pack), "--pub", str(keys[1])], env)
     _run([str(BIN / "bentoml"), "build", "."], env)
@@ -71,10 +58,14 @@ def image(
 
 
 def test_the_image_serves_predict_to_the_host(image: tuple[str, dict[str, str], Path]) -> None:
+    tag, env, pack = image
+    with working_container(tag, env) as ctr:
+        _serve_and_ask(ctr, env, pack)
+
+
+def _serve_and_ask(ctr: str, env: dict[str, str], pack: Path) -> None:
     from modelpack import read_samples
 
-    tag, env, pack = image
-    ctr = _run(["buildah", "from", tag], env).strip()
     port = free_port()
     server = subprocess.Popen(
         [
@@ -122,20 +113,12 @@ def test_the_image_serves_predict_to_the_host(image: tuple[str, dict[str, str], 
         bad = httpx.post(url + "/predict", content=b"{")
         assert bad.status_code == 400 and bad.json()["reason"] == "invalid_json"
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        subprocess.run(["buildah", "rm", ctr], env=env, capture_output=True)
+        stop_group(server)
 
 
 def test_the_image_holds_the_serving_set_only(image: tuple[str, dict[str, str], Path]) -> None:
     tag, env, _ = image
-    ctr = _run(["buildah", "from", tag], env).strip()
-    try:
+    with working_container(tag, env) as ctr:
         listing = _run(
             [
                 "buildah",
@@ -150,7 +133,5 @@ def test_the_image_holds_the_serving_set_only(image: tuple[str, dict[str, str], 
             ],
             env,
         )
-    finally:
-        subprocess.run(["buildah", "rm", ctr], env=env, capture_output=True)
     assert "onnxruntime" in listing and "bentoml" in listing
     assert "tensorflow" not in listing and "torch" not in listing

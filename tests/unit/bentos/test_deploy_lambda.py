@@ -43,6 +43,7 @@ def test_the_cli_writes_a_lambda_image_context_that_cfn_lint_accepts(
     dockerfile = (out / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "awslambdaric"]' in dockerfile
     assert 'CMD ["bentos.lambda_handler.handler"]' in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim\nFROM ${BASE_IMAGE}\n" in dockerfile
     assert (out / "pack" / "manifest.sig").exists()
     assert (out / "bentos" / "lambda_handler.py").exists()
     requirements = (out / "requirements.txt").read_text()
