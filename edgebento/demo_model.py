@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,9 @@ def digits_splits(out: Path, seed: int = 0) -> dict[str, Path]:
 
 def train_keras_mlp(train: Path, out: Path, epochs: int = 30) -> Path:
     """Train 64 -> 256 -> 128 -> 10 on the train split and save it as ``.keras``."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from optimize.convert import import_tensorflow
+
+    import_tensorflow()  # tf-keras, and TensorFlow's start-up lines kept off the terminal
     import tf_keras as keras
 
     data = np.load(train)

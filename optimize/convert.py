@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,9 +43,32 @@ def import_tensorflow() -> Any:
     # tfmot works with Keras 2 only: tf-keras, chosen before TensorFlow is first imported.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _native_stderr_held():
+        import tensorflow as tf
     return tf
+
+
+@contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """TensorFlow 2.21 logs start-up lines (oneDNN, CUDA drivers, absl) from C++ straight to file
+    descriptor 2 before its log level applies (tensorflow/tensorflow#100442), so only the
+    descriptor can be redirected; what was held is shown after all if the import fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def load_keras(source: Path) -> Any:

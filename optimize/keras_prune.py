@@ -116,6 +116,7 @@ def shrink_dense(model: Any, ratio: float, train: Dataset) -> Any:
 
 def prune_keras(source: Path, dst: Path, config: KerasPruneConfig, train: Dataset) -> None:
     """Cut units (and fine-tune), then sparsify with tfmot (and fine-tune), then write ONNX."""
+    import_tensorflow()  # before tfmot imports it: tf-keras, and no start-up noise
     import tensorflow_model_optimization as tfmot
 
     if train.labels is None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -70,12 +71,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     console = Console()
-    table = Table(title="candidates")
-    for col in ("candidate", "size", "gzip", "p50 ms", "p99 ms", "speedup", "fidelity", "chosen"):
-        table.add_column(col)
+    console.print(candidates_table(result.rows))
     for row in result.rows:
-        table.add_row(*_cells(row))
-    console.print(table)
+        if row["error"] or row["violation"]:
+            console.print(
+                f"✗ {escape(row['candidate'])}: {escape(row['error'] or row['violation'])}"
+            )
     console.print(f"chosen: [bold]{escape(result.chosen.name)}[/bold] ({escape(result.reason)})")
     console.print(f"pack: {result.pack_dir}   report: {result.report_html}")
     if args.bentoml:
@@ -85,28 +86,48 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    lat, fid = row["latency"], row["fidelity"] or {}
-    fidelity = ", ".join(
-        f"{label} {fid[k]:.4f}"
-        for k, label in (
-            ("accuracy", "acc"),
-            ("top1_agreement", "top-1"),
-            ("cosine_min", "cos_min"),
-        )
-        if fid.get(k) is not None
-    )
-    status = "yes" if row["chosen"] else (row["error"] or row["violation"] or "")
-    return [
-        escape(row["candidate"]),
-        f"{row['size_bytes'] / 1e6:.2f} MB" if row["size_bytes"] else "-",
-        f"{row['gzip_bytes'] / 1e6:.2f} MB" if row["gzip_bytes"] else "-",
-        f"{lat['p50_ms']:.2f}" if lat else "-",
-        f"{lat['p99_ms']:.2f}" if lat else "-",
-        f"{row['speedup']:.2f}x" if row["speedup"] else "-",
-        escape(fidelity or "-"),
-        escape(status[:60]),
+FIDELITY_COLUMNS = (("accuracy", "acc"), ("top1_agreement", "top-1"), ("cosine_min", "cos"))
+
+
+def candidates_table(rows: list[dict[str, Any]]) -> Table:
+    """One line of figures per candidate, narrow enough for an 80-column terminal: sizes in MB,
+    speed as a multiple of FP32, fidelity (cos: the lowest cosine similarity to FP32). p99, the
+    footprint and every other figure are in report.html and report.json."""
+    fidelity = [
+        (key, label)
+        for key, label in FIDELITY_COLUMNS
+        if any(_fid(r).get(key) is not None for r in rows)
     ]
+    table = Table(title="candidates", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("candidate", overflow="fold", min_width=18)
+    for label in ("MB", "gzip", "p50 ms", "speed", *(label for _, label in fidelity), ""):
+        table.add_column(label, justify="right", no_wrap=True)
+    for row in rows:
+        lat = row["latency"]
+        mark = "✓" if row["chosen"] else ("✗" if row["error"] or row["violation"] else "")
+        table.add_row(
+            escape(row["candidate"]),
+            _mb(row["size_bytes"]),
+            _mb(row["gzip_bytes"]),
+            f"{lat['p50_ms']:.2f}" if lat else "-",
+            f"{row['speedup']:.2f}x" if row["speedup"] else "-",
+            *(_figure(_fid(row).get(key)) for key, _ in fidelity),
+            mark,
+            style="bold" if row["chosen"] else None,
+        )
+    return table
+
+
+def _fid(row: dict[str, Any]) -> dict[str, Any]:
+    return row["fidelity"] or {}
+
+
+def _mb(size: int | None) -> str:
+    return f"{size / 1e6:.2f}" if size else "-"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _save_to_bentoml(pack_dir: Path, key: Path | None) -> str:

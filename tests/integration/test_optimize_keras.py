@@ -78,3 +78,30 @@ def test_keras_model_is_converted_and_pruned(tmp_path: Path) -> None:
     assert "ONNX Runtime skips no zeros" in report
     pack = load_pack(result.pack_dir, trusted=[], allow_unsigned=True)
     assert pack.manifest.inputs[0].name == "x"
+
+
+def test_tensorflow_start_up_lines_are_held_back_and_shown_when_the_import_fails() -> None:
+    import subprocess
+    import sys
+
+    quiet = "from optimize.convert import import_tensorflow; import_tensorflow(); print('ready')"
+    done = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ready", done.stderr
+    assert "oneDNN" not in done.stderr and "absl" not in done.stderr
+
+    # A broken TensorFlow: what its import printed on fd 2 reaches the user with the traceback.
+    broken = (
+        "import os, sys\n"
+        "class Finder:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorflow':\n"
+        "            os.write(2, b'native: libtensorflow_framework.so.2 is missing\\n')\n"
+        "            raise ImportError('no tensorflow')\n"
+        "sys.meta_path.insert(0, Finder())\n"
+        "from optimize.convert import import_tensorflow\n"
+        "import_tensorflow()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "libtensorflow_framework.so.2 is missing" in done.stderr
+    assert "ImportError: no tensorflow" in done.stderr
