@@ -72,6 +72,12 @@ def pack_v1_fixture(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) ->
     return make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
 
 
+@pytest.fixture(name="pack_v2")
+def pack_v2_fixture(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> Path:
+    """The same model as version 2: an update that passes every check."""
+    return make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
+
+
 @pytest.fixture(name="agent_factory")
 def agent_factory_fixture(
     broker: Mosquitto, tmp_path: Path, keys: tuple[Path, Path], topic_prefix: str

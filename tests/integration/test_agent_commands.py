@@ -89,15 +89,12 @@ def test_a_duplicate_command_runs_once_and_is_answered_again(
     agent_factory: Any,
     client: Client,
     pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
-    tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
     agent_factory(pack=pack_v1)
     wait_online(client, topic_prefix, "dev-a")
-    cmd = {"id": f"deploy-{uuid.uuid4().hex}", "url": str(v2)}
+    cmd = {"id": f"deploy-{uuid.uuid4().hex}", "url": str(pack_v2)}
     first = client.request(f"{topic_prefix}/dev-a/cmd/deploy", cmd)
     again = client.request(f"{topic_prefix}/dev-a/cmd/deploy", cmd)
     assert first["ok"] is True and first["outcome"] == "installed"

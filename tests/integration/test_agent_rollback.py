@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tests.support.agent import Client, make_pack, wait_for, wait_online
+from tests.support.agent import Client, wait_for, wait_online
 
 X = [[0.5] * 8]
 
@@ -45,15 +45,13 @@ def test_an_offline_device_rolls_back_through_the_desired_state_when_it_reconnec
     agent_factory: Any,
     client: Client,
     pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
     tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
     # dev-a kept v1 as its last good pack; dev-b started on v2 and has to fetch v1.
-    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-a", pack_v1, v2)
-    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-b", v2, v2)
+    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-a", pack_v1, pack_v2)
+    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-b", pack_v2, pack_v2)
     v1_source = tmp_path / "v1-in-the-registry"
     shutil.copytree(pack_v1, v1_source)
     shutil.rmtree(pack_v1)  # dev-a must use its kept copy: there is nothing else to fetch
@@ -64,7 +62,7 @@ def test_an_offline_device_rolls_back_through_the_desired_state_when_it_reconnec
     )
     telemetry = client.collect(f"{topic_prefix}/+/telemetry")
     for device, how in (("dev-a", "kept on the device"), ("dev-b", "fetched from")):
-        agent_factory(pack=v2, device=device, data_dir=tmp_path / f"data-{device}")
+        agent_factory(pack=pack_v2, device=device, data_dir=tmp_path / f"data-{device}")
         status = wait_online(client, topic_prefix, device, version=1)
         assert status["last_update"]["outcome"] == "rolled_back"
         assert status["last_update"]["trigger"] == "desired"
@@ -88,13 +86,11 @@ def test_a_lower_desired_version_without_the_rollback_flag_is_refused(
     agent_factory: Any,
     client: Client,
     pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
     tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
-    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-a", pack_v1, v2)
+    _on_v2_then_offline(agent_factory, client, topic_prefix, "dev-a", pack_v1, pack_v2)
     client.publish(
         f"{topic_prefix}/dev-a/desired", _desired(1, False, url=str(pack_v1)), retain=True
     )

@@ -82,16 +82,13 @@ def test_a_bad_pack_is_refused_and_the_old_one_keeps_serving(
 def test_a_downgrade_is_refused_but_an_explicit_rollback_is_not(
     agent_factory: Any,
     client: Client,
+    pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
-    tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v1 = make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
-    agent_factory(pack=v2)
+    agent_factory(pack=pack_v2)
     wait_online(client, topic_prefix, "dev-a", version=2)
-    down = client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(v1)})
+    down = client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(pack_v1)})
     assert down["ok"] is False and down["error_type"] == "VersionError"
     assert "not newer than the running v2" in down["error"]
     assert (
@@ -133,21 +130,19 @@ def test_retained_desired_state_is_reconciled_on_connect_and_kept_across_restart
     agent_factory: Any,
     client: Client,
     pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
     tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
     # The rollout happened while the device was off.
-    desired = {"schema_version": 1, "model": {"name": "tiny", "version": 2}, "url": str(v2)}
+    desired = {"schema_version": 1, "model": {"name": "tiny", "version": 2}, "url": str(pack_v2)}
     client.publish(f"{topic_prefix}/dev-a/desired", desired, retain=True)
     agent = agent_factory(pack=pack_v1)
     online = wait_online(client, topic_prefix, "dev-a", version=2)
     assert online["last_update"]["trigger"] == "desired"
     assert agent.stop() == 0
     client.publish(f"{topic_prefix}/dev-a/desired", b"", retain=True)  # clear it
-    shutil.rmtree(v2)  # the restart must serve the installed copy, not the source
+    shutil.rmtree(pack_v2)  # the restart must serve the installed copy, not the source
     agent_factory(pack=pack_v1)
     wait_online(client, topic_prefix, "dev-a", version=2)
     state = json.loads((tmp_path / "agent" / "state.json").read_text())
@@ -158,15 +153,13 @@ def test_kill_9_during_an_update_leaves_the_old_or_the_new_pack(
     agent_factory: Any,
     client: Client,
     pack_v1: Path,
+    pack_v2: Path,
     topic_prefix: str,
     tmp_path: Path,
-    mlp_model: Path,
-    keys: tuple[Path, Path],
 ) -> None:
-    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
     agent = agent_factory(pack=pack_v1)
     wait_online(client, topic_prefix, "dev-a")
-    client.publish(f"{topic_prefix}/dev-a/cmd/deploy", {"id": "d1", "url": str(v2)})
+    client.publish(f"{topic_prefix}/dev-a/cmd/deploy", {"id": "d1", "url": str(pack_v2)})
     agent.kill9()  # somewhere between "not started" and "done"
     agent_factory(pack=pack_v1)
     online = wait_online(client, topic_prefix, "dev-a")
