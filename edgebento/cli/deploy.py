@@ -37,9 +37,7 @@ def register(sub: Any) -> None:
     lam.add_argument("--memory", type=int, default=1024, help="MB")
     lam.add_argument("--timeout", type=int, default=30, help="seconds")
     lam.add_argument(
-        "--base-image",
-        default="python:3.11-slim",
-        help="any image with Python 3.11 and pip (default: %(default)s)",
+        "--base-image", help="any image with Python 3.11 and pip (default: python:3.11-slim)"
     )
     lam.set_defaults(func=cmd_lambda)
 
@@ -77,7 +75,7 @@ def cmd_lambda(args: argparse.Namespace) -> int:
         trust=args.pub,
         memory_mb=args.memory,
         timeout_s=args.timeout,
-        base_image=args.base_image,
+        **({"base_image": args.base_image} if args.base_image else {}),
     )
     write_lambda_context(options, args.out)
     print(f"wrote a Lambda image context and template.yaml to {args.out}")
