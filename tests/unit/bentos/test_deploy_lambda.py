@@ -11,6 +11,10 @@ import yaml
 from edgebento.cli import main
 
 
+def _deploy(pack: Path, pub: Path, out: Path) -> int:
+    return main(["deploy", "lambda", "--pack", str(pack), "--pub", str(pub), "--out", str(out)])
+
+
 def _cfn_lint() -> str:
     return str(Path(sys.executable).with_name("cfn-lint"))
 
@@ -19,21 +23,7 @@ def test_the_cli_writes_a_lambda_image_context_that_cfn_lint_accepts(
     signed_pack: Path, keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "lambda"
-    assert (
-        main(
-            [
-                "deploy",
-                "lambda",
-                "--pack",
-                str(signed_pack),
-                "--pub",
-                str(keys[1]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert _deploy(signed_pack, keys[1], out) == 0
     lint = subprocess.run([_cfn_lint(), str(out / "template.yaml")], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     template = yaml.safe_load((out / "template.yaml").read_text())
@@ -55,7 +45,7 @@ def test_the_context_serves_the_pack_with_the_handler_it_holds(
     signed_pack: Path, keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "lambda"
-    main(["deploy", "lambda", "--pack", str(signed_pack), "--pub", str(keys[1]), "--out", str(out)])
+    _deploy(signed_pack, keys[1], out)
     code = (
         "import json; from bentos.lambda_handler import handler; "
         "print(json.dumps(handler({'inputs': {'x': [[0.1] * 8]}}, None)['model']))"
@@ -80,21 +70,7 @@ def test_a_tampered_pack_is_not_packaged(
     data[-1] ^= 0xFF
     model.write_bytes(bytes(data))
     out = tmp_path / "lambda"
-    assert (
-        main(
-            [
-                "deploy",
-                "lambda",
-                "--pack",
-                str(signed_pack),
-                "--pub",
-                str(keys[1]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 1
-    )
+    assert _deploy(signed_pack, keys[1], out) == 1
     assert not (out / "Dockerfile").exists()
 
 
