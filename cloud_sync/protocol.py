@@ -43,6 +43,10 @@ class Topics:
     def telemetry(self, device: str) -> str:
         return f"{self.prefix}/{device}/telemetry"
 
+    def telemetry_ack(self, device: str) -> str:
+        """Where the ingestion confirms what it has stored (a ``TelemetryAck``)."""
+        return f"{self.prefix}/{device}/telemetry/ack"
+
     # Wildcards for the cloud side.
     def all_status(self) -> str:
         return f"{self.prefix}/+/status"
@@ -98,6 +102,18 @@ class Reply(BaseModel):
     error: str | None = None
 
 
+class Applied(BaseModel):
+    """What a device did with the desired state of one ``generation``: echoed in its status so
+    a controller matches outcomes by these fields, never by clocks or message text."""
+
+    model_config = ConfigDict(extra="forbid")
+    generation: int = Field(ge=0)
+    rollout: str | None = None
+    model: ModelRef
+    outcome: Literal["installed", "failed", "refused", "rolled_back"]
+    reason: str | None = None
+
+
 class Status(_Doc):
     """Retained on ``{prefix}/{device}/status``; the last will sets ``offline``."""
 
@@ -106,7 +122,31 @@ class Status(_Doc):
     state: Literal["online", "offline"]
     model: ModelRef | None = None
     boot_id: str | None = None
+    applied: Applied | None = None  # the last desired generation the device acted on
+    expired: bool = False  # the serving pack is past its expires_at (it keeps serving)
     ts: float = Field(default_factory=time.time)
+
+
+class SignedInstruction(BaseModel):
+    """An instruction signed like a manifest: ed25519 over the exact ``payload`` bytes.
+
+    ``payload`` is the base64 of the JSON bytes of a ``RollbackInstruction``; the device decodes
+    it, checks the signature against its trusted keys, then parses and checks the expiry.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    payload: str = Field(max_length=8192)
+    signature: str = Field(max_length=128)  # base64 of 64 bytes
+
+
+class RollbackInstruction(_Doc):
+    """The authority for one downgrade: ``device`` may go back to ``model`` until ``expires_at``."""
+
+    device: str
+    model: ModelRef
+    rollout: str | None = None
+    issued_at: float
+    expires_at: float
 
 
 class Desired(_Doc):
@@ -116,7 +156,9 @@ class Desired(_Doc):
     model: ModelRef
     url: str | None = None  # where the pack lives; else resolved through the agent's store
     rollout: str | None = None
+    generation: int = Field(default=0, ge=0)  # rises with each desired state a controller sets
     rollback: bool = False  # an aborted rollout sets the previous version back on purpose
+    authorization: SignedInstruction | None = None  # required when ``rollback`` is true
     ts: float = Field(default_factory=time.time)
 
 
@@ -130,6 +172,14 @@ class TelemetryRecord(_Doc):
     ts: float
     kind: str  # heartbeat | inference | update | event | capture
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+class TelemetryAck(_Doc):
+    """On ``{prefix}/{device}/telemetry/ack``: every record of ``boot_id`` up to ``seq`` (the
+    highest contiguous seq) is stored; the device may delete them from its outbox."""
+
+    boot_id: str = Field(min_length=1, max_length=128)
+    seq: int = Field(ge=-1)
 
 
 class TelemetryBatch(_Doc):
