@@ -1,0 +1,87 @@
+"""Signed rollback instructions: the only authority a device accepts for a downgrade.
+
+A ``RollbackInstruction`` says which device may go back to which model version, until when. It
+is signed with the same ed25519 keys as packs, over its exact JSON bytes, and travels as a
+``SignedInstruction`` in a ``rollback`` command or in ``Desired.authorization``. The device
+verifies the signature before it parses the payload, then checks device, model and expiry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Iterable
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from cloud_sync.protocol import ModelRef, RollbackInstruction, SignedInstruction
+from modelpack.errors import SignatureError, first_problem
+from modelpack.signing import TrustedKey, sign, verify
+
+DEFAULT_EXPIRES_IN_S = 24 * 3600.0
+
+
+def sign_rollback(
+    private: Ed25519PrivateKey,
+    device: str,
+    model: ModelRef,
+    *,
+    rollout: str | None = None,
+    expires_in_s: float = DEFAULT_EXPIRES_IN_S,
+    now: float | None = None,
+) -> SignedInstruction:
+    issued = time.time() if now is None else now
+    instruction = RollbackInstruction(
+        device=device,
+        model=ModelRef(name=model.name, version=model.version),
+        rollout=rollout,
+        issued_at=issued,
+        expires_at=issued + expires_in_s,
+    )
+    payload = instruction.model_dump_json().encode()
+    return SignedInstruction(
+        payload=base64.b64encode(payload).decode(),
+        signature=base64.b64encode(sign(payload, private)).decode(),
+    )
+
+
+def verify_rollback(
+    signed: SignedInstruction,
+    trusted: Iterable[TrustedKey],
+    device: str,
+    model: ModelRef,
+    now: float | None = None,
+) -> RollbackInstruction:
+    """The instruction, if a trusted key signed it for this device and model and it is unexpired.
+
+    Raises SignatureError with a one-line reason otherwise.
+    """
+    try:
+        payload = base64.b64decode(signed.payload, validate=True)
+        signature = base64.b64decode(signed.signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError("rollback authorization is not valid base64") from exc
+    try:
+        verify(payload, signature, trusted)
+    except SignatureError as exc:
+        raise SignatureError(f"rollback authorization: {exc}") from exc
+    try:
+        instruction = RollbackInstruction.model_validate_json(payload)
+    except ValidationError as exc:
+        raise SignatureError(
+            f"rollback authorization: {first_problem(exc, 'instruction')}"
+        ) from exc
+    if instruction.device != device:
+        raise SignatureError(
+            f"rollback authorization is for device {instruction.device!r}, not {device!r}"
+        )
+    if (instruction.model.name, instruction.model.version) != (model.name, model.version):
+        raise SignatureError(
+            f"rollback authorization is for {instruction.model.name} "
+            f"v{instruction.model.version}, not {model.name} v{model.version}"
+        )
+    if instruction.expires_at < (time.time() if now is None else now):
+        raise SignatureError("rollback authorization has expired")
+    return instruction
