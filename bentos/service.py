@@ -24,11 +24,13 @@ from starlette.routing import Route
 
 from bentos.endpoint import ModelEndpoint
 from bentos.store import load_stored_pack
-from modelpack import PredictorOptions
+from modelpack import PredictorOptions, logs
 from modelpack.codec import MAX_BODY_BYTES
 from modelpack.errors import ConfigError, InputError
 from modelpack.metrics import InferenceMetrics
 
+# BentoML configured its loggers before importing us: give its handlers our line format.
+logs.reformat_handlers("bentoml", "uvicorn.error", "circus")
 MODEL_TAG = os.environ.get("EDGEBENTO_MODEL", "")
 if not MODEL_TAG:
     raise ConfigError(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modelpack import logs
 from modelpack.errors import AuthError, EdgebentoError
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--key-file", type=Path, help="client key (mTLS)")
     run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    logs.add_argument(run)
     run.set_defaults(func=_run)
     return parser
 
@@ -79,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _flags(args))
     logging.getLogger().setLevel(config.log_level.upper())
+    logs.set_context(device=config.device)
     agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
@@ -98,16 +101,14 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    fmt = logs.install(getattr(args, "log_format", None))
     try:
         return int(args.func(args) or 0)
     except AuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logs.report_error(fmt, "edge_agent", exc)
         return 3  # systemd: RestartPreventExitStatus=3, a wrong password stays wrong
     except EdgebentoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logs.report_error(fmt, "edge_agent", exc)
         return 1
     except KeyboardInterrupt:
         return 130

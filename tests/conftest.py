@@ -13,6 +13,9 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Processes log JSON off a terminal; the tests read their errors as a person would, except the
+# logging tests, which ask for JSON by name.
+os.environ.setdefault("EDGEBENTO_LOG_FORMAT", "text")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from modelpack import logs
 from modelpack.errors import EdgebentoError
+
+# Long-running commands log their progress; the others only warnings and errors.
+INFO_COMMANDS = {"sync", "rollout", "demo"}
 
 # Each module has ``register(subparsers)``, which adds its verbs with ``func`` set.
 COMMAND_MODULES = [
@@ -30,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a model small and fast, then serve the same signed pack everywhere.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    logs.add_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -39,14 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    quiet = logging.INFO if args.command in INFO_COMMANDS else logging.WARNING
+    fmt = logs.install(args.log_format, level=logging.DEBUG if args.verbose else quiet)
     try:
         return int(args.func(args) or 0)
     except EdgebentoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logs.report_error(fmt, "edgebento", exc)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any
 
 from rich.console import Console
@@ -136,7 +137,7 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
             if state.phase in ("completed", "timed_out"):
                 state.phase = "running"  # check again on devices that were offline
         console = Console(stderr=True)
-        console.print(
+        logging.getLogger("edgebento.rollout").info(
             f"rollout {state.id}: {state.name} v{state.version} to {len(state.devices)} devices"
         )
         with Progress(

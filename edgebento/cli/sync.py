@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import threading
 from typing import Any
 
-from rich.console import Console
+log = logging.getLogger("edgebento.sync")
 
 
 def register(sub: Any) -> None:
@@ -54,9 +55,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    console = Console(stderr=True)
     sync.start()
-    console.print(
+    log.info(
         f"syncing telemetry from {args.broker} to {store.url} as {options.client_id}"
         + (f"; /metrics on {args.metrics_addr}:{args.metrics_port}" if args.metrics_port else "")
     )
@@ -65,5 +65,5 @@ def cmd_sync(args: argparse.Namespace) -> int:
             pass
     finally:
         sync.stop()
-        console.print(f"stopped: {sync.stored_records} records in {sync.objects_written} objects")
+        log.info(f"stopped: {sync.stored_records} records in {sync.objects_written} objects")
     return 0
