@@ -5,9 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint unit integration bench mosquitto clean
+.PHONY: setup demo test lint unit integration bench bench-report mosquitto prometheus container-tools clean
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is needed"; exit 1; }
@@ -22,10 +22,17 @@ mosquitto:
 	  echo "installing mosquitto with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
+# Prometheus scrapes the demo's service, agents and sync process and evaluates the alert rules of
+# deploy/observability (promtool comes with it). The demo runs its own on a free loopback port.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing prometheus with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 # buildah, podman, vfs storage, the Debian base image of bentofile.yaml, and promtool, for the
 # bentos tests and `bentoml containerize --backend buildah` (idempotent; seconds when done).
 container-tools: $(STAMP)
-	$(BIN)/python -m bentos.container setup --promtool $(BIN)
+	$(BIN)/python -m tools.container setup --promtool $(BIN)
 
 demo: setup
 	$(BIN)/edgebento demo --workdir build/demo
@@ -34,6 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_import_rules.py
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

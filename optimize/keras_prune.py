@@ -33,7 +33,9 @@ class KerasPruneConfig(PassConfig):
 
 def _loss(model: Any, labels: np.ndarray) -> Any:
     tf = import_tensorflow()
-    activation = getattr(model.layers[-1], "activation", None)
+    last = model.layers[-1]
+    # Under tfmot the last layer is a PruneLowMagnitude wrapper: its activation is the inner one's.
+    activation = getattr(getattr(last, "layer", last), "activation", None)
     from_logits = getattr(activation, "__name__", "") != "softmax"
     if labels.ndim == 1 or labels.shape[-1] == 1:
         return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)

@@ -15,13 +15,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
-from bentos.container import container_env, setup
 from tests.support.agent import make_pack
+from tests.support.containers import (
+    container_root,
+    processes_rooted_in,
+    stop_tree,
+    wait_gone,
+    working_container,
+)
 from tests.support.containers import run_checked as _run
-from tests.support.containers import stop_group, working_container
 from tests.support.services import LOOPBACK, free_port
+from tools.container import container_env, setup
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -57,13 +64,21 @@ def image(
         subprocess.run(["buildah", "rmi", tag], env=env, capture_output=True)
 
 
-def test_the_image_serves_predict_to_the_host(image: tuple[str, dict[str, str], Path]) -> None:
+def test_the_image_serves_predict_to_the_host_and_stops_whole(
+    image: tuple[str, dict[str, str], Path],
+) -> None:
     tag, env, pack = image
     with working_container(tag, env) as ctr:
-        _serve_and_ask(ctr, env, pack)
+        root = container_root(ctr, env)
+        started = _serve_and_ask(ctr, env, pack, root)
+        # Stopping the served container stopped all of it: BentoML's arbiter and its workers.
+        assert len(started) >= 2, f"expected bentoml serve and a worker, saw {started}"
+        assert wait_gone(started) == []
+        assert processes_rooted_in(root) == []
 
 
-def _serve_and_ask(ctr: str, env: dict[str, str], pack: Path) -> None:
+def _serve_and_ask(ctr: str, env: dict[str, str], pack: Path, root: Path) -> list[int]:
+    """Serve, ask, stop; returns the pids that ran under ``buildah run`` while it served."""
     from modelpack import read_samples
 
     port = free_port()
@@ -112,8 +127,10 @@ def _serve_and_ask(ctr: str, env: dict[str, str], pack: Path) -> None:
         )
         bad = httpx.post(url + "/predict", content=b"{")
         assert bad.status_code == 400 and bad.json()["reason"] == "invalid_json"
+        started = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
     finally:
-        stop_group(server)
+        stop_tree(server, root=root)
+    return started
 
 
 def test_the_image_holds_the_serving_set_only(image: tuple[str, dict[str, str], Path]) -> None:

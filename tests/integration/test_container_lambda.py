@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bentos.container import BASE_IMAGE, container_env, setup
 from tests.support.agent import make_pack
-from tests.support.containers import run_checked, stop_group, working_container
+from tests.support.containers import run_checked, stop_tree, working_container
 from tests.support.lambda_runtime import LambdaRuntimeApi
+from tools.container import BASE_IMAGE, container_env, setup
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def runtime(lambda_image: tuple[str, dict[str, str], Path]) -> Iterator[LambdaRu
         try:
             yield api
         finally:
-            stop_group(function)
+            stop_tree(function)
             api.close()
 
 

@@ -1,6 +1,6 @@
 """Container tooling without a Docker engine or Docker Hub: buildah, podman and a Debian base.
 
-``python -m bentos.container setup`` (what ``make container-tools`` runs) makes this machine able
+``python -m tools.container setup`` (what ``make container-tools`` runs) makes this machine able
 to run ``bentoml containerize --backend buildah``, once and idempotently:
 
 1. installs buildah, podman and debootstrap with apt-get when one is missing;
@@ -76,7 +76,7 @@ def ensure_storage_conf(path: Path = STORAGE_CONF) -> bool:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        "# Written by edgebento (bentos/container.py): no overlay support on these machines.\n"
+        "# Written by edgebento (tools/container.py): no overlay support on these machines.\n"
         '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\n'
         'graphroot = "/var/lib/containers/storage"\n'
     )
@@ -192,7 +192,7 @@ def setup(promtool_dir: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bentos.container")
+    parser = argparse.ArgumentParser(prog="python -m tools.container")
     parser.add_argument("command", choices=["setup"], help="install tools and build the base image")
     parser.add_argument("--promtool", type=Path, metavar="DIR", help="also put promtool in DIR")
     args = parser.parse_args(argv)

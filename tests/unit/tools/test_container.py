@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from bentos import container
+from tools import container
 
 
 def test_the_storage_conf_is_written_once_with_vfs(tmp_path: Path) -> None:

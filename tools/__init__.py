@@ -1,0 +1,1 @@
+"""Development tooling (container setup, benchmark reports): not part of the shipped packages."""
