@@ -52,9 +52,14 @@ integration: setup
 test: setup lint container-tools
 	$(BIN)/pytest tests
 
+# Runs every benchmark, then writes docs/benchmarks.md and the README's table from the results.
 bench: setup
 	$(BIN)/python -m pip install --quiet -e '.[all,test,bench]'
 	$(BIN)/python -m benchmarks
+
+# Only the rewriting, from the results already in benchmarks/results/.
+bench-report: $(STAMP)
+	$(BIN)/python -m benchmarks report
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

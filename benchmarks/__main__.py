@@ -1,4 +1,6 @@
-"""``python -m benchmarks [NAME ...]``: run the benchmarks and print their headline figures."""
+"""``python -m benchmarks [NAME ...]``: run the benchmarks, print their headline figures and
+rewrite docs/benchmarks.md and the README's table from every result (``python -m benchmarks
+report`` does only the rewriting)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import report
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -28,9 +32,15 @@ def available() -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument(
-        "names", nargs="*", help=f"which to run (default all): {', '.join(available())}"
+        "names",
+        nargs="*",
+        help=f"which to run (default all): {', '.join(available())}; or 'report' alone",
     )
     args = parser.parse_args()
+    if args.names == ["report"]:
+        report.write()
+        print(f"wrote {report.DOC} and the table of {report.README} from {RESULTS}/")
+        return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     console = Console()
     table = Table(title="benchmarks")
@@ -58,6 +68,7 @@ def main() -> int:
             # Benchmarks set EDGEBENTO_* variables for what they start; the next starts clean.
             os.environ.clear()
             os.environ.update(environ)
+        result["machine"] = report.machine()
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         met = result.get("targets_met")
         table.add_row(
@@ -67,7 +78,8 @@ def main() -> int:
             f"{time.perf_counter() - start:.0f}",
         )
     console.print(table)
-    console.print(f"results in {RESULTS}/")
+    report.write()
+    console.print(f"results in {RESULTS}/; figures in {report.DOC} and {report.README}")
     # A missed target is reported in the table and the JSON; only a benchmark that broke fails.
     return 1 if failed else 0
 

@@ -1,0 +1,371 @@
+"""One source for every figure: ``docs/benchmarks.md`` and the README's short table, both written
+from ``benchmarks/results/*.json``, so that no number is typed by hand and none can disagree.
+
+``python -m benchmarks report`` rewrites both (``make bench`` does it after running); the test
+``tests/unit/test_benchmark_report.py`` fails when either is out of date with the JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+DOC = REPO / "docs" / "benchmarks.md"
+README = REPO / "README.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+MISSING = "—"
+
+
+def machine() -> dict[str, Any]:
+    """What a figure was measured on: recorded into every result by ``python -m benchmarks``."""
+    cpu, flags = platform.processor() or "unknown CPU", set()
+    with _suppress_os():
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", info).group(1).strip()  # type: ignore[union-attr]
+        flags = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split())  # type: ignore[union-attr]
+    memory_gb = None
+    with _suppress_os():
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))  # type: ignore[union-attr]
+        memory_gb = round(kb / 1024 / 1024, 1)
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "isa": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "amx_tile", "neon"}),
+        "memory_gb": memory_gb,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        # Other work on the same cores moves the figures: the load says how much there was.
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2)
+        if hasattr(os, "getloadavg")
+        else None,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _suppress_os() -> contextlib.suppress:
+    # Not Linux, or a /proc without the line: the description says less, the run goes on.
+    return contextlib.suppress(OSError, AttributeError, ValueError)
+
+
+def describe_machine(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "machine not recorded in this result (measured before `make bench` recorded it)"
+    isa = f", {'/'.join(m['isa']).upper()}" if m.get("isa") else ""
+    mem = f", {m['memory_gb']} GB RAM" if m.get("memory_gb") else ""
+    return (
+        f"{m.get('cpu')}, {m.get('logical_cores')} logical cores{isa}{mem}, {m.get('os')}, "
+        f"Python {m.get('python')}, {m.get('measured_at', '')[:10]}"
+        + (
+            f", load average {m['load_average_1m_at_end']} at the end"
+            if m.get("load_average_1m_at_end") is not None
+            else ""
+        )
+    )
+
+
+# --- reading figures ---------------------------------------------------------------------------
+
+
+def get(doc: dict[str, Any], path: str) -> Any:
+    """``doc["a"]["b"]`` for ``"a.b"``; None when any step is missing."""
+    cur: Any = doc
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def num(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return MISSING if value is None else str(value)
+    return format(value, fmt)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of edgebento beside the baseline measured in the same run."""
+
+    what: str
+    ours: str
+    baseline: str
+    baseline_name: str
+    target: str = ""
+
+
+def _ratio(doc: dict[str, Any], a: str, b: str) -> float | None:
+    x, y = get(doc, a), get(doc, b)
+    return x / y if isinstance(x, int | float) and isinstance(y, int | float) and y else None
+
+
+def _drop(doc: dict[str, Any], variant: str) -> float | None:
+    fp32, ours = (
+        get(doc, "side_by_side.fp32.accuracy"),
+        get(doc, f"side_by_side.{variant}.accuracy"),
+    )
+    return (fp32 - ours) * 100 if isinstance(fp32, float) and isinstance(ours, float) else None
+
+
+def _optimize_minilm(d: dict[str, Any]) -> list[Figure]:
+    s = "side_by_side"
+    return [
+        Figure("speed, x FP32", num(get(d, f"{s}.edgebento.speedup"), ".2f") + "x",
+               num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f") + "x", "`quantize_dynamic` defaults", ">= 1.7x"),
+        Figure("pooled cosine_min vs FP32", num(get(d, f"{s}.edgebento.cosine_min"), ".3f"),
+               num(get(d, f"{s}.quantize_dynamic.cosine_min"), ".3f"), "`quantize_dynamic` defaults", ">= 0.99"),
+        Figure("size, MB", num(_mb(get(d, f"{s}.edgebento.size_bytes")), ".1f"),
+               num(_mb(get(d, f"{s}.fp32.size_bytes")), ".1f"), "FP32"),
+    ]  # fmt: skip
+
+
+def _optimize_digits(d: dict[str, Any]) -> list[Figure]:
+    s = "side_by_side"
+    gz = lambda v: _ratio(d, f"{s}.{v}.gzip_bytes", f"{s}.fp32.gzip_bytes")  # noqa: E731
+    return [
+        Figure("speed, x FP32", num(get(d, f"{s}.edgebento.speedup"), ".2f") + "x",
+               num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f") + "x", "`quantize_dynamic`"),
+        Figure("accuracy drop, points", num(_drop(d, "edgebento"), ".2f"),
+               num(_drop(d, "quantize_dynamic"), ".2f"), "`quantize_dynamic`", "<= 1"),
+        Figure("gzip size, x FP32", num(gz("edgebento"), ".3f") + "x",
+               num(gz("quantize_dynamic"), ".3f") + "x", "`quantize_dynamic`", "<= 0.15x"),
+        Figure("structured-pruned latency, x FP32", num(get(d, "structured_pruned_latency_ratio"), ".2f") + "x",
+               "1.00x", "FP32", "<= 0.5x"),
+    ]  # fmt: skip
+
+
+def _optimize_cnn(d: dict[str, Any]) -> list[Figure]:
+    s = "side_by_side"
+    return [
+        Figure(f"chosen ({d.get('right_family', '?')} is right)", str(d.get("chosen", MISSING)),
+               "", "", "the right family"),
+        Figure("best static QDQ, x FP32", num(get(d, f"{s}.best_static.speedup"), ".2f") + "x",
+               num(get(d, f"{s}.best_dynamic.speedup"), ".2f") + "x", "best dynamic"),
+        Figure("`quantize_dynamic` defaults, x FP32", num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f") + "x",
+               "1.00x", "FP32"),
+    ]  # fmt: skip
+
+
+def _serving_mlp(d: dict[str, Any]) -> list[Figure]:
+    e, f = "figures.edgebento", "figures.flask"
+    return [
+        Figure("requests/s, 64 clients", num(get(d, f"{e}.clients_64.requests_per_s"), ",.0f"),
+               num(get(d, f"{f}.clients_64.requests_per_s"), ",.0f"), "Flask + onnxruntime", ">= Flask"),
+        Figure("p99 ms, 64 clients", num(get(d, f"{e}.clients_64.p99_ms"), ".1f"),
+               num(get(d, f"{f}.clients_64.p99_ms"), ".1f"), "Flask + onnxruntime", "<= 50"),
+        Figure("p50 ms, 1 client", num(get(d, f"{e}.clients_1.p50_ms"), ".2f"),
+               num(get(d, f"{f}.clients_1.p50_ms"), ".2f"), "Flask + onnxruntime", "<= 3"),
+        Figure("non-2xx answers", num(get(d, f"{e}.clients_64.non_2xx"), "d"),
+               num(get(d, f"{f}.clients_64.non_2xx"), "d"), "Flask + onnxruntime", "0"),
+    ]  # fmt: skip
+
+
+def _serving_minilm(d: dict[str, Any]) -> list[Figure]:
+    f = "figures"
+    return [
+        Figure("sentences/s", num(get(d, f"{f}.edgebento_int8.requests_per_s"), ",.0f"),
+               num(get(d, f"{f}.flask_fp32_padded64.requests_per_s"), ",.0f"), "Flask FP32", ">= 4x Flask"),
+        Figure("share of raw onnxruntime", num(get(d, "fraction_of_raw_onnxruntime"), ".0%"),
+               "100%", "raw onnxruntime, same batches", ">= 70%"),
+        Figure("cosine_min vs FP32", num(get(d, f"{f}.fidelity_int8_vs_fp32.cosine_min"), ".3f"),
+               "1.000", "FP32", ">= 0.99"),
+    ]  # fmt: skip
+
+
+def _lambda(d: dict[str, Any]) -> list[Figure]:
+    f = "figures"
+    return [
+        Figure("cold start s (median, MiniLM int8)", num(get(d, f"{f}.cold_start_minilm_int8.total_median_s"), ".2f"),
+               "", "", "<= 1.5"),
+        Figure("cold start s (median, digits MLP)", num(get(d, f"{f}.cold_start_mlp.total_median_s"), ".2f"),
+               "", "", "<= 1.5"),
+        Figure("warm overhead µs per call", num(get(d, f"{f}.warm_mlp.overhead_direct_us"), ".0f"),
+               num(get(d, f"{f}.warm_mlp.raw_onnxruntime_us"), ".0f"), "raw session.run", "<= 1000"),
+    ]  # fmt: skip
+
+
+def _agent(d: dict[str, Any]) -> list[Figure]:
+    return [
+        Figure("MQTT round trip p50 / p99 ms",
+               f"{num(get(d, 'round_trip_ms.p50'), '.2f')} / {num(get(d, 'round_trip_ms.p99'), '.2f')}",
+               f"{num(get(d, 'baseline_in_process_ms.p50'), '.3f')} / {num(get(d, 'baseline_in_process_ms.p99'), '.3f')}",
+               "in-process call", "<= 2 / 10"),
+        Figure("inferences/s pipelined", num(get(d, "pipelined.per_s"), ",.0f"), "", "", ">= 2,000"),
+        Figure("failed during swaps", f"{num(get(d, 'swap_under_load.failed'), 'd')} of "
+               f"{num(get(d, 'swap_under_load.requests'), ',d')}", "", "", "0"),
+        Figure("RSS MB, loaded and connected", num(get(d, "agent_rss_mb.after_load_and_swaps"), ".0f"),
+               num(get(d, "rss_floor.runtime_mqtt_outbox_session.rss_mb"), ".0f"),
+               "the same runtime, MQTT, outbox and session without edgebento", "<= 70"),
+    ]  # fmt: skip
+
+
+def _ingest(d: dict[str, Any]) -> list[Figure]:
+    b = "baseline_one_object_per_message"
+    return [
+        Figure("records/s into S3 (moto)", num(get(d, "sync.records_per_s"), ",.0f"),
+               num(get(d, f"{b}.records_per_s"), ",.0f"), "one object per message", ">= 5,000"),
+        Figure("objects per 10,000 records", num(get(d, "sync.objects_per_10k_records"), ".1f"),
+               num(get(d, f"{b}.objects_per_10k_records"), ".0f"), "one object per message"),
+        Figure("stored exactly once", str(get(d, "sync.stored_exactly_once")), "", "", "True"),
+    ]  # fmt: skip
+
+
+def _mb(value: Any) -> float | None:
+    return value / 1e6 if isinstance(value, int | float) else None
+
+
+FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
+    "optimize_minilm": _optimize_minilm,
+    "optimize_digits": _optimize_digits,
+    "optimize_cnn": _optimize_cnn,
+    "serving_mlp": _serving_mlp,
+    "serving_minilm": _serving_minilm,
+    "lambda": _lambda,
+    "agent": _agent,
+    "ingest": _ingest,
+}
+
+
+def load_results(results: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def figures_of(name: str, doc: dict[str, Any]) -> list[Figure]:
+    """The comparison figures; a result of unknown shape falls back to its own headline."""
+    picked = [
+        replace(f, baseline="" if f.baseline.startswith(MISSING) else f.baseline)
+        for f in FIGURES.get(name, lambda _: [])(doc)
+        if not f.ours.startswith(MISSING)
+    ]
+    return picked or [Figure("headline", str(doc.get("headline", MISSING)), "", "")]
+
+
+# The README's short table shows these figures of each benchmark (the first one otherwise).
+HEADLINES = {
+    "optimize_minilm": ("speed, x FP32", "pooled cosine_min vs FP32"),
+    "optimize_digits": ("speed, x FP32", "accuracy drop, points"),
+    "serving_mlp": ("requests/s, 64 clients", "p99 ms, 64 clients"),
+    "lambda": ("cold start s (median, MiniLM int8)", "warm overhead µs per call"),
+    "agent": ("MQTT round trip p50 / p99 ms", "RSS MB, loaded and connected"),
+}
+
+
+def headlines_of(name: str, doc: dict[str, Any]) -> list[Figure]:
+    figures = figures_of(name, doc)
+    return [f for f in figures if f.what in HEADLINES.get(name, ())] or figures[:1]
+
+
+def _met(doc: dict[str, Any]) -> str:
+    return {True: "met", False: "**not met**"}.get(doc.get("targets_met"), MISSING)  # type: ignore[arg-type]
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def readme_table(results: dict[str, dict[str, Any]]) -> str:
+    """The README's short table: the headline figures, each beside its baseline."""
+    lines = [
+        "| benchmark | figure | edgebento | baseline in the same run | target | all targets |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, doc in results.items():
+        for i, f in enumerate(headlines_of(name, doc)):
+            base = f"{f.baseline} ({f.baseline_name})" if f.baseline else MISSING
+            met = _met(doc) if i == 0 else ""
+            lines.append(
+                f"| `{name}` | {f.what} | {f.ours} | {base} | {f.target or MISSING} | {met} |"
+            )
+    return "\n".join(lines)
+
+
+def readme_section(results: dict[str, dict[str, Any]]) -> str:
+    machines = {describe_machine(doc.get("machine")) for doc in results.values()}
+    where = machines.pop() if len(machines) == 1 else "the machines named in docs/benchmarks.md"
+    return (
+        f"{START}\n<!-- generated by `python -m benchmarks report` from benchmarks/results/*.json; "
+        f"do not edit -->\n{readme_table(results)}\n\nMeasured on {where}. Every figure, its "
+        f"baseline and the machine: [docs/benchmarks.md](docs/benchmarks.md).\n{END}"
+    )
+
+
+def benchmarks_doc(results: dict[str, dict[str, Any]]) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by `python -m benchmarks report` from benchmarks/results/*.json; "
+        "do not edit -->",
+        "",
+        "`make bench` runs every module `benchmarks/bench_*.py`, writes its JSON to "
+        "`benchmarks/results/` and then this page. Each figure stands beside the baseline the "
+        "same run measured, so both saw the same machine under the same load. The machines were "
+        "shared with other work while they ran: treat differences of a few percent as noise.",
+        "",
+    ]
+    for name, doc in results.items():
+        out += [f"## `{name}`", "", f"Targets: {_met(doc)}. {doc.get('headline', '')}".rstrip(), ""]
+        out += [f"Measured on {describe_machine(doc.get('machine'))}.", ""]
+        out += ["| figure | edgebento | baseline | baseline is | target |", "|---|---|---|---|---|"]
+        for f in figures_of(name, doc):
+            out.append(
+                f"| {f.what} | {f.ours} | {f.baseline or MISSING} | {f.baseline_name or MISSING} "
+                f"| {f.target or MISSING} |"
+            )
+        for key, rows in doc.items():
+            if _flat_rows(rows):
+                out += ["", f"`{key}`:", "", *_table(rows)]
+        notes = [
+            _plain(doc[k])
+            for k in ("setup", "load_generator", "note", "model", "batch")
+            if k in doc
+        ]
+        if notes:
+            out += ["", "Setup: " + "; ".join(notes) + "."]
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _flat_rows(value: Any) -> bool:
+    """A list of records with scalar fields only (such as the agent's ``rss_breakdown``)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(r, dict) for r in value)
+        and all(not isinstance(v, dict | list) for r in value for v in r.values())
+    )
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+        *("| " + " | ".join(str(r.get(k, MISSING)) for k in keys) + " |" for r in rows),
+    ]
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
+def splice_readme(text: str, section: str) -> str:
+    if START not in text or END not in text:
+        raise ValueError(f"README.md has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    return head + section + rest.split(END, 1)[1]
+
+
+def write(results_dir: Path = RESULTS, doc: Path = DOC, readme: Path = README) -> None:
+    results = load_results(results_dir)
+    doc.write_text(benchmarks_doc(results))
+    readme.write_text(splice_readme(readme.read_text(), readme_section(results)))
