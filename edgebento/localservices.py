@@ -1,4 +1,4 @@
-"""A Mosquitto broker of our own on a free loopback port, for the demo and the tests."""
+"""Mosquitto and Prometheus of our own on free loopback ports, for the demo and the tests."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 
@@ -54,6 +55,8 @@ class Mosquitto:
     prefix: str = "edgebento"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # Off, a kill -9 loses every retained message and queued session: the harsh setting.
+    persistence: bool = True
 
     @property
     def url(self) -> str:
@@ -63,7 +66,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"listener {self.port} {LOOPBACK}",
-            "persistence true",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
             "max_queued_messages 100000",
@@ -133,3 +136,129 @@ def running_mosquitto(workdir: Path, users: dict[str, str] | None = None) -> Ite
         yield broker
     finally:
         broker.stop()
+
+
+OBSERVABILITY = Path(__file__).resolve().parent.parent / "deploy" / "observability"
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if not found:
+        raise RuntimeError(
+            "prometheus is not installed: run 'make demo' or 'make test', which install it"
+        )
+    return found
+
+
+@dataclass
+class Prometheus:
+    """Debian's Prometheus on a free loopback port, with the rules of deploy/observability.
+
+    ``targets`` maps a job name to its ``(host:port, labels)`` targets. Scrapes and rule
+    evaluations run every ``interval`` so that a short run already has data to show.
+    """
+
+    workdir: Path
+    targets: dict[str, list[tuple[str, dict[str, str]]]]
+    rules: Path = OBSERVABILITY / "rules" / "edgebento.rules.yml"
+    interval: str = "1s"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def _write_config(self) -> Path:
+        import json
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        jobs = [
+            {
+                "job_name": job,
+                "static_configs": [{"targets": [t], "labels": labels} for t, labels in targets],
+            }
+            for job, targets in self.targets.items()
+        ]
+        config = {
+            "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
+            "rule_files": [str(self.rules)],
+            "scrape_configs": jobs,
+        }
+        path = self.workdir / "prometheus.yml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        return path
+
+    def start(self) -> Prometheus:
+        config = self._write_config()
+        self.process = subprocess.Popen(
+            [
+                prometheus_binary(),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.workdir / "prometheus.log").open("ab"),
+        )
+        wait_for_port(self.port, timeout=30)
+        return self
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/PATH; the ``data`` of a successful answer."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            doc = json.loads(response.read())
+        if doc.get("status") != "success":
+            raise RuntimeError(f"prometheus {path}: {doc.get('error')}")
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query; the result vector (a scalar comes back as one sample)."""
+        data = self.api("query", query=expr)
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        return list(data["result"])
+
+    def alerts(self) -> dict[str, str]:
+        """Every alert rule and its state: ``inactive``, ``pending`` or ``firing``."""
+        groups = self.api("rules", type="alert")["groups"]
+        return {r["name"]: r["state"] for g in groups for r in g["rules"]}
+
+    def unhealthy_rules(self) -> dict[str, str]:
+        groups = self.api("rules")["groups"]
+        return {
+            r["name"]: r.get("lastError", "")
+            for g in groups
+            for r in g["rules"]
+            if r.get("health") not in ("ok", "unknown")
+        }
+
+    def wait_scraped(self, timeout: float = 60.0) -> None:
+        """Until every target has been scraped successfully at least once."""
+        expected = sum(len(t) for t in self.targets.values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, RuntimeError):
+                active = self.api("targets")["activeTargets"]
+                if len(active) >= expected and all(t["health"] == "up" for t in active):
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"prometheus did not scrape every target: {self.api('targets')}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None

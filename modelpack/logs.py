@@ -28,6 +28,8 @@ FORMATS = ("json", "text")
 ENV_FORMAT = "EDGEBENTO_LOG_FORMAT"
 # The optional keys, in the order they are written.
 CONTEXT_KEYS = ("device", "model", "request_id", "trace_id", "rollout")
+# Libraries that log every HTTP request at INFO: only their warnings, unless debugging.
+CHATTY = ("httpx", "httpcore", "urllib3", "botocore", "boto3", "s3transfer")
 _process_context: dict[str, str] = {}
 _bound: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "edgebento_log_context", default=None
@@ -129,6 +131,8 @@ def install(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_thread

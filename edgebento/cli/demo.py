@@ -1,4 +1,4 @@
-"""``edgebento demo``: the whole path end to end on this machine (what ``make demo`` runs)."""
+"""``edgebento demo``: the whole story end to end (what ``make demo`` runs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    demo = sub.add_parser("demo", help="run the whole path end to end on this machine")
+    demo = sub.add_parser("demo", help="run the whole story end to end on local services")
     demo.add_argument(
         "--workdir", type=Path, default=Path("build/demo"), help="where it all goes (wiped first)"
     )
