@@ -146,6 +146,7 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
             MofNCompleteColumn(),
             console=console,
             transient=True,
+            disable=not console.is_terminal,  # off a terminal, stderr carries only log records
         ) as bar:
             task = bar.add_task("devices on the new version", total=len(state.devices))
 
