@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from modelpack.errors import EdgebentoError
 
+log = logging.getLogger("edgebento")
+
 # Each module has ``register(subparsers)``, which adds its verbs with ``func`` set.
 COMMAND_MODULES = [
     "edgebento.cli.pack",
@@ -46,10 +48,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EdgebentoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except KeyboardInterrupt:
         return 130
+    except MemoryError as exc:  # numpy's says how much it wanted: worth keeping
+        log.debug("out of memory", exc_info=True)
+        return _fail(f"out of memory: {_first_line(exc) or 'an allocation failed'}")
+    except Exception as exc:  # a bug or a library's own error: one line, the traceback on -v
+        log.debug("unexpected error", exc_info=True)
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        return _fail(f"{type(exc).__name__}: {_first_line(exc)}{hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
