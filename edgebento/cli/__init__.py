@@ -10,8 +10,6 @@ from collections.abc import Sequence
 
 from modelpack.errors import EdgebentoError
 
-log = logging.getLogger("edgebento")
-
 # Each module has ``register(subparsers)``, which adds its verbs with ``func`` set.
 COMMAND_MODULES = [
     "edgebento.cli.pack",
@@ -52,12 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except MemoryError as exc:  # numpy's says how much it wanted: worth keeping
-        log.debug("out of memory", exc_info=True)
-        return _fail(f"out of memory: {_first_line(exc) or 'an allocation failed'}")
+        return _fail(f"out of memory: {_first_line(exc) or 'an allocation failed'}", args.verbose)
     except Exception as exc:  # a bug or a library's own error: one line, the traceback on -v
-        log.debug("unexpected error", exc_info=True)
         hint = "" if args.verbose else " (run with -v for the traceback)"
-        return _fail(f"{type(exc).__name__}: {_first_line(exc)}{hint}")
+        return _fail(f"{type(exc).__name__}: {_first_line(exc)}{hint}", args.verbose)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -65,7 +61,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, traceback: bool = False) -> int:
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 1
 
