@@ -26,6 +26,7 @@ from modelpack.errors import ConfigError
 PORT = 3000
 BENTO_UID = 1034  # the user `bentoml containerize` creates and runs as (BENTO_USER_UID)
 TMP = "/tmp"
+BENTOML_HOME = f"{TMP}/bentoml"
 K8S_DIR = "k8s"
 BENTOCLOUD_DIR = "bentocloud"
 
@@ -115,7 +116,14 @@ CONTAINER_SECURITY = {
 
 
 def _container(o: K8sOptions) -> dict[str, Any]:
-    env = [{"name": "EDGEBENTO_MODEL", "value": o.model}, {"name": "TMPDIR", "value": TMP}]
+    env = [
+        {"name": "EDGEBENTO_MODEL", "value": o.model},
+        {"name": "TMPDIR", "value": TMP},
+        # BentoML creates bentos/, models/, envs/ and its Prometheus directory under its home
+        # at every start; the image's home (/home/bentoml) is read-only, so it goes to /tmp.
+        # The bento itself stays where the image has it (BENTO_PATH).
+        {"name": "BENTOML_HOME", "value": BENTOML_HOME},
+    ]
     env += [{"name": k, "value": v} for k, v in sorted(o.extra_env.items())]
     return {
         "name": "bento",
