@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 
 from modelpack.errors import ConfigError
 
-DEFAULT_LIMIT = 4 << 30  # bytes of arrays one data file may hold in memory
+DEFAULT_LIMIT = 2 << 30  # bytes of arrays one data file may bring into memory
 LIMIT_ENV = "EDGEBENTO_MAX_DATA_BYTES"
 CHUNK = 4 << 20  # read in pieces: no second full-size buffer beside the array
 MAX_HEADER = 10_000  # numpy's own bound on a .npy header
@@ -52,6 +53,9 @@ def check_fits(what: str, shape: Iterable[int], dtype: np.dtype, limit: int | No
     if any(d < 0 for d in dims):
         raise ConfigError(f"{what} has a negative dim in {dims}")
     size = nbytes(dims, np.dtype(dtype))
+    if math.prod(d for d in dims if d) * np.dtype(dtype).itemsize > sys.maxsize:
+        # No array has such dims, not even an empty one: numpy cannot index it.
+        raise ConfigError(f"{what} has dims {dims} past what any array can have")
     cap = data_limit() if limit is None else limit
     if size > cap:
         raise ConfigError(

@@ -53,8 +53,10 @@ def _sidecar(source: Path, root: Path, location: str) -> Path:
     path = (root / location).resolve()
     if not path.is_relative_to(root) or path == root:
         raise ConfigError(f"{where} leads out of the model's directory {root}; it is not read")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{where} is missing (looked for {path})")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"{where} is not a regular file")
     return path
 
 

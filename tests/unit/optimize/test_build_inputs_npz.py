@@ -78,11 +78,13 @@ def test_a_header_claiming_more_than_its_member_holds_is_refused(
     path = tmp_path / "claims.npz"
     _write_members(path, {"x.npy": _npy_header(dtype, shape, fortran) + b"\x01" * held})
     need = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+    itemsize = np.dtype(dtype).itemsize
+    indexable = int(np.prod([d for d in shape if d], dtype=object)) * itemsize < 2**63
     arrays = open_npz(path, limit=1 << 20)
-    if need <= held and need <= 1 << 20:
+    if need <= held and need <= 1 << 20 and indexable:
         assert arrays["x"].shape == shape
     else:
-        with pytest.raises(ConfigError, match=r"claims|cap"):
+        with pytest.raises(ConfigError, match=r"claims|cap|past what any array"):
             arrays["x"]
 
 
