@@ -44,12 +44,14 @@ try:
 except Exception as exc:
     print("refused:", exc)
 """
+# VmHWM: the peak of this process image alone (ru_maxrss would count the parent's at fork).
 MEASURE = """
-import resource, sys, json
+import json, re, sys
 sys.argv = sys.argv[1:]
 code = sys.argv[0]
 exec(compile(open(code).read(), code, "exec"))
-print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+print(json.dumps({"rss_mib": int(peak) / 1024}))
 """
 
 
