@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
         "source",
         type=Path,
         metavar="SOURCE",
-        help=".onnx, .keras/.h5, SavedModel dir, TorchScript .pt",
+        help=".onnx or zip .keras; .h5, SavedModel dir, TorchScript .pt with --trust-model-code",
     )
     p.add_argument("--out", type=Path, required=True, help="the pack directory to write")
     p.add_argument("--name", help="pack name (default: the source's file name)")
