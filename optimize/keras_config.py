@@ -48,6 +48,10 @@ def _read_config(source: Path) -> Any:
             return json.loads(archive.read(info))
     except KeyError as exc:
         raise ConfigError(f"{source.name} is a zip but not a .keras model (no {CONFIG})") from exc
+    except RecursionError as exc:  # nesting no Keras model has
+        raise ConfigError(
+            f"{source.name}: its {CONFIG} is nested too deeply to be a model"
+        ) from exc
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:
         raise ConfigError(f"{source.name}: cannot read its {CONFIG}: {exc}") from exc
 
