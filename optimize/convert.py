@@ -109,7 +109,7 @@ def _keras_path(source: Path, trust_model_code: bool, tmp: Path) -> Path:
     if zipfile.is_zipfile(source):
         if not trust_model_code:
             check_keras_config(source)
-        if source.suffix.lower() == ".keras":
+        if str(source).endswith(".keras"):  # the test Keras applies, case and all
             return source
         named = tmp / "model.keras"  # a zip named .h5 would go to the HDF5 loader
         named.symlink_to(source.resolve())
