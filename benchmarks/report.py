@@ -219,6 +219,15 @@ def _ingest(d: dict[str, Any]) -> list[Figure]:
     ]  # fmt: skip
 
 
+def _build_inputs(d: dict[str, Any]) -> list[Figure]:
+    return [
+        Figure("peak RSS MiB reading a 1 MB .npz bomb", num(get(d, "new_reader.rss_mib"), ".0f"),
+               num(get(d, "baseline_old_reader.rss_mib"), ".0f"), "the reader before", "arrays not used are never read"),
+        Figure("peak RSS MiB refusing an array over the cap", num(get(d, "over_the_cap.rss_mib"), ".0f"),
+               "", "", "refused small"),
+    ]  # fmt: skip
+
+
 def _mb(value: Any) -> float | None:
     return value / 1e6 if isinstance(value, int | float) else None
 
@@ -232,6 +241,7 @@ FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "lambda": _lambda,
     "agent": _agent,
     "ingest": _ingest,
+    "build_inputs": _build_inputs,
 }
 
 

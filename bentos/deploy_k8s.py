@@ -1,8 +1,17 @@
 """Kubernetes manifests and a BentoCloud deployment config for a containerized bento.
 
-Written files: ``deployment.yaml``, ``service.yaml``, and either ``hpa.yaml`` (CPU, autoscaling/v2)
-or, with KEDA, ``scaledobject.yaml`` (Prometheus request rate; KEDA owns the HPA it creates, so a
-second HPA on the same Deployment would fight it), plus ``bentocloud.yaml`` with the same scaling.
+Written, under ``--out``: ``k8s/`` with ``deployment.yaml``, ``service.yaml`` and either
+``hpa.yaml`` (CPU, autoscaling/v2) or, with KEDA, the objects of ``bentos.deploy_keda`` (KEDA owns
+the HPA it creates, so a second HPA on the same Deployment would fight it); and
+``bentocloud/bentocloud.yaml`` with the same scaling, apart, so ``kubectl apply -f k8s/`` reads
+Kubernetes objects only.
+
+The pods meet the "restricted" Pod Security Standard: non-root (BentoML's image user, uid 1034),
+no privilege escalation, every capability dropped, seccomp RuntimeDefault, no service-account
+token, and a read-only root filesystem. What BentoML writes at start (its Prometheus
+multiprocess directory, falling back to a temporary one, and the servers' sockets) goes to an
+emptyDir at /tmp. The Deployment has no ``replicas``: the autoscaler owns the count, and an apply
+that set it would reset it.
 """
 
 from __future__ import annotations
@@ -15,7 +24,11 @@ from typing import Any
 from modelpack.errors import ConfigError
 
 PORT = 3000
-REQUEST_RATE_QUERY = 'sum(rate(edgebento_requests_total{{namespace="{ns}",app="{app}"}}[1m]))'
+BENTO_UID = 1034  # the user `bentoml containerize` creates and runs as (BENTO_USER_UID)
+TMP = "/tmp"
+BENTOML_HOME = f"{TMP}/bentoml"
+K8S_DIR = "k8s"
+BENTOCLOUD_DIR = "bentocloud"
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,10 @@ class K8sOptions:
     keda: bool = False
     prometheus_url: str = "http://prometheus-server.monitoring.svc:80"
     requests_per_replica: int = 200  # KEDA's target request rate per replica
+    keda_http_host: str | None = None  # scale from zero through KEDA's HTTP add-on
+    keda_namespace: str = "keda"  # where the HTTP add-on's interceptor runs
+    activation_query: str | None = None  # a Prometheus query that exists at zero pods
+    tmp_size: str = "1Gi"  # the emptyDir at /tmp
     instance_type: str = "cpu.2"  # BentoCloud
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -46,6 +63,21 @@ class K8sOptions:
             raise ConfigError("--max must be at least --min and at least 1")
         if not 1 <= self.cpu_target <= 100:
             raise ConfigError("--cpu-target is a percentage between 1 and 100")
+        if (self.keda_http_host or self.activation_query) and not self.keda:
+            raise ConfigError("--keda-http and --activation-query are KEDA triggers: add --keda")
+        if self.keda_http_host and self.activation_query:
+            raise ConfigError("give --keda-http or --activation-query, not both")
+        if (
+            self.keda
+            and self.min_replicas == 0
+            and not (self.keda_http_host or self.activation_query)
+        ):
+            raise ConfigError(
+                "--min 0 with --keda needs a trigger that exists at zero pods: the pods' own"
+                " request rate stops with the last pod, so nothing would scale it up again;"
+                " pass --keda-http HOST (KEDA's HTTP add-on) or --activation-query PROMQL"
+                " (a metric from upstream, such as the ingress controller's requests)"
+            )
 
     @property
     def app(self) -> str:
@@ -68,11 +100,32 @@ def _probe(path: str, period: int) -> dict[str, Any]:
     }
 
 
-def deployment(o: K8sOptions) -> dict[str, Any]:
-    labels = {"app": o.app, "app.kubernetes.io/part-of": "edgebento"}
-    env = [{"name": "EDGEBENTO_MODEL", "value": o.model}]
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": BENTO_UID,
+    "runAsGroup": BENTO_UID,
+    "fsGroup": BENTO_UID,  # the emptyDir is writable by the bento's group
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _container(o: K8sOptions) -> dict[str, Any]:
+    env = [
+        {"name": "EDGEBENTO_MODEL", "value": o.model},
+        {"name": "TMPDIR", "value": TMP},
+        # BentoML creates bentos/, models/, envs/ and its Prometheus directory under its home
+        # at every start; the image's home (/home/bentoml) is read-only, so it goes to /tmp.
+        # The bento itself stays where the image has it (BENTO_PATH).
+        {"name": "BENTOML_HOME", "value": BENTOML_HOME},
+    ]
     env += [{"name": k, "value": v} for k, v in sorted(o.extra_env.items())]
-    container = {
+    return {
         "name": "bento",
         "image": o.image_ref,
         "args": ["bentoml", "serve", "--port", str(PORT)],
@@ -82,27 +135,39 @@ def deployment(o: K8sOptions) -> dict[str, Any]:
             "requests": {"cpu": o.cpu_request, "memory": o.memory_request},
             "limits": {"cpu": o.cpu_limit, "memory": o.memory_limit},
         },
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP}],
         "livenessProbe": _probe("/livez", 10),
         "readinessProbe": _probe("/readyz", 5),
         "startupProbe": {**_probe("/livez", 2), "failureThreshold": 30},
     }
+
+
+def deployment(o: K8sOptions) -> dict[str, Any]:
+    labels = {"app": o.app, "app.kubernetes.io/part-of": "edgebento"}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": o.app, "namespace": o.namespace, "labels": labels},
         "spec": {
-            "replicas": max(o.min_replicas, 1),
+            # No replicas: the HPA or KEDA owns the count; one here would reset it on every apply.
             "selector": {"matchLabels": {"app": o.app}},
             "template": {
                 "metadata": {
-                    "labels": labels,
+                    "labels": dict(labels),  # a copy: YAML would write an anchor and an alias
                     "annotations": {
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(PORT),
                         "prometheus.io/path": "/metrics",
                     },
                 },
-                "spec": {"containers": [container], "terminationGracePeriodSeconds": 30},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY,
+                    "containers": [_container(o)],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": o.tmp_size}}],
+                    "terminationGracePeriodSeconds": 30,
+                },
             },
         },
     }
@@ -144,37 +209,6 @@ def hpa(o: K8sOptions) -> dict[str, Any]:
     }
 
 
-def scaled_object(o: K8sOptions) -> dict[str, Any]:
-    return {
-        "apiVersion": "keda.sh/v1alpha1",
-        "kind": "ScaledObject",
-        "metadata": {"name": o.app, "namespace": o.namespace},
-        "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": o.app},
-            "minReplicaCount": o.min_replicas,
-            "maxReplicaCount": o.max_replicas,
-            "cooldownPeriod": 300,
-            "pollingInterval": 15,
-            "triggers": [
-                {
-                    "type": "prometheus",
-                    "metadata": {
-                        "serverAddress": o.prometheus_url,
-                        "query": REQUEST_RATE_QUERY.format(ns=o.namespace, app=o.app),
-                        "threshold": str(o.requests_per_replica),
-                        "activationThreshold": "1",
-                    },
-                },
-                {
-                    "type": "cpu",
-                    "metricType": "Utilization",
-                    "metadata": {"value": str(o.cpu_target)},
-                },
-            ],
-        },
-    }
-
-
 def bentocloud(o: K8sOptions) -> dict[str, Any]:
     """``bentoml deployment create -f bentocloud.yaml``; min 0 is scale-to-zero there."""
     env = [{"name": "EDGEBENTO_MODEL", "value": o.model}]
@@ -194,23 +228,23 @@ def bentocloud(o: K8sOptions) -> dict[str, Any]:
 
 
 def manifests(o: K8sOptions) -> dict[str, dict[str, Any]]:
-    """File name -> document."""
+    """Path under ``--out`` -> document."""
+    from bentos.deploy_keda import keda_manifests
+
     docs = {"deployment.yaml": deployment(o), "service.yaml": service(o)}
-    if o.keda:
-        docs["scaledobject.yaml"] = scaled_object(o)
-    else:
-        docs["hpa.yaml"] = hpa(o)
-    docs["bentocloud.yaml"] = bentocloud(o)
-    return docs
+    docs |= keda_manifests(o) if o.keda else {"hpa.yaml": hpa(o)}
+    return {f"{K8S_DIR}/{name}": doc for name, doc in docs.items()} | {
+        f"{BENTOCLOUD_DIR}/bentocloud.yaml": bentocloud(o)
+    }
 
 
 def write_manifests(o: K8sOptions, out: Path) -> list[Path]:
     import yaml
 
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, doc in manifests(o).items():
         path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         written.append(path)
     return written

@@ -158,12 +158,12 @@ def add_argument(parser: Any) -> None:
     )
 
 
-def report_error(fmt: str, logger: str, exc: BaseException) -> None:
+def report_error(fmt: str, logger: str, error: object, exc_info: bool = False) -> None:
     """A command's final error: ``error: ...`` for a person, a JSON record for a collector."""
     if fmt == "text":
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
     else:
-        logging.getLogger(logger).error("%s", exc)
+        logging.getLogger(logger).error("%s", error, exc_info=exc_info)
 
 
 def _log_uncaught(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:

@@ -1,4 +1,10 @@
-"""Sources to ONNX: an ONNX file as it is, Keras with tf2onnx, TorchScript with torch.onnx."""
+"""Sources to ONNX: an ONNX file as it is, Keras with tf2onnx, TorchScript with torch.onnx.
+
+The build machine loads data, never programs, unless told to: ONNX and zip ``.keras`` files
+(Keras' ``safe_mode``, objects of Keras' own modules only) load by default; HDF5 and SavedModel
+Keras models (which carry Lambda-layer bytecode) and TorchScript (a program) need
+``trust_model_code``. Pickled ``torch.save`` files never load.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,21 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from modelpack.errors import ConfigError
+from optimize.keras_config import check_keras_config
+from optimize.onnx_source import copy_onnx
 
 SourceKind = Literal["onnx", "keras", "torch"]
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 TORCH_SUFFIXES = (".pt", ".pth")
 OPSET = 17
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+TRUST_FLAG = "--trust-model-code"
 
 
 def source_kind(source: Path) -> SourceKind:
@@ -71,14 +81,58 @@ def _native_stderr_held() -> Iterator[None]:
             os.close(saved)
 
 
-def load_keras(source: Path) -> Any:
-    tf = import_tensorflow()
-    try:
-        if source.is_dir():
-            return tf.keras.models.load_model(str(source), compile=False)
-        return tf.keras.models.load_model(str(source), compile=False)
-    except Exception as exc:  # h5py, protobuf and Keras raise their own errors
-        raise ConfigError(f"cannot load the Keras model {source.name}: {exc}") from exc
+def _refuse_code(source: Path, what: str, instead: str) -> ConfigError:
+    return ConfigError(
+        f"{source.name} is {what}: loading it runs code stored in the file with your rights,"
+        f" so it is not loaded by default; {instead}, or pass {TRUST_FLAG} if you trust its author"
+    )
+
+
+def _is_hdf5(source: Path) -> bool:
+    """HDF5's signature sits at 0 or after a user block of 512, 1024, 2048, ... bytes."""
+    with source.open("rb") as head:
+        for offset in (0, 512, 1024, 2048, 4096, 8192):
+            head.seek(offset)
+            if head.read(8) == HDF5_MAGIC:
+                return True
+    return False
+
+
+def _keras_path(source: Path, trust_model_code: bool, tmp: Path) -> Path:
+    """The path to hand to ``load_model``: a zip ``.keras`` file (checked), or with trust any."""
+    keep = "save it as a zip .keras file (model.save('model.keras'))"
+    if source.is_dir():
+        if not trust_model_code:
+            raise _refuse_code(source, "a TensorFlow SavedModel directory", keep)
+        return source
+    # What Keras itself tests to pick its safe loader; the name proves nothing.
+    if zipfile.is_zipfile(source):
+        if not trust_model_code:
+            check_keras_config(source)
+        if str(source).endswith(".keras"):  # the test Keras applies, case and all
+            return source
+        named = tmp / "model.keras"  # a zip named .h5 would go to the HDF5 loader
+        named.symlink_to(source.resolve())
+        return named
+    if trust_model_code:
+        return source
+    if _is_hdf5(source):
+        raise _refuse_code(source, "an HDF5 Keras file (the legacy format)", keep)
+    raise ConfigError(f"{source.name} is neither a zip .keras file nor HDF5")
+
+
+def load_keras(source: Path, trust_model_code: bool = False) -> Any:
+    """A Keras model; by default only from a zip ``.keras`` file, with Keras' ``safe_mode``."""
+    with tempfile.TemporaryDirectory(prefix="edgebento-keras-") as tmp:
+        path = _keras_path(source, trust_model_code, Path(tmp))
+        tf = import_tensorflow()
+        try:
+            return tf.keras.models.load_model(
+                str(path), compile=False, safe_mode=not trust_model_code
+            )
+        except Exception as exc:  # h5py, protobuf and Keras raise their own errors
+            reason = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"cannot load the Keras model {source.name}: {reason}") from exc
 
 
 def keras_to_onnx(model: Any, dst: Path, opset: int = OPSET) -> None:
@@ -113,7 +167,7 @@ def _refuse_pickle(source: Path) -> ConfigError:
     )
 
 
-def _forward_inputs(module: Any, source: Path, example: dict[str, Any]) -> list[str]:
+def _forward_inputs(module: Any, source: Path, example: Mapping[str, Any]) -> list[str]:
     """The ``forward`` parameters the data feeds, in call order, so no input is swapped."""
     params = module.forward.schema.arguments[1:]  # [0] is self
     names: list[str] = []
@@ -140,15 +194,26 @@ def _output_names(module: Any, args: tuple[Any, ...]) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def torch_to_onnx(source: Path, dst: Path, example: dict[str, Any], opset: int = OPSET) -> None:
+def torch_to_onnx(
+    source: Path,
+    dst: Path,
+    example: Mapping[str, Any],
+    opset: int = OPSET,
+    trust_model_code: bool = False,
+) -> None:
     """Export a TorchScript module (``torch.jit.save``); inputs named as ``forward`` names them."""
+    if _is_pickled_torch_save(source):  # refused even with trust: a pickle is no model format
+        raise _refuse_pickle(source)
+    if not trust_model_code:
+        # TorchScript is a program: loading resolves no Python globals, but running forward
+        # (to name the outputs, to trace the export) does whatever its code says, such as
+        # torch.from_file(path, shared=True) writing into a file of yours.
+        raise _refuse_code(source, "TorchScript, a program", "export ONNX with torch.onnx.export")
     try:
         import torch
     except ImportError as exc:
         raise ConfigError("PyTorch sources need torch: pip install 'edgebento[torch]'") from exc
-    if _is_pickled_torch_save(source):
-        raise _refuse_pickle(source)
-    try:  # torch.jit.load reads TorchScript only: its unpickler resolves no Python globals
+    try:
         module = torch.jit.load(str(source), map_location="cpu").eval()
     except Exception as exc:
         raise ConfigError(
@@ -179,15 +244,25 @@ def torch_to_onnx(source: Path, dst: Path, example: dict[str, Any], opset: int =
         raise ConfigError(f"cannot export {source.name} to ONNX with {shapes}: {reason}") from exc
 
 
-def to_onnx(source: Path, dst: Path, example: dict[str, Any] | None) -> SourceKind:
-    """Write ``source`` as ONNX to ``dst`` and return what kind of source it was."""
+def to_onnx(
+    source: Path,
+    dst: Path,
+    example: Mapping[str, Any] | None,
+    *,
+    trust_model_code: bool = False,
+) -> SourceKind:
+    """Write ``source`` as ONNX to ``dst`` and return what kind of source it was.
+
+    Formats that are programs (HDF5 and SavedModel Keras, TorchScript) load only with
+    ``trust_model_code``; ONNX and zip ``.keras`` files are data and always load.
+    """
     kind = source_kind(source)
     if kind == "onnx":
-        dst.write_bytes(source.read_bytes())
+        copy_onnx(source, dst)
     elif kind == "keras":
-        keras_to_onnx(load_keras(source), dst)
+        keras_to_onnx(load_keras(source, trust_model_code), dst)
     else:
         if example is None:
             raise ConfigError("a PyTorch source needs --data: the export traces real inputs")
-        torch_to_onnx(source, dst, example)
+        torch_to_onnx(source, dst, example, trust_model_code=trust_model_code)
     return kind

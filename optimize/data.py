@@ -10,6 +10,7 @@ import numpy as np
 
 from modelpack import TensorSpec
 from modelpack.errors import ConfigError, EdgebentoError
+from optimize.npz import check_fits, open_npz
 
 LABELS = "labels"
 # Sizes tried, in order, for a symbolic dim that is not the batch: the first one the model runs.
@@ -49,8 +50,7 @@ def _batched(specs: Sequence[TensorSpec], inputs: dict[str, np.ndarray]) -> froz
 def load_npz(path: Path, specs: Sequence[TensorSpec]) -> Dataset:
     """Read ``path`` and check it has an array for every input, with its dtype and rank."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = open_npz(path)  # arrays read when first asked for, under a size cap
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} is not a readable .npz file: {exc}") from exc
     inputs: dict[str, np.ndarray] = {}
@@ -89,8 +89,11 @@ def split(data: Dataset, eval_fraction: float = 0.3, seed: int = 0) -> tuple[Dat
 
 def _random(spec: TensorSpec, shape: list[int], rng: np.random.Generator) -> np.ndarray:
     dtype = np.dtype(spec.dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
+    check_fits(f"a synthetic input {spec.name!r}", shape, dtype)  # absurd dims: a clear error
+    if dtype.kind == "f":  # drawn in float32 unless float64 is wanted: no 2x-size copy
+        return rng.standard_normal(shape, np.float64 if dtype.itemsize > 4 else np.float32).astype(
+            dtype, copy=False
+        )
     if dtype.kind in "iu":
         # Small non-negative integers are valid token ids, indices and counts alike.
         return rng.integers(0, 8, size=shape).astype(dtype)

@@ -116,14 +116,20 @@ def shrink_dense(model: Any, ratio: float, train: Dataset) -> Any:
     return clone
 
 
-def prune_keras(source: Path, dst: Path, config: KerasPruneConfig, train: Dataset) -> None:
+def prune_keras(
+    source: Path,
+    dst: Path,
+    config: KerasPruneConfig,
+    train: Dataset,
+    trust_model_code: bool = False,
+) -> None:
     """Cut units (and fine-tune), then sparsify with tfmot (and fine-tune), then write ONNX."""
     import_tensorflow()  # before tfmot imports it: tf-keras, and no start-up noise
     import tensorflow_model_optimization as tfmot
 
     if train.labels is None:
         raise ValueError("Keras pruning fine-tunes the model: --train-data needs 'labels'")
-    model = load_keras(source)
+    model = load_keras(source, trust_model_code)
     if config.units_ratio > 0:
         model = shrink_dense(model, config.units_ratio, train)
         _fit(model, train, config, config.finetune_epochs, [])

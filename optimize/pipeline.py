@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from optimize.convert import to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
 from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
+from optimize.npz import open_npz
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.prune import PruneConfig, prune_with
@@ -42,6 +43,7 @@ class OptimizeOptions(BaseModel):
     prune: Literal["auto", "off"] | float = "auto"
     batch: int = Field(default=64, gt=0)
     latency_seconds: float = Field(default=15.0, gt=0)
+    trust_model_code: bool = False  # load formats that are programs (HDF5, SavedModel, TorchScript)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def _bases(
             try:
                 pruned = runner.run(
                     "keras-prune",
-                    lambda s, d, c: prune_keras(source, d, c, train),
+                    lambda s, d, c: prune_keras(source, d, c, train, options.trust_model_code),
                     base,
                     config,
                     data_key=hash_data(train),
@@ -170,6 +172,7 @@ def optimize_model(
     progress: bool = True,
     cache: Path | None = None,
     latency_seconds: float = 15.0,
+    trust_model_code: bool = False,
 ) -> OptimizeResult:
     """Prune and quantize ``source`` under an accuracy budget and write the best as a pack."""
     options = _options(
@@ -179,6 +182,7 @@ def optimize_model(
         quantize=quantize,
         prune=prune,
         latency_seconds=latency_seconds,
+        trust_model_code=trust_model_code,
     )
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):
@@ -190,7 +194,7 @@ def optimize_model(
         task = bars.add_task("convert and normalize", total=2)
         example = _raw_arrays(data) if data else None
         converted = staging / "source.onnx"
-        kind = to_onnx(source, converted, example)
+        kind = to_onnx(source, converted, example, trust_model_code=options.trust_model_code)
         bars.advance(task)
         base = runner.run("normalize", normalize, converted, NormalizeConfig())
         bars.advance(task)
@@ -256,12 +260,8 @@ def optimize_model(
     )
 
 
-def _raw_arrays(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files if k != "labels"}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} is not a readable .npz file: {exc}") from exc
+def _raw_arrays(path: Path) -> Mapping[str, np.ndarray]:
+    return open_npz(path, skip={"labels"})  # read lazily: only what the export asks for
 
 
 def _op_types(model: Path) -> set[str]:

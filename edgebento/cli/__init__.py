@@ -49,10 +49,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except EdgebentoError as exc:
-        logs.report_error(fmt, "edgebento", exc)
-        return 1
+        return _fail(fmt, str(exc))
     except KeyboardInterrupt:
         return 130
+    except MemoryError as exc:  # numpy's says how much it wanted: worth keeping
+        message = f"out of memory: {_first_line(exc) or 'an allocation failed'}"
+        return _fail(fmt, message, args.verbose)
+    except Exception as exc:  # a bug or a library's own error: one line, the traceback on -v
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        return _fail(fmt, f"{type(exc).__name__}: {_first_line(exc)}{hint}", args.verbose)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _fail(fmt: str, message: str, traceback: bool = False) -> int:
+    """The command's one error: an ``error:`` line in text, one record (with the traceback on
+    -v) in JSON."""
+    if traceback and fmt == "text":
+        import traceback as tb
+
+        tb.print_exc()
+    logs.report_error(fmt, "edgebento", " ".join(message.split()), exc_info=traceback)
+    return 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ def register(sub: Any) -> None:
     verbs = deploy.add_subparsers(dest="verb", metavar="TARGET", required=True)
 
     k8s = verbs.add_parser(
-        "k8s", help="Deployment, Service, HPA (or KEDA ScaledObject) and a BentoCloud config"
+        "k8s",
+        help="Deployment, Service, HPA (or KEDA) in OUT/k8s/, a BentoCloud config in OUT/bentocloud/",
     )
     k8s.add_argument("--bento", required=True, help="the bento tag, NAME:VERSION")
     k8s.add_argument("--model", required=True, help="the model tag to serve (EDGEBENTO_MODEL)")
@@ -28,6 +29,18 @@ def register(sub: Any) -> None:
         "--keda", action="store_true", help="scale on the Prometheus request rate with KEDA"
     )
     k8s.add_argument("--prometheus", default=None, help="Prometheus URL KEDA queries")
+    k8s.add_argument(
+        "--keda-http",
+        metavar="HOST",
+        help="scale (from zero too) with KEDA's HTTP add-on: its interceptor serves HOST",
+    )
+    k8s.add_argument("--keda-namespace", default="keda", help="where the HTTP add-on runs")
+    k8s.add_argument(
+        "--activation-query",
+        metavar="PROMQL",
+        help="a Prometheus query that exists at zero pods (e.g. the ingress controller's"
+        " requests for this service), so --min 0 can scale up again",
+    )
     k8s.set_defaults(func=cmd_k8s)
 
     lam = verbs.add_parser("lambda", help="a Lambda container image context and a SAM template")
@@ -43,7 +56,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from bentos.deploy_k8s import K8sOptions, write_manifests
+    from bentos.deploy_k8s import BENTOCLOUD_DIR, K8S_DIR, K8sOptions, write_manifests
 
     extra = {"prometheus_url": args.prometheus} if args.prometheus else {}
     options = K8sOptions(
@@ -55,15 +68,17 @@ def cmd_k8s(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         cpu_target=args.cpu_target,
         keda=args.keda,
+        keda_http_host=args.keda_http,
+        keda_namespace=args.keda_namespace,
+        activation_query=args.activation_query,
         **extra,
     )
     for path in write_manifests(options, args.out):
         print(f"wrote {path}")
     if options.min_replicas == 0 and not options.keda:
         print("note: a plain HPA cannot scale to zero; hpa.yaml keeps 1 (use --keda for 0)")
-    print(
-        f"apply: kubectl apply -f {args.out}/   (BentoCloud: bentoml deployment create -f {args.out}/bentocloud.yaml)"
-    )
+    print(f"apply: kubectl apply -f {args.out / K8S_DIR}/")
+    print(f"BentoCloud: bentoml deployment create -f {args.out / BENTOCLOUD_DIR}/bentocloud.yaml")
     return 0
 
 

@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
         "source",
         type=Path,
         metavar="SOURCE",
-        help=".onnx, .keras/.h5, SavedModel dir, TorchScript .pt",
+        help=".onnx or zip .keras; .h5, SavedModel dir, TorchScript .pt with --trust-model-code",
     )
     p.add_argument("--out", type=Path, required=True, help="the pack directory to write")
     p.add_argument("--name", help="pack name (default: the source's file name)")
@@ -50,6 +50,12 @@ def register(sub: Any) -> None:
     p.add_argument("--key", type=Path, help="sign the pack with this signing.key")
     p.add_argument("--bentoml", action="store_true", help="also save it to the BentoML model store")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="also load HDF5/SavedModel Keras and TorchScript: they are programs that run with"
+        " your rights (docs/build-inputs.md)",
+    )
     p.set_defaults(func=cmd_optimize)
 
 
@@ -69,6 +75,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         train_data=args.train_data,
         key=args.key,
         progress=not args.no_progress,
+        trust_model_code=args.trust_model_code,
     )
     console = Console()
     console.print(candidates_table(result.rows))

@@ -1,4 +1,7 @@
-"""``edgebento optimize`` on a TorchScript file, run as a user runs it: a subprocess, real files."""
+"""``edgebento optimize`` on a TorchScript file, run as a user runs it: a subprocess, real files.
+
+TorchScript is a program, so it loads only with ``--trust-model-code``; without it the file is
+refused before torch is imported."""
 
 from __future__ import annotations
 
@@ -25,6 +28,18 @@ def _edgebento(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
         timeout=300,
         env={**os.environ, "COLUMNS": "200", **env},
     )
+
+
+def _assert_refused(source: Path, data: Path, message: str) -> None:
+    """``edgebento optimize`` without trust fails with ``message`` as its one line, no pack."""
+    out = source.parent / "pack"
+    done = _edgebento(
+        *("optimize", str(source), "--out", str(out), "--data", str(data), "--no-progress"),
+        env={"EDGEBENTO_CACHE": str(out.parent / "cache")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not out.exists()
 
 
 class Classifier(torch.nn.Module):
@@ -83,6 +98,7 @@ def test_torchscript_becomes_a_signed_pack_matching_torch(
         "--key",
         str(keys[0]),
         "--no-progress",
+        "--trust-model-code",  # TorchScript is a program: this test wrote it
         env={"EDGEBENTO_CACHE": str(tmp_path / "cache")},
     )
     assert done.returncode == 0, done.stderr
@@ -122,23 +138,39 @@ def test_pickled_module_is_refused_in_one_line_and_never_run(
 
     source = tmp_path / "trojan.pt"
     torch.save(Trojan(), str(source))
-    out = tmp_path / "pack"
-    done = _edgebento(
-        "optimize",
-        str(source),
-        "--out",
-        str(out),
-        "--name",
-        "n",
-        "--data",
-        str(data),
-        "--no-progress",
-        env={"EDGEBENTO_CACHE": str(tmp_path / "cache")},
+    _assert_refused(
+        source,
+        data,
+        "trojan.pt is a pickled torch.save file, not TorchScript; unpickling can run any"
+        " code, so it is not loaded: save it with torch.jit.save(torch.jit.script(model))",
     )
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "error: trojan.pt is a pickled torch.save file, not TorchScript; unpickling can run any"
-        " code, so it is not loaded: save it with torch.jit.save(torch.jit.script(model))"
-    ]
     assert not marker.exists()
-    assert not out.exists()
+
+
+def test_torchscript_is_refused_without_trust_before_it_can_touch_a_file(
+    scripted: tuple[Any, Path, Path], tmp_path: Path
+) -> None:
+    _, _, data = scripted
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"the user's own file")
+
+    class Writer(torch.nn.Module):
+        def __init__(self, path: str, size: int) -> None:
+            super().__init__()
+            self.path, self.size = path, size
+
+        def forward(self, features: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+            mapped = torch.from_file(self.path, shared=True, size=self.size, dtype=torch.uint8)
+            mapped.zero_()
+            return features / temperature + mapped.sum().to(features.dtype)
+
+    source = tmp_path / "writer.pt"
+    torch.jit.save(torch.jit.script(Writer(str(victim), victim.stat().st_size)), str(source))
+    _assert_refused(
+        source,
+        data,
+        "writer.pt is TorchScript, a program: loading it runs code stored in the file"
+        " with your rights, so it is not loaded by default; export ONNX with torch.onnx.export,"
+        " or pass --trust-model-code if you trust its author",
+    )
+    assert victim.read_bytes() == b"the user's own file"

@@ -35,6 +35,9 @@ def test_no_sentence_describes_the_build_machine(page: Path) -> None:
     text = page.read_text()
     if page.name == "benchmarks.md":
         return  # generated: every figure there is named with the machine it was measured on
-    assert not re.search(
-        r"this (?:\d-core )?machine|measured here|\bon this (?:host|CPU)\b", text, re.I
+    # "This machine" as the place figures came from; a user's own machine is fine.
+    build_machine = (
+        r"this \d-core|this shared machine|measured (?:here|on this machine)"
+        r"|\d(?:\.\d+)?x? [^.\n]{0,40}\bhere\b"
     )
+    assert not re.search(build_machine, text, re.I)

@@ -1,4 +1,5 @@
-"""TorchScript sources to ONNX: inputs named as ``forward`` names them, pickles never loaded."""
+"""TorchScript sources to ONNX: refused unless trusted (a program), inputs named as ``forward``
+names them, pickles never loaded even when trusted."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_scripted_module_exports_with_forward_names_and_same_outputs(tmp_path: P
     source = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(net), str(source))
 
-    kind = to_onnx(source, tmp_path / "model.onnx", _arrays(4))
+    kind = to_onnx(source, tmp_path / "model.onnx", _arrays(4), trust_model_code=True)
 
     assert kind == "torch"
     feed = _arrays(5)  # another batch size than the export saw: the batch axis stays dynamic
@@ -75,7 +76,7 @@ def test_traced_module_with_two_outputs_names_each(tmp_path: Path) -> None:
     torch.jit.save(traced, str(source))
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
 
-    to_onnx(source, tmp_path / "traced.onnx", {"x": x})
+    to_onnx(source, tmp_path / "traced.onnx", {"x": x}, trust_model_code=True)
 
     _, outputs, (total, peak) = _run_onnx(tmp_path / "traced.onnx", {"x": x})
     assert outputs == ["output_0", "output_1"]
@@ -129,14 +130,24 @@ def test_a_file_that_is_not_torchscript_is_a_clear_error(tmp_path: Path) -> None
     source = tmp_path / "junk.pt"
     source.write_bytes(b"PK not really a zip")
     with pytest.raises(ConfigError, match=r"^junk.pt is not a TorchScript file; save it with"):
-        to_onnx(source, tmp_path / "junk.onnx", {"x": np.zeros((2, 4), np.float32)})
+        to_onnx(
+            source,
+            tmp_path / "junk.onnx",
+            {"x": np.zeros((2, 4), np.float32)},
+            trust_model_code=True,
+        )
 
 
 def test_data_must_name_every_forward_input(tmp_path: Path) -> None:
     source = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(_two_input_net()), str(source))
     with pytest.raises(ConfigError) as caught:
-        to_onnx(source, tmp_path / "m.onnx", {"features": np.zeros((2, 6), np.float32)})
+        to_onnx(
+            source,
+            tmp_path / "m.onnx",
+            {"features": np.zeros((2, 6), np.float32)},
+            trust_model_code=True,
+        )
     assert str(caught.value) == (
         "model.pt: forward takes features, scale; the data has no array 'scale' (it holds features)"
     )
@@ -147,7 +158,7 @@ def test_data_of_the_wrong_shape_is_a_clear_error(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(_two_input_net()), str(source))
     wrong = {"features": np.zeros((2, 5), np.float32), "scale": np.ones((2, 1), np.float32)}
     with pytest.raises(ConfigError) as caught:
-        to_onnx(source, tmp_path / "m.onnx", wrong)
+        to_onnx(source, tmp_path / "m.onnx", wrong, trust_model_code=True)
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(
@@ -159,4 +170,54 @@ def test_torch_source_without_data_asks_for_it(tmp_path: Path) -> None:
     source = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(_two_input_net()), str(source))
     with pytest.raises(ConfigError, match="a PyTorch source needs --data"):
-        to_onnx(source, tmp_path / "m.onnx", None)
+        to_onnx(source, tmp_path / "m.onnx", None, trust_model_code=True)
+
+
+def _file_writer(victim: Path) -> Any:
+    """A scripted module whose forward maps ``victim`` shared and overwrites its first bytes."""
+
+    class Writer(torch.nn.Module):
+        def __init__(self, path: str, size: int) -> None:
+            super().__init__()
+            self.path = path
+            self.size = size
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mapped = torch.from_file(self.path, shared=True, size=self.size, dtype=torch.uint8)
+            mapped.fill_(88)  # "X": written through the mapping into the user's file
+            # Used in the result, or TorchScript drops the mapping as dead code.
+            return x * 2 + mapped.sum().to(x.dtype) * 0
+
+    return torch.jit.script(Writer(str(victim), victim.stat().st_size))
+
+
+def test_torchscript_that_writes_a_users_file_is_refused_without_trust(tmp_path: Path) -> None:
+    victim = tmp_path / "notes.txt"
+    victim.write_bytes(b"my notes, not the model's")
+    source = tmp_path / "writer.pt"
+    torch.jit.save(_file_writer(victim), str(source))
+    x = {"x": np.ones((2, 4), np.float32)}
+
+    with pytest.raises(ConfigError) as caught:
+        to_onnx(source, tmp_path / "w.onnx", x)
+    assert str(caught.value) == (
+        "writer.pt is TorchScript, a program: loading it runs code stored in the file with your"
+        " rights, so it is not loaded by default; export ONNX with torch.onnx.export, or pass"
+        " --trust-model-code if you trust its author"
+    )
+    assert victim.read_bytes() == b"my notes, not the model's"
+    assert not (tmp_path / "w.onnx").exists()
+
+    # The control: trusted, the module does what its code says while its outputs are named,
+    # before the exporter finds it cannot export from_file. That is why it is refused.
+    with pytest.raises(ConfigError, match="aten::from_file"):
+        to_onnx(source, tmp_path / "w.onnx", x, trust_model_code=True)
+    assert victim.read_bytes() == b"X" * len(b"my notes, not the model's")
+
+
+def test_a_pickle_is_refused_even_with_trust(tmp_path: Path) -> None:
+    source, marker = tmp_path / "model.pt", tmp_path / "marker"
+    _trojan_pickle(source, marker)
+    with pytest.raises(ConfigError, match=r"^model.pt is a pickled torch.save file"):
+        to_onnx(source, tmp_path / "m.onnx", {"x": np.zeros((2, 4))}, trust_model_code=True)
+    assert not marker.exists()

@@ -1,0 +1,118 @@
+"""A zip ``.keras`` file's config is checked before TensorFlow ever sees it (no TF needed here)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelpack.errors import ConfigError
+from optimize.keras_config import check_keras_config
+
+DENSE = {"module": "keras.layers", "class_name": "Dense", "config": {"units": 2}}
+
+
+def _keras(path: Path, config: Any, raw: bytes | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", raw if raw is not None else json.dumps(config))
+        archive.writestr("metadata.json", "{}")
+    return path
+
+
+def _model(*layers: Any) -> dict[str, Any]:
+    return {"module": "keras", "class_name": "Sequential", "config": {"layers": list(layers)}}
+
+
+def test_keras_own_objects_pass(tmp_path: Path) -> None:
+    check_keras_config(
+        _keras(tmp_path / "m.keras", _model(DENSE, {**DENSE, "module": "tf_keras.layers"}))
+    )
+
+
+@pytest.mark.parametrize(
+    ("obj", "says"),
+    [
+        ({"module": "os", "class_name": "function", "config": "system"}, "refers to os.system"),
+        ({"module": "builtins", "class_name": "function", "config": "eval"}, "builtins.eval"),
+        ({"module": "subprocess", "class_name": "Popen", "config": {}}, "subprocess.Popen"),
+        ({"module": "kerasx.layers", "class_name": "Dense", "config": {}}, "kerasx.layers.Dense"),
+        ({"module": ["keras"], "class_name": "Dense", "config": {}}, "not part of Keras"),
+        ({"class_name": "__lambda__", "config": {"value": "4wEA"}}, "holds a Lambda layer"),
+        ({"module": "keras.layers", "class_name": "Lambda", "config": {}}, "holds a Lambda layer"),
+    ],
+)
+def test_code_from_outside_keras_is_refused_wherever_it_hides(
+    tmp_path: Path, obj: dict[str, Any], says: str
+) -> None:
+    # Deep inside a layer's config, as an activation would be.
+    hidden = {**DENSE, "config": {"units": 2, "activation": obj}}
+    with pytest.raises(ConfigError, match=says):
+        check_keras_config(_keras(tmp_path / "m.h5", _model(DENSE, hidden)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b"{not json", "cannot read its config.json"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply|cannot read"),
+    ],
+)
+def test_a_broken_config_is_one_clear_error(tmp_path: Path, raw: bytes, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        check_keras_config(_keras(tmp_path / "m.keras", None, raw))
+
+
+def test_a_zip_without_a_config_is_not_a_keras_model(tmp_path: Path) -> None:
+    path = tmp_path / "m.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("weights.h5", b"")
+    with pytest.raises(ConfigError, match=r"is a zip but not a \.keras model"):
+        check_keras_config(path)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["module", "class_name", "config", "x"]), inner, max_size=4
+        )
+    ),
+    max_leaves=30,
+)
+
+
+@given(config=JSON)
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_config_passes_only_if_every_module_is_keras(tmp_path: Path, config: Any) -> None:
+    def modules(node: Any) -> list[Any]:
+        if isinstance(node, dict):
+            return [node.get("module")] + [m for v in node.values() for m in modules(v)]
+        if isinstance(node, list):
+            return [m for v in node for m in modules(v)]
+        return []
+
+    def lambdas(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("class_name") in ("Lambda", "__lambda__") or any(
+                lambdas(v) for v in node.values()
+            )
+        return isinstance(node, list) and any(lambdas(v) for v in node)
+
+    found = [m for m in modules(config) if m is not None]
+    safe = not lambdas(config) and all(
+        isinstance(m, str) and (m.split(".")[0] in ("keras", "tf_keras")) for m in found
+    )
+    path = _keras(tmp_path / "m.keras", config)
+    if safe:
+        check_keras_config(path)
+    else:
+        with pytest.raises(ConfigError):
+            check_keras_config(path)
