@@ -156,7 +156,7 @@ class Rollout:
         status = self.watch.statuses.get(progress.device)
         if status is None:
             return
-        model = status.model
+        model = self.watch.first_model.get(progress.device) or status.model
         if progress.previous is None and model is not None and not same(model, self.target):
             progress.previous = ModelRef(name=model.name, version=model.version)
             self.state.touch(progress)

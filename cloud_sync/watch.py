@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from cloud_sync.fleet_metrics import FleetView
 from cloud_sync.mqtt import CloudClient
-from cloud_sync.protocol import Desired, Status, TelemetryBatch, Topics
+from cloud_sync.protocol import Desired, ModelRef, Status, TelemetryBatch, Topics
 
 log = logging.getLogger(__name__)
 P99_SAMPLES = 2048  # window p99s kept per version: enough for a median, bounded in memory
@@ -61,6 +61,9 @@ class FleetWatch:
         self.topics = topics
         self.devices = devices
         self.statuses: dict[str, Status] = {}
+        # The model each device reported first: what it ran before anything we published now,
+        # even when its next status came before the controller looked.
+        self.first_model: dict[str, ModelRef] = {}
         self.desired: dict[str, Desired] = {}
         self.view = FleetView()
         self.by_version: dict[int | None, VersionStats] = {}
@@ -122,6 +125,8 @@ class FleetWatch:
             self.rejected["identity"] += 1
             log.warning("dropped a status on %s's topic naming %r", device, status.device)
             return
+        if status.model is not None and device not in self.first_model:
+            self.first_model[device] = status.model
         with self.changed:
             self.statuses[device] = status
             self._changed.add(device)

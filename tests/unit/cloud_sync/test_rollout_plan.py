@@ -147,3 +147,11 @@ def test_one_controller_holds_a_fleet_until_its_lease_expires(tmp_path: Path) ->
     second.release()
     Lease.acquire(store, "fleet", "r4", ttl_s=5).release()  # released: free at once
     other_fleet.release()
+
+
+def test_topics_are_parsed_exactly() -> None:
+    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("a/b"))
+    assert watch._device_and_kind("a/b/dev/status") == ("dev", "status")
+    for topic in ("a/b/dev/status/x", "a/b/group/status", "a/dev/status", "x/b/dev/status",
+                  "a/b/dev/cmd", "a/b//status"):  # fmt: skip
+        assert watch._device_and_kind(topic) is None, topic
