@@ -90,6 +90,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds of the fleet lease (30)")
     p.add_argument("--json", action="store_true", help="print the rollout state as JSON")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve edgebento_rollout_* on 127.0.0.1:PORT/metrics"
+    )
     p.set_defaults(func=cmd_rollout)
 
 
@@ -152,6 +155,12 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
     from cloud_sync.rollout_plan import execute, exit_code
 
     request = _request(args, resume)
+    metrics = None
+    if args.metrics_port:
+        from cloud_sync.rollout_metrics import RolloutMetrics
+
+        metrics = RolloutMetrics()
+        metrics.serve(args.metrics_port)
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -167,6 +176,8 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
             bar.update(task, total=len(s.devices))
 
         def progress(s: Any) -> None:
+            if metrics is not None:
+                metrics.update(s)
             bar.update(
                 task,
                 completed=s.count("done"),

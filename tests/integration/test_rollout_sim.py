@@ -19,7 +19,8 @@ from cloud_sync.rollout_state import load_state
 from cloud_sync.watch import FleetWatch
 from edgebento.cli import main
 from tests.support.fleet import rollout_ids
-from tests.support.services import Mosquitto
+from tests.support.promtool import assert_promtool_passes
+from tests.support.services import Mosquitto, free_port
 from tests.support.sim import Simulated, cli_process, publish_v1_v2, versions, wait_for
 
 pytestmark = pytest.mark.slow
@@ -164,12 +165,22 @@ def test_two_controllers_cannot_run_on_one_fleet(
     fleet = simulate(5)
     args = base(store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(fleet), "--bake", "30"]
-    first = cli_process("rollout", "tiny", "2", *args, *flags, log=tmp_path / "first.log")
+    port = free_port()
+    first = cli_process(
+        "rollout", "tiny", "2", *args, *flags, "--metrics-port", str(port),
+        log=tmp_path / "first.log",
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
         while not rollout_ids(store_url):
             assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
             time.sleep(0.1)
+        (rollout_id,) = rollout_ids(store_url)
+        while 'state="done"} 1.0' not in (text := scrape(port)):  # the canary: 1 of 5
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert f'edgebento_rollout_phase{{phase="running",rollout="{rollout_id}"}} 1.0' in text
+        assert_promtool_passes(text)
         capsys.readouterr()
         assert main(["rollout", "tiny", "2", *args, *flags]) == 1
         assert "is leased to rollout" in capsys.readouterr().err
@@ -177,6 +188,16 @@ def test_two_controllers_cannot_run_on_one_fleet(
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return str(answer.read().decode())
+    except OSError:
+        return ""  # not serving yet
 
 
 def test_the_watch_survives_hostile_messages_and_trusts_only_the_topic(
