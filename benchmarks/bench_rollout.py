@@ -99,6 +99,8 @@ def _rollout(
         "cpu_s": round(cpu, 2),
         "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "saves": state.get("saves"),
+        # What one save of the former design (the whole state, rewritten on every change) wrote.
+        "full_state_bytes": len(json.dumps(state, indent=2)),
     }
 
 
@@ -177,3 +179,45 @@ def run(results: Path) -> dict[str, Any]:
             f"at {small['devices']} vs {large['devices']}; slowest save {slowest_save:.0f} ms"
         ),
     }
+
+
+def figures_markdown(result: dict[str, Any]) -> str:
+    """The table docs/cloud-sync.md shows, made from a result of ``run``."""
+    rows = [
+        "| devices | phase | wall s | controller CPU s | CPU ms / device | peak RSS MB "
+        "| saves | KB per save (whole state) | slowest save ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        saves = r["saves"] or {}
+        per_save = saves.get("bytes", 0) / max(saves.get("count", 1), 1) / 1024
+        rows.append(
+            f"| {r['devices']:,} | {r['phase']} | {r['wall_s']:.1f} | {r['cpu_s']:.2f} "
+            f"| {r['cpu_ms_per_device']:.2f} | {r['max_rss_mb']:.0f} | {saves.get('count', 0)} "
+            f"| {per_save:.0f} ({r['full_state_bytes'] / 1024:.0f}) | {saves.get('max_ms', 0):.0f} |"
+        )
+    rows.append("")
+    rows.append(
+        f"Marginal cost of a device from {result['runs'][0]['devices']:,} to "
+        f"{result['runs'][-1]['devices']:,}: {result['marginal_cpu_ms_per_device']:.2f} ms of "
+        f"CPU and {result['marginal_rss_kb_per_device']:.1f} KB of RSS. Targets met: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["targets"].items())
+        + "."
+    )
+    return "\n".join(rows)
+
+
+def write_doc(doc: Path, result_file: Path) -> None:
+    """Replace the block between the figures:rollout markers of ``doc`` with the table."""
+    text = doc.read_text()
+    start = "<!-- figures:rollout (generated from benchmarks/results/rollout.json) -->"
+    end = "<!-- /figures:rollout -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    table = figures_markdown(json.loads(result_file.read_text()))
+    doc.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parents[1]
+    write_doc(root / "docs" / "cloud-sync.md", root / "benchmarks" / "results" / "rollout.json")

@@ -72,8 +72,11 @@ def device_outcome(
     return None
 
 
-def abort_reason(state: RolloutState, watch: FleetWatch) -> tuple[str, AbortFigures] | None:
-    """Why the rollout must stop, from the kept counts and the watch's running totals: O(1)."""
+def abort_reason(
+    state: RolloutState, watch: FleetWatch, telemetry: bool = True
+) -> tuple[str, AbortFigures] | None:
+    """Why the rollout must stop, from the kept counts and (``telemetry``) the watch's running
+    totals per version: O(1) in the size of the fleet."""
     t = state.thresholds
     touched = state.count(*_TOUCHED)
     failed = state.count("failed")
@@ -83,6 +86,8 @@ def abort_reason(state: RolloutState, watch: FleetWatch) -> tuple[str, AbortFigu
             f"{failed} of {touched} updated devices failed (over {t.abort_failure_rate:g}%): "
             f"{state.first_failure}"
         ), figures
+    if not telemetry:
+        return None
     new = watch.version_stats(state.version, same=True)
     figures.inferences, figures.errors = new.count, new.errors
     if new.count < t.min_inferences:
@@ -180,11 +185,12 @@ class Rollout:
                 self._fold(progress)
 
     def _check(self) -> tuple[str, AbortFigures] | None:
+        """The device counts on every wakeup; the telemetry figures a few times a second."""
         now = time.monotonic()
-        if self.state.count("failed") == 0 and now - self._stats_at < _STATS_EVERY_S:
-            return None
-        self._stats_at = now
-        return abort_reason(self.state, self.watch)
+        telemetry = now - self._stats_at >= _STATS_EVERY_S
+        if telemetry:
+            self._stats_at = now
+        return abort_reason(self.state, self.watch, telemetry)
 
     # --- the waves -------------------------------------------------------------------------
 
