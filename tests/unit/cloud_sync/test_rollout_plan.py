@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloud_sync.lease import Lease
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
@@ -155,3 +158,39 @@ def test_topics_are_parsed_exactly() -> None:
     for topic in ("a/b/dev/status/x", "a/b/group/status", "a/dev/status", "x/b/dev/status",
                   "a/b/dev/cmd", "a/b//status"):  # fmt: skip
         assert watch._device_and_kind(topic) is None, topic
+
+
+class _Msg:
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic, self.payload = topic, payload
+
+
+_STATUS_JSON = st.fixed_dictionaries(
+    {
+        "device": st.sampled_from(["a", "b", "evil"]),
+        "state": st.sampled_from(["online", "offline", "rebooting"]),
+        "model": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"name": st.text(max_size=5), "version": st.one_of(st.integers(), st.text())}
+            ),
+        ),
+    }
+).map(lambda d: json.dumps(d).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.one_of(
+        st.sampled_from(["p/a/status", "p/b/status", "p/a/telemetry", "p/a/desired"]),
+        st.text(max_size=30),
+    ),
+    payload=st.one_of(_STATUS_JSON, st.binary(max_size=200)),
+)
+def test_no_message_escapes_the_watch_or_speaks_for_another_device(
+    topic: str, payload: bytes
+) -> None:
+    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
+    watch._on_message(None, None, _Msg(topic, payload))  # never raises
+    for device, seen in watch.statuses.items():
+        assert seen.device == device and topic == f"p/{device}/status"
