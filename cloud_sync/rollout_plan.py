@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
-from cloud_sync.protocol import Topics
+from cloud_sync.protocol import Status, Topics
 from cloud_sync.rollout import Rollout
 from cloud_sync.rollout_state import (
     RolloutState,
@@ -68,15 +68,19 @@ def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET
         time.sleep(quiet_s)
 
 
+def _groups(status: Status) -> list[str]:
+    # A declared field in newer protocol versions, an extra field in older ones.
+    groups = getattr(status, "groups", None) or (status.model_extra or {}).get("groups")
+    return [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+
 def resolve_targets(watch: FleetWatch, devices: tuple[str, ...], group: str | None) -> list[str]:
     if bool(devices) == bool(group):
         raise ConfigError("give either --devices a,b,c or --group G")
     if devices:
         return list(dict.fromkeys(devices))
     members = [
-        device
-        for device, status in list(watch.statuses.items())
-        if group in ((status.model_extra or {}).get("groups") or [])
+        device for device, status in list(watch.statuses.items()) if group in _groups(status)
     ]
     if not members:
         raise ConfigError(f"no device reports group {group!r} in its retained status")
