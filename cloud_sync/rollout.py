@@ -336,11 +336,11 @@ class Rollout:
             self._fold(progress)  # a late status may have told us the previous version
         items = []
         for progress in touched:
-            if progress.state == "rolled_back":
-                continue
+            # Every touched device, also one already back on its previous version (its update
+            # failed): the retained desired state must stop naming the version we abort.
             back = self._rollback_of(progress)
             items.append((progress.device, back))
-            if back is None:
+            if back is None and progress.state != "rolled_back":
                 # Clearing the desired state keeps an offline device from updating later.
                 self.state.move(progress, "rolled_back", "nothing to go back to")
         self.watch.set_desired_many(items)

@@ -108,6 +108,10 @@ def test_a_controller_killed_mid_abort_is_resumed_into_finishing_it(
     assert shown["phase"] == "aborted" and shown["reason"] == saved.reason
     assert {d["state"] for d in shown["devices"]} == {"rolled_back"}
     wait_for(broker, topic_prefix, dict.fromkeys(healthy.names + failing.names, 1))
+    with FleetWatch(broker.url, Topics(topic_prefix), set(healthy.names + failing.names)) as w:
+        # Every retained desired state is the signed way back, also where the update had failed.
+        assert {(d.model.version, d.rollback) for d in w.desired.values()} == {(1, True)}
+        assert len(w.desired) == 10 and all(d.authorization for d in w.desired.values())
 
 
 def test_a_device_heard_late_is_rolled_back_to_the_version_it_reported(
