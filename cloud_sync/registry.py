@@ -7,15 +7,18 @@ Import path and API::
 
     registry = Registry(open_store("s3://bucket/prefix"))
     registry.publish(pack_dir: Path, *, key: Path | None = None, trusted: Sequence[Path] = (),
-                     channel: str | None = "stable", force: bool = False) -> PackEntry
+                     channel: str | None = "stable", force: bool = False,
+                     allow_backwards: bool = False) -> PackEntry
     registry.fetch(name: str, version: int, target_dir: Path) -> Path
-        # downloads the archive, checks its sha256 against the index and unpacks it safely
-        # (modelpack.extract_archive) into target_dir, which must not exist yet. NOT verified:
-        # the caller runs modelpack.load_pack(target_dir, trusted=...) with its own keys.
+        # downloads at most the indexed archive_size bytes, checks the archive's sha256 and the
+        # manifest inside it against the index, and unpacks it safely into target_dir (which
+        # must not exist yet). NOT signature-verified: the caller runs
+        # modelpack.load_pack(target_dir, trusted=...) with its own keys.
     registry.latest(name: str, channel: str = "stable") -> int | None
-    registry.entry(name, version) -> PackEntry          # NotFoundError when not published
-    registry.entries() -> list[PackEntry]; registry.versions(name) -> list[int]
-    registry.channels(name) -> dict[str, int]; registry.set_channel(name, channel, version)
+    registry.entry(name, version) -> PackEntry   # NotFoundError; IntegrityError if forged
+    registry.scan() -> (entries, strays); registry.entries(); registry.versions(name)
+    registry.channels(name) -> dict[str, int]
+    registry.set_channel(name, channel, version, *, allow_backwards=False)
     registry.pack_url(name, version, expires_s=3600) -> str   # presigned GET of the archive
 
 Key layout. A version is published once its ``index.json`` exists: it is created last, with a

@@ -154,6 +154,7 @@ def execute(
                     raise ConfigError("a new rollout needs NAME and VERSION")
                 targets = resolve_targets(watch, request.devices, request.group)
                 watch.devices = set(targets)
+                watch.by_version.clear()  # figures of devices outside the rollout heard so far
                 state = start_rollout(
                     store, watch, request.name, request.version, targets, request.thresholds
                 )
