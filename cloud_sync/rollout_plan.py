@@ -60,11 +60,12 @@ class RolloutRequest:
 
 
 def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:
-    """Until no message came for ``quiet_s`` (the retained burst is over), at most ``max_s``."""
+    """Until no status or desired state came for ``quiet_s`` (the retained burst is over), at
+    most ``max_s``; telemetry, which never stops, does not count."""
     deadline = time.monotonic() + max_s
     seen = -1
-    while time.monotonic() < deadline and seen != watch.messages:
-        seen = watch.messages
+    while time.monotonic() < deadline and seen != watch.documents:
+        seen = watch.documents
         time.sleep(quiet_s)
 
 

@@ -69,6 +69,7 @@ class FleetWatch:
         self.by_version: dict[int | None, VersionStats] = {}
         self.rejected: Counter[str] = Counter()
         self.messages = 0
+        self.documents = 0  # status and desired messages: the retained burst after subscribing
         self._changed: set[str] = set()
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
@@ -107,6 +108,8 @@ class FleetWatch:
         if self.devices is not None and device not in self.devices:
             return
         try:
+            if kind != "telemetry":
+                self.documents += 1
             if kind == "status":
                 self._on_status(device, payload)
             elif kind == "desired":
