@@ -32,6 +32,7 @@ from modelpack.errors import BrokerError, ConfigError
 from modelpack.signing import TrustedKey
 
 log = logging.getLogger(__name__)
+RECONNECT_S = 5.0
 CONNECT_BATCH = 200  # connections opened before the loop answers their CONNACKs
 FD_HEADROOM = 64
 
@@ -72,6 +73,9 @@ class SimFleet:
         self.clients: dict[str, Any] = {}
         self.sims: dict[str, SimDevice] = {}
         self.connected: set[str] = set()
+        self.started = False  # connect() is done: from then on, lost devices reconnect
+        self._misc_at = 0.0
+        self._reconnect_at = 0.0
         for device in devices:
             self.sims[device] = SimDevice(
                 device,
@@ -166,6 +170,7 @@ class SimFleet:
                 raise BrokerError(
                     f"only {len(self.connected)} of {len(self.sims)} devices connected"
                 )
+        self.started = True
         if self.behavior.telemetry_s > 0:
             for i, sim in enumerate(self.sims.values()):
                 # Spread the fleet's windows over the interval, as real devices drift apart.
@@ -193,10 +198,24 @@ class SimFleet:
             key.data.loop_read()
         for client in list(self.writers):
             client.loop_write()
-        if now - getattr(self, "_misc_at", 0.0) >= 1.0:
+        if now - self._misc_at >= 1.0:
             self._misc_at = now
             for client in self.clients.values():
                 client.loop_misc()
+        if self.started and now - self._reconnect_at >= RECONNECT_S:
+            self._reconnect_at = now
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Devices that lost the broker (it restarted, or dropped them) connect again, as
+        agents do; their on_connect subscribes and reports anew."""
+        for device, client in self.clients.items():
+            if device in self.connected:
+                continue
+            try:
+                client.reconnect()
+            except OSError:
+                return  # the broker is still away: try again later, all of them
 
     def run(self, until: Callable[[], bool]) -> None:
         while not until():
@@ -204,6 +223,7 @@ class SimFleet:
 
     def close(self) -> None:
         """Disconnect cleanly: a clean DISCONNECT suppresses the will, so mark offline first."""
+        self.started = False
         for device, sim in self.sims.items():
             client = self.clients.get(device)
             if client is not None and device in self.connected:

@@ -130,15 +130,17 @@ def test_a_device_heard_late_is_rolled_back_to_the_version_it_reported(
             time.sleep(0.1)
         late.start()  # they report v1, take the retained v2, and install it
         out, _ = controller.communicate(timeout=90)
+        shown = json.loads(out)
+        assert shown["phase"] == "aborted", shown["reason"]
+        states = {d["device"]: (d["state"], d["previous"]) for d in shown["devices"]}
+        for device in late.names:
+            assert states[device] == ("rolled_back", {"name": "tiny", "version": 1})
+        wait_for(broker, topic_prefix, dict.fromkeys(late.names, 1))
     finally:
-        late.stop() if controller.poll() is not None else controller.kill()
-    shown = json.loads(out)
-    assert shown["phase"] == "aborted", shown["reason"]
-    states = {d["device"]: (d["state"], d["previous"]) for d in shown["devices"]}
-    for device in late.names:
-        assert states[device] == ("rolled_back", {"name": "tiny", "version": 1})
-    late.start()
-    wait_for(broker, topic_prefix, dict.fromkeys(late.names, 1))
+        late.stop()
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait()
 
 
 def test_a_wave_is_pushed_only_when_there_is_time_to_judge_it(
@@ -251,3 +253,25 @@ def test_the_watch_survives_hostile_messages_and_trusts_only_the_topic(
         assert watch.rejected["identity"] == 2
         assert watch.rejected["schema"] >= 2  # not JSON, and a version that is not a number
         assert watch.client.client.is_connected()  # paho's network thread lived through it
+
+
+def test_simulated_devices_come_back_after_the_broker_is_killed(
+    own_broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    sim = Simulated(own_broker, topic_prefix, keys[1], tmp_path / "sim.log", 20).start()
+    try:
+        own_broker.kill()  # kill -9
+        own_broker.start()  # same port
+        watch_started = time.time()
+        with FleetWatch(own_broker.url, Topics(topic_prefix), set(sim.names)) as watch:
+            deadline = time.monotonic() + 30
+            while True:
+                online = {d for d, s in list(watch.statuses.items()) if s.state == "online"}
+                if online == set(sim.names) and all(
+                    watch.statuses[d].ts > watch_started for d in online
+                ):
+                    break
+                assert time.monotonic() < deadline, f"{len(online)} of 20 back"
+                watch.wait(0.5)
+    finally:
+        sim.stop()
