@@ -248,7 +248,7 @@ def step_fleet(demo: Demo, v1: Path, v2: Path, keys: Path, request: bytes, label
         demo.run(
             BIN / "edgebento", "rollout", "digits", "2", "--store", store, "--broker", url,
             "--devices", ",".join(devices), "--canary", "50", "--waves", "1", "--bake", "3",
-            "--wait", "--timeout", "180",
+            "--wave-timeout", "60", "--key", keys / "signing.key", "--wait", "--timeout", "180",
         )  # fmt: skip
         demo.note("rollout", "digits v2 is running on dev-1 and dev-2")
         traffic = _send_traffic(broker, devices, infer, seconds=8, rate=50)
