@@ -1,24 +1,26 @@
-"""Staged rollouts: desired state wave by wave, watched, and rolled back when the fleet says so.
+"""Staged rollouts: desired state wave by wave, judged by what devices report, and rolled back
+with signed instructions when the fleet says so.
 
 Import path and API::
 
-    from cloud_sync.rollout import Rollout, start_rollout
-    state = start_rollout(store, watch, name, version, devices, thresholds)   # plans and saves
-    state = Rollout(store, watch, state, timeout_s=600, wait_all=False).run() # or a loaded state
+    from cloud_sync.rollout import Rollout
+    state = Rollout(store, watch, state, signer=private_key, timeout_s=None).run()
 
-Each target gets a retained ``Desired`` document on ``{prefix}/{device}/desired``: the canary
-first, then the waves. A wave is finished when every online device in it reports the new version
-in its retained status (which the agent does only after the pack passed its health check on the
-golden samples), or has failed (its status shows the update rolled back or refused). A device that
-is offline gets its desired state all the same and catches up when it connects; it does not hold
-the rollout up unless ``wait_all``. The rollout aborts when the share of failed devices, or the
-inference error rate on the new version, is over ``abort_failure_rate`` percent, or when the
-new version's p99 latency is over ``abort_p99_ratio`` times the previous version's (both from
-telemetry, once ``min_inferences`` ran on the new version; each settled wave is watched for
-``bake_s`` before the next one, so there is traffic to judge); then every
-touched device is set back to its previous version through its retained desired state, marked
-``rollback`` (an agent downgrades only when the desired state says so), so a device that is
-offline during the abort goes back when it connects.
+Each target gets a retained ``Desired`` on ``{prefix}/{device}/desired`` carrying the rollout id
+and ``generation``: the canary first, then the waves. A device's outcome is read from structured
+fields only: its status runs the target version, or its ``Status.applied`` echoes this rollout,
+this generation and this model with the outcome. Never a clock, never message text.
+
+Every wave has its own deadline (``wave_timeout_s``) and is pushed only if the time left of
+``timeout_s`` can judge it (``wave_timeout_s + bake_s``); otherwise the rollout stops as
+``timed_out`` before pushing, and ``resume`` carries on. Statuses are collected until the
+wave's deadline: a device not heard from holds its wave until then, and a device whose previous
+version was unknown at the start takes it from the first status it sends.
+
+An abort is written ahead: ``aborting``, with the reason and the figures, is saved before any
+rollback is published; a controller that dies in the middle is resumed into finishing the abort.
+Each rollback is ``Desired(model=previous, rollback=True, authorization=...)`` signed for that
+device and version (``cloud_sync.authority``), since a device downgrades only on a signed word.
 """
 
 from __future__ import annotations
@@ -26,83 +28,86 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from cloud_sync.authority import sign_rollback
 from cloud_sync.protocol import Desired, ModelRef, Status
-from cloud_sync.rollout_state import (
-    DeviceProgress,
-    RolloutState,
-    Thresholds,
-    new_rollout,
-    save_state,
-)
+from cloud_sync.rollout_state import AbortFigures, DeviceProgress, RolloutState, save_state
 from cloud_sync.store import ObjectStore
 from cloud_sync.watch import FleetWatch
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cloud_sync.lease import Lease
+
 log = logging.getLogger(__name__)
-_FAILED_OUTCOMES = ("rolled_back", "refused")
-ROLLBACK_WAIT_S = 30.0
+_WAITING = ("unknown", "updating", "offline")
+_TOUCHED = ("unknown", "updating", "offline", "done", "failed", "rolled_back")
+_STATS_EVERY_S = 0.5  # the telemetry figures change slowly; the device counts are exact
 
 
-def start_rollout(
-    store: ObjectStore,
-    watch: FleetWatch,
-    name: str,
-    version: int,
-    devices: list[str],
-    thresholds: Thresholds,
-) -> RolloutState:
-    """Plan the waves from what each device runs now, and save the plan."""
-    previous = {}
-    for device in devices:
-        status = watch.statuses.get(device)
-        previous[device] = status.model if status is not None and status.model else None
-    state = new_rollout(name, version, devices, previous, thresholds, watch.topics.prefix)
-    save_state(store, state)
-    return state
+def same(a: ModelRef | None, b: ModelRef | None) -> bool:
+    return a is not None and b is not None and (a.name, a.version) == (b.name, b.version)
 
 
 def device_outcome(
-    progress: DeviceProgress, status: Status | None, target: ModelRef
+    status: Status | None, target: ModelRef, rollout: str, generation: int
 ) -> tuple[str, str] | None:
     """("done" | "failed", detail) once the device's status says how the update went."""
     if status is None:
         return None
-    model = status.model
-    if model is not None and (model.name, model.version) == (target.name, target.version):
+    applied = status.applied
+    if (
+        applied is not None
+        and applied.generation == generation
+        and applied.rollout == rollout
+        and same(applied.model, target)
+    ):
+        if applied.outcome == "installed":
+            return "done", f"runs v{target.version}"
+        return "failed", f"{applied.outcome}: {applied.reason or 'no reason given'}"
+    if same(status.model, target):
         return "done", f"runs v{target.version}"
-    update = (status.model_extra or {}).get("last_update")
-    if not isinstance(update, dict) or progress.desired_at is None:
-        return None
-    recent = float(update.get("ts") or 0) >= progress.desired_at - 1.0
-    about = str(update.get("source") or f"v{target.version}")
-    if recent and update.get("outcome") in _FAILED_OUTCOMES and f"v{target.version}" in about:
-        return "failed", str(update.get("message") or update.get("outcome"))
     return None
 
 
-def abort_reason(state: RolloutState, watch: FleetWatch) -> str | None:
+def abort_reason(
+    state: RolloutState, watch: FleetWatch, telemetry: bool = True
+) -> tuple[str, AbortFigures] | None:
+    """Why the rollout must stop, from the kept counts and (``telemetry``) the watch's running
+    totals per version: O(1) in the size of the fleet."""
     t = state.thresholds
-    touched = [d for d in state.devices if d.state in ("updating", "done", "failed")]
-    failed = [d for d in touched if d.state == "failed"]
-    if failed and 100.0 * len(failed) / len(touched) > t.abort_failure_rate:
+    touched = state.count(*_TOUCHED)
+    failed = state.count("failed")
+    figures = AbortFigures(failed=failed, touched=touched)
+    if failed and 100.0 * failed / touched > t.abort_failure_rate:
         return (
-            f"{len(failed)} of {len(touched)} updated devices failed "
-            f"(over {t.abort_failure_rate:g}%): {failed[0].device}: {failed[0].detail}"
-        )
-    names = [d.device for d in state.devices if d.state == "done"]
-    new = watch.version_stats(names, state.version, same=True)
-    if new.count >= t.min_inferences:
-        rate = 100.0 * new.errors / new.count
-        if rate > t.abort_failure_rate:
-            return f"inference error rate on v{state.version} is {rate:.1f}% (over {t.abort_failure_rate:g}%)"
-        old = watch.version_stats([d.device for d in state.devices], state.version, same=False)
-        if new.p99_ms is not None and old.p99_ms:
-            ratio = new.p99_ms / old.p99_ms
-            if ratio > t.abort_p99_ratio:
-                return (
-                    f"p99 on v{state.version} is {new.p99_ms:.1f} ms, {ratio:.2f}x the previous "
-                    f"{old.p99_ms:.1f} ms (over {t.abort_p99_ratio:g}x)"
-                )
+            f"{failed} of {touched} updated devices failed (over {t.abort_failure_rate:g}%): "
+            f"{state.first_failure}"
+        ), figures
+    if not telemetry:
+        return None
+    new = watch.version_stats(state.version, same=True)
+    figures.inferences, figures.errors = new.count, new.errors
+    if new.count < t.min_inferences:
+        return None
+    rate = 100.0 * new.errors / new.count
+    figures.error_rate_pct = rate
+    if rate > t.abort_failure_rate:
+        return (
+            f"inference error rate on v{state.version} is {rate:.1f}% "
+            f"(over {t.abort_failure_rate:g}%)"
+        ), figures
+    old = watch.version_stats(state.version, same=False)
+    figures.new_p99_ms, figures.old_p99_ms = new.p99_ms, old.p99_ms
+    if new.p99_ms is not None and old.p99_ms:
+        ratio = new.p99_ms / old.p99_ms
+        if ratio > t.abort_p99_ratio:
+            return (
+                f"p99 on v{state.version} is {new.p99_ms:.1f} ms, {ratio:.2f}x the previous "
+                f"{old.p99_ms:.1f} ms (over {t.abort_p99_ratio:g}x)"
+            ), figures
     return None
 
 
@@ -113,79 +118,155 @@ class Rollout:
         watch: FleetWatch,
         state: RolloutState,
         *,
-        timeout_s: float = 600.0,
+        signer: Ed25519PrivateKey,
+        timeout_s: float | None = None,
         wait_all: bool = False,
         poll_s: float = 0.25,
+        save_every_s: float = 1.0,
+        lease: Lease | None = None,
         on_progress: Callable[[RolloutState], None] | None = None,
     ) -> None:
         self.store, self.watch, self.state = store, watch, state
+        self.signer, self.lease = signer, lease
+        self.deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
         self.timeout_s, self.wait_all, self.poll_s = timeout_s, wait_all, poll_s
+        self.save_every_s = save_every_s
         self.on_progress = on_progress or (lambda _state: None)
         self.target = ModelRef(name=state.name, version=state.version)
+        self._saved_at = 0.0
+        self._stats_at = 0.0
+        self._refused: set[str] = set()  # devices that answered a rollback with a refusal
 
-    def _save(self) -> None:
-        save_state(self.store, self.state)
-        self.on_progress(self.state)
+    # --- bookkeeping -----------------------------------------------------------------------
 
-    def _online(self, device: str) -> bool:
-        status = self.watch.statuses.get(device)
-        return status is not None and status.state == "online"
+    def _save(self, force: bool = False) -> None:
+        """Phase changes are saved at once (``force``); device progress at most every
+        ``save_every_s``, so a fleet reporting at once costs a few saves, not one per device."""
+        now = time.monotonic()
+        if force or now - self._saved_at >= self.save_every_s:
+            if self.lease is not None:
+                self.lease.renew(force=force)
+            save_state(self.store, self.state)
+            self._saved_at = now
+            self.on_progress(self.state)
 
-    def _start_wave(self, index: int) -> None:
-        for progress in self.state.wave(index):
-            if progress.state in ("pending", "offline", "updating"):
-                desired = Desired(model=self.target, rollout=self.state.id)
-                self.watch.set_desired(progress.device, desired)
-                progress.desired_at = progress.desired_at or desired.ts
-                progress.state = "updating" if self._online(progress.device) else "offline"
-        self._save()
-
-    def _observe(self) -> bool:
-        """Fold the latest statuses into the state; True when something changed."""
-        changed = False
-        for progress in self.state.devices:
-            if progress.state not in ("updating", "offline"):
-                continue
-            outcome = device_outcome(
-                progress, self.watch.statuses.get(progress.device), self.target
-            )
-            if outcome is not None:
-                progress.state, progress.detail = outcome  # type: ignore[assignment]
-                changed = True
-            elif progress.state == "offline" and self._online(progress.device):
-                progress.state, changed = "updating", True
-        if changed:
+    def _tick(self) -> None:
+        if self.lease is not None:
+            self.lease.renew()
+        if self.state.dirty:
             self._save()
-        return changed
 
-    def _wave_settled(self, index: int) -> bool:
-        return all(d.state in ("done", "failed", "offline") for d in self.state.wave(index))
+    def _fold(self, progress: DeviceProgress) -> None:
+        """One device's latest status into its progress: O(1)."""
+        status = self.watch.statuses.get(progress.device)
+        if status is None:
+            return
+        model = self.watch.first_model.get(progress.device) or status.model
+        if progress.previous is None and model is not None and not same(model, self.target):
+            progress.previous = ModelRef(name=model.name, version=model.version)
+            self.state.touch(progress)
+        if self.state.phase == "aborting":
+            self._fold_rollback(progress, status)
+            return
+        if progress.state not in _WAITING:
+            return
+        outcome = device_outcome(status, self.target, self.state.id, self.state.generation)
+        if outcome is not None:
+            self.state.move(progress, outcome[0], outcome[1])  # type: ignore[arg-type]
+        elif status.state == "online" and progress.state != "updating":
+            self.state.move(progress, "updating", None)
+        elif status.state == "offline" and progress.state == "unknown":
+            self.state.move(progress, "offline", "offline; catches up on connect")
+
+    def _drain(self) -> None:
+        for device in self.watch.take_changed():
+            progress = self.state.get(device)
+            if progress is not None:
+                self._fold(progress)
+
+    def _check(self) -> tuple[str, AbortFigures] | None:
+        """The device counts on every wakeup; the telemetry figures a few times a second."""
+        now = time.monotonic()
+        telemetry = now - self._stats_at >= _STATS_EVERY_S
+        if telemetry:
+            self._stats_at = now
+        return abort_reason(self.state, self.watch, telemetry)
+
+    # --- the waves -------------------------------------------------------------------------
 
     def run(self) -> RolloutState:
-        deadline = time.monotonic() + self.timeout_s
+        if self.state.phase == "aborting":
+            return self._finish_abort()
+        for progress in self.state.devices:  # once: what was heard before we started
+            self._fold(progress)
         while self.state.phase == "running":
             index = self.state.current_wave
             if index >= self.state.wave_count:
-                self._finish(deadline)
+                self._finish()
+                break
+            if not self._can_judge(index):
                 break
             self._start_wave(index)
-            while not self._wave_settled(index) and time.monotonic() < deadline:
-                self._observe()
-                if (reason := abort_reason(self.state, self.watch)) is not None:
-                    return self.abort(reason)
-                self.watch.wait(self.poll_s)
-            self._observe()
-            for progress in self.state.wave(index):
-                if progress.state == "updating":  # online, yet silent until the deadline
-                    progress.state = "failed"
-                    progress.detail = f"did not report v{self.state.version} in {self.timeout_s:g}s"
-            if (reason := self._bake(index, deadline)) is not None:
-                return self.abort(reason)
+            if (found := self._watch_wave(index)) is not None:
+                return self._abort(*found)
+            if (found := self._bake(index)) is not None:
+                return self._abort(*found)
             self.state.current_wave += 1
-            self._save()
+            self._save(force=True)
         return self.state
 
-    def _bake(self, index: int, deadline: float) -> str | None:
+    def _can_judge(self, index: int) -> bool:
+        t = self.state.thresholds
+        need = t.wave_timeout_s + t.bake_s
+        left = self.deadline - time.monotonic()
+        if left >= need:
+            return True
+        self.state.phase = "timed_out"
+        self.state.reason = (
+            f"wave {index} not pushed: {max(left, 0):.1f}s left of the {self.timeout_s:g}s "
+            f"timeout, and judging a wave takes {need:g}s (wave timeout + bake); resume to go on"
+        )
+        self._save(force=True)
+        return False
+
+    def _start_wave(self, index: int) -> None:
+        items = []
+        for progress in self.state.wave(index):
+            if progress.state in ("pending", *_WAITING):
+                desired = Desired(
+                    model=self.target, rollout=self.state.id, generation=self.state.generation
+                )
+                items.append((progress.device, desired))
+                if progress.state == "pending":
+                    self.state.move(progress, "unknown", None)
+                self._fold(progress)
+        self._save(force=True)  # the wave is in flight before a device hears of it
+        self.watch.set_desired_many(items)
+
+    def _watch_wave(self, index: int) -> tuple[str, AbortFigures] | None:
+        wave_deadline = time.monotonic() + self.state.thresholds.wave_timeout_s
+        wave = self.state.wave(index)
+        while time.monotonic() < wave_deadline:
+            self._drain()
+            if (found := self._check()) is not None:
+                return found
+            if self.state.waiting(index) == 0:
+                break
+            self._tick()
+            self.watch.wait(self.poll_s)
+        self._drain()
+        timeout = self.state.thresholds.wave_timeout_s
+        for progress in wave:
+            if progress.state == "updating":  # online, yet silent until the wave's deadline
+                self.state.move(
+                    progress, "failed", f"did not report v{self.state.version} in {timeout:g}s"
+                )
+            elif progress.state == "unknown":
+                self.state.move(progress, "offline", f"no status heard in {timeout:g}s")
+        self._save(force=True)
+        return self._check()
+
+    def _bake(self, index: int) -> tuple[str, AbortFigures] | None:
         """Watch the fleet for ``bake_s`` after a wave, then give the abort reason, if any.
 
         A device reports the new version as soon as it passed its health check, before it served
@@ -193,63 +274,114 @@ class Rollout:
         the new version, and a slow or failing model would reach every wave.
         """
         baking = any(d.state == "done" for d in self.state.wave(index))
-        until = min(deadline, time.monotonic() + (self.state.thresholds.bake_s if baking else 0))
-        while (reason := abort_reason(self.state, self.watch)) is None:
-            if time.monotonic() >= until:
-                break
+        until = time.monotonic() + (self.state.thresholds.bake_s if baking else 0)
+        while time.monotonic() < until:
+            self._drain()
+            if (found := self._check()) is not None:
+                return found
+            self._tick()
             self.watch.wait(self.poll_s)
-        return reason
+        self._stats_at = 0.0
+        return self._check()
 
-    def _finish(self, deadline: float) -> None:
-        while self.wait_all and time.monotonic() < deadline:
-            self._observe()
-            if all(d.state == "done" for d in self.state.devices):
+    def _finish(self) -> None:
+        while self.wait_all and time.monotonic() < self.deadline:
+            self._drain()
+            if self.state.count("done") == len(self.state.devices):
                 break
+            self._tick()
             self.watch.wait(self.poll_s)
-        self._observe()
+        self._drain()
         waiting = [d.device for d in self.state.devices if d.state != "done"]
+        shown = ", ".join(waiting[:20]) + (f" and {len(waiting) - 20} more" if waiting[20:] else "")
         if self.wait_all and waiting:
             self.state.phase = "timed_out"
-            self.state.reason = (
-                f"not on v{self.state.version} after {self.timeout_s:g}s: {', '.join(waiting)}"
-            )
+            self.state.reason = f"not on v{self.state.version} in time: {shown}"
         else:
             self.state.phase = "completed"
             if waiting:
-                self.state.reason = f"offline, will catch up on connect: {', '.join(waiting)}"
-        self._save()
+                self.state.reason = f"offline, will catch up on connect: {shown}"
+        self._save(force=True)
 
-    def abort(self, reason: str) -> RolloutState:
-        """Set every touched device back to what it ran before, and wait for it to get there."""
-        log.warning("rollout %s aborted: %s", self.state.id, reason)
-        self.state.phase, self.state.reason = "aborted", reason
+    # --- the abort -------------------------------------------------------------------------
+
+    def _abort(self, reason: str, figures: AbortFigures) -> RolloutState:
+        log.warning("rollout %s aborting: %s", self.state.id, reason)
+        self.state.phase, self.state.reason, self.state.figures = "aborting", reason, figures
+        self._save(force=True)  # written ahead: a crash from here on resumes into the abort
+        return self._finish_abort()
+
+    def _rollback_of(self, progress: DeviceProgress) -> Desired | None:
+        previous = progress.previous
+        if previous is None or same(previous, self.target):
+            return None
+        return Desired(
+            model=previous,
+            rollout=self.state.id,
+            generation=self.state.rollback_generation,
+            rollback=True,
+            authorization=sign_rollback(
+                self.signer, progress.device, previous, rollout=self.state.id
+            ),
+        )
+
+    def _finish_abort(self) -> RolloutState:
+        """Set every touched device back to what it ran before, and wait for it to get there.
+
+        Idempotent: every desired state is retained, so a resumed controller publishes the same
+        instructions again and a device that acted on them already ignores the repeat.
+        """
         touched = [d for d in self.state.devices if d.state != "pending"]
         for progress in touched:
-            back = None
-            if progress.previous is not None:
-                back = Desired(model=progress.previous, rollout=self.state.id, rollback=True)
-            self.watch.set_desired(progress.device, back)
-        self._save()
-        deadline = time.monotonic() + ROLLBACK_WAIT_S
-        while time.monotonic() < deadline:
-            pending = [d for d in touched if d.state != "rolled_back"]
-            for progress in pending:
-                self._check_rolled_back(progress)
-            if all(d.state == "rolled_back" or not self._online(d.device) for d in touched):
-                break
+            self._fold(progress)  # a late status may have told us the previous version
+        items = []
+        for progress in touched:
+            # Every touched device, also one already back on its previous version (its update
+            # failed): the retained desired state must stop naming the version we abort.
+            back = self._rollback_of(progress)
+            items.append((progress.device, back))
+            if back is None and progress.state != "rolled_back":
+                # Clearing the desired state keeps an offline device from updating later.
+                self.state.move(progress, "rolled_back", "nothing to go back to")
+        self.watch.set_desired_many(items)
+        until = time.monotonic() + self.state.thresholds.rollback_wait_s
+        outstanding = [d for d in touched if d.state != "rolled_back"]
+        checked = 0.0
+        while outstanding and time.monotonic() < until:
+            self._drain()
+            if time.monotonic() - checked >= self.poll_s:  # O(outstanding), a few times a second
+                checked = time.monotonic()
+                outstanding = [
+                    d
+                    for d in outstanding
+                    if d.state != "rolled_back" and d.device not in self._refused
+                ]
+                if not any(self._online(d) for d in outstanding):
+                    break
+            self._tick()
             self.watch.wait(self.poll_s)
-        self._save()
+        self.state.phase = "aborted"
+        self._save(force=True)
         return self.state
 
-    def _check_rolled_back(self, progress: DeviceProgress) -> None:
+    def _online(self, progress: DeviceProgress) -> bool:
         status = self.watch.statuses.get(progress.device)
-        running = status.model if status is not None else None
-        prev = progress.previous
-        if prev is None or (
-            running is not None and (running.name, running.version) == (prev.name, prev.version)
-        ):
-            progress.state, progress.detail = (
-                "rolled_back",
-                f"runs v{prev.version}" if prev else "nothing to go back to",
-            )
+        return status is not None and status.state == "online"
+
+    def _fold_rollback(self, progress: DeviceProgress, status: Status) -> None:
+        if progress.state in ("pending", "rolled_back") or progress.previous is None:
             return
+        previous = progress.previous
+        applied = status.applied
+        if same(status.model, previous):
+            self.state.move(progress, "rolled_back", f"runs v{previous.version}")
+        elif (
+            applied is not None
+            and applied.generation == self.state.rollback_generation
+            and applied.rollout == self.state.id
+            and applied.outcome != "installed"
+        ):
+            self._refused.add(progress.device)
+            self.state.move(
+                progress, "failed", f"rollback {applied.outcome}: {applied.reason or '?'}"
+            )

@@ -1,7 +1,11 @@
-"""A rollout's plan and progress, persisted in the store at ``rollouts/{id}.json``.
+"""A rollout's plan and progress, persisted in the store.
 
-Saved after every step, so ``edgebento rollout status ID`` shows where it is and a restarted
-``edgebento rollout resume ID`` carries on from there.
+Layout: a small header at ``rollouts/{id}.json`` (phase, wave, reason, the figures behind an
+abort, counts per device state) and one document per wave at ``rollouts/{id}/wave-{n}.json``.
+A save writes the waves that changed since the last save, then the header, so the bytes written
+per save are bounded by the waves in flight rather than by the fleet; ``Rollout`` throttles
+device-level saves and forces one at every phase change. ``edgebento rollout status ID`` reads
+it, and ``edgebento rollout resume ID`` carries on from it.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError
 
-DeviceState = Literal["pending", "updating", "offline", "done", "failed", "rolled_back"]
-Phase = Literal["running", "completed", "aborted", "timed_out"]
+DeviceState = Literal["pending", "unknown", "updating", "offline", "done", "failed", "rolled_back"]
+Phase = Literal["running", "aborting", "aborted", "completed", "timed_out"]
+SCHEMA_VERSION = 2
+WAITING: tuple[str, ...] = ("unknown", "updating")  # a wave is settled when none of it waits
 
 
 class DeviceProgress(BaseModel):
@@ -28,7 +34,6 @@ class DeviceProgress(BaseModel):
     previous: ModelRef | None = None
     state: DeviceState = "pending"
     detail: str | None = None
-    desired_at: float | None = None
 
 
 class Thresholds(BaseModel):
@@ -38,11 +43,34 @@ class Thresholds(BaseModel):
     abort_p99_ratio: float = Field(default=1.5, gt=0)  # new p99 over the previous version's
     min_inferences: int = Field(default=50, ge=1)  # fewer say nothing about error rates
     bake_s: float = Field(default=60.0, ge=0)  # watch each wave's telemetry this long
+    wave_timeout_s: float = Field(default=300.0, gt=0)  # for every device of a wave to report
+    rollback_wait_s: float = Field(default=60.0, ge=0)  # for the touched devices to go back
 
 
-class RolloutState(BaseModel):
+class AbortFigures(BaseModel):
+    """What the controller saw when it decided to abort, persisted before any rollback."""
+
+    failed: int = 0
+    touched: int = 0
+    inferences: float = 0.0
+    errors: float = 0.0
+    error_rate_pct: float | None = None
+    new_p99_ms: float | None = None
+    old_p99_ms: float | None = None
+
+
+class SaveStats(BaseModel):
+    count: int = 0
+    bytes: int = 0
+    max_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class RolloutHeader(BaseModel):
+    """``rollouts/{id}.json``: everything but the per-device progress."""
+
     model_config = ConfigDict(extra="allow")
-    schema_version: int = 1
+    schema_version: int = SCHEMA_VERSION
     id: str
     name: str
     version: int
@@ -50,29 +78,90 @@ class RolloutState(BaseModel):
     phase: Phase = "running"
     thresholds: Thresholds = Field(default_factory=Thresholds)
     current_wave: int = 0
-    devices: list[DeviceProgress]
+    wave_count: int = 0
+    generation: int = Field(default=1, ge=1)  # Desired.generation of the update
     reason: str | None = None
+    figures: AbortFigures | None = None
+    first_failure: str | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    saves: SaveStats = Field(default_factory=SaveStats)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
     @property
-    def wave_count(self) -> int:
-        return max((d.wave for d in self.devices), default=-1) + 1
+    def rollback_generation(self) -> int:
+        return self.generation + 1
+
+
+class WaveDoc(BaseModel):
+    """``rollouts/{id}/wave-{n}.json``."""
+
+    schema_version: int = SCHEMA_VERSION
+    rollout: str
+    wave: int
+    devices: list[DeviceProgress]
+
+
+class RolloutState(RolloutHeader):
+    """The header and every device's progress, with counts kept as devices move."""
+
+    devices: list[DeviceProgress]
+    _index: dict[str, DeviceProgress] = PrivateAttr(default_factory=dict)
+    _waves: list[list[DeviceProgress]] = PrivateAttr(default_factory=list)
+    _dirty: set[int] = PrivateAttr(default_factory=set)
+    _waiting: list[int] = PrivateAttr(default_factory=list)
+
+    def model_post_init(self, _context: object) -> None:
+        self.wave_count = max((d.wave for d in self.devices), default=-1) + 1
+        self._index = {d.device: d for d in self.devices}
+        self._waves = [[] for _ in range(self.wave_count)]
+        self._waiting = [0] * self.wave_count
+        counts: dict[str, int] = {}
+        for d in self.devices:
+            self._waves[d.wave].append(d)
+            counts[d.state] = counts.get(d.state, 0) + 1
+            self._waiting[d.wave] += d.state in WAITING
+        self.counts = counts
 
     def wave(self, index: int) -> list[DeviceProgress]:
-        return [d for d in self.devices if d.wave == index]
+        return self._waves[index] if 0 <= index < self.wave_count else []
 
-    def touched(self) -> list[DeviceProgress]:
-        return [d for d in self.devices if d.state != "pending"]
+    def get(self, name: str) -> DeviceProgress | None:
+        return self._index.get(name)
 
     def device(self, name: str) -> DeviceProgress:
-        return next(d for d in self.devices if d.device == name)
+        return self._index[name]
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in self.devices:
-            out[d.state] = out.get(d.state, 0) + 1
-        return out
+    def move(self, progress: DeviceProgress, state: DeviceState, detail: str | None) -> None:
+        """Change one device's state, keeping the counts and marking its wave for the save."""
+        if progress.state == state and progress.detail == detail:
+            return
+        self.counts[progress.state] -= 1
+        self.counts[state] = self.counts.get(state, 0) + 1
+        self._waiting[progress.wave] += (state in WAITING) - (progress.state in WAITING)
+        progress.state, progress.detail = state, detail
+        if state == "failed" and self.first_failure is None:
+            self.first_failure = f"{progress.device}: {detail}"
+        self._dirty.add(progress.wave)
+
+    def touch(self, progress: DeviceProgress) -> None:
+        """Mark a device's wave for the next save (its ``previous`` changed)."""
+        self._dirty.add(progress.wave)
+
+    def waiting(self, index: int) -> int:
+        """Devices of wave ``index`` not yet judged (no status, or updating)."""
+        return self._waiting[index] if 0 <= index < self.wave_count else 0
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def count(self, *states: str) -> int:
+        return sum(self.counts.get(s, 0) for s in states)
+
+    def take_dirty(self) -> set[int]:
+        dirty, self._dirty = self._dirty, set()
+        return dirty
 
 
 def plan_waves(devices: list[str], canary_pct: float, waves: int) -> list[list[str]]:
@@ -95,6 +184,7 @@ def new_rollout(
     previous: dict[str, ModelRef | None],
     thresholds: Thresholds,
     prefix: str,
+    generation: int = 1,
 ) -> RolloutState:
     progress = [
         DeviceProgress(device=d, wave=i, previous=previous.get(d))
@@ -102,38 +192,83 @@ def new_rollout(
         for d in wave
     ]
     rollout_id = f"{name}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return RolloutState(
+    state = RolloutState(
         id=rollout_id,
         name=name,
         version=version,
         prefix=prefix,
         thresholds=thresholds,
         devices=progress,
+        generation=generation,
     )
+    state._dirty = set(range(state.wave_count))
+    return state
 
 
 def rollout_key(rollout_id: str) -> str:
-    if "/" in rollout_id or rollout_id.startswith("."):
+    if "/" in rollout_id or rollout_id.startswith(".") or not rollout_id:
         raise ConfigError(f"{rollout_id!r} is not a rollout id")
     return f"rollouts/{rollout_id}.json"
 
 
-def save_state(store: ObjectStore, state: RolloutState) -> None:
+def wave_key(rollout_id: str, wave: int) -> str:
+    return f"{rollout_key(rollout_id).removesuffix('.json')}/wave-{wave}.json"
+
+
+def save_state(store: ObjectStore, state: RolloutState) -> float:
+    """Write the changed waves, then the header; the seconds it took."""
+    start = time.perf_counter()
+    written = 0
+    for index in sorted(state.take_dirty()):
+        doc = WaveDoc(rollout=state.id, wave=index, devices=state.wave(index))
+        body = doc.model_dump_json(exclude_none=True).encode()
+        store.put_bytes(wave_key(state.id, index), body)
+        written += len(body)
     state.updated_at = time.time()
-    store.put_bytes(rollout_key(state.id), state.model_dump_json(indent=2).encode())
+    header = RolloutHeader.model_validate(state.model_dump(exclude={"devices"}))
+    body = header.model_dump_json(indent=2).encode()
+    store.put_bytes(rollout_key(state.id), body)
+    elapsed = time.perf_counter() - start
+    saves = state.saves
+    saves.count += 1
+    saves.bytes += written + len(body)
+    saves.max_ms = max(saves.max_ms, elapsed * 1000)
+    saves.total_ms += elapsed * 1000
+    return elapsed
 
 
-def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
+def load_header(store: ObjectStore, rollout_id: str) -> RolloutHeader:
     try:
         data = store.get_bytes(rollout_key(rollout_id))
     except NotFoundError as exc:
         raise NotFoundError(f"no rollout {rollout_id} in {store.url}") from exc
     try:
-        return RolloutState.model_validate_json(data)
+        return RolloutHeader.model_validate_json(data)
     except ValidationError as exc:
         raise StoreError(f"rollout {rollout_id} in {store.url} is not a valid state") from exc
 
 
-def list_states(store: ObjectStore) -> list[RolloutState]:
-    ids = [k.removeprefix("rollouts/").removesuffix(".json") for k in store.list("rollouts/")]
-    return sorted((load_state(store, i) for i in ids), key=lambda s: s.created_at)
+def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
+    header = load_header(store, rollout_id)
+    devices: list[DeviceProgress] = []
+    for index in range(header.wave_count):
+        key = wave_key(rollout_id, index)
+        try:
+            doc = WaveDoc.model_validate_json(store.get_bytes(key))
+        except (NotFoundError, ValidationError) as exc:
+            raise StoreError(f"rollout {rollout_id}: {key} is missing or not valid") from exc
+        if doc.rollout != rollout_id or doc.wave != index:
+            raise StoreError(f"rollout {rollout_id}: {key} belongs to another rollout or wave")
+        devices.extend(doc.devices)
+    fields = header.model_dump(exclude={"wave_count", "counts"})
+    return RolloutState.model_validate({**fields, "devices": devices})
+
+
+def list_states(store: ObjectStore) -> list[RolloutHeader]:
+    """Every rollout's header (the per-device documents are not read)."""
+    ids = [
+        k.removeprefix("rollouts/").removesuffix(".json")
+        for k in store.list("rollouts/")
+        if k.count("/") == 1 and k.endswith(".json")
+    ]
+    return sorted((load_header(store, i) for i in ids), key=lambda s: s.created_at)

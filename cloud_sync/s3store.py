@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.store import ObjectStore, check_key
-from modelpack.errors import NotFoundError, StoreError
+from modelpack.errors import ConflictError, NotFoundError, SizeLimitError, StoreError
 
 MULTIPART_THRESHOLD = 16 << 20
 MULTIPART_CHUNK = 16 << 20
 MAX_ATTEMPTS = 8
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# 412: the precondition did not hold; 409: a concurrent conditional write to the key won.
+_CONFLICT = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 class S3Store(ObjectStore):
@@ -73,6 +75,8 @@ class S3Store(ObjectStore):
             code = str(response.get("Error", {}).get("Code", ""))
         if code in _MISSING:
             return NotFoundError(f"{key} is not in {self.url}")
+        if code in _CONFLICT:
+            return ConflictError(f"{key} in {self.url} exists or changed ({code})")
         if code == "NoSuchBucket":
             return StoreError(f"bucket {self.bucket} does not exist ({self.url})")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -106,13 +110,62 @@ class S3Store(ObjectStore):
         except OSError as exc:
             raise StoreError(f"cannot read {path} to upload it: {exc}") from exc
 
-    def get_file(self, key: str, path: Path) -> Path:
+    def create(self, key: str, data: bytes) -> str:
+        try:
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self._full(key), Body=data, IfNoneMatch="*"
+            )
+        except self._errors() as exc:
+            raise self._translate(exc, key, "creating") from exc
+        return str(answer.get("ETag", ""))
+
+    def read(self, key: str) -> tuple[bytes, str]:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            return bytes(answer["Body"].read()), str(answer.get("ETag", ""))
+        except self._errors() as exc:
+            raise self._translate(exc, key, "reading") from exc
+
+    def replace(self, key: str, data: bytes, etag: str) -> str:
+        try:
+            answer = self.client.put_object(
+                Bucket=self.bucket, Key=self._full(key), Body=data, IfMatch=etag
+            )
+        except self._errors() as exc:
+            error = self._translate(exc, key, "replacing")
+            if isinstance(error, NotFoundError):  # If-Match on a key that is gone
+                error = ConflictError(f"{key} is gone from {self.url}")
+            raise error from exc
+        return str(answer.get("ETag", ""))
+
+    def _download_capped(self, key: str, tmp_name: str, max_bytes: int) -> None:
+        # A ranged GET: the server sends at most max_bytes + 1 bytes, whatever the object's
+        # size, so a swapped or inflated object costs no more than the index promised.
+        answer = self.client.get_object(
+            Bucket=self.bucket, Key=self._full(key), Range=f"bytes=0-{max_bytes}"
+        )
+        total = 0
+        with open(tmp_name, "wb") as fh:
+            for chunk in answer["Body"].iter_chunks(1 << 20):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise SizeLimitError(
+                        f"{key} in {self.url} is over its expected {max_bytes} bytes"
+                    )
+                fh.write(chunk)
+
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._full(key), tmp_name, Config=self.transfer)
+            if max_bytes is not None and max_bytes > 0:
+                self._download_capped(key, tmp_name, max_bytes)
+            else:
+                self.client.download_file(
+                    self.bucket, self._full(key), tmp_name, Config=self.transfer
+                )
             os.replace(tmp_name, path)
         except self._errors() as exc:
             raise self._translate(exc, key, "downloading") from exc

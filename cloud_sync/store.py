@@ -7,30 +7,38 @@ Import path and API (keys are ``/``-separated, relative, never ``..``)::
     store: ObjectStore = open_store("s3://bucket/prefix")   # or "file:///path" or "/plain/path"
     store = open_store(url, endpoint_url=None, region=None)  # endpoint also from AWS_ENDPOINT_URL
     store.put_bytes(key: str, data: bytes) -> None           # atomic: readers see old or new
+    store.create(key: str, data: bytes) -> str               # create-only; ConflictError if taken
+    store.read(key: str) -> tuple[bytes, str]                # the bytes and their etag
+    store.replace(key: str, data: bytes, etag: str) -> str   # only if still at etag, else Conflict
     store.get_bytes(key: str) -> bytes                       # NotFoundError when missing
     store.put_file(key: str, path: Path) -> None             # multipart on S3 for big files
-    store.get_file(key: str, path: Path) -> Path             # NotFoundError; atomic local write
+    store.get_file(key: str, path: Path, max_bytes=None) -> Path   # NotFoundError; SizeLimitError
     store.exists(key: str) -> bool
     store.list(prefix: str = "") -> list[str]                # sorted keys under prefix
     store.delete(key: str) -> None                           # missing key: no error
     store.presign(key: str, expires_s: int = 3600) -> str    # https URL (S3) or file:// URL
     store.url -> str                                         # the URL it was opened with
 
-Every failure is a ``modelpack.errors.StoreError`` (``NotFoundError`` for a missing object).
+Every failure is a ``modelpack.errors.StoreError`` (``NotFoundError`` for a missing object,
+``ConflictError`` for a conditional write that lost). The conditional writes are S3's own
+(``If-None-Match: *`` and ``If-Match: etag`` on PutObject); the local store gives the same
+guarantee among the processes of one host with ``link(2)`` (create) and ``flock(2)`` (replace).
 Both implementations use the same key layout, so a directory synced with ``aws s3 sync`` works
 as a store and the other way round.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from modelpack.errors import NotFoundError, StoreError
+from modelpack.errors import ConflictError, NotFoundError, SizeLimitError, StoreError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -64,7 +72,20 @@ class ObjectStore(ABC):
     def put_file(self, key: str, path: Path) -> None: ...
 
     @abstractmethod
-    def get_file(self, key: str, path: Path) -> Path: ...
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> Path:
+        """Download ``key`` to ``path``; past ``max_bytes`` it stops reading (SizeLimitError)."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> str:
+        """Write ``key`` only if it does not exist (ConflictError otherwise); its etag."""
+
+    @abstractmethod
+    def read(self, key: str) -> tuple[bytes, str]:
+        """The bytes of ``key`` and the etag a later ``replace`` must name."""
+
+    @abstractmethod
+    def replace(self, key: str, data: bytes, etag: str) -> str:
+        """Overwrite ``key`` only if it is still at ``etag`` (ConflictError otherwise)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -93,25 +114,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | None = None, source: Path | None = None) -> None:
-    """Write a temp file beside ``path``, fsync it, rename it over ``path``."""
+def _copy_capped(src: Path, fh: object, max_bytes: int | None) -> None:
+    with src.open("rb") as inp:
+        copied = 0
+        while chunk := inp.read(1 << 20):
+            copied += len(chunk)
+            if max_bytes is not None and copied > max_bytes:
+                raise SizeLimitError(f"{src.name} is over its expected {max_bytes} bytes")
+            fh.write(chunk)  # type: ignore[attr-defined]
+
+
+def write_atomic(
+    path: Path,
+    data: bytes | None = None,
+    source: Path | None = None,
+    *,
+    exclusive: bool = False,
+    max_bytes: int | None = None,
+) -> None:
+    """Write a temp file beside ``path``, fsync it, rename it over ``path``.
+
+    ``exclusive``: link it to ``path`` instead, which fails when ``path`` exists, so of two
+    writers exactly one creates the file (FileExistsError for the other).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
             if source is not None:
-                with source.open("rb") as src:
-                    shutil.copyfileobj(src, fh, 1 << 20)
+                _copy_capped(source, fh, max_bytes)
             else:
                 fh.write(data or b"")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()  # what S3 says of a plain PUT
 
 
 class LocalStore(ObjectStore):
@@ -144,17 +193,61 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise StoreError(f"cannot copy {path} to {key} in {self.url}: {exc}") from exc
 
-    def get_file(self, key: str, path: Path) -> Path:
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> Path:
         src = self._path(key)
         if not src.is_file():
             raise NotFoundError(f"{key} is not in {self.url}")
         try:
-            write_atomic(Path(path), source=src)
+            write_atomic(Path(path), source=src, max_bytes=max_bytes)
+        except SizeLimitError as exc:
+            raise SizeLimitError(f"{key} in {self.url}: {exc}") from exc
         except FileNotFoundError as exc:
             raise NotFoundError(f"{key} is not in {self.url}") from exc
         except OSError as exc:
             raise StoreError(f"cannot copy {key} from {self.url} to {path}: {exc}") from exc
         return Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[Path]:
+        """The key's path, with its directory locked against other conditional writers."""
+        import fcntl
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def create(self, key: str, data: bytes) -> str:
+        try:
+            with self._locked(key) as path:
+                write_atomic(path, data, exclusive=True)
+        except FileExistsError as exc:
+            raise ConflictError(f"{key} exists in {self.url} already") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot create {key} in {self.url}: {exc}") from exc
+        return _etag(data)
+
+    def read(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, _etag(data)
+
+    def replace(self, key: str, data: bytes, etag: str) -> str:
+        try:
+            with self._locked(key) as path:
+                try:
+                    current = _etag(path.read_bytes())
+                except FileNotFoundError as exc:
+                    raise ConflictError(f"{key} is gone from {self.url}") from exc
+                if current != etag:
+                    raise ConflictError(f"{key} in {self.url} changed since it was read")
+                write_atomic(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot replace {key} in {self.url}: {exc}") from exc
+        return _etag(data)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

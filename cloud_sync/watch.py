@@ -1,6 +1,17 @@
 """Watching the fleet over MQTT: retained status and desired state, live telemetry, commands.
 
 Used by rollouts (to set desired state and see each device report) and by ``fleet status``.
+
+What the watch trusts: a device's identity is the topic it published on, never a field of the
+payload. A status or telemetry record that names another device is dropped and counted
+(``rejected["identity"]``), as is anything that does not parse (``rejected["schema"]``) or sits
+on a topic outside ``{prefix}/{device}/{status|desired|telemetry}``. Every callback is guarded:
+paho 2.2 re-raises a callback's exception in its network thread, which then dies, so one bad
+message would otherwise blind the controller for the rest of the rollout.
+
+The work per message is O(1): the status goes into a dict, the device into the set of devices
+``take_changed`` hands the controller, and an inference record into running totals per model
+version (with a bounded sample of window p99s), never a scan of the fleet.
 """
 
 from __future__ import annotations
@@ -8,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +28,11 @@ from pydantic import ValidationError
 
 from cloud_sync.fleet_metrics import FleetView
 from cloud_sync.mqtt import CloudClient
-from cloud_sync.protocol import Desired, Status, TelemetryBatch, Topics
+from cloud_sync.protocol import Desired, ModelRef, Status, TelemetryBatch, Topics
 
 log = logging.getLogger(__name__)
+P99_SAMPLES = 2048  # window p99s kept per version: enough for a median, bounded in memory
+_KINDS = ("status", "desired", "telemetry")
 
 
 @dataclass
@@ -27,7 +41,7 @@ class VersionStats:
 
     count: float = 0.0
     errors: float = 0.0
-    p99s: list[float] = field(default_factory=list)
+    p99s: deque[float] = field(default_factory=lambda: deque(maxlen=P99_SAMPLES))
 
     def add(self, other: VersionStats) -> None:
         self.count += other.count
@@ -47,87 +61,158 @@ class FleetWatch:
         self.topics = topics
         self.devices = devices
         self.statuses: dict[str, Status] = {}
+        # The model each device reported first: what it ran before anything we published now,
+        # even when its next status came before the controller looked.
+        self.first_model: dict[str, ModelRef] = {}
         self.desired: dict[str, Desired] = {}
         self.view = FleetView()
-        self.stats: dict[tuple[str, int | None], VersionStats] = defaultdict(VersionStats)
-        self.changed = threading.Condition()
+        self.by_version: dict[int | None, VersionStats] = {}
+        self.rejected: Counter[str] = Counter()
+        self.messages = 0
+        self.documents = 0  # status and desired messages: the retained burst after subscribing
+        self._changed: set[str] = set()
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
 
-    def _wanted(self, device: str | None) -> bool:
-        return device is not None and (self.devices is None or device in self.devices)
-
     def _on_connect(self, _session_present: bool) -> None:
-        for topic in (
-            self.topics.all_status(),
-            f"{self.topics.prefix}/+/desired",
-            self.topics.all_telemetry(),
-        ):
-            self.client.client.subscribe(topic, qos=1)
+        for kind in _KINDS:
+            self.client.client.subscribe(f"{self.topics.prefix}/+/{kind}", qos=1)
+
+    def _device_and_kind(self, topic: str) -> tuple[str, str] | None:
+        parts = topic.split("/")
+        prefix = self.topics.prefix.split("/")
+        if len(parts) != len(prefix) + 2 or parts[: len(prefix)] != prefix:
+            return None
+        device, kind = parts[-2], parts[-1]
+        if device == "group" or not device or kind not in _KINDS:
+            return None
+        return device, kind
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
-        device = self.topics.device_of(msg.topic)
-        if not self._wanted(device) or not msg.payload:
-            return
-        assert device is not None
-        kind = msg.topic.rsplit("/", 1)[-1]
         try:
-            if kind == "status":
-                self._on_status(Status.model_validate_json(msg.payload))
-            elif kind == "desired":
-                desired = Desired.model_validate_json(msg.payload)
-                self.desired[device] = desired
-                self.view.on_desired(device, desired.model.version)
-            elif kind == "telemetry":
-                self._on_telemetry(device, TelemetryBatch.model_validate_json(msg.payload))
-        except ValidationError as exc:
-            log.warning("ignored a %s message of %s: %s", kind, device, exc.errors()[0]["msg"])
-            return
-        with self.changed:
-            self.changed.notify_all()
+            self._handle(msg.topic, bytes(msg.payload))
+        except Exception:  # a bad message must never kill paho's network thread
+            self.rejected["error"] += 1
+            log.exception("dropped a message on %s", getattr(msg, "topic", "?"))
 
-    def _on_status(self, status: Status) -> None:
-        self.statuses[status.device] = status
+    def _handle(self, topic: str, payload: bytes) -> None:
+        self.messages += 1
+        found = self._device_and_kind(topic)
+        if found is None:
+            self.rejected["topic"] += 1
+            return
+        device, kind = found
+        if self.devices is not None and device not in self.devices:
+            return
+        try:
+            if kind != "telemetry":
+                self.documents += 1
+            if kind == "status":
+                self._on_status(device, payload)
+            elif kind == "desired":
+                self._on_desired(device, payload)
+            else:
+                self._on_telemetry(device, TelemetryBatch.model_validate_json(payload))
+        except ValidationError as exc:
+            self.rejected["schema"] += 1
+            log.warning("ignored a %s message of %s: %s", kind, device, exc.errors()[0]["msg"])
+
+    def _on_status(self, device: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status says nothing about the device
+        status = Status.model_validate_json(payload)
+        if status.device != device:
+            self.rejected["identity"] += 1
+            log.warning("dropped a status on %s's topic naming %r", device, status.device)
+            return
+        if status.model is not None and device not in self.first_model:
+            self.first_model[device] = status.model
+        with self.changed:
+            self.statuses[device] = status
+            self._changed.add(device)
+            self.changed.notify_all()
         self.view.on_status(status)
+
+    def _on_desired(self, device: str, payload: bytes) -> None:
+        if not payload:
+            self.desired.pop(device, None)
+            return
+        desired = Desired.model_validate_json(payload)
+        self.desired[device] = desired
+        self.view.on_desired(device, desired.model.version)
 
     def _on_telemetry(self, device: str, batch: TelemetryBatch) -> None:
         status = self.statuses.get(device)
         version = status.model.version if status is not None and status.model else None
         for record in batch.records:
+            if record.device != device:
+                self.rejected["identity"] += 1
+                continue
             window = self.view.on_record(record.model_dump(mode="json"))
             if window is None:
                 continue
-            stats = VersionStats(window.count, window.errors)
+            stats = self.by_version.setdefault(window.model_version or version, VersionStats())
+            stats.count += window.count
+            stats.errors += window.errors
             if window.p99_ms is not None and window.count:
                 stats.p99s.append(window.p99_ms)
-            self.stats[(device, window.model_version or version)].add(stats)
 
     # --- acting ----------------------------------------------------------------------------------
 
     def start(self, settle_s: float = 0.5) -> FleetWatch:
         """Connect, and give the broker ``settle_s`` to send the retained documents."""
         self.client.start()
-        time.sleep(settle_s)
+        if settle_s:
+            time.sleep(settle_s)
         return self
 
     def stop(self) -> None:
         self.client.stop()
 
     def wait(self, timeout: float) -> None:
+        """Until a status changes, or ``timeout`` seconds."""
         with self.changed:
-            self.changed.wait(timeout)
+            if not self._changed:
+                self.changed.wait(timeout)
+
+    def take_changed(self) -> set[str]:
+        """The devices whose status changed since the last call."""
+        with self.changed:
+            changed, self._changed = self._changed, set()
+        return changed
 
     def set_desired(self, device: str, desired: Desired | None) -> None:
         """Retained, so a device that is offline now reconciles when it connects."""
-        payload = b"" if desired is None else desired.model_dump_json(exclude_none=True).encode()
-        self.client.publish(self.topics.desired(device), payload, qos=1, retain=True)
+        self.set_desired_many([(device, desired)])
 
-    def version_stats(self, devices: list[str], version: int | None, same: bool) -> VersionStats:
-        """Summed figures of ``devices`` on ``version`` (``same``) or on any other version."""
+    def set_desired_many(self, items: Sequence[tuple[str, Desired | None]]) -> None:
+        """Publish every desired state, then wait for the broker's acknowledgements: one round
+        trip for the lot instead of one per device."""
+        from modelpack.errors import BrokerError
+
+        pending = []
+        for device, desired in items:
+            payload = b"" if desired is None else desired.model_dump_json(exclude_none=True)
+            data = payload.encode() if isinstance(payload, str) else payload
+            info = self.client.client.publish(self.topics.desired(device), data, 1, True)
+            pending.append((device, info))
+        deadline = time.monotonic() + 30 + len(items) / 500
+        for device, info in pending:
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                raise BrokerError(f"publishing the desired state of {device}: {exc}") from exc
+            if not info.is_published():
+                raise BrokerError(f"the broker did not acknowledge {device}'s desired state")
+
+    def version_stats(self, version: int | None, same: bool) -> VersionStats:
+        """Summed figures of the watched devices on ``version`` (``same``) or on any other."""
         total = VersionStats()
-        for (device, v), stats in list(self.stats.items()):
-            if device in devices and (v == version) == same:
+        for v, stats in list(self.by_version.items()):
+            if (v == version) == same:
                 total.add(stats)
         return total
 

@@ -31,6 +31,8 @@ def start_prometheus(demo: Demo, service_url: str, fleet: fleet_steps.Fleet) -> 
             (f"{LOOPBACK}:{port}", {"device": device})
             for device, port in fleet.agent_metrics.items()
         ],
+        # Up only while `edgebento rollout` runs.
+        "edgebento-rollout": [(f"{LOOPBACK}:{fleet.rollout_metrics}", {})],
     }
     prometheus = Prometheus(demo.workdir / "prometheus", targets)
     console.print(
@@ -39,17 +41,21 @@ def start_prometheus(demo: Demo, service_url: str, fleet: fleet_steps.Fleet) -> 
         "[dim](rules: deploy/observability/rules/edgebento.rules.yml)[/dim]"
     )
     demo.stoppers.append(prometheus.start().stop)
-    prometheus.wait_scraped()
+    prometheus.wait_scraped(jobs=("edgebento-service", "edgebento-sync", "edgebento-agent"))
     return prometheus
 
 
-def alert_states(prometheus: Prometheus) -> dict[str, str]:
-    """The state of every alert once the rules have seen the whole story."""
+def alert_states(prometheus: Prometheus, since: float) -> dict[str, str]:
+    """The state of every alert after the whole story, and which of them fired during it."""
     time.sleep(3)  # a few more evaluations after the last step
     unhealthy = prometheus.unhealthy_rules()
     if unhealthy:
         raise RuntimeError(f"rules that fail to evaluate: {unhealthy}")
-    return prometheus.alerts()
+    fired = prometheus.fired(since)
+    return {
+        name: state if state != "inactive" or name not in fired else "fired, now inactive"
+        for name, state in prometheus.alerts().items()
+    }
 
 
 def _story(demo: Demo, keys: Path) -> dict[str, str]:
@@ -70,6 +76,7 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
     with section("6. edge: a broker, a registry, sync, two agents, Prometheus"):
         fleet = fleet_steps.start_fleet(demo, packs, keys)
         prometheus = start_prometheus(demo, url, fleet)
+        since = time.time()
         demo.note("prometheus", f"scraping the service, sync and both agents at {prometheus.url}")
         demo.attempt(
             "edge inference", lambda: fleet_steps.step_mqtt_inference(demo, fleet, request)
@@ -87,7 +94,7 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         states: dict[str, str] = {}
 
         def alerts() -> str:
-            states.update(alert_states(prometheus))
+            states.update(alert_states(prometheus, since))
             firing = [n for n, s in states.items() if s != "inactive"]
             return f"{len(states)} rules evaluated; " + (
                 ", ".join(f"{n} {states[n]}" for n in firing) if firing else "none firing"
@@ -131,6 +138,6 @@ def _print_table(demo: Demo, states: dict[str, str], seconds: float) -> None:
     for outcome in demo.results:
         table.add_row(outcome.step, "✓" if outcome.ok else "[red]✗[/red]", outcome.text)
     for name, state in sorted(states.items()):
-        style = {"firing": "red", "pending": "yellow"}.get(state, "dim")
+        style = {"inactive": "dim", "pending": "yellow"}.get(state, "red")
         table.add_row(f"alert {name}", "", f"[{style}]{state}[/{style}]")
     console.print(table)

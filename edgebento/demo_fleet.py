@@ -29,6 +29,7 @@ class Fleet:
     store: Path
     keys: Path
     sync_metrics: int = field(default_factory=free_port)
+    rollout_metrics: int = field(default_factory=free_port)  # scraped while a rollout runs
     agent_metrics: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -85,7 +86,8 @@ def rollout(demo: Demo, fleet: Fleet, version: int) -> subprocess.CompletedProce
     return demo.run(
         BIN / "edgebento", "rollout", "digits", str(version), "--store", fleet.store,
         "--broker", fleet.url, "--devices", ",".join(DEVICES), "--canary", "50", "--waves", "1",
-        "--bake", "2", "--wait", "--timeout", "120", check=False,
+        "--bake", "2", "--wave-timeout", "60", "--key", fleet.keys / "signing.key",
+        "--metrics-port", str(fleet.rollout_metrics), "--wait", "--timeout", "120", check=False,
     )  # fmt: skip
 
 

@@ -227,6 +227,16 @@ class Prometheus:
             return [{"metric": {}, "value": data["result"]}]
         return list(data["result"])
 
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[Any]:
+        """A range query, as a dashboard runs it: every series with a sample in the window."""
+        data = self.api("query_range", query=expr, start=str(start), end=str(end), step=str(step))
+        return list(data["result"])
+
+    def fired(self, since: float) -> set[str]:
+        """The alerts that were firing at some point since ``since`` (unix time)."""
+        series = self.query_range('ALERTS{alertstate="firing"}', since, time.time())
+        return {s["metric"]["alertname"] for s in series}
+
     def alerts(self) -> dict[str, str]:
         """Every alert rule and its state: ``inactive``, ``pending`` or ``firing``."""
         groups = self.api("rules", type="alert")["groups"]
@@ -241,13 +251,16 @@ class Prometheus:
             if r.get("health") not in ("ok", "unknown")
         }
 
-    def wait_scraped(self, timeout: float = 60.0) -> None:
-        """Until every target has been scraped successfully at least once."""
-        expected = sum(len(t) for t in self.targets.values())
+    def wait_scraped(self, jobs: tuple[str, ...] | None = None, timeout: float = 60.0) -> None:
+        """Until every target of ``jobs`` (default all) has been scraped successfully."""
+        jobs = tuple(self.targets) if jobs is None else jobs
+        expected = sum(len(self.targets[j]) for j in jobs)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, RuntimeError):
-                active = self.api("targets")["activeTargets"]
+                active = [
+                    t for t in self.api("targets")["activeTargets"] if t["labels"]["job"] in jobs
+                ]
                 if len(active) >= expected and all(t["health"] == "up" for t in active):
                     return
             time.sleep(0.5)

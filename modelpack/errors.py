@@ -103,6 +103,10 @@ class NotFoundError(StoreError):
     """An object, pack or version that is not in the store."""
 
 
+class ConflictError(StoreError):
+    """A conditional write that lost: the object exists already, or changed since it was read."""
+
+
 class ProtocolError(EdgebentoError):
     """An MQTT message that does not follow the device protocol."""
 

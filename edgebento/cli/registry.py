@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,14 @@ def register(sub: Any) -> None:
     )
     publish.add_argument("--channel", default="stable", help="channel to point at it (stable)")
     publish.add_argument(
+        "--no-channel", action="store_true", help="publish without moving any channel"
+    )
+    publish.add_argument(
+        "--allow-backwards",
+        action="store_true",
+        help="let the channel move to a version lower than the one it points at",
+    )
+    publish.add_argument(
         "--force", action="store_true", help="publish although the report failed its budget"
     )
     publish.set_defaults(func=cmd_publish)
@@ -55,6 +64,9 @@ def register(sub: Any) -> None:
     promote.add_argument("name")
     promote.add_argument("version", type=int)
     promote.add_argument("--channel", required=True)
+    promote.add_argument(
+        "--allow-backwards", action="store_true", help="allow a lower version than now"
+    )
     add_store_args(promote)
     promote.set_defaults(func=cmd_promote)
 
@@ -75,22 +87,30 @@ def _when(ts: str | float) -> str:
 def cmd_publish(args: argparse.Namespace) -> int:
     registry = _registry(args)
     console = Console()
+    channel = None if args.no_channel else args.channel
     with console.status(f"verifying and uploading {args.pack} to {registry.store.url}"):
         entry = registry.publish(
-            args.pack, key=args.key, trusted=args.trust, channel=args.channel, force=args.force
+            args.pack,
+            key=args.key,
+            trusted=args.trust,
+            channel=channel,
+            force=args.force,
+            allow_backwards=args.allow_backwards,
         )
     forced = " (failed its budget; published with --force)" if entry.within_budget is False else ""
+    moved = f"channel {channel} -> v{entry.version}" if channel else "no channel moved"
     console.print(
         f"published {entry.name} v{entry.version} ({entry.archive_size:,} bytes, signed by "
-        f"{entry.signed_by}) to {registry.store.url}; channel {args.channel} -> "
-        f"v{entry.version}{forced}"
+        f"{entry.signed_by}) to {registry.store.url}; {moved}{forced}"
     )
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    entries = registry.entries()
+    entries, strays = registry.scan()
+    for stray in strays:  # reported, never fatal: one bad key must not hide the registry
+        print(f"warning: skipped {stray.key}: {stray.reason}", file=sys.stderr)
     channels = {name: registry.channels(name) for name in {e.name for e in entries}}
     if args.json:
         out = [
@@ -100,7 +120,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             }
             for e in entries
         ]
-        print(json.dumps({"packs": out}, indent=2))
+        skipped = [{"key": s.key, "reason": s.reason} for s in strays]
+        print(json.dumps({"packs": out, "skipped": skipped}, indent=2))
         return 0
     table = Table(title=f"packs in {registry.store.url}")
     for col in ("name", "version", "channel", "size", "created", "fidelity"):
@@ -159,6 +180,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    registry.set_channel(args.name, args.channel, args.version)
+    registry.set_channel(
+        args.name, args.channel, args.version, allow_backwards=args.allow_backwards
+    )
     print(f"channel {args.channel} of {args.name} -> v{args.version}")
     return 0

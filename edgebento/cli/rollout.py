@@ -1,11 +1,12 @@
 """``edgebento rollout NAME VERSION ...``, ``rollout status ID``, ``rollout resume ID``,
-``rollout list``."""
+``rollout list``: argument parsing and display over ``cloud_sync.rollout_plan``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -17,10 +18,11 @@ from edgebento.cli.registry import add_store_args
 from modelpack.errors import ConfigError
 
 USAGE = """\
-edgebento rollout NAME VERSION --store URL --broker URL (--devices a,b | --group G) [options]
+edgebento rollout NAME VERSION --store URL --broker URL --key signing.key (--devices a,b | --group G)
 edgebento rollout status ID --store URL [--json]
-edgebento rollout resume ID --store URL --broker URL [--wait] [--timeout S]
+edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] [--timeout S]
 edgebento rollout list --store URL"""
+_SHOWN_DEVICES = 200
 
 
 def register(sub: Any) -> None:
@@ -34,6 +36,7 @@ def register(sub: Any) -> None:
     add_store_args(p)
     p.add_argument("--broker", help="mqtt://[user:pass@]host:port")
     p.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
+    p.add_argument("--key", type=Path, help="signing key: signs the rollbacks of an abort")
     p.add_argument("--devices", help="comma-separated device ids")
     p.add_argument("--group", help="every device whose retained status lists this group")
     p.add_argument("--canary", type=float, default=10.0, help="percent in the canary (10)")
@@ -64,10 +67,33 @@ def register(sub: Any) -> None:
         help="seconds to watch each wave's telemetry (p99, errors) before the next wave (60)",
     )
     p.add_argument(
+        "--wave-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds for every device of a wave to report before it is judged (300)",
+    )
+    p.add_argument(
+        "--rollback-wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for devices to confirm a rollback (60)",
+    )
+    p.add_argument(
         "--wait", action="store_true", help="exit 0 only when every target runs the version"
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole rollout")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="seconds for this run; a wave that cannot be judged in what is left is not pushed",
+    )
+    p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds of the fleet lease (30)")
     p.add_argument("--json", action="store_true", help="print the rollout state as JSON")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve edgebento_rollout_* on 127.0.0.1:PORT/metrics"
+    )
     p.set_defaults(func=cmd_rollout)
 
 
@@ -90,85 +116,82 @@ def _store(args: argparse.Namespace) -> Any:
     return open_store(args.store, endpoint_url=args.endpoint_url)
 
 
-def _targets(args: argparse.Namespace, watch: Any) -> list[str]:
-    if bool(args.devices) == bool(args.group):
-        raise ConfigError("give either --devices a,b,c or --group G")
-    if args.devices:
-        return [d.strip() for d in args.devices.split(",") if d.strip()]
-    members = [
-        device
-        for device, status in watch.statuses.items()
-        if args.group in ((status.model_extra or {}).get("groups") or [])
-    ]
-    if not members:
-        raise ConfigError(f"no device reports group {args.group!r} in its retained status")
-    return members
-
-
-def _run(args: argparse.Namespace, resume: str | None) -> int:
-    from cloud_sync.protocol import Topics
-    from cloud_sync.registry import Registry
-    from cloud_sync.rollout import Rollout, start_rollout
-    from cloud_sync.rollout_state import Thresholds, load_state
-    from cloud_sync.watch import FleetWatch
+def _request(args: argparse.Namespace, resume: str | None) -> Any:
+    from cloud_sync.rollout_plan import RolloutRequest
+    from cloud_sync.rollout_state import Thresholds
 
     if not args.broker:
         raise ConfigError("--broker is needed to run a rollout")
-    store = _store(args)
-    prior = load_state(store, resume) if resume else None
-    prefix = prior.prefix if prior else args.prefix
-    with FleetWatch(args.broker, Topics(prefix)) as watch:
-        if prior is None:
-            version = int(args.target[1])
-            Registry(store).entry(args.target[0], version)  # refuse an unpublished version
-            thresholds = Thresholds(
-                canary_pct=args.canary,
-                waves=args.waves,
-                abort_failure_rate=args.abort_failure_rate,
-                abort_p99_ratio=args.abort_p99_ratio,
-                min_inferences=args.min_inferences,
-                bake_s=args.bake,
-            )
-            state = start_rollout(
-                store, watch, args.target[0], version, _targets(args, watch), thresholds
-            )
-        else:
-            state = prior
-            if state.phase in ("completed", "timed_out"):
-                state.phase = "running"  # check again on devices that were offline
-        console = Console(stderr=True)
-        logging.getLogger("edgebento.rollout").info(
-            f"rollout {state.id}: {state.name} v{state.version} to {len(state.devices)} devices"
-        )
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,  # off a terminal, stderr carries only log records
-        ) as bar:
-            task = bar.add_task("devices on the new version", total=len(state.devices))
+    if args.key is None:
+        raise ConfigError("--key is needed: an abort signs each device's rollback with it")
+    devices = tuple(d.strip() for d in (args.devices or "").split(",") if d.strip())
+    return RolloutRequest(
+        store=args.store,
+        endpoint_url=args.endpoint_url,
+        broker=args.broker,
+        key=args.key,
+        name=None if resume else args.target[0],
+        version=None if resume else int(args.target[1]),
+        resume=resume,
+        devices=devices,
+        group=args.group,
+        prefix=args.prefix,
+        thresholds=Thresholds(
+            canary_pct=args.canary,
+            waves=args.waves,
+            abort_failure_rate=args.abort_failure_rate,
+            abort_p99_ratio=args.abort_p99_ratio,
+            min_inferences=args.min_inferences,
+            bake_s=args.bake,
+            wave_timeout_s=args.wave_timeout,
+            rollback_wait_s=args.rollback_wait,
+        ),
+        timeout_s=args.timeout,
+        wait_all=args.wait,
+        lease_ttl_s=args.lease_ttl,
+    )
 
-            def progress(s: Any) -> None:
-                bar.update(
-                    task,
-                    completed=sum(1 for d in s.devices if d.state == "done"),
-                    description=f"wave {min(s.current_wave + 1, s.wave_count)}/{s.wave_count}",
-                )
 
-            state = Rollout(
-                store,
-                watch,
-                state,
-                timeout_s=args.timeout,
-                wait_all=args.wait,
-                on_progress=progress,
-            ).run()
+def _run(args: argparse.Namespace, resume: str | None) -> int:
+    from cloud_sync.rollout_plan import execute, exit_code
+
+    request = _request(args, resume)
+    metrics = None
+    if args.metrics_port:
+        from cloud_sync.rollout_metrics import RolloutMetrics
+
+        metrics = RolloutMetrics()
+        metrics.serve(args.metrics_port)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,  # off a terminal, stderr carries only log records
+    ) as bar:
+        task = bar.add_task("planning", total=None)
+
+        def started(s: Any) -> None:
+            logging.getLogger("edgebento.rollout").info(
+                f"rollout {s.id}: {s.name} v{s.version} to {len(s.devices)} devices"
+            )
+            bar.update(task, total=len(s.devices))
+
+        def progress(s: Any) -> None:
+            if metrics is not None:
+                metrics.update(s)
+            bar.update(
+                task,
+                completed=s.count("done"),
+                description=f"{s.phase}, wave {min(s.current_wave + 1, s.wave_count)}"
+                f"/{s.wave_count}",
+            )
+
+        state = execute(request, on_start=started, on_progress=progress)
     _show(state, args.json)
-    if state.phase == "completed":
-        return 0 if not args.wait or all(d.state == "done" for d in state.devices) else 1
-    return 1
+    return exit_code(state, args.wait)
 
 
 def _status(args: argparse.Namespace, rollout_id: str) -> int:
@@ -185,7 +208,7 @@ def _list(args: argparse.Namespace) -> int:
     for col in ("id", "pack", "phase", "devices", "reason"):
         table.add_column(col)
     for s in list_states(_store(args)):
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts().items()))
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()) if n)
         table.add_row(s.id, f"{s.name} v{s.version}", s.phase, counts, escape(s.reason or ""))
     Console().print(table)
     return 0
@@ -198,11 +221,14 @@ def _show(state: Any, as_json: bool) -> None:
     table = Table(title=f"rollout {state.id}: {state.name} v{state.version} — {state.phase}")
     for col in ("device", "wave", "previous", "state", "detail"):
         table.add_column(col)
-    for d in state.devices:
+    # A fleet of thousands is summed up by its counts; the table shows the first rows.
+    for d in state.devices[:_SHOWN_DEVICES]:
         wave = "canary" if d.wave == 0 else str(d.wave)
         prev = f"v{d.previous.version}" if d.previous else "-"
         table.add_row(escape(d.device), wave, prev, d.state, escape(d.detail or ""))
     console = Console()
     console.print(table)
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(state.counts.items()) if n)
+    console.print(f"{len(state.devices)} devices: {counts}")
     if state.reason:
         console.print(f"{state.phase}: {escape(state.reason)}")

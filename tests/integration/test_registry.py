@@ -14,6 +14,7 @@ from cloud_sync.store import open_store
 from edgebento.cli import main
 from modelpack import Samples, create_pack, load_pack
 from tests.support import models
+from tests.support.registry import publish_concurrently
 from tests.support.services import MotoS3
 
 
@@ -160,6 +161,92 @@ def test_reader_racing_a_publish_never_sees_a_half_written_version(
     assert not errors, errors[:3]
     assert writer.latest("tiny") == 3 and seen and set(seen) <= {1, 2, 3}
     head = s3_server.client().head_object(  # type: ignore[attr-defined]
-        Bucket=s3_bucket, Key="registry/packs/tiny/3/pack.tar.gz"
+        Bucket=s3_bucket, Key=f"registry/{writer.entry('tiny', 3).objects}pack.tar.gz"
     )
     assert head["ETag"].strip('"').endswith("-3"), "the archive went up as a 3-part upload"
+
+
+def test_moto_honours_create_only_and_compare_and_swap_writes(store_url: str) -> None:
+    from modelpack.errors import ConflictError
+
+    store = open_store(store_url)
+    etag = store.create("probe.json", b"one")
+    with pytest.raises(ConflictError):
+        store.create("probe.json", b"two")  # PutObject If-None-Match: * -> 412
+    newer = store.replace("probe.json", b"two", etag)
+    with pytest.raises(ConflictError):
+        store.replace("probe.json", b"three", etag)  # If-Match on a stale ETag -> 412
+    assert store.read("probe.json") == (b"two", newer)
+
+
+def test_concurrent_publishes_of_one_version_on_s3_leave_exactly_one(
+    store_url: str, tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]
+) -> None:
+    packs = [make_pack(tmp_path, models.mlp(tmp_path / f"m{i}.onnx", seed=i), 5) for i in range(3)]
+    won, refused = publish_concurrently(lambda: Registry(open_store(store_url)), packs, keys[0])
+    assert len(won) == 1 and len(refused) == 2
+    assert "concurrently" in str(refused[0]) or "already published" in str(refused[0])
+    winners = [won[0].manifest_sha256]
+    registry = Registry(open_store(store_url))
+    assert registry.entry("tiny", 5).manifest_sha256 == winners[0]
+    fetched = load_pack(registry.fetch("tiny", 5, tmp_path / "f"), trusted=[keys[1]])
+    assert fetched.manifest_sha256 == winners[0]
+
+
+def test_swapped_objects_stray_keys_and_oversized_archives_on_s3(
+    store_url: str,
+    s3_server: MotoS3,
+    s3_bucket: str,
+    tmp_path: Path,
+    mlp_model: Path,
+    keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from modelpack.errors import IntegrityError, SizeLimitError
+
+    registry = Registry(open_store(store_url))
+    entry = registry.publish(make_pack(tmp_path, mlp_model, 1), key=keys[0])
+    s3 = s3_server.client()
+    # Copy every object of tiny v1 under tiny v9, as anyone with write access could.
+    for key in registry.store.list("packs/tiny/1/"):
+        s3.copy_object(  # type: ignore[attr-defined]
+            Bucket=s3_bucket,
+            Key=f"registry/{key.replace('/1/', '/9/', 1)}",
+            CopySource={"Bucket": s3_bucket, "Key": f"registry/{key}"},
+        )
+    registry.store.put_bytes("packs/tiny/007/index.json", b"{}")
+    with pytest.raises(IntegrityError, match="describes tiny v1, not tiny v9"):
+        registry.fetch("tiny", 9, tmp_path / "nine")
+    capsys.readouterr()
+    assert main(["registry", "list", "--store", store_url, "--json"]) == 0
+    out = capsys.readouterr()
+    listed = json.loads(out.out)
+    assert [(p["name"], p["version"]) for p in listed["packs"]] == [("tiny", 1)]
+    assert {s["key"] for s in listed["skipped"]} == {
+        "packs/tiny/9/index.json",
+        "packs/tiny/007/index.json",
+    }
+    assert "skipped packs/tiny/007/index.json" in out.err
+
+    # An archive swapped for a bigger one: the ranged GET reads no more than the index says.
+    registry.store.put_bytes(entry.objects + "pack.tar.gz", b"\0" * (entry.archive_size + 4096))
+    with pytest.raises(SizeLimitError, match=f"over its expected {entry.archive_size} bytes"):
+        registry.fetch("tiny", 1, tmp_path / "big")
+    assert not (tmp_path / "big").exists()
+
+
+def test_publish_of_an_older_version_leaves_the_channel_unless_told(
+    store_url: str,
+    tmp_path: Path,
+    mlp_model: Path,
+    keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["--store", store_url, "--key", str(keys[0])]
+    assert main(["publish", str(make_pack(tmp_path, mlp_model, 4)), *base]) == 0
+    older = make_pack(tmp_path, mlp_model, 2)
+    capsys.readouterr()
+    assert main(["publish", str(older), *base]) == 1
+    assert "stable of tiny is at v4" in capsys.readouterr().err
+    assert main(["publish", str(older), *base, "--allow-backwards"]) == 0
+    assert Registry(open_store(store_url)).latest("tiny") == 2

@@ -154,7 +154,7 @@ class Traffic:
                 return out
 
 
-def run_rollout(broker: Mosquitto, store_url: str, prefix: str, *flags: str) -> int:
+def run_rollout(broker: Mosquitto, store_url: str, prefix: str, key: Path, *flags: str) -> int:
     return main(
         [
             "rollout",
@@ -176,8 +176,12 @@ def run_rollout(broker: Mosquitto, store_url: str, prefix: str, *flags: str) -> 
             "20",
             "--bake",
             "15",
+            "--wave-timeout",
+            "30",
             "--timeout",
             "60",
+            "--key",
+            str(key),
             "--json",
             *flags,
         ]
@@ -207,11 +211,12 @@ def test_rollout_aborts_when_the_new_version_is_much_slower(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     client: Client,
+    keys: tuple[Path, Path],
 ) -> None:
     fleet(DEVICES, v2_model=slow_mlp(mlp_model, tmp_path / "slow.onnx"))
     store_url = fleet.store_url  # type: ignore[attr-defined]
     with Traffic(client, topic_prefix, DEVICES, lambda _i: NORMAL) as traffic:
-        code = run_rollout(broker, store_url, topic_prefix, "--abort-p99-ratio", "3")
+        code = run_rollout(broker, store_url, topic_prefix, keys[0], "--abort-p99-ratio", "3")
     shown = json.loads(capsys.readouterr().out)
     assert code == 1 and shown["phase"] == "aborted", shown
     assert "p99 on v2 is" in shown["reason"] and "(over 3x)" in shown["reason"]
@@ -229,6 +234,7 @@ def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     client: Client,
+    keys: tuple[Path, Path],
 ) -> None:
     fleet(DEVICES, v2_model=fragile_mlp(mlp_model, tmp_path / "fragile.onnx"))
     store_url = fleet.store_url  # type: ignore[attr-defined]
@@ -238,6 +244,7 @@ def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
             broker,
             store_url,
             topic_prefix,
+            keys[0],
             "--abort-failure-rate",
             "20",
             "--abort-p99-ratio",

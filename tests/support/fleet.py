@@ -19,7 +19,7 @@ def wait_versions(
         while True:
             have = {
                 d: s.model.version if s.model and s.state == "online" else None
-                for d, s in watch.statuses.items()
+                for d, s in list(watch.statuses.items())
             }
             if all(have.get(d) == v for d, v in want.items()):
                 return
@@ -28,4 +28,6 @@ def wait_versions(
 
 
 def rollout_ids(store_url: str) -> list[str]:
-    return [k.split("/")[1].removesuffix(".json") for k in open_store(store_url).list("rollouts/")]
+    from cloud_sync.rollout_state import list_states
+
+    return [h.id for h in list_states(open_store(store_url))]

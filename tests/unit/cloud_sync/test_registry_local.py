@@ -14,7 +14,9 @@ from modelpack.errors import IntegrityError, NotFoundError, PackError, Signature
 from tests.support import models
 
 
-def pack(tmp: Path, model: Path, version: int, name: str = "p", report: dict | None = None) -> Path:
+def pack(
+    tmp: Path, model: Path, version: int, name: str = "tiny", report: dict | None = None
+) -> Path:
     inputs, outputs = models.golden_samples(model)
     out = tmp / f"{name}-{version}-{len(list(tmp.iterdir()))}"
     report_path = None
@@ -24,7 +26,7 @@ def pack(tmp: Path, model: Path, version: int, name: str = "p", report: dict | N
     create_pack(
         model,
         out,
-        name="tiny",
+        name=name,
         version=version,
         samples=Samples(inputs, outputs),
         report=report_path,
@@ -45,11 +47,12 @@ def test_publish_signs_uploads_and_points_the_channel_last(
     entry = registry.publish(pack(src, mlp_model, 1), key=keys[0], channel="beta")
     assert entry.signed_by and entry.archive_size > 0
     assert registry.latest("tiny", "beta") == 1 and registry.latest("tiny") is None
+    objects = f"packs/tiny/1/{entry.archive_sha256}/"
     assert registry.store.list("packs/tiny/1/") == [
+        objects + "manifest.json",
+        objects + "manifest.sig",
+        objects + "pack.tar.gz",
         "packs/tiny/1/index.json",
-        "packs/tiny/1/manifest.json",
-        "packs/tiny/1/manifest.sig",
-        "packs/tiny/1/pack.tar.gz",
     ]
     registry.set_channel("tiny", "stable", 1)
     assert registry.channels("tiny") == {"beta": 1, "stable": 1}
@@ -99,8 +102,8 @@ def test_a_tampered_archive_is_refused_on_fetch(
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    registry.publish(pack(src, mlp_model, 1), key=keys[0])
-    archive = tmp_path / "store" / "packs" / "tiny" / "1" / "pack.tar.gz"
+    entry = registry.publish(pack(src, mlp_model, 1), key=keys[0])
+    archive = tmp_path / "store" / entry.objects / "pack.tar.gz"
     data = bytearray(archive.read_bytes())
     data[len(data) // 2] ^= 0xFF
     archive.write_bytes(bytes(data))

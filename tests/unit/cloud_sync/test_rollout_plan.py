@@ -1,14 +1,20 @@
 from __future__ import annotations
 
-import time
+import json
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cloud_sync.protocol import ModelRef, Status, Topics
+from cloud_sync.lease import Lease
+from cloud_sync.protocol import Applied, ModelRef, Status, Topics
 from cloud_sync.rollout import abort_reason, device_outcome
+from cloud_sync.rollout_plan import exit_code, resolve_targets
 from cloud_sync.rollout_state import (
-    DeviceProgress,
+    RolloutState,
     Thresholds,
+    list_states,
     load_state,
     new_rollout,
     plan_waves,
@@ -16,9 +22,10 @@ from cloud_sync.rollout_state import (
 )
 from cloud_sync.store import LocalStore
 from cloud_sync.watch import FleetWatch, VersionStats
-from modelpack.errors import ConfigError
+from modelpack.errors import ConfigError, ConflictError
 
 TARGET = ModelRef(name="m", version=2)
+RID = "m-v2-x"
 
 
 def test_plan_waves_puts_a_canary_first() -> None:
@@ -30,35 +37,48 @@ def test_plan_waves_puts_a_canary_first() -> None:
         plan_waves([], 10, 2)
 
 
-def status(version: int, **extra: object) -> Status:
-    return Status.model_validate(
-        {"device": "d", "state": "online", "model": {"name": "m", "version": version}, **extra}
+def status(version: int, applied: Applied | None = None, ts: float | None = None) -> Status:
+    doc = {"device": "d", "state": "online", "model": {"name": "m", "version": version}}
+    if ts is not None:
+        doc["ts"] = ts
+    return Status.model_validate({**doc, "applied": applied})
+
+
+def applied(outcome: str, generation: int = 7, rollout: str | None = RID, **model: object):
+    return Applied(
+        generation=generation,
+        rollout=rollout,
+        model=ModelRef.model_validate(model or {"name": "m", "version": 2}),
+        outcome=outcome,  # type: ignore[arg-type]
+        reason="health check failed",
     )
 
 
-def test_device_outcome_reads_the_status() -> None:
-    progress = DeviceProgress(device="d", wave=0, desired_at=time.time())
-    assert device_outcome(progress, None, TARGET) is None
-    assert device_outcome(progress, status(1), TARGET) is None
-    assert device_outcome(progress, status(2), TARGET) == ("done", "runs v2")
-    failed = status(
-        1,
-        last_update={
-            "outcome": "rolled_back",
-            "message": "health check failed: x",
-            "source": "m v2",
-            "ts": time.time(),
-        },
+def test_outcomes_are_matched_by_structured_fields_not_clocks_or_text() -> None:
+    assert device_outcome(None, TARGET, RID, 7) is None
+    assert device_outcome(status(1), TARGET, RID, 7) is None
+    assert device_outcome(status(2), TARGET, RID, 7) == ("done", "runs v2")
+    failed = status(1, applied("rolled_back"))
+    assert device_outcome(failed, TARGET, RID, 7) == (
+        "failed",
+        "rolled_back: health check failed",
     )
-    assert device_outcome(progress, failed, TARGET) == ("failed", "health check failed: x")
-    old = status(1, last_update={"outcome": "refused", "source": "m v2", "ts": 0})
-    assert device_outcome(progress, old, TARGET) is None  # from before this rollout
+    # A clock 5 s behind or 60 s ahead changes nothing: no timestamp is read.
+    assert device_outcome(status(1, applied("refused"), ts=0.0), TARGET, RID, 7) is not None
+    assert device_outcome(status(1, applied("refused"), ts=1e10), TARGET, RID, 7) is not None
+    # A failure of another generation, rollout or model is not this rollout's failure.
+    assert device_outcome(status(1, applied("refused", generation=6)), TARGET, RID, 7) is None
+    assert device_outcome(status(1, applied("refused", rollout="old")), TARGET, RID, 7) is None
+    det_v12 = applied("refused", name="m", version=12)
+    assert device_outcome(status(1, det_v12), TARGET, RID, 7) is None
+    other_v2 = applied("refused", name="other", version=2)
+    assert device_outcome(status(1, other_v2), TARGET, RID, 7) is None
 
 
-def rollout(states: dict[str, str], thresholds: Thresholds | None = None):  # type: ignore[no-untyped-def]
+def rollout(states: dict[str, str], thresholds: Thresholds | None = None) -> RolloutState:
     state = new_rollout("m", 2, list(states), {}, thresholds or Thresholds(), "p")
     for d in state.devices:
-        d.state = states[d.device]  # type: ignore[assignment]
+        state.move(d, states[d.device], "x")  # type: ignore[arg-type]
     return state
 
 
@@ -66,43 +86,111 @@ def test_abort_on_failed_devices_errors_and_latency() -> None:
     watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
     healthy = {f"d{i}": "done" for i in range(30)}
     assert abort_reason(rollout(healthy), watch) is None
-    assert "1 of 1 updated devices failed" in (abort_reason(rollout({"a": "failed"}), watch) or "")
+    reason, figures = abort_reason(rollout({"a": "failed"}), watch) or ("", None)
+    assert "1 of 1 updated devices failed" in reason and figures and figures.failed == 1
     one_in_thirty = {**healthy, "d0": "failed"}
     assert abort_reason(rollout(one_in_thirty), watch) is None  # 3.3% is under 5%
 
-    watch.stats[("d1", 2)] = VersionStats(count=100, errors=10, p99s=[5.0])
-    assert "error rate on v2 is 10.0%" in (abort_reason(rollout(healthy), watch) or "")
-    watch.stats[("d1", 2)] = VersionStats(count=100, errors=0, p99s=[5.0])
-    watch.stats[("d2", 1)] = VersionStats(count=100, errors=0, p99s=[2.0])
-    assert "2.50x the previous" in (abort_reason(rollout(healthy), watch) or "")
-    relaxed = Thresholds(abort_p99_ratio=3.0)
-    assert abort_reason(rollout(healthy, relaxed), watch) is None
+    watch.by_version[2] = VersionStats(count=100, errors=10)
+    reason, figures = abort_reason(rollout(healthy), watch) or ("", None)
+    assert "error rate on v2 is 10.0%" in reason and figures and figures.error_rate_pct == 10.0
+    watch.by_version[2] = VersionStats(count=100, errors=0)
+    watch.by_version[2].p99s.append(5.0)
+    watch.by_version[1] = VersionStats(count=100, errors=0)
+    watch.by_version[1].p99s.append(2.0)
+    reason, figures = abort_reason(rollout(healthy), watch) or ("", None)
+    assert "2.50x the previous" in reason and figures and figures.old_p99_ms == 2.0
+    assert abort_reason(rollout(healthy, Thresholds(abort_p99_ratio=3.0)), watch) is None
 
 
-def test_state_round_trips_through_the_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_state_is_saved_by_wave_and_only_what_changed(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    state = rollout({"a": "done", "b": "pending"})
+    state = rollout({f"d{i:02d}": "pending" for i in range(20)}, Thresholds(waves=3))
     save_state(store, state)
+    assert sorted(store.list(f"rollouts/{state.id}/")) == [
+        f"rollouts/{state.id}/wave-{i}.json" for i in range(4)
+    ]
+    before = {k: (tmp_path / k).stat().st_mtime_ns for k in store.list("rollouts/")}
+    state.move(state.wave(2)[0], "done", "runs v2")
+    save_state(store, state)
+    changed = {k for k in before if (tmp_path / k).stat().st_mtime_ns != before[k]}
+    assert changed == {f"rollouts/{state.id}.json", f"rollouts/{state.id}/wave-2.json"}
     again = load_state(store, state.id)
-    assert again.devices == state.devices and again.phase == "running"
+    assert again.devices == state.devices and again.counts == {"pending": 19, "done": 1}
+    assert [h.id for h in list_states(store)] == [state.id]
+    assert exit_code(again, wait_all=False) == 1  # still running
     with pytest.raises(ConfigError):
         load_state(store, "../x")
 
 
 def test_group_targets_come_from_the_retained_status() -> None:
-    import argparse
-
-    from edgebento.cli.rollout import _targets
-
     watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
     for device, groups in (("a", ["lobby"]), ("b", ["dock"]), ("c", ["lobby", "dock"])):
         watch.statuses[device] = Status.model_validate(
             {"device": device, "state": "online", "groups": groups}
         )
-    args = argparse.Namespace(devices=None, group="lobby")
-    assert sorted(_targets(args, watch)) == ["a", "c"]
+    assert sorted(resolve_targets(watch, (), "lobby")) == ["a", "c"]
     with pytest.raises(ConfigError, match="no device reports group"):
-        _targets(argparse.Namespace(devices=None, group="roof"), watch)
+        resolve_targets(watch, (), "roof")
     with pytest.raises(ConfigError, match="either --devices"):
-        _targets(argparse.Namespace(devices="a", group="lobby"), watch)
-    assert _targets(argparse.Namespace(devices="x, y", group=None), watch) == ["x", "y"]
+        resolve_targets(watch, ("a",), "lobby")
+    assert resolve_targets(watch, ("x", "y", "x"), None) == ["x", "y"]
+
+
+def test_one_controller_holds_a_fleet_until_its_lease_expires(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    first = Lease.acquire(store, "fleet", "r1", ttl_s=0.5)
+    with pytest.raises(ConflictError, match="leased to rollout r1"):
+        Lease.acquire(store, "fleet", "r2", ttl_s=0.5)
+    other_fleet = Lease.acquire(store, "elsewhere", "r3", ttl_s=0.5)
+    # r1 stalls past its expiry: r2 takes over, and r1 finds out at its next renewal.
+    second = Lease.acquire(store, "fleet", "r2", ttl_s=5, wait_s=2)
+    with pytest.raises(ConflictError, match="lost the lease"):
+        first.renew(force=True)
+    second.release()
+    Lease.acquire(store, "fleet", "r4", ttl_s=5).release()  # released: free at once
+    other_fleet.release()
+
+
+def test_topics_are_parsed_exactly() -> None:
+    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("a/b"))
+    assert watch._device_and_kind("a/b/dev/status") == ("dev", "status")
+    for topic in ("a/b/dev/status/x", "a/b/group/status", "a/dev/status", "x/b/dev/status",
+                  "a/b/dev/cmd", "a/b//status"):  # fmt: skip
+        assert watch._device_and_kind(topic) is None, topic
+
+
+class _Msg:
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic, self.payload = topic, payload
+
+
+_STATUS_JSON = st.fixed_dictionaries(
+    {
+        "device": st.sampled_from(["a", "b", "evil"]),
+        "state": st.sampled_from(["online", "offline", "rebooting"]),
+        "model": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"name": st.text(max_size=5), "version": st.one_of(st.integers(), st.text())}
+            ),
+        ),
+    }
+).map(lambda d: json.dumps(d).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.one_of(
+        st.sampled_from(["p/a/status", "p/b/status", "p/a/telemetry", "p/a/desired"]),
+        st.text(max_size=30),
+    ),
+    payload=st.one_of(_STATUS_JSON, st.binary(max_size=200)),
+)
+def test_no_message_escapes_the_watch_or_speaks_for_another_device(
+    topic: str, payload: bytes
+) -> None:
+    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
+    watch._on_message(None, None, _Msg(topic, payload))  # never raises
+    for device, seen in watch.statuses.items():
+        assert seen.device == device and topic == f"p/{device}/status"

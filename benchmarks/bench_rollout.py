@@ -1,0 +1,223 @@
+"""Rollouts at fleet scale: ``edgebento rollout`` (its own process) taking 1,000 and 5,000
+simulated devices (``edgebento simulate``, each device on its own MQTT connection to a real
+Mosquitto) from v1 to v2 through a canary and 3 waves, with the state in moto's S3 server.
+
+Figures per size, side by side in one run: wall time of the rollout, the controller's CPU
+seconds (user + system, from ``wait4``) and peak RSS, both per device, and the state saves
+(count, bytes, the slowest). Targets (issue 14): the 5,000-device rollout completes; the CPU
+per device at 5,000 is within 1.5x of the figure at 1,000 (flat); no save exceeds 100 ms.
+The machine is shared, so figures are noisy: compare sizes within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cloud_sync.sim_fleet import raise_fd_limit
+from tests.support.services import Mosquitto, MotoS3
+from tests.support.sim import publish_v1_v2
+
+SIZES = (1_000, 5_000)
+TARGET_SAVE_MS = 100.0
+TARGET_FLATNESS = 1.5
+TELEMETRY_S = 5.0  # each simulated device sends one inference window this often
+CLI = "import sys; from edgebento.cli import main; sys.exit(main())"
+
+
+def _env(moto: MotoS3) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "AWS_ENDPOINT_URL": moto.endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _simulate(broker: Mosquitto, prefix: str, n: int, pub: Path, env: dict[str, str]) -> Any:
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "simulate",
+            *("--devices", str(n), "--broker", broker.url, "--prefix", prefix),
+            *("--trust", str(pub), "--telemetry-s", str(TELEMETRY_S), "--group", "bench"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert sim.stdout is not None
+    start = time.monotonic()
+    line = sim.stdout.readline().decode()
+    if not line.startswith("ready"):
+        sim.kill()
+        raise RuntimeError(f"the simulator did not start: {line!r}")
+    return sim, time.monotonic() - start
+
+
+def _rollout(
+    broker: Mosquitto, prefix: str, store: str, key: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    args = [
+        sys.executable,
+        "-c",
+        CLI,
+        "rollout",
+        "tiny",
+        "2",
+        *("--store", store, "--broker", broker.url, "--prefix", prefix, "--key", str(key)),
+        *("--group", "bench", "--canary", "10", "--waves", "3", "--bake", "2"),
+        *("--wave-timeout", "240", "--min-inferences", "50", "--json"),
+    ]
+    with tempfile.TemporaryFile() as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.DEVNULL)
+        _pid, status, usage = os.wait4(proc.pid, 0)  # the controller's own rusage
+        wall = time.monotonic() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        state = json.loads(out.read() or b"{}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "exit_code": proc.returncode,
+        "phase": state.get("phase"),
+        "reason": state.get("reason"),
+        "counts": state.get("counts"),
+        "waves": state.get("wave_count"),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "max_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "saves": state.get("saves"),
+        # What one save of the former design (the whole state, rewritten on every change) wrote.
+        "full_state_bytes": len(json.dumps(state, indent=2)),
+    }
+
+
+def _one_size(n: int, tmp: Path, moto: MotoS3, key: Path, pub: Path) -> dict[str, Any]:
+    broker = Mosquitto(workdir=tmp / f"mosquitto-{n}").start()
+    env = _env(moto)
+    store = f"s3://bench-rollout/{n}"
+    prefix = f"bench{n}"
+    try:
+        sim, connect_s = _simulate(broker, prefix, n, pub, env)
+        try:
+            figures = _rollout(broker, prefix, store, key, env)
+        finally:
+            sim.terminate()
+            sim.wait(timeout=60)
+    finally:
+        broker.stop()
+    figures["devices"] = n
+    figures["sim_connect_s"] = round(connect_s, 1)
+    figures["cpu_ms_per_device"] = round(1000 * figures["cpu_s"] / n, 3)
+    figures["rss_kb_per_device"] = round(1024 * figures["max_rss_mb"] / n, 1)
+    return figures
+
+
+def run(results: Path) -> dict[str, Any]:
+    import logging
+
+    from modelpack import generate_keypair
+    from tests.support import models
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
+
+    raise_fd_limit(max(SIZES) + 1_000)  # the broker inherits it: one descriptor per device
+    moto = MotoS3().start()
+    try:
+        moto.client().create_bucket(Bucket="bench-rollout")  # type: ignore[attr-defined]
+        with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp_name:
+            tmp = Path(tmp_name)
+            key, pub = generate_keypair(tmp / "keys")
+            model = models.mlp(tmp / "mlp.onnx")
+            os.environ.update({k: v for k, v in _env(moto).items() if k.startswith("AWS_")})
+            runs = []
+            for n in SIZES:
+                publish_v1_v2(f"s3://bench-rollout/{n}", tmp / f"packs-{n}", model, key)
+                runs.append(_one_size(n, tmp, moto, key, pub))
+    finally:
+        moto.stop()
+    small, large = runs[0], runs[-1]
+    flat = large["cpu_ms_per_device"] / max(small["cpu_ms_per_device"], 1e-9)
+    slowest_save = max((r["saves"] or {}).get("max_ms", 0.0) for r in runs)
+    extra = max(large["devices"] - small["devices"], 1)
+    marginal_kb = (large["max_rss_mb"] - small["max_rss_mb"]) * 1024 / extra
+    # The fixed cost (imports, connecting, planning) hides in the per-device figure at 1,000;
+    # the marginal CPU per added device is what "flat" means.
+    marginal_cpu_ms = (large["cpu_s"] - small["cpu_s"]) * 1000 / extra
+    targets = {
+        "completes_at_5000": large["phase"] == "completed"
+        and large["counts"].get("done") == large["devices"],
+        "cpu_per_device_flat": flat <= TARGET_FLATNESS,
+        "save_under_100ms": slowest_save <= TARGET_SAVE_MS,
+    }
+    return {
+        "runs": runs,
+        "cpu_per_device_ratio_5000_vs_1000": round(flat, 2),
+        "marginal_rss_kb_per_device": round(marginal_kb, 1),
+        "marginal_cpu_ms_per_device": round(marginal_cpu_ms, 3),
+        "slowest_save_ms": round(slowest_save, 1),
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "targets": targets,
+        "targets_met": all(targets.values()),
+        "headline": (
+            f"{large['devices']} devices in {large['wall_s']:.0f}s ({large['phase']}); "
+            f"CPU {small['cpu_ms_per_device']:.2f} vs {large['cpu_ms_per_device']:.2f} ms/device "
+            f"at {small['devices']} vs {large['devices']}; slowest save {slowest_save:.0f} ms"
+        ),
+    }
+
+
+def figures_markdown(result: dict[str, Any]) -> str:
+    """The table docs/cloud-sync.md shows, made from a result of ``run``."""
+    rows = [
+        "| devices | phase | wall s | controller CPU s | CPU ms / device | peak RSS MB "
+        "| saves | KB per save (whole state) | slowest save ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        saves = r["saves"] or {}
+        per_save = saves.get("bytes", 0) / max(saves.get("count", 1), 1) / 1024
+        rows.append(
+            f"| {r['devices']:,} | {r['phase']} | {r['wall_s']:.1f} | {r['cpu_s']:.2f} "
+            f"| {r['cpu_ms_per_device']:.2f} | {r['max_rss_mb']:.0f} | {saves.get('count', 0)} "
+            f"| {per_save:.0f} ({r['full_state_bytes'] / 1024:.0f}) | {saves.get('max_ms', 0):.0f} |"
+        )
+    rows.append("")
+    rows.append(
+        f"Marginal cost of a device from {result['runs'][0]['devices']:,} to "
+        f"{result['runs'][-1]['devices']:,}: {result['marginal_cpu_ms_per_device']:.2f} ms of "
+        f"CPU and {result['marginal_rss_kb_per_device']:.1f} KB of RSS. Targets met: "
+        + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["targets"].items())
+        + "."
+    )
+    return "\n".join(rows)
+
+
+def write_doc(doc: Path, result_file: Path) -> None:
+    """Replace the block between the figures:rollout markers of ``doc`` with the table."""
+    text = doc.read_text()
+    start = "<!-- figures:rollout (generated from benchmarks/results/rollout.json) -->"
+    end = "<!-- /figures:rollout -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    table = figures_markdown(json.loads(result_file.read_text()))
+    doc.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parents[1]
+    write_doc(root / "docs" / "cloud-sync.md", root / "benchmarks" / "results" / "rollout.json")

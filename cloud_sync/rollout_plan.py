@@ -1,0 +1,178 @@
+"""Planning and running a rollout end to end: what ``edgebento rollout`` does, as a library.
+
+Import path and API::
+
+    from cloud_sync.rollout_plan import RolloutRequest, execute, exit_code
+    state = execute(RolloutRequest(store=..., broker=..., name="det", version=2,
+                                   devices=["a", "b"], key=Path("signing.key")))
+    code = exit_code(state, wait_all=False)
+
+Planning: the targets are the devices named, or every device whose retained status lists the
+group; the version must be published (``Registry.entry``, which checks the signed manifest);
+each device's previous version is what its status says. Resuming loads the saved state, turns a
+``completed`` or ``timed_out`` rollout back to ``running`` (to catch devices that were offline)
+and finishes an ``aborting`` one. One controller per fleet at a time: ``execute`` holds the
+fleet's lease (``cloud_sync.lease``) from before the first publish to the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_sync.lease import DEFAULT_TTL_S, Lease
+from cloud_sync.protocol import Status, Topics
+from cloud_sync.rollout import Rollout
+from cloud_sync.rollout_state import (
+    RolloutState,
+    Thresholds,
+    load_state,
+    new_rollout,
+    save_state,
+)
+from cloud_sync.store import ObjectStore, open_store
+from cloud_sync.watch import FleetWatch
+from modelpack.errors import ConfigError
+
+QUIET_S = 0.3  # retained documents arrive in one burst after the subscription
+QUIET_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    store: str
+    broker: str
+    key: Path  # signs the rollback instructions of an abort
+    name: str | None = None
+    version: int | None = None
+    resume: str | None = None
+    devices: tuple[str, ...] = ()
+    group: str | None = None
+    prefix: str = "edgebento"
+    endpoint_url: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    timeout_s: float | None = None
+    wait_all: bool = False
+    lease_ttl_s: float = DEFAULT_TTL_S
+    save_every_s: float = 1.0
+
+
+def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:
+    """Until no status or desired state came for ``quiet_s`` (the retained burst is over), at
+    most ``max_s``; telemetry, which never stops, does not count."""
+    deadline = time.monotonic() + max_s
+    seen = -1
+    while time.monotonic() < deadline and seen != watch.documents:
+        seen = watch.documents
+        time.sleep(quiet_s)
+
+
+def _groups(status: Status) -> list[str]:
+    # A declared field in newer protocol versions, an extra field in older ones.
+    groups = getattr(status, "groups", None) or (status.model_extra or {}).get("groups")
+    return [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+
+
+def resolve_targets(watch: FleetWatch, devices: tuple[str, ...], group: str | None) -> list[str]:
+    if bool(devices) == bool(group):
+        raise ConfigError("give either --devices a,b,c or --group G")
+    if devices:
+        return list(dict.fromkeys(devices))
+    members = [
+        device for device, status in list(watch.statuses.items()) if group in _groups(status)
+    ]
+    if not members:
+        raise ConfigError(f"no device reports group {group!r} in its retained status")
+    return members
+
+
+def start_rollout(
+    store: ObjectStore,
+    watch: FleetWatch,
+    name: str,
+    version: int,
+    devices: list[str],
+    thresholds: Thresholds,
+) -> RolloutState:
+    """Plan the waves from what each device runs now (so far as heard), and save the plan."""
+    from cloud_sync.registry import Registry
+
+    Registry(store).entry(name, version)  # refuse a version that is not published, or forged
+    previous = {}
+    for device in devices:
+        status = watch.statuses.get(device)
+        previous[device] = status.model if status is not None and status.model else None
+    seen = [d.generation for d in watch.desired.values()]
+    generation = max(seen, default=0) + 1  # above any desired state the devices were given
+    state = new_rollout(
+        name, version, devices, previous, thresholds, watch.topics.prefix, generation
+    )
+    save_state(store, state)
+    return state
+
+
+def prepare_resume(state: RolloutState) -> RolloutState:
+    if state.phase in ("completed", "timed_out"):
+        state.phase = "running"  # check again on devices that were offline or not yet pushed
+    return state
+
+
+def exit_code(state: RolloutState, wait_all: bool) -> int:
+    if state.phase != "completed":
+        return 1
+    return 0 if not wait_all or state.count("done") == len(state.devices) else 1
+
+
+def execute(
+    request: RolloutRequest,
+    on_start: Callable[[RolloutState], None] | None = None,
+    on_progress: Callable[[RolloutState], None] | None = None,
+) -> RolloutState:
+    from modelpack.signing import load_private_key
+
+    signer = load_private_key(request.key)  # fail before anything is published
+    store = open_store(request.store, endpoint_url=request.endpoint_url)
+    prior = load_state(store, request.resume) if request.resume else None
+    prefix = prior.prefix if prior else request.prefix
+    wanted = {d.device for d in prior.devices} if prior else set(request.devices) or None
+    with FleetWatch(request.broker, Topics(prefix), wanted).start(settle_s=0) as watch:
+        wait_quiet(watch)
+        # A resume may follow a controller killed with -9, whose lease runs out by itself.
+        lease = Lease.acquire(
+            store,
+            prefix,
+            prior.id if prior else "planning",
+            ttl_s=request.lease_ttl_s,
+            wait_s=request.lease_ttl_s * 1.5 if prior else 0.0,
+        )
+        try:
+            if prior is not None:
+                state = prepare_resume(prior)
+            else:
+                if request.name is None or request.version is None:
+                    raise ConfigError("a new rollout needs NAME and VERSION")
+                targets = resolve_targets(watch, request.devices, request.group)
+                watch.devices = set(targets)
+                watch.by_version.clear()  # figures of devices outside the rollout heard so far
+                state = start_rollout(
+                    store, watch, request.name, request.version, targets, request.thresholds
+                )
+                lease.doc.rollout = state.id
+                lease.renew(force=True)
+            if on_start is not None:
+                on_start(state)
+            return Rollout(
+                store,
+                watch,
+                state,
+                signer=signer,
+                timeout_s=request.timeout_s,
+                wait_all=request.wait_all,
+                save_every_s=request.save_every_s,
+                lease=lease,
+                on_progress=on_progress,
+            ).run()
+        finally:
+            lease.release()

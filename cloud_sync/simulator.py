@@ -1,0 +1,195 @@
+"""A simulated edge device: the agent's side of the protocol, without a model to run.
+
+It speaks what a real agent speaks, with the models of ``cloud_sync.protocol``: a retained
+``Status`` (with a last will saying ``offline``), a reaction to its retained ``Desired`` that
+echoes ``Status.applied`` (generation, rollout, model, outcome), downgrades only on a rollback
+instruction signed by a trusted key (``cloud_sync.authority``), telemetry batches of inference
+windows whose records leave the outbox only when ``telemetry/ack`` says they are stored.
+
+What it does not do is run a model: an "install" takes ``install_s`` and fails its health check
+for the versions in ``fail_versions``; inference windows report ``p99_ms`` and ``error_rate``
+per version. ``cloud_sync.sim_fleet`` runs thousands of them, each on its own MQTT connection.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from cloud_sync.protocol import (
+    Applied,
+    Desired,
+    ModelRef,
+    Status,
+    TelemetryAck,
+    TelemetryBatch,
+    TelemetryRecord,
+    Topics,
+)
+from modelpack.errors import SignatureError
+from modelpack.signing import TrustedKey
+
+OUTBOX_MAX = 1000
+RESEND_AFTER_S = 30.0
+
+Publish = Callable[[str, bytes, int, bool], None]  # topic, payload, qos, retain
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """How simulated devices act; the same for every device of a fleet."""
+
+    install_s: float = 0.2
+    fail_versions: frozenset[int] = frozenset()  # these fail the health check and roll back
+    p99_ms: dict[int, float] = field(default_factory=dict)  # per version; default base_p99_ms
+    base_p99_ms: float = 5.0
+    error_rate: dict[int, float] = field(default_factory=dict)  # per version, 0..1
+    telemetry_s: float = 10.0  # 0: no telemetry
+    inferences_per_window: int = 20
+    groups: tuple[str, ...] = ()
+
+
+class SimDevice:
+    def __init__(
+        self,
+        device: str,
+        model: ModelRef,
+        topics: Topics,
+        behavior: Behavior,
+        trusted: list[TrustedKey],
+        publish: Publish,
+        schedule: Callable[[float, Callable[[], None]], None],
+    ) -> None:
+        self.device, self.model, self.topics = device, model, topics
+        self.behavior, self.trusted = behavior, trusted
+        self.publish, self.schedule = publish, schedule
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.highest: dict[str, int] = {model.name: model.version}
+        self.applied: Applied | None = None
+        self.installing: int | None = None  # the generation being installed
+        self.seq = 0
+        self.outbox: OrderedDict[int, tuple[float, bytes]] = OrderedDict()
+        self.acked_once = False
+        self.rng = random.Random(device)
+
+    # --- what goes out -----------------------------------------------------------------------
+
+    def status(self, state: str = "online") -> bytes:
+        doc = Status.model_validate(
+            {
+                "device": self.device,
+                "state": state,
+                "model": self.model,
+                "boot_id": self.boot_id,
+                "applied": self.applied,
+                "groups": list(self.behavior.groups),  # an extra field, as the agent sends it
+            }
+        )
+        return doc.model_dump_json(exclude_none=True).encode()
+
+    def on_connect(self) -> None:
+        self.publish(self.topics.status(self.device), self.status(), 1, True)
+
+    def tick_telemetry(self) -> None:
+        """One inference window, then resend what waited too long for its acknowledgement."""
+        b = self.behavior
+        version = self.model.version
+        count = b.inferences_per_window
+        errors = sum(self.rng.random() < b.error_rate.get(version, 0.0) for _ in range(count))
+        p99 = b.p99_ms.get(version, b.base_p99_ms) * (0.9 + 0.2 * self.rng.random())
+        record = TelemetryRecord(
+            device=self.device,
+            boot_id=self.boot_id,
+            seq=self.seq,
+            ts=time.time(),
+            kind="inference",
+            data={
+                "ok": count - errors,
+                "errors": errors,
+                "p99_ms": round(p99, 3),
+                "window_s": b.telemetry_s,
+                "model": {"name": self.model.name, "version": version},
+            },
+        )
+        body = TelemetryBatch(records=[record]).model_dump_json().encode()
+        self.outbox[self.seq] = (time.monotonic(), body)
+        self.seq += 1
+        while len(self.outbox) > OUTBOX_MAX:
+            self.outbox.popitem(last=False)  # bounded: the oldest goes first
+        self.publish(self.topics.telemetry(self.device), body, 1, False)
+        if self.acked_once:  # an ingestion is listening: what it missed goes again
+            cutoff = time.monotonic() - RESEND_AFTER_S
+            for seq, (sent, old) in list(self.outbox.items())[:10]:
+                if sent < cutoff:
+                    self.outbox[seq] = (time.monotonic(), old)
+                    self.publish(self.topics.telemetry(self.device), old, 1, False)
+
+    # --- what comes in -----------------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self.topics.desired(self.device):
+                if payload:
+                    self.on_desired(Desired.model_validate_json(payload))
+            elif topic == self.topics.telemetry_ack(self.device):
+                self.on_ack(TelemetryAck.model_validate_json(payload))
+        except ValidationError:
+            return  # a real agent reports this; the simulator only must not fall over
+
+    def on_ack(self, ack: TelemetryAck) -> None:
+        if ack.boot_id != self.boot_id:
+            return
+        self.acked_once = True
+        for seq in [s for s in self.outbox if s <= ack.seq]:
+            del self.outbox[seq]
+
+    def _answer(self, desired: Desired, outcome: str, reason: str | None = None) -> None:
+        self.applied = Applied(
+            generation=desired.generation,
+            rollout=desired.rollout,
+            model=ModelRef(name=desired.model.name, version=desired.model.version),
+            outcome=outcome,  # type: ignore[arg-type]
+            reason=reason,
+        )
+        self.publish(self.topics.status(self.device), self.status(), 1, True)
+
+    def on_desired(self, desired: Desired) -> None:
+        if self.applied is not None and (
+            (self.applied.generation, self.applied.rollout) == (desired.generation, desired.rollout)
+        ):
+            return  # acted on this one already (a retained repeat)
+        if self.installing == desired.generation:
+            return
+        target = desired.model
+        if (target.name, target.version) == (self.model.name, self.model.version):
+            self._answer(desired, "installed")
+            return
+        if target.version <= self.highest.get(target.name, 0):
+            if not desired.rollback or desired.authorization is None:
+                self._answer(desired, "refused", "not newer than installed; no signed rollback")
+                return
+            from cloud_sync.authority import verify_rollback
+
+            try:
+                verify_rollback(desired.authorization, self.trusted, self.device, target)
+            except SignatureError as exc:
+                self._answer(desired, "refused", str(exc))
+                return
+        self.installing = desired.generation
+        self.schedule(self.behavior.install_s, lambda: self._installed(desired))
+
+    def _installed(self, desired: Desired) -> None:
+        self.installing = None
+        target = desired.model
+        if target.version in self.behavior.fail_versions and not desired.rollback:
+            self._answer(desired, "rolled_back", "health check failed: golden samples differ")
+            return
+        self.model = ModelRef(name=target.name, version=target.version)
+        self.highest[target.name] = max(self.highest.get(target.name, 0), target.version)
+        self._answer(desired, "installed")
