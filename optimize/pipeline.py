@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,18 +14,21 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpack import Samples, create_pack
-from modelpack.errors import ConfigError, first_problem
+from modelpack.errors import ConfigError, EdgebentoError, first_problem
 from modelpack.iosig import read_io_signature
 from optimize import report as reports
 from optimize.convert import to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
 from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
+from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.prune import PruneConfig, prune_with
 from optimize.quantize import search_space
 from optimize.search import Search, hash_data, with_latency
+from optimize.verify import layout
+from optimize.verify import load as load_predictor
 
 AUTO_PRUNE_RATIOS = (0.5, 0.75)
 GOLDEN_ROWS = 8
@@ -42,6 +45,8 @@ class OptimizeOptions(BaseModel):
     prune: Literal["auto", "off"] | float = "auto"
     batch: int = Field(default=64, gt=0)
     latency_seconds: float = Field(default=15.0, gt=0)
+    metrics: tuple[str, ...] = ()  # --metric, as MetricSpec.parse reads them
+    time_budget: float | None = Field(default=None, gt=0)  # seconds for the whole search
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,11 @@ def _bases(
         for ratio in ratios:
             try:
                 bases[f"{prefix}prune-{ratio:.0%}"] = runner.run(
-                    "prune", prune_with(calibration), model, PruneConfig(ratio=ratio)
+                    "prune",
+                    prune_with(calibration),
+                    model,
+                    PruneConfig(ratio=ratio),
+                    data_key=hash_data(calibration),
                 )
             except PassFailed as exc:
                 notes.append(f"structured pruning at {ratio:.0%} not applied: {exc.reason}")
@@ -137,7 +146,7 @@ def _bases(
     return bases
 
 
-def _data(
+def _datasets(
     model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
 ) -> tuple[Dataset, Dataset]:
     if data is None and eval_data is None:
@@ -152,6 +161,24 @@ def _data(
         calibration = evaluation
     assert calibration is not None and evaluation is not None
     return calibration, evaluation
+
+
+def _data(
+    model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
+) -> tuple[Dataset, Dataset, dict[str, int]]:
+    """(calibration, evaluation, each output's rows axis), split only where the model allows."""
+    _, outputs = read_io_signature(model)
+    fp32 = load_predictor(model, inputs, outputs)
+    calibration, evaluation = _datasets(model, inputs, data, eval_data, notes)
+    evaluation, axes = layout(fp32, evaluation)
+    calibration, _ = layout(fp32, calibration)
+    if not evaluation.axes:
+        notes.append("the data's rows could not be split: every feed ran whole")
+    try:
+        fp32.run(evaluation.take(slice(0, 1)).inputs, validate=False)
+    except EdgebentoError as exc:
+        raise ConfigError(f"the FP32 model refuses the data: {exc}") from exc
+    return calibration, evaluation, axes
 
 
 def optimize_model(
@@ -170,6 +197,8 @@ def optimize_model(
     progress: bool = True,
     cache: Path | None = None,
     latency_seconds: float = 15.0,
+    metrics: Sequence[str] = (),
+    time_budget: float | None = None,
 ) -> OptimizeResult:
     """Prune and quantize ``source`` under an accuracy budget and write the best as a pack."""
     options = _options(
@@ -179,7 +208,10 @@ def optimize_model(
         quantize=quantize,
         prune=prune,
         latency_seconds=latency_seconds,
+        metrics=tuple(metrics),
+        time_budget=time_budget,
     )
+    specs = tuple(MetricSpec.parse(m) for m in options.metrics)
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new directory for the pack")
@@ -195,10 +227,10 @@ def optimize_model(
         base = runner.run("normalize", normalize, converted, NormalizeConfig())
         bars.advance(task)
         inputs, outputs = read_io_signature(base)
-        calibration, evaluation = _data(base, inputs, data, eval_data, notes)
+        calibration, evaluation, output_axes = _data(base, inputs, data, eval_data, notes)
         train = load_npz(train_data, inputs) if train_data else None
         labels = evaluation.labels is not None
-        budget = Budget(options.max_drop or 0.01, labels)
+        budget = Budget(options.max_drop or 0.01, labels, specs)
 
         task = bars.add_task("prune and calibrate", total=None)
         bases = _bases(runner, source, kind, base, options, calibration, train, notes)
@@ -211,6 +243,8 @@ def optimize_model(
             min(options.batch, evaluation.rows),
             budget,
             tick=lambda what: bars.update(task, description=f"candidate: {what[:40]}"),
+            metric_specs=specs,
+            output_axes=output_axes,
         )
         built = [Candidate(BASELINE, (BASELINE,), base, {})]
         op_types = _op_types(base)
@@ -292,7 +326,10 @@ def _write_pack(
         "reason": choice.reason,
         "steps": list(chosen.steps),
         "speedup": row["speedup"],
-        "fidelity": row["fidelity"],
+        # The figures only (no per-metric list): stores such as BentoML's take flat values.
+        "fidelity": {
+            k: v for k, v in (row["fidelity"] or {}).items() if k != "scores" and v is not None
+        },
         "budget": report["budget"],
         "size_bytes": row["size_bytes"],
         "gzip_bytes": row["gzip_bytes"],

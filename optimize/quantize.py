@@ -88,7 +88,12 @@ class CalibrationReader:
     """Feeds calibration rows to ORT's static quantizer, one small batch at a time."""
 
     def __init__(self, data: Dataset, rows: int, batch: int = 8) -> None:
-        self._batches = list(data.take(slice(0, rows)).batches(batch))
+        # Equal batches only: the histogram calibrators stack every batch's activations into
+        # one array, and a short last batch makes it ragged ("inhomogeneous shape").
+        usable = min(rows, data.rows)
+        size = min(batch, usable)
+        usable -= usable % size
+        self._batches = list(data.take(slice(0, usable)).batches(size))
         self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,8 +11,9 @@ from typing import Any
 
 from modelpack import Predictor, TensorSpec
 from modelpack.errors import EdgebentoError
-from optimize import verify
+from optimize import metrics, verify
 from optimize.data import Dataset
+from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, NOISE, Budget, Candidate
 from optimize.quantize import PREPROCESS_FALLBACKS, QuantizeConfig, preprocess, quantize_with
@@ -36,10 +38,14 @@ class Search:
     batch: int
     budget: Budget
     tick: Tick
+    metric_specs: Sequence[MetricSpec] = ()  # the user's --metric, empty for the defaults
     reference: Outputs = field(default_factory=dict)
     reference_fidelity: Fidelity | None = None
+    plan: list[MetricSpec] = field(default_factory=list)
+    output_axes: dict[str, int] = field(default_factory=dict)
     predictors: dict[str, Predictor] = field(default_factory=dict)
     preprocessed: dict[Path, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # eval run time: a first latency
 
     def measure(self, candidate: Candidate) -> Candidate:
         """Load, run on the eval data, compare with FP32; failures become the reason."""
@@ -48,12 +54,22 @@ class Search:
             return candidate
         try:
             predictor = verify.load(candidate.path, self.inputs, self.outputs)
-            outputs = verify.run_all(predictor, self.evaluation, self.batch)
+            start = time.perf_counter()
+            outputs = verify.run_all(predictor, self.evaluation, self.batch, self.output_axes)
+            self.seconds[candidate.name] = time.perf_counter() - start
         except EdgebentoError as exc:
             return replace(candidate, error=str(exc))
         if candidate.name == BASELINE:
             self.reference = outputs
-        found = verify.fidelity(self.reference, outputs, self.evaluation.labels)
+            self.plan = metrics.plan(
+                self.metric_specs,
+                outputs,
+                metrics.mask_input(verify.rows_first(self.evaluation)),
+                self.evaluation.labels is not None,
+            )
+        found = verify.fidelity(
+            self.reference, outputs, self.evaluation, self.plan, self.budget.max_drop
+        )
         if candidate.name == BASELINE:
             self.reference_fidelity = found
         self.predictors[candidate.name] = predictor
