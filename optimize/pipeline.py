@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,18 +20,20 @@ from modelpack.iosig import read_io_signature
 from optimize import report as reports
 from optimize.convert import to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
+from optimize.fusion import FuseConfig, bert_like, fuse
 from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
 from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.prune import PruneConfig, prune_with
-from optimize.quantize import search_space
+from optimize.quantize import QuantizeConfig, search_space
 from optimize.search import Search, hash_data, with_latency
 from optimize.verify import layout
 from optimize.verify import load as load_predictor
 
 AUTO_PRUNE_RATIOS = (0.5, 0.75)
+DEFAULT_TIME_BUDGET = 1800.0
 GOLDEN_ROWS = 8
 
 
@@ -46,7 +49,8 @@ class OptimizeOptions(BaseModel):
     batch: int = Field(default=64, gt=0)
     latency_seconds: float = Field(default=15.0, gt=0)
     metrics: tuple[str, ...] = ()  # --metric, as MetricSpec.parse reads them
-    time_budget: float | None = Field(default=None, gt=0)  # seconds for the whole search
+    # Seconds for building and measuring candidates; past it the rest are listed as not tried.
+    time_budget: float = Field(default=DEFAULT_TIME_BUDGET, gt=0)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def optimize_model(
         prune=prune,
         latency_seconds=latency_seconds,
         metrics=tuple(metrics),
-        time_budget=time_budget,
+        time_budget=time_budget or DEFAULT_TIME_BUDGET,
     )
     specs = tuple(MetricSpec.parse(m) for m in options.metrics)
     source, out = Path(source), Path(out)
@@ -234,6 +238,9 @@ def optimize_model(
 
         task = bars.add_task("prune and calibrate", total=None)
         bases = _bases(runner, source, kind, base, options, calibration, train, notes)
+        fused = _fused(runner, base, inputs, notes)
+        if fused is not None:  # right after FP32: the most promising base of a transformer
+            bases = {BASELINE: base, "fused": fused} | bases
         search = Search(
             runner,
             inputs,
@@ -246,22 +253,20 @@ def optimize_model(
             metric_specs=specs,
             output_axes=output_axes,
         )
-        built = [Candidate(BASELINE, (BASELINE,), base, {})]
-        op_types = _op_types(base)
-        for base_name, path in bases.items():
-            if base_name != BASELINE:
-                built.append(Candidate(base_name, (base_name,), path, {}))
-            space = search_space(options.quantize, True, op_types)
-            if base_name != BASELINE:  # pruned models get the two most telling variants
-                space = [c for c in space if c.per_channel and not c.reduce_range][:2]
-            for config in space:
-                built.append(search.quantized(base_name, path, config))
-        bars.update(task, total=len(built), completed=0)
-        measured = []
-        for candidate in built:
-            measured.append(search.measure(candidate))
+        deadline = time.monotonic() + options.time_budget
+        planned = _plan(bases, options, _op_types(base))
+        bars.update(task, total=len(planned) + 1, completed=0)
+        measured = [search.measure(Candidate(BASELINE, (BASELINE,), base, {}))]
+        bars.advance(task)
+        for base_name, path, config in planned:
+            if time.monotonic() > deadline:
+                measured.append(search.skipped(base_name, config, options.time_budget))
+            elif config is None:
+                measured.append(search.measure(Candidate(base_name, (base_name,), path, {})))
+            else:
+                measured.append(search.measure(search.quantized(base_name, path, config)))
             bars.advance(task)
-        measured += search.refine(measured, bases)
+        measured += search.refine(measured, bases, deadline)
         bars.update(task, description="latency (interleaved)")
         measured = with_latency(measured, search, options.latency_seconds)
         choice = pick(measured)
@@ -288,6 +293,34 @@ def optimize_model(
         out / reports.REPORT_HTML,
         out,
     )
+
+
+def _plan(
+    bases: dict[str, Path], options: OptimizeOptions, op_types: set[str]
+) -> list[tuple[str, Path, QuantizeConfig | None]]:
+    """What to build, most promising first: each base's quantized variants in the order
+    ``search_space`` gives (static first for convolutions); pruned bases get the two most
+    telling variants."""
+    found: list[tuple[str, Path, QuantizeConfig | None]] = []
+    for base_name, path in bases.items():
+        if base_name != BASELINE:
+            found.append((base_name, path, None))
+        space = search_space(options.quantize, True, op_types)
+        if base_name.startswith(("prune", "keras")) or " + prune" in base_name:
+            space = [c for c in space if c.per_channel and not c.reduce_range][:2]
+        found += [(base_name, path, config) for config in space]
+    return found
+
+
+def _fused(runner: Runner, base: Path, inputs: Sequence[Any], notes: list[str]) -> Path | None:
+    """The transformer-fused model, for BERT-like graphs; None for the others."""
+    if not bert_like(_op_types(base), {s.name for s in inputs}):
+        return None
+    try:
+        return runner.run("fuse", fuse, base, FuseConfig())
+    except PassFailed as exc:
+        notes.append(f"transformer fusion not applied: {exc.reason}")
+        return None
 
 
 def _raw_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelpack import Predictor, TensorSpec
 from modelpack.errors import EdgebentoError
-from optimize import metrics, verify
+from optimize import metrics, sensitivity, verify
 from optimize.data import Dataset
 from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, NOISE, Budget, Candidate
 from optimize.quantize import PREPROCESS_FALLBACKS, QuantizeConfig, preprocess, quantize_with
-from optimize.sensitivity import node_errors
+from optimize.sensitivity import Exclusion
 from optimize.verify import Fidelity, Outputs
 
 log = logging.getLogger(__name__)
 
-EXCLUDE_STEPS = (1, 2, 4, 8)
+EXCLUDE_TRIES = 3  # real quantizer runs per refined candidate: the simulation's count, x2, x4
+SENSITIVITY_ROWS = 32
 Tick = Callable[[str], None]
 
 
@@ -82,7 +85,7 @@ class Search:
         )
 
     def quantized(self, base_name: str, base: Path, config: QuantizeConfig) -> Candidate:
-        name = config.label if base_name == BASELINE else f"{base_name} + {config.label}"
+        name = _name(base_name, config)
         steps = (base_name, "preprocess", "quantize")
         try:
             source = self._preprocess(base)
@@ -92,6 +95,16 @@ class Search:
         except PassFailed as exc:
             return Candidate(name, steps, None, config.model_dump(mode="json"), error=exc.reason)
         return Candidate(name, steps, path, config.model_dump(mode="json"))
+
+    def skipped(self, base_name: str, config: QuantizeConfig | None, seconds: float) -> Candidate:
+        label = base_name if config is None else _name(base_name, config)
+        return Candidate(
+            label,
+            (base_name,),
+            None,
+            {} if config is None else config.model_dump(mode="json"),
+            error=f"not tried: the time budget of {seconds:g} s ran out",
+        )
 
     def _preprocess(self, base: Path) -> Path:
         """ORT's pre-processing, retried without symbolic shapes, then without optimization."""
@@ -111,9 +124,14 @@ class Search:
         return base
 
     def refine(
-        self, candidates: list[Candidate], bases: dict[str, Path], max_tries: int = 2
+        self,
+        candidates: list[Candidate],
+        bases: dict[str, Path],
+        deadline: float,
+        max_tries: int = 3,
     ) -> list[Candidate]:
-        """Exclude the most sensitive nodes from fast candidates that miss the budget."""
+        """Keep the nodes that matter in float, for the most promising candidates that miss
+        the budget: the fastest first (by their eval run), then the closest to the budget."""
         added: list[Candidate] = []
         # Only where quantization broke the budget: a pruned base that misses it stays missed.
         base_ok = {c.name for c in candidates if c.error is None and c.violation is None}
@@ -126,31 +144,62 @@ class Search:
             and not c.config.get("exclude")
             and c.steps[0] in base_ok
         ]
-        failing.sort(key=_quality_key)
+        failing.sort(key=lambda c: (round(self.seconds.get(c.name, 1e9), 2), _quality_key(c)))
         for candidate in failing[:max_tries]:
+            if time.monotonic() > deadline:
+                break
             base_name = candidate.steps[0]
             config = QuantizeConfig.model_validate(candidate.config)
             try:
-                errors = node_errors(
-                    bases[base_name],
-                    self.calibration,
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                )
+                exclusion = self._exclusion(bases[base_name], config, deadline)
             except Exception as exc:  # an unusual graph: skip refinement, keep the search going
-                log.info("per-node error failed on %s: %s", candidate.name, exc)
+                log.info("sensitivity failed on %s: %s", candidate.name, exc)
                 continue
-            for k in EXCLUDE_STEPS:
-                if k >= len(errors):
-                    break
-                excluded = tuple(e.node for e in errors[:k])
+            count = max(1, exclusion.enough)
+            for _ in range(EXCLUDE_TRIES):
+                excluded = exclusion.nodes[:count]
                 new = self.measure(
                     self.quantized(base_name, bases[base_name], replace_exclude(config, excluded))
                 )
                 added.append(new)
-                if new.within_budget:
+                if new.error or new.violation is None or time.monotonic() > deadline:
                     break
+                if count >= len(exclusion.nodes) // 2:
+                    break
+                count = min(len(exclusion.nodes) // 2, count * 2)
         return added
+
+    def _exclusion(self, base: Path, config: QuantizeConfig, deadline: float) -> Exclusion:
+        """The simulated greedy exclusion for ``config``, on the graph the quantizer sees."""
+        source = self._preprocess(base)
+        static = config.mode == "static"
+        ranges = sensitivity.activation_ranges(source, self.calibration) if static else None
+        switchable = sensitivity.build(
+            source,
+            static=static,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            ranges=ranges,
+            op_types=config.op_types,
+        )
+        rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
+        inputs = verify.rows_first(rows)
+
+        def run(predictor: Predictor, flags: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return verify.run_all(predictor, rows, self.batch, self.output_axes, flags)
+
+        def margin(reference: Mapping[str, np.ndarray], found: Mapping[str, np.ndarray]) -> float:
+            scores = metrics.evaluate(
+                self.plan, reference, found, inputs, rows.labels, self.budget.max_drop
+            )
+            return min((s.margin for s in scores if s.decides), default=0.0)
+
+        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin)
+        return sensitivity.greedy(switchable, score, deadline)
+
+
+def _name(base_name: str, config: QuantizeConfig) -> str:
+    return config.label if base_name == BASELINE else f"{base_name} + {config.label}"
 
 
 def replace_exclude(config: QuantizeConfig, nodes: tuple[str, ...]) -> QuantizeConfig:

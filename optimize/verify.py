@@ -92,11 +92,20 @@ def layout(predictor: Predictor, data: Dataset) -> tuple[Dataset, dict[str, int]
     return data, axes
 
 
-def run_all(predictor: Predictor, data: Dataset, batch: int, axes: Mapping[str, int]) -> Outputs:
-    """Outputs over every row of ``data``, ``batch`` rows at a time, rows on axis 0."""
+def run_all(
+    predictor: Predictor,
+    data: Dataset,
+    batch: int,
+    axes: Mapping[str, int],
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> Outputs:
+    """Outputs over every row of ``data``, ``batch`` rows at a time, rows on axis 0.
+
+    ``extra`` feeds go into every batch as they are (the sensitivity graph's switches).
+    """
     parts: dict[str, list[np.ndarray]] = {}
     for feed in data.batches(batch):
-        for name, value in predictor.run(feed, validate=False).items():
+        for name, value in predictor.run(feed | dict(extra or {}), validate=False).items():
             array = np.asarray(value)
             axis = axes.get(name)
             parts.setdefault(name, []).append(

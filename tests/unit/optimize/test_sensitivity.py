@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpack.iosig import read_io_signature
+from optimize import metrics, sensitivity, verify
 from optimize.data import synthesize
-from optimize.sensitivity import node_errors
 
 
 def _two_layers(path: Path) -> Path:
@@ -33,13 +36,41 @@ def _two_layers(path: Path) -> Path:
     return path
 
 
-def test_the_node_with_an_outlier_weight_ranks_first(tmp_path: Path) -> None:
-    model = _two_layers(tmp_path / "m.onnx")
-    inputs, _ = read_io_signature(model)
+def _margin(model: Path, per_channel: bool, static: bool = False) -> tuple[Any, Any]:
+    inputs, outputs = read_io_signature(model)
     data = synthesize(model, inputs, rows=16)
-    errors = node_errors(model, data, per_channel=False, reduce_range=False)
-    assert [e.node for e in errors] == ["spiky_mm", "smooth_mm"]
-    assert errors[0].relative_error > 10 * errors[1].relative_error
-    # Per-channel scales confine the outlier to its column: the error falls.
-    per_channel = node_errors(model, data, per_channel=True, reduce_range=False)
-    assert per_channel[0].relative_error < errors[0].relative_error
+    ranges = sensitivity.activation_ranges(model, data) if static else None
+    switchable = sensitivity.build(
+        model, static=static, per_channel=per_channel, reduce_range=False, ranges=ranges
+    )
+    plan = [metrics.MetricSpec("cosine", "y", bound=0.99999)]  # the outlier dominates cosine
+    rows = verify.rows_first(data)
+
+    def run(predictor: Any, flags: Any) -> dict[str, np.ndarray]:
+        return verify.run_all(predictor, data, 16, {"y": 0}, flags)
+
+    def margin(reference: Any, found: Any) -> float:
+        return min(s.margin for s in metrics.evaluate(plan, reference, found, rows, None, 0.01))
+
+    return switchable, sensitivity.scorer(switchable, outputs, data, run, margin)
+
+
+def test_all_switches_off_is_fp32_and_on_is_int8(tmp_path: Path) -> None:
+    model = _two_layers(tmp_path / "m.onnx")
+    switchable, score = _margin(model, per_channel=False)
+    assert switchable.nodes == ("smooth_mm", "spiky_mm")
+    assert score(np.zeros(2, bool)) == pytest.approx(1e-5)  # cosine 1.0 against its bound
+    assert score(np.ones(2, bool)) < 0  # int8 with one outlier weight misses the budget
+
+
+def test_greedy_keeps_the_node_with_an_outlier_weight_in_float(tmp_path: Path) -> None:
+    model = _two_layers(tmp_path / "m.onnx")
+    for static in (False, True):
+        switchable, score = _margin(model, per_channel=False, static=static)
+        exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
+        assert exclusion.nodes[0] == "spiky_mm"
+        assert exclusion.enough == 1 and exclusion.margins[-1] >= 0
+    # Per-channel scales confine the outlier to its column: the simulated metric improves.
+    _per_channel, score_pc = _margin(model, per_channel=True)
+    _, score_pt = _margin(model, per_channel=False)
+    assert score_pc(np.ones(2, bool)) > score_pt(np.ones(2, bool))
