@@ -55,8 +55,15 @@ def _masked(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def cosine(ref: np.ndarray, out: np.ndarray, ctx: Context) -> np.ndarray:
-    """Per row, over the row's real elements (padding tokens are zeroed in both)."""
-    return _cos(_rows(_masked(ref, ctx.mask)), _rows(_masked(out, ctx.mask)))
+    """Per row, over the row's real elements (padding tokens are zeroed in both).
+
+    A row of one number (a probability, a score) has a cosine of +-1 whatever its value, so
+    such outputs are compared as one vector over all rows.
+    """
+    a, b = _rows(_masked(ref, ctx.mask)), _rows(_masked(out, ctx.mask))
+    if a.shape[1] == 1:
+        return _cos(a.reshape(1, -1), b.reshape(1, -1))
+    return _cos(a, b)
 
 
 def _pool(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
