@@ -14,7 +14,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -138,22 +138,60 @@ def quantize_with(data: Dataset | None) -> object:
             return
         if data is None:
             raise ValueError("static quantization needs calibration data")
-        quantize_static(
-            str(src),
-            str(dst),
-            CalibrationReader(data, config.calibration_rows),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=_qtype(config.weight_type),
-            op_types_to_quantize=op_types,
-            nodes_to_exclude=list(config.exclude),
-            calibrate_method=getattr(CalibrationMethod, config.calibration),
-            extra_options={**extra, "CalibMovingAverage": False},
-        )
+
+        def run(method: str, options: dict[str, object]) -> None:
+            quantize_static(
+                str(src),
+                str(dst),
+                CalibrationReader(data, config.calibration_rows),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=_qtype(config.weight_type),
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=list(config.exclude),
+                calibrate_method=getattr(CalibrationMethod, method),
+                extra_options={**extra, "CalibMovingAverage": False, **options},
+            )
+
+        try:
+            run(config.calibration, {})
+        except ValueError as exc:
+            if config.calibration == "MinMax" or not _histogram_failure(exc):
+                raise
+            # ORT's histograms are float32: a near-constant activation has no room for 2048
+            # bins. The same tails are cut in float64 here and given to ORT as fixed ranges.
+            log.info(
+                "%s calibration failed (%s): ranges computed in float64", config.calibration, exc
+            )
+            run("MinMax", {"TensorQuantOverrides": _overrides(src, data, config)})
 
     return quantize
+
+
+def _histogram_failure(exc: Exception) -> bool:
+    text = str(exc)
+    return "bins" in text or "inhomogeneous" in text or "finite" in text
+
+
+# What ORT's calibrators keep: Percentile cuts 0.001% of each tail; for Entropy, which picks the
+# threshold that best keeps the distribution, 0.01% is the usual stand-in.
+FALLBACK_PERCENTILE = {"Percentile": 99.999, "Entropy": 99.99}
+
+
+def _overrides(src: Path, data: Dataset, config: QuantizeConfig) -> dict[str, list[dict[str, Any]]]:
+    from optimize.sensitivity import activation_ranges
+
+    ranges = activation_ranges(
+        src, data, config.calibration_rows, FALLBACK_PERCENTILE[config.calibration]
+    )
+    found = {}
+    for name, (lo, hi) in ranges.items():
+        rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+        rmax = rmax if rmax > rmin else rmin + 1e-6
+        found[name] = [{"rmin": np.float32(rmin), "rmax": np.float32(rmax)}]  # ORT wants dtypes
+    return found
 
 
 def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[QuantizeConfig]:

@@ -182,8 +182,15 @@ def build(
     return Switchable(proto.SerializeToString(), tuple(names))
 
 
-def activation_ranges(model: Path, data: Dataset, rows: int = 32) -> dict[str, tuple[float, float]]:
-    """Min and max of every float activation on calibration rows (MinMax, as static QDQ's)."""
+def activation_ranges(
+    model: Path, data: Dataset, rows: int = 32, percentile: float | None = None
+) -> dict[str, tuple[float, float]]:
+    """Range of every float activation that static QDQ quantizes, on calibration rows.
+
+    MinMax by default; with ``percentile`` (99.999: ORT's default) the tails beyond it are cut,
+    computed in float64 so that a near-constant tensor cannot break it as it breaks ORT's
+    float32 histograms ("Too many bins for data range").
+    """
     import onnx
 
     proto = onnx.load(str(model))
@@ -194,10 +201,11 @@ def activation_ranges(model: Path, data: Dataset, rows: int = 32) -> dict[str, t
             name
             for node in proto.graph.node
             if node.op_type in STATIC_OPS
-            for name in node.input
+            for name in [*node.input, *node.output]
             if name and name in floats and name not in weights
         }
         - {o.name for o in proto.graph.output}
+        - {i.name for i in proto.graph.input}
     )
     for name in wanted:
         proto.graph.output.append(onnx.ValueInfoProto(name=name))
@@ -207,18 +215,22 @@ def activation_ranges(model: Path, data: Dataset, rows: int = 32) -> dict[str, t
         [TensorSpec(name=n, dtype="float32") for n in wanted],
         PredictorOptions(warmup=False, graph_optimization="disabled"),
     )
-    found: dict[str, tuple[float, float]] = {}
+    seen: dict[str, list[np.ndarray]] = {}
     for feed in data.take(slice(0, rows)).batches(8):
         for name, value in predictor.run(feed, validate=False).items():
             value = np.asarray(value)
-            if value.dtype.kind != "f" or not value.size:
-                continue
-            finite = value[np.isfinite(value)]
-            if not finite.size:
-                continue
-            lo, hi = float(finite.min()), float(finite.max())
-            old = found.get(name, (lo, hi))
-            found[name] = (min(old[0], lo), max(old[1], hi))
+            if value.dtype.kind == "f" and value.size:
+                finite = value[np.isfinite(value)].astype(np.float64)
+                if finite.size:
+                    seen.setdefault(name, []).append(finite)
+    found = {}
+    for name, parts in seen.items():
+        joined = np.concatenate(parts)
+        if percentile is None:
+            found[name] = (float(joined.min()), float(joined.max()))
+        else:
+            lo, hi = np.percentile(joined, [100 - percentile, percentile])
+            found[name] = (float(lo), float(hi))
     return found
 
 
