@@ -243,3 +243,25 @@ def near_constant(path: Path) -> Path:
         ],
     )
     return _save(graph, path)
+
+
+def fixed_rows(path: Path, rows: int = 8) -> Path:
+    """x[batch, 4] declared dynamic, but a Reshape to [rows, 4] inside: only whole feeds run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Reshape", ["x", "fixed"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixed_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 16])],
+        [
+            numpy_helper.from_array(np.array([rows, 4], np.int64), "fixed"),
+            numpy_helper.from_array(_w(rng, 4, 16), "w"),
+        ],
+    )
+    return _save(graph, path)

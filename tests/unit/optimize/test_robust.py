@@ -133,3 +133,25 @@ def test_percentile_survives_a_near_constant_activation(tmp_path: Path, cache: P
     percentile = rows["static percentile per-channel"]
     assert percentile["error"] is None, percentile["error"]
     assert percentile["fidelity"]["cosine_min"] > 0.9
+
+
+def test_feeds_that_cannot_be_split_run_whole(tmp_path: Path, cache: Path) -> None:
+    source = shapes.fixed_rows(tmp_path / "fixed.onnx")
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name="fixed",
+        version=1,
+        data=tmp_path / "data.npz",
+        eval_data=tmp_path / "data.npz",
+        prune="off",
+        quantize="dynamic",
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    report = json.loads(result.report_json.read_text())
+    assert "the data's rows could not be split: every feed ran whole" in report["notes"]
+    assert all(r["fidelity"] for r in report["candidates"])  # measured, not crashed
