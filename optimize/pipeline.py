@@ -28,7 +28,7 @@ from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.prune import PruneConfig, prune_with
 from optimize.quantize import QuantizeConfig, search_space
-from optimize.search import Search, hash_data, with_latency
+from optimize.search import Search, confirm, hash_data, with_latency
 from optimize.verify import layout
 from optimize.verify import load as load_predictor
 
@@ -269,6 +269,8 @@ def optimize_model(
         measured += search.refine(measured, bases, deadline)
         bars.update(task, description="latency (interleaved)")
         measured = with_latency(measured, search, options.latency_seconds)
+        bars.update(task, description="latency (finalists again)")
+        measured = confirm(measured, search, options.latency_seconds)
         choice = pick(measured)
         assert search.reference_fidelity is not None
         report = reports.build(

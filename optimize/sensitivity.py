@@ -53,6 +53,7 @@ Score = Callable[[Mapping[str, np.ndarray]], float]
 class Switchable:
     model: bytes
     nodes: tuple[str, ...]  # flag i switches int8 on for nodes[i]
+    costs: tuple[float, ...] = ()  # what keeping each node in float costs (weight elements)
 
 
 def _fake_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndarray:
@@ -74,6 +75,17 @@ def _channel_axis(node: Any, position: int) -> int | None:
     if node.op_type == "Gemm":
         return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
     return -1  # MatMul, Attention: one scale per output column
+
+
+def _cost(node: Any, weights: Mapping[str, Any]) -> float:
+    """Float work kept by excluding ``node``: its weight's size; a lookup (Gather) costs none,
+    an op without weights (static QDQ's Add, Mul, ...) only its Q/DQ pair, a little."""
+    if node.op_type == "Gather":
+        return 0.0
+    for name in node.input[1:2]:
+        if name in weights:
+            return float(np.prod(weights[name].dims)) or 1.0
+    return 1.0
 
 
 def _float_inputs(proto: Any) -> set[str]:
@@ -115,6 +127,7 @@ def build(
     ops = frozenset(op_types) or (STATIC_OPS if static else DYNAMIC_OPS)
     nodes: list[Any] = []
     names: list[str] = []
+    costs: list[float] = []
     extra: list[Any] = []
     for node in list(graph.node):
         slots = [
@@ -128,6 +141,11 @@ def build(
         if node.op_type == "Gather" and node.input[0] not in weights:
             nodes.append(node)
             continue
+        if not static and node.op_type in ("MatMul", "Gemm") and node.input[1] not in weights:
+            # quantize_dynamic leaves a MatMul of two activations in float (MatMulConstBOnly).
+            nodes.append(node)
+            continue
+        costs.append(_cost(node, weights))
         index = len(names)
         flag = f"{FLAGS}_{index}"
         extra.append(numpy_helper.from_array(np.array(index, np.int64), f"{flag}_i"))
@@ -179,7 +197,7 @@ def build(
     graph.initializer.extend(extra)
     graph.input.append(helper.make_tensor_value_info(FLAGS, TensorProto.BOOL, [len(names)]))
     del graph.value_info[:]  # renamed inputs: stale shapes would only mislead ORT
-    return Switchable(proto.SerializeToString(), tuple(names))
+    return Switchable(proto.SerializeToString(), tuple(names), tuple(costs))
 
 
 def activation_ranges(
@@ -246,20 +264,24 @@ class Exclusion:
 def greedy(
     switchable: Switchable, score: Callable[[np.ndarray], float], deadline: float
 ) -> Exclusion:
-    """Rank nodes by what keeping each alone in float gains, then exclude in that order until
-    the simulated deciding metric holds (margin >= 0), at most half of the nodes."""
+    """Rank nodes by what keeping each alone in float gains for what it costs in float work,
+    then exclude in that order until the simulated deciding metric holds (margin >= 0), at
+    most half of the nodes. Nodes that gain nothing come last."""
     n = len(switchable.nodes)
     every = np.ones(n, dtype=bool)
     base = score(every)
-    gains = []
+    gains = np.zeros(n)
     for i in range(n):
         if time.monotonic() > deadline:
-            gains += [0.0] * (n - i)
             break
         flags = every.copy()
         flags[i] = False
-        gains.append(score(flags) - base)
-    order = list(np.argsort(-np.asarray(gains), kind="stable"))
+        gains[i] = score(flags) - base
+    costs = np.asarray(switchable.costs or [1.0] * n, dtype=np.float64)
+    # Gain per unit of float work; the cheapest nonzero cost keeps free nodes finite.
+    floor = costs[costs > 0].min() / 10 if (costs > 0).any() else 1.0
+    value = np.where(gains > 0, gains / np.maximum(costs, floor), gains - 1e9)
+    order = list(np.argsort(-value, kind="stable"))
     flags, margins, enough = every.copy(), [base], 0
     for count, i in enumerate(order[: max(1, n // 2)], start=1):
         if margins[-1] >= 0 or time.monotonic() > deadline:
