@@ -15,7 +15,7 @@ from modelpack.errors import ConfigError, EdgebentoError
 
 LABELS = "labels"
 # Sizes tried, in order, for a symbolic dim that is not the batch: the first one the model runs.
-SYMBOLIC_SIZES = (8, 16, 4, 1, 32, 64)
+SYMBOLIC_SIZES = (8, 16, 4, 1, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
