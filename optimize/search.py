@@ -24,8 +24,11 @@ from optimize.verify import Fidelity, Outputs
 
 log = logging.getLogger(__name__)
 
-EXCLUDE_TRIES = 3  # real quantizer runs per refined candidate: the simulation's count, x2, x4
-SENSITIVITY_ROWS = 32
+EXCLUDE_TRIES = 4  # real quantizer runs per refined candidate, one per simulated target
+# Simulated margins to reach, as shares of --max-drop: the held-back data's worst row is not
+# the calibration's, so the later sets keep some headroom.
+SIM_TARGETS = (0.0, 0.1, 0.25, 0.5)
+SENSITIVITY_ROWS = 64
 Tick = Callable[[str], None]
 
 
@@ -128,7 +131,7 @@ class Search:
         candidates: list[Candidate],
         bases: dict[str, Path],
         deadline: float,
-        max_tries: int = 3,
+        max_tries: int = 4,
     ) -> list[Candidate]:
         """Keep the nodes that matter in float, for the most promising candidates that miss
         the budget: the fastest first (by their eval run), then the closest to the budget."""
@@ -144,7 +147,11 @@ class Search:
             and not c.config.get("exclude")
             and c.steps[0] in base_ok
         ]
-        failing.sort(key=lambda c: (round(self.seconds.get(c.name, 1e9), 2), _quality_key(c)))
+        # Eval runs closer than 15% are one speed tier (one run's noise on a shared CPU).
+        fastest = min((self.seconds.get(c.name, 1e9) for c in failing), default=1.0) or 1.0
+        failing.sort(
+            key=lambda c: (int(self.seconds.get(c.name, 1e9) / fastest / 1.15), _quality_key(c))
+        )
         for candidate in failing[:max_tries]:
             if time.monotonic() > deadline:
                 break
@@ -155,18 +162,13 @@ class Search:
             except Exception as exc:  # an unusual graph: skip refinement, keep the search going
                 log.info("sensitivity failed on %s: %s", candidate.name, exc)
                 continue
-            count = max(1, exclusion.enough)
-            for _ in range(EXCLUDE_TRIES):
-                excluded = exclusion.nodes[:count]
+            for excluded in exclusion.sets[:EXCLUDE_TRIES]:
                 new = self.measure(
                     self.quantized(base_name, bases[base_name], replace_exclude(config, excluded))
                 )
                 added.append(new)
                 if new.error or new.violation is None or time.monotonic() > deadline:
                     break
-                if count >= len(exclusion.nodes) // 2:
-                    break
-                count = min(len(exclusion.nodes) // 2, count * 2)
         return added
 
     def _exclusion(self, base: Path, config: QuantizeConfig, deadline: float) -> Exclusion:
@@ -195,7 +197,8 @@ class Search:
             return min((s.margin for s in scores if s.decides), default=0.0)
 
         score = sensitivity.scorer(switchable, self.outputs, rows, run, margin)
-        return sensitivity.greedy(switchable, score, deadline)
+        targets = [t * self.budget.max_drop for t in SIM_TARGETS]
+        return sensitivity.greedy(switchable, score, deadline, targets)
 
 
 def _name(base_name: str, config: QuantizeConfig) -> str:

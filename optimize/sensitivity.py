@@ -254,19 +254,26 @@ def activation_ranges(
 
 @dataclass(frozen=True)
 class Exclusion:
-    """Nodes in the order the greedy search keeps them in float, with the simulated margins."""
+    """Sets of nodes to keep in float, smallest first: each the first the greedy search found
+    to reach one of its simulated targets; with the simulated margin after each accepted node."""
 
-    nodes: tuple[str, ...]
-    enough: int  # how many of ``nodes`` the simulation says bring the metric within budget
-    margins: tuple[float, ...]  # the deciding margin after each exclusion (index 0: none)
+    sets: tuple[tuple[str, ...], ...]
+    margins: tuple[float, ...]  # index 0: every node in int8
 
 
 def greedy(
-    switchable: Switchable, score: Callable[[np.ndarray], float], deadline: float
+    switchable: Switchable,
+    score: Callable[[np.ndarray], float],
+    deadline: float,
+    targets: Sequence[float] = (0.0,),
 ) -> Exclusion:
-    """Rank nodes by what keeping each alone in float gains for what it costs in float work,
-    then exclude in that order until the simulated deciding metric holds (margin >= 0), at
-    most half of the nodes. Nodes that gain nothing come last."""
+    """Rank nodes by what keeping each alone in float gains for what it costs in float work;
+    then, in that order, keep a node in float only if the simulated deciding margin improves,
+    until each of ``targets`` (margins, ascending) is reached or half of the nodes are float.
+
+    Accepting only what improves matters: the deciding metric is a minimum over rows, and
+    a node that helps on its own can make another row the worst one.
+    """
     n = len(switchable.nodes)
     every = np.ones(n, dtype=bool)
     base = score(every)
@@ -281,15 +288,34 @@ def greedy(
     # Gain per unit of float work; the cheapest nonzero cost keeps free nodes finite.
     floor = costs[costs > 0].min() / 10 if (costs > 0).any() else 1.0
     value = np.where(gains > 0, gains / np.maximum(costs, floor), gains - 1e9)
-    order = list(np.argsort(-value, kind="stable"))
-    flags, margins, enough = every.copy(), [base], 0
-    for count, i in enumerate(order[: max(1, n // 2)], start=1):
-        if margins[-1] >= 0 or time.monotonic() > deadline:
+    order = [int(i) for i in np.argsort(-value, kind="stable") if gains[i] > 0]
+    flags, margins = every.copy(), [base]
+    accepted: list[int] = []
+    pending = sorted(targets)
+    sets: list[tuple[str, ...]] = []
+
+    def reached() -> None:
+        while pending and margins[-1] >= pending[0]:
+            pending.pop(0)
+            sets.append(tuple(switchable.nodes[j] for j in accepted))
+
+    reached()
+    for i in order:
+        if not pending or len(accepted) >= max(1, n // 2) or time.monotonic() > deadline:
             break
         flags[i] = False
-        margins.append(score(flags))
-        enough = count
-    return Exclusion(tuple(switchable.nodes[i] for i in order), enough, tuple(margins))
+        found = score(flags)
+        if found > margins[-1]:
+            accepted.append(i)
+            margins.append(found)
+            reached()
+        else:
+            flags[i] = True
+    if not sets or (
+        pending and accepted and sets[-1] != tuple(switchable.nodes[j] for j in accepted)
+    ):
+        sets.append(tuple(switchable.nodes[j] for j in accepted))  # the best it could do
+    return Exclusion(tuple(x for x in dict.fromkeys(sets) if x), tuple(margins))
 
 
 def scorer(
