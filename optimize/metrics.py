@@ -147,7 +147,7 @@ REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
     "max": lambda v: float(np.max(v)),
 }
 _SPEC = re.compile(
-    r"^(?:(?P<output>[^=]+)=)?(?P<name>[^@<>=]+?)(?:@(?P<reduction>\w+))?"
+    r"^(?:(?P<output>[^=<>]+)=)?(?P<name>[^@<>=]+?)(?:@(?P<reduction>\w+))?"
     r"(?:(?P<op>>=|<=)(?P<bound>[-+0-9.eE]+))?$"
 )
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from modelpack import Predictor, TensorSpec
 from modelpack.errors import EdgebentoError
-from optimize import metrics, sensitivity, verify
+from optimize import metrics, qdq_switch, sensitivity, verify
 from optimize.data import Dataset
 from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
@@ -158,7 +158,7 @@ class Search:
             base_name = candidate.steps[0]
             config = QuantizeConfig.model_validate(candidate.config)
             try:
-                exclusion = self._exclusion(bases[base_name], config, deadline)
+                exclusion = self._exclusion(bases[base_name], candidate, config, deadline)
             except Exception as exc:  # an unusual graph: skip refinement, keep the search going
                 log.info("sensitivity failed on %s: %s", candidate.name, exc)
                 continue
@@ -171,19 +171,22 @@ class Search:
                     break
         return added
 
-    def _exclusion(self, base: Path, config: QuantizeConfig, deadline: float) -> Exclusion:
-        """The simulated greedy exclusion for ``config``, on the graph the quantizer sees."""
+    def _exclusion(
+        self, base: Path, candidate: Candidate, config: QuantizeConfig, deadline: float
+    ) -> Exclusion:
+        """The simulated greedy exclusion for ``config``, on the graph the quantizer sees:
+        for static QDQ the quantized candidate itself, for dynamic a simulation of it."""
         source = self._preprocess(base)
-        static = config.mode == "static"
-        ranges = sensitivity.activation_ranges(source, self.calibration) if static else None
-        switchable = sensitivity.build(
-            source,
-            static=static,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            ranges=ranges,
-            op_types=config.op_types,
-        )
+        if config.mode == "static":
+            assert candidate.path is not None
+            switchable = qdq_switch.build(candidate.path, source)
+        else:
+            switchable = sensitivity.build(
+                source,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                op_types=config.op_types,
+            )
         rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
         inputs = verify.rows_first(rows)
 
@@ -196,7 +199,9 @@ class Search:
             )
             return min((s.margin for s in scores if s.decides), default=0.0)
 
-        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin)
+        # Against FP32 itself: a QDQ model quantizes its graph outputs whatever the switches say.
+        fp32 = verify.run_all(self.predictors[BASELINE], rows, self.batch, self.output_axes)
+        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin, fp32)
         targets = [t * self.budget.max_drop for t in SIM_TARGETS]
         return sensitivity.greedy(switchable, score, deadline, targets)
 

@@ -1,9 +1,9 @@
 """Node sensitivity, measured with the metric that decides, on a model that switches int8 per node.
 
 One graph holds every quantizable node's inputs twice: as they are, and as int8 would give them
-(weights rounded to int8 per channel or per tensor; activations through DynamicQuantizeLinear for
-dynamic quantization, or through the scales calibration finds for static QDQ), joined by a
-``Where`` on one flag of an extra boolean input. One session then answers "what does the deciding
+(weights rounded to int8 per channel or per tensor, activations through DynamicQuantizeLinear as
+``quantize_dynamic`` does; for static QDQ, ``optimize.qdq_switch`` builds it from the quantized
+model itself), joined by a ``Where`` on one flag of an extra boolean input. One session then answers "what does the deciding
 metric say with these nodes kept in float" in one run, so ranking every node (all in int8 but one)
 and the greedy exclusion that follows cost model runs, not quantizer calls. The real quantizer
 then verifies what the simulation proposes.
@@ -78,8 +78,7 @@ def _channel_axis(node: Any, position: int) -> int | None:
 
 
 def _cost(node: Any, weights: Mapping[str, Any]) -> float:
-    """Float work kept by excluding ``node``: its weight's size; a lookup (Gather) costs none,
-    an op without weights (static QDQ's Add, Mul, ...) only its Q/DQ pair, a little."""
+    """Float work kept by excluding ``node``: its weight's size; a lookup (Gather) costs none."""
     if node.op_type == "Gather":
         return 0.0
     for name in node.input[1:2]:
@@ -98,25 +97,20 @@ def _float_inputs(proto: Any) -> set[str]:
     }
 
 
-def _positions(node: Any, static: bool) -> tuple[int, ...]:
+def _positions(node: Any) -> tuple[int, ...]:
     if node.op_type == "Gather":
         return (0,)
-    if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention"):
+    if node.op_type in ("MatMul", "Gemm", "Conv", "Attention"):
         return (0, 1)
-    return tuple(range(len(node.input))) if static else ()
+    return ()
 
 
 def build(
-    model: Path,
-    *,
-    static: bool,
-    per_channel: bool,
-    reduce_range: bool,
-    ranges: Mapping[str, tuple[float, float]] | None = None,
-    op_types: Sequence[str] = (),
+    model: Path, *, per_channel: bool, reduce_range: bool, op_types: Sequence[str] = ()
 ) -> Switchable:
-    """The switchable graph; ``ranges`` (tensor -> calibrated min, max) for static QDQ;
-    ``op_types`` the quantizer's restriction, if any."""
+    """The switchable graph of dynamic quantization; ``op_types`` the quantizer's restriction.
+
+    (Static QDQ is switched on the quantized model itself: ``optimize.qdq_switch``.)"""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -124,7 +118,7 @@ def build(
     graph = proto.graph
     weights = {i.name: i for i in graph.initializer}
     floats = _float_inputs(proto)
-    ops = frozenset(op_types) or (STATIC_OPS if static else DYNAMIC_OPS)
+    ops = frozenset(op_types) or DYNAMIC_OPS
     nodes: list[Any] = []
     names: list[str] = []
     costs: list[float] = []
@@ -132,7 +126,7 @@ def build(
     for node in list(graph.node):
         slots = [
             p
-            for p in _positions(node, static)
+            for p in _positions(node)
             if p < len(node.input) and node.input[p] and node.input[p] in floats
         ]
         if node.op_type not in ops or not slots or not node.name:
@@ -141,7 +135,7 @@ def build(
         if node.op_type == "Gather" and node.input[0] not in weights:
             nodes.append(node)
             continue
-        if not static and node.op_type in ("MatMul", "Gemm") and node.input[1] not in weights:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] not in weights:
             # quantize_dynamic leaves a MatMul of two activations in float (MatMulConstBOnly).
             nodes.append(node)
             continue
@@ -157,26 +151,7 @@ def build(
                 w = numpy_helper.to_array(weights[source])
                 axis = _channel_axis(node, p) if per_channel else None
                 extra.append(numpy_helper.from_array(_fake_weight(w, axis, reduce_range), fake))
-            elif static:
-                if ranges is None or source not in ranges:
-                    continue
-                lo, hi = min(ranges[source][0], 0.0), max(ranges[source][1], 0.0)
-                scale = (hi - lo) / 255 or 1.0
-                extra += [
-                    numpy_helper.from_array(np.array(scale, np.float32), f"{fake}_s"),
-                    numpy_helper.from_array(
-                        np.array(np.clip(round(-lo / scale), 0, 255), np.uint8), f"{fake}_z"
-                    ),
-                ]
-                nodes += [
-                    helper.make_node(
-                        "QuantizeLinear", [source, f"{fake}_s", f"{fake}_z"], [f"{fake}_q"]
-                    ),
-                    helper.make_node(
-                        "DequantizeLinear", [f"{fake}_q", f"{fake}_s", f"{fake}_z"], [fake]
-                    ),
-                ]
-            else:
+            else:  # an activation: uint8 per tensor, scaled per batch, as ORT does
                 nodes += [
                     helper.make_node(
                         "DynamicQuantizeLinear",
@@ -203,7 +178,8 @@ def build(
 def activation_ranges(
     model: Path, data: Dataset, rows: int = 32, percentile: float | None = None
 ) -> dict[str, tuple[float, float]]:
-    """Range of every float activation that static QDQ quantizes, on calibration rows.
+    """Range of every float activation that static QDQ quantizes, on calibration rows (the
+    calibrators' stand-in when ORT's own fail).
 
     MinMax by default; with ``percentile`` (99.999: ORT's default) the tails beyond it are cut,
     computed in float64 so that a near-constant tensor cannot break it as it breaks ORT's
@@ -324,10 +300,13 @@ def scorer(
     data: Dataset,
     run: Callable[[Predictor, Mapping[str, np.ndarray]], dict[str, np.ndarray]],
     margin: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float],
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> Callable[[np.ndarray], float]:
-    """``flags -> deciding margin`` against the all-float run of the same graph."""
+    """``flags -> deciding margin`` against ``reference`` (FP32's outputs on the same rows),
+    else against the all-float run of the same graph."""
     predictor = Predictor(switchable.model, [], list(outputs), PredictorOptions(warmup=False))
-    reference = run(predictor, {FLAGS: np.zeros(len(switchable.nodes), dtype=bool)})
+    if reference is None:
+        reference = run(predictor, {FLAGS: np.zeros(len(switchable.nodes), dtype=bool)})
 
     def score(flags: np.ndarray) -> float:
         return margin(reference, run(predictor, {FLAGS: flags}))

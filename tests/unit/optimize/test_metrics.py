@@ -52,6 +52,8 @@ def test_spec_parsing() -> None:
     spec = metrics.MetricSpec.parse("logits=max-abs@max<=0.5")
     assert (spec.output, spec.name, spec.reduction, spec.bound) == ("logits", "max-abs", "max", 0.5)
     assert metrics.MetricSpec.parse("first-token-cosine").output is None
+    bare = metrics.MetricSpec.parse("max-abs<=0.5")  # a bound without an output
+    assert (bare.output, bare.name, bare.bound) == (None, "max-abs", 0.5)
     with pytest.raises(ConfigError, match="unknown metric 'cosin'"):
         metrics.MetricSpec.parse("cosin")
     with pytest.raises(ConfigError, match="cannot import"):
