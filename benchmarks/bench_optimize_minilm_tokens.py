@@ -43,7 +43,7 @@ def run(results_dir: Path) -> dict[str, Any]:
         cache=WORK / "cache",
         latency_seconds=30,
         progress=False,
-        time_budget=420,
+        time_budget=900,
     )
     dyn = quantize_dynamic_defaults(source, WORK / "quantize_dynamic.onnx")
     models = {"fp32": source, "quantize_dynamic": dyn, "edgebento": WORK / "pack" / "model.onnx"}

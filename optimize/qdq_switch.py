@@ -18,26 +18,67 @@ import numpy as np
 from optimize.sensitivity import FLAGS, Switchable
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+# Activations the QDQ quantizer drops when the quantized range already clamps like them.
+REMOVABLE = ("Relu", "Clip")
 SUFFIX = "_quantized"
+FLOAT = "__fp32"
 
 
-def _float_sources(graph: Any, fp32: dict[str, Any]) -> tuple[dict[str, str], set[str]]:
-    """DequantizeLinear output -> the float tensor it stands for; FP32 weights to add."""
+def _float_sources(graph: Any, fp32: Any) -> tuple[dict[str, str], set[str], dict[str, Any]]:
+    """DequantizeLinear output -> the float tensor it stands for; the FP32 weights to add; the
+    FP32 activations (Relu, Clip) that the quantizer folded into a range, to add back."""
+    import onnx
+
+    weights = {i.name for i in fp32.initializer}
     producers = {o: n for n in graph.node for o in n.output}
-    initializers = {i.name for i in graph.initializer}
+    present = set(producers) | {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    fp32_nodes = {n.name: n for n in fp32.node if n.name}
+    fp32_producers = {o: n for n in fp32.node for o in n.output}
+
+    def folded(tensor: str) -> Any | None:
+        """The FP32 Relu/Clip that ``tensor`` skipped: the quantizer either renamed the
+        producer's output to the activation's, or left the activation's output unused."""
+        activation = fp32_producers.get(tensor)
+        producer = producers.get(tensor)
+        original = fp32_nodes.get(producer.name) if producer is not None else None
+        if (
+            activation is not None
+            and activation.op_type in REMOVABLE
+            and original is not None
+            and activation is not original
+            and activation.input[0] in original.output
+        ):
+            return activation
+        for user in (n for n in fp32.node if tensor in n.input[:1]):
+            if user.op_type in REMOVABLE and user.output[0] not in present:
+                return user
+        return None
+
     found: dict[str, str] = {}
-    weights: set[str] = set()
+    needed: set[str] = set()
+    restore: dict[str, Any] = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
         source = node.input[0]
         producer = producers.get(source)
         if producer is not None and producer.op_type == "QuantizeLinear":
-            found[node.output[0]] = producer.input[0]
-        elif source in initializers and source.endswith(SUFFIX) and source[: -len(SUFFIX)] in fp32:
-            found[node.output[0]] = source[: -len(SUFFIX)]
-            weights.add(source[: -len(SUFFIX)])
-    return found, weights
+            tensor = producer.input[0]
+            activation = folded(tensor)
+            if activation is not None:  # its range stood for the activation: float needs it
+                copy = onnx.NodeProto()
+                copy.CopyFrom(activation)
+                copy.name, copy.input[0] = f"{activation.name}{FLOAT}", tensor
+                del copy.output[:]
+                copy.output.append(tensor + FLOAT)
+                restore[tensor + FLOAT] = copy
+                tensor += FLOAT
+            found[node.output[0]] = tensor
+        elif source.endswith(SUFFIX) and source[: -len(SUFFIX)] in weights:
+            # Under a name of its own: ORT names a bias's DequantizeLinear output as the bias.
+            found[node.output[0]] = source[: -len(SUFFIX)] + FLOAT
+            needed.add(source[: -len(SUFFIX)])
+    return found, needed, restore
 
 
 def build(qdq: Path, fp32: Path) -> Switchable:
@@ -47,13 +88,18 @@ def build(qdq: Path, fp32: Path) -> Switchable:
 
     proto = onnx.load(str(qdq))
     graph = proto.graph
-    originals = {i.name: i for i in onnx.load(str(fp32)).graph.initializer}
-    sources, needed = _float_sources(graph, originals)
+    reference = onnx.load(str(fp32)).graph
+    originals = {i.name: i for i in reference.initializer}
+    sources, needed, restore = _float_sources(graph, reference)
+    present = {i.name for i in graph.initializer}
+    constants = {name for node in restore.values() for name in node.input[1:] if name}
     nodes: list[Any] = []
     names: list[str] = []
     costs: list[float] = []
-    present = {i.name for i in graph.initializer}
-    extra: list[Any] = [originals[name] for name in sorted(needed - present)]
+    extra: list[Any] = [
+        numpy_helper.from_array(numpy_helper.to_array(originals[name]), name + FLOAT)
+        for name in sorted(needed)
+    ] + [originals[name] for name in sorted(constants - present) if name in originals]
     for node in list(graph.node):
         slots = [p for p, name in enumerate(node.input) if name in sources]
         if node.op_type in QDQ or not slots or not node.name:
@@ -66,8 +112,11 @@ def build(qdq: Path, fp32: Path) -> Switchable:
         cost = 1.0
         for p in slots:
             quantized, source = node.input[p], sources[node.input[p]]
-            if source in originals:
-                cost = max(cost, float(np.prod(originals[source].dims)))
+            if source in restore:  # the folded Relu/Clip, once, before its first use
+                nodes.append(restore.pop(source))
+            weight = originals.get(source.removesuffix(FLOAT))
+            if source.endswith(FLOAT) and weight is not None:
+                cost = max(cost, float(np.prod(weight.dims)))
             chosen = f"{quantized}__as_{index}_{p}"
             nodes.append(helper.make_node("Where", [flag, quantized, source], [chosen]))
             node.input[p] = chosen

@@ -147,10 +147,10 @@ class Search:
             and not c.config.get("exclude")
             and c.steps[0] in base_ok
         ]
-        # Eval runs closer than 15% are one speed tier (one run's noise on a shared CPU).
+        # Eval runs within 30% are one speed tier (one run's noise on a shared CPU).
         fastest = min((self.seconds.get(c.name, 1e9) for c in failing), default=1.0) or 1.0
         failing.sort(
-            key=lambda c: (int(self.seconds.get(c.name, 1e9) / fastest / 1.15), _quality_key(c))
+            key=lambda c: (int(self.seconds.get(c.name, 1e9) / fastest / 1.3), _quality_key(c))
         )
         for candidate in failing[:max_tries]:
             if time.monotonic() > deadline:

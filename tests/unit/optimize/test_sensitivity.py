@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from modelpack import Predictor, PredictorOptions
 from modelpack.iosig import read_io_signature
 from optimize import metrics, qdq_switch, sensitivity, verify
 from optimize.data import synthesize
@@ -87,3 +88,44 @@ def test_greedy_keeps_the_node_with_an_outlier_weight_in_float(tmp_path: Path) -
     _per_channel, score_pc = _margin(model, per_channel=True)
     _, score_pt = _margin(model, per_channel=False)
     assert score_pc(np.ones(2, bool)) > score_pt(np.ones(2, bool))
+
+
+def test_the_static_switch_restores_the_activations_qdq_folded(tmp_path: Path) -> None:
+    # Conv -> Relu -> Conv: ORT's QDQ drops the Relu (the uint8 range clamps at 0). With every
+    # switch off, the graph must give FP32's output, Relu included.
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal((3, 4, 3, 3)).astype(np.float32), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    inputs, outputs = read_io_signature(path)
+    data = synthesize(path, inputs, rows=16)
+    qdq = tmp_path / "qdq.onnx"
+    quantize_with(data)(path, qdq, QuantizeConfig(mode="static", per_channel=True))
+    assert "Relu" not in {n.op_type for n in onnx.load(str(qdq)).graph.node}
+    switchable = qdq_switch.build(qdq, path)
+    predictor = Predictor(switchable.model, [], outputs, PredictorOptions(warmup=False))
+    flags = {sensitivity.FLAGS: np.zeros(len(switchable.nodes), bool)}
+    fp32 = Predictor(path, [], outputs, PredictorOptions(warmup=False))
+    x = data.inputs["x"][:4]
+    got = predictor.run({"x": x} | flags, validate=False)["y"]
+    expected = fp32.run({"x": x}, validate=False)["y"]
+    # Only the graph output's own uint8 step remains (the quantizer keeps it whatever the
+    # switches say); without the Relu back, negative values would pass and miss by far more.
+    step = (expected.max() - min(expected.min(), 0)) / 255
+    assert np.abs(got - expected).max() <= step
