@@ -81,8 +81,38 @@ def _float_sources(graph: Any, fp32: Any) -> tuple[dict[str, str], set[str], dic
     return found, needed, restore
 
 
+def _owners(graph: Any, sources: dict[str, str]) -> dict[str, list[str]]:
+    """For each DequantizeLinear output, the nodes whose exclusion it depends on.
+
+    ORT's QDQ quantizer quantizes a tensor when its producer or any consumer is quantized, so
+    a tensor stays float only once all of them are excluded; a weight belongs to its users.
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in QDQ and node.name:
+            for name in node.input:
+                if name in sources:
+                    users.setdefault(name, []).append(node.name)
+    outputs = {o.name for o in graph.output}
+    found = {}
+    for dq in sources:
+        if dq not in users and dq not in outputs:
+            continue
+        owners = list(dict.fromkeys(users.get(dq, [])))
+        quantize = next((n for n in graph.node if dq in n.output), None)
+        q = producers.get(quantize.input[0]) if quantize is not None else None
+        producer = producers.get(q.input[0]) if q is not None and q.op_type in QDQ else None
+        if producer is not None and producer.op_type not in QDQ and producer.name:
+            owners.append(producer.name)
+        if owners:
+            found[dq] = list(dict.fromkeys(owners))
+    return found
+
+
 def build(qdq: Path, fp32: Path) -> Switchable:
-    """Flag i switches int8 on for the inputs of node i (named as in the model quantized)."""
+    """Flag i says whether node i (named as in the model quantized) stays quantized, with
+    ORT's semantics of ``nodes_to_exclude``: see ``_owners``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -93,38 +123,48 @@ def build(qdq: Path, fp32: Path) -> Switchable:
     sources, needed, restore = _float_sources(graph, reference)
     present = {i.name for i in graph.initializer}
     constants = {name for node in restore.values() for name in node.input[1:] if name}
-    nodes: list[Any] = []
-    names: list[str] = []
-    costs: list[float] = []
     extra: list[Any] = [
         numpy_helper.from_array(numpy_helper.to_array(originals[name]), name + FLOAT)
         for name in sorted(needed)
     ] + [originals[name] for name in sorted(constants - present) if name in originals]
+    owners = _owners(graph, sources)
+    names = list(dict.fromkeys(n for group in owners.values() for n in group))
+    index = {name: i for i, name in enumerate(names)}
+    costs = [1.0] * len(names)
+    head: list[Any] = []
+    for i in index.values():
+        extra.append(numpy_helper.from_array(np.array(i, np.int64), f"{FLAGS}_{i}_i"))
+        head.append(helper.make_node("Gather", [FLAGS, f"{FLAGS}_{i}_i"], [f"{FLAGS}_{i}"]))
+    nodes: list[Any] = []
+    switched: dict[str, str] = {}
+    outputs = {o.name for o in graph.output}
     for node in list(graph.node):
-        slots = [p for p, name in enumerate(node.input) if name in sources]
-        if node.op_type in QDQ or not slots or not node.name:
-            nodes.append(node)
-            continue
-        index = len(names)
-        flag = f"{FLAGS}_{index}"
-        extra.append(numpy_helper.from_array(np.array(index, np.int64), f"{flag}_i"))
-        nodes.append(helper.make_node("Gather", [FLAGS, f"{flag}_i"], [flag], axis=0))
-        cost = 1.0
-        for p in slots:
-            quantized, source = node.input[p], sources[node.input[p]]
-            if source in restore:  # the folded Relu/Clip, once, before its first use
-                nodes.append(restore.pop(source))
-            weight = originals.get(source.removesuffix(FLOAT))
-            if source.endswith(FLOAT) and weight is not None:
-                cost = max(cost, float(np.prod(weight.dims)))
-            chosen = f"{quantized}__as_{index}_{p}"
-            nodes.append(helper.make_node("Where", [flag, quantized, source], [chosen]))
-            node.input[p] = chosen
-        names.append(node.name)
-        costs.append(cost)
+        for p, name in enumerate(node.input):
+            if name in switched:
+                node.input[p] = switched[name]
         nodes.append(node)
+        if node.op_type != "DequantizeLinear" or node.output[0] not in owners:
+            continue
+        dq, source = node.output[0], sources[node.output[0]]
+        if source in restore:  # the folded Relu/Clip, before the switch that needs it
+            nodes.append(restore.pop(source))
+        weight = originals.get(source.removesuffix(FLOAT))
+        flags = [f"{FLAGS}_{index[n]}" for n in owners[dq]]
+        if source.endswith(FLOAT) and weight is not None:
+            for n in owners[dq]:
+                costs[index[n]] = max(costs[index[n]], float(np.prod(weight.dims)))
+        condition = flags[0]
+        for k, other in enumerate(flags[1:]):
+            nodes.append(helper.make_node("Or", [condition, other], [f"{dq}__any_{k}"]))
+            condition = f"{dq}__any_{k}"
+        if dq in outputs:  # the graph output keeps its name: the switch takes it over
+            node.output[0] = f"{dq}__dq"
+            nodes.append(helper.make_node("Where", [condition, f"{dq}__dq", source], [dq]))
+        else:
+            nodes.append(helper.make_node("Where", [condition, dq, source], [f"{dq}__switched"]))
+            switched[dq] = f"{dq}__switched"
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(head + nodes)
     graph.initializer.extend(extra)
     graph.input.append(helper.make_tensor_value_info(FLAGS, TensorProto.BOOL, [len(names)]))
     del graph.value_info[:]

@@ -125,7 +125,14 @@ def test_the_static_switch_restores_the_activations_qdq_folded(tmp_path: Path) -
     x = data.inputs["x"][:4]
     got = predictor.run({"x": x} | flags, validate=False)["y"]
     expected = fp32.run({"x": x}, validate=False)["y"]
-    # Only the graph output's own uint8 step remains (the quantizer keeps it whatever the
-    # switches say); without the Relu back, negative values would pass and miss by far more.
-    step = (expected.max() - min(expected.min(), 0)) / 255
-    assert np.abs(got - expected).max() <= step
+    # Without the Relu put back, negative values would pass through.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Switched on, the graph is the quantized model.
+    qdq_out = Predictor(qdq, [], outputs, PredictorOptions(warmup=False))
+    on = {sensitivity.FLAGS: np.ones(len(switchable.nodes), bool)}
+    np.testing.assert_allclose(
+        predictor.run({"x": x} | on, validate=False)["y"],
+        qdq_out.run({"x": x}, validate=False)["y"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
