@@ -102,8 +102,8 @@ def raw_same_batches(
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from bentos.padding import pad_feeds, request_length, sequence_axis, split_by_length
     from modelpack import Predictor, PredictorOptions, load_pack
+    from modelpack.serving.padding import pad_feeds, request_length, sequence_axis, split_by_length
 
     loaded = load_pack(pack, [pub])
     plan = sequence_axis(loaded.manifest)

@@ -8,7 +8,7 @@ loading, the tensor JSON codec and the ONNX Runtime ``Predictor`` every target u
 from __future__ import annotations
 
 from modelpack.archive import extract_archive, write_archive
-from modelpack.codec import decode_request, encode_response, error_body, parse_body
+from modelpack.codec import decode_request, encode_response, parse_body
 from modelpack.errors import (
     ArchiveError,
     EdgebentoError,
@@ -75,7 +75,6 @@ __all__ = [
     "create_pack",
     "decode_request",
     "encode_response",
-    "error_body",
     "extract_archive",
     "generate_keypair",
     "load_pack",

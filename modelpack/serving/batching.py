@@ -1,12 +1,15 @@
-"""Adaptive batching without a waiting window.
+"""Adaptive batching without a waiting window, behind a bounded queue with deadlines.
 
-A request that finds the model idle runs at once, alone: nobody waits for a window to fill (a
-lone client would otherwise pay the full window on every request). While a batch runs, new
-requests queue; when it finishes, everything queued that fits together (same non-batch shape,
-up to ``max_rows``) runs as the next batch. The batch size so follows the load by itself, and a
-queue never waits longer than one model run. Sequence inputs are padded per batch only as far as
-its longest member needs (``padding``), after sorting a queued batch into runs of similar
-length.
+A request that finds the model idle runs at once, alone: nobody waits for a window to fill. While
+a batch runs, new requests queue; when it finishes, everything queued that fits together runs as
+the next batch, so the batch size follows the load by itself. Requests are stacked only when
+they agree on every input's non-batch shape (the sequence axis aside: it is padded per batch);
+their row counts were checked to be uniform within each request before they got here.
+
+The queue is bounded (``max_queue``: a full queue refuses at once) and every request carries a
+deadline: one still waiting when it passes is refused at the next batch boundary, so no answer
+comes later than its deadline plus one batch. A batch that fails is run again one request at a
+time, so only the request at fault fails, with its own error.
 """
 
 from __future__ import annotations
@@ -18,33 +21,48 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
-from bentos.padding import SequenceAxis, cut_outputs, pad_feeds, request_length, split_by_length
-from modelpack.errors import InferenceError, InputError
+from modelpack.errors import InferenceError, OverloadError
+from modelpack.metrics import NoMetrics
+from modelpack.serving.padding import (
+    SequenceAxis,
+    cut_outputs,
+    pad_feeds,
+    request_length,
+    split_by_length,
+)
 
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Result = dict[str, np.ndarray] | Exception
+
+
+class QueueMetrics(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, rows: int) -> None: ...
 
 
 @dataclass
 class _Pending:
     feed: dict[str, np.ndarray]
     rows: int
-    key: tuple[tuple[int, ...], ...]
+    key: tuple[Any, ...]
+    deadline: float  # time.monotonic() past which it may not start
+    arrived: float
     future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
 
 
-def shape_key(
-    feed: Mapping[str, np.ndarray], plan: SequenceAxis | None
-) -> tuple[tuple[int, ...], ...]:
+def shape_key(feed: Mapping[str, np.ndarray], plan: SequenceAxis | None) -> tuple[Any, ...]:
     """Requests with equal keys can be stacked (the sequence axis may differ: it is padded)."""
-    key = []
+    key: list[Any] = []
     for name in sorted(feed):
         dims = list(feed[name].shape[1:])
         if plan is not None and name in plan.inputs:
             dims[plan.inputs[name] - 1] = -1
-        key.append(tuple(dims))
+        key.append((name, str(feed[name].dtype), tuple(dims)))
     return tuple(key)
 
 
@@ -73,6 +91,9 @@ class Batcher:
         run: RunBatch,
         plan: SequenceAxis | None = None,
         max_rows: int = 64,
+        max_queue: int = 256,
+        retry_after_s: int = 1,
+        metrics: QueueMetrics | None = None,
         executor: concurrent.futures.Executor | None = None,
         inline_below_s: float = 0.0005,
         run_cost_tokens: int = 32,
@@ -80,6 +101,9 @@ class Batcher:
         self.run = run
         self.plan = plan
         self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.metrics: QueueMetrics = metrics or NoMetrics()
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="edgebento-batch"
         )
@@ -94,29 +118,74 @@ class Batcher:
         self.batches = 0
         self.rows = 0
 
-    async def submit(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue one validated request; returns its own outputs."""
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def full(self) -> bool:
+        return len(self._queue) >= self.max_queue
+
+    async def submit(
+        self, feed: dict[str, np.ndarray], rows: int = 1, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Queue one validated request of ``rows`` rows; returns its own outputs, or raises
+        OverloadError when the queue is full or its deadline passes before it starts."""
+        if self.full():
+            raise OverloadError(
+                f"the model's queue is full ({self.max_queue} requests waiting); retry shortly",
+                reason="queue_full",
+                retry_after_s=self.retry_after_s,
+            )
         loop = asyncio.get_running_loop()
-        rows = int(next(iter(feed.values())).shape[0]) if feed else 1
-        pending = _Pending(feed, rows, shape_key(feed, self.plan), loop.create_future())
+        now = time.monotonic()
+        pending = _Pending(
+            feed,
+            rows,
+            shape_key(feed, self.plan),
+            deadline if deadline is not None else float("inf"),
+            now,
+            loop.create_future(),
+        )
         self._queue.append(pending)
+        self.metrics.queue_depth(len(self._queue))
         if not self._draining:
             self._draining = True
             # Kept so the task is not garbage-collected while it runs.
             self._task = loop.create_task(self._drain())
         return await pending.future
 
+    def _expire(self, item: _Pending, now: float) -> bool:
+        if item.future.done():
+            return True  # the client went away
+        if now <= item.deadline:
+            return False
+        item.future.set_exception(
+            OverloadError(
+                f"the request waited {now - item.arrived:.3f} s, past its deadline; retry shortly",
+                reason="deadline",
+                retry_after_s=self.retry_after_s,
+            )
+        )
+        return True
+
     def _take_batch(self) -> list[_Pending]:
-        first = self._queue.popleft()
-        batch, rows, skipped = [first], first.rows, deque[_Pending]()
-        while self._queue and rows < self.max_rows:
+        now = time.monotonic()
+        batch: list[_Pending] = []
+        rows, kept = 0, deque[_Pending]()
+        while self._queue:
             item = self._queue.popleft()
-            if item.key == first.key and rows + item.rows <= self.max_rows:
+            if self._expire(item, now):
+                continue
+            fits = not batch or (item.key == batch[0].key and rows + item.rows <= self.max_rows)
+            if fits and rows < self.max_rows:
                 batch.append(item)
                 rows += item.rows
             else:
-                skipped.append(item)
-        self._queue.extendleft(reversed(skipped))
+                kept.append(item)
+        self._queue = kept
+        self.metrics.queue_depth(len(kept))
+        for item in batch:
+            self.metrics.queue_wait(now - item.arrived)
         return batch
 
     async def _drain(self) -> None:
@@ -124,17 +193,16 @@ class Batcher:
         try:
             while self._queue:
                 batch = self._take_batch()
+                if not batch:
+                    continue
                 try:
                     if self.last_run_s < self.inline_below_s:
                         results = self._run_batch(batch)
                         await asyncio.sleep(0)  # let the loop read requests between batches
                     else:
                         results = await loop.run_in_executor(self.executor, self._run_batch, batch)
-                except Exception as exc:
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
+                except Exception as exc:  # a bug of ours: answer everyone, keep draining
+                    results = [exc] * len(batch)
                 for item, result in zip(batch, results, strict=True):
                     if item.future.done():
                         continue
@@ -145,55 +213,53 @@ class Batcher:
         finally:
             self._draining = False
 
-    def _run_alone(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | Exception:
+    def _run_alone(self, feed: dict[str, np.ndarray]) -> Result:
         try:
             return self.run(feed)
-        except InputError as exc:
+        except Exception as exc:
             return exc
 
-    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | Exception]:
+    def _run_batch(self, batch: list[_Pending]) -> list[Result]:
         start = time.perf_counter()
         try:
             return self._run_stacked(batch)
         finally:
             self.last_run_s = time.perf_counter() - start
 
-    def _run_stacked(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | Exception]:
-        if len(batch) == 1:
-            self._count(batch)
-            return [self.run(batch[0].feed)]
-        if self.plan is None:
+    def _run_stacked(self, batch: list[_Pending]) -> list[Result]:
+        if len(batch) == 1 or self.plan is None:
             return self._run_group(batch)
         # Sequences: sort the batch into runs of similar length so short requests are not
         # padded to the longest one in the queue.
         lengths = [request_length(item.feed, self.plan) for item in batch]
-        results: list[dict[str, np.ndarray] | Exception] = [{} for _ in batch]
+        results: list[Result] = [{} for _ in batch]
         for group in split_by_length(lengths, self.run_cost_tokens):
             answers = self._run_group([batch[i] for i in group])
             for i, answer in zip(group, answers, strict=True):
                 results[i] = answer
         return results
 
-    def _count(self, batch: list[_Pending]) -> None:
+    def _count(self, rows: int) -> None:
         self.batches += 1
-        self.rows += sum(item.rows for item in batch)
+        self.rows += rows
+        self.metrics.batch(rows)
 
-    def _run_group(self, batch: list[_Pending]) -> list[dict[str, np.ndarray] | Exception]:
+    def _run_group(self, batch: list[_Pending]) -> list[Result]:
         """One ORT run over stacked (and padded) requests; their own outputs back."""
-        self._count(batch)
         if len(batch) == 1:
+            self._count(batch[0].rows)
             return [self._run_alone(batch[0].feed)]
         feeds = [item.feed for item in batch]
         lengths: list[int] = []
         if self.plan is not None:
             feeds, lengths = pad_feeds(feeds, self.plan)
-        merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+        self._count(sum(item.rows for item in batch))
         try:
-            outputs = self.run(merged)
-        except InputError:
+            merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+            parts = split_rows(self.run(merged), [item.rows for item in batch])
+        except Exception:
             # One member the model refuses must not fail the others: run them one by one.
             return [self._run_alone(item.feed) for item in batch]
-        parts = split_rows(outputs, [item.rows for item in batch])
         if self.plan is not None:
             parts = [cut_outputs(p, n, self.plan) for p, n in zip(parts, lengths, strict=True)]
         return list(parts)
