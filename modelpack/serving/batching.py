@@ -112,6 +112,10 @@ class Batcher:
         self.inline_below_s = inline_below_s
         self.run_cost_tokens = run_cost_tokens
         self.last_run_s = float("inf")  # unknown until the first run (which uses the thread)
+        # Wall-clock seconds per row between batch starts while a queue stands (run time plus
+        # whatever else the process does meanwhile): what the queue ahead of a request costs.
+        self.per_row_s = 0.0
+        self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
         self._queue: deque[_Pending] = deque()
         self._draining = False
         self._task: asyncio.Task[None] | None = None
@@ -125,6 +129,22 @@ class Batcher:
     def full(self) -> bool:
         return len(self._queue) >= self.max_queue
 
+    def expected_wait(self) -> float:
+        return sum(item.rows for item in self._queue) * self.per_row_s if self._queue else 0.0
+
+    def would_miss(self, deadline: float) -> bool:
+        """True when the queue ahead would not let a request start before ``deadline``: it is
+        refused at once rather than parsed, queued and refused later (work wasted under load)."""
+        return bool(self._queue) and time.monotonic() + self.expected_wait() > deadline
+
+    def refuse_late(self) -> OverloadError:
+        return OverloadError(
+            f"the queue ahead would take {self.expected_wait():.3f} s, past the request's "
+            "deadline; retry shortly",
+            reason="deadline",
+            retry_after_s=self.retry_after_s,
+        )
+
     async def submit(
         self, feed: dict[str, np.ndarray], rows: int = 1, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
@@ -136,6 +156,8 @@ class Batcher:
                 reason="queue_full",
                 retry_after_s=self.retry_after_s,
             )
+        if deadline is not None and self.would_miss(deadline):
+            raise self.refuse_late()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pending = _Pending(
@@ -153,6 +175,13 @@ class Batcher:
             # Kept so the task is not garbage-collected while it runs.
             self._task = loop.create_task(self._drain())
         return await pending.future
+
+    def _learn_drain_rate(self, now: float, rows: int) -> None:
+        if self._last_take is not None:
+            when, taken = self._last_take
+            sample = (now - when) / max(1, taken)
+            self.per_row_s = sample if not self.per_row_s else 0.8 * self.per_row_s + 0.2 * sample
+        self._last_take = (now, rows) if self._queue and rows else None
 
     def _expire(self, item: _Pending, now: float) -> bool:
         if item.future.done():
@@ -183,6 +212,7 @@ class Batcher:
             else:
                 kept.append(item)
         self._queue = kept
+        self._learn_drain_rate(now, sum(item.rows for item in batch))
         self.metrics.queue_depth(len(kept))
         for item in batch:
             self.metrics.queue_wait(now - item.arrived)

@@ -125,12 +125,8 @@ class ServingCore:
         arrived = time.monotonic() if arrived is None else arrived
         headers = headers or {}
         model = model or self.live()
-        if model.batcher.full() or model.gate.full():
-            raise OverloadError(
-                "the model's queue is full; retry shortly",
-                reason="queue_full",
-                retry_after_s=self.limits.retry_after_s,
-            )
+        header_timeout = _timeout_header(headers)
+        self._admit(model, arrived + self.limits.deadline(header_timeout or timeout_s))
         binary = None
         if doc is None:
             if protocol == "oip":
@@ -143,10 +139,21 @@ class ServingCore:
             timeout_s = request.timeout_s or timeout_s
         else:
             feed = decode_request(doc, model.inputs, self.limits)
-        timeout_s = _timeout_header(headers) or timeout_s
+        timeout_s = header_timeout or timeout_s
         rows = check_feed(model.inputs, feed, self.limits)
         deadline = arrived + self.limits.deadline(timeout_s)
         return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
+
+    def _admit(self, model: ServedModel, deadline: float) -> None:
+        """Refuse before parsing what cannot start in time: parsing it would be wasted work."""
+        if model.batcher.full() or model.gate.full():
+            raise OverloadError(
+                "the model's queue is full; retry shortly",
+                reason="queue_full",
+                retry_after_s=self.limits.retry_after_s,
+            )
+        if model.batcher.would_miss(deadline):
+            raise model.batcher.refuse_late()
 
     def _cached(self, job: Job) -> bool:
         cache = job.model.cache
