@@ -31,7 +31,9 @@ from modelpack.serving.tensors import (
 __all__ = ["MAX_BODY_BYTES", "decode_request", "encode_response", "json_safe", "parse_body"]
 
 
-def parse_body(body: bytes | str | None, limits: ServingLimits | int | None = None) -> Any:
+def parse_body(
+    body: bytes | bytearray | str | None, limits: ServingLimits | int | None = None
+) -> Any:
     """A request body as JSON, refused by size and by how many numbers it can hold before it is
     parsed into Python objects (a number costs about 40 bytes there)."""
     if limits is None:

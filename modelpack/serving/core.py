@@ -114,7 +114,7 @@ class ServingCore:
     def prepare(
         self,
         protocol: Protocol,
-        body: bytes | None = None,
+        body: bytes | bytearray | None = None,
         doc: Any = None,
         headers: Mapping[str, str] | None = None,
         model: ServedModel | None = None,

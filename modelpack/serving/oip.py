@@ -65,7 +65,9 @@ def datatype(dtype: str) -> str:
     return OIP_NAME.get(dtype, "BYTES")
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview | None]:
+def split_body(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[bytes | bytearray, memoryview | None]:
     """The JSON header and the binary section of a request (None without the extension)."""
     if header_length is None:
         return body, None

@@ -30,7 +30,7 @@ class HttpRequest:
     method: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-    body: bytes = b""
+    body: bytes | bytearray = b""
 
 
 @dataclass(frozen=True)
