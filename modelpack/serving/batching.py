@@ -117,6 +117,7 @@ class Batcher:
         self.per_row_s = 0.0
         self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
         self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -130,7 +131,7 @@ class Batcher:
         return len(self._queue) >= self.max_queue
 
     def expected_wait(self) -> float:
-        return sum(item.rows for item in self._queue) * self.per_row_s if self._queue else 0.0
+        return self._queued_rows * self.per_row_s
 
     def would_miss(self, deadline: float) -> bool:
         """True when the queue ahead would not let a request start before ``deadline``: it is
@@ -169,6 +170,7 @@ class Batcher:
             loop.create_future(),
         )
         self._queue.append(pending)
+        self._queued_rows += rows
         self.metrics.queue_depth(len(self._queue))
         if not self._draining:
             self._draining = True
@@ -212,6 +214,7 @@ class Batcher:
             else:
                 kept.append(item)
         self._queue = kept
+        self._queued_rows = sum(item.rows for item in kept)
         self._learn_drain_rate(now, sum(item.rows for item in batch))
         self.metrics.queue_depth(len(kept))
         for item in batch:

@@ -291,3 +291,13 @@ def test_requests_batched_together_get_what_they_get_alone(
     batched = [outcome(a) for a in asyncio.run(together())]
     alone = [outcome(handle_sync(add_core, HttpRequest("POST", "/predict", {}, b))) for b in bodies]
     assert batched == alone
+
+
+def test_the_documented_reason_table_is_the_one_the_core_uses() -> None:
+    import re
+
+    from modelpack.serving.reasons import STATUS_BY_REASON
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\d{3})", doc, flags=re.MULTILINE))
+    assert {k: int(v) for k, v in rows.items()} == STATUS_BY_REASON
