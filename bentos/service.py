@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import bentoml
 from starlette.applications import Starlette
@@ -65,6 +66,7 @@ def _core() -> ServingCore:
 
 
 async def serve(request: Request) -> Response:
+    arrived = time.monotonic()  # the deadline counts the body's upload too
     core = _core()
     try:
         body = (
@@ -76,7 +78,7 @@ async def serve(request: Request) -> Response:
         answer = refuse(core, exc)
     else:
         answer = await handle(
-            core, HttpRequest(request.method, request.url.path, request.headers, body)
+            core, HttpRequest(request.method, request.url.path, request.headers, body, arrived)
         )
     return Response(answer.body, answer.status, answer.headers)
 

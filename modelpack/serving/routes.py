@@ -31,6 +31,7 @@ class HttpRequest:
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes | bytearray = b""
+    arrived: float | None = None  # time.monotonic() when the request began to arrive
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
 def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
     assert route.infer is not None
     model = core.live(route.name, route.version)
-    return core.prepare(route.infer, request.body, headers=request.headers, model=model)
+    return core.prepare(
+        route.infer, request.body, headers=request.headers, model=model, arrived=request.arrived
+    )
 
 
 def _done(core: ServingCore, job: Job) -> HttpResponse:
