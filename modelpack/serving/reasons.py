@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelpack.errors import EdgebentoError, InferenceError, InputError, OverloadError
+from modelpack.errors import EdgebentoError, InputError, OverloadError
 
 # Every refusal names one of these reasons. A reason not listed is a 400 if it is the client's.
 STATUS_BY_REASON: dict[str, int] = {
@@ -61,11 +61,7 @@ def status_of(exc: BaseException) -> int:
 
 def message_of(exc: BaseException) -> str:
     """What the client is told: our own one-line message, never a stray exception's text."""
-    if isinstance(exc, EdgebentoError) and not isinstance(exc, InferenceError):
-        return str(exc)
-    if isinstance(exc, InferenceError):
-        return str(exc)
-    return "internal error"
+    return str(exc) if isinstance(exc, EdgebentoError) else "internal error"
 
 
 def error_doc(exc: BaseException) -> dict[str, Any]:

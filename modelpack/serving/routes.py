@@ -11,6 +11,7 @@ local server): tensor JSON on ``POST /predict``, the Open Inference Protocol und
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from modelpack.errors import EdgebentoError, InputError
 from modelpack.serving import oip
 from modelpack.serving.core import Job, Protocol, ServingCore
 from modelpack.serving.reasons import NotFoundRoute, error_doc, retry_headers, status_of
+
+log = logging.getLogger(__name__)
 
 SERVER = {"name": "edgebento", "version": "1", "extensions": ["binary_tensor_data"]}
 PREDICT_PATHS = ("/predict", "/infer")
@@ -126,7 +129,10 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
     """The one error answer: ``{"error", "reason"}`` with the status of the reason table."""
     if counted:
         core.count_error(exc)
-    return HttpResponse.json(status_of(exc), error_doc(exc), retry_headers(exc))
+    status = status_of(exc)
+    if status == 500:  # ours, never the client's: keep the whole story for the operator
+        log.error("request failed: %s", exc, exc_info=exc)
+    return HttpResponse.json(status, error_doc(exc), retry_headers(exc))
 
 
 def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
