@@ -78,7 +78,7 @@ async def serve(request: Request) -> Response:
         answer = refuse(core, exc)
     else:
         answer = await handle(
-            core, HttpRequest(request.method, request.url.path, request.headers, body, arrived)
+            core, HttpRequest(request.method, request.scope["path"], request.headers, body, arrived)
         )
     return Response(answer.body, answer.status, answer.headers)
 
