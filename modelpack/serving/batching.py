@@ -93,6 +93,7 @@ class Batcher:
         max_rows: int = 64,
         max_queue: int = 256,
         retry_after_s: int = 1,
+        max_wait_s: float = float("inf"),
         metrics: QueueMetrics | None = None,
         executor: concurrent.futures.Executor | None = None,
         inline_below_s: float = 0.0005,
@@ -102,6 +103,7 @@ class Batcher:
         self.plan = plan
         self.max_rows = max_rows
         self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
         self.metrics: QueueMetrics = metrics or NoMetrics()
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -128,7 +130,8 @@ class Batcher:
         return len(self._queue)
 
     def full(self) -> bool:
-        return len(self._queue) >= self.max_queue
+        """No room: ``max_queue`` requests wait, or more work than ``max_wait_s`` does."""
+        return len(self._queue) >= self.max_queue or self.expected_wait() > self.max_wait_s
 
     def expected_wait(self) -> float:
         return self._queued_rows * self.per_row_s
@@ -153,7 +156,8 @@ class Batcher:
         OverloadError when the queue is full or its deadline passes before it starts."""
         if self.full():
             raise OverloadError(
-                f"the model's queue is full ({self.max_queue} requests waiting); retry shortly",
+                f"the model's queue is full ({len(self._queue)} requests, "
+                f"{self.expected_wait():.2f} s of work, waiting); retry shortly",
                 reason="queue_full",
                 retry_after_s=self.retry_after_s,
             )

@@ -27,6 +27,9 @@ class ServingLimits:
     max_rows: int = 4096  # rows of one request
     max_batch_rows: int = 64  # rows of one batch run
     max_queue: int = 256  # requests waiting for the model (per process)
+    # The queue is also full when the work in it would take longer than this to start: under a
+    # flood the model stays busy with a short queue, and nothing waits near its deadline.
+    max_queue_wait_s: float = 1.0
     deadline_s: float = 2.0  # the longest a request may wait to start; a client may shorten it
     retry_after_s: int = 1
     cache_bytes: int = 0  # the result cache; 0: off

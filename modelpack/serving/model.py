@@ -90,6 +90,7 @@ class ServedModel:
             max_rows=1 if self.batching_off else limits.max_batch_rows,
             max_queue=limits.max_queue,
             retry_after_s=limits.retry_after_s,
+            max_wait_s=limits.max_queue_wait_s,
             metrics=metrics,
         )
         # Threaded targets (the agent, Lambda) queue at the gate.
