@@ -9,8 +9,11 @@ Configured by the environment:
 - ``EDGEBENTO_TRUST``: the public key file the pack must be signed by (required).
 
 The pack is verified and loaded once per execution environment (at import on AWS, otherwise on
-the first call). This module keeps its imports light (no bentoml, boto3 only for s3://), since
-import plus load is the cold start.
+the first call). A load that fails is answered 503 ``load_failed`` with the reason, and is not
+tried again for ``EDGEBENTO_LOAD_RETRY_S``; no exception leaves the handler. Requests go through
+the serving core (tensor JSON and the Open Inference Protocol); the public HTTP API serves no
+``/metrics`` (a direct ``{"metrics": true}`` invocation does). This module keeps its imports
+light (no bentoml, boto3 only for s3://), since import plus load is the cold start.
 """
 
 from __future__ import annotations

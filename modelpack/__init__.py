@@ -2,7 +2,8 @@
 
 A pack is a directory with ``model.onnx``, ``manifest.json``, ``manifest.sig`` and optionally
 ``samples.npz`` and ``report.json``. This package owns its format, its signatures, its safe
-loading, the tensor JSON codec and the ONNX Runtime ``Predictor`` every target uses.
+loading, the tensor JSON codec, the ONNX Runtime ``Predictor`` and the serving core
+(``modelpack.serving``) every target uses.
 """
 
 from __future__ import annotations
