@@ -227,4 +227,5 @@ def run(results_dir: Path) -> dict[str, Any]:
         "fraction_of_raw_onnxruntime": round(overhead, 3),
         "figures": figures,
         "note": "2 cores shared with the load generator and other work: noisy",
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
     }
