@@ -17,6 +17,7 @@ Fidelity: mean-pooled (and normalized) sentence embeddings of int8 against FP32,
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
