@@ -27,7 +27,7 @@ import time
 t0 = time.perf_counter()
 import bentos.lambda_handler as h
 t1 = time.perf_counter()
-h.get_endpoint()
+h.get_core()
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """

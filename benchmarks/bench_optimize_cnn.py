@@ -82,7 +82,7 @@ def run(results_dir: Path) -> dict[str, Any]:
             pick = min(best, key=lambda c: c.latency.p50_ms if c.latency else 1e9)
             assert pick.path is not None
             models[f"best_{family}"] = pick.path
-    data = Dataset({"image": x_test}, y_test, frozenset({"image"}))
+    data = Dataset({"image": x_test}, y_test, {"image": 0})
     table = side_by_side(models, data, batch=256, labels=y_test, seconds=30)
     base_acc = table["fp32"]["accuracy"]
     ok = {

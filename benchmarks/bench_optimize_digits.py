@@ -95,7 +95,7 @@ def run(results_dir: Path) -> dict[str, Any]:
     )
     if best_pruned is not None and best_pruned.path is not None:
         models["best_structured_pruned"] = best_pruned.path
-    data = Dataset({"x": x_test}, y_test, frozenset({"x"}))
+    data = Dataset({"x": x_test}, y_test, {"x": 0})
     table = side_by_side(models, data, batch=len(x_test), labels=y_test, seconds=20)
     fp, eb = table["fp32"], table["edgebento"]
     drop = (fp["accuracy"] - eb["accuracy"]) * 100

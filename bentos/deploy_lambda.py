@@ -3,7 +3,9 @@
 The context holds the pack (verified before it is copied), the trusted public key, the code the
 handler needs (``modelpack`` and ``bentos``, no BentoML), a ``requirements.txt``, a
 ``Dockerfile`` with ``awslambdaric`` as the entrypoint, and ``template.yaml`` for
-``sam build && sam deploy`` (an HTTP API with ``POST /predict`` and ``GET /metadata``).
+``sam build && sam deploy``: an HTTP API with ``POST /predict``, ``GET /metadata`` and the Open
+Inference Protocol under ``/v2``, behind IAM auth by default (``api_auth="none"`` makes it
+public), and a ``ReservedConcurrency`` parameter that caps how many environments may run.
 """
 
 from __future__ import annotations
@@ -59,19 +61,59 @@ class LambdaOptions:
     timeout_s: int = 30
     architecture: str = "x86_64"
     base_image: str = DEFAULT_BASE_IMAGE
+    api_auth: str = "iam"  # iam (SigV4-signed callers only) | none (a public API)
+    reserved_concurrency: int = 10  # the template parameter's default; 0: no reservation
 
 
 def _function_name(name: str, version: int) -> str:
     return "".join(c if c.isalnum() else "-" for c in f"{name}-v{version}")
 
 
+def _events(api: str) -> dict[str, Any]:
+    routes = {
+        "Predict": ("/predict", "POST"),
+        "Metadata": ("/metadata", "GET"),
+        "InferenceProtocol": ("/v2/{proxy+}", "ANY"),
+        "InferenceProtocolRoot": ("/v2", "GET"),
+    }
+    return {
+        name: {"Type": "HttpApi", "Properties": {"ApiId": {"Ref": api}, "Path": p, "Method": m}}
+        for name, (p, m) in routes.items()
+    }
+
+
+def _api(auth: str) -> dict[str, Any]:
+    if auth not in ("iam", "none"):
+        raise ValueError(f"api_auth is iam or none, not {auth!r}")
+    properties: dict[str, Any] = {}
+    if auth == "iam":
+        # Every route needs a SigV4-signed caller with execute-api:Invoke on it.
+        properties["Auth"] = {"EnableIamAuthorizer": True, "DefaultAuthorizer": "AWS_IAM"}
+    return {"Type": "AWS::Serverless::HttpApi", "Properties": properties}
+
+
 def sam_template(name: str, version: int, o: LambdaOptions) -> dict[str, Any]:
-    logical = "PredictFunction"
+    logical, api = "PredictFunction", "PredictApi"
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Transform": "AWS::Serverless-2016-10-31",
         "Description": f"edgebento: {name} v{version} served by bentos.lambda_handler",
+        "Parameters": {
+            "ReservedConcurrency": {
+                "Type": "Number",
+                "Default": o.reserved_concurrency,
+                "MinValue": 0,
+                "Description": "Environments reserved for (and the most allowed to) this "
+                "function; 0 leaves it on the account's unreserved pool",
+            }
+        },
+        "Conditions": {
+            "HasReservedConcurrency": {
+                "Fn::Not": [{"Fn::Equals": [{"Ref": "ReservedConcurrency"}, 0]}]
+            }
+        },
         "Resources": {
+            api: _api(o.api_auth),
             logical: {
                 "Type": "AWS::Serverless::Function",
                 "Properties": {
@@ -80,31 +122,29 @@ def sam_template(name: str, version: int, o: LambdaOptions) -> dict[str, Any]:
                     "Architectures": [o.architecture],
                     "MemorySize": o.memory_mb,
                     "Timeout": o.timeout_s,
+                    "ReservedConcurrentExecutions": {
+                        "Fn::If": [
+                            "HasReservedConcurrency",
+                            {"Ref": "ReservedConcurrency"},
+                            {"Ref": "AWS::NoValue"},
+                        ]
+                    },
                     "Environment": {"Variables": {"EDGEBENTO_PACK": "/var/task/pack"}},
                     "FunctionUrlConfig": {"AuthType": "AWS_IAM"},
-                    "Events": {
-                        "Predict": {
-                            "Type": "HttpApi",
-                            "Properties": {"Path": "/predict", "Method": "POST"},
-                        },
-                        "Metadata": {
-                            "Type": "HttpApi",
-                            "Properties": {"Path": "/metadata", "Method": "GET"},
-                        },
-                    },
+                    "Events": _events(api),
                 },
                 "Metadata": {
                     "Dockerfile": "Dockerfile",
                     "DockerContext": ".",
                     "DockerTag": f"v{version}",
                 },
-            }
+            },
         },
         "Outputs": {
             "PredictUrl": {
-                "Description": "POST tensor JSON here",
+                "Description": "POST tensor JSON here (SigV4-signed unless api_auth is none)",
                 "Value": {
-                    "Fn::Sub": "https://${ServerlessHttpApi}.execute-api.${AWS::Region}.amazonaws.com/predict"
+                    "Fn::Sub": f"https://${{{api}}}.execute-api.${{AWS::Region}}.amazonaws.com/predict"
                 },
             },
             "FunctionUrl": {

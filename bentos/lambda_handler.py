@@ -9,29 +9,42 @@ Configured by the environment:
 - ``EDGEBENTO_TRUST``: the public key file the pack must be signed by (required).
 
 The pack is verified and loaded once per execution environment (at import on AWS, otherwise on
-the first call). This module keeps its imports light (no bentoml, boto3 only for s3://), since
-import plus load is the cold start.
+the first call). A load that fails is answered 503 ``load_failed`` with the reason, and is not
+tried again for ``EDGEBENTO_LOAD_RETRY_S``; no exception leaves the handler. Requests go through
+the serving core (tensor JSON and the Open Inference Protocol); the public HTTP API serves no
+``/metrics`` (a direct ``{"metrics": true}`` invocation does). This module keeps its imports
+light (no bentoml, boto3 only for s3://), since import plus load is the cold start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bentos.endpoint import Answer, ModelEndpoint
 from bentos.lambda_events import event_source, http_request, http_response
 from modelpack import Pack, extract_archive, load_pack
-from modelpack.errors import ConfigError, EdgebentoError, InputError, PackError, StoreError
+from modelpack.errors import ConfigError, EdgebentoError, PackError, StoreError
 from modelpack.metrics import InferenceMetrics
+from modelpack.predictor import Predictor
+from modelpack.serving.core import ServingCore
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.reasons import error_doc, status_of
+from modelpack.serving.routes import handle_sync, refuse
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_endpoint: ModelEndpoint | None = None
+_core: ServingCore | None = None
 _registry: Any = None  # the prometheus_client registry of this environment's metrics
+_failed_at: float | None = None  # when the last load failed (it is not retried before RETRY_S)
+RETRY_S = float(os.environ.get("EDGEBENTO_LOAD_RETRY_S", "60"))
 
 
 def _cache_dir(url: str) -> Path:
@@ -94,67 +107,80 @@ def resolve_pack() -> Pack:
     return load_pack(download_pack(url, cache), trusted, check_model=False)
 
 
-def get_endpoint() -> ModelEndpoint:
-    global _endpoint, _registry
+def _load(core: ServingCore) -> None:
+    global _failed_at
+    try:
+        pack = resolve_pack()
+        predictor = Predictor.from_pack(pack)
+    except Exception as exc:  # boto3, a bad pack, a bad setting: all answered, none raised
+        _failed_at = time.monotonic()
+        message = str(exc) if isinstance(exc, EdgebentoError) else f"{type(exc).__name__}: {exc}"
+        core.load_error = f"the pack could not be loaded: {message}"
+        log.error("%s (not retried for %.0f s)", core.load_error, RETRY_S)
+        return
+    about = {"manifest_sha256": pack.manifest_sha256, "signed_by": pack.signed_by}
+    core.serve(predictor, pack.manifest, about)
+
+
+def get_core() -> ServingCore:
+    """This environment's core, its pack loaded once; a failed load is remembered (and
+    answered as 503 ``load_failed``) for ``EDGEBENTO_LOAD_RETRY_S`` instead of being fetched
+    again on every invocation."""
+    global _core, _registry
     with _lock:
-        if _endpoint is None:
+        if _core is None:
             from prometheus_client import CollectorRegistry
 
             _registry = CollectorRegistry()
-            metrics = InferenceMetrics(registry=_registry)
-            _endpoint = ModelEndpoint(resolve_pack(), metrics=metrics, batching=False)
-        return _endpoint
+            _core = ServingCore(
+                ServingLimits.from_env(), InferenceMetrics(registry=_registry), batching=False
+            )
+        retry = _failed_at is None or time.monotonic() - _failed_at >= RETRY_S
+        if _core.model is None and retry:
+            _load(_core)
+        return _core
 
 
 def reset() -> None:
-    """Forget the loaded pack (a new cold start on the next call)."""
-    global _endpoint
+    """Forget the loaded pack and any remembered failure (a new cold start on the next call)."""
+    global _core, _failed_at
     with _lock:
-        _endpoint = None
+        _core, _failed_at = None, None
 
 
-def _metrics_text() -> str:
+def metrics_text() -> str:
+    """The Prometheus text of this environment (a direct ``{"metrics": true}`` invocation,
+    which needs lambda:InvokeFunction; the public HTTP API never serves it)."""
     from prometheus_client import generate_latest
 
+    get_core()
     return generate_latest(_registry).decode()
 
 
-def _route(endpoint: ModelEndpoint, method: str, path: str, body: bytes | None) -> Answer:
-    if method == "GET" and path.rstrip("/").endswith("/metadata"):
-        return Answer(200, endpoint.metadata())
-    if method == "GET" and path.rstrip("/").endswith(("/livez", "/readyz")):
-        return Answer(200, {"status": "ok"})
-    if method != "POST":
-        return Answer(405, {"error": f"{method} {path}: use POST /predict", "reason": "method"})
-    return endpoint.predict_sync(body)
+def _direct(core: ServingCore, event: Any) -> Any:
+    if isinstance(event, Mapping) and event.get("metrics") is True:
+        return {"metrics": metrics_text()}
+    try:
+        return core.infer_doc(event)
+    except EdgebentoError as exc:
+        return {**error_doc(exc), "statusCode": status_of(exc)}
 
 
-def handler(event: Any, context: Any = None) -> dict[str, Any]:
-    """Direct invocation: the request JSON in, the answer JSON out (errors as
-    ``{"error", "reason", "statusCode"}``). HTTP events: ``statusCode``, headers, JSON body."""
-    endpoint = get_endpoint()
+def handler(event: Any, context: Any = None) -> Any:
+    """Direct invocation: the request JSON in (tensor JSON or OIP), the answer JSON out (errors
+    as ``{"error", "reason", "statusCode"}``). HTTP events: ``statusCode``, headers, a body."""
+    core = get_core()
     source = event_source(event)
     if source == "direct":
-        answer = endpoint.predict_sync(event, parsed=True)
-        if answer.status != 200:
-            return {**answer.body, "statusCode": answer.status}
-        return answer.body
-    assert isinstance(event, Mapping)
+        return _direct(core, event)
     try:
         request = http_request(event, source)
-    except InputError as exc:
-        answer = endpoint.refuse(exc)
-        return http_response(source, answer.status, answer.body)
-    if request.method == "GET" and request.path.rstrip("/").endswith("/metrics"):
-        return http_response(source, 200, _metrics_text(), "text/plain; version=0.0.4")
-    try:
-        answer = _route(endpoint, request.method, request.path, request.body)
-    except EdgebentoError as exc:  # never reached in practice: predict_sync answers all
-        answer = Answer(500, {"error": str(exc), "reason": "internal"})
-    return http_response(source, answer.status, answer.body)
+    except EdgebentoError as exc:
+        return http_response(source, refuse(core, exc))
+    return http_response(source, handle_sync(core, request))
 
 
 if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and (
     os.environ.get("EDGEBENTO_PACK") or os.environ.get("EDGEBENTO_PACK_URL")
 ):
-    get_endpoint()  # load during the init phase, as Lambda intends
+    get_core()  # load during the init phase, as Lambda intends

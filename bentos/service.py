@@ -1,33 +1,37 @@
 """The BentoML service: any ModelPack from the model store, named by ``EDGEBENTO_MODEL``.
 
-``bentoml serve .`` from the repo root (bentofile.yaml points here) serves ``POST /predict``
-(tensor JSON), ``GET /metadata`` and BentoML's own ``/livez``, ``/readyz`` and ``/metrics``.
+``bentoml serve .`` from the repo root (bentofile.yaml points here) serves the serving core's
+HTTP surface (``POST /predict`` tensor JSON, ``GET /metadata``, the Open Inference Protocol under
+``/v2``) beside BentoML's own ``/livez``, ``/readyz`` and ``/metrics``.
 
-The two routes are a small Starlette app mounted on the service rather than ``@bentoml.api``
+The routes are a small Starlette app mounted on the service rather than ``@bentoml.api``
 methods: BentoML validates a body with pydantic before user code sees it, so invalid JSON, an
 empty body or a body over the cap would come back in BentoML's shape instead of ours. Batching
-is ``bentos.batching`` (no waiting window) instead of BentoML's dispatcher, which made a lone
-client wait the full window and answered 503 under load when measured here.
+is the core's (no waiting window, a bounded queue with deadlines) instead of BentoML's
+dispatcher, which made a lone client wait the full window and answered 503 under load when
+measured here.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-from typing import Any
+import time
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from bentos.endpoint import ModelEndpoint
 from bentos.store import load_stored_pack
 from modelpack import PredictorOptions, logs
-from modelpack.codec import MAX_BODY_BYTES
 from modelpack.errors import ConfigError, InputError
 from modelpack.metrics import InferenceMetrics
+from modelpack.predictor import Predictor
+from modelpack.serving.core import ServingCore
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.routes import HttpRequest, handle, refuse
 
 # BentoML configured its loggers before importing us: give its handlers our line format.
 logs.reformat_handlers("bentoml", "uvicorn.error", "circus")
@@ -39,48 +43,52 @@ if not MODEL_TAG:
     )
 # One worker per core by default, as BentoML's "cpu_count" does; each then runs ORT on one thread.
 WORKERS = int(os.environ.get("EDGEBENTO_WORKERS", "0")) or os.cpu_count() or 1
-MAX_BODY = int(os.environ.get("EDGEBENTO_MAX_BODY_BYTES", str(MAX_BODY_BYTES)))
+# EDGEBENTO_MAX_BATCH is the older name of EDGEBENTO_MAX_BATCH_ROWS.
+LIMITS = ServingLimits.from_env(max_batch_rows=int(os.environ.get("EDGEBENTO_MAX_BATCH", "64")))
 
 
-async def read_capped(request: Request, cap: int) -> bytes:
-    """The body, refused as soon as it passes the cap (before it is all in memory)."""
+async def read_capped(request: Request, cap: int) -> bytearray:
+    """The body, refused as soon as it passes the cap (before it is all in memory), read into
+    one buffer: a list of chunks joined at the end would hold the body twice."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise InputError(
             f"the request body is {declared} bytes; the cap is {cap}", reason="too_large"
         )
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
+        if len(body) + len(chunk) > cap:
             raise InputError(f"the request body is over the cap of {cap} bytes", reason="too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
 
 
-def _endpoint() -> ModelEndpoint:
-    return bentoml.get_current_service().endpoint  # type: ignore[no-any-return]
+def _core() -> ServingCore:
+    return bentoml.get_current_service().core  # type: ignore[no-any-return]
 
 
-async def predict(request: Request) -> JSONResponse:
-    endpoint = _endpoint()
+async def serve(request: Request) -> Response:
+    arrived = time.monotonic()  # the deadline counts the body's upload too
+    core = _core()
     try:
-        body = await read_capped(request, endpoint.max_body_bytes)
+        body = (
+            await read_capped(request, core.limits.max_body_bytes)
+            if request.method == "POST"
+            else b""
+        )
     except InputError as exc:
-        refused = endpoint.refuse(exc)
-        return JSONResponse(refused.body, status_code=refused.status)
-    answer = await endpoint.predict(body)
-    return JSONResponse(answer.body, status_code=answer.status)
-
-
-async def metadata(_: Request) -> JSONResponse:
-    return JSONResponse(_endpoint().metadata())
+        answer = refuse(core, exc)
+    else:
+        answer = await handle(
+            core, HttpRequest(request.method, request.scope["path"], request.headers, body, arrived)
+        )
+    return Response(answer.body, answer.status, answer.headers)
 
 
 routes = Starlette(
     routes=[
-        Route("/predict", predict, methods=["POST"]),
-        Route("/metadata", metadata, methods=["GET"]),
+        Route(path, serve, methods=["GET", "POST"])
+        for path in ("/predict", "/metadata", "/v2", "/v2/{rest:path}")
     ]
 )
 
@@ -95,9 +103,10 @@ def _options() -> PredictorOptions:
 @bentoml.service(
     name="edgebento",
     workers=WORKERS,
-    traffic={"timeout": 30},
+    # BentoML's own timeout stays above the core's deadline: the core answers first, with 503.
+    traffic={"timeout": max(30, int(LIMITS.deadline_s) + 10)},
     logging={"access": {"enabled": os.environ.get("EDGEBENTO_ACCESS_LOG", "0") == "1"}},
-    tracing={"excluded_urls": os.environ.get("EDGEBENTO_UNTRACED", "/predict,/metadata")},
+    tracing={"excluded_urls": os.environ.get("EDGEBENTO_UNTRACED", "/predict,/metadata,/v2")},
 )
 class EdgebentoService:
     """Serves the pack stored as ``EDGEBENTO_MODEL``, re-verified against its trusted key."""
@@ -106,17 +115,10 @@ class EdgebentoService:
 
     def __init__(self) -> None:
         pack = load_stored_pack(self.model.path)
-        self.endpoint = ModelEndpoint(
-            pack,
-            metrics=InferenceMetrics(lib=bentoml.metrics),
-            options=_options(),
-            max_body_bytes=MAX_BODY,
-            max_batch_rows=int(os.environ.get("EDGEBENTO_MAX_BATCH", "64")),
-        )
+        self.core = ServingCore(LIMITS, InferenceMetrics(lib=bentoml.metrics))
+        about = {"manifest_sha256": pack.manifest_sha256, "signed_by": pack.signed_by}
+        self.core.serve(Predictor.from_pack(pack, _options()), pack.manifest, about)
         # Everything loaded so far lives as long as the worker: keep it out of the collector's
         # full passes, which otherwise scan BentoML's whole import graph and stall requests.
         gc.collect()
         gc.freeze()
-
-    def info(self) -> dict[str, Any]:
-        return self.endpoint.metadata()

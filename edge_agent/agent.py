@@ -39,7 +39,7 @@ class Agent:
         )
         self.boot_id = self.outbox.boot_id
         self.metrics_registry, metrics = self._metrics()
-        self.inference = InferenceService(metrics)
+        self.inference = InferenceService(metrics, running=max(1, config.inference_workers))
         self.inference.max_batch = config.limits.max_batch
         self.updater = Updater(config, self.inference, self._on_update)
         self.capture = Capture(
@@ -157,8 +157,8 @@ class Agent:
         if msg.topic == t.infer(device):
             if self._infer_inline:
                 self._handle_infer(msg)
-            else:
-                self.infer_pool.submit(self._handle_infer, msg)
+            else:  # a bounded queue: past it, the request is answered busy at once
+                self.inference.submit(self.infer_pool, self._handle_infer, msg, time.monotonic())
         elif msg.topic == t.desired(device):
             if msg.payload:
                 self.update_pool.submit(self._reconcile, msg.payload)
@@ -209,16 +209,15 @@ class Agent:
         self.record("event", {"event": "expired", "id": request.id, "what": what})
         return True
 
-    def _handle_infer(self, msg: Incoming) -> None:
-        request = self._parse(msg)
-        if request is None or self._expired(msg, request, "infer"):
-            return
-        body: dict[str, Any] = {"schema_version": 1, "id": request.id}
-        try:
-            body.update(ok=True, **self.inference.infer({"inputs": request.args.get("inputs")}))
-        except EdgebentoError as exc:
-            body.update(ok=False, error=str(exc), reason=getattr(exc, "reason", "error"))
-        self._reply(msg, request.reply_to, body)
+    def _handle_infer(
+        self, msg: Incoming, arrived: float | None = None, full: bool = False
+    ) -> None:
+        limit = self.config.limits.max_payload_bytes  # applied before the payload is parsed
+        reply = self.inference.handle_message(msg.payload, limit, arrived, full)
+        if reply.event is not None:
+            self.record("event", {**reply.event, "topic": msg.topic})
+        if reply.body is not None:
+            self._reply(msg, reply.reply_to, reply.body)
 
     def _handle_command(self, msg: Incoming, name: str) -> None:
         request = self._parse(msg)
@@ -321,7 +320,7 @@ class Agent:
             self.endpoint = LocalEndpoint(
                 self.config.http_host,
                 self.config.metrics_port,
-                self.inference.infer,
+                self.inference,
                 self.status_fields,
                 self.metrics_registry,
                 self.config.limits.max_payload_bytes,

@@ -1,5 +1,12 @@
-"""The optional local HTTP endpoint: ``POST /infer`` (the same tensor JSON as MQTT), ``GET /metrics``
-(Prometheus, the shared ``edgebento_*`` names) and ``GET /healthz``. Bound to loopback by default."""
+"""The optional local HTTP endpoint, bound to loopback by default: the serving core's HTTP
+surface (``POST /infer`` or ``/predict`` with the same tensor JSON as MQTT, ``GET /metadata``,
+the Open Inference Protocol under ``/v2``), ``GET /metrics`` (Prometheus, the shared
+``edgebento_*`` names) and ``GET /healthz``.
+
+Content-Length is required and checked before a byte of the body is read (missing: 411;
+negative or not a number: 400; over the cap: 413, and the connection is closed), and every
+socket has a timeout, so a slow or silent client cannot hold a server thread.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,27 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from modelpack.codec import error_body, parse_body
-from modelpack.errors import EdgebentoError, InputError
+from edge_agent.inference import InferenceService
+from modelpack.errors import InputError
+from modelpack.serving.routes import HttpRequest, HttpResponse, handle_sync, refuse
+
+SOCKET_TIMEOUT_S = 10.0
+JSON = "application/json"
+
+
+def content_length(raw: str | None, cap: int) -> int:
+    """The declared body length, or InputError (reason and status from the core's table)."""
+    if raw is None:
+        raise InputError("Content-Length is required", reason="length_required")
+    text = raw.strip()
+    if not text.isdigit():  # rejects "-1", "+5", "1e3", "" and anything else
+        raise InputError(f"Content-Length {raw!r} is not a non-negative integer", reason="invalid")
+    length = int(text)
+    if length > cap:
+        raise InputError(
+            f"the request body is {length} bytes; the cap is {cap}", reason="too_large"
+        )
+    return length
 
 
 class LocalEndpoint:
@@ -18,52 +44,68 @@ class LocalEndpoint:
         self,
         host: str,
         port: int,
-        infer: Callable[[Any], dict[str, Any]],
+        inference: InferenceService,
         health: Callable[[], dict[str, Any]],
         registry: Any,
         max_body: int,
+        timeout_s: float = SOCKET_TIMEOUT_S,
     ) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        core = inference.core
+
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # StreamRequestHandler sets it on the socket: reads and writes
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # access logs would drown the agent's own
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
+            def _send(self, answer: HttpResponse, close: bool = False) -> None:
+                self.send_response(answer.status)
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.body)))
+                if close:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(answer.body)
 
-            def _json(self, status: int, doc: dict[str, Any]) -> None:
-                self._send(status, json.dumps(doc).encode(), "application/json")
+            def _request(self, body: bytes = b"") -> HttpRequest:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                return HttpRequest(self.command, self.path.split("?")[0], headers, body)
 
             def do_GET(self) -> None:
-                if self.path == "/metrics":
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif self.path == "/healthz":
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body = generate_latest(registry)
+                    self._send(HttpResponse(200, body, {"content-type": CONTENT_TYPE_LATEST}))
+                elif path == "/healthz":
                     doc = health()
-                    self._json(200 if doc.get("model") else 503, doc)
+                    status = 200 if doc.get("model") else 503
+                    self._send(HttpResponse(status, _dumps(doc), {"content-type": JSON}))
                 else:
-                    self._json(404, {"error": f"no such path {self.path}"})
+                    self._send(handle_sync(core, self._request()))
 
             def do_POST(self) -> None:
-                if self.path != "/infer":
-                    self._json(404, {"error": f"no such path {self.path}"})
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
                 try:
-                    if length > max_body:
-                        raise InputError(
-                            f"the request body is {length} bytes; the cap is {max_body}",
-                            reason="too_large",
-                        )
-                    self._json(200, infer(parse_body(self.rfile.read(length), max_body)))
+                    length = content_length(self.headers.get("Content-Length"), max_body)
                 except InputError as exc:
-                    self._json(400, error_body(exc))
-                except EdgebentoError as exc:
-                    self._json(503, error_body(exc))
+                    # The body was not read: the connection cannot be reused.
+                    self._send(refuse(core, exc), close=True)
+                    return
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError:
+                    slow = InputError(
+                        f"the body did not arrive within {timeout_s:.0f} s", reason="timeout"
+                    )
+                    self._send(refuse(core, slow), close=True)
+                    return
+                if len(body) < length:  # the client hung up mid-body: nobody to answer
+                    self.close_connection = True
+                    return
+                self._send(handle_sync(core, self._request(body)))
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
@@ -77,3 +119,7 @@ class LocalEndpoint:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, default=str).encode()

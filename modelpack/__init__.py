@@ -2,13 +2,14 @@
 
 A pack is a directory with ``model.onnx``, ``manifest.json``, ``manifest.sig`` and optionally
 ``samples.npz`` and ``report.json``. This package owns its format, its signatures, its safe
-loading, the tensor JSON codec and the ONNX Runtime ``Predictor`` every target uses.
+loading, the tensor JSON codec, the ONNX Runtime ``Predictor`` and the serving core
+(``modelpack.serving``) every target uses.
 """
 
 from __future__ import annotations
 
 from modelpack.archive import extract_archive, write_archive
-from modelpack.codec import decode_request, encode_response, error_body, parse_body
+from modelpack.codec import decode_request, encode_response, parse_body
 from modelpack.errors import (
     ArchiveError,
     EdgebentoError,
@@ -75,7 +76,6 @@ __all__ = [
     "create_pack",
     "decode_request",
     "encode_response",
-    "error_body",
     "extract_archive",
     "generate_keypair",
     "load_pack",

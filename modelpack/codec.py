@@ -2,7 +2,8 @@
 
 A request is ``{"inputs": {"x": [[...]]}}`` or, for raw bytes,
 ``{"inputs": {"x": {"dtype": "float32", "shape": [1, 64], "b64": "..."}}}``.
-An answer is ``{"outputs": {...}, "model": {"name", "version"}, "latency_ms": ...}``.
+An answer is ``{"outputs": {...}, "model": {"name", "version"}, "latency_ms": ...}``, with NaN
+and infinity answered as null (JSON has no spelling for them).
 """
 
 from __future__ import annotations
@@ -10,93 +11,113 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from modelpack.errors import InputError
-from modelpack.manifest import DTYPES
+from modelpack.manifest import TensorSpec
+from modelpack.serving.limits import MAX_BODY_BYTES, ServingLimits
+from modelpack.serving.tensors import (
+    check_declared_shape,
+    check_dtype,
+    check_names,
+    from_bytes,
+    from_numbers,
+)
 
-MAX_BODY_BYTES = 64 << 20
+__all__ = ["MAX_BODY_BYTES", "decode_request", "encode_response", "json_safe", "parse_body"]
 
 
-def parse_body(body: bytes | str | None, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """Parse a request body as JSON, with a size cap and one-line reasons."""
+def parse_body(
+    body: bytes | bytearray | str | None, limits: ServingLimits | int | None = None
+) -> Any:
+    """A request body as JSON, refused by size and by how many numbers it can hold before it is
+    parsed into Python objects (a number costs about 40 bytes there)."""
+    if limits is None:
+        limits = ServingLimits()
+    elif isinstance(limits, int):
+        limits = ServingLimits(max_body_bytes=limits)
     if body is None or len(body) == 0:
         raise InputError('the request body is empty; send {"inputs": {...}}', reason="empty_body")
-    if len(body) > max_bytes:
+    if len(body) > limits.max_body_bytes:
         raise InputError(
-            f"the request body is {len(body)} bytes; the cap is {max_bytes}", reason="too_large"
+            f"the request body is {len(body)} bytes; the cap is {limits.max_body_bytes}",
+            reason="too_large",
+        )
+    raw = body.encode() if isinstance(body, str) else body
+    # Every number after the first in a list follows a comma: this bounds the count from above.
+    numbers = raw.count(b",") + raw.count(b"[")
+    if numbers > limits.max_json_numbers:
+        raise InputError(
+            f"the JSON body holds up to {numbers} numbers; the cap is {limits.max_json_numbers} "
+            "(send large tensors as b64 or with the binary extension)",
+            reason="too_large",
         )
     try:
-        return json.loads(body)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
         raise InputError(
             f"the request body is not valid JSON: {exc}", reason="invalid_json"
         ) from exc
 
 
-def decode_tensor(name: str, value: Any) -> np.ndarray:
+def decode_tensor(spec: TensorSpec, value: Any, limits: ServingLimits) -> np.ndarray:
     if isinstance(value, Mapping):
-        return _decode_b64(name, value)
-    if isinstance(value, str):
-        raise InputError(f"input {name!r}: expected numbers, got a string", reason="dtype")
-    try:
-        array = np.asarray(value)
-    except ValueError as exc:  # ragged nested lists
-        raise InputError(
-            f"input {name!r}: nested lists of unequal lengths", reason="shape"
-        ) from exc
-    if array.dtype.kind not in "biuf":
-        raise InputError(
-            f"input {name!r}: expected numbers, got {_kind_name(array)}", reason="dtype"
-        )
-    return array
+        return _decode_b64(spec, value, limits)
+    return from_numbers(spec, value)
 
 
-def _kind_name(array: np.ndarray) -> str:
-    if array.dtype.kind in "US":
-        return "strings"
-    if array.dtype.kind == "O":
-        return "a mix of values (null, objects or strings)"
-    return str(array.dtype)
-
-
-def _decode_b64(name: str, value: Mapping[str, Any]) -> np.ndarray:
+def _decode_b64(spec: TensorSpec, value: Mapping[str, Any], limits: ServingLimits) -> np.ndarray:
+    name = spec.name
     missing = {"dtype", "shape", "b64"} - set(value)
     if missing:
         raise InputError(
             f"input {name!r}: a binary tensor needs dtype, shape and b64 (missing {', '.join(sorted(missing))})",
             reason="invalid",
         )
-    dtype, shape = value["dtype"], value["shape"]
-    if dtype not in DTYPES or dtype == "string":
-        raise InputError(f"input {name!r}: unknown dtype {dtype!r}", reason="dtype")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    dtype, text = value["dtype"], value["b64"]
+    if not isinstance(dtype, str):
+        raise InputError(f"input {name!r}: dtype must be a string", reason="dtype")
+    itemsize = check_dtype(spec, dtype).itemsize
+    dims, count = check_declared_shape(spec, value["shape"], limits)
+    if not isinstance(text, str):
+        raise InputError(f"input {name!r}: b64 must be a string", reason="invalid")
+    expected = count * itemsize
+    if len(text) != 4 * math.ceil(expected / 3):  # checked before a byte is decoded
         raise InputError(
-            f"input {name!r}: shape must be a list of non-negative integers", reason="shape"
-        )
-    try:
-        raw = base64.b64decode(value["b64"], validate=True)
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise InputError(f"input {name!r}: b64 is not valid base64", reason="invalid") from exc
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if len(raw) != expected:
-        raise InputError(
-            f"input {name!r}: {len(raw)} bytes do not fill shape {shape} of {dtype} ({expected} bytes)",
+            f"input {name!r}: {len(text)} base64 characters cannot hold shape {list(dims)} of {dtype} ({expected} bytes)",
             reason="shape",
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"input {name!r}: b64 is not valid base64", reason="invalid") from exc
+    return from_bytes(spec, dtype, list(dims), raw, limits)
 
 
-def decode_request(payload: Any) -> dict[str, np.ndarray]:
-    """``{"inputs": {...}}`` to named arrays (dtypes are checked later against the model)."""
+def decode_request(
+    payload: Any, specs: Mapping[str, TensorSpec], limits: ServingLimits | None = None
+) -> dict[str, np.ndarray]:
+    """``{"inputs": {...}}`` to named arrays of the model's dtypes (names checked first)."""
+    limits = limits or ServingLimits()
     if not isinstance(payload, Mapping) or not isinstance(payload.get("inputs"), Mapping):
         raise InputError(
             'the request must be a JSON object {"inputs": {"NAME": tensor}}', reason="invalid"
         )
-    return {str(k): decode_tensor(str(k), v) for k, v in payload["inputs"].items()}
+    inputs = payload["inputs"]
+    check_names(specs, [str(k) for k in inputs])
+    return {str(k): decode_tensor(specs[str(k)], v, limits) for k, v in inputs.items()}
+
+
+def json_safe(array: Any) -> Any:
+    """NaN and infinity have no JSON spelling: they are answered as null."""
+    array = np.asarray(array)
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return array
+    return np.where(np.isfinite(array), array, None)
 
 
 def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
@@ -108,7 +129,7 @@ def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
             "shape": list(contiguous.shape),
             "b64": base64.b64encode(contiguous.tobytes()).decode("ascii"),
         }
-    return array.tolist()
+    return json_safe(array).tolist()
 
 
 def encode_response(
@@ -124,7 +145,5 @@ def encode_response(
     }
 
 
-def error_body(exc: Exception) -> dict[str, Any]:
-    """The JSON every target answers a refused request with."""
-    reason = getattr(exc, "reason", "error")
-    return {"error": str(exc), "reason": reason}
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()

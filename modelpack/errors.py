@@ -92,6 +92,16 @@ class InferenceError(EdgebentoError):
     """ONNX Runtime failed on input that passed validation."""
 
 
+class OverloadError(EdgebentoError):
+    """A request refused because the model cannot start it in time: the queue is full or its
+    deadline passed while it waited (503 with Retry-After; ``busy`` on MQTT)."""
+
+    def __init__(self, message: str, reason: str = "queue_full", retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
 # --- the cloud and the device ----------------------------------------------------------------
 
 

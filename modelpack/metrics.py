@@ -1,4 +1,4 @@
-"""The inference metrics every target exports under the same names."""
+"""The serving metrics every target exports under the same names (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ from types import ModuleType
 from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 class InferenceMetrics:
     """``edgebento_inference_seconds``, ``edgebento_requests_total{outcome}``,
-    ``edgebento_input_rejected_total{reason}`` and ``edgebento_model_info{name,version}``.
+    ``edgebento_input_rejected_total{reason}``, ``edgebento_overload_rejected_total{reason}``,
+    ``edgebento_queue_depth``, ``edgebento_queue_wait_seconds``, ``edgebento_batch_size``,
+    ``edgebento_cache_hits_total``, ``edgebento_cache_misses_total`` and
+    ``edgebento_model_info{name,version}``.
 
     ``lib`` is prometheus_client (the default) or anything with its Counter, Gauge and
     Histogram API, such as ``bentoml.metrics`` inside a BentoML service.
@@ -34,9 +38,31 @@ class InferenceMetrics:
         )
         self.rejected = lib.Counter(
             "edgebento_input_rejected",
-            "Inference requests refused for bad input, by reason.",
+            "Inference requests refused with a 4xx, by reason.",
             ["reason"],
             **extra,
+        )
+        self.overload = lib.Counter(
+            "edgebento_overload_rejected",
+            "Inference requests refused because the model could not start them in time.",
+            ["reason"],
+            **extra,
+        )
+        self.depth = lib.Gauge("edgebento_queue_depth", "Requests waiting to start.", **extra)
+        self.wait = lib.Histogram(
+            "edgebento_queue_wait_seconds",
+            "Time from arrival to the start of its batch.",
+            buckets=LATENCY_BUCKETS,
+            **extra,
+        )
+        self.batch_size = lib.Histogram(
+            "edgebento_batch_size", "Rows per batch run.", buckets=BATCH_BUCKETS, **extra
+        )
+        self.cache_hits = lib.Counter(
+            "edgebento_cache_hits", "Answers served from the result cache.", **extra
+        )
+        self.cache_misses = lib.Counter(
+            "edgebento_cache_misses", "Result cache look-ups that missed.", **extra
         )
         self.model_info = lib.Gauge(
             "edgebento_model_info",
@@ -61,5 +87,55 @@ class InferenceMetrics:
         self.rejected.labels(reason).inc()
         self.requests.labels("rejected").inc()
 
+    def overloaded(self, reason: str) -> None:
+        self.overload.labels(reason).inc()
+        self.requests.labels("overloaded").inc()
+
     def failed(self) -> None:
         self.requests.labels("error").inc()
+
+    def queue_depth(self, depth: int) -> None:
+        self.depth.set(depth)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.wait.observe(seconds)
+
+    def batch(self, rows: int) -> None:
+        self.batch_size.observe(rows)
+
+    def cache(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+
+
+class NoMetrics(InferenceMetrics):
+    """For a process that exports no metrics (a device without /metrics): counts nothing."""
+
+    def __init__(self) -> None:
+        self._current = None
+
+    def set_model(self, name: str, version: int | str) -> None:
+        pass
+
+    def ok(self, seconds: float) -> None:
+        pass
+
+    def rejected_input(self, reason: str) -> None:
+        pass
+
+    def overloaded(self, reason: str) -> None:
+        pass
+
+    def failed(self) -> None:
+        pass
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+    def batch(self, rows: int) -> None:
+        pass
+
+    def cache(self, hit: bool) -> None:
+        pass

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.errors import LayoutError, PackError
+from modelpack.errors import LayoutError, ModelInvalidError, PackError
 from modelpack.hashing import sha256_file
 from modelpack.manifest import (
     MANIFEST_FILE,
@@ -141,6 +141,12 @@ def create_pack(
     for extra in extras:
         _copy_in(extra, out / extra.name)
     inputs, outputs = read_io_signature(out / MODEL_FILE)
+    strings = [s.name for s in (*inputs, *outputs) if s.dtype == "string"]
+    if strings:  # no target can carry them (tensor JSON, OIP and MQTT serve numbers)
+        raise ModelInvalidError(
+            f"tensor {strings[0]!r} is a string tensor; edgebento serves numeric tensors only "
+            "(tokenize outside the model, as the MiniLM example does)"
+        )
     manifest = Manifest(
         name=name,
         version=version,

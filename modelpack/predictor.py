@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.codec import decode_request, encode_response
 from modelpack.errors import InferenceError, InputError, ModelInvalidError
 from modelpack.manifest import TensorSpec
 from modelpack.pack import Pack
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.tensors import NUMERIC_DTYPES, check_feed, coerce
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,6 @@ class PredictorOptions:
     # slowed each other by up to 2x here, so it is off unless a session owns the machine.
     spinning: bool = False
     warmup: bool = True
-    max_batch: int = 4096
-    max_input_bytes: int = 256 << 20
     graph_optimization: str = "all"  # all | extended | basic | disabled
 
 
@@ -56,55 +54,6 @@ def session_options(options: PredictorOptions) -> Any:
     return so
 
 
-def _coerce(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
-    """Safe coercion from what JSON can carry to the model's dtype; refuse anything lossy."""
-    target = np.dtype(dtype)
-    if array.dtype == target:
-        return array
-    kind = array.dtype.kind
-    if target.kind == "f" and kind in "biuf":
-        return array.astype(target)
-    if target.kind in "iu" and kind in "biuf":
-        if kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
-            raise InputError(
-                f"input {name!r}: expected integers ({dtype}), got fractions", reason="dtype"
-            )
-        info = np.iinfo(target)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise InputError(f"input {name!r}: values out of range for {dtype}", reason="dtype")
-        return array.astype(target)
-    if target.kind == "b" and kind in "biu" and np.isin(array, (0, 1)).all():
-        return array.astype(bool)
-    raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
-
-
-def _check_shape(spec: TensorSpec, array: np.ndarray, symbols: dict[str, int]) -> None:
-    if spec.shape is None:
-        return
-    if array.ndim != len(spec.shape):
-        raise InputError(
-            f"input {spec.name!r}: expected rank {len(spec.shape)} {_fmt(spec.shape)}, got shape {list(array.shape)}",
-            reason="shape",
-        )
-    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-        if isinstance(want, int) and want != got:
-            raise InputError(
-                f"input {spec.name!r}: dim {axis} must be {want} {_fmt(spec.shape)}, got {got}",
-                reason="shape",
-            )
-        if isinstance(want, str):
-            seen = symbols.setdefault(want, got)
-            if seen != got:
-                raise InputError(
-                    f"input {spec.name!r}: dim {axis} ({want}) is {got} but {seen} in another input",
-                    reason="shape",
-                )
-
-
-def _fmt(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
 class Predictor:
     """An ONNX Runtime session behind input validation, with named outputs."""
 
@@ -119,6 +68,11 @@ class Predictor:
         import onnxruntime as ort
 
         self.options = options or PredictorOptions()
+        strings = [s.name for s in (*inputs, *outputs) if s.dtype not in NUMERIC_DTYPES]
+        if strings:
+            raise ModelInvalidError(
+                f"tensor {strings[0]!r} is a string tensor; edgebento serves numeric tensors only"
+            )
         self.inputs = {s.name: s for s in inputs}
         self.outputs = [s.name for s in outputs]
         self.model_ref = dict(model_ref or {})
@@ -154,36 +108,18 @@ class Predictor:
             self.warmup_error = str(exc).splitlines()[0]
             log.debug("warmup run failed: %s", self.warmup_error)
 
-    def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        unknown = sorted(set(inputs) - set(self.inputs))
-        if unknown:
-            raise InputError(
-                f"unknown input {unknown[0]!r}; the model takes {', '.join(self.inputs)}",
-                reason="unknown_input",
-            )
-        missing = [n for n in self.inputs if n not in inputs]
-        if missing:
-            raise InputError(f"missing input {missing[0]!r}", reason="missing_input")
+    def validate(
+        self, inputs: Mapping[str, Any], limits: ServingLimits | None = None
+    ) -> dict[str, np.ndarray]:
+        """Arrays of the model's dtypes, checked against the io signature (names, shapes,
+        uniform rows across batch-major inputs, caps)."""
+        limits = limits or ServingLimits()
         feed: dict[str, np.ndarray] = {}
-        symbols: dict[str, int] = {}
-        total = 0
-        for name, spec in self.inputs.items():
-            value = inputs[name]
+        for name, value in inputs.items():
+            spec = self.inputs.get(name)
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
-            array = _coerce(name, array, spec.dtype)
-            _check_shape(spec, array, symbols)
-            if spec.batch_dynamic and array.ndim and array.shape[0] > self.options.max_batch:
-                raise InputError(
-                    f"input {name!r}: batch of {array.shape[0]} is over the cap of {self.options.max_batch}",
-                    reason="batch_too_large",
-                )
-            total += array.nbytes
-            feed[name] = array
-        if total > self.options.max_input_bytes:
-            raise InputError(
-                f"inputs are {total} bytes; the cap is {self.options.max_input_bytes}",
-                reason="too_large",
-            )
+            feed[name] = array if spec is None else coerce(name, array, spec.dtype)
+        check_feed(self.inputs, feed, limits)
         return feed
 
     def run(self, inputs: Mapping[str, Any], validate: bool = True) -> dict[str, np.ndarray]:
@@ -199,11 +135,3 @@ class Predictor:
         except Exception as exc:
             raise InferenceError(f"inference failed: {str(exc).splitlines()[0]}") from exc
         return dict(zip(self.outputs, values, strict=True))
-
-    def predict(self, payload: Any, binary: bool = False) -> dict[str, Any]:
-        """Tensor JSON in, tensor JSON out: the contract of every target."""
-        start = time.perf_counter()
-        outputs = self.run(decode_request(payload))
-        return encode_response(
-            outputs, self.model_ref, (time.perf_counter() - start) * 1000, binary
-        )

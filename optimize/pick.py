@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from optimize.metrics import MetricSpec
 from optimize.verify import Fidelity, Latency, Size
 
 # Latencies closer than this are noise on a shared CPU: among them the smaller model wins.
@@ -16,29 +17,32 @@ BASELINE = "fp32"
 
 @dataclass(frozen=True)
 class Budget:
-    """``max_drop`` is a fraction: 0.01 means one accuracy point, or 99% agreement and cosine."""
+    """``max_drop`` is a fraction: 0.01 means one accuracy point, or 99% agreement and cosine.
+
+    Each deciding metric must stay within ``max_drop`` of FP32's own score (or inside the bound
+    its ``--metric`` gives); ``metrics`` are the user's, empty for the defaults.
+    """
 
     max_drop: float
     labels: bool
+    metrics: tuple[MetricSpec, ...] = ()
 
     def violation(self, reference: Fidelity, found: Fidelity) -> str | None:
-        if self.labels and reference.accuracy is not None and found.accuracy is not None:
-            drop = reference.accuracy - found.accuracy
-            if drop > self.max_drop + 1e-12:
-                return f"accuracy drops {drop * 100:.2f} points (budget {self.max_drop * 100:.2f})"
+        failing = [s for s in found.scores if s.decides and not s.ok]
+        if not failing:
             return None
-        floor = 1.0 - self.max_drop
-        if found.top1_agreement is not None and found.top1_agreement < floor - 1e-12:
-            return f"top-1 agreement {found.top1_agreement:.4f} < {floor:.4f}"
-        if found.cosine_min < floor - 1e-12:
-            return f"cosine_min {found.cosine_min:.4f} < {floor:.4f}"
-        return None
+        worst = min(failing, key=lambda s: s.margin)
+        sign = "<" if worst.higher_is_better else ">"
+        return f"{worst.key} {worst.value:.4f} {sign} {worst.bound:.4f}"
 
     def describe(self) -> str:
-        if self.labels:
+        if self.metrics:
+            what = ", ".join(f"{m.output + ' ' if m.output else ''}{m.label}" for m in self.metrics)
+        elif self.labels:
             return f"accuracy drop <= {self.max_drop * 100:.2f} points"
-        floor = 1.0 - self.max_drop
-        return f"top-1 agreement >= {floor:.2%} and cosine_min >= {floor:.4f}"
+        else:
+            what = "the default metric of each output"
+        return f"{what} within {self.max_drop:g} of FP32"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,21 +15,26 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpack import Samples, create_pack
-from modelpack.errors import ConfigError, first_problem
+from modelpack.errors import ConfigError, EdgebentoError, first_problem
 from modelpack.iosig import read_io_signature
 from optimize import report as reports
 from optimize.convert import to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
+from optimize.fusion import FuseConfig, bert_like, fuse
 from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
+from optimize.metrics import MetricSpec
 from optimize.npz import open_npz
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.prune import PruneConfig, prune_with
-from optimize.quantize import search_space
-from optimize.search import Search, hash_data, with_latency
+from optimize.quantize import QuantizeConfig, search_space
+from optimize.search import Search, confirm, hash_data, with_latency
+from optimize.verify import layout
+from optimize.verify import load as load_predictor
 
 AUTO_PRUNE_RATIOS = (0.5, 0.75)
+DEFAULT_TIME_BUDGET = 1800.0
 GOLDEN_ROWS = 8
 
 
@@ -44,6 +50,9 @@ class OptimizeOptions(BaseModel):
     batch: int = Field(default=64, gt=0)
     latency_seconds: float = Field(default=15.0, gt=0)
     trust_model_code: bool = False  # load formats that are programs (HDF5, SavedModel, TorchScript)
+    metrics: tuple[str, ...] = ()  # --metric, as MetricSpec.parse reads them
+    # Seconds for building and measuring candidates; past it the rest are listed as not tried.
+    time_budget: float = Field(default=DEFAULT_TIME_BUDGET, gt=0)
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,11 @@ def _bases(
         for ratio in ratios:
             try:
                 bases[f"{prefix}prune-{ratio:.0%}"] = runner.run(
-                    "prune", prune_with(calibration), model, PruneConfig(ratio=ratio)
+                    "prune",
+                    prune_with(calibration),
+                    model,
+                    PruneConfig(ratio=ratio),
+                    data_key=hash_data(calibration),
                 )
             except PassFailed as exc:
                 notes.append(f"structured pruning at {ratio:.0%} not applied: {exc.reason}")
@@ -139,7 +152,7 @@ def _bases(
     return bases
 
 
-def _data(
+def _datasets(
     model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
 ) -> tuple[Dataset, Dataset]:
     if data is None and eval_data is None:
@@ -154,6 +167,24 @@ def _data(
         calibration = evaluation
     assert calibration is not None and evaluation is not None
     return calibration, evaluation
+
+
+def _data(
+    model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
+) -> tuple[Dataset, Dataset, dict[str, int]]:
+    """(calibration, evaluation, each output's rows axis), split only where the model allows."""
+    _, outputs = read_io_signature(model)
+    fp32 = load_predictor(model, inputs, outputs)
+    calibration, evaluation = _datasets(model, inputs, data, eval_data, notes)
+    evaluation, axes = layout(fp32, evaluation)
+    calibration, _ = layout(fp32, calibration)
+    if not evaluation.axes:
+        notes.append("the data's rows could not be split: every feed ran whole")
+    try:
+        fp32.run(evaluation.take(slice(0, 1)).inputs, validate=False)
+    except EdgebentoError as exc:
+        raise ConfigError(f"the FP32 model refuses the data: {exc}") from exc
+    return calibration, evaluation, axes
 
 
 def optimize_model(
@@ -173,6 +204,8 @@ def optimize_model(
     cache: Path | None = None,
     latency_seconds: float = 15.0,
     trust_model_code: bool = False,
+    metrics: Sequence[str] = (),
+    time_budget: float | None = None,
 ) -> OptimizeResult:
     """Prune and quantize ``source`` under an accuracy budget and write the best as a pack."""
     options = _options(
@@ -183,7 +216,10 @@ def optimize_model(
         prune=prune,
         latency_seconds=latency_seconds,
         trust_model_code=trust_model_code,
+        metrics=tuple(metrics),
+        time_budget=time_budget or DEFAULT_TIME_BUDGET,
     )
+    specs = tuple(MetricSpec.parse(m) for m in options.metrics)
     source, out = Path(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new directory for the pack")
@@ -199,13 +235,16 @@ def optimize_model(
         base = runner.run("normalize", normalize, converted, NormalizeConfig())
         bars.advance(task)
         inputs, outputs = read_io_signature(base)
-        calibration, evaluation = _data(base, inputs, data, eval_data, notes)
+        calibration, evaluation, output_axes = _data(base, inputs, data, eval_data, notes)
         train = load_npz(train_data, inputs) if train_data else None
         labels = evaluation.labels is not None
-        budget = Budget(options.max_drop or 0.01, labels)
+        budget = Budget(options.max_drop or 0.01, labels, specs)
 
         task = bars.add_task("prune and calibrate", total=None)
         bases = _bases(runner, source, kind, base, options, calibration, train, notes)
+        fused = _fused(runner, base, inputs, notes)
+        if fused is not None:  # right after FP32: the most promising base of a transformer
+            bases = {BASELINE: base, "fused": fused} | bases
         search = Search(
             runner,
             inputs,
@@ -215,25 +254,27 @@ def optimize_model(
             min(options.batch, evaluation.rows),
             budget,
             tick=lambda what: bars.update(task, description=f"candidate: {what[:40]}"),
+            metric_specs=specs,
+            output_axes=output_axes,
         )
-        built = [Candidate(BASELINE, (BASELINE,), base, {})]
-        op_types = _op_types(base)
-        for base_name, path in bases.items():
-            if base_name != BASELINE:
-                built.append(Candidate(base_name, (base_name,), path, {}))
-            space = search_space(options.quantize, True, op_types)
-            if base_name != BASELINE:  # pruned models get the two most telling variants
-                space = [c for c in space if c.per_channel and not c.reduce_range][:2]
-            for config in space:
-                built.append(search.quantized(base_name, path, config))
-        bars.update(task, total=len(built), completed=0)
-        measured = []
-        for candidate in built:
-            measured.append(search.measure(candidate))
+        deadline = time.monotonic() + options.time_budget
+        planned = _plan(bases, options, _op_types(base))
+        bars.update(task, total=len(planned) + 1, completed=0)
+        measured = [search.measure(Candidate(BASELINE, (BASELINE,), base, {}))]
+        bars.advance(task)
+        for base_name, path, config in planned:
+            if time.monotonic() > deadline:
+                measured.append(search.skipped(base_name, config, options.time_budget))
+            elif config is None:
+                measured.append(search.measure(Candidate(base_name, (base_name,), path, {})))
+            else:
+                measured.append(search.measure(search.quantized(base_name, path, config)))
             bars.advance(task)
-        measured += search.refine(measured, bases)
+        measured += search.refine(measured, bases, deadline)
         bars.update(task, description="latency (interleaved)")
         measured = with_latency(measured, search, options.latency_seconds)
+        bars.update(task, description="latency (finalists again)")
+        measured = confirm(measured, search, options.latency_seconds)
         choice = pick(measured)
         assert search.reference_fidelity is not None
         report = reports.build(
@@ -258,6 +299,34 @@ def optimize_model(
         out / reports.REPORT_HTML,
         out,
     )
+
+
+def _plan(
+    bases: dict[str, Path], options: OptimizeOptions, op_types: set[str]
+) -> list[tuple[str, Path, QuantizeConfig | None]]:
+    """What to build, most promising first: each base's quantized variants in the order
+    ``search_space`` gives (static first for convolutions); pruned bases get the two most
+    telling variants."""
+    found: list[tuple[str, Path, QuantizeConfig | None]] = []
+    for base_name, path in bases.items():
+        if base_name != BASELINE:
+            found.append((base_name, path, None))
+        space = search_space(options.quantize, True, op_types)
+        if base_name.startswith(("prune", "keras")) or " + prune" in base_name:
+            space = [c for c in space if c.per_channel and not c.reduce_range][:2]
+        found += [(base_name, path, config) for config in space]
+    return found
+
+
+def _fused(runner: Runner, base: Path, inputs: Sequence[Any], notes: list[str]) -> Path | None:
+    """The transformer-fused model, for BERT-like graphs; None for the others."""
+    if not bert_like(_op_types(base), {s.name for s in inputs}):
+        return None
+    try:
+        return runner.run("fuse", fuse, base, FuseConfig())
+    except PassFailed as exc:
+        notes.append(f"transformer fusion not applied: {exc.reason}")
+        return None
 
 
 def _raw_arrays(path: Path) -> Mapping[str, np.ndarray]:
@@ -292,7 +361,10 @@ def _write_pack(
         "reason": choice.reason,
         "steps": list(chosen.steps),
         "speedup": row["speedup"],
-        "fidelity": row["fidelity"],
+        # The figures only (no per-metric list): stores such as BentoML's take flat values.
+        "fidelity": {
+            k: v for k, v in (row["fidelity"] or {}).items() if k != "scores" and v is not None
+        },
         "budget": report["budget"],
         "size_bytes": row["size_bytes"],
         "gzip_bytes": row["gzip_bytes"],

@@ -14,7 +14,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -88,7 +88,12 @@ class CalibrationReader:
     """Feeds calibration rows to ORT's static quantizer, one small batch at a time."""
 
     def __init__(self, data: Dataset, rows: int, batch: int = 8) -> None:
-        self._batches = list(data.take(slice(0, rows)).batches(batch))
+        # Equal batches only: the histogram calibrators stack every batch's activations into
+        # one array, and a short last batch makes it ragged ("inhomogeneous shape").
+        usable = min(rows, data.rows)
+        size = min(batch, usable)
+        usable -= usable % size
+        self._batches = list(data.take(slice(0, usable)).batches(size))
         self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -133,53 +138,95 @@ def quantize_with(data: Dataset | None) -> object:
             return
         if data is None:
             raise ValueError("static quantization needs calibration data")
-        quantize_static(
-            str(src),
-            str(dst),
-            CalibrationReader(data, config.calibration_rows),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=_qtype(config.weight_type),
-            op_types_to_quantize=op_types,
-            nodes_to_exclude=list(config.exclude),
-            calibrate_method=getattr(CalibrationMethod, config.calibration),
-            extra_options={**extra, "CalibMovingAverage": False},
-        )
+
+        def run(method: str, options: dict[str, object]) -> None:
+            quantize_static(
+                str(src),
+                str(dst),
+                CalibrationReader(data, config.calibration_rows),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=_qtype(config.weight_type),
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=list(config.exclude),
+                calibrate_method=getattr(CalibrationMethod, method),
+                extra_options={**extra, "CalibMovingAverage": False, **options},
+            )
+
+        try:
+            run(config.calibration, {})
+        except ValueError as exc:
+            if config.calibration == "MinMax" or not _histogram_failure(exc):
+                raise
+            # ORT's histograms are float32: a near-constant activation has no room for 2048
+            # bins. The same tails are cut in float64 here and given to ORT as fixed ranges.
+            log.info(
+                "%s calibration failed (%s): ranges computed in float64", config.calibration, exc
+            )
+            run("MinMax", {"TensorQuantOverrides": _overrides(src, data, config)})
 
     return quantize
 
 
+def _histogram_failure(exc: Exception) -> bool:
+    text = str(exc)
+    return "bins" in text or "inhomogeneous" in text or "finite" in text
+
+
+# What ORT's calibrators keep: Percentile cuts 0.001% of each tail; for Entropy, which picks the
+# threshold that best keeps the distribution, 0.01% is the usual stand-in.
+FALLBACK_PERCENTILE = {"Percentile": 99.999, "Entropy": 99.99}
+
+
+def _overrides(src: Path, data: Dataset, config: QuantizeConfig) -> dict[str, list[dict[str, Any]]]:
+    from optimize.sensitivity import activation_ranges
+
+    ranges = activation_ranges(
+        src, data, config.calibration_rows, FALLBACK_PERCENTILE[config.calibration]
+    )
+    found = {}
+    for name, (lo, hi) in ranges.items():
+        rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+        rmax = rmax if rmax > rmin else rmin + 1e-6
+        found[name] = [{"rmin": np.float32(rmin), "rmax": np.float32(rmax)}]  # ORT wants dtypes
+    return found
+
+
 def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[QuantizeConfig]:
-    """The candidates to measure, cheapest to build first."""
+    """The candidates to measure, most promising first.
+
+    Static QDQ pays off where convolutions dominate, so it comes first there (per-channel
+    weights, as convolutions need); "auto" tries it only there (calibrating a transformer costs
+    minutes for a graph ORT runs slower than the dynamic one). Entropy calibration is tried
+    beside MinMax and Percentile: it clips outliers that MinMax keeps.
+    """
     if mode == "off":
         return []
-    found: list[QuantizeConfig] = []
+    dynamic: list[QuantizeConfig] = []
     if mode in ("auto", "dynamic"):
         matmul_only = tuple(t for t in ("MatMul", "Gemm") if t in op_types)
-        found += [
+        dynamic += [
             QuantizeConfig(mode="dynamic"),  # what quantize_dynamic gives by default
             QuantizeConfig(mode="dynamic", per_channel=True),
             QuantizeConfig(mode="dynamic", per_channel=True, reduce_range=True),
         ]
         if matmul_only:
-            found += [
+            dynamic += [
                 QuantizeConfig(mode="dynamic", per_channel=True, op_types=matmul_only),
                 QuantizeConfig(
                     mode="dynamic", per_channel=True, reduce_range=True, op_types=matmul_only
                 ),
             ]
-    # Static QDQ pays off where convolutions dominate; "auto" tries it there (calibrating a
-    # transformer costs minutes for a graph ORT runs slower than the dynamic one).
+    static: list[QuantizeConfig] = []
     if has_data and (mode == "static" or (mode == "auto" and "Conv" in op_types)):
-        found += [
+        static += [
             QuantizeConfig(mode="static", per_channel=True, calibration="MinMax"),
             QuantizeConfig(
                 mode="static", per_channel=True, reduce_range=True, calibration="MinMax"
             ),
+            QuantizeConfig(mode="static", per_channel=True, calibration="Entropy"),
             QuantizeConfig(mode="static", per_channel=True, calibration="Percentile"),
         ]
-        if mode == "static":
-            found.append(QuantizeConfig(mode="static", per_channel=True, calibration="Entropy"))
-    return found
+    return static + dynamic if "Conv" in op_types else dynamic + static

@@ -6,12 +6,14 @@ import base64
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from optimize.pick import Budget, Candidate, Choice
+from optimize.verify import Fidelity
 
 REPORT_HTML = "report.html"
 SCHEMA_VERSION = 1
@@ -30,6 +32,33 @@ def fidelity_text(c: Candidate) -> str:
     return ", ".join(parts)
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def fidelity_row(f: Fidelity | None) -> dict[str, Any] | None:
+    """The summary figures, every score with its bound, and the score that decided."""
+    if f is None:
+        return None
+    found = {k: v for k, v in asdict(f).items() if k != "scores"}
+    found["scores"] = [
+        {
+            "output": s.output,
+            "metric": s.metric,
+            "value": _finite(s.value),
+            "fp32": _finite(s.reference),
+            "bound": s.bound,
+            "decides": s.decides,
+            "ok": s.ok,
+        }
+        for s in f.scores
+    ]
+    deciding = f.deciding
+    found["decided_by"] = deciding.key if deciding else None
+    found["decisive_value"] = _finite(deciding.value) if deciding else None
+    return found
+
+
 def row(c: Candidate, chosen: str, baseline_ms: float | None) -> dict[str, Any]:
     lat = c.latency
     return {
@@ -40,7 +69,7 @@ def row(c: Candidate, chosen: str, baseline_ms: float | None) -> dict[str, Any]:
         "gzip_bytes": c.size.gzip_bytes if c.size else None,
         "latency": asdict(lat) if lat else None,
         "speedup": round(baseline_ms / lat.p50_ms, 3) if lat and baseline_ms else None,
-        "fidelity": asdict(c.fidelity) if c.fidelity else None,
+        "fidelity": fidelity_row(c.fidelity),
         "within_budget": c.within_budget,
         "violation": c.violation,
         "error": c.error,
@@ -64,6 +93,7 @@ def build(
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "budget": budget.describe(),
+        "decided_by": _decided(candidates, choice),
         "fidelity_data": "synthetic inputs (no --data given)" if synthetic else "held-back data",
         "chosen": choice.candidate.name,
         "reason": choice.reason,
@@ -72,6 +102,14 @@ def build(
         "notes": list(notes),
         "footprint": footprint,
     }
+
+
+def _decided(candidates: Sequence[Candidate], choice: Choice) -> list[str]:
+    """The metrics that judged the candidates (the same plan for all of them)."""
+    base = next((c for c in candidates if c.fidelity is not None), None)
+    if base is None or base.fidelity is None:
+        return []
+    return [s.key for s in base.fidelity.scores if s.decides]
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
@@ -131,9 +169,11 @@ def _cells(c: dict[str, Any]) -> list[str]:
     f = c["fidelity"] or {}
     fid = ", ".join(
         f"{k} {f[k]:.4f}"
-        for k in ("accuracy", "top1_agreement", "cosine_min")
+        for k in ("accuracy", "top1_agreement", "cosine_min", "pooled_cosine_min")
         if f.get(k) is not None
     )
+    if f.get("decided_by") and f.get("decisive_value") is not None:
+        fid += f"; decided by {f['decided_by']} = {f['decisive_value']:.4f}"
     status = c["error"] or c["violation"] or ("chosen" if c["chosen"] else "within budget")
     return [
         c["candidate"],
@@ -176,6 +216,7 @@ def write_html(report: dict[str, Any], png: bytes, path: Path) -> Path:
 tr.chosen{{background:#e6f4ea;font-weight:bold}}</style></head><body>
 <h1>edgebento optimize</h1>
 <p>Source <code>{html.escape(report["source"])}</code>. Budget: {html.escape(report["budget"])}.
+Deciding metrics: {html.escape(", ".join(report["decided_by"]) or "none")}.
 Fidelity measured on {html.escape(report["fidelity_data"])}.</p>
 <p><b>Chosen: {html.escape(report["chosen"])}</b>: {html.escape(report["reason"])}.</p>
 <table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelpack import Predictor, TensorSpec
 from modelpack.errors import EdgebentoError
-from optimize import verify
+from optimize import metrics, qdq_switch, sensitivity, verify
 from optimize.data import Dataset
+from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
-from optimize.pick import BASELINE, NOISE, Budget, Candidate
+from optimize.pick import BASELINE, Budget, Candidate
 from optimize.quantize import PREPROCESS_FALLBACKS, QuantizeConfig, preprocess, quantize_with
-from optimize.sensitivity import node_errors
+from optimize.sensitivity import Exclusion
 from optimize.verify import Fidelity, Outputs
 
 log = logging.getLogger(__name__)
 
-EXCLUDE_STEPS = (1, 2, 4, 8)
+EXCLUDE_TRIES = 4  # real quantizer runs per refined candidate, one per simulated target
+# Simulated margins to reach, as shares of --max-drop: the held-back data's worst row is not
+# the calibration's, so the later sets keep some headroom.
+SIM_TARGETS = (0.0, 0.1, 0.25, 0.5)
+SENSITIVITY_ROWS = 64
 Tick = Callable[[str], None]
 
 
@@ -36,10 +44,14 @@ class Search:
     batch: int
     budget: Budget
     tick: Tick
+    metric_specs: Sequence[MetricSpec] = ()  # the user's --metric, empty for the defaults
     reference: Outputs = field(default_factory=dict)
     reference_fidelity: Fidelity | None = None
+    plan: list[MetricSpec] = field(default_factory=list)
+    output_axes: dict[str, int] = field(default_factory=dict)
     predictors: dict[str, Predictor] = field(default_factory=dict)
     preprocessed: dict[Path, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # eval run time: a first latency
 
     def measure(self, candidate: Candidate) -> Candidate:
         """Load, run on the eval data, compare with FP32; failures become the reason."""
@@ -48,12 +60,22 @@ class Search:
             return candidate
         try:
             predictor = verify.load(candidate.path, self.inputs, self.outputs)
-            outputs = verify.run_all(predictor, self.evaluation, self.batch)
+            start = time.perf_counter()
+            outputs = verify.run_all(predictor, self.evaluation, self.batch, self.output_axes)
+            self.seconds[candidate.name] = time.perf_counter() - start
         except EdgebentoError as exc:
             return replace(candidate, error=str(exc))
         if candidate.name == BASELINE:
             self.reference = outputs
-        found = verify.fidelity(self.reference, outputs, self.evaluation.labels)
+            self.plan = metrics.plan(
+                self.metric_specs,
+                outputs,
+                metrics.mask_input(verify.rows_first(self.evaluation)),
+                self.evaluation.labels is not None,
+            )
+        found = verify.fidelity(
+            self.reference, outputs, self.evaluation, self.plan, self.budget.max_drop
+        )
         if candidate.name == BASELINE:
             self.reference_fidelity = found
         self.predictors[candidate.name] = predictor
@@ -66,7 +88,7 @@ class Search:
         )
 
     def quantized(self, base_name: str, base: Path, config: QuantizeConfig) -> Candidate:
-        name = config.label if base_name == BASELINE else f"{base_name} + {config.label}"
+        name = _name(base_name, config)
         steps = (base_name, "preprocess", "quantize")
         try:
             source = self._preprocess(base)
@@ -76,6 +98,16 @@ class Search:
         except PassFailed as exc:
             return Candidate(name, steps, None, config.model_dump(mode="json"), error=exc.reason)
         return Candidate(name, steps, path, config.model_dump(mode="json"))
+
+    def skipped(self, base_name: str, config: QuantizeConfig | None, seconds: float) -> Candidate:
+        label = base_name if config is None else _name(base_name, config)
+        return Candidate(
+            label,
+            (base_name,),
+            None,
+            {} if config is None else config.model_dump(mode="json"),
+            error=f"not tried: the time budget of {seconds:g} s ran out",
+        )
 
     def _preprocess(self, base: Path) -> Path:
         """ORT's pre-processing, retried without symbolic shapes, then without optimization."""
@@ -95,9 +127,14 @@ class Search:
         return base
 
     def refine(
-        self, candidates: list[Candidate], bases: dict[str, Path], max_tries: int = 2
+        self,
+        candidates: list[Candidate],
+        bases: dict[str, Path],
+        deadline: float,
+        max_tries: int = 4,
     ) -> list[Candidate]:
-        """Exclude the most sensitive nodes from fast candidates that miss the budget."""
+        """Keep the nodes that matter in float, for the most promising candidates that miss
+        the budget: the fastest first (by their eval run), then the closest to the budget."""
         added: list[Candidate] = []
         # Only where quantization broke the budget: a pruned base that misses it stays missed.
         base_ok = {c.name for c in candidates if c.error is None and c.violation is None}
@@ -110,31 +147,67 @@ class Search:
             and not c.config.get("exclude")
             and c.steps[0] in base_ok
         ]
-        failing.sort(key=_quality_key)
+        # Eval runs within 30% are one speed tier (one run's noise on a shared CPU).
+        fastest = min((self.seconds.get(c.name, 1e9) for c in failing), default=1.0) or 1.0
+        failing.sort(
+            key=lambda c: (int(self.seconds.get(c.name, 1e9) / fastest / 1.3), _quality_key(c))
+        )
         for candidate in failing[:max_tries]:
+            if time.monotonic() > deadline:
+                break
             base_name = candidate.steps[0]
             config = QuantizeConfig.model_validate(candidate.config)
             try:
-                errors = node_errors(
-                    bases[base_name],
-                    self.calibration,
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                )
+                exclusion = self._exclusion(bases[base_name], candidate, config, deadline)
             except Exception as exc:  # an unusual graph: skip refinement, keep the search going
-                log.info("per-node error failed on %s: %s", candidate.name, exc)
+                log.info("sensitivity failed on %s: %s", candidate.name, exc)
                 continue
-            for k in EXCLUDE_STEPS:
-                if k >= len(errors):
-                    break
-                excluded = tuple(e.node for e in errors[:k])
+            for excluded in exclusion.sets[:EXCLUDE_TRIES]:
                 new = self.measure(
                     self.quantized(base_name, bases[base_name], replace_exclude(config, excluded))
                 )
                 added.append(new)
-                if new.within_budget:
+                if new.error or new.violation is None or time.monotonic() > deadline:
                     break
         return added
+
+    def _exclusion(
+        self, base: Path, candidate: Candidate, config: QuantizeConfig, deadline: float
+    ) -> Exclusion:
+        """The simulated greedy exclusion for ``config``, on the graph the quantizer sees:
+        for static QDQ the quantized candidate itself, for dynamic a simulation of it."""
+        source = self._preprocess(base)
+        if config.mode == "static":
+            assert candidate.path is not None
+            switchable = qdq_switch.build(candidate.path, source)
+        else:
+            switchable = sensitivity.build(
+                source,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                op_types=config.op_types,
+            )
+        rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
+        inputs = verify.rows_first(rows)
+
+        def run(predictor: Predictor, flags: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return verify.run_all(predictor, rows, self.batch, self.output_axes, flags)
+
+        def margin(reference: Mapping[str, np.ndarray], found: Mapping[str, np.ndarray]) -> float:
+            scores = metrics.evaluate(
+                self.plan, reference, found, inputs, rows.labels, self.budget.max_drop
+            )
+            return min((s.margin for s in scores if s.decides), default=0.0)
+
+        # Against FP32 itself: a QDQ model quantizes its graph outputs whatever the switches say.
+        fp32 = verify.run_all(self.predictors[BASELINE], rows, self.batch, self.output_axes)
+        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin, fp32)
+        targets = [t * self.budget.max_drop for t in SIM_TARGETS]
+        return sensitivity.greedy(switchable, score, deadline, targets)
+
+
+def _name(base_name: str, config: QuantizeConfig) -> str:
+    return config.label if base_name == BASELINE else f"{base_name} + {config.label}"
 
 
 def replace_exclude(config: QuantizeConfig, nodes: tuple[str, ...]) -> QuantizeConfig:
@@ -164,5 +237,42 @@ def with_latency(candidates: list[Candidate], search: Search, seconds: float) ->
     return [replace(c, latency=found.get(c.name)) if c.name in found else c for c in candidates]
 
 
-def fast_enough(candidate: Candidate, baseline_ms: float) -> bool:
-    return bool(candidate.latency and candidate.latency.p50_ms < baseline_ms * (1 - NOISE))
+def confirm(
+    candidates: list[Candidate], search: Search, seconds: float, finalists: int = 3
+) -> list[Candidate]:
+    """A second interleaved round over FP32 and the fastest few within the budget.
+
+    On a CPU that others share, one round's medians can rank two close candidates wrongly; the
+    finalists are timed again side by side, and the others' figures are scaled by how FP32's
+    moved between the rounds so that every speedup stays against the same FP32.
+    """
+    base = next((c for c in candidates if c.name == BASELINE and c.latency), None)
+    ranked = sorted(
+        (c for c in candidates if c.within_budget and c.name != BASELINE and c.latency),
+        key=lambda c: c.latency.p50_ms if c.latency else 0.0,
+    )[:finalists]
+    if base is None or base.latency is None or not ranked:
+        return candidates
+    names = [BASELINE, *(c.name for c in ranked)]
+    found = verify.latencies(
+        {n: search.predictors[n] for n in names}, search.evaluation, search.batch, seconds
+    )
+    scale = found[BASELINE].p50_ms / base.latency.p50_ms
+    return [
+        replace(c, latency=found[c.name])
+        if c.name in found
+        else replace(c, latency=_scaled(c.latency, scale))
+        if c.latency
+        else c
+        for c in candidates
+    ]
+
+
+def _scaled(latency: verify.Latency, factor: float) -> verify.Latency:
+    return replace(
+        latency,
+        p50_ms=latency.p50_ms * factor,
+        p99_ms=latency.p99_ms * factor,
+        p50_ms_batch1=latency.p50_ms_batch1 * factor,
+        p99_ms_batch1=latency.p99_ms_batch1 * factor,
+    )

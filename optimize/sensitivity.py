@@ -1,103 +1,314 @@
-"""Per-node quantization error, to find the few nodes worth keeping in float.
+"""Node sensitivity, measured with the metric that decides, on a model that switches int8 per node.
 
-One FP32 run captures the inputs of every MatMul/Gemm; each node's int8 product is then
-simulated in numpy (activations uint8 asymmetric per tensor as ORT's dynamic quantizer does,
-weights int8 symmetric, per channel when asked) and compared with the float product. The ranking
-is what matters: the nodes with the largest relative error are the ones to exclude first.
+One graph holds every quantizable node's inputs twice: as they are, and as int8 would give them
+(weights rounded to int8 per channel or per tensor, activations through DynamicQuantizeLinear as
+``quantize_dynamic`` does; for static QDQ, ``optimize.qdq_switch`` builds it from the quantized
+model itself), joined by a ``Where`` on one flag of an extra boolean input. One session then answers "what does the deciding
+metric say with these nodes kept in float" in one run, so ranking every node (all in int8 but one)
+and the greedy exclusion that follows cost model runs, not quantizer calls. The real quantizer
+then verifies what the simulation proposes.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from modelpack import Predictor, PredictorOptions, TensorSpec
 from optimize.data import Dataset
 
-TARGET_OPS = ("MatMul", "Gemm")
+FLAGS = "__edgebento_int8"
+# Nodes whose inputs the quantizers turn into int8 (for QDQ, the ops its registry covers that
+# matter most for accuracy); others pass through in float.
+DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "Attention", "Gather"})
+STATIC_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Mul",
+        "Sigmoid",
+        "HardSigmoid",
+        "Concat",
+        "Resize",
+        "AveragePool",
+        "MaxPool",
+        "GlobalAveragePool",
+        "Softmax",
+        "Relu",
+        "Clip",
+    }
+)
+Score = Callable[[Mapping[str, np.ndarray]], float]
 
 
 @dataclass(frozen=True)
-class NodeError:
-    node: str
-    op_type: str
-    relative_error: float
+class Switchable:
+    model: bytes
+    nodes: tuple[str, ...]  # flag i switches int8 on for nodes[i]
+    costs: tuple[float, ...] = ()  # what keeping each node in float costs (weight elements)
 
 
-def _fake_quant_activation(x: np.ndarray, reduce_range: bool) -> np.ndarray:
-    levels = 127 if reduce_range else 255
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / levels or 1.0
-    zero = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, levels) - zero) * scale
-
-
-def _fake_quant_weight(w: np.ndarray, per_channel: bool, reduce_range: bool) -> np.ndarray:
-    levels = 63 if reduce_range else 127
-    axis = tuple(range(w.ndim - 1)) if per_channel and w.ndim >= 2 else None
-    scale = np.abs(w).max(axis=axis, keepdims=axis is not None) / levels
+def _fake_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> np.ndarray:
+    levels = 63 if reduce_range else 127  # reduce_range: 7-bit weights (no U8S8 saturation)
+    if axis is None or w.ndim < 2:
+        scale = np.asarray(np.abs(w).max() / levels)
+    else:
+        other = tuple(a for a in range(w.ndim) if a != axis % w.ndim)
+        scale = np.abs(w).max(axis=other, keepdims=True) / levels
     scale = np.where(scale == 0, 1.0, scale)
-    return np.clip(np.round(w / scale), -levels, levels) * scale
+    return (np.clip(np.round(w / scale), -levels, levels) * scale).astype(w.dtype)
 
 
-def _channel_error(exact: np.ndarray, approx: np.ndarray) -> float:
-    """Mean over output channels of the relative error: a channel that int8 wipes out counts
-    fully even when a large neighbour dominates the tensor's norm."""
-    cols = exact.shape[-1]
-    exact, approx = exact.reshape(-1, cols), approx.reshape(-1, cols)
-    norms = np.linalg.norm(exact, axis=0)
-    errors = np.linalg.norm(approx - exact, axis=0) / np.where(norms == 0, 1.0, norms)
-    return float(errors.mean())
+def _channel_axis(node: Any, position: int) -> int | None:
+    if position != 1:
+        return None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return 0 if node.op_type == "Conv" else 1
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return -1  # MatMul, Attention: one scale per output column
 
 
-def _operands(node: object, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    a, b = (values[name] for name in node.input[:2])  # type: ignore[attr-defined]
-    if node.op_type == "Gemm":  # type: ignore[attr-defined]
-        attrs = {x.name: x.i for x in node.attribute}  # type: ignore[attr-defined]
-        a = a.T if attrs.get("transA") else a
-        b = b.T if attrs.get("transB") else b
-    return a, b
+def _cost(node: Any, weights: Mapping[str, Any]) -> float:
+    """Float work kept by excluding ``node``: its weight's size; a lookup (Gather) costs none."""
+    if node.op_type == "Gather":
+        return 0.0
+    for name in node.input[1:2]:
+        if name in weights:
+            return float(np.prod(weights[name].dims)) or 1.0
+    return 1.0
 
 
-def node_errors(
-    model: Path, data: Dataset, *, per_channel: bool, reduce_range: bool, rows: int = 8
-) -> list[NodeError]:
-    """Every MatMul/Gemm node, most sensitive first."""
+def _float_inputs(proto: Any) -> set[str]:
+    """Tensors known to be float32; unknown ones count as float for the compute ops."""
+    known = {v.name: v.type.tensor_type.elem_type for v in proto.graph.value_info}
+    known |= {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+    known |= {i.name: i.data_type for i in proto.graph.initializer}
+    return {name for name, kind in known.items() if kind == 1} | {
+        name for node in proto.graph.node for name in node.input if name not in known
+    }
+
+
+def _positions(node: Any) -> tuple[int, ...]:
+    if node.op_type == "Gather":
+        return (0,)
+    if node.op_type in ("MatMul", "Gemm", "Conv", "Attention"):
+        return (0, 1)
+    return ()
+
+
+def build(
+    model: Path, *, per_channel: bool, reduce_range: bool, op_types: Sequence[str] = ()
+) -> Switchable:
+    """The switchable graph of dynamic quantization; ``op_types`` the quantizer's restriction.
+
+    (Static QDQ is switched on the quantized model itself: ``optimize.qdq_switch``.)"""
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     proto = onnx.load(str(model))
-    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    nodes = [
-        n for n in proto.graph.node if n.op_type in TARGET_OPS and len(n.input) >= 2 and n.name
-    ]
-    wanted = sorted({x for n in nodes for x in n.input[:2] if x not in constants})
-    known = {o.name for o in proto.graph.output}
+    graph = proto.graph
+    weights = {i.name: i for i in graph.initializer}
+    floats = _float_inputs(proto)
+    ops = frozenset(op_types) or DYNAMIC_OPS
+    nodes: list[Any] = []
+    names: list[str] = []
+    costs: list[float] = []
+    extra: list[Any] = []
+    for node in list(graph.node):
+        slots = [
+            p
+            for p in _positions(node)
+            if p < len(node.input) and node.input[p] and node.input[p] in floats
+        ]
+        if node.op_type not in ops or not slots or not node.name:
+            nodes.append(node)
+            continue
+        if node.op_type == "Gather" and node.input[0] not in weights:
+            nodes.append(node)
+            continue
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] not in weights:
+            # quantize_dynamic leaves a MatMul of two activations in float (MatMulConstBOnly).
+            nodes.append(node)
+            continue
+        costs.append(_cost(node, weights))
+        index = len(names)
+        flag = f"{FLAGS}_{index}"
+        extra.append(numpy_helper.from_array(np.array(index, np.int64), f"{flag}_i"))
+        nodes.append(helper.make_node("Gather", [FLAGS, f"{flag}_i"], [flag], axis=0))
+        for p in slots:
+            source = node.input[p]
+            fake = f"{source}__int8_{index}_{p}"
+            if source in weights:
+                w = numpy_helper.to_array(weights[source])
+                axis = _channel_axis(node, p) if per_channel else None
+                extra.append(numpy_helper.from_array(_fake_weight(w, axis, reduce_range), fake))
+            else:  # an activation: uint8 per tensor, scaled per batch, as ORT does
+                nodes += [
+                    helper.make_node(
+                        "DynamicQuantizeLinear",
+                        [source],
+                        [f"{fake}_q", f"{fake}_s", f"{fake}_z"],
+                    ),
+                    helper.make_node(
+                        "DequantizeLinear", [f"{fake}_q", f"{fake}_s", f"{fake}_z"], [fake]
+                    ),
+                ]
+            chosen = f"{source}__as_{index}_{p}"
+            nodes.append(helper.make_node("Where", [flag, fake, source], [chosen]))
+            node.input[p] = chosen
+        names.append(node.name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(extra)
+    graph.input.append(helper.make_tensor_value_info(FLAGS, TensorProto.BOOL, [len(names)]))
+    del graph.value_info[:]  # renamed inputs: stale shapes would only mislead ORT
+    return Switchable(proto.SerializeToString(), tuple(names), tuple(costs))
+
+
+def activation_ranges(
+    model: Path, data: Dataset, rows: int = 32, percentile: float | None = None
+) -> dict[str, tuple[float, float]]:
+    """Range of every float activation that static QDQ quantizes, on calibration rows (the
+    calibrators' stand-in when ORT's own fail).
+
+    MinMax by default; with ``percentile`` (99.999: ORT's default) the tails beyond it are cut,
+    computed in float64 so that a near-constant tensor cannot break it as it breaks ORT's
+    float32 histograms ("Too many bins for data range").
+    """
+    import onnx
+
+    proto = onnx.load(str(model))
+    floats = _float_inputs(proto)
+    weights = {i.name for i in proto.graph.initializer}
+    wanted = sorted(
+        {
+            name
+            for node in proto.graph.node
+            if node.op_type in STATIC_OPS
+            for name in [*node.input, *node.output]
+            if name and name in floats and name not in weights
+        }
+        - {o.name for o in proto.graph.output}
+        - {i.name for i in proto.graph.input}
+    )
     for name in wanted:
-        if name not in known:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    # Fusions would rename or remove the tensors we read.
+        proto.graph.output.append(onnx.ValueInfoProto(name=name))
     predictor = Predictor(
         proto.SerializeToString(),
         [],
         [TensorSpec(name=n, dtype="float32") for n in wanted],
         PredictorOptions(warmup=False, graph_optimization="disabled"),
     )
-    feed = data.take(slice(0, rows)).inputs
-    values = predictor.run(feed, validate=False) | constants
-    found = []
-    for node in nodes:
-        a, b = _operands(node, values)
-        if a.dtype.kind != "f" or b.dtype.kind != "f":
-            continue
-        exact = np.matmul(a, b)
-        b_q = (
-            _fake_quant_weight(b, per_channel, reduce_range)
-            if node.input[1] in constants
-            else _fake_quant_activation(b, reduce_range)
-        )
-        approx = np.matmul(_fake_quant_activation(a, reduce_range), b_q)
-        found.append(NodeError(node.name, node.op_type, _channel_error(exact, approx)))
-    return sorted(found, key=lambda e: e.relative_error, reverse=True)
+    seen: dict[str, list[np.ndarray]] = {}
+    for feed in data.take(slice(0, rows)).batches(8):
+        for name, value in predictor.run(feed, validate=False).items():
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and value.size:
+                finite = value[np.isfinite(value)].astype(np.float64)
+                if finite.size:
+                    seen.setdefault(name, []).append(finite)
+    found = {}
+    for name, parts in seen.items():
+        joined = np.concatenate(parts)
+        if percentile is None:
+            found[name] = (float(joined.min()), float(joined.max()))
+        else:
+            lo, hi = np.percentile(joined, [100 - percentile, percentile])
+            found[name] = (float(lo), float(hi))
+    return found
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Sets of nodes to keep in float, smallest first: each the first the greedy search found
+    to reach one of its simulated targets; with the simulated margin after each accepted node."""
+
+    sets: tuple[tuple[str, ...], ...]
+    margins: tuple[float, ...]  # index 0: every node in int8
+
+
+def greedy(
+    switchable: Switchable,
+    score: Callable[[np.ndarray], float],
+    deadline: float,
+    targets: Sequence[float] = (0.0,),
+) -> Exclusion:
+    """Rank nodes by what keeping each alone in float gains for what it costs in float work;
+    then, in that order, keep a node in float only if the simulated deciding margin improves,
+    until each of ``targets`` (margins, ascending) is reached or half of the nodes are float.
+
+    Accepting only what improves matters: the deciding metric is a minimum over rows, and
+    a node that helps on its own can make another row the worst one.
+    """
+    n = len(switchable.nodes)
+    every = np.ones(n, dtype=bool)
+    base = score(every)
+    gains = np.zeros(n)
+    for i in range(n):
+        if time.monotonic() > deadline:
+            break
+        flags = every.copy()
+        flags[i] = False
+        gains[i] = score(flags) - base
+    costs = np.asarray(switchable.costs or [1.0] * n, dtype=np.float64)
+    # Gain per unit of float work; the cheapest nonzero cost keeps free nodes finite.
+    floor = costs[costs > 0].min() / 10 if (costs > 0).any() else 1.0
+    value = np.where(gains > 0, gains / np.maximum(costs, floor), gains - 1e9)
+    order = [int(i) for i in np.argsort(-value, kind="stable") if gains[i] > 0]
+    flags, margins = every.copy(), [base]
+    accepted: list[int] = []
+    pending = sorted(targets)
+    sets: list[tuple[str, ...]] = []
+
+    def reached() -> None:
+        while pending and margins[-1] >= pending[0]:
+            pending.pop(0)
+            sets.append(tuple(switchable.nodes[j] for j in accepted))
+
+    reached()
+    for i in order:
+        if not pending or len(accepted) >= max(1, n // 2) or time.monotonic() > deadline:
+            break
+        flags[i] = False
+        found = score(flags)
+        if found > margins[-1]:
+            accepted.append(i)
+            margins.append(found)
+            reached()
+        else:
+            flags[i] = True
+    if not sets or (
+        pending and accepted and sets[-1] != tuple(switchable.nodes[j] for j in accepted)
+    ):
+        sets.append(tuple(switchable.nodes[j] for j in accepted))  # the best it could do
+    return Exclusion(tuple(x for x in dict.fromkeys(sets) if x), tuple(margins))
+
+
+def scorer(
+    switchable: Switchable,
+    outputs: Sequence[TensorSpec],
+    data: Dataset,
+    run: Callable[[Predictor, Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+    margin: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float],
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> Callable[[np.ndarray], float]:
+    """``flags -> deciding margin`` against ``reference`` (FP32's outputs on the same rows),
+    else against the all-float run of the same graph."""
+    predictor = Predictor(switchable.model, [], list(outputs), PredictorOptions(warmup=False))
+    if reference is None:
+        reference = run(predictor, {FLAGS: np.zeros(len(switchable.nodes), dtype=bool)})
+
+    def score(flags: np.ndarray) -> float:
+        return margin(reference, run(predictor, {FLAGS: flags}))
+
+    return score

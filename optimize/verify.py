@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from modelpack import Predictor, PredictorOptions, TensorSpec
+from modelpack.errors import EdgebentoError
+from optimize import metrics
 from optimize.data import Dataset
+from optimize.metrics import Score
 
 Outputs = dict[str, np.ndarray]
 
@@ -25,9 +28,22 @@ Outputs = dict[str, np.ndarray]
 class Fidelity:
     accuracy: float | None  # task accuracy, when labels are given
     top1_agreement: float | None  # argmax agreement with FP32, for class-score outputs
-    cosine_min: float  # per-row cosine with FP32, over the float outputs of each row
+    cosine_min: float  # per-row cosine with FP32 (real tokens only), lowest over the outputs
     cosine_mean: float
     max_abs_error: float
+    scores: tuple[Score, ...] = ()  # every metric measured; those with ``decides`` judge
+    pooled_cosine_min: float | None = None  # mean over the attention mask, for sequences
+
+    @property
+    def deciding(self) -> Score | None:
+        """The deciding score closest to (or furthest past) its bound: it decided."""
+        judged = [s for s in self.scores if s.decides]
+        return min(judged, key=lambda s: s.margin) if judged else None
+
+    @property
+    def decided_by(self) -> str | None:
+        found = self.deciding
+        return found.key if found else None
 
 
 @dataclass(frozen=True)
@@ -50,71 +66,98 @@ def load(model: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec
     return Predictor(model, inputs, outputs, PredictorOptions(warmup=False))
 
 
-def run_all(predictor: Predictor, data: Dataset, batch: int) -> Outputs:
-    """Outputs over every row of ``data``, run ``batch`` rows at a time and concatenated."""
+def layout(predictor: Predictor, data: Dataset) -> tuple[Dataset, dict[str, int]]:
+    """``data`` split by rows only if the model runs on a part of it, and each output's rows axis.
+
+    A model whose feeds cannot be taken apart (a state whose batch axis was misread, a fixed
+    batch) gets its feeds whole. An output's rows axis is the one that doubles from one row to
+    two; outputs without one are compared whole, one entry per batch.
+    """
+    if data.rows < 2:
+        return data, {}
+    try:
+        one = predictor.run(data.take(slice(0, 1)).inputs, validate=False)
+        two = predictor.run(data.take(slice(0, 2)).inputs, validate=False)
+    except EdgebentoError:
+        return data.whole(), {}
+    axes = {}
+    for name, a in one.items():
+        sa, sb = np.shape(a), np.shape(two[name])
+        if len(sa) != len(sb):
+            continue
+        for axis, (x, y) in enumerate(zip(sa, sb, strict=True)):
+            if x > 0 and y == 2 * x:
+                axes[name] = axis
+                break
+    return data, axes
+
+
+def run_all(
+    predictor: Predictor,
+    data: Dataset,
+    batch: int,
+    axes: Mapping[str, int],
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> Outputs:
+    """Outputs over every row of ``data``, ``batch`` rows at a time, rows on axis 0.
+
+    ``extra`` feeds go into every batch as they are (the sensitivity graph's switches).
+    """
     parts: dict[str, list[np.ndarray]] = {}
     for feed in data.batches(batch):
-        for name, value in predictor.run(feed, validate=False).items():
-            parts.setdefault(name, []).append(np.asarray(value))
+        for name, value in predictor.run(feed | dict(extra or {}), validate=False).items():
+            array = np.asarray(value)
+            axis = axes.get(name)
+            parts.setdefault(name, []).append(
+                np.moveaxis(array, axis, 0) if axis is not None else array[None]
+            )
     joined = {}
     for name, values in parts.items():
-        same_rows = all(v.ndim >= 1 for v in values) and len(values) > 1
-        joined[name] = np.concatenate(values) if same_rows else values[0]
+        try:
+            joined[name] = np.concatenate(values)
+        except ValueError:  # shapes that vary by batch (detections): compared as one vector
+            joined[name] = np.concatenate([v.reshape(-1) for v in values])[None]
     return joined
 
 
-def _rowwise(outputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray | None:
-    """The float outputs with one entry per row, flattened and joined per row."""
-    parts = [
-        v.reshape(rows, -1).astype(np.float64)
-        for v in outputs.values()
-        if v.dtype.kind == "f" and v.ndim >= 1 and v.shape[0] == rows
+def rows_first(data: Dataset) -> dict[str, np.ndarray]:
+    return {
+        k: np.moveaxis(v, data.axes[k], 0) if k in data.axes else v for k, v in data.inputs.items()
+    }
+
+
+def fidelity(
+    reference: Outputs,
+    outputs: Outputs,
+    data: Dataset,
+    plan: Sequence[metrics.MetricSpec],
+    max_drop: float,
+) -> Fidelity:
+    inputs = rows_first(data)
+    scores = metrics.evaluate(plan, reference, outputs, inputs, data.labels, max_drop)
+
+    def values(metric: str) -> list[float]:
+        return [s.value for s in scores if s.metric.split("@")[0] == metric]
+
+    mask = metrics.mask_input(inputs)
+    cos_rows = [
+        metrics.cosine(
+            ref, outputs[k], metrics.Context(k, inputs, data.labels, metrics.mask_for(ref, mask))
+        )
+        for k, ref in reference.items()
+        if ref.dtype.kind == "f" and k in outputs and outputs[k].shape == ref.shape
     ]
-    return np.concatenate(parts, axis=1) if parts else None
-
-
-def _scores(outputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray | None:
-    """The first output that looks like class scores: [rows, classes>1], not an embedding.
-
-    The argmax of an embedding means nothing, so outputs named like one are compared by
-    cosine only.
-    """
-    for name, value in outputs.items():
-        if "embed" in name.lower():
-            continue
-        if value.ndim == 2 and value.shape[0] == rows and value.shape[1] > 1:
-            return value
-    return None
-
-
-def fidelity(reference: Outputs, outputs: Outputs, labels: np.ndarray | None) -> Fidelity:
-    rows = next((v.shape[0] for v in reference.values() if v.ndim >= 1), 1)
-    ref_scores, scores = _scores(reference, rows), _scores(outputs, rows)
-    top1 = accuracy = None
-    if ref_scores is not None and scores is not None:
-        top1 = float(np.mean(ref_scores.argmax(1) == scores.argmax(1)))
-        if labels is not None:
-            accuracy = float(np.mean(scores.argmax(1) == labels.reshape(-1)))
-    a, b = _rowwise(reference, rows), _rowwise(outputs, rows)
-    cos_min = cos_mean = 1.0
-    if a is not None and b is not None:
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        same = np.all(a == b, axis=1)
-        cos = np.where(same, 1.0, (a * b).sum(1) / np.where(norms == 0, 1.0, norms))
-        cos_min, cos_mean = float(cos.min()), float(cos.mean())
-    max_abs = max(
-        (
-            float(np.max(np.abs(reference[k].astype(np.float64) - outputs[k].astype(np.float64))))
-            for k in reference
-            if k in outputs and reference[k].shape == outputs[k].shape and reference[k].size
-        ),
-        default=0.0,
+    accuracy, top1 = values("accuracy"), values("top1")
+    pooled = values("pooled-cosine")
+    return Fidelity(
+        accuracy[0] if accuracy else None,
+        min(top1) if top1 else None,
+        min((float(c.min()) for c in cos_rows), default=1.0),
+        min((float(c.mean()) for c in cos_rows), default=1.0),
+        max(values("max-abs"), default=0.0),
+        tuple(scores),
+        min(pooled) if pooled else None,
     )
-    return Fidelity(accuracy, top1, cos_min, cos_mean, max_abs)
-
-
-def reference_accuracy(reference: Outputs, labels: np.ndarray | None) -> float | None:
-    return fidelity(reference, reference, labels).accuracy
 
 
 def size_of(model: Path) -> Size:
@@ -126,6 +169,8 @@ def latencies(
     predictors: Mapping[str, Predictor], data: Dataset, batch: int, seconds: float = 20.0
 ) -> dict[str, Latency]:
     """p50/p99 at batch 1 and at ``batch`` for every model, interleaved in rotating order."""
+    if not predictors:
+        return {}
     feeds = {"one": data.take(slice(0, 1)).inputs, "batch": data.take(slice(0, batch)).inputs}
     names = list(predictors)
     times: dict[tuple[str, str], list[float]] = {(n, f): [] for n in names for f in feeds}

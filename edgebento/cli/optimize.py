@@ -46,6 +46,20 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--prune", type=_prune, default="auto", help="auto, off or a ratio of units to remove"
     )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="[OUTPUT=]NAME[@REDUCTION][>=X]",
+        help="how an output is judged: cosine, pooled-cosine, first-token-cosine, token-cosine,"
+        " top1, accuracy, max-abs, equal or module:function (repeatable; see docs/optimize.md)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="stop trying new candidates after this long (the best found so far is kept)",
+    )
     p.add_argument("--train-data", type=Path, help=".npz with labels to fine-tune Keras pruning")
     p.add_argument("--key", type=Path, help="sign the pack with this signing.key")
     p.add_argument("--bentoml", action="store_true", help="also save it to the BentoML model store")
@@ -76,6 +90,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         key=args.key,
         progress=not args.no_progress,
         trust_model_code=args.trust_model_code,
+        metrics=args.metric,
+        time_budget=args.time_budget,
     )
     console = Console()
     console.print(candidates_table(result.rows))
@@ -85,6 +101,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                 f"✗ {escape(row['candidate'])}: {escape(row['error'] or row['violation'])}"
             )
     console.print(f"chosen: [bold]{escape(result.chosen.name)}[/bold] ({escape(result.reason)})")
+    decided = next((_fid(r).get("decided_by") for r in result.rows if r["chosen"]), None)
+    if decided:
+        console.print(f"decided by: {escape(decided)}")
     console.print(f"pack: {result.pack_dir}   report: {result.report_html}")
     if args.bentoml:
         console.print(
@@ -107,8 +126,10 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
     ]
     table = Table(title="candidates", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("candidate", overflow="fold", min_width=18)
-    for label in ("MB", "gzip", "p50 ms", "speed", *(label for _, label in fidelity), ""):
+    for label in ("MB", "gzip", "p50 ms", "speed", *(label for _, label in fidelity)):
         table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("decided by", overflow="fold")
+    table.add_column("", no_wrap=True)
     for row in rows:
         lat = row["latency"]
         mark = "✓" if row["chosen"] else ("✗" if row["error"] or row["violation"] else "")
@@ -119,6 +140,7 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
             f"{lat['p50_ms']:.2f}" if lat else "-",
             f"{row['speedup']:.2f}x" if row["speedup"] else "-",
             *(_figure(_fid(row).get(key)) for key, _ in fidelity),
+            _decider(row),
             mark,
             style="bold" if row["chosen"] else None,
         )
@@ -127,6 +149,14 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
 
 def _fid(row: dict[str, Any]) -> dict[str, Any]:
     return row["fidelity"] or {}
+
+
+def _decider(row: dict[str, Any]) -> str:
+    """The metric that decided, without the output's name when the model has one output."""
+    f = _fid(row)
+    if not f.get("decided_by") or f.get("decisive_value") is None:
+        return "-"
+    return escape(f"{f['decided_by'].split(' ')[-1]} {f['decisive_value']:.4f}")
 
 
 def _mb(size: int | None) -> str:

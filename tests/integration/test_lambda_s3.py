@@ -10,7 +10,6 @@ import pytest
 
 from bentos import lambda_handler
 from modelpack import read_samples, write_archive
-from modelpack.errors import IntegrityError, StoreError
 from tests.support.services import MotoS3
 
 
@@ -67,7 +66,7 @@ def test_a_pack_directory_on_s3_is_fetched_by_prefix(
     _ask(signed_pack)
 
 
-def test_a_tampered_object_on_s3_is_refused(
+def test_a_tampered_pack_is_a_503_remembered_not_fetched_on_every_invocation(
     lambda_env: Path,
     s3_server: MotoS3,
     s3_bucket: str,
@@ -81,16 +80,24 @@ def test_a_tampered_object_on_s3_is_refused(
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
         s3.put_object(Bucket=s3_bucket, Key=f"bad/{path.name}", Body=data)  # type: ignore[attr-defined]
     monkeypatch.setenv("EDGEBENTO_PACK_URL", f"s3://{s3_bucket}/bad/")
-    with pytest.raises(IntegrityError):
-        lambda_handler.handler({"inputs": {"x": [[0.0] * 8]}}, None)
+    request = {"inputs": {"x": [[0.0] * 8]}}
+    answer = lambda_handler.handler(request, None)
+    assert answer["statusCode"] == 503 and answer["reason"] == "load_failed"
+    assert "sha256" in answer["error"]
+    # The good bytes are back on S3, but the failure is remembered: no download per call.
+    s3.upload_file(str(signed_pack / "model.onnx"), s3_bucket, "bad/model.onnx")  # type: ignore[attr-defined]
+    assert lambda_handler.handler(request, None)["reason"] == "load_failed"
+    # Past the retry interval, the next call loads again, and serves.
+    monkeypatch.setattr(lambda_handler, "RETRY_S", 0.0)
+    assert "outputs" in lambda_handler.handler(request, None)
 
 
-def test_a_missing_pack_is_a_store_error(
+def test_a_missing_pack_is_a_503_that_says_so(
     lambda_env: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EDGEBENTO_PACK_URL", f"s3://{s3_bucket}/nothing/here/")
-    with pytest.raises(StoreError, match="nothing is stored"):
-        lambda_handler.handler({"inputs": {}}, None)
+    answer = lambda_handler.handler({"inputs": {}}, None)
+    assert answer["statusCode"] == 503 and "nothing is stored" in answer["error"]
+    lambda_handler.reset()
     monkeypatch.setenv("EDGEBENTO_PACK_URL", f"s3://{s3_bucket}/missing.tar.gz")
-    with pytest.raises(StoreError):
-        lambda_handler.handler({"inputs": {}}, None)
+    assert lambda_handler.handler({"inputs": {}}, None)["reason"] == "load_failed"

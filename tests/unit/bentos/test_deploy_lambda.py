@@ -78,3 +78,35 @@ def test_a_tampered_pack_is_not_packaged(
 def _no_leftovers(tmp_path: Path):
     yield
     shutil.rmtree(tmp_path / "lambda", ignore_errors=True)
+
+
+def test_the_api_is_behind_iam_by_default_with_a_reserved_concurrency_parameter(
+    signed_pack: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from bentos.deploy_lambda import LambdaOptions, sam_template
+
+    out = tmp_path / "lambda"
+    assert _deploy(signed_pack, keys[1], out) == 0
+    template = yaml.safe_load((out / "template.yaml").read_text())
+    api = template["Resources"]["PredictApi"]["Properties"]
+    assert api["Auth"] == {"EnableIamAuthorizer": True, "DefaultAuthorizer": "AWS_IAM"}
+    events = template["Resources"]["PredictFunction"]["Properties"]["Events"]
+    assert {e["Properties"]["Path"] for e in events.values()} == {
+        "/predict",
+        "/metadata",
+        "/v2",
+        "/v2/{proxy+}",
+    }
+    assert all(e["Properties"]["ApiId"] == {"Ref": "PredictApi"} for e in events.values())
+    assert "/metrics" not in str(events)
+    assert template["Parameters"]["ReservedConcurrency"]["Default"] == 10
+    reserved = template["Resources"]["PredictFunction"]["Properties"][
+        "ReservedConcurrentExecutions"
+    ]
+    assert reserved["Fn::If"][0] == "HasReservedConcurrency"
+    public = sam_template(
+        "tiny", 1, LambdaOptions(pack=signed_pack, trust=keys[1], api_auth="none")
+    )
+    assert "Auth" not in public["Resources"]["PredictApi"]["Properties"]
+    with pytest.raises(ValueError, match="iam or none"):
+        sam_template("tiny", 1, LambdaOptions(pack=signed_pack, trust=keys[1], api_auth="open"))

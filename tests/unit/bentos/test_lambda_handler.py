@@ -10,7 +10,6 @@ import pytest
 
 from bentos import lambda_handler
 from modelpack import read_samples
-from modelpack.errors import ConfigError, SignatureError
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ def test_http_events_get_status_headers_and_a_json_body(served: Path, make, b64:
         body = base64.b64encode(body.encode()).decode()
     answer = lambda_handler.handler(make(body, b64), None)
     assert answer["statusCode"] == 200
-    assert answer["headers"]["Content-Type"] == "application/json"
+    assert answer["headers"]["content-type"] == "application/json"
     np.testing.assert_allclose(json.loads(answer["body"])["outputs"]["probs"], expected, rtol=1e-5)
     if make is _alb:
         assert answer["statusDescription"] == "200 OK"
@@ -117,45 +116,126 @@ def test_bad_http_requests_are_4xx_with_the_reason(
     assert json.loads(answer["body"])["reason"] == reason
 
 
-def test_metadata_and_metrics_over_http(served: Path) -> None:
+def test_metadata_over_http_and_metrics_only_to_a_direct_invocation(served: Path) -> None:
     lambda_handler.handler(_v2("{bad"), None)
     meta = lambda_handler.handler(_v2("", method="GET", path="/metadata"), None)
     assert json.loads(meta["body"])["model"] == {"name": "tiny", "version": 1}
-    metrics = lambda_handler.handler(_v2("", method="GET", path="/metrics"), None)
-    assert 'edgebento_input_rejected_total{reason="invalid_json"} 1.0' in metrics["body"]
+    # The public API does not serve the metrics; a direct invocation (IAM) does.
+    public = lambda_handler.handler(_v2("", method="GET", path="/metrics"), None)
+    assert public["statusCode"] == 404
+    text = lambda_handler.handler({"metrics": True}, None)["metrics"]
+    assert 'edgebento_input_rejected_total{reason="invalid_json"} 1.0' in text
     wrong = lambda_handler.handler(_v1("", method="DELETE"), None)
     assert wrong["statusCode"] == 405
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"version": "2.0", "requestContext": {"http": "POST"}, "body": "{}"},
+        {"version": "2.0", "requestContext": {"http": None}},
+        {"version": "2.0", "requestContext": {"http": {"method": 7}}},
+        {"httpMethod": ["POST"], "requestContext": {}, "body": "{}"},
+        {"httpMethod": "POST", "requestContext": {}, "body": {"inputs": {}}},
+        {"httpMethod": "POST", "requestContext": {}, "headers": ["x"], "body": ""},
+        {"requestContext": {"elb": {}}, "httpMethod": "POST", "path": 5},
+    ],
+)
+def test_a_malformed_http_event_is_a_400_never_an_exception(served: Path, event: dict) -> None:
+    answer = lambda_handler.handler(event, None)
+    assert answer["statusCode"] == 400
+    assert json.loads(answer["body"])["reason"] == "invalid"
+
+
+def _oip(x: np.ndarray) -> dict:
+    return {
+        "id": "r1",
+        "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}],
+    }
+
+
+@pytest.mark.parametrize("make", [_v1, _v2, _alb], ids=["rest-v1", "http-v2-and-url", "alb"])
+def test_the_inference_protocol_over_http_events(served: Path, make) -> None:
+    request, expected = _request(served)
+    x = np.asarray(request["inputs"]["x"], np.float32)
+    answer = lambda_handler.handler(make(json.dumps(_oip(x)), path="/v2/models/tiny/infer"), None)
+    assert answer["statusCode"] == 200, answer
+    doc = json.loads(answer["body"])
+    assert doc["id"] == "r1" and doc["model_name"] == "tiny" and doc["model_version"] == "1"
+    probs = next(o for o in doc["outputs"] if o["name"] == "probs")
+    np.testing.assert_allclose(np.reshape(probs["data"], probs["shape"]), expected, rtol=1e-5)
+    # The binary extension: the body base64-encoded by the front door, and so is the answer.
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    event = make(
+        base64.b64encode(header + x.tobytes()).decode(), True, path="/v2/models/tiny/infer"
+    )
+    event["headers"]["inference-header-content-length"] = str(len(header))
+    answer = lambda_handler.handler(event, None)
+    assert answer["statusCode"] == 200 and answer["isBase64Encoded"] is True
+    raw = base64.b64decode(answer["body"])
+    cut = int(answer["headers"]["inference-header-content-length"])
+    out = json.loads(raw[:cut])["outputs"][0]
+    got = np.frombuffer(raw[cut:], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    missing = lambda_handler.handler(make(json.dumps(_oip(x)), path="/v2/models/other/infer"), None)
+    assert missing["statusCode"] == 404
+
+
+def test_the_inference_protocol_by_direct_invocation(served: Path) -> None:
+    request, expected = _request(served)
+    answer = lambda_handler.handler(_oip(np.asarray(request["inputs"]["x"], np.float32)), None)
+    probs = next(o for o in answer["outputs"] if o["name"] == "probs")
+    np.testing.assert_allclose(np.reshape(probs["data"], probs["shape"]), expected, rtol=1e-5)
 
 
 def test_the_pack_is_loaded_once(served: Path) -> None:
     request, _ = _request(served)
     lambda_handler.handler(request, None)
-    first = lambda_handler.get_endpoint()
+    first = lambda_handler.get_core().model
     lambda_handler.handler(request, None)
-    assert lambda_handler.get_endpoint() is first
+    assert lambda_handler.get_core().model is first
 
 
-def test_a_pack_signed_by_another_key_is_refused_at_cold_start(
+def test_a_pack_signed_by_another_key_is_a_503_with_the_reason(
     served: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from modelpack import generate_keypair
 
     _, other = generate_keypair(tmp_path / "other")
     monkeypatch.setenv("EDGEBENTO_TRUST", str(other))
-    with pytest.raises(SignatureError):
-        lambda_handler.handler({"inputs": {}}, None)
+    answer = lambda_handler.handler({"inputs": {}}, None)
+    assert answer["statusCode"] == 503 and answer["reason"] == "load_failed"
+    assert "signature" in answer["error"] or "signed" in answer["error"]
+    http = lambda_handler.handler(_v2("{}"), None)
+    assert http["statusCode"] == 503 and "retry-after" in http["headers"]
 
 
-def test_missing_configuration_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_configuration_is_a_503_that_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     lambda_handler.reset()
     monkeypatch.delenv("EDGEBENTO_PACK", raising=False)
     monkeypatch.delenv("EDGEBENTO_PACK_URL", raising=False)
     monkeypatch.setenv("EDGEBENTO_TRUST", "/nonexistent.pub")
-    with pytest.raises(ConfigError, match="EDGEBENTO_PACK"):
-        lambda_handler.handler({}, None)
+    answer = lambda_handler.handler({}, None)
+    assert answer["statusCode"] == 503 and "EDGEBENTO_PACK" in answer["error"]
+    lambda_handler.reset()
     monkeypatch.delenv("EDGEBENTO_TRUST")
-    with pytest.raises(ConfigError, match="EDGEBENTO_TRUST"):
-        lambda_handler.handler({}, None)
+    answer = lambda_handler.handler({}, None)
+    assert answer["statusCode"] == 503 and "EDGEBENTO_TRUST" in answer["error"]
+    lambda_handler.reset()
 
 
 def test_the_handler_module_does_not_import_bentoml() -> None:

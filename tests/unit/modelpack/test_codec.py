@@ -7,18 +7,27 @@ import pytest
 
 from modelpack import InputError, decode_request, encode_response, parse_body
 from modelpack.codec import decode_tensor, encode_tensor
+from modelpack.manifest import TensorSpec
+from modelpack.serving.limits import ServingLimits
+
+X = TensorSpec(name="x", dtype="float32", shape=["batch", None])
+SPECS = {"x": X}
 
 
 def test_nested_lists_decode() -> None:
-    inputs = decode_request({"inputs": {"x": [[1.0, 2.0], [3.0, 4.0]]}})
-    assert inputs["x"].shape == (2, 2)
+    inputs = decode_request({"inputs": {"x": [[1.0, 2.0], [3.0, 4.0]]}}, SPECS)
+    assert inputs["x"].shape == (2, 2) and inputs["x"].dtype == np.float32
 
 
 def test_b64_round_trip() -> None:
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
-    decoded = decode_tensor("x", encode_tensor(array, binary=True))
+    decoded = decode_tensor(X, encode_tensor(array, binary=True), ServingLimits())
     assert decoded.dtype == np.float32
     np.testing.assert_array_equal(decoded, array)
+
+
+def _b64(shape: list[int], raw: bytes = b"", dtype: str = "float32") -> dict:
+    return {"dtype": dtype, "shape": shape, "b64": base64.b64encode(raw).decode()}
 
 
 @pytest.mark.parametrize(
@@ -28,19 +37,23 @@ def test_b64_round_trip() -> None:
         ([["a", "b"]], "dtype", "expected numbers, got strings"),
         ([[1, 2], [3]], "shape", "unequal lengths"),
         ([1, None], "dtype", "expected numbers"),
+        ([[10**400]], "dtype", "expected numbers"),
         ({"dtype": "float32", "shape": [2]}, "invalid", "missing b64"),
-        ({"dtype": "complex64", "shape": [1], "b64": ""}, "dtype", "unknown dtype"),
-        (
-            {"dtype": "float32", "shape": [3], "b64": base64.b64encode(b"12345678").decode()},
-            "shape",
-            "8 bytes do not fill",
-        ),
-        ({"dtype": "float32", "shape": [1], "b64": "***"}, "invalid", "not valid base64"),
+        ({"dtype": "complex64", "shape": [1], "b64": ""}, "dtype", "the model takes float32"),
+        (_b64([1, 2], b"\0" * 8, "float64"), "dtype", "the model takes float32"),
+        (_b64([1, 3], b"12345678"), "shape", "cannot hold shape"),
+        ({"dtype": "float32", "shape": [1, 1], "b64": "*******="}, "invalid", "not valid base64"),
+        # int64 products that wrap around, and dims no machine can hold: refused before decoding
+        (_b64([2**62, 4]), "too_large", "elements; the cap"),
+        (_b64([2**64, 4]), "too_large", "elements; the cap"),
+        (_b64([-1, 4]), "shape", "negative"),
+        (_b64([1]), "shape", "expected rank 2"),
+        ({"dtype": "float32", "shape": [1, True], "b64": ""}, "shape", "list of integers"),
     ],
 )
 def test_bad_tensors_are_refused_with_a_reason(value: object, reason: str, text: str) -> None:
     with pytest.raises(InputError, match=text) as exc:
-        decode_tensor("x", value)
+        decode_tensor(X, value, ServingLimits())
     assert exc.value.reason == reason
 
 
@@ -50,25 +63,29 @@ def test_bad_tensors_are_refused_with_a_reason(value: object, reason: str, text:
         (b"", "empty_body"),
         (None, "empty_body"),
         (b"{nope", "invalid_json"),
-        (b"x" * 101, "too_large"),
+        (b"x" * 201, "too_large"),
+        (b"[" * 60 + b"]" * 60, "too_large"),  # more lists than the number cap
+        (b"[1" + b",1" * 60 + b"]", "too_large"),
     ],
 )
-def test_bad_bodies_are_refused(body: bytes | None, reason: str) -> None:
+def test_bad_bodies_are_refused_before_parsing(body: bytes | None, reason: str) -> None:
     with pytest.raises(InputError) as exc:
-        parse_body(body, max_bytes=100)
+        parse_body(body, ServingLimits(max_body_bytes=200, max_json_numbers=50))
     assert exc.value.reason == reason
 
 
 @pytest.mark.parametrize("payload", [[], {"x": [1]}, {"inputs": [1, 2]}, "inputs"])
 def test_request_must_be_an_inputs_object(payload: object) -> None:
     with pytest.raises(InputError, match='"inputs"'):
-        decode_request(payload)
+        decode_request(payload, SPECS)
 
 
-def test_response_shape() -> None:
-    body = encode_response({"y": np.ones((1, 2), np.float32)}, {"name": "m", "version": 3}, 1.23456)
+def test_response_shape_with_nan_and_inf_as_null() -> None:
+    body = encode_response(
+        {"y": np.array([[1.0, np.nan, np.inf]], np.float32)}, {"name": "m", "version": 3}, 1.23456
+    )
     assert body == {
-        "outputs": {"y": [[1.0, 1.0]]},
+        "outputs": {"y": [[1.0, None, None]]},
         "model": {"name": "m", "version": 3},
         "latency_ms": 1.235,
     }

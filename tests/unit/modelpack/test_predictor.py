@@ -8,14 +8,13 @@ import pytest
 from modelpack import InputError, Predictor, PredictorOptions, load_pack
 from modelpack.manifest import TensorSpec
 from modelpack.metrics import InferenceMetrics
+from modelpack.serving.limits import ServingLimits
 from tests.support import models
 
 
 @pytest.fixture
 def predictor(signed_pack: Path, keys: tuple[Path, Path]) -> Predictor:
-    return Predictor.from_pack(
-        load_pack(signed_pack, trusted=[keys[1]]), PredictorOptions(max_batch=16)
-    )
+    return Predictor.from_pack(load_pack(signed_pack, trusted=[keys[1]]))
 
 
 def test_golden_samples_reproduce(signed_pack: Path, keys: tuple[Path, Path]) -> None:
@@ -26,14 +25,6 @@ def test_golden_samples_reproduce(signed_pack: Path, keys: tuple[Path, Path]) ->
     np.testing.assert_allclose(outputs["probs"], samples.outputs["probs"], rtol=1e-5)
 
 
-def test_json_in_json_out(predictor: Predictor) -> None:
-    answer = predictor.predict({"inputs": {"x": [[0, 1, 2, 3, 4, 5, 6, 7]]}})
-    assert answer["model"] == {"name": "tiny", "version": 1}
-    assert len(answer["outputs"]["probs"][0]) == 3
-    assert abs(sum(answer["outputs"]["probs"][0]) - 1) < 1e-5
-    assert answer["latency_ms"] >= 0
-
-
 @pytest.mark.parametrize(
     ("inputs", "reason", "text"),
     [
@@ -41,7 +32,7 @@ def test_json_in_json_out(predictor: Predictor) -> None:
         ({}, "missing_input", "missing input 'x'"),
         ({"x": [0] * 8}, "shape", r"expected rank 2 \[batch, 8\], got shape \[8\]"),
         ({"x": [[0] * 7]}, "shape", r"dim 1 must be 8 \[batch, 8\], got 7"),
-        ({"x": [[0] * 8] * 17}, "batch_too_large", "batch of 17 is over the cap of 16"),
+        ({"x": [[0] * 8] * 17}, "batch_too_large", "batch of 17 rows is over the cap of 16"),
         ({"x": [[True] * 8]}, None, None),
     ],
 )
@@ -52,7 +43,7 @@ def test_input_validation(
         assert predictor.run(inputs)["probs"].shape == (1, 3)  # bools coerce to float32 safely
         return
     with pytest.raises(InputError, match=text) as exc:
-        predictor.run(inputs)
+        predictor.validate(inputs, ServingLimits(max_rows=16))
     assert exc.value.reason == reason
 
 
@@ -71,12 +62,18 @@ def test_integer_inputs_coerce_only_without_loss(tmp_path: Path) -> None:
         p.run({"a": np.ones((2, 4)), "k": [[1]]})
 
 
-def test_byte_cap(signed_pack: Path, keys: tuple[Path, Path]) -> None:
-    p = Predictor.from_pack(
-        load_pack(signed_pack, trusted=[keys[1]]), PredictorOptions(max_input_bytes=64)
-    )
+def test_string_tensors_are_refused_with_a_reason(tmp_path: Path) -> None:
+    from modelpack.errors import ModelInvalidError
+
+    path = models.two_inputs(tmp_path / "two.onnx")
+    specs = [TensorSpec(name="a", dtype="string", shape=["batch", 4])]
+    with pytest.raises(ModelInvalidError, match="string tensor"):
+        Predictor(path, specs, [])
+
+
+def test_byte_cap(predictor: Predictor) -> None:
     with pytest.raises(InputError, match="the cap is 64") as exc:
-        p.run({"x": np.zeros((4, 8), np.float32)})
+        predictor.validate({"x": np.zeros((4, 8), np.float32)}, ServingLimits(max_input_bytes=64))
     assert exc.value.reason == "too_large"
 
 

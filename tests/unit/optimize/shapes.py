@@ -215,3 +215,53 @@ def runtime_expand(path: Path) -> Path:
         [numpy_helper.from_array(_w(rng, 8, 1), "w")],
     )
     return _save(graph, path)
+
+
+def near_constant(path: Path) -> Path:
+    """Conv -> Add 3000 -> Conv: an activation of 3000 +- 1e-3, as saturated real layers give.
+
+    ORT's Percentile calibrator builds float32 histograms and raises on it ("Too many bins for
+    data range"), as it did on PP-OCR.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "big"], ["d"], name="shift"),
+        helper.make_node("Conv", ["d", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "near_constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 8, 8])],
+        [
+            numpy_helper.from_array(_w(rng, 2, 1, 3, 3, scale=1e-4), "w"),
+            numpy_helper.from_array(np.array(3000.0, np.float32), "big"),
+            numpy_helper.from_array(_w(rng, 2, 2, 3, 3, scale=0.1), "w2"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def fixed_rows(path: Path, rows: int = 8) -> Path:
+    """x[batch, 4] declared dynamic, but a Reshape to [rows, 4] inside: only whole feeds run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes = [
+        helper.make_node("Reshape", ["x", "fixed"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixed_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 16])],
+        [
+            numpy_helper.from_array(np.array([rows, 4], np.int64), "fixed"),
+            numpy_helper.from_array(_w(rng, 4, 16), "w"),
+        ],
+    )
+    return _save(graph, path)

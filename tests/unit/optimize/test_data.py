@@ -5,9 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelpack import TensorSpec
 from modelpack.errors import ConfigError
 from modelpack.iosig import read_io_signature
-from optimize.data import load_npz, split, synthesize
+from optimize.data import Dataset, batch_axes, batch_dim_name, load_npz, split, synthesize
 from tests.unit.optimize import shapes
 
 
@@ -52,3 +53,39 @@ def test_synthesize_fills_symbolic_dims_and_scalars(tmp_path: Path) -> None:
     assert data.batched == {"tokens", "features"}
     # Splitting by row leaves the scalar whole.
     assert data.take(slice(0, 2)).inputs["temperature"].shape == ()
+
+
+def _spec(name: str, shape: list, dtype: str = "float32") -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def test_batch_axes_come_from_the_dim_names_not_axis_0() -> None:
+    # Silero VAD: the state's batch is axis 1, sr is a scalar.
+    specs = [
+        _spec("input", ["batch", "sequence"]),
+        _spec("state", [2, "batch", 128]),
+        _spec("sr", [], "int64"),
+    ]
+    feeds = {
+        "input": np.zeros((5, 512), np.float32),
+        "state": np.zeros((2, 5, 128), np.float32),
+        "sr": np.array(16000),
+    }
+    assert batch_axes(specs, feeds) == {"input": 0, "state": 1}
+    data = Dataset(feeds, None, batch_axes(specs, feeds))
+    part = data.take(slice(1, 3)).inputs
+    assert part["state"].shape == (2, 2, 128) and part["input"].shape == (2, 512)
+    assert part["sr"].shape == ()
+
+
+def test_a_shared_wildcard_dim_is_not_the_batch() -> None:
+    # PP-OCR: x[-1, 3, '?', '?']: the '?' sides are image sizes, the unnamed first dim counts rows.
+    specs = [_spec("x", [None, 3, "?", "?"])]
+    assert batch_dim_name(specs) is None
+    assert batch_axes(specs, {"x": np.zeros((4, 3, 48, 192), np.float32)}) == {"x": 0}
+
+
+def test_an_input_whose_rows_disagree_goes_whole() -> None:
+    specs = [_spec("a", ["batch", 4]), _spec("table", ["batch", 4])]
+    feeds = {"a": np.zeros((6, 4), np.float32), "table": np.zeros((3, 4), np.float32)}
+    assert batch_axes(specs, feeds) == {"a": 0}

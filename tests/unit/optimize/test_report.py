@@ -24,6 +24,7 @@ def test_report_has_table_chart_and_footprint(
     )
     report = json.loads(result.report_json.read_text())
     assert report["budget"] == "accuracy drop <= 1.00 points"
+    assert report["decided_by"] == ["logits accuracy@mean"]
     assert report["fidelity_data"] == "held-back data"
     names = [c["candidate"] for c in report["candidates"]]
     assert names[:2] == ["fp32", "dynamic"] and "prune-50%" in names

@@ -52,9 +52,9 @@ def test_odd_models_give_a_valid_pack(kind: str, tmp_path: Path, cache: Path) ->
         assert onnx.load(str(pack.model_path)).opset_import[0].version >= 13
 
 
-def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
-    tmp_path: Path, cache: Path
-) -> None:
+def test_histogram_calibrators_survive_a_short_last_batch(tmp_path: Path, cache: Path) -> None:
+    # 22 calibration rows in batches of 8 left a batch of 6, which ORT's percentile calibrator
+    # stacked into a ragged array ("inhomogeneous shape"); calibration now feeds equal batches.
     source = shapes.upsample_opset9(tmp_path / "old.onnx")
     x = np.random.default_rng(1).standard_normal((32, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x)
@@ -64,17 +64,14 @@ def test_a_failing_candidate_is_recorded_and_the_search_goes_on(
         name="old",
         version=1,
         data=tmp_path / "data.npz",
+        quantize="static",
         progress=False,
         cache=cache,
         latency_seconds=0.2,
     )
-    failed = {r["candidate"]: r["error"] for r in result.rows if r["error"]}
-    assert "static percentile per-channel" in failed
-    assert failed["static percentile per-channel"].startswith("ValueError: ")
-    measured = [r for r in result.rows if r["latency"] and r["candidate"] != "fp32"]
-    assert len(measured) >= 4  # the other candidates were still built and timed
-    html = result.report_html.read_text()
-    assert "ValueError" in html
+    rows = {r["candidate"]: r for r in result.rows}
+    for name in ("static percentile per-channel", "static entropy per-channel"):
+        assert rows[name]["error"] is None and rows[name]["fidelity"]["cosine_min"] > 0.9
     pack = load_pack(result.pack_dir, trusted=[], allow_unsigned=True)
     assert onnx.load(str(pack.model_path)).opset_import[0].version == 13  # upgraded from 9
 
@@ -113,3 +110,48 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path: Path, cache: Path
     assert tries[0][0] is False and tries[0][1] is not None  # ORT's symbolic inference gave up
     assert tries[1] == (True, None)  # and the retry without it worked
     assert all(r["fidelity"] for r in result.rows)
+
+
+def test_percentile_survives_a_near_constant_activation(tmp_path: Path, cache: Path) -> None:
+    source = shapes.near_constant(tmp_path / "flat.onnx")
+    x = np.random.default_rng(2).standard_normal((40, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name="flat",
+        version=1,
+        data=tmp_path / "data.npz",
+        quantize="static",
+        prune="off",
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    rows = {r["candidate"]: r for r in result.rows}
+    # ORT alone raises "Too many bins for data range" here; the float64 ranges stand in.
+    percentile = rows["static percentile per-channel"]
+    assert percentile["error"] is None, percentile["error"]
+    assert percentile["fidelity"]["cosine_min"] > 0.9
+
+
+def test_feeds_that_cannot_be_split_run_whole(tmp_path: Path, cache: Path) -> None:
+    source = shapes.fixed_rows(tmp_path / "fixed.onnx")
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    result = optimize_model(
+        source,
+        tmp_path / "pack",
+        name="fixed",
+        version=1,
+        data=tmp_path / "data.npz",
+        eval_data=tmp_path / "data.npz",
+        prune="off",
+        quantize="dynamic",
+        progress=False,
+        cache=cache,
+        latency_seconds=0.2,
+    )
+    report = json.loads(result.report_json.read_text())
+    assert "the data's rows could not be split: every feed ran whole" in report["notes"]
+    assert all(r["fidelity"] for r in report["candidates"])  # measured, not crashed

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from modelpack import Predictor, PredictorOptions
 from modelpack.iosig import read_io_signature
+from optimize import metrics, qdq_switch, sensitivity, verify
 from optimize.data import synthesize
-from optimize.sensitivity import node_errors
+from optimize.quantize import QuantizeConfig, quantize_with
 
 
 def _two_layers(path: Path) -> Path:
@@ -33,13 +38,101 @@ def _two_layers(path: Path) -> Path:
     return path
 
 
-def test_the_node_with_an_outlier_weight_ranks_first(tmp_path: Path) -> None:
-    model = _two_layers(tmp_path / "m.onnx")
-    inputs, _ = read_io_signature(model)
+def _margin(
+    model: Path, per_channel: bool, static: bool = False, metric: str = "cosine>=0.99999"
+) -> tuple[Any, Any]:
+    inputs, outputs = read_io_signature(model)
     data = synthesize(model, inputs, rows=16)
-    errors = node_errors(model, data, per_channel=False, reduce_range=False)
-    assert [e.node for e in errors] == ["spiky_mm", "smooth_mm"]
-    assert errors[0].relative_error > 10 * errors[1].relative_error
-    # Per-channel scales confine the outlier to its column: the error falls.
-    per_channel = node_errors(model, data, per_channel=True, reduce_range=False)
-    assert per_channel[0].relative_error < errors[0].relative_error
+    if static:  # switched on the real QDQ model that ORT's quantizer writes
+        qdq = model.with_name("qdq.onnx")
+        config = QuantizeConfig(mode="static", per_channel=per_channel, calibration_rows=16)
+        quantize_with(data)(model, qdq, config)
+        switchable = qdq_switch.build(qdq, model)
+    else:
+        switchable = sensitivity.build(model, per_channel=per_channel, reduce_range=False)
+    spec = metrics.MetricSpec.parse(metric)
+    plan = [metrics.MetricSpec(spec.name, "y", spec.reduction, spec.bound)]
+    rows = verify.rows_first(data)
+
+    def run(predictor: Any, flags: Any) -> dict[str, np.ndarray]:
+        return verify.run_all(predictor, data, 16, {"y": 0}, flags)
+
+    def margin(reference: Any, found: Any) -> float:
+        return min(s.margin for s in metrics.evaluate(plan, reference, found, rows, None, 0.01))
+
+    return switchable, sensitivity.scorer(switchable, outputs, data, run, margin)
+
+
+def test_all_switches_off_is_fp32_and_on_is_int8(tmp_path: Path) -> None:
+    model = _two_layers(tmp_path / "m.onnx")
+    switchable, score = _margin(model, per_channel=False)
+    assert switchable.nodes == ("smooth_mm", "spiky_mm")
+    assert score(np.zeros(2, bool)) == pytest.approx(1e-5)  # cosine 1.0 against its bound
+    assert score(np.ones(2, bool)) < 0  # int8 with one outlier weight misses the budget
+
+
+def test_greedy_keeps_the_node_with_an_outlier_weight_in_float(tmp_path: Path) -> None:
+    model = _two_layers(tmp_path / "m.onnx")
+    switchable, score = _margin(model, per_channel=False)
+    exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
+    assert exclusion.sets == (("spiky_mm",),)
+    assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
+    # Static QDQ is switched on ORT's own quantized model: its int8 error is real, and keeping
+    # one node in float brings the worst error within the bound.
+    switchable, score = _margin(model, per_channel=False, static=True, metric="max-abs<=0.5")
+    exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
+    assert score(np.zeros(2, bool)) == pytest.approx(0.5)  # all switches off: no error
+    assert len(exclusion.sets) == 1 and len(exclusion.sets[0]) == 1
+    assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
+    # Per-channel scales confine the outlier to its column: the simulated metric improves.
+    _per_channel, score_pc = _margin(model, per_channel=True)
+    _, score_pt = _margin(model, per_channel=False)
+    assert score_pc(np.ones(2, bool)) > score_pt(np.ones(2, bool))
+
+
+def test_the_static_switch_restores_the_activations_qdq_folded(tmp_path: Path) -> None:
+    # Conv -> Relu -> Conv: ORT's QDQ drops the Relu (the uint8 range clamps at 0). With every
+    # switch off, the graph must give FP32's output, Relu included.
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w1"),
+            numpy_helper.from_array(rng.standard_normal((3, 4, 3, 3)).astype(np.float32), "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    inputs, outputs = read_io_signature(path)
+    data = synthesize(path, inputs, rows=16)
+    qdq = tmp_path / "qdq.onnx"
+    quantize_with(data)(path, qdq, QuantizeConfig(mode="static", per_channel=True))
+    assert "Relu" not in {n.op_type for n in onnx.load(str(qdq)).graph.node}
+    switchable = qdq_switch.build(qdq, path)
+    predictor = Predictor(switchable.model, [], outputs, PredictorOptions(warmup=False))
+    flags = {sensitivity.FLAGS: np.zeros(len(switchable.nodes), bool)}
+    fp32 = Predictor(path, [], outputs, PredictorOptions(warmup=False))
+    x = data.inputs["x"][:4]
+    got = predictor.run({"x": x} | flags, validate=False)["y"]
+    expected = fp32.run({"x": x}, validate=False)["y"]
+    # Without the Relu put back, negative values would pass through.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # Switched on, the graph is the quantized model.
+    qdq_out = Predictor(qdq, [], outputs, PredictorOptions(warmup=False))
+    on = {sensitivity.FLAGS: np.ones(len(switchable.nodes), bool)}
+    np.testing.assert_allclose(
+        predictor.run({"x": x} | on, validate=False)["y"],
+        qdq_out.run({"x": x}, validate=False)["y"],
+        rtol=1e-4,
+        atol=1e-4,
+    )

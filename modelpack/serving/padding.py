@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpack import Manifest, TensorSpec
 from modelpack.errors import ManifestError
+from modelpack.manifest import Manifest, TensorSpec
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,20 @@ import threading
 
 import numpy as np
 
-from bentos.batching import Batcher
-from bentos.endpoint import ModelEndpoint
-from modelpack import Pack
+from modelpack import Pack, Predictor
+from modelpack.errors import OverloadError
+from modelpack.serving.batching import Batcher
+from modelpack.serving.padding import sequence_axis
 from tests.unit.bentos.seqmodel import tokens
 
 
-def _slow_run(endpoint: ModelEndpoint, gate: threading.Event):
+class _Endpoint:
+    def __init__(self, pack: Pack) -> None:
+        self.predictor = Predictor.from_pack(pack)
+        self.plan = sequence_axis(pack.manifest)
+
+
+def _slow_run(endpoint: _Endpoint, gate: threading.Event):
     """The real model, held at the first batch until the test lets it go (so a queue forms)."""
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -22,16 +29,19 @@ def _slow_run(endpoint: ModelEndpoint, gate: threading.Event):
 
 
 async def _submit_all(batcher: Batcher, feeds: list[dict[str, np.ndarray]], gate: threading.Event):
-    tasks = [asyncio.ensure_future(batcher.submit(feeds[0]))]
+    def rows(feed: dict[str, np.ndarray]) -> int:
+        return len(next(iter(feed.values())))
+
+    tasks = [asyncio.ensure_future(batcher.submit(feeds[0], rows(feeds[0])))]
     await asyncio.sleep(0.02)  # the first is running (held at the gate) ...
-    tasks += [asyncio.ensure_future(batcher.submit(f)) for f in feeds[1:]]
+    tasks += [asyncio.ensure_future(batcher.submit(f, rows(f))) for f in feeds[1:]]
     await asyncio.sleep(0.05)  # ... and the rest queue behind it
     gate.set()
     return await asyncio.gather(*tasks)
 
 
 def test_queued_requests_run_as_one_batch_and_each_gets_its_own_rows(mlp_pack: Pack) -> None:
-    endpoint = ModelEndpoint(mlp_pack, batching=False)
+    endpoint = _Endpoint(mlp_pack)
     gate = threading.Event()
     batcher = Batcher(_slow_run(endpoint, gate), max_rows=64)
     rng = np.random.default_rng(0)
@@ -44,20 +54,34 @@ def test_queued_requests_run_as_one_batch_and_each_gets_its_own_rows(mlp_pack: P
         np.testing.assert_allclose(result["probs"], alone["probs"], rtol=1e-5, atol=1e-6)
 
 
-def test_a_lone_request_runs_at_once_without_a_window(mlp_pack: Pack) -> None:
-    endpoint = ModelEndpoint(mlp_pack)
-    assert endpoint.batcher is not None
+def test_a_full_queue_and_a_passed_deadline_are_refused_and_nothing_else_is(
+    mlp_pack: Pack,
+) -> None:
+    endpoint = _Endpoint(mlp_pack)
+    gate = threading.Event()
+    batcher = Batcher(_slow_run(endpoint, gate), max_rows=64, max_queue=2)
+    feed = {"x": np.zeros((1, 8), np.float32)}
 
-    async def one() -> int:
-        answer = await endpoint.predict(b'{"inputs": {"x": [[0, 1, 2, 3, 4, 5, 6, 7]]}}')
-        return answer.status
+    async def flood() -> list[object]:
+        import time
 
-    assert asyncio.run(one()) == 200
-    assert endpoint.batcher.batches == 1
+        first = asyncio.ensure_future(batcher.submit(feed))
+        await asyncio.sleep(0.02)  # running, held at the gate
+        late = asyncio.ensure_future(batcher.submit(feed, deadline=time.monotonic() + 0.01))
+        waiting = asyncio.ensure_future(batcher.submit(feed))
+        refused = asyncio.ensure_future(batcher.submit(feed))  # the queue holds 2
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(first, late, waiting, refused, return_exceptions=True)
+
+    first, late, waiting, refused = asyncio.run(flood())
+    assert isinstance(first, dict) and isinstance(waiting, dict)
+    assert isinstance(late, OverloadError) and late.reason == "deadline"
+    assert isinstance(refused, OverloadError) and refused.reason == "queue_full"
 
 
 def test_the_row_cap_splits_a_queue_into_several_batches(mlp_pack: Pack) -> None:
-    endpoint = ModelEndpoint(mlp_pack, batching=False)
+    endpoint = _Endpoint(mlp_pack)
     gate = threading.Event()
     batcher = Batcher(_slow_run(endpoint, gate), max_rows=4)
     feeds = [{"x": np.full((1, 8), i, dtype=np.float32)} for i in range(9)]
@@ -67,7 +91,7 @@ def test_the_row_cap_splits_a_queue_into_several_batches(mlp_pack: Pack) -> None
 
 
 def test_sequences_of_different_lengths_are_padded_per_batch_and_cut_back(seq_pack: Pack) -> None:
-    endpoint = ModelEndpoint(seq_pack, batching=False)
+    endpoint = _Endpoint(seq_pack)
     gate = threading.Event()
     batcher = Batcher(_slow_run(endpoint, gate), plan=endpoint.plan, max_rows=64)
     feeds = [tokens(n, seed) for seed, n in enumerate((4, 40, 2, 38, 3, 6))]

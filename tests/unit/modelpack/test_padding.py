@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bentos.padding import cut_outputs, pad_feeds, sequence_axis
 from modelpack import Pack
 from modelpack.errors import ManifestError
+from modelpack.serving.padding import cut_outputs, pad_feeds, sequence_axis
 from tests.unit.bentos.seqmodel import tokens
 
 
@@ -53,7 +53,7 @@ def test_a_sequence_axis_the_input_does_not_have_is_a_manifest_error(seq_pack: P
 
 
 def test_a_batch_of_mixed_lengths_is_split_into_runs_of_similar_length() -> None:
-    from bentos.padding import split_by_length
+    from modelpack.serving.padding import split_by_length
 
     lengths = [3, 60, 4, 3, 58, 5, 3, 4, 3, 5]
     groups = split_by_length(lengths, run_cost_tokens=32)
@@ -62,6 +62,6 @@ def test_a_batch_of_mixed_lengths_is_split_into_runs_of_similar_length() -> None
 
 
 def test_similar_lengths_stay_one_run() -> None:
-    from bentos.padding import split_by_length
+    from modelpack.serving.padding import split_by_length
 
     assert split_by_length([10, 12, 11, 9], run_cost_tokens=32) == [[3, 0, 2, 1]]

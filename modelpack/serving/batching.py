@@ -1,0 +1,302 @@
+"""Adaptive batching without a waiting window, behind a bounded queue with deadlines.
+
+A request that finds the model idle runs at once, alone: nobody waits for a window to fill. While
+a batch runs, new requests queue; when it finishes, everything queued that fits together runs as
+the next batch, so the batch size follows the load by itself. Requests are stacked only when
+they agree on every input's non-batch shape (the sequence axis aside: it is padded per batch);
+their row counts were checked to be uniform within each request before they got here.
+
+The queue is bounded (``max_queue``: a full queue refuses at once) and every request carries a
+deadline: one still waiting when it passes is refused at the next batch boundary, so no answer
+comes later than its deadline plus one batch. A batch that fails is run again one request at a
+time, so only the request at fault fails, with its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from modelpack.errors import InferenceError, OverloadError
+from modelpack.metrics import NoMetrics
+from modelpack.serving.padding import (
+    SequenceAxis,
+    cut_outputs,
+    pad_feeds,
+    request_length,
+    split_by_length,
+)
+
+RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Result = dict[str, np.ndarray] | Exception
+
+
+class QueueMetrics(Protocol):
+    def queue_depth(self, depth: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, rows: int) -> None: ...
+
+
+@dataclass
+class _Pending:
+    feed: dict[str, np.ndarray]
+    rows: int
+    key: tuple[Any, ...]
+    deadline: float  # time.monotonic() past which it may not start
+    arrived: float
+    future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
+
+
+def shape_key(feed: Mapping[str, np.ndarray], plan: SequenceAxis | None) -> tuple[Any, ...]:
+    """Requests with equal keys can be stacked (the sequence axis may differ: it is padded)."""
+    key: list[Any] = []
+    for name in sorted(feed):
+        dims = list(feed[name].shape[1:])
+        if plan is not None and name in plan.inputs:
+            dims[plan.inputs[name] - 1] = -1
+        key.append((name, str(feed[name].dtype), tuple(dims)))
+    return tuple(key)
+
+
+def split_rows(
+    outputs: Mapping[str, np.ndarray], rows: Sequence[int]
+) -> list[dict[str, np.ndarray]]:
+    total = sum(rows)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            raise InferenceError(
+                f"output {name!r} has shape {list(array.shape)}: not batch-major, cannot batch"
+            )
+    bounds = np.cumsum([0, *rows])
+    return [
+        {name: array[start:end] for name, array in outputs.items()}
+        for start, end in itertools.pairwise(bounds)
+    ]
+
+
+class Batcher:
+    """Runs ``run`` on stacked requests, one batch at a time, in a worker thread (on the event
+    loop itself when a batch takes less time than the hop to the thread)."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        plan: SequenceAxis | None = None,
+        max_rows: int = 64,
+        max_queue: int = 256,
+        retry_after_s: int = 1,
+        max_wait_s: float = float("inf"),
+        metrics: QueueMetrics | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        inline_below_s: float = 0.0005,
+        run_cost_tokens: int = 32,
+    ) -> None:
+        self.run = run
+        self.plan = plan
+        self.max_rows = max_rows
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.retry_after_s = retry_after_s
+        self.metrics: QueueMetrics = metrics or NoMetrics()
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgebento-batch"
+        )
+        # A batch that ran faster than a hop to the worker thread costs (tiny models) runs on
+        # the event loop itself; anything slower runs in the thread so the loop keeps serving.
+        self.inline_below_s = inline_below_s
+        self.run_cost_tokens = run_cost_tokens
+        self.last_run_s = float("inf")  # unknown until the first run (which uses the thread)
+        # Wall-clock seconds per row between batch starts while a queue stands (run time plus
+        # whatever else the process does meanwhile): what the queue ahead of a request costs.
+        self.per_row_s = 0.0
+        self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._draining = False
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.rows = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def full(self) -> bool:
+        """No room: ``max_queue`` requests wait, or more work than ``max_wait_s`` does."""
+        return len(self._queue) >= self.max_queue or self.expected_wait() > self.max_wait_s
+
+    def expected_wait(self) -> float:
+        return self._queued_rows * self.per_row_s
+
+    def would_miss(self, deadline: float) -> bool:
+        """True when the queue ahead would not let a request start before ``deadline``: it is
+        refused at once rather than parsed, queued and refused later (work wasted under load)."""
+        return bool(self._queue) and time.monotonic() + self.expected_wait() > deadline
+
+    def refuse_late(self) -> OverloadError:
+        return OverloadError(
+            f"the queue ahead would take {self.expected_wait():.3f} s, past the request's "
+            "deadline; retry shortly",
+            reason="deadline",
+            retry_after_s=self.retry_after_s,
+        )
+
+    async def submit(
+        self, feed: dict[str, np.ndarray], rows: int = 1, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Queue one validated request of ``rows`` rows; returns its own outputs, or raises
+        OverloadError when the queue is full or its deadline passes before it starts."""
+        if self.full():
+            raise OverloadError(
+                f"the model's queue is full ({len(self._queue)} requests, "
+                f"{self.expected_wait():.2f} s of work, waiting); retry shortly",
+                reason="queue_full",
+                retry_after_s=self.retry_after_s,
+            )
+        if deadline is not None and self.would_miss(deadline):
+            raise self.refuse_late()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pending = _Pending(
+            feed,
+            rows,
+            shape_key(feed, self.plan),
+            deadline if deadline is not None else float("inf"),
+            now,
+            loop.create_future(),
+        )
+        self._queue.append(pending)
+        self._queued_rows += rows
+        self.metrics.queue_depth(len(self._queue))
+        if not self._draining:
+            self._draining = True
+            # Kept so the task is not garbage-collected while it runs.
+            self._task = loop.create_task(self._drain())
+        return await pending.future
+
+    def _learn_drain_rate(self, now: float, rows: int) -> None:
+        if self._last_take is not None:
+            when, taken = self._last_take
+            sample = (now - when) / max(1, taken)
+            self.per_row_s = sample if not self.per_row_s else 0.8 * self.per_row_s + 0.2 * sample
+        self._last_take = (now, rows) if self._queue and rows else None
+
+    def _expire(self, item: _Pending, now: float) -> bool:
+        if item.future.done():
+            return True  # the client went away
+        if now <= item.deadline:
+            return False
+        item.future.set_exception(
+            OverloadError(
+                f"the request waited {now - item.arrived:.3f} s, past its deadline; retry shortly",
+                reason="deadline",
+                retry_after_s=self.retry_after_s,
+            )
+        )
+        return True
+
+    def _take_batch(self) -> list[_Pending]:
+        now = time.monotonic()
+        batch: list[_Pending] = []
+        rows, kept = 0, deque[_Pending]()
+        while self._queue:
+            item = self._queue.popleft()
+            if self._expire(item, now):
+                continue
+            fits = not batch or (item.key == batch[0].key and rows + item.rows <= self.max_rows)
+            if fits and rows < self.max_rows:
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+        self._queue = kept
+        self._queued_rows = sum(item.rows for item in kept)
+        self._learn_drain_rate(now, sum(item.rows for item in batch))
+        self.metrics.queue_depth(len(kept))
+        for item in batch:
+            self.metrics.queue_wait(now - item.arrived)
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                try:
+                    if self.last_run_s < self.inline_below_s:
+                        results = self._run_batch(batch)
+                        await asyncio.sleep(0)  # let the loop read requests between batches
+                    else:
+                        results = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                except Exception as exc:  # a bug of ours: answer everyone, keep draining
+                    results = [exc] * len(batch)
+                for item, result in zip(batch, results, strict=True):
+                    if item.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        item.future.set_exception(result)
+                    else:
+                        item.future.set_result(result)
+        finally:
+            self._draining = False
+
+    def _run_alone(self, feed: dict[str, np.ndarray]) -> Result:
+        try:
+            return self.run(feed)
+        except Exception as exc:
+            return exc
+
+    def _run_batch(self, batch: list[_Pending]) -> list[Result]:
+        start = time.perf_counter()
+        try:
+            return self._run_stacked(batch)
+        finally:
+            self.last_run_s = time.perf_counter() - start
+
+    def _run_stacked(self, batch: list[_Pending]) -> list[Result]:
+        if len(batch) == 1 or self.plan is None:
+            return self._run_group(batch)
+        # Sequences: sort the batch into runs of similar length so short requests are not
+        # padded to the longest one in the queue.
+        lengths = [request_length(item.feed, self.plan) for item in batch]
+        results: list[Result] = [{} for _ in batch]
+        for group in split_by_length(lengths, self.run_cost_tokens):
+            answers = self._run_group([batch[i] for i in group])
+            for i, answer in zip(group, answers, strict=True):
+                results[i] = answer
+        return results
+
+    def _count(self, rows: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.metrics.batch(rows)
+
+    def _run_group(self, batch: list[_Pending]) -> list[Result]:
+        """One ORT run over stacked (and padded) requests; their own outputs back."""
+        if len(batch) == 1:
+            self._count(batch[0].rows)
+            return [self._run_alone(batch[0].feed)]
+        feeds = [item.feed for item in batch]
+        lengths: list[int] = []
+        if self.plan is not None:
+            feeds, lengths = pad_feeds(feeds, self.plan)
+        self._count(sum(item.rows for item in batch))
+        try:
+            merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+            parts = split_rows(self.run(merged), [item.rows for item in batch])
+        except Exception:
+            # One member the model refuses must not fail the others: run them one by one.
+            return [self._run_alone(item.feed) for item in batch]
+        if self.plan is not None:
+            parts = [cut_outputs(p, n, self.plan) for p, n in zip(parts, lengths, strict=True)]
+        return list(parts)

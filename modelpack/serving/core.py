@@ -1,0 +1,246 @@
+"""The serving core: one path from a request to an answer for every target.
+
+Parse (tensor JSON, the Open Inference Protocol, its binary extension), validate against the io
+signature before anything is allocated or run, run (batched or alone, behind a bounded queue with
+deadlines, through the optional result cache), encode (NaN and infinity made JSON-safe), and map
+every error to one status and reason. BentoML, Lambda, the agent's MQTT and HTTP inference and
+its pipelines are thin adapters over ``ServingCore``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from modelpack.codec import decode_request, dumps, encode_response, parse_body
+from modelpack.errors import EdgebentoError, InputError, OverloadError
+from modelpack.manifest import Manifest
+from modelpack.metrics import InferenceMetrics, NoMetrics
+from modelpack.predictor import Predictor
+from modelpack.serving import oip
+from modelpack.serving.cache import cache_key
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.model import ServedModel
+from modelpack.serving.reasons import NotFoundRoute, NotReadyError
+from modelpack.serving.tensors import check_feed
+
+Protocol = Literal["tensor", "oip"]
+TIMEOUT_HEADER = "x-timeout-ms"  # a client's shorter deadline, in milliseconds
+
+
+@dataclass
+class Job:
+    """One parsed, validated request on its way through the model."""
+
+    model: ServedModel
+    protocol: Protocol
+    feed: dict[str, np.ndarray]
+    rows: int
+    arrived: float
+    deadline: float
+    oip: oip.OipRequest | None = None
+    doc: Any = None  # the parsed request document (what capture keeps)
+    key: bytes | None = None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _timeout_header(headers: Mapping[str, str]) -> float | None:
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise InputError(
+            f"{TIMEOUT_HEADER} {raw!r} is not a number of ms", reason="invalid"
+        ) from exc
+    if not value > 0:
+        raise InputError(f"{TIMEOUT_HEADER} must be positive, got {raw!r}", reason="invalid")
+    return value / 1000
+
+
+class ServingCore:
+    """The model being served (swappable), its limits and its metrics."""
+
+    def __init__(
+        self,
+        limits: ServingLimits | None = None,
+        metrics: InferenceMetrics | None = None,
+        batching: bool = True,
+        running: int = 1,
+    ) -> None:
+        self.limits = limits or ServingLimits()
+        self.metrics = metrics or NoMetrics()
+        self.batching = batching
+        self.running = running
+        self.model: ServedModel | None = None
+        self.load_error: str | None = None  # why no model could be loaded (answered as 503)
+        # Called with (request document, answer document) after every success (capture).
+        self.observers: list[Callable[[Any, dict[str, Any]], None]] = []
+
+    def serve(
+        self,
+        predictor: Predictor,
+        manifest: Manifest | None = None,
+        about: Mapping[str, Any] | None = None,
+    ) -> ServedModel:
+        """Make ``predictor`` the live model; requests in flight finish on the old one."""
+        model = ServedModel(
+            predictor, self.limits, self.metrics, manifest, self.batching, self.running, about
+        )
+        self.model, self.load_error = model, None
+        self.metrics.set_model(model.name, model.version)
+        return model
+
+    # --- the three steps ----------------------------------------------------------------------
+
+    def live(self, name: str | None = None, version: str | None = None) -> ServedModel:
+        model = self.model
+        if model is None:
+            reason = "load_failed" if self.load_error else "not_ready"
+            raise NotReadyError(self.load_error or "no model is loaded yet", reason=reason)
+        if name is not None and name != model.name:
+            raise NotFoundRoute(f"no model {name!r}; this server serves {model.name!r}")
+        if version not in (None, "", model.version):
+            raise NotFoundRoute(
+                f"model {name!r} has no version {version!r}; it serves {model.version}"
+            )
+        return model
+
+    def prepare(
+        self,
+        protocol: Protocol,
+        body: bytes | bytearray | None = None,
+        doc: Any = None,
+        headers: Mapping[str, str] | None = None,
+        model: ServedModel | None = None,
+        timeout_s: float | None = None,
+        arrived: float | None = None,
+    ) -> Job:
+        """Parse and validate a request (a body, or a document parsed already)."""
+        arrived = time.monotonic() if arrived is None else arrived
+        headers = headers or {}
+        model = model or self.live()
+        header_timeout = _timeout_header(headers)
+        self._admit(model, arrived + self.limits.deadline(header_timeout or timeout_s))
+        binary = None
+        if doc is None:
+            if protocol == "oip":
+                body, binary = oip.split_body(body or b"", headers.get(oip.HEADER_LENGTH))
+            doc = parse_body(body, self.limits)
+        request = None
+        if protocol == "oip":
+            request = oip.decode(doc, binary, model.inputs, model.predictor.outputs, self.limits)
+            feed = request.inputs
+            timeout_s = request.timeout_s or timeout_s
+        else:
+            feed = decode_request(doc, model.inputs, self.limits)
+        timeout_s = header_timeout or timeout_s
+        rows = check_feed(model.inputs, feed, self.limits)
+        deadline = arrived + self.limits.deadline(timeout_s)
+        return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
+
+    def _admit(self, model: ServedModel, deadline: float) -> None:
+        """Refuse before parsing what cannot start in time: parsing it would be wasted work."""
+        if model.batcher.full() or model.gate.full():
+            raise OverloadError(
+                "the model's queue is full; retry shortly",
+                reason="queue_full",
+                retry_after_s=self.limits.retry_after_s,
+            )
+        if model.batcher.would_miss(deadline):
+            raise model.batcher.refuse_late()
+
+    def _cached(self, job: Job) -> bool:
+        cache = job.model.cache
+        if cache is None:
+            return False
+        job.key = cache_key(job.feed)
+        found = cache.get(job.key)
+        self.metrics.cache(found is not None)
+        if found is not None:
+            job.outputs = found
+        return found is not None
+
+    def _remember(self, job: Job) -> None:
+        if job.model.cache is not None and job.key is not None:
+            job.model.cache.put(job.key, job.outputs)
+
+    async def run(self, job: Job) -> Job:
+        if not self._cached(job):
+            job.outputs = await job.model.batcher.submit(job.feed, job.rows, job.deadline)
+            self._remember(job)
+        return job
+
+    def run_sync(self, job: Job) -> Job:
+        if not self._cached(job):
+            with job.model.gate.slot(job.deadline, job.arrived):
+                job.outputs = job.model.predictor.run(job.feed, validate=False)
+            self._remember(job)
+        return job
+
+    def _observed(self, job: Job, answer: dict[str, Any]) -> dict[str, Any]:
+        for observe in self.observers:
+            observe(job.doc, answer)
+        return answer
+
+    def answer(self, job: Job) -> dict[str, Any]:
+        """The answer document (tensor JSON, or OIP with every output in JSON)."""
+        seconds = time.monotonic() - job.arrived
+        self.metrics.ok(seconds)
+        if job.oip is not None:
+            doc, _ = oip.answer_doc(
+                job.oip, job.outputs, job.model.name, job.model.version, json_only=True
+            )
+            return self._observed(job, doc)
+        ref = job.model.predictor.model_ref
+        return self._observed(job, encode_response(job.outputs, ref, seconds * 1000))
+
+    def encode(self, job: Job) -> tuple[bytes, dict[str, str]]:
+        """The answer body and its headers, binary outputs included."""
+        if job.oip is None:
+            return dumps(self.answer(job)), {"content-type": "application/json"}
+        self.metrics.ok(time.monotonic() - job.arrived)
+        doc, blobs = oip.answer_doc(job.oip, job.outputs, job.model.name, job.model.version)
+        self._observed(job, doc)
+        header = dumps(doc)
+        if not blobs:
+            return header, {"content-type": "application/json"}
+        return header + b"".join(blobs), {
+            "content-type": "application/octet-stream",
+            oip.HEADER_LENGTH: str(len(header)),
+        }
+
+    def count_error(self, exc: BaseException) -> None:
+        if isinstance(exc, InputError):
+            self.metrics.rejected_input(exc.reason)
+        elif isinstance(exc, OverloadError):
+            self.metrics.overloaded(exc.reason)
+        else:
+            self.metrics.failed()
+
+    # --- documents for callers that parse their own envelope (MQTT, pipelines) ---------------
+
+    def infer_doc(
+        self,
+        doc: Any,
+        timeout_s: float | None = None,
+        arrived: float | None = None,
+    ) -> dict[str, Any]:
+        """A parsed request (tensor JSON ``{"inputs": {...}}`` or OIP ``{"inputs": [...]}``) to
+        its answer document, synchronously; raises the error to report (counted)."""
+        try:
+            protocol: Protocol = (
+                "oip"
+                if isinstance(doc, Mapping) and isinstance(doc.get("inputs"), list)
+                else "tensor"
+            )
+            job = self.prepare(protocol, doc=doc, timeout_s=timeout_s, arrived=arrived)
+            return self.answer(self.run_sync(job))
+        except EdgebentoError as exc:
+            self.count_error(exc)
+            raise

@@ -1,0 +1,136 @@
+"""One loaded model as the serving core runs it: the predictor, its batching (or why not), its
+bounded queue and its result cache."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from modelpack.manifest import Manifest, TensorSpec
+from modelpack.metrics import InferenceMetrics
+from modelpack.predictor import Predictor
+from modelpack.serving.batching import Batcher
+from modelpack.serving.cache import ResultCache
+from modelpack.serving.gate import Gate
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.padding import sequence_axis
+
+log = logging.getLogger(__name__)
+
+
+def _probe_feed(specs: Mapping[str, TensorSpec], rows: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs.values():
+        dims = spec.shape or []
+        shape = [
+            rows if axis == 0 else (d if isinstance(d, int) else 3) for axis, d in enumerate(dims)
+        ]
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            array = rng.standard_normal(shape).astype(dtype)
+        else:
+            array = rng.integers(0, 2, size=shape).astype(dtype)
+            if array.ndim:
+                array[..., 0] = 1  # a mask of all zeros is a degenerate input for many models
+        feed[spec.name] = array
+    return feed
+
+
+def rows_are_independent(predictor: Predictor) -> str | None:
+    """None when the model answers each row of a batch as it answers the row alone (what
+    batching requests together needs); otherwise why not. Models that mix rows (batch
+    statistics, a reduction over the batch axis) would leak one client's data into another's."""
+    try:
+        both = _probe_feed(predictor.inputs, 2, 0)
+        together = predictor.run(both, validate=False)
+        for row in range(2):
+            alone = predictor.run({k: v[row : row + 1] for k, v in both.items()}, validate=False)
+            for name, value in alone.items():
+                part = together[name][row : row + 1]
+                if part.shape != value.shape or not np.allclose(
+                    part, value, rtol=1e-3, atol=1e-5, equal_nan=True
+                ):
+                    return f"output {name!r} of a row changes when other rows run beside it"
+    except Exception as exc:  # the probe itself failed: do not batch what we cannot check
+        return f"the batching probe did not run: {str(exc).splitlines()[0]}"
+    return None
+
+
+class ServedModel:
+    def __init__(
+        self,
+        predictor: Predictor,
+        limits: ServingLimits,
+        metrics: InferenceMetrics,
+        manifest: Manifest | None = None,
+        batching: bool = True,
+        running: int = 1,
+        about: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.manifest = manifest
+        self.limits = limits
+        self.about = dict(about or {})
+        ref = predictor.model_ref
+        self.name = str(ref.get("name", "model"))
+        self.version = str(ref.get("version", "1"))
+        self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
+        self.plan = sequence_axis(manifest) if manifest is not None else None
+        self.batching_off = self._why_not_batch(batching)
+        if self.batching_off:
+            log.info("%s v%s runs requests alone: %s", self.name, self.version, self.batching_off)
+        # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off.
+        self.batcher = Batcher(
+            self._run,
+            self.plan,
+            max_rows=1 if self.batching_off else limits.max_batch_rows,
+            max_queue=limits.max_queue,
+            retry_after_s=limits.retry_after_s,
+            max_wait_s=limits.max_queue_wait_s,
+            metrics=metrics,
+        )
+        # Threaded targets (the agent, Lambda) queue at the gate.
+        self.gate = Gate(running, limits.max_queue, limits.retry_after_s, metrics)
+
+    def _why_not_batch(self, wanted: bool) -> str | None:
+        if not wanted:
+            return "batching is off for this target"
+        p = self.predictor
+        outputs = self.manifest.outputs if self.manifest is not None else []
+        if not p.batch_dynamic or not all(s.batch_dynamic for s in outputs):
+            return "not every input and output has a dynamic batch dim"
+        return rows_are_independent(p)
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.predictor.run(feed, validate=False)
+
+    @property
+    def inputs(self) -> Mapping[str, TensorSpec]:
+        return self.predictor.inputs
+
+    def output_specs(self) -> list[TensorSpec]:
+        if self.manifest is not None:
+            return list(self.manifest.outputs)
+        return [TensorSpec(name=n, dtype="float32") for n in self.predictor.outputs]
+
+    def metadata(self) -> dict[str, Any]:
+        m = self.manifest
+        doc: dict[str, Any] = {
+            "model": self.predictor.model_ref,
+            **self.about,
+            "inputs": [s.model_dump(mode="json") for s in self.inputs.values()],
+            "outputs": [s.model_dump(mode="json") for s in self.output_specs()],
+            "batching": self.batching_off is None,
+            "batching_off": self.batching_off,
+            # This process's batches so far: rows / batches is the mean batch size under load.
+            "batches": {"count": self.batcher.batches, "rows": self.batcher.rows},
+            "cache_bytes": self.limits.cache_bytes,
+        }
+        if m is not None:
+            doc["manifest"] = m.model_dump(mode="json")
+            doc["sequence"] = [s.model_dump(mode="json") for s in m.sequence]
+        return doc

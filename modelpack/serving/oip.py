@@ -1,0 +1,249 @@
+"""The Open Inference Protocol v2 (KServe, Triton, MLServer) and Triton's binary tensor data
+extension, as tritonclient sends it by default.
+
+A binary request is the JSON header followed by raw tensors; ``Inference-Header-Content-Length``
+says where the header ends, and each binary input names its ``binary_data_size``. An output is
+answered in binary when it asks for ``binary_data`` or the request sets ``binary_data_output``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelpack.errors import InputError
+from modelpack.manifest import TensorSpec
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.tensors import (
+    NUMERIC_DTYPES,
+    check_declared_shape,
+    check_names,
+    from_bytes,
+    from_numbers,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+
+DATATYPES = {
+    "BOOL": "bool",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+OIP_NAME = {v: k for k, v in DATATYPES.items()}
+
+
+@dataclass(frozen=True)
+class OipRequest:
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, bool] | None  # requested output -> binary; None: all of them
+    binary_default: bool
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timeout_s(self) -> float | None:
+        """Triton's ``timeout`` parameter, in microseconds."""
+        value = self.parameters.get("timeout")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value) / 1e6
+        return None
+
+
+def datatype(dtype: str) -> str:
+    return OIP_NAME.get(dtype, "BYTES")
+
+
+def split_body(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[bytes | bytearray, memoryview | None]:
+    """The JSON header and the binary section of a request (None without the extension)."""
+    if header_length is None:
+        return body, None
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise InputError(
+            f"Inference-Header-Content-Length {header_length!r} is not a length within the body",
+            reason="invalid",
+        )
+    cut = int(header_length)
+    return body[:cut], memoryview(body)[cut:]
+
+
+def _params(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise InputError(f"{where}: parameters must be an object", reason="invalid")
+    return dict(params)
+
+
+def _tensor(
+    doc: Any,
+    specs: Mapping[str, TensorSpec],
+    binary: memoryview | None,
+    offset: int,
+    limits: ServingLimits,
+) -> tuple[str, np.ndarray, int]:
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("name"), str):
+        raise InputError("each input is an object with a name", reason="invalid")
+    name = doc["name"]
+    spec = specs.get(name)
+    if spec is None:
+        raise InputError(
+            f"unknown input {name!r}; the model takes {', '.join(specs)}", reason="unknown_input"
+        )
+    oip_type = doc.get("datatype")
+    dtype = DATATYPES.get(oip_type) if isinstance(oip_type, str) else None
+    if dtype is None or dtype not in NUMERIC_DTYPES:
+        raise InputError(
+            f"input {name!r}: datatype {oip_type!r} is not one of {', '.join(DATATYPES)}",
+            reason="dtype",
+        )
+    if dtype != spec.dtype:
+        raise InputError(
+            f"input {name!r}: the model takes {datatype(spec.dtype)}, got {oip_type}",
+            reason="dtype",
+        )
+    dims, count = check_declared_shape(spec, doc.get("shape"), limits)
+    size = _params(doc, f"input {name!r}").get("binary_data_size")
+    if size is not None:
+        if binary is None or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InputError(
+                f"input {name!r}: binary_data_size needs the binary extension and a size",
+                reason="invalid",
+            )
+        if offset + size > len(binary):
+            raise InputError(
+                f"input {name!r}: binary_data_size {size} runs past the end of the body",
+                reason="invalid",
+            )
+        array = from_bytes(spec, dtype, list(dims), binary[offset : offset + size], limits)
+        return name, array, offset + size
+    if "data" not in doc:
+        raise InputError(f"input {name!r}: no data and no binary_data_size", reason="invalid")
+    array = from_numbers(spec, doc["data"])
+    if array.size != count:
+        raise InputError(
+            f"input {name!r}: {array.size} values do not fill shape {list(dims)}", reason="shape"
+        )
+    return name, array.reshape(dims), offset
+
+
+def _requested(doc: Any, names: Sequence[str]) -> dict[str, bool] | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, list):
+        raise InputError("outputs must be a list", reason="invalid")
+    wanted: dict[str, bool] = {}
+    for item in doc:
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise InputError("each requested output is an object with a name", reason="invalid")
+        if item["name"] not in names:
+            raise InputError(
+                f"unknown output {item['name']!r}; the model gives {', '.join(names)}",
+                reason="unknown_output",
+            )
+        flag = _params(item, f"output {item['name']!r}").get("binary_data")
+        wanted[item["name"]] = bool(flag) if flag is not None else None  # type: ignore[assignment]
+    return wanted
+
+
+def decode(
+    doc: Any,
+    binary: memoryview | None,
+    specs: Mapping[str, TensorSpec],
+    outputs: Sequence[str],
+    limits: ServingLimits,
+) -> OipRequest:
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("inputs"), list):
+        raise InputError(
+            'an inference request is {"inputs": [{"name", "shape", "datatype", "data"}]}',
+            reason="invalid",
+        )
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InputError("id must be a string", reason="invalid")
+    params = _params(doc, "the request")
+    names = [t.get("name") if isinstance(t, Mapping) else None for t in doc["inputs"]]
+    if all(isinstance(n, str) for n in names):
+        check_names(specs, names)  # type: ignore[arg-type]
+    feed: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in doc["inputs"]:
+        name, array, offset = _tensor(tensor, specs, binary, offset, limits)
+        feed[name] = array
+    if binary is not None and offset != len(binary):
+        raise InputError(
+            f"the binary section is {len(binary)} bytes but the inputs use {offset}",
+            reason="invalid",
+        )
+    default = bool(params.get("binary_data_output", False))
+    requested = _requested(doc.get("outputs"), outputs)
+    if requested is not None:
+        requested = {k: default if v is None else v for k, v in requested.items()}
+    return OipRequest(feed, requested, default, request_id, params)
+
+
+def _flat(array: np.ndarray) -> list[Any]:
+    flat = array.reshape(-1)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        return np.where(np.isfinite(flat), flat, None).tolist()  # type: ignore[call-overload,no-any-return]
+    return flat.tolist()  # type: ignore[no-any-return]
+
+
+def answer_doc(
+    request: OipRequest,
+    outputs: Mapping[str, np.ndarray],
+    model_name: str,
+    version: str,
+    json_only: bool = False,
+) -> tuple[dict[str, Any], list[bytes]]:
+    """The answer's JSON document and the raw bytes of its binary outputs, in order."""
+    wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
+    tensors, blobs = [], []
+    for name, binary in wanted.items():
+        array = np.ascontiguousarray(outputs[name])
+        tensor: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype(str(array.dtype)),
+            "shape": list(array.shape),
+        }
+        if binary and not json_only:
+            raw = array.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            tensor["data"] = _flat(array)
+        tensors.append(tensor)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": tensors}
+    if request.id is not None:
+        doc["id"] = request.id
+    return doc, blobs
+
+
+def model_metadata(
+    name: str, version: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> dict[str, Any]:
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) else -1 for d in (spec.shape or [])]
+        return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": shape}
+
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [tensor(s) for s in inputs],
+        "outputs": [tensor(s) for s in outputs],
+    }

@@ -1,0 +1,170 @@
+"""The HTTP surface of the core, whatever carries it (BentoML, a Lambda event, the agent's
+local server): tensor JSON on ``POST /predict``, the Open Inference Protocol under ``/v2``.
+
+    POST /predict                                   tensor JSON (``/infer`` on the agent too)
+    GET  /metadata                                  the pack's manifest and io signature
+    GET  /v2   /v2/health/live   /v2/health/ready
+    GET  /v2/models/{name}[/versions/{v}][/ready]
+    POST /v2/models/{name}[/versions/{v}]/infer     JSON, or Triton's binary extension
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelpack.codec import dumps
+from modelpack.errors import EdgebentoError, InputError
+from modelpack.serving import oip
+from modelpack.serving.core import Job, Protocol, ServingCore
+from modelpack.serving.reasons import NotFoundRoute, error_doc, retry_headers, status_of
+
+log = logging.getLogger(__name__)
+
+SERVER = {"name": "edgebento", "version": "1", "extensions": ["binary_tensor_data"]}
+PREDICT_PATHS = ("/predict", "/infer")
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes | bytearray = b""
+    arrived: float | None = None  # time.monotonic() when the request began to arrive
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, status: int, doc: Any, headers: Mapping[str, str] | None = None) -> HttpResponse:
+        return cls(status, dumps(doc), {"content-type": "application/json", **(headers or {})})
+
+    def doc(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a path asks for: an inference (tensor or OIP) or a read-only document."""
+
+    infer: Protocol | None
+    name: str | None = None
+    version: str | None = None
+    what: str = ""  # for documents: metadata, server, live, ready, model, model_ready
+
+
+def match(method: str, path: str) -> Route:
+    path = path.rstrip("/") or "/"
+    parts = path.split("/")[1:]
+    if path in PREDICT_PATHS:
+        return _only("POST", method, path, Route("tensor"))
+    if path == "/metadata":
+        return _only("GET", method, path, Route(None, what="metadata"))
+    if path in ("/livez", "/readyz"):
+        return _only("GET", method, path, Route(None, what=path[1:]))
+    if parts[:1] != ["v2"]:
+        raise NotFoundRoute(f"no such path {path}")
+    rest = parts[1:]
+    if not rest:
+        return _only("GET", method, path, Route(None, what="server"))
+    if rest in (["health", "live"], ["health", "ready"]):
+        return _only("GET", method, path, Route(None, what=rest[1]))
+    if rest[0] != "models" or len(rest) < 2:
+        raise NotFoundRoute(f"no such path {path}")
+    name, tail, version = rest[1], rest[2:], None
+    if tail[:1] == ["versions"] and len(tail) >= 2:
+        version, tail = tail[1], tail[2:]
+    if not tail:
+        return _only("GET", method, path, Route(None, name, version, "model"))
+    if tail == ["ready"]:
+        return _only("GET", method, path, Route(None, name, version, "model_ready"))
+    if tail == ["infer"]:
+        return _only("POST", method, path, Route("oip", name, version))
+    raise NotFoundRoute(f"no such path {path}")
+
+
+def _only(allowed: str, method: str, path: str, route: Route) -> Route:
+    if method.upper() != allowed:
+        raise InputError(f"{method} {path}: use {allowed}", reason="method")
+    return route
+
+
+def document(core: ServingCore, route: Route) -> HttpResponse:
+    """The read-only endpoints (they never touch the queue)."""
+    if route.what in ("server",):
+        return HttpResponse.json(200, SERVER)
+    if route.what in ("live", "livez"):
+        return HttpResponse.json(200, {"live": True})
+    if route.what in ("ready", "readyz"):
+        ready = core.model is not None
+        return HttpResponse.json(200 if ready else 503, {"ready": ready})
+    if route.what == "model_ready":
+        try:
+            core.live(route.name, route.version)
+        except NotFoundRoute:
+            raise
+        except EdgebentoError:
+            return HttpResponse.json(503, {"name": route.name, "ready": False})
+        return HttpResponse.json(200, {"name": route.name, "ready": True})
+    model = core.live(route.name, route.version)
+    if route.what == "model":
+        return HttpResponse.json(
+            200,
+            oip.model_metadata(
+                model.name, model.version, list(model.inputs.values()), model.output_specs()
+            ),
+        )
+    return HttpResponse.json(200, model.metadata())
+
+
+def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpResponse:
+    """The one error answer: ``{"error", "reason"}`` with the status of the reason table."""
+    if counted:
+        core.count_error(exc)
+    status = status_of(exc)
+    if status == 500:  # ours, never the client's: keep the whole story for the operator
+        log.error("request failed: %s", exc, exc_info=exc)
+    return HttpResponse.json(status, error_doc(exc), retry_headers(exc))
+
+
+def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
+    assert route.infer is not None
+    model = core.live(route.name, route.version)
+    return core.prepare(
+        route.infer, request.body, headers=request.headers, model=model, arrived=request.arrived
+    )
+
+
+def _done(core: ServingCore, job: Job) -> HttpResponse:
+    body, headers = core.encode(job)
+    return HttpResponse(200, body, headers)
+
+
+async def handle(core: ServingCore, request: HttpRequest) -> HttpResponse:
+    """An HTTP request to its answer, batched (BentoML's event loop)."""
+    try:
+        route = match(request.method, request.path)
+        if route.infer is None:
+            return document(core, route)
+        return _done(core, await core.run(_job(core, route, request)))
+    except Exception as exc:
+        return refuse(core, exc)
+
+
+def handle_sync(core: ServingCore, request: HttpRequest) -> HttpResponse:
+    """An HTTP request to its answer, in the calling thread (Lambda, the agent)."""
+    try:
+        route = match(request.method, request.path)
+        if route.infer is None:
+            return document(core, route)
+        return _done(core, core.run_sync(_job(core, route, request)))
+    except Exception as exc:
+        return refuse(core, exc)

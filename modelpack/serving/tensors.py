@@ -1,0 +1,226 @@
+"""Tensors checked against the io signature before anything is allocated or run.
+
+A declared shape (b64, the binary extension, OIP's ``shape``) is checked for sign, overflow and
+caps with Python integers, and against the byte count it claims, before a byte is decoded.
+Within one request every batch-major input (its first dim is symbolic in the signature) carries
+the same number of rows, whatever its symbol is called: tf2onnx names every batch dim
+differently (``unk__1``, ``unk__2``), so distinct names are not trusted to mean distinct sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from modelpack.errors import InputError
+from modelpack.manifest import TensorSpec
+from modelpack.serving.limits import ServingLimits
+
+NUMERIC_DTYPES = frozenset(
+    (
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    )
+)
+
+
+def fmt_shape(shape: Sequence[Any] | None) -> str:
+    if shape is None:
+        return "[any rank]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def check_names(specs: Mapping[str, TensorSpec], names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise InputError(
+            f"unknown input {unknown[0]!r}; the model takes {', '.join(specs)}",
+            reason="unknown_input",
+        )
+    missing = [n for n in specs if n not in names]
+    if missing:
+        raise InputError(f"missing input {missing[0]!r}", reason="missing_input")
+    if len(set(names)) != len(names):
+        raise InputError("an input is given twice", reason="invalid")
+
+
+def check_declared_shape(
+    spec: TensorSpec, shape: Any, limits: ServingLimits
+) -> tuple[tuple[int, ...], int]:
+    """A client's declared shape, checked before allocation; returns it and its element count."""
+    name = spec.name
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InputError(f"input {name!r}: shape must be a list of integers", reason="shape")
+    if any(d < 0 for d in shape):
+        raise InputError(f"input {name!r}: shape {list(shape)} has a negative dim", reason="shape")
+    count = math.prod(shape)  # Python ints: no wrap-around, whatever the client sends
+    if count > limits.max_elements:
+        raise InputError(
+            f"input {name!r}: shape {list(shape)} is {count} elements; the cap is {limits.max_elements}",
+            reason="too_large",
+        )
+    check_shape(spec, tuple(shape))
+    return tuple(shape), count
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Rank and fixed dims against the signature."""
+    if spec.shape is None:
+        return
+    if len(shape) != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r}: expected rank {len(spec.shape)} {fmt_shape(spec.shape)}, got shape {list(shape)}",
+            reason="shape",
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            raise InputError(
+                f"input {spec.name!r}: dim {axis} must be {want} {fmt_shape(spec.shape)}, got {got}",
+                reason="shape",
+            )
+
+
+def check_dtype(spec: TensorSpec, dtype: str) -> np.dtype[Any]:
+    """Raw tensors (b64, binary) must be exactly the dtype the model declares."""
+    if dtype != spec.dtype:
+        raise InputError(
+            f"input {spec.name!r}: the model takes {spec.dtype}, got {dtype}", reason="dtype"
+        )
+    return np.dtype(dtype)
+
+
+def from_bytes(
+    spec: TensorSpec, dtype: str, shape: Any, raw: bytes | memoryview, limits: ServingLimits
+) -> np.ndarray:
+    """A raw tensor: exactly shape x itemsize bytes of the declared dtype, no copy."""
+    np_dtype = check_dtype(spec, dtype)
+    dims, count = check_declared_shape(spec, shape, limits)
+    expected = count * np_dtype.itemsize
+    if len(raw) != expected:
+        raise InputError(
+            f"input {spec.name!r}: {len(raw)} bytes do not fill shape {list(dims)} of {dtype} ({expected} bytes)",
+            reason="shape",
+        )
+    array = np.frombuffer(raw, dtype=np_dtype).reshape(dims)
+    if np_dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
+        raise InputError(f"input {spec.name!r}: bool bytes must be 0 or 1", reason="dtype")
+    return array
+
+
+def from_numbers(spec: TensorSpec, value: Any) -> np.ndarray:
+    """Nested JSON lists of numbers, coerced to the model's dtype without loss."""
+    if isinstance(value, str):
+        raise InputError(f"input {spec.name!r}: expected numbers, got a string", reason="dtype")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError, RecursionError) as exc:  # ragged or absurdly deep lists
+        raise InputError(
+            f"input {spec.name!r}: nested lists of unequal lengths", reason="shape"
+        ) from exc
+    if array.dtype.kind not in "biuf":
+        raise InputError(
+            f"input {spec.name!r}: expected numbers, got {_kind_name(array)}", reason="dtype"
+        )
+    return coerce(spec.name, array, spec.dtype)
+
+
+def _kind_name(array: np.ndarray) -> str:
+    if array.dtype.kind in "US":
+        return "strings"
+    if array.dtype.kind == "O":
+        return "a mix of values (null, objects, strings or huge integers)"
+    return str(array.dtype)
+
+
+def coerce(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+    """Safe coercion from what JSON can carry to the model's dtype; refuse anything lossy."""
+    target = np.dtype(dtype)
+    if array.dtype == target:
+        return array
+    kind = array.dtype.kind
+    if target.kind == "f" and kind in "biuf":
+        with np.errstate(over="ignore"):
+            return array.astype(target)
+    if target.kind in "iu" and kind in "biuf":
+        if kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
+            raise InputError(
+                f"input {name!r}: expected integers ({dtype}), got fractions", reason="dtype"
+            )
+        info = np.iinfo(target)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise InputError(f"input {name!r}: values out of range for {dtype}", reason="dtype")
+        return array.astype(target)
+    if target.kind == "b" and kind in "biu" and np.isin(array, (0, 1)).all():
+        return array.astype(bool)
+    raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
+
+
+def check_feed(
+    specs: Mapping[str, TensorSpec], feed: Mapping[str, np.ndarray], limits: ServingLimits
+) -> int:
+    """The whole request: names, shapes, symbols, rows and bytes. Returns its row count (1 for
+    a model without batch-major inputs)."""
+    check_names(specs, list(feed))
+    symbols: dict[str, int] = {}
+    rows: dict[str, int] = {}
+    total = 0
+    for name, spec in specs.items():
+        array = feed[name]
+        check_shape(spec, array.shape)
+        if array.size > limits.max_elements:
+            raise InputError(
+                f"input {name!r} is {array.size} elements; the cap is {limits.max_elements}",
+                reason="too_large",
+            )
+        for axis, want in enumerate(spec.shape or []):
+            if isinstance(want, str):
+                seen = symbols.setdefault(want, array.shape[axis])
+                if seen != array.shape[axis]:
+                    raise InputError(
+                        f"input {name!r}: dim {axis} ({want}) is {array.shape[axis]} but {seen} in another input",
+                        reason="shape",
+                    )
+        if spec.batch_dynamic:
+            rows[name] = int(array.shape[0])
+        total += array.nbytes
+    if total > limits.max_input_bytes:
+        raise InputError(
+            f"inputs are {total} bytes; the cap is {limits.max_input_bytes}", reason="too_large"
+        )
+    return _rows(rows, limits)
+
+
+def _rows(rows: Mapping[str, int], limits: ServingLimits) -> int:
+    if not rows:
+        return 1
+    counts = set(rows.values())
+    if len(counts) > 1:
+        listed = ", ".join(f"{n}: {r}" for n, r in rows.items())
+        raise InputError(
+            f"every batch-major input must carry the same number of rows ({listed})",
+            reason="rows",
+        )
+    (count,) = counts
+    if count == 0:
+        raise InputError("the request has no rows (the batch dim is 0)", reason="rows")
+    if count > limits.max_rows:
+        raise InputError(
+            f"a batch of {count} rows is over the cap of {limits.max_rows}",
+            reason="batch_too_large",
+        )
+    return count

@@ -1,0 +1,249 @@
+"""The serving core through ``bentoml serve``, tried as hostile clients would: every finding of
+the serving-core issue, triggered for real against the running process."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.serving_common import Process, import_to_store, start_bento
+from tests.support import serving_models
+
+pytestmark = pytest.mark.integration
+
+
+def _b64(array: np.ndarray) -> dict[str, Any]:
+    return {
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+        "b64": base64.b64encode(array.tobytes()).decode(),
+    }
+
+
+def _serve(work: Path, keys: tuple[Path, Path], name: str, model: Path, **env: str) -> Process:
+    from modelpack import create_pack
+
+    create_pack(model, work / name, name=name, version=1, key=keys[0])
+    tag = import_to_store(work / name, keys[1], work / "bentoml")
+    return start_bento(work / "bentoml", tag, work, EDGEBENTO_WORKERS="1", **env)
+
+
+@pytest.fixture(scope="module")
+def add(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("serving-add")
+    server = _serve(work, keys, "add", serving_models.add_two(work / "add.onnx"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Iterator[str]:
+    """A model of about 2 ms a request, run one request at a time, behind a queue of 8."""
+    work = tmp_path_factory.mktemp("serving-slow")
+    model = serving_models.slow(work / "slow.onnx", depth=128)
+    server = _serve(
+        work,
+        keys,
+        "slow",
+        model,
+        EDGEBENTO_MAX_QUEUE="8",
+        EDGEBENTO_MAX_BATCH="1",
+        EDGEBENTO_DEADLINE_S="0.5",
+        EDGEBENTO_CACHE_BYTES=str(1 << 20),
+        EDGEBENTO_THREADS="1",
+    )
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _predict(url: str, inputs: dict[str, Any], **kw: Any) -> httpx.Response:
+    return httpx.post(url + "/predict", json={"inputs": inputs}, timeout=30, **kw)
+
+
+def _ones(rows: int, value: float = 1.0) -> np.ndarray:
+    return np.full((rows, 4), value, np.float32)
+
+
+def test_a_batch_never_returns_another_clients_tensor(add: str) -> None:
+    """a of 2 rows and b of 0 rows (as b64), beside other clients' 1-row requests."""
+    hostile = {"a": _b64(_ones(2, 100.0)), "b": _b64(np.zeros((0, 4), np.float32))}
+
+    def good(i: int) -> httpx.Response:
+        return _predict(add, {"a": _ones(1, i).tolist(), "b": _ones(1, 0.5).tolist()})
+
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(5):
+            bad = [pool.submit(_predict, add, hostile) for _ in range(4)]
+            goods = {i: pool.submit(good, i) for i in range(24)}
+            for future in bad:
+                reply = future.result()
+                assert reply.status_code == 400 and reply.json()["reason"] == "rows"
+            for i, future in goods.items():
+                reply = future.result()
+                assert reply.status_code == 200
+                assert reply.json()["outputs"]["y"] == [[i + 0.5] * 4]
+    alone = _predict(add, hostile)  # alone, it was a 500
+    assert alone.status_code == 400 and "same number of rows" in alone.json()["error"]
+
+
+def test_inconsistent_rows_fail_only_their_own_request(add: str) -> None:
+    hostile = {"a": _ones(1).tolist(), "b": _ones(3).tolist()}
+    with ThreadPoolExecutor(16) as pool:
+        bad = [pool.submit(_predict, add, hostile) for _ in range(8)]
+        goods = [
+            pool.submit(_predict, add, {"a": [[1, 2, 3, 4]], "b": [[1, 1, 1, 1]]})
+            for _ in range(24)
+        ]
+        assert {f.result().json()["reason"] for f in bad} == {"rows"}
+        assert all(f.result().json()["outputs"]["y"] == [[2, 3, 4, 5]] for f in goods)
+
+
+@pytest.mark.parametrize("shape", [[2**62, 4], [2**64, 4], [2**31, 2**31], [-1, 4], [3, 4, 1]])
+def test_overflowing_and_absurd_shapes_are_a_400(add: str, shape: list[int]) -> None:
+    tensor = {"dtype": "float32", "shape": shape, "b64": base64.b64encode(b"\0" * 16).decode()}
+    reply = _predict(add, {"a": tensor, "b": tensor})
+    assert reply.status_code in (400, 413), reply.text
+    assert reply.json()["reason"] in ("too_large", "shape")
+
+
+def _rss_tree(pid: int) -> int:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_a_19_mb_json_body_is_refused_before_it_is_parsed(add: str) -> None:
+    """Before, it raised a worker's RSS by 268 MB before it was refused."""
+    port = int(add.rsplit(":", 1)[1])
+    import psutil
+
+    pid = next(
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.laddr and c.laddr.port == port and c.status == "LISTEN" and c.pid
+    )
+    body = b'{"inputs": {"a": [' + b"[0.1, 0.2, 0.3, 0.4], " * 880_000 + b'[0, 0, 0, 0]], "b": []}}'
+    assert len(body) > 19e6
+    before = _rss_tree(pid)
+    reply = httpx.post(add + "/predict", content=body, timeout=60)
+    grown = _rss_tree(pid) - before
+    assert reply.status_code == 413 and reply.json()["reason"] == "too_large"
+    assert "b64" in reply.json()["error"]  # it says what to do instead
+    assert grown < 100e6, f"RSS grew by {grown / 1e6:.0f} MB"
+
+
+# --- isolation: each request, sent among others, gets exactly what it gets alone -----------
+
+_rows = st.integers(min_value=0, max_value=3)
+_tensor = st.one_of(
+    st.tuples(st.just("json"), _rows, st.sampled_from([4, 4, 4, 3])),
+    st.tuples(st.just("b64"), _rows, st.sampled_from([4, 4, 2])),
+)
+
+
+def _make(kind: str, rows: int, width: int, seed: int) -> Any:
+    array = np.random.default_rng(seed).integers(-50, 50, (rows, width)).astype(np.float32)
+    return array.tolist() if kind == "json" else _b64(array)
+
+
+@st.composite
+def _request(draw: st.DrawFn) -> dict[str, Any]:
+    seed = draw(st.integers(0, 2**16))
+    a, b = draw(_tensor), draw(_tensor)
+    if draw(st.booleans()):  # mostly valid: the same rows on both
+        b = (b[0], a[1], 4)
+        a = (a[0], a[1], 4)
+    return {"a": _make(*a, seed), "b": _make(*b, seed + 1)}
+
+
+def _answer(reply: httpx.Response) -> tuple[int, Any]:
+    doc = reply.json()
+    return reply.status_code, doc.get("outputs", doc.get("reason"))
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(requests=st.lists(_request(), min_size=8, max_size=24))
+def test_concurrent_requests_each_get_the_answer_they_get_alone(
+    add: str, requests: list[dict[str, Any]]
+) -> None:
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: _answer(_predict(add, r)), requests))
+    alone = [_answer(_predict(add, r)) for r in requests]
+    assert together == alone
+    assert all(status in (200, 400) for status, _ in alone)
+
+
+# --- overload -------------------------------------------------------------------------------
+
+
+def test_a_flood_gets_only_200_and_503_with_retry_after(slow: str) -> None:
+    rng = np.random.default_rng(0)
+
+    def ask(i: int) -> httpx.Response:
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+        return _predict(slow, {"x": _b64(x)})
+
+    with httpx.Client() as warm:
+        warm.get(slow + "/metadata")
+    with ThreadPoolExecutor(64) as pool:
+        replies = list(pool.map(ask, range(640)))
+    statuses = {r.status_code for r in replies}
+    assert statuses <= {200, 503} and 503 in statuses and 200 in statuses
+    for reply in replies:
+        if reply.status_code == 503:
+            assert reply.headers["retry-after"] == "1"
+            assert reply.json()["reason"] in ("queue_full", "deadline")
+    text = httpx.get(slow + "/metrics").text
+    assert "edgebento_overload_rejected_total" in text
+    assert "edgebento_queue_wait_seconds_bucket" in text and "edgebento_queue_depth" in text
+    # Normal service right after.
+    assert _predict(slow, {"x": [[0.0] * 256]}).status_code == 200
+
+
+def test_a_client_may_ask_for_a_shorter_deadline(slow: str) -> None:
+    def short(i: int) -> httpx.Response:
+        return _predict(slow, {"x": [[i + 0.5] * 256]}, headers={"x-timeout-ms": "0.001"})
+
+    def normal(i: int) -> httpx.Response:
+        return _predict(slow, {"x": _b64(np.full((1, 256), -i, np.float32))})
+
+    with ThreadPoolExecutor(8) as pool:  # 8 clients never fill the queue of 8
+        futures = [pool.submit(short if i % 5 == 0 else normal, i) for i in range(100)]
+        replies = [(i % 5 == 0, f.result()) for i, f in enumerate(futures)]
+    assert all(r.status_code == 200 for is_short, r in replies if not is_short)
+    shorts = [r for is_short, r in replies if is_short]
+    assert {r.status_code for r in shorts} == {503}
+    assert {r.json()["reason"] for r in shorts} == {"deadline"}
+    bad = _predict(slow, {"x": [[0.0] * 256]}, headers={"x-timeout-ms": "soon"})
+    assert bad.status_code == 400 and bad.json()["reason"] == "invalid"
+
+
+def test_the_result_cache_answers_a_repeated_request(slow: str) -> None:
+    x = {"x": [[0.25] * 256]}
+    first, second = _predict(slow, x).json(), _predict(slow, x).json()
+    assert first["outputs"] == second["outputs"]
+    text = httpx.get(slow + "/metrics").text
+    hits = [line for line in text.splitlines() if line.startswith("edgebento_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= 1
+
+
+def test_unknown_paths_and_methods_are_404_and_405(add: str) -> None:
+    assert httpx.get(add + "/v2/nothing").status_code == 404
+    assert httpx.delete(add + "/predict").status_code in (404, 405)
+    assert httpx.get(add + "/predict").status_code == 405
