@@ -23,16 +23,15 @@ from edgebento.demo_runner import BIN, Demo, Stopped, console, section, stop_on_
 from edgebento.localservices import LOOPBACK, Prometheus
 
 
-def start_prometheus(demo: Demo, service_url: str, fleet: fleet_steps.Fleet) -> Prometheus:
+def start_prometheus(demo: Demo, service_url: str, ports: fleet_steps.MetricsPorts) -> Prometheus:
+    """Scraping the service now, and the sync process, agents and rollouts once they run."""
     targets: dict[str, list[tuple[str, dict[str, str]]]] = {
         "edgebento-service": [(service_url.removeprefix("http://"), {})],
-        "edgebento-sync": [(f"{LOOPBACK}:{fleet.sync_metrics}", {})],
+        "edgebento-sync": [(f"{LOOPBACK}:{ports.sync}", {})],
         "edgebento-agent": [
-            (f"{LOOPBACK}:{port}", {"device": device})
-            for device, port in fleet.agent_metrics.items()
+            (f"{LOOPBACK}:{port}", {"device": device}) for device, port in ports.agents.items()
         ],
-        # Up only while `edgebento rollout` runs.
-        "edgebento-rollout": [(f"{LOOPBACK}:{fleet.rollout_metrics}", {})],
+        "edgebento-rollout": [(f"{LOOPBACK}:{ports.rollout}", {})],
     }
     prometheus = Prometheus(demo.workdir / "prometheus", targets)
     console.print(
@@ -41,7 +40,7 @@ def start_prometheus(demo: Demo, service_url: str, fleet: fleet_steps.Fleet) -> 
         "[dim](rules: deploy/observability/rules/edgebento.rules.yml)[/dim]"
     )
     demo.stoppers.append(prometheus.start().stop)
-    prometheus.wait_scraped(jobs=("edgebento-service", "edgebento-sync", "edgebento-agent"))
+    prometheus.wait_scraped(jobs=("edgebento-service",))
     return prometheus
 
 
@@ -68,16 +67,18 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
     request = cloud.digit_request(paths)
     with section("4. serverless: the Lambda handler"):
         demo.attempt("lambda", lambda: cloud.step_lambda(demo, packs.v1, keys, request))
-    with section("5. cloud: BentoML, an OIP client, a flood"):
+    with section("5. cloud: BentoML, Prometheus, an OIP client, a flood"):
         url = cloud.start_bentoml(demo, packs.v1, keys)
+        ports = fleet_steps.MetricsPorts()
+        prometheus = start_prometheus(demo, url, ports)
+        since = time.time()
+        demo.note("prometheus", f"{prometheus.url} scrapes the service (and the fleet, once up)")
         demo.attempt("bentoml", lambda: cloud.step_predict(url, request))
         demo.attempt("OIP (tritonclient)", lambda: cloud.step_oip(url, request))
         demo.attempt("flood", lambda: cloud.step_flood(url, request))
-    with section("6. edge: a broker, a registry, sync, two agents, Prometheus"):
-        fleet = fleet_steps.start_fleet(demo, packs, keys)
-        prometheus = start_prometheus(demo, url, fleet)
-        since = time.time()
-        demo.note("prometheus", f"scraping the service, sync and both agents at {prometheus.url}")
+    with section("6. edge: a broker, a registry, sync, two agents"):
+        fleet = fleet_steps.start_fleet(demo, packs, keys, ports)
+        prometheus.wait_scraped(jobs=("edgebento-service", "edgebento-sync", "edgebento-agent"))
         demo.attempt(
             "edge inference", lambda: fleet_steps.step_mqtt_inference(demo, fleet, request)
         )

@@ -23,26 +23,33 @@ DEVICES = ("dev-1", "dev-2")
 TELEMETRY_INTERVAL = "1"
 
 
+@dataclass(frozen=True)
+class MetricsPorts:
+    """Chosen before anything starts, so that Prometheus scrapes from the first request on."""
+
+    sync: int = field(default_factory=free_port)
+    rollout: int = field(default_factory=free_port)  # up while a rollout runs
+    agents: dict[str, int] = field(default_factory=lambda: {d: free_port() for d in DEVICES})
+
+
 @dataclass
 class Fleet:
     broker: Mosquitto
     store: Path
     keys: Path
-    sync_metrics: int = field(default_factory=free_port)
-    rollout_metrics: int = field(default_factory=free_port)  # scraped while a rollout runs
-    agent_metrics: dict[str, int] = field(default_factory=dict)
+    ports: MetricsPorts
 
     @property
     def url(self) -> str:
         return self.broker.url
 
 
-def start_fleet(demo: Demo, packs: Packs, keys: Path) -> Fleet:
+def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fleet:
     # Persistence off: a broker killed with -9 then loses every queued message and retained
     # state, the setting under which "nothing lost" is worth showing.
     broker = Mosquitto(workdir=demo.workdir / "mosquitto", persistence=False).start()
     demo.stoppers.append(broker.stop)
-    fleet = Fleet(broker, demo.workdir / "store", keys)
+    fleet = Fleet(broker, demo.workdir / "store", keys, ports)
     console.print(
         f"Mosquitto listens on {fleet.url}; the registry and telemetry live in {fleet.store}"
     )
@@ -54,15 +61,14 @@ def start_fleet(demo: Demo, packs: Packs, keys: Path) -> Fleet:
     demo.run(BIN / "edgebento", "registry", "list", "--store", fleet.store)
     demo.start(
         "sync", BIN / "edgebento", "sync", "--broker", fleet.url, "--store", fleet.store,
-        "--metrics-port", str(fleet.sync_metrics), "--client-id", "demo-sync",
+        "--metrics-port", str(ports.sync), "--client-id", "demo-sync",
     )  # fmt: skip
     for device in DEVICES:
-        fleet.agent_metrics[device] = free_port()
         demo.start(
             device, BIN / "edge-agent", "run", "--device", device, "--broker", fleet.url,
             "--data-dir", demo.workdir / "devices" / device, "--trust", keys / "signing.pub",
             "--store", fleet.store, "--pack", packs.v1, "--telemetry-interval", TELEMETRY_INTERVAL,
-            "--metrics-port", str(fleet.agent_metrics[device]),
+            "--metrics-port", str(ports.agents[device]),
         )  # fmt: skip
     wait_online(fleet.broker, DEVICES)
     return fleet
@@ -87,7 +93,7 @@ def rollout(demo: Demo, fleet: Fleet, version: int) -> subprocess.CompletedProce
         BIN / "edgebento", "rollout", "digits", str(version), "--store", fleet.store,
         "--broker", fleet.url, "--devices", ",".join(DEVICES), "--canary", "50", "--waves", "1",
         "--bake", "2", "--wave-timeout", "60", "--key", fleet.keys / "signing.key",
-        "--metrics-port", str(fleet.rollout_metrics), "--wait", "--timeout", "120", check=False,
+        "--metrics-port", str(fleet.ports.rollout), "--wait", "--timeout", "120", check=False,
     )  # fmt: skip
 
 
