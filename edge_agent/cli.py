@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
     run.add_argument("--key-file", type=Path, help="client key (mTLS)")
     run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
+    run.add_argument(
+        "--file-root",
+        dest="file_roots",
+        type=Path,
+        action="append",
+        help="a directory file:// deploys may install from (repeatable; default: none)",
+    )
+    run.add_argument(
+        "--ack-timeout",
+        dest="telemetry_ack_timeout",
+        type=float,
+        help="seconds before unacknowledged telemetry is sent again (default 10)",
+    )
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     run.set_defaults(func=_run)
     return parser
@@ -65,6 +78,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "cert_file",
         "key_file",
         "outbox_max_bytes",
+        "file_roots",
+        "telemetry_ack_timeout",
         "log_level",
     ]
     flags: dict[str, Any] = {n: getattr(args, n) for n in names}
