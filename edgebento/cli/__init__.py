@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "edgebento.cli.registry",
     "edgebento.cli.rollout",
     "edgebento.cli.fleet",
+    "edgebento.cli.rollback",
 ]
 
 
