@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cloud_sync.redact import redact_url
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        raise ConfigError(f"broker URL {redact_url(url)!r} must start with mqtt:// or mqtts://")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} names no host")
+        raise ConfigError(f"broker URL {redact_url(url)!r} names no host")
     tls = parts.scheme in ("mqtts", "ssl")
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+        raise ConfigError(f"broker URL {redact_url(url)!r} has a bad port") from exc
     return BrokerAddress(
         host=parts.hostname,
         port=port,
@@ -76,7 +77,7 @@ class CloudClient:
         from paho.mqtt.properties import Properties
 
         self.address = parse_broker_url(broker_url)
-        self.url = broker_url
+        self.url = redact_url(broker_url)  # what errors and logs show: never the password
         self.client_id = client_id or f"edgebento-cloud-{uuid.uuid4().hex[:10]}"
         self._clean_start = clean_start
         self._props = Properties(PacketTypes.CONNECT)

@@ -150,7 +150,8 @@ class SignedInstruction(BaseModel):
 # Ranges of what a ``config`` command (and the agent's config file) may set: a value outside
 # them could stop the device from working (a 1 µs heartbeat floods the outbox; a 0.001 ms
 # latency budget refuses every future update).
-TelemetryInterval = Annotated[float, Field(ge=0.1, le=86_400)]
+TelemetryInterval = Annotated[float, Field(ge=0.02, le=86_400)]  # the operator's own file
+RemoteTelemetryInterval = Annotated[float, Field(ge=1.0, le=86_400)]  # a ``config`` command
 MaxBatch = Annotated[int, Field(ge=1, le=4096)]
 MaxPayloadBytes = Annotated[int, Field(ge=1024, le=64 << 20)]
 DrainRate = Annotated[float, Field(ge=1, le=20_000)]
@@ -203,7 +204,7 @@ class RollbackCommand(Request):
 
 
 class ConfigCommand(Request):
-    telemetry_interval: TelemetryInterval | None = None
+    telemetry_interval: RemoteTelemetryInterval | None = None
     max_batch: MaxBatch | None = None
     max_payload_bytes: MaxPayloadBytes | None = None
     drain_rate: DrainRate | None = None

@@ -8,6 +8,7 @@ be a credential.
 
 from __future__ import annotations
 
+import logging
 import re
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,3 +38,31 @@ def redact_url(url: str) -> str:
 def redact_text(text: str) -> str:
     """Every URL in ``text`` redacted."""
     return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts every log record's message before any handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and record.exc_info[1] is not None:
+            # The traceback's last line repeats the exception's text: keep the text redacted.
+            exc = record.exc_info[1]
+            text = str(exc)
+            if redact_text(text) != text:
+                record.exc_info = None
+                record.msg = f"{record.msg} ({type(exc).__name__}: {redact_text(text)})"
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add the filter to every handler of the root logger (call after logging is set up)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -76,6 +76,10 @@ class Agent:
             config.telemetry_window,
         )
         self.updates.desired = Reconciler(self)
+        if self.metrics_registry is not None:
+            from edge_agent.metrics import AgentCollector
+
+            self.metrics_registry.register(AgentCollector(self))
         self.heartbeat = Heartbeat()
         self._stopping = threading.Event()
         self.endpoint: Any = None

@@ -89,6 +89,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
 
@@ -99,7 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
     logging.getLogger("edge_agent").info(
-        "device %s serving %s on %s", config.device, agent.inference.model_ref, config.broker
+        "device %s serving %s on %s",
+        config.device,
+        agent.inference.model_ref,
+        redact_url(config.broker),
     )
     try:
         agent.run_forever()
@@ -116,13 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from cloud_sync.redact import install_log_redaction, redact_text
+
+    install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except AuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 3  # systemd: RestartPreventExitStatus=3, a wrong password stays wrong
     except EdgebentoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -19,6 +19,7 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from cloud_sync.protocol import COMMAND_MODELS, InferRequest, Reply, Request
+from cloud_sync.redact import redact_text
 from edge_agent import commands
 from edge_agent.session import Incoming
 from modelpack.errors import EdgebentoError, ProtocolError, first_problem
@@ -183,10 +184,11 @@ class Dispatcher:
         try:
             body.update(ok=True, **commands.HANDLERS[name](self.agent, request))
         except EdgebentoError as exc:
-            body.update(ok=False, error=str(exc), error_type=type(exc).__name__)
+            body.update(ok=False, error=redact_text(str(exc)), error_type=type(exc).__name__)
         except Exception as exc:  # a bug must still be answered, and recorded
             log.exception("command %s failed", name)
-            body.update(ok=False, error=f"internal error: {exc}", error_type="InternalError")
+            error = redact_text(f"internal error: {exc}")
+            body.update(ok=False, error=error, error_type="InternalError")
         self.agent.replies.store(request.id, body)
         self.reply(msg, request.reply_to, body)
         self.agent.record(

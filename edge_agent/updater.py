@@ -112,6 +112,7 @@ class Updater:
         self.current: Pack | None = None
         self.last_update: dict[str, Any] | None = None
         self.applied: dict[str, Any] | None = None  # set by edge_agent.trust per generation
+        self.outcomes: dict[str, int] = {}  # update attempts by outcome, for /metrics
         self._lock = threading.Lock()
         self.options = PredictorOptions(intra_op_threads=config.intra_op_threads)
 
@@ -397,5 +398,6 @@ class Updater:
             **extra,
         }
         self.last_update = result
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.report(result)
         return result

@@ -40,8 +40,10 @@ def register(sub: Any) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     from cloud_sync.ingest import SyncOptions, TelemetrySync
     from cloud_sync.protocol import Topics
+    from cloud_sync.redact import install_log_redaction, redact_url
     from cloud_sync.store import open_store
 
+    install_log_redaction()
     store = open_store(args.store, endpoint_url=args.endpoint_url)
     options = SyncOptions(
         share=args.share,
@@ -57,7 +59,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     sync.start()
     console.print(
-        f"syncing telemetry from {args.broker} to {store.url} as {options.client_id}"
+        f"syncing telemetry from {redact_url(args.broker)} to {redact_url(store.url)} as {options.client_id}"
         + (f"; /metrics on {args.metrics_addr}:{args.metrics_port}" if args.metrics_port else "")
     )
     try:

@@ -43,7 +43,9 @@ def test_the_rollback_cli_signs_and_the_device_obeys_only_a_trusted_key(
     assert client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(pack_v2)})["ok"]
     stranger, _ = generate_keypair(tmp_path / "stranger")
     refused = _rollback(broker, topic_prefix, stranger)
-    assert refused.returncode == 1 and "not signed by any trusted key" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "not signed by any trusted key" in refused.stderr, (
+        refused.stderr
+    )
     done = _rollback(broker, topic_prefix, keys[0])
     assert done.returncode == 0, done.stderr
     assert '"outcome": "rolled_back"' in done.stdout
