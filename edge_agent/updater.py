@@ -17,10 +17,8 @@ Downloads happen outside the install lock, so a rollback never waits behind one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -34,6 +32,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.fetch import FetchPolicy, fetch_named, fetch_url
 from edge_agent.health import HealthCheckError, health_check
 from edge_agent.inference import InferenceService
+from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
 from edge_agent.updates import CancelledError, UpdateWorker
 from modelpack.errors import EdgebentoError, PackError, VersionError
 from modelpack.loader import load_pack
@@ -44,54 +43,8 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
 Fetch = Callable[[Path], Path]
-_DIRNAME = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)-[0-9a-f]{12}$")
 
 __all__ = ["HealthCheckError", "InstallState", "Updater"]
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so a rename cannot expose half a pack."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclasses.dataclass(frozen=True)
-class InstallState:
-    current: str | None = None
-    history: tuple[str, ...] = ()  # earlier good packs, newest first: where rollback goes
-    highest: tuple[tuple[str, int], ...] = ()  # per model name, the highest version installed
-
-    def mark(self, name: str) -> int | None:
-        return dict(self.highest).get(name)
-
-    def raised(self, name: str, version: int) -> tuple[tuple[str, int], ...]:
-        marks = dict(self.highest)
-        marks[name] = max(version, marks.get(name, version))
-        return tuple(sorted(marks.items()))
-
-
-def marks_from_dirs(dirs: list[str]) -> dict[str, int]:
-    """High-water marks from pack dir names (a state.json written before marks were kept)."""
-    marks: dict[str, int] = {}
-    for d in dirs:
-        m = _DIRNAME.match(d)
-        if m:
-            marks[m["name"]] = max(int(m["version"]), marks.get(m["name"], 0))
-    return marks
 
 
 class Updater:
@@ -127,39 +80,13 @@ class Updater:
     # --- state -------------------------------------------------------------------------------
 
     def read_state(self) -> InstallState:
-        try:
-            raw = json.loads(self.state_file.read_text())
-            history = tuple(d for d in raw.get("history", ()) if isinstance(d, str))
-            current = raw.get("current") if isinstance(raw.get("current"), str) else None
-            marks = raw.get("highest")
-            if not isinstance(marks, dict):
-                marks = marks_from_dirs([d for d in (current, *history) if d])
-            highest = tuple(sorted((str(k), int(v)) for k, v in marks.items()))
-            return InstallState(current, history, highest)
-        except FileNotFoundError:
-            return InstallState()
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            log.error("state.json is unreadable (%s); starting from the packs on disk", exc)
-            dirs = [p.name for p in self.packs_dir.glob("*")] if self.packs_dir.exists() else []
-            return InstallState(highest=tuple(sorted(marks_from_dirs(dirs).items())))
+        return read_state(self.state_file, self.packs_dir)
 
     def highest(self, name: str) -> int | None:
         return self.read_state().mark(name)
 
     def _write_state(self, state: InstallState) -> None:
-        tmp = self.state_file.with_name(".state.json.tmp")
-        body = {
-            "schema_version": 1,
-            "current": state.current,
-            "history": list(state.history),
-            "highest": dict(state.highest),
-        }
-        with tmp.open("w") as fh:
-            json.dump(body, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_file)
-        fsync_dir(self.state_file.parent)
+        write_state(self.state_file, state)
 
     def _record(self, state: InstallState) -> None:
         """Write the state before the new session goes live; on failure nothing changed."""
