@@ -169,6 +169,7 @@ def download(url: str, dst: Path, policy: FetchPolicy) -> None:
             raise NotFoundError(f"{shown}: 404 not found") from exc
         raise StoreError(f"cannot download {shown}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
+        token.check(f"downloading {shown}")  # a read cut short by the deadline says so
         reason = getattr(exc, "reason", exc)
         raise StoreError(f"cannot download {shown}: {redact_url(str(reason))}") from exc
 
