@@ -215,6 +215,7 @@ def _start_agent(
     command = [sys.executable, "-m", "edge_agent", "run", "--device", device]
     command += ["--broker", broker_url, "--data-dir", str(work / f"agent-{device}")]
     command += ["--trust", str(pub), "--pack", str(pack), "--prefix", "bench"]
+    command += ["--file-root", str(work)]  # the swap deploys packs from the work dir
     environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.Popen(
         [*command, "--log-level", "WARNING"],
