@@ -52,6 +52,21 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def _guarded(callback: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """Every consumer's on_message, so that no message can end paho's network thread (paho 2
+    re-raises an exception from a callback, and the client then receives nothing more)."""
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            callback(client, userdata, msg)
+        except Exception:
+            log.exception(
+                "a message on %r could not be handled; ignored", getattr(msg, "topic", "?")
+            )
+
+    return on_message
+
+
 class CloudClient:
     """A connected MQTT 5 client whose loop runs in paho's own thread.
 
@@ -108,7 +123,7 @@ class CloudClient:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         if on_message is not None:
-            self.client.on_message = on_message
+            self.client.on_message = _guarded(on_message)
 
     def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -118,7 +133,10 @@ class CloudClient:
             return
         self.connected.set()
         if self._user_on_connect is not None:
-            self._user_on_connect(bool(flags.session_present))
+            try:
+                self._user_on_connect(bool(flags.session_present))
+            except Exception:  # paho 2 ends its network thread on an exception in a callback
+                log.exception("on_connect of %s failed", self.url)
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()

@@ -196,8 +196,11 @@ class Agent:
         next_tick = time.monotonic()
         while not self._stopping.is_set() and self.session.fatal is None:
             if time.monotonic() >= next_tick:
-                self._tick()
-                self.report_quarantines()
+                try:
+                    self._tick()
+                    self.report_quarantines()
+                except Exception:  # a heartbeat that fails must not end the agent
+                    log.exception("heartbeat failed")
                 next_tick = time.monotonic() + self.config.limits.telemetry_interval
             self._stopping.wait(min(0.2, max(0.0, next_tick - time.monotonic())))
         fatal = self.session.fatal

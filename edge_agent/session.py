@@ -185,7 +185,10 @@ class Session:
             flags.session_present,
         )
         if self._on_connect_cb is not None:
-            self._on_connect_cb(bool(flags.session_present))
+            try:
+                self._on_connect_cb(bool(flags.session_present))
+            except Exception:  # paho 2 would end its network thread
+                log.exception("on_connect handler failed")
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
