@@ -33,7 +33,7 @@ from edge_agent.fetch import FetchPolicy, fetch_named, fetch_url
 from edge_agent.health import HealthCheckError, health_check
 from edge_agent.inference import InferenceService
 from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
-from edge_agent.updates import CancelledError, UpdateWorker
+from edge_agent.updates import CancelledError, CancelToken, UpdateWorker
 from modelpack.errors import EdgebentoError, PackError, VersionError
 from modelpack.loader import load_pack
 from modelpack.pack import Pack
@@ -73,9 +73,11 @@ class Updater:
     def expired(self) -> bool:
         return self.current is not None and self.current.manifest.expired
 
-    def policy(self) -> FetchPolicy:
-        roots = tuple(self.config.file_roots)
-        return FetchPolicy(roots, self.config.max_download_bytes, self.worker.token)
+    def policy(self, own_token: bool = False) -> FetchPolicy:
+        """Fetch limits; the update worker's cancel token, or (a rollback, which runs beside
+        the worker and has just cancelled it) a token of its own with the same deadline."""
+        token = CancelToken(self.config.download_deadline_s) if own_token else self.worker.token
+        return FetchPolicy(tuple(self.config.file_roots), self.config.max_download_bytes, token)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -145,8 +147,8 @@ class Updater:
             return self._outcome("unchanged", f"{name} v{version} is already running", trigger)
         return self._install(self._named(name, version), f"{name} v{version}", trigger)
 
-    def _named(self, name: str, version: int) -> Fetch:
-        policy, store = self.policy(), self.config.store
+    def _named(self, name: str, version: int, policy: FetchPolicy | None = None) -> Fetch:
+        policy, store = policy or self.policy(), self.config.store
         return lambda target: fetch_named(store, name, version, target, policy)
 
     def rollback_to(
@@ -180,8 +182,8 @@ class Updater:
                     trigger,
                     health=health,
                 )
-        policy = self.policy()
-        fetch = (lambda t: fetch_url(url, t, policy)) if url else self._named(name, version)
+        policy = self.policy(own_token=True)
+        fetch = (lambda t: fetch_url(url, t, policy)) if url else self._named(name, version, policy)
         return self._install(fetch, url or f"{name} v{version}", trigger, (name, version))
 
     def previous(self) -> tuple[str, int] | None:

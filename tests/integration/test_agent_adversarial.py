@@ -97,8 +97,8 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(1 << 40))
             self.end_headers()
             return
-        if self.path.startswith("/bomb"):
-            body = self.server.bomb  # type: ignore[attr-defined]
+        if self.path.startswith(("/bomb", "/v1")):
+            body = getattr(self.server, self.path[1:].split(".")[0])
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -129,14 +129,19 @@ def _bomb() -> bytes:
 
 
 @pytest.fixture
-def trickle() -> Iterator[str]:
+def trickle_server() -> Iterator[http.server.ThreadingHTTPServer]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
     server.stopping = threading.Event()  # type: ignore[attr-defined]
     server.bomb = _bomb()  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
     server.stopping.set()  # type: ignore[attr-defined]
     server.shutdown()
+
+
+@pytest.fixture
+def trickle(trickle_server: http.server.ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{trickle_server.server_address[1]}"
 
 
 def test_a_trickling_download_blocks_nothing_and_is_cancelled_or_times_out(
@@ -146,16 +151,25 @@ def test_a_trickling_download_blocks_nothing_and_is_cancelled_or_times_out(
     pack_v2: Path,
     topic_prefix: str,
     trickle: str,
+    trickle_server: http.server.ThreadingHTTPServer,
     keys: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
+    from modelpack import write_archive
+
+    server = trickle_server
+    server.v1 = write_archive(pack_v1, tmp_path / "v1.tar.gz").read_bytes()  # type: ignore[attr-defined]
     config = tmp_path / "agent.toml"
     config.write_text("[agent]\ndownload_deadline_s = 6\n")
     agent_factory(pack=pack_v2, args=("--config", str(config)))
     wait_online(client, topic_prefix, "dev-a")
     assert client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(pack_v1)})["ok"] is False
     cmd = f"{topic_prefix}/dev-a/cmd"
-    slow = {"id": "slow-1", "url": f"{trickle}/slow.tar.gz", "reply_to": client.reply_topic}
+    # The slow deploys answer on a topic of their own: waiting for other replies on the
+    # client's reply topic would swallow theirs.
+    deploy_replies = client.collect(f"{topic_prefix}-deploys/replies")
+    slow = {"id": "slow-1", "url": f"{trickle}/slow.tar.gz",
+            "reply_to": f"{topic_prefix}-deploys/replies"}  # fmt: skip
     client.publish(f"{cmd}/deploy", slow)
     time.sleep(1)
     started = time.monotonic()
@@ -164,19 +178,21 @@ def test_a_trickling_download_blocks_nothing_and_is_cancelled_or_times_out(
     assert answer["ok"] is True and time.monotonic() - started < 5
     cancelled = client.request(f"{cmd}/cancel", {}, timeout=5)
     assert cancelled["ok"] is True and cancelled["cancelled"] == "update"
-    reply = client.wait_reply("slow-1", timeout=15)
+    reply = wait_for(deploy_replies, lambda d: d["id"] == "slow-1", 15)
     assert reply["ok"] is False and reply["error_type"] == "CancelledError"
     # A rollback is answered at once, and takes precedence over the download.
     client.publish(f"{cmd}/deploy", {**slow, "id": "slow-2"})
     time.sleep(0.5)
     signed = rollback_authorization(keys[0], "dev-a", "tiny", 1)
-    back = client.request(f"{cmd}/rollback", {"authorization": signed, "url": str(pack_v1)}, 10)
+    back = client.request(
+        f"{cmd}/rollback", {"authorization": signed, "url": f"{trickle}/v1.tar.gz"}, 10
+    )
     assert back["ok"] is True and back["model"]["version"] == 1
-    superseded = client.wait_reply("slow-2", timeout=15)
+    superseded = wait_for(deploy_replies, lambda d: d["id"] == "slow-2", 15)
     assert superseded["ok"] is False and "takes precedence" in superseded["error"]
     # Left alone, the overall deadline (6 s here) ends it.
     client.publish(f"{cmd}/deploy", {**slow, "id": "slow-3"})
-    timed_out = client.wait_reply("slow-3", timeout=30)
+    timed_out = wait_for(deploy_replies, lambda d: d["id"] == "slow-3", 30)
     assert timed_out["ok"] is False and "deadline" in timed_out["error"]
 
 
