@@ -8,7 +8,6 @@ in ``data``. Records of other kinds only refresh "last seen".
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,18 +18,22 @@ from cloud_sync.protocol import Status
 MAX_FIGURE = 1e15  # counts and milliseconds past this are nonsense, not traffic
 
 
+def _sane(value: Any) -> float | None:
+    """``value`` if it is a finite, non-negative, sane number (a device may send anything: -1,
+    a 400-digit integer, NaN), else None."""
+    if type(value) is float:
+        return value if 0 <= value <= MAX_FIGURE else None  # NaN fails both comparisons
+    if type(value) is int:
+        return float(value) if 0 <= value <= MAX_FIGURE else None  # no float() of 400 digits
+    return None
+
+
 def _number(data: dict[str, Any], *names: str) -> float | None:
-    """The first of ``names`` that is a finite, non-negative, sane number (a device may send
-    anything: -1, a 400-digit integer, NaN)."""
+    """The first of ``names`` in ``data`` that is a sane number."""
     for name in names:
-        value = data.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:
-                continue
-            if math.isfinite(number) and 0 <= number <= MAX_FIGURE:
-                return number
+        number = _sane(data.get(name))
+        if number is not None:
+            return number
     return None
 
 
@@ -40,16 +43,16 @@ def histogram_quantile_ms(data: dict[str, Any], q: float) -> float | None:
     bounds, counts = data.get("latency_buckets_s"), data.get("latency_counts")
     if not isinstance(bounds, list) or not isinstance(counts, list) or len(bounds) != len(counts):
         return None
-    sane = [_number({"v": c}, "v") or 0.0 for c in counts]
+    sane = [_sane(c) or 0.0 for c in counts]
     total = sum(sane)
     if total <= 0:
         return None
-    finite = [b for b in (_number({"v": b}, "v") for b in bounds) if b is not None]
+    finite = [b for b in map(_sane, bounds) if b is not None]
     running = 0.0
     for bound, count in zip(bounds, sane, strict=True):
         running += count
         if running >= q * total:
-            value = _number({"v": bound}, "v")
+            value = _sane(bound)
             if value is not None:
                 return value * 1000.0
             # past the last finite bucket: report the last finite bound, a lower bound
@@ -250,6 +253,7 @@ class FleetMetrics:
         self.acks = Counter(
             "edgebento_sync_acks", "acknowledgements published to devices", registry=r
         )
+        self._by_device: dict[str, tuple[Any, ...]] = {}
         self.objects = Counter("edgebento_sync_objects", "objects written", registry=r)
         self.upload_seconds = Histogram(
             "edgebento_sync_flush_seconds", "time to write one flush", registry=r
@@ -269,14 +273,22 @@ class FleetMetrics:
         window = view.on_record(record)
         if window is None:
             return
-        device = str(record.get("device"))
-        self.inferences.labels(device).inc(window.count)
-        self.errors.labels(device).inc(window.errors)
+        inferences, errors, rate, p50, p99 = self._children(str(record.get("device")))
+        inferences.inc(window.count)
+        errors.inc(window.errors)
         if window.window_s:
-            self.rate.labels(device).set(window.count / window.window_s)
-        for gauge, value in ((self.p50, window.p50_ms), (self.p99, window.p99_ms)):
+            rate.set(window.count / window.window_s)
+        for gauge, value in ((p50, window.p50_ms), (p99, window.p99_ms)):
             if value is not None:
-                gauge.labels(device).set(value / 1000.0)
+                gauge.set(value / 1000.0)
+
+    def _children(self, device: str) -> tuple[Any, ...]:
+        """Each device's labelled metrics, looked up once (``labels()`` costs on every record)."""
+        found = self._by_device.get(device)
+        if found is None:
+            metrics = (self.inferences, self.errors, self.rate, self.p50, self.p99)
+            found = self._by_device[device] = tuple(m.labels(device) for m in metrics)
+        return found
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server
