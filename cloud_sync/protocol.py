@@ -124,13 +124,17 @@ def filters_overlap(a: str, b: str) -> bool:
     return longer[min(len(left), len(right))] == "#"
 
 
+# Every model is built on first use (``defer_build``): a device never parses most of them, and
+# the schemas it does not use would otherwise cost it memory.
+
+
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     schema_version: int = SCHEMA_VERSION
 
 
 class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     name: str = Field(min_length=1, max_length=128)
     version: int = Field(ge=0)
 
@@ -142,7 +146,7 @@ class SignedInstruction(BaseModel):
     it, checks the signature against its trusted keys, then parses and checks the expiry.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     payload: str = Field(max_length=8192)
     signature: str = Field(max_length=128)  # base64 of 64 bytes
 
@@ -163,7 +167,7 @@ CaptureMaxBytes = Annotated[int, Field(ge=1024, le=64 << 20)]
 class Request(BaseModel):
     """The fields every request carries: a command or an inference request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     schema_version: int = SCHEMA_VERSION
     id: str = Field(min_length=1, max_length=128)
     reply_to: str | None = Field(default=None, max_length=512)
@@ -177,7 +181,7 @@ class InferRequest(Request):
     """Tensor JSON or Open Inference Protocol v2 beside the request fields; the serving core
     validates the body (``body()``), this model only the envelope."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     def body(self) -> dict[str, Any]:
         return self.model_dump(exclude=set(Request.model_fields))
@@ -237,7 +241,7 @@ COMMAND_MODELS: dict[str, type[Request]] = {
 class Reply(BaseModel):
     """A command's or an inference's answer; what each command adds sits beside these fields."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
     schema_version: int = SCHEMA_VERSION
     id: str
     ok: bool
@@ -253,7 +257,7 @@ class Applied(BaseModel):
     """What a device did with the desired state of one ``generation``: echoed in its status so
     a controller matches outcomes by these fields, never by clocks or message text."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     generation: int = Field(ge=0)
     rollout: str | None = None
     model: ModelRef
@@ -264,7 +268,7 @@ class Applied(BaseModel):
 class UpdateOutcome(BaseModel):
     """The last update a device attempted, as its status and telemetry report it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     event: str = "update"
     outcome: Literal["installed", "failed", "refused", "rolled_back", "unchanged", "cancelled"]
     message: str = Field(default="", max_length=4096)
@@ -281,7 +285,7 @@ class Status(_Doc):
     is dropped and counted. Unknown fields are ignored (a newer device), never read.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     device: str = Field(min_length=1, max_length=128)
     state: Literal["online", "offline"]
     model: ModelRef | None = None
@@ -307,7 +311,7 @@ class RollbackInstruction(_Doc):
 class Desired(_Doc):
     """Retained on ``{prefix}/{device}/desired``: the model that should run on the device."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     model: ModelRef
     url: str | None = Field(
         default=None, max_length=4096
@@ -322,7 +326,7 @@ class Desired(_Doc):
 class TelemetryRecord(_Doc):
     """One record on ``{prefix}/{device}/telemetry``; ``seq`` rises by one per boot."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     device: str = Field(min_length=1, max_length=128)
     boot_id: str = Field(min_length=1, max_length=128)
     seq: int = Field(ge=0, lt=1 << 53)
