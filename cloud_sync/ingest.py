@@ -345,8 +345,9 @@ class TelemetrySync:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> TelemetrySync:
-        self.client.start()
+    def start(self, keep_trying: bool = False) -> TelemetrySync:
+        """Connect (``keep_trying``: in the background, until the broker is up) and flush."""
+        self.client.start(keep_trying=keep_trying)
         self._thread = threading.Thread(target=self._run, name="sync-flush", daemon=True)
         self._thread.start()
         return self

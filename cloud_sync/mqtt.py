@@ -143,7 +143,20 @@ class CloudClient:
         if self._user_on_disconnect is not None:
             self._user_on_disconnect()
 
-    def start(self, timeout: float = 10.0) -> CloudClient:
+    def start(self, timeout: float = 10.0, keep_trying: bool = False) -> CloudClient:
+        """Connect; raise BrokerError after ``timeout`` s. With ``keep_trying`` (a daemon such
+        as ``edgebento sync``) return at once and let paho try, with its backoff, until the
+        broker is up: a process started while its broker is down must not exit for it."""
+        if keep_trying:
+            self.client.connect_async(
+                self.address.host,
+                self.address.port,
+                keepalive=15,
+                clean_start=self._clean_start,
+                properties=self._props,
+            )
+            self.client.loop_start()
+            return self
         try:
             self.client.connect(
                 self.address.host,

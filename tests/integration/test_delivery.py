@@ -90,6 +90,7 @@ def test_nothing_is_lost_or_duplicated_across_broker_and_sync_kills(
             if kill == 1:
                 procs[-1].kill()  # the sync process too, mid-stream
                 procs[-1].wait()
+                log = tmp_path / "sync-2.log"  # its own: start_sync waits for its first line
                 procs.append(
                     start_sync(volatile_broker, url, s3_server, topic_prefix, "sync-d", log)
                 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +101,31 @@ def test_no_message_stops_ingestion(
     assert 'device="dev-2"' not in text
     assert "edgebento_sync_acks_total" in text
     dev.close()
+
+
+def test_sync_started_while_the_broker_is_down_waits_for_it(
+    own_broker: Mosquitto, s3_server: MotoS3, s3_bucket: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """On main ``edgebento sync`` exited when its broker was down at start (a restart during a
+    broker outage left the fleet without ingestion, and without acknowledgements)."""
+    url = f"s3://{s3_bucket}/fleet"
+    own_broker.stop()
+    proc = start_sync(own_broker, url, s3_server, topic_prefix, "late", tmp_path / "late.log")
+    try:
+        time.sleep(2)
+        assert proc.poll() is None, (tmp_path / "late.log").read_text()[-2000:]
+        own_broker.start()
+        dev = Device(own_broker, topic_prefix, "dev-1")
+        store = open_store(url, endpoint_url=s3_server.endpoint_url)
+        deadline = time.monotonic() + 30
+        # This plain publisher does not send again what reached nobody before the sync
+        # subscribed (an agent would, on no acknowledgement): publish until it is heard.
+        while not store.list("telemetry/") and time.monotonic() < deadline:
+            dev.send(1)
+            time.sleep(0.5)
+        assert store.list("telemetry/"), "the sync never connected once the broker was up"
+        assert proc.poll() is None
+        dev.close()
+    finally:
+        proc.kill()
+        proc.wait()
