@@ -41,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
     run.add_argument("--key-file", type=Path, help="client key (mTLS)")
     run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
+    run.add_argument(
+        "--file-root",
+        dest="file_roots",
+        type=Path,
+        action="append",
+        help="a directory file:// deploys may install from (repeatable; default: none)",
+    )
+    run.add_argument(
+        "--ack-timeout",
+        dest="telemetry_ack_timeout",
+        type=float,
+        help="seconds before unacknowledged telemetry is sent again (default 10)",
+    )
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     run.set_defaults(func=_run)
     return parser
@@ -65,6 +78,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "cert_file",
         "key_file",
         "outbox_max_bytes",
+        "file_roots",
+        "telemetry_ack_timeout",
         "log_level",
     ]
     flags: dict[str, Any] = {n: getattr(args, n) for n in names}
@@ -74,6 +89,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
 
@@ -84,7 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
     logging.getLogger("edge_agent").info(
-        "device %s serving %s on %s", config.device, agent.inference.model_ref, config.broker
+        "device %s serving %s on %s",
+        config.device,
+        agent.inference.model_ref,
+        redact_url(config.broker),
     )
     try:
         agent.run_forever()
@@ -101,13 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from cloud_sync.redact import install_log_redaction, redact_text
+
+    install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except AuthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 3  # systemd: RestartPreventExitStatus=3, a wrong password stays wrong
     except EdgebentoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "edgebento.cli.rollout",
     "edgebento.cli.fleet",
     "edgebento.cli.simulate",
+    "edgebento.cli.rollback",
 ]
 
 
