@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.agent_memory import REPO, agent_private_mb, agent_rss_mb, rss_breakdown, rss_floor
+from benchmarks.baseline import baseline_tree
 from tests.support.services import Mosquitto
 
 TARGETS = {"p50_ms": 2.0, "p99_ms": 10.0, "throughput_per_s": 2000.0, "rss_mb": 70.0}
@@ -163,6 +164,11 @@ def run(results_dir: Path) -> dict[str, Any]:
                 )
             }
             memory_floor = rss_floor(work / "digits1.onnx", broker.port, work)
+            # Today's agent (the code before issue 11) and this one, same load, same moment.
+            side_by_side = {
+                name: _memory_after_load(f"rss-{name}", broker, work, pub, packs[0], x, {}, tree)
+                for name, tree in (("today", baseline_tree(work)), ("this", REPO))
+            }
         finally:
             broker.stop()
         breakdown = rss_breakdown(packs[0], pub)
@@ -189,6 +195,7 @@ def run(results_dir: Path) -> dict[str, Any]:
         "rss_breakdown": breakdown,
         "rss_floor": memory_floor,
         "malloc_arenas": arenas,
+        "rss_after_load_side_by_side_mb": side_by_side,
         "baseline_greengrass_min_ram_mb": GREENGRASS_MIN_RAM_MB,
         "targets": TARGETS,
     }
@@ -210,15 +217,23 @@ def run(results_dir: Path) -> dict[str, Any]:
 
 
 def _start_agent(
-    device: str, broker_url: str, work: Path, pub: Path, pack: Path, env: dict[str, str]
+    device: str,
+    broker_url: str,
+    work: Path,
+    pub: Path,
+    pack: Path,
+    env: dict[str, str],
+    tree: Path = REPO,
 ) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "edge_agent", "run", "--device", device]
     command += ["--broker", broker_url, "--data-dir", str(work / f"agent-{device}")]
     command += ["--trust", str(pub), "--pack", str(pack), "--prefix", "bench"]
-    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    if tree == REPO:
+        command += ["--file-root", str(work)]  # the swap deploys packs from the work dir
+    environ = {**os.environ, "PYTHONPATH": str(tree), **env}
     return subprocess.Popen(
         [*command, "--log-level", "WARNING"],
-        cwd=REPO,
+        cwd=tree,
         env={k: v for k, v in environ.items() if v != ""},  # "": unset it
     )
 
@@ -231,9 +246,11 @@ def _memory_after_load(
     pack: Path,
     x: list[list[float]],
     env: dict[str, str],
+    tree: Path = REPO,
 ) -> dict[str, float]:
-    """A fresh agent with ``env`` (glibc malloc settings), after the same load, one after another."""
-    agent = _start_agent(device, broker.url, work, pub, pack, env)
+    """A fresh agent with ``env`` (glibc malloc settings) and the code in ``tree``, after the
+    same load, one after another."""
+    agent = _start_agent(device, broker.url, work, pub, pack, env, tree)
     req = Requester(broker.port, f"bench/{device}/infer")
     try:
         _wait_ready(req, x)

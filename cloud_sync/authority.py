@@ -66,7 +66,10 @@ def verify_rollback(
     try:
         verify(payload, signature, trusted)
     except SignatureError as exc:
-        raise SignatureError(f"rollback authorization: {exc}") from exc
+        # signing.verify speaks of manifests; this is an instruction.
+        raise SignatureError(
+            "rollback authorization is not signed by any trusted key (or was changed after)"
+        ) from exc
     try:
         instruction = RollbackInstruction.model_validate_json(payload)
     except ValidationError as exc:

@@ -3,14 +3,24 @@ heard while listening, and (with a store) the latest telemetry object each devic
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from cloud_sync.evidence import RejectedMessage
 from cloud_sync.fleet_metrics import DeviceSummary, FleetView
-from cloud_sync.parts import TELEMETRY_ROOT, decode_jsonl_gz, parse_range
-from cloud_sync.protocol import Topics
+from cloud_sync.ingest import parse_batch
+from cloud_sync.mqtt import CloudClient
+from cloud_sync.parts import TELEMETRY_ROOT, decode_jsonl_gz, parse_range, safe_id
+from cloud_sync.protocol import Desired, Status, Topics
 from cloud_sync.store import ObjectStore
-from cloud_sync.watch import FleetWatch
+from modelpack.errors import first_problem
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 def latest_parts(
@@ -23,6 +33,8 @@ def latest_parts(
     for key in store.list(f"{TELEMETRY_ROOT}/date={day}/"):
         span = parse_range(key)
         device = key.split("/")[2].removeprefix("device=")
+        if not safe_id(device):
+            continue
         boot = boots.get(device)
         if span is None or (boot and f"/part-{boot}-" not in key):
             continue
@@ -34,7 +46,87 @@ def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]
     for keys in latest_parts(store, boots).values():
         for key in keys:
             for record in decode_jsonl_gz(store.get_bytes(key)):
-                view.on_record(record)
+                if isinstance(record, dict) and record.get("device") == key.split("/")[2][7:]:
+                    view.on_record(record)
+
+
+class FleetListener:
+    """Retained status and desired state, and live telemetry, folded into a ``FleetView``.
+
+    Identity comes from the topic: a status or record naming another device than its topic is
+    dropped and counted (``dropped``). Every callback is guarded, so no message can stop it.
+    """
+
+    def __init__(self, broker_url: str, topics: Topics) -> None:
+        self.topics = topics
+        self.view = FleetView()
+        self.boots: dict[str, str | None] = {}
+        self.dropped: dict[str, int] = {}
+        self.client = CloudClient(
+            broker_url, on_message=self._on_message, on_connect=self._on_connect
+        )
+
+    def _on_connect(self, _session_present: bool) -> None:
+        for topic in (
+            self.topics.all_status(),
+            f"{self.topics.prefix}/+/desired",
+            self.topics.all_telemetry(),
+        ):
+            self.client.client.subscribe(topic, qos=1)
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
+        try:
+            self._fold(msg.topic, bytes(msg.payload))
+        except RejectedMessage as exc:
+            self._drop(exc.reason, msg.topic, str(exc))
+        except Exception as exc:  # paho 2 would end its network thread, and the listening
+            log.exception("fleet status: cannot process a message on %r", msg.topic)
+            self._drop("internal", msg.topic, str(exc))
+
+    def _drop(self, reason: str, topic: str, error: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        log.warning("fleet status ignored a message on %r (%s): %s", topic, reason, error)
+
+    def _fold(self, topic: str, payload: bytes) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None or parsed.device is None or not payload:
+            return
+        device = parsed.device
+        if parsed.kind == "status":
+            status = _parse(Status, topic, payload)
+            if status.device != device:
+                raise RejectedMessage(
+                    "identity", f"{topic} carries the status of {status.device!r}"
+                )
+            self.boots[device] = status.boot_id
+            self.view.on_status(status, device)
+        elif parsed.kind == "desired":
+            self.view.on_desired(device, _parse(Desired, topic, payload).model.version)
+        elif parsed.kind == "telemetry":
+            for record in parse_batch(self.topics, topic, payload):
+                self.view.on_record(record)
+
+    def start(self, settle_s: float = 0.5) -> FleetListener:
+        """Connect, and give the broker ``settle_s`` to send the retained documents."""
+        self.client.start()
+        time.sleep(settle_s)
+        return self
+
+    def stop(self) -> None:
+        self.client.stop()
+
+    def __enter__(self) -> FleetListener:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def _parse(model: type[M], topic: str, payload: bytes) -> M:
+    try:
+        return model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise RejectedMessage("schema", f"{topic}: {first_problem(exc, 'document')}") from exc
 
 
 def fleet_status(
@@ -44,9 +136,8 @@ def fleet_status(
     listen_s: float = 2.0,
     store: ObjectStore | None = None,
 ) -> dict[str, DeviceSummary]:
-    with FleetWatch(broker_url, topics or Topics()) as watch:
+    with FleetListener(broker_url, topics or Topics()) as listener:
         if store is not None:
-            boots = {d: s.boot_id for d, s in watch.statuses.items()}
-            fold_store(watch.view, store, boots)
+            fold_store(listener.view, store, dict(listener.boots))
         time.sleep(listen_s)
-        return watch.view.snapshot()
+        return listener.view.snapshot()

@@ -15,12 +15,25 @@ from typing import Any
 
 from cloud_sync.protocol import Status
 
+MAX_FIGURE = 1e15  # counts and milliseconds past this are nonsense, not traffic
+
+
+def _sane(value: Any) -> float | None:
+    """``value`` if it is a finite, non-negative, sane number (a device may send anything: -1,
+    a 400-digit integer, NaN), else None."""
+    if type(value) is float:
+        return value if 0 <= value <= MAX_FIGURE else None  # NaN fails both comparisons
+    if type(value) is int:
+        return float(value) if 0 <= value <= MAX_FIGURE else None  # no float() of 400 digits
+    return None
+
 
 def _number(data: dict[str, Any], *names: str) -> float | None:
+    """The first of ``names`` in ``data`` that is a sane number."""
     for name in names:
-        value = data.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+        number = _sane(data.get(name))
+        if number is not None:
+            return number
     return None
 
 
@@ -30,18 +43,20 @@ def histogram_quantile_ms(data: dict[str, Any], q: float) -> float | None:
     bounds, counts = data.get("latency_buckets_s"), data.get("latency_counts")
     if not isinstance(bounds, list) or not isinstance(counts, list) or len(bounds) != len(counts):
         return None
-    total = sum(c for c in counts if isinstance(c, int | float))
+    sane = [_sane(c) or 0.0 for c in counts]
+    total = sum(sane)
     if total <= 0:
         return None
+    finite = [b for b in map(_sane, bounds) if b is not None]
     running = 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        running += count if isinstance(count, int | float) else 0
+    for bound, count in zip(bounds, sane, strict=True):
+        running += count
         if running >= q * total:
-            if isinstance(bound, int | float):
-                return float(bound) * 1000.0
+            value = _sane(bound)
+            if value is not None:
+                return value * 1000.0
             # past the last finite bucket: report the last finite bound, a lower bound
-            finite = [b for b in bounds if isinstance(b, int | float)]
-            return float(finite[-1]) * 1000.0 if finite else None
+            return finite[-1] * 1000.0 if finite else None
     return None
 
 
@@ -68,7 +83,7 @@ class InferenceWindow:
         ok = _number(data, "ok")
         count = ok + errors if ok is not None else _number(data, "count", "requests") or 0.0
         return cls(
-            ts=float(record.get("ts", time.time())),
+            ts=_number(record, "ts") or time.time(),
             count=count,
             errors=errors,
             p50_ms=_number(data, "p50_ms") or histogram_quantile_ms(data, 0.5),
@@ -119,14 +134,26 @@ class FleetView:
         self._lock = threading.Lock()
         self.devices: dict[str, DeviceSummary] = {}
         self._last_window: dict[str, float] = {}
+        self.impersonations = 0  # statuses dropped because they named another device
 
     def _get(self, device: str) -> DeviceSummary:
         return self.devices.get(device) or DeviceSummary(device)
 
-    def on_status(self, status: Status) -> None:
+    def on_status(self, status: Status, device: str | None = None) -> bool:
+        """Fold a status heard on ``device``'s topic; False (and nothing folded) when the
+        payload names another device: identity comes from the topic, never from the payload."""
+        if device is not None and status.device != device:
+            self.impersonations += 1
+            return False
         with self._lock:
             cur = self._get(status.device)
-            extra = {k: v for k, v in (status.model_extra or {}).items() if k in ("last_update",)}
+            extra: dict[str, Any] = (
+                {"last_update": status.last_update.model_dump(mode="json")}
+                if status.last_update is not None
+                else {}
+            )
+            if status.expired:
+                extra["expired"] = True
             self.devices[status.device] = replace(
                 cur,
                 state=status.state,
@@ -135,6 +162,7 @@ class FleetView:
                 last_seen=max(cur.last_seen or 0.0, status.ts),
                 extra={**cur.extra, **extra},
             )
+        return True
 
     def on_desired(self, device: str, version: int) -> None:
         with self._lock:
@@ -145,7 +173,7 @@ class FleetView:
         window = InferenceWindow.from_record(record)
         with self._lock:
             cur = self._get(device)
-            ts = float(record.get("ts", 0.0))
+            ts = _number(record, "ts") or 0.0
             cur = replace(cur, last_seen=max(cur.last_seen or 0.0, ts))
             if window is not None:
                 # The agent sends counts since its previous record: the gap between two
@@ -212,8 +240,20 @@ class FleetMetrics:
             "edgebento_sync_duplicates", "records dropped as already stored", registry=r
         )
         self.rejected = Counter(
-            "edgebento_sync_rejected_messages", "messages that broke the protocol", registry=r
+            "edgebento_sync_rejected_messages",
+            "messages stored under rejected/",
+            ["reason"],
+            registry=r,
         )
+        self.last_stored = Gauge(
+            "edgebento_sync_last_stored_timestamp_seconds",
+            "wall time of the last successful flush",
+            registry=r,
+        )
+        self.acks = Counter(
+            "edgebento_sync_acks", "acknowledgements published to devices", registry=r
+        )
+        self._by_device: dict[str, tuple[Any, ...]] = {}
         self.objects = Counter("edgebento_sync_objects", "objects written", registry=r)
         self.upload_seconds = Histogram(
             "edgebento_sync_flush_seconds", "time to write one flush", registry=r
@@ -223,6 +263,7 @@ class FleetMetrics:
         )
 
     def on_status(self, view: FleetView, status: Status) -> None:
+        """``status`` as heard on its own device's topic (the caller checked the identity)."""
         view.on_status(status)
         self.online.set(sum(1 for d in view.snapshot().values() if d.state == "online"))
         if status.model is not None:
@@ -232,14 +273,22 @@ class FleetMetrics:
         window = view.on_record(record)
         if window is None:
             return
-        device = str(record.get("device"))
-        self.inferences.labels(device).inc(window.count)
-        self.errors.labels(device).inc(window.errors)
+        inferences, errors, rate, p50, p99 = self._children(str(record.get("device")))
+        inferences.inc(window.count)
+        errors.inc(window.errors)
         if window.window_s:
-            self.rate.labels(device).set(window.count / window.window_s)
-        for gauge, value in ((self.p50, window.p50_ms), (self.p99, window.p99_ms)):
+            rate.set(window.count / window.window_s)
+        for gauge, value in ((p50, window.p50_ms), (p99, window.p99_ms)):
             if value is not None:
-                gauge.labels(device).set(value / 1000.0)
+                gauge.set(value / 1000.0)
+
+    def _children(self, device: str) -> tuple[Any, ...]:
+        """Each device's labelled metrics, looked up once (``labels()`` costs on every record)."""
+        found = self._by_device.get(device)
+        if found is None:
+            metrics = (self.inferences, self.errors, self.rate, self.p50, self.p99)
+            found = self._by_device[device] = tuple(m.labels(device) for m in metrics)
+        return found
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server

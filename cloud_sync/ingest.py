@@ -1,20 +1,24 @@
 """Telemetry ingestion: the fleet's MQTT telemetry into gzipped JSON Lines objects on the store.
 
-At least once from the device, exactly once in the store:
+At least once from the device, exactly once in the store, and acknowledged end to end:
 
 * one MQTT 5 shared subscription (``$share/{share}/{prefix}/+/telemetry``) at QoS 1, so several
   sync processes split the fleet's messages between them;
-* messages are acknowledged by hand (paho ``manual_ack``) only after every record they carry is
-  in the store, so a killed sync process loses nothing: the broker sends again;
+* messages are acknowledged to the broker by hand (paho ``manual_ack``) only after every record
+  they carry is in the store, and then to the device: a ``TelemetryAck`` on
+  ``{prefix}/{device}/telemetry/ack`` names the highest contiguous seq of the boot that is
+  stored (``cloud_sync.acks``). The device deletes only what that covers and sends again what
+  stays unacknowledged, so a broker that loses messages (no persistence, kill -9) or a sync
+  process that dies loses nothing;
 * records are grouped into contiguous ``(device, boot_id, seq)`` runs whose object keys are
   derived from the run (see ``cloud_sync.parts``); unless a run continues exactly where this
   process last wrote that stream, it first lists the stream's objects and drops the seqs already
-  stored, so a redelivery (to this process or another one) adds no duplicate. A single sync
-  process lists each stream once; processes sharing a subscription list on most flushes, since
-  each sees gaps the others filled.
+  stored, so a redelivery (to this process or another one) adds no duplicate.
 
-A persistent session (fixed client id, ``clean_start=False``) keeps unacknowledged messages at the
-broker while the process restarts.
+No message can stop it: every callback is guarded, a message that cannot be processed (bad
+JSON or schema, a record naming another device than its topic, a timestamp outside the window,
+too large) is kept under ``rejected/`` (``cloud_sync.evidence``), acknowledged, logged and
+counted, and a flush that fails keeps its buffer and is tried again.
 """
 
 from __future__ import annotations
@@ -23,30 +27,25 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
+from cloud_sync.acks import AckTracker, Boot, StoredRanges
+from cloud_sync.evidence import Evidence, RejectedMessage
 from cloud_sync.fleet_metrics import FleetMetrics, FleetView
 from cloud_sync.mqtt import CloudClient
-from cloud_sync.parts import (
-    RangeSet,
-    Run,
-    Stream,
-    encode_jsonl_gz,
-    group_runs,
-    parse_range,
-    safe_id,
-)
-from cloud_sync.protocol import Status, TelemetryBatch, Topics
+from cloud_sync.parts import Run, encode_jsonl_gz, group_runs, safe_id
+from cloud_sync.protocol import Status, TelemetryAck, TelemetryBatch, Topics
 from cloud_sync.store import ObjectStore
-from modelpack import sha256_bytes
-from modelpack.errors import EdgebentoError, ProtocolError, first_problem
+from modelpack.errors import EdgebentoError, first_problem
 
 log = logging.getLogger(__name__)
+
+MAX_AGE_S = 400 * 86400.0  # an outbox may hold a long offline stretch, not decades
+MAX_SKEW_S = 86400.0  # a device clock a day ahead is wrong, not early
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,7 @@ class SyncOptions:
     upload_threads: int = 8
     session_expiry_s: int = 24 * 3600
     receive_maximum: int = 4000  # unacknowledged messages the broker may have in flight to us
+    max_message_bytes: int = 4 << 20
 
 
 @dataclass
@@ -66,69 +66,58 @@ class _Pending:
     qos: int
     generation: int
     records: list[dict[str, Any]] = field(default_factory=list)
-    rejected: dict[str, Any] | None = None  # a message that broke the protocol, kept as evidence
+    rejected: Evidence | None = None  # a message that broke the protocol, kept as evidence
+    boots: dict[Boot, int] = field(default_factory=dict)  # each boot's floor in this message
+    ackable: tuple[tuple[str, str, int], ...] = ()  # seqs kept as evidence: acknowledged too
 
 
-def parse_batch(topics: Topics, topic: str, payload: bytes) -> list[dict[str, Any]]:
-    """A telemetry message's records as plain dicts, or ProtocolError."""
-    device = topics.device_of(topic)
-    if device is None:
-        raise ProtocolError(f"{topic} is not a device telemetry topic")
+@dataclass(frozen=True)
+class ParsedBatch:
+    records: list[dict[str, Any]]
+    boots: dict[Boot, int]  # (device, boot) -> the floor the device named (0 if none)
+
+
+def _check_ts(topic: str, batch: TelemetryBatch, now: float) -> None:
+    bad = [r for r in batch.records if not (now - MAX_AGE_S <= r.ts <= now + MAX_SKEW_S)]
+    if bad:
+        raise RejectedMessage(
+            "timestamp",
+            f"telemetry on {topic}: record {bad[0].seq} has ts {bad[0].ts!r}, outside "
+            f"[now - {MAX_AGE_S / 86400:.0f} days, now + {MAX_SKEW_S / 3600:.0f} h]",
+            tuple((r.device, r.boot_id, r.seq) for r in batch.records),
+        )
+
+
+def parse_batch(
+    topics: Topics, topic: str, payload: bytes, now: float | None = None
+) -> list[dict[str, Any]]:
+    """A telemetry message's records as plain dicts, or RejectedMessage (a ProtocolError)."""
+    return parse_telemetry(topics, topic, payload, now).records
+
+
+def parse_telemetry(
+    topics: Topics, topic: str, payload: bytes, now: float | None = None
+) -> ParsedBatch:
+    parsed = topics.parse(topic)
+    if parsed is None or parsed.kind != "telemetry" or parsed.device is None:
+        raise RejectedMessage("topic", f"{topic} is not a device telemetry topic")
+    device = parsed.device
     try:
         batch = TelemetryBatch.model_validate_json(payload)
     except ValidationError as exc:
-        raise ProtocolError(f"telemetry on {topic}: {first_problem(exc, 'batch')}") from exc
-    records = []
+        raise RejectedMessage(
+            "schema", f"telemetry on {topic}: {first_problem(exc, 'batch')}"
+        ) from exc
     for record in batch.records:
         if record.device != device:
-            raise ProtocolError(f"{topic} carries a record of device {record.device!r}")
+            raise RejectedMessage(
+                "identity", f"{topic} carries a record of device {record.device!r}"
+            )
         if not safe_id(record.boot_id) or not safe_id(device):
-            raise ProtocolError(f"{topic}: device or boot id is not a plain name")
-        records.append(record.model_dump(mode="json"))
-    return records
-
-
-class StoredRanges:
-    """Which seqs of each stream are in the store, learnt by listing once and by writing."""
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
-        self._known: dict[Stream, RangeSet] = {}
-        self._lock = threading.Lock()
-
-    def refresh_if_needed(self, runs: Iterable[Run]) -> None:
-        for run in runs:
-            with self._lock:
-                known = self._known.get(run.stream)
-            # Contiguous with what we wrote last: nobody else can have written it. Otherwise
-            # (first sight, a replay, or a gap another process may have filled) ask the store.
-            if known is None or run.first != known.high + 1:
-                self._refresh(run.stream)
-
-    def _refresh(self, stream: Stream) -> None:
-        ranges = RangeSet()
-        for key in self.store.list(stream.prefix):
-            span = parse_range(key)
-            if span is not None:
-                ranges.add(*span)
-        with self._lock:
-            self._known[stream] = ranges
-
-    def new_records(self, runs: Iterable[Run]) -> tuple[list[dict[str, Any]], int]:
-        fresh, dropped = [], 0
-        with self._lock:
-            for run in runs:
-                known = self._known.get(run.stream, RangeSet())
-                for record in run.records:
-                    if int(record["seq"]) in known:
-                        dropped += 1
-                    else:
-                        fresh.append(record)
-        return fresh, dropped
-
-    def written(self, run: Run) -> None:
-        with self._lock:
-            self._known.setdefault(run.stream, RangeSet()).add(run.first, run.last)
+            raise RejectedMessage("schema", f"{topic}: device or boot id is not a plain name")
+    _check_ts(topic, batch, time.time() if now is None else now)
+    boots = {(device, r.boot_id): batch.floor or 0 for r in batch.records}
+    return ParsedBatch([r.model_dump(mode="json") for r in batch.records], boots)
 
 
 class TelemetrySync:
@@ -146,7 +135,8 @@ class TelemetrySync:
         self.options = options or SyncOptions()
         self.metrics = metrics or FleetMetrics()
         self.view = FleetView()
-        self.ranges = StoredRanges(store)
+        self.tracker = AckTracker()
+        self.ranges = StoredRanges(store, self.tracker)
         self._lock = threading.Lock()
         self._buffer: list[_Pending] = []
         self._buffered_records = 0
@@ -176,52 +166,83 @@ class TelemetrySync:
             # uploaded, and the broker sends unacknowledged ones again.
             self._generation += 1
         # Subscribe on every connect, session or not: Mosquitto 2.0 does not bring shared
-        # subscriptions back from its persistence file after a restart.
+        # subscriptions back from its persistence file after a restart. What the fleet sent
+        # while nobody was subscribed is sent again by the devices (no acknowledgement came).
         self.client.client.subscribe(self.topics.shared_telemetry(self.options.share), qos=1)
         self.client.client.subscribe(self.topics.all_status(), qos=1)
 
     def _on_message(self, client: Any, _userdata: Any, msg: Any) -> None:
-        if msg.topic.endswith("/status"):
-            self._on_status(msg.payload)
+        """Guarded: paho 2 ends its network thread on an exception, and ingestion with it."""
+        try:
+            self._receive(client, msg)
+        except RejectedMessage as exc:
+            self._reject(msg, exc)
+        except Exception as exc:
+            log.exception("cannot process a message on %r", msg.topic)
+            self._reject(msg, RejectedMessage("internal", f"internal error: {exc}"))
+
+    def _receive(self, client: Any, msg: Any) -> None:
+        payload = bytes(msg.payload)
+        if len(payload) > self.options.max_message_bytes:
+            raise RejectedMessage(
+                "too_large", f"{len(payload)} bytes; the cap is {self.options.max_message_bytes}"
+            )
+        parsed = self.topics.parse(msg.topic)
+        if parsed is not None and parsed.kind == "status":
+            assert parsed.device is not None
+            self._on_status(parsed.device, msg.topic, payload)
             client.ack(msg.mid, msg.qos)
             return
-        try:
-            records = parse_batch(self.topics, msg.topic, msg.payload)
-        except ProtocolError as exc:
-            # Sending it again would never help: keep it under rejected/ for a person to look at,
-            # and acknowledge it once it is stored there like any other message.
-            log.warning("rejected a message: %s", exc)
-            self.metrics.rejected.inc()
-            evidence = {
-                "topic": msg.topic,
-                "error": str(exc),
-                "received_at": time.time(),
-                "payload": msg.payload.decode("utf-8", errors="replace"),
-            }
-            with self._lock:
-                self._buffer.append(_Pending(msg.mid, msg.qos, self._generation, [], evidence))
-            return
-        for record in records:
-            self.metrics.on_record(self.view, record)
+        batch = parse_telemetry(self.topics, msg.topic, payload)
+        self._observe(batch.records)
+        pending = _Pending(msg.mid, msg.qos, self._generation, batch.records, boots=batch.boots)
         with self._lock:
-            self._buffer.append(_Pending(msg.mid, msg.qos, self._generation, records))
-            self._buffered_records += len(records)
+            pending.generation = self._generation
+            self._buffer.append(pending)
+            self._buffered_records += len(batch.records)
             full = self._buffered_records >= self.options.max_buffered_records
         if full:
             self._wake.set()
 
-    def _on_status(self, payload: bytes) -> None:
+    def _observe(self, records: list[dict[str, Any]]) -> None:
+        """Fold records into the fleet view; a figure it cannot use never stops their storage."""
+        for record in records:
+            try:
+                self.metrics.on_record(self.view, record)
+            except Exception:
+                log.exception("fleet metrics ignored record %s", record.get("seq"))
+
+    def _reject(self, msg: Any, exc: RejectedMessage) -> None:
+        # Sending it again would never help: keep it under rejected/ for a person to look at,
+        # and acknowledge it once it is stored there like any other message.
+        log.warning("rejected a message on %r (%s): %s", msg.topic, exc.reason, exc)
+        self.metrics.rejected.labels(exc.reason).inc()
+        evidence = Evidence(msg.topic, exc.reason, str(exc), time.time(), bytes(msg.payload))
+        with self._lock:
+            self._buffer.append(
+                _Pending(msg.mid, msg.qos, self._generation, [], evidence, ackable=exc.ackable)
+            )
+
+    def _on_status(self, device: str, topic: str, payload: bytes) -> None:
         if not payload:
-            return
+            return  # a cleared retained status
         try:
-            self.metrics.on_status(self.view, Status.model_validate_json(payload))
-        except ValidationError:
-            log.warning("ignored a status that does not follow the protocol")
+            status = Status.model_validate_json(payload)
+        except ValidationError as exc:
+            raise RejectedMessage(
+                "schema", f"status on {topic}: {first_problem(exc, 'status')}"
+            ) from exc
+        if status.device != device:
+            raise RejectedMessage("identity", f"{topic} carries the status of {status.device!r}")
+        self.metrics.on_status(self.view, status)
 
     # --- store side (the flusher thread) -------------------------------------------------------
 
     def flush(self) -> int:
-        """Write everything buffered; acknowledge it. Returns the records written."""
+        """Write everything buffered; acknowledge it. Returns the records written.
+
+        A failure puts the whole buffer back to be tried again: nothing is dropped.
+        """
         with self._lock:
             pending, self._buffer = self._buffer, []
             self._buffered_records = 0
@@ -230,9 +251,8 @@ class TelemetrySync:
             return 0
         started = time.perf_counter()
         try:
-            written = self._write([r for p in pending for r in p.records])
-            self._write_rejected([p.rejected for p in pending if p.rejected is not None])
-        except EdgebentoError as exc:
+            written = self._store(pending)
+        except Exception as exc:
             log.error("flush failed, will retry: %s", exc)
             self.metrics.upload_failures.inc()
             with self._lock:
@@ -240,10 +260,55 @@ class TelemetrySync:
                 self._buffered_records += sum(len(p.records) for p in pending)
             return 0
         self.metrics.upload_seconds.observe(time.perf_counter() - started)
+        self.metrics.last_stored.set(time.time())
+        self._acknowledge(pending, generation)
+        return written
+
+    def _store(self, pending: list[_Pending]) -> int:
+        try:
+            written = self._write([r for p in pending for r in p.records])
+        except EdgebentoError:
+            raise  # the store failed: try again later
+        except Exception:
+            # Some record breaks the writing itself: write message by message, and keep the
+            # ones that fail as evidence, so they cannot hold back the rest.
+            written = sum(self._write_or_reject(p) for p in pending)
+        self._write_rejected([p.rejected for p in pending if p.rejected is not None])
+        return written
+
+    def _write_or_reject(self, p: _Pending) -> int:
+        try:
+            return self._write(p.records)
+        except EdgebentoError:
+            raise
+        except Exception as exc:
+            log.exception("a message cannot be written; kept under rejected/")
+            self.metrics.rejected.labels("internal").inc()
+            doc = json.dumps(p.records, default=str).encode()
+            p.rejected = Evidence(
+                "(buffered)", "internal", f"cannot write: {exc}", time.time(), doc
+            )
+            p.records, p.boots = [], {}
+            return 0
+
+    def _acknowledge(self, pending: list[_Pending], generation: int) -> None:
+        """To the devices (what is stored), then to the broker (the messages are done with)."""
+        boots: dict[Boot, int] = {}
+        for p in pending:
+            for boot, floor in p.boots.items():
+                boots[boot] = max(boots.get(boot, 0), floor)
+            for device, boot_id, seq in p.ackable:
+                self.tracker.stored((device, boot_id), seq, seq)
+                boots.setdefault((device, boot_id), 0)
+        for (device, boot_id), floor in boots.items():
+            self.tracker.floor((device, boot_id), floor)
+            seq = self.tracker.ack((device, boot_id))
+            ack = TelemetryAck(boot_id=boot_id, seq=seq).model_dump_json().encode()
+            self.client.client.publish(self.topics.telemetry_ack(device), ack, qos=1)
+            self.metrics.acks.inc()
         for p in pending:
             if p.qos and p.generation == generation and self.client.connected.is_set():
                 self.client.client.ack(p.mid, p.qos)
-        return written
 
     def _write(self, records: list[dict[str, Any]]) -> int:
         runs = group_runs(records)
@@ -257,11 +322,9 @@ class TelemetrySync:
         self.objects_written += len(runs)
         return count
 
-    def _write_rejected(self, documents: list[dict[str, Any]]) -> None:
-        for doc in documents:
-            body = json.dumps(doc, sort_keys=True).encode()
-            day = time.strftime("%Y-%m-%d", time.gmtime(doc["received_at"]))
-            self.store.put_bytes(f"rejected/date={day}/{sha256_bytes(body)[:32]}.json", body)
+    def _write_rejected(self, documents: list[Evidence]) -> None:
+        for evidence in documents:
+            self.store.put_bytes(evidence.key(), evidence.body())
 
     def _put_run(self, run: Run) -> None:
         self.store.put_bytes(run.key, encode_jsonl_gz(run.records))
@@ -270,15 +333,21 @@ class TelemetrySync:
         self.metrics.objects.inc()
 
     def _run(self) -> None:
+        """The flusher, supervised: an error in one round is logged and the next one runs."""
         while not self._stop.is_set():
             self._wake.wait(self.options.flush_interval_s)
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("flusher round failed; the buffer is kept")
+                self._stop.wait(min(5.0, self.options.flush_interval_s))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> TelemetrySync:
-        self.client.start()
+    def start(self, keep_trying: bool = False) -> TelemetrySync:
+        """Connect (``keep_trying``: in the background, until the broker is up) and flush."""
+        self.client.start(keep_trying=keep_trying)
         self._thread = threading.Thread(target=self._run, name="sync-flush", daemon=True)
         self._thread.start()
         return self

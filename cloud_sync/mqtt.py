@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cloud_sync.redact import redact_url
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        raise ConfigError(f"broker URL {redact_url(url)!r} must start with mqtt:// or mqtts://")
     if not parts.hostname:
-        raise ConfigError(f"broker URL {url!r} names no host")
+        raise ConfigError(f"broker URL {redact_url(url)!r} names no host")
     tls = parts.scheme in ("mqtts", "ssl")
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ConfigError(f"broker URL {url!r} has a bad port") from exc
+        raise ConfigError(f"broker URL {redact_url(url)!r} has a bad port") from exc
     return BrokerAddress(
         host=parts.hostname,
         port=port,
@@ -49,6 +50,21 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
     )
+
+
+def _guarded(callback: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    """Every consumer's on_message, so that no message can end paho's network thread (paho 2
+    re-raises an exception from a callback, and the client then receives nothing more)."""
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            callback(client, userdata, msg)
+        except Exception:
+            log.exception(
+                "a message on %r could not be handled; ignored", getattr(msg, "topic", "?")
+            )
+
+    return on_message
 
 
 class CloudClient:
@@ -76,7 +92,7 @@ class CloudClient:
         from paho.mqtt.properties import Properties
 
         self.address = parse_broker_url(broker_url)
-        self.url = broker_url
+        self.url = redact_url(broker_url)  # what errors and logs show: never the password
         self.client_id = client_id or f"edgebento-cloud-{uuid.uuid4().hex[:10]}"
         self._clean_start = clean_start
         self._props = Properties(PacketTypes.CONNECT)
@@ -107,7 +123,7 @@ class CloudClient:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         if on_message is not None:
-            self.client.on_message = on_message
+            self.client.on_message = _guarded(on_message)
 
     def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -117,14 +133,30 @@ class CloudClient:
             return
         self.connected.set()
         if self._user_on_connect is not None:
-            self._user_on_connect(bool(flags.session_present))
+            try:
+                self._user_on_connect(bool(flags.session_present))
+            except Exception:  # paho 2 ends its network thread on an exception in a callback
+                log.exception("on_connect of %s failed", self.url)
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
         if self._user_on_disconnect is not None:
             self._user_on_disconnect()
 
-    def start(self, timeout: float = 10.0) -> CloudClient:
+    def start(self, timeout: float = 10.0, keep_trying: bool = False) -> CloudClient:
+        """Connect; raise BrokerError after ``timeout`` s. With ``keep_trying`` (a daemon such
+        as ``edgebento sync``) return at once and let paho try, with its backoff, until the
+        broker is up: a process started while its broker is down must not exit for it."""
+        if keep_trying:
+            self.client.connect_async(
+                self.address.host,
+                self.address.port,
+                keepalive=15,
+                clean_start=self._clean_start,
+                properties=self._props,
+            )
+            self.client.loop_start()
+            return self
         try:
             self.client.connect(
                 self.address.host,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgebento"
-COMMANDS = ("ping", "deploy", "rollback", "config", "capture")
+COMMANDS = ("ping", "deploy", "rollback", "config", "capture", "cancel")
 
 
 @dataclass(frozen=True)
@@ -60,71 +60,83 @@ class Topics:
 
     def device_of(self, topic: str) -> str | None:
         """The device id in ``{prefix}/{device}/...``, or None for other topics."""
-        head, _, rest = topic.partition(f"{self.prefix}/")
-        if head or not rest:
+        parsed = self.parse(topic)
+        return parsed.device if parsed is not None else None
+
+    def parse(self, topic: str) -> DeviceTopic | None:
+        """``topic`` as one of the device topics above, matched level by level, or None.
+
+        Exact: ``{prefix}/{device}/cmd/{name}`` with nothing after the name, a device id that is
+        one plain level (no wildcards, not ``group``), and the prefix's own levels first.
+        """
+        head = self.prefix.split("/")
+        levels = topic.split("/")
+        if levels[: len(head)] != head:
             return None
-        device = rest.split("/", 1)[0]
-        return None if device == "group" else device
+        rest = levels[len(head) :]
+        if len(rest) < 2 or not _plain_level(rest[0]):
+            return None
+        if rest[0] == "group":
+            group_cmd = len(rest) == 4 and rest[2] == "cmd"
+            if group_cmd and _plain_level(rest[1]) and _plain_level(rest[3]):
+                return DeviceTopic("group_cmd", None, rest[3], rest[1])
+            return None
+        device, kind = rest[0], tuple(rest[1:])
+        if kind in (("infer",), ("status",), ("desired",), ("telemetry",)):
+            return DeviceTopic(kind[0], device)  # type: ignore[arg-type]
+        if kind == ("telemetry", "ack"):
+            return DeviceTopic("telemetry_ack", device)
+        if len(kind) == 2 and kind[0] == "cmd" and _plain_level(kind[1]):
+            return DeviceTopic("cmd", device, kind[1])
+        return None
+
+    def tree(self, device: str) -> str:
+        """The filter of everything a device owns: no other subscription may overlap it."""
+        return f"{self.prefix}/{device}/#"
+
+
+TopicKind = Literal["cmd", "group_cmd", "infer", "status", "desired", "telemetry", "telemetry_ack"]
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    kind: TopicKind
+    device: str | None  # None for a group command
+    name: str | None = None  # the command name
+    group: str | None = None
+
+
+def _plain_level(level: str) -> bool:
+    return bool(level) and not any(c in level for c in "+#$") and len(level) <= 128
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters ``a`` and ``b`` (``+`` one level, ``#`` rest)."""
+    left, right = a.split("/"), b.split("/")
+    for x, y in zip(left, right, strict=False):
+        if x == "#" or y == "#":
+            return True
+        if x != y and x != "+" and y != "+":
+            return False
+    if len(left) == len(right):
+        return True
+    longer = left if len(left) > len(right) else right
+    return longer[min(len(left), len(right))] == "#"
+
+
+# Every model is built on first use (``defer_build``): a device never parses most of them, and
+# the schemas it does not use would otherwise cost it memory.
 
 
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     schema_version: int = SCHEMA_VERSION
 
 
 class ModelRef(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-    version: int
-
-
-class Request(BaseModel):
-    """A command or an inference request. Command arguments sit beside ``id`` (extra fields)."""
-
-    model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, max_length=128)
-    reply_to: str | None = None
-    expires_at: float | None = None  # unix seconds; past it the request is dropped and reported
-
-    @property
-    def args(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and self.expires_at < (now or time.time())
-
-
-class Reply(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    schema_version: int = SCHEMA_VERSION
-    id: str
-    ok: bool
-    error: str | None = None
-
-
-class Applied(BaseModel):
-    """What a device did with the desired state of one ``generation``: echoed in its status so
-    a controller matches outcomes by these fields, never by clocks or message text."""
-
-    model_config = ConfigDict(extra="forbid")
-    generation: int = Field(ge=0)
-    rollout: str | None = None
-    model: ModelRef
-    outcome: Literal["installed", "failed", "refused", "rolled_back"]
-    reason: str | None = None
-
-
-class Status(_Doc):
-    """Retained on ``{prefix}/{device}/status``; the last will sets ``offline``."""
-
-    model_config = ConfigDict(extra="allow")
-    device: str
-    state: Literal["online", "offline"]
-    model: ModelRef | None = None
-    boot_id: str | None = None
-    applied: Applied | None = None  # the last desired generation the device acted on
-    expired: bool = False  # the serving pack is past its expires_at (it keeps serving)
-    ts: float = Field(default_factory=time.time)
+    model_config = ConfigDict(extra="ignore", defer_build=True)
+    name: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=0)
 
 
 class SignedInstruction(BaseModel):
@@ -134,9 +146,156 @@ class SignedInstruction(BaseModel):
     it, checks the signature against its trusted keys, then parses and checks the expiry.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     payload: str = Field(max_length=8192)
     signature: str = Field(max_length=128)  # base64 of 64 bytes
+
+
+# Ranges of what a ``config`` command (and the agent's config file) may set: a value outside
+# them could stop the device from working (a 1 µs heartbeat floods the outbox; a 0.001 ms
+# latency budget refuses every future update).
+TelemetryInterval = Annotated[float, Field(ge=0.02, le=86_400)]  # the operator's own file
+RemoteTelemetryInterval = Annotated[float, Field(ge=1.0, le=86_400)]  # a ``config`` command
+MaxBatch = Annotated[int, Field(ge=1, le=4096)]
+MaxPayloadBytes = Annotated[int, Field(ge=1024, le=64 << 20)]
+DrainRate = Annotated[float, Field(ge=1, le=20_000)]
+LatencyBudgetMs = Annotated[float, Field(ge=10, le=60_000)]
+CaptureRate = Annotated[float, Field(gt=0, le=1)]
+CaptureMaxBytes = Annotated[int, Field(ge=1024, le=64 << 20)]
+
+
+class Request(BaseModel):
+    """The fields every request carries: a command or an inference request."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=128)
+    reply_to: str | None = Field(default=None, max_length=512)
+    expires_at: float | None = None  # unix seconds; past it the request is dropped and reported
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at < (now or time.time())
+
+
+class InferRequest(Request):
+    """Tensor JSON or Open Inference Protocol v2 beside the request fields; the serving core
+    validates the body (``body()``), this model only the envelope."""
+
+    model_config = ConfigDict(extra="allow", defer_build=True)
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(exclude=set(Request.model_fields))
+
+
+class PingCommand(Request):
+    pass
+
+
+class DeployCommand(Request):
+    url: str | None = Field(default=None, max_length=4096)
+    name: str | None = Field(default=None, max_length=128)
+    version: int | None = Field(default=None, gt=0)
+
+
+class RollbackCommand(Request):
+    """Back to the previous good pack, or to ``name`` v``version``; ``authorization`` (a signed
+    ``RollbackInstruction``) is required for anything but the device's own previous pack."""
+
+    name: str | None = Field(default=None, max_length=128)
+    version: int | None = Field(default=None, gt=0)
+    url: str | None = Field(default=None, max_length=4096)
+    authorization: SignedInstruction | None = None
+
+
+class ConfigCommand(Request):
+    telemetry_interval: RemoteTelemetryInterval | None = None
+    max_batch: MaxBatch | None = None
+    max_payload_bytes: MaxPayloadBytes | None = None
+    drain_rate: DrainRate | None = None
+    latency_budget_ms: LatencyBudgetMs | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude=set(Request.model_fields), exclude_none=True)
+
+
+class CaptureCommand(Request):
+    action: Literal["start", "stop", "status"]
+    rate: CaptureRate | None = None
+    max_bytes: CaptureMaxBytes | None = None
+
+
+class CancelCommand(Request):
+    """Stop the download or install in progress (its reply says what was cancelled)."""
+
+
+COMMAND_MODELS: dict[str, type[Request]] = {
+    "ping": PingCommand,
+    "deploy": DeployCommand,
+    "rollback": RollbackCommand,
+    "config": ConfigCommand,
+    "capture": CaptureCommand,
+    "cancel": CancelCommand,
+}
+
+
+class Reply(BaseModel):
+    """A command's or an inference's answer; what each command adds sits beside these fields."""
+
+    model_config = ConfigDict(extra="allow", defer_build=True)
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    ok: bool
+    command: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    reason: str | None = None
+    expired: bool | None = None
+    duplicate: bool | None = None
+
+
+class Applied(BaseModel):
+    """What a device did with the desired state of one ``generation``: echoed in its status so
+    a controller matches outcomes by these fields, never by clocks or message text."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+    generation: int = Field(ge=0)
+    rollout: str | None = None
+    model: ModelRef
+    outcome: Literal["installed", "failed", "refused", "rolled_back"]
+    reason: str | None = None
+
+
+class UpdateOutcome(BaseModel):
+    """The last update a device attempted, as its status and telemetry report it."""
+
+    model_config = ConfigDict(extra="ignore", defer_build=True)
+    event: str = "update"
+    outcome: Literal["installed", "failed", "refused", "rolled_back", "unchanged", "cancelled"]
+    message: str = Field(default="", max_length=4096)
+    trigger: str = Field(default="", max_length=64)
+    model: ModelRef | None = None
+    ts: float = 0.0
+    source: str | None = Field(default=None, max_length=4096)
+
+
+class Status(_Doc):
+    """Retained on ``{prefix}/{device}/status``; the last will sets ``offline``.
+
+    The cloud takes the device from the topic; a status whose ``device`` names another device
+    is dropped and counted. Unknown fields are ignored (a newer device), never read.
+    """
+
+    model_config = ConfigDict(extra="ignore", defer_build=True)
+    device: str = Field(min_length=1, max_length=128)
+    state: Literal["online", "offline"]
+    model: ModelRef | None = None
+    boot_id: str | None = Field(default=None, max_length=128)
+    groups: list[str] = Field(default_factory=list, max_length=64)
+    last_update: UpdateOutcome | None = None
+    applied: Applied | None = None  # the last desired generation the device acted on
+    expired: bool = False  # the serving pack is past its expires_at (it keeps serving)
+    outbox: dict[str, int | str] | None = None
+    ts: float = Field(default_factory=time.time)
 
 
 class RollbackInstruction(_Doc):
@@ -152,9 +311,11 @@ class RollbackInstruction(_Doc):
 class Desired(_Doc):
     """Retained on ``{prefix}/{device}/desired``: the model that should run on the device."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
     model: ModelRef
-    url: str | None = None  # where the pack lives; else resolved through the agent's store
+    url: str | None = Field(
+        default=None, max_length=4096
+    )  # where the pack lives; else resolved through the agent's store
     rollout: str | None = None
     generation: int = Field(default=0, ge=0)  # rises with each desired state a controller sets
     rollback: bool = False  # an aborted rollout sets the previous version back on purpose
@@ -165,12 +326,12 @@ class Desired(_Doc):
 class TelemetryRecord(_Doc):
     """One record on ``{prefix}/{device}/telemetry``; ``seq`` rises by one per boot."""
 
-    model_config = ConfigDict(extra="allow")
-    device: str
-    boot_id: str
-    seq: int = Field(ge=0)
-    ts: float
-    kind: str  # heartbeat | inference | update | event | capture
+    model_config = ConfigDict(extra="ignore", defer_build=True)
+    device: str = Field(min_length=1, max_length=128)
+    boot_id: str = Field(min_length=1, max_length=128)
+    seq: int = Field(ge=0, lt=1 << 53)
+    ts: float = Field(allow_inf_nan=False)
+    kind: str = Field(pattern=r"^[a-z_]{1,32}$")  # heartbeat | inference | update | event | capture
     data: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -183,6 +344,21 @@ class TelemetryAck(_Doc):
 
 
 class TelemetryBatch(_Doc):
-    """What a device publishes on its telemetry topic: one or more records, oldest first."""
+    """What a device publishes on its telemetry topic: one or more records, oldest first.
 
-    records: list[TelemetryRecord]
+    ``floor``, when given, is the lowest seq of the records' boot the device still holds: every
+    seq below it was acknowledged or evicted, so the ingestion's contiguous run starts there
+    (a batch with a floor carries one boot only).
+    """
+
+    records: list[TelemetryRecord] = Field(max_length=10_000)
+    floor: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_boot_under_a_floor(self) -> TelemetryBatch:
+        if self.floor is not None and self.records:
+            if len({r.boot_id for r in self.records}) > 1:
+                raise ValueError("a batch with a floor carries records of one boot")
+            if min(r.seq for r in self.records) < self.floor:
+                raise ValueError("a record is below the batch's floor")
+        return self

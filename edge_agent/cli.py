@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
     run.add_argument("--key-file", type=Path, help="client key (mTLS)")
     run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
+    run.add_argument(
+        "--file-root",
+        dest="file_roots",
+        type=Path,
+        action="append",
+        help="a directory file:// deploys may install from (repeatable; default: none)",
+    )
+    run.add_argument(
+        "--ack-timeout",
+        dest="telemetry_ack_timeout",
+        type=float,
+        help="seconds before unacknowledged telemetry is sent again (default 10)",
+    )
     run.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     logs.add_argument(run)
     run.set_defaults(func=_run)
@@ -67,6 +80,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "cert_file",
         "key_file",
         "outbox_max_bytes",
+        "file_roots",
+        "telemetry_ack_timeout",
         "log_level",
     ]
     flags: dict[str, Any] = {n: getattr(args, n) for n in names}
@@ -76,6 +91,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
 
@@ -87,7 +103,10 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
     logging.getLogger("edge_agent").info(
-        "device %s serving %s on %s", config.device, agent.inference.model_ref, config.broker
+        "device %s serving %s on %s",
+        config.device,
+        agent.inference.model_ref,
+        redact_url(config.broker),
     )
     try:
         agent.run_forever()
@@ -102,13 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     fmt = logs.install(getattr(args, "log_format", None))
+    from cloud_sync.redact import install_log_redaction, redact_text
+
+    install_log_redaction()
     try:
         return int(args.func(args) or 0)
     except AuthError as exc:
-        logs.report_error(fmt, "edge_agent", exc)
+        logs.report_error(fmt, "edge_agent", redact_text(str(exc)))
         return 3  # systemd: RestartPreventExitStatus=3, a wrong password stays wrong
     except EdgebentoError as exc:
-        logs.report_error(fmt, "edge_agent", exc)
+        logs.report_error(fmt, "edge_agent", redact_text(str(exc)))
         return 1
     except KeyboardInterrupt:
         return 130

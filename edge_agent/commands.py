@@ -1,7 +1,10 @@
-"""The commands a device obeys (ping, deploy, rollback, config, capture) and their replay cache.
+"""The commands a device obeys and their replay cache.
 
-A command is executed at most once per ``id``: its reply is kept (in SQLite, so a redelivery
-after a restart is answered too) and sent again when the same ``id`` comes back.
+``ping``, ``deploy``, ``rollback`` (signed: ``edge_agent.trust``), ``config`` and ``capture``
+(values bounded by the protocol's ranges) and ``cancel`` (the download in progress). Each is
+parsed with its model in ``cloud_sync.protocol`` by ``edge_agent.dispatch``. A command is
+executed at most once per ``id``: its reply is kept (in SQLite, so a redelivery after a restart
+is answered too) and sent again when the same ``id`` comes back.
 """
 
 from __future__ import annotations
@@ -14,35 +17,54 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from cloud_sync.protocol import COMMANDS, Request
-from modelpack.errors import ProtocolError, first_problem
+from cloud_sync.protocol import (
+    COMMANDS,
+    CaptureCommand,
+    ConfigCommand,
+    DeployCommand,
+    Request,
+    RollbackCommand,
+)
+from edge_agent.localdb import connect, is_corruption, quarantine
+from edge_agent.trust import rollback_command
+from modelpack.errors import ProtocolError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
 
 KEEP_REPLIES = 2000
+_SCHEMA = "CREATE TABLE IF NOT EXISTS replies (id TEXT PRIMARY KEY, ts REAL, body TEXT);"
 
 
 class ReplyCache:
     """Replies by command id; ``claim`` says whether this delivery is the first one."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS replies (id TEXT PRIMARY KEY, ts REAL, body TEXT)"
-        )
+        self.path = path
+        self.quarantined: list[Path] = []
+        self._db, aside = connect(path, _SCHEMA)
+        if aside is not None:
+            self.quarantined.append(aside)
         self._lock = threading.Lock()
         self._running: set[str] = set()
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """A file damaged at run time: aside, and a new one (only replay is lost)."""
+        if is_corruption(exc):
+            self._db.close()
+            self.quarantined.append(quarantine(self.path))
+            self._db, _ = connect(self.path, _SCHEMA)
 
     def claim(self, request_id: str) -> tuple[bool, dict[str, Any] | None]:
         """(first delivery?, the stored reply of an earlier delivery if it finished)."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT body FROM replies WHERE id = ?", (request_id,)
-            ).fetchone()
+            try:
+                row = self._db.execute(
+                    "SELECT body FROM replies WHERE id = ?", (request_id,)
+                ).fetchone()
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                row = None
             if row is not None:
                 return False, json.loads(row[0])
             if request_id in self._running:
@@ -63,48 +85,12 @@ class ReplyCache:
                     "(SELECT id FROM replies ORDER BY ts DESC LIMIT ?)",
                     (KEEP_REPLIES,),
                 )
-            except sqlite3.OperationalError:
-                pass  # a full disk: the reply was still sent; only replay is lost
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)  # a full disk: the reply was still sent; only replay is lost
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class _Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DeployArgs(_Args):
-    url: str | None = None
-    name: str | None = None
-    version: int | None = Field(default=None, gt=0)
-
-
-class RollbackArgs(_Args):
-    version: int | None = Field(default=None, gt=0)
-
-
-class ConfigArgs(_Args):
-    telemetry_interval: float | None = Field(default=None, gt=0)
-    max_batch: int | None = Field(default=None, gt=0)
-    max_payload_bytes: int | None = Field(default=None, gt=0)
-    drain_rate: float | None = Field(default=None, gt=0)
-    latency_budget_ms: float | None = Field(default=None, gt=0)
-
-
-class CaptureArgs(_Args):
-    action: str = Field(pattern="^(start|stop|status)$")
-    rate: float | None = Field(default=None, gt=0, le=1)
-    max_bytes: int | None = Field(default=None, gt=0)
-
-
-def parse_args(model: type[_Args], request: Request) -> Any:
-    args = {k: v for k, v in request.args.items() if k != "schema_version"}
-    try:
-        return model.model_validate(args)
-    except ValidationError as exc:
-        raise ProtocolError(f"{first_problem(exc, 'arguments')}") from exc
 
 
 def ping(agent: Agent, request: Request) -> dict[str, Any]:
@@ -112,32 +98,40 @@ def ping(agent: Agent, request: Request) -> dict[str, Any]:
 
 
 def deploy(agent: Agent, request: Request) -> dict[str, Any]:
-    args = parse_args(DeployArgs, request)
-    if args.url:
-        return agent.updater.deploy_url(args.url)
-    if args.name and args.version:
-        return agent.updater.deploy_named(args.name, args.version)
+    assert isinstance(request, DeployCommand)
+    if request.url:
+        return agent.updater.deploy_url(request.url)
+    if request.name and request.version:
+        return agent.updater.deploy_named(request.name, request.version)
     raise ProtocolError('deploy needs {"url": ...} or {"name": ..., "version": ...}')
 
 
 def rollback(agent: Agent, request: Request) -> dict[str, Any]:
-    return agent.updater.rollback(parse_args(RollbackArgs, request).version)
+    assert isinstance(request, RollbackCommand)
+    return rollback_command(agent, request)
 
 
 def config(agent: Agent, request: Request) -> dict[str, Any]:
-    changes = parse_args(ConfigArgs, request).model_dump(exclude_none=True)
+    assert isinstance(request, ConfigCommand)
+    changes = request.changes()
     if not changes:
-        raise ProtocolError(f"config needs one of {', '.join(ConfigArgs.model_fields)}")
+        fields = [f for f in ConfigCommand.model_fields if f not in Request.model_fields]
+        raise ProtocolError(f"config needs one of {', '.join(fields)}")
     return {"limits": agent.apply_limits(changes)}
 
 
 def capture(agent: Agent, request: Request) -> dict[str, Any]:
-    args = parse_args(CaptureArgs, request)
-    if args.action == "start":
-        return agent.capture.start(args.rate, args.max_bytes)
-    if args.action == "stop":
+    assert isinstance(request, CaptureCommand)
+    if request.action == "start":
+        return agent.capture.start(request.rate, request.max_bytes)
+    if request.action == "stop":
         return agent.capture.stop()
     return agent.capture.status()
+
+
+def cancel(agent: Agent, request: Request) -> dict[str, Any]:
+    what = agent.updates.cancel(f"cancel command {request.id}")
+    return {"cancelled": what}
 
 
 HANDLERS: dict[str, Callable[[Agent, Request], dict[str, Any]]] = {
@@ -146,7 +140,9 @@ HANDLERS: dict[str, Callable[[Agent, Request], dict[str, Any]]] = {
     "rollback": rollback,
     "config": config,
     "capture": capture,
+    "cancel": cancel,
 }
-# Commands that may take long run on the update worker, not on the network thread.
-SLOW = {"deploy", "rollback", "capture"}
+# Where each runs: deploys on the update worker (downloads); rollback and capture on a command
+# worker, so they never wait behind a download; the rest on the network thread.
+WHERE = {"deploy": "update", "rollback": "worker", "capture": "worker"}
 assert set(HANDLERS) == set(COMMANDS)

@@ -8,8 +8,18 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cloud_sync.protocol import (
+    CaptureMaxBytes,
+    DrainRate,
+    LatencyBudgetMs,
+    MaxBatch,
+    MaxPayloadBytes,
+    TelemetryInterval,
+    Topics,
+    filters_overlap,
+)
 from modelpack.errors import ConfigError, first_problem
 
 ENV_PREFIX = "EDGEBENTO_"
@@ -31,13 +41,13 @@ class PipelineConfig(_Section):
 
 
 class Limits(_Section):
-    """What ``config`` commands may change at run time."""
+    """What ``config`` commands may change at run time (the ranges are the protocol's)."""
 
-    telemetry_interval: float = Field(default=10.0, gt=0)
-    max_batch: int = Field(default=256, gt=0)
-    max_payload_bytes: int = Field(default=1 << 20, gt=0)
-    drain_rate: float = Field(default=500.0, gt=0)  # telemetry records per second after a reconnect
-    latency_budget_ms: float = Field(default=250.0, gt=0)  # health check after an update
+    telemetry_interval: TelemetryInterval = 10.0
+    max_batch: MaxBatch = 256
+    max_payload_bytes: MaxPayloadBytes = 1 << 20
+    drain_rate: DrainRate = 500.0  # telemetry records per second after a reconnect
+    latency_budget_ms: LatencyBudgetMs = 250.0  # health check after an update
 
 
 class AgentConfig(_Section):
@@ -63,13 +73,23 @@ class AgentConfig(_Section):
     http_host: str = "127.0.0.1"
     outbox_max_bytes: int = Field(default=16 << 20, ge=4096)
     outbox_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
-    telemetry_batch: int = Field(default=50, gt=0)
+    telemetry_batch: int = Field(default=50, gt=0, le=1000)
+    # Seconds a sent record may stay unacknowledged by the ingestion before it is sent again,
+    # and how many records may be unacknowledged at once.
+    telemetry_ack_timeout: float = Field(default=10.0, ge=0.5, le=3600)
+    telemetry_window: int = Field(default=2000, ge=1, le=100_000)
     intra_op_threads: int = Field(default=1, ge=0)
     inference_workers: int = Field(default=0, ge=0)  # 0: on the MQTT network thread
     golden_rtol: float = 1e-3
     golden_atol: float = 1e-4
     capture_rate: float = Field(default=0.0, ge=0, le=1)
-    capture_max_bytes: int = Field(default=4 << 20, gt=0)
+    capture_max_bytes: CaptureMaxBytes = 4 << 20
+    # Updates: where file:// deploys may point, the cap on any download, the overall deadline
+    # of one, and whether an installed pack that has since expired stops serving at boot.
+    file_roots: list[Path] = Field(default_factory=list)
+    max_download_bytes: int = Field(default=1 << 30, ge=1 << 10, le=16 << 30)
+    download_deadline_s: float = Field(default=900.0, ge=1, le=86_400)
+    refuse_expired: bool = False
     keep_packs: int = Field(default=3, ge=2)
     limits: Limits = Field(default_factory=Limits)
     pipelines: list[PipelineConfig] = Field(default_factory=list)
@@ -82,6 +102,22 @@ class AgentConfig(_Section):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
         return value
+
+    @model_validator(mode="after")
+    def _pipelines_stay_out_of_the_device_tree(self) -> AgentConfig:
+        """A pipeline on the device's own topics could run its commands; refused at load."""
+        topics = Topics(self.prefix)
+        owned = [topics.tree(self.device), *(topics.group_cmd(g, "#") for g in self.groups)]
+        for p in self.pipelines:
+            for topic in (p.input_topic, p.output_topic):
+                hit = next((o for o in owned if filters_overlap(topic, o)), None)
+                if hit is not None:
+                    raise ValueError(
+                        f"pipeline {p.name!r}: {topic!r} overlaps the device's own topics {hit!r}"
+                    )
+            if any(c in p.output_topic for c in "+#"):
+                raise ValueError(f"pipeline {p.name!r}: output_topic has a wildcard")
+        return self
 
     @property
     def broker_host(self) -> str:
@@ -98,7 +134,7 @@ class AgentConfig(_Section):
 
 
 # Settings that may come from EDGEBENTO_* (lists are split on commas).
-_LIST_FIELDS = {"trust", "groups"}
+_LIST_FIELDS = {"trust", "groups", "file_roots"}
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:

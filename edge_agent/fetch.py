@@ -1,38 +1,75 @@
-"""Getting a pack onto the disk, from wherever the deploy command says it lives.
+"""Getting a pack onto the disk, from wherever the deploy command says it lives; bounded.
 
-Nothing here trusts what it fetched: the updater verifies the result with ``load_pack``.
+Every download is capped by the size it is expected to have (the registry's index) or by
+``max_bytes``, checked while it streams, and by the job's overall deadline and cancel token,
+checked between reads (each read also times out), so a server that trickles a byte at a time
+holds the update worker no longer than the deadline. ``s3://`` objects are read through a
+presigned URL with the same downloader. ``file://`` and plain paths are allowed only under the
+configured roots. Nothing here trusts what it fetched: the updater verifies the result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from cloud_sync.redact import redact_url
+from edge_agent.updates import CancelToken
 from modelpack.archive import ARCHIVE_SUFFIX, extract_archive
-from modelpack.errors import ArchiveError, NotFoundError, SizeLimitError, StoreError
+from modelpack.errors import (
+    ArchiveError,
+    IntegrityError,
+    NotFoundError,
+    SizeLimitError,
+    StoreError,
+)
 
-MAX_DOWNLOAD_BYTES = 1 << 30
 _CHUNK = 1 << 16
+READ_TIMEOUT_S = 10.0
 
 
-def fetch_url(url: str, target: Path) -> Path:
+@dataclass(frozen=True)
+class FetchPolicy:
+    roots: tuple[Path, ...] = ()  # where file:// and plain paths may point
+    max_bytes: int = 1 << 30
+    token: CancelToken | None = None
+
+    def allows(self, path: Path) -> bool:
+        real = path.resolve()
+        return any(real.is_relative_to(root.resolve()) for root in self.roots)
+
+
+def fetch_url(url: str, target: Path, policy: FetchPolicy) -> Path:
     """A directory, ``file://`` (dir or .tar.gz), ``http(s)://`` or ``s3://`` into ``target``."""
     parts = urlsplit(url)
     if parts.scheme in ("", "file"):
-        return _fetch_local(Path(unquote(parts.path) if parts.scheme else url), target)
+        path = Path(unquote(parts.path) if parts.scheme else url)
+        if not policy.allows(path):
+            raise StoreError(
+                f"{redact_url(url)} is outside the directories this device may install from "
+                "(file_roots)"
+            )
+        return _fetch_local(path, target)
     if parts.scheme in ("http", "https"):
-        return _unpack_download(target, lambda dst: _download_http(url, dst))
+        return _unpack_download(target, lambda dst: download(url, dst, policy))
     if parts.scheme == "s3":
-        return _unpack_download(target, lambda dst: _download_s3(url, dst))
-    raise StoreError(f"cannot fetch {url!r}: use a directory, file://, s3://, http:// or https://")
+        return _unpack_download(target, lambda dst: download(_presign_s3(url), dst, policy))
+    raise StoreError(
+        f"cannot fetch {redact_url(url)!r}: use a directory, file://, s3://, http:// or https://"
+    )
 
 
-def fetch_named(store_url: str | None, name: str, version: int, target: Path) -> Path:
-    """``{name, version}`` resolved through the agent's store by the cloud_sync registry."""
+def fetch_named(
+    store_url: str | None, name: str, version: int, target: Path, policy: FetchPolicy
+) -> Path:
+    """``{name, version}`` through the agent's store: bounded by the size the index names."""
     if not store_url:
         raise StoreError(
             f"cannot resolve {name} v{version}: the agent has no --store; send a url instead"
@@ -40,7 +77,45 @@ def fetch_named(store_url: str | None, name: str, version: int, target: Path) ->
     from cloud_sync.registry import Registry
     from cloud_sync.store import open_store
 
-    return Path(Registry(open_store(store_url)).fetch(name, version, target))
+    store = open_store(store_url)
+    registry = Registry(store)
+    entry = registry.entry(name, version)
+    url = registry.pack_url(name, version)
+    bounded = FetchPolicy(
+        (*policy.roots, *_store_root(store_url)),
+        min(policy.max_bytes, entry.archive_size),
+        policy.token,
+    )
+
+    def get(dst: Path) -> None:
+        if url.startswith("file:"):
+            src = Path(unquote(urlsplit(url).path))
+            if not bounded.allows(src) or src.stat().st_size > bounded.max_bytes:
+                raise SizeLimitError(f"{name} v{version} is not the size its index names")
+            shutil.copyfile(src, dst)
+        else:
+            download(url, dst, bounded)
+        if _sha256(dst) != entry.archive_sha256:
+            raise IntegrityError(
+                f"the archive of {name} v{version} does not match its sha256 in the registry"
+            )
+
+    return _unpack_download(target, get)
+
+
+def _store_root(store_url: str) -> tuple[Path, ...]:
+    parts = urlsplit(store_url)
+    if parts.scheme == "s3":
+        return ()
+    return (Path(unquote(parts.path) if parts.scheme == "file" else store_url),)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fetch_local(path: Path, target: Path) -> Path:
@@ -55,39 +130,67 @@ def _fetch_local(path: Path, target: Path) -> Path:
     raise NotFoundError(f"no pack at {path}")
 
 
-def _unpack_download(target: Path, download: object) -> Path:
+def _unpack_download(target: Path, get: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as tmp:
         archive = Path(tmp) / f"pack{ARCHIVE_SUFFIX}"
-        download(archive)  # type: ignore[operator]
+        get(archive)
         try:
             return extract_archive(archive, target)
         except ArchiveError as exc:
             raise ArchiveError(f"the download is not a pack archive: {exc}") from exc
 
 
-def _download_http(url: str, dst: Path) -> None:
+def download(url: str, dst: Path, policy: FetchPolicy) -> None:
+    """``url`` into ``dst``: at most ``policy.max_bytes``, within the token's deadline."""
+    shown = redact_url(url)
+    token = policy.token or CancelToken()
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, dst.open("wb") as out:
+        timeout = token.remaining(READ_TIMEOUT_S)
+        with urllib.request.urlopen(url, timeout=timeout) as response, dst.open("wb") as out:
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+                raise SizeLimitError(f"{shown} is {declared} bytes; the cap is {policy.max_bytes}")
             total = 0
-            while chunk := response.read(_CHUNK):
+            while True:
+                token.check(f"downloading {shown}")
+                _set_timeout(response, token.remaining(READ_TIMEOUT_S))
+                chunk = (
+                    response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
+                )
+                if not chunk:
+                    break
                 total += len(chunk)
-                if total > MAX_DOWNLOAD_BYTES:
-                    raise SizeLimitError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+                if total > policy.max_bytes:
+                    raise SizeLimitError(f"{shown} is larger than {policy.max_bytes} bytes")
                 out.write(chunk)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise NotFoundError(f"{url}: 404 not found") from exc
-        raise StoreError(f"cannot download {url}: HTTP {exc.code}") from exc
+            raise NotFoundError(f"{shown}: 404 not found") from exc
+        raise StoreError(f"cannot download {shown}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise StoreError(f"cannot download {url}: {exc}") from exc
+        token.check(f"downloading {shown}")  # a read cut short by the deadline says so
+        reason = getattr(exc, "reason", exc)
+        raise StoreError(f"cannot download {shown}: {redact_url(str(reason))}") from exc
 
 
-def _download_s3(url: str, dst: Path) -> None:
+def _set_timeout(response: object, seconds: float) -> None:
+    """Each read waits at most ``seconds`` (the socket under http.client's response)."""
+    fp = getattr(response, "fp", None)
+    raw = getattr(fp, "raw", None)
+    sock = getattr(raw, "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _presign_s3(url: str) -> str:
     from cloud_sync.store import open_store
 
     parts = urlsplit(url)
     key = parts.path.lstrip("/")
     if not key:
-        raise StoreError(f"{url} names a bucket, not a pack archive")
-    open_store(f"s3://{parts.netloc}").get_file(key, dst)
+        raise StoreError(f"{redact_url(url)} names a bucket, not a pack archive")
+    return open_store(f"s3://{parts.netloc}").presign(key)
+
+
+__all__: Sequence[str] = ("FetchPolicy", "download", "fetch_named", "fetch_url")

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cloud_sync.protocol import Request
+from cloud_sync.protocol import InferRequest
 from modelpack.codec import parse_body
 from modelpack.errors import EdgebentoError, InputError, OverloadError
 from modelpack.metrics import LATENCY_BUCKETS, InferenceMetrics, NoMetrics
@@ -251,7 +251,7 @@ class InferenceService:
         raw = doc if isinstance(doc, dict) else {}
         reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
         try:
-            request = Request.model_validate(doc)
+            request = InferRequest.model_validate(doc)
         except ValidationError as exc:
             error = InputError(f"not a request: {exc.errors()[0]['msg']}", reason="invalid")
             self.core.count_error(error)
@@ -262,7 +262,7 @@ class InferenceService:
             body = {"schema_version": 1, "id": request.id, "ok": False, "error": error_text}
             body.update(expired=True, reason="expired")
             return MqttReply(request.reply_to, body, {"event": "expired", "id": request.id})
-        args = request.args
+        args = request.body()
         timeout_ms = args.get("timeout_ms")
         timeout_s = (
             timeout_ms / 1000 if isinstance(timeout_ms, int | float) and timeout_ms > 0 else None

@@ -2,7 +2,11 @@
 
 Each record gets ``device``, ``boot_id`` and a ``seq`` that rises by one per boot, assigned in
 the same transaction that stores it, so a record that could not be stored never takes a seq and
-the cloud sees no gap it would wait for. Records leave only when the broker acknowledged them.
+the cloud sees no gap it would wait for. Records leave only when the ingestion acknowledged that
+they are stored (``ack_upto``: a ``TelemetryAck`` names a boot and the highest contiguous seq).
+
+A file SQLite cannot read is quarantined (``edge_agent.localdb``) and a new one started, at
+start or at run time, so a damaged outbox never keeps the device down.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_agent.localdb import connect, is_corruption
+
 log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "drop_newest"]
@@ -30,6 +36,7 @@ CREATE TABLE IF NOT EXISTS records (
     size INTEGER NOT NULL,
     body BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS records_boot_seq ON records(boot_id, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -38,6 +45,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 class Pending:
     id: int
     body: bytes
+    boot_id: str = ""
+    seq: int = 0
 
 
 class Outbox:
@@ -57,14 +66,32 @@ class Outbox:
         self._lock = threading.Lock()
         # Counted in memory too: a full disk cannot record its own drops.
         self.dropped_disk_full = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a record the broker will not see must survive a power cut, not just kill -9.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records").fetchone()
-        self.bytes, self.count = int(row[0]), int(row[1])
+        self.quarantined: list[Path] = []
+        self.bytes = self.count = 0
+        self._open()
+
+    def _open(self) -> None:
+        # FULL: a record the cloud has not stored must survive a power cut, not just kill -9.
+        self._db, aside = connect(self.path, _SCHEMA, synchronous="FULL")
+        if aside is not None:
+            self._quarantined(aside)
+        self._reload_size()
+
+    def _quarantined(self, aside: Path) -> None:
+        self.quarantined.append(aside)  # the agent reports each one as an event
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> bool:
+        """After an error at run time: quarantine and reopen a damaged file; True if it was."""
+        if not is_corruption(exc):
+            return False
+        from edge_agent.localdb import quarantine
+
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        aside = quarantine(self.path)
+        self._open()
+        self._quarantined(aside)
+        return True
 
     # --- counters ------------------------------------------------------------------------------
 
@@ -77,10 +104,15 @@ class Outbox:
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            rows = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+            try:
+                rows = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                rows = {}
         rows.setdefault("evicted", 0)
         rows.setdefault("dropped_overflow", 0)
         rows["dropped_disk_full"] = self.dropped_disk_full
+        rows["quarantined"] = len(self.quarantined)
         return rows
 
     def stats(self) -> dict[str, Any]:
@@ -146,8 +178,10 @@ class Outbox:
                         (self.boot_id, seq, len(body), body),
                     )
                     self._db.execute("COMMIT")
-                except sqlite3.OperationalError as exc:
+                except sqlite3.DatabaseError as exc:
                     self._rollback()
+                    if attempt == 1 and self._recover(exc):
+                        continue
                     self._reload_size()
                     if _disk_full(exc) and attempt == 1 and self.count:
                         # Make room inside the file we already own, then try once more.
@@ -163,7 +197,7 @@ class Outbox:
         return None
 
     def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.OperationalError):
+        with contextlib.suppress(sqlite3.Error):
             self._db.execute("ROLLBACK")
 
     def _reload_size(self) -> None:
@@ -172,7 +206,7 @@ class Outbox:
                 "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records"
             ).fetchone()
             self.bytes, self.count = int(row[0]), int(row[1])
-        except sqlite3.OperationalError:
+        except sqlite3.DatabaseError:
             pass
 
     def _shrink_for_disk(self) -> None:
@@ -189,42 +223,81 @@ class Outbox:
     # --- reading and acknowledging --------------------------------------------------------------
 
     def peek(self, after_id: int, limit: int) -> list[Pending]:
+        """Up to ``limit`` records after ``after_id``, oldest first, all of one boot."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, body FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-            ).fetchall()
-        return [Pending(int(r[0]), bytes(r[1])) for r in rows]
+            try:
+                rows = self._db.execute(
+                    "SELECT id, body, boot_id, seq FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                return []
+        batch = [Pending(int(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+        return [p for p in batch if p.boot_id == batch[0].boot_id] if batch else []
+
+    def floor(self, boot_id: str) -> int | None:
+        """The lowest seq of ``boot_id`` still held: every seq below is acknowledged or evicted."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT MIN(seq) FROM records WHERE boot_id = ?", (boot_id,)
+                ).fetchone()
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                return None
+        return None if row[0] is None else int(row[0])
+
+    def count_upto(self, record_id: int) -> int:
+        """How many records are held at or before ``record_id`` (sent and not yet acknowledged)."""
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT COUNT(*) FROM records WHERE id <= ?", (record_id,)
+                ).fetchone()
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                return 0
+        return int(row[0])
+
+    def ack_upto(self, boot_id: str, seq: int) -> int:
+        """Delete every record of ``boot_id`` up to ``seq`` (the ingestion stored them)."""
+        return self._delete("boot_id = ? AND seq <= ?", (boot_id, seq))
 
     def ack(self, ids: list[int]) -> None:
-        if not ids:
-            return
+        """Delete records by id."""
+        if ids:
+            self._delete(f"id IN ({','.join('?' * len(ids))})", tuple(ids))
+
+    def _delete(self, where: str, params: tuple[Any, ...]) -> int:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                marks = ",".join("?" * len(ids))
                 row = self._db.execute(
-                    f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE id IN ({marks})",
-                    ids,
+                    f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE {where}", params
                 ).fetchone()
-                self._db.execute(f"DELETE FROM records WHERE id IN ({marks})", ids)
+                self._db.execute(f"DELETE FROM records WHERE {where}", params)
                 self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 self._rollback()
-                log.warning("cannot delete acknowledged records (they will be sent again): %s", exc)
-                return
+                if not self._recover(exc):
+                    log.warning("cannot delete acknowledged records (they are sent again): %s", exc)
+                return 0
             self.bytes -= int(row[0])
             self.count -= int(row[1])
+            return int(row[1])
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def _disk_full(exc: sqlite3.OperationalError) -> bool:
+def _disk_full(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
     return "full" in text or getattr(exc, "sqlite_errorcode", 0) == 13
 
 
-def batch_payload(records: list[Pending]) -> bytes:
+def batch_payload(records: list[Pending], floor: int | None = None) -> bytes:
     """A TelemetryBatch from stored record bodies, without parsing them again."""
-    return b'{"schema_version":1,"records":[' + b",".join(r.body for r in records) + b"]}"
+    tail = b"]}" if floor is None else b'],"floor":%d}' % floor
+    return b'{"schema_version":1,"records":[' + b",".join(r.body for r in records) + tail

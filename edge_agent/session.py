@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
 from modelpack.errors import AuthError, BrokerError
 
@@ -163,7 +164,7 @@ class Session:
         if reason.is_failure:
             if reason.value in _AUTH_FAILURES:
                 self.fatal = AuthError(
-                    f"broker {self.config.broker} rejected the credentials of "
+                    f"broker {redact_url(self.config.broker)} rejected the credentials of "
                     f"{self.config.username or 'an anonymous client'}: {reason}; not retrying"
                 )
             log.warning("broker refused the connection: %s", reason)
@@ -178,9 +179,16 @@ class Session:
             client.subscribe(topic, qos)
         self._lost.clear()
         self._connected.set()
-        log.info("connected to %s (session present: %s)", self.config.broker, flags.session_present)
+        log.info(
+            "connected to %s (session present: %s)",
+            redact_url(self.config.broker),
+            flags.session_present,
+        )
         if self._on_connect_cb is not None:
-            self._on_connect_cb(bool(flags.session_present))
+            try:
+                self._on_connect_cb(bool(flags.session_present))
+            except Exception:  # paho 2 would end its network thread
+                log.exception("on_connect handler failed")
 
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
@@ -188,7 +196,7 @@ class Session:
         self._connected.clear()
         self._lost.set()
         if not self._stop.is_set():
-            log.warning("disconnected from %s: %s", self.config.broker, reason)
+            log.warning("disconnected from %s: %s", redact_url(self.config.broker), reason)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         response_topic = correlation = None
@@ -223,7 +231,7 @@ class Session:
             else:
                 self.client.connect(cfg.broker_host, cfg.broker_port, cfg.keepalive)
         except (OSError, ssl.SSLError) as exc:
-            log.warning("cannot reach broker %s: %s", cfg.broker, exc)
+            log.warning("cannot reach broker %s: %s", redact_url(cfg.broker), exc)
             return False
         return True
 

@@ -1,16 +1,22 @@
-"""Model updates: fetch, verify, stage, fsync, atomic rename, health check, swap, and rollback.
+"""Model updates: fetch, verify, stage, fsync, atomic rename, health check, record, swap, rollback.
 
 The one source of truth for what runs is ``state.json`` in the data dir, replaced atomically
-only after the new pack passed its health check; ``kill -9`` at any step therefore leaves a
-device that serves exactly the old or the new pack after restart. Packs are verified with
-``load_pack(check_model=False)``: the publisher ran onnx.checker before signing, and the
-signature proves it, so a device needs neither the onnx package nor its ~15 MB of memory.
+after the new pack passed its health check and *before* its session goes live: a failure to
+write it leaves the old model serving and the state saying so, and ``kill -9`` at any step
+leaves a device that serves exactly the old or the new pack after restart. ``state.json`` also
+keeps, per model name, the highest version ever installed (TUF's rollback rule): nothing at or
+below it installs without a signed rollback instruction (``edge_agent.trust``). Packs are
+verified with ``load_pack(check_model=False)``: the publisher ran onnx.checker before signing,
+and the signature proves it, so a device needs neither the onnx package nor its memory.
+
+A new install of an expired pack is refused; a pack that expires after it was installed keeps
+serving across reboots with ``expired`` on the status (``refuse_expired`` turns that off).
+Downloads happen outside the install lock, so a rollback never waits behind one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -21,11 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from cloud_sync.redact import redact_text, redact_url
 from edge_agent.config import AgentConfig
-from edge_agent.fetch import fetch_named, fetch_url
+from edge_agent.fetch import FetchPolicy, fetch_named, fetch_url
+from edge_agent.health import HealthCheckError, health_check
 from edge_agent.inference import InferenceService
+from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
+from edge_agent.updates import CancelledError, CancelToken, UpdateWorker
 from modelpack.errors import EdgebentoError, PackError, VersionError
 from modelpack.loader import load_pack
 from modelpack.pack import Pack
@@ -34,72 +42,63 @@ from modelpack.predictor import Predictor, PredictorOptions
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], None]
+Fetch = Callable[[Path], Path]
 
-
-class HealthCheckError(PackError):
-    """A pack that verified but does not reproduce its golden samples or is too slow."""
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so a rename cannot expose half a pack."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclasses.dataclass(frozen=True)
-class InstallState:
-    current: str | None = None
-    history: tuple[str, ...] = ()  # earlier good packs, newest first: where rollback goes
+__all__ = ["HealthCheckError", "InstallState", "Updater"]
 
 
 class Updater:
-    def __init__(self, config: AgentConfig, inference: InferenceService, report: Report) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        inference: InferenceService,
+        report: Report,
+        worker: UpdateWorker | None = None,
+    ) -> None:
         self.config = config
         self.inference = inference
         self.report = report
+        self.worker = worker or UpdateWorker(lambda: config.download_deadline_s)
         self.packs_dir = config.data_dir / "packs"
         self.staging_dir = config.data_dir / "staging"
         self.state_file = config.data_dir / "state.json"
         self.current: Pack | None = None
         self.last_update: dict[str, Any] | None = None
+        self.applied: dict[str, Any] | None = None  # set by edge_agent.trust per generation
+        self.outcomes: dict[str, int] = {}  # update attempts by outcome, for /metrics
         self._lock = threading.Lock()
         self.options = PredictorOptions(intra_op_threads=config.intra_op_threads)
+
+    @property
+    def expired(self) -> bool:
+        return self.current is not None and self.current.manifest.expired
+
+    def policy(self, own_token: bool = False) -> FetchPolicy:
+        """Fetch limits; the update worker's cancel token, or (a rollback, which runs beside
+        the worker and has just cancelled it) a token of its own with the same deadline."""
+        token = CancelToken(self.config.download_deadline_s) if own_token else self.worker.token
+        return FetchPolicy(tuple(self.config.file_roots), self.config.max_download_bytes, token)
 
     # --- state -------------------------------------------------------------------------------
 
     def read_state(self) -> InstallState:
-        try:
-            raw = json.loads(self.state_file.read_text())
-            return InstallState(raw.get("current"), tuple(raw.get("history", ())))
-        except FileNotFoundError:
-            return InstallState()
-        except (OSError, ValueError) as exc:
-            log.error("state.json is unreadable (%s); starting from the packs on disk", exc)
-            return InstallState()
+        return read_state(self.state_file, self.packs_dir)
+
+    def highest(self, name: str) -> int | None:
+        return self.read_state().mark(name)
 
     def _write_state(self, state: InstallState) -> None:
-        tmp = self.state_file.with_name(".state.json.tmp")
-        body = {"schema_version": 1, "current": state.current, "history": list(state.history)}
-        with tmp.open("w") as fh:
-            json.dump(body, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_file)
-        fsync_dir(self.state_file.parent)
+        write_state(self.state_file, state)
+
+    def _record(self, state: InstallState) -> None:
+        """Write the state before the new session goes live; on failure nothing changed."""
+        try:
+            self._write_state(state)
+        except OSError as exc:
+            raise PackError(
+                f"cannot record the update in state.json: {exc.strerror or exc}; "
+                f"still serving {self._label(self.current)}"
+            ) from exc
 
     # --- boot ----------------------------------------------------------------------------------
 
@@ -114,92 +113,88 @@ class Updater:
             if dirname is None:
                 continue
             try:
-                pack = self._verify(self.packs_dir / dirname)
+                # Verified when installed: the clock passing expires_at since must not take
+                # the device dark (TUF's freeze rule is for new installs).
+                pack = self._verify(self.packs_dir / dirname, installed=True)
                 self._go_live(pack, self._load_predictor(pack))
             except EdgebentoError as exc:
                 log.error("installed pack %s is not usable: %s", dirname, exc)
                 self.report({"event": "boot_refused", "pack": dirname, "error": str(exc)})
                 continue
             if index:
-                self._write_state(InstallState(dirname, state.history[index:]))
+                self._write_state(
+                    dataclasses.replace(state, current=dirname, history=state.history[index:])
+                )
+            if pack.manifest.expired:
+                when = str(pack.manifest.expires_at)
+                log.warning("serving %s, which expired at %s", dirname, when)
+                self.report({"event": "expired", "pack": dirname, "expires_at": when})
             return
         if initial is not None:
-            self._install(lambda target: fetch_url(str(initial), target), str(initial), "boot")
+            # The operator's own --pack: any local path the agent can read.
+            own = FetchPolicy((initial.resolve().parent,), self.config.max_download_bytes)
+            self._install(lambda t: fetch_url(str(initial), t, own), str(initial), "boot")
 
     # --- deploy and rollback -------------------------------------------------------------------
 
     def deploy_url(self, url: str, trigger: str = "command") -> dict[str, Any]:
-        return self._install(lambda target: fetch_url(url, target), url, trigger)
+        policy = self.policy()
+        return self._install(lambda t: fetch_url(url, t, policy), url, trigger)
 
     def deploy_named(self, name: str, version: int, trigger: str = "command") -> dict[str, Any]:
         cur = self.current
         if cur is not None and (cur.manifest.name, cur.manifest.version) == (name, version):
             return self._outcome("unchanged", f"{name} v{version} is already running", trigger)
-        return self._install(
-            lambda target: fetch_named(self.config.store, name, version, target),
-            f"{name} v{version}",
-            trigger,
-        )
+        return self._install(self._named(name, version), f"{name} v{version}", trigger)
 
-    def rollback(self, version: int | None = None) -> dict[str, Any]:
-        """Go back to the previous good pack (or the one with ``version``): the only downgrade."""
-        with self._lock:
-            state = self.read_state()
-            choices = [d for d in state.history if version is None or f"-v{version}-" in f"{d}-"]
-            if not choices:
-                raise VersionError(
-                    "no earlier pack to roll back to"
-                    if version is None
-                    else f"version {version} is not among the earlier packs on this device"
-                )
-            target = choices[0]
-            pack = self._verify(self.packs_dir / target)
-            self._health_check(pack, predictor := self._load_predictor(pack))
-            self._go_live(pack, predictor)
-            rest = state.history[state.history.index(target) + 1 :]
-            self._write_state(InstallState(target, rest))
-            return self._outcome("rolled_back", f"rolled back to {self._label(pack)}", "command")
+    def _named(self, name: str, version: int, policy: FetchPolicy | None = None) -> Fetch:
+        policy, store = policy or self.policy(), self.config.store
+        return lambda target: fetch_named(store, name, version, target, policy)
 
     def rollback_to(
-        self, name: str, version: int, url: str | None = None, trigger: str = "desired"
+        self, name: str, version: int, url: str | None = None, trigger: str = "command"
     ) -> dict[str, Any]:
-        """Go back to exactly ``name`` v``version``, as a desired state with ``rollback`` asks.
+        """Go back to exactly ``name`` v``version`` (the caller checked the authority).
 
-        The copy kept as an earlier good pack is preferred; if there is none (or it no longer
-        verifies), the pack is fetched from ``url`` or through the store. Either way it is
-        verified with the trusted keys and health-checked, and it must be that very version:
-        never below what the desired state names.
+        The copy kept as an earlier good pack is preferred, matched by its verified manifest
+        (never by a directory name); if there is none (or it no longer verifies), the pack is
+        fetched from ``url`` or through the store and must be that very version.
         """
         with self._lock:
             state = self.read_state()
             for index, dirname in enumerate(state.history):
-                if not dirname.startswith(f"{name}-v{version}-"):
-                    continue
                 try:
-                    pack = self._verify(self.packs_dir / dirname)
+                    pack = self._verify(self.packs_dir / dirname, installed=True)
+                    if (pack.manifest.name, pack.manifest.version) != (name, version):
+                        continue
                     predictor = self._load_predictor(pack)
                     health = self._health_check(pack, predictor)
                 except EdgebentoError as exc:
-                    log.warning("the kept copy %s is not usable (%s); fetching it", dirname, exc)
+                    log.warning("the kept copy %s is not usable (%s)", dirname, exc)
                     continue
+                self._record(
+                    dataclasses.replace(state, current=dirname, history=state.history[index + 1 :])
+                )
                 self._go_live(pack, predictor)
-                self._write_state(InstallState(dirname, state.history[index + 1 :]))
                 return self._outcome(
                     "rolled_back",
                     f"rolled back to {self._label(pack)} (the copy kept on the device)",
                     trigger,
                     health=health,
                 )
-        if url:
-            return self._install(
-                lambda target: fetch_url(url, target), url, trigger, (name, version)
-            )
-        return self._install(
-            lambda target: fetch_named(self.config.store, name, version, target),
-            f"{name} v{version}",
-            trigger,
-            (name, version),
-        )
+        policy = self.policy(own_token=True)
+        fetch = (lambda t: fetch_url(url, t, policy)) if url else self._named(name, version, policy)
+        return self._install(fetch, url or f"{name} v{version}", trigger, (name, version))
+
+    def previous(self) -> tuple[str, int] | None:
+        """The (name, version) of the newest earlier good pack, read from its manifest."""
+        for dirname in self.read_state().history:
+            try:
+                pack = self._verify(self.packs_dir / dirname, installed=True)
+            except EdgebentoError:
+                continue
+            return pack.manifest.name, pack.manifest.version
+        return None
 
     def refuse(self, message: str, trigger: str, **extra: Any) -> dict[str, Any]:
         """Report an update that was refused before anything was fetched."""
@@ -207,57 +202,60 @@ class Updater:
 
     def _install(
         self,
-        fetch: Callable[[Path], Path],
+        fetch: Fetch,
         source: str,
         trigger: str,
         rollback_to: tuple[str, int] | None = None,
     ) -> dict[str, Any]:
-        with self._lock:
-            staging = self.staging_dir / uuid.uuid4().hex
+        shown = redact_url(source)
+        staging = self.staging_dir / uuid.uuid4().hex
+        try:
             try:
-                try:
-                    return self._install_locked(fetch, source, trigger, staging, rollback_to)
-                except OSError as exc:  # a full or read-only disk while staging
-                    raise PackError(f"cannot stage {source}: {exc.strerror or exc}") from exc
-            except EdgebentoError as exc:
-                outcome = "rolled_back" if isinstance(exc, HealthCheckError) else "refused"
-                self._outcome(outcome, str(exc), trigger, source=source)
-                raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                fetched = fetch(staging)  # outside the lock: a rollback never waits for it
+                with self._lock:
+                    return self._install_locked(fetched, shown, trigger, rollback_to)
+            except OSError as exc:  # a full or read-only disk while staging
+                raise PackError(f"cannot stage {shown}: {exc.strerror or exc}") from exc
+        except EdgebentoError as exc:
+            outcome = (
+                "rolled_back"
+                if isinstance(exc, HealthCheckError)
+                else "cancelled"
+                if isinstance(exc, CancelledError)
+                else "refused"
+            )
+            self._outcome(outcome, redact_text(str(exc)), trigger, source=shown)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def _install_locked(
-        self,
-        fetch: Callable[[Path], Path],
-        source: str,
-        trigger: str,
-        staging: Path,
-        rollback_to: tuple[str, int] | None,
-    ) -> dict[str, Any]:
-        fetched = fetch(staging)
-        pack = self._verify(fetched)
-        cur = self.current
+    def _check_version(self, pack: Pack, source: str, rollback_to: tuple[str, int] | None) -> None:
+        m = pack.manifest
         if rollback_to is not None:
-            if (pack.manifest.name, pack.manifest.version) != rollback_to:
+            if (m.name, m.version) != rollback_to:
                 raise VersionError(
                     f"{source} holds {self._label(pack)}, not the {rollback_to[0]} "
                     f"v{rollback_to[1]} the rollback asks for"
                 )
-        elif cur is not None and cur.manifest.name == pack.manifest.name:
-            if cur.manifest_sha256 == pack.manifest_sha256:
-                return self._outcome(
-                    "unchanged", f"{self._label(pack)} is already running", trigger
-                )
-            if pack.manifest.version <= cur.manifest.version:
-                raise VersionError(
-                    f"{self._label(pack)} is not newer than the running v{cur.manifest.version}; "
-                    "a downgrade needs an explicit rollback"
-                )
-        final = (
-            self.packs_dir
-            / f"{pack.manifest.name}-v{pack.manifest.version}-{pack.manifest_sha256[:12]}"
-        )
-        if final.exists():
+            return
+        mark = self.read_state().mark(m.name)
+        if mark is not None and m.version <= mark:
+            raise VersionError(
+                f"{self._label(pack)} is not above v{mark}, the highest {m.name} this device "
+                "installed; a downgrade needs a signed rollback instruction"
+            )
+
+    def _install_locked(
+        self, fetched: Path, source: str, trigger: str, rollback_to: tuple[str, int] | None
+    ) -> dict[str, Any]:
+        pack = self._verify(fetched)
+        cur = self.current
+        if cur is not None and cur.manifest_sha256 == pack.manifest_sha256:
+            return self._outcome("unchanged", f"{self._label(pack)} is already running", trigger)
+        self._check_version(pack, source, rollback_to)
+        m = pack.manifest
+        final = self.packs_dir / f"{m.name}-v{m.version}-{pack.manifest_sha256[:12]}"
+        if final.exists() and (cur is None or cur.root != final):
             shutil.rmtree(final)  # a copy from an earlier failed attempt: not live, not trusted
         fsync_tree(fetched)
         os.rename(fetched, final)
@@ -270,71 +268,39 @@ class Updater:
             shutil.rmtree(final, ignore_errors=True)
             back = f"; still serving {self._label(cur)}" if cur is not None else ""
             raise HealthCheckError(f"{exc}; rolled back automatically{back}") from exc
-        old = self.current
-        self._go_live(pack, predictor)
         state = self.read_state()
         # History holds earlier good packs only: a rollback does not keep the pack it left.
         history = state.history
-        if old is not None and rollback_to is None:
-            history = (old.root.name, *history)
+        if cur is not None and rollback_to is None:
+            history = (cur.root.name, *history)
         history = tuple(d for d in history if d != final.name)[: self.config.keep_packs - 1]
-        self._write_state(InstallState(final.name, history))
+        new = InstallState(final.name, history, state.raised(m.name, m.version))
+        try:
+            self._record(new)
+        except PackError:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        self._go_live(pack, predictor)
         self._prune(final.name, history)
         if rollback_to is not None:
-            return self._outcome(
-                "rolled_back",
-                f"rolled back to {self._label(pack)} (fetched from {source})",
-                trigger,
-                health=health,
-            )
-        return self._outcome(
-            "installed", f"now serving {self._label(pack)}", trigger, health=health
-        )
+            message = f"rolled back to {self._label(pack)} (fetched from {source})"
+            return self._outcome("rolled_back", message, trigger, health=health)
+        message = f"now serving {self._label(pack)}"
+        return self._outcome("installed", message, trigger, health=health)
 
     # --- steps ---------------------------------------------------------------------------------
 
-    def _verify(self, root: Path) -> Pack:
-        return load_pack(root, self.config.trust, check_model=False)
+    def _verify(self, root: Path, installed: bool = False) -> Pack:
+        allow_expired = installed and not self.config.refuse_expired
+        return load_pack(root, self.config.trust, check_model=False, allow_expired=allow_expired)
 
     def _load_predictor(self, pack: Pack) -> Predictor:
         return Predictor.from_pack(pack, self.options)
 
     def _health_check(self, pack: Pack, predictor: Predictor) -> dict[str, Any]:
-        """Golden samples within tolerance, and the median of a few runs within the budget."""
-        samples = pack.samples
-        if samples is None or not samples.inputs:
-            return {"golden": "none in pack"}
-        timings = []
-        for _ in range(5):
-            start = time.perf_counter()
-            try:
-                outputs = predictor.run(samples.inputs)
-            except EdgebentoError as exc:
-                raise HealthCheckError(f"health check failed: golden inputs fail: {exc}") from exc
-            timings.append((time.perf_counter() - start) * 1000)
-        for name, expected in samples.outputs.items():
-            got = outputs.get(name)
-            if got is None or got.shape != expected.shape:
-                raise HealthCheckError(f"health check failed: output {name!r} has the wrong shape")
-            if not np.allclose(
-                got, expected, rtol=self.config.golden_rtol, atol=self.config.golden_atol
-            ):
-                worst = float(np.max(np.abs(got.astype(np.float64) - expected)))
-                raise HealthCheckError(
-                    f"health check failed: output {name!r} differs from the golden samples "
-                    f"by up to {worst:.3g}"
-                )
-        median = sorted(timings)[len(timings) // 2]
-        budget = self.config.limits.latency_budget_ms
-        if median > budget:
-            raise HealthCheckError(
-                f"health check failed: {median:.1f} ms per golden batch is over the {budget} ms budget"
-            )
-        return {
-            "golden": "ok",
-            "samples": len(next(iter(samples.inputs.values()))),
-            "median_ms": round(median, 3),
-        }
+        cfg = self.config
+        budget = cfg.limits.latency_budget_ms
+        return health_check(pack, predictor, budget, cfg.golden_rtol, cfg.golden_atol)
 
     def _go_live(self, pack: Pack, predictor: Predictor) -> None:
         self.inference.swap(predictor)
@@ -354,12 +320,13 @@ class Updater:
         result = {
             "event": "update",
             "outcome": outcome,
-            "message": message,
+            "message": redact_text(message),
             "trigger": trigger,
             "model": None if self.current is None else self.current.manifest.model_ref,
             "ts": time.time(),
             **extra,
         }
         self.last_update = result
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.report(result)
         return result

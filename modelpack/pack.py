@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.errors import LayoutError, ModelInvalidError, PackError
+from modelpack.errors import LayoutError, ManifestError, ModelInvalidError, PackError
 from modelpack.hashing import sha256_file
 from modelpack.manifest import (
     MANIFEST_FILE,
@@ -167,12 +167,22 @@ def create_pack(
     return out / MANIFEST_FILE
 
 
-def sign_pack(root: Path, key: Path) -> Path:
-    """Check that every file matches the manifest, then write manifest.sig over its bytes."""
+def sign_pack(root: Path, key: Path, expires_at: datetime | None = None) -> Path:
+    """Check that every file matches the manifest, then write manifest.sig over its bytes.
+
+    With ``expires_at`` the manifest is first rewritten to expire then (TUF's freeze rule: a
+    device refuses to newly install a pack past it), so the signature covers the expiry.
+    """
     from modelpack.loader import load_pack
 
     private = load_private_key(key)
-    load_pack(root, trusted=(), allow_unsigned=True, allow_expired=True)  # refuses drifted files
+    pack = load_pack(root, trusted=(), allow_unsigned=True, allow_expired=True)  # drifted files
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise ManifestError("expires_at needs a time zone")
+        (root / SIGNATURE_FILE).unlink(missing_ok=True)
+        updated = pack.manifest.model_copy(update={"expires_at": expires_at.replace(microsecond=0)})
+        _write_atomic(root / MANIFEST_FILE, updated.to_bytes())
     data = (root / MANIFEST_FILE).read_bytes()
     _write_atomic(root / SIGNATURE_FILE, sign(data, private))
     return root / SIGNATURE_FILE

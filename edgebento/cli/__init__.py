@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "edgebento.cli.rollout",
     "edgebento.cli.fleet",
     "edgebento.cli.simulate",
+    "edgebento.cli.rollback",
 ]
 
 

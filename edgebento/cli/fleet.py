@@ -53,7 +53,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         doc = {"devices": {d: s.as_json() for d, s in devices.items()}}
         print(json.dumps(doc, indent=2, default=str))
         return 0
-    table = Table(title=f"fleet on {args.broker} ({len(devices)} devices)")
+    from cloud_sync.redact import redact_url
+
+    shown = redact_url(args.broker)
+    table = Table(title=f"fleet on {shown} ({len(devices)} devices)")
     for col in ("device", "state", "model", "last seen", "inf/s", "p99 ms", "errors", "pending"):
         table.add_column(col, justify="right" if col in ("inf/s", "p99 ms", "errors") else "left")
     for device, s in devices.items():
@@ -70,5 +73,5 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{s.errors:.0f}",
             pending,
         )
-    Console().print(table if devices else f"no device has reported on {args.broker}")
+    Console().print(table if devices else f"no device has reported on {shown}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,27 @@ from modelpack import (
     load_pack,
     sign_pack,
 )
-from modelpack.errors import ManifestError
+from modelpack.errors import ConfigError, ManifestError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+EXPIRES_HELP = "expire this long from now: 3600, 90m, 12h, 30d or 8w (signed with the manifest)"
+
+
+def duration_s(text: str) -> float:
+    """``3600``, ``90m``, ``12h``, ``30d``, ``8w`` as seconds; argparse's type for durations."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 3600, 90m, 12h or 30d")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def expires_at(seconds: float | None) -> datetime | None:
+    if seconds is None:
+        return None
+    try:
+        return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise ConfigError(f"--expires-in {seconds:.0f}s is past the year 9999") from exc
 
 
 def register(sub: Any) -> None:
@@ -44,11 +66,13 @@ def register(sub: Any) -> None:
         "--label", action="append", default=[], dest="labels", help="a class label (repeat)"
     )
     create.add_argument("--key", type=Path, help="sign with this signing.key as well")
+    create.add_argument("--expires-in", type=duration_s, metavar="DURATION", help=EXPIRES_HELP)
     create.set_defaults(func=cmd_create)
 
     sign = verbs.add_parser("sign", help="sign a pack's manifest")
     sign.add_argument("dir", type=Path)
     sign.add_argument("--key", type=Path, required=True)
+    sign.add_argument("--expires-in", type=duration_s, metavar="DURATION", help=EXPIRES_HELP)
     sign.set_defaults(func=cmd_sign)
 
     verify = verbs.add_parser(
@@ -80,16 +104,20 @@ def cmd_create(args: argparse.Namespace) -> int:
         version=args.version,
         samples=args.samples,
         labels=args.labels,
+        expires_at=(when := expires_at(args.expires_in)),
         key=args.key,
     )
     state = "signed" if args.key else "unsigned; sign it with 'edgebento pack sign'"
-    print(f"wrote pack {args.name} v{args.version} to {args.out} ({state})")
+    until = f", expires {when.isoformat()}" if when else ""
+    print(f"wrote pack {args.name} v{args.version} to {args.out} ({state}{until})")
     return 0
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    sig = sign_pack(args.dir, args.key)
-    print(f"signed {args.dir} ({sig.name})")
+    when = expires_at(args.expires_in)
+    sig = sign_pack(args.dir, args.key, expires_at=when)
+    until = f"; expires {when.isoformat()}" if when else ""
+    print(f"signed {args.dir} ({sig.name}{until})")
     return 0
 
 

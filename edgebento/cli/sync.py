@@ -41,8 +41,10 @@ def register(sub: Any) -> None:
 def cmd_sync(args: argparse.Namespace) -> int:
     from cloud_sync.ingest import SyncOptions, TelemetrySync
     from cloud_sync.protocol import Topics
+    from cloud_sync.redact import install_log_redaction, redact_url
     from cloud_sync.store import open_store
 
+    install_log_redaction()
     store = open_store(args.store, endpoint_url=args.endpoint_url)
     options = SyncOptions(
         share=args.share,
@@ -55,14 +57,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sync.start()
+    sync.start(keep_trying=True)  # a broker that is down now is waited for, not a failure
     log.info(
-        f"syncing telemetry from {args.broker} to {store.url} as {options.client_id}"
+        f"syncing telemetry from {redact_url(args.broker)} to {redact_url(store.url)} as {options.client_id}"
         + (f"; /metrics on {args.metrics_addr}:{args.metrics_port}" if args.metrics_port else "")
     )
     try:
         while not stop.wait(1.0):
-            pass
+            if sync.client.fatal is not None:  # wrong credentials stay wrong: stop
+                raise sync.client.fatal
     finally:
         sync.stop()
         log.info(f"stopped: {sync.stored_records} records in {sync.objects_written} objects")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tests.support import models
-from tests.support.agent import Client, make_pack, wait_for, wait_online
+from tests.support.agent import Client, make_pack, rollback_authorization, wait_for, wait_online
 from tests.support.services import Mosquitto
 
 
@@ -185,7 +185,10 @@ def test_deploy_from_an_archive_over_http_then_rollback(
         missing = client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": url + ".nope"})
         assert missing["ok"] is False and "404" in missing["error"]
 
-        back = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {})
+        unsigned = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {})
+        assert unsigned["ok"] is False and "signed rollback instruction" in unsigned["error"]
+        signed = rollback_authorization(keys[0], "dev-a", "tiny", 1)
+        back = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {"authorization": signed})
         assert back["ok"] is True and back["outcome"] == "rolled_back"
         assert (
             client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": _x()}})["model"][
@@ -193,8 +196,9 @@ def test_deploy_from_an_archive_over_http_then_rollback(
             ]
             == 1
         )
-        nothing = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {})
-        assert nothing["ok"] is False and "no earlier pack" in nothing["error"]
+        other = rollback_authorization(keys[0], "dev-b", "tiny", 1)  # signed for another device
+        refused = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {"authorization": other})
+        assert refused["ok"] is False and "for device 'dev-b'" in refused["error"]
     finally:
         server.shutdown()
 

@@ -90,7 +90,7 @@ def test_a_downgrade_is_refused_but_an_explicit_rollback_is_not(
     wait_online(client, topic_prefix, "dev-a", version=2)
     down = client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(pack_v1)})
     assert down["ok"] is False and down["error_type"] == "VersionError"
-    assert "not newer than the running v2" in down["error"]
+    assert "not above v2, the highest tiny this device installed" in down["error"]
     assert (
         client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": X}})["model"]["version"] == 2
     )

@@ -87,10 +87,6 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
     assert "completed" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(
-    reason="needs agents that echo Status.applied and verify signed rollbacks (device branch)",
-    strict=False,
-)
 def test_rollout_aborts_on_a_failed_health_check_and_leaves_the_old_version(
     fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,

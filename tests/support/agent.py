@@ -54,6 +54,29 @@ def make_pack(
     return out
 
 
+def rollback_authorization(
+    key: Path,
+    device: str,
+    name: str,
+    version: int,
+    expires_in_s: float = 3600.0,
+    rollout: str | None = None,
+) -> dict[str, Any]:
+    """A signed RollbackInstruction (the ``authorization`` of a rollback), as JSON."""
+    from cloud_sync.authority import sign_rollback
+    from cloud_sync.protocol import ModelRef
+    from modelpack.signing import load_private_key
+
+    signed = sign_rollback(
+        load_private_key(key),
+        device,
+        ModelRef(name=name, version=version),
+        rollout=rollout,
+        expires_in_s=expires_in_s,
+    )
+    return signed.model_dump()
+
+
 class Client:
     """A paho client (MQTT 5 unless told otherwise) with request/reply and topic collectors."""
 
@@ -194,6 +217,9 @@ class AgentProcess:
             self.prefix,
             "--telemetry-interval",
             "0.5",
+            # Tests deploy packs from their tmp dirs with file:// and plain paths.
+            "--file-root",
+            str(self.data_dir.parent),
         ]
         if self.pack is not None:
             cmd += ["--pack", str(self.pack)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgebento.localservices import (
     LOOPBACK,
@@ -17,6 +18,7 @@ __all__ = [
     "LOOPBACK",
     "Mosquitto",
     "MotoS3",
+    "VolatileMosquitto",
     "free_port",
     "mosquitto_binary",
     "running_mosquitto",
@@ -58,3 +60,14 @@ class MotoS3:
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
+
+
+@dataclass
+class VolatileMosquitto(Mosquitto):
+    """Mosquitto as it ships (``persistence false``): a kill -9 loses every message and session
+    it held, including what it had already acknowledged with a PUBACK."""
+
+    def _write_config(self) -> Path:
+        conf = super()._write_config()
+        conf.write_text(conf.read_text().replace("persistence true", "persistence false"))
+        return conf

@@ -3,10 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from cloud_sync.protocol import Request
-from edge_agent.commands import CaptureArgs, ConfigArgs, DeployArgs, ReplyCache, parse_args
-from modelpack.errors import ProtocolError
+from cloud_sync.protocol import CaptureCommand, ConfigCommand, DeployCommand, Request
+from edge_agent.commands import ReplyCache
 
 
 def test_the_reply_cache_answers_a_redelivery_even_after_a_restart(tmp_path: Path) -> None:
@@ -20,13 +20,40 @@ def test_the_reply_cache_answers_a_redelivery_even_after_a_restart(tmp_path: Pat
     assert again.claim("b") == (True, None)
 
 
+def test_a_corrupt_reply_cache_is_quarantined_and_recreated(tmp_path: Path) -> None:
+    (tmp_path / "c.db").write_bytes(b"this is not a database" * 100)
+    cache = ReplyCache(tmp_path / "c.db")
+    assert [p.name.startswith("c.db.corrupt-") for p in cache.quarantined] == [True]
+    assert cache.claim("a") == (True, None)
+
+
 def test_arguments_are_checked_with_the_field_named() -> None:
-    deploy = parse_args(DeployArgs, Request(id="1", url="s3://b/k.tar.gz"))  # type: ignore[call-arg]
+    deploy = DeployCommand.model_validate({"id": "1", "url": "s3://b/k.tar.gz"})
     assert deploy.url == "s3://b/k.tar.gz"
-    with pytest.raises(ProtocolError, match="version"):
-        parse_args(DeployArgs, Request(id="1", name="m", version=0))  # type: ignore[call-arg]
-    with pytest.raises(ProtocolError, match="colour"):
-        parse_args(ConfigArgs, Request(id="1", colour="red"))  # type: ignore[call-arg]
-    with pytest.raises(ProtocolError, match="action"):
-        parse_args(CaptureArgs, Request(id="1", action="pause"))  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="version"):
+        DeployCommand.model_validate({"id": "1", "name": "m", "version": 0})
+    with pytest.raises(ValidationError, match="colour"):
+        ConfigCommand.model_validate({"id": "1", "colour": "red"})
+    with pytest.raises(ValidationError, match="action"):
+        CaptureCommand.model_validate({"id": "1", "action": "pause"})
     assert Request(id="1", expires_at=1.0).expired()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("telemetry_interval", 1e-6),
+        ("latency_budget_ms", 0.001),
+        ("max_batch", 10**9),
+        ("max_payload_bytes", 1 << 40),
+        ("drain_rate", 1e12),
+    ],
+)
+def test_config_values_outside_their_ranges_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=field):
+        ConfigCommand.model_validate({"id": "1", field: value})
+
+
+def test_capture_max_bytes_is_bounded() -> None:
+    with pytest.raises(ValidationError, match="max_bytes"):
+        CaptureCommand.model_validate({"id": "1", "action": "start", "max_bytes": 1 << 40})

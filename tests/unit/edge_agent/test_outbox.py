@@ -9,7 +9,12 @@ from edge_agent.session import Backoff
 
 
 def _records(outbox: Outbox) -> list[dict]:
-    return [json.loads(p.body) for p in outbox.peek(0, 10_000)]
+    """Every record, oldest first (a peek returns one boot's records at a time)."""
+    out, after = [], 0
+    while batch := outbox.peek(after, 10_000):
+        out += [json.loads(p.body) for p in batch]
+        after = batch[-1].id
+    return out
 
 
 def test_seq_rises_by_one_and_survives_a_reopen_with_a_new_boot(tmp_path: Path) -> None:
@@ -72,3 +77,30 @@ def test_backoff_is_capped_jittered_and_resets() -> None:
     assert max(delays[6:]) > 2.0  # grew
     backoff.reset()
     assert backoff.next() <= 0.5
+
+
+def test_an_ack_deletes_its_boot_up_to_its_seq_and_the_floor_rises(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    for i in range(3):
+        box.append("event", {"i": i})
+    old = box.boot_id
+    box.close()
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    for i in range(5):
+        box.append("event", {"i": i})
+    assert {p.boot_id for p in box.peek(0, 100)} == {old}  # one boot per batch
+    assert box.ack_upto(box.boot_id, 2) == 3  # only the current boot's 0..2
+    assert box.floor(box.boot_id) == 3 and box.floor(old) == 0
+    assert box.ack_upto(old, 10) == 3 and box.count == 2
+    batch = box.peek(0, 100)
+    from cloud_sync.protocol import TelemetryBatch
+
+    doc = TelemetryBatch.model_validate_json(batch_payload(batch, box.floor(box.boot_id)))
+    assert doc.floor == 3 and [r.seq for r in doc.records] == [3, 4]
+
+
+def test_a_corrupt_outbox_is_quarantined_and_the_agent_starts(tmp_path: Path) -> None:
+    (tmp_path / "o.db").write_bytes(b"\x00garbage" * 1000)
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    assert len(box.quarantined) == 1 and box.quarantined[0].exists()
+    assert box.append("event", {}) == 0 and box.counters()["quarantined"] == 1

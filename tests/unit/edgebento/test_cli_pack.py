@@ -90,3 +90,26 @@ def test_keygen_never_overwrites_a_key(tmp_path: Path) -> None:
     again = edgebento("keygen", "--out", tmp_path)
     assert again.returncode == 1
     assert "refusing to overwrite" in again.stderr
+
+
+def test_expires_in_on_create_and_sign_is_signed_and_enforced(tmp_path: Path) -> None:
+    """On main no CLI path set ``expires_at``: a pack could not be made to freeze."""
+    import time
+
+    model = models.mlp(tmp_path / "m.onnx")
+    assert edgebento("keygen", "--out", tmp_path / "keys").returncode == 0
+    key, pub = tmp_path / "keys" / "signing.key", tmp_path / "keys" / "signing.pub"
+    made = edgebento("pack", "create", model, "--name", "m", "--version", "1",
+                     "--out", tmp_path / "p", "--key", key, "--expires-in", "2s")  # fmt: skip
+    assert made.returncode == 0 and "expires 20" in made.stdout, made.stderr
+    assert edgebento("pack", "verify", tmp_path / "p", "--pub", pub).returncode == 0
+    time.sleep(2.5)
+    expired = edgebento("pack", "verify", tmp_path / "p", "--pub", pub)
+    assert expired.returncode == 1 and "expired at" in expired.stderr
+    resigned = edgebento("pack", "sign", tmp_path / "p", "--key", key, "--expires-in", "30d")
+    assert resigned.returncode == 0, resigned.stderr
+    assert edgebento("pack", "verify", tmp_path / "p", "--pub", pub).returncode == 0
+    doc = json.loads(edgebento("pack", "inspect", tmp_path / "p", "--json").stdout)
+    assert doc["expires_at"] > doc["created_at"]
+    bad = edgebento("pack", "sign", tmp_path / "p", "--key", key, "--expires-in", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr

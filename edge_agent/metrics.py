@@ -1,0 +1,58 @@
+"""The agent's own Prometheus metrics (names from docs/metrics.md), read from its parts when
+scraped, so nothing is counted twice and no thread updates a gauge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+OUTCOMES = ("installed", "refused", "rolled_back")
+
+
+class AgentCollector:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        agent = self.agent
+        counters = agent.outbox.counters()
+        yield GaugeMetricFamily(
+            "edgebento_outbox_depth",
+            "telemetry records not yet acknowledged by the ingestion",
+            value=agent.outbox.count,
+        )
+        yield CounterMetricFamily(
+            "edgebento_outbox_evicted",
+            "records dropped because the outbox was full",
+            value=counters.get("evicted", 0),
+        )
+        yield CounterMetricFamily(
+            "edgebento_telemetry_acked",
+            "records acknowledged as stored by the ingestion",
+            value=agent.telemetry.acknowledged,
+        )
+        updates = CounterMetricFamily("edgebento_updates", "update attempts", labels=["outcome"])
+        for outcome in OUTCOMES:
+            updates.add_metric([outcome], agent.updater.outcomes.get(outcome, 0))
+        yield updates
+        yield GaugeMetricFamily(
+            "edgebento_model_expired",
+            "1 when the serving pack has expired (it keeps serving)",
+            value=1.0 if agent.updater.expired else 0.0,
+        )
+        quarantined = CounterMetricFamily(
+            "edgebento_state_quarantined",
+            "corrupt local state files renamed aside",
+            labels=["file"],
+        )
+        for name, store in (("telemetry.db", agent.outbox), ("commands.db", agent.replies)):
+            quarantined.add_metric([name], len(store.quarantined))
+        yield quarantined
