@@ -84,8 +84,8 @@ class _Counted(NoMetrics):
         super().__init__()
         self.inner, self.stats = inner, stats
 
-    def set_model(self, name: str, version: int | str) -> None:
-        self.inner.set_model(name, version)
+    def set_model(self, name: str, version: int | str, expires_at: float | None = None) -> None:
+        self.inner.set_model(name, version, expires_at)
 
     def ok(self, seconds: float) -> None:
         self.inner.ok(seconds)

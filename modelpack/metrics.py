@@ -70,14 +70,23 @@ class InferenceMetrics:
             ["name", "version"],
             **extra,
         )
+        self.expires = lib.Gauge(
+            "edgebento_model_expires_timestamp_seconds",
+            "The served pack's expires_at (unix time), when it has one.",
+            ["name", "version"],
+            **extra,
+        )
         self._current: tuple[str, str] | None = None
 
-    def set_model(self, name: str, version: int | str) -> None:
+    def set_model(self, name: str, version: int | str, expires_at: float | None = None) -> None:
         if self._current is not None:
-            with contextlib.suppress(KeyError):
-                self.model_info.remove(*self._current)
+            for gauge in (self.model_info, self.expires):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*self._current)
         self._current = (name, str(version))
         self.model_info.labels(*self._current).set(1)
+        if expires_at is not None:  # the alert rules warn days ahead (EdgebentoPackExpiringSoon)
+            self.expires.labels(*self._current).set(expires_at)
 
     def ok(self, seconds: float) -> None:
         self.inference_seconds.observe(seconds)
@@ -113,7 +122,7 @@ class NoMetrics(InferenceMetrics):
     def __init__(self) -> None:
         self._current = None
 
-    def set_model(self, name: str, version: int | str) -> None:
+    def set_model(self, name: str, version: int | str, expires_at: float | None = None) -> None:
         pass
 
     def ok(self, seconds: float) -> None:

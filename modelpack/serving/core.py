@@ -93,7 +93,8 @@ class ServingCore:
             predictor, self.limits, self.metrics, manifest, self.batching, self.running, about
         )
         self.model, self.load_error = model, None
-        self.metrics.set_model(model.name, model.version)
+        expires = manifest.expires_at if manifest is not None else None
+        self.metrics.set_model(model.name, model.version, expires.timestamp() if expires else None)
         return model
 
     # --- the three steps ----------------------------------------------------------------------
