@@ -118,6 +118,9 @@ def _serve_and_ask(ctr: str, env: dict[str, str], pack: Path, root: Path) -> lis
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        if server.poll() is not None:
+            out = server.stdout.read().decode(errors="replace") if server.stdout else ""
+            raise AssertionError(f"the container's bentoml serve exited: {out[-3000:]}")
         samples = read_samples(pack / "samples.npz")
         reply = httpx.post(url + "/predict", json={"inputs": {"x": samples.inputs["x"].tolist()}})
         assert reply.status_code == 200, reply.text
