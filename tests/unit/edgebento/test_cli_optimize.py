@@ -52,7 +52,6 @@ def test_the_candidates_table_fits_80_columns_with_every_figure() -> None:
         "acc",
         "top-1",
         "cos",
-        "decided",  # "decided by", folded onto two lines at 80 columns
     ]
     chosen = next(line for line in lines if line.strip().startswith("keras-prune-75%  "))
     assert chosen.split()[-1] == "✓" and "2.42x" in chosen and "0.9861" in chosen

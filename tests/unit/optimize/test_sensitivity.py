@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from modelpack import Predictor, PredictorOptions
 from modelpack.iosig import read_io_signature
 from optimize import metrics, qdq_switch, sensitivity, verify
-from optimize.data import synthesize
+from optimize.data import Dataset, batch_axes, synthesize
 from optimize.quantize import QuantizeConfig, quantize_with
 
 
@@ -42,7 +42,9 @@ def _margin(
     model: Path, per_channel: bool, static: bool = False, metric: str = "cosine>=0.99999"
 ) -> tuple[Any, Any]:
     inputs, outputs = read_io_signature(model)
-    data = synthesize(model, inputs, rows=16)
+    # Fixed data, not synthesize's draws: what the greedy finds depends on the activations.
+    feeds = {"x": np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)}
+    data = Dataset(feeds, None, batch_axes(inputs, feeds), synthetic=True)
     if static:  # switched on the real QDQ model that ORT's quantizer writes
         qdq = model.with_name("qdq.onnx")
         config = QuantizeConfig(mode="static", per_channel=per_channel, calibration_rows=16)
@@ -76,18 +78,14 @@ def test_greedy_keeps_the_node_with_an_outlier_weight_in_float(tmp_path: Path) -
     switchable, score = _margin(model, per_channel=False)
     exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
     assert exclusion.sets == (("spiky_mm",),)
-    # Float for the outlier node recovers nearly all of the cosine (what is left is the smooth
-    # node's own int8 error, which depends on the synthetic data drawn).
-    assert exclusion.margins[0] < -0.02 < -0.01 < exclusion.margins[-1]
+    assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
     # Static QDQ is switched on ORT's own quantized model: its int8 error is real, and keeping
     # one node in float brings the worst error within the bound.
     switchable, score = _margin(model, per_channel=False, static=True, metric="max-abs<=0.5")
     exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
     assert score(np.zeros(2, bool)) == pytest.approx(0.5)  # all switches off: no error
     assert len(exclusion.sets) == 1 and len(exclusion.sets[0]) == 1
-    # Float for the outlier node recovers nearly all of the cosine (what is left is the smooth
-    # node's own int8 error, which depends on the synthetic data drawn).
-    assert exclusion.margins[0] < -0.02 < -0.01 < exclusion.margins[-1]
+    assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
     # Per-channel scales confine the outlier to its column: the simulated metric improves.
     _per_channel, score_pc = _margin(model, per_channel=True)
     _, score_pt = _margin(model, per_channel=False)
