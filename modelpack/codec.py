@@ -58,7 +58,8 @@ def parse_body(
         )
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
+    # ValueError: besides JSONDecodeError, an integer literal over Python's 4300-digit limit.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise InputError(
             f"the request body is not valid JSON: {exc}", reason="invalid_json"
         ) from exc
@@ -123,7 +124,7 @@ def json_safe(array: Any) -> Any:
 def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
     array = np.asarray(array)
     if binary:
-        contiguous = np.ascontiguousarray(array)
+        contiguous = np.require(array, requirements="C")  # keeps a 0-d array 0-d
         return {
             "dtype": str(contiguous.dtype),
             "shape": list(contiguous.shape),

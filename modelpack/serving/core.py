@@ -87,10 +87,20 @@ class ServingCore:
         predictor: Predictor,
         manifest: Manifest | None = None,
         about: Mapping[str, Any] | None = None,
+        samples: Mapping[str, np.ndarray] | None = None,
     ) -> ServedModel:
-        """Make ``predictor`` the live model; requests in flight finish on the old one."""
+        """Make ``predictor`` the live model; requests in flight finish on the old one.
+        ``samples``: inputs the model is known to answer (the pack's golden samples), which
+        tell a client's input the model cannot run (400) from a broken model (500)."""
         model = ServedModel(
-            predictor, self.limits, self.metrics, manifest, self.batching, self.running, about
+            predictor,
+            self.limits,
+            self.metrics,
+            manifest,
+            self.batching,
+            self.running,
+            about,
+            samples,
         )
         self.model, self.load_error = model, None
         self.metrics.set_model(model.name, model.version)
@@ -179,7 +189,7 @@ class ServingCore:
     def run_sync(self, job: Job) -> Job:
         if not self._cached(job):
             with job.model.gate.slot(job.deadline, job.arrived):
-                job.outputs = job.model.predictor.run(job.feed, validate=False)
+                job.outputs = job.model.run(job.feed)
             self._remember(job)
         return job
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpack.errors import InferenceError, InputError
 from modelpack.manifest import Manifest, TensorSpec
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
@@ -38,6 +39,27 @@ def _probe_feed(specs: Mapping[str, TensorSpec], rows: int, seed: int) -> dict[s
                 array[..., 0] = 1  # a mask of all zeros is a degenerate input for many models
         feed[spec.name] = array
     return feed
+
+
+def _warmup_shapes(predictor: Predictor) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """What ``Predictor.warmup`` runs: zeros, symbolic dims set to 1."""
+    return {
+        spec.name: (
+            tuple(d if isinstance(d, int) else 1 for d in (spec.shape or [])),
+            np.dtype(spec.dtype),
+        )
+        for spec in predictor.inputs.values()
+    }
+
+
+def _ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's status message without its source paths."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.rsplit("Status Message: ", 1)[-1]
+    # "/onnxruntime_src/...h:84 Fn(args) cond was false. What went wrong": keep the last part.
+    if text.startswith("/") and " was false. " in text:
+        text = text.split(" was false. ", 1)[1]
+    return text[:300]
 
 
 def rows_are_independent(predictor: Predictor) -> str | None:
@@ -70,6 +92,7 @@ class ServedModel:
         batching: bool = True,
         running: int = 1,
         about: Mapping[str, Any] | None = None,
+        samples: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.predictor = predictor
         self.manifest = manifest
@@ -78,6 +101,12 @@ class ServedModel:
         ref = predictor.model_ref
         self.name = str(ref.get("name", "model"))
         self.version = str(ref.get("version", "1"))
+        # Shapes the model is known to answer (its warmup's, or the first request's that ran),
+        # to tell a request the model cannot run from a model that cannot run at all.
+        self._known_good: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._samples = dict(samples) if samples else None  # the pack's golden inputs
+        if predictor.options.warmup and predictor.warmup_error is None:
+            self._known_good = _warmup_shapes(predictor)
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
         self.plan = sequence_axis(manifest) if manifest is not None else None
         self.batching_off = self._why_not_batch(batching)
@@ -106,7 +135,37 @@ class ServedModel:
         return rows_are_independent(p)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.predictor.run(feed, validate=False)
+        return self.run(feed)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One validated request (or batch) through the model. ONNX Runtime fails with FAIL
+        rather than INVALID_ARGUMENT when the shapes a client chose for symbolic dims do not
+        fit the graph (a Reshape, a broadcast between ``s1`` and ``s2``): when the model still
+        answers a known-good input, the failure is this input's, a 400, not ours."""
+        try:
+            outputs = self.predictor.run(feed, validate=False)
+        except InferenceError as exc:
+            if not self._healthy():
+                raise
+            raise InputError(
+                f"the model cannot run this input: {_ort_message(exc)}", reason="invalid"
+            ) from exc
+        if self._known_good is None:  # shapes only: no client's data is kept
+            self._known_good = {k: (v.shape, v.dtype) for k, v in feed.items()}
+        return outputs
+
+    def _healthy(self) -> bool:
+        if self._known_good is not None:
+            feed = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self._known_good.items()}
+        elif self._samples is not None:
+            feed = self._samples
+        else:
+            return False
+        try:
+            self.predictor.run(feed, validate=False)
+        except Exception:
+            return False
+        return True
 
     @property
     def inputs(self) -> Mapping[str, TensorSpec]:

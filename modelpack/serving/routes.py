@@ -92,7 +92,8 @@ def match(method: str, path: str) -> Route:
 
 
 def _only(allowed: str, method: str, path: str, route: Route) -> Route:
-    if method.upper() != allowed:
+    method = method.upper()
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise InputError(f"{method} {path}: use {allowed}", reason="method")
     return route
 
