@@ -104,6 +104,7 @@ class ServedModel:
         # Shapes the model is known to answer (its warmup's, or the first request's that ran),
         # to tell a request the model cannot run from a model that cannot run at all.
         self._known_good: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._known_size = 0
         self._samples = dict(samples) if samples else None  # the pack's golden inputs
         if predictor.options.warmup and predictor.warmup_error is None:
             self._known_good = _warmup_shapes(predictor)
@@ -150,8 +151,11 @@ class ServedModel:
             raise InputError(
                 f"the model cannot run this input: {_ort_message(exc)}", reason="invalid"
             ) from exc
-        if self._known_good is None:  # shapes only: no client's data is kept
+        size = sum(v.size for v in feed.values())
+        if self._known_good is None or size < self._known_size:
+            # Shapes only, no client's data; the smallest seen keeps the health check cheap.
             self._known_good = {k: (v.shape, v.dtype) for k, v in feed.items()}
+            self._known_size = size
         return outputs
 
     def _healthy(self) -> bool:

@@ -301,3 +301,29 @@ def test_the_documented_reason_table_is_the_one_the_core_uses() -> None:
     doc = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| (\d{3})", doc, flags=re.MULTILINE))
     assert {k: int(v) for k, v in rows.items()} == STATUS_BY_REASON
+
+
+def test_a_shape_the_graph_cannot_run_is_the_clients_once_the_model_has_answered(
+    tmp_path: Path,
+) -> None:
+    """ORT fails with FAIL (not INVALID_ARGUMENT) when client-chosen symbolic dims do not fit
+    the graph. Without samples and with a failing warmup, that is a 500 until the model has
+    answered once (it might be broken); after that, the same request is the client's: 400."""
+    model = serving_models.mixed(tmp_path / "mixed.onnx")
+    create_pack(model, tmp_path / "pack", name="mixed", version=1)
+    core = ServingCore()
+    core.serve(Predictor(model, *_io(tmp_path / "pack")), None)
+    ids = [[1, 2]]
+    odd = json.dumps({"inputs": {"ids": ids, "x": [[1.0, 2.0, 3.0]]}}).encode()
+    good = json.dumps({"inputs": {"ids": ids, "x": [[1.0, 2.0, 3.0, 4.0]]}}).encode()
+    assert handle_sync(core, HttpRequest("POST", "/predict", {}, odd)).status == 500
+    assert handle_sync(core, HttpRequest("POST", "/predict", {}, good)).status == 200
+    for send in (handle_sync, lambda c, r: asyncio.run(handle(c, r))):
+        answer = send(core, HttpRequest("POST", "/predict", {}, odd))
+        assert answer.status == 400 and answer.doc()["reason"] == "invalid"
+        assert "cannot be reshaped" in answer.doc()["error"]
+
+
+def _io(pack: Path) -> tuple[list, list]:
+    manifest = load_pack(pack, [], allow_unsigned=True).manifest
+    return list(manifest.inputs), list(manifest.outputs)
