@@ -25,6 +25,7 @@ from modelpack.serving import oip
 from modelpack.serving.cache import cache_key
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.model import ServedModel
+from modelpack.serving.padding import check_lengths
 from modelpack.serving.reasons import NotFoundRoute, NotReadyError
 from modelpack.serving.tensors import check_feed
 
@@ -151,6 +152,8 @@ class ServingCore:
             feed = decode_request(doc, model.inputs, self.limits)
         timeout_s = header_timeout or timeout_s
         rows = check_feed(model.inputs, feed, self.limits)
+        if model.plan is not None:
+            check_lengths(feed, model.plan)
         deadline = arrived + self.limits.deadline(timeout_s)
         return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
 

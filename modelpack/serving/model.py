@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from modelpack.serving.batching import Batcher
 from modelpack.serving.cache import ResultCache
 from modelpack.serving.gate import Gate
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.padding import sequence_axis
+from modelpack.serving.padding import SequenceAxis, cut_outputs, pad_feeds, sequence_axis
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,51 @@ def rows_are_independent(predictor: Predictor) -> str | None:
     return None
 
 
+def _sequence_feed(
+    specs: Mapping[str, TensorSpec], plan: SequenceAxis, length: int
+) -> dict[str, np.ndarray]:
+    feed = _probe_feed(specs, 1, 0)
+    for name, axis in plan.inputs.items():
+        array = feed[name]
+        reps = [1] * array.ndim
+        reps[axis] = length
+        first = np.take(array, [0], axis=axis)
+        feed[name] = np.tile(first, reps)  # the same token throughout: lengths differ only
+    return feed
+
+
+def checked_plan(predictor: Predictor, plan: SequenceAxis) -> SequenceAxis | None:
+    """The manifest's padding plan, checked on the model itself: every output whose dim
+    follows the sequence length is cut back (exporters name it differently, ``unk__6``, so the
+    manifest's symbols do not find it), and padding must not change a request's answer (a
+    model without a mask input sees the pad tokens). None when padding is not invisible: then
+    only requests of equal length are batched together."""
+    try:
+        short, long = (_sequence_feed(predictor.inputs, plan, n) for n in (3, 5))
+        a, b = predictor.run(short, validate=False), predictor.run(long, validate=False)
+        outputs = dict(plan.outputs)
+        for name in a:
+            if a[name].ndim != b[name].ndim:
+                continue  # not a tensor padding can be cut back from
+            pairs = zip(a[name].shape, b[name].shape, strict=True)
+            moved = [i for i, (x, y) in enumerate(pairs) if x != y]
+            if len(moved) == 1 and moved[0] > 0 and a[name].shape[moved[0]] == 3:
+                outputs.setdefault(name, moved[0])
+        plan = replace(plan, outputs=outputs)
+        padded, _ = pad_feeds([short, long], plan)
+        cut = cut_outputs(predictor.run(padded[0], validate=False), 3, plan)
+        for name, value in a.items():
+            if cut[name].shape != value.shape or not np.allclose(
+                cut[name], value, rtol=1e-3, atol=1e-5, equal_nan=True
+            ):
+                log.info("padding changes output %r: requests of one length batch together", name)
+                return None
+    except Exception as exc:
+        log.info("the padding probe did not run (%s): no padding", str(exc).splitlines()[0])
+        return None
+    return plan
+
+
 class ServedModel:
     def __init__(
         self,
@@ -109,8 +155,9 @@ class ServedModel:
         if predictor.options.warmup and predictor.warmup_error is None:
             self._known_good = _warmup_shapes(predictor)
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
-        self.plan = sequence_axis(manifest) if manifest is not None else None
         self.batching_off = self._why_not_batch(batching)
+        plan = sequence_axis(manifest) if manifest is not None else None
+        self.plan = checked_plan(predictor, plan) if plan and not self.batching_off else plan
         if self.batching_off:
             log.info("%s v%s runs requests alone: %s", self.name, self.version, self.batching_off)
         # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off.

@@ -153,3 +153,62 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_server_lives_on(server: str)
         # Still serving, on the same connection.
         ok = http.post(infer, json=_oip(IDS, X, id="last"))
         assert ok.status_code == 200 and ok.json()["id"] == "last"
+
+
+@pytest.fixture(scope="module")
+def tokens(
+    tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]
+) -> Iterator[dict[str, str]]:
+    """Two token models declaring a sequence input (padded per batch), neither naming its
+    outputs: one with an attention mask, one without (padding shows in its answers)."""
+    from modelpack import SequenceInput, create_pack
+
+    work = tmp_path_factory.mktemp("tokens")
+    servers = {}
+    try:
+        for name, mask in (("masked", True), ("unmasked", False)):
+            model = serving_models.tokens(work / f"{name}.onnx", mask=mask)
+            seq = SequenceInput(input="input_ids", mask_input="attention_mask" if mask else None)
+            create_pack(model, work / name, name=name, version=1, sequence=[seq], key=keys[0])
+            tag = import_to_store(work / name, keys[1], work / "bentoml")
+            servers[name] = start_bento(work / "bentoml", tag, work, EDGEBENTO_WORKERS="1")
+        yield {name: proc.url for name, proc in servers.items()}
+    finally:
+        for proc in servers.values():
+            proc.stop()
+
+
+def _flood(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda b: http.post(url + "/predict", json=b), bodies * 8))
+
+
+def test_sequence_requests_get_in_a_batch_exactly_what_they_get_alone(
+    tokens: dict[str, str],
+) -> None:
+    """Padding a batch to its longest member used the manifest's symbols only: an output named
+    ``unk__6`` came back padded, a mask of length 1 beside 5 ids (which the model broadcasts
+    alone) was padded with zeros, and a model without a mask saw the pad tokens."""
+    rng = np.random.default_rng(1)
+    for url, mask in ((tokens["masked"], True), (tokens["unmasked"], False)):
+        bodies: list[dict[str, Any]] = []
+        for length in (2, 3, 5, 7):
+            ids = rng.integers(1, 50, (1, length)).tolist()
+            inputs: dict[str, Any] = {"input_ids": ids}
+            if mask:
+                inputs["attention_mask"] = [[1] * length]
+            bodies.append({"inputs": inputs})
+        if mask:
+            bodies.append({"inputs": {"input_ids": [[3, 4, 5, 6, 7]], "attention_mask": [[1]]}})
+        alone = [httpx.post(url + "/predict", json=b, timeout=30) for b in bodies]
+        for body, one, many in zip(bodies * 8, alone * 8, _flood(url, bodies), strict=True):
+            assert many.status_code == one.status_code, (body, many.text)
+            if one.status_code == 200:  # batched float math may differ in the last bit
+                for name, value in one.json()["outputs"].items():
+                    got = many.json()["outputs"][name]
+                    np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=name)
+        if mask:
+            assert alone[-1].status_code == 400 and alone[-1].json()["reason"] == "shape"
+        assert httpx.get(url + "/metadata", timeout=30).json()["batches"]["count"] > 0
