@@ -86,7 +86,9 @@ async def serve(request: Request) -> Response:
 
 routes = Starlette(
     routes=[
-        Route(path, serve, methods=["GET", "POST"])
+        # Every method reaches the core, so a wrong one gets its JSON 405 (Starlette's own is
+        # plain text); HEAD comes with GET.
+        Route(path, serve, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
         for path in ("/predict", "/metadata", "/v2", "/v2/{rest:path}")
     ]
 )

@@ -147,7 +147,9 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_server_lives_on(server: str)
         # Methods and versions.
         assert http.head(server + "/predict").status_code == 405
         assert http.head(server + "/v2/models/mixed").status_code == 200
-        assert http.put(server + "/predict", content=b"{}").status_code == 405
+        for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+            wrong = http.request(method, server + "/predict", content=b"{}")
+            assert wrong.status_code == 405 and wrong.json()["reason"] == "method"
         assert http.get(server + "/v2/models/mixed/versions/9").status_code == 404
         assert http.get(server + "/v2/models/mixed/versions/2/ready").status_code == 200
         # Still serving, on the same connection.
