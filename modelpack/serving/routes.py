@@ -136,11 +136,37 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
     return HttpResponse.json(status, error_doc(exc), retry_headers(exc))
 
 
+def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | bytearray:
+    """The body without its Content-Encoding (tritonclient's ``request_compression_algorithm``
+    sends gzip or deflate), inflated no further than ``cap``: a zip bomb is a 413, not a dead
+    worker."""
+    import zlib
+
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ("gzip", "deflate"):
+        raise InputError(f"Content-Encoding {encoding!r}: send gzip, deflate or none", "invalid")
+    inflater = zlib.decompressobj(wbits=31 if name == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, cap + 1)
+    except zlib.error as exc:
+        raise InputError(f"the body is not valid {name}: {exc}", reason="invalid") from exc
+    if len(out) > cap:
+        raise InputError(f"the body inflates past the cap of {cap} bytes", reason="too_large")
+    if not inflater.eof:
+        raise InputError(f"the {name} body is cut short", reason="invalid")
+    return out
+
+
 def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
     assert route.infer is not None
     model = core.live(route.name, route.version)
+    body = decoded(
+        request.body, request.headers.get("content-encoding"), core.limits.max_body_bytes
+    )
     return core.prepare(
-        route.infer, request.body, headers=request.headers, model=model, arrived=request.arrived
+        route.infer, body, headers=request.headers, model=model, arrived=request.arrived
     )
 
 

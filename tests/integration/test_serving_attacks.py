@@ -90,6 +90,10 @@ def test_tritonclient_on_int64_inputs_and_float64_and_scalar_outputs(server: str
             # Defaults: every output, in binary.
             everything = client.infer("mixed", inputs)
             np.testing.assert_array_equal(everything.as_numpy("emb"), want["emb"])
+        # tritonclient's request compression: the body gzip- or deflate-encoded.
+        for algorithm in ("gzip", "deflate"):
+            packed = client.infer("mixed", inputs, request_compression_algorithm=algorithm)
+            np.testing.assert_array_equal(packed.as_numpy("half"), want["half"])
         meta = client.get_model_metadata("mixed", "2")
         assert meta["outputs"][2] == {"name": "total", "datatype": "FP32", "shape": []}
     finally:
@@ -144,6 +148,16 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_server_lives_on(server: str)
         assert http.post(infer, json=strings).status_code == 400
         flag = _oip(IDS, X, outputs=[{"name": "emb", "parameters": {"binary_data": "no"}}])
         assert http.post(infer, json=flag).status_code == 400
+        # A gzip bomb (a small body inflating past the 64 MiB cap) and a body that is not gzip.
+        import gzip
+
+        bomb = gzip.compress(b" " * (80 << 20))
+        answer = http.post(infer, content=bomb, headers={"content-encoding": "gzip"})
+        assert answer.status_code == 413 and answer.json()["reason"] == "too_large"
+        answer = http.post(infer, content=b"{}", headers={"content-encoding": "gzip"})
+        assert answer.status_code == 400
+        answer = http.post(infer, content=b"{}", headers={"content-encoding": "br"})
+        assert answer.status_code == 400
         # Methods and versions.
         assert http.head(server + "/predict").status_code == 405
         assert http.head(server + "/v2/models/mixed").status_code == 200
