@@ -294,9 +294,9 @@ class InferenceService:
             return MqttReply(request.reply_to, body, {"event": "expired", "id": request.id})
         args = request.args
         timeout_ms = args.get("timeout_ms")
-        timeout_s = (
-            timeout_ms / 1000 if isinstance(timeout_ms, int | float) and timeout_ms > 0 else None
-        )
+        timeout_s = None  # a bool is an int to Python, not a number of ms
+        if isinstance(timeout_ms, int | float) and not isinstance(timeout_ms, bool):
+            timeout_s = timeout_ms / 1000 if timeout_ms > 0 else None
         try:
             if full:
                 raise self._busy()
