@@ -327,3 +327,30 @@ def test_a_shape_the_graph_cannot_run_is_the_clients_once_the_model_has_answered
 def _io(pack: Path) -> tuple[list, list]:
     manifest = load_pack(pack, [], allow_unsigned=True).manifest
     return list(manifest.inputs), list(manifest.outputs)
+
+
+def test_a_rank_past_numpys_limit_is_a_400_for_a_model_of_unknown_rank(tmp_path: Path) -> None:
+    """A shape of rank 70 reached numpy's reshape, whose ValueError was a 500."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from modelpack import TensorSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "anyrank",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    anyrank = [TensorSpec(name="x", dtype="float32")]  # shape None: any rank
+    core = ServingCore()
+    core.serve(Predictor(tmp_path / "m.onnx", anyrank, [TensorSpec(name="y", dtype="float32")]))
+    shape = [1] * 70
+    oip = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [1.0]}]}
+    b64 = {"inputs": {"x": {"dtype": "float32", "shape": shape, "b64": "AAAAAA=="}}}
+    for path, doc in (("/v2/models/model/infer", oip), ("/predict", b64)):
+        answer = handle_sync(core, HttpRequest("POST", path, {}, json.dumps(doc).encode()))
+        assert answer.status == 400 and answer.doc()["reason"] == "shape", answer.body
