@@ -139,6 +139,8 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_server_lives_on(server: str)
             "deep": b"[" * 100_000 + b"]" * 100_000,
             "nan": b'{"inputs": {"ids": [[NaN]], "x": [[1, 2]]}}',
             "utf8": b'{"inputs": {"ids": [[1]], "x": [[1, 2]]}, "k": "\xff"}',
+            # Parsers differ on which of two equal keys counts: refused, not the last one run.
+            "twice": b'{"inputs": {"ids": [[1]], "x": [[1, 2]], "x": [[3, 4]]}}',
         }
         for name, body in bad.items():
             answer = http.post(server + "/predict", content=body)
