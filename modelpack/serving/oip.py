@@ -170,7 +170,14 @@ def _requested(doc: Any, names: Sequence[str]) -> dict[str, bool] | None:
                 f"unknown output {item['name']!r}; the model gives {', '.join(names)}",
                 reason="unknown_output",
             )
-        flag = _flag(_params(item, f"output {item['name']!r}"), "binary_data")
+        params = _params(item, f"output {item['name']!r}")
+        if params.get("classification"):  # Triton's class_count: top-k labels, as BYTES
+            raise InputError(
+                f"output {item['name']!r}: the classification extension is not served; "
+                "ask for the tensor itself",
+                reason="invalid",
+            )
+        flag = _flag(params, "binary_data")
         wanted[item["name"]] = flag  # type: ignore[assignment]
     return wanted
 

@@ -65,6 +65,7 @@ def test_a_shape_the_graph_cannot_run_is_a_400_even_as_the_first_request(server:
 
 def test_tritonclient_on_int64_inputs_and_float64_and_scalar_outputs(server: str) -> None:
     import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(url=server.removeprefix("http://"))
     want = serving_models.mixed_reference(IDS, X)
@@ -87,6 +88,11 @@ def test_tritonclient_on_int64_inputs_and_float64_and_scalar_outputs(server: str
             total = result.as_numpy("total")  # a 0-d output was answered with shape [1]
             assert total.shape == () and float(total) == float(want["total"])
             assert result.as_numpy("emb") is None  # not requested
+            # class_count asks for Triton's classification extension (labels as BYTES): a
+            # clear 400, not the raw tensor where tritonclient expects strings.
+            top = [httpclient.InferRequestedOutput("emb", class_count=2)]
+            with pytest.raises(InferenceServerException, match="classification"):
+                client.infer("mixed", inputs, outputs=top)
             # Defaults: every output, in binary.
             everything = client.infer("mixed", inputs)
             np.testing.assert_array_equal(everything.as_numpy("emb"), want["emb"])
