@@ -82,6 +82,8 @@ def match(method: str, path: str) -> Route:
     name, tail, version = rest[1], rest[2:], None
     if tail[:1] == ["versions"] and len(tail) >= 2:
         version, tail = tail[1], tail[2:]
+        if not version:  # /versions//infer: no version is not "any version"
+            raise NotFoundRoute(f"no such path {path}")
     if not tail:
         return _only("GET", method, path, Route(None, name, version, "model"))
     if tail == ["ready"]:

@@ -173,6 +173,9 @@ def test_hostile_bodies_and_headers_are_4xx_and_the_server_lives_on(server: str)
             wrong = http.request(method, server + "/predict", content=b"{}")
             assert wrong.status_code == 405 and wrong.json()["reason"] == "method"
         assert http.get(server + "/v2/models/mixed/versions/9").status_code == 404
+        # An empty version was read as "any version".
+        empty = server + "/v2/models/mixed/versions//infer"
+        assert http.post(empty, json=_oip(IDS, X)).status_code == 404
         assert http.get(server + "/v2/models/mixed/versions/2/ready").status_code == 200
         # Still serving, on the same connection.
         ok = http.post(infer, json=_oip(IDS, X, id="last"))
