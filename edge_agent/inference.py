@@ -273,7 +273,8 @@ class InferenceService:
         try:
             if full:
                 raise self._busy()
-            return MqttReply(reply_to, self.infer(doc, arrived=arrived))
+            # OIP's answer, with the ok every MQTT reply carries (an extra field to OIP clients).
+            return MqttReply(reply_to, {**self.infer(doc, arrived=arrived), "ok": True})
         except EdgebentoError as exc:
             return MqttReply(reply_to, _failure(request_id, exc, True))
 

@@ -113,5 +113,7 @@ def test_hostile_mqtt_payloads_each_get_ok_false_with_a_reason(
         "outputs": [{"name": "probs", "parameters": {"binary_data": True}}],
     }
     client.publish(topic, binary, properties=_props(client))
-    (probs,) = wait_for(replies, lambda d: d.get("id") == "o-bin")["outputs"]
+    answer = wait_for(replies, lambda d: d.get("id") == "o-bin")
+    assert answer["ok"] is True
+    (probs,) = answer["outputs"]
     assert probs["shape"] == [1, 3] and len(probs["data"]) == 3
