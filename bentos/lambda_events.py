@@ -104,7 +104,10 @@ def http_request(event: Mapping[str, Any], source: Source) -> HttpRequest:
         ) from exc
 
 
-def http_response(source: Source, answer: HttpResponse) -> dict[str, Any]:
+def http_response(source: Source, answer: HttpResponse, multi: bool = False) -> dict[str, Any]:
+    """The answer in the event's shape. ``multi``: the event came with ``multiValueHeaders``
+    (an ALB target group with multi-value headers on, which then ignores ``headers`` in the
+    answer and would drop the content type; API Gateway v1 takes either)."""
     binary = not answer.headers.get("content-type", "").startswith(("application/json", "text/"))
     result: dict[str, Any] = {
         "statusCode": answer.status,
@@ -112,6 +115,10 @@ def http_response(source: Source, answer: HttpResponse) -> dict[str, Any]:
         "body": base64.b64encode(answer.body).decode() if binary else answer.body.decode(),
         "isBase64Encoded": binary,
     }
+    if multi and source in ("alb", "rest"):
+        result["multiValueHeaders"] = {k: [v] for k, v in answer.headers.items()}
+        if source == "alb":
+            del result["headers"]  # ALB refuses an answer with both
     if source == "alb":
         result["statusDescription"] = f"{answer.status} {HTTPStatus(answer.status).phrase}"
     return result

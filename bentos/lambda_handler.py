@@ -119,7 +119,8 @@ def _load(core: ServingCore) -> None:
         log.error("%s (not retried for %.0f s)", core.load_error, RETRY_S)
         return
     about = {"manifest_sha256": pack.manifest_sha256, "signed_by": pack.signed_by}
-    core.serve(predictor, pack.manifest, about)
+    samples = pack.samples
+    core.serve(predictor, pack.manifest, about, samples.inputs if samples is not None else None)
 
 
 def get_core() -> ServingCore:
@@ -164,6 +165,10 @@ def _direct(core: ServingCore, event: Any) -> Any:
         return core.infer_doc(event)
     except EdgebentoError as exc:
         return {**error_doc(exc), "statusCode": status_of(exc)}
+    except Exception as exc:  # a fault of ours: answered, never raised to the runtime
+        log.error("invocation failed: %s", exc, exc_info=exc)
+        core.count_error(exc)
+        return {**error_doc(exc), "statusCode": status_of(exc)}
 
 
 def handler(event: Any, context: Any = None) -> Any:
@@ -173,11 +178,12 @@ def handler(event: Any, context: Any = None) -> Any:
     source = event_source(event)
     if source == "direct":
         return _direct(core, event)
+    multi = isinstance(event, Mapping) and isinstance(event.get("multiValueHeaders"), Mapping)
     try:
         request = http_request(event, source)
     except EdgebentoError as exc:
-        return http_response(source, refuse(core, exc))
-    return http_response(source, handle_sync(core, request))
+        return http_response(source, refuse(core, exc), multi)
+    return http_response(source, handle_sync(core, request), multi)
 
 
 if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and (

@@ -51,7 +51,8 @@ async def read_capped(request: Request, cap: int) -> bytearray:
     """The body, refused as soon as it passes the cap (before it is all in memory), read into
     one buffer: a list of chunks joined at the end would hold the body twice."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
+    # Its digits alone say it is over the cap: int() of thousands of digits raises.
+    if declared.isascii() and declared.isdigit() and (len(declared) > 20 or int(declared) > cap):
         raise InputError(
             f"the request body is {declared} bytes; the cap is {cap}", reason="too_large"
         )
@@ -87,7 +88,9 @@ async def serve(request: Request) -> Response:
 
 routes = Starlette(
     routes=[
-        Route(path, serve, methods=["GET", "POST"])
+        # Every method reaches the core, so a wrong one gets its JSON 405 (Starlette's own is
+        # plain text); HEAD comes with GET.
+        Route(path, serve, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
         for path in ("/predict", "/metadata", "/v2", "/v2/{rest:path}")
     ]
 )
@@ -117,7 +120,13 @@ class EdgebentoService:
         pack = load_stored_pack(self.model.path)
         self.core = ServingCore(LIMITS, InferenceMetrics(lib=bentoml.metrics))
         about = {"manifest_sha256": pack.manifest_sha256, "signed_by": pack.signed_by}
-        self.core.serve(Predictor.from_pack(pack, _options()), pack.manifest, about)
+        samples = pack.samples
+        self.core.serve(
+            Predictor.from_pack(pack, _options()),
+            pack.manifest,
+            about,
+            samples.inputs if samples is not None else None,
+        )
         # Everything loaded so far lives as long as the worker: keep it out of the collector's
         # full passes, which otherwise scan BentoML's whole import graph and stall requests.
         gc.collect()

@@ -29,9 +29,11 @@ def content_length(raw: str | None, cap: int) -> int:
     if raw is None:
         raise InputError("Content-Length is required", reason="length_required")
     text = raw.strip()
-    if not text.isdigit():  # rejects "-1", "+5", "1e3", "" and anything else
+    # Rejects "-1", "+5", "1e3", "", non-ASCII digits (str.isdigit takes them) and anything else.
+    if not (text.isascii() and text.isdigit()):
         raise InputError(f"Content-Length {raw!r} is not a non-negative integer", reason="invalid")
-    length = int(text)
+    # Over the cap by its digits alone: int() of a 5000-digit string raises ValueError.
+    length = int(text) if len(text) <= len(str(cap)) else cap + 1
     if length > cap:
         raise InputError(
             f"the request body is {length} bytes; the cap is {cap}", reason="too_large"
@@ -69,7 +71,8 @@ class LocalEndpoint:
                     self.send_header("Connection", "close")
                     self.close_connection = True
                 self.end_headers()
-                self.wfile.write(answer.body)
+                if self.command != "HEAD":
+                    self.wfile.write(answer.body)
 
             def _request(self, body: bytes = b"") -> HttpRequest:
                 headers = {k.lower(): v for k, v in self.headers.items()}
@@ -106,6 +109,16 @@ class LocalEndpoint:
                     self.close_connection = True
                     return
                 self._send(handle_sync(core, self._request(body)))
+
+            def _other(self) -> None:
+                """PUT, DELETE, PATCH, OPTIONS: 405 from the route table (http.server would
+                answer 501), the body left unread, so the connection closes."""
+                self._send(handle_sync(core, self._request()), close=True)
+
+            do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other
+
+            def do_HEAD(self) -> None:
+                self.do_GET()  # _send leaves out the body, as HTTP says for HEAD
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True

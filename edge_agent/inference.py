@@ -11,6 +11,8 @@ reason ``busy`` (and the ``cause``: ``queue_full`` or ``deadline``).
 from __future__ import annotations
 
 import bisect
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,16 @@ from modelpack.predictor import Predictor
 from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.reasons import NotReadyError, error_doc
+
+log = logging.getLogger(__name__)
+
+
+def parse_quietly(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except Exception:
+        return None
+
 
 # Called with (request payload, answer) for every successful inference (capture).
 Observer = Callable[[Any, dict[str, Any]], None]
@@ -124,7 +136,8 @@ def _failure(request_id: str | None, exc: BaseException, oip_form: bool) -> dict
     doc = error_doc(exc)
     if isinstance(exc, OverloadError):
         doc.update(reason="busy", cause=exc.reason)
-    if oip_form:
+    if oip_form:  # OIP's {"error"}, with the ok: false every MQTT reply carries
+        doc["ok"] = False
         return {"id": request_id, **doc} if request_id is not None else doc
     return {"schema_version": 1, "id": request_id or "", "ok": False, **doc}
 
@@ -214,6 +227,23 @@ class InferenceService:
     ) -> MqttReply:
         """An MQTT inference request to its reply (never raises)."""
         arrived = time.monotonic() if arrived is None else arrived
+        try:
+            return self._message(payload, max_payload, arrived, full)
+        except Exception as exc:  # a fault of ours: still a reply, and the worker lives on
+            log.error("inference request failed: %s", exc, exc_info=exc)
+            self.core.count_error(exc)
+            doc = parse_quietly(payload)
+            reply_to = doc.get("reply_to") if isinstance(doc, dict) else None
+            request_id = doc.get("id") if isinstance(doc, dict) else None
+            body = {
+                "schema_version": 1,
+                "id": request_id if isinstance(request_id, str) else "",
+                "ok": False,
+                **error_doc(exc),
+            }
+            return MqttReply(reply_to if isinstance(reply_to, str) else None, body)
+
+    def _message(self, payload: bytes, max_payload: int, arrived: float, full: bool) -> MqttReply:
         if len(payload) > max_payload:
             exc = InputError(
                 f"the request is {len(payload)} bytes; the cap is {max_payload}", reason="too_large"
@@ -243,7 +273,8 @@ class InferenceService:
         try:
             if full:
                 raise self._busy()
-            return MqttReply(reply_to, self.infer(doc, arrived=arrived))
+            # OIP's answer, with the ok every MQTT reply carries (an extra field to OIP clients).
+            return MqttReply(reply_to, {**self.infer(doc, arrived=arrived), "ok": True})
         except EdgebentoError as exc:
             return MqttReply(reply_to, _failure(request_id, exc, True))
 
@@ -264,9 +295,9 @@ class InferenceService:
             return MqttReply(request.reply_to, body, {"event": "expired", "id": request.id})
         args = request.body()
         timeout_ms = args.get("timeout_ms")
-        timeout_s = (
-            timeout_ms / 1000 if isinstance(timeout_ms, int | float) and timeout_ms > 0 else None
-        )
+        timeout_s = None  # a bool is an int to Python, not a number of ms
+        if isinstance(timeout_ms, int | float) and not isinstance(timeout_ms, bool):
+            timeout_s = timeout_ms / 1000 if timeout_ms > 0 else None
         try:
             if full:
                 raise self._busy()

@@ -57,11 +57,23 @@ def parse_body(
             reason="too_large",
         )
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    # ValueError: besides JSONDecodeError, an integer literal over Python's 4300-digit limit.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise InputError(
             f"the request body is not valid JSON: {exc}", reason="invalid_json"
         ) from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key given twice is refused: parsers differ on which one counts, so a proxy that
+    checked the first would pass a body whose second is what runs."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        names = [k for k, _ in pairs]
+        twice = next(k for i, k in enumerate(names) if k in names[:i])
+        raise InputError(f"the JSON body gives the key {twice!r} twice", reason="invalid_json")
+    return doc
 
 
 def decode_tensor(spec: TensorSpec, value: Any, limits: ServingLimits) -> np.ndarray:
@@ -123,7 +135,7 @@ def json_safe(array: Any) -> Any:
 def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
     array = np.asarray(array)
     if binary:
-        contiguous = np.ascontiguousarray(array)
+        contiguous = np.require(array, requirements="C")  # keeps a 0-d array 0-d
         return {
             "dtype": str(contiguous.dtype),
             "shape": list(contiguous.shape),

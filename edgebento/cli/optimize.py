@@ -128,7 +128,6 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
     table.add_column("candidate", overflow="fold", min_width=18)
     for label in ("MB", "gzip", "p50 ms", "speed", *(label for _, label in fidelity)):
         table.add_column(label, justify="right", no_wrap=True)
-    table.add_column("decided by", overflow="fold")
     table.add_column("", no_wrap=True)
     for row in rows:
         lat = row["latency"]
@@ -140,7 +139,6 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
             f"{lat['p50_ms']:.2f}" if lat else "-",
             f"{row['speedup']:.2f}x" if row["speedup"] else "-",
             *(_figure(_fid(row).get(key)) for key, _ in fidelity),
-            _decider(row),
             mark,
             style="bold" if row["chosen"] else None,
         )
@@ -149,14 +147,6 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
 
 def _fid(row: dict[str, Any]) -> dict[str, Any]:
     return row["fidelity"] or {}
-
-
-def _decider(row: dict[str, Any]) -> str:
-    """The metric that decided, without the output's name when the model has one output."""
-    f = _fid(row)
-    if not f.get("decided_by") or f.get("decisive_value") is None:
-        return "-"
-    return escape(f"{f['decided_by'].split(' ')[-1]} {f['decisive_value']:.4f}")
 
 
 def _mb(size: int | None) -> str:

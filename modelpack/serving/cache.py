@@ -14,7 +14,7 @@ import numpy as np
 def cache_key(feed: Mapping[str, np.ndarray]) -> bytes:
     digest = hashlib.sha256()
     for name in sorted(feed):
-        array = np.ascontiguousarray(feed[name])
+        array = np.require(feed[name], requirements="C")  # a 0-d array stays 0-d
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(array.tobytes())  # a copy, but one per cached request
     return digest.digest()

@@ -25,6 +25,7 @@ from modelpack.serving import oip
 from modelpack.serving.cache import cache_key
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.model import ServedModel
+from modelpack.serving.padding import check_lengths
 from modelpack.serving.reasons import NotFoundRoute, NotReadyError
 from modelpack.serving.tensors import check_feed
 
@@ -87,10 +88,20 @@ class ServingCore:
         predictor: Predictor,
         manifest: Manifest | None = None,
         about: Mapping[str, Any] | None = None,
+        samples: Mapping[str, np.ndarray] | None = None,
     ) -> ServedModel:
-        """Make ``predictor`` the live model; requests in flight finish on the old one."""
+        """Make ``predictor`` the live model; requests in flight finish on the old one.
+        ``samples``: inputs the model is known to answer (the pack's golden samples), which
+        tell a client's input the model cannot run (400) from a broken model (500)."""
         model = ServedModel(
-            predictor, self.limits, self.metrics, manifest, self.batching, self.running, about
+            predictor,
+            self.limits,
+            self.metrics,
+            manifest,
+            self.batching,
+            self.running,
+            about,
+            samples,
         )
         self.model, self.load_error = model, None
         expires = manifest.expires_at if manifest is not None else None
@@ -142,6 +153,8 @@ class ServingCore:
             feed = decode_request(doc, model.inputs, self.limits)
         timeout_s = header_timeout or timeout_s
         rows = check_feed(model.inputs, feed, self.limits)
+        if model.plan is not None:
+            check_lengths(feed, model.plan)
         deadline = arrived + self.limits.deadline(timeout_s)
         return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
 
@@ -180,7 +193,7 @@ class ServingCore:
     def run_sync(self, job: Job) -> Job:
         if not self._cached(job):
             with job.model.gate.slot(job.deadline, job.arrived):
-                job.outputs = job.model.predictor.run(job.feed, validate=False)
+                job.outputs = job.model.run(job.feed)
             self._remember(job)
         return job
 

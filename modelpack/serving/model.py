@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from modelpack.errors import InferenceError, InputError
 from modelpack.manifest import Manifest, TensorSpec
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
@@ -16,7 +18,7 @@ from modelpack.serving.batching import Batcher
 from modelpack.serving.cache import ResultCache
 from modelpack.serving.gate import Gate
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.padding import sequence_axis
+from modelpack.serving.padding import SequenceAxis, cut_outputs, pad_feeds, sequence_axis
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,27 @@ def _probe_feed(specs: Mapping[str, TensorSpec], rows: int, seed: int) -> dict[s
     return feed
 
 
+def _warmup_shapes(predictor: Predictor) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """What ``Predictor.warmup`` runs: zeros, symbolic dims set to 1."""
+    return {
+        spec.name: (
+            tuple(d if isinstance(d, int) else 1 for d in (spec.shape or [])),
+            np.dtype(spec.dtype),
+        )
+        for spec in predictor.inputs.values()
+    }
+
+
+def _ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's status message without its source paths."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = text.rsplit("Status Message: ", 1)[-1]
+    # "/onnxruntime_src/...h:84 Fn(args) cond was false. What went wrong": keep the last part.
+    if text.startswith("/") and " was false. " in text:
+        text = text.split(" was false. ", 1)[1]
+    return text[:300]
+
+
 def rows_are_independent(predictor: Predictor) -> str | None:
     """None when the model answers each row of a batch as it answers the row alone (what
     batching requests together needs); otherwise why not. Models that mix rows (batch
@@ -60,6 +83,51 @@ def rows_are_independent(predictor: Predictor) -> str | None:
     return None
 
 
+def _sequence_feed(
+    specs: Mapping[str, TensorSpec], plan: SequenceAxis, length: int
+) -> dict[str, np.ndarray]:
+    feed = _probe_feed(specs, 1, 0)
+    for name, axis in plan.inputs.items():
+        array = feed[name]
+        reps = [1] * array.ndim
+        reps[axis] = length
+        first = np.take(array, [0], axis=axis)
+        feed[name] = np.tile(first, reps)  # the same token throughout: lengths differ only
+    return feed
+
+
+def checked_plan(predictor: Predictor, plan: SequenceAxis) -> SequenceAxis | None:
+    """The manifest's padding plan, checked on the model itself: every output whose dim
+    follows the sequence length is cut back (exporters name it differently, ``unk__6``, so the
+    manifest's symbols do not find it), and padding must not change a request's answer (a
+    model without a mask input sees the pad tokens). None when padding is not invisible: then
+    only requests of equal length are batched together."""
+    try:
+        short, long = (_sequence_feed(predictor.inputs, plan, n) for n in (3, 5))
+        a, b = predictor.run(short, validate=False), predictor.run(long, validate=False)
+        outputs = dict(plan.outputs)
+        for name in a:
+            if a[name].ndim != b[name].ndim:
+                continue  # not a tensor padding can be cut back from
+            pairs = zip(a[name].shape, b[name].shape, strict=True)
+            moved = [i for i, (x, y) in enumerate(pairs) if x != y]
+            if len(moved) == 1 and moved[0] > 0 and a[name].shape[moved[0]] == 3:
+                outputs.setdefault(name, moved[0])
+        plan = replace(plan, outputs=outputs)
+        padded, _ = pad_feeds([short, long], plan)
+        cut = cut_outputs(predictor.run(padded[0], validate=False), 3, plan)
+        for name, value in a.items():
+            if cut[name].shape != value.shape or not np.allclose(
+                cut[name], value, rtol=1e-3, atol=1e-5, equal_nan=True
+            ):
+                log.info("padding changes output %r: requests of one length batch together", name)
+                return None
+    except Exception as exc:
+        log.info("the padding probe did not run (%s): no padding", str(exc).splitlines()[0])
+        return None
+    return plan
+
+
 class ServedModel:
     def __init__(
         self,
@@ -70,6 +138,7 @@ class ServedModel:
         batching: bool = True,
         running: int = 1,
         about: Mapping[str, Any] | None = None,
+        samples: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.predictor = predictor
         self.manifest = manifest
@@ -78,9 +147,17 @@ class ServedModel:
         ref = predictor.model_ref
         self.name = str(ref.get("name", "model"))
         self.version = str(ref.get("version", "1"))
+        # Shapes the model is known to answer (its warmup's, or the first request's that ran),
+        # to tell a request the model cannot run from a model that cannot run at all.
+        self._known_good: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._known_size = 0
+        self._samples = dict(samples) if samples else None  # the pack's golden inputs
+        if predictor.options.warmup and predictor.warmup_error is None:
+            self._known_good = _warmup_shapes(predictor)
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
-        self.plan = sequence_axis(manifest) if manifest is not None else None
         self.batching_off = self._why_not_batch(batching)
+        plan = sequence_axis(manifest) if manifest is not None else None
+        self.plan = checked_plan(predictor, plan) if plan and not self.batching_off else plan
         if self.batching_off:
             log.info("%s v%s runs requests alone: %s", self.name, self.version, self.batching_off)
         # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off.
@@ -106,7 +183,40 @@ class ServedModel:
         return rows_are_independent(p)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.predictor.run(feed, validate=False)
+        return self.run(feed)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One validated request (or batch) through the model. ONNX Runtime fails with FAIL
+        rather than INVALID_ARGUMENT when the shapes a client chose for symbolic dims do not
+        fit the graph (a Reshape, a broadcast between ``s1`` and ``s2``): when the model still
+        answers a known-good input, the failure is this input's, a 400, not ours."""
+        try:
+            outputs = self.predictor.run(feed, validate=False)
+        except InferenceError as exc:
+            if not self._healthy():
+                raise
+            raise InputError(
+                f"the model cannot run this input: {_ort_message(exc)}", reason="invalid"
+            ) from exc
+        size = sum(v.size for v in feed.values())
+        if self._known_good is None or size < self._known_size:
+            # Shapes only, no client's data; the smallest seen keeps the health check cheap.
+            self._known_good = {k: (v.shape, v.dtype) for k, v in feed.items()}
+            self._known_size = size
+        return outputs
+
+    def _healthy(self) -> bool:
+        if self._known_good is not None:
+            feed = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self._known_good.items()}
+        elif self._samples is not None:
+            feed = self._samples
+        else:
+            return False
+        try:
+            self.predictor.run(feed, validate=False)
+        except Exception:
+            return False
+        return True
 
     @property
     def inputs(self) -> Mapping[str, TensorSpec]:

@@ -71,12 +71,19 @@ def split_body(
     """The JSON header and the binary section of a request (None without the extension)."""
     if header_length is None:
         return body, None
-    if not header_length.isdigit() or int(header_length) > len(body):
+    # ASCII digits, and no longer than the body's own length could be: int() of a 5000-digit
+    # header raises, and non-ASCII digits (which str.isdigit accepts) are not HTTP.
+    text = header_length.strip()
+    if (
+        not (text.isascii() and text.isdigit())
+        or len(text) > len(str(len(body)))
+        or int(text) > len(body)
+    ):
         raise InputError(
             f"Inference-Header-Content-Length {header_length!r} is not a length within the body",
             reason="invalid",
         )
-    cut = int(header_length)
+    cut = int(text)
     return body[:cut], memoryview(body)[cut:]
 
 
@@ -141,6 +148,14 @@ def _tensor(
     return name, array.reshape(dims), offset
 
 
+def _flag(params: Mapping[str, Any], name: str) -> bool | None:
+    """A boolean parameter: ``"false"`` is not false, so anything but a JSON bool is refused."""
+    value = params.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"parameter {name} must be true or false, got {value!r}", reason="invalid")
+    return value
+
+
 def _requested(doc: Any, names: Sequence[str]) -> dict[str, bool] | None:
     if doc is None:
         return None
@@ -155,8 +170,15 @@ def _requested(doc: Any, names: Sequence[str]) -> dict[str, bool] | None:
                 f"unknown output {item['name']!r}; the model gives {', '.join(names)}",
                 reason="unknown_output",
             )
-        flag = _params(item, f"output {item['name']!r}").get("binary_data")
-        wanted[item["name"]] = bool(flag) if flag is not None else None  # type: ignore[assignment]
+        params = _params(item, f"output {item['name']!r}")
+        if params.get("classification"):  # Triton's class_count: top-k labels, as BYTES
+            raise InputError(
+                f"output {item['name']!r}: the classification extension is not served; "
+                "ask for the tensor itself",
+                reason="invalid",
+            )
+        flag = _flag(params, "binary_data")
+        wanted[item["name"]] = flag  # type: ignore[assignment]
     return wanted
 
 
@@ -189,7 +211,7 @@ def decode(
             f"the binary section is {len(binary)} bytes but the inputs use {offset}",
             reason="invalid",
         )
-    default = bool(params.get("binary_data_output", False))
+    default = bool(_flag(params, "binary_data_output"))
     requested = _requested(doc.get("outputs"), outputs)
     if requested is not None:
         requested = {k: default if v is None else v for k, v in requested.items()}
@@ -214,7 +236,8 @@ def answer_doc(
     wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
     tensors, blobs = [], []
     for name, binary in wanted.items():
-        array = np.ascontiguousarray(outputs[name])
+        # np.require, not np.ascontiguousarray: that one makes a 0-d output 1-d, shape [1].
+        array = np.require(outputs[name], requirements="C")
         tensor: dict[str, Any] = {
             "name": name,
             "datatype": datatype(str(array.dtype)),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpack.errors import ManifestError
+from modelpack.errors import InputError, ManifestError
 from modelpack.manifest import Manifest, TensorSpec
 
 
@@ -62,6 +62,20 @@ def sequence_axis(manifest: Manifest) -> SequenceAxis | None:
     return SequenceAxis(
         inputs=inputs, pad_values={n: pads.get(n, 0) for n in inputs}, outputs=outputs
     )
+
+
+def check_lengths(feed: Mapping[str, np.ndarray], plan: SequenceAxis) -> None:
+    """Every padded input of one request is as long as the others along its sequence axis.
+    Exporters name each dim differently (``unk__2``, ``unk__4``), so the symbol check does not
+    catch an ``attention_mask`` of 1 beside ``input_ids`` of 5: alone, the model broadcasts
+    the mask; batched, it would be padded with zeros, and the same request got another answer."""
+    lengths = {name: int(feed[name].shape[axis]) for name, axis in plan.inputs.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{n}: {length}" for n, length in lengths.items())
+        raise InputError(
+            f"the sequence inputs of one request must be equally long ({listed})",
+            reason="shape",
+        )
 
 
 def request_length(feed: Mapping[str, np.ndarray], plan: SequenceAxis) -> int:

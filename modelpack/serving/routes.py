@@ -82,6 +82,8 @@ def match(method: str, path: str) -> Route:
     name, tail, version = rest[1], rest[2:], None
     if tail[:1] == ["versions"] and len(tail) >= 2:
         version, tail = tail[1], tail[2:]
+        if not version:  # /versions//infer: no version is not "any version"
+            raise NotFoundRoute(f"no such path {path}")
     if not tail:
         return _only("GET", method, path, Route(None, name, version, "model"))
     if tail == ["ready"]:
@@ -92,7 +94,8 @@ def match(method: str, path: str) -> Route:
 
 
 def _only(allowed: str, method: str, path: str, route: Route) -> Route:
-    if method.upper() != allowed:
+    method = method.upper()
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
         raise InputError(f"{method} {path}: use {allowed}", reason="method")
     return route
 
@@ -135,11 +138,37 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
     return HttpResponse.json(status, error_doc(exc), retry_headers(exc))
 
 
+def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | bytearray:
+    """The body without its Content-Encoding (tritonclient's ``request_compression_algorithm``
+    sends gzip or deflate), inflated no further than ``cap``: a zip bomb is a 413, not a dead
+    worker."""
+    import zlib
+
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ("gzip", "deflate"):
+        raise InputError(f"Content-Encoding {encoding!r}: send gzip, deflate or none", "invalid")
+    inflater = zlib.decompressobj(wbits=31 if name == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, cap + 1)
+    except zlib.error as exc:
+        raise InputError(f"the body is not valid {name}: {exc}", reason="invalid") from exc
+    if len(out) > cap:
+        raise InputError(f"the body inflates past the cap of {cap} bytes", reason="too_large")
+    if not inflater.eof:
+        raise InputError(f"the {name} body is cut short", reason="invalid")
+    return out
+
+
 def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
     assert route.infer is not None
     model = core.live(route.name, route.version)
+    body = decoded(
+        request.body, request.headers.get("content-encoding"), core.limits.max_body_bytes
+    )
     return core.prepare(
-        route.infer, request.body, headers=request.headers, model=model, arrived=request.arrived
+        route.infer, body, headers=request.headers, model=model, arrived=request.arrived
     )
 
 

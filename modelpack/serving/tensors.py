@@ -19,6 +19,7 @@ from modelpack.errors import InputError
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
 
+MAX_RANK = 64  # numpy 2 limit on dims (a model of unknown rank does not bound it)
 NUMERIC_DTYPES = frozenset(
     (
         "float16",
@@ -66,6 +67,8 @@ def check_declared_shape(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
         raise InputError(f"input {name!r}: shape must be a list of integers", reason="shape")
+    if len(shape) > MAX_RANK:  # numpy's own limit: reshape would raise ValueError
+        raise InputError(f"input {name!r}: rank {len(shape)} is over {MAX_RANK}", reason="shape")
     if any(d < 0 for d in shape):
         raise InputError(f"input {name!r}: shape {list(shape)} has a negative dim", reason="shape")
     count = math.prod(shape)  # Python ints: no wrap-around, whatever the client sends

@@ -146,3 +146,61 @@ def test_bad_input_is_a_one_line_error(labelled: tuple[Path, Path], tmp_path: Pa
     missing = _edgebento("optimize", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "p"))
     assert missing.returncode == 1 and "nope.onnx does not exist" in missing.stderr
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    ("metric", "message"),
+    [
+        ("cosin", "unknown metric 'cosin'"),
+        ("logits=cosine@median", "reduction is one of min, mean, max"),
+        ("no_such_module_xyz:score", "cannot import it"),
+        ("nope=cosine", "the model has no output 'nope'; it has logits"),
+        ("=>=", "expected [OUTPUT=]NAME"),
+    ],
+)
+def test_a_bad_metric_is_a_one_line_error(
+    labelled: tuple[Path, Path], tmp_path: Path, metric: str, message: str
+) -> None:
+    model, data = labelled
+    done = _edgebento(
+        "optimize",
+        str(model),
+        "--out",
+        str(tmp_path / "p"),
+        "--data",
+        str(data),
+        "--metric",
+        metric,
+        "--no-progress",
+        env={"EDGEBENTO_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 1, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+
+def test_metric_flag_decides_and_the_table_says_so(
+    labelled: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, data = labelled
+    done = _edgebento(
+        "optimize",
+        str(model),
+        "--out",
+        str(tmp_path / "p"),
+        "--data",
+        str(data),
+        "--metric",
+        "logits=max-abs<=0.5",
+        "--quantize",
+        "dynamic",
+        "--prune",
+        "off",
+        "--no-progress",
+        env={"EDGEBENTO_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["decided_by"] == ["logits max-abs@max"]
+    assert "decided by: logits max-abs@max" in done.stdout

@@ -85,3 +85,91 @@ def wide(path: Path, width: int = 16384) -> Path:
         [helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
     return _save(graph, path)
+
+
+def mixed(path: Path) -> Path:
+    """Other dtypes and shapes than the float MLP: ``ids`` int64 [batch, s] through an
+    embedding (ids past the table are the client's fault), ``x`` float32 [batch, n] reshaped to
+    [batch, 2, n/2] and answered as float64 (an odd ``n`` fails inside ONNX Runtime with FAIL,
+    not INVALID_ARGUMENT), and ``total``, the sum of all of ``x``: a scalar with no batch axis.
+    Its warmup (every symbolic dim 1) fails, as real models' sometimes do."""
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [5, 2], [float(i) for i in range(10)])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [0, 2, -1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"]),
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Cast", ["r"], ["half"], to=TensorProto.DOUBLE),
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        ],
+        "mixed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "s"]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"]),
+        ],
+        [
+            helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "s", 2]),
+            helper.make_tensor_value_info("half", TensorProto.DOUBLE, ["batch", 2, "h"]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+        ],
+        [table, shape],
+    )
+    return _save(graph, path)
+
+
+def mixed_reference(ids: np.ndarray, x: np.ndarray) -> dict[str, np.ndarray]:
+    """What ``mixed`` answers, in numpy."""
+    table = np.arange(10, dtype=np.float32).reshape(5, 2)
+    return {
+        "emb": table[ids],
+        "half": x.reshape(x.shape[0], 2, -1).astype(np.float64),
+        "total": np.asarray(x.sum(), np.float32),
+    }
+
+
+def tokens(path: Path, mask: bool = True) -> Path:
+    """Token embeddings as tf2onnx exports them: ``input_ids`` and ``attention_mask`` int64
+    with a different symbol on every dim, ``hidden`` [batch, seq, 4] = embedding x mask (a
+    mask of length 1 broadcasts), and ``pooled``, the masked mean over the sequence. Without
+    ``mask`` the model has only ``input_ids`` and ``pooled`` is a plain mean, which padding
+    changes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["unk__1", "unk__2"])
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"])]
+    inputs = [ids]
+    if mask:
+        inputs.append(
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["unk__3", "unk__4"])
+        )
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+            helper.make_node("Mul", ["emb", "mask3"], ["hidden"]),
+            helper.make_node("ReduceSum", ["hidden", "one"], ["total"], keepdims=0),
+            helper.make_node("ReduceSum", ["maskf", "one"], ["count"], keepdims=1),
+            helper.make_node("Div", ["total", "count"], ["pooled"]),  # the masked mean
+        ]
+    else:
+        nodes += [
+            helper.make_node("Identity", ["emb"], ["hidden"]),
+            helper.make_node("ReduceMean", ["hidden"], ["pooled"], axes=[1], keepdims=0),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        inputs,
+        [
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["unk__5", "unk__6", 4]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["unk__7", 4]),
+        ],
+        [
+            numpy_helper.from_array(table, "table"),
+            helper.make_tensor("last", TensorProto.INT64, [1], [2]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        ],
+    )
+    return _save(graph, path)

@@ -247,3 +247,200 @@ def test_the_handler_module_does_not_import_bentoml() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# --- events in the shapes AWS generates them (the fields of the AWS documentation's and
+# aws-lambda-powertools' sample events), not the minimal ones above -----------------------------
+
+
+def _rest_v1(method: str, path: str, body: str | None, headers: dict | None) -> dict:
+    """API Gateway REST API, Lambda proxy integration: both header maps, with the client's
+    header case, nulls where nothing was sent."""
+    multi = None if headers is None else {k: [v] for k, v in headers.items()}
+    return {
+        "version": "1.0",
+        "resource": "/{proxy+}",
+        "path": path,
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": multi,
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "id",
+            "authorizer": {"claims": None, "scopes": None},
+            "domainName": "id.execute-api.us-east-1.amazonaws.com",
+            "httpMethod": method,
+            "identity": {"sourceIp": "192.168.0.1/32", "userAgent": "agent", "user": None},
+            "path": f"/prod{path}",
+            "protocol": "HTTP/1.1",
+            "requestId": "id=",
+            "requestTimeEpoch": 1583349317135,
+            "resourcePath": "/{proxy+}",
+            "stage": "prod",
+        },
+        "pathParameters": {"proxy": path.lstrip("/")},
+        "stageVariables": None,
+        "body": body,
+        "isBase64Encoded": False,
+    }
+
+
+def _http_v2(method: str, raw_path: str, body: str, b64: bool, headers: dict, stage: str) -> dict:
+    """HTTP API payload 2.0 (a function URL sends the same, with stage "$default")."""
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": raw_path,
+        "rawQueryString": "",
+        "cookies": ["cookie1", "cookie2"],
+        "headers": {"user-agent": "agent", "x-forwarded-proto": "https", **headers},
+        "requestContext": {
+            "accountId": "anonymous",
+            "apiId": "url-id",
+            "domainName": "url-id.lambda-url.us-east-1.on.aws",
+            "http": {
+                "method": method,
+                "path": raw_path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "123.123.123.123",
+                "userAgent": "agent",
+            },
+            "requestId": "id",
+            "routeKey": "$default",
+            "stage": stage,
+            "time": "05/Aug/2022:08:14:39 +0000",
+            "timeEpoch": 1659687279885,
+        },
+        "body": body,
+        "isBase64Encoded": b64,
+    }
+
+
+def _alb_multi(method: str, path: str, body: str, b64: bool, headers: dict) -> dict:
+    """An ALB target group with multi-value headers on: no ``headers`` at all."""
+    return {
+        "requestContext": {
+            "elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:eu-central-1:1:targetgroup/t/8"}
+        },
+        "httpMethod": method,
+        "path": path,
+        "multiValueQueryStringParameters": {},
+        "multiValueHeaders": {
+            "accept": ["*/*"],
+            "x-forwarded-for": ["123.123.123.123"],
+            **{k: [v] for k, v in headers.items()},
+        },
+        "body": body,
+        "isBase64Encoded": b64,
+    }
+
+
+def _binary_oip(x: np.ndarray) -> tuple[bytes, int]:
+    header = json.dumps(
+        {
+            "id": "bin",
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + x.tobytes(), len(header)
+
+
+def _binary_answer(answer: dict, header_length: str) -> np.ndarray:
+    """``probs`` from a binary OIP answer (its tensors follow the header in output order)."""
+    raw = base64.b64decode(answer["body"])
+    cut = int(header_length)
+    start = cut
+    for out in json.loads(raw[:cut])["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        if out["name"] == "probs":
+            return np.frombuffer(raw[start : start + size], np.float32).reshape(out["shape"])
+        start += size
+    raise AssertionError("no probs in the answer")
+
+
+def test_real_shaped_rest_http_url_and_alb_events(served: Path) -> None:
+    request, expected = _request(served)
+    x = np.asarray(request["inputs"]["x"], np.float32)
+    body = json.dumps(request)
+    rest = lambda_handler.handler(
+        _rest_v1("POST", "/predict", body, {"Content-Type": "application/json"}), None
+    )
+    assert rest["statusCode"] == 200, rest
+    np.testing.assert_allclose(json.loads(rest["body"])["outputs"]["probs"], expected, rtol=1e-5)
+    assert rest["multiValueHeaders"]["content-type"] == ["application/json"]
+    # A request with no headers at all: API Gateway sends null for both maps.
+    meta = lambda_handler.handler(_rest_v1("GET", "/metadata", None, None), None)
+    assert meta["statusCode"] == 200
+    # HTTP API on a named stage: rawPath carries the stage.
+    v2 = _http_v2(
+        "POST", "/prod/predict", body, False, {"content-type": "application/json"}, "prod"
+    )
+    assert lambda_handler.handler(v2, None)["statusCode"] == 200
+    # A function URL base64-encodes a binary body; the binary answer goes back the same way.
+    raw, cut = _binary_oip(x)
+    url = _http_v2(
+        "POST",
+        "/v2/models/tiny/infer",
+        base64.b64encode(raw).decode(),
+        True,
+        {"content-type": "application/octet-stream", "inference-header-content-length": str(cut)},
+        "$default",
+    )
+    answer = lambda_handler.handler(url, None)
+    assert answer["statusCode"] == 200 and answer["isBase64Encoded"] is True
+    length = answer["headers"]["inference-header-content-length"]
+    np.testing.assert_allclose(_binary_answer(answer, length), expected, rtol=1e-5)
+    # ALB with multi-value headers: the answer must carry multiValueHeaders (ALB ignores
+    # headers then, and the client lost the content type and the binary split).
+    alb = _alb_multi(
+        "POST",
+        "/v2/models/tiny/infer",
+        base64.b64encode(raw).decode(),
+        True,
+        {"Inference-Header-Content-Length": str(cut)},
+    )
+    answer = lambda_handler.handler(alb, None)
+    assert answer["statusCode"] == 200 and answer["statusDescription"] == "200 OK"
+    assert "headers" not in answer
+    (length,) = answer["multiValueHeaders"]["inference-header-content-length"]
+    np.testing.assert_allclose(_binary_answer(answer, length), expected, rtol=1e-5)
+
+
+def test_hostile_requests_in_real_shaped_events_are_4xx(served: Path) -> None:
+    """A 5000-digit integer and a 5000-digit Inference-Header-Content-Length were 500s."""
+    huge = '{"inputs": {"x": [[' + "1" * 5000 + "]]}}"
+    json_headers = {"content-type": "application/json"}
+    for event in (
+        _rest_v1("POST", "/predict", huge, {"Content-Type": "application/json"}),
+        _http_v2("POST", "/predict", huge, False, json_headers, "$default"),
+        _alb_multi("POST", "/predict", huge, False, json_headers),
+    ):
+        answer = lambda_handler.handler(event, None)
+        assert (
+            answer["statusCode"] == 400 and json.loads(answer["body"])["reason"] == "invalid_json"
+        )
+    raw, _ = _binary_oip(np.zeros((1, 8), np.float32))
+    for length in ("9" * 5000, "-1", str(len(raw) + 1), "x"):
+        event = _http_v2(
+            "POST",
+            "/v2/models/tiny/infer",
+            base64.b64encode(raw).decode(),
+            True,
+            {"inference-header-content-length": length},
+            "$default",
+        )
+        assert lambda_handler.handler(event, None)["statusCode"] == 400
+    head = lambda_handler.handler(_rest_v1("HEAD", "/predict", None, None), None)
+    assert head["statusCode"] == 405
+    direct = lambda_handler.handler({"inputs": {"x": [[10**30] * 8]}}, None)
+    assert direct["statusCode"] == 400

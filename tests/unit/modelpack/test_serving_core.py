@@ -301,3 +301,56 @@ def test_the_documented_reason_table_is_the_one_the_core_uses() -> None:
     doc = (Path(__file__).resolve().parents[3] / "docs" / "serving.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| (\d{3})", doc, flags=re.MULTILINE))
     assert {k: int(v) for k, v in rows.items()} == STATUS_BY_REASON
+
+
+def test_a_shape_the_graph_cannot_run_is_the_clients_once_the_model_has_answered(
+    tmp_path: Path,
+) -> None:
+    """ORT fails with FAIL (not INVALID_ARGUMENT) when client-chosen symbolic dims do not fit
+    the graph. Without samples and with a failing warmup, that is a 500 until the model has
+    answered once (it might be broken); after that, the same request is the client's: 400."""
+    model = serving_models.mixed(tmp_path / "mixed.onnx")
+    create_pack(model, tmp_path / "pack", name="mixed", version=1)
+    core = ServingCore()
+    core.serve(Predictor(model, *_io(tmp_path / "pack")), None)
+    ids = [[1, 2]]
+    odd = json.dumps({"inputs": {"ids": ids, "x": [[1.0, 2.0, 3.0]]}}).encode()
+    good = json.dumps({"inputs": {"ids": ids, "x": [[1.0, 2.0, 3.0, 4.0]]}}).encode()
+    assert handle_sync(core, HttpRequest("POST", "/predict", {}, odd)).status == 500
+    assert handle_sync(core, HttpRequest("POST", "/predict", {}, good)).status == 200
+    for send in (handle_sync, lambda c, r: asyncio.run(handle(c, r))):
+        answer = send(core, HttpRequest("POST", "/predict", {}, odd))
+        assert answer.status == 400 and answer.doc()["reason"] == "invalid"
+        assert "cannot be reshaped" in answer.doc()["error"]
+
+
+def _io(pack: Path) -> tuple[list, list]:
+    manifest = load_pack(pack, [], allow_unsigned=True).manifest
+    return list(manifest.inputs), list(manifest.outputs)
+
+
+def test_a_rank_past_numpys_limit_is_a_400_for_a_model_of_unknown_rank(tmp_path: Path) -> None:
+    """A shape of rank 70 reached numpy's reshape, whose ValueError was a 500."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from modelpack import TensorSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "anyrank",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    anyrank = [TensorSpec(name="x", dtype="float32")]  # shape None: any rank
+    core = ServingCore()
+    core.serve(Predictor(tmp_path / "m.onnx", anyrank, [TensorSpec(name="y", dtype="float32")]))
+    shape = [1] * 70
+    oip = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": [1.0]}]}
+    b64 = {"inputs": {"x": {"dtype": "float32", "shape": shape, "b64": "AAAAAA=="}}}
+    for path, doc in (("/v2/models/model/infer", oip), ("/predict", b64)):
+        answer = handle_sync(core, HttpRequest("POST", path, {}, json.dumps(doc).encode()))
+        assert answer.status == 400 and answer.doc()["reason"] == "shape", answer.body
