@@ -158,3 +158,36 @@ def test_broken_channel_pointers_neither_hide_the_registry_nor_block_publishing(
     assert published.latest("tiny") == 2
     published.publish(make_pack(tmp_path, mlp_model, 3), key=keys[0], channel="beta")
     assert published.latest("tiny", "beta") == 3
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_two_publisher_processes_of_one_version_leave_exactly_one(
+    where: str,
+    s3_bucket: str,
+    s3_server: MotoS3,
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+) -> None:
+    from tests.support import models
+
+    url = f"s3://{s3_bucket}/reg" if where == "s3" else str(tmp_path / "store")
+    packs = [make_pack(tmp_path, models.mlp(tmp_path / f"m{i}.onnx", seed=i), 5) for i in range(2)]
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    command = [sys.executable, "-m", "edgebento", "publish"]
+    procs = [
+        subprocess.Popen(
+            [*command, str(p), "--store", url, "--key", str(keys[0])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for p in packs
+    ]
+    results = [(p.wait(timeout=90), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    loser = next(err for rc, err in results if rc == 1)
+    assert loser.startswith("error:") and "Traceback" not in loser
+    registry = Registry(open_store(url, endpoint_url=s3_server.endpoint_url))
+    assert [(e.name, e.version) for e in registry.entries()] == [("tiny", 5)]
+    assert registry.latest("tiny") == 5
