@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,74 @@ def test_any_config_passes_only_if_every_module_is_keras(tmp_path: Path, config:
         isinstance(m, str) and (m.split(".")[0] in ("keras", "tf_keras")) for m in found
     )
     path = _keras(tmp_path / "m.keras", config)
-    if safe:
-        check_keras_config(path)
-    else:
+    if not safe:  # what passes never names a module outside Keras nor a Lambda
         with pytest.raises(ConfigError):
             check_keras_config(path)
+    elif all(m in ("keras", "keras.layers") for m in found) and not any(
+        "class_name" in n and "module" in n and not _plain(n["class_name"]) for n in _dicts(config)
+    ):
+        check_keras_config(path)  # Keras' model modules and plain class names load
+
+
+def _plain(name: Any) -> bool:
+    return isinstance(name, str) and name.isascii() and name.isidentifier()
+
+
+def _dicts(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [node] + [d for v in node.values() for d in _dicts(v)]
+    if isinstance(node, list):
+        return [d for v in node for d in _dicts(v)]
+    return []
+
+
+OP_ADD = {
+    "module": "tf_keras.src.layers.core.tf_op_layer",
+    "class_name": "TFOpLambda",
+    "registered_name": "TFOpLambda",
+    "config": {"name": "tf.__operators__.add", "function": "__operators__.add"},
+}
+
+
+def test_a_tensor_op_layer_of_plain_maths_passes(tmp_path: Path) -> None:
+    """``x + 1.0`` in a functional tf-keras model saves as this layer: it must keep loading."""
+    functional = {"module": "tf_keras.src.engine.functional", "class_name": "Functional"}
+    check_keras_config(_keras(tmp_path / "m.keras", {**functional, "config": [OP_ADD, DENSE]}))
+
+
+@pytest.mark.parametrize(
+    ("obj", "says"),
+    [
+        # A dotted class name resolves keras.layers.Lambda past a check on "Lambda" alone.
+        ({"module": "keras", "class_name": "layers.Lambda", "config": {}}, "'layers.Lambda'"),
+        ({"module": "keras.layers", "class_name": "Dense", "registered_name": "Lambda"}, "as"),
+        ({"module": "keras.layers", "class_name": ["Dense"]}, "names the class"),
+        # Keras' own modules that are not model parts: the CVE-2025-9906 / -8747 functions.
+        (
+            {
+                "module": "keras.src.saving.serialization_lib",
+                "class_name": "function",
+                "config": "enable_unsafe_deserialization",
+            },
+            "serialization_lib",
+        ),
+        ({"module": "keras.utils", "class_name": "function", "config": "get_file"}, "get_file"),
+        ({"module": "keras.activations", "class_name": "function", "config": "a.b"}, "'a.b'"),
+        # Op layers that would call a TensorFlow function the config names.
+        ({**OP_ADD, "config": {"function": "io.write_file"}}, "'io.write_file'"),
+        ({**OP_ADD, "config": {"function": "load_library"}}, "'load_library'"),
+        ({**OP_ADD, "config": {"function": "print"}}, "'print'"),
+        ({**OP_ADD, "config": {"function": "compat.v1.py_func"}}, "py_func"),
+        ({**OP_ADD, "config": {"function": None}}, "None"),
+        (
+            {**OP_ADD, "class_name": "ClassMethod", "config": {"cls_symbol": "io.gfile.GFile"}},
+            "GFile",
+        ),
+    ],
+)
+def test_keras_names_that_reach_code_are_refused(
+    tmp_path: Path, obj: dict[str, Any], says: str
+) -> None:
+    hidden = {**DENSE, "config": {"units": 2, "nested": {"deeper": [obj]}}}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_keras_config(_keras(tmp_path / "m.keras", _model(DENSE, hidden)))
