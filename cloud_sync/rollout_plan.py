@@ -113,7 +113,31 @@ def start_rollout(
     return state
 
 
-def prepare_resume(state: RolloutState) -> RolloutState:
+def superseded_by(state: RolloutState, watch: FleetWatch) -> str | None:
+    """Another rollout that told this one's devices something since (its id), or None.
+
+    Resuming a rollout after a newer one would push its older version again: the devices refuse
+    it as a downgrade, the refusals abort it, and the abort's signed rollbacks take the fleet
+    back past both rollouts.
+    """
+    for progress in state.devices:
+        desired = watch.desired.get(progress.device)
+        if (
+            desired is not None
+            and desired.rollout != state.id
+            and desired.generation >= state.generation
+        ):
+            return desired.rollout or f"generation {desired.generation}"
+    return None
+
+
+def prepare_resume(state: RolloutState, watch: FleetWatch) -> RolloutState:
+    newer = superseded_by(state, watch)
+    if newer is not None and state.phase != "aborted":
+        raise ConfigError(
+            f"rollout {state.id} ({state.name} v{state.version}) was superseded by {newer}, which"
+            " has since set the desired state of its devices; resuming would undo it"
+        )
     if state.phase in ("completed", "timed_out"):
         state.phase = "running"  # check again on devices that were offline or not yet pushed
     return state
@@ -149,7 +173,7 @@ def execute(
         )
         try:
             if prior is not None:
-                state = prepare_resume(prior)
+                state = prepare_resume(prior, watch)
             else:
                 if request.name is None or request.version is None:
                     raise ConfigError("a new rollout needs NAME and VERSION")
