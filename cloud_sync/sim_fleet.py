@@ -19,6 +19,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import re
 import resource
 import selectors
 import time
@@ -35,6 +36,24 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 5.0
 CONNECT_BATCH = 200  # connections opened before the loop answers their CONNACKs
 FD_HEADROOM = 64
+# What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
+# wildcard, so every device has its own status, desired and telemetry topics.
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_fleet(devices: list[str], prefix: str) -> None:
+    """Refuse ids and a prefix that would not give each device topics of its own."""
+    bad = next((d for d in devices if not DEVICE_ID.fullmatch(d)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"device id {bad!r} must be 1-64 of A-Z a-z 0-9 _ . - (one topic level, as an agent's)"
+        )
+    if len(set(devices)) != len(devices):
+        raise ConfigError(
+            f"the device ids repeat ({devices[0]!r}, ...): give --id a format with one number"
+        )
+    if not prefix or any(c in prefix for c in "+#\0") or "" in prefix.split("/"):
+        raise ConfigError(f"topic prefix {prefix!r} must be topic levels without + or #")
 
 
 def raise_fd_limit(devices: int) -> int:
@@ -62,9 +81,10 @@ class SimFleet:
         behavior: Behavior | None = None,
         trusted: list[TrustedKey] | None = None,
     ) -> None:
+        self.topics = topics or Topics()
+        check_fleet(devices, self.topics.prefix)
         raise_fd_limit(len(devices))
         self.address = parse_broker_url(broker_url)
-        self.topics = topics or Topics()
         self.behavior = behavior or Behavior()
         self.selector = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
