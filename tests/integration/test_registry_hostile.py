@@ -191,3 +191,52 @@ def test_two_publisher_processes_of_one_version_leave_exactly_one(
     registry = Registry(open_store(url, endpoint_url=s3_server.endpoint_url))
     assert [(e.name, e.version) for e in registry.entries()] == [("tiny", 5)]
     assert registry.latest("tiny") == 5
+
+
+# The publisher dies by SIGKILL right after its archive and manifest went up, before the
+# signature and the index: what a crash or a kill -9 between uploads leaves in the bucket.
+KILL_BEFORE_THE_INDEX = """
+import os, signal, sys
+from cloud_sync.s3store import S3Store
+from cloud_sync.store import LocalStore
+for cls in (S3Store, LocalStore):
+    put = cls.put_bytes
+    def dying(self, key, data, put=put):
+        if key.endswith("manifest.sig"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        put(self, key, data)
+    cls.put_bytes = dying
+from edgebento.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_publish_killed_between_uploads_is_invisible_and_a_retry_publishes(
+    where: str,
+    s3_bucket: str,
+    s3_server: MotoS3,
+    tmp_path: Path,
+    mlp_model: Path,
+    keys: tuple[Path, Path],
+) -> None:
+    from modelpack import load_pack
+
+    url = f"s3://{s3_bucket}/reg" if where == "s3" else str(tmp_path / "store")
+    pack = make_pack(tmp_path, mlp_model, 3)
+    args = ["publish", str(pack), "--store", url, "--key", str(keys[0])]
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint_url}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_THE_INDEX, *args], env=env, timeout=60
+    )
+    assert killed.returncode == -9
+    registry = Registry(open_store(url, endpoint_url=s3_server.endpoint_url))
+    assert registry.store.list("packs/tiny/3/"), "the archive went up before the kill"
+    assert registry.scan() == ([], []) and registry.latest("tiny") is None
+
+    done = _cli(*args, endpoint=s3_server.endpoint_url)
+    assert done.returncode == 0, done.stderr
+    assert [(e.name, e.version) for e in registry.entries()] == [("tiny", 3)]
+    assert registry.latest("tiny") == 3
+    fetched = registry.fetch("tiny", 3, tmp_path / "got")
+    assert load_pack(fetched, trusted=[keys[1]]).manifest.version == 3
