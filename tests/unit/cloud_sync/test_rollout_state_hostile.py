@@ -1,0 +1,75 @@
+"""Rollout documents in the store that a bucket writer changed: refused one by one, never
+hiding the other rollouts, through ``edgebento rollout list|status`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud_sync.rollout_state import Thresholds, load_state, new_rollout, save_state
+from cloud_sync.store import LocalStore
+from modelpack.errors import StoreError
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgebento", "rollout", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    store = LocalStore(tmp_path / "store")
+    devices = [f"d{i}" for i in range(10)]
+    state = new_rollout("tiny", 2, devices, {}, Thresholds(canary_pct=10, waves=2), "p")
+    save_state(store, state)
+    return store
+
+
+def _id(store: LocalStore) -> str:
+    headers = [k for k in store.list("rollouts/") if k.count("/") == 1 and "tiny" in k]
+    return headers[0].removeprefix("rollouts/").removesuffix(".json")
+
+
+def test_one_bad_header_does_not_hide_the_other_rollouts(store: LocalStore) -> None:
+    store.put_bytes("rollouts/broken.json", b"{not json")
+    done = _cli("list", "--store", str(store.root))
+    assert done.returncode == 0, done.stderr
+    assert _id(store)[:12] in done.stdout
+    assert "skipped rollout broken" in done.stderr
+
+
+def test_a_header_copied_under_another_id_is_refused(store: LocalStore) -> None:
+    store.put_bytes("rollouts/copy.json", store.get_bytes(f"rollouts/{_id(store)}.json"))
+    with pytest.raises(StoreError, match="names itself"):
+        load_state(store, "copy")
+    done = _cli("status", "copy", "--store", str(store.root))
+    assert done.returncode == 1 and done.stderr.startswith("error:"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda doc: doc["devices"][0].update(wave=-1), "a device of another wave"),
+        (lambda doc: doc["devices"][0].update(wave=2), "a device of another wave"),
+        (lambda doc: doc["devices"].append(dict(doc["devices"][0])), "listed twice"),
+    ],
+)
+def test_a_wave_document_that_lies_about_its_devices_is_refused(
+    store: LocalStore, change: object, says: str
+) -> None:
+    key = f"rollouts/{_id(store)}/wave-1.json"
+    doc = json.loads(store.get_bytes(key))
+    change(doc)  # type: ignore[operator]
+    store.put_bytes(key, json.dumps(doc).encode())
+    with pytest.raises(StoreError, match=says):
+        load_state(store, _id(store))
+    done = _cli("status", _id(store), "--store", str(store.root))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
