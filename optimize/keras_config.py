@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from modelpack.errors import ConfigError
 
 CONFIG = "config.json"
 MAX_CONFIG_BYTES = 64 << 20  # a config describes layers; a big one is not a model
+MAX_MEMBERS = 10_000  # config, metadata, weights and a model's assets
 KERAS_MODULES = ("keras", "tf_keras")
 LAMBDAS = ("Lambda", "__lambda__")  # the layer, and the serialized lambda of Keras 3 configs
 # Keras' modules a model is made of. Not its saving, utils, config or backend modules: they hold
@@ -96,9 +98,35 @@ def _objects(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(item)
 
 
+def _check_members(source: Path, archive: zipfile.ZipFile) -> None:
+    """Keras extracts every member of a .keras file with more than three to a temporary
+    directory, and reads its weights into memory: the sizes the zip declares (which zipfile
+    never reads past) are capped before that, and names a Keras file never has are refused."""
+    from optimize.npz import LIMIT_ENV, data_limit
+
+    members = archive.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise ConfigError(f"{source.name} holds {len(members)} files; not a Keras model")
+    for info in members:
+        name = info.filename
+        mode = info.external_attr >> 16
+        if name.startswith("/") or "\\" in name or ".." in name.split("/"):
+            raise ConfigError(f"{source.name} holds {name!r}, a path out of the archive")
+        if stat.S_ISLNK(mode):
+            raise ConfigError(f"{source.name} holds {name!r}, a symbolic link")
+    total = sum(i.file_size for i in members)
+    cap = data_limit()
+    if total > cap:
+        raise ConfigError(
+            f"{source.name} unpacks to {total} bytes, past the {cap}-byte cap; set {LIMIT_ENV}"
+            " to raise it"
+        )
+
+
 def _read_config(source: Path) -> Any:
     try:
         with zipfile.ZipFile(source) as archive:
+            _check_members(source, archive)
             info = archive.getinfo(CONFIG)
             if info.file_size > MAX_CONFIG_BYTES:
                 raise ConfigError(f"{source.name}: {CONFIG} is {info.file_size} bytes; not a model")

@@ -183,3 +183,54 @@ def test_keras_names_that_reach_code_are_refused(
     hidden = {**DENSE, "config": {"units": 2, "nested": {"deeper": [obj]}}}
     with pytest.raises(ConfigError, match=re.escape(says)):
         check_keras_config(_keras(tmp_path / "m.keras", _model(DENSE, hidden)))
+
+
+def _zip_with(path: Path, *members: tuple[zipfile.ZipInfo | str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", json.dumps(_model(DENSE)))
+        archive.writestr("metadata.json", "{}")
+        for name, data in members:
+            archive.writestr(name, data)
+    return path
+
+
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16) | 0x20  # S_IFLNK, as `zip --symlinks` writes it
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "says"),
+    [
+        (("../../escape.txt", b"x"), "a path out of the archive"),
+        (("/etc/cron.d/x", b"x"), "a path out of the archive"),
+        ((_symlink("assets/passwd"), b"/etc/passwd"), "a symbolic link"),
+    ],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_members_no_keras_file_has_are_refused(
+    tmp_path: Path, member: tuple[Any, bytes], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        check_keras_config(_zip_with(tmp_path / "m.keras", member, ("assets/a", b"")))
+
+
+def test_a_keras_zip_bomb_is_refused_before_keras_unpacks_it(tmp_path: Path) -> None:
+    """More than three members: Keras would extract them all to disk, past any cap."""
+    import os
+    import subprocess
+    import sys
+
+    bomb = _zip_with(tmp_path / "bomb.keras", ("assets/zeros", bytes(4 << 20)), ("b", b""))
+    assert bomb.stat().st_size < 64 << 10
+    done = subprocess.run(
+        [sys.executable, "-m", "edgebento", "optimize", str(bomb), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEBENTO_MAX_DATA_BYTES": str(1 << 20)},
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: bomb.keras unpacks to") and "EDGEBENTO_MAX_DATA_BYTES" in line
