@@ -38,6 +38,7 @@ from modelpack.errors import ConfigError
 
 QUIET_S = 0.3  # retained documents arrive in one burst after the subscription
 QUIET_MAX_S = 5.0
+MIN_LEASE_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,18 @@ class RolloutRequest:
     wait_all: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
     save_every_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A lease of 0 s is expired the moment it is taken: a second controller would take it
+        # over while the first still publishes.
+        if not self.lease_ttl_s >= MIN_LEASE_TTL_S:
+            raise ConfigError(
+                f"--lease-ttl must be at least {MIN_LEASE_TTL_S:g}s, not {self.lease_ttl_s:g}"
+            )
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"--timeout must be positive, not {self.timeout_s:g}")
+        if not self.save_every_s >= 0:
+            raise ConfigError(f"the save interval must not be negative ({self.save_every_s:g})")
 
 
 def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:

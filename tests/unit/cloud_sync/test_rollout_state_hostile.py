@@ -1,4 +1,5 @@
-"""Rollout documents in the store that a bucket writer changed: refused one by one, never
+"""Rollout documents in the store that a bucket writer changed, and rollout flags that would void
+the lease: refused one by one (documents never hiding the other rollouts), through
 hiding the other rollouts, through ``edgebento rollout list|status`` in a subprocess."""
 
 from __future__ import annotations
@@ -73,3 +74,33 @@ def test_a_wave_document_that_lies_about_its_devices_is_refused(
         load_state(store, _id(store))
     done = _cli("status", _id(store), "--store", str(store.root))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--lease-ttl", "0"], "--lease-ttl must be at least 1s"),  # excluded no second controller
+        (["--lease-ttl", "-3"], "--lease-ttl must be at least 1s"),
+        (["--lease-ttl", "nan"], "--lease-ttl must be at least 1s"),
+        (["--timeout", "-1"], "--timeout must be positive"),
+    ],
+)
+def test_a_lease_or_timeout_that_cannot_hold_is_refused_before_connecting(
+    tmp_path: Path, keys: tuple[Path, Path], flags: list[str], says: str
+) -> None:
+    done = _cli(
+        *("tiny", "2", "--store", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"),
+        *("--key", str(keys[0]), "--devices", "a", *flags),
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"error: {says}" or line.startswith(f"error: {says}"), done.stderr
+
+
+def test_a_lease_that_expires_when_taken_is_refused(tmp_path: Path) -> None:
+    from cloud_sync.lease import Lease
+    from modelpack.errors import ConfigError
+
+    for ttl in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="positive time to live"):
+            Lease.acquire(LocalStore(tmp_path), "fleet", "r1", ttl_s=ttl)
