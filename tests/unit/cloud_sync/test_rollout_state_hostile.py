@@ -1,6 +1,6 @@
 """Rollout documents in the store that a bucket writer changed, and rollout flags that would void
-the lease: refused one by one (documents never hiding the other rollouts), through
-hiding the other rollouts, through ``edgebento rollout list|status`` in a subprocess."""
+the lease: refused one by one (a bad document never hides the other rollouts), through
+``edgebento rollout`` in a subprocess."""
 
 from __future__ import annotations
 
