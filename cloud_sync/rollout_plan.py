@@ -28,6 +28,7 @@ from cloud_sync.rollout import Rollout
 from cloud_sync.rollout_state import (
     RolloutState,
     Thresholds,
+    check_device_ids,
     load_state,
     new_rollout,
     save_state,
@@ -68,6 +69,7 @@ class RolloutRequest:
             )
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ConfigError(f"--timeout must be positive, not {self.timeout_s:g}")
+        check_device_ids(list(self.devices))  # before any connection: "+" would be a wildcard
         if not self.save_every_s >= 0:
             raise ConfigError(f"the save interval must not be negative ({self.save_every_s:g})")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import uuid
 from typing import Literal
@@ -23,6 +24,19 @@ from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
+# What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
+# wildcard, so every device has its own status, desired and telemetry topics.
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_device_ids(devices: list[str]) -> list[str]:
+    bad = next((d for d in devices if not DEVICE_ID.fullmatch(d)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"device id {bad!r} must be 1-64 of A-Z a-z 0-9 _ . - (one topic level, as an agent's)"
+        )
+    return devices
+
 
 DeviceState = Literal["pending", "unknown", "updating", "offline", "done", "failed", "rolled_back"]
 Phase = Literal["running", "aborting", "aborted", "completed", "timed_out"]

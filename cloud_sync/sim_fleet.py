@@ -19,7 +19,6 @@ import contextlib
 import heapq
 import itertools
 import logging
-import re
 import resource
 import selectors
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 from cloud_sync.mqtt import parse_broker_url
 from cloud_sync.protocol import ModelRef, Status, Topics
+from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.simulator import Behavior, SimDevice
 from modelpack.errors import BrokerError, ConfigError
 from modelpack.signing import TrustedKey
@@ -36,18 +36,11 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 5.0
 CONNECT_BATCH = 200  # connections opened before the loop answers their CONNACKs
 FD_HEADROOM = 64
-# What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
-# wildcard, so every device has its own status, desired and telemetry topics.
-DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_fleet(devices: list[str], prefix: str) -> None:
     """Refuse ids and a prefix that would not give each device topics of its own."""
-    bad = next((d for d in devices if not DEVICE_ID.fullmatch(d)), None)
-    if bad is not None:
-        raise ConfigError(
-            f"device id {bad!r} must be 1-64 of A-Z a-z 0-9 _ . - (one topic level, as an agent's)"
-        )
+    check_device_ids(devices)
     if len(set(devices)) != len(devices):
         raise ConfigError(
             f"the device ids repeat ({devices[0]!r}, ...): give --id a format with one number"

@@ -104,3 +104,16 @@ def test_a_lease_that_expires_when_taken_is_refused(tmp_path: Path) -> None:
     for ttl in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="positive time to live"):
             Lease.acquire(LocalStore(tmp_path), "fleet", "r1", ttl_s=ttl)
+
+
+@pytest.mark.parametrize("device", ["+", "#", "a/b", "-x", "x" * 65])
+def test_a_device_id_that_is_not_one_topic_level_is_refused(
+    tmp_path: Path, keys: tuple[Path, Path], device: str
+) -> None:
+    done = _cli(
+        *("tiny", "2", "--store", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"),
+        *("--key", str(keys[0]), f"--devices=ok,{device}"),
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: device id {device!r} must be"), done.stderr
