@@ -29,6 +29,12 @@ TMP = "/tmp"
 BENTOML_HOME = f"{TMP}/bentoml"
 K8S_DIR = "k8s"
 BENTOCLOUD_DIR = "bentocloud"
+# A Service name is a DNS-1035 label (a letter first); namespaces are DNS-1123 labels.
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Room for the longest suffix a name gets ("-keda"), inside the 63 characters of a label.
+_APP_MAX = 63 - len("-keda")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,16 @@ class K8sOptions:
     def __post_init__(self) -> None:
         if ":" not in self.bento:
             raise ConfigError(f"--bento must be a bento tag NAME:VERSION, got {self.bento!r}")
+        if not self.app:
+            raise ConfigError(f"--bento {self.bento!r} has no letters or digits to name objects by")
+        if len(self.namespace) > 63 or not _DNS_1123.fullmatch(self.namespace):
+            raise ConfigError(
+                f"--namespace {self.namespace!r} must be a DNS label: 1-63 of a-z 0-9 -,"
+                " starting and ending with a letter or digit"
+            )
+        host = self.keda_http_host
+        if host is not None and (len(host) > 253 or not _HOST.fullmatch(host)):
+            raise ConfigError(f"--keda-http {host!r} must be a lower-case DNS host name")
         if self.min_replicas < 0:
             raise ConfigError("--min must be 0 (scale to zero) or more")
         if self.max_replicas < max(self.min_replicas, 1):
@@ -81,9 +97,12 @@ class K8sOptions:
 
     @property
     def app(self) -> str:
-        """A DNS-1123 name made of the bento name and version."""
+        """A DNS-1035 name made of the bento name and version ("" when nothing is left)."""
         raw = self.bento.replace(":", "-").lower()
-        return re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")[:63].rstrip("-")
+        name = re.sub(r"[^a-z0-9-]+", "-", raw).strip("-")
+        if name and not name[0].isalpha():
+            name = f"bento-{name}"  # a Service name starts with a letter
+        return name[:_APP_MAX].rstrip("-")
 
     @property
     def image_ref(self) -> str:

@@ -25,7 +25,7 @@ import uuid
 from pydantic import BaseModel, ValidationError
 
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConflictError, NotFoundError
+from modelpack.errors import ConfigError, ConflictError, NotFoundError
 
 DEFAULT_TTL_S = 30.0
 
@@ -59,6 +59,8 @@ class Lease:
         wait_s: float = 0.0,
     ) -> Lease:
         """Take the fleet's lease, waiting up to ``wait_s`` for a live one to expire."""
+        if not ttl_s > 0:  # also NaN: a lease that is expired when taken excludes no one
+            raise ConfigError(f"a lease needs a positive time to live, not {ttl_s!r}")
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + wait_s
         while True:

@@ -205,7 +205,11 @@ class Registry:
         return entry
 
     def _check_forward(self, name: str, channel: str, version: int) -> None:
-        current = self.latest(name, channel)
+        try:
+            data = self.store.get_bytes(channel_key(name, channel))
+        except NotFoundError:
+            return
+        current = self._current(data, name, channel)
         if current is not None and current > version:
             raise VersionError(
                 f"channel {channel} of {name} is at v{current}; moving it back to v{version} "
@@ -232,8 +236,8 @@ class Registry:
                     return
                 except ConflictError:
                     continue
-            current = self._pointer(data, name, channel).version
-            if current > version and not allow_backwards:
+            current = self._current(data, name, channel)
+            if current is not None and current > version and not allow_backwards:
                 self._check_forward(name, channel, version)
             try:
                 self.store.replace(key, body, etag)
@@ -331,9 +335,12 @@ class Registry:
         pointers = {}
         for key in self.store.list(f"channels/{check_name(name)}/"):
             channel = key.rsplit("/", 1)[-1].removesuffix(".json")
-            if not CHANNEL_NAME.match(channel):
+            if not CHANNEL_NAME.fullmatch(channel):
                 continue
-            version = self.latest(name, channel)
+            try:
+                version = self.latest(name, channel)
+            except (StoreError, PackError):
+                continue  # a broken pointer is no channel; one bad key must not hide the rest
             if version is not None:
                 pointers[channel] = version
         return pointers
@@ -350,11 +357,29 @@ class Registry:
         return pointer
 
     def latest(self, name: str, channel: str = "stable") -> int | None:
+        """The version ``channel`` points at: None when unset; IntegrityError when the pointer
+        (which is not signed) names a version that is not published or does not check out."""
         try:
             data = self.store.get_bytes(channel_key(name, check_channel(channel)))
         except NotFoundError:
             return None
-        return self._pointer(data, name, channel).version
+        version = self._pointer(data, name, channel).version
+        try:
+            self.entry(name, version)
+        except NotFoundError as exc:
+            raise IntegrityError(
+                f"channel {channel} of {name} points at v{version}, which is not published"
+            ) from exc
+        return version
+
+    def _current(self, data: bytes, name: str, channel: str) -> int | None:
+        """The pointer's version, or None when it is broken, so a publish can repair it."""
+        try:
+            version = self._pointer(data, name, channel).version
+            self.entry(name, version)
+        except (StoreError, PackError):
+            return None
+        return version
 
     def pack_url(self, name: str, version: int, expires_s: int = 3600) -> str:
         entry = self.entry(name, version)

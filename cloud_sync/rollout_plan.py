@@ -28,6 +28,7 @@ from cloud_sync.rollout import Rollout
 from cloud_sync.rollout_state import (
     RolloutState,
     Thresholds,
+    check_device_ids,
     load_state,
     new_rollout,
     save_state,
@@ -38,6 +39,7 @@ from modelpack.errors import ConfigError
 
 QUIET_S = 0.3  # retained documents arrive in one burst after the subscription
 QUIET_MAX_S = 5.0
+MIN_LEASE_TTL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,19 @@ class RolloutRequest:
     wait_all: bool = False
     lease_ttl_s: float = DEFAULT_TTL_S
     save_every_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        # A lease of 0 s is expired the moment it is taken: a second controller would take it
+        # over while the first still publishes.
+        if not self.lease_ttl_s >= MIN_LEASE_TTL_S:
+            raise ConfigError(
+                f"--lease-ttl must be at least {MIN_LEASE_TTL_S:g}s, not {self.lease_ttl_s:g}"
+            )
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"--timeout must be positive, not {self.timeout_s:g}")
+        check_device_ids(list(self.devices))  # before any connection: "+" would be a wildcard
+        if not self.save_every_s >= 0:
+            raise ConfigError(f"the save interval must not be negative ({self.save_every_s:g})")
 
 
 def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:
@@ -113,7 +128,31 @@ def start_rollout(
     return state
 
 
-def prepare_resume(state: RolloutState) -> RolloutState:
+def superseded_by(state: RolloutState, watch: FleetWatch) -> str | None:
+    """Another rollout that told this one's devices something since (its id), or None.
+
+    Resuming a rollout after a newer one would push its older version again: the devices refuse
+    it as a downgrade, the refusals abort it, and the abort's signed rollbacks take the fleet
+    back past both rollouts.
+    """
+    for progress in state.devices:
+        desired = watch.desired.get(progress.device)
+        if (
+            desired is not None
+            and desired.rollout != state.id
+            and desired.generation >= state.generation
+        ):
+            return desired.rollout or f"generation {desired.generation}"
+    return None
+
+
+def prepare_resume(state: RolloutState, watch: FleetWatch) -> RolloutState:
+    newer = superseded_by(state, watch)
+    if newer is not None and state.phase != "aborted":
+        raise ConfigError(
+            f"rollout {state.id} ({state.name} v{state.version}) was superseded by {newer}, which"
+            " has since set the desired state of its devices; resuming would undo it"
+        )
     if state.phase in ("completed", "timed_out"):
         state.phase = "running"  # check again on devices that were offline or not yet pushed
     return state
@@ -149,7 +188,7 @@ def execute(
         )
         try:
             if prior is not None:
-                state = prepare_resume(prior)
+                state = prepare_resume(prior, watch)
             else:
                 if request.name is None or request.version is None:
                     raise ConfigError("a new rollout needs NAME and VERSION")

@@ -10,7 +10,9 @@ it, and ``edgebento rollout resume ID`` carries on from it.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 import uuid
 from typing import Literal
@@ -20,6 +22,21 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from cloud_sync.protocol import ModelRef
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError
+
+log = logging.getLogger(__name__)
+# What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
+# wildcard, so every device has its own status, desired and telemetry topics.
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_device_ids(devices: list[str]) -> list[str]:
+    bad = next((d for d in devices if not DEVICE_ID.fullmatch(d)), None)
+    if bad is not None:
+        raise ConfigError(
+            f"device id {bad!r} must be 1-64 of A-Z a-z 0-9 _ . - (one topic level, as an agent's)"
+        )
+    return devices
+
 
 DeviceState = Literal["pending", "unknown", "updating", "offline", "done", "failed", "rolled_back"]
 Phase = Literal["running", "aborting", "aborted", "completed", "timed_out"]
@@ -243,9 +260,12 @@ def load_header(store: ObjectStore, rollout_id: str) -> RolloutHeader:
     except NotFoundError as exc:
         raise NotFoundError(f"no rollout {rollout_id} in {store.url}") from exc
     try:
-        return RolloutHeader.model_validate_json(data)
+        header = RolloutHeader.model_validate_json(data)
     except ValidationError as exc:
         raise StoreError(f"rollout {rollout_id} in {store.url} is not a valid state") from exc
+    if header.id != rollout_id:  # a header copied under another id would publish as that one
+        raise StoreError(f"rollout {rollout_id} in {store.url} names itself {header.id!r}")
+    return header
 
 
 def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
@@ -259,7 +279,11 @@ def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
             raise StoreError(f"rollout {rollout_id}: {key} is missing or not valid") from exc
         if doc.rollout != rollout_id or doc.wave != index:
             raise StoreError(f"rollout {rollout_id}: {key} belongs to another rollout or wave")
+        if any(d.wave != index for d in doc.devices):
+            raise StoreError(f"rollout {rollout_id}: {key} lists a device of another wave")
         devices.extend(doc.devices)
+    if len({d.device for d in devices}) != len(devices):
+        raise StoreError(f"rollout {rollout_id}: a device is listed twice in its waves")
     fields = header.model_dump(exclude={"wave_count", "counts"})
     return RolloutState.model_validate({**fields, "devices": devices})
 
@@ -271,4 +295,10 @@ def list_states(store: ObjectStore) -> list[RolloutHeader]:
         for k in store.list("rollouts/")
         if k.count("/") == 1 and k.endswith(".json")
     ]
-    return sorted((load_header(store, i) for i in ids), key=lambda s: s.created_at)
+    headers = []
+    for rollout_id in ids:
+        try:
+            headers.append(load_header(store, rollout_id))
+        except StoreError as exc:  # one bad document must not hide every other rollout
+            log.warning("skipped %s", exc)
+    return sorted(headers, key=lambda s: s.created_at)

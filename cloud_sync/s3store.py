@@ -160,7 +160,10 @@ class S3Store(ObjectStore):
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         os.close(fd)
         try:
-            if max_bytes is not None and max_bytes > 0:
+            if max_bytes is not None:
+                # A cap of 0 or less is still a cap: it must never mean "download it all".
+                if max_bytes <= 0:
+                    raise SizeLimitError(f"{key} in {self.url}: no bytes are expected")
                 self._download_capped(key, tmp_name, max_bytes)
             else:
                 self.client.download_file(

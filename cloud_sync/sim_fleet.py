@@ -27,6 +27,7 @@ from typing import Any
 
 from cloud_sync.mqtt import parse_broker_url
 from cloud_sync.protocol import ModelRef, Status, Topics
+from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.simulator import Behavior, SimDevice
 from modelpack.errors import BrokerError, ConfigError
 from modelpack.signing import TrustedKey
@@ -35,6 +36,17 @@ log = logging.getLogger(__name__)
 RECONNECT_S = 5.0
 CONNECT_BATCH = 200  # connections opened before the loop answers their CONNACKs
 FD_HEADROOM = 64
+
+
+def check_fleet(devices: list[str], prefix: str) -> None:
+    """Refuse ids and a prefix that would not give each device topics of its own."""
+    check_device_ids(devices)
+    if len(set(devices)) != len(devices):
+        raise ConfigError(
+            f"the device ids repeat ({devices[0]!r}, ...): give --id a format with one number"
+        )
+    if not prefix or any(c in prefix for c in "+#\0") or "" in prefix.split("/"):
+        raise ConfigError(f"topic prefix {prefix!r} must be topic levels without + or #")
 
 
 def raise_fd_limit(devices: int) -> int:
@@ -62,9 +74,10 @@ class SimFleet:
         behavior: Behavior | None = None,
         trusted: list[TrustedKey] | None = None,
     ) -> None:
+        self.topics = topics or Topics()
+        check_fleet(devices, self.topics.prefix)
         raise_fd_limit(len(devices))
         self.address = parse_broker_url(broker_url)
-        self.topics = topics or Topics()
         self.behavior = behavior or Behavior()
         self.selector = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, Callable[[], None]]] = []

@@ -17,6 +17,7 @@ version (with a bounded sample of window p99s), never a scan of the fleet.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -54,6 +55,12 @@ class VersionStats:
             return None
         ordered = sorted(self.p99s)
         return ordered[len(ordered) // 2]  # the median device-window p99: robust to one outlier
+
+
+def _plausible(count: float, errors: float, p99_ms: float | None) -> bool:
+    """Counts a window can have: finite, not negative, no more errors than requests."""
+    figures = (count, errors) if p99_ms is None else (count, errors, p99_ms)
+    return all(math.isfinite(f) and f >= 0 for f in figures) and errors <= count
 
 
 class FleetWatch:
@@ -153,6 +160,10 @@ class FleetWatch:
                 continue
             window = self.view.on_record(record.model_dump(mode="json"))
             if window is None:
+                continue
+            if not _plausible(window.count, window.errors, window.p99_ms):
+                # One device's negative or NaN count would void the error rate of the fleet.
+                self.rejected["figures"] += 1
                 continue
             stats = self.by_version.setdefault(window.model_version or version, VersionStats())
             stats.count += window.count

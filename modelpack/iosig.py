@@ -33,8 +33,12 @@ def _spec(arg: object) -> TensorSpec:
     shape = arg.shape  # type: ignore[attr-defined]
     dims: list[Dim] | None = None
     if shape is not None:
+        # "?" (as paddle2onnx writes every free dim) names no symbol: two "?" dims are not
+        # the same size, so they are read as unnamed.
         dims = [
-            d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None)
+            d
+            if isinstance(d, int) and d >= 0
+            else (d if isinstance(d, str) and d.strip("?") else None)
             for d in shape
         ]
     return TensorSpec(name=name, dtype=ORT_TYPES[ort_type], shape=dims)

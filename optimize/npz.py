@@ -157,6 +157,10 @@ class NpzArrays(Mapping[str, np.ndarray]):
             raise ConfigError(f"{where} is not a .npy array: {exc}") from exc
         if dtype.hasobject:
             raise ConfigError(f"{where} holds Python objects ({dtype}); only numeric data loads")
+        if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+            # Strings, records, dates: no model input is made of them, and a later astype
+            # would fail with a traceback rather than this line.
+            raise ConfigError(f"{where} holds {dtype} data; only numbers and booleans load")
         size = check_fits(where, shape, dtype, self.limit)
         header = stream.tell()
         if size > info.file_size - header:  # the member cannot hold what its header claims
@@ -178,6 +182,11 @@ class NpzArrays(Mapping[str, np.ndarray]):
             dims = member.shape[::-1] if member.fortran else member.shape
             array = np.empty(dims, dtype=member.dtype)
             self._fill(name, stream, memoryview(array.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+        if not member.dtype.isnative:
+            # ONNX Runtime reads a big-endian buffer as if it were native, silently: swap it in
+            # place (no second copy) and call it native.
+            array.byteswap(inplace=True)
+            array = array.view(member.dtype.newbyteorder("="))
         self._used += member.nbytes
         return array.T if member.fortran else array
 

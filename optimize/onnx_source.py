@@ -48,7 +48,8 @@ def _tensors(model: Any) -> Iterator[Any]:
 def _sidecar(source: Path, root: Path, location: str) -> Path:
     """The sidecar ``location`` names, refused unless it is a regular file inside ``root``."""
     where = f"{source.name}: external data {location!r}"
-    if not location or Path(location).is_absolute() or "\\" in location or ":" in location:
+    bad = ("\\", ":", "\x00")  # a NUL makes every path call raise ValueError
+    if not location or Path(location).is_absolute() or any(c in location for c in bad):
         raise ConfigError(f"{where} is not a relative path inside the model's directory")
     path = (root / location).resolve()
     if not path.is_relative_to(root) or path == root:
@@ -78,7 +79,10 @@ def _expected_bytes(tensor: Any) -> int | None:
 
     if tensor.data_type == onnx.TensorProto.STRING:
         return None
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"tensor {tensor.name!r} has no known data type ({exc})") from exc
     return nbytes(tensor.dims, dtype)
 
 
@@ -92,6 +96,8 @@ def _inline(source: Path, root: Path, tensor: Any) -> int:
     path = _sidecar(source, root, location)
     offset = _int(entries, "offset", where) or 0
     size = path.stat().st_size
+    if offset > size:
+        raise ConfigError(f"{where} starts at byte {offset} of {location}, which has {size}")
     length = _int(entries, "length", where)
     length = size - offset if length is None else length
     if offset + length > size:

@@ -191,7 +191,7 @@ def check_feed(
                 reason="too_large",
             )
         for axis, want in enumerate(spec.shape or []):
-            if isinstance(want, str):
+            if isinstance(want, str) and want.strip("?"):  # "?" names no symbol
                 seen = symbols.setdefault(want, array.shape[axis])
                 if seen != array.shape[axis]:
                     raise InputError(

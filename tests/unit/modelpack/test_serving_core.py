@@ -354,3 +354,14 @@ def test_a_rank_past_numpys_limit_is_a_400_for_a_model_of_unknown_rank(tmp_path:
     for path, doc in (("/v2/models/model/infer", oip), ("/predict", b64)):
         answer = handle_sync(core, HttpRequest("POST", path, {}, json.dumps(doc).encode()))
         assert answer.status == 400 and answer.doc()["reason"] == "shape", answer.body
+
+
+def test_question_mark_dims_are_not_one_symbol() -> None:
+    """paddle2onnx writes every free dim as "?": a 48x192 image must pass [-1, 3, ?, ?]."""
+    from modelpack.manifest import TensorSpec
+    from modelpack.serving.limits import ServingLimits
+    from modelpack.serving.tensors import check_feed
+
+    spec = TensorSpec(name="x", dtype="float32", shape=[None, 3, "?", "?"])
+    feed = {"x": np.zeros((1, 3, 48, 192), np.float32)}
+    assert check_feed({"x": spec}, feed, ServingLimits()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,125 @@ def test_any_config_passes_only_if_every_module_is_keras(tmp_path: Path, config:
         isinstance(m, str) and (m.split(".")[0] in ("keras", "tf_keras")) for m in found
     )
     path = _keras(tmp_path / "m.keras", config)
-    if safe:
-        check_keras_config(path)
-    else:
+    if not safe:  # what passes never names a module outside Keras nor a Lambda
         with pytest.raises(ConfigError):
             check_keras_config(path)
+    elif all(m in ("keras", "keras.layers") for m in found) and not any(
+        "class_name" in n and "module" in n and not _plain(n["class_name"]) for n in _dicts(config)
+    ):
+        check_keras_config(path)  # Keras' model modules and plain class names load
+
+
+def _plain(name: Any) -> bool:
+    return isinstance(name, str) and name.isascii() and name.isidentifier()
+
+
+def _dicts(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [node] + [d for v in node.values() for d in _dicts(v)]
+    if isinstance(node, list):
+        return [d for v in node for d in _dicts(v)]
+    return []
+
+
+OP_ADD = {
+    "module": "tf_keras.src.layers.core.tf_op_layer",
+    "class_name": "TFOpLambda",
+    "registered_name": "TFOpLambda",
+    "config": {"name": "tf.__operators__.add", "function": "__operators__.add"},
+}
+
+
+def test_a_tensor_op_layer_of_plain_maths_passes(tmp_path: Path) -> None:
+    """``x + 1.0`` in a functional tf-keras model saves as this layer: it must keep loading."""
+    functional = {"module": "tf_keras.src.engine.functional", "class_name": "Functional"}
+    check_keras_config(_keras(tmp_path / "m.keras", {**functional, "config": [OP_ADD, DENSE]}))
+
+
+@pytest.mark.parametrize(
+    ("obj", "says"),
+    [
+        # A dotted class name resolves keras.layers.Lambda past a check on "Lambda" alone.
+        ({"module": "keras", "class_name": "layers.Lambda", "config": {}}, "'layers.Lambda'"),
+        ({"module": "keras.layers", "class_name": "Dense", "registered_name": "Lambda"}, "as"),
+        ({"module": "keras.layers", "class_name": ["Dense"]}, "names the class"),
+        # Keras' own modules that are not model parts: the CVE-2025-9906 / -8747 functions.
+        (
+            {
+                "module": "keras.src.saving.serialization_lib",
+                "class_name": "function",
+                "config": "enable_unsafe_deserialization",
+            },
+            "serialization_lib",
+        ),
+        ({"module": "keras.utils", "class_name": "function", "config": "get_file"}, "get_file"),
+        ({"module": "keras.activations", "class_name": "function", "config": "a.b"}, "'a.b'"),
+        # Op layers that would call a TensorFlow function the config names.
+        ({**OP_ADD, "config": {"function": "io.write_file"}}, "'io.write_file'"),
+        ({**OP_ADD, "config": {"function": "load_library"}}, "'load_library'"),
+        ({**OP_ADD, "config": {"function": "print"}}, "'print'"),
+        ({**OP_ADD, "config": {"function": "compat.v1.py_func"}}, "py_func"),
+        ({**OP_ADD, "config": {"function": None}}, "None"),
+        (
+            {**OP_ADD, "class_name": "ClassMethod", "config": {"cls_symbol": "io.gfile.GFile"}},
+            "GFile",
+        ),
+    ],
+)
+def test_keras_names_that_reach_code_are_refused(
+    tmp_path: Path, obj: dict[str, Any], says: str
+) -> None:
+    hidden = {**DENSE, "config": {"units": 2, "nested": {"deeper": [obj]}}}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_keras_config(_keras(tmp_path / "m.keras", _model(DENSE, hidden)))
+
+
+def _zip_with(path: Path, *members: tuple[zipfile.ZipInfo | str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", json.dumps(_model(DENSE)))
+        archive.writestr("metadata.json", "{}")
+        for name, data in members:
+            archive.writestr(name, data)
+    return path
+
+
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (0o120777 << 16) | 0x20  # S_IFLNK, as `zip --symlinks` writes it
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "says"),
+    [
+        (("../../escape.txt", b"x"), "a path out of the archive"),
+        (("/etc/cron.d/x", b"x"), "a path out of the archive"),
+        ((_symlink("assets/passwd"), b"/etc/passwd"), "a symbolic link"),
+    ],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_members_no_keras_file_has_are_refused(
+    tmp_path: Path, member: tuple[Any, bytes], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        check_keras_config(_zip_with(tmp_path / "m.keras", member, ("assets/a", b"")))
+
+
+def test_a_keras_zip_bomb_is_refused_before_keras_unpacks_it(tmp_path: Path) -> None:
+    """More than three members: Keras would extract them all to disk, past any cap."""
+    import os
+    import subprocess
+    import sys
+
+    bomb = _zip_with(tmp_path / "bomb.keras", ("assets/zeros", bytes(4 << 20)), ("b", b""))
+    assert bomb.stat().st_size < 64 << 10
+    done = subprocess.run(
+        [sys.executable, "-m", "edgebento", "optimize", str(bomb), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "EDGEBENTO_MAX_DATA_BYTES": str(1 << 20)},
+    )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: bomb.keras unpacks to") and "EDGEBENTO_MAX_DATA_BYTES" in line

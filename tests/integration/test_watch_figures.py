@@ -1,0 +1,48 @@
+"""One device's impossible telemetry figures, on a real Mosquitto, must not void the error rate
+that decides whether a rollout aborts."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import paho.mqtt.client as mqtt
+
+from cloud_sync.protocol import Topics
+from cloud_sync.watch import FleetWatch
+from tests.support.services import Mosquitto
+
+
+def _batch(device: str, data: dict[str, object]) -> bytes:
+    record = {"device": device, "boot_id": "b", "seq": 0, "ts": 1.0, "kind": "inference"}
+    return json.dumps({"records": [{**record, "data": data}]}).encode()
+
+
+def test_negative_infinite_and_inconsistent_counts_are_not_counted(
+    broker: Mosquitto, topic_prefix: str
+) -> None:
+    t = Topics(topic_prefix)
+    v2 = {"model": {"name": "m", "version": 2}}
+    hostile = [
+        {**v2, "ok": -1e9},  # once made the fleet's count negative: no error rate at all
+        {**v2, "count": 1e400},  # written as Infinity, which is not JSON
+        {**v2, "count": 5, "errors": 50},
+        {**v2, "count": 10, "p99_ms": -3.0},
+    ]
+    with FleetWatch(broker.url, t, None).start(settle_s=0) as watch:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        for data in hostile:
+            client.publish(t.telemetry("bad"), _batch("bad", data), qos=1).wait_for_publish(5)
+        honest = {**v2, "count": 100, "errors": 10, "p99_ms": 20.0}
+        client.publish(t.telemetry("good"), _batch("good", honest), qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while watch.version_stats(2, same=True).count < 100 and time.monotonic() < deadline:
+            watch.wait(0.1)
+        time.sleep(0.3)  # anything still in flight arrives before the figures are read
+        client.loop_stop()
+        client.disconnect()
+        stats = watch.version_stats(2, same=True)
+        assert (stats.count, stats.errors, stats.p99_ms) == (100, 10, 20.0)
+        assert watch.rejected["figures"] >= 3  # the Infinity one may fail to parse instead
