@@ -264,7 +264,11 @@ HEADLINES = {
     "optimize_minilm": ("speed, x FP32", "pooled cosine_min vs FP32"),
     "optimize_digits": ("speed, x FP32", "accuracy drop, points"),
     "serving_mlp": ("requests/s, 64 clients", "p99 ms, 64 clients"),
-    "lambda": ("cold start s (median, MiniLM int8)", "warm overhead µs per call"),
+    "lambda": (
+        "cold start s (median, MiniLM int8)",
+        "cold start s (median, digits MLP)",
+        "warm overhead µs per call",
+    ),
     "agent": ("MQTT round trip p50 / p99 ms", "RSS MB, loaded and connected"),
 }
 
