@@ -53,6 +53,14 @@ def _warmup_shapes(predictor: Predictor) -> dict[str, tuple[tuple[int, ...], np.
     }
 
 
+MAX_SHAPES_REMEMBERED = 256
+
+
+def _shape_key(feed: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Each input's shape without its rows: a batch of other requests' rows runs the same."""
+    return tuple(sorted((k, tuple(v.shape[1:])) for k, v in feed.items()))
+
+
 def _ort_message(exc: BaseException) -> str:
     """ONNX Runtime's status message without its source paths."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -150,10 +158,14 @@ class ServedModel:
         # Shapes the model is known to answer (its warmup's, or the first request's that ran),
         # to tell a request the model cannot run from a model that cannot run at all.
         self._known_good: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._shapes_ok: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
         self._known_size = 0
         self._samples = dict(samples) if samples else None  # the pack's golden inputs
         if predictor.options.warmup and predictor.warmup_error is None:
             self._known_good = _warmup_shapes(predictor)
+            self._shapes_ok.add(tuple(sorted((k, s[1:]) for k, (s, _) in self._known_good.items())))
+        if self._samples is not None:
+            self._shapes_ok.add(_shape_key(self._samples))
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
         self.batching_off = self._why_not_batch(batching)
         plan = sequence_axis(manifest) if manifest is not None else None
@@ -189,15 +201,19 @@ class ServedModel:
         """One validated request (or batch) through the model. ONNX Runtime fails with FAIL
         rather than INVALID_ARGUMENT when the shapes a client chose for symbolic dims do not
         fit the graph (a Reshape, a broadcast between ``s1`` and ``s2``): when the model still
-        answers a known-good input, the failure is this input's, a 400, not ours."""
+        answers a known-good input, the failure is this input's, a 400, not ours. A failure on
+        shapes that have run before is the model's, on these values: an error (a 500), which
+        is what a rollout's error rate must see."""
         try:
             outputs = self.predictor.run(feed, validate=False)
         except InferenceError as exc:
-            if not self._healthy():
+            if _shape_key(feed) in self._shapes_ok or not self._healthy():
                 raise
             raise InputError(
                 f"the model cannot run this input: {_ort_message(exc)}", reason="invalid"
             ) from exc
+        if len(self._shapes_ok) < MAX_SHAPES_REMEMBERED:
+            self._shapes_ok.add(_shape_key(feed))
         size = sum(v.size for v in feed.values())
         if self._known_good is None or size < self._known_size:
             # Shapes only, no client's data; the smallest seen keeps the health check cheap.
