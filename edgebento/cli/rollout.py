@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,14 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the rollout state as JSON")
     p.add_argument(
         "--metrics-port", type=int, help="serve edgebento_rollout_* on 127.0.0.1:PORT/metrics"
+    )
+    p.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep serving the final phase (aborted, completed) for S seconds after the end, "
+        "so that Prometheus scrapes it and the RolloutAborted alert can fire (0)",
     )
     p.set_defaults(func=cmd_rollout)
 
@@ -191,6 +200,9 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
 
         state = execute(request, on_start=started, on_progress=progress)
     _show(state, args.json)
+    if metrics is not None:
+        metrics.update(state)
+        time.sleep(max(0.0, getattr(args, "metrics_linger", 0.0)))
     return exit_code(state, args.wait)
 
 

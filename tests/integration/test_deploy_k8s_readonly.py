@@ -26,7 +26,7 @@ import yaml
 from bentos.deploy_k8s import K8sOptions, write_manifests
 from modelpack import read_samples
 from tests.support.agent import make_pack
-from tests.support.containers import stop_group
+from tests.support.containers import stop_tree
 from tests.support.services import LOOPBACK, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -143,7 +143,7 @@ def test_the_bento_serves_with_a_read_only_root_and_the_manifests_empty_dirs(
         )
         assert httpx.get(url + "/metrics").status_code == 200  # the multiprocess files work
     finally:
-        stop_group(server)
+        stop_tree(server)
     assert "Read-only file system" not in log.read_text()
 
 
@@ -157,7 +157,7 @@ def test_without_the_empty_dirs_bentoml_cannot_start(
     try:
         assert not _ready(f"http://{LOOPBACK}:{port}", server, 60)
     finally:
-        stop_group(server)
+        stop_tree(server)
     text = log.read_text()
     assert "still writable" not in text  # the constraint held; it was not a set-up failure
     assert "Read-only file system" in text or "No usable temporary directory" in text, text[-2000:]
