@@ -14,16 +14,18 @@ time, so only the request at fault fails, with its own error.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import asyncio
 
 from modelpack.errors import InferenceError, OverloadError
 from modelpack.metrics import NoMetrics
@@ -163,6 +165,8 @@ class Batcher:
             )
         if deadline is not None and self.would_miss(deadline):
             raise self.refuse_late()
+        import asyncio  # here, not at import: threaded targets (the agent) never load it
+
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pending = _Pending(
@@ -226,6 +230,8 @@ class Batcher:
         return batch
 
     async def _drain(self) -> None:
+        import asyncio  # here, not at import: threaded targets (the agent) never load it
+
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
