@@ -57,6 +57,25 @@ class VersionStats:
         return ordered[len(ordered) // 2]  # the median device-window p99: robust to one outlier
 
 
+FIGURES = ("ok", "errors", "failed", "count", "requests", "p50_ms", "p99_ms", "window_s")
+
+
+def _figures_sane(data: dict[str, object]) -> bool:
+    """Every figure the record carries is a finite, non-negative number."""
+    for name in FIGURES:
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            if not math.isfinite(value) or value < 0:
+                return False
+        except OverflowError:  # a 400-digit integer
+            return False
+    return True
+
+
 def _plausible(count: float, errors: float, p99_ms: float | None) -> bool:
     """Counts a window can have: finite, not negative, no more errors than requests."""
     figures = (count, errors) if p99_ms is None else (count, errors, p99_ms)
@@ -157,6 +176,11 @@ class FleetWatch:
         for record in batch.records:
             if record.device != device:
                 self.rejected["identity"] += 1
+                continue
+            if not _figures_sane(record.data):
+                # One device's negative or NaN count would void the error rate of the fleet; a
+                # window with any impossible figure is not counted at all.
+                self.rejected["figures"] += 1
                 continue
             window = self.view.on_record(record.model_dump(mode="json"))
             if window is None:

@@ -88,6 +88,9 @@ def test_no_message_stops_ingestion(
     stored_seqs = sorted(s for d, b, s in got if d == "dev-1")
     assert stored_seqs == [0, 1, *range(3, 103)], stored_seqs[:6]
     assert_exactly_once([g for g in got if g[2] >= 3], [])
+    deadline = time.monotonic() + 10  # the evidence of the status is written on its own thread
+    while len(store.list("rejected/")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
     rejected = store.list("rejected/")
     reasons = sorted(k.split("/reason=")[1].split("/")[0] for k in rejected)
     assert reasons == ["identity", "identity", "schema", "timestamp"], reasons
