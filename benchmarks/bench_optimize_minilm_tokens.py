@@ -9,16 +9,11 @@ Target: >= 1.8x FP32 (aim 2.0x) with pooled cosine_min >= 0.99.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks import minilm
-from benchmarks.optimize_common import quantize_dynamic_defaults, side_by_side
-from optimize import optimize_model
-from optimize.data import Dataset
+from benchmarks.optimize_common import optimize_minilm_side_by_side
 
 WORK = Path("build/bench/minilm_tokens")
 BATCH = 64
@@ -27,28 +22,16 @@ TOKENS = 64
 
 def run(results_dir: Path) -> dict[str, Any]:
     source = minilm.export_minilm(Path("build/minilm"), pooled=False)
-    shutil.rmtree(WORK / "pack", ignore_errors=True)
-    WORK.mkdir(parents=True, exist_ok=True)
-    calibration = minilm.tokenize(minilm.sentences("calibration")[:128], TOKENS)
-    evaluation = minilm.tokenize(minilm.sentences("eval")[:BATCH], TOKENS)
-    np.savez(WORK / "calibration.npz", **calibration)  # type: ignore[arg-type]
-    np.savez(WORK / "eval.npz", **evaluation)  # type: ignore[arg-type]
-    result = optimize_model(
+    result, table = optimize_minilm_side_by_side(
         source,
-        WORK / "pack",
-        name="minilm-tokens",
-        version=1,
-        data=WORK / "calibration.npz",
-        eval_data=WORK / "eval.npz",
-        cache=WORK / "cache",
+        WORK,
+        "minilm-tokens",
+        BATCH,
+        TOKENS,
         latency_seconds=30,
         progress=False,
         time_budget=900,
     )
-    dyn = quantize_dynamic_defaults(source, WORK / "quantize_dynamic.onnx")
-    models = {"fp32": source, "quantize_dynamic": dyn, "edgebento": WORK / "pack" / "model.onnx"}
-    data = Dataset(evaluation, None, {k: 0 for k in evaluation})
-    table = side_by_side(models, data, batch=BATCH, labels=None, seconds=60)
     eb = table["edgebento"]
     pooled = eb["pooled_cosine_min"]
     return {

@@ -72,3 +72,35 @@ def side_by_side(
             "gzip_bytes": size.gzip_bytes,
         }
     return found
+
+
+def optimize_minilm_side_by_side(
+    source: Path, work: Path, name: str, batch: int, tokens: int, **options: Any
+) -> tuple[Any, dict[str, Any]]:
+    """``edgebento optimize`` on MiniLM, calibrated on one set of real sentences, then FP32,
+    quantize_dynamic defaults and the pack side by side on ``batch`` sentences it never saw."""
+    import shutil
+
+    from benchmarks import minilm
+    from optimize import optimize_model
+
+    shutil.rmtree(work / "pack", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    calibration = minilm.tokenize(minilm.sentences("calibration")[:128], tokens)
+    evaluation = minilm.tokenize(minilm.sentences("eval")[:batch], tokens)
+    np.savez(work / "calibration.npz", **calibration)  # type: ignore[arg-type]
+    np.savez(work / "eval.npz", **evaluation)  # type: ignore[arg-type]
+    result = optimize_model(
+        source,
+        work / "pack",
+        name=name,
+        version=1,
+        data=work / "calibration.npz",
+        eval_data=work / "eval.npz",
+        cache=work / "cache",
+        **options,
+    )
+    dyn = quantize_dynamic_defaults(source, work / "quantize_dynamic.onnx")
+    models = {"fp32": source, "quantize_dynamic": dyn, "edgebento": work / "pack" / "model.onnx"}
+    data = Dataset(evaluation, None, {k: 0 for k in evaluation})
+    return result, side_by_side(models, data, batch=batch, labels=None, seconds=60)

@@ -18,7 +18,7 @@ from cloud_sync.protocol import Status
 MAX_FIGURE = 1e15  # counts and milliseconds past this are nonsense, not traffic
 
 
-def _sane(value: Any) -> float | None:
+def sane_figure(value: Any) -> float | None:
     """``value`` if it is a finite, non-negative, sane number (a device may send anything: -1,
     a 400-digit integer, NaN), else None."""
     if type(value) is float:
@@ -31,7 +31,7 @@ def _sane(value: Any) -> float | None:
 def _number(data: dict[str, Any], *names: str) -> float | None:
     """The first of ``names`` in ``data`` that is a sane number."""
     for name in names:
-        number = _sane(data.get(name))
+        number = sane_figure(data.get(name))
         if number is not None:
             return number
     return None
@@ -43,16 +43,16 @@ def histogram_quantile_ms(data: dict[str, Any], q: float) -> float | None:
     bounds, counts = data.get("latency_buckets_s"), data.get("latency_counts")
     if not isinstance(bounds, list) or not isinstance(counts, list) or len(bounds) != len(counts):
         return None
-    sane = [_sane(c) or 0.0 for c in counts]
+    sane = [sane_figure(c) or 0.0 for c in counts]
     total = sum(sane)
     if total <= 0:
         return None
-    finite = [b for b in map(_sane, bounds) if b is not None]
+    finite = [b for b in map(sane_figure, bounds) if b is not None]
     running = 0.0
     for bound, count in zip(bounds, sane, strict=True):
         running += count
         if running >= q * total:
-            value = _sane(bound)
+            value = sane_figure(bound)
             if value is not None:
                 return value * 1000.0
             # past the last finite bucket: report the last finite bound, a lower bound

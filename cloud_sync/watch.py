@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cloud_sync.fleet_metrics import FleetView
+from cloud_sync.fleet_metrics import FleetView, sane_figure
 from cloud_sync.mqtt import CloudClient
 from cloud_sync.protocol import Desired, ModelRef, Status, TelemetryBatch, Topics
 
@@ -61,19 +61,8 @@ FIGURES = ("ok", "errors", "failed", "count", "requests", "p50_ms", "p99_ms", "w
 
 
 def _figures_sane(data: dict[str, object]) -> bool:
-    """Every figure the record carries is a finite, non-negative number."""
-    for name in FIGURES:
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
-        try:
-            if not math.isfinite(value) or value < 0:
-                return False
-        except OverflowError:  # a 400-digit integer
-            return False
-    return True
+    """Every figure the record carries is a sane number (as the fleet view reads them)."""
+    return all(sane_figure(data[name]) is not None for name in FIGURES if name in data)
 
 
 def _plausible(count: float, errors: float, p99_ms: float | None) -> bool:
