@@ -57,6 +57,8 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
             "30",
             "--waves",
             "1",
+            "--bake",  # the canary bakes 3 s before wave 1: the kill lands inside the rollout
+            "3",
         ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -66,7 +68,7 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
     deadline = time.monotonic() + 60
     while True:
         ids = rollout_ids(store_url)
-        if ids and load_state(open_store(store_url), ids[0]).current_wave >= 1:
+        if ids and [d.state for d in load_state(open_store(store_url), ids[0]).wave(0)] == ["done"]:
             break
         assert first.poll() is None and time.monotonic() < deadline, (
             tmp_path / "rollout.log"
