@@ -21,7 +21,6 @@ LAYERS = [
     ("+ cryptography (ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
     ("+ modelpack (its pydantic models built)", "import modelpack"),
     ("+ edge_agent", "import edge_agent.agent, edge_agent.cli"),
-    ("+ psutil (heartbeat)", "import psutil"),
     (
         "+ the digits pack verified and its session loaded",
         "from modelpack import Predictor, PredictorOptions, load_pack\n"

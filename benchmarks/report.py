@@ -194,6 +194,7 @@ def _lambda(d: dict[str, Any]) -> list[Figure]:
 
 
 def _agent(d: dict[str, Any]) -> list[Figure]:
+    side = "rss_after_load_and_swaps_side_by_side_mb"
     return [
         Figure("MQTT round trip p50 / p99 ms",
                f"{num(get(d, 'round_trip_ms.p50'), '.2f')} / {num(get(d, 'round_trip_ms.p99'), '.2f')}",
@@ -205,6 +206,9 @@ def _agent(d: dict[str, Any]) -> list[Figure]:
         Figure("RSS MB, loaded and connected", num(get(d, "agent_rss_mb.after_load_and_swaps"), ".0f"),
                num(get(d, "rss_floor.runtime_mqtt_outbox_session.rss_mb"), ".0f"),
                "the same runtime, MQTT, outbox and session without edgebento", "<= 70"),
+        Figure("RSS MB after load and 2 swaps, median of 3",
+               num(get(d, f"{side}.this.rss"), ".1f"), num(get(d, f"{side}.today.rss"), ".1f"),
+               "the agent before issue 11, same run", "<= 93"),
     ]  # fmt: skip
 
 

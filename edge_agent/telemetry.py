@@ -29,27 +29,43 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Uptime, CPU and RSS of this process (psutil, imported once, when first needed)."""
+    """Uptime, CPU and RSS of this process, from the kernel's own counters (``os.times`` and
+    ``/proc/self/statm``): a device pays no library for them."""
 
     def __init__(self) -> None:
         self.started = time.time()
-        self._process: Any = None
+        self._cpu = _cpu_seconds()
+        self._at = time.monotonic()
 
     def sample(self) -> dict[str, Any]:
-        if self._process is None:
-            import psutil
-
-            self._process = psutil.Process(os.getpid())
-            self._process.cpu_percent(None)  # the first call only primes the counter
-        with self._process.oneshot():
-            rss = self._process.memory_info().rss
-            cpu = self._process.cpu_percent(None)
+        cpu, now = _cpu_seconds(), time.monotonic()
+        # Like top: CPU time over wall time since the last sample; above 100 on several cores.
+        percent = 100.0 * (cpu - self._cpu) / max(now - self._at, 1e-9)
+        self._cpu, self._at = cpu, now
         return {
             "uptime_s": round(time.time() - self.started, 1),
-            "cpu_percent": cpu,
-            "rss_bytes": rss,
+            "cpu_percent": round(percent, 1),
+            "rss_bytes": _rss_bytes(),
             "threads": threading.active_count(),
         }
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _rss_bytes() -> int:
+    """Resident memory now (Linux); elsewhere the peak, which is what the OS reports."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 class TelemetryPublisher:

@@ -32,6 +32,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.fetch import FetchPolicy, fetch_named, fetch_url
 from edge_agent.health import HealthCheckError, health_check
 from edge_agent.inference import InferenceService
+from edge_agent.memory import release_freed_memory
 from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
 from edge_agent.updates import CancelledError, CancelToken, UpdateWorker
 from modelpack.errors import EdgebentoError, PackError, VersionError
@@ -303,8 +304,11 @@ class Updater:
         return health_check(pack, predictor, budget, cfg.golden_rtol, cfg.golden_atol)
 
     def _go_live(self, pack: Pack, predictor: Predictor) -> None:
-        self.inference.swap(predictor)
+        old = self.inference.swap(predictor)
         self.current = pack
+        if old is not None:
+            del old  # requests in flight hold their own reference and finish on it
+            release_freed_memory()
 
     def _prune(self, live: str, history: tuple[str, ...]) -> None:
         keep = {live, *history[: self.config.keep_packs - 1]}

@@ -10,23 +10,28 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from modelpack.errors import ArchiveError, SizeLimitError
 from modelpack.loader import DEFAULT_LIMITS, Limits
 
+if TYPE_CHECKING:  # tarfile itself is imported by the two functions that use it (0.35 MB of
+    import tarfile  # RSS an edge agent holds only once it receives an archive)
+
 ARCHIVE_SUFFIX = ".tar.gz"
 MAX_HEADER_BYTES = 1 << 20  # a pax or long-name header; real ones are a few hundred bytes
+_BLOCK = 512  # tarfile.BLOCKSIZE
 _CHUNK = 1 << 16
 
 
 def write_archive(root: Path, out: Path) -> Path:
     """Write every regular file of the pack into a .tar.gz (no owners, no links, sorted)."""
+    import tarfile
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with tarfile.open(tmp, "w:gz") as tar:
@@ -96,7 +101,7 @@ def _open(archive: Path, limits: Limits) -> tuple[BinaryIO, _Bounded]:
     else:
         raw.seek(0)
     # Room for the headers of every member beside the data itself.
-    overhead = (limits.max_files + 1) * (MAX_HEADER_BYTES + 2 * tarfile.BLOCKSIZE)
+    overhead = (limits.max_files + 1) * (MAX_HEADER_BYTES + 2 * _BLOCK)
     return raw, _Bounded(raw, MAX_HEADER_BYTES, limits.max_pack_bytes + overhead)
 
 
@@ -141,6 +146,8 @@ def extract_archive(archive: Path, target: Path, limits: Limits = DEFAULT_LIMITS
     before a byte of it is written, into a temporary directory beside the target that is
     renamed into place only when all went well and removed otherwise.
     """
+    import tarfile
+
     if target.exists():
         raise ArchiveError(f"{target} exists already")
     try:

@@ -1,9 +1,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+
+from edge_agent.telemetry import Heartbeat
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -15,7 +21,7 @@ from edge_agent.config import AgentConfig
 agent = Agent(AgentConfig(device="d", data_dir=Path(sys.argv[1]), trust=[Path(sys.argv[2])]))
 agent.updater.boot(Path(sys.argv[3]))
 agent.inference.infer({"inputs": {"x": [[0.0] * 8]}})
-heavy = ("bentoml", "tensorflow", "onnx", "boto3", "torch", "prometheus_client")
+heavy = ("bentoml", "tensorflow", "onnx", "boto3", "torch", "prometheus_client", "psutil", "tarfile")
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in heavy)))
 """
 
@@ -30,5 +36,38 @@ def test_a_device_with_a_model_loaded_imports_nothing_heavy(
         cwd=REPO,
         check=True,
     )
-    # onnx would cost ~15 MB: the signature proves the publisher ran onnx.checker.
+    # onnx would cost ~15 MB: the signature proves the publisher ran onnx.checker. psutil (0.9 MB)
+    # is not needed for a heartbeat, and tarfile (0.35 MB) only once an archive arrives.
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_heartbeat_reports_this_process_rss_and_cpu() -> None:
+    """The heartbeat reads the kernel's counters; psutil (a test dependency) checks them."""
+    beat = Heartbeat()
+    spin_until = time.process_time() + 0.2
+    while time.process_time() < spin_until:  # 0.2 s of CPU on this thread
+        pass
+    sample = beat.sample()
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    assert abs(sample["rss_bytes"] - rss) < 0.1 * rss
+    assert 20 < sample["cpu_percent"] <= 100 * (os.cpu_count() or 1) + 5
+    assert sample["threads"] >= 1 and sample["uptime_s"] >= 0
+
+
+def test_an_idle_interval_reports_little_cpu() -> None:
+    beat = Heartbeat()
+    beat.sample()
+    time.sleep(0.3)
+    assert beat.sample()["cpu_percent"] < 20
+
+
+def test_freed_memory_goes_back_to_the_os_on_glibc() -> None:
+    import platform
+
+    from edge_agent.memory import release_freed_memory
+
+    blocks = [bytearray(4096) for _ in range(20000)]  # 80 MB of small heap blocks
+    del blocks
+    released = release_freed_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert released
