@@ -4,7 +4,7 @@
 HTTP surface (``POST /predict`` tensor JSON, ``GET /metadata``, the Open Inference Protocol under
 ``/v2``) beside BentoML's own ``/livez``, ``/readyz`` and ``/metrics``.
 
-The routes are a small Starlette app mounted on the service rather than ``@bentoml.api``
+The routes are a bare ASGI app mounted on the service rather than ``@bentoml.api``
 methods: BentoML validates a body with pydantic before user code sees it, so invalid JSON, an
 empty body or a body over the cap would come back in BentoML's shape instead of ours. Batching
 is the core's (no waiting window, a bounded queue with deadlines) instead of BentoML's
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
+from collections.abc import Mapping
 
 import bentoml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from bentos.store import load_stored_pack
 from modelpack import PredictorOptions, logs
@@ -31,7 +30,7 @@ from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.routes import HttpRequest, handle, refuse
+from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle, refuse
 
 # BentoML configured its loggers before importing us: give its handlers our line format.
 logs.reformat_handlers("bentoml", "uvicorn.error", "circus")
@@ -41,59 +40,84 @@ if not MODEL_TAG:
         "set EDGEBENTO_MODEL to a BentoML model tag (such as tiny:latest) to serve; "
         "'edgebento bento import PACK --pub KEY' puts a pack in the model store"
     )
+# The model's thread hands each batch back to Python and needs the GIL for it; under a flood
+# the event loop holds the GIL almost all the time, and CPython makes a waiting thread wait a
+# full switch interval (5 ms by default) before it may take it. A 1.4 ms model then lost a
+# third of its batches. 0.2 ms costs the loop a switch only when the model's thread waits.
+sys.setswitchinterval(float(os.environ.get("EDGEBENTO_GIL_SWITCH_MS", "0.2")) / 1000)
 # One worker per core by default, as BentoML's "cpu_count" does; each then runs ORT on one thread.
 WORKERS = int(os.environ.get("EDGEBENTO_WORKERS", "0")) or os.cpu_count() or 1
 # EDGEBENTO_MAX_BATCH is the older name of EDGEBENTO_MAX_BATCH_ROWS.
 LIMITS = ServingLimits.from_env(max_batch_rows=int(os.environ.get("EDGEBENTO_MAX_BATCH", "64")))
 
 
-async def read_capped(request: Request, cap: int) -> bytearray:
+def _first_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """ASGI's header list (names already lower-case) as a mapping; the first of a repeated
+    name wins, as in Starlette."""
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return headers
+
+
+async def read_capped(receive: Receive, headers: Mapping[str, str], cap: int) -> bytearray | None:
     """The body, refused as soon as it passes the cap (before it is all in memory), read into
-    one buffer: a list of chunks joined at the end would hold the body twice."""
-    declared = request.headers.get("content-length", "")
+    one buffer; None when the client went away."""
+    declared = headers.get("content-length", "")
     # Its digits alone say it is over the cap: int() of thousands of digits raises.
     if declared.isascii() and declared.isdigit() and (len(declared) > 20 or int(declared) > cap):
         raise InputError(
             f"the request body is {declared} bytes; the cap is {cap}", reason="too_large"
         )
     body = bytearray()
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
         if len(body) + len(chunk) > cap:
             raise InputError(f"the request body is over the cap of {cap} bytes", reason="too_large")
         body += chunk
-    return body
+        if not message.get("more_body", False):
+            return body
 
 
 def _core() -> ServingCore:
     return bentoml.get_current_service().core  # type: ignore[no-any-return]
 
 
-async def serve(request: Request) -> Response:
+async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResponse | None:
     arrived = time.monotonic()  # the deadline counts the body's upload too
-    core = _core()
+    method, path = scope["method"], scope["path"]
+    headers = _first_headers(scope["headers"])
     try:
+        # A request that cannot start in time is refused before its body is read: under a
+        # flood that is most requests, and every layer they skip is CPU the model keeps.
+        admit(core, method, path, headers, arrived)
         body = (
-            await read_capped(request, core.limits.max_body_bytes)
-            if request.method == "POST"
+            await read_capped(receive, headers, core.limits.max_body_bytes)
+            if method == "POST"
             else b""
         )
-    except InputError as exc:
-        answer = refuse(core, exc)
-    else:
-        answer = await handle(
-            core, HttpRequest(request.method, request.scope["path"], request.headers, body, arrived)
-        )
-    return Response(answer.body, answer.status, answer.headers)
+    except Exception as exc:
+        return refuse(core, exc)
+    if body is None:
+        return None
+    return await handle(core, HttpRequest(method, path, headers, body, arrived))
 
 
-routes = Starlette(
-    routes=[
-        # Every method reaches the core, so a wrong one gets its JSON 405 (Starlette's own is
-        # plain text); HEAD comes with GET.
-        Route(path, serve, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
-        for path in ("/predict", "/metadata", "/v2", "/v2/{rest:path}")
-    ]
-)
+async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+    """The core's HTTP surface as a bare ASGI app: no router or request objects between
+    uvicorn's parser and the core (they cost more than the refusal itself under a flood)."""
+    if scope["type"] != "http":
+        return
+    answer = await _answer(_core(), scope, receive)
+    if answer is None:
+        return  # the client went away: nobody to answer
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 def _options() -> PredictorOptions:
@@ -102,7 +126,7 @@ def _options() -> PredictorOptions:
     return PredictorOptions(intra_op_threads=int(os.environ.get("EDGEBENTO_THREADS", default)))
 
 
-@bentoml.asgi_app(routes, path="/")
+@bentoml.asgi_app(serve, path="/")
 @bentoml.service(
     name="edgebento",
     workers=WORKERS,

@@ -2,7 +2,10 @@
 
 A request that finds the model idle runs at once, alone: nobody waits for a window to fill. While
 a batch runs, new requests queue; when it finishes, everything queued that fits together runs as
-the next batch, so the batch size follows the load by itself. Requests are stacked only when
+the next batch, so the batch size follows the load by itself. The worker thread takes the next
+batch itself, without a round trip through the event loop: under a flood the loop is busy
+refusing requests, and a model that waited for it between batches lost a third of its
+throughput (measured here, ``benchmarks/bench_serving_overload.py``). Requests are stacked only when
 they agree on every input's non-batch shape (the sequence axis aside: it is padded per batch);
 their row counts were checked to be uniform within each request before they got here.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +59,7 @@ class _Pending:
     deadline: float  # time.monotonic() past which it may not start
     arrived: float
     future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
+    started: float = 0.0  # when its batch was taken
 
 
 def shape_key(feed: Mapping[str, np.ndarray], plan: SequenceAxis | None) -> tuple[Any, ...]:
@@ -122,6 +127,9 @@ class Batcher:
         self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        # The queue is appended to on the event loop and taken from in the worker thread.
+        self._lock = threading.Lock()
+        self._earliest_deadline = float("inf")  # no queued request's deadline is before it
         self._draining = False
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -177,11 +185,13 @@ class Batcher:
             now,
             loop.create_future(),
         )
-        self._queue.append(pending)
-        self._queued_rows += rows
+        with self._lock:
+            self._queue.append(pending)
+            self._queued_rows += rows
+            self._earliest_deadline = min(self._earliest_deadline, pending.deadline)
+            start, self._draining = not self._draining, True
         self.metrics.queue_depth(len(self._queue))
-        if not self._draining:
-            self._draining = True
+        if start:
             # Kept so the task is not garbage-collected while it runs.
             self._task = loop.create_task(self._drain())
         return await pending.future
@@ -193,68 +203,116 @@ class Batcher:
             self.per_row_s = sample if not self.per_row_s else 0.8 * self.per_row_s + 0.2 * sample
         self._last_take = (now, rows) if self._queue and rows else None
 
-    def _expire(self, item: _Pending, now: float) -> bool:
-        if item.future.done():
-            return True  # the client went away
-        if now <= item.deadline:
-            return False
-        item.future.set_exception(
-            OverloadError(
-                f"the request waited {now - item.arrived:.3f} s, past its deadline; retry shortly",
-                reason="deadline",
-                retry_after_s=self.retry_after_s,
-            )
-        )
-        return True
-
-    def _take_batch(self) -> list[_Pending]:
-        now = time.monotonic()
-        batch: list[_Pending] = []
-        rows, kept = 0, deque[_Pending]()
-        while self._queue:
-            item = self._queue.popleft()
-            if self._expire(item, now):
-                continue
-            fits = not batch or (item.key == batch[0].key and rows + item.rows <= self.max_rows)
-            if fits and rows < self.max_rows:
-                batch.append(item)
-                rows += item.rows
-            else:
-                kept.append(item)
-        self._queue = kept
-        self._queued_rows = sum(item.rows for item in kept)
-        self._learn_drain_rate(now, sum(item.rows for item in batch))
-        self.metrics.queue_depth(len(kept))
+    def _take(self) -> tuple[list[_Pending], list[tuple[_Pending, float]]] | None:
+        """The next batch, and the requests whose deadline passed (with how long they waited);
+        None, and the drain over, when nothing waits. The queue is scanned only as far as the
+        batch needs unless a deadline may have passed: under a flood it holds hundreds of
+        requests, and the model's thread scans it holding the GIL."""
+        with self._lock:
+            if not self._queue:
+                self._draining = False
+                return None
+            now = time.monotonic()
+            scan_all = now > self._earliest_deadline
+            batch: list[_Pending] = []
+            expired: list[tuple[_Pending, float]] = []
+            kept: list[_Pending] = []
+            rows = 0
+            while self._queue and (scan_all or rows < self.max_rows):
+                item = self._queue.popleft()
+                if item.future.done():
+                    self._queued_rows -= item.rows
+                    continue  # the client went away
+                if now > item.deadline:
+                    self._queued_rows -= item.rows
+                    expired.append((item, now - item.arrived))
+                    continue
+                fits = not batch or (item.key == batch[0].key and rows + item.rows <= self.max_rows)
+                if fits and rows < self.max_rows:
+                    batch.append(item)
+                    rows += item.rows
+                    self._queued_rows -= item.rows
+                else:
+                    kept.append(item)
+            self._queue.extendleft(reversed(kept))
+            if scan_all:
+                self._earliest_deadline = min((i.deadline for i in kept), default=float("inf"))
+            self._learn_drain_rate(now, rows)
         for item in batch:
-            self.metrics.queue_wait(now - item.arrived)
-        return batch
+            item.started = now
+        return batch, expired
+
+    def _settle(
+        self,
+        batch: list[_Pending],
+        results: Sequence[Result],
+        expired: list[tuple[_Pending, float]],
+        runs: Sequence[int] = (),
+    ) -> None:
+        """On the event loop (futures are not thread-safe): answer a batch and the expired,
+        and count them here too, so the model's thread never waits on a metrics lock the loop
+        holds (each wait costs it a turn at the GIL)."""
+        self.metrics.queue_depth(len(self._queue))
+        for item in batch:
+            self.metrics.queue_wait(item.started - item.arrived)
+        for rows in runs:
+            self.metrics.batch(rows)
+        for item, waited in expired:
+            if not item.future.done():
+                item.future.set_exception(
+                    OverloadError(
+                        f"the request waited {waited:.3f} s, past its deadline; retry shortly",
+                        reason="deadline",
+                        retry_after_s=self.retry_after_s,
+                    )
+                )
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _run_safely(self, batch: list[_Pending]) -> tuple[list[Result], list[int]]:
+        """The batch's results, and the rows of each ORT run it took."""
+        runs: list[int] = []
+        try:
+            return (self._run_batch(batch, runs) if batch else []), runs
+        except Exception as exc:  # a bug of ours: answer everyone, keep draining
+            return [exc] * len(batch), runs
 
     async def _drain(self) -> None:
         import asyncio  # here, not at import: threaded targets (the agent) never load it
 
         loop = asyncio.get_running_loop()
         try:
-            while self._queue:
-                batch = self._take_batch()
-                if not batch:
-                    continue
-                try:
-                    if self.last_run_s < self.inline_below_s:
-                        results = self._run_batch(batch)
-                        await asyncio.sleep(0)  # let the loop read requests between batches
-                    else:
-                        results = await loop.run_in_executor(self.executor, self._run_batch, batch)
-                except Exception as exc:  # a bug of ours: answer everyone, keep draining
-                    results = [exc] * len(batch)
-                for item, result in zip(batch, results, strict=True):
-                    if item.future.done():
-                        continue
-                    if isinstance(result, Exception):
-                        item.future.set_exception(result)
-                    else:
-                        item.future.set_result(result)
-        finally:
-            self._draining = False
+            # A model faster than the hop to the thread runs on the loop, between reads.
+            while self.last_run_s < self.inline_below_s:
+                taken = self._take()
+                if taken is None:
+                    return
+                batch, expired = taken
+                results, runs = self._run_safely(batch)
+                self._settle(batch, results, expired, runs)
+                await asyncio.sleep(0)
+            await loop.run_in_executor(self.executor, self._drain_in_worker, loop)
+        except BaseException:
+            with self._lock:
+                self._draining = False  # the next submit starts a new drain
+            raise
+
+    def _drain_in_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Batch after batch until the queue is empty, each answered through the loop."""
+        while (taken := self._take()) is not None:
+            batch, expired = taken
+            results, runs = self._run_safely(batch)
+            try:
+                loop.call_soon_threadsafe(self._settle, batch, results, expired, runs)
+            except RuntimeError:  # the loop closed (shutdown): nobody is left to answer
+                with self._lock:
+                    self._draining = False
+                return
 
     def _run_alone(self, feed: dict[str, np.ndarray]) -> Result:
         try:
@@ -262,41 +320,41 @@ class Batcher:
         except Exception as exc:
             return exc
 
-    def _run_batch(self, batch: list[_Pending]) -> list[Result]:
+    def _run_batch(self, batch: list[_Pending], runs: list[int]) -> list[Result]:
         start = time.perf_counter()
         try:
-            return self._run_stacked(batch)
+            return self._run_stacked(batch, runs)
         finally:
             self.last_run_s = time.perf_counter() - start
 
-    def _run_stacked(self, batch: list[_Pending]) -> list[Result]:
+    def _run_stacked(self, batch: list[_Pending], runs: list[int]) -> list[Result]:
         if len(batch) == 1 or self.plan is None:
-            return self._run_group(batch)
+            return self._run_group(batch, runs)
         # Sequences: sort the batch into runs of similar length so short requests are not
         # padded to the longest one in the queue.
         lengths = [request_length(item.feed, self.plan) for item in batch]
         results: list[Result] = [{} for _ in batch]
         for group in split_by_length(lengths, self.run_cost_tokens):
-            answers = self._run_group([batch[i] for i in group])
+            answers = self._run_group([batch[i] for i in group], runs)
             for i, answer in zip(group, answers, strict=True):
                 results[i] = answer
         return results
 
-    def _count(self, rows: int) -> None:
+    def _count(self, rows: int, runs: list[int]) -> None:
         self.batches += 1
         self.rows += rows
-        self.metrics.batch(rows)
+        runs.append(rows)
 
-    def _run_group(self, batch: list[_Pending]) -> list[Result]:
+    def _run_group(self, batch: list[_Pending], runs: list[int]) -> list[Result]:
         """One ORT run over stacked (and padded) requests; their own outputs back."""
         if len(batch) == 1:
-            self._count(batch[0].rows)
+            self._count(batch[0].rows, runs)
             return [self._run_alone(batch[0].feed)]
         feeds = [item.feed for item in batch]
         lengths: list[int] = []
         if self.plan is not None:
             feeds, lengths = pad_feeds(feeds, self.plan)
-        self._count(sum(item.rows for item in batch))
+        self._count(sum(item.rows for item in batch), runs)
         try:
             merged = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
             parts = split_rows(self.run(merged), [item.rows for item in batch])

@@ -158,6 +158,15 @@ class ServingCore:
         deadline = arrived + self.limits.deadline(timeout_s)
         return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
 
+    def admit(self, model: ServedModel, headers: Mapping[str, str], arrived: float) -> None:
+        """The check ``prepare`` starts with, for a request whose body is not read yet: raise
+        OverloadError when the queue cannot start it before its deadline."""
+        try:
+            header_timeout = _timeout_header(headers)
+        except InputError:
+            return  # prepare answers it, with the rest of the request's faults
+        self._admit(model, arrived + self.limits.deadline(header_timeout))
+
     def _admit(self, model: ServedModel, deadline: float) -> None:
         """Refuse before parsing what cannot start in time: parsing it would be wasted work."""
         if model.batcher.full() or model.gate.full():

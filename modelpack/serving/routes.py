@@ -161,6 +161,21 @@ def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | 
     return out
 
 
+def admit(
+    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
+) -> None:
+    """Before the body is read: OverloadError for an inference the model's queue cannot start
+    in time. Every other fault (path, model, headers, body) is left to ``handle``."""
+    try:
+        route = match(method, path)
+        if route.infer is None:
+            return
+        model = core.live(route.name, route.version)
+    except EdgebentoError:
+        return
+    core.admit(model, headers, arrived)
+
+
 def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
     assert route.infer is not None
     model = core.live(route.name, route.version)

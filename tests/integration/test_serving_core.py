@@ -216,6 +216,56 @@ def test_a_flood_gets_only_200_and_503_with_retry_after(slow: str) -> None:
     assert _predict(slow, {"x": [[0.0] * 256]}).status_code == 200
 
 
+def test_a_full_queue_refuses_before_the_body_arrives(slow: str) -> None:
+    """Under a flood, a request the queue cannot take is answered from its headers alone: the
+    503 comes back while the body it announced has not been sent."""
+    import socket
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    stop = threading.Event()
+
+    def flood() -> None:
+        rng = np.random.default_rng()  # new inputs each time: the server's cache is on
+        with httpx.Client() as http:
+            while not stop.is_set():
+                x = rng.standard_normal((1, 256)).astype(np.float32)
+                http.post(slow + "/predict", json={"inputs": {"x": _b64(x)}})
+
+    parts = urlsplit(slow)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    ).encode()
+    threads = [threading.Thread(target=flood) for _ in range(32)]
+    for t in threads:
+        t.start()
+    answers = []
+    time.sleep(1)  # the flood is on
+    try:
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:
+            with socket.create_connection((parts.hostname, parts.port), timeout=1) as sock:
+                sock.sendall(head)  # and never the body
+                try:
+                    answer = sock.recv(65536)
+                except TimeoutError:  # it found room and waits for its body, rightly
+                    continue
+            answers.append(answer)
+            if answer.startswith(b"HTTP/1.1 503"):
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert refused, answers[-1][:200] if answers else "no answer without a body"
+    assert b'"reason":"queue_full"' in refused[0].replace(b" ", b"") or b"deadline" in refused[0]
+    assert b"retry-after: 1" in refused[0].lower()
+    assert _predict(slow, {"x": [[0.0] * 256]}).status_code == 200
+
+
 def test_a_client_may_ask_for_a_shorter_deadline(slow: str) -> None:
     def short(i: int) -> httpx.Response:
         return _predict(slow, {"x": [[i + 0.5] * 256]}, headers={"x-timeout-ms": "0.001"})

@@ -104,3 +104,35 @@ def test_sequences_of_different_lengths_are_padded_per_batch_and_cut_back(seq_pa
         assert result["hidden"].shape == (1, length, 4)
         np.testing.assert_allclose(result["hidden"], alone["hidden"], rtol=1e-6)
         np.testing.assert_allclose(result["pooled"], alone["pooled"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_short_deadline_behind_the_batch_is_refused_at_the_next_boundary(
+    mlp_pack: Pack,
+) -> None:
+    """One request per batch, so the worker takes only the head of the queue; a request
+    further back whose deadline passed is still answered at the next batch boundary."""
+    endpoint = _Endpoint(mlp_pack)
+    gate = threading.Event()
+    batcher = Batcher(_slow_run(endpoint, gate), max_rows=1)
+    feed = {"x": np.zeros((1, 8), np.float32)}
+
+    async def queue_up() -> list[object]:
+        import time
+
+        first = asyncio.ensure_future(batcher.submit(feed))
+        await asyncio.sleep(0.02)  # running, held at the gate
+        ahead = [asyncio.ensure_future(batcher.submit(feed)) for _ in range(3)]
+        late = asyncio.ensure_future(batcher.submit(feed, deadline=time.monotonic() + 0.01))
+        behind = asyncio.ensure_future(batcher.submit(feed))
+        for name, task in (("ahead1", ahead[1]), ("late", late)):
+            task.add_done_callback(lambda _, n=name: order.append(n))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(first, *ahead, late, behind, return_exceptions=True)
+
+    order: list[str] = []
+    *served_before, late, behind = asyncio.run(queue_up())
+    assert all(isinstance(r, dict) for r in (*served_before, behind))
+    assert isinstance(late, OverloadError) and late.reason == "deadline"
+    assert order == ["late", "ahead1"]  # refused with the first batch after its deadline
+    assert batcher.batches == 5  # the late one never ran
