@@ -57,3 +57,24 @@ def test_config_values_outside_their_ranges_are_refused(field: str, value: float
 def test_capture_max_bytes_is_bounded() -> None:
     with pytest.raises(ValidationError, match="max_bytes"):
         CaptureCommand.model_validate({"id": "1", "action": "start", "max_bytes": 1 << 40})
+
+
+def test_a_reply_cache_damaged_while_the_agent_runs_is_quarantined_and_claims_go_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.db"
+    cache = ReplyCache(path)
+    for i in range(400):  # 8 MB of replies: past SQLite's page cache
+        assert cache.claim(f"r{i}") == (True, None)
+        cache.store(f"r{i}", {"id": f"r{i}", "ok": True, "pad": "x" * 20000})
+    cache._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with path.open("r+b") as fh:  # garbage over the middle, under the open handle
+        fh.seek(size // 3)
+        fh.write(b"\xde\xad\xbe\xef" * (size // 12))
+    for i in range(400):  # every id is looked up: one of them meets the damage
+        cache.claim(f"r{i}")
+    assert len(cache.quarantined) == 1 and cache.quarantined[0].exists()
+    assert cache.claim("new") == (True, None)
+    cache.store("new", {"id": "new", "ok": True})
+    assert cache.claim("new") == (False, {"id": "new", "ok": True})

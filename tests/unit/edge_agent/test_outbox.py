@@ -104,3 +104,25 @@ def test_a_corrupt_outbox_is_quarantined_and_the_agent_starts(tmp_path: Path) ->
     box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
     assert len(box.quarantined) == 1 and box.quarantined[0].exists()
     assert box.append("event", {}) == 0 and box.counters()["quarantined"] == 1
+
+
+def test_an_outbox_damaged_while_the_agent_runs_is_quarantined_and_writing_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The file is damaged under a running agent (a failing card, a stray write): the next
+    read that meets it quarantines the file and the outbox starts a new one, without raising."""
+    path = tmp_path / "o.db"
+    box = Outbox(path, "dev", 64 << 20)
+    for i in range(400):
+        box.append("event", {"i": i, "pad": "x" * 20000})  # 8 MB: past SQLite's page cache
+    box._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = path.stat().st_size
+    with path.open("r+b") as fh:  # garbage over the middle of the file, under the open handle
+        fh.seek(size // 3)
+        fh.write(b"\xde\xad\xbe\xef" * (size // 12))
+    reads = [box.peek(0, 1000), box.floor(box.boot_id), box.count_upto(1 << 30), box.counters()]
+    assert len(box.quarantined) == 1 and box.quarantined[0].exists()
+    assert reads[0] == [] or all(p.boot_id == box.boot_id for p in reads[0])
+    seq = box.append("event", {"after": True})
+    assert seq >= 0 and [p.seq for p in box.peek(0, 10)] == [seq]
+    assert box.counters()["quarantined"] == 1
