@@ -1,8 +1,9 @@
 """Overload: an open-loop flood at 4x the measured capacity for 8 s, on every request path.
 
-A model of about 2.5 ms a request (``tests.support.serving_models.slow``, one request per batch,
+A model of about 1.4 ms a request (``tests.support.serving_models.slow``, one request per batch,
 one worker, one ORT thread) so that a Python load generator on the same two cores can reach 4x
-its capacity. For each path (tensor JSON, tensor JSON with b64, OIP JSON, OIP with Triton's
+its capacity; then the same flood on models of twice and four times the cost, which shows how
+much of the goodput the HTTP work of refusing 3x capacity takes on two shared cores. For each path (tensor JSON, tensor JSON with b64, OIP JSON, OIP with Triton's
 binary extension), in one run:
 
 1. capacity: 200s per second with 64 closed-loop clients for 4 s;
@@ -36,7 +37,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.serving_common import import_to_store, start_bento
+from benchmarks.serving_common import Process, import_to_store, start_bento
 
 CAPACITY_S, FLOOD_S, RECOVERY_S, FACTOR = 4.0, 8.0, 2.0, 4.0
 DEADLINE_S = 2.0
@@ -402,33 +403,67 @@ def _run_path(base: str, path: str) -> dict[str, Any]:
     }
 
 
-def run(results_dir: Path) -> dict[str, Any]:
-    from modelpack import create_pack, generate_keypair
+DEPTH = 128  # the model of the targets: 128 MatMul+Tanh of 256, about 1.4 ms a request here
+CURVE_DEPTHS = (256, 512)  # the same flood on costlier models (tensor JSON only)
+
+
+def _serve_slow(work: Path, key: Path, pub: Path, depth: int) -> Process:
+    from modelpack import create_pack
     from tests.support import serving_models
+
+    model = serving_models.slow(work / f"slow-{depth}.onnx", width=WIDTH, depth=depth)
+    create_pack(model, work / f"pack-{depth}", name="slow", version=1, key=key)
+    home = work / f"bentoml-{depth}"
+    tag = import_to_store(work / f"pack-{depth}", pub, home)
+    return start_bento(
+        home,
+        tag,
+        work,
+        EDGEBENTO_WORKERS="1",
+        EDGEBENTO_THREADS="1",
+        EDGEBENTO_MAX_BATCH="1",
+        EDGEBENTO_DEADLINE_S=str(DEADLINE_S),
+    )
+
+
+def run(results_dir: Path) -> dict[str, Any]:
+    from modelpack import generate_keypair
 
     console = Console()
     figures: dict[str, Any] = {}
+    curve: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         work = Path(tmp)
-        model = serving_models.slow(work / "slow.onnx", width=WIDTH, depth=128)
         key, pub = generate_keypair(work / "keys")
-        create_pack(model, work / "pack", name="slow", version=1, key=key)
-        tag = import_to_store(work / "pack", pub, work / "bentoml")
-        server = start_bento(
-            work / "bentoml",
-            tag,
-            work,
-            EDGEBENTO_WORKERS="1",
-            EDGEBENTO_THREADS="1",
-            EDGEBENTO_MAX_BATCH="1",
-            EDGEBENTO_DEADLINE_S=str(DEADLINE_S),
-        )
+        server = _serve_slow(work, key, pub, DEPTH)
         try:
             for path in URLS:
                 console.print(f"flood on {path} ...")
                 figures[path] = _run_path(server.url, path)
         finally:
             server.stop()
+        # How goodput depends on what a request costs the model: the HTTP work of refusing
+        # 3x capacity shares the two cores with the model (and with this generator).
+        for depth in (DEPTH, *CURVE_DEPTHS):
+            if depth == DEPTH:
+                f = figures["tensor_json"]
+            else:
+                console.print(f"flood on tensor_json, a model of depth {depth} ...")
+                server = _serve_slow(work, key, pub, depth)
+                try:
+                    f = _run_path(server.url, "tensor_json")
+                finally:
+                    server.stop()
+            curve.append(
+                {
+                    "depth": depth,
+                    "ms_per_request_at_capacity": round(1000 / f["capacity_rps"], 2),
+                    "capacity_rps": f["capacity_rps"],
+                    "goodput_of_capacity": f["goodput_of_capacity"],
+                    "slowest_s": f["slowest_s"],
+                    "statuses": f["statuses"],
+                }
+            )
     table = Table(title=f"open-loop flood at {FACTOR:.0f}x capacity for {FLOOD_S:.0f} s")
     for col in ("path", "capacity", "goodput", "statuses", "slowest", "bound", "recovery"):
         table.add_column(col)
@@ -443,6 +478,18 @@ def run(results_dir: Path) -> dict[str, Any]:
             f"{f['recovery_s']:.2f} s",
         )
     console.print(table)
+    by_cost = Table(title="the same flood (tensor JSON) on costlier models")
+    for col in ("depth", "ms a request", "capacity", "goodput", "slowest"):
+        by_cost.add_column(col)
+    for c in curve:
+        by_cost.add_row(
+            str(c["depth"]),
+            f"{c['ms_per_request_at_capacity']:.2f}",
+            f"{c['capacity_rps']:.0f}/s",
+            f"{c['goodput_of_capacity']:.0%}",
+            f"{c['slowest_s']:.2f} s",
+        )
+    console.print(by_cost)
     met = all(all(f["targets"].values()) for f in figures.values())
     worst = min(f["goodput_of_capacity"] for f in figures.values())
     return {
@@ -453,9 +500,11 @@ def run(results_dir: Path) -> dict[str, Any]:
         ),
         "targets_met": met,
         "figures": figures,
+        "by_model_cost": curve,
         "setup": (
-            "slow model (128 MatMul+Tanh of 256), 1 worker, 1 ORT thread, 1 request per batch, "
-            f"deadline {DEADLINE_S} s, default queue of 256; a raw-socket asyncio open loop on the same machine"
+            f"slow model ({DEPTH} MatMul+Tanh of {WIDTH}), 1 worker, 1 ORT thread, 1 request per "
+            f"batch, deadline {DEADLINE_S} s, default queue of 256; an open-loop generator "
+            "(asyncio protocols on uvloop) on the same two cores"
         ),
         "note": "2 shared cores (load generator, server and other work on the same machine): noisy",
     }

@@ -77,6 +77,16 @@ class InferenceMetrics:
             **extra,
         )
         self._current: tuple[str, str] | None = None
+        # Labelled children by (metric, label): ``labels()`` costs a lock and a lookup on each
+        # request, and under a flood each refusal counts twice. The labels are a closed set.
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, metric: Any, label: str) -> Any:
+        key = (id(metric), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
 
     def set_model(self, name: str, version: int | str, expires_at: float | None = None) -> None:
         if self._current is not None:
@@ -90,18 +100,18 @@ class InferenceMetrics:
 
     def ok(self, seconds: float) -> None:
         self.inference_seconds.observe(seconds)
-        self.requests.labels("ok").inc()
+        self._child(self.requests, "ok").inc()
 
     def rejected_input(self, reason: str) -> None:
-        self.rejected.labels(reason).inc()
-        self.requests.labels("rejected").inc()
+        self._child(self.rejected, reason).inc()
+        self._child(self.requests, "rejected").inc()
 
     def overloaded(self, reason: str) -> None:
-        self.overload.labels(reason).inc()
-        self.requests.labels("overloaded").inc()
+        self._child(self.overload, reason).inc()
+        self._child(self.requests, "overloaded").inc()
 
     def failed(self) -> None:
-        self.requests.labels("error").inc()
+        self._child(self.requests, "error").inc()
 
     def queue_depth(self, depth: int) -> None:
         self.depth.set(depth)
