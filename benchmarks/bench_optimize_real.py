@@ -71,26 +71,17 @@ WORK = Path("build/bench/real")
 
 
 def _one(name: str, source: Path, calibration: dict, evaluation: dict) -> dict[str, Any]:
-    import shutil
-
-    from benchmarks.optimize_common import side_by_side
+    from benchmarks.optimize_common import optimize_on, side_by_side
     from modelpack.iosig import read_io_signature
-    from optimize import optimize_model
     from optimize.data import Dataset, batch_axes
 
     work = WORK / name
-    shutil.rmtree(work / "pack", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    np.savez(work / "calibration.npz", **calibration)  # type: ignore[arg-type]
-    np.savez(work / "eval.npz", **evaluation)  # type: ignore[arg-type]
-    result = optimize_model(
+    result = optimize_on(
         source,
-        work / "pack",
-        name=name,
-        version=1,
-        data=work / "calibration.npz",
-        eval_data=work / "eval.npz",
-        cache=work / "cache",
+        work,
+        name,
+        calibration,
+        evaluation,
         latency_seconds=10,
         progress=False,
         time_budget=150,  # per model; what was not tried is listed as such

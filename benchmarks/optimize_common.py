@@ -74,23 +74,25 @@ def side_by_side(
     return found
 
 
-def optimize_minilm_side_by_side(
-    source: Path, work: Path, name: str, batch: int, tokens: int, **options: Any
-) -> tuple[Any, dict[str, Any]]:
-    """``edgebento optimize`` on MiniLM, calibrated on one set of real sentences, then FP32,
-    quantize_dynamic defaults and the pack side by side on ``batch`` sentences it never saw."""
+def optimize_on(
+    source: Path,
+    work: Path,
+    name: str,
+    calibration: dict[str, np.ndarray],
+    evaluation: dict[str, np.ndarray],
+    **options: Any,
+) -> Any:
+    """``edgebento optimize`` of ``source`` into ``work/pack``, calibrated on ``calibration``
+    and judged on ``evaluation`` (both written beside it as .npz, as a user would pass them)."""
     import shutil
 
-    from benchmarks import minilm
     from optimize import optimize_model
 
     shutil.rmtree(work / "pack", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    calibration = minilm.tokenize(minilm.sentences("calibration")[:128], tokens)
-    evaluation = minilm.tokenize(minilm.sentences("eval")[:batch], tokens)
     np.savez(work / "calibration.npz", **calibration)  # type: ignore[arg-type]
     np.savez(work / "eval.npz", **evaluation)  # type: ignore[arg-type]
-    result = optimize_model(
+    return optimize_model(
         source,
         work / "pack",
         name=name,
@@ -100,6 +102,18 @@ def optimize_minilm_side_by_side(
         cache=work / "cache",
         **options,
     )
+
+
+def optimize_minilm_side_by_side(
+    source: Path, work: Path, name: str, batch: int, tokens: int, **options: Any
+) -> tuple[Any, dict[str, Any]]:
+    """``edgebento optimize`` on MiniLM, calibrated on one set of real sentences, then FP32,
+    quantize_dynamic defaults and the pack side by side on ``batch`` sentences it never saw."""
+    from benchmarks import minilm
+
+    calibration = minilm.tokenize(minilm.sentences("calibration")[:128], tokens)
+    evaluation = minilm.tokenize(minilm.sentences("eval")[:batch], tokens)
+    result = optimize_on(source, work, name, calibration, evaluation, **options)
     dyn = quantize_dynamic_defaults(source, work / "quantize_dynamic.onnx")
     models = {"fp32": source, "quantize_dynamic": dyn, "edgebento": work / "pack" / "model.onnx"}
     data = Dataset(evaluation, None, {k: 0 for k in evaluation})

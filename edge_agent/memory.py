@@ -1,7 +1,7 @@
 """Give the memory of a retired model back to the operating system.
 
 A model swap frees the old ONNX Runtime session, but glibc keeps the freed pages in its heap
-for reuse: measured here, each swap left about 0.25 MB more resident, and twelve swaps 2.6 MB.
+for reuse: measured here, each swap left about 0.25 MB more resident, and twelve swaps 2.7 MB.
 ``malloc_trim(0)`` returns the free pages anywhere in the heap, so a device's RSS stays what
 one session costs however many updates it takes. Elsewhere than glibc (musl, macOS) it does
 nothing.

@@ -247,7 +247,7 @@ class Batcher:
         batch: list[_Pending],
         results: Sequence[Result],
         expired: list[tuple[_Pending, float]],
-        runs: Sequence[int] = (),
+        runs: Sequence[int],
     ) -> None:
         """On the event loop (futures are not thread-safe): answer a batch and the expired,
         and count them here too, so the model's thread never waits on a metrics lock the loop
