@@ -297,3 +297,27 @@ def test_unknown_paths_and_methods_are_404_and_405(add: str) -> None:
     assert httpx.get(add + "/v2/nothing").status_code == 404
     assert httpx.delete(add + "/predict").status_code in (404, 405)
     assert httpx.get(add + "/predict").status_code == 405
+
+
+def test_a_client_that_leaves_mid_body_costs_nothing_and_counts_no_error(add: str) -> None:
+    import re
+    import socket
+    from urllib.parse import urlsplit
+
+    def counted(outcome: str) -> float:
+        text = httpx.get(add + "/metrics").text
+        pattern = rf'edgebento_requests_total\{{[^}}]*outcome="{outcome}"[^}}]*\}} ([0-9.e+]+)'
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    before = counted("error"), counted("ok")
+    parts = urlsplit(add)
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    for _ in range(20):
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+            sock.sendall(head + b'{"inputs":')  # 10 of the 1000 bytes, then gone
+    reply = _predict(add, {"a": [[1.0] * 4], "b": [[2.0] * 4]})
+    assert reply.status_code == 200 and reply.json()["outputs"]
+    assert (counted("error"), counted("ok")) == (before[0], before[1] + 1)
