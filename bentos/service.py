@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import bentoml
 from starlette.types import Receive, Scope, Send
 
-from bentos import bentoml_fixes
+from bentos import bentoml_fixes, fast_lane
 from bentos.store import load_stored_pack
 from modelpack import PredictorOptions, logs
 from modelpack.errors import ConfigError, InputError
@@ -52,6 +52,9 @@ GC_THRESHOLDS = (20_000, 20, 50)
 WORKERS = int(os.environ.get("EDGEBENTO_WORKERS", "0")) or os.cpu_count() or 1
 # EDGEBENTO_MAX_BATCH is the older name of EDGEBENTO_MAX_BATCH_ROWS.
 LIMITS = ServingLimits.from_env(max_batch_rows=int(os.environ.get("EDGEBENTO_MAX_BATCH", "64")))
+# A request's time limit in all (BentoML's traffic timeout, and the fast lane's): above the
+# core's deadline, so the core answers first, with 503, whatever can still be refused.
+TIMEOUT_S = max(30, int(LIMITS.deadline_s) + 10)
 
 
 def _first_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -133,8 +136,7 @@ def _options() -> PredictorOptions:
 @bentoml.service(
     name="edgebento",
     workers=WORKERS,
-    # BentoML's own timeout stays above the core's deadline: the core answers first, with 503.
-    traffic={"timeout": max(30, int(LIMITS.deadline_s) + 10)},
+    traffic={"timeout": TIMEOUT_S},
     logging={"access": {"enabled": os.environ.get("EDGEBENTO_ACCESS_LOG", "0") == "1"}},
     tracing={"excluded_urls": os.environ.get("EDGEBENTO_UNTRACED", "/predict,/metadata,/v2")},
 )
@@ -162,3 +164,7 @@ class EdgebentoService:
         # every 700) a flood ran a hundred collections a second, each with the GIL held, and
         # the model's thread waited behind them: goodput was 79% of capacity, 82-95% with this.
         gc.set_threshold(*GC_THRESHOLDS)
+
+
+if os.environ.get("EDGEBENTO_FAST_LANE", "1") != "0":
+    fast_lane.install(EdgebentoService, serve, TIMEOUT_S)

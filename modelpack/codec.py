@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,7 +134,53 @@ def json_safe(array: Any) -> Any:
     return np.where(np.isfinite(array), array, None)
 
 
-def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
+# Enough significant digits to name every float of the width exactly (its max_digits10), written
+# by C's printf instead of the shortest repr of the float64 that tolist() makes (17 digits): three
+# times faster for a float32 output, and a third shorter. '#' keeps the point: 1.0 stays a float
+# in a client's parser, not the integer 1.
+_DIGITS = {"float16": "%#.5g", "float32": "%#.9g"}
+_CACHED_TEMPLATE_ELEMENTS = 1 << 16
+
+
+class Numbers:
+    """An array's JSON text, written already; ``dumps`` splices it in. Only in documents that go
+    straight to ``dumps`` (an answer's body), never in ones callers read."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def numbers(array: np.ndarray) -> Any:
+    """``array.tolist()`` for a body: a finite float32 or float16 array as ``Numbers``, anything
+    else as lists with NaN and infinity as null."""
+    form = _DIGITS.get(array.dtype.name)
+    if form is None or array.ndim == 0 or not np.isfinite(array).all():
+        return json_safe(array).tolist()
+    return Numbers(_template(array.shape, form) % tuple(array.reshape(-1).tolist()))
+
+
+def _template(shape: tuple[int, ...], form: str) -> str:
+    if math.prod(shape) <= _CACHED_TEMPLATE_ELEMENTS:
+        return _cached_template(shape, form)
+    return _nest(shape, form)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_template(shape: tuple[int, ...], form: str) -> str:
+    return _nest(shape, form)
+
+
+def _nest(shape: tuple[int, ...], form: str) -> str:
+    if not shape:
+        return form
+    return "[" + ",".join([_nest(shape[1:], form)] * shape[0]) + "]"
+
+
+def encode_tensor(array: np.ndarray, binary: bool = False, body: bool = False) -> Any:
+    """A tensor for tensor JSON: nested lists, or with ``binary`` a b64 object; ``body``: for a
+    document that goes straight to ``dumps`` (see ``numbers``)."""
     array = np.asarray(array)
     if binary:
         contiguous = np.require(array, requirements="C")  # keeps a 0-d array 0-d
@@ -141,7 +189,7 @@ def encode_tensor(array: np.ndarray, binary: bool = False) -> Any:
             "shape": list(contiguous.shape),
             "b64": base64.b64encode(contiguous.tobytes()).decode("ascii"),
         }
-    return json_safe(array).tolist()
+    return numbers(array) if body else json_safe(array).tolist()
 
 
 def encode_response(
@@ -149,13 +197,30 @@ def encode_response(
     model: Mapping[str, Any],
     latency_ms: float,
     binary: bool = False,
+    body: bool = False,
 ) -> dict[str, Any]:
     return {
-        "outputs": {k: encode_tensor(v, binary) for k, v in outputs.items()},
+        "outputs": {k: encode_tensor(v, binary, body) for k, v in outputs.items()},
         "model": dict(model),
         "latency_ms": round(latency_ms, 3),
     }
 
 
 def dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    """Compact JSON, with the text of any ``Numbers`` in ``doc`` spliced in."""
+    texts: list[str] = []
+    mark = ""
+
+    def splice(value: Any) -> str:
+        nonlocal mark
+        if not isinstance(value, Numbers):
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        # A mark no client can guess, so a string the client sent (an OIP id) never matches it.
+        mark = mark or os.urandom(8).hex()
+        texts.append(value.text)
+        return f"\0{mark}{len(texts) - 1}\0"
+
+    text = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=splice)
+    for i, numbers_text in enumerate(texts):
+        text = text.replace(f'"\\u0000{mark}{i}\\u0000"', numbers_text, 1)
+    return text.encode()

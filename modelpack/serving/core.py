@@ -211,24 +211,29 @@ class ServingCore:
             observe(job.doc, answer)
         return answer
 
-    def answer(self, job: Job) -> dict[str, Any]:
-        """The answer document (tensor JSON, or OIP with every output in JSON)."""
+    def answer(self, job: Job, body: bool = False) -> dict[str, Any]:
+        """The answer document (tensor JSON, or OIP with every output in JSON). ``body``: it goes
+        straight to ``dumps``, so its numbers may be written already (observers see plain lists)."""
         seconds = time.monotonic() - job.arrived
         self.metrics.ok(seconds)
+        body = body and not self.observers
         if job.oip is not None:
             doc, _ = oip.answer_doc(
-                job.oip, job.outputs, job.model.name, job.model.version, json_only=True
+                job.oip, job.outputs, job.model.name, job.model.version, True, body
             )
             return self._observed(job, doc)
         ref = job.model.predictor.model_ref
-        return self._observed(job, encode_response(job.outputs, ref, seconds * 1000))
+        answer = encode_response(job.outputs, ref, seconds * 1000, body=body)
+        return self._observed(job, answer)
 
     def encode(self, job: Job) -> tuple[bytes, dict[str, str]]:
         """The answer body and its headers, binary outputs included."""
         if job.oip is None:
-            return dumps(self.answer(job)), {"content-type": "application/json"}
+            return dumps(self.answer(job, body=True)), {"content-type": "application/json"}
         self.metrics.ok(time.monotonic() - job.arrived)
-        doc, blobs = oip.answer_doc(job.oip, job.outputs, job.model.name, job.model.version)
+        doc, blobs = oip.answer_doc(
+            job.oip, job.outputs, job.model.name, job.model.version, body=not self.observers
+        )
         self._observed(job, doc)
         header = dumps(doc)
         if not blobs:

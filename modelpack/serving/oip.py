@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from modelpack.codec import json_safe, numbers
 from modelpack.errors import InputError
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
@@ -218,21 +219,16 @@ def decode(
     return OipRequest(feed, requested, default, request_id, params)
 
 
-def _flat(array: np.ndarray) -> list[Any]:
-    flat = array.reshape(-1)
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        return np.where(np.isfinite(flat), flat, None).tolist()  # type: ignore[call-overload,no-any-return]
-    return flat.tolist()  # type: ignore[no-any-return]
-
-
 def answer_doc(
     request: OipRequest,
     outputs: Mapping[str, np.ndarray],
     model_name: str,
     version: str,
     json_only: bool = False,
+    body: bool = False,
 ) -> tuple[dict[str, Any], list[bytes]]:
-    """The answer's JSON document and the raw bytes of its binary outputs, in order."""
+    """The answer's JSON document and the raw bytes of its binary outputs, in order. ``body``:
+    the document goes straight to ``dumps`` (see ``codec.numbers``)."""
     wanted = request.outputs or dict.fromkeys(outputs, request.binary_default)
     tensors, blobs = [], []
     for name, binary in wanted.items():
@@ -248,7 +244,8 @@ def answer_doc(
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            tensor["data"] = _flat(array)
+            flat = array.reshape(-1)
+            tensor["data"] = numbers(flat) if body else json_safe(flat).tolist()
         tensors.append(tensor)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": tensors}
     if request.id is not None:

@@ -28,6 +28,7 @@ STATUS_BY_REASON: dict[str, int] = {
     "not_ready": 503,
     "load_failed": 503,
     "internal": 500,
+    "run_timeout": 504,
 }
 
 

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from modelpack import InputError, decode_request, encode_response, parse_body
-from modelpack.codec import decode_tensor, encode_tensor
+from modelpack.codec import decode_tensor, dumps, encode_tensor, numbers
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
 
@@ -89,3 +93,46 @@ def test_response_shape_with_nan_and_inf_as_null() -> None:
         "model": {"name": "m", "version": 3},
         "latency_ms": 1.235,
     }
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float32, np.float16]),
+        hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
+        elements={"allow_nan": False, "allow_infinity": False},
+    )
+)
+def test_written_numbers_name_each_float_exactly(array: np.ndarray) -> None:
+    """The body's numbers, written at the digits their width holds, parse back to the very same
+    floats, nested as ``tolist()`` nests them; integral values stay floats."""
+    parsed = json.loads(dumps({"y": numbers(array)}))["y"]
+    np.testing.assert_array_equal(np.asarray(parsed, dtype=array.dtype).reshape(array.shape), array)
+    assert json.dumps(parsed).count("[") == json.dumps(array.tolist()).count("[")
+    flat = np.asarray(parsed, dtype=object).reshape(-1) if array.size else []
+    assert all(isinstance(v, float) for v in flat)
+
+
+def test_numbers_fall_back_to_lists_for_nan_float64_and_ints() -> None:
+    assert numbers(np.array([1.0, np.nan], np.float32)) == [1.0, None]
+    assert numbers(np.array([0.1], np.float64)) == [0.1]
+    assert numbers(np.array([[1, 2]], np.int64)) == [[1, 2]]
+    assert numbers(np.float32(2.5)) == 2.5
+
+
+def test_a_client_string_cannot_pose_as_the_place_of_numbers() -> None:
+    """dumps splices the numbers where its own random mark is: a string the client sent (an OIP
+    id) with a mark-like text in it comes back as it was sent."""
+    tricks = ["\0" + "0" * 16 + "0\0", "\\u0000", '"\0abc0\0"']
+    for trick in tricks:
+        doc = json.loads(dumps({"id": trick, "y": numbers(np.ones((1, 2), np.float32))}))
+        assert doc == {"id": trick, "y": [[1.0, 1.0]]}
+
+
+def test_the_body_and_the_document_carry_the_same_answer() -> None:
+    outputs = {"y": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    plain = encode_response(outputs, {"name": "m", "version": 1}, 1.0)
+    body = json.loads(dumps(encode_response(outputs, {"name": "m", "version": 1}, 1.0, body=True)))
+    np.testing.assert_array_equal(
+        np.float32(body["outputs"]["y"]), np.float32(plain["outputs"]["y"])
+    )
