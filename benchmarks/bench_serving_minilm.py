@@ -215,7 +215,7 @@ def run(results_dir: Path) -> dict[str, Any]:
     targets = {
         "at_least_4x_flask_fp32": speedup >= 4,
         "cosine_min_ge_0.99": figures["fidelity_int8_vs_fp32"]["cosine_min"] >= 0.99,
-        "ge_70pct_of_raw_onnxruntime": overhead >= 0.7,
+        "ge_75pct_of_raw_onnxruntime": overhead >= 0.75,  # issue 10
         "zero_non_2xx": figures["edgebento_int8"]["non_2xx"] == 0,
     }
     table = Table(title=f"MiniLM sentences/s at {CLIENTS} clients (wrk, loopback)")

@@ -15,6 +15,7 @@ measured here.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,11 @@ from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle, r
 bentoml_fixes.install()
 # BentoML configured its loggers before importing us: give its handlers our line format.
 logs.reformat_handlers("bentoml", "uvicorn.error", "circus")
+# uvicorn formats an access line for every response (the client's address, the quoted path)
+# whenever its access logger has a handler up the tree, and BentoML's root handler counts as
+# one, though the line is never shown. BentoML's own access log (EDGEBENTO_ACCESS_LOG) stays.
+if not logging.getLogger("uvicorn.access").handlers:
+    logging.getLogger("uvicorn.access").propagate = False
 MODEL_TAG = os.environ.get("EDGEBENTO_MODEL", "")
 if not MODEL_TAG:
     raise ConfigError(

@@ -140,6 +140,9 @@ def json_safe(array: Any) -> Any:
 # in a client's parser, not the integer 1.
 _DIGITS = {"float16": "%#.5g", "float32": "%#.9g"}
 _CACHED_TEMPLATE_ELEMENTS = 1 << 16
+# Where dumps splices Numbers in: a secret of this process, so no string a client sends (an OIP
+# id) can pose as one. It never leaves the process: every mark is replaced.
+_MARK = os.urandom(12).hex()
 
 
 class Numbers:
@@ -209,18 +212,14 @@ def encode_response(
 def dumps(doc: Any) -> bytes:
     """Compact JSON, with the text of any ``Numbers`` in ``doc`` spliced in."""
     texts: list[str] = []
-    mark = ""
 
     def splice(value: Any) -> str:
-        nonlocal mark
         if not isinstance(value, Numbers):
             raise TypeError(f"{type(value).__name__} is not JSON serializable")
-        # A mark no client can guess, so a string the client sent (an OIP id) never matches it.
-        mark = mark or os.urandom(8).hex()
         texts.append(value.text)
-        return f"\0{mark}{len(texts) - 1}\0"
+        return f"\0{_MARK}{len(texts) - 1}\0"
 
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=splice)
     for i, numbers_text in enumerate(texts):
-        text = text.replace(f'"\\u0000{mark}{i}\\u0000"', numbers_text, 1)
+        text = text.replace(f'"\\u0000{_MARK}{i}\\u0000"', numbers_text, 1)
     return text.encode()

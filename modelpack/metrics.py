@@ -49,6 +49,7 @@ class InferenceMetrics:
             **extra,
         )
         self.depth = lib.Gauge("edgebento_queue_depth", "Requests waiting to start.", **extra)
+        self._depth = -1  # the depth last set: a set costs a locked write to a shared file
         self.wait = lib.Histogram(
             "edgebento_queue_wait_seconds",
             "Time from arrival to the start of its batch.",
@@ -114,7 +115,9 @@ class InferenceMetrics:
         self._child(self.requests, "error").inc()
 
     def queue_depth(self, depth: int) -> None:
-        self.depth.set(depth)
+        if depth != self._depth:
+            self._depth = depth
+            self.depth.set(depth)
 
     def queue_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)

@@ -136,3 +136,10 @@ def test_the_body_and_the_document_carry_the_same_answer() -> None:
     np.testing.assert_array_equal(
         np.float32(body["outputs"]["y"]), np.float32(plain["outputs"]["y"])
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from('\0\\u0123456789abcdef"')))
+def test_any_client_string_comes_back_as_sent_beside_numbers(text: str) -> None:
+    doc = json.loads(dumps({"id": text, "y": numbers(np.ones(3, np.float32)), "z": text}))
+    assert doc == {"id": text, "y": [1.0, 1.0, 1.0], "z": text}
