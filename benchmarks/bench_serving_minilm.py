@@ -14,6 +14,9 @@ Side by side in one run, wrk with 64 clients on loopback, one real sentence per 
   model computes its activation scales over the whole batch), which is the ceiling for the
   overhead figure. The padded figure is kept beside it for that case.
 
+The service and raw ORT run in alternating rounds (wrk for 8 s, then raw ORT for 5 s while the
+server idles, three times); the share of raw ORT is the median round's.
+
 Fidelity: mean-pooled (and normalized) sentence embeddings of int8 against FP32, cosine.
 """
 
@@ -34,6 +37,10 @@ from benchmarks import minilm
 from benchmarks.serving_common import REPO, import_to_store, start_bento, start_flask, wrk
 
 SECONDS = 15
+# The service and raw ORT alternate (the server idle while raw runs): a share from one pair of
+# runs moved from 72% to 80% between two runs of this benchmark on this VM, so the share is the
+# median of the pairs'.
+ROUNDS, ROUND_SECONDS, RAW_SECONDS = 3, 8, 5
 CLIENTS = 64
 BUILD = REPO / "build" / "bench-serving"
 
@@ -99,6 +106,7 @@ def raw_same_batches(
     queue: int = CLIENTS,
     sessions_per_core: bool = True,
     batched: bool = True,
+    seconds: float = 8,
 ) -> float:
     """Sentences/s of raw ONNX Runtime in process on the batches the service forms: queues of
     ``queue`` requests sorted into runs of similar length, padded per run, or (``batched``
@@ -130,7 +138,7 @@ def raw_same_batches(
 
     def work(index: int) -> int:
         done, begin = 0, time.perf_counter()
-        while time.perf_counter() - begin < 8:
+        while time.perf_counter() - begin < seconds:
             for feed in batches[index::cores]:  # ORT releases the GIL while it runs
                 sessions[index].run(feed, validate=False)
                 done += len(feed["input_ids"])
@@ -183,21 +191,32 @@ def run(results_dir: Path) -> dict[str, Any]:
             flask.stop()
         bento = start_bento(work / "bentoml", tag, work)  # the defaults: a worker per core
         try:
-            console.print("edgebento: int8 pack, adaptive batching, per-batch padding ...")
-            figures["edgebento_int8"] = wrk(
-                bento.url + "/predict", _bodies(real), CLIENTS, SECONDS
-            ).as_dict()
             meta = httpx.get(bento.url + "/metadata").json()  # one worker's
+            batched = bool(meta["batching"])
+            rounds = []
+            for i in range(ROUNDS):
+                console.print(f"edgebento int8 and raw onnxruntime, round {i + 1} of {ROUNDS} ...")
+                served = wrk(bento.url + "/predict", _bodies(real), CLIENTS, ROUND_SECONDS)
+                raw_sps = raw_same_batches(pack, pub, real, batched=batched, seconds=RAW_SECONDS)
+                rounds.append((served.rps / raw_sps, served.as_dict(), raw_sps))
+            meta = httpx.get(bento.url + "/metadata").json()
         finally:
             bento.stop()
-        stats, batched = meta["batches"], bool(meta["batching"])
+        rounds.sort(key=lambda r: r[0])
+        share, figures["edgebento_int8"], raw_median_pair = rounds[len(rounds) // 2]
+        figures["rounds"] = [
+            {
+                "sentences_per_s": round(r[1]["requests_per_s"], 1),
+                "raw_sps": round(r[2], 1),
+                "share": round(r[0], 3),
+            }
+            for r in rounds
+        ]
+        stats = meta["batches"]
         figures["service_mean_batch"] = round(stats["rows"] / max(stats["count"], 1), 1)
         figures["service_batching"] = batched
         figures["service_batching_off"] = meta.get("batching_off")
-        console.print("raw onnxruntime on the same pack and the same batches ...")
-        figures["raw_onnxruntime_same_batches_sps"] = round(
-            raw_same_batches(pack, pub, real, batched=batched), 1
-        )
+        figures["raw_onnxruntime_same_batches_sps"] = round(raw_median_pair, 1)
         figures["raw_onnxruntime_one_session_sps"] = round(
             raw_same_batches(pack, pub, real, sessions_per_core=False, batched=batched), 1
         )
@@ -211,7 +230,7 @@ def run(results_dir: Path) -> dict[str, Any]:
     base = figures["flask_fp32_padded64"]["requests_per_s"]
     ours = figures["edgebento_int8"]["requests_per_s"]
     raw = figures["raw_onnxruntime_same_batches_sps"]
-    speedup, overhead = ours / max(base, 1e-9), ours / max(raw, 1e-9)
+    speedup, overhead = ours / max(base, 1e-9), share
     targets = {
         "at_least_4x_flask_fp32": speedup >= 4,
         "cosine_min_ge_0.99": figures["fidelity_int8_vs_fp32"]["cosine_min"] >= 0.99,
