@@ -17,7 +17,8 @@ as before. What the lane keeps of the stack:
 
 What it leaves out: BentoML's ``bentoml_service_request_*`` metrics and its OpenTelemetry spans
 for these paths (the core counts them in ``edgebento_*``; they were untraced by default).
-``EDGEBENTO_FAST_LANE=0`` sends them through the whole stack again.
+``EDGEBENTO_FAST_LANE=0`` sends them through the whole stack again, and so does turning on
+BentoML's CORS (``http.cors.enabled``), whose headers browsers need on every answer.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def install(service: Any, core_app: ASGIApp, timeout_s: float) -> None:
     @functools.wraps(original)
     def to_asgi(self: Any, *args: Any, **kwargs: Any) -> ASGIApp:
         stack = original(self, *args, **kwargs)
-        return FastLane(stack, core_app, timeout_s) if self is service else stack
+        if self is not service:
+            return stack
+        if _cors_enabled():  # browsers need its headers on the core's answers too
+            log.info("BentoML's CORS is on: the core's paths go through BentoML's middleware")
+            return stack
+        return FastLane(stack, core_app, timeout_s)
 
     cls.to_asgi = to_asgi
+
+
+def _cors_enabled() -> bool:
+    from bentoml._internal.container import BentoMLContainer
+
+    return bool(BentoMLContainer.http.cors.enabled.get())

@@ -219,7 +219,7 @@ class ServingCore:
         body = body and not self.observers
         if job.oip is not None:
             doc, _ = oip.answer_doc(
-                job.oip, job.outputs, job.model.name, job.model.version, True, body
+                job.oip, job.outputs, job.model.name, job.model.version, json_only=True, body=body
             )
             return self._observed(job, doc)
         ref = job.model.predictor.model_ref

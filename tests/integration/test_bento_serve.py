@@ -32,6 +32,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    home: Path
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -43,7 +44,9 @@ class Server:
                 self.process.wait()
 
 
-def start_server(home: Path, model: str, log: Path) -> Server:
+def start_server(
+    home: Path, model: str, log: Path, extra_env: dict[str, str] | None = None
+) -> Server:
     port = free_port()
     env = {
         **os.environ,
@@ -51,6 +54,7 @@ def start_server(home: Path, model: str, log: Path) -> Server:
         "EDGEBENTO_MODEL": model,
         "EDGEBENTO_MAX_BODY_BYTES": str(MAX_BODY),
         "BENTOML_DO_NOT_TRACK": "true",
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [str(BIN / "bentoml"), "serve", ".", "--host", LOOPBACK, "--port", str(port)],
@@ -60,7 +64,7 @@ def start_server(home: Path, model: str, log: Path) -> Server:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    return Server(f"http://{LOOPBACK}:{port}", process, log)
+    return Server(f"http://{LOOPBACK}:{port}", process, log, home)
 
 
 def wait_ready(server: Server, timeout: float = 90) -> None:
@@ -118,6 +122,27 @@ def servers(
 @pytest.fixture(scope="module")
 def tiny(servers: dict[str, Server]) -> str:
     return servers["tiny"].url
+
+
+@pytest.fixture(scope="module")
+def tiny_with_cors(
+    servers: dict[str, Server], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The tiny pack again, with BentoML's CORS turned on in a BentoML config file."""
+    work = tmp_path_factory.mktemp("cors")
+    config = work / "bentoml.yaml"
+    config.write_text(
+        "services:\n  edgebento:\n    http:\n      cors:\n        enabled: true\n"
+        '        access_control_allow_origins: ["https://app.example"]\n'
+        '        access_control_allow_methods: ["GET", "POST"]\n'
+    )
+    home = servers["tiny"].home
+    server = start_server(home, "tiny:latest", work / "cors.log", {"BENTOML_CONFIG": str(config)})
+    try:
+        wait_ready(server)
+        yield server.url
+    finally:
+        server.stop()
 
 
 def test_predict_answers_the_golden_outputs(
@@ -263,3 +288,21 @@ def test_pathological_inputs_never_get_a_500(tiny: str) -> None:
     deep = httpx.post(tiny + "/predict", content=b"[" * 3000)
     assert deep.status_code == 400 and deep.json()["reason"] == "invalid_json"
     assert httpx.get(tiny + "/predict").status_code == 405
+
+
+def test_the_fast_lane_gives_way_to_bentomls_cors(tiny: str, tiny_with_cors: str) -> None:
+    """With BentoML's CORS on, a browser's preflight and its POST to /predict get CORS headers
+    (the core's paths then go through BentoML's middleware); without it, the fast lane answers."""
+    origin = {"origin": "https://app.example"}
+    preflight = httpx.options(
+        tiny_with_cors + "/predict",
+        headers={**origin, "access-control-request-method": "POST"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    body = {"inputs": {"x": [[0.0] * 8]}}
+    answer = httpx.post(tiny_with_cors + "/predict", json=body, headers=origin)
+    assert answer.status_code == 200 and "logits" in answer.json()["outputs"]
+    assert answer.headers["access-control-allow-origin"] == "https://app.example"
+    plain = httpx.post(tiny + "/predict", json=body, headers=origin)
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers

@@ -111,7 +111,11 @@ def test_a_fault_after_the_answer_began_closes_the_connection_instead() -> None:
         _call(lane, "/predict")
 
 
-def test_install_wraps_only_that_services_app() -> None:
+def test_install_wraps_only_that_services_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bentos import fast_lane
+
+    monkeypatch.setattr(fast_lane, "_cors_enabled", lambda: False)
+
     class Service:
         def to_asgi(self, is_main: bool = True) -> Any:
             return _app("stack")
@@ -120,3 +124,19 @@ def test_install_wraps_only_that_services_app() -> None:
     install(ours, _app("core"), timeout_s=5)
     assert isinstance(ours.to_asgi(is_main=True), FastLane)
     assert not isinstance(other.to_asgi(), FastLane)
+
+
+def test_with_bentomls_cors_on_the_core_keeps_the_whole_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CORS headers come from BentoML's middleware; browsers need them on the core's answers."""
+    from bentos import fast_lane
+
+    class Service:
+        def to_asgi(self, is_main: bool = True) -> Any:
+            return _app("stack")
+
+    ours = Service()
+    install(ours, _app("core"), timeout_s=5)
+    monkeypatch.setattr(fast_lane, "_cors_enabled", lambda: True)
+    assert not isinstance(ours.to_asgi(), FastLane)
