@@ -217,6 +217,16 @@ def run(results_dir: Path) -> dict[str, Any]:
         figures["service_batching"] = batched
         figures["service_batching_off"] = meta.get("batching_off")
         figures["raw_onnxruntime_same_batches_sps"] = round(raw_median_pair, 1)
+        # For reference, the same service with the scheduler's default policy for its threads
+        # (EDGEBENTO_SCHED_BATCH=0): one run as long as a round.
+        default = start_bento(work / "bentoml", tag, work, EDGEBENTO_SCHED_BATCH="0")
+        try:
+            console.print("edgebento int8 with the scheduler's default policy (reference) ...")
+            figures["edgebento_int8_default_scheduler_sps"] = round(
+                wrk(default.url + "/predict", _bodies(real), CLIENTS, ROUND_SECONDS).rps, 1
+            )
+        finally:
+            default.stop()
         figures["raw_onnxruntime_one_session_sps"] = round(
             raw_same_batches(pack, pub, real, sessions_per_core=False, batched=batched), 1
         )
@@ -249,6 +259,8 @@ def run(results_dir: Path) -> dict[str, Any]:
             f"{f['p99_ms']:.0f} ms",
             str(f["non_2xx"]),
         )
+    default_sps = figures["edgebento_int8_default_scheduler_sps"]
+    table.add_row("edgebento, scheduler's default policy", f"{default_sps:.0f}", "-", "-", "-")
     table.add_row("raw onnxruntime, a session per core", f"{raw:.0f}", "-", "-", "-")
     one = figures["raw_onnxruntime_one_session_sps"]
     table.add_row("raw onnxruntime, one session", f"{one:.0f}", "-", "-", "-")

@@ -16,8 +16,9 @@ as before. What the lane keeps of the stack:
 
 What it leaves out: BentoML's ``bentoml_service_request_*`` metrics and its OpenTelemetry spans
 for these paths (the core counts them in ``edgebento_*``; they were untraced by default).
-``EDGEBENTO_FAST_LANE=0`` sends them through the whole stack again, and so does turning on
-BentoML's CORS (``http.cors.enabled``), whose headers browsers need on every answer.
+``EDGEBENTO_FAST_LANE=0`` sends them through the whole stack again, and so does turning on a
+feature of that stack: BentoML's CORS (``http.cors.enabled``), whose headers browsers need on
+every answer, ``traffic.max_concurrency``, or middleware the service adds.
 """
 
 from __future__ import annotations
@@ -93,15 +94,41 @@ def install(service: Any, core_app: ASGIApp, timeout_s: float) -> None:
         stack = original(self, *args, **kwargs)
         if self is not service:
             return stack
-        if _cors_enabled():  # browsers need its headers on the core's answers too
-            log.info("BentoML's CORS is on: the core's paths go through BentoML's middleware")
+        reason = stack_needed(self)
+        if reason:
+            log.info("%s: the core's paths go through BentoML's middleware", reason)
             return stack
         return FastLane(stack, core_app, timeout_s)
 
     cls.to_asgi = to_asgi
 
 
+def stack_needed(service: Any) -> str | None:
+    """Why the core's paths must keep BentoML's middleware: a feature of it the user turned on
+    (CORS, whose headers browsers need on every answer; a concurrency limit; middleware the
+    service added). None: the lane may take them."""
+    if _cors_enabled():
+        return "BentoML's CORS is on"
+    if _traffic(service).get("max_concurrency"):
+        return "BentoML's traffic.max_concurrency is set"
+    if getattr(service, "middlewares", None):
+        return "the service adds its own ASGI middleware"
+    return None
+
+
 def _cors_enabled() -> bool:
     from bentoml._internal.container import BentoMLContainer
 
     return bool(BentoMLContainer.http.cors.enabled.get())
+
+
+def _traffic(service: Any) -> dict[str, Any]:
+    """The service's traffic settings as BentoML's app factory reads them (config file over
+    the decorator); empty where there is no loaded configuration (outside a worker)."""
+    from bentoml._internal.container import BentoMLContainer
+
+    try:
+        services = BentoMLContainer.config.services.get()
+    except (KeyError, AttributeError):
+        return {}
+    return dict((services.get(getattr(service, "name", "")) or {}).get("traffic") or {})

@@ -114,7 +114,7 @@ def test_a_fault_after_the_answer_began_closes_the_connection_instead() -> None:
 def test_install_wraps_only_that_services_app(monkeypatch: pytest.MonkeyPatch) -> None:
     from bentos import fast_lane
 
-    monkeypatch.setattr(fast_lane, "_cors_enabled", lambda: False)
+    monkeypatch.setattr(fast_lane, "stack_needed", lambda service: None)
 
     class Service:
         def to_asgi(self, is_main: bool = True) -> Any:
@@ -126,17 +126,48 @@ def test_install_wraps_only_that_services_app(monkeypatch: pytest.MonkeyPatch) -
     assert not isinstance(other.to_asgi(), FastLane)
 
 
-def test_with_bentomls_cors_on_the_core_keeps_the_whole_stack(
+@pytest.mark.parametrize(
+    ("cors", "traffic", "middlewares", "reason"),
+    [
+        (False, {}, [], None),
+        (True, {}, [], "CORS"),
+        (False, {"max_concurrency": 8, "timeout": 30}, [], "max_concurrency"),
+        (False, {"timeout": 30}, [("SomeMiddleware", {})], "own ASGI middleware"),
+    ],
+)
+def test_a_feature_of_bentomls_stack_keeps_the_core_in_it(
     monkeypatch: pytest.MonkeyPatch,
+    cors: bool,
+    traffic: dict,
+    middlewares: list,
+    reason: str | None,
 ) -> None:
-    """CORS headers come from BentoML's middleware; browsers need them on the core's answers."""
+    """CORS headers, a concurrency limit or the service's own middleware come from BentoML's
+    stack: with any of them on, the core's paths keep going through it."""
     from bentos import fast_lane
 
     class Service:
+        name = "edgebento"
+
+        def __init__(self) -> None:
+            self.middlewares = middlewares
+
         def to_asgi(self, is_main: bool = True) -> Any:
             return _app("stack")
 
     ours = Service()
+    monkeypatch.setattr(fast_lane, "_cors_enabled", lambda: cors)
+    monkeypatch.setattr(fast_lane, "_traffic", lambda service: traffic)
+    found = fast_lane.stack_needed(ours)
+    assert (found is None) if reason is None else (reason in (found or ""))
     install(ours, _app("core"), timeout_s=5)
-    monkeypatch.setattr(fast_lane, "_cors_enabled", lambda: True)
-    assert not isinstance(ours.to_asgi(), FastLane)
+    assert isinstance(ours.to_asgi(), FastLane) == (reason is None)
+
+
+def test_outside_a_worker_there_is_no_traffic_setting() -> None:
+    from bentos import fast_lane
+
+    class Service:
+        name = "edgebento"
+
+    assert fast_lane._traffic(Service()) == {}
