@@ -136,8 +136,9 @@ def batch_scheduling() -> bool:
     """Put the calling thread (the event loop's) and every thread it starts later (the model's)
     under Linux's SCHED_BATCH: a thread that wakes then waits for the running one's slice to end
     instead of preempting it. The loop wakes two or three times a request; preempting the
-    model's thread each time cost both of them their caches. Measured on MiniLM with a worker
-    per core: the loop's CPU a request fell by a fifth, and sentences/s rose 7%. A thread that
+    model's thread each time cost both of them their caches. Profiled on MiniLM with a worker
+    per core, the loop's CPU a request fell by a fifth; the MiniLM benchmark measures the
+    throughput both ways. A thread that
     wakes to an idle core still runs at once, so a lone client waits no longer.
     ``EDGEBENTO_SCHED_BATCH=0`` leaves the scheduler's default."""
     if os.environ.get("EDGEBENTO_SCHED_BATCH", "1") == "0" or not hasattr(os, "SCHED_BATCH"):
