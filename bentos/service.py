@@ -138,8 +138,8 @@ def batch_scheduling() -> bool:
     instead of preempting it. The loop wakes two or three times a request; preempting the
     model's thread each time cost both of them their caches. Profiled on MiniLM with a worker
     per core, the loop's CPU a request fell by a fifth; the MiniLM benchmark measures the
-    throughput both ways. A thread that
-    wakes to an idle core still runs at once, so a lone client waits no longer.
+    throughput both ways. A thread that wakes to an idle core still runs at once, so a lone
+    client waits no longer.
     ``EDGEBENTO_SCHED_BATCH=0`` leaves the scheduler's default."""
     if os.environ.get("EDGEBENTO_SCHED_BATCH", "1") == "0" or not hasattr(os, "SCHED_BATCH"):
         return False

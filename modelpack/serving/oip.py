@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.codec import json_safe, numbers
+from modelpack.codec import encode_tensor
 from modelpack.errors import InputError
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
@@ -244,8 +244,7 @@ def answer_doc(
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            flat = array.reshape(-1)
-            tensor["data"] = numbers(flat) if body else json_safe(flat).tolist()
+            tensor["data"] = encode_tensor(array.reshape(-1), body=body)
         tensors.append(tensor)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": tensors}
     if request.id is not None:

@@ -341,3 +341,38 @@ def test_a_client_that_leaves_mid_body_costs_nothing_and_counts_no_error(add: st
     reply = _predict(add, {"a": [[1.0] * 4], "b": [[2.0] * 4]})
     assert reply.status_code == 200 and reply.json()["outputs"]
     assert (counted("error"), counted("ok")) == (before[0], before[1] + 1)
+
+
+def test_the_workers_loop_and_model_threads_run_under_sched_batch(slow: str) -> None:
+    """The service puts its event loop's thread, and the model's thread it starts later, under
+    SCHED_BATCH (EDGEBENTO_SCHED_BATCH is on by default): read back from the kernel."""
+    import os
+
+    import psutil
+
+    def is_slow_worker(process: psutil.Process) -> bool:
+        cmdline = " ".join(process.info["cmdline"] or [])
+        model = process.environ().get("EDGEBENTO_MODEL", "") if "_bentoml_impl" in cmdline else ""
+        return "_bentoml_impl.worker" in cmdline and model.startswith("slow")
+
+    workers = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if is_slow_worker(process):
+                workers.append(process)
+        except psutil.Error:
+            continue
+    assert workers
+    rng = np.random.default_rng()  # new inputs: the server's cache is on
+    for _ in range(300):  # a 1.4 ms model runs on the model's thread, not inline on the loop
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+        assert _predict(slow, {"x": _b64(x)}).status_code == 200
+    for worker in workers:
+        assert os.sched_getscheduler(worker.pid) == os.SCHED_BATCH  # the event loop's thread
+    # The model's thread: the busiest one besides the loop's (Python 3.11 names no OS thread).
+    others = [
+        (t.user_time + t.system_time, t.id) for w in workers for t in w.threads() if t.id != w.pid
+    ]
+    busiest_cpu, busiest = max(others)
+    assert busiest_cpu > 0.1, others
+    assert os.sched_getscheduler(busiest) == os.SCHED_BATCH
