@@ -113,6 +113,18 @@ def test_written_numbers_name_each_float_exactly(array: np.ndarray) -> None:
     assert all(isinstance(v, float) for v in flat)
 
 
+def test_numbers_whose_integer_part_fills_every_digit_are_still_json() -> None:
+    """printf writes 1e8 at 9 digits as '100000000.', which JSON refuses (found by CI)."""
+    for dtype, values in [
+        (np.float32, [1e8, -123456789.0, 999999936.0, 0.5]),
+        (np.float16, [65504.0, -10000.0, 12344.0, 1.0]),
+    ]:
+        array = np.array([values, values[::-1]], dtype)
+        text = dumps({"y": numbers(array)})
+        assert b".," not in text and b".]" not in text
+        np.testing.assert_array_equal(np.asarray(json.loads(text)["y"], dtype), array)
+
+
 def test_numbers_fall_back_to_lists_for_nan_float64_and_ints() -> None:
     assert numbers(np.array([1.0, np.nan], np.float32)) == [1.0, None]
     assert numbers(np.array([0.1], np.float64)) == [0.1]
