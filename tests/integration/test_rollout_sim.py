@@ -269,9 +269,7 @@ def test_simulated_devices_come_back_after_the_broker_is_killed(
             deadline = time.monotonic() + 30
             while True:
                 online = {d for d, s in list(watch.statuses.items()) if s.state == "online"}
-                if online == set(sim.names) and all(
-                    watch.statuses[d].ts > killed for d in online
-                ):
+                if online == set(sim.names) and all(watch.statuses[d].ts > killed for d in online):
                     break
                 assert time.monotonic() < deadline, f"{len(online)} of 20 back"
                 watch.wait(0.5)
