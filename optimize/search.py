@@ -24,10 +24,10 @@ from optimize.verify import Fidelity, Outputs
 
 log = logging.getLogger(__name__)
 
-EXCLUDE_TRIES = 4  # real quantizer runs per refined candidate, one per simulated target
-# Simulated margins to reach, as shares of --max-drop: the held-back data's worst row is not
-# the calibration's, so the later sets keep some headroom.
-SIM_TARGETS = (0.0, 0.1, 0.25, 0.5)
+EXCLUDE_TRIES = 5  # real quantizer runs per refined candidate
+# How far past the budget the simulated greedy goes, as a share of --max-drop: the held-back
+# data's worst row is not the calibration's, so the real runs may need more nodes in float.
+SIM_HEADROOM = 0.5
 SENSITIVITY_ROWS = 64
 Tick = Callable[[str], None]
 
@@ -155,21 +155,29 @@ class Search:
         for candidate in failing[:max_tries]:
             if time.monotonic() > deadline:
                 break
-            base_name = candidate.steps[0]
-            config = QuantizeConfig.model_validate(candidate.config)
-            try:
-                exclusion = self._exclusion(bases[base_name], candidate, config, deadline)
-            except Exception as exc:  # an unusual graph: skip refinement, keep the search going
-                log.info("sensitivity failed on %s: %s", candidate.name, exc)
-                continue
-            for excluded in exclusion.sets[:EXCLUDE_TRIES]:
-                new = self.measure(
-                    self.quantized(base_name, bases[base_name], replace_exclude(config, excluded))
-                )
-                added.append(new)
-                if new.error or new.violation is None or time.monotonic() > deadline:
-                    break
+            added += self._refine_one(candidate, bases[candidate.steps[0]], deadline)
         return added
+
+    def _refine_one(self, candidate: Candidate, base: Path, deadline: float) -> list[Candidate]:
+        """The fewest of the simulation's nodes in float that pass for real (see
+        ``sensitivity.shortest_prefix``): every model the real quantizer built on the way."""
+        config = QuantizeConfig.model_validate(candidate.config)
+        try:
+            exclusion = self._exclusion(base, candidate, config, deadline)
+        except Exception as exc:  # an unusual graph: skip refinement, keep the search going
+            log.info("sensitivity failed on %s: %s", candidate.name, exc)
+            return []
+        built: list[Candidate] = []
+
+        def passes(k: int) -> bool | None:
+            excluded = replace_exclude(config, exclusion.order[:k])
+            built.append(self.measure(self.quantized(candidate.steps[0], base, excluded)))
+            if built[-1].error or time.monotonic() > deadline:
+                return None
+            return built[-1].violation is None
+
+        sensitivity.shortest_prefix(len(exclusion.order), exclusion.start, passes, EXCLUDE_TRIES)
+        return built
 
     def _exclusion(
         self, base: Path, candidate: Candidate, config: QuantizeConfig, deadline: float
@@ -202,8 +210,7 @@ class Search:
         # Against FP32 itself: a QDQ model quantizes its graph outputs whatever the switches say.
         fp32 = verify.run_all(self.predictors[BASELINE], rows, self.batch, self.output_axes)
         score = sensitivity.scorer(switchable, self.outputs, rows, run, margin, fp32)
-        targets = [t * self.budget.max_drop for t in SIM_TARGETS]
-        return sensitivity.greedy(switchable, score, deadline, targets)
+        return sensitivity.greedy(switchable, score, deadline, SIM_HEADROOM * self.budget.max_drop)
 
 
 def _name(base_name: str, config: QuantizeConfig) -> str:

@@ -230,22 +230,28 @@ def activation_ranges(
 
 @dataclass(frozen=True)
 class Exclusion:
-    """Sets of nodes to keep in float, smallest first: each the first the greedy search found
-    to reach one of its simulated targets; with the simulated margin after each accepted node."""
+    """The nodes the greedy search kept in float, in the order it accepted them: keeping the
+    first k of them in float is the k-th refinement. ``margins[k]`` is the simulated margin with
+    those k in float (index 0: every node in int8)."""
 
-    sets: tuple[tuple[str, ...], ...]
-    margins: tuple[float, ...]  # index 0: every node in int8
+    order: tuple[str, ...]
+    margins: tuple[float, ...]
+
+    @property
+    def start(self) -> int:
+        """The fewest nodes the simulation says reach the budget (all of them if none do)."""
+        return next((k for k, m in enumerate(self.margins) if k and m >= 0), len(self.order))
 
 
 def greedy(
     switchable: Switchable,
     score: Callable[[np.ndarray], float],
     deadline: float,
-    targets: Sequence[float] = (0.0,),
+    headroom: float = 0.0,
 ) -> Exclusion:
     """Rank nodes by what keeping each alone in float gains for what it costs in float work;
     then, in that order, keep a node in float only if the simulated deciding margin improves,
-    until each of ``targets`` (margins, ascending) is reached or half of the nodes are float.
+    until the margin reaches ``headroom`` or half of the nodes are float.
 
     Accepting only what improves matters: the deciding metric is a minimum over rows, and
     a node that helps on its own can make another row the worst one.
@@ -267,31 +273,50 @@ def greedy(
     order = [int(i) for i in np.argsort(-value, kind="stable") if gains[i] > 0]
     flags, margins = every.copy(), [base]
     accepted: list[int] = []
-    pending = sorted(targets)
-    sets: list[tuple[str, ...]] = []
-
-    def reached() -> None:
-        while pending and margins[-1] >= pending[0]:
-            pending.pop(0)
-            sets.append(tuple(switchable.nodes[j] for j in accepted))
-
-    reached()
     for i in order:
-        if not pending or len(accepted) >= max(1, n // 2) or time.monotonic() > deadline:
+        if margins[-1] >= headroom or len(accepted) >= max(1, n // 2):
+            break
+        if time.monotonic() > deadline:
             break
         flags[i] = False
         found = score(flags)
         if found > margins[-1]:
             accepted.append(i)
             margins.append(found)
-            reached()
         else:
             flags[i] = True
-    if not sets or (
-        pending and accepted and sets[-1] != tuple(switchable.nodes[j] for j in accepted)
-    ):
-        sets.append(tuple(switchable.nodes[j] for j in accepted))  # the best it could do
-    return Exclusion(tuple(x for x in dict.fromkeys(sets) if x), tuple(margins))
+    return Exclusion(tuple(switchable.nodes[j] for j in accepted), tuple(margins))
+
+
+def shortest_prefix(
+    length: int, start: int, passes: Callable[[int], bool | None], tries: int
+) -> int | None:
+    """The fewest first nodes of an exclusion that the real quantizer's model passes with,
+    in at most ``tries`` calls of ``passes(k)`` (None: stop, for an error or the deadline).
+
+    The simulation runs on calibration rows and the budget is judged on held-back ones, so its
+    count is only where to begin: from ``start`` the count doubles until a model passes, then
+    halves the gap to the longest one known to fail. 0 is known to fail (the unrefined
+    candidate).
+    """
+    failed, passed = 0, None
+    k = min(max(start, 1), length)
+    while tries > 0 and 0 < k <= length:
+        tries -= 1
+        ok = passes(k)
+        if ok is None:
+            break
+        if ok:
+            passed = k
+        else:
+            failed = k
+        if passed is None:
+            k = min(2 * k, length) if k < length else 0
+        else:
+            k = (failed + passed) // 2
+            if k <= failed:
+                break
+    return passed
 
 
 def scorer(

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from modelpack import Predictor, PredictorOptions
@@ -77,14 +79,14 @@ def test_greedy_keeps_the_node_with_an_outlier_weight_in_float(tmp_path: Path) -
     model = _two_layers(tmp_path / "m.onnx")
     switchable, score = _margin(model, per_channel=False)
     exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
-    assert exclusion.sets == (("spiky_mm",),)
+    assert exclusion.order == ("spiky_mm",) and exclusion.start == 1
     assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
     # Static QDQ is switched on ORT's own quantized model: its int8 error is real, and keeping
     # one node in float brings the worst error within the bound.
     switchable, score = _margin(model, per_channel=False, static=True, metric="max-abs<=0.5")
     exclusion = sensitivity.greedy(switchable, score, deadline=time.monotonic() + 60)
     assert score(np.zeros(2, bool)) == pytest.approx(0.5)  # all switches off: no error
-    assert len(exclusion.sets) == 1 and len(exclusion.sets[0]) == 1
+    assert len(exclusion.order) == 1 and exclusion.start == 1
     assert exclusion.margins[0] < 0 <= exclusion.margins[-1]
     # Per-channel scales confine the outlier to its column: the simulated metric improves.
     _per_channel, score_pc = _margin(model, per_channel=True)
@@ -138,3 +140,55 @@ def test_the_static_switch_restores_the_activations_qdq_folded(tmp_path: Path) -
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 64).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.integers(1, n),  # where the simulation says to begin
+            st.integers(1, n + 1),  # the fewest that pass for real; n + 1: none does
+            st.integers(1, 12),
+        )
+    )
+)
+def test_the_shortest_prefix_is_found_from_where_the_simulation_begins(
+    case: tuple[int, int, int, int],
+) -> None:
+    """Whether the real fewest is below or above the simulation's count, the search finds it
+    when its tries allow, asks only counts in 1..n, never one twice, and answers a count that
+    passed."""
+    n, start, fewest, tries = case
+    asked: list[int] = []
+
+    def passes(k: int) -> bool:
+        asked.append(k)
+        return k >= fewest
+
+    found = sensitivity.shortest_prefix(n, start, passes, tries)
+    assert len(asked) <= tries and len(set(asked)) == len(asked)
+    assert all(1 <= k <= n for k in asked)
+    assert found is None or (found >= fewest and found in asked)
+    if fewest > n:
+        assert found is None
+    unlimited = sensitivity.shortest_prefix(n, start, lambda k: k >= fewest, 64)
+    assert unlimited == (fewest if fewest <= n else None)
+
+
+def test_the_shortest_prefix_stops_when_a_run_says_stop() -> None:
+    asked: list[int] = []
+
+    def passes(k: int) -> bool | None:
+        asked.append(k)
+        return None if k == 4 else False
+
+    assert sensitivity.shortest_prefix(10, 2, passes, 5) is None
+    assert asked == [2, 4]
+    assert sensitivity.shortest_prefix(0, 1, passes, 5) is None  # nothing to keep in float
+
+
+def test_the_start_is_the_first_count_the_simulation_says_passes() -> None:
+    exclusion = sensitivity.Exclusion(("a", "b", "c"), (-0.3, -0.1, 0.0, 0.2))
+    assert exclusion.start == 2
+    assert sensitivity.Exclusion(("a", "b"), (-0.3, -0.2, -0.1)).start == 2  # never: all of them
