@@ -159,7 +159,7 @@ class Search:
         return added
 
     def _refine_one(self, candidate: Candidate, base: Path, deadline: float) -> list[Candidate]:
-        """The fewest of the simulation's nodes in float that pass for real (see
+        """Few enough of the simulation's nodes in float to pass for real (see
         ``sensitivity.shortest_prefix``): every model the real quantizer built on the way."""
         config = QuantizeConfig.model_validate(candidate.config)
         try:

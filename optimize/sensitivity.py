@@ -291,8 +291,9 @@ def greedy(
 def shortest_prefix(
     length: int, start: int, passes: Callable[[int], bool | None], tries: int
 ) -> int | None:
-    """The fewest first nodes of an exclusion that the real quantizer's model passes with,
-    in at most ``tries`` calls of ``passes(k)`` (None: stop, for an error or the deadline).
+    """A count of an exclusion's first nodes that the real quantizer's model passes with where
+    one fewer missed (tries allowing): the fewest when passing grows with the count. At most
+    ``tries`` calls of ``passes(k)`` (None: stop, for an error or the deadline).
 
     The simulation runs on calibration rows and the budget is judged on held-back ones, so its
     count is only where to begin: from ``start`` the count doubles until a model passes, then
