@@ -274,9 +274,11 @@ def greedy(
     flags, margins = every.copy(), [base]
     accepted: list[int] = []
     for i in order:
-        if margins[-1] >= headroom or len(accepted) >= max(1, n // 2):
-            break
-        if time.monotonic() > deadline:
+        if (
+            margins[-1] >= headroom
+            or len(accepted) >= max(1, n // 2)
+            or time.monotonic() > deadline
+        ):
             break
         flags[i] = False
         found = score(flags)
