@@ -1,0 +1,210 @@
+"""No throughput lost on the serving and agent paths (issue 18): the tree before the hostile-input
+review's fixes and this one, side by side in one run.
+
+Each round starts, for each tree in turn (A B A B ...), the same servers with ``PYTHONPATH`` set
+to that tree (same venv, same machine, same minutes) and runs the same load:
+
+- ``bentoml serve`` of the small MLP pack, wrk with 64 connections and with 1;
+- the edge agent's local HTTP endpoint (``POST /infer``), wrk with 16 connections;
+- the edge agent over MQTT, 3,000 requests with 64 in flight.
+
+The figure per tree is the median of the rounds; the target is that this tree keeps at least 95 %
+of the earlier tree's throughput on every path (the rounds' spread is in the result).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.baseline import REPO, baseline_tree
+from benchmarks.bench_agent import Requester, pipelined
+from benchmarks.serving_common import (
+    BIN,
+    LOOPBACK,
+    Process,
+    free_port,
+    import_to_store,
+    wrk,
+)
+from tests.support.services import Mosquitto
+
+# main before issue 18's fixes
+BEFORE_COMMIT = "6b3ac19e050faa2ee19dc75e31fea4ce4528c80c"
+ROUNDS = 3
+SECONDS = 6.0
+KEEP = 0.95
+
+
+def _start(cmd: list[str], tree: Path, env: dict[str, str], port: int, log: Path) -> Process:
+    popen = subprocess.Popen(
+        cmd,
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return Process(popen, f"http://{LOOPBACK}:{port}", log)
+
+
+def _bento(tree: Path, home: Path, tag: str, work: Path, label: str) -> dict[str, Any]:
+    port = free_port()
+    cmd = [str(BIN / "bentoml"), "serve", "bentos.service:EdgebentoService"]
+    cmd += ["--host", LOOPBACK, "--port", str(port)]
+    env = {"BENTOML_HOME": str(home), "EDGEBENTO_MODEL": tag, "BENTOML_DO_NOT_TRACK": "true"}
+    proc = _start(cmd, tree, env, port, work / f"bento-{label}.log")
+    try:
+        proc.wait_ready("/readyz")
+        bodies = _mlp_bodies(8)
+        wrk(proc.url + "/predict", bodies, 64, 2)  # warm-up
+        many = wrk(proc.url + "/predict", bodies, 64, SECONDS)
+        one = wrk(proc.url + "/predict", bodies, 1, SECONDS / 2, threads=1)
+        return {
+            "bento_rps_64": many.rps,
+            "bento_p99_ms_64": many.p99_ms,
+            "bento_non_2xx_64": many.non_2xx,
+            "bento_rps_1": one.rps,
+        }
+    finally:
+        proc.stop()
+
+
+def _agent(
+    tree: Path, broker: Mosquitto, pack: Path, pub: Path, work: Path, label: str
+) -> dict[str, Any]:
+    port = free_port()
+    device = f"reg-{label}"
+    cmd = [sys.executable, "-m", "edge_agent", "run", "--device", device]
+    cmd += ["--broker", broker.url, "--data-dir", str(work / f"agent-{label}")]
+    cmd += ["--trust", str(pub), "--pack", str(pack), "--prefix", "bench"]
+    cmd += ["--metrics-port", str(port), "--log-level", "WARNING"]
+    proc = _start(cmd, tree, {}, port, work / f"agent-{label}.log")
+    req = Requester(broker.port, f"bench/{device}/infer")
+    try:
+        proc.wait_ready("/healthz", timeout=60)
+        x = _digits_row()
+        bodies = [json.dumps({"inputs": {"x": x}}).encode()]
+        _wait_answer(req, x)
+        pipelined(req, x, 500)  # warm-up
+        mqtt = pipelined(req, x, 3000)
+        http = wrk(proc.url + "/infer", bodies, 16, SECONDS)
+        return {
+            "agent_mqtt_per_s": mqtt["per_s"],
+            "agent_mqtt_failed": mqtt["failed"],
+            "agent_http_rps_16": http.rps,
+            "agent_http_non_2xx": http.non_2xx,
+        }
+    finally:
+        req.close()
+        proc.stop()
+
+
+def _wait_answer(req: Requester, x: list[list[float]]) -> None:
+    import queue
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        req.send(json.dumps({"id": "w", "inputs": {"x": x}}).encode(), b"w")
+        try:
+            if req.replies.get(timeout=0.5)[1].get("ok"):
+                return
+        except queue.Empty:
+            continue
+    raise RuntimeError("the agent did not answer within 30 s")
+
+
+def _mlp_bodies(width: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1, width)).round(4).tolist() for _ in range(64)]
+    return [json.dumps({"inputs": {"x": r}}).encode() for r in rows]
+
+
+def _digits_row() -> list[list[float]]:
+    return np.random.default_rng(0).random((1, 64), dtype=np.float32).round(4).tolist()
+
+
+def _packs(work: Path) -> tuple[Path, Path, Path]:
+    from modelpack import Samples, create_pack, generate_keypair
+    from tests.support import models
+
+    key, pub = generate_keypair(work / "keys")
+    mlp = models.mlp(work / "mlp.onnx")
+    create_pack(mlp, work / "mlp-pack", name="mlp", version=1, key=key)
+    digits = models.mlp(work / "digits.onnx", n_in=64, hidden=64, n_out=10, seed=1)
+    inputs, outputs = models.golden_samples(digits, n_in=64)
+    create_pack(
+        digits, work / "digits-pack", name="digits", version=1, samples=Samples(inputs, outputs),
+        key=key,
+    )  # fmt: skip
+    return pub, work / "mlp-pack", work / "digits-pack"
+
+
+def run(results_dir: Path) -> dict[str, Any]:
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="bench-paths-") as tmp:
+        work = Path(tmp)
+        pub, mlp_pack, digits_pack = _packs(work)
+        home = work / "bentoml"
+        tag = import_to_store(mlp_pack, pub, home)
+        trees = {"before": baseline_tree(work, BEFORE_COMMIT), "this": REPO}
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+        broker = Mosquitto(workdir=work / "mosquitto").start()
+        try:
+            for i in range(ROUNDS):
+                for name, tree in trees.items():
+                    console.print(f"round {i + 1}/{ROUNDS}: {name} ...")
+                    label = f"{name}-{i}"
+                    figures = _bento(tree, home, tag, work, label)
+                    figures |= _agent(tree, broker, digits_pack, pub, work, label)
+                    rounds[name].append(figures)
+        finally:
+            broker.stop()
+    keys = list(rounds["this"][0])
+    median = {
+        name: {k: round(statistics.median(r[k] for r in runs), 2) for k in keys}
+        for name, runs in rounds.items()
+    }
+    spread = {
+        name: {k: [round(r[k], 1) for r in runs] for k in keys} for name, runs in rounds.items()
+    }
+    throughputs = ["bento_rps_64", "bento_rps_1", "agent_mqtt_per_s", "agent_http_rps_16"]
+    share = {k: round(median["this"][k] / max(median["before"][k], 1e-9), 3) for k in throughputs}
+    table = Table(title=f"the serving and agent paths, before and after (median of {ROUNDS})")
+    for col in ("path", "before", "this tree", "this / before"):
+        table.add_column(col)
+    for k in throughputs:
+        table.add_row(
+            k, f"{median['before'][k]:.0f}", f"{median['this'][k]:.0f}", f"{share[k]:.2f}"
+        )
+    console.print(table)
+    errors = sum(
+        median["this"][k] for k in ("bento_non_2xx_64", "agent_mqtt_failed", "agent_http_non_2xx")
+    )
+    targets = {f"{k}_keeps_{int(KEEP * 100)}pct": share[k] >= KEEP for k in throughputs}
+    targets["no_failed_requests"] = errors == 0
+    return {
+        "headline": f"this tree / the tree before issue 18, median of {ROUNDS} alternated rounds: "
+        + ", ".join(f"{k} {share[k]:.2f}" for k in throughputs),
+        "targets_met": all(targets.values()),
+        "targets": targets,
+        "median": median,
+        "each_round": spread,
+        "share_of_before": share,
+        "before_commit": BEFORE_COMMIT,
+        "load_generator": "wrk on loopback (64 and 1 connections to BentoML, 16 to the agent's "
+        "HTTP endpoint) and paho with 64 requests in flight to the agent over MQTT",
+        "note": "2 shared cores: the load generator shares them with the server",
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+    }
