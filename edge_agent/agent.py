@@ -112,6 +112,10 @@ class Agent:
             }
         )
 
+    def serving_label(self) -> str:
+        ref = self.inference.model_ref
+        return "no model yet" if ref is None else f"{ref['name']} v{ref['version']}"
+
     def status_fields(self) -> dict[str, Any]:
         """What ``ping`` and ``/healthz`` answer: the status without its envelope."""
         return self.status().model_dump(mode="json", exclude={"schema_version", "state", "ts"})
@@ -186,6 +190,7 @@ class Agent:
                 self.status_fields,
                 self.metrics_registry,
                 self.config.limits.max_payload_bytes,
+                self.config.http,
             ).start()
         self.session.start()
         self.telemetry.start()
@@ -212,6 +217,7 @@ class Agent:
 
     def stop(self, flush_s: float = 2.0) -> None:
         self._stopping.set()
+        log.info("shutting down: serving %s", self.serving_label())
         if self.session.fatal is None and self.session.connected:
             self.telemetry.flush(flush_s)
         self.telemetry.stop()
@@ -220,5 +226,7 @@ class Agent:
         self.dispatcher.shutdown()
         if self.endpoint is not None:
             self.endpoint.stop()
+        kept = self.outbox.count  # unacknowledged: sent at the next start, never dropped
         self.outbox.close()
         self.replies.close()
+        log.info("stopped; %d telemetry records kept on disk for the next start", kept)

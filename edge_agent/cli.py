@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="The edgebento device daemon: MQTT commands, local inference, verified updates.",
     )
+    parser.add_argument("--version", action="version", version=f"edge-agent {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="connect to the broker and serve the installed model")
     run.add_argument("--config", type=Path, help="a TOML file with these settings and more")
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(run)
     run.set_defaults(func=_run)
     return parser
+
+
+def installed_version() -> str:
+    """The installed distribution's version (what pip knows), not a copy kept in the source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgebento")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,10 +114,11 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
     logging.getLogger("edge_agent").info(
-        "device %s serving %s on %s",
+        "device %s serving %s on %s%s",
         config.device,
-        agent.inference.model_ref,
+        agent.serving_label(),
         redact_url(config.broker),
+        "" if agent.inference.model_ref else f"; {_install_hint(config)}",
     )
     try:
         agent.run_forever()
@@ -115,6 +127,14 @@ def _run(args: argparse.Namespace) -> int:
         raise
     agent.stop()
     return 0
+
+
+def _install_hint(config: Any) -> str:
+    deploy = f"{config.prefix}/{config.device}/cmd/deploy"
+    return (
+        f"install one with a deploy command on {deploy} (name and version, with --store), "
+        "`edgebento rollout`, or start with --pack"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,9 +127,10 @@ class Dispatcher:
             return None
         raw = _loose(msg.payload)
         reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
-        self.reply(
-            msg, reply_to, Reply(id=str(raw.get("id", ""))[:128], ok=False, error=str(error))
+        refusal = Reply(
+            id=str(raw.get("id", ""))[:128], ok=False, error=str(error), error_type="ProtocolError"
         )
+        self.reply(msg, reply_to, refusal)
         self.agent.record(
             "event", {"event": "bad_request", "topic": msg.topic, "error": str(error)}
         )
@@ -157,7 +158,8 @@ class Dispatcher:
                 msg,
                 reply_to,
                 Reply(id=str(raw.get("id", ""))[:128], ok=False, command=name,
-                      error=f"unknown command {name!r}; known: {known}"),
+                      error=f"unknown command {name!r}; known: {known}",
+                      error_type="ProtocolError"),
             )  # fmt: skip
             return
         request = self._parse(msg, model, f"command {name}")

@@ -225,7 +225,7 @@ class Updater:
                 if isinstance(exc, CancelledError)
                 else "refused"
             )
-            self._outcome(outcome, redact_text(str(exc)), trigger, source=shown)
+            self._outcome(outcome, redact_text(str(exc)), trigger, failed=True, source=shown)
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -320,7 +320,12 @@ class Updater:
     def _label(pack: Pack | None) -> str:
         return "nothing" if pack is None else f"{pack.manifest.name} v{pack.manifest.version}"
 
-    def _outcome(self, outcome: str, message: str, trigger: str, **extra: Any) -> dict[str, Any]:
+    def _outcome(
+        self, outcome: str, message: str, trigger: str, *, failed: bool = False, **extra: Any
+    ) -> dict[str, Any]:
+        # One log line per update outcome: what an operator reading the journal looks for.
+        level = logging.WARNING if failed or outcome in ("refused", "cancelled") else logging.INFO
+        log.log(level, "update %s (%s): %s", outcome, trigger, redact_text(message))
         result = {
             "event": "update",
             "outcome": outcome,

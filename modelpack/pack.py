@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from modelpack.errors import LayoutError, ManifestError, ModelInvalidError, PackError
-from modelpack.hashing import sha256_file
+from modelpack.hashing import sha256_bytes, sha256_file
 from modelpack.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -101,6 +101,19 @@ def list_files(root: Path) -> list[FileEntry]:
     return entries
 
 
+def source_sha256(source: Path) -> str:
+    """The ``parent`` of a pack made from ``source``: the sha256 of a model file's bytes; of a
+    directory (a SavedModel), the sha256 of its listing, each file's path and sha256, sorted."""
+    if not source.is_dir():
+        return sha256_file(source)
+    listing = sorted(
+        f"{p.relative_to(source).as_posix()}\0{sha256_file(p)}\n"
+        for p in source.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    )
+    return sha256_bytes("".join(listing).encode())
+
+
 def create_pack(
     model: Path,
     out: Path,
@@ -122,6 +135,8 @@ def create_pack(
 
     ``extras`` are further files (report.html, ...) copied in by name and listed like the rest.
     The pack is unsigned unless ``key`` (a signing.key file) is given; ``sign_pack`` signs later.
+    ``parent`` is the ``source_sha256`` of the model this one was made from (by default ``model``
+    itself: a pack made straight from an ONNX file).
     """
     from modelpack.iosig import read_io_signature
 

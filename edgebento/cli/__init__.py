@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edge_agent.cli import installed_version
 from modelpack import logs
 from modelpack.errors import EdgebentoError
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make a model small and fast, then serve the same signed pack everywhere.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"edgebento {installed_version()}")
     logs.add_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from modelpack import (
     MANIFEST_FILE,
+    SIGNATURE_FILE,
     Manifest,
     create_pack,
     generate_keypair,
@@ -87,6 +88,13 @@ def register(sub: Any) -> None:
     inspect = verbs.add_parser("inspect", help="print the manifest")
     inspect.add_argument("dir", type=Path)
     inspect.add_argument("--json", action="store_true", help="print the manifest JSON as it is")
+    inspect.add_argument(
+        "--pub",
+        type=Path,
+        action="append",
+        default=[],
+        help="a public key to check the signature with: shows which key signed (repeat)",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
 
@@ -145,7 +153,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summary.add_row("created", manifest.created_at.isoformat())
     summary.add_row("expires", manifest.expires_at.isoformat() if manifest.expires_at else "never")
     summary.add_row("parent", manifest.parent or "-")
-    summary.add_row("signed", "yes" if (args.dir / "manifest.sig").exists() else "no")
+    summary.add_row("signed", escape(_signer(args.dir, data, args.pub)))
     if manifest.labels:
         summary.add_row("labels", ", ".join(manifest.labels))
     for key, value in manifest.optimization.items():
@@ -172,3 +180,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         files.add_row(escape(f.path), f"{f.size:,}", f.sha256[:16] + "…")
     console.print(files)
     return 0
+
+
+def _signer(root: Path, manifest: bytes, keys: list[Path]) -> str:
+    """Who signed: an ed25519 signature names no key, so it is tried against each --pub."""
+    from modelpack.errors import SignatureError
+    from modelpack.signing import load_public_key, verify
+
+    try:
+        signature = (root / SIGNATURE_FILE).read_bytes()
+    except FileNotFoundError:
+        return "no"
+    except OSError as exc:
+        raise ManifestError(f"cannot read {root / SIGNATURE_FILE}: {exc.strerror}") from exc
+    if not keys:
+        return "yes (a signature names no key: add --pub KEY to see whether KEY made it)"
+    try:
+        key = verify(manifest, signature, [load_public_key(k) for k in keys])
+    except SignatureError:
+        return "yes, but by none of the --pub keys (or the manifest changed since)"
+    return f"by key {key.key_id} ({key.source})"

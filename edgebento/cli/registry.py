@@ -88,6 +88,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     registry = _registry(args)
     console = Console()
     channel = None if args.no_channel else args.channel
+    before = _published_entry(registry, args.pack)
     with console.status(f"verifying and uploading {args.pack} to {registry.store.url}"):
         entry = registry.publish(
             args.pack,
@@ -99,11 +100,31 @@ def cmd_publish(args: argparse.Namespace) -> int:
         )
     forced = " (failed its budget; published with --force)" if entry.within_budget is False else ""
     moved = f"channel {channel} -> v{entry.version}" if channel else "no channel moved"
+    # For the same bytes the registry returns the entry it holds: nothing was uploaded then.
+    if before is not None and before.published_at == entry.published_at:
+        console.print(
+            f"already published: {entry.name} v{entry.version} with the same bytes, on "
+            f"{_when(entry.published_at)} UTC; nothing uploaded; {moved}"
+        )
+        return 0
     console.print(
         f"published {entry.name} v{entry.version} ({entry.archive_size:,} bytes, signed by "
         f"{entry.signed_by}) to {registry.store.url}; {moved}{forced}"
     )
     return 0
+
+
+def _published_entry(registry: Any, pack: Path) -> Any:
+    """The registry's entry for the version ``pack`` names, or None when it is not published
+    (or the pack cannot be read: ``publish`` then says why)."""
+    from modelpack import MANIFEST_FILE, Manifest
+    from modelpack.errors import EdgebentoError
+
+    try:
+        manifest = Manifest.from_bytes((pack / MANIFEST_FILE).read_bytes())
+        return registry.entry(manifest.name, manifest.version)
+    except (OSError, EdgebentoError):
+        return None
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ import socket
 import threading
 from typing import Any
 
+from edgebento.cli.registry import add_store_args
+
 log = logging.getLogger("edgebento.sync")
 
 
@@ -17,8 +19,7 @@ def register(sub: Any) -> None:
         "sync", help="ingest the fleet's telemetry into the store (runs until stopped)"
     )
     sync.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:port")
-    sync.add_argument("--store", required=True, help="s3://bucket/prefix, file:///path or a path")
-    sync.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    add_store_args(sync)  # --store falls back to $EDGEBENTO_STORE, as in every other command
     sync.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
     sync.add_argument(
         "--share",
