@@ -16,9 +16,11 @@ At least once from the device, exactly once in the store, and acknowledged end t
   stored, so a redelivery (to this process or another one) adds no duplicate.
 
 No message can stop it: every callback is guarded, a message that cannot be processed (bad
-JSON or schema, a record naming another device than its topic, a timestamp outside the window,
-too large) is kept under ``rejected/`` (``cloud_sync.evidence``), acknowledged, logged and
-counted, and a flush that fails keeps its buffer and is tried again.
+JSON or schema, a record naming another device than its topic, too large) is kept under
+``rejected/`` (``cloud_sync.evidence``), acknowledged, logged and counted, and a flush that
+fails keeps its buffer and is tried again. A record whose timestamp is outside the window (a
+clock before NTP) costs only itself: the rest of its batch is stored, and it is kept whole under
+``rejected/`` within a budget per device, or left unacknowledged for the device to send again.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cloud_sync.acks import AckTracker, Boot, StoredRanges
-from cloud_sync.evidence import Evidence, RejectedMessage
+from cloud_sync.evidence import Evidence, EvidenceBudget, RejectedMessage
 from cloud_sync.fleet_metrics import FleetMetrics, FleetView
 from cloud_sync.mqtt import CloudClient
 from cloud_sync.parts import Run, encode_jsonl_gz, group_runs, safe_id
@@ -58,6 +60,7 @@ class SyncOptions:
     session_expiry_s: int = 24 * 3600
     receive_maximum: int = 4000  # unacknowledged messages the broker may have in flight to us
     max_message_bytes: int = 4 << 20
+    evidence_bytes_per_device_hour: int = 8 << 20
 
 
 @dataclass
@@ -66,7 +69,7 @@ class _Pending:
     qos: int
     generation: int
     records: list[dict[str, Any]] = field(default_factory=list)
-    rejected: Evidence | None = None  # a message that broke the protocol, kept as evidence
+    rejected: list[Evidence] = field(default_factory=list)  # kept under rejected/
     boots: dict[Boot, int] = field(default_factory=dict)  # each boot's floor in this message
     ackable: tuple[tuple[str, str, int], ...] = ()  # seqs kept as evidence: acknowledged too
 
@@ -75,17 +78,13 @@ class _Pending:
 class ParsedBatch:
     records: list[dict[str, Any]]
     boots: dict[Boot, int]  # (device, boot) -> the floor the device named (0 if none)
+    # Records whose timestamp is outside the window (a clock before NTP, or far ahead): the
+    # others of the batch are stored as usual; these are kept whole under rejected/.
+    out_of_window: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _check_ts(topic: str, batch: TelemetryBatch, now: float) -> None:
-    bad = [r for r in batch.records if not (now - MAX_AGE_S <= r.ts <= now + MAX_SKEW_S)]
-    if bad:
-        raise RejectedMessage(
-            "timestamp",
-            f"telemetry on {topic}: record {bad[0].seq} has ts {bad[0].ts!r}, outside "
-            f"[now - {MAX_AGE_S / 86400:.0f} days, now + {MAX_SKEW_S / 3600:.0f} h]",
-            tuple((r.device, r.boot_id, r.seq) for r in batch.records),
-        )
+def _in_window(ts: float, now: float) -> bool:
+    return now - MAX_AGE_S <= ts <= now + MAX_SKEW_S
 
 
 def parse_batch(
@@ -115,9 +114,11 @@ def parse_telemetry(
             )
         if not safe_id(record.boot_id) or not safe_id(device):
             raise RejectedMessage("schema", f"{topic}: device or boot id is not a plain name")
-    _check_ts(topic, batch, time.time() if now is None else now)
+    now = time.time() if now is None else now
     boots = {(device, r.boot_id): batch.floor or 0 for r in batch.records}
-    return ParsedBatch([r.model_dump(mode="json") for r in batch.records], boots)
+    good = [r.model_dump(mode="json") for r in batch.records if _in_window(r.ts, now)]
+    late = [r.model_dump(mode="json") for r in batch.records if not _in_window(r.ts, now)]
+    return ParsedBatch(good, boots, late)
 
 
 class TelemetrySync:
@@ -135,6 +136,7 @@ class TelemetrySync:
         self.options = options or SyncOptions()
         self.metrics = metrics or FleetMetrics()
         self.view = FleetView()
+        self.budget = EvidenceBudget(self.options.evidence_bytes_per_device_hour)
         self.tracker = AckTracker()
         self.ranges = StoredRanges(store, self.tracker)
         self._lock = threading.Lock()
@@ -196,6 +198,8 @@ class TelemetrySync:
         batch = parse_telemetry(self.topics, msg.topic, payload)
         self._observe(batch.records)
         pending = _Pending(msg.mid, msg.qos, self._generation, batch.records, boots=batch.boots)
+        if batch.out_of_window:
+            self._keep_out_of_window(msg.topic, batch.out_of_window, pending)
         with self._lock:
             pending.generation = self._generation
             self._buffer.append(pending)
@@ -212,6 +216,28 @@ class TelemetrySync:
             except Exception:
                 log.exception("fleet metrics ignored record %s", record.get("seq"))
 
+    def _keep_out_of_window(
+        self, topic: str, records: list[dict[str, Any]], pending: _Pending
+    ) -> None:
+        """Records with an impossible timestamp are kept whole under rejected/ and acknowledged,
+        within a byte budget per device and hour; past it they stay unacknowledged, so the
+        device keeps them and sends them again later. Either way nothing is lost, and the rest
+        of their batch is stored as usual."""
+        first = records[0]
+        error = (
+            f"telemetry on {topic}: {len(records)} record(s) with a ts outside "
+            f"[now - {MAX_AGE_S / 86400:.0f} days, now + {MAX_SKEW_S / 3600:.0f} h], "
+            f"first seq {first['seq']} with ts {first['ts']!r}"
+        )
+        body = json.dumps(records, default=str).encode()
+        self.metrics.rejected.labels("timestamp").inc()
+        if not self.budget.take(str(first["device"]), len(body)):
+            log.warning("%s; over the device's evidence budget: left unacknowledged", error)
+            return
+        log.warning("%s; kept under rejected/", error)
+        pending.rejected.append(Evidence(topic, "timestamp", error, time.time(), body, whole=True))
+        pending.ackable = tuple((r["device"], r["boot_id"], int(r["seq"])) for r in records)
+
     def _reject(self, msg: Any, exc: RejectedMessage) -> None:
         # Sending it again would never help: keep it under rejected/ for a person to look at,
         # and acknowledge it once it is stored there like any other message.
@@ -220,7 +246,7 @@ class TelemetrySync:
         evidence = Evidence(msg.topic, exc.reason, str(exc), time.time(), bytes(msg.payload))
         with self._lock:
             self._buffer.append(
-                _Pending(msg.mid, msg.qos, self._generation, [], evidence, ackable=exc.ackable)
+                _Pending(msg.mid, msg.qos, self._generation, [], [evidence], ackable=exc.ackable)
             )
 
     def _on_status(self, device: str, topic: str, payload: bytes) -> None:
@@ -273,7 +299,7 @@ class TelemetrySync:
             # Some record breaks the writing itself: write message by message, and keep the
             # ones that fail as evidence, so they cannot hold back the rest.
             written = sum(self._write_or_reject(p) for p in pending)
-        self._write_rejected([p.rejected for p in pending if p.rejected is not None])
+        self._write_rejected([e for p in pending for e in p.rejected])
         return written
 
     def _write_or_reject(self, p: _Pending) -> int:
@@ -285,8 +311,8 @@ class TelemetrySync:
             log.exception("a message cannot be written; kept under rejected/")
             self.metrics.rejected.labels("internal").inc()
             doc = json.dumps(p.records, default=str).encode()
-            p.rejected = Evidence(
-                "(buffered)", "internal", f"cannot write: {exc}", time.time(), doc
+            p.rejected.append(
+                Evidence("(buffered)", "internal", f"cannot write: {exc}", time.time(), doc)
             )
             p.records, p.boots = [], {}
             return 0
