@@ -1,10 +1,19 @@
 """Fleet status: one summary per device from retained status and desired state, the telemetry
-heard while listening, and (with a store) the latest telemetry object each device left there."""
+heard while listening, and (with a store) the latest telemetry object each device left there.
+
+How fresh a device is comes from evidence, newest first: a message heard live while listening
+(timed on this host's clock: a device resending old records from its outbox is alive now), a
+record's own ``ts`` (live or from the store), the retained status's ``ts``. The retained status
+of an online device was written when it connected: its age says how long the session has lasted,
+not that the device went quiet (the broker would have sent its last will), so such a device is
+reported ``connected`` rather than "last seen 3m ago".
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -62,6 +71,8 @@ class FleetListener:
         self.view = FleetView()
         self.boots: dict[str, str | None] = {}
         self.dropped: dict[str, int] = {}
+        self.status_ts: dict[str, float] = {}  # the retained status's own ts, per device
+        self.heard_at: dict[str, float] = {}  # this host's time of the last live message
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
@@ -76,7 +87,8 @@ class FleetListener:
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         try:
-            self._fold(msg.topic, bytes(msg.payload))
+            if self._fold(msg.topic, bytes(msg.payload)) and not msg.retain:
+                self.heard_at[self.topics.device_of(msg.topic) or ""] = time.time()
         except RejectedMessage as exc:
             self._drop(exc.reason, msg.topic, str(exc))
         except Exception as exc:  # paho 2 would end its network thread, and the listening
@@ -87,10 +99,11 @@ class FleetListener:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         log.warning("fleet status ignored a message on %r (%s): %s", topic, reason, error)
 
-    def _fold(self, topic: str, payload: bytes) -> None:
+    def _fold(self, topic: str, payload: bytes) -> bool:
+        """Fold one message; True when it came from the device itself (status, telemetry)."""
         parsed = self.topics.parse(topic)
         if parsed is None or parsed.device is None or not payload:
-            return
+            return False
         device = parsed.device
         if parsed.kind == "status":
             status = _parse(Status, topic, payload)
@@ -99,12 +112,37 @@ class FleetListener:
                     "identity", f"{topic} carries the status of {status.device!r}"
                 )
             self.boots[device] = status.boot_id
+            self.status_ts[device] = status.ts
             self.view.on_status(status, device)
-        elif parsed.kind == "desired":
+            return True
+        if parsed.kind == "desired":
             self.view.on_desired(device, _parse(Desired, topic, payload).model.version)
         elif parsed.kind == "telemetry":
             for record in parse_batch(self.topics, topic, payload):
                 self.view.on_record(record)
+            return True
+        return False
+
+    def summaries(self) -> dict[str, DeviceSummary]:
+        """The view's summaries, with ``last_seen`` from the freshest evidence and ``heard``
+        saying which it was: ``live``, ``record``, ``connected`` (an online device whose newest
+        evidence is the status it published when it connected) or ``status``."""
+        now = time.time()
+        out = {}
+        for device, summary in self.view.snapshot().items():
+            seen = min(summary.last_seen or 0.0, now)  # a device clock ahead is not the future
+            heard_at = self.heard_at.get(device)
+            if heard_at is not None and heard_at >= seen:
+                seen, heard = heard_at, "live"
+            elif seen and seen > self.status_ts.get(device, 0.0):
+                heard = "record"
+            elif summary.state == "online":
+                heard = "connected"
+            else:
+                heard = "status"
+            extra = {**summary.extra, "heard": heard}
+            out[device] = replace(summary, last_seen=seen or None, extra=extra)
+        return out
 
     def start(self, settle_s: float = 0.5) -> FleetListener:
         """Connect, and give the broker ``settle_s`` to send the retained documents."""
@@ -140,4 +178,4 @@ def fleet_status(
         if store is not None:
             fold_store(listener.view, store, dict(listener.boots))
         time.sleep(listen_s)
-        return listener.view.snapshot()
+        return listener.summaries()

@@ -7,10 +7,6 @@ import json
 import time
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 
 def register(sub: Any) -> None:
     fleet = sub.add_parser("fleet", help="what every device runs and how it is doing")
@@ -27,7 +23,9 @@ def register(sub: Any) -> None:
     status.set_defaults(func=cmd_status)
 
 
-def _ago(ts: float | None) -> str:
+def _ago(ts: float | None, heard: str | None = None) -> str:
+    if heard == "connected":
+        return "connected"  # its status dates from the connect; the broker holds its session
     if not ts:
         return "-"
     seconds = max(0.0, time.time() - ts)
@@ -54,24 +52,34 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
         return 0
     from cloud_sync.redact import redact_url
+    from edgebento.cli.tables import Cell, Column, print_table
 
     shown = redact_url(args.broker)
-    table = Table(title=f"fleet on {shown} ({len(devices)} devices)")
-    for col in ("device", "state", "model", "last seen", "inf/s", "p99 ms", "errors", "pending"):
-        table.add_column(col, justify="right" if col in ("inf/s", "p99 ms", "errors") else "left")
-    for device, s in devices.items():
-        model = f"{s.model} v{s.version}" if s.model else "-"
-        pending = f"-> v{s.desired_version}" if s.pending_update else ""
-        state = "[green]online[/]" if s.state == "online" else f"[red]{s.state}[/]"
-        table.add_row(
-            escape(device),
-            state,
-            escape(model),
-            _ago(s.last_seen),
+    if not devices:
+        print(f"no device has reported on {shown}")
+        return 0
+    columns = [
+        Column("device", ident=True),
+        Column("state"),
+        Column("model"),
+        Column("last seen"),
+        Column("inf/s", right=True),
+        Column("p99 ms", right=True),
+        Column("errors", right=True),
+        Column("pending"),
+    ]
+    rows: list[list[str | Cell]] = [
+        [
+            device,
+            Cell(s.state, "green" if s.state == "online" else "red"),
+            f"{s.model} v{s.version}" if s.model else "-",
+            _ago(s.last_seen, s.extra.get("heard")),
             _num(s.inference_rate, ".1f"),
             _num(s.p99_ms, ".1f"),
             f"{s.errors:.0f}",
-            pending,
-        )
-    Console().print(table if devices else f"no device has reported on {shown}")
+            f"-> v{s.desired_version}" if s.pending_update else "",
+        ]
+        for device, s in devices.items()
+    ]
+    print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
     return 0

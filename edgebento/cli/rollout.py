@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
 from edgebento.cli.registry import add_store_args
 from modelpack.errors import ConfigError
@@ -22,7 +20,7 @@ USAGE = """\
 edgebento rollout NAME VERSION --store URL --broker URL --key signing.key (--devices a,b | --group G)
 edgebento rollout status ID --store URL [--json]
 edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] [--timeout S]
-edgebento rollout list --store URL"""
+edgebento rollout list --store URL [--json]"""
 _SHOWN_DEVICES = 200
 
 
@@ -215,32 +213,48 @@ def _status(args: argparse.Namespace, rollout_id: str) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from cloud_sync.rollout_state import list_states
+    from edgebento.cli.tables import Column, print_table
 
-    table = Table(title="rollouts")
-    for col in ("id", "pack", "phase", "devices", "reason"):
-        table.add_column(col)
-    for s in list_states(_store(args)):
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()) if n)
-        table.add_row(s.id, f"{s.name} v{s.version}", s.phase, counts, escape(s.reason or ""))
-    Console().print(table)
+    headers = list_states(_store(args))
+    if args.json:
+        doc = [h.model_dump(mode="json", exclude={"saves"}) for h in headers]
+        print(json.dumps({"rollouts": doc}, indent=2))
+        return 0
+    columns = [Column("id", ident=True), Column("pack"), Column("phase"), Column("devices")]
+    rows = [
+        [h.id, f"{h.name} v{h.version}", h.phase, _counts(h.counts), h.reason or ""]
+        for h in headers
+    ]
+    print_table("rollouts", [*columns, Column("reason")], rows)
     return 0
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n)
+
+
 def _show(state: Any, as_json: bool) -> None:
+    from edgebento.cli.tables import Column, print_table
+
     if as_json:
         print(json.dumps(state.model_dump(mode="json"), indent=2))
         return
-    table = Table(title=f"rollout {state.id}: {state.name} v{state.version} — {state.phase}")
-    for col in ("device", "wave", "previous", "state", "detail"):
-        table.add_column(col)
+    columns = [Column("device", ident=True), Column("wave"), Column("previous"), Column("state")]
     # A fleet of thousands is summed up by its counts; the table shows the first rows.
-    for d in state.devices[:_SHOWN_DEVICES]:
-        wave = "canary" if d.wave == 0 else str(d.wave)
-        prev = f"v{d.previous.version}" if d.previous else "-"
-        table.add_row(escape(d.device), wave, prev, d.state, escape(d.detail or ""))
-    console = Console()
-    console.print(table)
-    counts = ", ".join(f"{n} {k}" for k, n in sorted(state.counts.items()) if n)
-    console.print(f"{len(state.devices)} devices: {counts}")
+    rows = [
+        [
+            d.device,
+            "canary" if d.wave == 0 else str(d.wave),
+            f"v{d.previous.version}" if d.previous else "-",
+            d.state,
+            d.detail or "",
+        ]
+        for d in state.devices[:_SHOWN_DEVICES]
+    ]
+    title = f"rollout {state.id} ({state.name} v{state.version}, {state.phase})"
+    print_table(title, [*columns, Column("detail")], rows)
+    more = len(state.devices) - len(rows)
+    tail = f" ({more} not shown: --json lists every device)" if more > 0 else ""
+    print(f"{len(state.devices)} devices: {_counts(state.counts)}{tail}")
     if state.reason:
-        console.print(f"{state.phase}: {escape(state.reason)}")
+        print(f"{state.phase}: {state.reason}")
