@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from cloud_sync.redact import redact_url
+from cloud_sync.redact import redact_url, remember_password
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,10 @@ class BrokerAddress:
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {redact_url(url)!r} is not a URL: {exc}") from exc
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(f"broker URL {redact_url(url)!r} must start with mqtt:// or mqtts://")
     if not parts.hostname:
@@ -43,6 +46,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
         raise ConfigError(f"broker URL {redact_url(url)!r} has a bad port") from exc
+    if parts.password:
+        remember_password(unquote(parts.password))
     return BrokerAddress(
         host=parts.hostname,
         port=port,

@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from cloud_sync.protocol import ModelRef, Topics
+    from cloud_sync.redact import redact_url
     from cloud_sync.sim_fleet import SimFleet
     from cloud_sync.simulator import Behavior
     from modelpack.errors import ConfigError
@@ -73,7 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         behavior=behavior,
         trusted=[load_public_key(k) for k in args.trust],
     ) as fleet:
-        print(f"ready: {len(fleet.connected)} devices on {args.broker}", flush=True)
+        print(f"ready: {len(fleet.connected)} devices on {redact_url(args.broker)}", flush=True)
         fleet.run(until=lambda: stop.is_set() or time.monotonic() >= end)
         versions: dict[int, int] = {}
         for sim in fleet.sims.values():
