@@ -121,9 +121,14 @@ class Reconciler:
         try:
             if mark is not None and want.version <= mark:
                 if not desired.rollback:
+                    # Name what runs: after a rollback to v1, a desired v2 is no downgrade from
+                    # what runs, but a return to a version the device left.
+                    runs = f"v{cur.manifest.version}" if cur is not None else "no model"
                     message = (
                         f"desired {want.name} v{want.version} is not above v{mark}, the highest "
-                        f'this device installed, and not marked "rollback": true; {NEEDS_AUTHORITY}'
+                        f"this device installed (it runs {runs}), and not marked "
+                        '"rollback": true; installing a version at or below that mark needs a '
+                        "signed rollback instruction (edgebento rollback signs one)"
                     )
                     updater.refuse(message, "desired", source=f"{want.name} v{want.version}")
                     return "refused", message

@@ -5,12 +5,19 @@ unexpired ``RollbackInstruction`` for it and that exact version. This signs one 
 publisher's key (the one the device trusts for packs) and sends it as a ``rollback`` command
 (the default: the reply is printed), as a retained desired state (``--desired``, for a device
 that is offline now), or prints it (``--print``) for another tool to deliver.
+
+After a rollback the command applied, the device's retained desired state is set to the version
+it went back to (one generation above the one it replaces), so the fleet's desired state agrees
+with what the device runs: ``fleet status`` shows no update pending, a restarted agent finds
+nothing to refuse, and ``rollout resume`` of the rollout it undid is refused as superseded.
+``--broker`` is needed for everything but ``--print``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
 import time
 import uuid
@@ -33,13 +40,16 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     rollback.add_argument("--url", help="where the device fetches the pack if it kept no copy")
     rollback.add_argument("--rollout", help="the rollout this rollback belongs to")
-    rollback.add_argument("--broker", help="mqtt://[user:pass@]host:port")
+    rollback.add_argument("--broker", help="mqtt://[user:pass@]host:port (needed unless --print)")
     rollback.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
     rollback.add_argument(
         "--desired", action="store_true",
         help="set the retained desired state instead of sending a command",
     )  # fmt: skip
-    rollback.add_argument("--generation", type=int, default=None, help="desired generation")
+    rollback.add_argument(
+        "--generation", type=int, default=None,
+        help="desired generation (default: one above the device's retained desired state)",
+    )  # fmt: skip
     rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     rollback.add_argument("--print", action="store_true", help="print the signed JSON only")
     rollback.set_defaults(func=cmd_rollback)
@@ -47,6 +57,7 @@ def register(sub: Any) -> None:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from cloud_sync.authority import sign_rollback
+    from cloud_sync.mqtt import CloudClient
     from cloud_sync.protocol import ModelRef
     from cloud_sync.redact import redact_url
     from modelpack.errors import ConfigError
@@ -64,47 +75,98 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(signed.model_dump_json())
         return 0
     if not args.broker:
-        raise ConfigError("--broker is needed to send the rollback (or --print it)")
-    if args.desired:
-        return _set_desired(args, model, signed)
-    reply = _command(args, signed)
-    print(json.dumps(reply, indent=2, default=str))
-    shown = redact_url(args.broker)
-    if not reply.get("ok"):
-        print(f"error: {args.device} refused: {reply.get('error')} (via {shown})", file=sys.stderr)
-        return 1
+        raise ConfigError(
+            "--broker mqtt://host:port is needed to send the rollback (or --print the signed "
+            "instruction for another tool to deliver)"
+        )
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    with CloudClient(
+        args.broker, on_message=lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
+    ) as client:
+        generation = _next_generation(client, inbox, args)
+        if args.desired:
+            return _set_desired(client, args, model, generation, signed)
+        reply = _command(client, inbox, args, signed)
+        print(json.dumps(reply, indent=2, default=str))
+        if not reply.get("ok"):
+            shown = redact_url(args.broker)
+            print(
+                f"error: {args.device} refused: {reply.get('error')} (via {shown})", file=sys.stderr
+            )
+            return 1
+        # The device runs what the instruction names now; the retained desired state must say so
+        # too, or it keeps naming the version left behind: fleet status shows that update as
+        # pending forever, and the device refuses it again at every restart. It grants nothing
+        # (no authorization): the device already runs it, and nothing can replay it.
+        _set_desired(client, args, model, generation, None)
     return 0
 
 
-def _set_desired(args: argparse.Namespace, model: Any, signed: Any) -> int:
-    from cloud_sync.mqtt import CloudClient
+def _next_generation(
+    client: Any, inbox: queue.Queue[tuple[str, bytes]], args: argparse.Namespace
+) -> int:
+    """One above the generation of the device's retained desired state (``--generation`` if
+    given), so a controller sees the rollback as newer than the rollout it undoes."""
+    from cloud_sync.protocol import Desired, Topics
+
+    if args.generation is not None:
+        return int(args.generation)
+    topic = Topics(args.prefix).desired(args.device)
+    marker = f"{args.prefix}-replies/rollback-{uuid.uuid4().hex[:12]}"
+    # The broker sends a topic's retained message at its subscription, before it handles
+    # anything we send later: once our own marker comes back, whatever was retained has come.
+    client.client.subscribe([(topic, 1), (marker, 1)])
+    client.publish(marker, b"marker")
+    deadline = time.monotonic() + args.timeout
+    retained: bytes = b""
+    while time.monotonic() < deadline:
+        try:
+            got, payload = inbox.get(timeout=max(0.05, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if got == topic:
+            retained = payload
+        elif got == marker:
+            client.client.unsubscribe([topic, marker])
+            break
+    if not retained:
+        return 1
+    try:
+        return Desired.model_validate_json(retained).generation + 1
+    except ValueError:
+        return 1  # a desired state nobody can act on: ours replaces it
+
+
+def _set_desired(
+    client: Any, args: argparse.Namespace, model: Any, generation: int, signed: Any
+) -> int:
     from cloud_sync.protocol import Desired, Topics
 
     desired = Desired(
         model=model,
         url=args.url,
         rollout=args.rollout,
-        generation=args.generation if args.generation is not None else int(time.time()),
+        generation=generation,
         rollback=True,
         authorization=signed,
     )
-    with CloudClient(args.broker) as client:
-        payload = desired.model_dump_json(exclude_none=True).encode()
-        client.publish(Topics(args.prefix).desired(args.device), payload, retain=True)
+    payload = desired.model_dump_json(exclude_none=True).encode()
+    client.publish(Topics(args.prefix).desired(args.device), payload, retain=True)
+    kind = "signed rollback" if signed is not None else "what the rollback installed"
     print(
-        f"set the desired state of {args.device}: {model.name} v{model.version} (signed rollback)"
+        f"set the desired state of {args.device}: {model.name} v{model.version} "
+        f"(generation {generation}, {kind})",
+        file=sys.stderr if signed is None else sys.stdout,
     )
     return 0
 
 
-def _command(args: argparse.Namespace, signed: Any) -> dict[str, Any]:
-    import queue
-
-    from cloud_sync.mqtt import CloudClient
+def _command(
+    client: Any, inbox: queue.Queue[tuple[str, bytes]], args: argparse.Namespace, signed: Any
+) -> dict[str, Any]:
     from cloud_sync.protocol import RollbackCommand, Topics
     from modelpack.errors import BrokerError
 
-    replies: queue.Queue[bytes] = queue.Queue()
     reply_to = f"{args.prefix}-replies/rollback-{uuid.uuid4().hex[:12]}"
     command = RollbackCommand(
         id=f"rollback-{uuid.uuid4().hex}",
@@ -115,21 +177,20 @@ def _command(args: argparse.Namespace, signed: Any) -> dict[str, Any]:
         authorization=signed,
         expires_at=time.time() + args.timeout,
     )
-
-    def on_message(_c: Any, _u: Any, msg: Any) -> None:
-        replies.put(bytes(msg.payload))
-
-    with CloudClient(args.broker, on_message=on_message) as client:
-        client.client.subscribe(reply_to, qos=1)
-        time.sleep(0.2)  # the SUBACK before the command, so the reply cannot be missed
-        topic = Topics(args.prefix).cmd(args.device, "rollback")
-        client.publish(topic, command.model_dump_json(exclude_none=True).encode())
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            try:
-                doc = json.loads(replies.get(timeout=max(0.05, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-            if isinstance(doc, dict) and doc.get("id") == command.id:
-                return doc
+    client.client.subscribe(reply_to, qos=1)
+    time.sleep(0.2)  # the SUBACK before the command, so the reply cannot be missed
+    topic = Topics(args.prefix).cmd(args.device, "rollback")
+    client.publish(topic, command.model_dump_json(exclude_none=True).encode())
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            got, payload = inbox.get(timeout=max(0.05, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            continue
+        if got == reply_to and isinstance(doc, dict) and doc.get("id") == command.id:
+            return doc
     raise BrokerError(f"{args.device} did not answer the rollback within {args.timeout:.0f}s")
