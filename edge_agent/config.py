@@ -50,6 +50,21 @@ class Limits(_Section):
     latency_budget_ms: LatencyBudgetMs = 250.0  # health check after an update
 
 
+class HttpLimits(_Section):
+    """The local HTTP endpoint's bounds: open connections, the threads that answer them, and
+    a time limit per phase of a request (docs/edge-agent.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_connections: int = Field(default=32, ge=1, le=4096)
+    workers: int = Field(default=4, ge=1, le=64)
+    head_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    run_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    write_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    idle_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+
+
 class AgentConfig(_Section):
     device: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     broker: str = "mqtt://127.0.0.1:1883"
@@ -71,6 +86,7 @@ class AgentConfig(_Section):
     backoff_max: float = Field(default=30.0, gt=0)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     http_host: str = "127.0.0.1"
+    http: HttpLimits = Field(default_factory=HttpLimits)
     outbox_max_bytes: int = Field(default=16 << 20, ge=4096)
     outbox_overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     telemetry_batch: int = Field(default=50, gt=0, le=1000)
@@ -140,7 +156,7 @@ _LIST_FIELDS = {"trust", "groups", "file_roots"}
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in AgentConfig.model_fields:
-        if name in ("limits", "pipelines"):
+        if name in ("limits", "pipelines", "http"):
             continue
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None or raw == "":

@@ -75,6 +75,7 @@ class Predictor:
             )
         self.inputs = {s.name: s for s in inputs}
         self.outputs = [s.name for s in outputs]
+        self.output_specs = list(outputs)  # what metadata reports: the io signature's dtypes
         self.model_ref = dict(model_ref or {})
         source = str(model) if isinstance(model, Path) else model
         try:

@@ -239,9 +239,9 @@ class ServedModel:
         return self.predictor.inputs
 
     def output_specs(self) -> list[TensorSpec]:
-        if self.manifest is not None:
-            return list(self.manifest.outputs)
-        return [TensorSpec(name=n, dtype="float32") for n in self.predictor.outputs]
+        # The predictor's, which came from the manifest's io signature even where the target
+        # (the agent) serves without the manifest: never a dtype guessed from a name.
+        return list(self.predictor.output_specs)
 
     def metadata(self) -> dict[str, Any]:
         m = self.manifest
