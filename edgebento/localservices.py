@@ -42,12 +42,24 @@ def mosquitto_binary() -> str:
     return found
 
 
+ACL_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "acl"
+
+
+def fleet_acl(prefix: str) -> str:
+    """deploy/mosquitto/acl for topic prefix ``prefix`` (the file is written for the default)."""
+    lines = ACL_TEMPLATE.read_text().splitlines()
+    out = [ln if ln.startswith("#") else ln.replace(" edgebento/", f" {prefix}/") for ln in lines]
+    return "\n".join(out) + "\n"
+
+
 @dataclass
 class Mosquitto:
     """A Mosquitto broker of its own, on a free loopback port, that can be killed and restarted.
 
-    With ``users`` (name -> password) it refuses anonymous clients, and its ACL confines each
-    user to ``{prefix}/{user}/#`` (the device's own topics); ``admin`` may use every topic.
+    With ``users`` (name -> password) it refuses anonymous clients and enforces the ACL of
+    ``deploy/mosquitto/acl`` for ``prefix``: each device (user name = device id) publishes only
+    its own status, telemetry and replies, and ``sync``, ``controller`` and ``operator`` are the
+    cloud's identities.
     """
 
     workdir: Path
@@ -87,11 +99,7 @@ class Mosquitto:
             passwd.chmod(0o600)
             subprocess.run(["mosquitto_passwd", "-U", str(passwd)], check=True)
             acl = self.workdir / "acl"
-            acl.write_text(
-                "user admin\ntopic readwrite #\n\n"
-                f"pattern readwrite {self.prefix}/%u/#\n"
-                f"pattern read {self.prefix}/group/#\n"
-            )
+            acl.write_text(fleet_acl(self.prefix))
             lines += ["allow_anonymous false", f"password_file {passwd}", f"acl_file {acl}"]
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")

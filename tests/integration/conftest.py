@@ -11,7 +11,13 @@ from tests.support.agent import AgentProcess, Client, make_pack
 from tests.support.fleet import wait_versions
 from tests.support.services import Mosquitto, MotoS3
 
-DEVICE_PASSWORDS = {"admin": "admin-secret", "dev-a": "pw-a", "dev-b": "pw-b"}
+DEVICE_PASSWORDS = {
+    "operator": "operator-secret",
+    "controller": "controller-secret",
+    "sync": "sync-secret",
+    "dev-a": "pw-a",
+    "dev-b": "pw-b",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -32,7 +32,7 @@ def test_bad_credentials_stop_the_agent_with_a_clear_error(
 
 @pytest.fixture
 def admin(auth_broker: Mosquitto) -> Any:
-    c = Client(auth_broker, username="admin", password=DEVICE_PASSWORDS["admin"])
+    c = Client(auth_broker, username="operator", password=DEVICE_PASSWORDS["operator"])
     c.reply_topic = "edgebento/dev-a/replies/admin"  # where dev-a may write
     c.collect(c.reply_topic)
     yield c
