@@ -4,6 +4,13 @@ A request is ``{"inputs": {"x": [[...]]}}`` or, for raw bytes,
 ``{"inputs": {"x": {"dtype": "float32", "shape": [1, 64], "b64": "..."}}}``.
 An answer is ``{"outputs": {...}, "model": {"name", "version"}, "latency_ms": ...}``, with NaN
 and infinity answered as null (JSON has no spelling for them).
+
+One encoder writes every target's numbers: ``encode_tensor`` (and ``encode_response``) make the
+documents, ``dumps`` writes them. A float32 is written with 9 significant digits and a float16
+with 5, also in a document that another writer serializes (the Lambda runtime, an MQTT reply):
+its floats are the 9-digit values already, so ``json.dumps`` writes no more digits than ours.
+What encoding costs is bounded by the bytes it writes: a zero-size tensor costs nothing
+whatever its other dims say, and its nested lists are capped (``MAX_EMPTY_LISTS``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,7 +66,7 @@ def parse_body(
             reason="too_large",
         )
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     # ValueError: besides JSONDecodeError, an integer literal over Python's 4300-digit limit.
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting
         raise InputError(
@@ -76,6 +83,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         twice = next(k for i, k in enumerate(names) if k in names[:i])
         raise InputError(f"the JSON body gives the key {twice!r} twice", reason="invalid_json")
     return doc
+
+
+def _no_constant(name: str) -> Any:
+    """Python's parser takes ``NaN`` and ``Infinity``; JSON has no such literals, and a proxy or
+    a client library that follows the standard would refuse the body we answer."""
+    raise InputError(f"{name} is not JSON (strict JSON has no NaN or infinity)", "invalid_json")
 
 
 def decode_tensor(spec: TensorSpec, value: Any, limits: ServingLimits) -> np.ndarray:
@@ -97,6 +110,12 @@ def _decode_b64(spec: TensorSpec, value: Mapping[str, Any], limits: ServingLimit
         raise InputError(f"input {name!r}: dtype must be a string", reason="dtype")
     itemsize = check_dtype(spec, dtype).itemsize
     dims, count = check_declared_shape(spec, value["shape"], limits)
+    if count == 0 and _lists(dims) > MAX_EMPTY_LISTS:  # an answer nests its outputs alike
+        raise InputError(
+            f"input {name!r}: shape {list(dims)} holds no numbers, but more than "
+            f"{MAX_EMPTY_LISTS} nested lists",
+            reason="too_large",
+        )
     if not isinstance(text, str):
         raise InputError(f"input {name!r}: b64 must be a string", reason="invalid")
     expected = count * itemsize
@@ -142,6 +161,9 @@ def json_safe(array: Any) -> Any:
 # ``_whole`` gives it a zero.
 _DIGITS = {"float16": "%#.5g", "float32": "%#.9g"}
 _CACHED_TEMPLATE_ELEMENTS = 1 << 16
+# A zero-size tensor holds no numbers, but its nested lists are real text: [1, 10**8, 0] would
+# be 10**8 empty lists. Past this many the answer is refused (413), whatever the request's size.
+MAX_EMPTY_LISTS = 1 << 12
 # Where dumps splices Numbers in: a secret of this process, so no string a client sends (an OIP
 # id) can pose as one. It never leaves the process: every mark is replaced.
 _MARK = os.urandom(12).hex()
@@ -158,17 +180,69 @@ class Numbers:
 
 
 def numbers(array: np.ndarray) -> Any:
-    """``array.tolist()`` for a body: a finite float32 or float16 array as ``Numbers``, anything
-    else as lists with NaN and infinity as null."""
+    """``array.tolist()`` for a body: a float32 or float16 array as ``Numbers`` (NaN and
+    infinity as null), anything else as lists with NaN and infinity as null."""
+    array = np.asarray(array)
     form = _DIGITS.get(array.dtype.name)
-    if form is None or array.ndim == 0 or not np.isfinite(array).all():
+    if array.size == 0:
+        return Numbers(_empty(array.shape))
+    if form is None:
         return json_safe(array).tolist()
-    return Numbers(_whole(_template(array.shape, form) % tuple(array.reshape(-1).tolist())))
+    return Numbers(_written(array, form))
+
+
+def plain(array: np.ndarray) -> Any:
+    """``array.tolist()`` for a document that another writer serializes (the Lambda runtime,
+    ``json.dumps``): float32 and float16 values are the ones ``numbers`` writes, so no writer
+    spells them with float64's 17 digits; NaN and infinity are None."""
+    array = np.asarray(array)
+    form = _DIGITS.get(array.dtype.name)
+    if array.size == 0:
+        return json.loads(_empty(array.shape))
+    if form is None:
+        return json_safe(array).tolist()
+    return json.loads(_written(array, form))
+
+
+def _written(array: np.ndarray, form: str) -> str:
+    text = _template(array.shape, form) % tuple(array.reshape(-1).tolist())
+    if not np.isfinite(array).all():  # printf spells them nan, inf and -inf
+        text = text.replace("nan", "null").replace("-inf", "null").replace("inf", "null")
+    return _whole(text)
 
 
 def _whole(text: str) -> str:
-    # A bare point can only stand before the comma or bracket that ends a number.
-    return text.replace(".,", ".0,").replace(".]", ".0]")
+    # A bare point can only stand before the comma or bracket that ends a number, or at the end
+    # of a 0-d array's one number.
+    text = text.replace(".,", ".0,").replace(".]", ".0]")
+    return text + "0" if text.endswith(".") else text
+
+
+def _lists(shape: Sequence[int]) -> int:
+    """How many lists a zero-size array of ``shape`` nests (counted only up to past the cap):
+    its dims before the first zero. The dims after it cost nothing."""
+    lists = rows = 1
+    for dim in shape[: list(shape).index(0)]:
+        rows *= dim
+        lists += rows
+        if lists > MAX_EMPTY_LISTS:
+            break
+    return lists
+
+
+def _empty(shape: tuple[int, ...]) -> str:
+    """The nested lists of a zero-size array (the float writer once built a template for every
+    element its shape would hold without its zero: gigabytes for 78 bytes of request)."""
+    if _lists(shape) > MAX_EMPTY_LISTS:
+        raise InputError(
+            f"an output of shape {list(shape)} holds no numbers, but more than "
+            f"{MAX_EMPTY_LISTS} nested lists; ask for it in binary (b64 or OIP)",
+            reason="too_large",
+        )
+    text = "[]"
+    for dim in reversed(shape[: shape.index(0)]):
+        text = "[" + ",".join([text] * dim) + "]"
+    return text
 
 
 def _template(shape: tuple[int, ...], form: str) -> str:
@@ -199,7 +273,7 @@ def encode_tensor(array: np.ndarray, binary: bool = False, body: bool = False) -
             "shape": list(contiguous.shape),
             "b64": base64.b64encode(contiguous.tobytes()).decode("ascii"),
         }
-    return numbers(array) if body else json_safe(array).tolist()
+    return numbers(array) if body else plain(array)
 
 
 def encode_response(

@@ -24,6 +24,7 @@ from modelpack.serving.tensors import (
     check_names,
     from_bytes,
     from_numbers,
+    shown,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -45,6 +46,10 @@ DATATYPES = {
 OIP_NAME = {v: k for k, v in DATATYPES.items()}
 
 
+MAX_ID_CHARS = 128  # the cap of an MQTT request's id: one id, the same cap on every target
+UINT64_MAX = 2**64 - 1  # Triton's timeout (microseconds) and priority are uint64
+
+
 @dataclass(frozen=True)
 class OipRequest:
     inputs: dict[str, np.ndarray]
@@ -52,14 +57,62 @@ class OipRequest:
     binary_default: bool
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float | None = None  # Triton's ``timeout`` parameter (microseconds), checked
 
-    @property
-    def timeout_s(self) -> float | None:
-        """Triton's ``timeout`` parameter, in microseconds."""
-        value = self.parameters.get("timeout")
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value) / 1e6
+
+def client_timeout_s(value: Any, name: str, per_second: int) -> float | None:
+    """A client's timeout (OIP ``timeout`` in microseconds, MQTT ``timeout_ms``) in seconds;
+    None for none or 0. Anything but a number from 0 to 2**64-1 is a 400, checked before any
+    conversion: float() of 1 followed by 400 zeros raises OverflowError (it was a 500)."""
+    if value is None:
         return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value <= UINT64_MAX
+    ):
+        raise InputError(
+            f"parameter {name} must be a number from 0 to {UINT64_MAX}, got {_brief(value)}",
+            reason="invalid",
+        )
+    return float(value) / per_second if value > 0 else None
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _request_id(value: Any) -> str | None:
+    """An id is echoed in the answer, in logs and over MQTT: bounded, and text every writer can
+    encode (a lone surrogate cannot be UTF-8) without control characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError("id must be a string", reason="invalid")
+    if len(value) > MAX_ID_CHARS:
+        raise InputError(
+            f"id is {len(value)} characters; the cap is {MAX_ID_CHARS}", reason="invalid"
+        )
+    if any(c < " " or c == "\x7f" or "\ud800" <= c <= "\udfff" for c in value):
+        raise InputError(
+            "id must be text without control characters or lone surrogates", reason="invalid"
+        )
+    return value
+
+
+def _priority(params: Mapping[str, Any]) -> None:
+    """Triton's ``priority`` (uint64; all requests are served alike here): checked, not used."""
+    value = params.get("priority")
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= UINT64_MAX
+    ):
+        raise InputError(
+            f"parameter priority must be an integer from 0 to {UINT64_MAX}, got {_brief(value)}",
+            reason="invalid",
+        )
 
 
 def datatype(dtype: str) -> str:
@@ -110,7 +163,8 @@ def _tensor(
     spec = specs.get(name)
     if spec is None:
         raise InputError(
-            f"unknown input {name!r}; the model takes {', '.join(specs)}", reason="unknown_input"
+            f"unknown input {shown(name)}; the model takes {', '.join(specs)}",
+            reason="unknown_input",
         )
     oip_type = doc.get("datatype")
     dtype = DATATYPES.get(oip_type) if isinstance(oip_type, str) else None
@@ -168,9 +222,11 @@ def _requested(doc: Any, names: Sequence[str]) -> dict[str, bool] | None:
             raise InputError("each requested output is an object with a name", reason="invalid")
         if item["name"] not in names:
             raise InputError(
-                f"unknown output {item['name']!r}; the model gives {', '.join(names)}",
+                f"unknown output {shown(item['name'])}; the model gives {', '.join(names)}",
                 reason="unknown_output",
             )
+        if item["name"] in wanted:
+            raise InputError(f"output {item['name']!r} is asked for twice", reason="invalid")
         params = _params(item, f"output {item['name']!r}")
         if params.get("classification"):  # Triton's class_count: top-k labels, as BYTES
             raise InputError(
@@ -195,10 +251,10 @@ def decode(
             'an inference request is {"inputs": [{"name", "shape", "datatype", "data"}]}',
             reason="invalid",
         )
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InputError("id must be a string", reason="invalid")
+    request_id = _request_id(doc.get("id"))
     params = _params(doc, "the request")
+    timeout_s = client_timeout_s(params.get("timeout"), "timeout", 1_000_000)
+    _priority(params)
     names = [t.get("name") if isinstance(t, Mapping) else None for t in doc["inputs"]]
     if all(isinstance(n, str) for n in names):
         check_names(specs, names)  # type: ignore[arg-type]
@@ -216,7 +272,7 @@ def decode(
     requested = _requested(doc.get("outputs"), outputs)
     if requested is not None:
         requested = {k: default if v is None else v for k, v in requested.items()}
-    return OipRequest(feed, requested, default, request_id, params)
+    return OipRequest(feed, requested, default, request_id, params, timeout_s)
 
 
 def answer_doc(

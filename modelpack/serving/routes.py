@@ -141,7 +141,8 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
 def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | bytearray:
     """The body without its Content-Encoding (tritonclient's ``request_compression_algorithm``
     sends gzip or deflate), inflated no further than ``cap``: a zip bomb is a 413, not a dead
-    worker."""
+    worker. Exactly one gzip member or zlib stream, with nothing after it: a reader that takes
+    every member (a proxy, a WAF) would see another body than the one that runs."""
     import zlib
 
     name = (encoding or "identity").strip().lower()
@@ -158,6 +159,12 @@ def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | 
         raise InputError(f"the body inflates past the cap of {cap} bytes", reason="too_large")
     if not inflater.eof:
         raise InputError(f"the {name} body is cut short", reason="invalid")
+    if inflater.unused_data:
+        raise InputError(
+            f"{len(inflater.unused_data)} bytes follow the end of the {name} "
+            f"{'member' if name == 'gzip' else 'stream'}; send exactly one",
+            reason="invalid",
+        )
     return out
 
 

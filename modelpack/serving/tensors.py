@@ -44,11 +44,18 @@ def fmt_shape(shape: Sequence[Any] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+def shown(name: str, cap: int = 64) -> str:
+    """A client's name for a message: its repr (which escapes control characters and lone
+    surrogates), cut short, so a refusal is never larger than one line."""
+    text = repr(name)
+    return text if len(text) <= cap else f"{text[:cap]}...({len(name)} characters)"
+
+
 def check_names(specs: Mapping[str, TensorSpec], names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise InputError(
-            f"unknown input {unknown[0]!r}; the model takes {', '.join(specs)}",
+            f"unknown input {shown(unknown[0])}; the model takes {', '.join(specs)}",
             reason="unknown_input",
         )
     missing = [n for n in specs if n not in names]
@@ -77,8 +84,23 @@ def check_declared_shape(
             f"input {name!r}: shape {list(shape)} is {count} elements; the cap is {limits.max_elements}",
             reason="too_large",
         )
+    # A zero-size shape holds nothing whatever its other dims, but numpy still refuses one whose
+    # other dims would describe more bytes than an index reaches (ValueError: it was a 500).
+    nominal = math.prod(d for d in shape if d) * _itemsize(spec.dtype)
+    if nominal > np.iinfo(np.intp).max:
+        raise InputError(
+            f"input {name!r}: shape {list(shape)} is past what an array can describe",
+            reason="too_large",
+        )
     check_shape(spec, tuple(shape))
     return tuple(shape), count
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # a dtype numpy does not know is refused with the client's dtype
+        return 1
 
 
 def check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
@@ -126,7 +148,10 @@ def from_bytes(
 
 
 def from_numbers(spec: TensorSpec, value: Any) -> np.ndarray:
-    """Nested JSON lists of numbers, coerced to the model's dtype without loss."""
+    """Nested JSON lists of numbers as the model's dtype, only where no number changes: an
+    integer must fit the dtype exactly (2**64-1 in uint64, 2**53+1 in no float), a fraction is
+    rounded to the dtype's nearest as every decimal is, but never to infinity, nor from nonzero
+    to zero. Anything else is a 400 that names the input."""
     if isinstance(value, str):
         raise InputError(f"input {spec.name!r}: expected numbers, got a string", reason="dtype")
     try:
@@ -135,42 +160,139 @@ def from_numbers(spec: TensorSpec, value: Any) -> np.ndarray:
         raise InputError(
             f"input {spec.name!r}: nested lists of unequal lengths", reason="shape"
         ) from exc
-    if array.dtype.kind not in "biuf":
+    kind, target = array.dtype.kind, np.dtype(spec.dtype)
+    if kind == "f" and array.size and not np.abs(array).max() < _exact_ints(target):
+        # numpy made floats of every number: an integer past what a float holds was rounded
+        # (2**64-1 became 2**64), so the numbers are read again as Python gives them.
+        kind = "O"
+    if kind == "O":
+        return _exactly(spec.name, np.asarray(value, dtype=object), target)
+    if kind not in "biuf":
         raise InputError(
             f"input {spec.name!r}: expected numbers, got {_kind_name(array)}", reason="dtype"
         )
     return coerce(spec.name, array, spec.dtype)
 
 
+def _exact_ints(dtype: np.dtype[Any]) -> int:
+    """The largest magnitude up to which every integer is a value of ``dtype``."""
+    if dtype.kind == "f":
+        return 2 ** (np.finfo(dtype).nmant + 1)
+    return 2**53  # what float64, numpy's reading of a mixed list, holds exactly
+
+
 def _kind_name(array: np.ndarray) -> str:
     if array.dtype.kind in "US":
         return "strings"
     if array.dtype.kind == "O":
-        return "a mix of values (null, objects, strings or huge integers)"
+        return "a mix of values (null, objects or strings)"
     return str(array.dtype)
 
 
+def _exactly(name: str, objects: np.ndarray, target: np.dtype[Any]) -> np.ndarray:
+    """The slow, exact path: each number as Python parsed it (a bounded count: the body's
+    number cap), checked one by one."""
+    values = [_scalar(name, v, target) for v in objects.reshape(-1).tolist()]
+    return np.array(values, dtype=target).reshape(objects.shape)
+
+
+def _scalar(name: str, value: Any, target: np.dtype[Any]) -> Any:
+    if not isinstance(value, int | float):
+        raise InputError(
+            f"input {name!r}: expected numbers, got a mix of values (null, objects or strings)",
+            reason="dtype",
+        )
+    if isinstance(value, bool) or target.kind == "b":
+        return coerce(name, np.asarray(value), target.name).item()
+    if target.kind in "iu":
+        whole = isinstance(value, int) or (math.isfinite(value) and value.is_integer())
+        info = np.iinfo(target)
+        if not (whole and info.min <= value <= info.max):
+            raise _lossy(name, value, target)
+        return int(value)
+    try:
+        with np.errstate(over="ignore", under="ignore"):
+            converted = target.type(value)
+    except OverflowError:  # an integer past float64
+        raise _lossy(name, value, target) from None
+    if not (math.isfinite(value) and np.isfinite(converted)):
+        raise _lossy(name, value, target)
+    # int() of a finite float is exact; numpy would compare the integer as a float instead.
+    if int(converted) != value if isinstance(value, int) else value != 0 and converted == 0:
+        raise _lossy(name, value, target)
+    return converted
+
+
+def _lossy(name: str, value: Any, target: np.dtype[Any]) -> InputError:
+    shown = (
+        str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}...({len(str(value))} digits)"
+    )
+    if isinstance(value, float) and not math.isfinite(value):
+        why = "NaN or infinity (a number past float64 reads as infinity)"
+    elif target.kind in "iu":
+        why = f"expected integers within {target.name}, got {shown}"
+    elif isinstance(value, int):
+        why = f"the integer {shown} is not exactly a {target.name}"
+    elif abs(value) < 1:
+        why = f"{shown} is too small for {target.name} (it would become 0)"
+    else:
+        why = f"{shown} is past the range of {target.name} (it would become infinity)"
+    return InputError(f"input {name!r}: {why}", reason="dtype")
+
+
 def coerce(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
-    """Safe coercion from what JSON can carry to the model's dtype; refuse anything lossy."""
+    """An array (a JSON list numpy read, or a caller's array) as the model's dtype, refused when
+    a value would change beyond rounding a fraction (see ``from_numbers``)."""
     target = np.dtype(dtype)
     if array.dtype == target:
         return array
     kind = array.dtype.kind
-    if target.kind == "f" and kind in "biuf":
-        with np.errstate(over="ignore"):
-            return array.astype(target)
-    if target.kind in "iu" and kind in "biuf":
-        if kind == "f" and not np.all(np.isfinite(array) & (array == np.round(array))):
-            raise InputError(
-                f"input {name!r}: expected integers ({dtype}), got fractions", reason="dtype"
-            )
-        info = np.iinfo(target)
-        if array.size and (array.min() < info.min or array.max() > info.max):
-            raise InputError(f"input {name!r}: values out of range for {dtype}", reason="dtype")
+    if kind not in "biuf":
+        raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
+    if target.kind == "b":
+        if kind in "biu" and np.isin(array, (0, 1)).all():
+            return array.astype(bool)
+        raise InputError(f"input {name!r}: expected {dtype} (0 or 1), got {array.dtype}", "dtype")
+    if not array.size or kind == "b":
         return array.astype(target)
-    if target.kind == "b" and kind in "biu" and np.isin(array, (0, 1)).all():
-        return array.astype(bool)
-    raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
+    if kind == "f" and not np.isfinite(array).all():
+        raise _lossy(name, _first(array, ~np.isfinite(array)), target)
+    if target.kind == "f":
+        return _to_float(name, array, target)
+    if kind == "f":
+        fraction = array != np.floor(array)
+        if fraction.any():
+            raise _lossy(name, _first(array, fraction), target)
+    info = np.iinfo(target)
+    # Python integers and, for floats, the exact power of two past the top: float(2**64-1) is
+    # 2**64, so comparing floats with info.max would pass 2**64 (which astype wraps to 0).
+    low, high = (float(info.min), float(info.max + 1)) if kind == "f" else (info.min, info.max + 1)
+    outside = (array < low) | (array >= high)
+    if outside.any():
+        raise _lossy(name, _first(array, outside), target)
+    return array.astype(target)
+
+
+def _to_float(name: str, array: np.ndarray, target: np.dtype[Any]) -> np.ndarray:
+    if array.dtype.kind in "iu":
+        limit = _exact_ints(target)
+        big = (array > limit) | (array < -limit)
+        if big.any():  # integers past the limit: each checked exactly
+            for value in array[big].tolist():
+                _scalar(name, value, target)
+    with np.errstate(over="ignore", under="ignore"):
+        converted = array.astype(target)
+    if not np.isfinite(converted).all():
+        raise _lossy(name, _first(array, ~np.isfinite(converted)), target)
+    if array.dtype.kind == "f" and target.itemsize < array.dtype.itemsize:
+        vanished = (converted == 0) & (array != 0)
+        if vanished.any():
+            raise _lossy(name, _first(array, vanished), target)
+    return converted
+
+
+def _first(array: np.ndarray, mask: np.ndarray) -> Any:
+    return array[mask].reshape(-1)[0].item()
 
 
 def check_feed(

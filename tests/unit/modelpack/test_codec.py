@@ -41,7 +41,7 @@ def _b64(shape: list[int], raw: bytes = b"", dtype: str = "float32") -> dict:
         ([["a", "b"]], "dtype", "expected numbers, got strings"),
         ([[1, 2], [3]], "shape", "unequal lengths"),
         ([1, None], "dtype", "expected numbers"),
-        ([[10**400]], "dtype", "expected numbers"),
+        ([[10**400]], "dtype", "is not exactly a float32"),
         ({"dtype": "float32", "shape": [2]}, "invalid", "missing b64"),
         ({"dtype": "complex64", "shape": [1], "b64": ""}, "dtype", "the model takes float32"),
         (_b64([1, 2], b"\0" * 8, "float64"), "dtype", "the model takes float32"),
@@ -125,11 +125,16 @@ def test_numbers_whose_integer_part_fills_every_digit_are_still_json() -> None:
         np.testing.assert_array_equal(np.asarray(json.loads(text)["y"], dtype), array)
 
 
-def test_numbers_fall_back_to_lists_for_nan_float64_and_ints() -> None:
-    assert numbers(np.array([1.0, np.nan], np.float32)) == [1.0, None]
+def test_numbers_write_nan_as_null_and_fall_back_to_lists_for_float64_and_ints() -> None:
+    assert json.loads(dumps(numbers(np.array([1.0, np.nan, -np.inf], np.float32)))) == [
+        1.0,
+        None,
+        None,
+    ]
     assert numbers(np.array([0.1], np.float64)) == [0.1]
     assert numbers(np.array([[1, 2]], np.int64)) == [[1, 2]]
-    assert numbers(np.float32(2.5)) == 2.5
+    assert dumps(numbers(np.float32(2.5))) == b"2.50000000"
+    assert dumps(numbers(np.float32(1e8))) == b"100000000.0"
 
 
 def test_a_client_string_cannot_pose_as_the_place_of_numbers() -> None:

@@ -4,6 +4,7 @@ cache, the gate and the limits."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -68,12 +69,29 @@ def test_every_refusal_has_its_status_and_reason_and_is_counted(
 
 def test_nan_and_inf_outputs_are_null_in_both_protocols(mlp_pack: Pack) -> None:
     core, _ = _core(mlp_pack)
-    tensor = _post(core, b'{"inputs": {"x": [[1e999, 0, 0, 0, 0, 0, 0, 0]]}}')
+    # JSON cannot carry infinity (1e999 is refused: it is no float32), raw bytes can.
+    raw = np.array([[np.inf] + [0] * 7], np.float32).tobytes()
+    b64 = {"dtype": "float32", "shape": [1, 8], "b64": base64.b64encode(raw).decode()}
+    tensor = _post(core, json.dumps({"inputs": {"x": b64}}).encode())
     assert tensor.status == 200 and None in tensor.doc()["outputs"]["probs"][0]
-    oip = {
-        "inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1e999] + [0] * 7}]
-    }
-    answer = _post(core, json.dumps(oip).encode(), "/v2/models/tiny/infer")
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    answer = _post(
+        core,
+        header + raw,
+        "/v2/models/tiny/infer",
+        **{"inference-header-content-length": str(len(header))},
+    )
     probs = next(o for o in answer.doc()["outputs"] if o["name"] == "probs")
     assert None in probs["data"]
 
