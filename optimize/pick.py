@@ -12,6 +12,11 @@ from optimize.verify import Fidelity, Latency, Size
 
 # Latencies closer than this are noise on a shared CPU: among them the smaller model wins.
 NOISE = 0.05
+# "Close" for row independence: a candidate whose rows depend on their neighbours (dynamic int8
+# scales a whole batch at once) is served one request at a time, and its answers for a row
+# change with the rows sent beside it. It is picked over the fastest row-independent choice
+# (FP32 included) only when it is more than this much faster per row as served.
+ROW_MARGIN = 0.10
 BASELINE = "fp32"
 
 
@@ -56,6 +61,9 @@ class Candidate:
     size: Size | None = None
     error: str | None = None  # why it failed to build or run
     violation: str | None = None  # why it is outside the budget
+    # Whether the service batches it with other requests (None: never loaded), and why not.
+    row_independent: bool | None = None
+    batching_off: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -81,12 +89,18 @@ def judge(candidates: Sequence[Candidate], budget: Budget, reference: Fidelity) 
     ]
 
 
+def _ms(c: Candidate) -> float:
+    assert c.latency is not None
+    return c.latency.ms_per_row
+
+
 def pick(candidates: Sequence[Candidate]) -> Choice:
+    """The fastest per row as the service runs each one, within the budget; ties (``NOISE``) go
+    to the smallest, and rows that mix (``ROW_MARGIN``) must pay for themselves."""
     baseline = next(c for c in candidates if c.name == BASELINE)
-    assert baseline.latency is not None
-    fp32_ms = baseline.latency.p50_ms
+    fp32_ms = _ms(baseline)
     usable = [c for c in candidates if c.within_budget]
-    faster = [c for c in usable if c.latency and c.latency.p50_ms < fp32_ms * (1 - NOISE)]
+    faster = [c for c in usable if c.name != BASELINE and _ms(c) < fp32_ms * (1 - NOISE)]
     if not faster:
         failed = [c for c in candidates if c.name != BASELINE]
         why = (
@@ -95,15 +109,44 @@ def pick(candidates: Sequence[Candidate]) -> Choice:
             else "no candidate is faster than FP32 within the budget"
         )
         return Choice(baseline, f"kept FP32: {why}")
-    best_ms = min(c.latency.p50_ms for c in faster if c.latency)
-    close = [c for c in faster if c.latency and c.latency.p50_ms <= best_ms * (1 + NOISE)]
-    chosen = min(
-        close,
-        key=lambda c: (c.size.gzip_bytes if c.size else 0, c.latency.p50_ms if c.latency else 0),
-    )
-    assert chosen.latency is not None
+    pool, why = _row_independent_first(faster, baseline)
+    if not pool:
+        return Choice(baseline, f"kept FP32: {why}")
+    best_ms = min(_ms(c) for c in pool)
+    close = [c for c in pool if _ms(c) <= best_ms * (1 + NOISE)]
+    chosen = min(close, key=lambda c: (c.size.gzip_bytes if c.size else 0, _ms(c)))
+    notes = []
+    if len(close) > 1:
+        notes.append("smallest of those within 5% of the fastest")
+    if why:
+        notes.append(why)
+    elif chosen.row_independent is False:
+        notes.append("rows depend on their neighbours: served one request at a time")
     return Choice(
         chosen,
-        f"fastest within budget: {fp32_ms / chosen.latency.p50_ms:.2f}x faster than FP32"
-        + (" (smallest of those within 5% of the fastest)" if len(close) > 1 else ""),
+        f"fastest within budget: {fp32_ms / _ms(chosen):.2f}x faster than FP32"
+        + (f" ({'; '.join(notes)})" if notes else ""),
     )
+
+
+def _row_independent_first(
+    faster: list[Candidate], baseline: Candidate
+) -> tuple[list[Candidate], str]:
+    """``faster`` without the row-dependent candidates when a row-independent choice (FP32
+    included) is within ``ROW_MARGIN`` of the fastest of them, with why; else all of it."""
+    dependent = [c for c in faster if c.row_independent is False]
+    if not dependent:
+        return faster, ""
+    independent = [c for c in faster if c.row_independent is not False]
+    best = min(dependent, key=_ms)
+    rivals = independent + ([baseline] if baseline.row_independent is not False else [])
+    if not rivals:
+        return faster, ""
+    rival = min(rivals, key=_ms)
+    if _ms(rival) > _ms(best) * (1 + ROW_MARGIN):
+        return faster, ""  # more than ROW_MARGIN faster: speed wins, the reason says the cost
+    why = (
+        f"preferred to {best.name}, whose rows depend on their neighbours: such a candidate must"
+        f" be more than {ROW_MARGIN:.0%} faster per row, and it is {_ms(rival) / _ms(best):.2f}x"
+    )
+    return independent, why

@@ -7,7 +7,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,12 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from modelpack import Samples, create_pack
 from modelpack.errors import ConfigError, EdgebentoError, first_problem
 from modelpack.iosig import read_io_signature
+from modelpack.pack import source_sha256
 from optimize import report as reports
-from optimize.convert import to_onnx
+from optimize.convert import source_kind, to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
 from optimize.fusion import FuseConfig, bert_like, fuse
 from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
+from optimize.machine import describe as describe_machine
 from optimize.metrics import MetricSpec
 from optimize.npz import open_npz
 from optimize.passes import PassFailed, Runner
@@ -47,7 +49,7 @@ class OptimizeOptions(BaseModel):
     max_drop: float | None = Field(default=None, gt=0, lt=1)
     quantize: Literal["auto", "dynamic", "static", "off"] = "auto"
     prune: Literal["auto", "off"] | float = "auto"
-    batch: int = Field(default=64, gt=0)
+    batch: int = Field(default=64, gt=0)  # the service's default batch (EDGEBENTO_MAX_BATCH)
     latency_seconds: float = Field(default=15.0, gt=0)
     trust_model_code: bool = False  # load formats that are programs (HDF5, SavedModel, TorchScript)
     metrics: tuple[str, ...] = ()  # --metric, as MetricSpec.parse reads them
@@ -64,6 +66,8 @@ class OptimizeResult:
     report_json: Path
     report_html: Path
     pack_dir: Path
+    notes: list[str] = field(default_factory=list)  # what the user should know beside the table
+    machine: dict[str, Any] = field(default_factory=dict)  # the CPU the figures hold for
 
 
 def _options(**values: Any) -> OptimizeOptions:
@@ -221,6 +225,8 @@ def optimize_model(
     )
     specs = tuple(MetricSpec.parse(m) for m in options.metrics)
     source, out = Path(source), Path(out)
+    if data is None:
+        _torch_needs_data(source, options.trust_model_code)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; give a new directory for the pack")
     runner = Runner(cache or default_cache())
@@ -276,6 +282,11 @@ def optimize_model(
         bars.update(task, description="latency (finalists again)")
         measured = confirm(measured, search, options.latency_seconds)
         choice = pick(measured)
+        if key is None:
+            notes.append(
+                "the pack is unsigned: devices and `edgebento bento import` refuse it; pass"
+                " --key signing.key, or sign it later: edgebento pack sign PACK --key signing.key"
+            )
         assert search.reference_fidelity is not None
         report = reports.build(
             measured,
@@ -285,11 +296,15 @@ def optimize_model(
             synthetic=evaluation.synthetic,
             footprint=runner.records(),
             notes=notes,
+            machine=describe_machine(),
         )
         report_json = reports.write_json(report, staging / "report.json")
         png = reports.chart_png(report, budget, search.reference_fidelity.accuracy)
         report_html = reports.write_html(report, png, staging / reports.REPORT_HTML)
-        _write_pack(choice, search, evaluation, report, out, options, key, report_json, report_html)
+        parent = source_sha256(source)  # the model the user gave, not the candidate picked
+        _write_pack(
+            choice, search, evaluation, report, out, options, key, report_json, report_html, parent
+        )
     return OptimizeResult(
         choice.candidate,
         choice.reason,
@@ -298,6 +313,22 @@ def optimize_model(
         out / "report.json",
         out / reports.REPORT_HTML,
         out,
+        report["notes"],
+        report["machine"],
+    )
+
+
+def _torch_needs_data(source: Path, trust_model_code: bool) -> None:
+    """A PyTorch file without --data: the trust rule first (without trust, data is moot), then
+    what the data must hold."""
+    if source_kind(source) != "torch":
+        return
+    if not trust_model_code:  # raises the refusal of a pickle or of untrusted TorchScript
+        with tempfile.TemporaryDirectory(prefix="edgebento-opt-") as tmp:
+            to_onnx(source, Path(tmp) / "never.onnx", {}, trust_model_code=False)
+    raise ConfigError(
+        "a PyTorch source needs --data: the export traces real inputs, an .npz with one array"
+        " per parameter of forward, named as forward names them (docs/optimize.md)"
     )
 
 
@@ -306,14 +337,16 @@ def _plan(
 ) -> list[tuple[str, Path, QuantizeConfig | None]]:
     """What to build, most promising first: each base's quantized variants in the order
     ``search_space`` gives (static first for convolutions); pruned bases get the two most
-    telling variants."""
+    telling variants, and a static one (rows that stay independent) if those are dynamic."""
     found: list[tuple[str, Path, QuantizeConfig | None]] = []
     for base_name, path in bases.items():
         if base_name != BASELINE:
             found.append((base_name, path, None))
         space = search_space(options.quantize, True, op_types)
         if base_name.startswith(("prune", "keras")) or " + prune" in base_name:
-            space = [c for c in space if c.per_channel and not c.reduce_range][:2]
+            telling = [c for c in space if c.per_channel and not c.reduce_range]
+            static = [c for c in telling if c.mode == "static"][:1]
+            space = telling[:2] + [c for c in static if c not in telling[:2]]
         found += [(base_name, path, config) for config in space]
     return found
 
@@ -349,6 +382,7 @@ def _write_pack(
     key: Path | None,
     report_json: Path,
     report_html: Path,
+    parent: str,
 ) -> None:
     chosen = choice.candidate
     assert chosen.path is not None
@@ -381,5 +415,6 @@ def _write_pack(
         report=report_json,
         optimization=summary,
         extras=[report_html],
+        parent=parent,
         key=key,
     )

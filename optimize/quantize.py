@@ -198,9 +198,11 @@ def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[Quantize
     """The candidates to measure, most promising first.
 
     Static QDQ pays off where convolutions dominate, so it comes first there (per-channel
-    weights, as convolutions need); "auto" tries it only there (calibrating a transformer costs
-    minutes for a graph ORT runs slower than the dynamic one). Entropy calibration is tried
-    beside MinMax and Percentile: it clips outliers that MinMax keeps.
+    weights, as convolutions need), with every calibrator. Elsewhere "auto" tries one static
+    variant after the dynamic ones: its scales are fixed, so each row's answer is its own and
+    the service can batch it, which dynamic int8 does not allow (calibrating a transformer
+    costs minutes, so only one). Entropy calibration is tried beside MinMax and Percentile: it
+    clips outliers that MinMax keeps.
     """
     if mode == "off":
         return []
@@ -220,7 +222,7 @@ def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[Quantize
                 ),
             ]
     static: list[QuantizeConfig] = []
-    if has_data and (mode == "static" or (mode == "auto" and "Conv" in op_types)):
+    if has_data and mode in ("auto", "static"):
         static += [
             QuantizeConfig(mode="static", per_channel=True, calibration="MinMax"),
             QuantizeConfig(
@@ -229,4 +231,8 @@ def search_space(mode: str, has_data: bool, op_types: set[str]) -> list[Quantize
             QuantizeConfig(mode="static", per_channel=True, calibration="Entropy"),
             QuantizeConfig(mode="static", per_channel=True, calibration="Percentile"),
         ]
+        if mode == "auto" and "Conv" not in op_types:
+            # Dynamic int8 scales a whole batch at once, so its rows mix and the service runs
+            # it one request at a time; one static variant is the int8 whose rows stay apart.
+            static = static[:1]
     return static + dynamic if "Conv" in op_types else dynamic + static

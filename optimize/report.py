@@ -67,8 +67,11 @@ def row(c: Candidate, chosen: str, baseline_ms: float | None) -> dict[str, Any]:
         "config": c.config,
         "size_bytes": c.size.bytes if c.size else None,
         "gzip_bytes": c.size.gzip_bytes if c.size else None,
-        "latency": asdict(lat) if lat else None,
-        "speedup": round(baseline_ms / lat.p50_ms, 3) if lat and baseline_ms else None,
+        "latency": asdict(lat) | {"ms_per_row": lat.ms_per_row} if lat else None,
+        "speedup": round(baseline_ms / lat.ms_per_row, 3) if lat and baseline_ms else None,
+        # The service batches requests together only when each row's answer is its own.
+        "row_independent": c.row_independent,
+        "batching_off": c.batching_off,
         "fidelity": fidelity_row(c.fidelity),
         "within_budget": c.within_budget,
         "violation": c.violation,
@@ -86,9 +89,11 @@ def build(
     synthetic: bool,
     footprint: list[dict[str, Any]],
     notes: Sequence[str],
+    machine: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``machine``: the CPU the latencies were measured on (``optimize.machine.describe``)."""
     base = next((c for c in candidates if c.name == "fp32"), None)
-    baseline_ms = base.latency.p50_ms if base and base.latency else None
+    baseline_ms = base.latency.ms_per_row if base and base.latency else None
     return {
         "schema_version": SCHEMA_VERSION,
         "source": source,
@@ -100,6 +105,7 @@ def build(
         "summary": f"chosen {choice.candidate.name}: {choice.reason}",
         "candidates": [row(c, choice.candidate.name, baseline_ms) for c in candidates],
         "notes": list(notes),
+        "machine": machine,
         "footprint": footprint,
     }
 
@@ -110,6 +116,13 @@ def _decided(candidates: Sequence[Candidate], choice: Choice) -> list[str]:
     if base is None or base.fidelity is None:
         return []
     return [s.key for s in base.fidelity.scores if s.decides]
+
+
+def rows_text(row: dict[str, Any]) -> str:
+    """Row independence in a word: batched with other requests, or served alone."""
+    if row["row_independent"] is None:
+        return "-"
+    return "independent" if row["row_independent"] else "mixed"
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
@@ -135,7 +148,7 @@ def chart_png(report: dict[str, Any], budget: Budget, reference: float | None) -
     for c in report["candidates"]:
         y = _fidelity_axis(c, labels)
         if c["latency"] is not None and y is not None:
-            points.append((float(c["latency"]["p50_ms"]), float(y), c))
+            points.append((float(c["latency"]["ms_per_row"]), float(y), c))
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     # The chosen one is drawn last so that nothing hides it.
     for x, y, c in sorted(points, key=lambda p: bool(p[2]["chosen"])):
@@ -151,8 +164,7 @@ def chart_png(report: dict[str, Any], budget: Budget, reference: float | None) -
         (reference - budget.max_drop) if labels and reference is not None else 1 - budget.max_drop
     )
     ax.axhline(line, color="tab:red", linestyle="--", label=f"budget: {budget.describe()}")
-    batch = next((c["latency"]["batch"] for c in report["candidates"] if c["latency"]), 1)
-    ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
+    ax.set_xlabel("ms per row, at the batch the service runs (p50)")
     ax.set_ylabel("accuracy" if labels else "cosine_min vs FP32")
     ax.set_title("latency against fidelity (green: chosen, red: outside the budget)")
     ax.legend(loc="lower right", fontsize=8)
@@ -180,6 +192,8 @@ def _cells(c: dict[str, Any]) -> list[str]:
         f"{c['size_bytes'] / 1e6:.2f} MB / {c['gzip_bytes'] / 1e6:.2f} MB"
         if c["size_bytes"]
         else "-",
+        rows_text(c),
+        str(lat["batch"]) if lat else "-",
         f"{lat['p50_ms']:.2f}" if lat else "-",
         f"{lat['p99_ms']:.2f}" if lat else "-",
         f"{lat['p50_ms_batch1']:.3f}" if lat else "-",
@@ -189,10 +203,23 @@ def _cells(c: dict[str, Any]) -> list[str]:
     ]
 
 
+def _batch(report: dict[str, Any]) -> int:
+    return max((c["latency"]["batch"] for c in report["candidates"] if c["latency"]), default=1)
+
+
+def machine_text(machine: dict[str, Any] | None) -> str:
+    if not machine:
+        return "an unrecorded machine"
+    flags = ", ".join(machine["flags"]) or "no AVX2, AVX-512 or AMX"
+    return f"{machine['cpu']} ({machine['logical_cores']} logical cores; {flags})"
+
+
 def write_html(report: dict[str, Any], png: bytes, path: Path) -> Path:
     head = [
         "candidate",
         "size / gzip",
+        "rows",
+        "batch served",
         "p50 ms",
         "p99 ms",
         "p50 ms batch 1",
@@ -217,7 +244,10 @@ tr.chosen{{background:#e6f4ea;font-weight:bold}}</style></head><body>
 <h1>edgebento optimize</h1>
 <p>Source <code>{html.escape(report["source"])}</code>. Budget: {html.escape(report["budget"])}.
 Deciding metrics: {html.escape(", ".join(report["decided_by"]) or "none")}.
-Fidelity measured on {html.escape(report["fidelity_data"])}.</p>
+Fidelity measured on {html.escape(report["fidelity_data"])}.
+Speed is per row at the batch the service runs: up to {_batch(report)} rows for candidates whose
+rows are independent, one request at a time for those whose rows mix (dynamic int8 scales a
+whole batch at once). Measured on {html.escape(machine_text(report.get("machine")))}.</p>
 <p><b>Chosen: {html.escape(report["chosen"])}</b>: {html.escape(report["reason"])}.</p>
 <table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>
 {rows}

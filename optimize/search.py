@@ -80,11 +80,14 @@ class Search:
             self.reference_fidelity = found
         self.predictors[candidate.name] = predictor
         assert self.reference_fidelity is not None
+        batching_off = verify.batching_refusal(predictor, self.outputs)
         return replace(
             candidate,
             fidelity=found,
             size=verify.size_of(candidate.path),
             violation=self.budget.violation(self.reference_fidelity, found),
+            row_independent=batching_off is None,
+            batching_off=batching_off,
         )
 
     def quantized(self, base_name: str, base: Path, config: QuantizeConfig) -> Candidate:
@@ -237,10 +240,18 @@ def hash_data(data: Dataset) -> str:
     return digest.hexdigest()
 
 
+def _alone(candidates: Sequence[Candidate]) -> set[str]:
+    """The candidates the service runs one request at a time: timed at one row only."""
+    return {c.name for c in candidates if c.row_independent is False}
+
+
 def with_latency(candidates: list[Candidate], search: Search, seconds: float) -> list[Candidate]:
-    """One interleaved latency round over every model that loaded."""
+    """One interleaved latency round over every model that loaded, each at the batch the
+    service will run it at."""
     loaded = {c.name: search.predictors[c.name] for c in candidates if c.name in search.predictors}
-    found = verify.latencies(loaded, search.evaluation, search.batch, seconds)
+    found = verify.latencies(
+        loaded, search.evaluation, search.batch, seconds, alone=_alone(candidates)
+    )
     return [replace(c, latency=found.get(c.name)) if c.name in found else c for c in candidates]
 
 
@@ -256,13 +267,17 @@ def confirm(
     base = next((c for c in candidates if c.name == BASELINE and c.latency), None)
     ranked = sorted(
         (c for c in candidates if c.within_budget and c.name != BASELINE and c.latency),
-        key=lambda c: c.latency.p50_ms if c.latency else 0.0,
+        key=lambda c: c.latency.ms_per_row if c.latency else 0.0,
     )[:finalists]
     if base is None or base.latency is None or not ranked:
         return candidates
     names = [BASELINE, *(c.name for c in ranked)]
     found = verify.latencies(
-        {n: search.predictors[n] for n in names}, search.evaluation, search.batch, seconds
+        {n: search.predictors[n] for n in names},
+        search.evaluation,
+        search.batch,
+        seconds,
+        alone=_alone(candidates),
     )
     scale = found[BASELINE].p50_ms / base.latency.p50_ms
     return [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +48,19 @@ class Fidelity:
 
 @dataclass(frozen=True)
 class Latency:
+    """Times at one row and at ``batch`` rows: the batch the service runs the model at (up to
+    its 64 rows when rows are independent, one request at a time otherwise)."""
+
     p50_ms_batch1: float
     p99_ms_batch1: float
-    p50_ms: float  # at the data's batch
+    p50_ms: float  # at ``batch`` rows
     p99_ms: float
     batch: int
+
+    @property
+    def ms_per_row(self) -> float:
+        """What the pick compares: the cost of a row as the service runs the model."""
+        return self.p50_ms / max(self.batch, 1)
 
 
 @dataclass(frozen=True)
@@ -165,39 +173,60 @@ def size_of(model: Path) -> Size:
     return Size(len(data), len(gzip.compress(data, compresslevel=6)))
 
 
+def batching_refusal(predictor: Predictor, outputs: Sequence[TensorSpec]) -> str | None:
+    """Why the serving core would run this model one request at a time, None when it batches
+    requests together: the service's own checks, so that each candidate is measured as it
+    will be served (dynamic int8 scales activations over the whole batch: rows mix)."""
+    from modelpack.serving.model import rows_are_independent
+
+    if not predictor.batch_dynamic or not all(s.batch_dynamic for s in outputs):
+        return "not every input and output has a dynamic batch dim"
+    return rows_are_independent(predictor)
+
+
 def latencies(
-    predictors: Mapping[str, Predictor], data: Dataset, batch: int, seconds: float = 20.0
+    predictors: Mapping[str, Predictor],
+    data: Dataset,
+    batch: int,
+    seconds: float = 20.0,
+    alone: Collection[str] = (),
 ) -> dict[str, Latency]:
-    """p50/p99 at batch 1 and at ``batch`` for every model, interleaved in rotating order."""
+    """p50/p99 at batch 1 and at ``batch`` for every model, interleaved in rotating order.
+
+    The models in ``alone`` are those the service runs one request at a time: they are timed
+    at one row only, and that is their batch.
+    """
     if not predictors:
         return {}
     feeds = {"one": data.take(slice(0, 1)).inputs, "batch": data.take(slice(0, batch)).inputs}
     names = list(predictors)
-    times: dict[tuple[str, str], list[float]] = {(n, f): [] for n in names for f in feeds}
+    kinds = {n: ("one",) if n in alone else ("one", "batch") for n in names}
+    times: dict[tuple[str, str], list[float]] = {(n, k): [] for n in names for k in kinds[n]}
     for name in names:  # warm up: first runs allocate and pick kernels
-        for feed in feeds.values():
-            predictors[name].run(feed, validate=False)
+        for kind in kinds[name]:
+            predictors[name].run(feeds[kind], validate=False)
     start = time.perf_counter()
     round_ = 0
     while True:
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for name in order:
-            for kind, feed in feeds.items():
+            for kind in kinds[name]:
                 t0 = time.perf_counter()
-                predictors[name].run(feed, validate=False)
+                predictors[name].run(feeds[kind], validate=False)
                 times[(name, kind)].append((time.perf_counter() - t0) * 1000)
         round_ += 1
         elapsed = time.perf_counter() - start
         if round_ >= 40 or (round_ >= 5 and elapsed > seconds):
             break
     real_batch = min(batch, data.rows) if data.batched else 1
-    return {
-        n: Latency(
-            float(np.median(times[(n, "one")])),
-            float(np.percentile(times[(n, "one")], 99)),
-            float(np.median(times[(n, "batch")])),
-            float(np.percentile(times[(n, "batch")], 99)),
-            real_batch,
+    found = {}
+    for n in names:
+        one, many = times[(n, "one")], times.get((n, "batch"), [])
+        found[n] = Latency(
+            float(np.median(one)),
+            float(np.percentile(one, 99)),
+            float(np.median(many or one)),
+            float(np.percentile(many or one, 99)),
+            real_batch if many else 1,
         )
-        for n in names
-    }
+    return found

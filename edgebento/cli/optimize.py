@@ -75,6 +75,7 @@ def register(sub: Any) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from optimize import optimize_model
+    from optimize.report import machine_text
 
     result = optimize_model(
         args.source,
@@ -95,11 +96,21 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     )
     console = Console()
     console.print(candidates_table(result.rows))
+    batch = max((r["latency"]["batch"] for r in result.rows if r["latency"]), default=1)
+    if any(r["row_independent"] is False for r in result.rows):
+        console.print(
+            f"rows: ×{batch} = the service batches requests together (timed at {batch} rows);"
+            " alone = a row's answer changes with the rows beside it (dynamic int8 scales a"
+            " whole batch), so the service runs it one request at a time, and it was timed so"
+        )
     for row in result.rows:
         if row["error"] or row["violation"]:
             console.print(
                 f"✗ {escape(row['candidate'])}: {escape(row['error'] or row['violation'])}"
             )
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+    console.print(f"measured on: {escape(machine_text(result.machine))}")
     console.print(f"chosen: [bold]{escape(result.chosen.name)}[/bold] ({escape(result.reason)})")
     decided = next((_fid(r).get("decided_by") for r in result.rows if r["chosen"]), None)
     if decided:
@@ -115,10 +126,21 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 FIDELITY_COLUMNS = (("accuracy", "acc"), ("top1_agreement", "top-1"), ("cosine_min", "cos"))
 
 
+def _served(row: dict[str, Any]) -> str:
+    """How the service runs it, which is how it was timed: batches of N rows, or one request
+    at a time when a row's answer depends on the rows beside it."""
+    lat = row["latency"]
+    if row["row_independent"] is False:
+        return "alone"
+    return f"×{lat['batch']}" if lat else "-"
+
+
 def candidates_table(rows: list[dict[str, Any]]) -> Table:
     """One line of figures per candidate, narrow enough for an 80-column terminal: sizes in MB,
-    speed as a multiple of FP32, fidelity (cos: the lowest cosine similarity to FP32). p99, the
-    footprint and every other figure are in report.html and report.json."""
+    p50 at the rows it was timed with (×N: batches of N, as the service batches it; alone: one
+    request at a time, as the service runs a model whose rows mix), speed per row as a multiple
+    of FP32, and fidelity (cos: the lowest cosine similarity to FP32). p99, the footprint and
+    every other figure are in report.html and report.json."""
     fidelity = [
         (key, label)
         for key, label in FIDELITY_COLUMNS
@@ -126,7 +148,7 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
     ]
     table = Table(title="candidates", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("candidate", overflow="fold", min_width=18)
-    for label in ("MB", "gzip", "p50 ms", "speed", *(label for _, label in fidelity)):
+    for label in ("MB", "gzip", "p50 ms", "rows", "speed", *(label for _, label in fidelity)):
         table.add_column(label, justify="right", no_wrap=True)
     table.add_column("", no_wrap=True)
     for row in rows:
@@ -137,6 +159,7 @@ def candidates_table(rows: list[dict[str, Any]]) -> Table:
             _mb(row["size_bytes"]),
             _mb(row["gzip_bytes"]),
             f"{lat['p50_ms']:.2f}" if lat else "-",
+            _served(row),
             f"{row['speedup']:.2f}x" if row["speedup"] else "-",
             *(_figure(_fid(row).get(key)) for key, _ in fidelity),
             mark,

@@ -7,13 +7,20 @@ from rich.console import Console
 from edgebento.cli.optimize import candidates_table
 
 
-def _row(name: str, chosen: bool = False, violation: str | None = None, **fidelity: float) -> dict:
+def _row(
+    name: str,
+    chosen: bool = False,
+    violation: str | None = None,
+    independent: bool = True,
+    **fidelity: float,
+) -> dict:
     return {
         "candidate": name,
         "size_bytes": 28_289,
         "gzip_bytes": 24_988,
-        "latency": {"p50_ms": 0.0213, "p99_ms": 0.04},
+        "latency": {"p50_ms": 0.0213, "p99_ms": 0.04, "batch": 64 if independent else 1},
         "speedup": 2.424,
+        "row_independent": independent,
         "fidelity": fidelity or None,
         "error": None,
         "violation": violation,
@@ -33,6 +40,7 @@ def test_the_candidates_table_fits_80_columns_with_every_figure() -> None:
         _row(
             "keras-prune-75% + dynamic per-channel reduce-range MatMul",
             violation="accuracy drop 1.2 pt > 1.0",
+            independent=False,
             accuracy=0.9694,
             top1_agreement=0.98,
             cosine_min=0.5,
@@ -48,6 +56,7 @@ def test_the_candidates_table_fits_80_columns_with_every_figure() -> None:
         "gzip",
         "p50",
         "ms",
+        "rows",
         "speed",
         "acc",
         "top-1",
@@ -55,6 +64,8 @@ def test_the_candidates_table_fits_80_columns_with_every_figure() -> None:
     ]
     chosen = next(line for line in lines if line.strip().startswith("keras-prune-75%  "))
     assert chosen.split()[-1] == "✓" and "2.42x" in chosen and "0.9861" in chosen
+    assert " ×64 " in chosen
+    assert any(" alone " in line and line.rstrip().endswith("✗") for line in lines)
     assert any(line.rstrip().endswith("✗") for line in lines)
 
 
