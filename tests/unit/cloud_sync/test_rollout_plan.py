@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_sync.lease import Lease
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
 from cloud_sync.rollout import abort_reason, device_outcome
 from cloud_sync.rollout_plan import exit_code, resolve_targets
@@ -22,7 +21,7 @@ from cloud_sync.rollout_state import (
 )
 from cloud_sync.store import LocalStore
 from cloud_sync.watch import FleetWatch, VersionStats
-from modelpack.errors import ConfigError, ConflictError
+from modelpack.errors import ConfigError
 
 TARGET = ModelRef(name="m", version=2)
 RID = "m-v2-x"
@@ -135,21 +134,6 @@ def test_group_targets_come_from_the_retained_status() -> None:
     with pytest.raises(ConfigError, match="either --devices"):
         resolve_targets(watch, ("a",), "lobby")
     assert resolve_targets(watch, ("x", "y", "x"), None) == ["x", "y"]
-
-
-def test_one_controller_holds_a_fleet_until_its_lease_expires(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    first = Lease.acquire(store, "fleet", "r1", ttl_s=0.5)
-    with pytest.raises(ConflictError, match="leased to rollout r1"):
-        Lease.acquire(store, "fleet", "r2", ttl_s=0.5)
-    other_fleet = Lease.acquire(store, "elsewhere", "r3", ttl_s=0.5)
-    # r1 stalls past its expiry: r2 takes over, and r1 finds out at its next renewal.
-    second = Lease.acquire(store, "fleet", "r2", ttl_s=5, wait_s=2)
-    with pytest.raises(ConflictError, match="lost the lease"):
-        first.renew(force=True)
-    second.release()
-    Lease.acquire(store, "fleet", "r4", ttl_s=5).release()  # released: free at once
-    other_fleet.release()
 
 
 def test_topics_are_parsed_exactly() -> None:
