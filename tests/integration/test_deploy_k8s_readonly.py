@@ -37,18 +37,35 @@ HOME = "/home/bentoml"  # BENTOML_HOME of the image; the bento is BENTO_PATH bel
 IMAGE_ENV = {"BENTOML_HOME": f"{HOME}/", "BENTO_PATH": f"{HOME}/bento", "HOME": HOME}
 
 # Every mount read-only but the kernel's own (/proc, /sys, /dev stay as a container has them).
+# The image has its Python outside /home and /tmp; this host's venv and checkout may be under
+# them (a clone in /tmp): each tmpfs laid over one is given them back, read-only, from a
+# directory descriptor opened in the namespace before (KEEP: paths, parents first).
 READ_ONLY_ROOT = r"""
 set -eu
+kept=()
+while IFS= read -r path; do exec {fd}<"$path"; kept+=("$fd=$path"); done <<< "$KEEP"
+reveal() {
+  for entry in "${kept[@]}"; do
+    fd=${entry%%=*} path=${entry#*=}
+    case "$path/" in "$1"/*)
+      mkdir -p "$path"
+      mount -c --bind "/proc/self/fd/$fd" "$path"
+      mount -o remount,bind,ro "$path" ;;
+    esac
+  done
+}
 mount -t tmpfs -o size=16m tmpfs /home
-mkdir /home/bentoml
+reveal /home
+mkdir -p /home/bentoml
 mount --bind "$LAYOUT" /home/bentoml
 for mp in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$mp" in /proc*|/sys*|/dev*) ;; *) mount -o remount,bind,ro "$mp" 2>/dev/null || true ;; esac
 done
-for dir in $EMPTY_DIRS; do mount -t tmpfs -o size=256m tmpfs "$dir"; done
+for dir in $EMPTY_DIRS; do mount -t tmpfs -o size=256m tmpfs "$dir"; reveal "$dir"; done
 for probe in /home/bentoml/probe /home/bentoml/bento/probe /probe "$VENV/probe"; do
   if touch "$probe" 2>/dev/null; then echo "still writable: $probe" >&2; exit 97; fi
 done
+for entry in "${kept[@]}"; do fd=${entry%%=*}; exec {fd}<&-; done
 cd /home/bentoml/bento
 exec "$@"
 """
@@ -96,7 +113,13 @@ def _start(home: Path, pod: dict[str, Any], empty_dirs: list[str], port: int, lo
         **IMAGE_ENV,
         **{e["name"]: e["value"] for e in container["env"]},
     }
-    shell = {"LAYOUT": str(home), "EMPTY_DIRS": " ".join(empty_dirs), "VENV": str(BIN.parent)}
+    shell = {
+        "LAYOUT": str(home),
+        "EMPTY_DIRS": " ".join(empty_dirs),
+        "VENV": str(BIN.parent),
+        # What the server runs from on this host (an editable install's code is the checkout).
+        "KEEP": "\n".join(sorted({str(REPO), str(BIN.parent)}, key=len)),
+    }
     # The container's args, after the image's entrypoint: `bentoml serve ... $BENTO_PATH`.
     args = [*container["args"], "--host", LOOPBACK, "--port", str(port), IMAGE_ENV["BENTO_PATH"]]
     args[0] = str(BIN / args[0])
