@@ -6,10 +6,16 @@ checked between reads (each read also times out), so a server that trickles a by
 holds the update worker no longer than the deadline. ``s3://`` objects are read through a
 presigned URL with the same downloader. ``file://`` and plain paths are allowed only under the
 configured roots. Nothing here trusts what it fetched: the updater verifies the result.
+
+What an archive unpacks to is capped too, before any signature is checked: at ``max_bytes``
+(the device's ``max_download_bytes``), so a small archive that inflates to gigabytes fills no
+disk. A pack is taken to be at most that large, packed or unpacked (ONNX weights barely
+compress).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -30,6 +36,7 @@ from modelpack.errors import (
     SizeLimitError,
     StoreError,
 )
+from modelpack.loader import DEFAULT_LIMITS, Limits
 
 _CHUNK = 1 << 16
 READ_TIMEOUT_S = 10.0
@@ -45,6 +52,11 @@ class FetchPolicy:
         real = path.resolve()
         return any(real.is_relative_to(root.resolve()) for root in self.roots)
 
+    @property
+    def unpack_limits(self) -> Limits:
+        cap = min(DEFAULT_LIMITS.max_pack_bytes, self.max_bytes)
+        return dataclasses.replace(DEFAULT_LIMITS, max_pack_bytes=cap)
+
 
 def fetch_url(url: str, target: Path, policy: FetchPolicy) -> Path:
     """A directory, ``file://`` (dir or .tar.gz), ``http(s)://`` or ``s3://`` into ``target``."""
@@ -56,11 +68,12 @@ def fetch_url(url: str, target: Path, policy: FetchPolicy) -> Path:
                 f"{redact_url(url)} is outside the directories this device may install from "
                 "(file_roots)"
             )
-        return _fetch_local(path, target)
+        return _fetch_local(path, target, policy.unpack_limits)
     if parts.scheme in ("http", "https"):
-        return _unpack_download(target, lambda dst: download(url, dst, policy))
+        return _unpack_download(target, lambda dst: download(url, dst, policy), policy)
     if parts.scheme == "s3":
-        return _unpack_download(target, lambda dst: download(_presign_s3(url), dst, policy))
+        presigned = _presign_s3(url)
+        return _unpack_download(target, lambda dst: download(presigned, dst, policy), policy)
     raise StoreError(
         f"cannot fetch {redact_url(url)!r}: use a directory, file://, s3://, http:// or https://"
     )
@@ -100,7 +113,7 @@ def fetch_named(
                 f"the archive of {name} v{version} does not match its sha256 in the registry"
             )
 
-    return _unpack_download(target, get)
+    return _unpack_download(target, get, policy)
 
 
 def _store_root(store_url: str) -> tuple[Path, ...]:
@@ -118,7 +131,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_local(path: Path, target: Path) -> Path:
+def _fetch_local(path: Path, target: Path, limits: Limits) -> Path:
     if path.is_dir():
         try:
             shutil.copytree(path, target, symlinks=True)
@@ -126,17 +139,17 @@ def _fetch_local(path: Path, target: Path) -> Path:
             raise StoreError(f"cannot copy the pack at {path}: {exc}") from exc
         return target
     if path.is_file():
-        return extract_archive(path, target)
+        return extract_archive(path, target, limits)
     raise NotFoundError(f"no pack at {path}")
 
 
-def _unpack_download(target: Path, get: Callable[[Path], None]) -> Path:
+def _unpack_download(target: Path, get: Callable[[Path], None], policy: FetchPolicy) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download.") as tmp:
         archive = Path(tmp) / f"pack{ARCHIVE_SUFFIX}"
         get(archive)
         try:
-            return extract_archive(archive, target)
+            return extract_archive(archive, target, policy.unpack_limits)
         except ArchiveError as exc:
             raise ArchiveError(f"the download is not a pack archive: {exc}") from exc
 
