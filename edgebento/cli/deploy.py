@@ -77,6 +77,8 @@ def cmd_k8s(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if options.min_replicas == 0 and not options.keda:
         print("note: a plain HPA cannot scale to zero; hpa.yaml keeps 1 (use --keda for 0)")
+    if options.image is None:  # the tag containerizing the bento gives, from any folder
+        print(f"image: {options.image_ref} (bentoml containerize {options.bento}; push it)")
     print(f"apply: kubectl apply -f {args.out / K8S_DIR}/")
     print(f"BentoCloud: bentoml deployment create -f {args.out / BENTOCLOUD_DIR}/bentocloud.yaml")
     return 0

@@ -151,3 +151,32 @@ def _raw_request(client: Client, topic: str, payload: bytes) -> dict[str, Any]:
     doc["reply_to"] = client.reply_topic
     client.publish(topic, json.dumps(doc).encode())
     return client.wait_reply(doc["id"])
+
+
+def test_a_bento_is_built_from_any_folder(
+    signed_pack: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "user"  # not the checkout: `bentoml build .` would find no bentofile
+    folder.mkdir()
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "PYTHONPATH": ""}
+    imported = edgebento("bento", "import", signed_pack, "--pub", keys[1], env=env, cwd=folder)
+    assert imported.returncode == 0, imported.stderr
+    assert "serve it: EDGEBENTO_MODEL=tiny:v1 bentoml serve bentos.service:EdgebentoService" in (
+        imported.stdout
+    )
+    built = edgebento("bento", "build", "tiny:v1", env=env, cwd=folder)
+    assert built.returncode == 0, built.stderr
+    tag = built.stdout.split()[2]
+    assert f"containerize it: bentoml containerize {tag}" in built.stdout
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "bentoml"), "get", tag, "-o", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=folder,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny:v1" in listed.stdout  # the model travels inside the bento
+    missing = edgebento("bento", "build", "nope:v1", env=env, cwd=folder)
+    assert missing.returncode == 1
+    assert "nope:v1 is not in the BentoML model store" in missing.stderr
