@@ -84,7 +84,13 @@ def _body(event: _Event) -> bytes:
             raise InputError(
                 "the body is marked isBase64Encoded but is not base64", reason="invalid"
             ) from exc
-    return event.body.encode()
+    try:
+        return event.body.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in the event's JSON)
+        raise InputError(
+            f"the body is not valid Unicode: {exc.reason} at character {exc.start}",
+            reason="invalid",
+        ) from exc
 
 
 def http_request(event: Mapping[str, Any], source: Source) -> HttpRequest:

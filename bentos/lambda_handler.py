@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bentos.lambda_events import event_source, http_request, http_response
+from bentos.lambda_events import Source, event_source, http_request, http_response
 from modelpack import Pack, extract_archive, load_pack
 from modelpack.errors import ConfigError, EdgebentoError, PackError, StoreError
 from modelpack.metrics import InferenceMetrics
@@ -36,7 +36,7 @@ from modelpack.predictor import Predictor
 from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.reasons import error_doc, status_of
-from modelpack.serving.routes import handle_sync, refuse
+from modelpack.serving.routes import HttpResponse, handle_sync, refuse
 
 log = logging.getLogger(__name__)
 
@@ -158,24 +158,29 @@ def metrics_text() -> str:
     return generate_latest(_registry).decode()
 
 
+def _fault(exc: BaseException) -> dict[str, Any]:
+    """An error document that any JSON writer can encode: a message never carries a lone
+    surrogate (the runtime writes UTF-8), whatever text the client sent."""
+    doc = {**error_doc(exc), "statusCode": status_of(exc)}
+    doc["error"] = doc["error"].encode("utf-8", "backslashreplace").decode("utf-8")
+    return doc
+
+
 def _direct(core: ServingCore, event: Any) -> Any:
     if isinstance(event, Mapping) and event.get("metrics") is True:
         return {"metrics": metrics_text()}
     try:
         return core.infer_doc(event)
     except EdgebentoError as exc:
-        return {**error_doc(exc), "statusCode": status_of(exc)}
+        return _fault(exc)
     except Exception as exc:  # a fault of ours: answered, never raised to the runtime
         log.error("invocation failed: %s", exc, exc_info=exc)
         core.count_error(exc)
-        return {**error_doc(exc), "statusCode": status_of(exc)}
+        return _fault(exc)
 
 
-def handler(event: Any, context: Any = None) -> Any:
-    """Direct invocation: the request JSON in (tensor JSON or OIP), the answer JSON out (errors
-    as ``{"error", "reason", "statusCode"}``). HTTP events: ``statusCode``, headers, a body."""
+def _handle(event: Any, source: Source) -> Any:
     core = get_core()
-    source = event_source(event)
     if source == "direct":
         return _direct(core, event)
     multi = isinstance(event, Mapping) and isinstance(event.get("multiValueHeaders"), Mapping)
@@ -184,6 +189,23 @@ def handler(event: Any, context: Any = None) -> Any:
     except EdgebentoError as exc:
         return http_response(source, refuse(core, exc), multi)
     return http_response(source, handle_sync(core, request), multi)
+
+
+def handler(event: Any, context: Any = None) -> Any:
+    """Direct invocation: the request JSON in (tensor JSON or OIP), the answer JSON out (errors
+    as ``{"error", "reason", "statusCode"}``). HTTP events: ``statusCode``, headers, a body.
+    No exception leaves it, whatever the event: a fault of ours is a 500 in the event's shape."""
+    source: Source = "direct"
+    try:
+        source = event_source(event)
+        return _handle(event, source)
+    except Exception as exc:
+        log.error("invocation failed: %s", exc, exc_info=exc)
+        if _core is not None:
+            _core.count_error(exc)
+        if source == "direct":
+            return _fault(exc)
+        return http_response(source, HttpResponse.json(status_of(exc), error_doc(exc)))
 
 
 if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and (
