@@ -11,7 +11,8 @@ stack; everything else (``/livez``, ``/readyz``, ``/metrics``, BentoML's docs) g
 as before. What the lane keeps of the stack:
 
 - a time limit on the whole request, as BentoML's ``traffic.timeout``: past it, a 504 with reason
-  ``run_timeout`` (a model that never returns cannot hold a client forever);
+  ``run_timeout``, counted (a model that never returns cannot hold a client forever; the body's
+  own, shorter limit is the service's 408);
 - a JSON 500 with reason ``internal`` for an exception the core did not answer itself.
 
 What it leaves out: BentoML's ``bentoml_service_request_*`` metrics and its OpenTelemetry spans
@@ -27,6 +28,7 @@ import asyncio
 import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,8 +45,15 @@ def in_lane(path: str) -> bool:
 class FastLane:
     """``stack`` (BentoML's app) for every path but the core's, which ``core_app`` answers."""
 
-    def __init__(self, stack: ASGIApp, core_app: ASGIApp, timeout_s: float) -> None:
+    def __init__(
+        self,
+        stack: ASGIApp,
+        core_app: ASGIApp,
+        timeout_s: float,
+        on_timeout: Callable[[], None] | None = None,
+    ) -> None:
         self.stack, self.core_app, self.timeout_s = stack, core_app, timeout_s
+        self.on_timeout = on_timeout  # counts a run timeout (the core's metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not in_lane(scope["path"]):
@@ -68,6 +77,8 @@ class FastLane:
             if started:  # the answer is half sent: closing the connection is all that is left
                 raise
             if expired:
+                if self.on_timeout is not None:
+                    self.on_timeout()
                 doc = {
                     "error": f"the request was not answered in {self.timeout_s:g} s",
                     "reason": "run_timeout",
@@ -84,7 +95,12 @@ async def _json(send: Send, status: int, doc: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def install(service: Any, core_app: ASGIApp, timeout_s: float) -> None:
+def install(
+    service: Any,
+    core_app: ASGIApp,
+    timeout_s: float,
+    on_timeout: Callable[[], None] | None = None,
+) -> None:
     """Make ``service``'s ASGI app (what BentoML's worker hands uvicorn) a ``FastLane``."""
     cls = type(service)
     original = cls.to_asgi
@@ -98,7 +114,7 @@ def install(service: Any, core_app: ASGIApp, timeout_s: float) -> None:
         if reason:
             log.info("%s: the core's paths go through BentoML's middleware", reason)
             return stack
-        return FastLane(stack, core_app, timeout_s)
+        return FastLane(stack, core_app, timeout_s, on_timeout)
 
     cls.to_asgi = to_asgi
 

@@ -14,6 +14,7 @@ measured here.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -58,9 +59,12 @@ GC_THRESHOLDS = (20_000, 20, 50)
 WORKERS = int(os.environ.get("EDGEBENTO_WORKERS", "0")) or os.cpu_count() or 1
 # EDGEBENTO_MAX_BATCH is the older name of EDGEBENTO_MAX_BATCH_ROWS.
 LIMITS = ServingLimits.from_env(max_batch_rows=int(os.environ.get("EDGEBENTO_MAX_BATCH", "64")))
-# A request's time limit in all (BentoML's traffic timeout, and the fast lane's): above the
-# core's deadline, so the core answers first, with 503, whatever can still be refused.
-TIMEOUT_S = max(30, int(LIMITS.deadline_s) + 10)
+# Time limits by phase. The body must arrive within LIMITS.body_timeout_s (else 408, the
+# client's); the run then has RUN_TIMEOUT_S (else 504 run_timeout, ours), above the core's
+# deadline, so the core answers first, with 503, whatever can still be refused. A request's
+# limit in all (BentoML's traffic timeout, and the fast lane's) is their sum.
+RUN_TIMEOUT_S = max(30, int(LIMITS.deadline_s) + 10)
+TIMEOUT_S = LIMITS.body_timeout_s + RUN_TIMEOUT_S
 
 
 def _first_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -94,6 +98,21 @@ async def read_capped(receive: Receive, headers: Mapping[str, str], cap: int) ->
             return body
 
 
+async def _read_body(
+    core: ServingCore, method: str, receive: Receive, headers: Mapping[str, str]
+) -> bytearray | None:
+    """The body within its time limit: a client that sends it too slowly gets 408 (its
+    fault, counted), not a run timeout after the whole request's limit."""
+    limit = core.limits.body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await read_capped(receive, headers, core.limits.max_body_bytes)
+    except TimeoutError as exc:
+        raise InputError(
+            f"the request body did not arrive within {limit:g} s", reason="timeout"
+        ) from exc
+
+
 def _core() -> ServingCore:
     return bentoml.get_current_service().core  # type: ignore[no-any-return]
 
@@ -106,11 +125,7 @@ async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResp
         # A request that cannot start in time is refused before its body is read: under a
         # flood that is most requests, and every layer they skip is CPU the model keeps.
         admit(core, method, path, headers, arrived)
-        body = (
-            await read_capped(receive, headers, core.limits.max_body_bytes)
-            if method == "POST"
-            else b""
-        )
+        body = await _read_body(core, method, receive, headers) if method == "POST" else b""
     except Exception as exc:
         return refuse(core, exc)
     if body is None:
@@ -128,6 +143,8 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
         return  # the client went away: nobody to answer
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
     headers.append((b"content-length", str(len(answer.body)).encode()))
+    if answer.status == 408:  # the rest of a late body is not read: the connection ends
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
 
@@ -192,4 +209,6 @@ class EdgebentoService:
 
 
 if os.environ.get("EDGEBENTO_FAST_LANE", "1") != "0":
-    fast_lane.install(EdgebentoService, serve, TIMEOUT_S)
+    fast_lane.install(
+        EdgebentoService, serve, TIMEOUT_S, lambda: _core().metrics.failed("run_timeout")
+    )

@@ -15,11 +15,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from cloud_sync.protocol import InferRequest
@@ -111,8 +112,8 @@ class _Counted(NoMetrics):
         self.inner.overloaded(reason)
         self.stats.observe_rejected("busy")
 
-    def failed(self) -> None:
-        self.inner.failed()
+    def failed(self, reason: str = "internal") -> None:
+        self.inner.failed(reason)
         self.stats.observe_error()
 
     def queue_depth(self, depth: int) -> None:
@@ -179,9 +180,13 @@ class InferenceService:
         model = self.core.model
         return None if model is None else model.predictor
 
-    def swap(self, predictor: Predictor) -> Predictor | None:
+    def swap(
+        self, predictor: Predictor, samples: Mapping[str, np.ndarray] | None = None
+    ) -> Predictor | None:
+        """``samples``: the pack's golden inputs, a known-good input for telling a client's
+        input the model cannot run (400) from a broken model (an error)."""
         old = self.predictor
-        self.core.serve(predictor)
+        self.core.serve(predictor, samples=samples)
         return old
 
     @property

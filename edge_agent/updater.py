@@ -304,7 +304,8 @@ class Updater:
         return health_check(pack, predictor, budget, cfg.golden_rtol, cfg.golden_atol)
 
     def _go_live(self, pack: Pack, predictor: Predictor) -> None:
-        old = self.inference.swap(predictor)
+        samples = pack.samples
+        old = self.inference.swap(predictor, samples.inputs if samples is not None else None)
         self.current = pack
         if old is not None:
             del old  # requests in flight hold their own reference and finish on it

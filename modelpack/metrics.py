@@ -13,6 +13,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class InferenceMetrics:
     """``edgebento_inference_seconds``, ``edgebento_requests_total{outcome}``,
     ``edgebento_input_rejected_total{reason}``, ``edgebento_overload_rejected_total{reason}``,
+    ``edgebento_request_errors_total{reason}``,
     ``edgebento_queue_depth``, ``edgebento_queue_wait_seconds``, ``edgebento_batch_size``,
     ``edgebento_cache_hits_total``, ``edgebento_cache_misses_total`` and
     ``edgebento_model_info{name,version}``.
@@ -45,6 +46,12 @@ class InferenceMetrics:
         self.overload = lib.Counter(
             "edgebento_overload_rejected",
             "Inference requests refused because the model could not start them in time.",
+            ["reason"],
+            **extra,
+        )
+        self.errors = lib.Counter(
+            "edgebento_request_errors",
+            "Inference requests that failed on the server's side (5xx), by reason.",
             ["reason"],
             **extra,
         )
@@ -111,7 +118,8 @@ class InferenceMetrics:
         self._child(self.overload, reason).inc()
         self._child(self.requests, "overloaded").inc()
 
-    def failed(self) -> None:
+    def failed(self, reason: str = "internal") -> None:
+        self._child(self.errors, reason).inc()
         self._child(self.requests, "error").inc()
 
     def queue_depth(self, depth: int) -> None:
@@ -147,7 +155,7 @@ class NoMetrics(InferenceMetrics):
     def overloaded(self, reason: str) -> None:
         pass
 
-    def failed(self) -> None:
+    def failed(self, reason: str = "internal") -> None:
         pass
 
     def queue_depth(self, depth: int) -> None:

@@ -105,8 +105,12 @@ class Batcher:
         executor: concurrent.futures.Executor | None = None,
         inline_below_s: float = 0.0005,
         run_cost_tokens: int = 32,
+        run_alone: RunBatch | None = None,
     ) -> None:
         self.run = run
+        # A request run on its own (alone, or again after its batch failed): where a failure
+        # is classified as the client's or the model's.
+        self.run_alone = run_alone or run
         self.plan = plan
         self.max_rows = max_rows
         self.max_queue = max_queue
@@ -316,7 +320,7 @@ class Batcher:
 
     def _run_alone(self, feed: dict[str, np.ndarray]) -> Result:
         try:
-            return self.run(feed)
+            return self.run_alone(feed)
         except Exception as exc:
             return exc
 

@@ -26,7 +26,7 @@ from modelpack.serving.cache import cache_key
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.model import ServedModel
 from modelpack.serving.padding import check_lengths
-from modelpack.serving.reasons import NotFoundRoute, NotReadyError
+from modelpack.serving.reasons import NotFoundRoute, NotReadyError, reason_of
 from modelpack.serving.tensors import check_feed
 
 Protocol = Literal["tensor", "oip"]
@@ -49,19 +49,40 @@ class Job:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+# A deadline a client asks for is shortened to the server's anyway; past a day it is a mistake
+# (or a probe: "1" followed by 400 zeros), answered 400 rather than carried as infinity.
+MAX_CLIENT_TIMEOUT_S = 86_400.0
+
+
+def checked_timeout(value: float, what: str) -> float:
+    """A client's timeout in seconds: positive, finite, at most a day; else a 400."""
+    if not 0 < value <= MAX_CLIENT_TIMEOUT_S:  # also False for NaN
+        raise InputError(
+            f"{what} must be above 0 and at most {MAX_CLIENT_TIMEOUT_S:g} s, got {value!r}",
+            reason="invalid",
+        )
+    return value
+
+
 def _timeout_header(headers: Mapping[str, str]) -> float | None:
     raw = headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
     try:
-        value = float(raw)
+        value = float(raw[:64]) if len(raw) <= 64 else float("nan")
     except ValueError as exc:
         raise InputError(
-            f"{TIMEOUT_HEADER} {raw!r} is not a number of ms", reason="invalid"
+            f"{TIMEOUT_HEADER} {raw[:64]!r} is not a number of ms", reason="invalid"
         ) from exc
-    if not value > 0:
-        raise InputError(f"{TIMEOUT_HEADER} must be positive, got {raw!r}", reason="invalid")
-    return value / 1000
+    return checked_timeout(value / 1000, TIMEOUT_HEADER)
+
+
+def _oip_timeout(request: oip.OipRequest) -> float | None:
+    try:
+        value = request.timeout_s
+    except OverflowError:  # an integer past float's range (a client's 1 and 400 zeros)
+        value = float("inf")
+    return None if value is None else checked_timeout(value, "parameters.timeout")
 
 
 class ServingCore:
@@ -148,7 +169,7 @@ class ServingCore:
         if protocol == "oip":
             request = oip.decode(doc, binary, model.inputs, model.predictor.outputs, self.limits)
             feed = request.inputs
-            timeout_s = request.timeout_s or timeout_s
+            timeout_s = _oip_timeout(request) or timeout_s
         else:
             feed = decode_request(doc, model.inputs, self.limits)
         timeout_s = header_timeout or timeout_s
@@ -244,12 +265,15 @@ class ServingCore:
         }
 
     def count_error(self, exc: BaseException) -> None:
+        """Count a refusal by whose it is: the client's (4xx) as ``rejected``, a 503 (overload,
+        no model yet) as ``overloaded``, and only the model's or ours as an ``error``, the
+        figure a rollout's error rate reads."""
         if isinstance(exc, InputError):
             self.metrics.rejected_input(exc.reason)
-        elif isinstance(exc, OverloadError):
+        elif isinstance(exc, OverloadError | NotReadyError):
             self.metrics.overloaded(exc.reason)
         else:
-            self.metrics.failed()
+            self.metrics.failed(reason_of(exc))
 
     # --- documents for callers that parse their own envelope (MQTT, pipelines) ---------------
 

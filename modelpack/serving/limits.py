@@ -32,6 +32,9 @@ class ServingLimits:
     max_queue_wait_s: float = 1.0
     deadline_s: float = 2.0  # the longest a request may wait to start; a client may shorten it
     retry_after_s: int = 1
+    # The time a client has to send its whole body, from its first byte: past it, 408 (the
+    # client's fault, counted as rejected with reason timeout), never a run timeout.
+    body_timeout_s: float = 10.0
     cache_bytes: int = 0  # the result cache; 0: off
 
     def deadline(self, requested_s: float | None) -> float:

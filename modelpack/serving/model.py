@@ -16,6 +16,7 @@ from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving.batching import Batcher
 from modelpack.serving.cache import ResultCache
+from modelpack.serving.faults import KnownGood
 from modelpack.serving.gate import Gate
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.padding import SequenceAxis, cut_outputs, pad_feeds, sequence_axis
@@ -42,23 +43,14 @@ def _probe_feed(specs: Mapping[str, TensorSpec], rows: int, seed: int) -> dict[s
     return feed
 
 
-def _warmup_shapes(predictor: Predictor) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
-    """What ``Predictor.warmup`` runs: zeros, symbolic dims set to 1."""
+def _warmup_feed(predictor: Predictor) -> dict[str, np.ndarray]:
+    """What ``Predictor.warmup`` ran: zeros, symbolic dims set to 1."""
     return {
-        spec.name: (
-            tuple(d if isinstance(d, int) else 1 for d in (spec.shape or [])),
-            np.dtype(spec.dtype),
+        spec.name: np.zeros(
+            tuple(d if isinstance(d, int) else 1 for d in (spec.shape or [])), spec.dtype
         )
         for spec in predictor.inputs.values()
     }
-
-
-MAX_SHAPES_REMEMBERED = 256
-
-
-def _shape_key(feed: Mapping[str, np.ndarray]) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Each input's shape without its rows: a batch of other requests' rows runs the same."""
-    return tuple(sorted((k, tuple(v.shape[1:])) for k, v in feed.items()))
 
 
 def _ort_message(exc: BaseException) -> str:
@@ -155,32 +147,34 @@ class ServedModel:
         ref = predictor.model_ref
         self.name = str(ref.get("name", "model"))
         self.version = str(ref.get("version", "1"))
-        # Shapes the model is known to answer (its warmup's, or the first request's that ran),
-        # to tell a request the model cannot run from a model that cannot run at all.
-        self._known_good: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None
-        self._shapes_ok: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
-        self._known_size = 0
-        self._samples = dict(samples) if samples else None  # the pack's golden inputs
+        # Inputs the model is known to answer (its golden samples, its warmup's zeros, the
+        # first of each shape class that ran), which tell a request the model cannot run (400)
+        # from a model that cannot run at all (500).
+        self.known_good = KnownGood(samples)
         if predictor.options.warmup and predictor.warmup_error is None:
-            self._known_good = _warmup_shapes(predictor)
-            self._shapes_ok.add(tuple(sorted((k, s[1:]) for k, (s, _) in self._known_good.items())))
-        if self._samples is not None:
-            self._shapes_ok.add(_shape_key(self._samples))
+            self.known_good.remember(_warmup_feed(predictor))
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
         self.batching_off = self._why_not_batch(batching)
         plan = sequence_axis(manifest) if manifest is not None else None
         self.plan = checked_plan(predictor, plan) if plan and not self.batching_off else plan
-        if self.batching_off:
-            log.info("%s v%s runs requests alone: %s", self.name, self.version, self.batching_off)
+        if self.batching_off and batching:
+            # Requests then run one at a time: a throughput the user should hear about.
+            log.warning(
+                "%s v%s runs requests one at a time (no batching): %s",
+                self.name,
+                self.version,
+                self.batching_off,
+            )
         # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off.
         self.batcher = Batcher(
-            self._run,
+            self._run_batch,
             self.plan,
             max_rows=1 if self.batching_off else limits.max_batch_rows,
             max_queue=limits.max_queue,
             retry_after_s=limits.retry_after_s,
             max_wait_s=limits.max_queue_wait_s,
             metrics=metrics,
+            run_alone=self.run,
         )
         # Threaded targets (the agent, Lambda) queue at the gate.
         self.gate = Gate(running, limits.max_queue, limits.retry_after_s, metrics)
@@ -194,45 +188,34 @@ class ServedModel:
             return "not every input and output has a dynamic batch dim"
         return rows_are_independent(p)
 
-    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run(feed)
+    def _run_batch(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stacked requests: a failure is not classified here; the batcher runs each member
+        alone (through ``run``), so only the request at fault fails."""
+        outputs = self.predictor.run(feed, validate=False)
+        self.known_good.remember(feed)
+        return outputs
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One validated request (or batch) through the model. ONNX Runtime fails with FAIL
-        rather than INVALID_ARGUMENT when the shapes a client chose for symbolic dims do not
-        fit the graph (a Reshape, a broadcast between ``s1`` and ``s2``): when the model still
-        answers a known-good input, the failure is this input's, a 400, not ours. A failure on
-        shapes that have run before is the model's, on these values: an error (a 500), which
-        is what a rollout's error rate must see."""
+        """One validated request through the model. When ONNX Runtime fails on it (FAIL, not
+        INVALID_ARGUMENT: an integer division by zero, a Reshape the client's shapes do not
+        fit), the model runs a known-good input again: if that still runs, the failure is this
+        input's, a 400; if not, or nothing is known to run, it is the model's, an error (a
+        500), which is what a rollout's error rate must see."""
         try:
             outputs = self.predictor.run(feed, validate=False)
         except InferenceError as exc:
-            if _shape_key(feed) in self._shapes_ok or not self._healthy():
+            if not self.known_good.still_runs(feed, self._rerun):
                 raise
             raise InputError(
-                f"the model cannot run this input: {_ort_message(exc)}", reason="invalid"
+                f"the model cannot run this input (a known-good input still runs): "
+                f"{_ort_message(exc)}",
+                reason="invalid",
             ) from exc
-        if len(self._shapes_ok) < MAX_SHAPES_REMEMBERED:
-            self._shapes_ok.add(_shape_key(feed))
-        size = sum(v.size for v in feed.values())
-        if self._known_good is None or size < self._known_size:
-            # Shapes only, no client's data; the smallest seen keeps the health check cheap.
-            self._known_good = {k: (v.shape, v.dtype) for k, v in feed.items()}
-            self._known_size = size
+        self.known_good.remember(feed)
         return outputs
 
-    def _healthy(self) -> bool:
-        if self._known_good is not None:
-            feed = {k: np.zeros(shape, dtype) for k, (shape, dtype) in self._known_good.items()}
-        elif self._samples is not None:
-            feed = self._samples
-        else:
-            return False
-        try:
-            self.predictor.run(feed, validate=False)
-        except Exception:
-            return False
-        return True
+    def _rerun(self, feed: dict[str, np.ndarray]) -> None:
+        self.predictor.run(feed, validate=False)
 
     @property
     def inputs(self) -> Mapping[str, TensorSpec]:

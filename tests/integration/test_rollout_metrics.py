@@ -226,7 +226,7 @@ def test_rollout_aborts_when_the_new_version_is_much_slower(
     assert {r["model"]["version"] for r in replies} == {1, 2}
 
 
-def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
+def test_inputs_the_new_version_cannot_run_are_the_clients_and_do_not_abort_the_rollout(
     fleet: Callable[..., list[AgentProcess]],
     broker: Mosquitto,
     topic_prefix: str,
@@ -236,9 +236,15 @@ def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
     client: Client,
     keys: tuple[Path, Path],
 ) -> None:
+    """v2 fails at run time on saturated inputs while a known-good input still runs: by the
+    fault-classification rule (docs/serving.md) each such failure is the request's (reason
+    ``invalid``, counted as rejected), never in the error rate the rollout reads, so a flood of
+    them does not abort it (before, any client could abort a canary this way)."""
     fleet(DEVICES, v2_model=fragile_mlp(mlp_model, tmp_path / "fragile.onnx"))
     store_url = fleet.store_url  # type: ignore[attr-defined]
-    glitchy = Traffic(client, topic_prefix, DEVICES, lambda i: GLITCH if (i // 3) % 2 else NORMAL)
+    glitchy = Traffic(
+        client, topic_prefix, DEVICES, lambda i: GLITCH if (i // 3) % 2 else NORMAL, seconds=120
+    )
     with glitchy as traffic:
         code = run_rollout(
             broker,
@@ -249,14 +255,14 @@ def test_rollout_aborts_when_the_new_version_fails_on_real_inputs(
             "20",
             "--abort-p99-ratio",
             "1000",
+            "--timeout",
+            "120",
         )
     shown = json.loads(capsys.readouterr().out)
-    assert code == 1 and shown["phase"] == "aborted", shown
-    assert "inference error rate on v2" in shown["reason"]
-    assert "(over 20%)" in shown["reason"]
-    assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
+    assert code == 0 and shown["phase"] == "completed", shown
+    wait_versions(broker, topic_prefix, dict.fromkeys(DEVICES, 2))
     replies = traffic.replies()
     failed = [r for r in replies if not r["ok"]]
-    assert failed and all("inference failed" in r["error"] for r in failed)
-    assert {traffic.sent[r["id"]] for r in failed} == {"a"}  # only the canary ran v2
-    assert any(r["ok"] and r["model"]["version"] == 1 for r in replies)
+    assert failed and all(r["reason"] == "invalid" for r in failed), failed[:3]
+    assert all("the model cannot run this input" in r["error"] for r in failed)
+    assert any(r["ok"] and r["model"]["version"] == 2 for r in replies)

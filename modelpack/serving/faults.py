@@ -1,0 +1,105 @@
+"""Whose fault a failed run is: the client's (4xx) or the model's (5xx).
+
+The rule (docs/serving.md): when ONNX Runtime fails on a request, the model runs a known-good
+input again. If that input still runs, the failure is the request's own (a 400, counted as
+``rejected``, never in the error rate a rollout reads); if it fails too, or nothing is known to
+run, the model is broken (a 500, counted as an error). The known-good input is the last input of
+the request's shape class that ran, where the class is every input's full shape and dtype, the
+batch dim included (a model whose batch must be a multiple of 3 runs 3 rows and fails on 1), or
+else the pack's golden samples, or else the smallest input that ran.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+ShapeClass = tuple[tuple[str, str, tuple[int, ...]], ...]
+Feed = Mapping[str, np.ndarray]
+
+MAX_CLASSES = 256  # shape classes remembered (least recently used out)
+MAX_KEPT_BYTES = 1 << 20  # an input larger than this is not kept (its class falls back)
+# A verdict that a known-good input runs is reused this long: under a flood of failing
+# requests each one would otherwise cost the model a second run.
+VERDICT_TTL_S = 1.0
+
+
+def shape_class(feed: Feed) -> ShapeClass:
+    return tuple(sorted((k, str(v.dtype), tuple(v.shape)) for k, v in feed.items()))
+
+
+def _nbytes(feed: Feed) -> int:
+    return sum(int(v.nbytes) for v in feed.values())
+
+
+class KnownGood:
+    """Inputs the model is known to answer, by shape class: copies, bounded in count and bytes."""
+
+    def __init__(self, samples: Feed | None = None) -> None:
+        self._lock = threading.Lock()
+        self._by_class: OrderedDict[ShapeClass, dict[str, np.ndarray]] = OrderedDict()
+        self._samples = {k: np.asarray(v) for k, v in samples.items()} if samples else None
+        self._smallest: ShapeClass | None = None
+        self._verified: dict[ShapeClass, float] = {}  # class -> when its input last ran again
+
+    def remember(self, feed: Feed) -> None:
+        """After a successful run: keep the first input of a class not seen yet (the model is
+        deterministic, so any input that ran once tells as much as the last one)."""
+        key = shape_class(feed)
+        with self._lock:
+            if key in self._by_class:
+                self._by_class.move_to_end(key)
+                return
+        size = _nbytes(feed)
+        if size > MAX_KEPT_BYTES:
+            return
+        copy = {k: np.array(v, copy=True) for k, v in feed.items()}
+        with self._lock:
+            self._by_class[key] = copy
+            while len(self._by_class) > MAX_CLASSES:
+                gone, _ = self._by_class.popitem(last=False)
+                self._verified.pop(gone, None)
+                if gone == self._smallest:
+                    self._smallest = None
+            smallest = self._by_class.get(self._smallest) if self._smallest else None
+            if smallest is None or size < _nbytes(smallest):
+                self._smallest = key
+
+    def reference(self, feed: Feed) -> tuple[ShapeClass, Feed] | None:
+        """The known-good input to try again for a failed ``feed``; None when nothing is known
+        to run."""
+        key = shape_class(feed)
+        with self._lock:
+            same = self._by_class.get(key)
+            if same is not None:
+                return key, same
+            if self._samples is not None:
+                return shape_class(self._samples), self._samples
+            if self._smallest is not None and self._smallest in self._by_class:
+                return self._smallest, self._by_class[self._smallest]
+        return None
+
+    def still_runs(self, feed: Feed, run: Callable[[dict[str, np.ndarray]], Any]) -> bool:
+        """Whether the known-good input for ``feed`` runs now (False when there is none)."""
+        found = self.reference(feed)
+        if found is None:
+            return False
+        key, reference = found
+        now = time.monotonic()
+        with self._lock:
+            if now - self._verified.get(key, float("-inf")) < VERDICT_TTL_S:
+                return True
+        try:
+            run(dict(reference))
+        except Exception:
+            with self._lock:
+                self._verified.pop(key, None)
+            return False
+        with self._lock:
+            self._verified[key] = now
+        return True
