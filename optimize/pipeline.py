@@ -404,6 +404,9 @@ def _write_pack(
         "gzip_bytes": row["gzip_bytes"],
         "fp32_size_bytes": base["size_bytes"],
         "fidelity_data": report["fidelity_data"],
+        # Whether the service can batch it, and the CPU whose flags the speedup holds for.
+        "row_independent": row["row_independent"],
+        "measured_on": reports.machine_text(report["machine"]),
         "report": reports.REPORT_HTML,
     }
     create_pack(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelpack import load_pack
 from tests.unit.optimize import shapes
 
 
@@ -84,6 +85,10 @@ def test_the_table_says_how_each_candidate_is_served_and_on_which_cpu(tmp_path: 
         flags = set(cpuinfo.read_text().split("flags", 1)[-1].splitlines()[0].split())
         assert set(machine["flags"]) <= flags and ("avx2" in flags) == ("avx2" in machine["flags"])
     assert f"measured on: {machine['cpu']}" in done.stdout
+    # The pack's manifest carries both beside the speedup, for whoever serves it.
+    summary = load_pack(out, trusted=[], allow_unsigned=True).manifest.optimization
+    assert summary["row_independent"] is rows[report["chosen"]]["row_independent"]
+    assert summary["measured_on"].startswith(machine["cpu"])
 
 
 def test_a_pytorch_file_hears_the_trust_rule_before_being_asked_for_data(tmp_path: Path) -> None:
