@@ -1,7 +1,8 @@
 """Sources to ONNX: an ONNX file as it is, Keras with tf2onnx, TorchScript with torch.onnx.
 
 The build machine loads data, never programs, unless told to: ONNX and zip ``.keras`` files
-(Keras' ``safe_mode``, objects of Keras' own modules only) load by default; HDF5 and SavedModel
+(Keras' ``safe_mode``, layers of tensor maths only, weights that read only their own file; Keras 3
+files built by Keras 3) load by default; HDF5 and SavedModel
 Keras models (which carry Lambda-layer bytecode) and TorchScript (a program) need
 ``trust_model_code``. Pickled ``torch.save`` files never load.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelpack.errors import ConfigError
-from optimize.keras_config import check_keras_config
+from optimize.keras_config import KerasArchive, read_keras_archive
 from optimize.onnx_source import copy_onnx
 
 SourceKind = Literal["onnx", "keras", "torch"]
@@ -98,44 +99,72 @@ def _is_hdf5(source: Path) -> bool:
     return False
 
 
-def _keras_path(source: Path, trust_model_code: bool, tmp: Path) -> Path:
-    """The path to hand to ``load_model``: a zip ``.keras`` file (checked), or with trust any."""
+def _keras_path(source: Path, trust_model_code: bool, tmp: Path) -> tuple[Path, int]:
+    """The path to hand to ``load_model`` and the Keras major version that wrote it: a zip
+    ``.keras`` file (checked), or with trust any."""
     keep = "save it as a zip .keras file (model.save('model.keras'))"
     if source.is_dir():
         if not trust_model_code:
             raise _refuse_code(source, "a TensorFlow SavedModel directory", keep)
-        return source
+        return source, 2
     # What Keras itself tests to pick its safe loader; the name proves nothing.
     if zipfile.is_zipfile(source):
-        if not trust_model_code:
-            check_keras_config(source)
+        archive: KerasArchive = read_keras_archive(source, check=not trust_model_code)
         if str(source).endswith(".keras"):  # the test Keras applies, case and all
-            return source
+            return source, archive.major
         named = tmp / "model.keras"  # a zip named .h5 would go to the HDF5 loader
         named.symlink_to(source.resolve())
-        return named
+        return named, archive.major
     if trust_model_code:
-        return source
+        return source, 2
     if _is_hdf5(source):
         raise _refuse_code(source, "an HDF5 Keras file (the legacy format)", keep)
     raise ConfigError(f"{source.name} is neither a zip .keras file nor HDF5")
 
 
+def _reason(exc: BaseException) -> str:
+    """The library's message up to the object config it quotes (a config cut in the middle
+    helps nobody), on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for marker in (" Full object config:", " Config:", " config=", " {"):
+        text = text.split(marker)[0]
+    return text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+
+
 def load_keras(source: Path, trust_model_code: bool = False) -> Any:
-    """A Keras model; by default only from a zip ``.keras`` file, with Keras' ``safe_mode``."""
+    """A Keras model; by default only from a zip ``.keras`` file, with Keras' ``safe_mode``.
+
+    A file saved by Keras 3 is built by Keras 3 (``optimize.keras3``), one saved by Keras 2 by
+    tf-keras; both pass the same checks first.
+    """
     with tempfile.TemporaryDirectory(prefix="edgebento-keras-") as tmp:
-        path = _keras_path(source, trust_model_code, Path(tmp))
+        path, major = _keras_path(source, trust_model_code, Path(tmp))
         tf = import_tensorflow()
+        from optimize import keras3
+
+        loader = "Keras 3" if major >= 3 else "tf-keras"
         try:
+            if major >= 3:
+                return keras3.load(path, trust_model_code)
             return tf.keras.models.load_model(
                 str(path), compile=False, safe_mode=not trust_model_code
             )
+        except ConfigError:
+            raise
         except Exception as exc:  # h5py, protobuf and Keras raise their own errors
-            reason = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"cannot load the Keras model {source.name}: {reason}") from exc
+            raise ConfigError(
+                f"cannot load the Keras model {source.name} with {loader}: {_reason(exc)}; save"
+                " it again with the Keras that trained it (model.save('model.keras')), or export"
+                " it to ONNX and pass the .onnx file"
+            ) from exc
 
 
 def keras_to_onnx(model: Any, dst: Path, opset: int = OPSET) -> None:
+    from optimize import keras3
+
+    if keras3.is_keras3(model):
+        keras3.to_onnx(model, dst, opset)
+        return
     tf = import_tensorflow()
     import tf2onnx
 

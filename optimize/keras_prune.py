@@ -4,6 +4,9 @@ tfmot's magnitude pruning leaves zeros that compress (gzip) but give ONNX Runtim
 the report says so. Speed comes from removing units: for a Sequential stack of Dense layers the
 least important hidden units (mean absolute activation times outgoing weight norm) are cut, the
 smaller model is fine-tuned on ``--train-data``, and tfmot sparsity is applied on top.
+
+A Keras 3 model is cut and fine-tuned with Keras 3 itself; tfmot works on tf-keras models only,
+so its sparsity candidate is skipped with one note saying so.
 """
 
 from __future__ import annotations
@@ -31,15 +34,22 @@ class KerasPruneConfig(PassConfig):
     learning_rate: float = 1e-3
 
 
+def _api(model: Any) -> Any:
+    """The Keras that built ``model``: ``keras`` (Keras 3) or tf-keras (``tf.keras`` here)."""
+    from optimize import keras3
+
+    return keras3.import_keras3() if keras3.is_keras3(model) else import_tensorflow().keras
+
+
 def _loss(model: Any, labels: np.ndarray) -> Any:
-    tf = import_tensorflow()
+    keras = _api(model)
     last = model.layers[-1]
     # Under tfmot the last layer is a PruneLowMagnitude wrapper: its activation is the inner one's.
     activation = getattr(getattr(last, "layer", last), "activation", None)
     from_logits = getattr(activation, "__name__", "") != "softmax"
     if labels.ndim == 1 or labels.shape[-1] == 1:
-        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    return tf.keras.losses.CategoricalCrossentropy(from_logits=from_logits)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+    return keras.losses.CategoricalCrossentropy(from_logits=from_logits)
 
 
 def _inputs(model: Any, train: Dataset) -> Any:
@@ -50,10 +60,10 @@ def _inputs(model: Any, train: Dataset) -> Any:
 def _fit(
     model: Any, train: Dataset, config: KerasPruneConfig, epochs: int, callbacks: list[Any]
 ) -> None:
-    tf = import_tensorflow()
+    keras = _api(model)
     assert train.labels is not None  # prune_keras refuses training data without labels
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(config.learning_rate), loss=_loss(model, train.labels)
+        optimizer=keras.optimizers.Adam(config.learning_rate), loss=_loss(model, train.labels)
     )
     model.fit(
         _inputs(model, train),
@@ -67,15 +77,15 @@ def _fit(
 
 def shrink_dense(model: Any, ratio: float, train: Dataset) -> Any:
     """A Sequential Dense stack with ``ratio`` of every hidden layer's units removed."""
-    tf = import_tensorflow()
+    keras = _api(model)
     layers = list(model.layers)
     kinds = [type(layer).__name__ for layer in layers]
-    if not isinstance(model, tf.keras.Sequential) or any(
+    if not isinstance(model, keras.Sequential) or any(
         k != "Dense" and k not in PASSTHROUGH for k in kinds
     ):
         raise ValueError("structured Keras pruning handles Sequential stacks of Dense layers")
     dense = [i for i, k in enumerate(kinds) if k == "Dense"]
-    probe = tf.keras.Model(model.inputs, [layers[i].output for i in dense[:-1]])
+    probe = keras.Model(model.inputs, [layers[i].output for i in dense[:-1]])
     acts = probe.predict(_inputs(model, train)[:512], verbose=0)
     acts = acts if isinstance(acts, list) else [acts]
     keep: dict[int, np.ndarray] = {}
@@ -87,8 +97,8 @@ def shrink_dense(model: Any, ratio: float, train: Dataset) -> Any:
         importance = np.abs(act).mean(axis=0) * outgoing
         keep[i] = np.sort(np.argsort(importance)[::-1][: min(n, units)])
         mean_act[i] = act.mean(axis=0)
-    clone = tf.keras.Sequential(
-        [tf.keras.layers.Input(model.input_shape[1:], name=model.inputs[0].name.split(":")[0])]
+    clone = keras.Sequential(
+        [keras.layers.Input(model.input_shape[1:], name=model.inputs[0].name.split(":")[0])]
     )
     previous: np.ndarray | None = None
     dense_before = dict(zip(dense[1:], dense, strict=False))
@@ -127,9 +137,16 @@ def prune_keras(
     import_tensorflow()  # before tfmot imports it: tf-keras, and no start-up noise
     import tensorflow_model_optimization as tfmot
 
+    from optimize import keras3
+
     if train.labels is None:
         raise ValueError("Keras pruning fine-tunes the model: --train-data needs 'labels'")
     model = load_keras(source, trust_model_code)
+    if config.sparsity > 0 and keras3.is_keras3(model):
+        raise NotImplementedError(
+            "tfmot sparsity works on tf-keras models only, and this model was saved by Keras 3;"
+            " the other candidates go on"
+        )
     if config.units_ratio > 0:
         model = shrink_dense(model, config.units_ratio, train)
         _fit(model, train, config, config.finetune_epochs, [])

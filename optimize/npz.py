@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -92,13 +93,20 @@ class NpzArrays(Mapping[str, np.ndarray]):
     one instance together, checked before each is allocated.
     """
 
-    def __init__(self, path: Path, limit: int | None = None, skip: Iterable[str] = ()) -> None:
-        self.path = Path(path)
+    def __init__(
+        self,
+        path: Path | IO[bytes],
+        limit: int | None = None,
+        skip: Iterable[str] = (),
+        name: str | None = None,
+    ) -> None:
+        # An .npz inside another archive (a Keras 3 file's weights) comes as bytes and a name.
+        self.path = Path(name if name is not None else path)  # type: ignore[arg-type]
         self.limit = data_limit() if limit is None else limit
         self._read: dict[str, np.ndarray] = {}
         self._used = 0
         try:
-            self._zip = zipfile.ZipFile(self.path)
+            self._zip = zipfile.ZipFile(path)
         except (OSError, zipfile.BadZipFile, ValueError) as exc:
             raise ConfigError(f"{self.path} is not a readable .npz file: {exc}") from exc
         self._names = self._directory(set(skip))
@@ -108,6 +116,10 @@ class NpzArrays(Mapping[str, np.ndarray]):
         for info in self._zip.infolist():
             if info.is_dir():
                 continue
+            if stat.S_ISLNK(info.external_attr >> 16):
+                # zipfile reads the link's text, never its target, but an unzip would follow it
+                # to any file of this machine: no .npz writer stores one.
+                raise ConfigError(f"{self.path.name} holds {info.filename!r}, a symbolic link")
             name = info.filename.removesuffix(".npy")
             if name in names:  # zipfile would silently take the last one
                 raise ConfigError(f"{self.path.name} holds the array {name!r} twice")
@@ -207,6 +219,12 @@ class NpzArrays(Mapping[str, np.ndarray]):
         self._zip.close()
 
 
-def open_npz(path: Path, limit: int | None = None, skip: Iterable[str] = ()) -> NpzArrays:
-    """The arrays of ``path``, each read on first use under one cap (``EDGEBENTO_MAX_DATA_BYTES``)."""
-    return NpzArrays(path, limit, skip)
+def open_npz(
+    path: Path | IO[bytes],
+    limit: int | None = None,
+    skip: Iterable[str] = (),
+    name: str | None = None,
+) -> NpzArrays:
+    """The arrays of ``path``, each read on first use under one cap (``EDGEBENTO_MAX_DATA_BYTES``);
+    ``name`` names a file object in messages."""
+    return NpzArrays(path, limit, skip, name)
