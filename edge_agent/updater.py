@@ -10,7 +10,8 @@ verified with ``load_pack(check_model=False)``: the publisher ran onnx.checker b
 and the signature proves it, so a device needs neither the onnx package nor its memory.
 
 A new install of an expired pack is refused; a pack that expires after it was installed keeps
-serving across reboots with ``expired`` on the status (``refuse_expired`` turns that off).
+serving across reboots with ``expired`` on the status (``refuse_expired`` turns that off: the
+device then serves nothing, never an earlier pack below its high-water mark).
 Downloads happen outside the install lock, so a rollback never waits behind one.
 """
 
@@ -35,7 +36,7 @@ from edge_agent.inference import InferenceService
 from edge_agent.memory import release_freed_memory
 from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
 from edge_agent.updates import CancelledError, CancelToken, UpdateWorker
-from modelpack.errors import EdgebentoError, PackError, VersionError
+from modelpack.errors import EdgebentoError, ExpiredError, PackError, VersionError
 from modelpack.loader import load_pack
 from modelpack.pack import Pack
 from modelpack.predictor import Predictor, PredictorOptions
@@ -64,6 +65,9 @@ class Updater:
         self.staging_dir = config.data_dir / "staging"
         self.state_file = config.data_dir / "state.json"
         self.current: Pack | None = None
+        # The installed pack refused at boot because it expired (``refuse_expired``): nothing
+        # is served then, rather than an older pack below the high-water mark.
+        self.expired_refused: str | None = None
         self.last_update: dict[str, Any] | None = None
         self.applied: dict[str, Any] | None = None  # set by edge_agent.trust per generation
         self.outcomes: dict[str, int] = {}  # update attempts by outcome, for /metrics
@@ -72,6 +76,8 @@ class Updater:
 
     @property
     def expired(self) -> bool:
+        if self.expired_refused is not None and self.current is None:
+            return True
         return self.current is not None and self.current.manifest.expired
 
     def policy(self, own_token: bool = False) -> FetchPolicy:
@@ -118,6 +124,14 @@ class Updater:
                 # the device dark (TUF's freeze rule is for new installs).
                 pack = self._verify(self.packs_dir / dirname, installed=True)
                 self._go_live(pack, self._load_predictor(pack))
+            except ExpiredError as exc:
+                if index == 0:
+                    # Falling back to an earlier pack would turn withheld updates into a
+                    # downgrade below the high-water mark: serve nothing, say why, alert.
+                    self._refuse_expired(dirname, exc)
+                    return
+                log.error("installed pack %s is not usable: %s", dirname, exc)
+                continue
             except EdgebentoError as exc:
                 log.error("installed pack %s is not usable: %s", dirname, exc)
                 self.report({"event": "boot_refused", "pack": dirname, "error": str(exc)})
@@ -135,6 +149,15 @@ class Updater:
             # The operator's own --pack: any local path the agent can read.
             own = FetchPolicy((initial.resolve().parent,), self.config.max_download_bytes)
             self._install(lambda t: fetch_url(str(initial), t, own), str(initial), "boot")
+
+    def _refuse_expired(self, dirname: str, exc: ExpiredError) -> None:
+        self.expired_refused = dirname
+        message = (
+            f"serving no model: {dirname} has expired ({exc}) and refuse_expired is on; "
+            "an earlier pack is not served in its place (it would be a downgrade): deploy a "
+            "newer pack, or roll back with a signed instruction"
+        )
+        self._outcome("refused", message, "boot", failed=True, expired=dirname)
 
     # --- deploy and rollback -------------------------------------------------------------------
 
