@@ -37,7 +37,17 @@ from modelpack.serving.tensors import (
     from_numbers,
 )
 
-__all__ = ["MAX_BODY_BYTES", "decode_request", "encode_response", "json_safe", "parse_body"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_EMPTY_LISTS",
+    "decode_request",
+    "dumps",
+    "encode_response",
+    "encode_tensor",
+    "json_safe",
+    "parse_body",
+    "plain",
+]
 
 
 def parse_body(
