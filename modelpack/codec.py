@@ -170,7 +170,9 @@ def json_safe(array: Any) -> Any:
 # float32, 65504 as float16) printf ends the number with a bare point, which JSON does not allow:
 # ``_whole`` gives it a zero.
 _DIGITS = {"float16": "%#.5g", "float32": "%#.9g"}
-_CACHED_TEMPLATE_ELEMENTS = 1 << 16
+# Templates are cached for small outputs, where building one costs as much as writing it; a big
+# one takes 3 % of its writing to build, and 128 cached ones of 65536 numbers would hold 50 MB.
+_CACHED_TEMPLATE_ELEMENTS = 1 << 12
 # A zero-size tensor holds no numbers, but its nested lists are real text: [1, 10**8, 0] would
 # be 10**8 empty lists. Past this many the answer is refused (413), whatever the request's size.
 MAX_EMPTY_LISTS = 1 << 12
