@@ -17,6 +17,12 @@ Every wave has its own deadline (``wave_timeout_s``) and is pushed only if the t
 wave's deadline: a device not heard from holds its wave until then, and a device whose previous
 version was unknown at the start takes it from the first status it sends.
 
+A wave is judged (``cloud_sync.rollout_checks``) after its bake; without enough figures the
+controller waits for them up to the wave's timeout and bake, counted from its push. A wave that
+still cannot be judged stops the rollout as ``unverified`` (never ``completed``), unless
+``allow_unverified``, which goes on and records the wave as not verified. Each step of a wave is
+said in one line (``say``).
+
 An abort is written ahead: ``aborting``, with the reason and the figures, is saved before any
 rollback is published; a controller that dies in the middle is resumed into finishing the abort.
 Each rollback is ``Desired(model=previous, rollback=True, authorization=...)`` signed for that
@@ -32,7 +38,22 @@ from typing import TYPE_CHECKING
 
 from cloud_sync.authority import sign_rollback
 from cloud_sync.protocol import Desired, ModelRef, Status
-from cloud_sync.rollout_state import AbortFigures, DeviceProgress, RolloutState, save_state
+from cloud_sync.rollout_checks import (
+    abort_reason,
+    device_outcome,
+    judge,
+    same,
+    unverified_reason,
+    wave_label,
+    wave_line,
+)
+from cloud_sync.rollout_state import (
+    AbortFigures,
+    DeviceProgress,
+    RolloutState,
+    WaveCheck,
+    save_state,
+)
 from cloud_sync.store import ObjectStore
 from cloud_sync.watch import FleetWatch
 
@@ -43,72 +64,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _WAITING = ("unknown", "updating", "offline")
-_TOUCHED = ("unknown", "updating", "offline", "done", "failed", "rolled_back")
 _STATS_EVERY_S = 0.5  # the telemetry figures change slowly; the device counts are exact
-
-
-def same(a: ModelRef | None, b: ModelRef | None) -> bool:
-    return a is not None and b is not None and (a.name, a.version) == (b.name, b.version)
-
-
-def device_outcome(
-    status: Status | None, target: ModelRef, rollout: str, generation: int
-) -> tuple[str, str] | None:
-    """("done" | "failed", detail) once the device's status says how the update went."""
-    if status is None:
-        return None
-    applied = status.applied
-    if (
-        applied is not None
-        and applied.generation == generation
-        and applied.rollout == rollout
-        and same(applied.model, target)
-    ):
-        if applied.outcome == "installed":
-            return "done", f"runs v{target.version}"
-        return "failed", f"{applied.outcome}: {applied.reason or 'no reason given'}"
-    if same(status.model, target):
-        return "done", f"runs v{target.version}"
-    return None
-
-
-def abort_reason(
-    state: RolloutState, watch: FleetWatch, telemetry: bool = True
-) -> tuple[str, AbortFigures] | None:
-    """Why the rollout must stop, from the kept counts and (``telemetry``) the watch's running
-    totals per version: O(1) in the size of the fleet."""
-    t = state.thresholds
-    touched = state.count(*_TOUCHED)
-    failed = state.count("failed")
-    figures = AbortFigures(failed=failed, touched=touched)
-    if failed and 100.0 * failed / touched > t.abort_failure_rate:
-        return (
-            f"{failed} of {touched} updated devices failed (over {t.abort_failure_rate:g}%): "
-            f"{state.first_failure}"
-        ), figures
-    if not telemetry:
-        return None
-    new = watch.version_stats(state.version, same=True)
-    figures.inferences, figures.errors = new.count, new.errors
-    if new.count < t.min_inferences:
-        return None
-    rate = 100.0 * new.errors / new.count
-    figures.error_rate_pct = rate
-    if rate > t.abort_failure_rate:
-        return (
-            f"inference error rate on v{state.version} is {rate:.1f}% "
-            f"(over {t.abort_failure_rate:g}%)"
-        ), figures
-    old = watch.version_stats(state.version, same=False)
-    figures.new_p99_ms, figures.old_p99_ms = new.p99_ms, old.p99_ms
-    if new.p99_ms is not None and old.p99_ms:
-        ratio = new.p99_ms / old.p99_ms
-        if ratio > t.abort_p99_ratio:
-            return (
-                f"p99 on v{state.version} is {new.p99_ms:.1f} ms, {ratio:.2f}x the previous "
-                f"{old.p99_ms:.1f} ms (over {t.abort_p99_ratio:g}x)"
-            ), figures
-    return None
+_SAY_EVERY_S = 10.0  # a progress line while a wave bakes or waits for figures
 
 
 class Rollout:
@@ -125,6 +82,7 @@ class Rollout:
         save_every_s: float = 1.0,
         lease: Lease | None = None,
         on_progress: Callable[[RolloutState], None] | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         self.store, self.watch, self.state = store, watch, state
         self.signer, self.lease = signer, lease
@@ -132,6 +90,10 @@ class Rollout:
         self.timeout_s, self.wait_all, self.poll_s = timeout_s, wait_all, poll_s
         self.save_every_s = save_every_s
         self.on_progress = on_progress or (lambda _state: None)
+        self.say = say or (lambda line: log.info("%s", line))
+        self._wave_started = 0.0
+        self._said_at = 0.0
+        watch.max_rate = state.thresholds.max_device_rate
         self.target = ModelRef(name=state.name, version=state.version)
         self._saved_at = 0.0
         self._stats_at = 0.0
@@ -211,9 +173,28 @@ class Rollout:
                 return self._abort(*found)
             if (found := self._bake(index)) is not None:
                 return self._abort(*found)
+            verdict = self._verify(index)
+            if verdict is not None:
+                return self._abort(*verdict)
+            if not self.state.checks[-1].verified and not self.state.thresholds.allow_unverified:
+                self._stop_unverified(index)
+                break
             self.state.current_wave += 1
             self._save(force=True)
         return self.state
+
+    # --- saying how it goes ----------------------------------------------------------------
+
+    def _say_wave(self, index: int, doing: str, force: bool = False) -> None:
+        """A line now and then while a wave waits; ``force`` at each step of it."""
+        now = time.monotonic()
+        if force or now - self._said_at >= _SAY_EVERY_S:
+            self._said_at = now
+            self.say(wave_line(self.state, index, doing))
+
+    def _left(self) -> float:
+        t = self.state.thresholds
+        return max(0.0, self._wave_started + t.wave_timeout_s + t.bake_s - time.monotonic())
 
     def _can_judge(self, index: int) -> bool:
         t = self.state.thresholds
@@ -242,6 +223,8 @@ class Rollout:
                 self._fold(progress)
         self._save(force=True)  # the wave is in flight before a device hears of it
         self.watch.set_desired_many(items)
+        self._wave_started = time.monotonic()
+        self._say_wave(index, f"pushed to {len(items)} device(s)", force=True)
 
     def _watch_wave(self, index: int) -> tuple[str, AbortFigures] | None:
         wave_deadline = time.monotonic() + self.state.thresholds.wave_timeout_s
@@ -252,6 +235,7 @@ class Rollout:
                 return found
             if self.state.waiting(index) == 0:
                 break
+            self._say_wave(index, f"{wave_deadline - time.monotonic():.0f}s left to report")
             self._tick()
             self.watch.wait(self.poll_s)
         self._drain()
@@ -264,7 +248,9 @@ class Rollout:
             elif progress.state == "unknown":
                 self.state.move(progress, "offline", f"no status heard in {timeout:g}s")
         self._save(force=True)
-        return self._check()
+        found = self._check()
+        self._say_wave(index, f"reported; {self._left():.0f}s left to judge it", force=True)
+        return found
 
     def _bake(self, index: int) -> tuple[str, AbortFigures] | None:
         """Watch the fleet for ``bake_s`` after a wave, then give the abort reason, if any.
@@ -279,10 +265,45 @@ class Rollout:
             self._drain()
             if (found := self._check()) is not None:
                 return found
+            self._say_wave(index, f"baking, {until - time.monotonic():.0f}s left")
             self._tick()
             self.watch.wait(self.poll_s)
         self._stats_at = 0.0
         return self._check()
+
+    def _verify(self, index: int) -> tuple[str, AbortFigures] | None:
+        """The wave's verdict, waiting (up to its wave timeout and bake, counted from its push)
+        for enough devices to report enough inferences; with ``allow_unverified``, not waiting.
+
+        Records a ``WaveCheck``; the abort reason when the figures say so, else None.
+        """
+        wait = not self.state.thresholds.allow_unverified
+        while True:
+            self._drain()
+            if (found := abort_reason(self.state, self.watch, telemetry=False)) is not None:
+                return found
+            verdict = judge(self.state, self.watch, index)
+            self.state.figures = verdict.figures
+            if verdict.kind == "abort":
+                return verdict.reason, verdict.figures
+            if verdict.kind == "verified" or not wait or self._left() <= 0:
+                break
+            self._say_wave(index, f"{verdict.reason}; waiting {self._left():.0f}s more")
+            self._tick()
+            self.watch.wait(self.poll_s)
+        verified = verdict.kind == "verified"
+        detail = verdict.reason if verified else f"not verified: {verdict.reason}"
+        self.state.checks = [c for c in self.state.checks if c.wave != index]
+        self.state.checks.append(
+            WaveCheck(wave=index, verified=verified, figures=verdict.figures, detail=detail)
+        )
+        self._say_wave(index, detail, force=True)
+        return None
+
+    def _stop_unverified(self, index: int) -> None:
+        self.state.phase = "unverified"
+        self.state.reason = unverified_reason(self.state, index)
+        self._save(force=True)
 
     def _finish(self) -> None:
         while self.wait_all and time.monotonic() < self.deadline:
@@ -299,8 +320,14 @@ class Rollout:
             self.state.reason = f"not on v{self.state.version} in time: {shown}"
         else:
             self.state.phase = "completed"
+            notes = []
             if waiting:
-                self.state.reason = f"offline, will catch up on connect: {shown}"
+                notes.append(f"offline, will catch up on connect: {shown}")
+            unchecked = [c.wave for c in self.state.checks if not c.verified]
+            if unchecked:
+                waves = ", ".join(wave_label(self.state, w) for w in unchecked)
+                notes.append(f"health not verified on {waves} (--allow-unverified)")
+            self.state.reason = "; ".join(notes) or None
         self._save(force=True)
 
     # --- the abort -------------------------------------------------------------------------

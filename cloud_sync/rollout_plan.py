@@ -57,6 +57,7 @@ class RolloutRequest:
     thresholds: Thresholds = field(default_factory=Thresholds)
     timeout_s: float | None = None
     wait_all: bool = False
+    allow_unverified: bool = False  # also on resume: go on past a wave that cannot be judged
     lease_ttl_s: float = DEFAULT_TTL_S
     save_every_s: float = 1.0
 
@@ -153,12 +154,17 @@ def prepare_resume(state: RolloutState, watch: FleetWatch) -> RolloutState:
             f"rollout {state.id} ({state.name} v{state.version}) was superseded by {newer}, which"
             " has since set the desired state of its devices; resuming would undo it"
         )
-    if state.phase in ("completed", "timed_out"):
+    if state.phase in ("completed", "timed_out", "unverified"):
         state.phase = "running"  # check again on devices that were offline or not yet pushed
     return state
 
 
+EXIT_UNVERIFIED = 3  # the rollout stopped at a wave whose health could not be judged
+
+
 def exit_code(state: RolloutState, wait_all: bool) -> int:
+    if state.phase == "unverified":
+        return EXIT_UNVERIFIED
     if state.phase != "completed":
         return 1
     return 0 if not wait_all or state.count("done") == len(state.devices) else 1
@@ -168,6 +174,7 @@ def execute(
     request: RolloutRequest,
     on_start: Callable[[RolloutState], None] | None = None,
     on_progress: Callable[[RolloutState], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> RolloutState:
     from modelpack.signing import load_private_key
 
@@ -189,12 +196,13 @@ def execute(
         try:
             if prior is not None:
                 state = prepare_resume(prior, watch)
+                if request.allow_unverified:
+                    state.thresholds.allow_unverified = True
             else:
                 if request.name is None or request.version is None:
                     raise ConfigError("a new rollout needs NAME and VERSION")
                 targets = resolve_targets(watch, request.devices, request.group)
                 watch.devices = set(targets)
-                watch.by_version.clear()  # figures of devices outside the rollout heard so far
                 state = start_rollout(
                     store, watch, request.name, request.version, targets, request.thresholds
                 )
@@ -212,6 +220,7 @@ def execute(
                 save_every_s=request.save_every_s,
                 lease=lease,
                 on_progress=on_progress,
+                say=say,
             ).run()
         finally:
             lease.release()

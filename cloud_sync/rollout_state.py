@@ -39,7 +39,9 @@ def check_device_ids(devices: list[str]) -> list[str]:
 
 
 DeviceState = Literal["pending", "unknown", "updating", "offline", "done", "failed", "rolled_back"]
-Phase = Literal["running", "aborting", "aborted", "completed", "timed_out"]
+# "unverified": a wave whose health could not be judged (too few devices reported enough
+# inferences before its deadline); the rollout stops there unless ``allow_unverified``.
+Phase = Literal["running", "aborting", "aborted", "completed", "timed_out", "unverified"]
 SCHEMA_VERSION = 2
 WAITING: tuple[str, ...] = ("unknown", "updating")  # a wave is settled when none of it waits
 
@@ -56,24 +58,45 @@ class DeviceProgress(BaseModel):
 class Thresholds(BaseModel):
     canary_pct: float = Field(default=10.0, gt=0, le=100)
     waves: int = Field(default=2, ge=1)
-    abort_failure_rate: float = Field(default=5.0, ge=0, le=100)  # % of devices or inferences
-    abort_p99_ratio: float = Field(default=1.5, gt=0)  # new p99 over the previous version's
-    min_inferences: int = Field(default=50, ge=1)  # fewer say nothing about error rates
+    abort_failure_rate: float = Field(default=5.0, ge=0, le=100)  # % of devices; a device's %
+    abort_p99_ratio: float = Field(default=1.5, gt=0)  # a device's new p99 over its previous one
+    min_inferences: int = Field(default=50, ge=1)  # per device: fewer say nothing about it
+    min_devices: int = Field(default=1, ge=1)  # reporting devices before a verdict on telemetry
+    abort_device_share: float = Field(default=25.0, ge=0, le=100)  # % of reporting devices bad
+    max_device_rate: float = Field(default=10_000.0, gt=0)  # inferences/s a device can serve
+    allow_unverified: bool = False  # go on past a wave whose health could not be judged
     bake_s: float = Field(default=60.0, ge=0)  # watch each wave's telemetry this long
     wave_timeout_s: float = Field(default=300.0, gt=0)  # for every device of a wave to report
     rollback_wait_s: float = Field(default=60.0, ge=0)  # for the touched devices to go back
 
 
 class AbortFigures(BaseModel):
-    """What the controller saw when it decided to abort, persisted before any rollback."""
+    """What the controller saw at its last check: behind an abort (persisted before any
+    rollback), or behind a wave's verdict. Telemetry is judged per device: ``reporting`` devices
+    ran the new version with at least ``min_inferences``, ``bad`` ones of them were over a
+    threshold, ``suspects`` reported what no device can serve; the sums and medians are over
+    the reporting devices, for the record, never the basis of a verdict."""
 
     failed: int = 0
     touched: int = 0
+    reporting: int = 0
+    bad: int = 0
+    suspects: int = 0
     inferences: float = 0.0
     errors: float = 0.0
     error_rate_pct: float | None = None
     new_p99_ms: float | None = None
     old_p99_ms: float | None = None
+
+
+class WaveCheck(BaseModel):
+    """A wave's health verdict: ``verified`` once enough devices reported enough inferences
+    and too few of them were over a threshold."""
+
+    wave: int
+    verified: bool
+    figures: AbortFigures
+    detail: str
 
 
 class SaveStats(BaseModel):
@@ -99,6 +122,8 @@ class RolloutHeader(BaseModel):
     generation: int = Field(default=1, ge=1)  # Desired.generation of the update
     reason: str | None = None
     figures: AbortFigures | None = None
+    checks: list[WaveCheck] = Field(default_factory=list)  # one per judged wave, in order
+    suspects: dict[str, str] = Field(default_factory=dict)  # device -> why (the first 100)
     first_failure: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     saves: SaveStats = Field(default_factory=SaveStats)
@@ -108,6 +133,11 @@ class RolloutHeader(BaseModel):
     @property
     def rollback_generation(self) -> int:
         return self.generation + 1
+
+    @property
+    def verified(self) -> bool:
+        """Every wave judged so far passed its health checks."""
+        return all(check.verified for check in self.checks)
 
 
 class WaveDoc(BaseModel):

@@ -10,8 +10,19 @@ paho 2.2 re-raises a callback's exception in its network thread, which then dies
 message would otherwise blind the controller for the rest of the rollout.
 
 The work per message is O(1): the status goes into a dict, the device into the set of devices
-``take_changed`` hands the controller, and an inference record into running totals per model
-version (with a bounded sample of window p99s), never a scan of the fleet.
+``take_changed`` hands the controller, and an inference record into that device's running totals
+for one model version (with a bounded sample of its window p99s), never a scan of the fleet.
+
+Whose figures count, and for what (a rollout judges devices, never sums one device can move):
+
+- A record counts for the version the device's *status* says it runs; the record's own ``model``
+  is a claim checked against it, and a record claiming another version is not counted
+  (``rejected["version"]``): a device on v1 cannot vouch for v2.
+- A record is counted once: ``(boot_id, seq)`` seen before (a resend from the outbox) is not.
+- A device's total on a version is bounded by what it can physically have served since this
+  watch saw it run that version, on this host's monotonic clock: ``max_rate`` inferences a second
+  (``rate x window``). A device over it is a *suspect*, with the reason (``suspects``); its
+  figures are dropped and it counts for nothing from then on.
 """
 
 from __future__ import annotations
@@ -32,29 +43,34 @@ from cloud_sync.mqtt import CloudClient
 from cloud_sync.protocol import Desired, ModelRef, Status, TelemetryBatch, Topics
 
 log = logging.getLogger(__name__)
-P99_SAMPLES = 2048  # window p99s kept per version: enough for a median, bounded in memory
+P99_SAMPLES = 64  # window p99s kept per device and version: enough for a median, bounded
+SEQS_KEPT = 4096  # per device: resends come from the oldest unacknowledged record, within this
+MAX_RATE = 10_000.0  # inferences a second a device can serve, by default (Thresholds overrides)
+SLACK_S = 30.0  # windows begun before the watch saw the version (a status comes after the swap)
+BACKLOG_S = 3600.0  # the version a device ran when the watch started: windows from before it
 _KINDS = ("status", "desired", "telemetry")
 
 
 @dataclass
 class VersionStats:
-    """Inference figures a set of devices reported while running one model version."""
+    """The inference figures one device reported while running one model version."""
 
     count: float = 0.0
     errors: float = 0.0
     p99s: deque[float] = field(default_factory=lambda: deque(maxlen=P99_SAMPLES))
+    since: float = field(default_factory=time.monotonic)  # when the watch saw it run the version
 
-    def add(self, other: VersionStats) -> None:
-        self.count += other.count
-        self.errors += other.errors
-        self.p99s.extend(other.p99s)
+    @property
+    def error_rate_pct(self) -> float | None:
+        return 100.0 * self.errors / self.count if self.count else None
 
     @property
     def p99_ms(self) -> float | None:
+        """The median of its window p99s: one odd window does not move it."""
         if not self.p99s:
             return None
         ordered = sorted(self.p99s)
-        return ordered[len(ordered) // 2]  # the median device-window p99: robust to one outlier
+        return ordered[len(ordered) // 2]
 
 
 FIGURES = ("ok", "errors", "failed", "count", "requests", "p50_ms", "p99_ms", "window_s")
@@ -81,7 +97,10 @@ class FleetWatch:
         self.first_model: dict[str, ModelRef] = {}
         self.desired: dict[str, Desired] = {}
         self.view = FleetView()
-        self.by_version: dict[int | None, VersionStats] = {}
+        self.figures: dict[str, dict[int, VersionStats]] = {}  # device -> version -> figures
+        self.suspects: dict[str, str] = {}  # device -> why its figures cannot be true
+        self.max_rate = MAX_RATE
+        self._seqs: dict[str, tuple[set[tuple[str, int]], deque[tuple[str, int]]]] = {}
         self.rejected: Counter[str] = Counter()
         self.messages = 0
         self.documents = 0  # status and desired messages: the retained burst after subscribing
@@ -143,8 +162,15 @@ class FleetWatch:
             self.rejected["identity"] += 1
             log.warning("dropped a status on %s's topic naming %r", device, status.device)
             return
-        if status.model is not None and device not in self.first_model:
-            self.first_model[device] = status.model
+        if status.model is not None:
+            if device not in self.first_model:
+                self.first_model[device] = status.model
+            versions = self.figures.setdefault(device, {})
+            if status.model.version not in versions:
+                # Running it from now on, as far as this watch can tell; what it ran when the
+                # watch started may have windows from before that.
+                since = time.monotonic() - (BACKLOG_S if len(versions) == 0 else 0.0)
+                versions[status.model.version] = VersionStats(since=since)
         with self.changed:
             self.statuses[device] = status
             self._changed.add(device)
@@ -161,7 +187,7 @@ class FleetWatch:
 
     def _on_telemetry(self, device: str, batch: TelemetryBatch) -> None:
         status = self.statuses.get(device)
-        version = status.model.version if status is not None and status.model else None
+        running = status.model if status is not None else None
         for record in batch.records:
             if record.device != device:
                 self.rejected["identity"] += 1
@@ -171,18 +197,50 @@ class FleetWatch:
                 # window with any impossible figure is not counted at all.
                 self.rejected["figures"] += 1
                 continue
+            if not self._first_time(device, record.boot_id, record.seq):
+                continue
             window = self.view.on_record(record.model_dump(mode="json"))
-            if window is None:
+            if window is None or running is None or device in self.suspects:
                 continue
             if not _plausible(window.count, window.errors, window.p99_ms):
-                # One device's negative or NaN count would void the error rate of the fleet.
                 self.rejected["figures"] += 1
                 continue
-            stats = self.by_version.setdefault(window.model_version or version, VersionStats())
-            stats.count += window.count
-            stats.errors += window.errors
-            if window.p99_ms is not None and window.count:
-                stats.p99s.append(window.p99_ms)
+            claim = record.data.get("model")
+            if window.model_version not in (None, running.version) or (
+                isinstance(claim, dict) and claim.get("name") not in (None, running.name)
+            ):
+                self.rejected["version"] += 1  # a claim its status does not back
+                continue
+            self._count(device, running.version, window.count, window.errors, window.p99_ms)
+
+    def _first_time(self, device: str, boot: str, seq: int) -> bool:
+        """(boot, seq) not counted before for ``device``; the last ``SEQS_KEPT`` are kept."""
+        seen, order = self._seqs.setdefault(device, (set(), deque()))
+        if (boot, seq) in seen:
+            return False
+        seen.add((boot, seq))
+        order.append((boot, seq))
+        if len(order) > SEQS_KEPT:
+            seen.discard(order.popleft())
+        return True
+
+    def _count(
+        self, device: str, version: int, count: float, errors: float, p99_ms: float | None
+    ) -> None:
+        stats = self.figures.setdefault(device, {}).setdefault(version, VersionStats())
+        elapsed = time.monotonic() - stats.since + SLACK_S
+        if stats.count + count > self.max_rate * elapsed:
+            del self.figures[device][version]
+            self.suspects[device] = (
+                f"reported {stats.count + count:.0f} inferences on v{version} in "
+                f"{elapsed - SLACK_S:.0f}s (more than {self.max_rate:g}/s can serve)"
+            )
+            log.warning("%s is a suspect: %s", device, self.suspects[device])
+            return
+        stats.count += count
+        stats.errors += errors
+        if p99_ms is not None and count:
+            stats.p99s.append(p99_ms)
 
     # --- acting ----------------------------------------------------------------------------------
 
@@ -232,13 +290,9 @@ class FleetWatch:
             if not info.is_published():
                 raise BrokerError(f"the broker did not acknowledge {device}'s desired state")
 
-    def version_stats(self, version: int | None, same: bool) -> VersionStats:
-        """Summed figures of the watched devices on ``version`` (``same``) or on any other."""
-        total = VersionStats()
-        for v, stats in list(self.by_version.items()):
-            if (v == version) == same:
-                total.add(stats)
-        return total
+    def device_stats(self, device: str, version: int) -> VersionStats | None:
+        """What ``device`` reported while its status said it ran ``version`` (None: nothing)."""
+        return self.figures.get(device, {}).get(version)
 
     def __enter__(self) -> FleetWatch:
         return self.start()

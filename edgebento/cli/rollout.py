@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ USAGE = """\
 edgebento rollout NAME VERSION --store URL --broker URL --key signing.key (--devices a,b | --group G)
 edgebento rollout status ID --store URL [--json]
 edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] [--timeout S]
+    [--allow-unverified]
 edgebento rollout list --store URL [--json]"""
 _SHOWN_DEVICES = 200
 
@@ -44,19 +46,48 @@ def register(sub: Any) -> None:
         "--abort-failure-rate",
         type=float,
         default=5.0,
-        help="abort when more than this percent of devices or inferences fail (5)",
+        help="abort when more than this percent of updated devices fail their update; a device "
+        "whose own inference error rate is over it counts as bad (5)",
     )
     p.add_argument(
         "--abort-p99-ratio",
         type=float,
         default=1.5,
-        help="abort when p99 on the new version exceeds this times the old one (1.5)",
+        help="a device whose p99 on the new version exceeds this times its old one is bad (1.5)",
     )
     p.add_argument(
         "--min-inferences",
         type=int,
         default=50,
-        help="inferences on the new version before error rate and p99 count (50)",
+        help="inferences a device reports on the new version before its figures count (50)",
+    )
+    p.add_argument(
+        "--min-devices",
+        type=int,
+        default=1,
+        help="reporting devices needed before a verdict on telemetry (1; capped at the devices "
+        "updated so far)",
+    )
+    p.add_argument(
+        "--abort-device-share",
+        type=float,
+        default=25.0,
+        metavar="PCT",
+        help="abort when more than this percent of the reporting devices are bad (25)",
+    )
+    p.add_argument(
+        "--max-device-rate",
+        type=float,
+        default=10_000.0,
+        metavar="N",
+        help="inferences a second one device can serve; a device reporting more is a suspect "
+        "whose figures do not count (10000)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="go on past a wave whose health could not be judged in its wave timeout + bake "
+        "(too few inferences); without it the rollout stops there as unverified, exit code 3",
     )
     p.add_argument(
         "--bake",
@@ -149,12 +180,17 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
             abort_failure_rate=args.abort_failure_rate,
             abort_p99_ratio=args.abort_p99_ratio,
             min_inferences=args.min_inferences,
+            min_devices=args.min_devices,
+            abort_device_share=args.abort_device_share,
+            max_device_rate=args.max_device_rate,
+            allow_unverified=args.allow_unverified,
             bake_s=args.bake,
             wave_timeout_s=args.wave_timeout,
             rollback_wait_s=args.rollback_wait,
         ),
         timeout_s=args.timeout,
         wait_all=args.wait,
+        allow_unverified=args.allow_unverified,
         lease_ttl_s=args.lease_ttl,
     )
 
@@ -196,7 +232,14 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
                 f"/{s.wave_count}",
             )
 
-        state = execute(request, on_start=started, on_progress=progress)
+        def say(line: str) -> None:
+            # A line per step of a wave, on stderr as it happens (stdout keeps the result).
+            if console.is_terminal:
+                bar.console.print(line, markup=False, highlight=False)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+        state = execute(request, on_start=started, on_progress=progress, say=say)
     _show(state, args.json)
     if metrics is not None:
         metrics.update(state)
@@ -256,5 +299,10 @@ def _show(state: Any, as_json: bool) -> None:
     more = len(state.devices) - len(rows)
     tail = f" ({more} not shown: --json lists every device)" if more > 0 else ""
     print(f"{len(state.devices)} devices: {_counts(state.counts)}{tail}")
+    for check in state.checks:
+        verdict = "verified" if check.verified else "NOT VERIFIED"
+        print(f"wave {check.wave}: {verdict}: {check.detail}")
+    for device, why in state.suspects.items():
+        print(f"suspect {device}: {why}")
     if state.reason:
         print(f"{state.phase}: {state.reason}")

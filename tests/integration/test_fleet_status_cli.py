@@ -5,31 +5,19 @@ stale, and no identifier is cut (issue 23, item 7)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli_run import run_cli
 from tests.support.services import Mosquitto
-from tests.support.sim import REPO, Simulated, publish_v1_v2, wait_for
+from tests.support.sim import Simulated, publish_v1_v2, wait_for
 
 pytestmark = pytest.mark.slow
 LONG_ID = "warehouse-north-entrance-camera-{:04d}"  # wider than a table at 80 columns allows
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in its own process with stdout a pipe, as ``edgebento ... | grep`` runs it."""
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    return subprocess.run(
-        [sys.executable, "-m", "edgebento", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-        env={**env, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -50,7 +38,7 @@ def test_a_healthy_device_never_looks_stale_and_its_id_is_whole(
     base = ["fleet", "status", "--broker", broker.url, "--prefix", topic_prefix]
     seen: list[str] = []
     for _ in range(3):  # a 0.5 s listen misses most 4 s windows: each run must still be right
-        run = _cli(*base, "--listen", "0.5")
+        run = run_cli(*base, "--listen", "0.5")
         assert run.returncode == 0, run.stderr
         lines = {line.split()[0]: line for line in run.stdout.splitlines()[2:]}
         assert sorted(lines) == long_named, run.stdout  # whole ids, one row each
@@ -60,7 +48,7 @@ def test_a_healthy_device_never_looks_stale_and_its_id_is_whole(
             seen.append(last.group(1))
     for shown in seen:  # the device heartbeats every 4 s: never older than a window
         assert shown == "connected" or int(shown.removesuffix("s ago")) <= 5, seen
-    as_json = json.loads(_cli(*base, "--listen", "0.5", "--json").stdout)["devices"]
+    as_json = json.loads(run_cli(*base, "--listen", "0.5", "--json").stdout)["devices"]
     assert {as_json[d]["heard"] for d in long_named} <= {"connected", "live"}
 
 
@@ -77,21 +65,21 @@ def test_rollout_list_and_status_keep_ids_whole_and_take_json(
     flags = [
         *("--store", store, "--broker", broker.url, "--prefix", topic_prefix),
         *("--key", str(keys[0]), "--devices", ",".join(long_named), "--bake", "0"),
-        *("--canary", "100", "--json"),
+        *("--canary", "100", "--allow-unverified", "--json"),
     ]
-    run = _cli("rollout", "tiny", "2", *flags)
+    run = run_cli("rollout", "tiny", "2", *flags)
     assert run.returncode == 0, run.stderr
     rollout_id = json.loads(run.stdout)["id"]
     wait_for(broker, topic_prefix, dict.fromkeys(long_named, 2))
 
-    listed = _cli("rollout", "list", "--store", store)
+    listed = run_cli("rollout", "list", "--store", store)
     assert listed.returncode == 0, listed.stderr
     assert rollout_id in listed.stdout.split(), listed.stdout  # whole, so resume can take it
-    as_json = json.loads(_cli("rollout", "list", "--store", store, "--json").stdout)
+    as_json = json.loads(run_cli("rollout", "list", "--store", store, "--json").stdout)
     assert [r["id"] for r in as_json["rollouts"]] == [rollout_id]
     assert as_json["rollouts"][0]["phase"] == "completed"
 
-    shown = _cli("rollout", "status", rollout_id, "--store", store)
+    shown = run_cli("rollout", "status", rollout_id, "--store", store)
     assert shown.returncode == 0, shown.stderr
     assert rollout_id in shown.stdout.split()
     assert {line.split()[0] for line in shown.stdout.splitlines()[2:5]} == set(long_named)

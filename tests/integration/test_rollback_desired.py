@@ -6,8 +6,6 @@ agent refuses nothing. A later desired v2 is refused with a message naming what 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,11 @@ import pytest
 
 from cloud_sync.protocol import Desired, ModelRef, Topics
 from cloud_sync.watch import FleetWatch
-from tests.support.agent import REPO, Client, wait_for, wait_online
+from tests.support.agent import Client, wait_for, wait_online
+from tests.support.cli_run import run_cli
 from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
-
-
-def _edgebento(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgebento", *args],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
 
 
 def _applied(client: Client, prefix: str, generation: int) -> dict[str, Any]:
@@ -58,10 +50,10 @@ def test_a_rollback_sets_the_desired_state_it_leaves_behind(
 
     rollback = ["rollback", "--device", "dev-a", "--name", "tiny", "--version", "1"]
     rollback += ["--key", str(keys[0]), "--prefix", topic_prefix, "--timeout", "30"]
-    missing = _edgebento(*rollback)  # no --broker: one line that says what to give
+    missing = run_cli(*rollback)  # no --broker: one line that says what to give
     assert missing.returncode == 1 and "--broker mqtt://host:port is needed" in missing.stderr
 
-    done = _edgebento(*rollback, "--broker", broker.url)
+    done = run_cli(*rollback, "--broker", broker.url)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["outcome"] == "rolled_back"
     assert "set the desired state of dev-a: tiny v1 (generation 8" in done.stderr
@@ -69,7 +61,7 @@ def test_a_rollback_sets_the_desired_state_it_leaves_behind(
     assert status["applied"]["outcome"] == "installed" and status["model"]["version"] == 1
 
     fleet = ["fleet", "status", "--broker", broker.url, "--prefix", topic_prefix, "--json"]
-    shown = json.loads(_edgebento(*fleet, "--listen", "0.5").stdout)["devices"]["dev-a"]
+    shown = json.loads(run_cli(*fleet, "--listen", "0.5").stdout)["devices"]["dev-a"]
     assert (shown["version"], shown["desired_version"], shown["pending_update"]) == (1, 1, False)
 
     assert agent.stop() == 0

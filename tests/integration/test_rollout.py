@@ -40,6 +40,7 @@ def test_rollout_across_three_devices_completes_and_survives_a_restart(
     base = [
         *("--store", store_url, "--broker", broker.url, "--prefix", topic_prefix),
         *("--bake", "0", "--wave-timeout", "30", "--key", str(keys[0]), "--lease-ttl", "5"),
+        "--allow-unverified",  # no traffic: nothing to judge their health by
     ]
     # The first run dies by kill -9 after the canary is done; 'resume' carries on from the store.
     first = subprocess.Popen(
@@ -144,6 +145,7 @@ def test_offline_device_catches_up_from_its_retained_desired_state(
     base = [
         *("--store", store_url, "--broker", broker.url, "--prefix", topic_prefix),
         *("--bake", "0", "--wave-timeout", "30", "--key", str(keys[0]), "--lease-ttl", "5"),
+        "--allow-unverified",  # no traffic: nothing to judge their health by
     ]
     assert main(["rollout", "tiny", "2", *base, "--devices", "a,b", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -13,9 +13,14 @@ from cloud_sync.watch import FleetWatch
 from tests.support.services import Mosquitto
 
 
-def _batch(device: str, data: dict[str, object]) -> bytes:
-    record = {"device": device, "boot_id": "b", "seq": 0, "ts": 1.0, "kind": "inference"}
+def _batch(device: str, data: dict[str, object], seq: int = 0) -> bytes:
+    record = {"device": device, "boot_id": "b", "seq": seq, "ts": 1.0, "kind": "inference"}
     return json.dumps({"records": [{**record, "data": data}]}).encode()
+
+
+def _status(device: str) -> bytes:
+    doc = {"device": device, "state": "online", "model": {"name": "m", "version": 2}}
+    return json.dumps(doc).encode()
 
 
 def test_negative_infinite_and_inconsistent_counts_are_not_counted(
@@ -33,16 +38,23 @@ def test_negative_infinite_and_inconsistent_counts_are_not_counted(
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         client.connect("127.0.0.1", broker.port)
         client.loop_start()
-        for data in hostile:
-            client.publish(t.telemetry("bad"), _batch("bad", data), qos=1).wait_for_publish(5)
+        for device in ("bad", "good"):  # both run v2, as their statuses say
+            client.publish(t.status(device), _status(device), qos=1).wait_for_publish(5)
+        for seq, data in enumerate(hostile):
+            client.publish(t.telemetry("bad"), _batch("bad", data, seq), qos=1).wait_for_publish(5)
         honest = {**v2, "count": 100, "errors": 10, "p99_ms": 20.0}
         client.publish(t.telemetry("good"), _batch("good", honest), qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 10
-        while watch.version_stats(2, same=True).count < 100 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            good = watch.device_stats("good", 2)
+            if good is not None and good.count >= 100:
+                break
             watch.wait(0.1)
         time.sleep(0.3)  # anything still in flight arrives before the figures are read
         client.loop_stop()
         client.disconnect()
-        stats = watch.version_stats(2, same=True)
-        assert (stats.count, stats.errors, stats.p99_ms) == (100, 10, 20.0)
+        stats = watch.device_stats("good", 2)
+        assert stats is not None and (stats.count, stats.errors, stats.p99_ms) == (100, 10, 20.0)
+        bad = watch.device_stats("bad", 2)
+        assert bad is not None and bad.count == 0
         assert watch.rejected["figures"] >= 3  # the Infinity one may fail to parse instead

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
-from cloud_sync.rollout import abort_reason, device_outcome
+from cloud_sync.rollout_checks import abort_reason, device_outcome
 from cloud_sync.rollout_plan import exit_code, resolve_targets
 from cloud_sync.rollout_state import (
     RolloutState,
@@ -78,6 +78,7 @@ def rollout(states: dict[str, str], thresholds: Thresholds | None = None) -> Rol
     state = new_rollout("m", 2, list(states), {}, thresholds or Thresholds(), "p")
     for d in state.devices:
         state.move(d, states[d.device], "x")  # type: ignore[arg-type]
+    state.current_wave = state.wave_count - 1  # every wave pushed: judged together
     return state
 
 
@@ -90,16 +91,31 @@ def test_abort_on_failed_devices_errors_and_latency() -> None:
     one_in_thirty = {**healthy, "d0": "failed"}
     assert abort_reason(rollout(one_in_thirty), watch) is None  # 3.3% is under 5%
 
-    watch.by_version[2] = VersionStats(count=100, errors=10)
+    # Telemetry is judged per device: d0 alone failing 10% of its inferences is 1 of 30.
+    state = rollout(healthy)
+    for i in range(30):
+        watch.figures[f"d{i}"] = {2: VersionStats(count=100, errors=10 if i == 0 else 0)}
+    assert abort_reason(state, watch) is None
+    assert state.figures is not None and (state.figures.reporting, state.figures.bad) == (30, 1)
+    for i in range(10):  # a third of them: over the 25% of devices allowed
+        watch.figures[f"d{i}"][2].errors = 10
     reason, figures = abort_reason(rollout(healthy), watch) or ("", None)
-    assert "error rate on v2 is 10.0%" in reason and figures and figures.error_rate_pct == 10.0
-    watch.by_version[2] = VersionStats(count=100, errors=0)
-    watch.by_version[2].p99s.append(5.0)
-    watch.by_version[1] = VersionStats(count=100, errors=0)
-    watch.by_version[1].p99s.append(2.0)
-    reason, figures = abort_reason(rollout(healthy), watch) or ("", None)
-    assert "2.50x the previous" in reason and figures and figures.old_p99_ms == 2.0
-    assert abort_reason(rollout(healthy, Thresholds(abort_p99_ratio=3.0)), watch) is None
+    assert "error rate on v2 is 10.0% on d0 (over 5%)" in reason and "10 of 30 reporting" in reason
+    assert figures is not None and figures.bad == 10
+    for i in range(30):  # the p99 of each against its own on v1
+        old, new = VersionStats(count=100), VersionStats(count=100)
+        old.p99s.append(2.0)
+        new.p99s.append(5.0)
+        watch.figures[f"d{i}"] = {1: old, 2: new}
+    with_previous = rollout(healthy)
+    for d in with_previous.devices:
+        d.previous = ModelRef(name="m", version=1)
+    reason, figures = abort_reason(with_previous, watch) or ("", None)
+    assert "2.50x the previous 2.0 ms" in reason and figures and figures.old_p99_ms == 2.0
+    lenient = rollout(healthy, Thresholds(abort_p99_ratio=3.0))
+    for d in lenient.devices:
+        d.previous = ModelRef(name="m", version=1)
+    assert abort_reason(lenient, watch) is None
 
 
 def test_state_is_saved_by_wave_and_only_what_changed(tmp_path: Path) -> None:
