@@ -29,12 +29,12 @@ import numpy as np
 from modelpack.errors import InputError
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import MAX_BODY_BYTES, ServingLimits
+from modelpack.serving.numbers import from_numbers
 from modelpack.serving.tensors import (
     check_declared_shape,
     check_dtype,
     check_names,
     from_bytes,
-    from_numbers,
 )
 
 __all__ = [

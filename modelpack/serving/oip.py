@@ -18,12 +18,12 @@ from modelpack.codec import encode_tensor
 from modelpack.errors import InputError
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
+from modelpack.serving.numbers import from_numbers
 from modelpack.serving.tensors import (
     NUMERIC_DTYPES,
     check_declared_shape,
     check_names,
     from_bytes,
-    from_numbers,
     shown,
 )
 
