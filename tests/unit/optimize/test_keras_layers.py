@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from modelpack.errors import ConfigError
 from optimize import keras_layers
 from optimize.keras_config import check_keras_config
+from tests.unit.optimize.test_build_inputs_keras_config import JSON
 
 SETTINGS = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -279,3 +280,23 @@ def test_a_data_npz_member_stored_as_a_symbolic_link_is_refused(tmp_path: Path) 
         archive.writestr(link, "/etc/passwd")
     with pytest.raises(ConfigError, match=r"^data.npz holds 'x.npy', a symbolic link$"):
         open_npz(path)
+
+
+@given(config=JSON)
+@SETTINGS
+def test_whatever_passes_names_only_allowed_classes(tmp_path: Path, config: Any) -> None:
+    """Random configs built from the keys and names the check cares about: one ConfigError or
+    a pass, and a pass means every object in it is on the list."""
+    try:
+        check_keras_config(_keras(tmp_path / "m.keras", config))
+    except ConfigError:
+        return
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if {"class_name", "module", "registered_name"} & set(node):
+                assert node.get("class_name") in {*keras_layers.ALL_CLASSES, "function"}
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
