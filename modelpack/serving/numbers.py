@@ -82,10 +82,11 @@ def _big_ints_again(
     if not big:
         return coerce(name, floats, target.name)
     exact = _exact_big_ints(name, [parsed(i) for i in big], target)
-    floats.reshape(-1)[big] = 0  # our own array: numpy's reading of the request
-    out = coerce(name, floats, target.name)
-    out.reshape(-1)[big] = exact
-    return out
+    flat = floats.flatten()  # a copy: the array numpy read stays as it was
+    flat[big] = 0
+    out = coerce(name, flat, target.name)
+    out[big] = exact
+    return out.reshape(floats.shape)
 
 
 def _exact_big_ints(name: str, values: list[int], target: np.dtype[Any]) -> np.ndarray:
