@@ -9,6 +9,10 @@ windows whose records leave the outbox only when ``telemetry/ack`` says they are
 What it does not do is run a model: an "install" takes ``install_s`` and fails its health check
 for the versions in ``fail_versions``; inference windows report ``p99_ms`` and ``error_rate``
 per version. ``cloud_sync.sim_fleet`` runs thousands of them, each on its own MQTT connection.
+
+A device can also *lie* (``Behavior.lie``), as a compromised one would on its own topics: each
+window then reports the figures given (``ok``, ``errors``, ``p99_ms``) and, with ``version``, names
+that model version whatever it runs; a rollout must not be steered by it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class Behavior:
     telemetry_s: float = 10.0  # 0: no telemetry
     inferences_per_window: int = 20
     groups: tuple[str, ...] = ()
+    lie: dict[str, float] = field(default_factory=dict)  # ok, errors, p99_ms, version
+
+
+LIES = ("ok", "errors", "p99_ms", "version")
 
 
 class SimDevice:
@@ -103,19 +111,25 @@ class SimDevice:
         count = b.inferences_per_window
         errors = sum(self.rng.random() < b.error_rate.get(version, 0.0) for _ in range(count))
         p99 = b.p99_ms.get(version, b.base_p99_ms) * (0.9 + 0.2 * self.rng.random())
+        data: dict[str, object] = {
+            "ok": count - errors,
+            "errors": errors,
+            "p99_ms": round(p99, 3),
+            "window_s": b.telemetry_s,
+            "model": {"name": self.model.name, "version": version},
+        }
+        for key, value in b.lie.items():
+            if key == "version":
+                data["model"] = {"name": self.model.name, "version": int(value)}
+            else:
+                data[key] = int(value) if key != "p99_ms" and value == int(value) else value
         record = TelemetryRecord(
             device=self.device,
             boot_id=self.boot_id,
             seq=self.seq,
             ts=time.time(),
             kind="inference",
-            data={
-                "ok": count - errors,
-                "errors": errors,
-                "p99_ms": round(p99, 3),
-                "window_s": b.telemetry_s,
-                "model": {"name": self.model.name, "version": version},
-            },
+            data=data,
         )
         body = TelemetryBatch(records=[record]).model_dump_json().encode()
         self.outbox[self.seq] = (time.monotonic(), body)

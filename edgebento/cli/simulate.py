@@ -36,6 +36,20 @@ def register(sub: Any) -> None:
     p.add_argument("--install-s", type=float, default=0.2, help="seconds an install takes")
     p.add_argument("--telemetry-s", type=float, default=10.0, help="seconds between windows")
     p.add_argument("--p99-ms", type=float, default=5.0, help="p99 every version reports")
+    p.add_argument(
+        "--error-rate",
+        action="append",
+        default=[],
+        metavar="VERSION=RATE",
+        help="share of inferences that fail on a version, 0..1 (repeatable; default none)",
+    )
+    p.add_argument(
+        "--lie",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="report these figures in every window whatever happens, as a compromised device "
+        "would: ok, errors, p99_ms, and version (the model version it names)",
+    )
     p.add_argument("--group", action="append", default=[], help="group the devices list")
     p.add_argument("--duration", type=float, help="seconds to run (default: until stopped)")
     p.set_defaults(func=cmd_simulate)
@@ -45,7 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from cloud_sync.protocol import ModelRef, Topics
     from cloud_sync.redact import redact_url
     from cloud_sync.sim_fleet import SimFleet
-    from cloud_sync.simulator import Behavior
+    from cloud_sync.simulator import LIES, Behavior
     from modelpack.errors import ConfigError
     from modelpack.signing import load_public_key
 
@@ -59,8 +73,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         install_s=args.install_s,
         fail_versions=frozenset(args.fail_version),
         base_p99_ms=args.p99_ms,
+        error_rate={int(v): r for v, r in _pairs(args.error_rate, "--error-rate").items()},
         telemetry_s=args.telemetry_s,
         groups=tuple(args.group),
+        lie=_pairs([p for p in args.lie.split(",") if p], "--lie", LIES),
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -82,3 +98,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{n} on v{v}" for v, n in sorted(versions.items()))
     print(f"stopped: {shown}", file=sys.stderr)
     return 0
+
+
+def _pairs(items: list[str], flag: str, keys: tuple[str, ...] | None = None) -> dict[str, float]:
+    """``KEY=NUMBER`` items as a dict; one error line naming the flag otherwise."""
+    from modelpack.errors import ConfigError
+
+    out: dict[str, float] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if keys is None:
+            ok = key.strip().isdigit() and 0 <= number <= 1
+        else:
+            ok = key.strip() in keys and 0 <= number <= 1e18
+        if not ok:
+            want = "VERSION=RATE with RATE in 0..1" if keys is None else f"KEY=N, KEY in {keys}"
+            raise ConfigError(f"{flag} {item!r}: expected {want}")
+        out[key.strip()] = number
+    return out
