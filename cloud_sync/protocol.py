@@ -8,6 +8,7 @@ request's ``reply_to`` field, so a plain ``mosquitto_pub``/``mosquitto_sub`` can
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -122,6 +123,57 @@ def filters_overlap(a: str, b: str) -> bool:
         return True
     longer = left if len(left) > len(right) else right
     return longer[min(len(left), len(right))] == "#"
+
+
+MAX_TOPIC_BYTES = 65535  # MQTT's own limit: a two-byte length
+# What Mosquitto refuses in a topic by dropping the connection of the client that sent it (each
+# tried): control characters (C0, DEL, C1), lone surrogates (no UTF-8 spelling) and Unicode's
+# non-characters. A device that publishes one is disconnected, so none may ever be published.
+_FORBIDDEN = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+
+
+def _text_problem(topic: object, max_bytes: int) -> str | None:
+    if not isinstance(topic, str):
+        return "it is not a string"
+    if not topic:
+        return "it is empty"
+    bad = _FORBIDDEN.search(topic)
+    if bad is not None:
+        return f"it holds U+{ord(bad.group()):04X}, which brokers refuse"
+    if len(topic) * 4 > max_bytes:  # only then can the UTF-8 length be over
+        size = len(topic.encode())
+        if size > max_bytes:
+            return f"it is {size} bytes; the limit is {max_bytes}"
+    return None
+
+
+def topic_name_problem(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> str | None:
+    """Why ``topic`` cannot be published to without the broker dropping the connection, or
+    None: a non-empty string of valid UTF-8 without control characters or non-characters,
+    without wildcards, within ``max_bytes`` of UTF-8 (brokers may set less than MQTT's 65535)."""
+    problem = _text_problem(topic, max_bytes)
+    if problem is None and any(c in str(topic) for c in "+#"):
+        return "it holds a wildcard (+ or #)"
+    return problem
+
+
+def topic_filter_problem(topic: object, max_bytes: int = MAX_TOPIC_BYTES) -> str | None:
+    """Why ``topic`` cannot be subscribed to, or None: the characters of a topic name, ``+``
+    alone in its level and ``#`` alone in the last one."""
+    problem = _text_problem(topic, max_bytes)
+    if problem is not None:
+        return problem
+    levels = str(topic).split("/")
+    for i, level in enumerate(levels):
+        if "+" in level and level != "+":
+            return f"level {level!r}: + must stand alone in its level"
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"level {level!r}: # must stand alone in the last level"
+    return None
 
 
 # Every model is built on first use (``defer_build``): a device never parses most of them, and

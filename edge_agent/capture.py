@@ -12,7 +12,6 @@ stream, ingest would read their sample ranges as telemetry seqs already stored a
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelpack.codec import dumps
 from modelpack.errors import EdgebentoError
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ class Capture:
         if not self.active or self._rng.random() >= self.rate:
             return
         now = time.time()
-        line = json.dumps(
-            {"ts": now, "request": request, "answer": answer}, separators=(",", ":")
-        ).encode()
+        try:  # the codec's encoder: an answer may hold its numbers written already
+            line = dumps({"ts": now, "request": request, "answer": answer})
+        except (TypeError, ValueError):  # a request JSON cannot spell (NaN) is not kept
+            return
         if len(line) > self.max_bytes:
             return
         full: _Batch | None = None

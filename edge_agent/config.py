@@ -19,6 +19,8 @@ from cloud_sync.protocol import (
     TelemetryInterval,
     Topics,
     filters_overlap,
+    topic_filter_problem,
+    topic_name_problem,
 )
 from modelpack.errors import ConfigError, first_problem
 
@@ -107,6 +109,11 @@ class AgentConfig(_Section):
     download_deadline_s: float = Field(default=900.0, ge=1, le=86_400)
     refuse_expired: bool = False
     keep_packs: int = Field(default=3, ge=2)
+    # What the broker takes: topics of up to ``max_topic_bytes`` (AWS IoT Core: 256), packets of
+    # up to ``max_packet_bytes`` (an MQTT 5 broker says its own in CONNACK; the smaller counts).
+    # A packet or topic past them makes the broker drop the connection: none is ever sent.
+    max_topic_bytes: int = Field(default=65535, ge=64, le=65535)
+    max_packet_bytes: int | None = Field(default=None, ge=1024, le=268_435_455)
     limits: Limits = Field(default_factory=Limits)
     pipelines: list[PipelineConfig] = Field(default_factory=list)
     log_level: str = "INFO"
@@ -120,6 +127,45 @@ class AgentConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _topics_a_broker_takes(self) -> AgentConfig:
+        """Every topic the agent subscribes or publishes to, checked at load: a broker drops a
+        client that sends a malformed one, at every reconnect."""
+        limit, topics = self.max_topic_bytes, Topics(self.prefix)
+        for group in self.groups:
+            problem = topic_name_problem(group, limit)
+            if problem is None and ("/" in group or group.startswith("$") or group == "group"):
+                problem = "it must be one plain topic level"
+            if problem is not None:
+                raise ValueError(f"group {group[:80]!r}: {problem}")
+        # The longest of the device's topics, and each group's command topic (a name in place
+        # of the + it is subscribed with).
+        mine = [topics.telemetry_ack(self.device), *(topics.group_cmd(g, "x") for g in self.groups)]
+        for topic in mine:
+            problem = topic_name_problem(topic, limit)
+            if problem is not None:
+                raise ValueError(
+                    f"prefix {self.prefix[:80]!r}: the topic {topic[:120]!r} is not valid: {problem}"
+                )
+        for p in self.pipelines:
+            problem = topic_filter_problem(p.input_topic, limit)
+            if problem is not None:
+                raise ValueError(
+                    f"pipeline {p.name!r}: input_topic {p.input_topic[:120]!r}: {problem}"
+                )
+            problem = topic_name_problem(p.output_topic, limit)
+            if problem is None:  # its own results would come back to it as readings, for ever
+                fed = next(
+                    (q for q in self.pipelines if filters_overlap(p.output_topic, q.input_topic)),
+                    None,
+                )
+                problem = None if fed is None else f"it is the input of pipeline {fed.name!r}"
+            if problem is not None:
+                raise ValueError(
+                    f"pipeline {p.name!r}: output_topic {p.output_topic[:120]!r}: {problem}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _pipelines_stay_out_of_the_device_tree(self) -> AgentConfig:
         """A pipeline on the device's own topics could run its commands; refused at load."""
         topics = Topics(self.prefix)
@@ -131,8 +177,6 @@ class AgentConfig(_Section):
                     raise ValueError(
                         f"pipeline {p.name!r}: {topic!r} overlaps the device's own topics {hit!r}"
                     )
-            if any(c in p.output_topic for c in "+#"):
-                raise ValueError(f"pipeline {p.name!r}: output_topic has a wildcard")
         return self
 
     @property

@@ -6,6 +6,12 @@ command of a group the device is in; anything else goes to the pipeline whose fi
 (pipelines may not overlap the device's topics: refused when the config is loaded), and is
 otherwise ignored. Requests are parsed with the protocol's models, answered on the MQTT 5
 response topic or the request's ``reply_to``, and a command runs at most once per ``id``.
+
+A reply topic is checked before the request runs: one the broker would drop the device for
+(``cloud_sync.protocol.topic_name_problem``), one of the broker's own ``$`` topics, a protocol
+topic (a reply there would be read as a command) or a pipeline's input is never used; the request
+is not run, is answered nowhere and is counted (``unanswered`` events, reason ``reply_topic``).
+An answer over the broker's packet limit is replaced by a short refusal (``too_large``).
 """
 
 from __future__ import annotations
@@ -13,20 +19,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from cloud_sync.protocol import COMMAND_MODELS, Reply, Request
+from cloud_sync.protocol import COMMAND_MODELS, Reply, Request, topic_name_problem
 from cloud_sync.redact import redact_text
 from edge_agent import commands
+from edge_agent.infer_topic import InferTopic
+from edge_agent.inference import install_hint
 from edge_agent.session import Incoming
-from modelpack.errors import EdgebentoError, ProtocolError, first_problem
+from modelpack.codec import dumps
+from modelpack.errors import EdgebentoError, InputError, ProtocolError, first_problem
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
+    from edge_agent.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,9 @@ class Dispatcher:
         self._infer_inline = workers == 0
         # Quick local commands (capture, rollback to a kept pack) never wait behind a download.
         self.command_pool = ThreadPoolExecutor(2, thread_name_prefix="command")
+        self.infer_topic = InferTopic(agent.inference)
+        agent.inference.install_hint = install_hint(agent.config.prefix, self.device)
+        self.unanswered: dict[str, int] = {}  # requests answered nowhere, by reason
 
     def subscriptions(self) -> list[str]:
         t, d = self.topics, self.device
@@ -75,29 +89,72 @@ class Dispatcher:
             return
         for pipeline in agent.pipelines:
             if mqtt.topic_matches_sub(pipeline.config.input_topic, msg.topic):
-                self.infer_pool.submit(pipeline.handle, msg.payload)
+                # The infer topic's queue, cap and deadline, from arrival; always on a worker,
+                # so the network thread takes readings as they come and times them truly.
+                arrived = time.monotonic()
+                limit = agent.config.limits.max_payload_bytes
+                if pipeline.oversized(msg.payload, limit):  # refused before it is queued or read
+                    return
+                agent.inference.submit(self.infer_pool, _reading(pipeline, limit), msg, arrived)
                 return
 
     # --- replies ---------------------------------------------------------------------------------
 
-    def _replyable(self, topic: str) -> bool:
-        """A reply may not land on a protocol topic (a reply to one's own command topic would
-        be read as a command) nor hold wildcards."""
-        if self.topics.parse(topic) is None and not any(c in topic for c in "+#"):
-            return True
-        log.warning("a request asked for its reply on %r; not sent", topic)
-        return False
+    def reply_problem(self, topic: str | None) -> str | None:
+        """Why a reply may not go to ``topic``, or None."""
+        if topic is None:
+            return None
+        problem = topic_name_problem(topic, self.agent.config.max_topic_bytes)
+        if problem is not None:
+            return problem
+        if topic.startswith("$"):
+            return "it is one of the broker's own ($) topics"
+        if self.topics.parse(topic) is not None:  # a reply there would be read as a command
+            return "it is one of the protocol's topics"
+        for pipeline in self.agent.pipelines:
+            if mqtt.topic_matches_sub(pipeline.config.input_topic, topic):
+                return f"it is the input of pipeline {pipeline.config.name!r}"
+        return None
+
+    def _checker(self, msg: Incoming) -> Callable[[str | None], str | None]:
+        """What a request's own ``reply_to`` is checked with (the response topic, which takes
+        precedence, is checked before the request is read)."""
+        if msg.response_topic:
+            return lambda reply_to: None
+        return self.reply_problem
+
+    def _unanswered(self, msg: Incoming, reason: str, error: str, request_id: Any = None) -> None:
+        count = self.unanswered[reason] = self.unanswered.get(reason, 0) + 1
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood cannot flood the log
+            log.warning("request %d on %s answered nowhere: %s", count, msg.topic, error)
+        event = {"event": "unanswered", "reason": reason, "topic": msg.topic, "error": error}
+        if isinstance(request_id, str):
+            event["id"] = request_id[:128]
+        self.agent.record("event", event)
 
     def reply(self, msg: Incoming, reply_to: str | None, body: Reply | dict[str, Any]) -> None:
+        topic = msg.response_topic or reply_to
+        if not topic:
+            return
         doc = body.model_dump(exclude_none=True) if isinstance(body, Reply) else body
-        data = json.dumps(doc, default=str).encode()
-        if msg.response_topic:
-            if self._replyable(msg.response_topic):
-                self.agent.session.publish(
-                    msg.response_topic, data, qos=1, correlation_data=msg.correlation_data
-                )
-        elif reply_to and self._replyable(reply_to):
-            self.agent.session.publish(reply_to, data, qos=1)
+        problem = self.reply_problem(topic)
+        if problem is not None:
+            self._unanswered(msg, "reply_topic", f"the reply topic cannot be used: {problem}",
+                             doc.get("id"))  # fmt: skip
+            return
+        data = _encode(doc)
+        session = self.agent.session
+        refused = session.refusal(topic, data, msg.correlation_data)
+        if refused is not None:  # too big for the broker: a short refusal instead
+            self._unanswered(msg, "too_large", refused, doc.get("id"))
+            small: dict[str, Any] = {
+                k: doc[k] for k in ("schema_version", "id", "command") if k in doc
+            }
+            small.update(ok=False, error=f"the answer is not sent: {refused}", reason="too_large")
+            data = _encode(small)
+            if session.refusal(topic, data, msg.correlation_data) is not None:
+                return
+        session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
 
     def _parse(self, msg: Incoming, model: type[Request], what: str) -> Request | None:
         """The request, or None after answering why it is not one."""
@@ -139,10 +196,21 @@ class Dispatcher:
     # --- inference -------------------------------------------------------------------------------
 
     def _infer(self, msg: Incoming, arrived: float | None = None, full: bool = False) -> None:
+        arrived = time.monotonic() if arrived is None else arrived
+        problem = self.reply_problem(msg.response_topic)
+        if problem is not None:  # not read, not run
+            error = f"the reply topic cannot be used: {problem}"
+            self.agent.inference.core.count_error(InputError(error, reason="reply_topic"))
+            self._unanswered(msg, "reply_topic", error)
+            return
         limit = self.agent.config.limits.max_payload_bytes  # applied before the payload is parsed
-        reply = self.agent.inference.handle_message(msg.payload, limit, arrived, full)
+        reply = self.infer_topic.handle(msg.payload, limit, arrived, full, self._checker(msg))
         if reply.event is not None:
-            self.agent.record("event", {**reply.event, "topic": msg.topic})
+            if reply.event.get("event") == "unanswered":
+                error, request_id = str(reply.event.get("error")), reply.event.get("id")
+                self._unanswered(msg, "reply_topic", error, request_id)
+            else:
+                self.agent.record("event", {**reply.event, "topic": msg.topic})
         if reply.body is not None:
             self.reply(msg, reply.reply_to, reply.body)
 
@@ -164,6 +232,11 @@ class Dispatcher:
             return
         request = self._parse(msg, model, f"command {name}")
         if request is None:
+            return
+        problem = self.reply_problem(msg.response_topic or request.reply_to)
+        if problem is not None:  # not run: its outcome could be told to no one
+            error = f"the reply topic cannot be used: {problem}"
+            self._unanswered(msg, "reply_topic", error, request.id)
             return
         first, earlier = self.agent.replies.claim(request.id)
         if not first:
@@ -197,6 +270,22 @@ class Dispatcher:
     def shutdown(self) -> None:
         self.infer_pool.shutdown(wait=True, cancel_futures=True)
         self.command_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _reading(pipeline: Pipeline, limit: int) -> Callable[[Incoming, float, bool], None]:
+    def handle(msg: Incoming, arrived: float, full: bool) -> None:
+        pipeline.handle(msg.payload, limit, arrived, full)
+
+    return handle
+
+
+def _encode(doc: dict[str, Any]) -> bytes:
+    """An inference answer through the codec's one encoder (float32 with 9 significant
+    digits); a command's reply may hold values JSON has no type for (a path), written as text."""
+    try:
+        return dumps(doc)
+    except (TypeError, ValueError):
+        return json.dumps(doc, default=str).encode()
 
 
 def _loose(payload: bytes) -> dict[str, Any]:

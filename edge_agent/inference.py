@@ -1,17 +1,16 @@
 """Local inference: the serving core behind MQTT, the local HTTP endpoint and pipelines, the live
-model swapped atomically, and the counts telemetry reports.
+model swapped atomically, the bounded queue they share, and the counts telemetry reports.
 
-MQTT requests on ``{prefix}/{device}/infer`` are tensor JSON (``{"id", "inputs": {...},
-"reply_to", "expires_at", "timeout_ms"}``) or the Open Inference Protocol (``{"id", "inputs":
-[...], "outputs", "parameters"}``, answered in OIP form). A payload over ``max_payload_bytes`` is
-refused before it is parsed; a full queue or a passed deadline is answered ``ok: false`` with
-reason ``busy`` (and the ``cause``: ``queue_full`` or ``deadline``).
+What arrives on MQTT (the infer topic, ``edge_agent.infer_topic``, and pipelines) waits in one
+queue of ``max_queue`` requests; past it a request is refused at once (``queue_full``), and one
+that waited past its deadline, counted from its arrival, is refused before it is parsed
+(``deadline``). A device without a model answers 503 ``not_ready`` with how to install one; that
+is not the model's error, so it is never counted as ``outcome="error"``.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import threading
 import time
@@ -21,25 +20,30 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
-from cloud_sync.protocol import InferRequest
-from modelpack.codec import parse_body
-from modelpack.errors import EdgebentoError, InputError, OverloadError
+from modelpack.codec import encode_response
+from modelpack.errors import EdgebentoError, OverloadError
 from modelpack.metrics import LATENCY_BUCKETS, InferenceMetrics, NoMetrics
 from modelpack.predictor import Predictor
+from modelpack.serving import oip
 from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.reasons import NotReadyError, error_doc
+from modelpack.serving.reasons import NotReadyError
 
 log = logging.getLogger(__name__)
 
 
-def parse_quietly(payload: bytes) -> Any:
-    try:
-        return json.loads(payload)
-    except Exception:
-        return None
+def install_hint(prefix: str = "edgebento", device: str = "DEVICE") -> str:
+    """What an empty device tells whoever asks it for an answer: each way to install a model."""
+    return (
+        f"install one with a deploy command on {prefix}/{device}/cmd/deploy "
+        '({"id": "d1", "name": NAME, "version": N} with the agent\'s --store, or {"id": "d1", '
+        f'"url": ...}}), with `edgebento rollout NAME VERSION --devices {device} --store URL '
+        "--broker URL --key KEY`, or by starting the agent with --pack DIR"
+    )
+
+
+_NOT_READY = ("not_ready", "load_failed")
 
 
 # Called with (request payload, answer) for every successful inference (capture).
@@ -110,7 +114,7 @@ class _Counted(NoMetrics):
 
     def overloaded(self, reason: str) -> None:
         self.inner.overloaded(reason)
-        self.stats.observe_rejected("busy")
+        self.stats.observe_rejected("not_ready" if reason in _NOT_READY else "busy")
 
     def failed(self, reason: str = "internal") -> None:
         self.inner.failed(reason)
@@ -127,20 +131,19 @@ class _Counted(NoMetrics):
 
 
 @dataclass(frozen=True)
-class MqttReply:
-    reply_to: str | None
-    body: dict[str, Any] | None  # None: nothing to send
-    event: dict[str, Any] | None = None  # for the telemetry outbox
+class Answer:
+    doc: dict[str, Any]  # for ``codec.dumps``: its floats are written already (``codec.numbers``)
+    outputs: Mapping[str, np.ndarray]
 
 
-def _failure(request_id: str | None, exc: BaseException, oip_form: bool) -> dict[str, Any]:
-    doc = error_doc(exc)
-    if isinstance(exc, OverloadError):
-        doc.update(reason="busy", cause=exc.reason)
-    if oip_form:  # OIP's {"error"}, with the ok: false every MQTT reply carries
-        doc["ok"] = False
-        return {"id": request_id, **doc} if request_id is not None else doc
-    return {"schema_version": 1, "id": request_id or "", "ok": False, **doc}
+class _AgentCore(ServingCore):
+    def count_error(self, exc: BaseException) -> None:
+        # A device with no model answers 503 like an overloaded one: a rollout's error rate
+        # reads outcome="error" and telemetry's errors, and an empty device is neither.
+        if isinstance(exc, NotReadyError):
+            self.metrics.overloaded(exc.reason)
+        else:
+            super().count_error(exc)
 
 
 class InferenceService:
@@ -148,6 +151,7 @@ class InferenceService:
 
     A request takes one reference to the model when it starts and keeps it to the end, so
     swapping only changes what the next request sees; the old session is freed with its last user.
+    Observers (capture) see each answer as it is sent: write it with ``codec.dumps``.
     """
 
     def __init__(
@@ -157,13 +161,14 @@ class InferenceService:
         running: int = 1,
     ) -> None:
         self.stats = InferenceStats()
-        self.core = ServingCore(
+        self.core = _AgentCore(
             limits or ServingLimits(max_rows=256, max_queue=64),
             _Counted(metrics or NoMetrics(), self.stats),
             batching=False,
             running=running,
         )
         self.observers: list[Observer] = self.core.observers
+        self.install_hint = install_hint()  # the dispatcher names the device in it
         self._pending = 0
         self._lock = threading.Lock()
 
@@ -194,17 +199,50 @@ class InferenceService:
         predictor = self.predictor
         return None if predictor is None else dict(predictor.model_ref)
 
+    def _ready(self) -> None:
+        if self.core.model is None:
+            exc = NotReadyError(f"no model is installed on this device yet; {self.install_hint}")
+            self.core.count_error(exc)
+            raise exc
+
     def infer(
         self, payload: Any, timeout_s: float | None = None, arrived: float | None = None
     ) -> dict[str, Any]:
-        """A parsed request (tensor JSON or OIP) in, its answer out; raises EdgebentoError."""
-        if self.core.model is None:
-            exc = NotReadyError("no model is installed on this device yet")
-            self.core.count_error(exc)
-            raise exc
+        """A parsed request (tensor JSON or OIP) in, its answer as plain JSON values out;
+        raises EdgebentoError."""
+        self._ready()
         return self.core.infer_doc(payload, timeout_s, arrived)
 
-    # --- MQTT ----------------------------------------------------------------------------------
+    def run(
+        self, payload: Any, timeout_s: float | None = None, arrived: float | None = None
+    ) -> Answer:
+        """``infer`` for an answer that is sent: its document goes to ``codec.dumps``, which
+        writes float32 with 9 significant digits as every target does (float64's 17 are noise)."""
+        self._ready()
+        core = self.core
+        oip_form = isinstance(payload, Mapping) and isinstance(payload.get("inputs"), list)
+        try:
+            job = core.prepare(
+                "oip" if oip_form else "tensor", doc=payload, timeout_s=timeout_s, arrived=arrived
+            )
+            job = core.run_sync(job)
+        except EdgebentoError as exc:
+            core.count_error(exc)
+            raise
+        seconds = time.monotonic() - job.arrived
+        core.metrics.ok(seconds)
+        if job.oip is not None:
+            doc, _ = oip.answer_doc(
+                job.oip, job.outputs, job.model.name, job.model.version, json_only=True, body=True
+            )
+        else:
+            ref = job.model.predictor.model_ref
+            doc = encode_response(job.outputs, ref, seconds * 1000, body=True)
+        for observe in core.observers:
+            observe(job.doc, doc)
+        return Answer(doc, job.outputs)
+
+    # --- the queue ahead of the model (MQTT requests and pipeline readings) ---------------------
 
     def submit(
         self, pool: Executor, handle: Callable[[Any, float, bool], None], msg: Any, arrived: float
@@ -227,98 +265,24 @@ class InferenceService:
 
         pool.submit(run)
 
-    def handle_message(
-        self, payload: bytes, max_payload: int, arrived: float | None = None, full: bool = False
-    ) -> MqttReply:
-        """An MQTT inference request to its reply (never raises)."""
-        arrived = time.monotonic() if arrived is None else arrived
-        try:
-            return self._message(payload, max_payload, arrived, full)
-        except Exception as exc:  # a fault of ours: still a reply, and the worker lives on
-            log.error("inference request failed: %s", exc, exc_info=exc)
-            self.core.count_error(exc)
-            doc = parse_quietly(payload)
-            reply_to = doc.get("reply_to") if isinstance(doc, dict) else None
-            request_id = doc.get("id") if isinstance(doc, dict) else None
-            body = {
-                "schema_version": 1,
-                "id": request_id if isinstance(request_id, str) else "",
-                "ok": False,
-                **error_doc(exc),
-            }
-            return MqttReply(reply_to if isinstance(reply_to, str) else None, body)
-
-    def _message(self, payload: bytes, max_payload: int, arrived: float, full: bool) -> MqttReply:
-        if len(payload) > max_payload:
-            exc = InputError(
-                f"the request is {len(payload)} bytes; the cap is {max_payload}", reason="too_large"
-            )
-            self.core.count_error(exc)
-            event = {"event": "bad_request", "error": str(exc)}
-            return MqttReply(None, _failure(None, exc, False), event)
-        try:
-            doc = parse_body(payload, replace(self.core.limits, max_body_bytes=max_payload))
-        except InputError as exc:
-            self.core.count_error(exc)
-            what = "the payload is not JSON" if exc.reason == "invalid_json" else str(exc)
-            error = InputError(f"not a request: {what}", exc.reason)
-            return MqttReply(
-                None, _failure(None, error, False), {"event": "bad_request", "error": str(error)}
-            )
-        if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
-            return self._oip(doc, arrived, full)
-        return self._tensor(doc, arrived, full)
-
-    def _oip(self, doc: dict[str, Any], arrived: float, full: bool) -> MqttReply:
-        request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-        params = doc.get("parameters")
-        params = params if isinstance(params, dict) else {}
-        reply_to = doc.get("reply_to") or params.get("reply_to")
-        reply_to = reply_to if isinstance(reply_to, str) else None
-        try:
-            if full:
-                raise self._busy()
-            # OIP's answer, with the ok every MQTT reply carries (an extra field to OIP clients).
-            return MqttReply(reply_to, {**self.infer(doc, arrived=arrived), "ok": True})
-        except EdgebentoError as exc:
-            return MqttReply(reply_to, _failure(request_id, exc, True))
-
-    def _tensor(self, doc: Any, arrived: float, full: bool) -> MqttReply:
-        raw = doc if isinstance(doc, dict) else {}
-        reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
-        try:
-            request = InferRequest.model_validate(doc)
-        except ValidationError as exc:
-            error = InputError(f"not a request: {exc.errors()[0]['msg']}", reason="invalid")
-            self.core.count_error(error)
-            body = _failure(str(raw.get("id", "")), error, False)
-            return MqttReply(reply_to, body, {"event": "bad_request", "error": str(error)})
-        if request.expired():
-            error_text = f"infer {request.id} expired at {request.expires_at}; dropped"
-            body = {"schema_version": 1, "id": request.id, "ok": False, "error": error_text}
-            body.update(expired=True, reason="expired")
-            return MqttReply(request.reply_to, body, {"event": "expired", "id": request.id})
-        args = request.body()
-        timeout_ms = args.get("timeout_ms")
-        timeout_s = None  # a bool is an int to Python, not a number of ms
-        if isinstance(timeout_ms, int | float) and not isinstance(timeout_ms, bool):
-            timeout_s = timeout_ms / 1000 if timeout_ms > 0 else None
-        try:
-            if full:
-                raise self._busy()
-            answer = self.infer({"inputs": args.get("inputs")}, timeout_s, arrived)
-        except EdgebentoError as exc:
-            return MqttReply(request.reply_to, _failure(request.id, exc, False))
-        return MqttReply(
-            request.reply_to, {"schema_version": 1, "id": request.id, "ok": True, **answer}
+    def busy(self) -> OverloadError:
+        """The refusal of a request that found the queue full (counted)."""
+        queued = self.core.limits.max_queue
+        return self._refused(
+            f"the device's inference queue is full ({queued} waiting)", "queue_full"
         )
 
-    def _busy(self) -> OverloadError:
-        limits = self.core.limits
-        exc = OverloadError(
-            f"the device's inference queue is full ({limits.max_queue} waiting); retry shortly",
-            reason="queue_full",
-            retry_after_s=limits.retry_after_s,
-        )
+    def late(self, arrived: float) -> OverloadError | None:
+        """The refusal (counted) of a request that waited past the deadline since it arrived,
+        checked before it is parsed: parsing it would be wasted work. A client's own shorter
+        deadline is applied once it is read."""
+        waited = time.monotonic() - arrived
+        if waited <= self.core.limits.deadline(None):
+            return None
+        return self._refused(f"the request waited {waited:.3f} s since it arrived", "deadline")
+
+    def _refused(self, why: str, reason: str) -> OverloadError:
+        retry = self.core.limits.retry_after_s
+        exc = OverloadError(f"{why}; retry shortly", reason=reason, retry_after_s=retry)
         self.core.count_error(exc)
         return exc

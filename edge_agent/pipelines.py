@@ -1,27 +1,34 @@
 """Perceive, decide, act: sensor readings on an input topic, the model, results on an output topic.
 
-A reading is tensor JSON (``{"inputs": {...}}``), a bare list of numbers, or ``{"values": [...]}``
-for a model with one input. With ``labels`` the result names the top class and its score, and
-with ``threshold`` it is published only when the score reaches it (an action, not a stream).
+A reading is tensor JSON (``{"inputs": {...}}``, with an optional ``id`` echoed in its result),
+a bare list of numbers, or ``{"values": [...]}`` for a model with one input. With ``labels`` the
+result names the top class and its score, and with ``threshold`` it is published only when the
+score reaches it (an action, not a stream).
+
+Readings take the infer topic's path: the same bounded queue, the same ``max_payload_bytes``
+(a reading over it is dropped before it is queued or parsed), the same deadline counted from
+its arrival, and the same reasons, counted in the serving metrics and in ``refused``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from edge_agent.config import PipelineConfig
-from edge_agent.inference import InferenceService
-from modelpack.errors import EdgebentoError, InputError
+from edge_agent.inference import Answer, InferenceService
+from modelpack.codec import dumps, parse_body
+from modelpack.errors import EdgebentoError, InputError, OverloadError
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
+MAX_ID_CHARS = 128
 
 
 class Pipeline:
@@ -30,10 +37,31 @@ class Pipeline:
     ) -> None:
         self.config, self.inference, self.publish = config, inference, publish
         self.handled = self.published = self.failed = 0
+        self.refused: dict[str, int] = {}  # readings not run, by reason
+
+    def _refuse(self, exc: EdgebentoError, counted: bool = False) -> None:
+        reason = getattr(exc, "reason", "invalid")  # busy ones by cause: queue_full, deadline
+        if not counted:
+            self.inference.core.count_error(exc)
+        count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        if count & (count - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood cannot flood the log
+            log.warning(
+                "pipeline %s: reading refused (%d so far): %s", self.config.name, count, exc
+            )
+
+    def oversized(self, payload: bytes, limit: int) -> bool:
+        """Refuse (counted) a reading over ``limit`` bytes: nothing of it is read."""
+        if len(payload) <= limit:
+            return False
+        self.handled += 1
+        self._refuse(
+            InputError(f"a reading of {len(payload)} bytes; the cap is {limit}", "too_large")
+        )
+        return True
 
     def _request(self, reading: Any) -> dict[str, Any]:
         if isinstance(reading, dict) and "inputs" in reading:
-            return reading
+            return {"inputs": reading["inputs"]}
         values = reading.get("values") if isinstance(reading, dict) else reading
         if not isinstance(values, list):
             raise InputError(
@@ -50,18 +78,23 @@ class Pipeline:
         batch = values if values and isinstance(values[0], list) else [values]
         return {"inputs": {name: batch}}
 
-    def _decide(self, answer: dict[str, Any]) -> dict[str, Any] | None:
+    def _decide(self, reading: Any, answer: Answer) -> dict[str, Any] | None:
+        doc = answer.doc
         result: dict[str, Any] = {
             "pipeline": self.config.name,
-            "model": answer["model"],
-            "outputs": answer["outputs"],
-            "latency_ms": answer["latency_ms"],
+            "model": doc["model"],
+            "outputs": doc["outputs"],
+            "latency_ms": doc["latency_ms"],  # since the reading arrived
             "ts": time.time(),
         }
+        reading_id = reading.get("id") if isinstance(reading, dict) else None
+        if isinstance(reading_id, str) and len(reading_id) <= MAX_ID_CHARS:
+            result["id"] = reading_id
         if not self.config.labels:
             return result
-        outputs = answer["outputs"]
-        scores = np.asarray(outputs.get("probs", list(outputs.values())[-1]), dtype=np.float64)
+        outputs = answer.outputs
+        chosen = outputs["probs"] if "probs" in outputs else list(outputs.values())[-1]
+        scores = np.asarray(chosen, dtype=np.float64)
         top = scores.reshape(-1, scores.shape[-1])[0]
         index = int(np.argmax(top))
         result["label"] = (
@@ -72,15 +105,35 @@ class Pipeline:
             return None
         return result
 
-    def handle(self, payload: bytes) -> None:
+    def handle(self, payload: bytes, limit: int, arrived: float, full: bool) -> None:
+        """One reading, from the queue (``full``: it found the queue full)."""
         self.handled += 1
-        try:
-            reading = json.loads(payload)
-            result = self._decide(self.inference.infer(self._request(reading)))
-        except (ValueError, EdgebentoError) as exc:
-            self.failed += 1
-            log.warning("pipeline %s: reading refused: %s", self.config.name, exc)
+        late = self.inference.busy() if full else self.inference.late(arrived)
+        if late is not None:  # counted by the service
+            self._refuse(late, counted=True)
             return
-        if result is not None:
-            self.published += 1
-            self.publish(self.config.output_topic, json.dumps(result).encode())
+        try:
+            reading = parse_body(payload, replace(self.inference.core.limits, max_body_bytes=limit))
+            request = self._request(reading)
+        except InputError as exc:
+            self._refuse(exc)
+            return
+        try:
+            answer = self.inference.run(request, None, arrived)
+        except (InputError, OverloadError) as exc:  # counted by the core
+            self._refuse(exc, counted=True)
+            return
+        except EdgebentoError as exc:
+            self.failed += 1
+            log.warning("pipeline %s: reading not answered: %s", self.config.name, exc)
+            return
+        result = self._decide(reading, answer)
+        if result is None:
+            return
+        try:
+            self.publish(self.config.output_topic, dumps(result))
+        except EdgebentoError as exc:  # too big for the broker: never sent
+            self.failed += 1
+            log.warning("pipeline %s: result not published: %s", self.config.name, exc)
+            return
+        self.published += 1

@@ -3,6 +3,11 @@
 Reconnects with capped, jittered backoff that resets after a successful CONNACK, re-sends the
 subscriptions when the broker kept no session for us, and stops for good (``AuthError``) when
 the broker rejects the credentials, because retrying a wrong password never helps.
+
+No message can keep a device off the broker. Each is acknowledged as it arrives, before it is
+handled: whatever its handling does (a crash, a reply the broker refuses), the broker never
+delivers it again at the next connect. And nothing is published that the broker would drop the
+connection for: a topic that is not a valid topic name, or a packet over the broker's maximum.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
 from modelpack.errors import AuthError, BrokerError
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 # CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
 SESSION_EXPIRY_S = 3600
+MQTT_MAX_PACKET = 268_435_455  # what a four-byte remaining length can say
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -45,6 +52,14 @@ class Incoming:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     retained: bool = False
+
+
+def packet_size(topic: str, payload: bytes | str, correlation_data: bytes | None = None) -> int:
+    """An upper bound on the PUBLISH packet's size: fixed header (5), topic, packet id,
+    properties (MQTT 5: their length and the correlation data) and payload."""
+    body = len(payload.encode() if isinstance(payload, str) else payload)
+    extra = 4 + 3 + len(correlation_data) if correlation_data is not None else 4
+    return 5 + 2 + len(topic.encode(errors="replace")) + 2 + extra + body
 
 
 class Backoff:
@@ -89,6 +104,7 @@ class Session:
         self.fatal: BrokerError | None = None
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
         self.connects = 0
+        self.max_packet = config.max_packet_bytes or MQTT_MAX_PACKET  # the broker's, once known
         self.client = self._make_client(will)
 
     def _make_client(self, will: tuple[str, bytes]) -> mqtt.Client:
@@ -100,6 +116,7 @@ class Session:
                 client_id=client_id,
                 protocol=mqtt.MQTTv5,
                 reconnect_on_failure=False,
+                manual_ack=True,
             )
         else:
             client = mqtt.Client(
@@ -108,6 +125,7 @@ class Session:
                 clean_session=False,
                 protocol=mqtt.MQTTv311,
                 reconnect_on_failure=False,
+                manual_ack=True,
             )
         client.will_set(will[0], will[1], qos=1, retain=True)
         if cfg.username is not None:
@@ -142,6 +160,18 @@ class Session:
         if self.connected:
             self.client.subscribe(topic, qos)
 
+    def refusal(
+        self, topic: str, payload: bytes | str, correlation_data: bytes | None = None
+    ) -> str | None:
+        """Why the broker would drop us for publishing this, or None."""
+        problem = topic_name_problem(topic, self.config.max_topic_bytes)
+        if problem is not None:
+            return f"the topic {topic[:80]!r} is not a valid topic name: {problem}"
+        size = packet_size(topic, payload, correlation_data)
+        if size > self.max_packet:
+            return f"the message is {size} bytes; the broker takes at most {self.max_packet}"
+        return None
+
     def publish(
         self,
         topic: str,
@@ -150,6 +180,10 @@ class Session:
         retain: bool = False,
         correlation_data: bytes | None = None,
     ) -> mqtt.MQTTMessageInfo:
+        """Raises BrokerError, sending nothing, for what the broker would drop us for."""
+        refused = self.refusal(topic, payload, correlation_data)
+        if refused is not None:
+            raise BrokerError(f"not published: {refused}")
         properties = None
         if self.v5 and correlation_data is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -172,6 +206,9 @@ class Session:
             return
         self.backoff.reset()
         self.connects += 1
+        told = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        own = self.config.max_packet_bytes or MQTT_MAX_PACKET
+        self.max_packet = min(own, told) if isinstance(told, int) else own
         # Subscribing again is idempotent, and needed even with a session present: the broker
         # may hold one made under another configuration (prefix, groups), and it is what makes
         # the broker resend the retained desired state on every connect.
@@ -199,6 +236,11 @@ class Session:
             log.warning("disconnected from %s: %s", redact_url(self.config.broker), reason)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Acknowledged first: the PUBACK leaves before anything the handling publishes, so the
+        # broker has it even when a reply makes it drop us, and a message that crashes the agent
+        # is not delivered again at every start. Handling is at most once: a command's effect is
+        # bound to its id, and a client that lost an answer asks again.
+        client.ack(msg.mid, msg.qos)
         response_topic = correlation = None
         props = getattr(msg, "properties", None)
         if props is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,11 @@ def test_inference_counts_and_a_pipeline_decides(
         inference,
         lambda t, p: sent.append((t, p)),
     )
-    pipe.handle(json.dumps([1.0] * 8).encode())
-    pipe.handle(b"not json")
+    pipe.handle(json.dumps([1.0] * 8).encode(), 1 << 20, time.monotonic(), False)
+    pipe.handle(b"not json", 1 << 20, time.monotonic(), False)
     result = json.loads(sent[0][1])
     probs = np.asarray(result["outputs"]["probs"][0])
-    assert result["label"] == "abc"[int(np.argmax(probs))] and pipe.failed == 1
+    assert result["label"] == "abc"[int(np.argmax(probs))] and pipe.refused == {"invalid_json": 1}
 
 
 def test_rollback_to_prefers_the_kept_copy_else_fetches_exactly_that_version(

@@ -1,0 +1,101 @@
+"""What a device says about itself, read as the cloud reads it: its telemetry records (each once,
+acknowledged like the ingestion does) and its retained status, with the broker's last will."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from tests.support.services import Mosquitto
+
+
+class DeviceWatch:
+    def __init__(self, broker: Mosquitto, prefix: str, device: str) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self._seen: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
+        self.telemetry = f"{prefix}/{device}/telemetry"
+        self.status = f"{prefix}/{device}/status"
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.connect("127.0.0.1", broker.port, 30)
+        self.client.loop_start()
+        self.client.subscribe([(self.telemetry, 1), (self.status, 1)])
+        assert subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        doc = json.loads(msg.payload)
+        with self._lock:
+            if msg.topic == self.status:
+                self.statuses.append(doc)
+                return
+            for record in doc["records"]:
+                seen = self._seen.setdefault(record["boot_id"], set())
+                if record["seq"] not in seen:
+                    seen.add(record["seq"])
+                    self.records.append(record)
+            boot = doc["records"][0]["boot_id"]
+            high = min(self._seen[boot]) - 1
+            while high + 1 in self._seen[boot]:
+                high += 1
+        ack = {"schema_version": 1, "boot_id": boot, "seq": high}
+        client.publish(f"{self.telemetry}/ack", json.dumps(ack), qos=1)
+
+    def wait(self, found: Callable[[list[dict[str, Any]]], Any], timeout: float = 30.0) -> Any:
+        """The first truthy ``found(records)``, polled as records arrive."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                records = list(self.records)
+            result = found(records)
+            if result:
+                return result
+            time.sleep(0.05)
+        with self._lock:
+            kinds = [(r["kind"], r["data"].get("event")) for r in self.records[-8:]]
+        raise AssertionError(f"not found within {timeout}s; the last records: {kinds}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                r["data"]
+                for r in self.records
+                if r["kind"] == "event" and r["data"].get("event") == name
+            ]
+
+    def rejected(self, reason: str) -> int:
+        """Inference requests refused for ``reason``, summed over every inference record."""
+        with self._lock:
+            return sum(
+                r["data"].get("rejected", {}).get(reason, 0)
+                for r in self.records
+                if r["kind"] == "inference"
+            )
+
+    def wait_offline(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.offline() < count:
+            assert time.monotonic() < deadline, f"fewer than {count} offline statuses"
+            time.sleep(0.05)
+
+    def offline(self) -> int:
+        """Offline statuses: the broker's last will each time it dropped the device."""
+        with self._lock:
+            return sum(1 for s in self.statuses if s.get("state") == "offline")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
