@@ -7,11 +7,11 @@ Import path and API::
                                    devices=["a", "b"], key=Path("signing.key")))
     code = exit_code(state, wait_all=False)
 
-Planning: the targets are the devices named, or every device whose retained status lists the
-group; the version must be published (``Registry.entry``, which checks the signed manifest);
-each device's previous version is what its status says. Resuming loads the saved state, turns a
-``completed`` or ``timed_out`` rollout back to ``running`` (to catch devices that were offline)
-and finishes an ``aborting`` one. One controller per fleet at a time: ``execute`` holds the
+Planning: the targets are the devices named, or the members of the group in the store
+(``cloud_sync.groups``); the version must be published (``Registry.entry``, which checks the
+signed manifest); each device's previous version is what its status says. Resuming loads the
+saved state, turns a ``completed``, ``timed_out`` or ``unverified`` rollout back to ``running``
+(to catch devices that were offline, or judge a wave again) and finishes an ``aborting`` one. One controller per fleet at a time: ``execute`` holds the
 fleet's lease (``cloud_sync.lease``) from before the first publish to the end.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
-from cloud_sync.protocol import Status, Topics
+from cloud_sync.protocol import Topics
 from cloud_sync.rollout import Rollout
 from cloud_sync.rollout_state import (
     RolloutState,
@@ -85,22 +85,21 @@ def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET
         time.sleep(quiet_s)
 
 
-def _groups(status: Status) -> list[str]:
-    # A declared field in newer protocol versions, an extra field in older ones.
-    groups = getattr(status, "groups", None) or (status.model_extra or {}).get("groups")
-    return [g for g in groups if isinstance(g, str)] if isinstance(groups, list) else []
+def resolve_targets(store: ObjectStore, devices: tuple[str, ...], group: str | None) -> list[str]:
+    """The devices named, or the members of ``group`` in the cloud's registry of groups
+    (``cloud_sync.groups``): never what a device says of itself in its status."""
+    from cloud_sync.groups import group_members
 
-
-def resolve_targets(watch: FleetWatch, devices: tuple[str, ...], group: str | None) -> list[str]:
     if bool(devices) == bool(group):
         raise ConfigError("give either --devices a,b,c or --group G")
-    if devices:
+    if devices or group is None:
         return list(dict.fromkeys(devices))
-    members = [
-        device for device, status in list(watch.statuses.items()) if group in _groups(status)
-    ]
+    members = group_members(store, group)
     if not members:
-        raise ConfigError(f"no device reports group {group!r} in its retained status")
+        raise ConfigError(
+            f"group {group!r} has no devices in {store.url}: add them with "
+            f"edgebento fleet group add {group} DEVICE..."
+        )
     return members
 
 
@@ -201,7 +200,7 @@ def execute(
             else:
                 if request.name is None or request.version is None:
                     raise ConfigError("a new rollout needs NAME and VERSION")
-                targets = resolve_targets(watch, request.devices, request.group)
+                targets = resolve_targets(store, request.devices, request.group)
                 watch.devices = set(targets)
                 state = start_rollout(
                     store, watch, request.name, request.version, targets, request.thresholds

@@ -1,4 +1,5 @@
-"""``edgebento fleet status``: one row per device."""
+"""``edgebento fleet status``: one row per device; ``edgebento fleet group add|remove|list``:
+the groups a ``--group`` rollout targets, kept in the store (``cloud_sync.groups``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import time
 from typing import Any
+
+from edgebento.cli.registry import add_store_args
 
 
 def register(sub: Any) -> None:
@@ -21,6 +24,16 @@ def register(sub: Any) -> None:
     status.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
     status.add_argument("--json", action="store_true", help='print {"devices": {"ID": {...}}}')
     status.set_defaults(func=cmd_status)
+
+    group = verbs.add_parser(
+        "group", help="the devices of a group (what rollout --group targets), kept in the store"
+    )
+    group.add_argument("action", choices=("add", "remove", "list"))
+    group.add_argument("group", nargs="?", help="the group (list: all groups when left out)")
+    group.add_argument("devices", nargs="*", metavar="DEVICE", help="device ids (add, remove)")
+    add_store_args(group)
+    group.add_argument("--json", action="store_true", help='print {"groups": {"G": [...]}}')
+    group.set_defaults(func=cmd_group)
 
 
 def _ago(ts: float | None, heard: str | None = None) -> str:
@@ -82,4 +95,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         for device, s in devices.items()
     ]
     print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
+    return 0
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    from cloud_sync.groups import change_group, group_members, list_groups
+    from cloud_sync.store import open_store
+    from modelpack.errors import ConfigError
+
+    store = open_store(args.store, endpoint_url=args.endpoint_url)
+    if args.action == "list":
+        if args.devices:
+            raise ConfigError("fleet group list takes at most a group")
+        groups = (
+            {args.group: group_members(store, args.group)} if args.group else list_groups(store)
+        )
+    else:
+        if not args.group or not args.devices:
+            raise ConfigError(f"fleet group {args.action} GROUP DEVICE... (at least one device)")
+        change = {"add": args.devices} if args.action == "add" else {"remove": args.devices}
+        groups = {args.group: change_group(store, args.group, **change)}
+    if args.json:
+        print(json.dumps({"groups": groups}, indent=2))
+        return 0
+    for name, members in groups.items():
+        print(f"{name}: {' '.join(members) if members else '(no devices)'}")
     return 0

@@ -1,7 +1,8 @@
 """A few compromised devices among honest ones cannot steer a rollout (issue 19, finding 3):
 simulated devices (``edgebento simulate``) on a real Mosquitto, the liars publishing only on
 their own status and telemetry topics. They can neither carry a failing version to the fleet nor
-abort a healthy one; a liar whose figures no device can serve is named as a suspect."""
+abort a healthy one; a liar whose figures no device can serve is named as a suspect; and a
+device cannot enrol itself in a group (``edgebento fleet group`` keeps them in the store)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,29 @@ def test_three_liars_cannot_abort_a_healthy_rollout_of_ten_devices(
     wait_for(broker, topic_prefix, dict.fromkeys(everyone, 2))
     saved = load_state(open_store(store_url), shown["id"])
     assert saved.phase == "completed" and saved.suspects == shown["suspects"]
+
+
+def test_a_group_is_what_the_store_says_never_what_a_device_claims(
+    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    members = simulate(2, 0)
+    claimer = simulate(1, 2, "--group", "lobby")  # lists the group in its own status
+    group = ["fleet", "group"]
+    assert main([*group, "add", "lobby", *members.names, "--store", store_url]) == 0
+    assert capsys.readouterr().out.strip() == f"lobby: {' '.join(members.names)}"
+    code = main(
+        [
+            *("rollout", "tiny", "2", "--store", store_url, "--broker", broker.url),
+            *("--prefix", topic_prefix, "--key", str(keys[0]), "--group", "lobby"),
+            *("--canary", "100", "--bake", "0", "--allow-unverified", "--lease-ttl", "3"),
+            "--json",
+        ]
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0 and {d["device"] for d in shown["devices"]} == set(members.names)
+    wait_for(broker, topic_prefix, {**dict.fromkeys(members.names, 2), claimer.names[0]: 1})
+    assert main([*group, "remove", "lobby", members.names[0], "--store", store_url]) == 0
+    assert capsys.readouterr().out.strip() == f"lobby: {members.names[1]}"
+    assert main([*group, "list", "--store", store_url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"groups": {"lobby": members.names[1:]}}

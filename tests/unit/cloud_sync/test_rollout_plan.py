@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cloud_sync.groups import change_group, list_groups
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
 from cloud_sync.rollout_checks import abort_reason, device_outcome
 from cloud_sync.rollout_plan import exit_code, resolve_targets
@@ -138,18 +139,22 @@ def test_state_is_saved_by_wave_and_only_what_changed(tmp_path: Path) -> None:
         load_state(store, "../x")
 
 
-def test_group_targets_come_from_the_retained_status() -> None:
-    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
-    for device, groups in (("a", ["lobby"]), ("b", ["dock"]), ("c", ["lobby", "dock"])):
-        watch.statuses[device] = Status.model_validate(
-            {"device": device, "state": "online", "groups": groups}
-        )
-    assert sorted(resolve_targets(watch, (), "lobby")) == ["a", "c"]
-    with pytest.raises(ConfigError, match="no device reports group"):
-        resolve_targets(watch, (), "roof")
+def test_group_targets_come_from_the_store_never_from_a_status(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    change_group(store, "lobby", add=["a", "c", "a"])
+    change_group(store, "dock", add=["b", "c"])
+    assert resolve_targets(store, (), "lobby") == ["a", "c"]
+    assert change_group(store, "lobby", remove=["c"]) == ["a"]
+    assert list_groups(store) == {"dock": ["b", "c"], "lobby": ["a"]}
+    with pytest.raises(ConfigError, match="fleet group add roof"):
+        resolve_targets(store, (), "roof")
     with pytest.raises(ConfigError, match="either --devices"):
-        resolve_targets(watch, ("a",), "lobby")
-    assert resolve_targets(watch, ("x", "y", "x"), None) == ["x", "y"]
+        resolve_targets(store, ("a",), "lobby")
+    assert resolve_targets(store, ("x", "y", "x"), None) == ["x", "y"]
+    with pytest.raises(ConfigError):
+        change_group(store, "../x", add=["a"])
+    with pytest.raises(ConfigError):
+        change_group(store, "lobby", add=["a/#"])
 
 
 def test_topics_are_parsed_exactly() -> None:
