@@ -82,3 +82,48 @@ def to_onnx(model: Any, dst: Path, opset: int) -> None:
     proto, _ = tf2onnx.convert.from_function(forward, input_signature=specs, opset=opset)
     _rename_outputs(proto, _output_names(model, len(proto.graph.output)))
     dst.write_bytes(proto.SerializeToString())
+
+
+# Config keys that hold objects (initializers, regularizers, constraints): the weights are set
+# from the Keras 3 model right after, so tf-keras' defaults do; Keras 3 writes them in shapes
+# tf-keras does not take (``input_axes`` on initializers, dtype policies as objects).
+_OBJECT_KEYS = ("_initializer", "_regularizer", "_constraint", "dtype")
+
+
+def to_tf_keras(model: Any, probe: Any) -> Any:
+    """A Keras 3 ``Sequential`` model rebuilt layer by layer under tf-keras, weights and all,
+    for tfmot; refused unless the rebuilt model answers ``probe`` as the original does."""
+    import inspect
+
+    import numpy as np
+
+    from optimize.convert import import_tensorflow
+
+    keras = import_keras3()
+    tf = import_tensorflow()
+    if not isinstance(model, keras.Sequential) or len(model.inputs) != 1:
+        raise NotImplementedError(
+            "tfmot works on tf-keras models only; a Keras 3 model is rebuilt under tf-keras for"
+            " it only when it is Sequential, and this one is not: the other candidates go on"
+        )
+    name = model.inputs[0].name.split(":")[0]
+    clone = tf.keras.Sequential([tf.keras.layers.Input(model.input_shape[1:], name=name)])
+    for layer in model.layers:
+        kind = getattr(tf.keras.layers, type(layer).__name__)
+        takes = set(inspect.signature(kind.__init__).parameters) | {"name", "trainable"}
+        config = {
+            k: v
+            for k, v in layer.get_config().items()
+            if k in takes and not k.endswith(_OBJECT_KEYS)
+        }
+        rebuilt = kind.from_config(config)
+        clone.add(rebuilt)
+        rebuilt.set_weights(layer.get_weights())
+    want = model.predict(probe, verbose=0)
+    got = clone.predict(probe, verbose=0)
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise NotImplementedError(
+            "tfmot works on tf-keras models only, and this Keras 3 model rebuilt under tf-keras"
+            " answers differently: the other candidates go on"
+        )
+    return clone

@@ -6,7 +6,8 @@ least important hidden units (mean absolute activation times outgoing weight nor
 smaller model is fine-tuned on ``--train-data``, and tfmot sparsity is applied on top.
 
 A Keras 3 model is cut and fine-tuned with Keras 3 itself; tfmot works on tf-keras models only,
-so its sparsity candidate is skipped with one note saying so.
+so for its sparsity a Keras 3 Sequential model is rebuilt under tf-keras (checked to answer the
+same), and any other Keras 3 model skips that candidate with one note saying so.
 """
 
 from __future__ import annotations
@@ -143,10 +144,7 @@ def prune_keras(
         raise ValueError("Keras pruning fine-tunes the model: --train-data needs 'labels'")
     model = load_keras(source, trust_model_code)
     if config.sparsity > 0 and keras3.is_keras3(model):
-        raise NotImplementedError(
-            "tfmot sparsity works on tf-keras models only, and this model was saved by Keras 3;"
-            " the other candidates go on"
-        )
+        model = keras3.to_tf_keras(model, _inputs(model, train)[:256])
     if config.units_ratio > 0:
         model = shrink_dense(model, config.units_ratio, train)
         _fit(model, train, config, config.finetune_epochs, [])
