@@ -188,10 +188,10 @@ class Process:
                 self.popen.wait()
 
 
-def start(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Process:
+def start(cmd: list[str], env: dict[str, str], port: int, log: Path, repo: Path = REPO) -> Process:
     popen = subprocess.Popen(
         cmd,
-        cwd=REPO,
+        cwd=repo,
         env={**os.environ, **env},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -214,8 +214,14 @@ def start_flask(model: Path, workdir: Path) -> Process:
     return proc
 
 
-def start_bento(home: Path, model_tag: str, workdir: Path, **env: str) -> Process:
+def start_bento(
+    home: Path, model_tag: str, workdir: Path, repo: Path = REPO, **env: str
+) -> Process:
+    """``bentoml serve`` of ``repo``'s service (another checkout's: a baseline measured beside
+    this tree's in one run, its code first on the path)."""
     port = free_port()
+    if repo != REPO:
+        env = {"PYTHONPATH": str(repo), **env}
     proc = start(
         [str(BIN / "bentoml"), "serve", ".", "--host", LOOPBACK, "--port", str(port)],
         {
@@ -225,7 +231,8 @@ def start_bento(home: Path, model_tag: str, workdir: Path, **env: str) -> Proces
             **env,
         },
         port,
-        workdir / f"bento-{model_tag.replace(':', '-')}.log",
+        workdir / f"bento-{model_tag.replace(':', '-')}-{port}.log",
+        repo,
     )
     proc.wait_ready("/readyz")
     return proc
@@ -240,3 +247,39 @@ def import_to_store(pack: Path, pub: Path, home: Path) -> str:
         check=True,
     ).stdout
     return out.split()[1]  # "stored NAME:vN in ..."
+
+
+def row_cost_model(path: Path, width: int = 128, layers: int = 4, seed: int = 0) -> Path:
+    """x[batch, width] to y[batch, width] whose cost grows with its rows and nothing else: each
+    row becomes its own ``width`` x ``width`` matrix (an outer product) that goes through
+    ``layers`` MatMul+Tanh, so a batch of 64 rows costs 64 rows (batching saves no compute;
+    it is what the deadline arithmetic must plan for)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.support.serving_models import _save
+
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "axis2"], ["col"]),
+        helper.make_node("Unsqueeze", ["x", "axis1"], ["row"]),
+        helper.make_node("Mul", ["col", "row"], ["h0"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["y"], axes=[2], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "row_cost",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    return _save(graph, path)

@@ -26,6 +26,7 @@ import bentoml
 from starlette.types import Receive, Scope, Send
 
 from bentos import bentoml_fixes, fast_lane
+from bentos.loop_lag import LoopLag
 from bentos.store import load_stored_pack
 from modelpack import PredictorOptions, logs
 from modelpack.errors import ConfigError, InputError
@@ -65,6 +66,9 @@ LIMITS = ServingLimits.from_env(max_batch_rows=int(os.environ.get("EDGEBENTO_MAX
 # limit in all (BentoML's traffic timeout, and the fast lane's) is their sum.
 RUN_TIMEOUT_S = max(30, int(LIMITS.deadline_s) + 10)
 TIMEOUT_S = LIMITS.body_timeout_s + RUN_TIMEOUT_S
+
+
+LAG = LoopLag()
 
 
 def _first_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -118,7 +122,9 @@ def _core() -> ServingCore:
 
 
 async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResponse | None:
-    arrived = time.monotonic()  # the deadline counts the body's upload too
+    # The deadline counts the body's upload too, and the time the request waited in its socket
+    # before the loop read it (the client's clock started then).
+    arrived = time.monotonic() - LAG.behind()
     method, path = scope["method"], scope["path"]
     headers = _first_headers(scope["headers"])
     try:

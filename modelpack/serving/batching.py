@@ -10,9 +10,13 @@ they agree on every input's non-batch shape (the sequence axis aside: it is padd
 their row counts were checked to be uniform within each request before they got here.
 
 The queue is bounded (``max_queue``: a full queue refuses at once) and every request carries a
-deadline: one still waiting when it passes is refused at the next batch boundary, so no answer
-comes later than its deadline plus one batch. A batch that fails is run again one request at a
-time, so only the request at fault fails, with its own error.
+deadline, counted from when the client began to send it. A request is refused at once when the
+work ahead of it (the rest of the batch running, the rows queued ahead at the measured cost per
+row) and its own run would end past its deadline; one still waiting when its deadline passes is
+refused at the next batch boundary; and a batch takes only as many rows as can end by the
+earliest deadline among them (``run_cost``), so no answer comes later than its deadline plus
+one batch, even for a model whose cost grows with its rows. A batch that fails is run again one
+request at a time, so only the request at fault fails, with its own error.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from modelpack.serving.padding import (
     request_length,
     split_by_length,
 )
+from modelpack.serving.run_cost import RunCost
 
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 Result = dict[str, np.ndarray] | Exception
@@ -128,6 +133,8 @@ class Batcher:
         # Wall-clock seconds per row between batch starts while a queue stands (run time plus
         # whatever else the process does meanwhile): what the queue ahead of a request costs.
         self.per_row_s = 0.0
+        self.cost = RunCost()  # what one run of n rows takes the model
+        self._busy_until = 0.0  # when the batch running now should end (time.monotonic())
         self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
@@ -150,14 +157,21 @@ class Batcher:
     def expected_wait(self) -> float:
         return self._queued_rows * self.per_row_s
 
-    def would_miss(self, deadline: float) -> bool:
-        """True when the queue ahead would not let a request start before ``deadline``: it is
-        refused at once rather than parsed, queued and refused later (work wasted under load)."""
-        return bool(self._queue) and time.monotonic() + self.expected_wait() > deadline
+    def would_miss(self, deadline: float, rows: int = 1) -> bool:
+        """True when the work ahead (the rest of the running batch, the rows queued) and the
+        request's own run would end past ``deadline``: it is refused at once rather than
+        parsed, queued and refused later (work wasted under load). A model with nothing to
+        do takes any request: it answers as soon as it can."""
+        now = time.monotonic()
+        ahead = self.expected_wait() + max(0.0, self._busy_until - now)
+        if not self._queue and ahead <= 0:
+            return False
+        return now + ahead + self.cost.estimate(rows) > deadline
 
     def refuse_late(self) -> OverloadError:
+        ahead = self.expected_wait() + max(0.0, self._busy_until - time.monotonic())
         return OverloadError(
-            f"the queue ahead would take {self.expected_wait():.3f} s, past the request's "
+            f"the work ahead would take {ahead:.3f} s, and the request would end past its "
             "deadline; retry shortly",
             reason="deadline",
             retry_after_s=self.retry_after_s,
@@ -175,7 +189,7 @@ class Batcher:
                 reason="queue_full",
                 retry_after_s=self.retry_after_s,
             )
-        if deadline is not None and self.would_miss(deadline):
+        if deadline is not None and self.would_miss(deadline, rows):
             raise self.refuse_late()
         import asyncio  # here, not at import: threaded targets (the agent) never load it
 
@@ -222,7 +236,9 @@ class Batcher:
             expired: list[tuple[_Pending, float]] = []
             kept: list[_Pending] = []
             rows = 0
-            while self._queue and (scan_all or rows < self.max_rows):
+            ends_by = float("inf")  # the batch must end by then: its members' deadlines
+            closed = False  # a member would have made it end too late: the batch is complete
+            while self._queue and (scan_all or (rows < self.max_rows and not closed)):
                 item = self._queue.popleft()
                 if item.future.done():
                     self._queued_rows -= item.rows
@@ -232,13 +248,24 @@ class Batcher:
                     expired.append((item, now - item.arrived))
                     continue
                 fits = not batch or (item.key == batch[0].key and rows + item.rows <= self.max_rows)
-                if fits and rows < self.max_rows:
+                if fits and batch and not closed:
+                    # The batch shrinks to what its deadlines allow (a model whose cost grows
+                    # with its rows would otherwise end a full batch past them).
+                    end = now + self.cost.estimate(rows + item.rows)
+                    closed = end > min(ends_by, item.deadline)
+                if fits and not closed and rows < self.max_rows:
+                    # A head that cannot end by its deadline still starts (it ends within one
+                    # run of it) but does not shrink the batch: it is late whatever the size.
+                    if batch or now + self.cost.estimate(item.rows) <= item.deadline:
+                        ends_by = min(ends_by, item.deadline)
                     batch.append(item)
                     rows += item.rows
                     self._queued_rows -= item.rows
                 else:
                     kept.append(item)
             self._queue.extendleft(reversed(kept))
+            if batch:
+                self._busy_until = now + self.cost.estimate(rows)
             if scan_all:
                 self._earliest_deadline = min((i.deadline for i in kept), default=float("inf"))
             self._learn_drain_rate(now, rows)
@@ -330,6 +357,9 @@ class Batcher:
             return self._run_stacked(batch, runs)
         finally:
             self.last_run_s = time.perf_counter() - start
+            self._busy_until = 0.0
+            if len(runs) == 1:  # one ORT run (not a batch run again member by member)
+                self.cost.observe(runs[0], self.last_run_s)
 
     def _run_stacked(self, batch: list[_Pending], runs: list[int]) -> list[Result]:
         if len(batch) == 1 or self.plan is None:
