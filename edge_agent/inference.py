@@ -136,16 +136,6 @@ class Answer:
     outputs: Mapping[str, np.ndarray]
 
 
-class _AgentCore(ServingCore):
-    def count_error(self, exc: BaseException) -> None:
-        # A device with no model answers 503 like an overloaded one: a rollout's error rate
-        # reads outcome="error" and telemetry's errors, and an empty device is neither.
-        if isinstance(exc, NotReadyError):
-            self.metrics.overloaded(exc.reason)
-        else:
-            super().count_error(exc)
-
-
 class InferenceService:
     """Runs requests on whatever model is live; a swap never fails a request in flight.
 
@@ -161,7 +151,7 @@ class InferenceService:
         running: int = 1,
     ) -> None:
         self.stats = InferenceStats()
-        self.core = _AgentCore(
+        self.core = ServingCore(
             limits or ServingLimits(max_rows=256, max_queue=64),
             _Counted(metrics or NoMetrics(), self.stats),
             batching=False,
