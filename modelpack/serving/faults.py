@@ -3,9 +3,9 @@
 The rule (docs/serving.md): when ONNX Runtime fails on a request, the model runs a known-good
 input again. If that input still runs, the failure is the request's own (a 400, counted as
 ``rejected``, never in the error rate a rollout reads); if it fails too, or nothing is known to
-run, the model is broken (a 500, counted as an error). The known-good input is the last input of
-the request's shape class that ran, where the class is every input's full shape and dtype, the
-batch dim included (a model whose batch must be a multiple of 3 runs 3 rows and fails on 1), or
+run, the model is broken (a 500, counted as an error). The known-good input is an input of the
+request's shape class that ran (the first), where the class is every input's full shape and
+dtype, the batch dim included (a model whose batch must be a multiple of 3 runs 3 rows and fails on 1), or
 else the pack's golden samples, or else the smallest input that ran.
 """
 
@@ -24,6 +24,7 @@ Feed = Mapping[str, np.ndarray]
 
 MAX_CLASSES = 256  # shape classes remembered (least recently used out)
 MAX_KEPT_BYTES = 1 << 20  # an input larger than this is not kept (its class falls back)
+MAX_TOTAL_BYTES = 16 << 20  # all kept inputs together (least recently used out)
 # A verdict that a known-good input runs is reused this long: under a flood of failing
 # requests each one would otherwise cost the model a second run.
 VERDICT_TTL_S = 1.0
@@ -46,6 +47,7 @@ class KnownGood:
         self._samples = {k: np.asarray(v) for k, v in samples.items()} if samples else None
         self._smallest: ShapeClass | None = None
         self._verified: dict[ShapeClass, float] = {}  # class -> when its input last ran again
+        self._bytes = 0
 
     def remember(self, feed: Feed) -> None:
         """After a successful run: keep the first input of a class not seen yet (the model is
@@ -58,11 +60,17 @@ class KnownGood:
         size = _nbytes(feed)
         if size > MAX_KEPT_BYTES:
             return
+        # Kept in this process's memory only (never written, logged or sent): a client's input
+        # is the evidence that the model runs inputs of its class.
         copy = {k: np.array(v, copy=True) for k, v in feed.items()}
         with self._lock:
+            if key in self._by_class:
+                return
             self._by_class[key] = copy
-            while len(self._by_class) > MAX_CLASSES:
-                gone, _ = self._by_class.popitem(last=False)
+            self._bytes += size
+            while len(self._by_class) > MAX_CLASSES or self._bytes > MAX_TOTAL_BYTES:
+                gone, kept = self._by_class.popitem(last=False)
+                self._bytes -= _nbytes(kept)
                 self._verified.pop(gone, None)
                 if gone == self._smallest:
                     self._smallest = None
