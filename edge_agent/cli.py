@@ -105,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
+    from edge_agent.inference import install_hint
 
     config = load_config(args.config, _flags(args))
     logging.getLogger().setLevel(config.log_level.upper())
@@ -118,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         config.device,
         agent.serving_label(),
         redact_url(config.broker),
-        "" if agent.inference.model_ref else f"; {_install_hint(config)}",
+        "" if agent.inference.model_ref else f"; {install_hint(config.prefix, config.device)}",
     )
     try:
         agent.run_forever()
@@ -127,14 +128,6 @@ def _run(args: argparse.Namespace) -> int:
         raise
     agent.stop()
     return 0
-
-
-def _install_hint(config: Any) -> str:
-    deploy = f"{config.prefix}/{config.device}/cmd/deploy"
-    return (
-        f"install one with a deploy command on {deploy} (name and version, with --store), "
-        "`edgebento rollout`, or start with --pack"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
