@@ -141,6 +141,12 @@ def _text_problem(topic: object, max_bytes: int) -> str | None:
         return "it is not a string"
     if not topic:
         return "it is empty"
+    if topic.isascii() and topic.isprintable():  # the usual topic, checked in C: no C0, no DEL
+        return (
+            f"it is {len(topic)} bytes; the limit is {max_bytes}"
+            if len(topic) > max_bytes
+            else None
+        )
     bad = _FORBIDDEN.search(topic)
     if bad is not None:
         return f"it holds U+{ord(bad.group()):04X}, which brokers refuse"
