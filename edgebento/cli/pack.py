@@ -68,6 +68,7 @@ def register(sub: Any) -> None:
     )
     create.add_argument("--key", type=Path, help="sign with this signing.key as well")
     create.add_argument("--expires-in", type=duration_s, metavar="DURATION", help=EXPIRES_HELP)
+    add_monitor_args(create)
     create.set_defaults(func=cmd_create)
 
     sign = verbs.add_parser("sign", help="sign a pack's manifest")
@@ -115,9 +116,12 @@ def cmd_create(args: argparse.Namespace) -> int:
         expires_at=(when := expires_at(args.expires_in)),
         key=args.key,
     )
+    monitoring = attach_monitoring(args, args.out, args.key)
     state = "signed" if args.key else "unsigned; sign it with 'edgebento pack sign'"
     until = f", expires {when.isoformat()}" if when else ""
     print(f"wrote pack {args.name} v{args.version} to {args.out} ({state}{until})")
+    if monitoring:
+        print(monitoring)
     return 0
 
 
@@ -197,6 +201,33 @@ def _signer(root: Path, manifest: bytes, keys: list[Path]) -> str:
         return "yes (a signature names no key: add --pub KEY to see whether KEY made it)"
     try:
         key = verify(manifest, signature, [load_public_key(k) for k in keys])
-    except SignatureError:
-        return "yes, but by none of the --pub keys (or the manifest changed since)"
+    except SignatureError as exc:  # another key, a changed manifest, or a damaged signature
+        return f"yes, but by none of the --pub keys: {exc}"
     return f"by key {key.key_id} ({key.source})"
+
+
+def add_monitor_args(parser: Any, data: bool = True) -> None:
+    """``--data`` and ``--monitor``: the pack's drift baseline (docs/monitoring.md)."""
+    if data:
+        parser.add_argument(
+            "--data", type=Path, help=".npz, one array per input: record a drift baseline on it"
+        )
+    parser.add_argument(
+        "--monitor",
+        action="append",
+        default=[],
+        metavar="TENSOR=REDUCER[:k=v,...]",
+        help="how a tensor is watched for drift: columns, summary, image, tokens, classes, none",
+    )
+
+
+def attach_monitoring(args: argparse.Namespace, root: Path, key: Path | None) -> str:
+    """The baseline of ``--data`` in the pack at ``root``; a line saying what was recorded."""
+    from modelpack.baseline import make_baseline, read_data
+    from modelpack.monitor import parse_monitor
+
+    specs = [parse_monitor(text) for text in args.monitor]
+    if args.data is None:
+        return "" if not specs else "--monitor needs --data: no baseline recorded"
+    baseline = make_baseline(root, read_data(args.data), specs, key=key)
+    return f"baseline: {len(baseline.features)} monitored features on {baseline.rows} rows"
