@@ -106,10 +106,13 @@ def load_stored_pack(model_path: Path | str, trust: Path | str | None = None) ->
 def stored_manifest(tag: str) -> dict[str, Any]:
     """The manifest kept as metadata of a stored model."""
     import bentoml
+    from bentoml.exceptions import BentoMLException
 
     try:
         model = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as exc:
         raise ConfigError(f"{tag} is not in the BentoML model store") from exc
+    except (ValueError, BentoMLException) as exc:  # not a tag at all
+        raise ConfigError(f"{tag!r} is not a model tag like digits:v1: {exc}") from exc
     manifest = model.info.metadata.get("manifest", {})
     return dict(manifest) if isinstance(manifest, dict) else {}
