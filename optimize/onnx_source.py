@@ -2,9 +2,10 @@
 
 A model saved with external data keeps its weights in sidecar files named by each tensor's
 ``location``. Those are read here, only from inside the model's own directory (an absolute path,
-``..`` or a symlink that leads out is refused), with each tensor's offset, length and dims checked
-against the file, and written inline: every later pass, and the cache that keys passes by the
-model file's sha256, then sees the weights in the one file it hashes.
+``..`` or a symlink that leads out is refused, and so is a hidden file), with each tensor's
+offset, length and dims checked against the file, and written inline: every later pass, and the
+cache that keys passes by the model file's sha256, then sees the weights in the one file it
+hashes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def _sidecar(source: Path, root: Path, location: str) -> Path:
     bad = ("\\", ":", "\x00")  # a NUL makes every path call raise ValueError
     if not location or Path(location).is_absolute() or any(c in location for c in bad):
         raise ConfigError(f"{where} is not a relative path inside the model's directory")
+    if any(part.startswith(".") and part not in (".", "..") for part in Path(location).parts):
+        # Exporters name sidecars after the model; a model kept in a home directory would
+        # otherwise reach ~/.aws/credentials or ~/.ssh/id_ed25519 without leaving its directory.
+        raise ConfigError(
+            f"{where} is hidden or in a hidden directory, where credentials live, not weights;"
+            " it is not read: keep the model's data in plainly named files beside it"
+        )
     path = (root / location).resolve()
     if not path.is_relative_to(root) or path == root:
         raise ConfigError(f"{where} leads out of the model's directory {root}; it is not read")
