@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -233,11 +232,12 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
             )
 
         def say(line: str) -> None:
-            # A line per step of a wave, on stderr as it happens (stdout keeps the result).
+            # A line per step of a wave as it happens: above the bar on a terminal, else a log
+            # record on stderr (JSON where logs are), so stdout keeps the result alone.
             if console.is_terminal:
                 bar.console.print(line, markup=False, highlight=False)
             else:
-                print(line, file=sys.stderr, flush=True)
+                logging.getLogger("edgebento.rollout").info("%s", line)
 
         state = execute(request, on_start=started, on_progress=progress, say=say)
     _show(state, args.json)

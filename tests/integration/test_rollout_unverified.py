@@ -31,7 +31,7 @@ def test_a_rollout_without_figures_stops_unverified_and_says_so(
     base = [
         *("--store", store_url, "--broker", broker.url, "--prefix", topic_prefix),
         *("--key", str(keys[0]), "--lease-ttl", "5", "--json"),
-        *("--bake", "1", "--wave-timeout", "4", "--wait"),
+        *("--bake", "1", "--wave-timeout", "15", "--wait"),  # an install in time under load
     ]
     run = run_cli(
         "rollout", "tiny", "2", *base, "--devices", "a,b", "--canary", "10", "--waves", "2"
@@ -39,13 +39,13 @@ def test_a_rollout_without_figures_stops_unverified_and_says_so(
     assert run.returncode == 3, run.stderr
     shown = json.loads(run.stdout)
     assert shown["phase"] == "unverified"
-    assert "canary (1/2) could not be judged in 5s" in shown["reason"]
+    assert "canary (1/2) could not be judged in 16s" in shown["reason"]
     assert "0 of the 1 devices needed reported 50 inferences on v2" in shown["reason"]
     assert {d["device"]: d["state"] for d in shown["devices"]} == {"a": "done", "b": "pending"}
     (check,) = shown["checks"]
     assert check["verified"] is False and check["figures"]["reporting"] == 0
     assert shown["figures"] is not None and shown["figures"]["inferences"] == 0
-    lines = [line for line in run.stderr.splitlines() if line.startswith("canary (1/2): ")]
+    lines = [line for line in run.stderr.splitlines() if "canary (1/2): " in line]
     assert "pushed to 1 device(s)" in lines[0], run.stderr
     assert "1 of 1 on v2" in lines[-1] and "not verified" in lines[-1], run.stderr
     wait_versions(broker, topic_prefix, {"a": 2, "b": 1})  # the next wave was not pushed
