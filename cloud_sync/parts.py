@@ -4,6 +4,7 @@ One object holds one contiguous run of one boot of one device on one UTC day::
 
     telemetry/date=YYYY-MM-DD/device=ID/part-{boot_id}-{first_seq:012d}-{last_seq:012d}.jsonl.gz
     capture/date=YYYY-MM-DD/device=ID/part-...jsonl.gz        (records of kind "capture")
+    drift/date=YYYY-MM-DD/device=ID/part-...jsonl.gz          (records of kind "drift")
 
 Because a key is derived from ``(device, boot_id, seq range)`` and the bytes are deterministic
 (gzip mtime 0, sorted JSON keys), writing a run again overwrites the same object with the same
@@ -24,6 +25,8 @@ from typing import Any
 
 TELEMETRY_ROOT = "telemetry"
 CAPTURE_ROOT = "capture"
+DRIFT_ROOT = "drift"  # drift summaries apart, so ``edgebento monitor`` reads only them
+_ROOTS = {"capture": CAPTURE_ROOT, "drift": DRIFT_ROOT}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PART = re.compile(r"part-(?P<boot>.+)-(?P<first>\d{12})-(?P<last>\d{12})\.jsonl\.gz$")
 
@@ -64,7 +67,7 @@ class Run:
 
 def stream_of(record: dict[str, Any]) -> Stream:
     day = datetime.fromtimestamp(float(record["ts"]), UTC).strftime("%Y-%m-%d")
-    root = CAPTURE_ROOT if record.get("kind") == "capture" else TELEMETRY_ROOT
+    root = _ROOTS.get(str(record.get("kind")), TELEMETRY_ROOT)
     return Stream(root, day, str(record["device"]), str(record["boot_id"]))
 
 

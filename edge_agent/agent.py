@@ -13,6 +13,7 @@ from edge_agent import commands
 from edge_agent.capture import Capture
 from edge_agent.config import AgentConfig
 from edge_agent.dispatch import Dispatcher
+from edge_agent.drift import DriftCore, DriftMonitor
 from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
 from edge_agent.pipelines import Pipeline
@@ -43,6 +44,10 @@ class Agent:
         self.inference.max_batch = config.limits.max_batch
         self.updates = UpdateWorker(lambda: self.config.download_deadline_s)
         self.updater = Updater(config, self.inference, self._on_update, self.updates)
+        self.drift: DriftMonitor | None = None
+        if config.drift_window_s > 0 and isinstance(self.inference.core, DriftCore):
+            self.drift = DriftMonitor(lambda: self.updater.current, config.drift_window_s)
+            self.inference.core.drift = self.drift
         self.capture = Capture(
             config.device,
             self.boot_id,
@@ -147,6 +152,8 @@ class Agent:
         )
         self.record("heartbeat", beat)
         self.record("inference", {**self.inference.stats.snapshot(), "model": beat["model"]})
+        if self.drift is not None:
+            self.drift.flush_to(self.record)
 
     def apply_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
         self.config.limits = self.config.limits.model_copy(update=changes)
@@ -218,6 +225,8 @@ class Agent:
     def stop(self, flush_s: float = 2.0) -> None:
         self._stopping.set()
         log.info("shutting down: serving %s", self.serving_label())
+        if self.drift is not None:
+            self.drift.flush_to(self.record, force=True)  # the window so far, kept in the outbox
         if self.session.fatal is None and self.session.connected:
             self.telemetry.flush(flush_s)
         self.telemetry.stop()

@@ -96,6 +96,8 @@ class AgentConfig(_Section):
     # and how many records may be unacknowledged at once.
     telemetry_ack_timeout: float = Field(default=10.0, ge=0.5, le=3600)
     telemetry_window: int = Field(default=2000, ge=1, le=100_000)
+    # Drift summaries (docs/monitoring.md): one per model version and window; 0 turns them off.
+    drift_window_s: float = Field(default=60.0, ge=0, le=3600)
     intra_op_threads: int = Field(default=1, ge=0)
     inference_workers: int = Field(default=0, ge=0)  # 0: on the MQTT network thread
     golden_rtol: float = 1e-3

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.drift import DriftCore
 from modelpack.codec import encode_response
 from modelpack.errors import EdgebentoError, OverloadError
 from modelpack.metrics import LATENCY_BUCKETS, InferenceMetrics, NoMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving import oip
-from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.reasons import NotReadyError
 
@@ -151,7 +151,7 @@ class InferenceService:
         running: int = 1,
     ) -> None:
         self.stats = InferenceStats()
-        self.core = ServingCore(
+        self.core = DriftCore(
             limits or ServingLimits(max_rows=256, max_queue=64),
             _Counted(metrics or NoMetrics(), self.stats),
             batching=False,

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "edgebento.cli.fleet",
     "edgebento.cli.simulate",
     "edgebento.cli.rollback",
+    "edgebento.cli.monitor",
 ]
 
 

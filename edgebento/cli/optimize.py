@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgebento.cli.pack import add_monitor_args, attach_monitoring
 from modelpack.errors import ConfigError
 
 
@@ -70,11 +71,16 @@ def register(sub: Any) -> None:
         help="also load HDF5/SavedModel Keras and TorchScript: they are programs that run with"
         " your rights (docs/build-inputs.md)",
     )
+    add_monitor_args(p, data=False)  # --data records the drift baseline too
     p.set_defaults(func=cmd_optimize)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from modelpack.monitor import parse_monitor
     from optimize import optimize_model
+
+    for text in args.monitor:  # a typo is found before the optimization, not after it
+        parse_monitor(text)
     from optimize.report import machine_text
 
     result = optimize_model(
@@ -115,6 +121,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     decided = next((_fid(r).get("decided_by") for r in result.rows if r["chosen"]), None)
     if decided:
         console.print(f"decided by: {escape(decided)}")
+    if args.data is not None or args.monitor:
+        console.print(escape(attach_monitoring(args, result.pack_dir, args.key)))
     console.print(f"pack: {result.pack_dir}   report: {result.report_html}")
     if args.bentoml:
         console.print(

@@ -1,0 +1,271 @@
+"""Drift summaries on the device: each answered request's monitored features counted in the
+bins of the live pack's baseline, one summary per model version and window, into telemetry.
+
+The hot path only reduces the request to its features and appends them to a list; the binning
+runs vectorised over all features once ``fold_rows`` rows are pending or a window closes, so a
+request pays a few microseconds (``benchmarks/bench_drift.py``). A summary leaves as a telemetry
+record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every record:
+stored on disk, sent, deleted only when the ingestion acknowledged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cloud_sync.drift_summary import KIND, DriftSummary
+from modelpack.baseline import BASELINE_FILE, Baseline, read_baseline
+from modelpack.errors import InputError
+from modelpack.hashing import sha256_file
+from modelpack.monitor import Binner, MonitorSpec, reduce_all
+from modelpack.pack import Pack
+from modelpack.serving.core import Job, ServingCore
+
+log = logging.getLogger(__name__)
+
+Record = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class _Window:
+    """One model version's counts in one window."""
+
+    model: str
+    version: str
+    sha256: str
+    baseline: Baseline
+    binner: Binner
+    inputs: list[MonitorSpec]
+    outputs: list[MonitorSpec]
+    start: float
+    rows: int = 0
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
+    counts: np.ndarray | None = None
+    nan: np.ndarray | None = None
+    sums: np.ndarray | None = None
+    squares: np.ndarray | None = None
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        matrix = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        self.pending, self.pending_rows = [], 0
+        counts, nan = self.binner.count(matrix)
+        clean = np.where(np.isnan(matrix), 0.0, matrix)
+        clean = np.clip(clean, -1e150, 1e150)  # an inf squared must not poison the sums
+        sums, squares = clean.sum(axis=0), (clean * clean).sum(axis=0)
+        if self.counts is None:
+            self.counts, self.nan, self.sums, self.squares = counts, nan, sums, squares
+        else:
+            self.counts = self.counts + counts
+            self.nan = self.nan + nan  # type: ignore[operator]
+            self.sums = self.sums + sums  # type: ignore[operator]
+            self.squares = self.squares + squares  # type: ignore[operator]
+
+    def summary(self, window_s: float) -> dict[str, Any]:
+        self.fold()
+        features = {}
+        if self.counts is not None:
+            bins = self.binner.trim(self.counts)
+            for i, feature in enumerate(self.baseline.features):
+                features[feature.name] = {
+                    "c": bins[i],
+                    "nan": int(self.nan[i]),  # type: ignore[index]
+                    "s": _short(float(self.sums[i])),  # type: ignore[index]
+                    "q": _short(float(self.squares[i])),  # type: ignore[index]
+                }
+        doc = {
+            "model": self.model,
+            "version": int(self.version),
+            "baseline": self.sha256,
+            "window_start": self.start,
+            "window_s": window_s,
+            "rows": self.rows,
+            "refused": dict(list(self.refused.items())[:16]),
+            "features": features,
+        }
+        return DriftSummary.model_validate(doc).model_dump(mode="json")
+
+
+def _short(value: float) -> float:
+    """Seven significant digits: a mean and std to 1e-7 relative, and half the bytes."""
+    return float(f"{value:.7g}") if math.isfinite(value) else 0.0
+
+
+class DriftMonitor:
+    """Observes answered requests (``observe``) and refused ones (``refused``); ``collect``
+    hands the summaries of closed windows to the outbox."""
+
+    def __init__(
+        self,
+        current: Callable[[], Pack | None],
+        window_s: float = 60.0,
+        fold_rows: int = 512,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.current, self.window_s, self.fold_rows, self.clock = (
+            current,
+            window_s,
+            fold_rows,
+            clock,
+        )
+        self._lock = threading.Lock()
+        self._window: _Window | None = None
+        self._skip: tuple[str, str] | None = None  # a version without a (readable) baseline
+        self._closed: list[dict[str, Any]] = []
+        self._loaded: tuple[tuple[str, str], tuple[str, Baseline, Binner] | None] | None = None
+        self.failures = 0
+
+    def _start(self, now: float) -> float:
+        return math.floor(now / self.window_s) * self.window_s
+
+    def _open(self, model: str, version: str, now: float) -> _Window | None:
+        """The window of a version now live: its baseline read once from the verified pack."""
+        if self._loaded is None or self._loaded[0] != (model, version):
+            pack = self.current()
+            if pack is None or (pack.manifest.name, str(pack.manifest.version)) != (model, version):
+                return None  # the updater has not recorded the new pack yet: ask again later
+            self._loaded = ((model, version), self._load(pack, model, version))
+            self._skip = None if self._loaded[1] is not None else (model, version)
+        found = self._loaded[1]
+        if found is None:
+            return None
+        sha, baseline, binner = found
+        specs = baseline.specs()
+        return _Window(
+            model,
+            version,
+            sha,
+            baseline,
+            binner,
+            [s for s in specs if not s.output],
+            [s for s in specs if s.output],
+            self._start(now),
+        )
+
+    def _load(self, pack: Pack, model: str, version: str) -> tuple[str, Baseline, Binner] | None:
+        entry = pack.manifest.file(BASELINE_FILE)
+        if entry is None:
+            return None
+        if sha256_file(pack.root / BASELINE_FILE) != entry.sha256:  # changed since verified
+            log.warning(
+                "%s of %s v%s does not match its manifest: no drift summaries",
+                BASELINE_FILE,
+                model,
+                version,
+            )
+            return None
+        baseline = read_baseline(pack.root)
+        assert baseline is not None
+        return entry.sha256, baseline, baseline.binner()
+
+    def observe(
+        self,
+        model: str,
+        version: str,
+        feed: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        rows: int,
+    ) -> None:
+        """After a successful run: never raises (a fault here must not fail the request)."""
+        try:
+            self._observe(model, version, feed, outputs, rows)
+        except Exception:
+            self.failures += 1
+            if self.failures == 1:
+                log.exception("drift summaries stopped counting a request")
+
+    def _current_window(self, model: str, version: str, now: float) -> _Window | None:
+        window = self._window
+        same = window is not None and (window.model, window.version) == (model, version)
+        if same and now < window.start + self.window_s:  # type: ignore[union-attr]
+            return window
+        if self._skip == (model, version):
+            return None
+        with self._lock:
+            self._close_locked(now, force=window is not None and not same)
+            if self._window is None:
+                self._window = self._open(model, version, now)
+            return self._window
+
+    def _observe(
+        self,
+        model: str,
+        version: str,
+        feed: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        rows: int,
+    ) -> None:
+        window = self._current_window(model, version, self.clock())
+        if window is None:
+            return
+        matrix = np.concatenate(
+            [reduce_all(window.inputs, feed, rows), reduce_all(window.outputs, outputs, rows)],
+            axis=1,
+        )
+        with self._lock:
+            if self._window is not window:
+                return  # closed meanwhile: counted in the next one by the next request
+            window.pending.append(matrix)
+            window.rows += rows
+            window.pending_rows += rows
+            if window.pending_rows >= self.fold_rows:
+                window.fold()
+
+    def refused(self, reason: str) -> None:
+        """A request the live model refused for its schema (a 400), counted in its window."""
+        with self._lock:
+            window = self._window
+            if window is not None and (reason in window.refused or len(window.refused) < 16):
+                window.refused[reason] = window.refused.get(reason, 0) + 1
+
+    def _close_locked(self, now: float, force: bool = False) -> None:
+        window = self._window
+        if window is None or (not force and now < window.start + self.window_s):
+            return
+        self._window = None
+        if window.rows or window.refused:
+            self._closed.append(window.summary(self.window_s))
+
+    def collect(self, now: float | None = None, force: bool = False) -> list[dict[str, Any]]:
+        """The summaries of windows that ended by ``now`` (all of them with ``force``: at stop)."""
+        with self._lock:
+            self._close_locked(self.clock() if now is None else now, force)
+            closed, self._closed = self._closed, []
+        return closed
+
+    def flush_to(self, record: Record, force: bool = False) -> int:
+        summaries = self.collect(force=force)
+        for summary in summaries:
+            record(KIND, summary)
+        return len(summaries)
+
+
+class DriftCore(ServingCore):
+    """The agent's serving core with the drift hook: every successful run (MQTT, HTTP and
+    pipelines all run through ``run_sync``) is counted, and every schema refusal."""
+
+    drift: DriftMonitor | None = None
+
+    def run_sync(self, job: Job) -> Job:
+        job = super().run_sync(job)
+        monitor = self.drift
+        if monitor is not None:
+            model = job.model
+            monitor.observe(model.name, model.version, job.feed, job.outputs, job.rows)
+        return job
+
+    def count_error(self, exc: BaseException) -> None:
+        super().count_error(exc)
+        monitor = self.drift
+        if monitor is not None and isinstance(exc, InputError):
+            monitor.refused(exc.reason)
