@@ -149,6 +149,27 @@ def _feature(
     )
 
 
+def _within_cap(
+    chosen: list[tuple[MonitorSpec, np.ndarray]], named: set[str]
+) -> list[tuple[MonitorSpec, np.ndarray]]:
+    """Defaults that would pass ``MAX_FEATURES`` together (64 input columns beside a class
+    output) summarise their widest ``columns`` tensors instead, so a plain model never needs
+    --monitor; only what the user named can exceed the cap (and is refused)."""
+    count = sum(len(feature_names(s, a)) for s, a in chosen)
+    widest = sorted(
+        (i for i, (s, _) in enumerate(chosen) if s.reducer == "columns" and s.tensor not in named),
+        key=lambda i: -len(feature_names(*chosen[i])),
+    )
+    for i in widest:
+        if count <= MAX_FEATURES:
+            break
+        spec, sample = chosen[i]
+        summary = MonitorSpec(spec.tensor, "summary", (), spec.output)
+        count += len(feature_names(summary, sample)) - len(feature_names(spec, sample))
+        chosen[i] = (summary, sample)
+    return chosen
+
+
 def build_baseline(
     tensors: Mapping[str, np.ndarray],
     infos: Sequence[TensorInfo],
@@ -171,14 +192,17 @@ def build_baseline(
             f"{', '.join(sorted(known))})"
         )
     rows = min((len(np.asarray(tensors[i.name])) for i in infos if i.name in tensors), default=0)
-    specs, features = [], []
+    chosen = []
     for info in infos:
         sample = tensors.get(info.name)
         if sample is None:
             continue
         sample = np.asarray(sample)[:MAX_BASELINE_ROWS]
         spec = named.get(info.name) or default_spec(info, sample, len(labels))
-        spec = MonitorSpec(spec.tensor, spec.reducer, spec.params, info.output)
+        chosen.append((MonitorSpec(spec.tensor, spec.reducer, spec.params, info.output), sample))
+    chosen = _within_cap(chosen, set(named))
+    specs, features = [], []
+    for spec, sample in chosen:
         specs.append(spec)
         names = feature_names(spec, sample)
         matrix = reduce(spec, sample)
