@@ -261,7 +261,7 @@ def _carriers(per_device: np.ndarray, base: np.ndarray, options: DriftOptions) -
     carriers = []
     for i in range(len(per_device)):
         rest = total - per_device[i]
-        if rest.sum() < options.min_samples:
+        if rest.sum() <= 0:  # the rest's size speaks through its p-value, not a floor
             carriers.append(i)
             continue
         # Still evident without it: the rest alone, at the plain level and half the effect (a
