@@ -134,7 +134,10 @@ class SimFleet:
                 return
             c.subscribe([(self.topics.desired(device), 1), (self.topics.telemetry_ack(device), 1)])
             self.connected.add(device)
-            sim.on_connect()
+            # Reported on the loop's next turn, not here: paho resends what the broker had not
+            # acknowledged (the status of the last connect, if the broker died first) only after
+            # this callback, and the stale one would then be the status the broker retains.
+            self.schedule(0.0, sim.on_connect)
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             try:
@@ -183,6 +186,7 @@ class SimFleet:
                 raise BrokerError(
                     f"only {len(self.connected)} of {len(self.sims)} devices connected"
                 )
+        self.step(0.0)  # the statuses of the last connects, scheduled by on_connect
         self.started = True
         if self.behavior.telemetry_s > 0:
             for i, sim in enumerate(self.sims.values()):

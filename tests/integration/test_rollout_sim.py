@@ -275,3 +275,56 @@ def test_simulated_devices_come_back_after_the_broker_is_killed(
                 watch.wait(0.5)
     finally:
         sim.stop()
+
+
+def test_a_status_the_dead_broker_never_acknowledged_is_not_what_the_new_one_retains(
+    own_broker: Mosquitto, topic_prefix: str
+) -> None:
+    """The race behind "20 of 20 back": a device's status published just before the broker died
+    is unacknowledged, and paho resends it on reconnect, after the on_connect callback. The
+    status published inside the callback went first, so the broker retained the stale one, and
+    the device, which reports on connect only, never corrected it."""
+    import paho.mqtt.client as mqtt
+
+    from cloud_sync.protocol import ModelRef, Status
+    from cloud_sync.sim_fleet import SimFleet
+
+    topics = Topics(topic_prefix)
+    fleet = SimFleet(own_broker.url, ["sim-0"], ModelRef(name="tiny", version=1), topics=topics)
+    fleet.connect()
+    try:
+        assert own_broker.process is not None
+        own_broker.process.send_signal(signal.SIGSTOP)  # it reads nothing and acknowledges nothing
+        fleet.sims["sim-0"].on_connect()  # a status it will never acknowledge
+        fleet.step(0.0)
+        stale = time.time()
+        own_broker.kill()  # kill -9
+        own_broker.start()  # same port, with the retained statuses it had saved
+        deadline = time.monotonic() + 30
+        for lost in (True, False):  # it notices the kill, then it is back
+            while ("sim-0" in fleet.connected) is lost:
+                assert time.monotonic() < deadline, f"lost: {lost}"
+                fleet.step(0.1)
+        fleet.step(0.0)  # what its reconnect scheduled
+        # A marker after both statuses: once it is acknowledged, the broker has handled them.
+        marker = fleet.clients["sim-0"].publish(f"{topic_prefix}/marker", b"", qos=1)
+        while not marker.is_published():
+            assert time.monotonic() < deadline, "the marker was not acknowledged"
+            fleet.step(0.1)
+        reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        got: list[bytes] = []
+        reader.on_message = lambda _c, _u, msg: got.append(bytes(msg.payload))
+        reader.connect("127.0.0.1", own_broker.port)
+        reader.subscribe(topics.status("sim-0"), qos=1)
+        reader.loop_start()
+        try:
+            while not got:
+                assert time.monotonic() < deadline, "no retained status"
+                time.sleep(0.05)
+        finally:
+            reader.loop_stop()
+            reader.disconnect()
+        retained = Status.model_validate_json(got[0])
+        assert retained.state == "online" and retained.ts > stale, retained.ts - stale
+    finally:
+        fleet.close()
