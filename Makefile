@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
-# Mosquitto is the broker of the demo and the tests; Debian ships it.
+# Mosquitto is the broker of the demo and the tests; Debian ships it (curl: the README's tour).
 mosquitto:
-	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null || { \
+	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null && command -v curl >/dev/null || { \
 	  echo "installing mosquitto with apt-get"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients curl >/dev/null; }
 
 # Prometheus scrapes the demo's service, agents and sync process and evaluates the alert rules of
 # deploy/observability (promtool comes with it). The demo runs its own on a free loopback port.
