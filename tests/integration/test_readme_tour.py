@@ -294,7 +294,7 @@ def _check(
 def _wait_ready(tour: Tour, step: str, client: Client) -> None:
     deadline = time.monotonic() + 120
     if step == "edge-agent run":
-        wait_online(client, "edgebento", DEVICE)
+        wait_online(client, "edgebento", DEVICE, timeout=120)  # the same start-up budget
         return
     while time.monotonic() < deadline:
         for process in tour.background:
