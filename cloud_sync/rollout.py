@@ -25,8 +25,7 @@ said in one line (``say``).
 
 An abort is written ahead: ``aborting``, with the reason and the figures, is saved before any
 rollback is published; a controller that dies in the middle is resumed into finishing the abort.
-Each rollback is ``Desired(model=previous, rollback=True, authorization=...)`` signed for that
-device and version (``cloud_sync.authority``), since a device downgrades only on a signed word.
+Each rollback is a signed desired state (``cloud_sync.rollout_abort``).
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from cloud_sync.authority import sign_rollback
-from cloud_sync.protocol import Desired, ModelRef, Status
+from cloud_sync.protocol import Desired, ModelRef
+from cloud_sync.rollout_abort import fold_rollback, rollback_desired
 from cloud_sync.rollout_checks import (
     abort_reason,
     device_outcome,
@@ -128,7 +127,7 @@ class Rollout:
             progress.previous = ModelRef(name=model.name, version=model.version)
             self.state.touch(progress)
         if self.state.phase == "aborting":
-            self._fold_rollback(progress, status)
+            fold_rollback(self.state, progress, status, self._refused)
             return
         if progress.state not in _WAITING:
             return
@@ -338,20 +337,6 @@ class Rollout:
         self._save(force=True)  # written ahead: a crash from here on resumes into the abort
         return self._finish_abort()
 
-    def _rollback_of(self, progress: DeviceProgress) -> Desired | None:
-        previous = progress.previous
-        if previous is None or same(previous, self.target):
-            return None
-        return Desired(
-            model=previous,
-            rollout=self.state.id,
-            generation=self.state.rollback_generation,
-            rollback=True,
-            authorization=sign_rollback(
-                self.signer, progress.device, previous, rollout=self.state.id
-            ),
-        )
-
     def _finish_abort(self) -> RolloutState:
         """Set every touched device back to what it ran before, and wait for it to get there.
 
@@ -365,7 +350,7 @@ class Rollout:
         for progress in touched:
             # Every touched device, also one already back on its previous version (its update
             # failed): the retained desired state must stop naming the version we abort.
-            back = self._rollback_of(progress)
+            back = rollback_desired(self.state, progress, self.signer)
             items.append((progress.device, back))
             if back is None and progress.state != "rolled_back":
                 # Clearing the desired state keeps an offline device from updating later.
@@ -394,21 +379,3 @@ class Rollout:
     def _online(self, progress: DeviceProgress) -> bool:
         status = self.watch.statuses.get(progress.device)
         return status is not None and status.state == "online"
-
-    def _fold_rollback(self, progress: DeviceProgress, status: Status) -> None:
-        if progress.state in ("pending", "rolled_back") or progress.previous is None:
-            return
-        previous = progress.previous
-        applied = status.applied
-        if same(status.model, previous):
-            self.state.move(progress, "rolled_back", f"runs v{previous.version}")
-        elif (
-            applied is not None
-            and applied.generation == self.state.rollback_generation
-            and applied.rollout == self.state.id
-            and applied.outcome != "installed"
-        ):
-            self._refused.add(progress.device)
-            self.state.move(
-                progress, "failed", f"rollback {applied.outcome}: {applied.reason or '?'}"
-            )
