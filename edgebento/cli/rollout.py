@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -23,6 +24,12 @@ edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] 
     [--allow-unverified]
 edgebento rollout list --store URL [--json]"""
 _SHOWN_DEVICES = 200
+_FLAGS = {  # Thresholds' fields whose flag is not the field's own name
+    "canary_pct": "--canary",
+    "bake_s": "--bake",
+    "wave_timeout_s": "--wave-timeout",
+    "rollback_wait_s": "--rollback-wait",
+}
 
 
 def register(sub: Any) -> None:
@@ -162,18 +169,8 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
     if args.key is None:
         raise ConfigError("--key is needed: an abort signs each device's rollback with it")
     devices = tuple(d.strip() for d in (args.devices or "").split(",") if d.strip())
-    return RolloutRequest(
-        store=args.store,
-        endpoint_url=args.endpoint_url,
-        broker=args.broker,
-        key=args.key,
-        name=None if resume else args.target[0],
-        version=None if resume else int(args.target[1]),
-        resume=resume,
-        devices=devices,
-        group=args.group,
-        prefix=args.prefix,
-        thresholds=Thresholds(
+    try:
+        thresholds = Thresholds(
             canary_pct=args.canary,
             waves=args.waves,
             abort_failure_rate=args.abort_failure_rate,
@@ -186,7 +183,24 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
             bake_s=args.bake,
             wave_timeout_s=args.wave_timeout,
             rollback_wait_s=args.rollback_wait,
-        ),
+        )
+    except ValidationError as exc:  # one line naming the flag, before anything connects
+        problem = exc.errors()[0]
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        flag = _FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise ConfigError(f"{flag}: {problem['msg']}") from exc
+    return RolloutRequest(
+        store=args.store,
+        endpoint_url=args.endpoint_url,
+        broker=args.broker,
+        key=args.key,
+        name=None if resume else args.target[0],
+        version=None if resume else int(args.target[1]),
+        resume=resume,
+        devices=devices,
+        group=args.group,
+        prefix=args.prefix,
+        thresholds=thresholds,
         timeout_s=args.timeout,
         wait_all=args.wait,
         allow_unverified=args.allow_unverified,

@@ -61,3 +61,23 @@ def test_a_rollout_without_figures_stops_unverified_and_says_so(
     wait_versions(broker, topic_prefix, {"a": 2, "b": 2})
     status = run_cli("rollout", "status", shown["id"], "--store", store_url)
     assert "wave 1: NOT VERIFIED" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--min-devices", "0"], "--min-devices: Input should be greater than or equal to 1"),
+        (["--abort-device-share", "101"], "--abort-device-share: Input should be less than"),
+        (["--max-device-rate", "0"], "--max-device-rate: Input should be greater than 0"),
+        (["--wave-timeout", "-1"], "--wave-timeout: Input should be greater than 0"),
+    ],
+)
+def test_a_threshold_that_cannot_work_is_one_line_naming_its_flag(
+    flags: list[str], says: str, tmp_path: Path
+) -> None:
+    run = run_cli(
+        *("rollout", "tiny", "2", "--store", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"),
+        *("--key", str(tmp_path / "signing.key"), "--devices", "a", *flags),
+    )
+    assert run.returncode == 1 and says in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
