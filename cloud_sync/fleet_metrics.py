@@ -8,12 +8,20 @@ in ``data``. Records of other kinds only refresh "last seen".
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud_sync.protocol import Status
+from modelpack.errors import EdgebentoError
+
+if TYPE_CHECKING:
+    from cloud_sync.store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 MAX_FIGURE = 1e15  # counts and milliseconds past this are nonsense, not traffic
 
@@ -290,7 +298,71 @@ class FleetMetrics:
             found = self._by_device[device] = tuple(m.labels(device) for m in metrics)
         return found
 
+    def watch_rollouts(self, store: ObjectStore) -> None:
+        """Export how the rollouts in ``store`` ended (``RolloutOutcomes``)."""
+        self.registry.register(RolloutOutcomes(store))
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=addr, registry=self.registry)
+
+
+class RolloutOutcomes:
+    """``edgebento_rollout_ended_timestamp_seconds{rollout, phase}``: when each rollout in the
+    store ended, and how (``aborted``, ``completed``, ``timed_out``, ``unverified``), for the
+    rollouts that ended in the last ``recent_s``; a collector that ``edgebento sync`` serves.
+
+    The controller's ``edgebento_rollout_phase`` exists only while the controller runs: an
+    abort over in less than a scrape interval, by a controller that exits right after, was never
+    seen, and the alert on it never fired. The store keeps the outcome, and the sync process is
+    always scraped, so the alert sees every abort for as long as its rule says. The headers are
+    the controller's own unsigned documents: a writer to the bucket can raise a false alert (or
+    hide an abort from it), never move a device."""
+
+    FINAL = ("aborted", "completed")  # a header in these phases never changes: read once
+
+    def __init__(
+        self, store: ObjectStore, recent_s: float = 7 * 86400, refresh_s: float = 10.0
+    ) -> None:
+        self.store, self.recent_s, self.refresh_s = store, recent_s, refresh_s
+        self._ended: dict[str, tuple[str, float]] = {}  # rollout -> (phase, ended at)
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def _refresh(self) -> None:
+        from cloud_sync.rollout_state import load_header, rollout_ids
+
+        for rollout in rollout_ids(self.store):
+            known = self._ended.get(rollout)
+            if known is not None and known[0] in self.FINAL:
+                continue
+            try:
+                header = load_header(self.store, rollout)
+            except EdgebentoError as exc:  # one bad document hides no other rollout
+                log.warning("rollout outcomes skipped %s: %s", rollout, exc)
+                continue
+            if header.phase not in ("running", "aborting"):
+                self._ended[rollout] = (header.phase, header.updated_at)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        with self._lock:  # scrapes may overlap; the store is read once per refresh_s
+            if time.monotonic() - self._read_at >= self.refresh_s:
+                self._read_at = time.monotonic()
+                try:
+                    self._refresh()
+                except (EdgebentoError, OSError) as exc:  # the store is away: last outcomes
+                    log.warning("rollout outcomes not refreshed: %s", exc)
+            ended = dict(self._ended)
+        family = GaugeMetricFamily(
+            "edgebento_rollout_ended_timestamp_seconds",
+            "when a rollout in the store ended (unix time), by its final phase",
+            labels=["rollout", "phase"],
+        )
+        now = time.time()
+        for rollout, (phase, at) in sorted(ended.items()):
+            if now - at <= self.recent_s:
+                family.add_metric([rollout, phase], at)
+        yield family

@@ -318,15 +318,19 @@ def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
     return RolloutState.model_validate({**fields, "devices": devices})
 
 
-def list_states(store: ObjectStore) -> list[RolloutHeader]:
-    """Every rollout's header (the per-device documents are not read)."""
-    ids = [
+def rollout_ids(store: ObjectStore) -> list[str]:
+    """The id of every rollout in the store (one listing, no document read)."""
+    return [
         k.removeprefix("rollouts/").removesuffix(".json")
         for k in store.list("rollouts/")
         if k.count("/") == 1 and k.endswith(".json")
     ]
+
+
+def list_states(store: ObjectStore) -> list[RolloutHeader]:
+    """Every rollout's header (the per-device documents are not read)."""
     headers = []
-    for rollout_id in ids:
+    for rollout_id in rollout_ids(store):
         try:
             headers.append(load_header(store, rollout_id))
         except StoreError as exc:  # one bad document must not hide every other rollout

@@ -44,17 +44,30 @@ def start_prometheus(demo: Demo, service_url: str, ports: fleet_steps.MetricsPor
     return prometheus
 
 
-def alert_states(prometheus: Prometheus, since: float) -> dict[str, str]:
-    """The state of every alert after the whole story, and which of them fired during it."""
-    time.sleep(3)  # a few more evaluations after the last step
-    unhealthy = prometheus.unhealthy_rules()
-    if unhealthy:
-        raise RuntimeError(f"rules that fail to evaluate: {unhealthy}")
-    fired = prometheus.fired(since)
-    return {
-        name: state if state != "inactive" or name not in fired else "fired, now inactive"
-        for name, state in prometheus.alerts().items()
-    }
+# What the story does and the alert that must say so: the broken v3's rollout aborts.
+EXPECTED_ALERTS = ("EdgebentoRolloutAborted",)
+
+
+def alert_states(prometheus: Prometheus, since: float, timeout: float = 30.0) -> dict[str, str]:
+    """The state of every alert after the whole story, and which of them fired during it.
+    Rules are evaluated every second, but an alert's signal can come later than the step behind
+    it (``edgebento sync`` reads how rollouts ended every 10 s): the alerts the story must have
+    raised are waited for, up to ``timeout``, rather than read once after a fixed pause."""
+    deadline = time.monotonic() + timeout
+    while True:
+        unhealthy = prometheus.unhealthy_rules()
+        if unhealthy:
+            raise RuntimeError(f"rules that fail to evaluate: {unhealthy}")
+        fired = prometheus.fired(since)
+        states = {
+            name: state if state != "inactive" or name not in fired else "fired, now inactive"
+            for name, state in prometheus.alerts().items()
+        }
+        if time.monotonic() > deadline or all(
+            states.get(n, "inactive") != "inactive" for n in EXPECTED_ALERTS
+        ):
+            return states
+        time.sleep(1)
 
 
 def _story(demo: Demo, keys: Path) -> dict[str, str]:
@@ -96,6 +109,9 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
 
         def alerts() -> str:
             states.update(alert_states(prometheus, since))
+            silent = [n for n in EXPECTED_ALERTS if states.get(n, "inactive") == "inactive"]
+            if silent:
+                raise RuntimeError(f"{', '.join(silent)} did not fire after the rollout's abort")
             firing = [n for n, s in states.items() if s != "inactive"]
             return f"{len(states)} rules evaluated; " + (
                 ", ".join(f"{n} {states[n]}" for n in firing) if firing else "none firing"

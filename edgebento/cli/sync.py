@@ -54,6 +54,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     )
     sync = TelemetrySync(store, args.broker, topics=Topics(args.prefix), options=options)
     if args.metrics_port:
+        sync.metrics.watch_rollouts(store)  # how rollouts ended, for EdgebentoRolloutAborted
         sync.metrics.serve(args.metrics_port, args.metrics_addr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
