@@ -160,6 +160,9 @@ class LocalEndpoint:
             self._watch(conn, selectors.EVENT_READ)
 
     def _turn_away(self, sock: socket.socket) -> None:
+        if len(self._conns) >= 2 * self.limits.max_connections:
+            sock.close()  # answering and draining costs a place too: past twice the cap, none
+            return
         busy = OverloadError(
             f"the endpoint has {self.limits.max_connections} connections open; retry shortly",
             reason="queue_full",

@@ -4,6 +4,7 @@ thread, connections are capped, and a body's end is never ambiguous."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -145,6 +146,27 @@ def test_connections_past_the_cap_are_turned_away_with_a_503(
             endpoint.port, _post(GOOD, b"Content-Length: %d" % len(GOOD), b"Connection: close")
         )
         assert _status(ok) == 200
+
+
+def test_past_twice_the_cap_a_connection_is_closed_unanswered(
+    signed_pack: Path, keys: tuple[Path, Path]
+) -> None:
+    """A refusal lingers to drain what the client sent: a flood of connections that never
+    close must not hold sockets without bound."""
+    with _endpoint(signed_pack, keys, max_connections=2) as (endpoint, _):
+        held = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(4)]
+        try:
+            for sock in held[2:]:
+                sock.settimeout(5)
+                assert sock.recv(12) == b"HTTP/1.1 503"  # refused, then lingering
+            with (
+                socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as sock,
+                contextlib.suppress(ConnectionResetError),  # closed at once: as good as an end
+            ):
+                assert sock.recv(100) == b""
+        finally:
+            for sock in held:
+                sock.close()
 
 
 @pytest.mark.parametrize(
