@@ -282,13 +282,13 @@ def run(results_dir: Path) -> dict[str, Any]:
         work = Path(tmp)
         key, pub = generate_keypair(work / "keys")
         for tree, repo in trees.items():
-            console.print(f"[{tree}] floods on {', '.join(paths)} (fixed cost) ...")
+            console.print(f"\\[{tree}] floods on {', '.join(paths)} (fixed cost) ...")
             figures = _flood(work, key, pub, DEPTH, paths, repo)
-            console.print(f"[{tree}] flood on the row-cost model ...")
+            console.print(f"\\[{tree}] flood on the row-cost model ...")
             figures["row_cost"] = _flood(work, key, pub, 0, ["tensor_json"], repo)["tensor_json"]
             curve = []
             for depth in () if quick else CURVE_DEPTHS:
-                console.print(f"[{tree}] flood on tensor_json, a model of depth {depth} ...")
+                console.print(f"\\[{tree}] flood on tensor_json, a model of depth {depth} ...")
                 f = _flood(work, key, pub, depth, ["tensor_json"], repo)["tensor_json"]
                 curve.append({"depth": depth, **_curve_point(f)})
             by_tree[tree] = {
