@@ -100,10 +100,14 @@ def test_expires_in_on_create_and_sign_is_signed_and_enforced(tmp_path: Path) ->
     assert edgebento("keygen", "--out", tmp_path / "keys").returncode == 0
     key, pub = tmp_path / "keys" / "signing.key", tmp_path / "keys" / "signing.pub"
     made = edgebento("pack", "create", model, "--name", "m", "--version", "1",
-                     "--out", tmp_path / "p", "--key", key, "--expires-in", "2s")  # fmt: skip
+                     "--out", tmp_path / "p", "--key", key, "--expires-in", "1h")  # fmt: skip
     assert made.returncode == 0 and "expires 20" in made.stdout, made.stderr
     assert edgebento("pack", "verify", tmp_path / "p", "--pub", pub).returncode == 0
-    time.sleep(2.5)
+    # Expiring soon is signed by `pack sign` (no race with how long a process takes to start:
+    # only the wait after it must pass the expiry).
+    soon = edgebento("pack", "sign", tmp_path / "p", "--key", key, "--expires-in", "1s")
+    assert soon.returncode == 0, soon.stderr
+    time.sleep(1.5)
     expired = edgebento("pack", "verify", tmp_path / "p", "--pub", pub)
     assert expired.returncode == 1 and "expired at" in expired.stderr
     resigned = edgebento("pack", "sign", tmp_path / "p", "--key", key, "--expires-in", "30d")
