@@ -91,6 +91,7 @@ class CloudClient:
         on_message: Callable[[Any, Any, Any], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
@@ -114,7 +115,8 @@ class CloudClient:
         if self.address.username:
             self.client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
-            self.client.tls_set_context(ssl.create_default_context())
+            # A fleet's own CA and a client certificate (mTLS), or the system's trust store.
+            self.client.tls_set_context(tls_context or ssl.create_default_context())
         # Come back quickly: Mosquitto 2.0 does not restore shared subscriptions from its
         # persistence file, so what the fleet publishes between a broker restart and our
         # resubscription reaches nobody in the share.

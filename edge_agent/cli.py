@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-file", type=Path, help="CA bundle for mqtts://")
     run.add_argument("--cert-file", type=Path, help="client certificate (mTLS)")
     run.add_argument("--key-file", type=Path, help="client key (mTLS)")
+    run.add_argument("--enroll", dest="enroll_token", help="a one-time claim token (first start)")
+    run.add_argument("--enroll-file", dest="enroll_token_file", type=Path, help="... in a file")
+    run.add_argument("--claim-broker", help="mqtts://HOST:PORT of the broker's claim listener")
+    run.add_argument("--claim-cert", dest="claim_cert_file", type=Path, help="claim certificate")
+    run.add_argument("--claim-key", dest="claim_key_file", type=Path, help="claim certificate key")
     run.add_argument("--outbox-max-bytes", type=int, help="telemetry outbox cap in bytes")
     run.add_argument(
         "--file-root",
@@ -90,6 +95,11 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "ca_file",
         "cert_file",
         "key_file",
+        "enroll_token",
+        "enroll_token_file",
+        "claim_broker",
+        "claim_cert_file",
+        "claim_key_file",
         "outbox_max_bytes",
         "file_roots",
         "telemetry_ack_timeout",
@@ -103,6 +113,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from cloud_sync.redact import redact_url
+    from edge_agent.identity import Renewer, prepare_identity
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
     from edge_agent.inference import install_hint
@@ -110,10 +121,12 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, _flags(args))
     logging.getLogger().setLevel(config.log_level.upper())
     logs.set_context(device=config.device)
+    config = prepare_identity(config)  # enrolls by claim on first start; refuses expired certs
     agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
+    renewer = Renewer.for_agent(config, agent.session, agent.record)
     logging.getLogger("edge_agent").info(
         "device %s serving %s on %s%s",
         config.device,
@@ -124,8 +137,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         agent.run_forever()
     except AuthError:
+        if renewer is not None:
+            renewer.stop()
         agent.stop(flush_s=0)
         raise
+    if renewer is not None:
+        renewer.stop()
     agent.stop()
     return 0
 

@@ -83,6 +83,16 @@ class AgentConfig(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None  # mTLS, as AWS IoT Core wants
     key_file: Path | None = None
+    # Enrollment by claim (edge_agent/identity.py, docs/fleet-identity.md): a one-time token,
+    # sent with a CSR over the claim listener with the shared claim certificate. The device's
+    # own key and certificate then live in {data_dir}/identity/ and are renewed at
+    # ``renew_at`` of their life.
+    enroll_token: str | None = Field(default=None, max_length=256)
+    enroll_token_file: Path | None = None
+    claim_broker: str | None = None  # mqtts://HOST:PORT of the claim listener
+    claim_cert_file: Path | None = None
+    claim_key_file: Path | None = None
+    renew_at: float = Field(default=2 / 3, gt=0.1, lt=0.95)
     keepalive: int = Field(default=30, ge=5)
     backoff_min: float = Field(default=0.5, gt=0)
     backoff_max: float = Field(default=30.0, gt=0)

@@ -20,6 +20,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -97,6 +98,9 @@ class Session:
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self._subscriptions: dict[str, int] = {}
+        # Topic filters whose messages go to their own handler (the identity's renewal answers).
+        self._routes: list[tuple[str, Callable[[Incoming], None]]] = []
+        self._tls: ssl.SSLContext | None = None
         self._connected = threading.Event()
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -131,12 +135,13 @@ class Session:
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
-            client.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            # Our own context, kept: a certificate rotation loads the new chain into it.
+            self._tls = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
+            if cfg.cert_file:
+                self._tls.load_cert_chain(
+                    str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None
+                )
+            client.tls_set_context(self._tls)
         client.max_inflight_messages_set(100)
         client.on_socket_open = _no_delay
         client.on_connect = self._handle_connect
@@ -159,6 +164,20 @@ class Session:
         self._subscriptions[topic] = qos
         if self.connected:
             self.client.subscribe(topic, qos)
+
+    def route(self, topic_filter: str, handler: Callable[[Incoming], None]) -> None:
+        """Messages on ``topic_filter`` go to ``handler``, not to the agent's dispatcher."""
+        self._routes.append((topic_filter, handler))
+        self.subscribe(topic_filter, 1)
+
+    def use_identity(self, cert_file: Path, key_file: Path) -> None:
+        """Reconnect with another client certificate (a rotation). The broker keeps the session
+        (same client id, clean start off), and paho sends again what was not acknowledged."""
+        if self._tls is None:
+            raise BrokerError("a client certificate needs an mqtts:// broker")
+        self._tls.load_cert_chain(str(cert_file), str(key_file))
+        self._connected.clear()  # wait_connected() now waits for the new connection
+        self.client.disconnect()  # a normal DISCONNECT: no last will, and _run reconnects
 
     def refusal(
         self, topic: str, payload: bytes | str, correlation_data: bytes | None = None
@@ -246,12 +265,15 @@ class Session:
         if props is not None:
             response_topic = getattr(props, "ResponseTopic", None)
             correlation = getattr(props, "CorrelationData", None)
+        incoming = Incoming(
+            msg.topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain)
+        )
+        handler = next(
+            (h for f, h in self._routes if mqtt.topic_matches_sub(f, msg.topic)),
+            self._on_message_cb,
+        )
         try:
-            self._on_message_cb(
-                Incoming(
-                    msg.topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain)
-                )
-            )
+            handler(incoming)
         except Exception:  # a bug in one handler must not take the network loop down
             log.exception("handling a message on %s failed", msg.topic)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -69,15 +70,28 @@ class Mosquitto:
     process: subprocess.Popen[bytes] | None = None
     # Off, a kill -9 loses every retained message and queued session: the harsh setting.
     persistence: bool = True
+    # mTLS (cloud_sync.broker_config): clients need a certificate of the fleet CA, their CN is
+    # their user name, and the ACL is deploy/mosquitto/acl plus the enrollment identities.
+    tls: Any = None
+    claim_port: int = field(default_factory=free_port)  # with tls: enrollment by claim
 
     @property
     def url(self) -> str:
-        return f"mqtt://{LOOPBACK}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{LOOPBACK}:{self.port}"
 
     def _write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls is not None:
+            from cloud_sync.broker_config import tls_listeners
+
+            base = fleet_acl(self.prefix)
+            listener = tls_listeners(
+                self.port, self.claim_port, LOOPBACK, self.tls, self.workdir, base, self.prefix
+            )
+        else:
+            listener = [f"listener {self.port} {LOOPBACK}"]
         lines = [
-            f"listener {self.port} {LOOPBACK}",
+            *listener,
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
@@ -91,7 +105,9 @@ class Mosquitto:
         if os.geteuid() == 0:
             # As root Mosquitto drops to user "mosquitto", who cannot read pytest's private dirs.
             lines.append("user root")
-        if self.users is None:
+        if self.tls is not None:
+            pass  # each listener has its own ACL and refuses anonymous clients
+        elif self.users is None:
             lines.append("allow_anonymous true")
         else:
             passwd = self.workdir / "passwd"
@@ -114,6 +130,15 @@ class Mosquitto:
         )
         wait_for_port(self.port)
         return self
+
+    @property
+    def claim_url(self) -> str:
+        return f"mqtts://{LOOPBACK}:{self.claim_port}"
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its configuration, ACL and CRL."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """kill -9: no clean shutdown, no last save."""

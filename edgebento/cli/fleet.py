@@ -35,6 +35,10 @@ def register(sub: Any) -> None:
     group.add_argument("--json", action="store_true", help='print {"groups": {"G": [...]}}')
     group.set_defaults(func=cmd_group)
 
+    from edgebento.cli.fleet_identity import register_verbs
+
+    register_verbs(verbs)  # ca, claim, enroll-service, broker-config, revoke, identity
+
 
 def _ago(ts: float | None, heard: str | None = None) -> str:
     if heard == "connected":

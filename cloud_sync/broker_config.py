@@ -1,0 +1,117 @@
+"""Mosquitto's configuration for a fleet whose devices authenticate with certificates.
+
+Import path and API::
+
+    from cloud_sync.broker_config import BrokerTls, mosquitto_conf, tls_listeners
+    tls = BrokerTls(cafile, certfile, keyfile, crlfile)
+    lines = tls_listeners(port, claim_port, host, tls, acl_dir, base_acl, prefix)
+
+The ACL is the one of ``deploy/mosquitto/acl`` (a device's user name is the CN of its
+certificate, ``use_identity_as_username``), never a fork of it: the identity rights are
+appended. ``use_username_as_clientid`` makes the client id the CN as well, so that no client
+can take over another device's session by connecting with its client id (Mosquitto drops the
+older of two connections with one client id), and so that ``edgebento fleet revoke`` can drop a
+revoked device's live session, which a CRL reload alone does not do (docs/fleet-identity.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    cafile: Path  # root + issuing intermediate
+    certfile: Path  # the broker's server certificate
+    keyfile: Path
+    crlfile: Path  # rewritten by revocations; re-read on SIGHUP
+
+
+def identity_acl(base: str, prefix: str = "edgebento") -> str:
+    """The device listener's ACL: ``base`` (deploy/mosquitto/acl for ``prefix``) plus renewal."""
+    p = prefix
+    extra = f"""
+# --- identity (edgebento fleet broker-config; docs/fleet-identity.md) ------------------------
+# The enrollment service, `edgebento fleet enroll-service`: reads requests, answers them.
+user enroll
+topic read {p}/enroll/+/claim
+topic read {p}/enroll/+/renew
+topic read {p}/enroll/+/rotated
+topic write {p}/enroll/+/response
+
+# A device renews over its current certificate, for itself only.
+pattern write {p}/enroll/%u/renew
+pattern write {p}/enroll/%u/rotated
+pattern read {p}/enroll/%u/response
+"""
+    return base.rstrip("\n") + "\n" + extra
+
+
+def claim_acl(prefix: str = "edgebento") -> str:
+    """The claim listener's ACL: the shared claim certificate may ask and read answers; nobody
+    else has any right there."""
+    return (
+        "# The claim listener (edgebento fleet broker-config): enrollment by claim only.\n"
+        "user claim\n"
+        f"topic write {prefix}/enroll/+/claim\n"
+        f"topic read {prefix}/enroll/+/response\n"
+    )
+
+
+def _tls(tls: BrokerTls) -> list[str]:
+    return [
+        f"cafile {tls.cafile}",
+        f"certfile {tls.certfile}",
+        f"keyfile {tls.keyfile}",
+        f"crlfile {tls.crlfile}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
+
+
+def tls_listeners(
+    port: int,
+    claim_port: int,
+    host: str | None,
+    tls: BrokerTls,
+    acl_dir: Path,
+    base_acl: str,
+    prefix: str = "edgebento",
+) -> list[str]:
+    """Two listeners sharing one ACL (written into ``acl_dir``) and the CRL.
+
+    The device listener makes the client id the CN (``use_username_as_clientid``). The claim
+    listener serves the one claim certificate that a whole batch of devices shares, so there
+    the client id is the client's own (``claim-...``), and many devices enroll at once.
+    Measured on 2.0.11: ``per_listener_settings true`` refuses every certificate client
+    ("not authorised") when no password file or plugin is set, so the ACL is global, and the
+    claim listener cannot be confined to client ids of its own (docs/fleet-identity.md)."""
+    acl_dir.mkdir(parents=True, exist_ok=True)
+    acl = acl_dir / "acl"
+    acl.write_text(identity_acl(base_acl, prefix) + "\n" + claim_acl(prefix))
+    at = f" {host}" if host else ""
+    return [
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {acl}",
+        f"listener {port}{at}",
+        *_tls(tls),
+        "use_username_as_clientid true",
+        f"listener {claim_port}{at}",
+        *_tls(tls),
+    ]
+
+
+def mosquitto_conf(listeners: list[str], data_dir: Path) -> str:
+    """The whole file around ``tls_listeners``'s lines."""
+    lines = [
+        "# edgebento fleet broker-config: mTLS, the fleet ACL, the CRL (SIGHUP re-reads it)",
+        *listeners,
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "max_queued_messages 100000",
+        "set_tcp_nodelay true",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,218 @@
+"""Enrollment by claim and renewal over MQTT: the topics, the messages and the service.
+
+Import path and API::
+
+    from cloud_sync.enroll import EnrollmentService, EnrollRequest, EnrollReply, enroll_topic
+    service = EnrollmentService(ca, IdentityStore(store), days=90)
+    reply = service.handle("cam-1", "claim", payload)     # an EnrollReply, never an exception
+    service.serve(broker_url, tls_context, prefix)        # until stop()
+
+Topics (``{prefix}/enroll/{device}/...``; the device id comes from the topic, which the broker's
+ACL ties to the connection, never from the payload):
+
+- ``claim``: a CSR and a claim token; only the shared ``claim`` identity may publish here.
+- ``renew``: a CSR, sent by the device over its current certificate (ACL ``%u``).
+- ``rotated``: the device says it runs on its new certificate: the old one goes into the CRL.
+- ``response``: the service's answer, ``{"id", "ok", "reason", "certificate", "chain"}``.
+
+Every refusal has a reason and is counted (``refusals``): a reused token, a token for another
+device, a CSR for another subject, a revoked device, too many requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem
+from cloud_sync.identity_store import ClaimRefused, IdentityStore
+from cloud_sync.rollout_state import DEVICE_ID
+from modelpack.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KINDS = ("claim", "renew", "rotated")
+MAX_REQUEST_BYTES = 16 << 10  # a P-256 CSR is ~500 bytes; RSA-4096 ~1.7 KB
+
+
+def enroll_topic(prefix: str, device: str, kind: str) -> str:
+    return f"{prefix}/enroll/{device}/{kind}"
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=64)
+    csr: str | None = Field(default=None, max_length=8192)
+    token: str | None = Field(default=None, max_length=256)
+    serial: str | None = Field(default=None, max_length=64)  # rotated: the certificate now used
+
+
+class EnrollReply(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    ok: bool
+    reason: str | None = None
+    error: str | None = None
+    certificate: str | None = None
+    chain: str | None = None
+
+
+class RateLimit:
+    """A token bucket for the whole service and a minimum gap per device: a flood of claims
+    (valid tokens or not) costs the CA at most ``rate`` signatures a second."""
+
+    def __init__(self, rate: float = 200.0, burst: int = 400, per_device_s: float = 1.0) -> None:
+        self.rate, self.burst, self.per_device_s = rate, burst, per_device_s
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, device: str) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if now - self._last.get(device, -1e9) < self.per_device_s or self._tokens < 1:
+                return False
+            self._tokens -= 1
+            self._last[device] = now
+            if len(self._last) > 100_000:  # forget the oldest gaps rather than grow for ever
+                self._last = dict(sorted(self._last.items(), key=lambda kv: kv[1])[-50_000:])
+            return True
+
+
+class EnrollmentService:
+    def __init__(
+        self,
+        ca: FleetCA,
+        ids: IdentityStore,
+        days: float = DEVICE_DAYS,
+        limit: RateLimit | None = None,
+        on_retired: Callable[[], None] | None = None,
+    ) -> None:
+        self.ca, self.ids, self.days = ca, ids, days
+        self.limit = limit or RateLimit()
+        self.on_retired = on_retired  # rewrite the CRL and reload the broker
+        self.enrolled: Counter[str] = Counter()  # by kind
+        self.refusals: Counter[str] = Counter()  # by reason
+        self._client: Any = None
+        self._stop = threading.Event()
+
+    def _refuse(self, request_id: str, reason: str, error: str) -> EnrollReply:
+        self.refusals[reason] += 1
+        log.warning("enrollment refused (%s): %s", reason, error)
+        return EnrollReply(id=request_id, ok=False, reason=reason, error=error)
+
+    def handle(self, device: str, kind: str, payload: bytes) -> EnrollReply:
+        if len(payload) > MAX_REQUEST_BYTES:
+            return self._refuse("?", "bad_request", f"the request is over {MAX_REQUEST_BYTES} B")
+        try:
+            request = EnrollRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            return self._refuse(
+                "?", "bad_request", f"not an enrollment request: {exc.errors()[0]['msg']}"
+            )
+        if not DEVICE_ID.fullmatch(device) or kind not in KINDS:
+            return self._refuse(request.id, "bad_request", f"no enrollment topic for {device!r}")
+        if not self.limit.allow(device):
+            return self._refuse(request.id, "rate_limited", "too many requests: try again later")
+        try:
+            if kind == "rotated":
+                return self._rotated(device, request)
+            if kind == "claim":
+                if not request.token:
+                    raise ClaimRefused("bad_request", "a claim needs a token")
+                self._check_csr(device, request)
+                self.ids.consume_claim(request.token, device)
+            else:
+                self.ids.check_may_renew(device)
+            cert = self._sign(device, request)
+            self.ids.record_issue(device, cert, via="claim" if kind == "claim" else "renew")
+        except ClaimRefused as exc:
+            return self._refuse(request.id, exc.reason, str(exc))
+        self.enrolled[kind] += 1
+        log.info("%s: certificate %x issued (%s)", device, cert.serial_number, kind)
+        pem = cert_pem(cert).decode()
+        return EnrollReply(id=request.id, ok=True, certificate=pem, chain=self.ca.chain.decode())
+
+    def _check_csr(self, device: str, request: EnrollRequest) -> None:
+        """Before the token is spent: a CSR for another subject must not burn a good token."""
+        self._sign(device, request, dry=True)
+
+    def _sign(self, device: str, request: EnrollRequest, dry: bool = False) -> Any:
+        if not request.csr:
+            raise ClaimRefused("bad_request", "the request carries no CSR")
+        try:
+            if dry:
+                self.ca.check_device_csr(request.csr.encode(), device)
+                return None
+            return self.ca.sign_device_csr(request.csr.encode(), device, self.days)
+        except ConfigError as exc:
+            raise ClaimRefused("bad_csr", str(exc)) from exc
+
+    def _rotated(self, device: str, request: EnrollRequest) -> EnrollReply:
+        doc = self.ids.device(device)
+        if doc is None or doc.revoked:
+            raise ClaimRefused("revoked" if doc else "not_enrolled", f"{device} may not rotate")
+        if request.serial != doc.current:
+            return self._refuse(request.id, "bad_request", "that is not the device's certificate")
+        if doc.retired and self.on_retired is not None:
+            self.on_retired()  # the superseded certificates go into the CRL now
+        return EnrollReply(id=request.id, ok=True)
+
+    # --- over MQTT ------------------------------------------------------------------------------
+
+    def serve(self, broker_url: str, tls_context: Any, prefix: str = "edgebento") -> None:
+        from cloud_sync.mqtt import CloudClient
+
+        def on_message(client: Any, _u: Any, msg: Any) -> None:
+            parts = msg.topic.split("/")
+            if len(parts) != len(prefix.split("/")) + 3:
+                return
+            device, kind = parts[-2], parts[-1]
+            try:
+                reply = self.handle(device, kind, bytes(msg.payload))
+            except ClaimRefused as exc:
+                reply = self._refuse("?", exc.reason, str(exc))
+            except Exception as exc:  # the service answers and goes on
+                log.exception("enrollment of %s failed", device)
+                reply = self._refuse("?", "internal", type(exc).__name__)
+            client.publish(
+                enroll_topic(prefix, device, "response"),
+                reply.model_dump_json(exclude_none=True),
+                1,
+            )
+
+        def on_connect(_present: bool) -> None:
+            for kind in KINDS:
+                self._client.client.subscribe(enroll_topic(prefix, "+", kind), 1)
+
+        self._client = CloudClient(
+            broker_url,
+            client_id="enroll",
+            on_message=on_message,
+            on_connect=on_connect,
+            tls_context=tls_context,
+        )
+        self._client.start(keep_trying=True)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"enrolled": dict(self.enrolled), "refusals": dict(self.refusals)}
+
+    def stats_json(self) -> str:
+        return json.dumps(self.stats(), sort_keys=True)

@@ -1,0 +1,303 @@
+"""The fleet CA: an offline root, a device-issuing intermediate, certificates and the CRL.
+
+Import path and API::
+
+    from cloud_sync.fleet_ca import FleetCA, init_ca
+    paths = init_ca(Path("ca"))              # ca/offline/root.{key,crt}, ca/issuing/ca.{key,crt}
+    ca = FleetCA.load(Path("ca"))            # the intermediate only: the root stays offline
+    pem = ca.sign_device_csr(csr_pem, "cam-1", days=90)   # CN and SAN URI = the device id
+    ca.issue_identity("sync", Path("out"))   # a cloud identity: key and certificate (0600 key)
+    ca.crl([(serial, revoked_at), ...])      # the CRL Mosquitto reads (``crlfile``)
+
+Keys are EC P-256 (what AWS IoT Core and every TLS stack take), written 0600 and never printed.
+The root signs only the intermediate: after ``init_ca`` its key can leave the machine, and a
+leaked intermediate is replaced without touching the trust anchor on every device and broker.
+A device certificate says who it is twice: CN (Mosquitto's ``use_identity_as_username``) and a
+SAN URI ``urn:edgebento:device:{id}`` (what other TLS stacks match on).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelpack.errors import ConfigError, KeyFileError
+
+DEVICE_URI = "urn:edgebento:device:"
+ROOT_DAYS = 3650
+ISSUING_DAYS = 1825
+DEVICE_DAYS = 90
+CRL_DAYS = 30  # a CRL past its nextUpdate makes OpenSSL refuse every client: keep it fresh
+
+
+@dataclass(frozen=True)
+class CaPaths:
+    root_key: Path
+    root_cert: Path
+    issuing_key: Path
+    issuing_cert: Path
+    bundle: Path  # root + intermediate: the broker's ``cafile`` and the devices' ``ca_file``
+    crl: Path
+
+
+def ca_paths(out: Path) -> CaPaths:
+    return CaPaths(
+        root_key=out / "offline" / "root.key",
+        root_cert=out / "root.crt",
+        issuing_key=out / "issuing" / "ca.key",
+        issuing_cert=out / "issuing" / "ca.crt",
+        bundle=out / "ca-bundle.pem",
+        crl=out / "crl.pem",
+    )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def write_private(path: Path, key: Any) -> None:
+    """The key in PEM, created 0600 (never world-readable, not even for a moment)."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def cert_pem(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_cert(data: bytes) -> Any:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}") from exc
+
+
+def _name(common_name: str) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgebento fleet"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _builder(subject: Any, issuer: Any, public_key: Any, days: float, ca: bool) -> Any:
+    from cryptography import x509
+
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        # A device clock a little behind; a tenth at most, so that two thirds of a short
+        # validity (a test's minutes) still fall after the moment of issue.
+        .not_valid_before(now - min(dt.timedelta(minutes=5), dt.timedelta(days=days) / 10))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    if ca:
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    else:
+        usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)
+    return builder.add_extension(usage, critical=True)
+
+
+def init_ca(out: Path, name: str = "edgebento fleet", force: bool = False) -> CaPaths:
+    """A root (10 years) and a device-issuing intermediate (5 years) under ``out``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    paths = ca_paths(out)
+    if paths.root_key.exists() and not force:
+        raise ConfigError(f"{out} already holds a fleet CA (its root key is {paths.root_key})")
+    root_key, issuing_key = new_key(), new_key()
+    root_name, issuing_name = _name(f"{name} root CA"), _name(f"{name} issuing CA")
+    root = (
+        _builder(root_name, root_name, root_key.public_key(), ROOT_DAYS, ca=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    issuing = (
+        _builder(issuing_name, root_name, issuing_key.public_key(), ISSUING_DAYS, ca=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    write_private(paths.root_key, root_key)
+    write_private(paths.issuing_key, issuing_key)
+    write_public(paths.root_cert, cert_pem(root))
+    write_public(paths.issuing_cert, cert_pem(issuing))
+    write_public(paths.bundle, cert_pem(issuing) + cert_pem(root))
+    ca = FleetCA(paths, issuing_key, issuing)
+    write_public(paths.crl, ca.crl([]))
+    return paths
+
+
+class FleetCA:
+    """The issuing intermediate: signs device CSRs and cloud identities, and the CRL."""
+
+    def __init__(self, paths: CaPaths, key: Any, cert: Any) -> None:
+        self.paths, self.key, self.cert = paths, key, cert
+
+    @classmethod
+    def load(cls, out: Path) -> FleetCA:
+        from cryptography.hazmat.primitives import serialization
+
+        paths = ca_paths(out)
+        try:
+            key = serialization.load_pem_private_key(paths.issuing_key.read_bytes(), None)
+            cert = load_cert(paths.issuing_cert.read_bytes())
+        except OSError as exc:
+            raise KeyFileError(f"no fleet CA in {out}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise KeyFileError(f"the issuing key in {out} cannot be read: {exc}") from exc
+        return cls(paths, key, cert)
+
+    @property
+    def chain(self) -> bytes:
+        """What a device keeps beside its certificate: the intermediate, then the root."""
+        return self.paths.bundle.read_bytes()
+
+    def _issue(self, common_name: str, public_key: Any, days: float, extra: list[Any]) -> Any:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        builder = (
+            _builder(_name(common_name), self.cert.subject, public_key, days, ca=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        for ext in extra:
+            if ext == "server":
+                usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            else:
+                builder = builder.add_extension(ext, critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def check_device_csr(self, csr_pem: bytes, device: str) -> Any:
+        """The CSR's public key; ConfigError when its signature is bad or it names anything but
+        CN = ``device`` (a request for another device is never signed)."""
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise ConfigError(f"not a PEM certificate request: {exc}") from exc
+        if not csr.is_signature_valid:
+            raise ConfigError("the request's signature does not match its key")
+        names = [(a.oid, a.value) for a in csr.subject]
+        if names != [(NameOID.COMMON_NAME, device)]:
+            subject = csr.subject.rfc4514_string()
+            raise ConfigError(f"the request's subject is {subject!r}, not CN={device}")
+        return csr.public_key()
+
+    def sign_device_csr(self, csr_pem: bytes, device: str, days: float = DEVICE_DAYS) -> Any:
+        """A certificate for ``device`` from its CSR (checked by ``check_device_csr``)."""
+        from cryptography import x509
+
+        public_key = self.check_device_csr(csr_pem, device)
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(DEVICE_URI + device)])
+        return self._issue(device, public_key, days, [san])
+
+    def issue_identity(
+        self, name: str, out: Path, days: float = 365, hosts: Iterable[str] = ()
+    ) -> tuple[Path, Path]:
+        """A key and certificate for a cloud identity (``sync``, ``enroll``, ``claim``...), or a
+        broker's server certificate with ``hosts`` (IP addresses or DNS names)."""
+        import ipaddress
+
+        from cryptography import x509
+
+        key = new_key()
+        extra: list[Any] = []
+        hosts = list(hosts)
+        if hosts:
+            alt: list[Any] = []
+            for host in hosts:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    alt.append(x509.DNSName(host))
+            extra = [x509.SubjectAlternativeName(alt), "server"]
+        cert = self._issue(name, key.public_key(), days, extra)
+        key_path, cert_path = out / f"{name}.key", out / f"{name}.crt"
+        write_private(key_path, key)
+        write_public(cert_path, cert_pem(cert))
+        return cert_path, key_path
+
+    def crl(self, revoked: Iterable[tuple[int, dt.datetime]], days: float = CRL_DAYS) -> bytes:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=days))
+        )
+        for serial, when in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(self.key, hashes.SHA256())
+        return bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def tls_context(ca_file: Path, cert_file: Path | None, key_file: Path | None) -> Any:
+    """A client's TLS context: the fleet's CA bundle and, for mTLS, its certificate and key."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    return ctx

@@ -1,0 +1,259 @@
+"""What the cloud keeps about device identities, in the store: claims and certificate records.
+
+Import path and API::
+
+    from cloud_sync.identity_store import IdentityStore
+    ids = IdentityStore(store)
+    tokens = ids.create_claims(["cam-1", "cam-2"], ttl_s=86400)   # {"cam-1": "ebc1....", ...}
+    token = ids.create_batch_claim(["cam-1", "cam-2"], ttl_s=3600)  # one token, an allow-list
+    ids.consume_claim(token, "cam-1")       # ClaimRefused(reason) unless valid, bound, unused
+    ids.record_issue("cam-1", cert, via="claim")
+    ids.revoke("cam-1"); ids.revoked_serials()   # what the CRL lists
+
+Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
+the bucket cannot enroll a device with it. A claim is spent by a compare-and-swap on its etag,
+so two enrollments racing with one token cannot both win. A device's record
+(``fleet/identity/devices/{id}.json``) lists every certificate issued to it; those it has
+rotated away from and, once it is revoked, all of them are in the CRL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from cloud_sync.rollout_state import check_device_ids
+from cloud_sync.store import ObjectStore
+from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+ROOT = "fleet/identity"
+SCHEMA_VERSION = 1
+TOKEN_PREFIX = "ebc1."
+# Device ids that would collide with the cloud's identities or the enrollment topics.
+RESERVED_IDS = frozenset({"sync", "controller", "operator", "claim", "enroll", "group"})
+_TRIES = 20
+
+
+class ClaimRefused(Exception):
+    """A claim or renewal that is refused; ``reason`` is the counter's label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class ClaimDoc(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    devices: list[str]
+    batch: bool = False
+    expires_at: float
+    used: dict[str, float] = Field(default_factory=dict)
+
+
+class CertRecord(BaseModel):
+    serial: str  # hex
+    issued_at: float
+    not_after: float
+    via: str  # claim | renew
+
+
+class DeviceIdentity(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    device: str
+    certificates: list[CertRecord] = Field(default_factory=list)
+    current: str | None = None  # the serial the device runs with
+    retired: list[str] = Field(default_factory=list)  # rotated away from: in the CRL
+    last_rotation: float | None = None
+    revoked: bool = False
+    revoked_at: float | None = None
+
+    def current_record(self) -> CertRecord | None:
+        return next((c for c in self.certificates if c.serial == self.current), None)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def check_enrollable(devices: Iterable[str]) -> list[str]:
+    devices = list(devices)
+    check_device_ids(devices)
+    taken = sorted(set(devices) & RESERVED_IDS)
+    if taken:
+        raise ConfigError(f"device id {taken[0]!r} is reserved for the cloud's identities")
+    return devices
+
+
+class IdentityStore:
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # --- claims -------------------------------------------------------------------------------
+
+    def _new_claim(self, devices: list[str], ttl_s: float, batch: bool) -> str:
+        if ttl_s <= 0:
+            raise ConfigError("a claim's ttl must be positive")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        doc = ClaimDoc(devices=devices, batch=batch, expires_at=time.time() + ttl_s)
+        self.store.create(f"{ROOT}/claims/{token_hash(token)}.json", doc.model_dump_json().encode())
+        return token
+
+    def create_claims(self, devices: Iterable[str], ttl_s: float) -> dict[str, str]:
+        """One single-use token per device, each bound to that device alone."""
+        return {d: self._new_claim([d], ttl_s, False) for d in check_enrollable(devices)}
+
+    def create_batch_claim(self, devices: Iterable[str], ttl_s: float) -> str:
+        """One token for an allow-list: each device in it may enroll with it once."""
+        return self._new_claim(check_enrollable(devices), ttl_s, True)
+
+    def consume_claim(self, token: str, device: str, now: float | None = None) -> None:
+        key = f"{ROOT}/claims/{token_hash(token)}.json"
+        for _ in range(_TRIES):
+            try:
+                data, etag = self.store.read(key)
+            except NotFoundError:
+                raise ClaimRefused("unknown_token", "no such claim token") from None
+            try:
+                doc = ClaimDoc.model_validate_json(data)
+            except ValidationError as exc:
+                raise StoreError(f"{key} in {self.store.url} is not a claim") from exc
+            if (now or time.time()) >= doc.expires_at:
+                raise ClaimRefused("expired_token", "the claim token has expired")
+            if device not in doc.devices:
+                raise ClaimRefused("wrong_device", f"the claim token is not for {device}")
+            if device in doc.used or (doc.used and not doc.batch):
+                raise ClaimRefused("token_reused", "the claim token was already used")
+            doc.used[device] = time.time()
+            try:
+                self.store.replace(key, doc.model_dump_json().encode(), etag)
+                return
+            except ConflictError:
+                continue  # another enrollment spent it or another device of the batch: re-read
+        raise StoreError(f"{key}: too many concurrent changes")
+
+    # --- device records -------------------------------------------------------------------------
+
+    def _key(self, device: str) -> str:
+        return f"{ROOT}/devices/{device}.json"
+
+    def device(self, device: str) -> DeviceIdentity | None:
+        try:
+            data = self.store.get_bytes(self._key(device))
+        except NotFoundError:
+            return None
+        return self._parse(device, data)
+
+    def _parse(self, device: str, data: bytes) -> DeviceIdentity:
+        try:
+            doc = DeviceIdentity.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"{self._key(device)} is not a device identity record") from exc
+        if doc.device != device:
+            raise StoreError(f"{self._key(device)} names device {doc.device!r}")
+        return doc
+
+    def _change(self, device: str, change: Any) -> DeviceIdentity:
+        key = self._key(device)
+        for _ in range(_TRIES):
+            try:
+                data, etag = self.store.read(key)
+                doc: DeviceIdentity | None = self._parse(device, data)
+            except NotFoundError:
+                doc, etag = None, ""
+            new = change(doc or DeviceIdentity(device=device))
+            body = new.model_dump_json().encode()
+            try:
+                if doc is None:
+                    self.store.create(key, body)
+                else:
+                    self.store.replace(key, body, etag)
+                return new
+            except ConflictError:
+                continue
+        raise StoreError(f"{key}: too many concurrent changes")
+
+    def check_may_renew(self, device: str) -> None:
+        doc = self.device(device)
+        if doc is None:
+            raise ClaimRefused("not_enrolled", f"{device} never enrolled: it needs a claim token")
+        if doc.revoked:
+            raise ClaimRefused("revoked", f"{device} is revoked")
+
+    def record_issue(self, device: str, cert: Any, via: str) -> DeviceIdentity:
+        record = CertRecord(
+            serial=format(cert.serial_number, "x"),
+            issued_at=time.time(),
+            not_after=cert.not_valid_after_utc.timestamp(),
+            via=via,
+        )
+
+        def change(doc: DeviceIdentity) -> DeviceIdentity:
+            if doc.revoked and via == "renew":
+                raise ClaimRefused("revoked", f"{device} is revoked")
+            retired = list(doc.retired)
+            if via == "renew" and doc.current is not None:
+                retired.append(doc.current)
+            return doc.model_copy(
+                update={
+                    "certificates": [*doc.certificates[-19:], record],
+                    "current": record.serial,
+                    "retired": retired[-50:],
+                    "last_rotation": record.issued_at if via == "renew" else doc.last_rotation,
+                    # A new claim re-enrolls a revoked device only if an operator issued one.
+                    "revoked": False,
+                    "revoked_at": None,
+                }
+            )
+
+        return self._change(device, change)
+
+    def revoke(self, device: str) -> DeviceIdentity:
+        def change(doc: DeviceIdentity) -> DeviceIdentity:
+            return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
+
+        if self.device(device) is None:
+            raise ConfigError(f"{device} has no identity record: nothing to revoke")
+        return self._change(device, change)
+
+    def devices(self) -> dict[str, DeviceIdentity]:
+        found = {}
+        for key in self.store.list(f"{ROOT}/devices/"):
+            device = key.rsplit("/", 1)[-1].removesuffix(".json")
+            found[device] = self._parse(device, self.store.get_bytes(key))
+        return found
+
+    def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
+        """Every certificate of a revoked device, and those a device rotated away from."""
+        out: list[tuple[int, dt.datetime]] = []
+        for doc in self.devices().values():
+            when = dt.datetime.fromtimestamp(doc.revoked_at or time.time(), dt.UTC)
+            serials = [c.serial for c in doc.certificates] if doc.revoked else doc.retired
+            out.extend((int(s, 16), when) for s in dict.fromkeys(serials))
+        return out
+
+
+def identity_rows(devices: dict[str, DeviceIdentity], now: float) -> dict[str, dict[str, Any]]:
+    """What ``fleet identity`` and the fleet metrics show per device."""
+    rows: dict[str, dict[str, Any]] = {}
+    for device, doc in sorted(devices.items()):
+        current = doc.current_record()
+        expires_in = None if current is None else current.not_after - now
+        state = "revoked" if doc.revoked else "no certificate" if current is None else "valid"
+        if state == "valid" and expires_in is not None and expires_in <= 0:
+            state = "expired"
+        rows[device] = {
+            "state": state,
+            "serial": doc.current,
+            "not_after": None if current is None else current.not_after,
+            "expires_in_s": expires_in,
+            "last_rotation": doc.last_rotation,
+            "revoked": doc.revoked,
+            "revoked_at": doc.revoked_at,
+        }
+    return rows

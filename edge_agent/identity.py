@@ -1,0 +1,338 @@
+"""The device's identity: its own key, enrollment by claim, and renewal before expiry.
+
+Import path and API::
+
+    from edge_agent import identity
+    config = identity.prepare_identity(config)  # before the agent starts: enroll, or refuse expired
+    renewer = identity.Renewer.for_agent(config, session, record)   # None: not ours to renew
+
+The key pair is made here, on the device, and written 0600 under ``{data_dir}/identity/``; only
+the CSR leaves. Extension point for a PKCS#11 token or a TPM: ``KeyMaker`` makes a key and
+signs the CSR; an implementation that keeps the key in hardware returns a key object whose
+``sign`` runs there and writes a PKCS#11 URI instead of the PEM (OpenSSL's provider then loads
+it for the TLS handshake). The default writes a PEM file.
+
+The renewer sees only the narrow ``Channel`` it needs (publish, route, reconnect with another
+certificate), never the agent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cloud_sync.enroll import EnrollReply, enroll_topic
+from cloud_sync.fleet_ca import load_cert, new_key, write_private, write_public
+from edge_agent.config import AgentConfig
+from modelpack.errors import AuthError, BrokerError, ConfigError
+
+log = logging.getLogger(__name__)
+REPLY_TIMEOUT_S = 20.0
+
+
+class Channel(Protocol):
+    def route(self, topic_filter: str, handler: Callable[[Any], None]) -> None: ...
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> Any: ...
+    def use_identity(self, cert_file: Path, key_file: Path) -> None: ...
+    def wait_connected(self, timeout: float) -> bool: ...
+
+
+class KeyMaker:
+    """Makes the device's key where it is kept and a CSR signed by it (see the docstring)."""
+
+    def new_key(self, path: Path) -> Any:
+        key = new_key()
+        write_private(path, key)
+        return key
+
+    def csr(self, key: Any, device: str) -> bytes:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)])
+        request = x509.CertificateSigningRequestBuilder().subject_name(subject)
+        return bytes(request.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass(frozen=True)
+class IdentityFiles:
+    dir: Path
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "device.key"
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / "device.crt"
+
+    @property
+    def next_key(self) -> Path:
+        return self.dir / "next.key"
+
+    @property
+    def next_cert(self) -> Path:
+        return self.dir / "next.crt"
+
+    @property
+    def status(self) -> Path:
+        return self.dir / "status.json"
+
+    def finish_swap(self) -> None:
+        """A rotation that stopped between the new certificate and the swap is completed."""
+        if self.next_key.exists() and self.next_cert.exists():
+            os.replace(self.next_key, self.key)
+            os.replace(self.next_cert, self.cert)
+
+    def install(self, cert_pem: str) -> None:
+        write_public(self.next_cert, cert_pem.encode())
+        self.finish_swap()
+
+    def write_status(self, state: str, **fields: Any) -> None:
+        doc = {"schema_version": 1, "state": state, "ts": time.time(), **fields}
+        write_public(self.status, json.dumps(doc).encode())
+
+
+def files_of(config: AgentConfig) -> IdentityFiles:
+    return IdentityFiles(config.data_dir / "identity")
+
+
+def cert_window(path: Path) -> tuple[float, float, str]:
+    cert = load_cert(path.read_bytes())
+    return (
+        cert.not_valid_before_utc.timestamp(),
+        cert.not_valid_after_utc.timestamp(),
+        format(cert.serial_number, "x"),
+    )
+
+
+def _token(config: AgentConfig) -> str | None:
+    if config.enroll_token:
+        return config.enroll_token.strip()
+    if config.enroll_token_file is not None:
+        try:
+            return config.enroll_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--enroll-file {config.enroll_token_file}: {exc.strerror}") from exc
+    return None
+
+
+def prepare_identity(config: AgentConfig) -> AgentConfig:
+    """The config the agent connects with: its own certificate, after an enrollment by claim
+    when it has none (or only an expired one) and a token was given."""
+    if config.cert_file is not None:
+        return config  # certificates managed by the operator: not ours to enroll or renew
+    files = files_of(config)
+    files.finish_swap()
+    token = _token(config)
+    if files.cert.exists():
+        _, not_after, serial = cert_window(files.cert)
+        if time.time() < not_after:
+            files.write_status("valid", serial=serial, not_after=not_after)
+            return config.model_copy(update={"cert_file": files.cert, "key_file": files.key})
+        when = dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat(timespec="seconds")
+        reason = f"the device certificate {serial} expired at {when}"
+        files.write_status("expired", serial=serial, not_after=not_after, reason=reason)
+        if token is None:
+            raise AuthError(f"{reason}: enroll again with a new claim token (--enroll TOKEN)")
+        log.error("%s; enrolling again with the claim token given", reason)
+    elif token is None:
+        return config  # no identity of our own: user name and password, or none
+    enroll_by_claim(config, token, files)
+    return config.model_copy(update={"cert_file": files.cert, "key_file": files.key})
+
+
+def _request(csr: bytes, **extra: Any) -> tuple[str, bytes]:
+    request_id = uuid.uuid4().hex
+    doc = {"schema_version": 1, "id": request_id, "csr": csr.decode(), **extra}
+    return request_id, json.dumps(doc).encode()
+
+
+def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> None:
+    """Key, CSR, and the request over the claim listener; AuthError when it is refused."""
+    import paho.mqtt.client as mqtt
+
+    from cloud_sync.fleet_ca import tls_context
+    from cloud_sync.mqtt import parse_broker_url
+
+    if config.claim_cert_file is None or config.ca_file is None:
+        raise ConfigError("enrollment by claim needs --claim-cert, --claim-key and --ca-file")
+    address = parse_broker_url(config.claim_broker or config.broker)
+    maker = KeyMaker()
+    key = maker.new_key(files.next_key)
+    request_id, payload = _request(maker.csr(key, config.device), token=token)
+    answer: dict[str, EnrollReply] = {}
+    got = threading.Event()
+    response = enroll_topic(config.prefix, config.device, "response")
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        try:
+            reply = EnrollReply.model_validate_json(msg.payload)
+        except ValueError:
+            return
+        if reply.id == request_id:
+            answer["reply"] = reply
+            got.set()
+
+    def on_subscribe(client: Any, *_a: Any) -> None:
+        client.publish(enroll_topic(config.prefix, config.device, "claim"), payload, qos=1)
+
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"claim-{config.device}-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.tls_set_context(
+        tls_context(config.ca_file, config.claim_cert_file, config.claim_key_file)
+    )
+    client.on_message = on_message
+    client.on_subscribe = on_subscribe
+    client.on_connect = lambda c, *_a: c.subscribe(response, 1)
+    try:
+        client.connect(address.host, address.port, keepalive=30)
+    except OSError as exc:
+        raise BrokerError(
+            f"cannot reach the claim listener {address.host}:{address.port}: {exc}"
+        ) from exc
+    client.loop_start()
+    try:
+        if not got.wait(REPLY_TIMEOUT_S):
+            raise BrokerError(
+                f"no answer to the enrollment of {config.device} in {REPLY_TIMEOUT_S:.0f}s"
+            )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    reply = answer["reply"]
+    if not reply.ok or not reply.certificate:
+        files.next_key.unlink(missing_ok=True)
+        files.write_status("refused", reason=f"{reply.reason}: {reply.error}")
+        raise AuthError(f"enrollment of {config.device} refused ({reply.reason}): {reply.error}")
+    files.install(reply.certificate)
+    _, not_after, serial = cert_window(files.cert)
+    files.write_status("valid", serial=serial, not_after=not_after, enrolled=time.time())
+    log.info("enrolled %s: certificate %s", config.device, serial)
+
+
+class Renewer:
+    """Renews at ``renew_at`` of the certificate's life (with jitter, retried with backoff):
+    a new key and CSR over the current identity, the new certificate, a reconnect with it, and
+    then the device says ``rotated`` so that the cloud revokes the old one."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        channel: Channel,
+        files: IdentityFiles,
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        self.config, self.channel, self.files, self.on_event = config, channel, files, on_event
+        self._replies: dict[str, EnrollReply] = {}
+        self._arrived = threading.Condition()
+        self._stop = threading.Event()
+        self.rotations = 0
+        self.gave_up: str | None = None
+        channel.route(enroll_topic(config.prefix, config.device, "response"), self._on_reply)
+        self._thread = threading.Thread(target=self._run, name="identity-renewer", daemon=True)
+
+    @classmethod
+    def for_agent(
+        cls, config: AgentConfig, channel: Channel, record: Callable[[str, dict[str, Any]], None]
+    ) -> Renewer | None:
+        files = files_of(config)
+        if config.cert_file != files.cert:
+            return None
+        renewer = cls(config, channel, files, record)
+        renewer._thread.start()
+        return renewer
+
+    def _on_reply(self, message: Any) -> None:
+        try:
+            reply = EnrollReply.model_validate_json(message.payload)
+        except ValueError:
+            return
+        with self._arrived:
+            self._replies[reply.id] = reply
+            self._arrived.notify_all()
+
+    def _ask(self, kind: str, payload: bytes, request_id: str) -> EnrollReply | None:
+        topic = enroll_topic(self.config.prefix, self.config.device, kind)
+        self.channel.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        with self._arrived:
+            while request_id not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return None
+                self._arrived.wait(min(left, 0.5))
+            return self._replies.pop(request_id)
+
+    def due_in(self) -> float:
+        not_before, not_after, _ = cert_window(self.files.cert)
+        life = not_after - not_before
+        jitter = random.uniform(-0.03, 0.03) * life  # a fleet enrolled at once renews spread
+        return max(0.0, not_before + self.config.renew_at * life + jitter - time.time())
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.due_in() if failures == 0 else self._retry_in(failures)):
+            try:
+                self.renew_once()
+                failures = 0
+            except AuthError as exc:  # revoked or unknown: renewing again will not help
+                self.gave_up = str(exc)
+                log.error("certificate renewal refused: %s", exc)
+                self.files.write_status("renewal_refused", reason=str(exc))
+                return
+            except Exception as exc:
+                failures += 1
+                log.warning("certificate renewal failed (try %d): %s", failures, exc)
+
+    def _retry_in(self, failures: int) -> float:
+        _, not_after, _ = cert_window(self.files.cert)
+        cap = max(1.0, min(300.0, (not_after - time.time()) / 10))
+        return random.uniform(cap / 2, cap) * min(1.0, 0.25 * failures)
+
+    def renew_once(self) -> None:
+        if not self.channel.wait_connected(REPLY_TIMEOUT_S):
+            raise BrokerError("not connected")
+        maker = KeyMaker()
+        key = maker.new_key(self.files.next_key)
+        request_id, payload = _request(maker.csr(key, self.config.device))
+        reply = self._ask("renew", payload, request_id)
+        if reply is None:
+            raise BrokerError("no answer to the renewal")
+        if not reply.ok or not reply.certificate:
+            self.files.next_key.unlink(missing_ok=True)
+            raise AuthError(f"{reply.reason}: {reply.error}")
+        old = cert_window(self.files.cert)[2]
+        self.files.install(reply.certificate)
+        _, not_after, serial = cert_window(self.files.cert)
+        self.channel.use_identity(self.files.cert, self.files.key)
+        if not self.channel.wait_connected(REPLY_TIMEOUT_S):
+            raise BrokerError("no connection with the new certificate")
+        request_id = uuid.uuid4().hex
+        doc = {"schema_version": 1, "id": request_id, "serial": serial}
+        self._ask("rotated", json.dumps(doc).encode(), request_id)
+        self.rotations += 1
+        self.files.write_status(
+            "valid", serial=serial, not_after=not_after, last_rotation=time.time()
+        )
+        self.on_event("event", {"event": "certificate_rotated", "old": old, "new": serial})
+        log.info("certificate rotated: %s -> %s (valid until %.0f)", old, serial, not_after)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._arrived:
+            self._arrived.notify_all()

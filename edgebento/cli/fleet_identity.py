@@ -1,0 +1,214 @@
+"""``edgebento fleet ca init | claim | enroll-service | broker-config | revoke | identity``:
+per-device identity (cloud_sync.fleet_ca, identity_store, enroll, revocation, broker_config)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgebento.cli.registry import add_store_args
+from modelpack.errors import ConfigError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``90s``, ``10m``, ``24h``, ``90d``: seconds."""
+    found = _DURATION.match(text.strip())
+    if not found or float(found.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 10m, 24h or 90d")
+    return float(found.group(1)) * _UNITS[found.group(2)]
+
+
+def register_verbs(verbs: Any) -> None:
+    ca = verbs.add_parser("ca", help="the fleet CA: an offline root and an issuing intermediate")
+    ca.add_argument("action", choices=("init", "issue"))
+    ca.add_argument("--out", type=Path, required=True, help="the CA's directory")
+    ca.add_argument("--name", help="issue: a cloud identity (sync, controller, claim, ...)")
+    ca.add_argument("--host", action="append", default=[], help="issue: a broker's IP or name")
+    ca.add_argument("--to", type=Path, help="issue: where its key and certificate go")
+    ca.add_argument("--validity", type=duration, default=365 * 86400.0, help="issue (365d)")
+    ca.set_defaults(func=cmd_ca)
+
+    claim = verbs.add_parser("claim", help="one-time claim tokens (only their hashes are kept)")
+    claim.add_argument("--devices", required=True, help="comma-separated device ids")
+    claim.add_argument("--ttl", type=duration, default=86400.0, help="validity (24h)")
+    claim.add_argument("--batch", action="store_true", help="one token for the whole list")
+    add_store_args(claim)
+    claim.set_defaults(func=cmd_claim)
+
+    svc = verbs.add_parser("enroll-service", help="answer enrollments and renewals over MQTT")
+    svc.add_argument("--broker", required=True, help="mqtts://HOST:PORT (the device listener)")
+    svc.add_argument("--ca", type=Path, required=True, help="the CA directory (issuing key)")
+    svc.add_argument("--cert", type=Path, required=True, help="the service's certificate")
+    svc.add_argument("--key", type=Path, required=True, help="the service's key")
+    svc.add_argument("--prefix", default="edgebento")
+    svc.add_argument("--validity", type=duration, default=90 * 86400.0, help="device certs (90d)")
+    svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
+    svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
+    svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
+    add_store_args(svc)
+    svc.set_defaults(func=cmd_enroll_service)
+
+    conf = verbs.add_parser("broker-config", help="Mosquitto config and ACL for mTLS")
+    conf.add_argument("--out", type=Path, required=True)
+    conf.add_argument("--ca", type=Path, required=True, help="the CA directory")
+    conf.add_argument("--port", type=int, default=8883)
+    conf.add_argument("--claim-port", type=int, default=8884)
+    conf.add_argument("--host", action="append", default=[], help="the broker's IP or name")
+    conf.add_argument("--prefix", default="edgebento")
+    conf.set_defaults(func=cmd_broker_config)
+
+    revoke = verbs.add_parser("revoke", help="revoke a device and drop its live session")
+    revoke.add_argument("device")
+    revoke.add_argument("--ca", type=Path, required=True, help="the CA directory")
+    revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
+    revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
+    revoke.add_argument("--broker", help="mqtts://HOST:PORT: drop the device's live session")
+    add_store_args(revoke)
+    revoke.set_defaults(func=cmd_revoke)
+
+    ident = verbs.add_parser("identity", help="each device's certificate: expiry, rotation")
+    add_store_args(ident)
+    ident.add_argument("--json", action="store_true")
+    ident.set_defaults(func=cmd_identity)
+
+
+def _ids(args: argparse.Namespace) -> Any:
+    from cloud_sync.identity_store import IdentityStore
+    from cloud_sync.store import open_store
+
+    return IdentityStore(open_store(args.store, endpoint_url=args.endpoint_url))
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet_ca import FleetCA, init_ca
+
+    if args.action == "init":
+        paths = init_ca(args.out)
+        print(f"fleet CA in {args.out}: bundle {paths.bundle}, CRL {paths.crl}")
+        print(f"move {paths.root_key.parent} offline: only the issuing key is needed from now")
+        return 0
+    if not args.name or not args.to:
+        raise ConfigError("fleet ca issue --name NAME --to DIR")
+    cert, key = FleetCA.load(args.out).issue_identity(
+        args.name, args.to, args.validity / 86400, args.host
+    )
+    print(f"{args.name}: {cert} (key {key}, 0600)")
+    return 0
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    ids = _ids(args)
+    if args.batch:
+        tokens = {",".join(devices): ids.create_batch_claim(devices, args.ttl)}
+    else:
+        tokens = ids.create_claims(devices, args.ttl)
+    # The tokens are shown once, here: the store keeps only their hashes.
+    print(json.dumps({"claims": tokens, "expires_in_s": args.ttl}, indent=2))
+    return 0
+
+
+def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
+    if args.crl_file is None:
+        return None
+    from cloud_sync.revocation import publish_crl
+
+    return lambda: publish_crl(ca, ids, args.crl_file, args.broker_pid)
+
+
+def cmd_enroll_service(args: argparse.Namespace) -> int:
+    from cloud_sync.enroll import EnrollmentService, RateLimit
+    from cloud_sync.fleet_ca import FleetCA, tls_context
+
+    ca, ids = FleetCA.load(args.ca), _ids(args)
+    service = EnrollmentService(
+        ca,
+        ids,
+        days=args.validity / 86400,
+        limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
+        on_retired=_publisher(args, ca, ids),
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    service.serve(args.broker, tls_context(ca.paths.bundle, args.cert, args.key), args.prefix)
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    service.stop()
+    print(service.stats_json())
+    return 0
+
+
+def cmd_broker_config(args: argparse.Namespace) -> int:
+    from cloud_sync.broker_config import BrokerTls, mosquitto_conf, tls_listeners
+    from cloud_sync.fleet_ca import FleetCA, write_public
+    from edgebento.localservices import fleet_acl
+
+    # Absolute paths: Mosquitto opens them from wherever it is started.
+    args.out = args.out.resolve()
+    ca = FleetCA.load(args.ca.resolve())
+    (args.out / "data").mkdir(parents=True, exist_ok=True)
+    hosts = args.host or ["127.0.0.1", "localhost"]
+    cert, key = ca.issue_identity("broker", args.out, 825, hosts)
+    crl = args.out / "crl.pem"
+    write_public(crl, ca.paths.crl.read_bytes())
+    tls = BrokerTls(ca.paths.bundle, cert, key, crl)
+    base = fleet_acl(args.prefix)
+    listeners = tls_listeners(args.port, args.claim_port, None, tls, args.out, base, args.prefix)
+    text = mosquitto_conf(listeners, args.out / "data")
+    (args.out / "mosquitto.conf").write_text(text)
+    print(f"wrote {args.out / 'mosquitto.conf'} and {args.out / 'acl'}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet_ca import FleetCA
+    from cloud_sync.mqtt import parse_broker_url
+    from cloud_sync.revocation import revoke_device
+
+    broker = None
+    if args.broker:
+        address = parse_broker_url(args.broker)
+        broker = (address.host, address.port)
+    started = time.monotonic()
+    _, kicked = revoke_device(
+        _ids(args), FleetCA.load(args.ca), args.device, args.crl_file, args.broker_pid, broker
+    )
+    took = time.monotonic() - started
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "revoked": True,
+                "session_dropped": kicked,
+                "seconds": round(took, 3),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from cloud_sync.identity_store import identity_rows
+
+    rows = identity_rows(_ids(args).devices(), time.time())
+    if args.json:
+        print(json.dumps({"devices": rows}, indent=2))
+        return 0
+    for device, row in rows.items():
+        print(
+            f"{device}: {row['state']}, expires in {row['expires_in_s'] or 0:.0f}s, "
+            f"last rotation {row['last_rotation'] or '-'}"
+        )
+    return 0
