@@ -13,9 +13,10 @@ Telemetry (``cloud_sync.watch`` says whose figures count and bounds them): a dev
 when its status runs the new version and it sent at least ``min_inferences`` on it; it is *bad*
 when its own error rate is over ``abort_failure_rate`` or its own p99 over ``abort_p99_ratio``
 times its p99 on its previous version (or, if it sent none, the median of the rollout's devices
-on theirs). A verdict needs ``min_devices`` reporting devices (at most as many as were updated):
-then the rollout aborts when more than ``abort_device_share`` percent of them are bad, and the
-wave is verified otherwise. A few liars among honest devices can therefore neither abort a good
+on theirs). With ``min_devices`` reporting devices (at most as many as were updated), the rollout
+aborts when more than ``abort_device_share`` percent of them are bad, over every wave so far;
+a wave is verified once as many of its own devices report too (at least one), so no wave is
+vouched for by earlier waves alone. A few liars among honest devices can therefore neither abort a good
 rollout nor carry a bad one, as long as they stay under that share; one that claims more than a
 device can serve is a suspect, named with its reason, and counts for nothing.
 """
@@ -113,6 +114,7 @@ def judge(state: RolloutState, watch: FleetWatch, upto_wave: int) -> Verdict:
     baseline = _median(old_p99s)
     reporting: list[VersionStats] = []
     bad: list[str] = []
+    in_wave = 0  # reporting devices of the wave judged now: each wave must show its own
     for progress in updated:
         if progress.device in watch.suspects:
             continue
@@ -120,6 +122,7 @@ def judge(state: RolloutState, watch: FleetWatch, upto_wave: int) -> Verdict:
         if stats is None or stats.count < t.min_inferences:
             continue
         reporting.append(stats)
+        in_wave += progress.wave == upto_wave
         old = _old_stats(watch, progress)
         own = old.p99_ms if old is not None else None
         why = _badness(state, stats, own or baseline, progress.device)
@@ -140,20 +143,21 @@ def judge(state: RolloutState, watch: FleetWatch, upto_wave: int) -> Verdict:
         old_p99_ms=baseline,
     )
     need = max(1, min(t.min_devices, len(updated)))
-    if len(reporting) < need:
-        return Verdict(
-            "waiting",
-            f"{len(reporting)} of the {need} devices needed reported {t.min_inferences} "
-            f"inferences on v{state.version}",
-            figures,
-        )
-    share = 100.0 * len(bad) / len(reporting)
-    if bad and share > t.abort_device_share:
+    if len(reporting) >= need and bad and 100.0 * len(bad) / len(reporting) > t.abort_device_share:
         shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
         return Verdict(
             "abort",
             f"{shown}: {len(bad)} of {len(reporting)} reporting devices over a threshold "
             f"(more than {t.abort_device_share:g}% of them)",
+            figures,
+        )
+    wave_need = max(1, min(t.min_devices, sum(d.wave == upto_wave for d in updated)))
+    if len(reporting) < need or in_wave < wave_need:
+        this_wave = f", {in_wave} of the {wave_need} of this wave" if upto_wave else ""
+        return Verdict(
+            "waiting",
+            f"{len(reporting)} of the {need} devices needed reported {t.min_inferences} "
+            f"inferences on v{state.version}{this_wave}",
             figures,
         )
     return Verdict(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cloud_sync.groups import change_group, list_groups
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
-from cloud_sync.rollout_checks import abort_reason, device_outcome
+from cloud_sync.rollout_checks import abort_reason, device_outcome, judge
 from cloud_sync.rollout_plan import exit_code, resolve_targets
 from cloud_sync.rollout_state import (
     RolloutState,
@@ -199,3 +199,14 @@ def test_no_message_escapes_the_watch_or_speaks_for_another_device(
     watch._on_message(None, None, _Msg(topic, payload))  # never raises
     for device, seen in watch.statuses.items():
         assert seen.device == device and topic == f"p/{device}/status"
+
+
+def test_each_wave_is_verified_by_its_own_devices_not_by_earlier_ones() -> None:
+    watch = FleetWatch("mqtt://127.0.0.1:1", Topics("p"))
+    state = rollout({"a": "done", "b": "done"}, Thresholds(canary_pct=50, waves=1))
+    watch.figures["a"] = {2: VersionStats(count=100)}  # the canary served; b has not yet
+    assert judge(state, watch, 0).kind == "verified"
+    waiting = judge(state, watch, 1)
+    assert waiting.kind == "waiting" and "0 of the 1 of this wave" in waiting.reason
+    watch.figures["b"] = {2: VersionStats(count=100)}
+    assert judge(state, watch, 1).kind == "verified"
