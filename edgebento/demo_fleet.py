@@ -151,11 +151,12 @@ def step_exactly_once(fleet: Fleet, timeout: float = 60.0) -> str:
 
 
 def stored_seqs(store: Path) -> tuple[dict[tuple[str, str], set[int]], int]:
-    from cloud_sync.parts import decode_jsonl_gz
+    from cloud_sync.parts import CAPTURE_ROOT, DRIFT_ROOT, TELEMETRY_ROOT, decode_jsonl_gz
 
     seqs: dict[tuple[str, str], set[int]] = defaultdict(set)
     duplicates = 0
-    for root in ("telemetry", "capture"):
+    # One sequence per device and boot, whatever root the sync process files a record under.
+    for root in (TELEMETRY_ROOT, CAPTURE_ROOT, DRIFT_ROOT):
         for part in (
             sorted((store / root).rglob("part-*.jsonl.gz")) if (store / root).exists() else []
         ):
