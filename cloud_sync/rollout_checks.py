@@ -6,8 +6,9 @@ Import path and API::
     verdict = judge(state, watch, upto_wave=1)   # Verdict(kind, reason, figures)
 
 Install outcomes (``device_outcome``) are read from structured fields of a device's status,
-never a clock or message text; the rollout aborts when more than ``abort_failure_rate`` percent of the
-devices it updated failed their update (what their status says of this rollout's generation).
+never a clock or message text; the rollout aborts when more than ``abort_failure_rate`` percent
+of the devices it updated failed their update (what their status says of this rollout's
+generation).
 
 Telemetry (``cloud_sync.watch`` says whose figures count and bounds them): a device *reports*
 when its status runs the new version and it sent at least ``min_inferences`` on it; it is *bad*
@@ -16,9 +17,9 @@ times its p99 on its previous version (or, if it sent none, the median of the ro
 on theirs). With ``min_devices`` reporting devices (at most as many as were updated), the rollout
 aborts when more than ``abort_device_share`` percent of them are bad, over every wave so far;
 a wave is verified once as many of its own devices report too (at least one), so no wave is
-vouched for by earlier waves alone. A few liars among honest devices can therefore neither abort a good
-rollout nor carry a bad one, as long as they stay under that share; one that claims more than a
-device can serve is a suspect, named with its reason, and counts for nothing.
+vouched for by earlier waves alone. A few liars among honest devices can therefore neither abort
+a good rollout nor carry a bad one, as long as they stay under that share; one that claims more
+than a device can serve is a suspect, named with its reason, and counts for nothing.
 """
 
 from __future__ import annotations
