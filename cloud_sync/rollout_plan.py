@@ -11,8 +11,9 @@ Planning: the targets are the devices named, or the members of the group in the 
 (``cloud_sync.groups``); the version must be published (``Registry.entry``, which checks the
 signed manifest); each device's previous version is what its status says. Resuming loads the
 saved state, turns a ``completed``, ``timed_out`` or ``unverified`` rollout back to ``running``
-(to catch devices that were offline, or judge a wave again) and finishes an ``aborting`` one. One controller per fleet at a time: ``execute`` holds the
-fleet's lease (``cloud_sync.lease``) from before the first publish to the end.
+(to catch devices that were offline, or judge a wave again) and finishes an ``aborting`` one.
+One controller per fleet at a time: ``execute`` holds the fleet's lease (``cloud_sync.lease``)
+from before the first publish to the end.
 """
 
 from __future__ import annotations
