@@ -232,6 +232,23 @@ def _build_inputs(d: dict[str, Any]) -> list[Figure]:
     ]  # fmt: skip
 
 
+def _drift(d: dict[str, Any]) -> list[Figure]:
+    m, w, det = "hot_path_mqtt", "detection.windows_to_alarm", "detection"
+    return [
+        Figure("agent CPU µs per MQTT request, drift on", num(get(d, f"{m}.agent_cpu_us_per_request_on"), ".1f"),
+               num(get(d, f"{m}.agent_cpu_us_per_request_off"), ".1f"), "drift off", "< 5 % more"),
+        Figure("bytes per window, 20 features", num(get(d, "summary_size.bytes_per_window"), ",d"),
+               "", "", "< 5,000"),
+        Figure("drift summaries/s ingested", num(get(d, "ingestion.drift_summaries.records_per_s"), ",d"),
+               num(get(d, "ingestion.baseline_inference_records.records_per_s"), ",d"),
+               "inference records"),
+        Figure("windows to alarm, 0.25 / 0.5 sd", f"{num(get(d, f'{w}.mean_shift_0.25_sd'), 'd')} / "
+               f"{num(get(d, f'{w}.mean_shift_0.5_sd'), 'd')}", "", ""),
+        Figure("false alarms per 100 windows", num(get(d, f"{det}.false_alarms_per_100_windows"), ".1f"),
+               "", "", "0"),
+    ]  # fmt: skip
+
+
 def _mb(value: Any) -> float | None:
     return value / 1e6 if isinstance(value, int | float) else None
 
@@ -246,6 +263,7 @@ FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "agent": _agent,
     "ingest": _ingest,
     "build_inputs": _build_inputs,
+    "drift": _drift,
 }
 
 

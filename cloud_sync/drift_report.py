@@ -19,6 +19,12 @@ MAX_COHORTS = 50  # gauges for at most this many cohorts (bounded cardinality)
 Results = Mapping[tuple[str, int, str], list[WindowResult]]
 
 
+def latest(windows: list[WindowResult]) -> WindowResult:
+    """The newest window with a verdict: a quiet minute (too few rows) neither clears an alarm
+    nor hides the last figures."""
+    return next((w for w in reversed(windows) if w.verdict != "insufficient"), windows[-1])
+
+
 def result_doc(
     results: Results, options: DriftOptions, rejected: Mapping[str, int], last: int = 10
 ) -> dict[str, Any]:
@@ -26,14 +32,15 @@ def result_doc(
     verdict; ``verdict`` is ``drift`` when any cohort's latest window raises the alarm."""
     cohorts = []
     for (model, version, cohort), windows in sorted(results.items()):
-        latest = windows[-1]
+        judged = latest(windows)
         cohorts.append(
             {
                 "model": model,
                 "version": version,
                 "cohort": cohort,
-                "verdict": latest.verdict,
-                "alarm": latest.alarm,
+                "verdict": judged.verdict,
+                "alarm": judged.alarm,
+                "latest_judged_start": judged.start,
                 "windows_total": len(windows),
                 "rows_total": sum(w.rows for w in windows),
                 "drift_windows": sum(w.verdict == "drift" for w in windows),
@@ -99,19 +106,19 @@ def report_html(results: Results, baselines: Mapping[tuple[str, int], Baseline])
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>edgebento drift</title>",
         f"<style>{_STYLE}</style></head><body><h1>Drift by cohort</h1>",
-        "<p>Grey: the pack's baseline; blue: the cohort's latest window. A verdict of "
+        "<p>Grey: the pack's baseline; blue: the cohort's latest window with a verdict. A verdict of "
         "<span class='drift'>drift</span> holds with any one device left out; "
         "<span class='local'>local</span> is carried by the devices named.</p>",
     ]
     for (model, version, cohort), windows in sorted(results.items()):
-        w = windows[-1]
+        w = latest(windows)
         baseline = baselines[(model, version)]
         cls = w.verdict if w.verdict in ("drift", "local", "ok") else ""
         alarm = " — ALARM" if w.alarm else ""
         parts.append(
             f"<h2>{html.escape(model)} v{version} · cohort {html.escape(cohort)}: "
             f"<span class='{cls}'>{html.escape(w.verdict)}{alarm}</span></h2>"
-            f"<p>{w.rows} rows from {w.devices} devices in the latest window; "
+            f"<p>{w.rows} rows from {w.devices} devices in the latest window with a verdict; "
             f"{sum(x.verdict == 'drift' for x in windows)} of {len(windows)} windows drifted"
         )
         if w.local_devices:
@@ -201,14 +208,14 @@ class DriftMetrics:
         for (model, version, cohort), windows in sorted(results.items()):
             if cohort not in names:
                 continue
-            w = windows[-1]
+            w = latest(windows)
             labels = (model, str(version), cohort)
             self.alarm.labels(*labels).set(1 if w.alarm else 0)
             self.psi_max.labels(*labels).set(max((f.psi for f in w.features), default=0.0))
             self.out_of_range.labels(*labels).set(
                 max((f.out_of_range_share for f in w.features), default=0.0)
             )
-            self.rows.labels(*labels).set(w.rows)
+            self.rows.labels(*labels).set(windows[-1].rows)
             self.local.labels(*labels).set(len(w.local_devices))
             for f in w.features:
                 self.psi.labels(*labels, f.name).set(f.psi)

@@ -1,8 +1,9 @@
 """Drift summaries on the device: each answered request's monitored features counted in the
 bins of the live pack's baseline, one summary per model version and window, into telemetry.
 
-The hot path only reduces the request to its features and appends them to a list; the binning
-runs vectorised over all features once ``fold_rows`` rows are pending or a window closes, so a
+The hot path only appends the request's tensors (by reference) to a list; reducing them to their
+features and counting those in the bins run vectorised over hundreds of requests at once, when
+``fold_rows`` rows or ``fold_bytes`` bytes are pending or a window closes, so a
 request pays a few microseconds (``benchmarks/bench_drift.py``). A summary leaves as a telemetry
 record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every record:
 stored on disk, sent, deleted only when the ingestion acknowledged it.
@@ -24,7 +25,7 @@ from cloud_sync.drift_summary import KIND, DriftSummary
 from modelpack.baseline import BASELINE_FILE, Baseline, read_baseline
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
-from modelpack.monitor import Binner, MonitorSpec, reduce_all
+from modelpack.monitor import Binner, MonitorSpec, reduce_batch
 from modelpack.pack import Pack
 from modelpack.serving.core import Job, ServingCore
 
@@ -46,8 +47,13 @@ class _Window:
     outputs: list[MonitorSpec]
     start: float
     rows: int = 0
-    pending: list[np.ndarray] = field(default_factory=list)
+    # Answered requests not counted yet: their tensors, by reference (never changed after the
+    # answer), reduced and counted together once ``fold_rows`` rows or ``fold_bytes`` wait.
+    pending: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = field(
+        default_factory=list
+    )
     pending_rows: int = 0
+    pending_bytes: int = 0
     counts: np.ndarray | None = None
     nan: np.ndarray | None = None
     sums: np.ndarray | None = None
@@ -57,12 +63,18 @@ class _Window:
     def fold(self) -> None:
         if not self.pending:
             return
-        matrix = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-        self.pending, self.pending_rows = [], 0
+        pending = self.pending
+        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+        matrix = np.concatenate(
+            [
+                reduce_batch(self.inputs, [(feed, rows) for feed, _, rows in pending]),
+                reduce_batch(self.outputs, [(out, rows) for _, out, rows in pending]),
+            ],
+            axis=1,
+        )
         counts, nan = self.binner.count(matrix)
-        clean = np.where(np.isnan(matrix), 0.0, matrix)
-        clean = np.clip(clean, -1e150, 1e150)  # an inf squared must not poison the sums
-        sums, squares = clean.sum(axis=0), (clean * clean).sum(axis=0)
+        # NaN left out; an inf makes the window's sum inf, sent as 0 (``_short``): no mean then.
+        sums, squares = np.nansum(matrix, axis=0), np.nansum(matrix * matrix, axis=0)
         if self.counts is None:
             self.counts, self.nan, self.sums, self.squares = counts, nan, sums, squares
         else:
@@ -109,15 +121,12 @@ class DriftMonitor:
         self,
         current: Callable[[], Pack | None],
         window_s: float = 60.0,
-        fold_rows: int = 512,
+        fold_rows: int = 4096,
         clock: Callable[[], float] = time.time,
+        fold_bytes: int = 4 << 20,
     ) -> None:
-        self.current, self.window_s, self.fold_rows, self.clock = (
-            current,
-            window_s,
-            fold_rows,
-            clock,
-        )
+        self.current, self.window_s, self.clock = current, window_s, clock
+        self.fold_rows, self.fold_bytes = fold_rows, fold_bytes
         self._lock = threading.Lock()
         self._window: _Window | None = None
         self._skip: tuple[str, str] | None = None  # a version without a (readable) baseline
@@ -208,17 +217,17 @@ class DriftMonitor:
         window = self._current_window(model, version, self.clock())
         if window is None:
             return
-        matrix = np.concatenate(
-            [reduce_all(window.inputs, feed, rows), reduce_all(window.outputs, outputs, rows)],
-            axis=1,
-        )
+        size = 0
+        for array in feed.values():
+            size += array.nbytes
         with self._lock:
             if self._window is not window:
                 return  # closed meanwhile: counted in the next one by the next request
-            window.pending.append(matrix)
+            window.pending.append((feed, outputs, rows))
             window.rows += rows
             window.pending_rows += rows
-            if window.pending_rows >= self.fold_rows:
+            window.pending_bytes += size
+            if window.pending_rows >= self.fold_rows or window.pending_bytes >= self.fold_bytes:
                 window.fold()
 
     def refused(self, reason: str) -> None:

@@ -30,6 +30,7 @@ from modelpack.monitor import (
     TensorInfo,
     default_spec,
     feature_names,
+    probabilities,
     reduce,
 )
 
@@ -199,7 +200,8 @@ def build_baseline(
             continue
         sample = np.asarray(sample)[:MAX_BASELINE_ROWS]
         spec = named.get(info.name) or default_spec(info, sample, len(labels))
-        chosen.append((MonitorSpec(spec.tensor, spec.reducer, spec.params, info.output), sample))
+        params = _scores(spec, sample)
+        chosen.append((MonitorSpec(spec.tensor, spec.reducer, params, info.output), sample))
     chosen = _within_cap(chosen, set(named))
     specs, features = [], []
     for spec, sample in chosen:
@@ -221,6 +223,15 @@ def build_baseline(
         for s in specs
     ]
     return Baseline(rows=min(rows, MAX_BASELINE_ROWS), bins=bins, monitor=docs, features=features)
+
+
+def _scores(spec: MonitorSpec, sample: np.ndarray) -> tuple[tuple[str, str], ...]:
+    """A class output's scores are probabilities or logits: decided here, once, so a device
+    does not test every batch."""
+    params = dict(spec.params)
+    if spec.reducer == "classes" and sample.ndim == 2 and "scores" not in params:
+        params["scores"] = "probs" if probabilities(sample) else "logits"
+    return tuple(sorted(params.items()))
 
 
 def _with_confidence(features: list[FeatureBaseline]) -> list[FeatureBaseline]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +38,7 @@ _PARAMS = {
     "summary": (),
     "image": ("channels",),
     "tokens": ("unk", "pad"),
-    "classes": (),
+    "classes": ("scores",),
     "none": (),
 }
 
@@ -85,6 +86,8 @@ def _check_params(spec: MonitorSpec) -> None:
         for key in ("unk", "pad"):
             if not re.fullmatch(r"-?\d{1,12}", spec.param(key, "0")):
                 raise ConfigError(f"--monitor {spec.text}: {key} must be a token id")
+    if spec.reducer == "classes" and spec.param("scores", "probs") not in ("probs", "logits"):
+        raise ConfigError(f"--monitor {spec.text}: scores is probs or logits")
     if spec.reducer == "image" and spec.param("channels", "first") not in ("first", "last"):
         raise ConfigError(f"--monitor {spec.text}: channels is first or last")
 
@@ -110,8 +113,8 @@ def default_spec(tensor: TensorInfo, sample: np.ndarray | None, labels: int = 0)
     if tensor.mask:
         return MonitorSpec(name, "none", output=output)
     if output:
-        probabilities = sample is not None and _probabilities(sample)
-        if rank == 2 and 2 <= width <= MAX_CLASSES and (labels == width or probabilities):
+        probs = sample is not None and probabilities(sample)
+        if rank == 2 and 2 <= width <= MAX_CLASSES and (labels == width or probs):
             return MonitorSpec(name, "classes", output=True)
         if integer and rank == 1:
             return MonitorSpec(name, "classes", output=True)
@@ -124,7 +127,7 @@ def default_spec(tensor: TensorInfo, sample: np.ndarray | None, labels: int = 0)
     return MonitorSpec(name, "summary", output=output)
 
 
-def _probabilities(sample: np.ndarray) -> bool:
+def probabilities(sample: np.ndarray) -> bool:
     if sample.ndim != 2 or not sample.size or not np.issubdtype(sample.dtype, np.floating):
         return False
     finite = sample[np.isfinite(sample).all(axis=1)]
@@ -199,16 +202,17 @@ def reduce(spec: MonitorSpec, array: np.ndarray) -> np.ndarray:
         if array.ndim == 1:
             return array.astype(np.float64).reshape(-1, 1)
         scores = _rows(array)
-        top = np.argmax(np.nan_to_num(scores, nan=-np.inf), axis=1).astype(np.float64)
+        top = np.argmax(scores, axis=1).astype(np.float64)
         top[np.isnan(scores).any(axis=1)] = np.nan
-        return np.stack([top, _confidence(scores)], axis=1)
+        return np.stack([top, _confidence(scores, spec.param("scores", ""))], axis=1)
     return np.empty((len(array) if array.ndim else 1, 0))
 
 
-def _confidence(scores: np.ndarray) -> np.ndarray:
+def _confidence(scores: np.ndarray, kind: str = "") -> np.ndarray:
     """The top class's probability: the scores as they are when they are probabilities, else
-    their softmax (logits)."""
-    if _probabilities(scores):
+    their softmax (logits). The baseline decides which once (``scores``), so a device does not
+    test every batch."""
+    if kind == "probs" or (not kind and probabilities(scores)):
         return np.asarray(scores.max(axis=1), dtype=np.float64)
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
@@ -227,6 +231,7 @@ class Binner:
     edges: Sequence[Sequence[float]]
     _padded: np.ndarray = field(init=False, repr=False)
     _offsets: np.ndarray = field(init=False, repr=False)
+    _own: list[np.ndarray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         widest = max((len(e) for e in self.edges), default=1)
@@ -235,6 +240,7 @@ class Binner:
         for i, e in enumerate(self.edges):
             padded[i, : len(e)] = e
         self._padded = padded
+        self._own = [np.asarray(e, dtype=np.float64) for e in self.edges]
         self._offsets = np.arange(len(self.edges)) * (widest + 1)
 
     @property
@@ -243,11 +249,15 @@ class Binner:
 
     def count(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(counts per feature and bin, NaN per feature) of a (rows, features) matrix."""
-        nan = np.isnan(matrix)
-        index = (matrix[:, :, None] >= self._padded[None, :, :]).sum(axis=2)
-        flat = (index + self._offsets[None, :])[~nan]
+        columns = np.ascontiguousarray(matrix.T)  # a feature's values side by side
+        nan = np.isnan(columns)
+        index = np.empty(columns.shape, dtype=np.intp)
+        for f, edges in enumerate(self._own):  # a binary search per feature, in C
+            index[f] = edges.searchsorted(columns[f], side="right")
+        index += self._offsets[:, None]
+        flat = index[~nan] if nan.any() else index.reshape(-1)
         counts = np.bincount(flat, minlength=len(self.edges) * self.width)
-        return counts.reshape(len(self.edges), self.width), nan.sum(axis=0)
+        return counts.reshape(len(self.edges), self.width), nan.sum(axis=1)
 
     def trim(self, counts: np.ndarray) -> list[list[int]]:
         """Each feature's own bins (the padding's always-empty bins left out)."""
@@ -268,3 +278,31 @@ def reduce_all(
             reduced = np.full((rows, reduced.shape[1]), np.nan)
         parts.append(reduced)
     return np.concatenate(parts, axis=1) if parts else np.empty((rows, 0))
+
+
+Request = tuple[Mapping[str, np.ndarray], int]  # one request's tensors and its rows
+
+
+def reduce_batch(specs: Sequence[MonitorSpec], requests: Sequence[Request]) -> np.ndarray:
+    """``reduce_all`` of many requests at once: requests whose tensors have the same shapes
+    past the rows are concatenated and reduced together (a few numpy calls for hundreds of
+    requests, not a few per request). Rows come out grouped by shape, which counting ignores."""
+    watched = [s for s in specs if s.reducer != "none"]
+    groups: dict[tuple[Any, ...], list[Request]] = {}
+    names = [s.tensor for s in watched]
+    for i, (tensors, rows) in enumerate(requests):
+        key: list[Any] = []
+        for name in names:
+            shape = np.shape(tensors[name])
+            # A tensor without a row per request row (a scalar output) is reduced on its own.
+            key.append(shape[1:] if shape and shape[0] == rows else ("apart", i))
+        groups.setdefault(tuple(key), []).append((tensors, rows))
+    parts = []
+    for members in groups.values():
+        if len(members) == 1:
+            parts.append(reduce_all(specs, members[0][0], members[0][1]))
+            continue
+        joined = {s.tensor: np.concatenate([m[0][s.tensor] for m in members]) for s in watched}
+        parts.append(reduce_all(specs, joined, sum(m[1] for m in members)))
+    width = sum(1 for _ in watched)
+    return np.concatenate(parts) if parts else np.empty((0, width))

@@ -84,7 +84,8 @@ def _print(doc: dict[str, Any], out: Path) -> None:
     if not doc["cohorts"]:
         print("no drift summaries with a baseline in the store yet")
     for c in doc["cohorts"]:
-        latest = c["windows"][-1]
+        judged = (w for w in c["windows"] if w["start"] == c["latest_judged_start"])
+        latest = next(judged, c["windows"][-1])
         top = max(latest["features"], key=lambda f: f["psi"], default=None)
         worst = f"; top feature {top['name']} PSI {top['psi']:.3f}" if top else ""
         carried = latest["local_devices"]
@@ -92,7 +93,7 @@ def _print(doc: dict[str, Any], out: Path) -> None:
         alarm = " ALARM" if c["alarm"] else ""
         print(
             f"{c['model']} v{c['version']} cohort {c['cohort']}: {c['verdict']}{alarm}{note}; "
-            f"{latest['rows']} rows, {latest['devices']} devices in the latest window; "
+            f"{latest['rows']} rows, {latest['devices']} devices in its latest judged window; "
             f"{c['drift_windows']}/{c['windows_total']} windows drifted{worst}"
         )
     if doc["rejected_summaries"]:
