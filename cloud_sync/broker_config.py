@@ -33,12 +33,14 @@ def identity_acl(base: str, prefix: str = "edgebento") -> str:
     p = prefix
     extra = f"""
 # --- identity (edgebento fleet broker-config; docs/fleet-identity.md) ------------------------
-# The enrollment service, `edgebento fleet enroll-service`: reads requests, answers them.
+# The enrollment service, `edgebento fleet enroll-service`: reads requests, answers them, and
+# reads statuses (a revoked device still online is an alert).
 user enroll
 topic read {p}/enroll/+/claim
 topic read {p}/enroll/+/renew
 topic read {p}/enroll/+/rotated
 topic write {p}/enroll/+/response
+topic read {p}/+/status
 
 # A device renews over its current certificate, for itself only.
 pattern write {p}/enroll/%u/renew

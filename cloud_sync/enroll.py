@@ -107,7 +107,7 @@ class EnrollmentService:
         self.enrolled: Counter[str] = Counter()  # by kind
         self.refusals: Counter[str] = Counter()  # by reason
         self._client: Any = None
-        self._stop = threading.Event()
+        self.online: dict[str, bool] = {}  # from the retained statuses: revoked-but-connected
 
     def _refuse(self, request_id: str, reason: str, error: str) -> EnrollReply:
         self.refusals[reason] += 1
@@ -176,9 +176,14 @@ class EnrollmentService:
     def serve(self, broker_url: str, tls_context: Any, prefix: str = "edgebento") -> None:
         from cloud_sync.mqtt import CloudClient
 
+        levels = len(prefix.split("/"))
+
         def on_message(client: Any, _u: Any, msg: Any) -> None:
             parts = msg.topic.split("/")
-            if len(parts) != len(prefix.split("/")) + 3:
+            if len(parts) == levels + 2 and parts[-1] == "status":
+                self._on_status(parts[-2], bytes(msg.payload))
+                return
+            if len(parts) != levels + 3:
                 return
             device, kind = parts[-2], parts[-1]
             try:
@@ -197,6 +202,7 @@ class EnrollmentService:
         def on_connect(_present: bool) -> None:
             for kind in KINDS:
                 self._client.client.subscribe(enroll_topic(prefix, "+", kind), 1)
+            self._client.client.subscribe(f"{prefix}/+/status", 1)
 
         self._client = CloudClient(
             broker_url,
@@ -206,6 +212,17 @@ class EnrollmentService:
             tls_context=tls_context,
         )
         self._client.start(keep_trying=True)
+
+    def _on_status(self, device: str, payload: bytes) -> None:
+        from cloud_sync.protocol import Status
+
+        try:
+            status = Status.model_validate_json(payload)
+        except ValidationError:
+            self.online.pop(device, None)  # an emptied retained status: gone
+            return
+        if status.device == device:  # identity from the topic, never the payload
+            self.online[device] = status.state == "online"
 
     def stop(self) -> None:
         if self._client is not None:

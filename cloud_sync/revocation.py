@@ -41,7 +41,7 @@ def publish_crl(
     ids: IdentityStore,
     crl_path: Path,
     broker_pid: int | None,
-    extra: list[int] = (),  # type: ignore[assignment]
+    extra: tuple[int, ...] = (),
 ) -> int:
     """Write the CRL of every revoked or retired certificate; SIGHUP the broker. The count."""
     import datetime as dt
@@ -81,8 +81,16 @@ def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:
     return ctx, int(cert.serial_number)
 
 
-def _connect(ctx: ssl.SSLContext, client_id: str, host: str, port: int, timeout: float) -> bool:
-    """True once the broker accepted a connection with ``ctx`` (then disconnected)."""
+def _connect(
+    ctx: ssl.SSLContext,
+    client_id: str,
+    host: str,
+    port: int,
+    timeout: float,
+    last_words: tuple[str, bytes] | None = None,
+) -> bool:
+    """True once the broker accepted a connection with ``ctx``; ``last_words`` (topic,
+    payload) are published retained before it disconnects."""
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(
@@ -107,6 +115,10 @@ def _connect(ctx: ssl.SSLContext, client_id: str, host: str, port: int, timeout:
     client.loop_start()
     try:
         answered.wait(timeout)
+        if accepted.is_set() and last_words is not None:
+            info = client.publish(last_words[0], last_words[1], qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
         return accepted.is_set()
     finally:
         with contextlib.suppress(Exception):
@@ -114,11 +126,18 @@ def _connect(ctx: ssl.SSLContext, client_id: str, host: str, port: int, timeout:
         client.loop_stop()
 
 
-def kick_session(ca: FleetCA, device: str, host: str, port: int, timeout: float = 10.0) -> bool:
+def kick_session(
+    ca: FleetCA, device: str, host: str, port: int, timeout: float = 10.0, prefix: str = "edgebento"
+) -> bool:
     """Take over ``device``'s session (see the module's docstring); True once the broker took
-    the throw-away connection, which means it dropped the device's."""
+    the throw-away connection, which means it dropped the device's. Its retained status says
+    ``offline``, so that nothing in the cloud counts a revoked device as still connected."""
+    from cloud_sync.protocol import Status, Topics
+
     ctx, _serial = _ephemeral(ca, device)
-    return _connect(ctx, device, host, port, timeout)
+    offline = Status(device=device, state="offline").model_dump_json(exclude_none=True)
+    words = (Topics(prefix).status(device), offline.encode())
+    return _connect(ctx, device, host, port, timeout, words)
 
 
 def revoke_device(
@@ -129,6 +148,7 @@ def revoke_device(
     broker_pid: int | None,
     broker: tuple[str, int] | None,
     timeout: float = 10.0,
+    prefix: str = "edgebento",
 ) -> tuple[DeviceIdentity, bool]:
     """Revoked in the store, in the CRL, reloaded, and its session dropped (if ``broker``).
 
@@ -140,13 +160,13 @@ def revoke_device(
         publish_crl(ca, ids, crl_path, broker_pid)
         return doc, False
     probe, probe_serial = _ephemeral(ca, "revocation-probe")
-    publish_crl(ca, ids, crl_path, broker_pid, extra=[probe_serial])
+    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial,))
     deadline = time.monotonic() + timeout
     while _connect(probe, "revocation-probe", *broker, timeout=timeout):
         if time.monotonic() > deadline:
             raise BrokerError(f"the broker at {broker[0]}:{broker[1]} did not reload its CRL")
         time.sleep(0.1)
-    kicked = kick_session(ca, device, *broker, timeout=timeout)
+    kicked = kick_session(ca, device, *broker, timeout=timeout, prefix=prefix)
     log.info("%s revoked; live session %s", device, "dropped" if kicked else "not dropped")
     return doc, kicked
 

@@ -54,6 +54,8 @@ def register_verbs(verbs: Any) -> None:
     svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
     svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
     svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
+    svc.add_argument("--metrics-port", type=int, help="serve the identity metrics on /metrics")
+    svc.add_argument("--metrics-refresh", type=float, default=30.0, help="store reads (30 s)")
     add_store_args(svc)
     svc.set_defaults(func=cmd_enroll_service)
 
@@ -63,6 +65,7 @@ def register_verbs(verbs: Any) -> None:
     conf.add_argument("--port", type=int, default=8883)
     conf.add_argument("--claim-port", type=int, default=8884)
     conf.add_argument("--host", action="append", default=[], help="the broker's IP or name")
+    conf.add_argument("--bind", help="listen on this address only (default: all)")
     conf.add_argument("--prefix", default="edgebento")
     conf.set_defaults(func=cmd_broker_config)
 
@@ -72,6 +75,7 @@ def register_verbs(verbs: Any) -> None:
     revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
     revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
     revoke.add_argument("--broker", help="mqtts://HOST:PORT: drop the device's live session")
+    revoke.add_argument("--prefix", default="edgebento")
     add_store_args(revoke)
     revoke.set_defaults(func=cmd_revoke)
 
@@ -137,6 +141,14 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
         limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
         on_retired=_publisher(args, ca, ids),
     )
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from cloud_sync.identity_metrics import IdentityCollector
+
+        registry = CollectorRegistry()
+        registry.register(IdentityCollector(service, args.metrics_refresh))  # type: ignore[arg-type]
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     service.serve(args.broker, tls_context(ca.paths.bundle, args.cert, args.key), args.prefix)
@@ -165,7 +177,9 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     write_public(crl, ca.paths.crl.read_bytes())
     tls = BrokerTls(ca.paths.bundle, cert, key, crl)
     base = fleet_acl(args.prefix)
-    listeners = tls_listeners(args.port, args.claim_port, None, tls, args.out, base, args.prefix)
+    listeners = tls_listeners(
+        args.port, args.claim_port, args.bind, tls, args.out, base, args.prefix
+    )
     text = mosquitto_conf(listeners, args.out / "data")
     (args.out / "mosquitto.conf").write_text(text)
     print(f"wrote {args.out / 'mosquitto.conf'} and {args.out / 'acl'}")
@@ -183,7 +197,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         broker = (address.host, address.port)
     started = time.monotonic()
     _, kicked = revoke_device(
-        _ids(args), FleetCA.load(args.ca), args.device, args.crl_file, args.broker_pid, broker
+        _ids(args),
+        FleetCA.load(args.ca),
+        args.device,
+        args.crl_file,
+        args.broker_pid,
+        broker,
+        prefix=args.prefix,
     )
     took = time.monotonic() - started
     print(
