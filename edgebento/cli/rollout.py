@@ -45,7 +45,9 @@ def register(sub: Any) -> None:
     p.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
     p.add_argument("--key", type=Path, help="signing key: signs the rollbacks of an abort")
     p.add_argument("--devices", help="comma-separated device ids")
-    p.add_argument("--group", help="every device whose retained status lists this group")
+    p.add_argument(
+        "--group", help="the devices of this group in the store (edgebento fleet group add)"
+    )
     p.add_argument("--canary", type=float, default=10.0, help="percent in the canary (10)")
     p.add_argument("--waves", type=int, default=2, help="waves after the canary (2)")
     p.add_argument(
