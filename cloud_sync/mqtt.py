@@ -47,6 +47,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError as exc:
         raise ConfigError(f"broker URL {redact_url(url)!r} has a bad port") from exc
     if parts.password:
+        remember_password(parts.password)  # as written in the URL, and as sent
         remember_password(unquote(parts.password))
     return BrokerAddress(
         host=parts.hostname,
