@@ -79,6 +79,12 @@ def register_verbs(verbs: Any) -> None:
     add_store_args(revoke)
     revoke.set_defaults(func=cmd_revoke)
 
+    aws = verbs.add_parser("aws-policy", help="the ACL as AWS IoT policies + fleet provisioning")
+    aws.add_argument("--out", type=Path, required=True, help="the CloudFormation template (JSON)")
+    aws.add_argument("--prefix", default="edgebento")
+    aws.add_argument("--name", default="edgebento", help="prefix of the policies' names")
+    aws.set_defaults(func=cmd_aws_policy)
+
     ident = verbs.add_parser("identity", help="each device's certificate: expiry, rotation")
     add_store_args(ident)
     ident.add_argument("--json", action="store_true")
@@ -216,6 +222,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def cmd_aws_policy(args: argparse.Namespace) -> int:
+    from cloud_sync.aws_policy import cloudformation_template
+
+    doc = cloudformation_template(args.prefix, args.name)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}: deploy with aws cloudformation deploy --capabilities CAPABILITY_IAM")
     return 0
 
 
