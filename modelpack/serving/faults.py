@@ -12,26 +12,27 @@ else the pack's golden samples, or else the smallest input that ran.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-ShapeClass = tuple[tuple[str, str, tuple[int, ...]], ...]
+ShapeClass = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
 Feed = Mapping[str, np.ndarray]
 
 MAX_CLASSES = 256  # shape classes remembered (least recently used out)
 MAX_KEPT_BYTES = 1 << 20  # an input larger than this is not kept (its class falls back)
 MAX_TOTAL_BYTES = 16 << 20  # all kept inputs together (least recently used out)
-# A verdict that a known-good input runs is reused this long: under a flood of failing
-# requests each one would otherwise cost the model a second run.
-VERDICT_TTL_S = 1.0
 
 
 def shape_class(feed: Feed) -> ShapeClass:
-    return tuple(sorted((k, str(v.dtype), tuple(v.shape)) for k, v in feed.items()))
+    # Once per request: the dtype itself (its name is a slow property), sorted by name only.
+    return tuple(sorted(((k, v.dtype, v.shape) for k, v in feed.items()), key=_first))
+
+
+def _first(item: tuple[str, Any, Any]) -> str:
+    return item[0]
 
 
 def _nbytes(feed: Feed) -> int:
@@ -46,7 +47,6 @@ class KnownGood:
         self._by_class: OrderedDict[ShapeClass, dict[str, np.ndarray]] = OrderedDict()
         self._samples = {k: np.asarray(v) for k, v in samples.items()} if samples else None
         self._smallest: ShapeClass | None = None
-        self._verified: dict[ShapeClass, float] = {}  # class -> when its input last ran again
         self._bytes = 0
 
     def remember(self, feed: Feed) -> None:
@@ -71,7 +71,6 @@ class KnownGood:
             while len(self._by_class) > MAX_CLASSES or self._bytes > MAX_TOTAL_BYTES:
                 gone, kept = self._by_class.popitem(last=False)
                 self._bytes -= _nbytes(kept)
-                self._verified.pop(gone, None)
                 if gone == self._smallest:
                     self._smallest = None
             smallest = self._by_class.get(self._smallest) if self._smallest else None
@@ -93,21 +92,15 @@ class KnownGood:
         return None
 
     def still_runs(self, feed: Feed, run: Callable[[dict[str, np.ndarray]], Any]) -> bool:
-        """Whether the known-good input for ``feed`` runs now (False when there is none)."""
+        """Whether the known-good input for ``feed`` runs now (False when there is none). It
+        runs again for every failure, never from a verdict kept for a while: a model that fails
+        now and then (its memory, a flaky op) would otherwise pass its failures off as the
+        clients' for as long as the verdict was kept. A failure costs at most one more run."""
         found = self.reference(feed)
         if found is None:
             return False
-        key, reference = found
-        now = time.monotonic()
-        with self._lock:
-            if now - self._verified.get(key, float("-inf")) < VERDICT_TTL_S:
-                return True
         try:
-            run(dict(reference))
+            run(dict(found[1]))
         except Exception:
-            with self._lock:
-                self._verified.pop(key, None)
             return False
-        with self._lock:
-            self._verified[key] = now
         return True
