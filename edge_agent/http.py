@@ -286,7 +286,7 @@ class LocalEndpoint:
         limits = self.limits
         if conn.phase == "run":
             conn.ticket += 1  # the run's answer, if it ever comes, is dropped
-            self.core.metrics.failed()
+            self.core.metrics.failed("run_timeout")
             doc = {
                 "error": f"the model did not answer within {limits.run_timeout_s:g} s",
                 "reason": "run_timeout",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import socket
 import subprocess
@@ -172,6 +173,24 @@ def test_a_body_whose_end_could_be_read_two_ways_is_a_400(
     answer = _ask(port, b"POST /infer HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n" + GOOD)
     assert _status(answer) == 400, answer[:200]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["reason"] == "invalid"
+
+
+def test_the_agents_answers_write_float32_with_nine_digits(
+    agent_factory: Any, client: Client, pack_v1: Path, tmp_path: Path
+) -> None:
+    """Issue 23: the agent wrote float64's 17 digits where the other targets write 9."""
+    port, _ = _agent(agent_factory, pack_v1, tmp_path)
+    answer = _ask(
+        port,
+        b"POST /infer HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(GOOD)
+        + GOOD,
+    )
+    body = answer.partition(b"\r\n\r\n")[2].decode()
+    numbers = re.findall(r"-?\d[\d.]*(?:e[-+]?\d+)?", body.partition('"model"')[0])
+    digits = [len(n.split("e")[0].lstrip("-").replace(".", "").lstrip("0")) for n in numbers]
+    assert len(numbers) == 6 and max(digits) <= 9, numbers
+    probs = np.asarray(json.loads(body)["outputs"]["probs"], np.float32)
+    assert probs.shape == (1, 3) and abs(float(probs.sum()) - 1) < 1e-5
 
 
 def _lambda_documents(pack: Path, trust: Path) -> tuple[Any, Any]:

@@ -206,6 +206,9 @@ def test_a_run_past_its_limit_is_a_504_counted_as_an_error(
         assert time.monotonic() - start < 2.5
         assert _status(answer) == 504 and _body(answer)["reason"] == "run_timeout"
         assert registry.get_sample_value("edgebento_requests_total", {"outcome": "error"}) == 1
+        assert registry.get_sample_value(
+            "edgebento_request_errors_total", {"reason": "run_timeout"}
+        )
 
 
 def test_kept_alive_and_pipelined_requests_are_answered_in_order(
