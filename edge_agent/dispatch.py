@@ -33,13 +33,16 @@ from edge_agent.infer_topic import InferTopic
 from edge_agent.inference import install_hint
 from edge_agent.session import Incoming
 from modelpack.codec import dumps
-from modelpack.errors import EdgebentoError, InputError, ProtocolError, first_problem
+from modelpack.errors import BrokerError, EdgebentoError, InputError, ProtocolError, first_problem
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
     from edge_agent.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_TOPICS = 256
+MAX_REMEMBERED_TOPIC = 512  # characters, as ``Request.reply_to``
 
 
 class Dispatcher:
@@ -57,6 +60,9 @@ class Dispatcher:
         self.infer_topic = InferTopic(agent.inference)
         agent.inference.install_hint = install_hint(agent.config.prefix, self.device)
         self.unanswered: dict[str, int] = {}  # requests answered nowhere, by reason
+        # Reply topics found usable: what decides it (the prefix, the pipelines, the topic
+        # limit) is fixed for the agent's life, and a client sends the same few topics again.
+        self._usable: set[str] = set()
 
     def subscriptions(self) -> list[str]:
         t, d = self.topics, self.device
@@ -102,8 +108,16 @@ class Dispatcher:
 
     def reply_problem(self, topic: str | None) -> str | None:
         """Why a reply may not go to ``topic``, or None."""
-        if topic is None:
+        if topic is None or topic in self._usable:
             return None
+        problem = self._problem(topic)
+        if problem is None and len(topic) <= MAX_REMEMBERED_TOPIC:
+            if len(self._usable) >= MAX_REMEMBERED_TOPICS:  # a client making up topics
+                self._usable.clear()
+            self._usable.add(topic)
+        return problem
+
+    def _problem(self, topic: str) -> str | None:
         problem = topic_name_problem(topic, self.agent.config.max_topic_bytes)
         if problem is not None:
             return problem
@@ -144,17 +158,17 @@ class Dispatcher:
             return
         data = _encode(doc)
         session = self.agent.session
-        refused = session.refusal(topic, data, msg.correlation_data)
-        if refused is not None:  # too big for the broker: a short refusal instead
-            self._unanswered(msg, "too_large", refused, doc.get("id"))
-            small: dict[str, Any] = {
-                k: doc[k] for k in ("schema_version", "id", "command") if k in doc
-            }
-            small.update(ok=False, error=f"the answer is not sent: {refused}", reason="too_large")
-            data = _encode(small)
-            if session.refusal(topic, data, msg.correlation_data) is not None:
-                return
-        session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
+        try:  # publish checks the topic and size itself: the usual answer is checked once
+            session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
+            return
+        except BrokerError as exc:  # too big for the broker: a short refusal instead
+            refused = session.refusal(topic, data, msg.correlation_data) or str(exc)
+        self._unanswered(msg, "too_large", refused, doc.get("id"))
+        small: dict[str, Any] = {k: doc[k] for k in ("schema_version", "id", "command") if k in doc}
+        small.update(ok=False, error=f"the answer is not sent: {refused}", reason="too_large")
+        data = _encode(small)
+        if session.refusal(topic, data, msg.correlation_data) is None:
+            session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
 
     def _parse(self, msg: Incoming, model: type[Request], what: str) -> Request | None:
         """The request, or None after answering why it is not one."""

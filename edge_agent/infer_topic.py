@@ -9,7 +9,9 @@ JSON in the tensor-JSON envelope (``schema_version``, ``id``, ``ok``).
 In order, each before any later work: a payload over ``max_payload_bytes`` is refused unparsed
 (``too_large``); one that waited in the queue past its deadline, unparsed (``busy``, cause
 ``deadline``); one whose reply topic the broker would refuse (``reply_topic``) is not run and
-answered nowhere; an OIP ``id`` is a string of at most 128 characters, like every request's.
+answered nowhere; an OIP ``id`` is a string of at most 128 characters, like every request's;
+``timeout_ms`` is a number of ms above 0 and at most a day (0: none), as OIP's ``timeout``,
+else ``invalid``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from cloud_sync.protocol import InferRequest
 from edge_agent.inference import InferenceService
 from modelpack.codec import parse_body
 from modelpack.errors import EdgebentoError, InputError, OverloadError
+from modelpack.serving.core import checked_timeout
+from modelpack.serving.limits import ServingLimits
+from modelpack.serving.oip import client_timeout_s
 from modelpack.serving.reasons import error_doc
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,15 @@ def failure(request_id: str | None, exc: BaseException, oip_form: bool) -> dict[
 class InferTopic:
     def __init__(self, service: InferenceService) -> None:
         self.service = service
+        # The core's limits with the MQTT payload cap, made again only when either changes.
+        self._parse_limits: tuple[ServingLimits, int, ServingLimits] | None = None
+
+    def _limits(self, max_payload: int) -> ServingLimits:
+        limits, cached = self.service.core.limits, self._parse_limits
+        if cached is None or cached[0] is not limits or cached[1] != max_payload:
+            cached = (limits, max_payload, replace(limits, max_body_bytes=max_payload))
+            self._parse_limits = cached
+        return cached[2]
 
     def handle(
         self,
@@ -93,7 +107,7 @@ class InferTopic:
             refused = self._unread(payload, max_payload, arrived, full, reply_check)
             if refused is not None:
                 return refused
-            doc = parse_body(payload, replace(self.service.core.limits, max_body_bytes=max_payload))
+            doc = parse_body(payload, self._limits(max_payload))
         except InputError as exc:
             self.service.core.count_error(exc)
             what = "the payload is not JSON" if exc.reason == "invalid_json" else str(exc)
@@ -172,13 +186,18 @@ class InferTopic:
             body = {"schema_version": 1, "id": request.id, "ok": False, "error": error_text}
             body.update(expired=True, reason="expired")
             return MqttReply(request.reply_to, body, {"event": "expired", "id": request.id})
-        args = request.body()
-        timeout_ms = args.get("timeout_ms")
-        timeout_s = None  # a bool is an int to Python, not a number of ms
-        if isinstance(timeout_ms, int | float) and not isinstance(timeout_ms, bool):
-            timeout_s = timeout_ms / 1000 if timeout_ms > 0 else None
+        # The request's own fields, read from the document it validated (``request.body()``
+        # would copy every input number once more).
         try:
-            answer = self.service.run({"inputs": args.get("inputs")}, timeout_s, arrived)
+            timeout_s = client_timeout_s(doc.get("timeout_ms"), "timeout_ms", 1000)
+            if timeout_s is not None:  # as OIP's timeout: positive, at most a day
+                timeout_s = checked_timeout(timeout_s, "timeout_ms")
+        except InputError as exc:  # 1 followed by 400 zeros, a string, a negative number
+            self.service.core.count_error(exc)
+            body = failure(request.id, exc, False)
+            return MqttReply(request.reply_to, body, {"event": "bad_request", "error": str(exc)})
+        try:
+            answer = self.service.run({"inputs": doc.get("inputs")}, timeout_s, arrived)
         except EdgebentoError as exc:
             return MqttReply(request.reply_to, failure(request.id, exc, False))
         body = {"schema_version": 1, "id": request.id, "ok": True, **answer.doc}

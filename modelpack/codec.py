@@ -170,6 +170,8 @@ def json_safe(array: Any) -> Any:
 # float32, 65504 as float16) printf ends the number with a bare point, which JSON does not allow:
 # ``_whole`` gives it a zero.
 _DIGITS = {"float16": "%#.5g", "float32": "%#.9g"}
+# By dtype, once per output: a dtype's name is a slow property (the name serves other byte orders).
+_FORMS = {np.dtype(name): form for name, form in _DIGITS.items()}
 # Templates are cached for small outputs, where building one costs as much as writing it; a big
 # one takes 3 % of its writing to build, and 128 cached ones of 65536 numbers would hold 50 MB.
 _CACHED_TEMPLATE_ELEMENTS = 1 << 12
@@ -195,7 +197,7 @@ def numbers(array: np.ndarray) -> Any:
     """``array.tolist()`` for a body: a float32 or float16 array as ``Numbers`` (NaN and
     infinity as null), anything else as lists with NaN and infinity as null."""
     array = np.asarray(array)
-    form = _DIGITS.get(array.dtype.name)
+    form = _form(array.dtype)
     if array.size == 0:
         return Numbers(_empty(array.shape))
     if form is None:
@@ -208,7 +210,7 @@ def plain(array: np.ndarray) -> Any:
     ``json.dumps``): float32 and float16 values are the ones ``numbers`` writes, so no writer
     spells them with float64's 17 digits; NaN and infinity are None."""
     array = np.asarray(array)
-    form = _DIGITS.get(array.dtype.name)
+    form = _form(array.dtype)
     if array.size == 0:
         return json.loads(_empty(array.shape))
     if form is None:
@@ -216,9 +218,16 @@ def plain(array: np.ndarray) -> Any:
     return json.loads(_written(array, form))
 
 
+def _form(dtype: np.dtype[Any]) -> str | None:
+    form = _FORMS.get(dtype)
+    return _DIGITS.get(dtype.name) if form is None and dtype.kind == "f" else form
+
+
 def _written(array: np.ndarray, form: str) -> str:
-    text = _template(array.shape, form) % tuple(array.reshape(-1).tolist())
-    if not np.isfinite(array).all():  # printf spells them nan, inf and -inf
+    text = _template(array.shape, form, array.size) % tuple(array.reshape(-1).tolist())
+    # printf spells NaN and infinity nan, inf and -inf; a finite number in this form never has
+    # an "n" (digits, point, sign, e), nor has the template: one search in C, no numpy pass.
+    if "n" in text:
         text = text.replace("nan", "null").replace("-inf", "null").replace("inf", "null")
     return _whole(text)
 
@@ -257,8 +266,8 @@ def _empty(shape: tuple[int, ...]) -> str:
     return text
 
 
-def _template(shape: tuple[int, ...], form: str) -> str:
-    if math.prod(shape) <= _CACHED_TEMPLATE_ELEMENTS:
+def _template(shape: tuple[int, ...], form: str, size: int) -> str:
+    if size <= _CACHED_TEMPLATE_ELEMENTS:
         return _cached_template(shape, form)
     return _nest(shape, form)
 

@@ -10,6 +10,7 @@ strict JSON has no literal for them (a Lambda direct invocation's parser may let
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,10 @@ def from_numbers(spec: TensorSpec, value: Any) -> np.ndarray:
         raise InputError(
             f"input {spec.name!r}: nested lists of unequal lengths", reason="shape"
         ) from exc
-    kind, target = array.dtype.kind, np.dtype(spec.dtype)
+    kind, target = array.dtype.kind, _dtype(spec.dtype)
+    fast = _exact_at_once(array, target) if kind in "iuf" else None
+    if fast is not None:
+        return fast
     if kind == "O":  # integers past uint64 or int64, or things that are not numbers
         return _objects(spec.name, array, target)
     if kind not in "biuf":
@@ -45,6 +49,47 @@ def from_numbers(spec: TensorSpec, value: Any) -> np.ndarray:
         # rounded (2**64-1 became 2**64), so those are read again as Python parsed them.
         return _big_ints_again(spec.name, array, lambda i: _at(value, i, array.shape), target)
     return coerce(spec.name, array, spec.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(name: str) -> np.dtype[Any]:
+    return np.dtype(name)  # a TypeError for a name numpy does not know, as before
+
+
+@functools.lru_cache(maxsize=64)
+def _ints_within(dtype: np.dtype[Any]) -> tuple[float, float]:
+    """The open interval whose numbers all convert to ``dtype`` with nothing lost but a
+    fraction's rounding: for a float, the integers it holds exactly (so no integer numpy read
+    as a float64 past 2**53 is in it, and no value overflows); for an integer, its range."""
+    if dtype.kind == "f":
+        limit = float(_exact_ints(dtype))
+        return -limit, limit
+    info = np.iinfo(dtype)
+    # As floats (how numpy compares an int64 with them), rounded the way every value is: a
+    # value above max rounds to at least float(max + 1), so it never passes.
+    return float(int(info.min) - 1), float(int(info.max) + 1)
+
+
+def _exact_at_once(array: np.ndarray, target: np.dtype[Any]) -> np.ndarray | None:
+    """The usual request (a few finite numbers, well within the dtype) converted with one
+    vectorized look at its extremes, or None: then the exact path below looks at every value
+    (integers past 2**53, values near or past the dtype's range, NaN, a fraction for an
+    integer dtype, a float64 that would vanish in a smaller float)."""
+    usual = target.kind == "f" or (target.kind in "iu" and array.dtype.kind in "iu")
+    if not array.size or not usual:
+        return None
+    low, high = _ints_within(target)
+    # min and max carry NaN through, and NaN is within nothing: the exact path refuses it.
+    if not (low < array.min() and array.max() < high):
+        return None
+    if array.dtype == target:
+        return array
+    converted = array.astype(target)
+    # Every nonzero value must stay nonzero in a smaller float (1e-50 is 0 as a float32).
+    smaller = array.dtype.kind == "f" and target.itemsize < array.dtype.itemsize
+    if smaller and np.count_nonzero(converted) != np.count_nonzero(array):
+        return None
+    return converted
 
 
 def _at(nested: Any, flat_index: int, shape: tuple[int, ...]) -> Any:
@@ -149,10 +194,13 @@ def _lossy(name: str, value: Any, target: np.dtype[Any]) -> InputError:
 def coerce(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
     """An array (a JSON list numpy read, or a caller's array) as the model's dtype, refused when
     a value would change beyond rounding a fraction (see ``from_numbers``)."""
-    target = np.dtype(dtype)
+    target = _dtype(dtype)
     if array.dtype == target:
         return array
     kind = array.dtype.kind
+    fast = _exact_at_once(array, target) if kind in "iuf" else None
+    if fast is not None:
+        return fast
     if kind not in "biuf":
         raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
     if target.kind == "b":

@@ -31,15 +31,23 @@ def _counted(port: int, outcome: str) -> float:
     return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
-def test_a_huge_timeout_and_lossy_numbers_are_the_clients_on_http_and_mqtt(
-    agent_factory: Any, client: Client, pack_v1: Path, topic_prefix: str, tmp_path: Path
-) -> None:
+def _agent(
+    agent_factory: Any, client: Client, pack: Path, topic_prefix: str, tmp_path: Path
+) -> int:
+    """An agent serving ``pack`` as dev-a, online; its metrics port."""
     port = free_port()
     config = tmp_path / "agent.toml"
     config.write_text(f"[agent]\nmetrics_port = {port}\n")
-    agent_factory(pack=pack_v1, args=("--config", str(config)))
+    agent_factory(pack=pack, args=("--config", str(config)))
     wait_for_port(port)
     wait_online(client, topic_prefix, "dev-a", 1)
+    return port
+
+
+def test_a_huge_timeout_and_lossy_numbers_are_the_clients_on_http_and_mqtt(
+    agent_factory: Any, client: Client, pack_v1: Path, topic_prefix: str, tmp_path: Path
+) -> None:
+    port = _agent(agent_factory, client, pack_v1, topic_prefix, tmp_path)
     url = f"http://127.0.0.1:{port}/v2/models/tiny/infer"
     huge = _oip(parameters={"timeout": 10**400})  # json.dumps writes 1 and 400 zeros
     errors = _counted(port, "error")
@@ -68,3 +76,27 @@ def test_a_huge_timeout_and_lossy_numbers_are_the_clients_on_http_and_mqtt(
         numbers = re.findall(r"\d[\d.]*(?:e[-+]?\d+)?", json.dumps(doc))
         longest = max(len(n.split("e")[0].replace(".", "").strip("0")) for n in numbers)
         assert longest <= 9, doc
+
+
+def test_a_timeout_ms_out_of_range_is_the_clients_over_mqtt(
+    agent_factory: Any, client: Client, pack_v1: Path, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Tensor JSON's ``timeout_ms`` over MQTT is checked with a range before any conversion:
+    1 and 400 zeros once raised OverflowError in ``timeout_ms / 1000`` (``reason: internal``,
+    counted as the model's error)."""
+    port = _agent(agent_factory, client, pack_v1, topic_prefix, tmp_path)
+    topic = f"{topic_prefix}/dev-a/infer"
+    errors = _counted(port, "error")
+
+    # json.dumps writes 10**400 as 1 and 400 zeros; the others are out of range or no number.
+    for timeout_ms in (10**400, 2**64, 2**64 - 1, 86_400_001, -1, "5000", [1]):
+        reply = client.request(topic, {"inputs": {"x": [ROW]}, "timeout_ms": timeout_ms})
+        assert reply["ok"] is False, (timeout_ms, reply)
+        assert reply["reason"] == "invalid" and "timeout_ms" in reply["error"], reply
+        assert len(json.dumps(reply)) < 1000  # the integer is not echoed whole
+
+    assert _counted(port, "error") == errors, "a client's timeout was counted as a model error"
+    # Within the range (up to a day; 0 is none, as OIP's timeout) the agent answers as before.
+    for timeout_ms in (5000, 2.5e3, 86_400_000, 0):
+        reply = client.request(topic, {"inputs": {"x": [ROW]}, "timeout_ms": timeout_ms})
+        assert reply["ok"] is True, (timeout_ms, reply)
