@@ -5,12 +5,14 @@ A Keras model is trained on scikit-learn's digits and optimized into a signed pa
 handler answers an event; BentoML serves it (tensor JSON, OIP from tritonclient, a flood answered
 with 200s and 503s); two edge agents on a real Mosquitto get v2 by a rollout, refuse a broken v3
 (the canary's health check rolls it back and the rollout aborts), and keep every telemetry record
-through a broker killed with -9; Prometheus scrapes it all and the table shows the alert states.
+through a broker killed with -9; one device's inputs drift and ``edgebento monitor`` finds its
+cohort; Prometheus scrapes it all and the table shows the alert states.
 Everything started is stopped on exit, on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgebento import demo_cloud as cloud
+from edgebento import demo_drift
 from edgebento import demo_fleet as fleet_steps
 from edgebento.demo_runner import BIN, Demo, Stopped, console, section, stop_on_sigterm
 from edgebento.localservices import LOOPBACK, Prometheus
@@ -90,6 +93,7 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         demo.attempt("OIP (tritonclient)", lambda: cloud.step_oip(url, request))
         demo.attempt("flood", lambda: cloud.step_flood(url, request))
     with section("6. edge: a broker, a registry, sync, two agents"):
+        os.environ.setdefault("EDGEBENTO_DRIFT_WINDOW_S", demo_drift.WINDOW_S)
         fleet = fleet_steps.start_fleet(demo, packs, keys, ports)
         prometheus.wait_scraped(jobs=("edgebento-service", "edgebento-sync", "edgebento-agent"))
         demo.attempt(
@@ -104,7 +108,9 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
     with section("10. the fleet, and every telemetry record"):
         demo.attempt("fleet status", lambda: fleet_steps.step_fleet_status(demo, fleet))
         demo.attempt("telemetry", lambda: fleet_steps.step_exactly_once(fleet))
-    with section("11. Prometheus: the alert states"):
+    with section("11. drift: dev-2's inputs move, edgebento monitor finds its cohort"):
+        demo.attempt("drift", lambda: demo_drift.step_drift(demo, fleet, paths["calib"]))
+    with section("12. Prometheus: the alert states"):
         states: dict[str, str] = {}
 
         def alerts() -> str:

@@ -63,7 +63,7 @@ def step_optimize(demo: Demo, paths: dict[str, Path], keys: Path) -> Packs:
         f"{report.get('summary', 'chosen: ' + str(report.get('chosen')))}; see {v1 / 'report.html'}",
     )
     # Version 2 of the same model, for the rollout: a new signed pack from the optimized model.
-    v2 = _pack(demo, v1, packs / "digits-2", 2, v1 / "samples.npz", keys)
+    v2 = _pack(demo, v1, packs / "digits-2", 2, v1 / "samples.npz", keys, paths["calib"])
     # Version 3 is signed and valid, but its golden samples do not match what the model
     # computes: the devices' health check must refuse to serve it.
     broken = _broken_samples(v1 / "samples.npz", demo.workdir / "data" / "broken-golden.npz")
@@ -73,11 +73,21 @@ def step_optimize(demo: Demo, paths: dict[str, Path], keys: Path) -> Packs:
     return Packs(v1, v2, v3)
 
 
-def _pack(demo: Demo, source: Path, out: Path, version: int, samples: Path, keys: Path) -> Path:
+def _pack(
+    demo: Demo,
+    source: Path,
+    out: Path,
+    version: int,
+    samples: Path,
+    keys: Path,
+    data: Path | None = None,
+) -> Path:
+    """``data``: record a drift baseline on it (docs/monitoring.md)."""
+    baseline: list[str | Path] = ["--data", data] if data is not None else []
     demo.run(
         BIN / "edgebento", "pack", "create", source / "model.onnx", "--name", "digits",
         "--version", str(version), "--out", out, "--samples", samples,
-        "--key", keys / "signing.key", quiet=True,
+        "--key", keys / "signing.key", *baseline, quiet=True,
     )  # fmt: skip
     return out
 
