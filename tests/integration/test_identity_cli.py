@@ -139,6 +139,7 @@ def test_operator_enrolls_two_devices_and_revokes_one(
         "--broker", f"mqtts://127.0.0.1:{s['broker'].port}",
     )  # fmt: skip
     result = json.loads(out)
+    print("revocation:", result)
     assert result["session_dropped"] is True and result["seconds"] < 5
     wait_for(statuses, lambda d: d.get("state") == "offline", 10)
     rows = json.loads(_cli("fleet", "identity", "--store", s["store"], "--json"))["devices"]
