@@ -151,7 +151,8 @@ def test_fifty_slow_clients_hold_no_thread_of_the_agent_and_get_408_in_time(
     assert not pending and [_status(a) for a in answers] == [408] * 50
     assert all(json.loads(a.partition(b"\r\n\r\n")[2])["reason"] == "timeout" for a in answers)
     assert held < 2 + 4, held  # the body's limit, and never the client's pace
-    assert most <= threads + 2, (threads, most)  # the pool's workers at most, never one each
+    # The pool's second worker and whatever else the agent starts meanwhile, never one each.
+    assert most <= threads + 8, (threads, most)
     # Counted as the clients' refusals, not as errors of the model.
     assert _metric(port, 'edgebento_input_rejected_total{reason="timeout"}') == 50
     assert _metric(port, 'edgebento_requests_total{outcome="error"}') == 0

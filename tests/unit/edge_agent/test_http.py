@@ -131,8 +131,7 @@ def test_connections_past_the_cap_are_turned_away_with_a_503(
 ) -> None:
     with _endpoint(signed_pack, keys, max_connections=4) as (endpoint, registry):
         idle = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(4)]
-        try:
-            time.sleep(0.2)  # accepted
+        try:  # accepted first: the listen queue is first come, first served
             answer = _ask(endpoint.port, b"")
             assert _status(answer) == 503 and _body(answer)["reason"] == "queue_full"
             assert registry.get_sample_value(
@@ -141,10 +140,12 @@ def test_connections_past_the_cap_are_turned_away_with_a_503(
         finally:
             for sock in idle:
                 sock.close()
-        time.sleep(0.2)  # their places are free again
-        ok = _ask(
-            endpoint.port, _post(GOOD, b"Content-Length: %d" % len(GOOD), b"Connection: close")
-        )
+        # Their places are free once the endpoint has read their ends: until then, a 503.
+        deadline = time.monotonic() + 10
+        good = _post(GOOD, b"Content-Length: %d" % len(GOOD), b"Connection: close")
+        while _status(ok := _ask(endpoint.port, good)) == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert _status(ok) == 200
 
 
@@ -154,16 +155,14 @@ def test_past_twice_the_cap_a_connection_is_closed_unanswered(
     """A refusal lingers to drain what the client sent: a flood of connections that never
     close must not hold sockets without bound."""
     with _endpoint(signed_pack, keys, max_connections=2) as (endpoint, _):
-        held = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(4)]
+        # All at once (the listen queue is first come, first served): two places, two refusals
+        # lingering, then none.
+        held = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(5)]
         try:
-            for sock in held[2:]:
-                sock.settimeout(5)
-                assert sock.recv(12) == b"HTTP/1.1 503"  # refused, then lingering
-            with (
-                socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) as sock,
-                contextlib.suppress(ConnectionResetError),  # closed at once: as good as an end
-            ):
-                assert sock.recv(100) == b""
+            for sock in held[2:4]:
+                assert sock.recv(12) == b"HTTP/1.1 503"
+            with contextlib.suppress(ConnectionResetError):  # closed at once: as good as an end
+                assert held[4].recv(100) == b""
         finally:
             for sock in held:
                 sock.close()
