@@ -113,9 +113,12 @@ def _one_size(n: int, tmp: Path, moto: MotoS3, key: Path, pub: Path) -> dict[str
     try:
         from cloud_sync.groups import change_group
         from cloud_sync.store import open_store
+        from modelpack.signing import load_private_key
 
-        # A group is the operator's list in the store; what devices say of themselves is not.
-        change_group(open_store(store), "bench", add=[f"sim-{i:05d}" for i in range(n)])
+        # A group is the operator's list in the store, signed by the rollout's key; what
+        # devices say of themselves is not.
+        members = [f"sim-{i:05d}" for i in range(n)]
+        change_group(open_store(store), "bench", add=members, signer=load_private_key(key))
         sim, connect_s = _simulate(broker, prefix, n, pub, env)
         try:
             figures = _rollout(broker, prefix, store, key, env)

@@ -11,17 +11,28 @@ A group is ``fleet/groups/{group}.json`` in the store (``{"schema_version", "gro
 device says about itself: a device that lists ``"groups": ["lobby"]`` in its own status is not in
 the lobby. Changes are a compare-and-swap on the document's etag (create when it is new), so two
 operators changing one group at once both land.
+
+A change made with the signing key (``fleet group add --key``) is signed (``cloud_sync.sealed``);
+a rollout reads its ``--group`` only with its own key's signature on it, so a writer to the bucket
+without the key cannot enrol a device in a rollout (``group_members(store, g, trusted)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
 
 from cloud_sync.rollout_state import DEVICE_ID, check_device_ids
+from cloud_sync.sealed import seal, unseal
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelpack.signing import TrustedKey
 
 ROOT = "fleet/groups"
 SCHEMA_VERSION = 1
@@ -40,14 +51,19 @@ def group_key(group: str) -> str:
     return f"{ROOT}/{group}.json"
 
 
-def _read(store: ObjectStore, group: str) -> tuple[GroupDoc, str | None]:
+def _read(
+    store: ObjectStore, group: str, trusted: TrustedKey | None = None
+) -> tuple[GroupDoc, str | None]:
     key = group_key(group)
     try:
         data, etag = store.read(key)
     except NotFoundError:
         return GroupDoc(group=group), None
     try:
-        doc = GroupDoc.model_validate_json(data)
+        if trusted is not None:
+            doc = GroupDoc.model_validate(unseal(data, trusted, f"{key} in {store.url}"))
+        else:
+            doc = GroupDoc.model_validate_json(data)
     except ValidationError as exc:
         raise StoreError(f"{key} in {store.url} is not a group document") from exc
     if doc.group != group:  # a document copied under another name would enrol its devices
@@ -55,19 +71,29 @@ def _read(store: ObjectStore, group: str) -> tuple[GroupDoc, str | None]:
     return doc, etag
 
 
-def group_members(store: ObjectStore, group: str) -> list[str]:
-    return list(_read(store, group)[0].devices)
+def group_members(store: ObjectStore, group: str, trusted: TrustedKey | None = None) -> list[str]:
+    """The members; with ``trusted``, only if that key signed the group (``SignatureError``)."""
+    return list(_read(store, group, trusted)[0].devices)
 
 
 def change_group(
-    store: ObjectStore, group: str, add: Iterable[str] = (), remove: Iterable[str] = ()
+    store: ObjectStore,
+    group: str,
+    add: Iterable[str] = (),
+    remove: Iterable[str] = (),
+    signer: Ed25519PrivateKey | None = None,
 ) -> list[str]:
-    """Add and remove devices; the members after the change."""
+    """Add and remove devices, signing the result with ``signer`` when given (what a rollout's
+    ``--group`` needs); the members after the change."""
     added, removed = check_device_ids(list(add)), set(check_device_ids(list(remove)))
     for _ in range(_TRIES):
         doc, etag = _read(store, group)
         members = [d for d in dict.fromkeys([*doc.devices, *added]) if d not in removed]
-        body = GroupDoc(group=group, devices=sorted(members)).model_dump_json(indent=2).encode()
+        doc = GroupDoc(group=group, devices=sorted(members))
+        if signer is not None:
+            body = seal(doc.model_dump(mode="json"), signer)
+        else:
+            body = doc.model_dump_json(indent=2).encode()
         try:
             if etag is None:
                 store.create(group_key(group), body)

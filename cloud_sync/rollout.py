@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cloud_sync.protocol import Desired, ModelRef
-from cloud_sync.rollout_abort import fold_rollback, rollback_desired
+from cloud_sync.rollout_abort import Published, fold_rollback, rollback_desired
 from cloud_sync.rollout_checks import (
     abort_reason,
     device_outcome,
@@ -97,6 +97,7 @@ class Rollout:
         self._saved_at = 0.0
         self._stats_at = 0.0
         self._refused: set[str] = set()  # devices that answered a rollback with a refusal
+        self._published = Published(store)
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class Rollout:
         if force or now - self._saved_at >= self.save_every_s:
             if self.lease is not None:
                 self.lease.renew(force=force)
-            save_state(self.store, self.state)
+            save_state(self.store, self.state, self.signer)
             self._saved_at = now
             self.on_progress(self.state)
 
@@ -351,8 +352,12 @@ class Rollout:
             # Every touched device, also one already back on its previous version (its update
             # failed): the retained desired state must stop naming the version we abort.
             back = rollback_desired(self.state, progress, self.signer)
+            if back is not None and not self._published(back.model):
+                why = f"v{back.model.version if back.model else '?'} is not in the registry"
+                back = None  # never signed on the word of a document alone
+                self.state.move(progress, "failed", f"{why}: no rollback signed")
             items.append((progress.device, back))
-            if back is None and progress.state != "rolled_back":
+            if back is None and progress.state not in ("rolled_back", "failed"):
                 # Clearing the desired state keeps an offline device from updating later.
                 self.state.move(progress, "rolled_back", "nothing to go back to")
         self.watch.set_desired_many(items)

@@ -4,6 +4,7 @@ Import path and API::
 
     from cloud_sync.rollout_abort import fold_rollback, rollback_desired
     desired = rollback_desired(state, progress, signer)   # None: nothing to go back to
+    Published(store)(desired.model)                       # the registry holds it
     fold_rollback(state, progress, status, refused)
 
 Each rollback is ``Desired(model=previous, rollback=True, authorization=...)`` signed for that
@@ -14,12 +15,16 @@ A device is rolled back once its status runs its previous version, and failed wh
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from cloud_sync.authority import sign_rollback
 from cloud_sync.protocol import Desired, ModelRef, Status
 from cloud_sync.rollout_checks import same
 from cloud_sync.rollout_state import DeviceProgress, RolloutState
+from cloud_sync.store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,6 +43,32 @@ def rollback_desired(
         rollback=True,
         authorization=sign_rollback(signer, progress.device, previous, rollout=state.id),
     )
+
+
+class Published:
+    """Whether the registry holds a model version (its index and signed manifest agree), once
+    per version: what a rollback restores must be a pack the registry vouches for, never only
+    what a wave document says a device ran."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._known: dict[tuple[str, int], bool] = {}
+
+    def __call__(self, model: ModelRef | None) -> bool:
+        from cloud_sync.registry import Registry
+        from modelpack.errors import EdgebentoError
+
+        if model is None:
+            return False
+        key = (model.name, model.version)
+        if key not in self._known:
+            try:
+                Registry(self.store).entry(model.name, model.version)
+                self._known[key] = True
+            except EdgebentoError as exc:
+                log.warning("no rollback to %s v%s: %s", model.name, model.version, exc)
+                self._known[key] = False
+        return self._known[key]
 
 
 def fold_rollback(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
 from cloud_sync.protocol import Topics
@@ -34,9 +35,15 @@ from cloud_sync.rollout_state import (
     new_rollout,
     save_state,
 )
+from cloud_sync.sealed import public_of
 from cloud_sync.store import ObjectStore, open_store
 from cloud_sync.watch import FleetWatch
 from modelpack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelpack.signing import TrustedKey
 
 QUIET_S = 0.3  # retained documents arrive in one burst after the subscription
 QUIET_MAX_S = 5.0
@@ -86,20 +93,23 @@ def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET
         time.sleep(quiet_s)
 
 
-def resolve_targets(store: ObjectStore, devices: tuple[str, ...], group: str | None) -> list[str]:
+def resolve_targets(
+    store: ObjectStore, devices: tuple[str, ...], group: str | None, trusted: TrustedKey
+) -> list[str]:
     """The devices named, or the members of ``group`` in the cloud's registry of groups
-    (``cloud_sync.groups``): never what a device says of itself in its status."""
+    (``cloud_sync.groups``), signed by the controller's key: never what a device says of
+    itself in its status, nor what a bucket writer put there."""
     from cloud_sync.groups import group_members
 
     if bool(devices) == bool(group):
         raise ConfigError("give either --devices a,b,c or --group G")
     if devices or group is None:
         return list(dict.fromkeys(devices))
-    members = group_members(store, group)
+    members = group_members(store, group, trusted)
     if not members:
         raise ConfigError(
             f"group {group!r} has no devices in {store.url}: add them with "
-            f"edgebento fleet group add {group} DEVICE..."
+            f"edgebento fleet group add {group} DEVICE... --key KEY"
         )
     return members
 
@@ -111,6 +121,7 @@ def start_rollout(
     version: int,
     devices: list[str],
     thresholds: Thresholds,
+    signer: Ed25519PrivateKey,
 ) -> RolloutState:
     """Plan the waves from what each device runs now (so far as heard), and save the plan."""
     from cloud_sync.registry import Registry
@@ -125,7 +136,7 @@ def start_rollout(
     state = new_rollout(
         name, version, devices, previous, thresholds, watch.topics.prefix, generation
     )
-    save_state(store, state)
+    save_state(store, state, signer)
     return state
 
 
@@ -180,7 +191,9 @@ def execute(
 
     signer = load_private_key(request.key)  # fail before anything is published
     store = open_store(request.store, endpoint_url=request.endpoint_url)
-    prior = load_state(store, request.resume) if request.resume else None
+    # Resumed only from what this key signed: a bucket writer's edits would otherwise choose
+    # what the operator's key signs next (an abort's rollbacks).
+    prior = load_state(store, request.resume, public_of(signer)) if request.resume else None
     prefix = prior.prefix if prior else request.prefix
     wanted = {d.device for d in prior.devices} if prior else set(request.devices) or None
     with FleetWatch(request.broker, Topics(prefix), wanted).start(settle_s=0) as watch:
@@ -198,13 +211,21 @@ def execute(
                 state = prepare_resume(prior, watch)
                 if request.allow_unverified:
                     state.thresholds.allow_unverified = True
+                lease.renew(force=True)
+                save_state(store, state, signer)  # conditional: fails if another wrote since
             else:
                 if request.name is None or request.version is None:
                     raise ConfigError("a new rollout needs NAME and VERSION")
-                targets = resolve_targets(store, request.devices, request.group)
+                targets = resolve_targets(store, request.devices, request.group, public_of(signer))
                 watch.devices = set(targets)
                 state = start_rollout(
-                    store, watch, request.name, request.version, targets, request.thresholds
+                    store,
+                    watch,
+                    request.name,
+                    request.version,
+                    targets,
+                    request.thresholds,
+                    signer,
                 )
                 lease.doc.rollout = state.id
                 lease.renew(force=True)

@@ -10,18 +10,25 @@ it, and ``edgebento rollout resume ID`` carries on from it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import time
 import uuid
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
+from cloud_sync.sealed import FIELD, seal, unseal
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, NotFoundError, StoreError
+from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from modelpack.signing import TrustedKey
 
 log = logging.getLogger(__name__)
 # What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
@@ -157,6 +164,9 @@ class RolloutState(RolloutHeader):
     _waves: list[list[DeviceProgress]] = PrivateAttr(default_factory=list)
     _dirty: set[int] = PrivateAttr(default_factory=set)
     _waiting: list[int] = PrivateAttr(default_factory=list)
+    # The etag of each document as this controller last wrote or read it: every save is
+    # conditional on it, so a controller that lost the lease cannot overwrite its successor.
+    _etags: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, _context: object) -> None:
         self.wave_count = max((d.wave for d in self.devices), default=-1) + 1
@@ -262,19 +272,32 @@ def wave_key(rollout_id: str, wave: int) -> str:
     return f"{rollout_key(rollout_id).removesuffix('.json')}/wave-{wave}.json"
 
 
-def save_state(store: ObjectStore, state: RolloutState) -> float:
-    """Write the changed waves, then the header; the seconds it took."""
+def _write(store: ObjectStore, state: RolloutState, key: str, body: bytes) -> None:
+    etag = state._etags.get(key)
+    try:
+        state._etags[key] = store.replace(key, body, etag) if etag else store.create(key, body)
+    except ConflictError as exc:
+        raise ConflictError(
+            f"{key} was written by someone else since this controller last read or wrote it "
+            "(another controller took the fleet over?); stopping without publishing more"
+        ) from exc
+
+
+def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKey) -> float:
+    """Write the changed waves, then the header, each signed by ``signer`` and conditional on
+    the etag this controller last saw (``ConflictError`` when another wrote since); the seconds
+    it took."""
     start = time.perf_counter()
     written = 0
     for index in sorted(state.take_dirty()):
         doc = WaveDoc(rollout=state.id, wave=index, devices=state.wave(index))
-        body = doc.model_dump_json(exclude_none=True).encode()
-        store.put_bytes(wave_key(state.id, index), body)
+        body = seal(doc.model_dump(mode="json", exclude_none=True), signer)
+        _write(store, state, wave_key(state.id, index), body)
         written += len(body)
     state.updated_at = time.time()
-    header = RolloutHeader.model_validate(state.model_dump(exclude={"devices"}))
-    body = header.model_dump_json(indent=2).encode()
-    store.put_bytes(rollout_key(state.id), body)
+    header = RolloutHeader.model_validate(state.model_dump(exclude={"devices", FIELD}))
+    body = seal(header.model_dump(mode="json", exclude={FIELD}), signer)
+    _write(store, state, rollout_key(state.id), body)
     elapsed = time.perf_counter() - start
     saves = state.saves
     saves.count += 1
@@ -284,27 +307,60 @@ def save_state(store: ObjectStore, state: RolloutState) -> float:
     return elapsed
 
 
-def load_header(store: ObjectStore, rollout_id: str) -> RolloutHeader:
+def _document(data: bytes, trusted: TrustedKey | None, what: str) -> dict[str, Any]:
+    """The stored JSON without its signature: verified when ``trusted`` is given (a basis for
+    signing), else only parsed (to show)."""
+    if trusted is not None:
+        return unseal(data, trusted, what)
     try:
-        data = store.get_bytes(rollout_key(rollout_id))
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{what} is not JSON") from exc
+    if not isinstance(doc, dict):
+        raise StoreError(f"{what} is not a JSON object")
+    doc.pop(FIELD, None)
+    return doc
+
+
+def _load_header(
+    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None
+) -> tuple[RolloutHeader, str]:
+    key = rollout_key(rollout_id)
+    try:
+        data, etag = store.read(key)
     except NotFoundError as exc:
         raise NotFoundError(f"no rollout {rollout_id} in {store.url}") from exc
     try:
-        header = RolloutHeader.model_validate_json(data)
+        what = f"rollout {rollout_id} ({key} in {store.url})"
+        header = RolloutHeader.model_validate(_document(data, trusted, what))
     except ValidationError as exc:
         raise StoreError(f"rollout {rollout_id} in {store.url} is not a valid state") from exc
     if header.id != rollout_id:  # a header copied under another id would publish as that one
         raise StoreError(f"rollout {rollout_id} in {store.url} names itself {header.id!r}")
-    return header
+    return header, etag
 
 
-def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
-    header = load_header(store, rollout_id)
+def load_header(
+    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None = None
+) -> RolloutHeader:
+    """The header; its signature checked against ``trusted`` when given (without, only to show:
+    never a basis for signing)."""
+    return _load_header(store, rollout_id, trusted)[0]
+
+
+def load_state(
+    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None = None
+) -> RolloutState:
+    """The header and every wave; with ``trusted``, each must carry the controller's signature
+    over exactly its contents (``SignatureError`` otherwise): what a resume acts on."""
+    header, header_etag = _load_header(store, rollout_id, trusted)
     devices: list[DeviceProgress] = []
+    etags = {rollout_key(rollout_id): header_etag}
     for index in range(header.wave_count):
         key = wave_key(rollout_id, index)
         try:
-            doc = WaveDoc.model_validate_json(store.get_bytes(key))
+            data, etags[key] = store.read(key)
+            doc = WaveDoc.model_validate(_document(data, trusted, f"{key} in {store.url}"))
         except (NotFoundError, ValidationError) as exc:
             raise StoreError(f"rollout {rollout_id}: {key} is missing or not valid") from exc
         if doc.rollout != rollout_id or doc.wave != index:
@@ -315,7 +371,9 @@ def load_state(store: ObjectStore, rollout_id: str) -> RolloutState:
     if len({d.device for d in devices}) != len(devices):
         raise StoreError(f"rollout {rollout_id}: a device is listed twice in its waves")
     fields = header.model_dump(exclude={"wave_count", "counts"})
-    return RolloutState.model_validate({**fields, "devices": devices})
+    state = RolloutState.model_validate({**fields, "devices": devices})
+    state._etags = etags
+    return state
 
 
 def rollout_ids(store: ObjectStore) -> list[str]:

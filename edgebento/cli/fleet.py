@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from edgebento.cli.registry import add_store_args
@@ -32,6 +33,11 @@ def register(sub: Any) -> None:
     group.add_argument("group", nargs="?", help="the group (list: all groups when left out)")
     group.add_argument("devices", nargs="*", metavar="DEVICE", help="device ids (add, remove)")
     add_store_args(group)
+    group.add_argument(
+        "--key",
+        help="signing key (add, remove): a rollout's --group takes only a group its key signed",
+        type=Path,
+    )
     group.add_argument("--json", action="store_true", help='print {"groups": {"G": [...]}}')
     group.set_defaults(func=cmd_group)
 
@@ -117,8 +123,13 @@ def cmd_group(args: argparse.Namespace) -> int:
     else:
         if not args.group or not args.devices:
             raise ConfigError(f"fleet group {args.action} GROUP DEVICE... (at least one device)")
+        from modelpack.signing import load_private_key
+
+        # Without --key the group is kept unsigned: good for monitor cohorts, refused by a
+        # rollout --group, which acts only on what its own key signed.
+        signer = load_private_key(args.key) if args.key else None
         change = {"add": args.devices} if args.action == "add" else {"remove": args.devices}
-        groups = {args.group: change_group(store, args.group, **change)}
+        groups = {args.group: change_group(store, args.group, **change, signer=signer)}
     if args.json:
         print(json.dumps({"groups": groups}, indent=2))
         return 0

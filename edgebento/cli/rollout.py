@@ -19,7 +19,7 @@ from modelpack.errors import ConfigError
 
 USAGE = """\
 edgebento rollout NAME VERSION --store URL --broker URL --key signing.key (--devices a,b | --group G)
-edgebento rollout status ID --store URL [--json]
+edgebento rollout status ID --store URL [--key signing.key] [--json]
 edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] [--timeout S]
     [--allow-unverified]
 edgebento rollout list --store URL [--json]"""
@@ -43,7 +43,12 @@ def register(sub: Any) -> None:
     add_store_args(p)
     p.add_argument("--broker", help="mqtt://[user:pass@]host:port")
     p.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
-    p.add_argument("--key", type=Path, help="signing key: signs the rollbacks of an abort")
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="signing key: signs the rollbacks of an abort and the rollout's documents in the "
+        "store; a resume (and status with --key) acts only on documents it signed",
+    )
     p.add_argument("--devices", help="comma-separated device ids")
     p.add_argument(
         "--group", help="the devices of this group in the store (edgebento fleet group add)"
@@ -265,8 +270,12 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
 
 def _status(args: argparse.Namespace, rollout_id: str) -> int:
     from cloud_sync.rollout_state import load_state
+    from cloud_sync.sealed import public_of
+    from modelpack.signing import load_private_key
 
-    _show(load_state(_store(args), rollout_id), args.json)
+    # With --key, only what that key signed is shown (what a resume would act on).
+    trusted = public_of(load_private_key(args.key)) if args.key else None
+    _show(load_state(_store(args), rollout_id, trusted), args.json)
     return 0
 
 

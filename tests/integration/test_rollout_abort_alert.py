@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_sync.rollout_state import Thresholds, new_rollout, save_state
 from cloud_sync.store import open_store
@@ -27,7 +28,7 @@ def _rollout(store_dir: Path, version: int, phase: str) -> str:
     store = open_store(str(store_dir))
     state = new_rollout("digits", version, ["dev-1", "dev-2"], {}, Thresholds(), "edgebento")
     state.phase = phase  # type: ignore[assignment]
-    save_state(store, state)
+    save_state(store, state, Ed25519PrivateKey.generate())
     return state.id
 
 

@@ -80,7 +80,8 @@ def test_a_group_is_what_the_store_says_never_what_a_device_claims(
     members = simulate(2, 0)
     claimer = simulate(1, 2, "--group", "lobby")  # lists the group in its own status
     group = ["fleet", "group"]
-    assert main([*group, "add", "lobby", *members.names, "--store", store_url]) == 0
+    signed = ("--store", store_url, "--key", str(keys[0]))
+    assert main([*group, "add", "lobby", *members.names, *signed]) == 0
     assert capsys.readouterr().out.strip() == f"lobby: {' '.join(members.names)}"
     code = main(
         [
@@ -93,7 +94,7 @@ def test_a_group_is_what_the_store_says_never_what_a_device_claims(
     shown = json.loads(capsys.readouterr().out)
     assert code == 0 and {d["device"] for d in shown["devices"]} == set(members.names)
     wait_for(broker, topic_prefix, {**dict.fromkeys(members.names, 2), claimer.names[0]: 1})
-    assert main([*group, "remove", "lobby", members.names[0], "--store", store_url]) == 0
+    assert main([*group, "remove", "lobby", members.names[0], *signed]) == 0
     assert capsys.readouterr().out.strip() == f"lobby: {members.names[1]}"
     assert main([*group, "list", "--store", store_url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"groups": {"lobby": members.names[1:]}}

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +21,10 @@ from cloud_sync.rollout_state import (
     plan_waves,
     save_state,
 )
+from cloud_sync.sealed import public_of
 from cloud_sync.store import LocalStore
 from cloud_sync.watch import FleetWatch, VersionStats
-from modelpack.errors import ConfigError
+from modelpack.errors import ConfigError, SignatureError
 
 TARGET = ModelRef(name="m", version=2)
 RID = "m-v2-x"
@@ -122,16 +124,17 @@ def test_abort_on_failed_devices_errors_and_latency() -> None:
 def test_state_is_saved_by_wave_and_only_what_changed(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     state = rollout({f"d{i:02d}": "pending" for i in range(20)}, Thresholds(waves=3))
-    save_state(store, state)
+    signer = Ed25519PrivateKey.generate()
+    save_state(store, state, signer)
     assert sorted(store.list(f"rollouts/{state.id}/")) == [
         f"rollouts/{state.id}/wave-{i}.json" for i in range(4)
     ]
     before = {k: (tmp_path / k).stat().st_mtime_ns for k in store.list("rollouts/")}
     state.move(state.wave(2)[0], "done", "runs v2")
-    save_state(store, state)
+    save_state(store, state, signer)
     changed = {k for k in before if (tmp_path / k).stat().st_mtime_ns != before[k]}
     assert changed == {f"rollouts/{state.id}.json", f"rollouts/{state.id}/wave-2.json"}
-    again = load_state(store, state.id)
+    again = load_state(store, state.id, public_of(signer))
     assert again.devices == state.devices and again.counts == {"pending": 19, "done": 1}
     assert [h.id for h in list_states(store)] == [state.id]
     assert exit_code(again, wait_all=False) == 1  # still running
@@ -141,16 +144,22 @@ def test_state_is_saved_by_wave_and_only_what_changed(tmp_path: Path) -> None:
 
 def test_group_targets_come_from_the_store_never_from_a_status(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
-    change_group(store, "lobby", add=["a", "c", "a"])
-    change_group(store, "dock", add=["b", "c"])
-    assert resolve_targets(store, (), "lobby") == ["a", "c"]
-    assert change_group(store, "lobby", remove=["c"]) == ["a"]
+    signer = Ed25519PrivateKey.generate()
+    trusted = public_of(signer)
+    change_group(store, "lobby", add=["a", "c", "a"], signer=signer)
+    change_group(store, "dock", add=["b", "c"])  # unsigned: a cohort for monitor, not a target
+    assert resolve_targets(store, (), "lobby", trusted) == ["a", "c"]
+    assert change_group(store, "lobby", remove=["c"], signer=signer) == ["a"]
     assert list_groups(store) == {"dock": ["b", "c"], "lobby": ["a"]}
+    with pytest.raises(SignatureError, match="not signed"):
+        resolve_targets(store, (), "dock", trusted)
+    with pytest.raises(SignatureError, match="another key"):
+        resolve_targets(store, (), "lobby", public_of(Ed25519PrivateKey.generate()))
     with pytest.raises(ConfigError, match="fleet group add roof"):
-        resolve_targets(store, (), "roof")
+        resolve_targets(store, (), "roof", trusted)
     with pytest.raises(ConfigError, match="either --devices"):
-        resolve_targets(store, ("a",), "lobby")
-    assert resolve_targets(store, ("x", "y", "x"), None) == ["x", "y"]
+        resolve_targets(store, ("a",), "lobby", trusted)
+    assert resolve_targets(store, ("x", "y", "x"), None, trusted) == ["x", "y"]
     with pytest.raises(ConfigError):
         change_group(store, "../x", add=["a"])
     with pytest.raises(ConfigError):

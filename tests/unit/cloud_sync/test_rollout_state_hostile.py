@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_sync.rollout_state import Thresholds, load_state, new_rollout, save_state
 from cloud_sync.store import LocalStore
@@ -30,7 +31,7 @@ def store(tmp_path: Path) -> LocalStore:
     store = LocalStore(tmp_path / "store")
     devices = [f"d{i}" for i in range(10)]
     state = new_rollout("tiny", 2, devices, {}, Thresholds(canary_pct=10, waves=2), "p")
-    save_state(store, state)
+    save_state(store, state, Ed25519PrivateKey.generate())
     return store
 
 
