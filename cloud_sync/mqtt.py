@@ -58,6 +58,24 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def env_tls_context() -> ssl.SSLContext:
+    """TLS for the cloud's commands (sync, rollout, fleet status): the CA bundle and client
+    certificate of ``EDGEBENTO_MQTT_CA_FILE``, ``EDGEBENTO_MQTT_CERT_FILE`` and
+    ``EDGEBENTO_MQTT_KEY_FILE`` when set (a fleet with its own CA, docs/fleet-identity.md),
+    else the system's trust store."""
+    import os
+
+    ca = os.environ.get("EDGEBENTO_MQTT_CA_FILE") or None
+    ctx = ssl.create_default_context(cafile=ca)
+    cert = os.environ.get("EDGEBENTO_MQTT_CERT_FILE")
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, os.environ.get("EDGEBENTO_MQTT_KEY_FILE") or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"EDGEBENTO_MQTT_CERT_FILE {cert}: {exc}") from exc
+    return ctx
+
+
 def _guarded(callback: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
     """Every consumer's on_message, so that no message can end paho's network thread (paho 2
     re-raises an exception from a callback, and the client then receives nothing more)."""
@@ -117,7 +135,7 @@ class CloudClient:
             self.client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
             # A fleet's own CA and a client certificate (mTLS), or the system's trust store.
-            self.client.tls_set_context(tls_context or ssl.create_default_context())
+            self.client.tls_set_context(tls_context or env_tls_context())
         # Come back quickly: Mosquitto 2.0 does not restore shared subscriptions from its
         # persistence file, so what the fleet publishes between a broker restart and our
         # resubscription reaches nobody in the share.

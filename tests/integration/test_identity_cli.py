@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +23,14 @@ from tests.support.services import free_port, mosquitto_binary, wait_for_port
 PREFIX = "edgebento"
 
 
-def _cli(*args: str) -> str:
+def _cli(*args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "edgebento", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -132,6 +131,18 @@ def test_operator_enrolls_two_devices_and_revokes_one(
     operator.client.loop_start()
     wait_online(operator, PREFIX, "cli-a")
     wait_online(operator, PREFIX, "cli-b")
+    # The cloud's commands reach an mTLS broker with an identity of their own.
+    as_operator = {
+        "EDGEBENTO_MQTT_CA_FILE": str(s["ca"] / "ca-bundle.pem"),
+        "EDGEBENTO_MQTT_CERT_FILE": str(s["ids"] / "operator.crt"),
+        "EDGEBENTO_MQTT_KEY_FILE": str(s["ids"] / "operator.key"),
+    }
+    url = f"mqtts://127.0.0.1:{s['broker'].port}"
+    fleet = json.loads(_cli("fleet", "status", "--broker", url, "--json", env=as_operator))
+    assert {d: v["state"] for d, v in fleet["devices"].items()} == {
+        "cli-a": "online",
+        "cli-b": "online",
+    }
     statuses = operator.collect(f"{PREFIX}/cli-a/status")
     out = _cli(
         "fleet", "revoke", "cli-a", "--store", s["store"], "--ca", str(s["ca"]),
