@@ -10,7 +10,6 @@ it, and ``edgebento rollout resume ID`` carries on from it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
-from cloud_sync.sealed import FIELD, seal, unseal
+from cloud_sync.sealed import FIELD, parse, seal, unseal
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
 
@@ -312,12 +311,7 @@ def _document(data: bytes, trusted: TrustedKey | None, what: str) -> dict[str, A
     signing), else only parsed (to show)."""
     if trusted is not None:
         return unseal(data, trusted, what)
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{what} is not JSON") from exc
-    if not isinstance(doc, dict):
-        raise StoreError(f"{what} is not a JSON object")
+    doc = parse(data, what)
     doc.pop(FIELD, None)
     return doc
 

@@ -52,16 +52,22 @@ def public_of(signer: Ed25519PrivateKey) -> TrustedKey:
     return TrustedKey(key=public, key_id=key_id(public), source="the controller's --key")
 
 
-def unseal(data: bytes, trusted: TrustedKey, what: str) -> dict[str, Any]:
-    """The document without its signature, if ``trusted`` signed exactly these contents."""
-    from cryptography.exceptions import InvalidSignature
-
+def parse(data: bytes, what: str) -> dict[str, Any]:
+    """The JSON object, its signature unchecked (to show, never to act on)."""
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StoreError(f"{what} is not JSON") from exc
     if not isinstance(doc, dict):
         raise StoreError(f"{what} is not a JSON object")
+    return doc
+
+
+def unseal(data: bytes, trusted: TrustedKey, what: str) -> dict[str, Any]:
+    """The document without its signature, if ``trusted`` signed exactly these contents."""
+    from cryptography.exceptions import InvalidSignature
+
+    doc = parse(data, what)
     mark = doc.get(FIELD)
     if not isinstance(mark, dict) or not isinstance(mark.get("ed25519"), str):
         raise SignatureError(
