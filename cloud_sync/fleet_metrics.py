@@ -317,8 +317,8 @@ class RolloutOutcomes:
     abort over in less than a scrape interval, by a controller that exits right after, was never
     seen, and the alert on it never fired. The store keeps the outcome, and the sync process is
     always scraped, so the alert sees every abort for as long as its rule says. The headers are
-    the controller's own unsigned documents: a writer to the bucket can raise a false alert (or
-    hide an abort from it), never move a device."""
+    read without checking the controller's signature (sync holds no key of it): a writer to the
+    bucket can raise a false alert or hide an abort from it, never move a device."""
 
     FINAL = ("aborted", "completed")  # a header in these phases never changes: read once
 

@@ -70,6 +70,7 @@ def test_an_abort_no_scrape_of_its_controller_saw_fires_the_alert(
         ), text[-2000:]
         assert running not in text  # still running: the controller's own gauge says so
         prometheus.start()
+        prometheus.wait_scraped()  # its API answers 503 until it has loaded its storage
         deadline = time.monotonic() + 60
         while prometheus.alerts().get("EdgebentoRolloutAborted") != "firing":
             assert time.monotonic() < deadline, prometheus.alerts()
