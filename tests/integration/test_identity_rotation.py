@@ -1,9 +1,14 @@
 """Certificate rotation under traffic with a real Mosquitto over mTLS and a real agent (issue
 20): certificates that live 30 s are renewed at two thirds of their life, the agent reconnects
-with the new one, the old one goes into the CRL, and no inference request is lost."""
+with the new one, the old one goes into the CRL, and no inference request and no telemetry
+record is lost (`edgebento sync` ingests over mTLS with its own identity)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +17,7 @@ from typing import Any
 import pytest
 
 from cloud_sync.fleet_ca import load_cert
-from tests.support.agent import wait_online
+from tests.support.agent import REPO, wait_online
 from tests.support.identity_fleet import PREFIX, IdentityFleet
 
 
@@ -24,11 +29,31 @@ def short_lived(tmp_path: Path) -> Iterator[IdentityFleet]:
 
 
 def test_rotation_under_traffic_loses_no_request(
-    short_lived: IdentityFleet, agent_factory: Any, pack_v1: Path, tmp_path: Path
+    short_lived: IdentityFleet,
+    agent_factory: Any,
+    pack_v1: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     from cryptography import x509
 
     fleet = short_lived
+    store = tmp_path / "telemetry-store"
+    cert, key = fleet.certs["sync"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "EDGEBENTO_MQTT_CA_FILE": str(fleet.ca.paths.bundle),
+        "EDGEBENTO_MQTT_CERT_FILE": str(cert),
+        "EDGEBENTO_MQTT_KEY_FILE": str(key),
+    }
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "edgebento", "sync", "--broker", fleet.broker.url,
+         "--store", str(store), "--prefix", PREFIX, "--flush-interval", "0.3"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "sync.log").open("ab"),
+    )  # fmt: skip
+    request.addfinalizer(lambda: sync.poll() is None and sync.kill())
     token = fleet.ids.create_claims(["rot-a"], ttl_s=600)["rot-a"]
     agent = agent_factory(
         broker=fleet.broker,
@@ -75,3 +100,21 @@ def test_rotation_under_traffic_loses_no_request(
         raise AssertionError("the old certificate never reached the CRL")
     assert "certificate rotated" in agent.output()
     operator.close()
+    # Every telemetry record the agent numbered is stored, or still in its outbox.
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+    assert agent.process.wait(30) == 0
+    time.sleep(1.0)  # sync's last flush (every 0.3 s)
+    sync.terminate()
+    sync.wait(30)
+    from cloud_sync.parts import decode_jsonl_gz
+    from cloud_sync.store import open_store
+
+    telemetry = open_store(str(store))
+    records = [
+        r for k in telemetry.list("telemetry/") for r in decode_jsonl_gz(telemetry.get_bytes(k))
+    ]
+    seqs = sorted(r["seq"] for r in records if r["device"] == "rot-a")
+    kept = int(agent.output().rsplit("stopped; ", 1)[1].split()[0])
+    assert seqs and seqs == list(range(len(seqs))), "a gap: records lost"
+    assert len(seqs) > 40 and kept == 0, (len(seqs), kept)
