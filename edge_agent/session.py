@@ -63,6 +63,30 @@ def packet_size(topic: str, payload: bytes | str, correlation_data: bytes | None
     return 5 + 2 + len(topic.encode(errors="replace")) + 2 + extra + body
 
 
+def certificate_problem(cert_file: Path) -> str:
+    """Why a broker that takes our CA may drop us before CONNACK: our certificate."""
+    import datetime as dt
+
+    from cloud_sync.fleet_ca import load_cert
+    from modelpack.errors import ConfigError
+
+    try:
+        cert = load_cert(cert_file.read_bytes())
+    except (OSError, ConfigError) as exc:
+        return f"the client certificate {cert_file} cannot be read: {exc}"
+    serial, until = format(cert.serial_number, "x"), cert.not_valid_after_utc
+    when = until.isoformat(timespec="seconds")
+    if until <= dt.datetime.now(dt.UTC):
+        return (
+            f"the device certificate {serial} expired at {when}: enroll again with a new "
+            "claim token (--enroll TOKEN)"
+        )
+    return (
+        f"the broker dropped the connection before accepting it: the device certificate "
+        f"{serial} (valid until {when}) may be revoked"
+    )
+
+
 class Backoff:
     """Exponential backoff with "equal jitter": uniform(c/2, c), c = min(cap, base * 2**attempt).
 
@@ -101,6 +125,8 @@ class Session:
         # Topic filters whose messages go to their own handler (the identity's renewal answers).
         self._routes: list[tuple[str, Callable[[Incoming], None]]] = []
         self._tls: ssl.SSLContext | None = None
+        self._accepted = False  # a CONNACK on the current connection attempt
+        self._told_refusal = False
         self._connected = threading.Event()
         self._lost = threading.Event()
         self._stop = threading.Event()
@@ -224,6 +250,7 @@ class Session:
             client.disconnect()
             return
         self.backoff.reset()
+        self._accepted, self._told_refusal = True, False
         self.connects += 1
         told = getattr(props, "MaximumPacketSize", None) if props is not None else None
         own = self.config.max_packet_bytes or MQTT_MAX_PACKET
@@ -253,6 +280,11 @@ class Session:
         self._lost.set()
         if not self._stop.is_set():
             log.warning("disconnected from %s: %s", redact_url(self.config.broker), reason)
+            if not self._accepted and self.config.cert_file and not self._told_refusal:
+                # TLS 1.3 reports a refused client certificate after the handshake, as a
+                # dropped connection: say what is likely wrong, once per streak.
+                self._told_refusal = True
+                log.error("%s", certificate_problem(self.config.cert_file))
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Acknowledged first: the PUBACK leaves before anything the handling publishes, so the
@@ -281,6 +313,7 @@ class Session:
 
     def _connect_once(self) -> bool:
         cfg = self.config
+        self._accepted = False
         try:
             if self.v5:
                 props = Properties(PacketTypes.CONNECT)
