@@ -44,6 +44,8 @@ DATATYPES = {
     "FP64": "float64",
 }
 OIP_NAME = {v: k for k, v in DATATYPES.items()}
+# By numpy dtype, for each answer's outputs (str() of a dtype is a slow property).
+_OIP_BY_DTYPE = {np.dtype(name): oip_name for name, oip_name in OIP_NAME.items()}
 
 
 MAX_ID_CHARS = 128  # the cap of an MQTT request's id: one id, the same cap on every target
@@ -292,7 +294,7 @@ def answer_doc(
         array = np.require(outputs[name], requirements="C")
         tensor: dict[str, Any] = {
             "name": name,
-            "datatype": datatype(str(array.dtype)),
+            "datatype": _OIP_BY_DTYPE.get(array.dtype) or datatype(str(array.dtype)),
             "shape": list(array.shape),
         }
         if binary and not json_only:

@@ -20,6 +20,7 @@ from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.numbers import coerce as coerce  # callers' arrays (the predictor)
 
+_MAX_INTP = int(np.iinfo(np.intp).max)
 MAX_RANK = 64  # numpy 2 limit on dims (a model of unknown rank does not bound it)
 NUMERIC_DTYPES = frozenset(
     (
@@ -86,9 +87,11 @@ def check_declared_shape(
             reason="too_large",
         )
     # A zero-size shape holds nothing whatever its other dims, but numpy still refuses one whose
-    # other dims would describe more bytes than an index reaches (ValueError: it was a 500).
-    nominal = math.prod(d for d in shape if d) * _itemsize(spec.dtype)
-    if nominal > np.iinfo(np.intp).max:
+    # other dims would describe more bytes than an index reaches (ValueError: it was a 500). A
+    # shape that holds numbers describes count * itemsize bytes: only past 2**57 elements (of
+    # up to 64 bytes each) can that be past it.
+    may_overflow = count == 0 or count > _MAX_INTP >> 6
+    if may_overflow and math.prod(d for d in shape if d) * _itemsize(spec.dtype) > _MAX_INTP:
         raise InputError(
             f"input {name!r}: shape {list(shape)} is past what an array can describe",
             reason="too_large",
