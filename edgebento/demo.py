@@ -6,7 +6,9 @@ handler answers an event; BentoML serves it (tensor JSON, OIP from tritonclient,
 with 200s and 503s); two edge agents on a real Mosquitto get v2 by a rollout, refuse a broken v3
 (the canary's health check rolls it back and the rollout aborts), and keep every telemetry record
 through a broker killed with -9; one device's inputs drift and ``edgebento monitor`` finds its
-cohort; Prometheus scrapes it all and the table shows the alert states.
+cohort; three more devices enroll by claim on a broker with mTLS and the generated ACL, one
+cannot speak for another, a certificate rotates and a device is revoked; Prometheus scrapes it
+all and the table shows the alert states.
 Everything started is stopped on exit, on Ctrl-C and on SIGTERM.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgebento import demo_cloud as cloud
-from edgebento import demo_drift
+from edgebento import demo_drift, demo_identity
 from edgebento import demo_fleet as fleet_steps
 from edgebento.demo_runner import BIN, Demo, Stopped, console, section, stop_on_sigterm
 from edgebento.localservices import LOOPBACK, Prometheus
@@ -110,7 +112,9 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         demo.attempt("telemetry", lambda: fleet_steps.step_exactly_once(fleet))
     with section("11. drift: dev-2's inputs move, edgebento monitor finds its cohort"):
         demo.attempt("drift", lambda: demo_drift.step_drift(demo, fleet, paths["calib"]))
-    with section("12. Prometheus: the alert states"):
+    with section("12. identity: enrollment by claim, mTLS and the ACL, rotation, revocation"):
+        demo.attempt("identity", lambda: demo_identity.step_identity(demo, keys))
+    with section("13. Prometheus: the alert states"):
         states: dict[str, str] = {}
 
         def alerts() -> str:

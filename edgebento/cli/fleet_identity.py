@@ -234,6 +234,14 @@ def cmd_aws_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if abs(seconds) < 3600:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 3600:.1f}h" if abs(seconds) < 3 * 86400 else f"{seconds / 86400:.0f}d"
+
+
 def cmd_identity(args: argparse.Namespace) -> int:
     from cloud_sync.identity_store import identity_rows
 
@@ -242,8 +250,10 @@ def cmd_identity(args: argparse.Namespace) -> int:
         print(json.dumps({"devices": rows}, indent=2))
         return 0
     for device, row in rows.items():
+        rotation = row["last_rotation"]
+        rotated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rotation)) if rotation else "-"
         print(
-            f"{device}: {row['state']}, expires in {row['expires_in_s'] or 0:.0f}s, "
-            f"last rotation {row['last_rotation'] or '-'}"
+            f"{device}: {row['state']}, expires in {_span(row['expires_in_s'])}, "
+            f"last rotation {rotated}"
         )
     return 0
