@@ -232,7 +232,9 @@ class IdentityStore:
         """Every certificate of a revoked device, and those a device rotated away from."""
         out: list[tuple[int, dt.datetime]] = []
         for doc in self.devices().values():
-            when = dt.datetime.fromtimestamp(doc.revoked_at or time.time(), dt.UTC)
+            # A stable date per entry: the revocation, or the rotation that retired it.
+            at = (doc.revoked_at if doc.revoked else doc.last_rotation) or 0.0
+            when = dt.datetime.fromtimestamp(at, dt.UTC)
             serials = [c.serial for c in doc.certificates] if doc.revoked else doc.retired
             out.extend((int(s, 16), when) for s in dict.fromkeys(serials))
         return out

@@ -54,6 +54,12 @@ def register_verbs(verbs: Any) -> None:
     svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
     svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
     svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
+    svc.add_argument(
+        "--crl-refresh",
+        type=duration,
+        default=86400.0,
+        help="rewrite the CRL this often (24h): one past its nextUpdate (30 days) locks out all",
+    )
     svc.add_argument("--metrics-port", type=int, help="serve the identity metrics on /metrics")
     svc.add_argument("--metrics-refresh", type=float, default=30.0, help="store reads (30 s)")
     add_store_args(svc)
@@ -158,9 +164,15 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     service.serve(args.broker, tls_context(ca.paths.bundle, args.cert, args.key), args.prefix)
+    refresh = _publisher(args, ca, ids)
+    refreshed = -1e18
     try:
-        while not done.wait(1.0):
-            pass
+        while not done.wait(0.2):
+            # OpenSSL refuses every client once the CRL's nextUpdate has passed: keep it fresh
+            # even when nothing is revoked (and from the store at every start).
+            if refresh is not None and time.monotonic() - refreshed >= args.crl_refresh:
+                refresh()
+                refreshed = time.monotonic()
     except KeyboardInterrupt:
         pass
     service.stop()

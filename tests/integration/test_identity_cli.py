@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,7 @@ def operator_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
             "--store", store, "--crl-file", str(conf / "crl.pem"),
             "--broker-pid", str(broker.pid), "--metrics-port", str(metrics),
             "--metrics-refresh", "0.2",
+            "--crl-refresh", "2s",
         ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -167,5 +169,14 @@ def test_operator_enrolls_two_devices_and_revokes_one(
         "--crl-file", str(s["conf"] / "crl.pem"), "--broker-pid", str(s["pid"]),
     )  # fmt: skip
     assert _metric(s["metrics"], "edgebento_identity_revoked_connected_devices") == 1
+    # The service rewrites the CRL on its own, so that it never passes its nextUpdate.
+    from cryptography import x509
+
+    crl_file = s["conf"] / "crl.pem"
+    first = x509.load_pem_x509_crl(crl_file.read_bytes()).last_update_utc
+    deadline = time.monotonic() + 20
+    while x509.load_pem_x509_crl(crl_file.read_bytes()).last_update_utc == first:
+        assert time.monotonic() < deadline, "the CRL was not refreshed"
+        time.sleep(0.5)
     operator.client.disconnect()
     operator.client.loop_stop()
