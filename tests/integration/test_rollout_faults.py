@@ -99,7 +99,9 @@ def test_a_flood_of_client_faults_does_not_hide_a_model_that_fails_on_its_own(
             "--abort-p99-ratio",
             "1000",
         )
-    shown = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    assert printed.out, printed.err  # the rollout's outcome, as JSON
+    shown = json.loads(printed.out)
     assert code == 1 and shown["phase"] == "aborted", shown
     assert "inference error rate on v2" in shown["reason"], shown["reason"]
     assert_aborted_back_on_v1(shown, broker, store_url, topic_prefix)
