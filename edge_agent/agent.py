@@ -87,6 +87,8 @@ class Agent:
             self.metrics_registry.register(AgentCollector(self))
         self.heartbeat = Heartbeat()
         self._stopping = threading.Event()
+        self._status_due = threading.Event()  # a connect happened: publish the status
+        self._status_at_tick = False
         self.endpoint: Any = None
 
     def _metrics(self) -> tuple[Any, Any]:
@@ -171,7 +173,12 @@ class Agent:
     # --- MQTT ----------------------------------------------------------------------------------
 
     def _on_connect(self, session_present: bool) -> None:
-        self.publish_status()
+        # Not from inside paho's on_connect: paho resends what the last broker never
+        # acknowledged (a status from before it died, say) only after this returns, and that
+        # older status would then be the one retained. The main loop publishes it next, and
+        # again at the next heartbeat, after any resend.
+        self._status_due.set()
+        self._status_at_tick = True
         self.telemetry.reconnected()
 
     def _publish_result(self, topic: str, payload: bytes) -> None:
@@ -207,14 +214,20 @@ class Agent:
         """Heartbeats until ``request_stop`` or until the broker refused the credentials."""
         next_tick = time.monotonic()
         while not self._stopping.is_set() and self.session.fatal is None:
+            if self._status_due.is_set():
+                self._status_due.clear()
+                self.publish_status()
             if time.monotonic() >= next_tick:
+                if self._status_at_tick:
+                    self._status_at_tick = False
+                    self.publish_status()
                 try:
                     self._tick()
                     self.report_quarantines()
                 except Exception:  # a heartbeat that fails must not end the agent
                     log.exception("heartbeat failed")
                 next_tick = time.monotonic() + self.config.limits.telemetry_interval
-            self._stopping.wait(min(0.2, max(0.0, next_tick - time.monotonic())))
+            self._status_due.wait(min(0.2, max(0.0, next_tick - time.monotonic())))
         fatal = self.session.fatal
         if fatal is not None:
             raise fatal
