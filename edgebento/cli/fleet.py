@@ -70,8 +70,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
     devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
+    identity = _identity(store)
     if args.json:
         doc = {"devices": {d: s.as_json() for d, s in devices.items()}}
+        for device, row in identity.items():  # certificate expiry, last rotation, revoked
+            doc["devices"].setdefault(device, {})["identity"] = row
         print(json.dumps(doc, indent=2, default=str))
         return 0
     from cloud_sync.redact import redact_url
@@ -90,6 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         Column("p99 ms", right=True),
         Column("errors", right=True),
         Column("pending"),
+        Column("certificate"),
     ]
     rows: list[list[str | Cell]] = [
         [
@@ -101,11 +105,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             _num(s.p99_ms, ".1f"),
             f"{s.errors:.0f}",
             f"-> v{s.desired_version}" if s.pending_update else "",
+            _certificate(identity.get(device)),
         ]
         for device, s in devices.items()
     ]
     print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
     return 0
+
+
+def _identity(store: Any) -> dict[str, dict[str, Any]]:
+    """Each device's certificate, from the store's identity records (docs/fleet-identity.md)."""
+    if store is None:
+        return {}
+    from cloud_sync.identity_store import IdentityStore, identity_rows
+
+    return identity_rows(IdentityStore(store).devices(), time.time())
+
+
+def _certificate(row: dict[str, Any] | None) -> Any:
+    from edgebento.cli.tables import Cell
+
+    if row is None:
+        return "-"
+    if row["state"] != "valid":
+        return Cell(row["state"], "red")
+    rotated = ", rotated" if row["last_rotation"] else ""
+    return f"{_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
+
+
+def _ago_span(seconds: float) -> str:
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h" if seconds < 3 * 86400 else f"{seconds / 86400:.0f}d"
 
 
 def cmd_group(args: argparse.Namespace) -> int:
