@@ -25,7 +25,7 @@ from cloud_sync.drift_summary import KIND, DriftSummary
 from modelpack.baseline import BASELINE_FILE, Baseline, read_baseline
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
-from modelpack.monitor import Binner, MonitorSpec, reduce_batch
+from modelpack.monitor import MonitorSpec, reduce, reduce_batch
 from modelpack.pack import Pack
 from modelpack.serving.core import Job, ServingCore
 
@@ -42,7 +42,7 @@ class _Window:
     version: str
     sha256: str
     baseline: Baseline
-    binner: Binner
+    binner: Bins
     inputs: list[MonitorSpec]
     outputs: list[MonitorSpec]
     start: float
@@ -65,23 +65,21 @@ class _Window:
             return
         pending = self.pending
         self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
-        matrix = np.concatenate(
+        columns = np.concatenate(
             [
-                reduce_batch(self.inputs, [(feed, rows) for feed, _, rows in pending]),
-                reduce_batch(self.outputs, [(out, rows) for _, out, rows in pending]),
-            ],
-            axis=1,
+                _columns(self.inputs, [(feed, rows) for feed, _, rows in pending]),
+                _columns(self.outputs, [(out, rows) for _, out, rows in pending]),
+            ]
         )
-        counts, nan = self.binner.count(matrix)
-        # NaN left out; an inf makes the window's sum inf, sent as 0 (``_short``): no mean then.
-        sums, squares = np.nansum(matrix, axis=0), np.nansum(matrix * matrix, axis=0)
         if self.counts is None:
-            self.counts, self.nan, self.sums, self.squares = counts, nan, sums, squares
-        else:
-            self.counts = self.counts + counts
-            self.nan = self.nan + nan  # type: ignore[operator]
-            self.sums = self.sums + sums  # type: ignore[operator]
-            self.squares = self.squares + squares  # type: ignore[operator]
+            features = len(columns)
+            self.counts = np.zeros((features, self.binner.width), dtype=np.int64)
+            self.nan = np.zeros(features, dtype=np.int64)
+            self.sums, self.squares = np.zeros(features), np.zeros(features)
+        nan, sums, squares = self.binner.add(columns, self.counts)
+        self.nan += nan  # type: ignore[operator]
+        self.sums += sums  # type: ignore[operator]
+        self.squares += squares  # type: ignore[operator]
 
     def summary(self, window_s: float) -> dict[str, Any]:
         self.fold()
@@ -108,6 +106,98 @@ class _Window:
         return DriftSummary.model_validate(doc).model_dump(mode="json")
 
 
+# Bytes of comparisons one pass of ``Bins.add`` may hold: bounds its memory for a wide pack.
+_COMPARE_BYTES = 4 << 20
+
+
+class Bins:
+    """Counts many features at once in their baseline's bins, in place, with the bins of
+    ``modelpack.monitor.Binner`` (bin 0 below the first edge, bin ``j`` in ``[e_{j-1}, e_j)``,
+    the last at or above the last edge, NaN apart).
+
+    A binary search per value (``searchsorted``) costs tens of nanoseconds a value, for its
+    unpredictable branches; comparing every value with every edge at once is branch-free and
+    vectorised: the count at or above each edge, and a bin is the difference of two of those.
+    """
+
+    def __init__(self, edges: list[list[float]]) -> None:
+        self.edges = edges
+        self.sizes = np.asarray([len(e) for e in edges], dtype=np.intp)
+        widest = max((len(e) for e in edges), default=1)
+        # NaN padding: no value is at or above it, so a feature's last own bin keeps +inf.
+        self._padded = np.full((len(edges), widest, 1), np.nan)
+        for i, e in enumerate(edges):
+            self._padded[i, : len(e), 0] = e
+        self.width = widest + 1
+
+    def add(
+        self, columns: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Adds a (features, rows) matrix's values to ``counts``; returns NaN per feature, sums
+        and sums of squares (NaN left out)."""
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the sum is NaN, sent as 0
+            sums = columns.sum(axis=1)
+            if np.isfinite(sums).all():  # the common case: no NaN, one pass finds it
+                nan = np.zeros(len(columns), dtype=np.int64)
+                squares = np.einsum("ij,ij->i", columns, columns)
+            else:
+                nan = np.isnan(columns).sum(axis=1)
+                sums, squares = np.nansum(columns, axis=1), np.nansum(columns * columns, axis=1)
+        rows = columns.shape[1]
+        step = max(256, _COMPARE_BYTES // max(1, self._padded.size))
+        at_or_above = np.zeros(self._padded.shape[:2], dtype=np.int64)
+        for start in range(0, rows, step):
+            chunk = columns[:, None, start : start + step] >= self._padded
+            at_or_above += np.add.reduce(chunk, axis=2, dtype=np.int64)
+        valid = (rows - nan)[:, None]
+        ladder = np.concatenate([valid, at_or_above, np.zeros_like(valid)], axis=1)
+        counts += ladder[:, :-1] - ladder[:, 1:]
+        return nan, sums, squares
+
+    def trim(self, counts: np.ndarray) -> list[list[int]]:
+        """Each feature's own bins (the padding's always-empty bins left out)."""
+        return [[int(c) for c in counts[i, : n + 1]] for i, n in enumerate(self.sizes)]
+
+
+def _columns(
+    specs: list[MonitorSpec], requests: list[tuple[Mapping[str, np.ndarray], int]]
+) -> np.ndarray:
+    """The monitored features of many requests as a (features, rows) float64 matrix, in spec
+    order. Requests whose tensors share their shapes past the rows (the common case) are joined
+    with one ``concatenate`` per tensor and reduced at once; others go through ``reduce_batch``."""
+    watched = [s for s in specs if s.reducer != "none"]
+    if not watched:
+        return np.empty((0, sum(rows for _, rows in requests)))
+    rows = 0
+    for _, n in requests:
+        rows += n
+    blocks = []
+    for spec in watched:
+        try:
+            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests])
+        except ValueError:  # shapes differ past the rows, or a scalar
+            joined = None
+        if joined is None or joined.ndim == 0 or len(joined) != rows:
+            return np.ascontiguousarray(reduce_batch(specs, requests).T)
+        blocks.append(_reduced(spec, joined))
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
+    """``reduce``'s features, transposed, without its float64 copy of a wide tensor for the
+    two reducers most packs use."""
+    if spec.reducer == "columns" and joined.ndim >= 2:
+        return joined.reshape(len(joined), -1).T.astype(np.float64)
+    if spec.reducer == "classes" and joined.ndim == 2 and spec.param("scores", "") == "probs":
+        top = np.argmax(joined, axis=1)
+        # argmax stops at a row's first NaN, so the score it picks is NaN iff the row has one
+        confidence = joined[np.arange(len(joined)), top].astype(np.float64)
+        out = np.stack([top.astype(np.float64), confidence])
+        out[0, np.isnan(confidence)] = np.nan
+        return out
+    return np.ascontiguousarray(reduce(spec, joined).T)
+
+
 def _short(value: float) -> float:
     """Seven significant digits: a mean and std to 1e-7 relative, and half the bytes."""
     return float(f"{value:.7g}") if math.isfinite(value) else 0.0
@@ -131,7 +221,7 @@ class DriftMonitor:
         self._window: _Window | None = None
         self._skip: tuple[str, str] | None = None  # a version without a (readable) baseline
         self._closed: list[dict[str, Any]] = []
-        self._loaded: tuple[tuple[str, str], tuple[str, Baseline, Binner] | None] | None = None
+        self._loaded: tuple[tuple[str, str], tuple[str, Baseline, Bins] | None] | None = None
         self.failures = 0
 
     def _start(self, now: float) -> float:
@@ -161,7 +251,7 @@ class DriftMonitor:
             self._start(now),
         )
 
-    def _load(self, pack: Pack, model: str, version: str) -> tuple[str, Baseline, Binner] | None:
+    def _load(self, pack: Pack, model: str, version: str) -> tuple[str, Baseline, Bins] | None:
         entry = pack.manifest.file(BASELINE_FILE)
         if entry is None:
             return None
@@ -175,7 +265,7 @@ class DriftMonitor:
             return None
         baseline = read_baseline(pack.root)
         assert baseline is not None
-        return entry.sha256, baseline, baseline.binner()
+        return entry.sha256, baseline, Bins([f.edges for f in baseline.features])
 
     def observe(
         self,

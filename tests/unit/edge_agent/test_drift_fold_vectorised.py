@@ -1,0 +1,70 @@
+"""The device's vectorised counting (``edge_agent.drift``: one comparison of every value with
+every edge, requests joined per tensor) gives exactly the bins, NaN counts, sums and squares of
+the reference path (``modelpack.monitor``: ``reduce_batch`` then ``Binner.count``), whatever
+the values (NaN, infinities, values on an edge) and however requests are shaped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent import drift
+from edge_agent.drift import Bins, _columns
+from modelpack.monitor import Binner, MonitorSpec, reduce_batch
+
+EDGES = [[-1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 2.0], [-3.0, -1.0, 0.0, 1.0, 3.0], [0.25, 0.75]]
+SPECS = [MonitorSpec("x", "columns"), MonitorSpec("p", "classes", (("scores", "probs"),))]
+SPECIAL = [np.nan, np.inf, -np.inf, 0.0, 0.5, 2.0, -1.0, 1.0, 3.0, 0.25]
+
+value = st.one_of(st.sampled_from(SPECIAL), st.floats(-5, 5, width=32))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> list[tuple[dict[str, np.ndarray], int]]:
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        rows = draw(st.integers(1, 5))
+        x = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2)), np.float32)
+        probs = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2)))
+        out.append(({"x": x.reshape(rows, 2), "p": probs.reshape(rows, 2)}, rows))
+    if draw(st.booleans()):  # a request shaped apart: the reference path's grouping
+        out.append(({"x": np.zeros((2, 2), np.float32), "p": np.ones((2, 2))}, 2))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests())
+def test_counts_nan_sums_and_squares_match_the_reference(
+    batch: list[tuple[dict[str, np.ndarray], int]],
+) -> None:
+    expected = reduce_batch(SPECS, batch)
+    want_counts, want_nan = Binner(EDGES).count(expected)
+
+    columns = _columns(SPECS, batch)
+    bins = Bins(EDGES)
+    counts = np.zeros((len(EDGES), bins.width), dtype=np.int64)
+    nan, sums, squares = bins.add(columns, counts)
+
+    assert bins.trim(counts) == Binner(EDGES).trim(want_counts)
+    assert nan.tolist() == want_nan.tolist()
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(sums, np.nansum(expected, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(squares, np.nansum(expected * expected, axis=0), rtol=1e-12)
+
+
+def test_a_wide_batch_is_counted_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than one comparison pass holds: every row still counted once."""
+    monkeypatch.setattr(drift, "_COMPARE_BYTES", 1000)  # passes of 256 rows
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50_000, 2)).astype(np.float32)
+    x[::7, 0] = np.nan
+    probs = rng.dirichlet([1, 1], 50_000)
+    batch = [({"x": x, "p": probs}, 50_000)]
+    bins = Bins(EDGES)
+    counts = np.zeros((len(EDGES), bins.width), dtype=np.int64)
+    bins.add(_columns(SPECS, batch), counts)
+    want, _ = Binner(EDGES).count(reduce_batch(SPECS, batch))
+    assert bins.trim(counts) == Binner(EDGES).trim(want)
+    assert [sum(row) for row in bins.trim(counts)] == [50_000 - len(x[::7]), 50_000, 50_000, 50_000]
