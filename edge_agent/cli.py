@@ -113,9 +113,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     from cloud_sync.redact import redact_url
-    from edge_agent.identity import Renewer, prepare_identity
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
+    from edge_agent.identity import Renewer, prepare_identity
     from edge_agent.inference import install_hint
 
     config = load_config(args.config, _flags(args))
