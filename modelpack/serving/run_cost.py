@@ -17,6 +17,7 @@ class RunCost:
         self._x = self._y = self._xx = self._xy = 0.0
         self.fixed_s = 0.0
         self.per_row_s = 0.0
+        self.fitted = False  # a slope was told from the runs' sizes (else all is per row)
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows <= 0 or not seconds >= 0:
@@ -34,8 +35,10 @@ class RunCost:
                 slope = max(0.0, (self._xy - self._x * self._y) / var)
                 self.per_row_s = slope
                 self.fixed_s = max(0.0, self._y - slope * self._x)
+                self.fitted = True
             else:  # one size seen: charge it all per row (the cautious reading for more rows)
                 self.per_row_s, self.fixed_s = self._y / self._x, 0.0
+                self.fitted = False
 
     def known(self) -> bool:
         return self._n > 0
