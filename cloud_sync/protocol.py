@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgebento"
-COMMANDS = ("ping", "deploy", "rollback", "config", "capture", "cancel")
+COMMANDS = ("ping", "deploy", "rollback", "config", "capture", "cancel", "shadow")
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,18 @@ class CancelCommand(Request):
     """Stop the download or install in progress (its reply says what was cancelled)."""
 
 
+class ShadowCommand(Request):
+    """Install ``name`` v``version`` beside the live pack (verified as any install) and run it
+    on at most ``rate`` live inputs a second, off the hot path (``edge_agent.shadow``); or stop
+    and remove it."""
+
+    action: Literal["start", "stop"]
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    version: int | None = Field(default=None, gt=0)
+    rate: float = Field(default=5.0, gt=0, le=1000)
+    for_s: float = Field(default=600.0, gt=0, le=86_400)
+
+
 COMMAND_MODELS: dict[str, type[Request]] = {
     "ping": PingCommand,
     "deploy": DeployCommand,
@@ -294,6 +306,7 @@ COMMAND_MODELS: dict[str, type[Request]] = {
     "config": ConfigCommand,
     "capture": CaptureCommand,
     "cancel": CancelCommand,
+    "shadow": ShadowCommand,
 }
 
 
@@ -354,6 +367,7 @@ class Status(_Doc):
     applied: Applied | None = None  # the last desired generation the device acted on
     expired: bool = False  # the serving pack is past its expires_at (it keeps serving)
     outbox: dict[str, int | str] | None = None
+    shadow: dict[str, Any] | None = None  # cloud_sync.shadow_figures.ShadowFigures, read there
     ts: float = Field(default_factory=time.time)
 
 

@@ -46,6 +46,7 @@ from cloud_sync.rollout_checks import (
     wave_label,
     wave_line,
 )
+from cloud_sync.rollout_shadow import ShadowPhase
 from cloud_sync.rollout_state import (
     AbortFigures,
     DeviceProgress,
@@ -98,6 +99,8 @@ class Rollout:
         self._stats_at = 0.0
         self._refused: set[str] = set()  # devices that answered a rollback with a refusal
         self._published = Published(store)
+        shadow = state.thresholds.shadow
+        self.shadow = ShadowPhase(self, shadow) if shadow is not None else None
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -168,6 +171,8 @@ class Rollout:
                 break
             if not self._can_judge(index):
                 break
+            if self.shadow is not None and (found := self.shadow.run(index)) is not None:
+                return self._abort(*found)  # before the wave heard of the version
             self._start_wave(index)
             if (found := self._watch_wave(index)) is not None:
                 return self._abort(*found)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
 from cloud_sync.sealed import FIELD, parse, seal, unseal
+from cloud_sync.shadow_figures import ShadowSettings
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
 
@@ -74,6 +75,7 @@ class Thresholds(BaseModel):
     bake_s: float = Field(default=60.0, ge=0)  # watch each wave's telemetry this long
     wave_timeout_s: float = Field(default=300.0, gt=0)  # for every device of a wave to report
     rollback_wait_s: float = Field(default=60.0, ge=0)  # for the touched devices to go back
+    shadow: ShadowSettings | None = None  # run each wave's shadow first (rollout_shadow)
 
 
 class AbortFigures(BaseModel):

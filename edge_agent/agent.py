@@ -18,6 +18,7 @@ from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
 from edge_agent.pipelines import Pipeline
 from edge_agent.session import Session
+from edge_agent.shadow import ShadowRunner
 from edge_agent.telemetry import Heartbeat, TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
@@ -48,6 +49,9 @@ class Agent:
         if config.drift_window_s > 0 and isinstance(self.inference.core, DriftCore):
             self.drift = DriftMonitor(lambda: self.updater.current, config.drift_window_s)
             self.inference.core.drift = self.drift
+        self.shadow = ShadowRunner(self.updater, self.inference, self.record, self.publish_status)
+        if isinstance(self.inference.core, DriftCore):
+            self.inference.core.shadow = self.shadow
         self.capture = Capture(
             config.device,
             self.boot_id,
@@ -116,6 +120,7 @@ class Agent:
                 "applied": self.updater.applied,
                 "expired": self.updater.expired,
                 "outbox": self.outbox.stats(),
+                "shadow": self.shadow.status(),
             }
         )
 
@@ -156,6 +161,7 @@ class Agent:
         self.record("inference", {**self.inference.stats.snapshot(), "model": beat["model"]})
         if self.drift is not None:
             self.drift.flush_to(self.record)
+        self.shadow.flush()
 
     def apply_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
         self.config.limits = self.config.limits.model_copy(update=changes)

@@ -25,6 +25,7 @@ from cloud_sync.protocol import (
     DeployCommand,
     Request,
     RollbackCommand,
+    ShadowCommand,
 )
 from edge_agent.localdb import connect, is_corruption, quarantine
 from edge_agent.trust import rollback_command
@@ -184,6 +185,15 @@ def capture(agent: Agent, request: Request) -> dict[str, Any]:
     return agent.capture.status()
 
 
+def shadow(agent: Agent, request: Request) -> dict[str, Any]:
+    assert isinstance(request, ShadowCommand)
+    if request.action == "stop":
+        return agent.shadow.stop("stopped by command")
+    if request.name is None or request.version is None:
+        raise ProtocolError('shadow start needs {"name": ..., "version": ...}')
+    return agent.shadow.start(request.name, request.version, request.rate, request.for_s)
+
+
 def cancel(agent: Agent, request: Request) -> dict[str, Any]:
     what = agent.updates.cancel(f"cancel command {request.id}")
     return {"cancelled": what}
@@ -196,8 +206,9 @@ HANDLERS: dict[str, Callable[[Agent, Request], dict[str, Any]]] = {
     "config": config,
     "capture": capture,
     "cancel": cancel,
+    "shadow": shadow,
 }
-# Where each runs: deploys on the update worker (downloads); rollback and capture on a command
-# worker, so they never wait behind a download; the rest on the network thread.
-WHERE = {"deploy": "update", "rollback": "worker", "capture": "worker"}
+# Where each runs: deploys and shadows on the update worker (downloads); rollback and capture on a
+# command worker, so they never wait behind a download; the rest on the network thread.
+WHERE = {"deploy": "update", "rollback": "worker", "capture": "worker", "shadow": "update"}
 assert set(HANDLERS) == set(COMMANDS)

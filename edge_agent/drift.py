@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from modelpack.hashing import sha256_file
 from modelpack.monitor import MonitorSpec, reduce, reduce_batch
 from modelpack.pack import Pack
 from modelpack.serving.core import Job, ServingCore
+
+if TYPE_CHECKING:
+    from edge_agent.shadow import ShadowRunner
 
 log = logging.getLogger(__name__)
 
@@ -350,13 +353,21 @@ class DriftMonitor:
 
 
 class DriftCore(ServingCore):
-    """The agent's serving core with the drift hook: every successful run (MQTT, HTTP and
-    pipelines all run through ``run_sync``) is counted, and every schema refusal."""
+    """The agent's serving core with the drift and shadow hooks: every successful run (MQTT,
+    HTTP and pipelines all run through ``run_sync``) is counted, and every schema refusal; while
+    a shadow runs (``edge_agent.shadow``), it is offered the run's tensors and time."""
 
     drift: DriftMonitor | None = None
+    shadow: ShadowRunner | None = None
 
     def run_sync(self, job: Job) -> Job:
-        job = super().run_sync(job)
+        shadow = self.shadow
+        if shadow is not None:
+            start = time.perf_counter()
+            job = super().run_sync(job)
+            shadow.offer(job.feed, job.outputs, time.perf_counter() - start)
+        else:
+            job = super().run_sync(job)
         monitor = self.drift
         if monitor is not None:
             model = job.model

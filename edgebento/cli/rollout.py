@@ -124,6 +124,22 @@ def register(sub: Any) -> None:
         help="seconds to wait for devices to confirm a rollback (60)",
     )
     p.add_argument(
+        "--shadow",
+        action="store_true",
+        help="before switching each wave, run the new version beside the current one on live "
+        "inputs (docs/monitoring.md); switch only if agreement, latency and errors pass",
+    )
+    p.add_argument("--shadow-for", default="10m", metavar="T", help="each wave's shadow (10m)")
+    p.add_argument(
+        "--agreement",
+        type=float,
+        default=0.99,
+        help="top-1 agreement (class outputs) or mean cosine a device must reach (0.99)",
+    )
+    p.add_argument(
+        "--shadow-rate", type=float, default=5.0, help="shadow runs a second per device (5)"
+    )
+    p.add_argument(
         "--wait", action="store_true", help="exit 0 only when every target runs the version"
     )
     p.add_argument(
@@ -190,6 +206,7 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
             bake_s=args.bake,
             wave_timeout_s=args.wave_timeout,
             rollback_wait_s=args.rollback_wait,
+            shadow=_shadow(args),
         )
     except ValidationError as exc:  # one line naming the flag, before anything connects
         problem = exc.errors()[0]
@@ -213,6 +230,21 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
         allow_unverified=args.allow_unverified,
         lease_ttl_s=args.lease_ttl,
     )
+
+
+def _shadow(args: argparse.Namespace) -> Any:
+    from cloud_sync.shadow_figures import ShadowSettings, parse_duration
+
+    if not getattr(args, "shadow", False):
+        return None
+    try:
+        return ShadowSettings(
+            for_s=parse_duration(args.shadow_for), agreement=args.agreement, rate=args.shadow_rate
+        )
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        flag = {"agreement": "--agreement", "rate": "--shadow-rate"}.get(str(problem["loc"][0]))
+        raise ConfigError(f"{flag or '--shadow'}: {problem['msg']}") from exc
 
 
 def _run(args: argparse.Namespace, resume: str | None) -> int:
@@ -327,6 +359,10 @@ def _show(state: Any, as_json: bool) -> None:
     for check in state.checks:
         verdict = "verified" if check.verified else "NOT VERIFIED"
         print(f"wave {check.wave}: {verdict}: {check.detail}")
+    from cloud_sync.rollout_shadow import shadow_lines
+
+    for line in shadow_lines(state.devices):
+        print(line)
     for device, why in state.suspects.items():
         print(f"suspect {device}: {why}")
     if state.reason:

@@ -1,0 +1,262 @@
+"""Shadow runs on the device: a new version installed beside the live one, run on a sample of
+live inputs off the hot path, its answers compared with the live model's.
+
+``start`` fetches and verifies the pack exactly as an install does (signature, hashes, above the
+device's mark, golden samples through the health check), into ``shadow/`` beside the packs,
+never recorded as installed: the device keeps serving its current version and its mark does not
+move. The hot path (``offer``, from the serving core after each answered request) only looks at
+a clock and, at most ``rate`` times a second, hands the request's tensors to one slot; a
+background thread runs the shadow model on them, and only while the agent's inference queue is
+empty (a busy device drops the sample and counts it). Each run adds to cumulative figures
+(``cloud_sync.shadow_figures.ShadowFigures``): top-1 agreement for class probabilities (or
+labelled scores), else the mean cosine of the first output; the largest absolute difference;
+both run times; errors. They leave in the status and as telemetry records of kind ``shadow``,
+through the outbox like every record. ``stop`` removes the copy; a shadow also stops by itself
+after ``for_s`` twice over, should its controller never come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cloud_sync.redact import redact_text
+from cloud_sync.shadow_figures import KIND, ShadowFigures
+from modelpack.errors import EdgebentoError
+from modelpack.monitor import probabilities
+
+if TYPE_CHECKING:
+    from edge_agent.inference import InferenceService
+    from edge_agent.updater import Updater
+    from modelpack.pack import Pack
+    from modelpack.predictor import Predictor
+
+log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.05  # how long a sample waits for the infer queue to empty before it is dropped
+LIFETIME_FACTOR = 2.0  # a shadow nobody stops ends after for_s times this
+
+Sample = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], float]
+
+
+@dataclass
+class _Active:
+    pack: Pack
+    predictor: Predictor
+    root: Path
+    rate: float
+    until: float
+    figures: ShadowFigures
+    next_at: float = 0.0
+    slot: Sample | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
+    stopped: bool = False
+    output: str | None = None  # the output compared for agreement, chosen at the first run
+
+
+class ShadowRunner:
+    def __init__(
+        self,
+        updater: Updater,
+        inference: InferenceService,
+        record: Callable[[str, dict[str, Any]], None],
+        publish: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.updater, self.inference = updater, inference
+        self.record, self.publish, self.clock = record, publish, clock
+        self.dir = updater.config.data_dir / "shadow"
+        shutil.rmtree(self.dir, ignore_errors=True)  # a copy from before a restart: not trusted
+        self._active: _Active | None = None
+        self._last: ShadowFigures | None = None  # kept after a stop or failure, for the status
+        self._lock = threading.Lock()
+
+    # --- commands --------------------------------------------------------------------------
+
+    def start(self, name: str, version: int, rate: float, for_s: float) -> dict[str, Any]:
+        """Install ``name`` v``version`` beside the live pack, verified as any install, and
+        start shadowing it. A pack that fails any check is reported, never run."""
+        self.stop("replaced by a new shadow")
+        figures = ShadowFigures.model_validate(
+            {"model": {"name": name, "version": version}, "state": "running"}
+        )
+        try:
+            pack, predictor, root = self._install(name, version)
+        except EdgebentoError as exc:
+            figures.state, figures.reason = "failed", redact_text(str(exc))[:512]
+            self._report(figures)
+            raise
+        active = _Active(
+            pack, predictor, root, rate, self.clock() + for_s * LIFETIME_FACTOR, figures
+        )
+        with self._lock:
+            self._active = active
+        threading.Thread(target=self._loop, args=(active,), name="shadow", daemon=True).start()
+        self._report(figures)
+        log.info("shadowing %s v%s at %g runs/s", name, version, rate)
+        return {"shadow": figures.model_dump(mode="json")}
+
+    def stop(self, why: str = "stopped") -> dict[str, Any]:
+        with self._lock:
+            active, self._active = self._active, None
+        if active is None:
+            return {"shadow": None if self._last is None else self._last.model_dump(mode="json")}
+        active.stopped = True
+        active.wake.set()
+        if active.figures.state == "running":
+            active.figures.state, active.figures.reason = "stopped", why
+        shutil.rmtree(active.root, ignore_errors=True)
+        self._report(active.figures)
+        return {"shadow": active.figures.model_dump(mode="json")}
+
+    def _install(self, name: str, version: int) -> tuple[Pack, Predictor, Path]:
+        import dataclasses
+
+        up = self.updater
+        self.dir.mkdir(parents=True, exist_ok=True)
+        staging = self.dir / uuid.uuid4().hex
+        try:
+            fetched = up._named(name, version)(staging)
+            pack = up._verify(fetched)
+            if (pack.manifest.name, pack.manifest.version) != (name, version):
+                raise EdgebentoError(f"the store's {name} v{version} holds another version")
+            up._check_version(pack, f"{name} v{version}", None)  # above the mark, as any install
+            pack = dataclasses.replace(pack, root=fetched)
+            predictor = up._load_predictor(pack)
+            up._health_check(pack, predictor)  # golden samples and the latency budget
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return pack, predictor, staging
+
+    # --- the hot path ----------------------------------------------------------------------
+
+    def offer(
+        self,
+        feed: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        current_s: float,
+    ) -> None:
+        """After an answered request: a clock read, and rarely a reference handed over."""
+        active = self._active
+        if active is None:
+            return
+        now = self.clock()
+        if now < active.next_at or active.slot is not None:
+            return
+        active.next_at = now + 1.0 / active.rate
+        active.slot = (feed, outputs, current_s)
+        active.wake.set()
+
+    # --- the background thread -------------------------------------------------------------
+
+    def _loop(self, active: _Active) -> None:
+        while not active.stopped:
+            active.wake.wait(1.0)
+            active.wake.clear()
+            if self.clock() > active.until:
+                self.stop("no controller stopped it in time")
+                return
+            sample, active.slot = active.slot, None
+            if sample is None or active.stopped:
+                continue
+            if not self._idle():
+                active.figures.busy += 1
+                continue
+            try:
+                self._run(active, *sample)
+            except Exception as exc:  # the shadow's fault, never the live model's
+                active.figures.errors += 1
+                if active.figures.errors == 1:
+                    log.warning("the shadow model failed: %s", exc)
+
+    def _idle(self) -> bool:
+        """The infer queue is empty now, or within ``IDLE_WAIT_S``."""
+        deadline = time.monotonic() + IDLE_WAIT_S
+        while getattr(self.inference, "_pending", 0) > 0:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def _run(
+        self,
+        active: _Active,
+        feed: Mapping[str, np.ndarray],
+        live: Mapping[str, np.ndarray],
+        current_s: float,
+    ) -> None:
+        start = time.perf_counter()
+        answer = active.predictor.run(feed)
+        took = time.perf_counter() - start
+        f = active.figures
+        if active.output is None:
+            active.output, f.metric = _choose(active.pack, answer)
+        name = active.output
+        new, old = np.asarray(answer[name]), np.asarray(live[name])
+        if new.shape != old.shape:
+            raise EdgebentoError(f"{name}: shape {new.shape} against the live {old.shape}")
+        rows = len(new) if new.ndim else 1
+        new2, old2 = new.reshape(rows, -1).astype(np.float64), old.reshape(rows, -1)
+        if f.metric == "top1":
+            agreeing = float((new2.argmax(axis=1) == old2.argmax(axis=1)).sum())
+        else:
+            norms = np.linalg.norm(new2, axis=1) * np.linalg.norm(old2, axis=1)
+            dots = (new2 * old2).sum(axis=1)
+            cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+            agreeing = float(np.clip(cosine, 0.0, 1.0).sum())
+        worst = max(
+            float(np.max(np.abs(np.asarray(answer[k], np.float64) - np.asarray(live[k]))))
+            for k in answer
+            if k in live and np.shape(answer[k]) == np.shape(live[k]) and np.size(answer[k])
+        )
+        if not np.isfinite(worst):
+            raise EdgebentoError("the shadow answered NaN or infinity")
+        f.samples += 1
+        f.rows += rows
+        f.agreeing += agreeing
+        f.max_abs = worst if f.max_abs is None else max(f.max_abs, worst)
+        f.shadow_ms += took * 1000
+        f.current_ms += current_s * 1000
+
+    # --- reporting -------------------------------------------------------------------------
+
+    @property
+    def figures(self) -> ShadowFigures | None:
+        active = self._active
+        return active.figures if active is not None else self._last
+
+    def status(self) -> dict[str, Any] | None:
+        figures = self.figures
+        return None if figures is None else figures.model_dump(mode="json", exclude_none=True)
+
+    def flush(self) -> None:
+        """At each telemetry tick while a shadow runs: a record and a fresh status."""
+        active = self._active
+        if active is not None:
+            self._report(active.figures)
+
+    def _report(self, figures: ShadowFigures) -> None:
+        self._last = figures
+        self.record(KIND, figures.model_dump(mode="json", exclude_none=True))
+        self.publish()
+
+
+def _choose(pack: Pack, answer: Mapping[str, np.ndarray]) -> tuple[str, Any]:
+    """The output compared and how: top-1 for class probabilities or labelled scores, else the
+    cosine of the first output."""
+    labels = len(pack.manifest.labels)
+    for name, value in answer.items():
+        array = np.asarray(value)
+        classes = probabilities(array) or (labels and array.shape[1] == labels)
+        if array.ndim == 2 and array.shape[1] >= 2 and classes:
+            return name, "top1"
+    return next(iter(answer)), "cosine"

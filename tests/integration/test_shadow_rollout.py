@@ -1,0 +1,134 @@
+"""Shadow rollouts to real edge agents (each in its own process) over a real Mosquitto: the new
+version runs beside the live one on live inputs, and the wave switches only if it agrees.
+
+A subtly broken v2 (a different top class for a tenth of its inputs, its golden samples its
+own, so every install check passes) aborts before any device switches, with its agreement; the
+same model packed again as v2 passes its shadow and the rollout completes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_sync.rollout_state import load_state
+from cloud_sync.store import open_store
+from edgebento.cli import main
+from tests.support.agent import AgentProcess, Client
+from tests.support.fleet import rollout_ids, wait_versions
+from tests.support.services import Mosquitto
+from tests.support.shadow_models import flipping_mlp
+
+pytestmark = pytest.mark.slow
+DEVICES = ["a", "b", "c"]
+
+
+@contextmanager
+def traffic(broker: Mosquitto, prefix: str, per_s: float = 60.0) -> Iterator[Client]:
+    """Live inputs to every device until the block ends, like a fleet in the field: one-row
+    requests from a standard normal, answered on a reply topic."""
+    client, stop = Client(broker), threading.Event()
+    statuses = client.collect(f"{prefix}/+/status")
+    client.statuses = statuses  # type: ignore[attr-defined]
+    rng = np.random.default_rng(7)
+
+    def send() -> None:
+        while not stop.wait(1.0 / per_s):
+            x = rng.standard_normal((1, 8)).round(4).tolist()
+            for device in DEVICES:
+                doc = {"id": uuid.uuid4().hex, "reply_to": f"answers/{device}", "inputs": {"x": x}}
+                client.client.publish(f"{prefix}/{device}/infer", json.dumps(doc), qos=0)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        yield client
+    finally:
+        stop.set()
+        thread.join(5)
+        client.close()
+
+
+def _rollout(fleet: Callable[..., list[AgentProcess]], broker: Mosquitto, prefix: str,
+             key: Path, shadow_for: str) -> int:  # fmt: skip
+    return main([
+        "rollout", "tiny", "2", "--store", fleet.store_url,  # type: ignore[attr-defined]
+        "--broker", broker.url, "--prefix", prefix, "--key", str(key), "--devices",
+        ",".join(DEVICES), "--canary", "100", "--waves", "1", "--bake", "0",
+        "--wave-timeout", "60", "--lease-ttl", "5", "--allow-unverified",
+        "--shadow", "--shadow-for", shadow_for, "--shadow-rate", "40",
+    ])  # fmt: skip
+
+
+def _served(statuses: object) -> set[int]:
+    seen = set()
+    while not statuses.empty():  # type: ignore[attr-defined]
+        payload = statuses.get_nowait().payload  # type: ignore[attr-defined]
+        if payload:
+            model = json.loads(payload).get("model") or {}
+            seen.add(model.get("version"))
+    return seen
+
+
+def test_a_version_that_changes_a_tenth_of_its_answers_aborts_before_any_device_switches(
+    fleet: Callable[..., list[AgentProcess]],
+    broker: Mosquitto,
+    topic_prefix: str,
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    agents = fleet(DEVICES, v2_model=flipping_mlp(tmp_path / "flipping.onnx"))
+    with traffic(broker, topic_prefix) as client:
+        shadow_records = client.collect(f"{topic_prefix}/+/telemetry")
+        code = _rollout(fleet, broker, topic_prefix, keys[0], "10m")
+        seen = _served(client.statuses)  # type: ignore[attr-defined]
+    out = capsys.readouterr().out
+    state = load_state(open_store(fleet.store_url), rollout_ids(fleet.store_url)[0])  # type: ignore[attr-defined]
+    assert code != 0 and state.phase == "aborted", out
+    assert "shadow of v2 failed" in (state.reason or ""), state.reason
+    assert "no device switched" in state.reason  # type: ignore[operator]
+    assert 2 not in seen, "a device served v2"
+    assert all(d.state == "pending" for d in state.devices), state.devices
+    wait_versions(broker, topic_prefix, dict.fromkeys(DEVICES, 1))
+    agreements = []
+    for d in state.devices:  # each device's figures, signed in the state, shown by status
+        figures = d.shadow  # type: ignore[attr-defined]
+        assert figures["verdict"] == "fail" and figures["samples"] >= 100, figures
+        agreements.append(figures["agreeing"] / figures["rows"])
+    assert all(0.8 < a < 0.97 for a in agreements), agreements  # about 0.9: a tenth flipped
+    assert "top-1 agreement 0.9" in out or "top-1 agreement 0.8" in out, out
+    records = []  # the same figures leave as telemetry records of kind shadow
+    while not shadow_records.empty():
+        batch = json.loads(shadow_records.get_nowait().payload)
+        records += [r for r in batch.get("records", []) if r["kind"] == "shadow"]
+    assert {r["device"] for r in records} == set(DEVICES)
+    assert any(r["data"]["state"] == "stopped" for r in records)  # the copy was removed
+    for agent in agents:
+        assert not list((agent.data_dir / "shadow").glob("*")), "the shadow copy is left"
+
+
+def test_the_same_model_packed_again_passes_its_shadow_and_switches(
+    fleet: Callable[..., list[AgentProcess]],
+    broker: Mosquitto,
+    topic_prefix: str,
+    keys: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet(DEVICES)  # v2 is v1's model, packed again
+    with traffic(broker, topic_prefix):
+        code = _rollout(fleet, broker, topic_prefix, keys[0], "6s")
+    out = capsys.readouterr().out
+    state = load_state(open_store(fleet.store_url), rollout_ids(fleet.store_url)[0])  # type: ignore[attr-defined]
+    assert code == 0 and state.phase == "completed", out + str(state.reason)
+    wait_versions(broker, topic_prefix, dict.fromkeys(DEVICES, 2))
+    for d in state.devices:
+        figures = d.shadow  # type: ignore[attr-defined]
+        assert figures["verdict"] == "pass", figures
+        assert figures["agreeing"] == figures["rows"] and figures["max_abs"] < 1e-5, figures
