@@ -362,7 +362,7 @@ class DriftCore(ServingCore):
 
     def run_sync(self, job: Job) -> Job:
         shadow = self.shadow
-        if shadow is not None:
+        if shadow is not None and shadow.next_at <= time.monotonic():  # rarely: rate-limited
             start = time.perf_counter()
             job = super().run_sync(job)
             shadow.offer(job.feed, job.outputs, time.perf_counter() - start)

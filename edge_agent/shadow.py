@@ -18,6 +18,7 @@ after ``for_s`` twice over, should its controller never come back.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -55,7 +56,6 @@ class _Active:
     rate: float
     until: float
     figures: ShadowFigures
-    next_at: float = 0.0
     slot: Sample | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     stopped: bool = False
@@ -69,13 +69,13 @@ class ShadowRunner:
         inference: InferenceService,
         record: Callable[[str, dict[str, Any]], None],
         publish: Callable[[], None],
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.updater, self.inference = updater, inference
-        self.record, self.publish, self.clock = record, publish, clock
+        self.record, self.publish = record, publish
         self.dir = updater.config.data_dir / "shadow"
         shutil.rmtree(self.dir, ignore_errors=True)  # a copy from before a restart: not trusted
         self._active: _Active | None = None
+        self.next_at = math.inf  # when the hot path may hand over its next sample
         self._last: ShadowFigures | None = None  # kept after a stop or failure, for the status
         self._lock = threading.Lock()
 
@@ -85,28 +85,41 @@ class ShadowRunner:
         """Install ``name`` v``version`` beside the live pack, verified as any install, and
         start shadowing it. A pack that fails any check is reported, never run."""
         self.stop("replaced by a new shadow")
-        figures = ShadowFigures.model_validate(
-            {"model": {"name": name, "version": version}, "state": "running"}
-        )
         try:
             pack, predictor, root = self._install(name, version)
         except EdgebentoError as exc:
-            figures.state, figures.reason = "failed", redact_text(str(exc))[:512]
-            self._report(figures)
+            failed = ShadowFigures.model_validate(
+                {"model": {"name": name, "version": version}, "state": "failed"}
+            )
+            failed.reason = redact_text(str(exc))[:512]
+            self._report(failed)
             raise
-        active = _Active(
-            pack, predictor, root, rate, self.clock() + for_s * LIFETIME_FACTOR, figures
-        )
-        with self._lock:
-            self._active = active
-        threading.Thread(target=self._loop, args=(active,), name="shadow", daemon=True).start()
-        self._report(figures)
+        figures = self.run_beside(pack, predictor, root, rate, for_s)
         log.info("shadowing %s v%s at %g runs/s", name, version, rate)
         return {"shadow": figures.model_dump(mode="json")}
+
+    def run_beside(
+        self, pack: Pack, predictor: Predictor, root: Path, rate: float, for_s: float
+    ) -> ShadowFigures:
+        """Start shadowing a pack already verified and installed at ``root`` (``start`` does
+        both; the benchmark hands one over)."""
+        m = pack.manifest
+        figures = ShadowFigures.model_validate(
+            {"model": {"name": m.name, "version": m.version}, "state": "running"}
+        )
+        until = time.monotonic() + for_s * LIFETIME_FACTOR
+        active = _Active(pack, predictor, root, rate, until, figures)
+        with self._lock:
+            self._active = active
+            self.next_at = 0.0
+        threading.Thread(target=self._loop, args=(active,), name="shadow", daemon=True).start()
+        self._report(figures)
+        return figures
 
     def stop(self, why: str = "stopped") -> dict[str, Any]:
         with self._lock:
             active, self._active = self._active, None
+            self.next_at = math.inf
         if active is None:
             return {"shadow": None if self._last is None else self._last.model_dump(mode="json")}
         active.stopped = True
@@ -139,7 +152,7 @@ class ShadowRunner:
 
     # --- the hot path ----------------------------------------------------------------------
 
-    def offer(
+    def offer(  # the serving core calls it only once ``next_at`` is past
         self,
         feed: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray],
@@ -147,12 +160,12 @@ class ShadowRunner:
     ) -> None:
         """After an answered request: a clock read, and rarely a reference handed over."""
         active = self._active
-        if active is None:
+        if active is None or active.slot is not None:
             return
-        now = self.clock()
-        if now < active.next_at or active.slot is not None:
+        now = time.monotonic()
+        if now < self.next_at:
             return
-        active.next_at = now + 1.0 / active.rate
+        self.next_at = now + 1.0 / active.rate
         active.slot = (feed, outputs, current_s)
         active.wake.set()
 
@@ -162,7 +175,7 @@ class ShadowRunner:
         while not active.stopped:
             active.wake.wait(1.0)
             active.wake.clear()
-            if self.clock() > active.until:
+            if time.monotonic() > active.until:
                 self.stop("no controller stopped it in time")
                 return
             sample, active.slot = active.slot, None
