@@ -132,3 +132,34 @@ def test_the_same_model_packed_again_passes_its_shadow_and_switches(
         figures = d.shadow  # type: ignore[attr-defined]
         assert figures["verdict"] == "pass", figures
         assert figures["agreeing"] == figures["rows"] and figures["max_abs"] < 1e-5, figures
+
+
+def test_hostile_shadow_commands_are_refused_with_a_reason_and_nothing_runs(
+    fleet: Callable[..., list[AgentProcess]],
+    broker: Mosquitto,
+    topic_prefix: str,
+) -> None:
+    (agent,) = fleet(["a"])
+    client = Client(broker)
+    topic = f"{topic_prefix}/a/cmd/shadow"
+    try:
+        at_mark = client.request(topic, {"action": "start", "name": "tiny", "version": 1})
+        assert not at_mark["ok"] and "not above v1" in at_mark["error"], at_mark
+        unknown = client.request(topic, {"action": "start", "name": "tiny", "version": 9})
+        assert not unknown["ok"], unknown
+        for doc in (
+            {"action": "start"},
+            {"action": "start", "name": "tiny", "version": 2, "rate": 1e9},
+            {"action": "start", "name": "tiny", "version": 2, "for_s": -1},
+            {"action": "explode"},
+        ):
+            reply = client.request(topic, doc)
+            assert not reply["ok"] and reply.get("error"), (doc, reply)
+        status = client.request(f"{topic_prefix}/a/cmd/ping", {})
+        assert status["ok"] and status["model"]["version"] == 1  # still serving v1
+        assert status["shadow"]["state"] == "failed", status  # the last refusal, said
+        assert not list((agent.data_dir / "shadow").glob("*"))
+        stopped = client.request(topic, {"action": "stop"})
+        assert stopped["ok"], stopped
+    finally:
+        client.close()
