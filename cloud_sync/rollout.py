@@ -46,6 +46,7 @@ from cloud_sync.rollout_checks import (
     wave_label,
     wave_line,
 )
+from cloud_sync.rollout_drift_gate import DriftGate
 from cloud_sync.rollout_shadow import ShadowPhase
 from cloud_sync.rollout_state import (
     AbortFigures,
@@ -101,6 +102,8 @@ class Rollout:
         self._published = Published(store)
         shadow = state.thresholds.shadow
         self.shadow = ShadowPhase(self, shadow) if shadow is not None else None
+        gate = state.thresholds.drift_gate_psi
+        self.drift_gate = DriftGate(store, gate) if gate is not None else None
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -177,6 +180,8 @@ class Rollout:
             if (found := self._watch_wave(index)) is not None:
                 return self._abort(*found)
             if (found := self._bake(index)) is not None:
+                return self._abort(*found)
+            if self.drift_gate is not None and (found := self.drift_gate.check(self, index)):
                 return self._abort(*found)
             verdict = self._verify(index)
             if verdict is not None:

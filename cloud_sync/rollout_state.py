@@ -76,6 +76,7 @@ class Thresholds(BaseModel):
     wave_timeout_s: float = Field(default=300.0, gt=0)  # for every device of a wave to report
     rollback_wait_s: float = Field(default=60.0, ge=0)  # for the touched devices to go back
     shadow: ShadowSettings | None = None  # run each wave's shadow first (rollout_shadow)
+    drift_gate_psi: float | None = Field(default=None, gt=0)  # rollout_drift_gate
 
 
 class AbortFigures(BaseModel):

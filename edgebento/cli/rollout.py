@@ -29,6 +29,7 @@ _FLAGS = {  # Thresholds' fields whose flag is not the field's own name
     "bake_s": "--bake",
     "wave_timeout_s": "--wave-timeout",
     "rollback_wait_s": "--rollback-wait",
+    "drift_gate_psi": "--drift-gate",
 }
 
 
@@ -140,6 +141,15 @@ def register(sub: Any) -> None:
         "--shadow-rate", type=float, default=5.0, help="shadow runs a second per device (5)"
     )
     p.add_argument(
+        "--drift-gate",
+        type=float,
+        nargs="?",
+        const=0.2,
+        metavar="PSI",
+        help="after each wave's bake, abort if the class outputs of the devices on the new "
+        "version moved from the others' by this PSI (0.2), from the stored drift summaries",
+    )
+    p.add_argument(
         "--wait", action="store_true", help="exit 0 only when every target runs the version"
     )
     p.add_argument(
@@ -207,6 +217,7 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
             wave_timeout_s=args.wave_timeout,
             rollback_wait_s=args.rollback_wait,
             shadow=_shadow(args),
+            drift_gate_psi=getattr(args, "drift_gate", None),
         )
     except ValidationError as exc:  # one line naming the flag, before anything connects
         problem = exc.errors()[0]
