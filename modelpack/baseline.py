@@ -23,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelpack.errors import ConfigError, PackError, first_problem
+from modelpack.manifest import BASELINE_FILE as BASELINE_FILE  # re-exported for its readers
 from modelpack.monitor import (
     MAX_FEATURES,
     Binner,
@@ -34,7 +35,6 @@ from modelpack.monitor import (
     reduce,
 )
 
-BASELINE_FILE = "baseline.json"
 SCHEMA_VERSION = 1
 DEFAULT_BINS = 16
 MAX_BASELINE_ROWS = 20_000

@@ -17,6 +17,7 @@ SIGNATURE_FILE = "manifest.sig"
 MODEL_FILE = "model.onnx"
 SAMPLES_FILE = "samples.npz"
 REPORT_FILE = "report.json"
+BASELINE_FILE = "baseline.json"  # modelpack.baseline's, named here so a reader need not import it
 
 # ONNX element types a manifest may name, as numpy dtype names.
 DTYPES = (
