@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 
 from edge_agent.telemetry import Heartbeat
+from tests.support.agent import AgentProcess, Client, make_pack, wait_online
+from tests.support.services import Mosquitto
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -39,6 +41,68 @@ def test_a_device_with_a_model_loaded_imports_nothing_heavy(
     # onnx would cost ~15 MB: the signature proves the publisher ran onnx.checker. psutil (0.9 MB)
     # is not needed for a heartbeat, and tarfile (0.35 MB) only once an archive arrives.
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+# What a started agent (no metrics port, no baseline in its pack, not enrolled) must not hold:
+# each is imported where it is first used. Prefixes of module names.
+NOT_AT_START = (
+    "bentoml",
+    "tensorflow",
+    "torch",
+    "onnx",  # onnx itself; onnxruntime is the runtime the agent serves with
+    "boto3",
+    "botocore",
+    "rich",
+    "prometheus_client",  # only with a metrics port
+    "psutil",
+    "tarfile",  # only once an archive arrives
+    "edge_agent.http",  # the HTTP endpoint (and edge_agent.http_wire): only with metrics_port
+    "edge_agent.metrics",
+    "cryptography.x509",
+    # the PEM and SSH parsers, ciphers and bcrypt: 1.3 MB for a key read without them
+    "cryptography.hazmat.primitives.serialization",
+    "bcrypt",
+)
+
+
+def _imported(log: str) -> list[str]:
+    """The modules ``-X importtime`` (PYTHONPROFILEIMPORTTIME) saw the process import."""
+    return [
+        line.rsplit("|", 1)[1].strip()
+        for line in log.splitlines()
+        if line.startswith("import time:") and "|" in line
+    ]
+
+
+def test_a_started_agent_imports_what_it_uses_only_when_it_uses_it(
+    tmp_path: Path, keys: tuple[Path, Path], mlp_model: Path
+) -> None:
+    """The real ``python -m edge_agent run`` process, through a model load, answered inferences
+    and a swap to another version: the modules it never needed were never imported."""
+    broker = Mosquitto(workdir=tmp_path / "mosquitto").start()
+    v1 = make_pack(tmp_path / "v1", mlp_model, keys[0], 1)
+    v2 = make_pack(tmp_path / "v2", mlp_model, keys[0], 2)
+    agent = AgentProcess(
+        broker, tmp_path / "data", keys[1], "fp", pack=v1, env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    client = Client(broker)
+    try:
+        agent.start()
+        wait_online(client, "fp", "dev-a", version=1)
+        x = [[0.5] * 8]
+        for _ in range(3):
+            assert client.request("fp/dev-a/infer", {"inputs": {"x": x}})["ok"]
+        assert client.request("fp/dev-a/cmd/deploy", {"url": str(v2)}, timeout=60)["ok"]
+        assert client.request("fp/dev-a/infer", {"inputs": {"x": x}})["model"]["version"] == 2
+        assert agent.stop() == 0
+    finally:
+        client.close()
+        agent.stop()
+        broker.stop()
+    imported = _imported(agent.output())
+    assert "edge_agent.agent" in imported and "onnxruntime" in imported  # the log is complete
+    held = sorted(m for m in imported if any(m == p or m.startswith(p + ".") for p in NOT_AT_START))
+    assert held == []
 
 
 def test_heartbeat_reports_this_process_rss_and_cpu() -> None:
