@@ -39,7 +39,7 @@ for line in open('/proc/self/smaps_rollup'):
     if len(parts) == 3 and parts[2] == 'kB':
         fields[parts[0].rstrip(':')] = int(parts[1])
 uss = fields.get('Private_Clean', 0) + fields.get('Private_Dirty', 0)
-print(fields['Rss'], uss, fields['Pss'])
+print(fields['Rss'], uss, fields['Pss'], fields['Anonymous'])
 """
 
 
@@ -52,8 +52,13 @@ def _memory_of_imports(code: str, argv: list[str] | None = None) -> dict[str, fl
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    rss, uss, pss = (int(v) / 1024 for v in out.stdout.split()[-3:])
-    return {"rss_mb": round(rss, 1), "uss_mb": round(uss, 1), "pss_mb": round(pss, 1)}
+    rss, uss, pss, anon = (int(v) / 1024 for v in out.stdout.split()[-4:])
+    return {
+        "rss_mb": round(rss, 1),
+        "uss_mb": round(uss, 1),
+        "pss_mb": round(pss, 1),
+        "anonymous_mb": round(anon, 1),
+    }
 
 
 # The least any agent that does what the issue asks can hold: the runtime, the MQTT client and the
@@ -99,7 +104,7 @@ def rss_floor(model: Path, broker_port: int, work: Path) -> dict[str, dict[str, 
 
 def rss_breakdown(pack: Path, pub: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    code, previous = "", {"rss_mb": 0.0, "uss_mb": 0.0}
+    code, previous = "", {"rss_mb": 0.0, "uss_mb": 0.0, "anonymous_mb": 0.0}
     for label, line in LAYERS:
         code += line.format(pack=str(pack), pub=str(pub)) + "\n"
         mem = _memory_of_imports(code)
@@ -109,6 +114,7 @@ def rss_breakdown(pack: Path, pub: Path) -> list[dict[str, Any]]:
                 **mem,
                 "adds_rss_mb": round(mem["rss_mb"] - previous["rss_mb"], 1),
                 "adds_uss_mb": round(mem["uss_mb"] - previous["uss_mb"], 1),
+                "adds_anonymous_mb": round(mem["anonymous_mb"] - previous["anonymous_mb"], 1),
             }
         )
         previous = mem
@@ -122,8 +128,24 @@ def agent_rss_mb(pid: int) -> float:
 
 
 def agent_private_mb(pid: int) -> dict[str, float]:
-    """USS (memory only this process holds) and PSS: RSS counts shared library pages in full."""
+    """USS (memory only this process holds), PSS, and anonymous memory: what the process itself
+    allocated. RSS and USS move by +-15 MB with how much of the shared libraries the page cache
+    maps in; anonymous memory does not depend on that, so it is the figure to compare trees by."""
     import psutil
 
     info = psutil.Process(pid).memory_full_info()
-    return {"uss": round(info.uss / (1 << 20), 1), "pss": round(info.pss / (1 << 20), 1)}
+    return {
+        "uss": round(info.uss / (1 << 20), 1),
+        "pss": round(info.pss / (1 << 20), 1),
+        "anonymous": round(_smaps_rollup(pid)["Anonymous"] / 1024, 1),
+    }
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """The kernel's totals for the process, in kB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            fields[parts[0].rstrip(":")] = int(parts[1])
+    return fields
