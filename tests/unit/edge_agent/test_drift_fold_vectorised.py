@@ -5,14 +5,20 @@ the values (NaN, infinities, values on an edge) and however requests are shaped.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import drift
-from edge_agent.drift import Bins, _columns
+from edge_agent.drift import Bins, DriftMonitor, _columns
+from modelpack.baseline import make_baseline, read_baseline
+from modelpack.loader import load_pack
 from modelpack.monitor import Binner, MonitorSpec, reduce_batch
+from modelpack.predictor import Predictor
+from tests.support.agent import make_pack
 
 EDGES = [[-1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 2.0], [-3.0, -1.0, 0.0, 1.0, 3.0], [0.25, 0.75]]
 SPECS = [MonitorSpec("x", "columns"), MonitorSpec("p", "classes", (("scores", "probs"),))]
@@ -68,3 +74,42 @@ def test_a_wide_batch_is_counted_in_bounded_chunks(monkeypatch: pytest.MonkeyPat
     want, _ = Binner(EDGES).count(reduce_batch(SPECS, batch))
     assert bins.trim(counts) == Binner(EDGES).trim(want)
     assert [sum(row) for row in bins.trim(counts)] == [50_000 - len(x[::7]), 50_000, 50_000, 50_000]
+
+
+def test_requests_of_mixed_shapes_and_dtypes_sum_to_the_reference(
+    tmp_path: Path, mlp_model: Path
+) -> None:
+    """Requests of varied rows, one wider than a fold, some of another dtype, folded each time
+    ``fold_rows`` wait: the summary is the reference path's over every row."""
+    root = make_pack(tmp_path / "v1", mlp_model, None, 1)
+    x = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    make_baseline(root, {"x": x})
+    pack = load_pack(root, trusted=(), allow_unsigned=True)
+    predictor = Predictor.from_pack(pack)
+    monitor = DriftMonitor(lambda: pack, 60.0, fold_rows=300, clock=lambda: 1_800_000_000.0)
+    rng = np.random.default_rng(3)
+    seen = []
+    for i in range(400):
+        rows = 400 if i == 7 else int(rng.integers(1, 12))  # one wider than a fold
+        feed = {"x": (rng.standard_normal((rows, 8)) * 2).astype(np.float32)}
+        outputs = predictor.run(feed)
+        if i % 9 == 0:  # another dtype: reduced in a group of its own
+            feed = {"x": feed["x"].astype(np.float64)}
+        monitor.observe("tiny", "1", feed, outputs, rows)
+        seen.append(({**feed, **outputs}, rows))
+    (summary,) = monitor.collect(force=True)
+    baseline = read_baseline(root)
+    assert baseline is not None
+    specs = baseline.specs()
+    binner = Binner([f.edges for f in baseline.features])
+    matrix = np.concatenate(
+        [
+            reduce_batch([s for s in specs if not s.output], seen),
+            reduce_batch([s for s in specs if s.output], seen),
+        ],
+        axis=1,
+    )
+    counts, _ = binner.count(matrix)
+    want = binner.trim(counts)
+    assert summary["rows"] == sum(rows for _, rows in seen)
+    assert [summary["features"][f.name]["c"] for f in baseline.features] == want
