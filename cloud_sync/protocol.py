@@ -372,11 +372,16 @@ class Status(_Doc):
 
 
 class RollbackInstruction(_Doc):
-    """The authority for one downgrade: ``device`` may go back to ``model`` until ``expires_at``."""
+    """The authority for one downgrade (TUF/Uptane's rule): ``device`` may leave ``leaves`` for
+    ``model`` once, at ``generation``, which must be above every instruction it applied, until
+    ``expires_at``. ``nonce`` makes two instructions for the same step differ."""
 
     device: str
-    model: ModelRef
+    model: ModelRef  # what it restores
+    leaves: ModelRef | None = None  # what the device runs when signed (None: not bound to it)
     rollout: str | None = None
+    generation: int = Field(ge=1)
+    nonce: str = Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")
     issued_at: float
     expires_at: float
 

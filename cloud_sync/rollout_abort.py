@@ -41,7 +41,14 @@ def rollback_desired(
         rollout=state.id,
         generation=state.rollback_generation,
         rollback=True,
-        authorization=sign_rollback(signer, progress.device, previous, rollout=state.id),
+        authorization=sign_rollback(
+            signer,
+            progress.device,
+            previous,
+            generation=state.rollback_generation,
+            leaves=ModelRef(name=state.name, version=state.version),
+            rollout=state.id,
+        ),
     )
 
 

@@ -79,6 +79,7 @@ class SimDevice:
         self.publish, self.schedule = publish, schedule
         self.boot_id = uuid.uuid4().hex[:12]
         self.highest: dict[str, int] = {model.name: model.version}
+        self.rollback_generation = 0  # the highest rollback instruction applied
         self.applied: Applied | None = None
         self.installing: int | None = None  # the generation being installed
         self.seq = 0
@@ -191,10 +192,18 @@ class SimDevice:
             from cloud_sync.authority import verify_rollback
 
             try:
-                verify_rollback(desired.authorization, self.trusted, self.device, target)
+                instruction = verify_rollback(
+                    desired.authorization,
+                    self.trusted,
+                    self.device,
+                    target,
+                    applied_generation=self.rollback_generation,
+                    runs=self.model,
+                )
             except SignatureError as exc:
                 self._answer(desired, "refused", str(exc))
                 return
+            self.rollback_generation = instruction.generation  # spent, as an agent does
         self.installing = desired.generation
         self.schedule(self.behavior.install_s, lambda: self._installed(desired))
 

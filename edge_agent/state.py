@@ -2,7 +2,9 @@
 
 Replaced atomically (write, fsync, rename, fsync the directory). The marks are the highest
 version ever installed per model name (TUF's rollback rule); a file written before they were
-kept gets them from the pack directory names (``{name}-v{version}-{sha12}``).
+kept gets them from the pack directory names (``{name}-v{version}-{sha12}``). Beside them: the
+highest rollback-instruction generation applied (an instruction works once) and the generation
+of the last desired state acted on (a retained one is re-applied at boot only if newer).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class InstallState:
     current: str | None = None
     history: tuple[str, ...] = ()  # earlier good packs, newest first: where rollback goes
     highest: tuple[tuple[str, int], ...] = ()  # per model name, the highest version installed
+    rollback_generation: int = 0  # the highest generation of a rollback instruction applied
+    desired_generation: int = 0  # the generation of the last desired state acted on
 
     def mark(self, name: str) -> int | None:
         return dict(self.highest).get(name)
@@ -53,13 +57,21 @@ def read_state(path: Path, packs_dir: Path) -> InstallState:
         if not isinstance(marks, dict):
             marks = marks_from_dirs([d for d in (current, *history) if d])
         highest = tuple(sorted((str(k), int(v)) for k, v in marks.items()))
-        return InstallState(current, history, highest)
+        generations = (
+            _count(raw.get("rollback_generation")),
+            _count(raw.get("desired_generation")),
+        )
+        return InstallState(current, history, highest, *generations)
     except FileNotFoundError:
         return InstallState()
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         log.error("state.json is unreadable (%s); starting from the packs on disk", exc)
         dirs = [p.name for p in packs_dir.glob("*")] if packs_dir.exists() else []
         return InstallState(highest=tuple(sorted(marks_from_dirs(dirs).items())))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def write_state(path: Path, state: InstallState) -> None:
@@ -69,6 +81,8 @@ def write_state(path: Path, state: InstallState) -> None:
         "current": state.current,
         "history": list(state.history),
         "highest": dict(state.highest),
+        "rollback_generation": state.rollback_generation,
+        "desired_generation": state.desired_generation,
     }
     with tmp.open("w") as fh:
         json.dump(body, fh)

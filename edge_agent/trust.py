@@ -4,7 +4,12 @@ Following TUF's rollback rule, a device never installs a version at or below the
 ever installed for that model name (the mark kept in ``state.json``) unless a signed, unexpired
 ``RollbackInstruction`` for this device and that exact version says so: in a ``rollback``
 command's ``authorization`` or a desired state's ``authorization`` (with ``"rollback": true``).
-The instruction is verified with the same trusted keys as packs (``cloud_sync.authority``).
+The instruction is verified with the same trusted keys as packs (``cloud_sync.authority``), must
+leave what the device runs, and must carry a generation above every instruction the device
+applied; the device records that generation in ``state.json`` before it acts, so an instruction
+works once and cannot undo a later install (Uptane). A retained desired state is acted on at
+boot only if its generation is above that of the last one the device acted on: what a device
+did since (a later deploy) is not undone by an old retained document when it restarts.
 The device's own automatic rollback after a failed health check needs no instruction: it never
 leaves the old pack.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +54,29 @@ def authorize(
     if model is None:
         model = _named_model(signed)
     keys = trusted_keys(agent.config.trust)
-    return verify_rollback(signed, keys, agent.config.device, model)
+    updater = agent.updater
+    with updater._lock:  # checked and recorded at once: two deliveries cannot both pass
+        state = updater.read_state()
+        cur = updater.current
+        runs = ModelRef(name=cur.manifest.name, version=cur.manifest.version) if cur else None
+        instruction = verify_rollback(
+            signed,
+            keys,
+            agent.config.device,
+            model,
+            applied_generation=state.rollback_generation,
+            runs=runs,
+        )
+        # Spent before it is acted on: a rollback that then fails needs a new instruction.
+        try:
+            updater._write_state(
+                dataclasses.replace(state, rollback_generation=instruction.generation)
+            )
+        except OSError as exc:
+            raise SignatureError(
+                f"refused: cannot record the rollback's generation in state.json: {exc}"
+            ) from exc
+    return instruction
 
 
 def _named_model(signed: SignedInstruction) -> ModelRef:
@@ -88,6 +116,25 @@ class Reconciler:
         self.agent = agent
         self._done: bytes | None = None  # the last desired document acted on this boot
 
+    def _stale_at_boot(self, desired: Desired) -> bool:
+        """The first desired state of a boot, if it is not newer than the last one acted on."""
+        if self._done is not None:
+            return False
+        acted = self.agent.updater.read_state().desired_generation
+        return acted > 0 and desired.generation <= acted
+
+    def _remember(self, desired: Desired) -> None:
+        updater = self.agent.updater
+        with updater._lock:
+            state = updater.read_state()
+            if desired.generation > state.desired_generation:
+                try:
+                    updater._write_state(
+                        dataclasses.replace(state, desired_generation=desired.generation)
+                    )
+                except OSError as exc:  # acted on already; at worst it is looked at again
+                    log.warning("cannot record the desired generation: %s", exc)
+
     def __call__(self, payload: bytes) -> None:
         agent = self.agent
         try:
@@ -97,8 +144,14 @@ class Reconciler:
             return
         if payload == self._done:
             return  # acted on once already; a new desired document acts again
+        stale = self._stale_at_boot(desired)
         self._done = payload
-        outcome, reason = self._apply(desired)
+        if stale:
+            outcome, reason = self._left_alone(desired)
+        else:
+            outcome, reason = self._apply(desired)
+            if outcome in ("installed", "rolled_back"):
+                self._remember(desired)
         agent.updater.applied = Applied(
             generation=desired.generation,
             rollout=desired.rollout,
@@ -107,6 +160,21 @@ class Reconciler:
             reason=reason,
         ).model_dump(mode="json")
         agent.publish_status()
+
+    def _left_alone(self, desired: Desired) -> tuple[str, str | None]:
+        """A retained desired state at boot that is not newer than the last one acted on: what
+        the device did since (a later deploy) stands."""
+        want, cur = desired.model, self.agent.updater.current
+        self.agent.record("event", {"event": "desired_not_newer", "generation": desired.generation})
+        if cur is not None and (cur.manifest.name, cur.manifest.version) == (
+            want.name,
+            want.version,
+        ):
+            return "installed", None
+        return "refused", (
+            f"desired generation {desired.generation} is not newer than the last desired state "
+            "this device acted on; what it installed since stands"
+        )
 
     def _apply(self, desired: Desired) -> tuple[str, str | None]:
         agent, want = self.agent, desired.model

@@ -298,7 +298,9 @@ class Updater:
         if cur is not None and rollback_to is None:
             history = (cur.root.name, *history)
         history = tuple(d for d in history if d != final.name)[: self.config.keep_packs - 1]
-        new = InstallState(final.name, history, state.raised(m.name, m.version))
+        new = dataclasses.replace(  # keeps the generations applied
+            state, current=final.name, history=history, highest=state.raised(m.name, m.version)
+        )
         try:
             self._record(new)
         except PackError:

@@ -16,6 +16,7 @@ nothing to refuse, and ``rollout resume`` of the rollout it undid is refused as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import sys
@@ -39,6 +40,11 @@ def register(sub: Any) -> None:
         help="how long the instruction holds (default 1h): 3600, 90m, 12h, 1d",
     )  # fmt: skip
     rollback.add_argument("--url", help="where the device fetches the pack if it kept no copy")
+    rollback.add_argument(
+        "--leaves", type=int, metavar="VERSION",
+        help="the version the device runs now, which the instruction leaves (default: what its "
+        "retained status says; with --print, unbound unless given)",
+    )  # fmt: skip
     rollback.add_argument("--rollout", help="the rollout this rollback belongs to")
     rollback.add_argument("--broker", help="mqtt://[user:pass@]host:port (needed unless --print)")
     rollback.add_argument("--prefix", default="edgebento", help="topic prefix (default edgebento)")
@@ -48,7 +54,8 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     rollback.add_argument(
         "--generation", type=int, default=None,
-        help="desired generation (default: one above the device's retained desired state)",
+        help="generation of the instruction and desired state (default: one above the "
+        "device's retained desired state); a device applies each generation once",
     )  # fmt: skip
     rollback.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     rollback.add_argument("--print", action="store_true", help="print the signed JSON only")
@@ -56,7 +63,6 @@ def register(sub: Any) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from cloud_sync.authority import sign_rollback
     from cloud_sync.mqtt import CloudClient
     from cloud_sync.protocol import ModelRef
     from cloud_sync.redact import redact_url
@@ -64,26 +70,32 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from modelpack.signing import load_private_key
 
     model = ModelRef(name=args.name, version=args.version)
-    signed = sign_rollback(
-        load_private_key(args.key),
-        args.device,
-        model,
-        rollout=args.rollout,
-        expires_in_s=args.expires_in,
-    )
+    signer = load_private_key(args.key)  # before anything connects
     if args.print:
-        print(signed.model_dump_json())
+        if args.generation is None:
+            raise ConfigError(
+                "--print needs --generation N: one above the device's retained desired state "
+                "and above every rollback it applied (without --print it is read from the broker)"
+            )
+        leaves = ModelRef(name=args.name, version=args.leaves) if args.leaves else None
+        print(_sign(signer, args, model, args.generation, leaves).model_dump_json())
         return 0
     if not args.broker:
         raise ConfigError(
             "--broker mqtt://host:port is needed to send the rollback (or --print the signed "
             "instruction for another tool to deliver)"
         )
+    from cloud_sync.broker_url import check_broker_port
+
+    check_broker_port(args.broker, "--broker")
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     with CloudClient(
         args.broker, on_message=lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
     ) as client:
-        generation = _next_generation(client, inbox, args)
+        generation, runs = _device_now(client, inbox, args)
+        if args.leaves:
+            runs = ModelRef(name=args.name, version=args.leaves)
+        signed = _sign(signer, args, model, generation, runs)
         if args.desired:
             return _set_desired(client, args, model, generation, signed)
         reply = _command(client, inbox, args, signed)
@@ -102,39 +114,61 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _next_generation(
-    client: Any, inbox: queue.Queue[tuple[str, bytes]], args: argparse.Namespace
-) -> int:
-    """One above the generation of the device's retained desired state (``--generation`` if
-    given), so a controller sees the rollback as newer than the rollout it undoes."""
-    from cloud_sync.protocol import Desired, Topics
+def _sign(signer: Any, args: argparse.Namespace, model: Any, generation: int, leaves: Any) -> Any:
+    from cloud_sync.authority import sign_rollback
 
-    if args.generation is not None:
-        return int(args.generation)
-    topic = Topics(args.prefix).desired(args.device)
-    marker = f"{args.prefix}-replies/rollback-{uuid.uuid4().hex[:12]}"
+    return sign_rollback(
+        signer,
+        args.device,
+        model,
+        generation=generation,
+        leaves=leaves,
+        rollout=args.rollout,
+        expires_in_s=args.expires_in,
+    )
+
+
+def _device_now(
+    client: Any, inbox: queue.Queue[tuple[str, bytes]], args: argparse.Namespace
+) -> tuple[int, Any]:
+    """The generation to sign (``--generation``, else one above the device's retained desired
+    state and the last desired state its status says it applied), so the device and a
+    controller see the rollback as newer than the rollout it undoes; and what its retained
+    status says it runs (what the instruction leaves; None when unknown)."""
+    from cloud_sync.protocol import Desired, Status, Topics
+
+    topics = Topics(args.prefix)
+    desired, status = topics.desired(args.device), topics.status(args.device)
+    marker = f"{args.prefix}/{args.device}/replies/rollback-{uuid.uuid4().hex[:12]}"
     # The broker sends a topic's retained message at its subscription, before it handles
     # anything we send later: once our own marker comes back, whatever was retained has come.
-    client.client.subscribe([(topic, 1), (marker, 1)])
+    client.client.subscribe([(desired, 1), (status, 1), (marker, 1)])
     client.publish(marker, b"marker")
     deadline = time.monotonic() + args.timeout
-    retained: bytes = b""
+    retained: dict[str, bytes] = {}
     while time.monotonic() < deadline:
         try:
             got, payload = inbox.get(timeout=max(0.05, deadline - time.monotonic()))
         except queue.Empty:
             break
-        if got == topic:
-            retained = payload
+        if got in (desired, status):
+            retained[got] = payload
         elif got == marker:
-            client.client.unsubscribe([topic, marker])
+            client.client.unsubscribe([desired, status, marker])
             break
-    if not retained:
-        return 1
+    seen = [0]
+    runs = None
+    # None, or a desired state nobody can act on: ours replaces it.
+    with contextlib.suppress(ValueError):
+        seen.append(Desired.model_validate_json(retained.get(desired, b"")).generation)
     try:
-        return Desired.model_validate_json(retained).generation + 1
+        now = Status.model_validate_json(retained.get(status, b""))
+        runs = now.model
+        seen.append(now.applied.generation if now.applied is not None else 0)
     except ValueError:
-        return 1  # a desired state nobody can act on: ours replaces it
+        pass
+    generation = args.generation if args.generation is not None else max(seen) + 1
+    return int(generation), runs
 
 
 def _set_desired(
@@ -167,7 +201,8 @@ def _command(
     from cloud_sync.protocol import RollbackCommand, Topics
     from modelpack.errors import BrokerError
 
-    reply_to = f"{args.prefix}-replies/rollback-{uuid.uuid4().hex[:12]}"
+    # Under the device's own replies/: the broker's ACL lets the device write only there.
+    reply_to = f"{args.prefix}/{args.device}/replies/rollback-{uuid.uuid4().hex[:12]}"
     command = RollbackCommand(
         id=f"rollback-{uuid.uuid4().hex}",
         reply_to=reply_to,

@@ -61,8 +61,11 @@ def rollback_authorization(
     version: int,
     expires_in_s: float = 3600.0,
     rollout: str | None = None,
+    generation: int = 1,
+    leaves: int | None = None,
 ) -> dict[str, Any]:
-    """A signed RollbackInstruction (the ``authorization`` of a rollback), as JSON."""
+    """A signed RollbackInstruction (the ``authorization`` of a rollback), as JSON: at
+    ``generation`` (a device applies each once), leaving ``name`` v``leaves`` when given."""
     from cloud_sync.authority import sign_rollback
     from cloud_sync.protocol import ModelRef
     from modelpack.signing import load_private_key
@@ -71,6 +74,8 @@ def rollback_authorization(
         load_private_key(key),
         device,
         ModelRef(name=name, version=version),
+        generation=generation,
+        leaves=ModelRef(name=name, version=leaves) if leaves is not None else None,
         rollout=rollout,
         expires_in_s=expires_in_s,
     )

@@ -45,8 +45,9 @@ def test_update_then_a_downgrade_only_when_signed(keys: tuple[Path, Path]) -> No
     sim.on_desired(Desired(model=V1, rollout="r", generation=4, rollback=True))
     refused = last_status(sent)
     assert refused.model == V2 and refused.applied and refused.applied.outcome == "refused"
-    signed = sign_rollback(load_private_key(keys[0]), "d", V1, rollout="r")
-    forged = sign_rollback(load_private_key(keys[0]), "other", V1, rollout="r")
+    key = load_private_key(keys[0])
+    signed = sign_rollback(key, "d", V1, generation=6, leaves=V2, rollout="r")
+    forged = sign_rollback(key, "other", V1, generation=5, leaves=V2, rollout="r")
     sim.on_desired(
         Desired(model=V1, rollout="r", generation=5, rollback=True, authorization=forged)
     )
@@ -61,6 +62,14 @@ def test_update_then_a_downgrade_only_when_signed(keys: tuple[Path, Path]) -> No
         Desired(model=V1, rollout="r", generation=6, rollback=True, authorization=signed)
     )
     assert len(sent) == count  # a retained repeat is not acted on twice
+    v3 = ModelRef(name="m", version=3)
+    sim.on_desired(Desired(model=v3, rollout="r2", generation=7))
+    sim.on_desired(  # the same instruction again, under a new desired state: spent
+        Desired(model=V1, rollout="r3", generation=8, rollback=True, authorization=signed)
+    )
+    again = last_status(sent)
+    assert again.model == v3 and again.applied and again.applied.outcome == "refused"
+    assert "not newer than generation 6" in (again.applied.reason or "")
 
 
 def test_a_failing_version_rolls_back_and_says_so(keys: tuple[Path, Path]) -> None:
