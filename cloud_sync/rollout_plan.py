@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud_sync.broker_url import check_broker_port
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
 from cloud_sync.protocol import Topics
 from cloud_sync.rollout import Rollout
@@ -78,9 +79,24 @@ class RolloutRequest:
             )
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ConfigError(f"--timeout must be positive, not {self.timeout_s:g}")
+        if self.resume is None:
+            check_time(self.timeout_s, self.thresholds)
+        check_broker_port(self.broker, "--broker")
         check_device_ids(list(self.devices))  # before any connection: "+" would be a wildcard
         if not self.save_every_s >= 0:
             raise ConfigError(f"the save interval must not be negative ({self.save_every_s:g})")
+
+
+def check_time(timeout_s: float | None, thresholds: Thresholds) -> None:
+    """A run whose --timeout cannot hold one wave (its wave timeout and bake) would stop as
+    ``timed_out`` at once, having pushed nothing: refused before anything connects."""
+    need = thresholds.wave_timeout_s + thresholds.bake_s
+    if timeout_s is not None and timeout_s < need:
+        raise ConfigError(
+            f"--timeout {timeout_s:g}: judging one wave takes --wave-timeout "
+            f"{thresholds.wave_timeout_s:g} + --bake {thresholds.bake_s:g} = {need:g}s; give "
+            "a longer --timeout or a shorter --wave-timeout"
+        )
 
 
 def wait_quiet(watch: FleetWatch, quiet_s: float = QUIET_S, max_s: float = QUIET_MAX_S) -> None:
@@ -194,6 +210,8 @@ def execute(
     # Resumed only from what this key signed: a bucket writer's edits would otherwise choose
     # what the operator's key signs next (an abort's rollbacks).
     prior = load_state(store, request.resume, public_of(signer)) if request.resume else None
+    if prior is not None:
+        check_time(request.timeout_s, prior.thresholds)  # the saved thresholds hold on resume
     prefix = prior.prefix if prior else request.prefix
     wanted = {d.device for d in prior.devices} if prior else set(request.devices) or None
     with FleetWatch(request.broker, Topics(prefix), wanted).start(settle_s=0) as watch:

@@ -111,6 +111,27 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
+def check_start(config: Any) -> None:
+    """Every setting that cannot work stops the agent here, with one line naming its flag:
+    a device that starts but can never connect, or never verify a pack, helps no one."""
+    from cloud_sync.broker_url import check_broker_port
+    from modelpack.errors import ConfigError, KeyFileError
+    from modelpack.signing import load_public_key
+
+    check_broker_port(config.broker, "--broker")
+    if config.claim_broker:
+        check_broker_port(config.claim_broker, "--claim-broker")
+    for path in config.trust:
+        try:
+            load_public_key(path)
+        except KeyFileError as exc:
+            # A device that trusts no readable key can never install nor roll back anything.
+            raise ConfigError(f"--trust {path}: {exc}") from exc
+    data = Path(config.data_dir)
+    if data.exists() and not data.is_dir():
+        raise ConfigError(f"--data-dir {data}: exists and is not a directory")
+
+
 def _run(args: argparse.Namespace) -> int:
     from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
@@ -119,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     from edge_agent.inference import install_hint
 
     config = load_config(args.config, _flags(args))
+    check_start(config)
     logging.getLogger().setLevel(config.log_level.upper())
     logs.set_context(device=config.device)
     config = prepare_identity(config)  # enrolls by claim on first start; refuses expired certs
