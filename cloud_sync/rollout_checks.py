@@ -6,9 +6,12 @@ Import path and API::
     verdict = judge(state, watch, upto_wave=1)   # Verdict(kind, reason, figures)
 
 Install outcomes (``device_outcome``) are read from structured fields of a device's status,
-never a clock or message text; the rollout aborts when more than ``abort_failure_rate`` percent
-of the devices it updated failed their update (what their status says of this rollout's
-generation).
+never a clock or message text. A device can claim its own update failed, so failures are judged
+like figures, wave by wave: a wave aborts the rollout when more than ``abort_failure_rate``
+percent of its devices failed *and* at least ``failures_to_abort(n)`` of them did: one in a wave
+of fewer than ``TOLERANT_WAVE`` devices (a small canary stops at its first failure), two in a
+larger one, so one liar per wave of 4 or more cannot abort a healthy rollout. A bad version
+fails on most devices of the first wave it reaches, which is all the rule needs.
 
 Telemetry (``cloud_sync.watch`` says whose figures count and bounds them): a device *reports*
 when its status runs the new version and it sent at least ``min_inferences`` on it; it is *bad*
@@ -169,19 +172,29 @@ def judge(state: RolloutState, watch: FleetWatch, upto_wave: int) -> Verdict:
     )
 
 
+TOLERANT_WAVE = 4  # from this size on, a wave tolerates one device that says it failed
+
+
+def failures_to_abort(wave_size: int) -> int:
+    """Failed devices a wave needs before its failure share can abort the rollout."""
+    return 1 if wave_size < TOLERANT_WAVE else 2
+
+
 def abort_reason(
     state: RolloutState, watch: FleetWatch, telemetry: bool = True
 ) -> tuple[str, AbortFigures] | None:
     """Why the rollout must stop: too many failed updates (O(1), from the kept counts) or, with
     ``telemetry``, the devices' figures (O(devices) a few times a second)."""
     t = state.thresholds
-    touched = state.count(*TOUCHED)
-    failed = state.count("failed")
-    if failed and 100.0 * failed / touched > t.abort_failure_rate:
-        return (
-            f"{failed} of {touched} updated devices failed (over {t.abort_failure_rate:g}%): "
-            f"{state.first_failure}"
-        ), AbortFigures(failed=failed, touched=touched)
+    if state.count("failed"):
+        for index in range(min(state.current_wave, state.wave_count - 1) + 1):
+            failed, size = state.failed(index), len(state.wave(index))
+            if failed >= failures_to_abort(size) and 100.0 * failed / size > t.abort_failure_rate:
+                touched = state.count(*TOUCHED)
+                return (
+                    f"{failed} of {size} updated devices failed in the {wave_label(state, index)}"
+                    f" (over {t.abort_failure_rate:g}%): {state.first_failure}"
+                ), AbortFigures(failed=state.count("failed"), touched=touched)
     if not telemetry:
         return None
     verdict = judge(state, watch, min(state.current_wave, state.wave_count - 1))

@@ -166,6 +166,7 @@ class RolloutState(RolloutHeader):
     _waves: list[list[DeviceProgress]] = PrivateAttr(default_factory=list)
     _dirty: set[int] = PrivateAttr(default_factory=set)
     _waiting: list[int] = PrivateAttr(default_factory=list)
+    _failed: list[int] = PrivateAttr(default_factory=list)  # per wave: its failed devices
     # The etag of each document as this controller last wrote or read it: every save is
     # conditional on it, so a controller that lost the lease cannot overwrite its successor.
     _etags: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -175,11 +176,13 @@ class RolloutState(RolloutHeader):
         self._index = {d.device: d for d in self.devices}
         self._waves = [[] for _ in range(self.wave_count)]
         self._waiting = [0] * self.wave_count
+        self._failed = [0] * self.wave_count
         counts: dict[str, int] = {}
         for d in self.devices:
             self._waves[d.wave].append(d)
             counts[d.state] = counts.get(d.state, 0) + 1
             self._waiting[d.wave] += d.state in WAITING
+            self._failed[d.wave] += d.state == "failed"
         self.counts = counts
 
     def wave(self, index: int) -> list[DeviceProgress]:
@@ -198,6 +201,7 @@ class RolloutState(RolloutHeader):
         self.counts[progress.state] -= 1
         self.counts[state] = self.counts.get(state, 0) + 1
         self._waiting[progress.wave] += (state in WAITING) - (progress.state in WAITING)
+        self._failed[progress.wave] += (state == "failed") - (progress.state == "failed")
         progress.state, progress.detail = state, detail
         if state == "failed" and self.first_failure is None:
             self.first_failure = f"{progress.device}: {detail}"
@@ -210,6 +214,10 @@ class RolloutState(RolloutHeader):
     def waiting(self, index: int) -> int:
         """Devices of wave ``index`` not yet judged (no status, or updating)."""
         return self._waiting[index] if 0 <= index < self.wave_count else 0
+
+    def failed(self, index: int) -> int:
+        """Devices of wave ``index`` whose update failed."""
+        return self._failed[index] if 0 <= index < self.wave_count else 0
 
     @property
     def dirty(self) -> bool:

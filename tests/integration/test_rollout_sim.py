@@ -118,7 +118,8 @@ def test_a_device_heard_late_is_rolled_back_to_the_version_it_reported(
     simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    failing = simulate(1, 10, "--fail-version", "2", "--install-s", "4")
+    # Two failing devices: one alone in a wave of 5 would be tolerated (it may be lying).
+    failing = simulate(2, 10, "--fail-version", "2", "--install-s", "4")
     late = Simulated(broker, topic_prefix, keys[1], tmp_path / "late.log", 4)
     args = base(store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(late, failing), "--canary", "100", "--bake", "0"]

@@ -91,8 +91,17 @@ def test_abort_on_failed_devices_errors_and_latency() -> None:
     assert abort_reason(rollout(healthy), watch) is None
     reason, figures = abort_reason(rollout({"a": "failed"}), watch) or ("", None)
     assert "1 of 1 updated devices failed" in reason and figures and figures.failed == 1
-    one_in_thirty = {**healthy, "d0": "failed"}
-    assert abort_reason(rollout(one_in_thirty), watch) is None  # 3.3% is under 5%
+    one_late = {**healthy, "d9": "failed"}  # in a wave of 13: one device that says so
+    assert abort_reason(rollout(one_late), watch) is None
+    in_the_canary = {**healthy, "d0": "failed"}  # a canary of 3 stops at its first failure
+    assert (
+        "1 of 3 updated devices failed in the canary"
+        in abort_reason(rollout(in_the_canary), watch)[0]
+    )  # type: ignore[index]
+    two_late = {**one_late, "d8": "failed"}  # 2 of 13: 15% of a wave, over 5%
+    assert (
+        "2 of 13 updated devices failed in the wave 2" in abort_reason(rollout(two_late), watch)[0]
+    )  # type: ignore[index]
 
     # Telemetry is judged per device: d0 alone failing 10% of its inferences is 1 of 30.
     state = rollout(healthy)
