@@ -9,6 +9,7 @@ import numpy as np
 
 from modelpack.iosig import read_io_signature
 from optimize import metrics, verify
+from optimize.axes import settle
 from optimize.data import Dataset
 
 
@@ -38,7 +39,7 @@ def side_by_side(
     data = Dataset(data.inputs, labels, data.axes)
     predictors = {k: verify.load(p, inputs, outputs) for k, p in models.items()}
     fp32 = next(iter(predictors.values()))
-    data, axes = verify.layout(fp32, data)
+    data, axes = settle(fp32, inputs, data, "the benchmark's data")
     reference = verify.run_all(fp32, data, batch, axes)
     plan = metrics.plan(
         [metrics.MetricSpec.parse(m) for m in metric_specs],

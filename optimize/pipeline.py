@@ -15,28 +15,25 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from modelpack import Samples, create_pack
-from modelpack.errors import ConfigError, EdgebentoError, first_problem
+from modelpack.errors import ConfigError, first_problem
 from modelpack.iosig import read_io_signature
 from modelpack.pack import source_sha256
 from optimize import report as reports
+from optimize.axes import settle
+from optimize.bases import fused_model, op_types, plan, starting_models
+from optimize.budget import DEFAULT_TIME_BUDGET, Clock, run_planned, stopped_note
+from optimize.budget import summary as budget_summary
 from optimize.convert import source_kind, to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
-from optimize.fusion import FuseConfig, bert_like, fuse
-from optimize.keras_prune import KerasPruneConfig, prune_keras
 from optimize.load import NormalizeConfig, normalize
 from optimize.machine import describe as describe_machine
 from optimize.metrics import MetricSpec
 from optimize.npz import open_npz
-from optimize.passes import PassFailed, Runner
+from optimize.passes import Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
-from optimize.prune import PruneConfig, prune_with
-from optimize.quantize import QuantizeConfig, search_space
-from optimize.search import Search, confirm, hash_data, with_latency
-from optimize.verify import layout
+from optimize.search import Search, confirm, with_latency
 from optimize.verify import load as load_predictor
 
-AUTO_PRUNE_RATIOS = (0.5, 0.75)
-DEFAULT_TIME_BUDGET = 1800.0
 GOLDEN_ROWS = 8
 
 
@@ -53,8 +50,9 @@ class OptimizeOptions(BaseModel):
     latency_seconds: float = Field(default=15.0, gt=0)
     trust_model_code: bool = False  # load formats that are programs (HDF5, SavedModel, TorchScript)
     metrics: tuple[str, ...] = ()  # --metric, as MetricSpec.parse reads them
-    # Seconds for building and measuring candidates; past it the rest are listed as not tried.
-    time_budget: float = Field(default=DEFAULT_TIME_BUDGET, gt=0)
+    # Seconds from the start until no new candidate starts; the rest are listed as not tried.
+    # 0: no limit.
+    time_budget: float = Field(default=DEFAULT_TIME_BUDGET, ge=0, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +66,8 @@ class OptimizeResult:
     pack_dir: Path
     notes: list[str] = field(default_factory=list)  # what the user should know beside the table
     machine: dict[str, Any] = field(default_factory=dict)  # the CPU the figures hold for
+    # Each input's batch axis as proven on the data; inputs left out went whole into each run.
+    batch_axes: dict[str, int] = field(default_factory=dict)
 
 
 def _options(**values: Any) -> OptimizeOptions:
@@ -101,94 +101,25 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield progress
 
 
-def _bases(
-    runner: Runner,
-    source: Path,
-    kind: str,
-    base: Path,
-    options: OptimizeOptions,
-    calibration: Dataset,
-    train: Dataset | None,
-    notes: list[str],
-) -> dict[str, Path]:
-    """FP32 plus every pruned model to quantize further."""
-    bases = {BASELINE: base}
-    if options.prune == "off":
-        return bases
-    ratios = AUTO_PRUNE_RATIOS if options.prune == "auto" else (float(options.prune),)
-    if kind == "keras" and train is not None:
-        keras_configs = {"keras-sparse-80%": KerasPruneConfig()} | {
-            # Cut units are re-learned by fine-tuning; sparsity on top of that cost accuracy
-            # on digits (1.7 points at 50% units), so the two are separate candidates.
-            f"keras-prune-{r:.0%}": KerasPruneConfig(units_ratio=r, sparsity=0.0)
-            for r in ratios
-        }
-        for label, config in keras_configs.items():
-            try:
-                pruned = runner.run(
-                    "keras-prune",
-                    lambda s, d, c: prune_keras(source, d, c, train, options.trust_model_code),
-                    base,
-                    config,
-                    data_key=hash_data(train),
-                )
-                bases[label] = runner.run("normalize", normalize, pruned, NormalizeConfig())
-            except PassFailed as exc:
-                notes.append(f"{label} failed: {exc.reason}")
-        notes.append("tfmot sparsity gives compression (gzip) only: ONNX Runtime skips no zeros")
-        return bases  # fine-tuned unit pruning beats cutting units from the ONNX graph blind
-    if kind == "keras":
-        notes.append("Keras pruning skipped: it fine-tunes, so it needs --train-data")
-    for parent, model in list(bases.items()):
-        prefix = "" if parent == BASELINE else f"{parent} + "
-        for ratio in ratios:
-            try:
-                bases[f"{prefix}prune-{ratio:.0%}"] = runner.run(
-                    "prune",
-                    prune_with(calibration),
-                    model,
-                    PruneConfig(ratio=ratio),
-                    data_key=hash_data(calibration),
-                )
-            except PassFailed as exc:
-                notes.append(f"structured pruning at {ratio:.0%} not applied: {exc.reason}")
-                break
-    return bases
-
-
-def _datasets(
-    model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
-) -> tuple[Dataset, Dataset]:
-    if data is None and eval_data is None:
-        synthetic = synthesize(model, inputs)
-        notes.append("fidelity was measured on synthetic inputs: pass --data for real figures")
-        return synthetic, synthetic
-    calibration = load_npz(data, inputs) if data else None
-    evaluation = load_npz(eval_data, inputs) if eval_data else None
-    if calibration is not None and evaluation is None:
-        calibration, evaluation = split(calibration)
-    elif calibration is None:
-        calibration = evaluation
-    assert calibration is not None and evaluation is not None
-    return calibration, evaluation
-
-
 def _data(
     model: Path, inputs: Any, data: Path | None, eval_data: Path | None, notes: list[str]
 ) -> tuple[Dataset, Dataset, dict[str, int]]:
-    """(calibration, evaluation, each output's rows axis), split only where the model allows."""
+    """(calibration, evaluation, each output's rows axis): each file's batch axes proven on
+    the FP32 model before any split, so that no feed is split on one axis and kept whole."""
     _, outputs = read_io_signature(model)
     fp32 = load_predictor(model, inputs, outputs)
-    calibration, evaluation = _datasets(model, inputs, data, eval_data, notes)
-    evaluation, axes = layout(fp32, evaluation)
-    calibration, _ = layout(fp32, calibration)
+    if data is None and eval_data is None:
+        synthetic, axes = settle(fp32, inputs, synthesize(model, inputs), "the synthetic inputs")
+        notes.append("fidelity was measured on synthetic inputs: pass --data for real figures")
+        return synthetic, synthetic, axes
+    found = {p: settle(fp32, inputs, load_npz(p, inputs), p.name) for p in (data, eval_data) if p}
+    calibration = found[data][0] if data else None
+    evaluation, axes = found[eval_data] if eval_data else found[data]  # type: ignore[index]
+    if calibration is not None and eval_data is None:
+        calibration, evaluation = split(calibration)
     if not evaluation.axes:
         notes.append("the data's rows could not be split: every feed ran whole")
-    try:
-        fp32.run(evaluation.take(slice(0, 1)).inputs, validate=False)
-    except EdgebentoError as exc:
-        raise ConfigError(f"the FP32 model refuses the data: {exc}") from exc
-    return calibration, evaluation, axes
+    return calibration or evaluation, evaluation, axes
 
 
 def optimize_model(
@@ -211,6 +142,7 @@ def optimize_model(
     metrics: Sequence[str] = (),
     time_budget: float | None = None,
 ) -> OptimizeResult:
+    clock = Clock(DEFAULT_TIME_BUDGET if time_budget is None else time_budget)
     """Prune and quantize ``source`` under an accuracy budget and write the best as a pack."""
     options = _options(
         name=name,
@@ -221,7 +153,7 @@ def optimize_model(
         latency_seconds=latency_seconds,
         trust_model_code=trust_model_code,
         metrics=tuple(metrics),
-        time_budget=time_budget or DEFAULT_TIME_BUDGET,
+        time_budget=clock.budget,
     )
     specs = tuple(MetricSpec.parse(m) for m in options.metrics)
     source, out = Path(source), Path(out)
@@ -247,8 +179,9 @@ def optimize_model(
         budget = Budget(options.max_drop or 0.01, labels, specs)
 
         task = bars.add_task("prune and calibrate", total=None)
-        bases = _bases(runner, source, kind, base, options, calibration, train, notes)
-        fused = _fused(runner, base, inputs, notes)
+        line = ["fp32"]  # the progress line: which candidate, and the time left
+        bases = starting_models(runner, source, kind, base, options, calibration, train, notes)
+        fused = fused_model(runner, base, inputs, notes)
         if fused is not None:  # right after FP32: the most promising base of a transformer
             bases = {BASELINE: base, "fused": fused} | bases
         search = Search(
@@ -259,24 +192,31 @@ def optimize_model(
             evaluation,
             min(options.batch, evaluation.rows),
             budget,
-            tick=lambda what: bars.update(task, description=f"candidate: {what[:40]}"),
+            tick=lambda what: bars.update(task, description=f"{line[0]}: {what[:32]}"),
             metric_specs=specs,
             output_axes=output_axes,
         )
-        deadline = time.monotonic() + options.time_budget
-        planned = _plan(bases, options, _op_types(base))
+        planned = plan(bases, options, op_types(base))
         bars.update(task, total=len(planned) + 1, completed=0)
+        started = time.monotonic()
         measured = [search.measure(Candidate(BASELINE, (BASELINE,), base, {}))]
-        bars.advance(task)
-        for base_name, path, config in planned:
-            if time.monotonic() > deadline:
-                measured.append(search.skipped(base_name, config, options.time_budget))
-            elif config is None:
-                measured.append(search.measure(Candidate(base_name, (base_name,), path, {})))
-            else:
-                measured.append(search.measure(search.quantized(base_name, path, config)))
-            bars.advance(task)
-        measured += search.refine(measured, bases, deadline)
+        clock.record("base", time.monotonic() - started)
+
+        def show(done: int, text: str) -> None:
+            line[0] = text
+            bars.update(task, completed=done + 1, description=text, refresh=True)
+
+        tail = 2 * options.latency_seconds  # the two latency rounds after the candidates
+        tried, skipped = run_planned(search, planned, clock, show, tail)
+        measured += tried
+        line[0] = "keeping sensitive nodes in float"
+        measured += search.refine(measured, bases, clock.deadline)
+        # Cut short only where something missed the budget and refinement could have helped.
+        refine_cut = clock.spent() and any(
+            c.violation and not c.config.get("exclude") for c in tried
+        )
+        if skipped or refine_cut:
+            notes.append(stopped_note(clock, len(measured) - len(skipped), skipped, refine_cut))
         bars.update(task, description="latency (interleaved)")
         measured = with_latency(measured, search, options.latency_seconds)
         bars.update(task, description="latency (finalists again)")
@@ -297,6 +237,7 @@ def optimize_model(
             footprint=runner.records(),
             notes=notes,
             machine=describe_machine(),
+            time_budget=budget_summary(clock, len(measured) - len(skipped), skipped, refine_cut),
         )
         report_json = reports.write_json(report, staging / "report.json")
         png = reports.chart_png(report, budget, search.reference_fidelity.accuracy)
@@ -315,6 +256,7 @@ def optimize_model(
         out,
         report["notes"],
         report["machine"],
+        dict(evaluation.axes),
     )
 
 
@@ -332,44 +274,8 @@ def _torch_needs_data(source: Path, trust_model_code: bool) -> None:
     )
 
 
-def _plan(
-    bases: dict[str, Path], options: OptimizeOptions, op_types: set[str]
-) -> list[tuple[str, Path, QuantizeConfig | None]]:
-    """What to build, most promising first: each base's quantized variants in the order
-    ``search_space`` gives (static first for convolutions); pruned bases get the two most
-    telling variants, and a static one (rows that stay independent) if those are dynamic."""
-    found: list[tuple[str, Path, QuantizeConfig | None]] = []
-    for base_name, path in bases.items():
-        if base_name != BASELINE:
-            found.append((base_name, path, None))
-        space = search_space(options.quantize, True, op_types)
-        if base_name.startswith(("prune", "keras")) or " + prune" in base_name:
-            telling = [c for c in space if c.per_channel and not c.reduce_range]
-            static = [c for c in telling if c.mode == "static"][:1]
-            space = telling[:2] + [c for c in static if c not in telling[:2]]
-        found += [(base_name, path, config) for config in space]
-    return found
-
-
-def _fused(runner: Runner, base: Path, inputs: Sequence[Any], notes: list[str]) -> Path | None:
-    """The transformer-fused model, for BERT-like graphs; None for the others."""
-    if not bert_like(_op_types(base), {s.name for s in inputs}):
-        return None
-    try:
-        return runner.run("fuse", fuse, base, FuseConfig())
-    except PassFailed as exc:
-        notes.append(f"transformer fusion not applied: {exc.reason}")
-        return None
-
-
 def _raw_arrays(path: Path) -> Mapping[str, np.ndarray]:
     return open_npz(path, skip={"labels"})  # read lazily: only what the export asks for
-
-
-def _op_types(model: Path) -> set[str]:
-    import onnx
-
-    return {n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node}
 
 
 def _write_pack(

@@ -90,8 +90,10 @@ def build(
     footprint: list[dict[str, Any]],
     notes: Sequence[str],
     machine: dict[str, Any] | None = None,
+    time_budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``machine``: the CPU the latencies were measured on (``optimize.machine.describe``)."""
+    """``machine``: the CPU the latencies were measured on (``optimize.machine.describe``);
+    ``time_budget``: the budget, and what it left untried (``optimize.budget.summary``)."""
     base = next((c for c in candidates if c.name == "fp32"), None)
     baseline_ms = base.latency.ms_per_row if base and base.latency else None
     return {
@@ -106,6 +108,7 @@ def build(
         "candidates": [row(c, choice.candidate.name, baseline_ms) for c in candidates],
         "notes": list(notes),
         "machine": machine,
+        "time_budget": time_budget,
         "footprint": footprint,
     }
 

@@ -102,14 +102,14 @@ class Search:
             return Candidate(name, steps, None, config.model_dump(mode="json"), error=exc.reason)
         return Candidate(name, steps, path, config.model_dump(mode="json"))
 
-    def skipped(self, base_name: str, config: QuantizeConfig | None, seconds: float) -> Candidate:
+    def skipped(self, base_name: str, config: QuantizeConfig | None, why: str) -> Candidate:
         label = base_name if config is None else _name(base_name, config)
         return Candidate(
             label,
             (base_name,),
             None,
             {} if config is None else config.model_dump(mode="json"),
-            error=f"not tried: the time budget of {seconds:g} s ran out",
+            error=why,
         )
 
     def _preprocess(self, base: Path) -> Path:

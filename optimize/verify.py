@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from modelpack import Predictor, PredictorOptions, TensorSpec
-from modelpack.errors import EdgebentoError
 from optimize import metrics
 from optimize.data import Dataset
 from optimize.metrics import Score
@@ -72,32 +71,6 @@ class Size:
 def load(model: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> Predictor:
     """A session as every target opens it; raises ModelInvalidError when ORT refuses it."""
     return Predictor(model, inputs, outputs, PredictorOptions(warmup=False))
-
-
-def layout(predictor: Predictor, data: Dataset) -> tuple[Dataset, dict[str, int]]:
-    """``data`` split by rows only if the model runs on a part of it, and each output's rows axis.
-
-    A model whose feeds cannot be taken apart (a state whose batch axis was misread, a fixed
-    batch) gets its feeds whole. An output's rows axis is the one that doubles from one row to
-    two; outputs without one are compared whole, one entry per batch.
-    """
-    if data.rows < 2:
-        return data, {}
-    try:
-        one = predictor.run(data.take(slice(0, 1)).inputs, validate=False)
-        two = predictor.run(data.take(slice(0, 2)).inputs, validate=False)
-    except EdgebentoError:
-        return data.whole(), {}
-    axes = {}
-    for name, a in one.items():
-        sa, sb = np.shape(a), np.shape(two[name])
-        if len(sa) != len(sb):
-            continue
-        for axis, (x, y) in enumerate(zip(sa, sb, strict=True)):
-            if x > 0 and y == 2 * x:
-                axes[name] = axis
-                break
-    return data, axes
 
 
 def run_all(

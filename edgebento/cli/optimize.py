@@ -121,8 +121,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     decided = next((_fid(r).get("decided_by") for r in result.rows if r["chosen"]), None)
     if decided:
         console.print(f"decided by: {escape(decided)}")
-    if args.data is not None or args.monitor:
+    leading = all(result.batch_axes.get(s.name) == 0 for s in _pack_inputs(result.pack_dir))
+    if args.monitor or (args.data is not None and leading):
         console.print(escape(attach_monitoring(args, result.pack_dir, args.key)))
+    elif args.data is not None:  # a baseline counts rows on axis 0 of every input
+        console.print(
+            "note: no drift baseline recorded: not every input has its rows on axis 0"
+            f" (batch axes {result.batch_axes}); name the tensors to watch with --monitor"
+        )
     console.print(f"pack: {result.pack_dir}   report: {result.report_html}")
     if args.bentoml:
         console.print(
@@ -186,6 +192,12 @@ def _mb(size: int | None) -> str:
 
 def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _pack_inputs(pack_dir: Path) -> list[Any]:
+    from modelpack.manifest import MANIFEST_FILE, Manifest
+
+    return list(Manifest.from_bytes((pack_dir / MANIFEST_FILE).read_bytes()).inputs)
 
 
 def _save_to_bentoml(pack_dir: Path, key: Path | None) -> str:
