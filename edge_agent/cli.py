@@ -132,23 +132,42 @@ def check_start(config: Any) -> None:
         raise ConfigError(f"--data-dir {data}: exists and is not a directory")
 
 
+def _enrolls(config: Any) -> bool:
+    """Whether this device has an identity of its own or is to get one (a claim token): only
+    then is ``edge_agent.identity`` imported, with x509 and the enrollment protocol (0.6 MB a
+    device with operator-managed or no certificates never needs). Its directory is
+    ``identity.files_of``'s."""
+    if (
+        config.cert_file is not None
+        and config.cert_file != Path(config.data_dir) / "identity" / "device.crt"
+    ):
+        return False  # certificates managed by the operator
+    return (
+        bool(config.enroll_token or config.enroll_token_file)
+        or (Path(config.data_dir) / "identity").exists()
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from cloud_sync.redact import redact_url
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
-    from edge_agent.identity import Renewer, prepare_identity
     from edge_agent.inference import install_hint
 
     config = load_config(args.config, _flags(args))
     check_start(config)
     logging.getLogger().setLevel(config.log_level.upper())
     logs.set_context(device=config.device)
-    config = prepare_identity(config)  # enrolls by claim on first start; refuses expired certs
+    enrolls = _enrolls(config)
+    if enrolls:
+        from edge_agent.identity import Renewer, prepare_identity
+
+        config = prepare_identity(config)  # enrolls by claim on first start; refuses expired certs
     agent = Agent(config)
     signal.signal(signal.SIGTERM, lambda *_: agent.request_stop())
     signal.signal(signal.SIGINT, lambda *_: agent.request_stop())
     agent.start()
-    renewer = Renewer.for_agent(config, agent.session, agent.record)
+    renewer = Renewer.for_agent(config, agent.session, agent.record) if enrolls else None
     logging.getLogger("edge_agent").info(
         "device %s serving %s on %s%s",
         config.device,

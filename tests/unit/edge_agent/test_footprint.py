@@ -58,6 +58,8 @@ NOT_AT_START = (
     "tarfile",  # only once an archive arrives
     "edge_agent.http",  # the HTTP endpoint (and edge_agent.http_wire): only with metrics_port
     "edge_agent.metrics",
+    "edge_agent.identity",  # x509 and the enrollment protocol: only with an identity of its own
+    "cloud_sync.enroll",
     "cryptography.x509",
     # the PEM and SSH parsers, ciphers and bcrypt: 1.3 MB for a key read without them
     "cryptography.hazmat.primitives.serialization",
