@@ -132,7 +132,13 @@ class SimFleet:
             if reason.is_failure:
                 log.warning("%s: the broker refused us: %s", device, reason)
                 return
-            c.subscribe([(self.topics.desired(device), 1), (self.topics.telemetry_ack(device), 1)])
+            c.subscribe(
+                [
+                    (self.topics.desired(device), 1),
+                    (self.topics.telemetry_ack(device), 1),
+                    (self.topics.cmd(device, "shadow"), 1),
+                ]
+            )
             self.connected.add(device)
             # Reported on the loop's next turn, not here: paho resends what the broker had not
             # acknowledged (the status of the last connect, if the broker died first) only after

@@ -30,6 +30,7 @@ from cloud_sync.protocol import (
     Applied,
     Desired,
     ModelRef,
+    ShadowCommand,
     Status,
     TelemetryAck,
     TelemetryBatch,
@@ -57,10 +58,14 @@ class Behavior:
     telemetry_s: float = 10.0  # 0: no telemetry
     inferences_per_window: int = 20
     groups: tuple[str, ...] = ()
-    lie: dict[str, float] = field(default_factory=dict)  # ok, errors, p99_ms, version
+    lie: dict[str, float] = field(default_factory=dict)  # ok, errors, p99_ms, version, ...
+    # A shadow's top-1 agreement per version shadowed (default 1): the share of its answers
+    # that match the live version's (cloud_sync.rollout_shadow).
+    agreement: dict[int, float] = field(default_factory=dict)
 
 
-LIES = ("ok", "errors", "p99_ms", "version")
+# shadow_samples: the shadow runs claimed, each agreeing, however long the shadow ran
+LIES = ("ok", "errors", "p99_ms", "version", "shadow_samples")
 
 
 class SimDevice:
@@ -86,6 +91,8 @@ class SimDevice:
         self.outbox: OrderedDict[int, tuple[float, bytes]] = OrderedDict()
         self.acked_once = False
         self.rng = random.Random(device)
+        # The shadow: the model, its start and end (inf while it runs), its rate
+        self.shadow: tuple[ModelRef, float, float, float] | None = None
 
     # --- what goes out -----------------------------------------------------------------------
 
@@ -98,9 +105,35 @@ class SimDevice:
                 "boot_id": self.boot_id,
                 "applied": self.applied,
                 "groups": list(self.behavior.groups),  # an extra field, as the agent sends it
+                "shadow": self._shadow_figures(),
             }
         )
         return doc.model_dump_json(exclude_none=True).encode()
+
+    def _shadow_figures(self) -> dict[str, object] | None:
+        """What a shadowing agent reports: runs at its rate since the start, agreeing at the
+        behaviour's share for that version."""
+        if self.shadow is None:
+            return None
+        model, since, until, rate = self.shadow
+        state = "running" if until == float("inf") else "stopped"
+        samples = int(rate * (min(time.monotonic(), until) - since))
+        agree = self.behavior.agreement.get(model.version, 1.0)
+        if "shadow_samples" in self.behavior.lie:
+            samples, agree = int(self.behavior.lie["shadow_samples"]), 1.0
+        ms = self.behavior.p99_ms.get(self.model.version, self.behavior.base_p99_ms) * samples
+        return {"model": model.model_dump(), "state": state, "metric": "top1",
+                "samples": samples, "rows": samples, "agreeing": round(agree * samples, 3),
+                "max_abs": 0.0 if agree == 1.0 else 0.5, "shadow_ms": ms, "current_ms": ms}  # fmt: skip
+
+    def on_shadow(self, command: ShadowCommand) -> None:
+        if command.action == "start" and command.name and command.version:
+            model = ModelRef(name=command.name, version=command.version)
+            self.shadow = (model, time.monotonic(), float("inf"), command.rate)
+        elif self.shadow is not None:
+            model, since, until, rate = self.shadow
+            self.shadow = (model, since, min(until, time.monotonic()), rate)
+        self.publish(self.topics.status(self.device), self.status(), 1, True)
 
     def on_connect(self) -> None:
         self.publish(self.topics.status(self.device), self.status(), 1, True)
@@ -138,6 +171,8 @@ class SimDevice:
         while len(self.outbox) > OUTBOX_MAX:
             self.outbox.popitem(last=False)  # bounded: the oldest goes first
         self.publish(self.topics.telemetry(self.device), body, 1, False)
+        if self.shadow is not None and self.shadow[2] == float("inf"):  # running: fresh figures
+            self.publish(self.topics.status(self.device), self.status(), 1, True)
         if self.acked_once:  # an ingestion is listening: what it missed goes again
             cutoff = time.monotonic() - RESEND_AFTER_S
             for seq, (sent, old) in list(self.outbox.items())[:10]:
@@ -154,6 +189,8 @@ class SimDevice:
                     self.on_desired(Desired.model_validate_json(payload))
             elif topic == self.topics.telemetry_ack(self.device):
                 self.on_ack(TelemetryAck.model_validate_json(payload))
+            elif topic == self.topics.cmd(self.device, "shadow"):
+                self.on_shadow(ShadowCommand.model_validate_json(payload))
         except ValidationError:
             return  # a real agent reports this; the simulator only must not fall over
 

@@ -50,6 +50,14 @@ def register(sub: Any) -> None:
         help="report these figures in every window whatever happens, as a compromised device "
         "would: ok, errors, p99_ms, and version (the model version it names)",
     )
+    p.add_argument(
+        "--agreement",
+        action="append",
+        default=[],
+        metavar="VERSION=SHARE",
+        help="a shadow of this version agrees with the live one on this share of answers, "
+        "0..1 (repeatable; default 1)",
+    )
     p.add_argument("--group", action="append", default=[], help="group the devices list")
     p.add_argument("--duration", type=float, help="seconds to run (default: until stopped)")
     p.set_defaults(func=cmd_simulate)
@@ -77,6 +85,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         telemetry_s=args.telemetry_s,
         groups=tuple(args.group),
         lie=_pairs([p for p in args.lie.split(",") if p], "--lie", LIES),
+        agreement={int(v): r for v, r in _pairs(args.agreement, "--agreement").items()},
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
