@@ -21,16 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cloud_sync.drift_summary import KIND, DriftSummary
-from modelpack.baseline import BASELINE_FILE, Baseline, read_baseline
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
-from modelpack.monitor import MonitorSpec, reduce, reduce_batch
+from modelpack.manifest import BASELINE_FILE
 from modelpack.pack import Pack
 from modelpack.serving.core import Job, ServingCore
 
+# The baseline, its reducers and the summary's model are imported once a pack has a baseline:
+# a device serving packs without one never holds them (tests/unit/edge_agent/test_footprint.py).
 if TYPE_CHECKING:
     from edge_agent.shadow import ShadowRunner
+    from modelpack.baseline import Baseline
+    from modelpack.monitor import MonitorSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,8 @@ class _Window:
             "refused": dict(list(self.refused.items())[:16]),
             "features": features,
         }
+        from cloud_sync.drift_summary import DriftSummary
+
         return DriftSummary.model_validate(doc).model_dump(mode="json")
 
 
@@ -171,6 +175,8 @@ def _columns(
     watched = [s for s in specs if s.reducer != "none"]
     if not watched:
         return np.empty((0, sum(rows for _, rows in requests)))
+    from modelpack.monitor import reduce_batch
+
     rows = 0
     for _, n in requests:
         rows += n
@@ -198,6 +204,8 @@ def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
         out = np.stack([top.astype(np.float64), confidence])
         out[0, np.isnan(confidence)] = np.nan
         return out
+    from modelpack.monitor import reduce
+
     return np.ascontiguousarray(reduce(spec, joined).T)
 
 
@@ -258,6 +266,8 @@ class DriftMonitor:
         entry = pack.manifest.file(BASELINE_FILE)
         if entry is None:
             return None
+        from modelpack.baseline import read_baseline
+
         if sha256_file(pack.root / BASELINE_FILE) != entry.sha256:  # changed since verified
             log.warning(
                 "%s of %s v%s does not match its manifest: no drift summaries",
@@ -347,8 +357,11 @@ class DriftMonitor:
 
     def flush_to(self, record: Record, force: bool = False) -> int:
         summaries = self.collect(force=force)
-        for summary in summaries:
-            record(KIND, summary)
+        if summaries:
+            from cloud_sync.drift_summary import KIND
+
+            for summary in summaries:
+                record(KIND, summary)
         return len(summaries)
 
 
