@@ -141,6 +141,12 @@ def register(sub: Any) -> None:
         "--shadow-rate", type=float, default=5.0, help="shadow runs a second per device (5)"
     )
     p.add_argument(
+        "--shadow-min-devices",
+        type=int,
+        default=2,
+        help="judged devices a shadow verdict needs with any one left out (2: 3 judged)",
+    )
+    p.add_argument(
         "--drift-gate",
         type=float,
         nargs="?",
@@ -250,11 +256,15 @@ def _shadow(args: argparse.Namespace) -> Any:
         return None
     try:
         return ShadowSettings(
-            for_s=parse_duration(args.shadow_for), agreement=args.agreement, rate=args.shadow_rate
+            for_s=parse_duration(args.shadow_for),
+            agreement=args.agreement,
+            rate=args.shadow_rate,
+            min_devices=args.shadow_min_devices,
         )
     except ValidationError as exc:
         problem = exc.errors()[0]
-        flag = {"agreement": "--agreement", "rate": "--shadow-rate"}.get(str(problem["loc"][0]))
+        flags = {"agreement": "--agreement", "rate": "--shadow-rate"}
+        flag = {**flags, "min_devices": "--shadow-min-devices"}.get(str(problem["loc"][0]))
         raise ConfigError(f"{flag or '--shadow'}: {problem['msg']}") from exc
 
 
