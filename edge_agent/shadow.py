@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud_sync.redact import redact_text
-from cloud_sync.shadow_figures import KIND, ShadowFigures
 from modelpack.errors import EdgebentoError
-from modelpack.monitor import probabilities
 
+# The figures' pydantic models and modelpack.monitor are imported when a shadow starts: most
+# devices never run one (tests/unit/edge_agent/test_footprint.py).
 if TYPE_CHECKING:
+    from cloud_sync.shadow_figures import ShadowFigures
     from edge_agent.inference import InferenceService
     from edge_agent.updater import Updater
     from modelpack.pack import Pack
@@ -88,6 +89,8 @@ class ShadowRunner:
         try:
             pack, predictor, root = self._install(name, version)
         except EdgebentoError as exc:
+            from cloud_sync.shadow_figures import ShadowFigures
+
             failed = ShadowFigures.model_validate(
                 {"model": {"name": name, "version": version}, "state": "failed"}
             )
@@ -103,6 +106,8 @@ class ShadowRunner:
     ) -> ShadowFigures:
         """Start shadowing a pack already verified and installed at ``root`` (``start`` does
         both; the benchmark hands one over)."""
+        from cloud_sync.shadow_figures import ShadowFigures
+
         m = pack.manifest
         figures = ShadowFigures.model_validate(
             {"model": {"name": m.name, "version": m.version}, "state": "running"}
@@ -258,6 +263,8 @@ class ShadowRunner:
             self._report(active.figures)
 
     def _report(self, figures: ShadowFigures) -> None:
+        from cloud_sync.shadow_figures import KIND
+
         self._last = figures
         self.record(KIND, figures.model_dump(mode="json", exclude_none=True))
         self.publish()
@@ -266,6 +273,8 @@ class ShadowRunner:
 def _choose(pack: Pack, answer: Mapping[str, np.ndarray]) -> tuple[str, Any]:
     """The output compared and how: top-1 for class probabilities or labelled scores, else the
     cosine of the first output."""
+    from modelpack.monitor import probabilities
+
     labels = len(pack.manifest.labels)
     for name, value in answer.items():
         array = np.asarray(value)

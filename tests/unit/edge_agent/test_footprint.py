@@ -66,6 +66,8 @@ NOT_AT_START = (
     "bcrypt",
     "modelpack.baseline",  # drift: only for a pack with a baseline
     "cloud_sync.drift_summary",
+    "modelpack.monitor",  # drift's reducers, and shadow's: only for a baseline or a shadow
+    "cloud_sync.shadow_figures",  # only once a shadow starts
 )
 
 
