@@ -1,7 +1,8 @@
 """Public ONNX models that PyPI packages ship, with inputs made like their users make them.
 
 - Silero VAD 16k (``silero-vad``): ``input [batch, 512]`` audio, LSTM ``state [2, batch, 128]``
-  (batch on axis 1) and a scalar ``sr``: the recurrent model whose rows are not all on axis 0.
+  (batch on axis 1) and a scalar ``sr``: the recurrent model whose rows are not all on axis 0;
+  both v5 exports the wheel ships (``silero_vad.onnx`` names no dim: its axes are proven).
 - PP-OCR det and cls (``rapidocr-onnxruntime``): real CNNs (MobileNetV3 with SE blocks,
   HardSigmoid, Resize, ConvTranspose), fed rendered text images normalized as RapidOCR does.
 """
@@ -112,6 +113,13 @@ def _one(name: str, source: Path, calibration: dict, evaluation: dict) -> dict[s
 def run(results_dir: Path) -> dict[str, Any]:
     found = {
         "silero_vad": _one("silero_vad", silero_vad(), vad_feeds(128, 0), vad_feeds(64, 1)),
+        # The export with the If node on sr and no dim named: batch axes proven by running.
+        "silero_vad_if": _one(
+            "silero_vad_if",
+            silero_vad().with_name("silero_vad.onnx"),
+            vad_feeds(128, 0),
+            vad_feeds(64, 1),
+        ),
         "ppocr_cls": _one(
             "ppocr_cls", ppocr("cls"), ocr_feeds("cls", 96, 0), ocr_feeds("cls", 64, 1)
         ),

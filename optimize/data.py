@@ -139,7 +139,15 @@ def load_npz(path: Path, specs: Sequence[TensorSpec]) -> Dataset:
         inputs[spec.name] = array.astype(spec.dtype, copy=False)
     labels = arrays.get(LABELS)
     data = Dataset(inputs, labels, batch_axes(specs, inputs))
-    if labels is not None and labels.ndim >= 1 and labels.shape[0] != data.rows:
+    # The rows' axis is proven later by running (optimize.axes); here only a count that no
+    # input has on any axis is plainly wrong.
+    sizes = {
+        int(size)
+        for spec in specs
+        for axis, size in enumerate(inputs[spec.name].shape)
+        if spec.shape is None or not isinstance(spec.shape[axis], int)
+    }
+    if labels is not None and labels.ndim >= 1 and labels.shape[0] not in sizes:
         raise ConfigError(f"{path.name}: {labels.shape[0]} labels for {data.rows} rows")
     return data
 

@@ -139,3 +139,16 @@ def test_the_proven_axis_is_the_one_rows_lie_on(
     feeds = {"x": np.random.default_rng(2).standard_normal(sizes).astype(np.float32)}
     data, outputs = _settle(model, feeds)
     assert dict(data.axes) == {"x": batch} and outputs == {"y": 0}
+
+
+def test_labels_count_rows_on_whichever_axis_holds_them(axis1_model: Path, tmp_path: Path) -> None:
+    from optimize.data import load_npz
+
+    inputs, _ = read_io_signature(axis1_model)
+    feeds = {"x": np.zeros((4, 6, 4), np.float32), "h": np.zeros((1, 6, 3), np.float32)}
+    np.savez(tmp_path / "ok.npz", **feeds, labels=np.arange(6))  # type: ignore[arg-type]
+    assert load_npz(tmp_path / "ok.npz", inputs).labels is not None
+    # 3 is no input's size on an open axis (x's last 4 and h's 1 and 3 are fixed): refused.
+    np.savez(tmp_path / "bad.npz", **feeds, labels=np.arange(3))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="3 labels for"):
+        load_npz(tmp_path / "bad.npz", inputs)
