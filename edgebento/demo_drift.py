@@ -9,9 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from edgebento.demo_fleet import Fleet
+from edgebento.demo_fleet import Fleet, reply_topic
 from edgebento.demo_runner import BIN, Demo, console
-from edgebento.localservices import LOOPBACK
 
 WINDOW_S = "5"  # EDGEBENTO_DRIFT_WINDOW_S of the demo's agents: windows short enough to watch
 ROWS, RATE, SECONDS = 8, 25, 12.0
@@ -24,13 +23,13 @@ def _traffic(fleet: Fleet, device: str, calib: Path, dim: float) -> subprocess.P
 
     x = np.load(calib)["x"]
     rng = np.random.default_rng(len(device))
-    argv = ["mosquitto_pub", "-h", LOOPBACK, "-p", str(fleet.broker.port), "-q", "1",
+    argv = ["mosquitto_pub", *fleet.mosquitto_args(), "-q", "1",
             "-t", f"edgebento/{device}/infer", "-l"]  # fmt: skip
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
     assert proc.stdin is not None
     for i in range(int(RATE * SECONDS)):
         rows = (x[rng.integers(0, len(x), ROWS)] * dim).round(4).tolist()
-        line = {"id": f"drift-{i}", "inputs": {"x": rows}, "reply_to": f"demo/drift/{device}"}
+        line = {"id": f"drift-{i}", "inputs": {"x": rows}, "reply_to": reply_topic(device, "drift")}
         proc.stdin.write(json.dumps(line) + "\n")
         proc.stdin.flush()
         time.sleep(1 / RATE)

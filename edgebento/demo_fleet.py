@@ -1,10 +1,18 @@
 """The demo's fleet: a real Mosquitto, a registry in a directory, ``edgebento sync``, two edge
 agents, rollouts (a good one and a broken one that aborts), traffic through a broker killed with
--9, and the check that every telemetry record is in the store exactly once."""
+-9, and the check that every telemetry record is in the store exactly once.
+
+The broker runs with the ACL of ``deploy/mosquitto/`` and no anonymous clients; every client the
+demo starts has its identity: each agent its device id (``EDGEBENTO_USERNAME``/``_PASSWORD``),
+``edgebento sync`` the user ``sync``, ``edgebento rollout`` ``controller``, and the person at the
+keyboard (``fleet status``, ``mosquitto_pub``/``_sub``/``_rr``) ``operator``. Requests name a
+response topic under the device's own ``{prefix}/{device}/replies/``, the only place the ACL
+lets a device answer."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import subprocess
 import threading
@@ -32,6 +40,9 @@ class MetricsPorts:
     agents: dict[str, int] = field(default_factory=lambda: {d: free_port() for d in DEVICES})
 
 
+CLOUD = ("sync", "controller", "operator")  # the cloud's identities in deploy/mosquitto/acl
+
+
 @dataclass
 class Fleet:
     broker: Mosquitto
@@ -43,15 +54,35 @@ class Fleet:
     def url(self) -> str:
         return self.broker.url
 
+    def password(self, user: str) -> str:
+        return (self.broker.users or {})[user]
+
+    def url_as(self, user: str) -> str:
+        """The broker URL with ``user``'s credentials (the CLI redacts the password it prints)."""
+        return f"mqtt://{user}:{self.password(user)}@{LOOPBACK}:{self.broker.port}"
+
+    def mosquitto_args(self, user: str = "operator") -> list[str]:
+        """``-h -p -u -P`` for mosquitto_pub, _sub and _rr."""
+        port = str(self.broker.port)
+        return ["-h", LOOPBACK, "-p", port, "-u", user, "-P", self.password(user)]
+
+
+def reply_topic(device: str, name: str) -> str:
+    """Under the device's own replies/: the only topics the ACL lets it answer on."""
+    return f"edgebento/{device}/replies/{name}"
+
 
 def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fleet:
     # Persistence off: a broker killed with -9 then loses every queued message and retained
     # state, the setting under which "nothing lost" is worth showing.
-    broker = Mosquitto(workdir=demo.workdir / "mosquitto", persistence=False).start()
+    users = {user: secrets.token_urlsafe(12) for user in (*DEVICES, *CLOUD)}
+    broker = Mosquitto(workdir=demo.workdir / "mosquitto", persistence=False, users=users)
+    broker.start()
     demo.stoppers.append(broker.stop)
     fleet = Fleet(broker, demo.workdir / "store", keys, ports)
     console.print(
-        f"Mosquitto listens on {fleet.url}; the registry and telemetry live in {fleet.store}"
+        f"Mosquitto listens on {fleet.url} with the ACL of deploy/mosquitto/ (a user per device,"
+        f" and {', '.join(CLOUD)}); the registry and telemetry live in {fleet.store}"
     )
     for pack in (packs.v1, packs.v2, packs.v3_broken):
         demo.run(
@@ -60,7 +91,7 @@ def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fl
         )  # fmt: skip
     demo.run(BIN / "edgebento", "registry", "list", "--store", fleet.store)
     demo.start(
-        "sync", BIN / "edgebento", "sync", "--broker", fleet.url, "--store", fleet.store,
+        "sync", BIN / "edgebento", "sync", "--broker", fleet.url_as("sync"), "--store", fleet.store,
         "--metrics-port", str(ports.sync), "--client-id", "demo-sync",
     )  # fmt: skip
     for device in DEVICES:
@@ -69,16 +100,17 @@ def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fl
             "--data-dir", demo.workdir / "devices" / device, "--trust", keys / "signing.pub",
             "--store", fleet.store, "--pack", packs.v1, "--telemetry-interval", TELEMETRY_INTERVAL,
             "--metrics-port", str(ports.agents[device]),
+            env={"EDGEBENTO_USERNAME": device, "EDGEBENTO_PASSWORD": fleet.password(device)},
         )  # fmt: skip
-    wait_online(fleet.broker, DEVICES)
+    wait_online(fleet, DEVICES)
     return fleet
 
 
 def step_mqtt_inference(demo: Demo, fleet: Fleet, request: Request) -> str:
     infer = {**json.loads(request.body), "id": "demo-1"}
     answer = demo.run(
-        "mosquitto_rr", "-h", LOOPBACK, "-p", str(fleet.broker.port), "-t", "edgebento/dev-1/infer",
-        "-e", "demo/replies/dev-1", "-m", json.dumps(infer), "-W", "20", quiet=True,
+        "mosquitto_rr", *fleet.mosquitto_args(), "-t", "edgebento/dev-1/infer",
+        "-e", reply_topic("dev-1", "demo"), "-m", json.dumps(infer), "-W", "20", quiet=True,
     )  # fmt: skip
     reply = json.loads(answer.stdout)
     probs = reply["outputs"]["probs"][0]
@@ -91,7 +123,8 @@ def step_mqtt_inference(demo: Demo, fleet: Fleet, request: Request) -> str:
 def rollout(demo: Demo, fleet: Fleet, version: int) -> subprocess.CompletedProcess[str]:
     return demo.run(
         BIN / "edgebento", "rollout", "digits", str(version), "--store", fleet.store,
-        "--broker", fleet.url, "--devices", ",".join(DEVICES), "--canary", "50", "--waves", "1",
+        "--broker", fleet.url_as("controller"), "--devices", ",".join(DEVICES), "--canary", "50",
+        "--waves", "1",
         "--bake", "2", "--wave-timeout", "60", "--key", fleet.keys / "signing.key",
         "--metrics-port", str(fleet.ports.rollout), "--wait", "--timeout", "120",
         # The demo's devices serve no traffic while it rolls out: nothing to judge health by, so
@@ -114,7 +147,7 @@ def step_broken_rollout(demo: Demo, fleet: Fleet) -> str:
         raise RuntimeError("the rollout of the broken v3 completed")
     listed = demo.run(BIN / "edgebento", "rollout", "list", "--store", fleet.store, quiet=True)
     console.print(listed.stdout)
-    versions = running_versions(fleet.broker, DEVICES)
+    versions = running_versions(fleet, DEVICES)
     if any(v != 2 for v in versions.values()):
         raise RuntimeError(f"devices did not stay on or return to v2: {versions}")
     return f"v3 rolled back by the canary's health check, rollout aborted; devices run {versions}"
@@ -122,7 +155,7 @@ def step_broken_rollout(demo: Demo, fleet: Fleet) -> str:
 
 def step_broker_kill(demo: Demo, fleet: Fleet, request: Request) -> str:
     """Traffic, the broker killed with -9 in the middle of it, then restarted on its port."""
-    traffic = send_traffic(demo, fleet.broker, DEVICES, json.loads(request.body), 6, 40)
+    traffic = send_traffic(demo, fleet, DEVICES, json.loads(request.body), 6, 40)
     time.sleep(2.5)
     console.print(f"[bold red]kill -9 mosquitto[/bold red] (pid {fleet.broker.process.pid})")  # type: ignore[union-attr]
     fleet.broker.kill()
@@ -130,7 +163,7 @@ def step_broker_kill(demo: Demo, fleet: Fleet, request: Request) -> str:
     fleet.broker.start()
     console.print("mosquitto restarted on the same port, persistence off: nothing kept")
     traffic.join(timeout=60)
-    wait_online(fleet.broker, DEVICES)
+    wait_online(fleet, DEVICES)
     return "broker killed with -9 during traffic and restarted; the agents and sync reconnected"
 
 
@@ -174,13 +207,15 @@ def _gaps(seqs: set[int]) -> list[int]:
 
 
 def step_fleet_status(demo: Demo, fleet: Fleet) -> str:
-    demo.run(BIN / "edgebento", "fleet", "status", "--broker", fleet.url, "--listen", "2")
+    demo.run(
+        BIN / "edgebento", "fleet", "status", "--broker", fleet.url_as("operator"), "--listen", "2"
+    )
     return "edgebento fleet status: both devices online, their version, rate and p99"
 
 
 def send_traffic(
     demo: Demo,
-    broker: Mosquitto,
+    fleet: Fleet,
     devices: Sequence[str],
     request: dict[str, Any],
     seconds: float,
@@ -191,7 +226,7 @@ def send_traffic(
     the broker's death disconnects is started again."""
 
     def publisher(device: str) -> subprocess.Popen[str]:
-        argv = ["mosquitto_pub", "-h", LOOPBACK, "-p", str(broker.port), "-q", "1",
+        argv = ["mosquitto_pub", *fleet.mosquitto_args(), "-q", "1",
                 "-t", f"edgebento/{device}/infer", "-l"]  # fmt: skip
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
         demo.processes.append(proc)  # type: ignore[arg-type]
@@ -207,12 +242,12 @@ def send_traffic(
     def feed() -> None:
         for i in range(int(seconds * rate)):
             for device in devices:
-                line = {**request, "id": f"load-{i}", "reply_to": f"demo/replies/{device}"}
+                line = {**request, "id": f"load-{i}", "reply_to": reply_topic(device, "load")}
                 try:
                     pubs[device].stdin.write(json.dumps(line) + "\n")  # type: ignore[union-attr]
                     pubs[device].stdin.flush()  # type: ignore[union-attr]
                 except (BrokenPipeError, OSError):
-                    if broker.process is not None:  # back up: a new publisher
+                    if fleet.broker.process is not None:  # back up: a new publisher
                         pubs[device] = publisher(device)
             time.sleep(1 / rate)
         for pub in pubs.values():
@@ -227,9 +262,9 @@ def send_traffic(
     return thread
 
 
-def retained_status(broker: Mosquitto, device: str) -> dict[str, Any] | None:
+def retained_status(fleet: Fleet, device: str) -> dict[str, Any] | None:
     got = subprocess.run(
-        ["mosquitto_sub", "-h", LOOPBACK, "-p", str(broker.port),
+        ["mosquitto_sub", *fleet.mosquitto_args(),
          "-t", f"edgebento/{device}/status", "-C", "1", "-W", "2"],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -239,20 +274,20 @@ def retained_status(broker: Mosquitto, device: str) -> dict[str, Any] | None:
         return None
 
 
-def running_versions(broker: Mosquitto, devices: Sequence[str]) -> dict[str, int | None]:
+def running_versions(fleet: Fleet, devices: Sequence[str]) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for device in devices:
-        status = retained_status(broker, device) or {}
+        status = retained_status(fleet, device) or {}
         out[device] = (status.get("model") or {}).get("version")
     return out
 
 
-def wait_online(broker: Mosquitto, devices: Sequence[str], timeout: float = 60.0) -> None:
+def wait_online(fleet: Fleet, devices: Sequence[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     pending = set(devices)
     while pending and time.monotonic() < deadline:
         for device in sorted(pending):
-            status = retained_status(broker, device)
+            status = retained_status(fleet, device)
             if status and status.get("state") == "online":
                 pending.discard(device)
         time.sleep(0.5)

@@ -130,12 +130,16 @@ class Demo:
 
 
 def _short(argv: Sequence[str]) -> list[str]:
-    """Show commands the way a user types them (no venv paths)."""
+    """Show commands the way a user types them (no venv paths), passwords redacted: in broker
+    URLs, and after mosquitto_pub/_sub/_rr's ``-P``."""
+    from cloud_sync.redact import redact_text
+
     out = []
-    for a in argv:
+    for i, a in enumerate(argv):
         if a.startswith(str(BIN) + "/"):
             a = a[len(str(BIN)) + 1 :]
-        out.append(a.replace(str(REPO) + "/", ""))
+        shown = "***" if i and argv[i - 1] == "-P" else redact_text(a)
+        out.append(shown.replace(str(REPO) + "/", ""))
     return out
 
 
