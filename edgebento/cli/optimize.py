@@ -59,7 +59,8 @@ def register(sub: Any) -> None:
         "--time-budget",
         type=float,
         metavar="SECONDS",
-        help="stop trying new candidates after this long (the best found so far is kept)",
+        help="stop trying new candidates after this long from the start (default 600; 0: no"
+        " limit); the best found so far is kept and the report lists what was not tried",
     )
     p.add_argument("--train-data", type=Path, help=".npz with labels to fine-tune Keras pruning")
     p.add_argument("--key", type=Path, help="sign the pack with this signing.key")
