@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.baseline import REPO, baseline_tree
-from benchmarks.bench_agent import Requester, pipelined
+from benchmarks.bench_agent import Requester, _wait_ready, pipelined
 from benchmarks.serving_common import (
     BIN,
     LOOPBACK,
@@ -96,7 +95,7 @@ def _agent(
         proc.wait_ready("/healthz", timeout=60)
         x = _digits_row()
         bodies = [json.dumps({"inputs": {"x": x}}).encode()]
-        _wait_answer(req, x)
+        _wait_ready(req, x)
         pipelined(req, x, 500)  # warm-up
         mqtt = pipelined(req, x, 3000)
         http = wrk(proc.url + "/infer", bodies, 16, SECONDS)
@@ -109,20 +108,6 @@ def _agent(
     finally:
         req.close()
         proc.stop()
-
-
-def _wait_answer(req: Requester, x: list[list[float]]) -> None:
-    import queue
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        req.send(json.dumps({"id": "w", "inputs": {"x": x}}).encode(), b"w")
-        try:
-            if req.replies.get(timeout=0.5)[1].get("ok"):
-                return
-        except queue.Empty:
-            continue
-    raise RuntimeError("the agent did not answer within 30 s")
 
 
 def _mlp_bodies(width: int) -> list[bytes]:
