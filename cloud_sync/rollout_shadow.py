@@ -36,6 +36,7 @@ from cloud_sync.protocol import ShadowCommand
 from cloud_sync.rollout_checks import wave_label
 from cloud_sync.rollout_state import AbortFigures, DeviceProgress
 from cloud_sync.shadow_figures import ShadowFigures, ShadowSettings, Verdict, device_verdict
+from modelpack.errors import BrokerError
 
 if TYPE_CHECKING:
     from cloud_sync.rollout import Rollout
@@ -69,9 +70,12 @@ class ShadowPhase:
             )
             topic = r.watch.topics.cmd(device, "shadow")
             payload = command.model_dump_json(exclude_none=True).encode()
-            pending.append(r.watch.client.client.publish(topic, payload, 1, False))
-        for info in pending:
-            info.wait_for_publish(timeout=30)
+            pending.append((device, r.watch.client.client.publish(topic, payload, 1, False)))
+        for device, info in pending:
+            try:
+                info.wait_for_publish(timeout=30)
+            except (RuntimeError, ValueError) as exc:
+                raise BrokerError(f"publishing the shadow {action} of {device}: {exc}") from exc
 
     # --- judging ---------------------------------------------------------------------------
 
@@ -181,7 +185,10 @@ class ShadowPhase:
                 r._tick()
                 r.watch.wait(min(r.poll_s, max(0.01, until - now)))
         finally:
-            self._send(devices, "stop")
+            try:
+                self._send(devices, "stop")
+            except BrokerError as exc:  # a device left shadowing stops by itself (2 x for_s)
+                log.warning("shadows not stopped: %s", exc)
 
     def _abort(self, label: str, head: str) -> tuple[str, AbortFigures]:
         reason = f"{head} on {label}: {self._summary()}; no device switched"
