@@ -291,6 +291,8 @@ def test_whatever_passes_names_only_allowed_classes(tmp_path: Path, config: Any)
         check_keras_config(_keras(tmp_path / "m.keras", config))
     except ConfigError:
         return
+    if isinstance(config, dict):  # the optimizer state (compile_config) is never built
+        config = {k: v for k, v in config.items() if k != "compile_config"}
     stack = [config]
     while stack:
         node = stack.pop()
