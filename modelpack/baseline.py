@@ -310,6 +310,12 @@ def make_baseline(
     missing = [t.name for t in manifest.inputs if t.name not in data]
     if missing:
         raise ConfigError(f"the baseline data has no array {missing[0]!r} (a model input)")
+    flat = [t.name for t in manifest.inputs if np.ndim(data[t.name]) == 0]
+    if flat:
+        raise ConfigError(
+            f"input {flat[0]!r} is a scalar: a baseline needs rows on axis 0 of every input "
+            "(build the pack without --monitor for this model)"
+        )
     inputs = {t.name: np.asarray(data[t.name])[:MAX_BASELINE_ROWS] for t in manifest.inputs}
     predictor = Predictor(root / MODEL_FILE, manifest.inputs, manifest.outputs)
     rows = min(len(v) for v in inputs.values())
