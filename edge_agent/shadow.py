@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud_sync.redact import redact_text
-from modelpack.errors import EdgebentoError
+from modelpack.errors import EdgebentoError, VersionError
 
 # The figures' pydantic models and modelpack.monitor are imported when a shadow starts: most
 # devices never run one (tests/unit/edge_agent/test_footprint.py).
@@ -145,7 +145,7 @@ class ShadowRunner:
             fetched = up._named(name, version)(staging)
             pack = up._verify(fetched)
             if (pack.manifest.name, pack.manifest.version) != (name, version):
-                raise EdgebentoError(f"the store's {name} v{version} holds another version")
+                raise VersionError(f"the store's {name} v{version} holds another version")
             up._check_version(pack, f"{name} v{version}", None)  # above the mark, as any install
             pack = dataclasses.replace(pack, root=fetched)
             predictor = up._load_predictor(pack)
