@@ -1,7 +1,7 @@
 """Cloud targets of a ModelPack: the BentoML service, the Lambda handler, deployment files.
 
 - ``store``: packs in the BentoML model store (``import_pack``), re-verified when served
-- ``service``: the ``@bentoml.service`` (``bentoml serve .`` from the repo root), an adapter
+- ``service``: the ``@bentoml.service`` (``bentoml serve bentos.service:EdgebentoService``), an adapter
   over the serving core (``modelpack.serving``: parsing, validation, batching, overload)
 - ``lambda_handler`` / ``lambda_events``: ``handler(event, context)`` and the event shapes
 - ``deploy_k8s`` / ``deploy_lambda``: Kubernetes, KEDA, BentoCloud and SAM files

@@ -1,6 +1,6 @@
 """The BentoML service: any ModelPack from the model store, named by ``EDGEBENTO_MODEL``.
 
-``bentoml serve .`` from the repo root (bentofile.yaml points here) serves the serving core's
+``bentoml serve bentos.service:EdgebentoService`` (from any folder) serves the serving core's
 HTTP surface (``POST /predict`` tensor JSON, ``GET /metadata``, the Open Inference Protocol under
 ``/v2``) beside BentoML's own ``/livez``, ``/readyz`` and ``/metrics``.
 
