@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -53,12 +54,22 @@ def test_auth_broker_refuses_a_wrong_password(auth_broker: Mosquitto) -> None:
 
 
 def test_acl_confines_a_device_to_its_own_topics(auth_broker: Mosquitto) -> None:
+    """The ACL of deploy/mosquitto/ (tests/integration/test_broker_acl.py has the rest): what a
+    device publishes on its own telemetry reaches the operator; on another's, nobody."""
     device = _client(auth_broker, "dev-a", "pw-a")
-    assert _connect(device, auth_broker) == 0
-    assert _roundtrip(device, "edgebento/dev-a/telemetry") == b"hello"
-    assert _roundtrip(device, "edgebento/dev-b/telemetry") is None  # not its topics
-    device.loop_stop()
-    device.disconnect()
+    operator = _client(auth_broker, "operator", "operator-secret")
+    assert _connect(device, auth_broker) == 0 and _connect(operator, auth_broker) == 0
+    got: queue.Queue[str] = queue.Queue()
+    operator.on_message = lambda c, u, msg: got.put(msg.topic) if not msg.retain else None
+    operator.subscribe("edgebento/+/telemetry", qos=1)
+    time.sleep(0.2)  # the SUBACK before anything is published
+    device.publish("edgebento/dev-b/telemetry", b"forged", qos=1).wait_for_publish(5)
+    device.publish("edgebento/dev-a/telemetry", b"own", qos=1).wait_for_publish(5)
+    assert got.get(timeout=5) == "edgebento/dev-a/telemetry"  # the forged one never came first
+    assert got.empty()
+    for client in (device, operator):
+        client.loop_stop()
+        client.disconnect()
 
 
 def test_broker_can_be_killed_and_restarted(own_broker: Mosquitto, topic_prefix: str) -> None:
