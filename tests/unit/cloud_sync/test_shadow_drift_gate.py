@@ -16,7 +16,12 @@ from cloud_sync.rollout_drift_gate import DriftGate
 from cloud_sync.store import open_store
 
 SHA = "ab" * 32
-NOW = time.time()
+
+
+def now() -> float:
+    """Read when used: the module is imported at collection, maybe minutes before its tests
+    run, and windows from before the wave are (rightly) left out."""
+    return time.time()
 
 
 def summary(version: int, classes: list[float], rows: int, start: float) -> dict[str, Any]:
@@ -30,7 +35,7 @@ def summary(version: int, classes: list[float], rows: int, start: float) -> dict
 
 def store_with(tmp: Path, docs: list[tuple[str, dict[str, Any]]]) -> Any:
     recs = [
-        {"device": d, "boot_id": "b", "seq": i, "ts": NOW, "kind": "drift", "data": doc}
+        {"device": d, "boot_id": "b", "seq": i, "ts": now(), "kind": "drift", "data": doc}
         for i, (d, doc) in enumerate(docs)
     ]
     store = open_store(str(tmp / "store"))
@@ -56,7 +61,8 @@ CANARY = ["c0", "c1", "c2"]
 CONTROL = [f"k{i}" for i in range(4)]
 
 
-def fleet(canary_classes: list[list[float]], start: float = NOW - 60) -> list[tuple[str, Any]]:
+def fleet(canary_classes: list[list[float]], start: float | None = None) -> list[tuple[str, Any]]:
+    start = now() - 60 if start is None else start
     docs = [(d, summary(1, BALANCED, 300, start)) for d in CONTROL]
     docs += [(d, summary(2, c, 300, start)) for d, c in zip(CANARY, canary_classes, strict=True)]
     return docs
@@ -88,14 +94,14 @@ def test_one_device_cannot_abort_alone(tmp_path: Path) -> None:
 
 
 def test_windows_from_before_the_wave_do_not_count(tmp_path: Path) -> None:
-    store = store_with(tmp_path, fleet([SKEWED] * 3, start=NOW - 3600))
+    store = store_with(tmp_path, fleet([SKEWED] * 3, start=now() - 3600))
     r = rollout(CANARY, store)
     assert DriftGate(store, 0.2).check(r, 0) is None
     assert "no class output summarised by both" in r.said[-1]
 
 
 def test_too_few_rows_say_nothing(tmp_path: Path) -> None:
-    docs = [(d, summary(1, BALANCED, 30, NOW - 60)) for d in CONTROL]
-    docs += [(d, summary(2, SKEWED, 30, NOW - 60)) for d in CANARY]
+    docs = [(d, summary(1, BALANCED, 30, now() - 60)) for d in CONTROL]
+    docs += [(d, summary(2, SKEWED, 30, now() - 60)) for d in CANARY]
     store = store_with(tmp_path, docs)
     assert DriftGate(store, 0.2).check(rollout(CANARY, store), 0) is None
