@@ -21,23 +21,10 @@ import numpy as np
 import pytest
 
 from benchmarks.serving_common import import_to_store, start_bento
+from modelpack.serving.oip import DATATYPES
 
 pytestmark = pytest.mark.integration
 
-DATATYPES = {
-    "BOOL": "bool",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
 MODEL = "every"
 F32 = np.finfo(np.float32)
 F16 = np.finfo(np.float16)
