@@ -8,13 +8,11 @@ in its status and log, raises ``edgebento_model_expired``, and takes a newer pac
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.agent import Client, make_pack, wait_for
+from tests.support.agent import Client, expiring_pack, make_pack, wait_for
 from tests.support.services import free_port
 
 X = [[0.1, -0.2, 0.3, 0.05, -0.4, 0.2, 0.0, 0.3]]
@@ -31,10 +29,13 @@ def test_an_expired_pack_stops_serving_and_nothing_older_takes_its_place(
     statuses = client.collect(f"{topic_prefix}/dev-a/status")
     agent = agent_factory(pack=pack_v1, args=args)
     wait_for(statuses, lambda d: (d.get("model") or {}).get("version") == 1)
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
-    v6 = make_pack(tmp_path / "v6", mlp_model, keys[0], 6, expires_at=soon)
-    assert client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(v6)})["ok"] is True
-    time.sleep(3.5)
+
+    def deploy(v6: Path) -> bool:
+        reply = client.request(f"{topic_prefix}/dev-a/cmd/deploy", {"url": str(v6)})
+        assert reply["ok"] or "expired at" in reply["error"], reply
+        return bool(reply["ok"])
+
+    expiring_pack(tmp_path / "v6", mlp_model, keys[0], 6, deploy)  # and it expired since
     assert agent.stop() == 0
     agent = agent_factory(pack=pack_v1, args=args)  # its --pack is v1 too: still not served
     status = wait_for(

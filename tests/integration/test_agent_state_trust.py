@@ -9,7 +9,6 @@ A v1 installed A v1; and a status naming another device was believed.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -20,7 +19,14 @@ from typing import Any
 import pytest
 
 from modelpack import create_pack
-from tests.support.agent import REPO, Client, make_pack, wait_for, wait_online
+from tests.support.agent import (
+    REPO,
+    AgentProcess,
+    Client,
+    expiring_pack,
+    wait_for,
+    wait_online,
+)
 from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
@@ -103,13 +109,21 @@ def test_a_pack_that_expired_after_install_keeps_serving_across_a_reboot(
     agent_factory: Any, client: Client, mlp_model: Path, keys: tuple[Path, Path],
     topic_prefix: str, tmp_path: Path,
 ) -> None:  # fmt: skip
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
-    pack = make_pack(tmp_path / "e1", mlp_model, keys[0], 1, expires_at=soon)
-    agent = agent_factory(pack=pack)
-    wait_online(client, topic_prefix, "dev-a")
-    time.sleep(3.5)
+    agents: list[AgentProcess] = []
+
+    def boot(pack: Path) -> bool:
+        agents.append(agent_factory(pack=pack, data_dir=tmp_path / f"agent-{len(agents)}"))
+        status = wait_online(client, topic_prefix, "dev-a")  # after its boot's install
+        if status.get("model") is None:  # it came after the pack had expired: refused
+            assert "expired at" in status["last_update"]["message"], status
+            assert agents[-1].stop() == 0
+            return False
+        return True
+
+    expiring_pack(tmp_path / "e1", mlp_model, keys[0], 1, boot)  # and it expired since
+    agent = agents[-1]
     assert agent.stop() == 0
-    agent_factory(pack=pack)  # on main: "expired", and the device went dark
+    agent_factory(pack=agent.pack, data_dir=agent.data_dir)  # on main: "expired", went dark
     status = wait_online(client, topic_prefix, "dev-a", version=1)
     assert status["expired"] is True
     assert client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": X}})["ok"] is True

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,30 @@ def make_pack(
         key=key,
     )
     return out
+
+
+def expiring_pack(
+    out: Path,
+    model: Path,
+    key: Path,
+    version: int,
+    install: Callable[[Path], bool],
+    window_s: float = 2.0,
+) -> datetime:
+    """A pack that expires soon after ``install`` installed it, and the time it expired at
+    (passed when this returns). ``install`` returns False when the pack had already expired on
+    arrival (a busy machine took longer than the window to install it): a pack of twice the
+    window is then tried, so the test never depends on how fast the install was."""
+    for attempt in range(6):
+        expires_at = datetime.now(UTC) + timedelta(seconds=window_s * 2**attempt)
+        pack = make_pack(out / f"try-{attempt}", model, key, version, expires_at=expires_at)
+        if install(pack):
+            break
+    else:
+        raise AssertionError(f"no pack of {out.name} was installed before it expired")
+    while (left := (expires_at - datetime.now(UTC)).total_seconds()) >= 0:
+        time.sleep(left + 0.05)  # the wall clock, which expiry is checked against
+    return expires_at
 
 
 def rollback_authorization(
