@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import time
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -61,8 +60,10 @@ def test_acl_confines_a_device_to_its_own_topics(auth_broker: Mosquitto) -> None
     assert _connect(device, auth_broker) == 0 and _connect(operator, auth_broker) == 0
     got: queue.Queue[str] = queue.Queue()
     operator.on_message = lambda c, u, msg: got.put(msg.topic) if not msg.retain else None
-    operator.subscribe("edgebento/+/telemetry", qos=1)
-    time.sleep(0.2)  # the SUBACK before anything is published
+    subscribed: queue.Queue[int] = queue.Queue()
+    operator.on_subscribe = lambda c, u, mid, codes, p: subscribed.put(mid)
+    _, mid = operator.subscribe("edgebento/+/telemetry", qos=1)
+    assert subscribed.get(timeout=30) == mid  # the SUBACK before anything is published
     device.publish("edgebento/dev-b/telemetry", b"forged", qos=1).wait_for_publish(5)
     device.publish("edgebento/dev-a/telemetry", b"own", qos=1).wait_for_publish(5)
     assert got.get(timeout=5) == "edgebento/dev-a/telemetry"  # the forged one never came first

@@ -11,6 +11,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -137,12 +138,25 @@ class Client:
             if mqtt.topic_matches_sub(pattern, msg.topic):
                 q.put(msg)
 
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, *rest: Any) -> None:
+        with self._subacks:
+            self._subacked.add(mid)
+            self._subacks.notify_all()
+
     def collect(self, pattern: str, qos: int = 1) -> queue.Queue[mqtt.MQTTMessage]:
+        """A queue of what arrives on ``pattern``, once the broker's SUBACK says it is
+        subscribed: what anyone publishes from then on reaches it."""
+        if not hasattr(self, "_subacks"):  # here, for the clients built without __init__ too
+            self._subacked: set[int] = set()
+            self._subacks = threading.Condition()
+            self.client.on_subscribe = self._on_subscribe
         q: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.queues[pattern] = q
-        result, _ = self.client.subscribe(pattern, qos)
-        assert result == mqtt.MQTT_ERR_SUCCESS
-        time.sleep(0.1)  # let SUBACK arrive before anything is published
+        result, mid = self.client.subscribe(pattern, qos)
+        assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None
+        with self._subacks:
+            acked = self._subacks.wait_for(lambda: mid in self._subacked, timeout=30)
+        assert acked, f"no SUBACK for {pattern} within 30 s"
         return q
 
     def publish(
