@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.protocol import Status, Topics
-from edge_agent import commands
 from edge_agent.capture import Capture
 from edge_agent.config import AgentConfig
 from edge_agent.dispatch import Dispatcher
@@ -17,6 +16,7 @@ from edge_agent.drift import DriftCore, DriftMonitor
 from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
 from edge_agent.pipelines import Pipeline
+from edge_agent.replies import ReplyCache
 from edge_agent.session import Session
 from edge_agent.shadow import ShadowRunner
 from edge_agent.telemetry import Heartbeat, TelemetryPublisher
@@ -62,7 +62,7 @@ class Agent:
             lambda event: self.record("capture", event),
         )
         self.inference.observers.append(self.capture.observe)
-        self.replies = commands.ReplyCache(config.data_dir / "commands.db")
+        self.replies = ReplyCache(config.data_dir / "commands.db")
         self._reported_quarantines: set[Path] = set()
         device = config.device
         self.pipelines = [

@@ -31,12 +31,12 @@ from cloud_sync.redact import redact_text
 from edge_agent import commands
 from edge_agent.infer_topic import InferTopic
 from edge_agent.inference import install_hint
+from edge_agent.ports import DispatchHost
 from edge_agent.session import Incoming
 from modelpack.codec import dumps
 from modelpack.errors import BrokerError, EdgebentoError, InputError, ProtocolError, first_problem
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
     from edge_agent.pipelines import Pipeline
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ MAX_REMEMBERED_TOPIC = 512  # characters, as ``Request.reply_to``
 
 
 class Dispatcher:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: DispatchHost) -> None:
         self.agent = agent
         self.topics, self.device = agent.topics, agent.config.device
         self.groups = set(agent.config.groups)

@@ -4,16 +4,15 @@ scraped, so nothing is counted twice and no thread updates a gauge."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from edge_agent.agent import Agent
+from edge_agent.ports import MetricsSource
 
 OUTCOMES = ("installed", "refused", "rolled_back")
 
 
 class AgentCollector:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: MetricsSource) -> None:
         self.agent = agent
 
     def describe(self) -> list[Any]:

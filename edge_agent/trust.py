@@ -20,7 +20,7 @@ import base64
 import binascii
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -34,11 +34,9 @@ from cloud_sync.protocol import (
     SignedInstruction,
 )
 from edge_agent.health import HealthCheckError
+from edge_agent.ports import UpdateHost
 from modelpack.errors import EdgebentoError, PackError, ProtocolError, SignatureError
 from modelpack.signing import trusted_keys
-
-if TYPE_CHECKING:
-    from edge_agent.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ NEEDS_AUTHORITY = "a downgrade needs a signed rollback instruction (edgebento ro
 
 
 def authorize(
-    agent: Agent, signed: SignedInstruction | None, model: ModelRef | None
+    agent: UpdateHost, signed: SignedInstruction | None, model: ModelRef | None
 ) -> RollbackInstruction:
     """The verified instruction for ``model`` (or the one it names, when ``model`` is None)."""
     if signed is None:
@@ -89,7 +87,7 @@ def _named_model(signed: SignedInstruction) -> ModelRef:
         raise SignatureError("rollback authorization is not a rollback instruction") from exc
 
 
-def rollback_command(agent: Agent, command: RollbackCommand) -> dict[str, Any]:
+def rollback_command(agent: UpdateHost, command: RollbackCommand) -> dict[str, Any]:
     """``rollback``: to the model the signed instruction names (and the command, if it does)."""
     model = None
     if command.name is not None or command.version is not None:
@@ -112,7 +110,7 @@ def rollback_command(agent: Agent, command: RollbackCommand) -> dict[str, Any]:
 class Reconciler:
     """Acts on each retained desired state once, and echoes what it did in ``Status.applied``."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: UpdateHost) -> None:
         self.agent = agent
         self._done: bytes | None = None  # the last desired document acted on this boot
 

@@ -78,3 +78,76 @@ def test_the_rules_see_a_forbidden_import(tmp_path: Path) -> None:
     ((module, line, top),) = _imports(bad)
     assert (module, line, top) == ("edge_agent.agent", 2, False)
     assert not _allowed("modelpack", module) and not _allowed("bentos", "cloud_sync.registry")
+
+
+def _edge_agent_graph() -> dict[str, set[str]]:
+    """edge_agent's modules and the modules of edge_agent each imports, anywhere in it
+    (``TYPE_CHECKING`` blocks and functions included: a circle there is still a circle)."""
+    graph: dict[str, set[str]] = {}
+    for path in _modules("edge_agent"):
+        name = "edge_agent." + path.stem
+        tree = ast.parse(path.read_text(), filename=str(path))
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "edge_agent":
+                deps |= {f"edge_agent.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edge_agent."):
+                deps.add(str(node.module))
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("edge_agent.")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if dep not in graph:
+                continue
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                top = stack.pop()
+                component.add(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+# The agent and the parts that once imported it back (issue 20): each part is given the narrow
+# view of edge_agent.ports it uses, and no circle may come back through any of them.
+AGENT_CORE = {
+    f"edge_agent.{m}"
+    for m in ("agent", "commands", "dispatch", "metrics", "trust", "identity", "session", "ports")
+}
+
+
+def test_the_agent_and_its_command_parts_import_no_circle() -> None:
+    graph = _edge_agent_graph()
+    assert not any("edge_agent.agent" in deps for m, deps in graph.items() if m != "edge_agent.cli")
+    circles = [sorted(c) for c in _circles(graph) if c & AGENT_CORE]
+    assert circles == [], f"modules importing each other in a circle: {circles}"
+
+
+def test_the_circle_finder_sees_a_circle_through_type_checking() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _circles(graph) == [{"a", "b", "c"}]

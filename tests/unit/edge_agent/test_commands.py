@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from cloud_sync.protocol import CaptureCommand, ConfigCommand, DeployCommand, Request
-from edge_agent.commands import ReplyCache
+from edge_agent.replies import ReplyCache
 
 
 def test_the_reply_cache_answers_a_redelivery_even_after_a_restart(tmp_path: Path) -> None:

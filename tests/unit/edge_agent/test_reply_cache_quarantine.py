@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from edge_agent.commands import KEEP_REPLIES, ReplyCache
+from edge_agent.replies import KEEP_REPLIES, ReplyCache
 
 PAGE = 4096
 
