@@ -113,6 +113,9 @@ def mosquitto_conf(listeners: list[str], data_dir: Path) -> str:
         *listeners,
         "persistence true",
         f"persistence_location {data_dir}/",
+        # `enroll-service --broker-pid-file` reads it at each CRL change: after a restart the
+        # broker has another pid.
+        f"pid_file {data_dir}/mosquitto.pid",
         "max_queued_messages 100000",
         "set_tcp_nodelay true",
     ]

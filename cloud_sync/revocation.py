@@ -36,24 +36,36 @@ log = logging.getLogger(__name__)
 KICK_CERT_S = 120
 
 
+def broker_pid_of(broker: int | Path | None) -> int | None:
+    """A pid, or the one in Mosquitto's ``pid_file`` now (a restarted broker has another)."""
+    if not isinstance(broker, Path):
+        return broker
+    try:
+        return int(broker.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--broker-pid-file {broker}: no broker pid in it ({exc})") from exc
+
+
 def publish_crl(
     ca: FleetCA,
     ids: IdentityStore,
     crl_path: Path,
-    broker_pid: int | None,
+    broker_pid: int | Path | None,
     extra: tuple[int, ...] = (),
 ) -> int:
-    """Write the CRL of every revoked or retired certificate; SIGHUP the broker. The count."""
+    """Write the CRL of every revoked or retired certificate; SIGHUP the broker (a pid, or its
+    pid file). The count."""
     import datetime as dt
 
     now = dt.datetime.now(dt.UTC)
     revoked = ids.revoked_serials() + [(serial, now) for serial in extra]
     write_public(crl_path, ca.crl(revoked))
-    if broker_pid is not None:
+    pid = broker_pid_of(broker_pid)
+    if pid is not None:
         try:
-            os.kill(broker_pid, signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         except ProcessLookupError as exc:
-            raise ConfigError(f"no broker runs as pid {broker_pid}") from exc
+            raise ConfigError(f"no broker runs as pid {pid}") from exc
     return len(revoked)
 
 
@@ -145,7 +157,7 @@ def revoke_device(
     ca: FleetCA,
     device: str,
     crl_path: Path,
-    broker_pid: int | None,
+    broker_pid: int | Path | None,
     broker: tuple[str, int] | None,
     timeout: float = 10.0,
     prefix: str = "edgebento",

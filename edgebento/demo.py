@@ -6,9 +6,10 @@ handler answers an event; BentoML serves it (tensor JSON, OIP from tritonclient,
 with 200s and 503s); two edge agents on a real Mosquitto get v2 by a rollout, refuse a broken v3
 (the canary's health check rolls it back and the rollout aborts), and keep every telemetry record
 through a broker killed with -9; one device's inputs drift and ``edgebento monitor`` finds its
-cohort; three more devices enroll by claim on a broker with mTLS and the generated ACL, one
-cannot speak for another, a certificate rotates and a device is revoked; Prometheus scrapes it
-all and the table shows the alert states.
+cohort. The broker runs with mTLS and the ACL ``fleet broker-config`` generates, the devices
+enroll by claim and renew their certificates while all that runs; a third device enrolls, one
+device cannot speak for another, and the third is revoked; Prometheus scrapes it all and the
+table shows the alert states.
 Everything started is stopped on exit, on Ctrl-C and on SIGTERM.
 """
 
@@ -94,7 +95,7 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         demo.attempt("bentoml", lambda: cloud.step_predict(url, request))
         demo.attempt("OIP (tritonclient)", lambda: cloud.step_oip(url, request))
         demo.attempt("flood", lambda: cloud.step_flood(url, request))
-    with section("6. edge: a broker, a registry, sync, two agents"):
+    with section("6. edge: a fleet CA, a broker with mTLS, a registry, sync, two agents by claim"):
         os.environ.setdefault("EDGEBENTO_DRIFT_WINDOW_S", demo_drift.WINDOW_S)
         fleet = fleet_steps.start_fleet(demo, packs, keys, ports)
         prometheus.wait_scraped(jobs=("edgebento-service", "edgebento-sync", "edgebento-agent"))
@@ -112,8 +113,8 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         demo.attempt("telemetry", lambda: fleet_steps.step_exactly_once(fleet))
     with section("11. drift: dev-2's inputs move, edgebento monitor finds its cohort"):
         demo.attempt("drift", lambda: demo_drift.step_drift(demo, fleet, paths["calib"]))
-    with section("12. identity: enrollment by claim, mTLS and the ACL, rotation, revocation"):
-        demo.attempt("identity", lambda: demo_identity.step_identity(demo, keys))
+    with section("12. identity: a third device enrolls, one cannot speak for another, revocation"):
+        demo.attempt("identity", lambda: demo_identity.step_identity(demo, fleet))
     with section("13. Prometheus: the alert states"):
         states: dict[str, str] = {}
 

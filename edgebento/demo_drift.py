@@ -5,35 +5,35 @@ by dev-2 alone: named, never a fleet alarm by one device) while dev-1's cohort s
 from __future__ import annotations
 
 import json
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from edgebento.demo_fleet import Fleet, reply_topic
+from edgebento.demo_fleet import Fleet, publish_all, reply_topic
 from edgebento.demo_runner import BIN, Demo, console
 
 WINDOW_S = "5"  # EDGEBENTO_DRIFT_WINDOW_S of the demo's agents: windows short enough to watch
 ROWS, RATE, SECONDS = 8, 25, 12.0
 
 
-def _traffic(fleet: Fleet, device: str, calib: Path, dim: float) -> subprocess.Popen[str]:
-    """Requests of 8 rows drawn from the baseline's own data (times ``dim``), one per line into
-    ``mosquitto_pub -l``."""
+def _traffic(device: str, calib: Path, dim: float) -> Iterator[tuple[str, dict[str, object]]]:
+    """Requests of 8 rows drawn from the baseline's own data (times ``dim``)."""
     import numpy as np
 
     x = np.load(calib)["x"]
     rng = np.random.default_rng(len(device))
-    argv = ["mosquitto_pub", *fleet.mosquitto_args(), "-q", "1",
-            "-t", f"edgebento/{device}/infer", "-l"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
-    assert proc.stdin is not None
     for i in range(int(RATE * SECONDS)):
         rows = (x[rng.integers(0, len(x), ROWS)] * dim).round(4).tolist()
-        line = {"id": f"drift-{i}", "inputs": {"x": rows}, "reply_to": reply_topic(device, "drift")}
-        proc.stdin.write(json.dumps(line) + "\n")
-        proc.stdin.flush()
+        line: dict[str, object] = {"id": f"drift-{i}", "inputs": {"x": rows}}
+        line["reply_to"] = reply_topic(device, "drift")
+        yield f"edgebento/{device}/infer", line
+
+
+def _both(calib: Path) -> Iterator[tuple[str, dict[str, object]]]:
+    """dev-1's and dev-2's requests in turn, ``RATE`` a second each."""
+    for pair in zip(_traffic("dev-1", calib, 1.0), _traffic("dev-2", calib, 0.4), strict=True):
+        yield from pair
         time.sleep(1 / RATE)
-    return proc
 
 
 def step_drift(demo: Demo, fleet: Fleet, calib: Path) -> str:
@@ -44,20 +44,7 @@ def step_drift(demo: Demo, fleet: Fleet, calib: Path) -> str:
         f"[dim]dev-1 sees images like the baseline's, dev-2's camera is 60 % darker: "
         f"{RATE} requests/s of {ROWS} rows each for {SECONDS:.0f} s[/dim]"
     )
-    import threading
-
-    procs: list[subprocess.Popen[str]] = []
-    threads = [
-        threading.Thread(target=lambda d=d, k=k: procs.append(_traffic(fleet, d, calib, k)))
-        for d, k in (("dev-1", 1.0), ("dev-2", 0.4))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for proc in procs:
-        proc.stdin.close()  # type: ignore[union-attr]
-        proc.wait(timeout=30)
+    publish_all(fleet, _both(calib))  # one connection: the operator's certificate
     time.sleep(float(WINDOW_S) + 3)  # the last window closes, is sent, stored and acknowledged
     out = demo.workdir / "drift"
     demo.run(

@@ -1,19 +1,21 @@
-"""The demo's fleet: a real Mosquitto, a registry in a directory, ``edgebento sync``, two edge
-agents, rollouts (a good one and a broken one that aborts), traffic through a broker killed with
--9, and the check that every telemetry record is in the store exactly once.
+"""The demo's fleet: a real Mosquitto with mTLS, a registry in a directory, ``edgebento sync``,
+two edge agents that enroll by claim, rollouts (a good one and a broken one that aborts), traffic
+through a broker killed with -9, and the check that every telemetry record is in the store
+exactly once.
 
-The broker runs with the ACL of ``deploy/mosquitto/`` and no anonymous clients; every client the
-demo starts has its identity: each agent its device id (``EDGEBENTO_USERNAME``/``_PASSWORD``),
-``edgebento sync`` the user ``sync``, ``edgebento rollout`` ``controller``, and the person at the
-keyboard (``fleet status``, ``mosquitto_pub``/``_sub``/``_rr``) ``operator``. Requests name a
-response topic under the device's own ``{prefix}/{device}/replies/``, the only place the ACL
-lets a device answer."""
+Identity is the default path (docs/fleet-identity.md, ``edgebento.demo_mtls``): the broker runs
+the configuration ``edgebento fleet broker-config`` writes (a certificate required, the CN as
+user name and client id, the ACL of ``deploy/mosquitto/`` plus enrollment, the CRL); each agent
+makes its own key and enrolls with a one-time claim token, then renews its certificate while
+the story runs; ``edgebento sync``, ``edgebento rollout`` and the person at the keyboard
+(``fleet status``, ``mosquitto_rr``/``_sub``) connect with the certificates of ``sync``,
+``controller`` and ``operator``. Requests name a response topic under the device's own
+``{prefix}/{device}/replies/``, the only place the ACL lets a device answer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import secrets
-import shlex
 import subprocess
 import threading
 import time
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgebento import demo_mtls
 from edgebento.demo_cloud import Packs, Request
 from edgebento.demo_runner import BIN, Demo, console
 from edgebento.localservices import LOOPBACK, Mosquitto, free_port
@@ -40,31 +43,25 @@ class MetricsPorts:
     agents: dict[str, int] = field(default_factory=lambda: {d: free_port() for d in DEVICES})
 
 
-CLOUD = ("sync", "controller", "operator")  # the cloud's identities in deploy/mosquitto/acl
-
-
 @dataclass
 class Fleet:
     broker: Mosquitto
     store: Path
     keys: Path
     ports: MetricsPorts
+    pki: demo_mtls.Pki
 
     @property
     def url(self) -> str:
         return self.broker.url
 
-    def password(self, user: str) -> str:
-        return (self.broker.users or {})[user]
-
-    def url_as(self, user: str) -> str:
-        """The broker URL with ``user``'s credentials (the CLI redacts the password it prints)."""
-        return f"mqtt://{user}:{self.password(user)}@{LOOPBACK}:{self.broker.port}"
-
     def mosquitto_args(self, user: str = "operator") -> list[str]:
-        """``-h -p -u -P`` for mosquitto_pub, _sub and _rr."""
-        port = str(self.broker.port)
-        return ["-h", LOOPBACK, "-p", port, "-u", user, "-P", self.password(user)]
+        """``-h -p --cafile --cert --key`` for mosquitto_pub, _sub and _rr."""
+        return ["-h", LOOPBACK, "-p", str(self.broker.port), *self.pki.tls_args(user)]
+
+    def client(self, user: str = "operator") -> Any:
+        """A connected paho client of ``user`` (one connection per identity at a time)."""
+        return self.pki.client(user, self.broker.port)
 
 
 def reply_topic(device: str, name: str) -> str:
@@ -72,17 +69,26 @@ def reply_topic(device: str, name: str) -> str:
     return f"edgebento/{device}/replies/{name}"
 
 
+def start_agent(
+    demo: Demo, fleet: Fleet, device: str, token: Path, *extra: str | Path
+) -> subprocess.Popen[bytes]:
+    """An agent that enrolls by claim at its first start and runs on its own certificate."""
+    return demo.start(  # type: ignore[no-any-return]
+        device, BIN / "edge-agent", "run", "--device", device,
+        *demo_mtls.agent_args(fleet.pki, fleet.broker, token),
+        "--data-dir", demo.workdir / "devices" / device, "--trust", fleet.keys / "signing.pub",
+        *extra,
+    )  # fmt: skip
+
+
 def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fleet:
-    # Persistence off: a broker killed with -9 then loses every queued message and retained
-    # state, the setting under which "nothing lost" is worth showing.
-    users = {user: secrets.token_urlsafe(12) for user in (*DEVICES, *CLOUD)}
-    broker = Mosquitto(workdir=demo.workdir / "mosquitto", persistence=False, users=users)
-    broker.start()
-    demo.stoppers.append(broker.stop)
-    fleet = Fleet(broker, demo.workdir / "store", keys, ports)
+    store = demo.workdir / "store"
+    pki, broker = demo_mtls.set_up(demo, store)
+    fleet = Fleet(broker, store, keys, ports, pki)
     console.print(
-        f"Mosquitto listens on {fleet.url} with the ACL of deploy/mosquitto/ (a user per device,"
-        f" and {', '.join(CLOUD)}); the registry and telemetry live in {fleet.store}"
+        f"Mosquitto with mTLS on {fleet.url} (claims on {broker.claim_url}), the configuration "
+        f"and ACL fleet broker-config wrote ({pki.broker}); the registry and telemetry live in "
+        f"{fleet.store}"
     )
     for pack in (packs.v1, packs.v2, packs.v3_broken):
         demo.run(
@@ -91,18 +97,18 @@ def start_fleet(demo: Demo, packs: Packs, keys: Path, ports: MetricsPorts) -> Fl
         )  # fmt: skip
     demo.run(BIN / "edgebento", "registry", "list", "--store", fleet.store)
     demo.start(
-        "sync", BIN / "edgebento", "sync", "--broker", fleet.url_as("sync"), "--store", fleet.store,
-        "--metrics-port", str(ports.sync), "--client-id", "demo-sync",
+        "sync", BIN / "edgebento", "sync", "--broker", fleet.url, "--store", fleet.store,
+        "--metrics-port", str(ports.sync), env=pki.env_as("sync"),
     )  # fmt: skip
+    tokens = demo_mtls.claim(demo, fleet.store, DEVICES)
+    console.print(f"{len(tokens)} one-time claim tokens, one file each (the store keeps hashes)")
     for device in DEVICES:
-        demo.start(
-            device, BIN / "edge-agent", "run", "--device", device, "--broker", fleet.url,
-            "--data-dir", demo.workdir / "devices" / device, "--trust", keys / "signing.pub",
-            "--store", fleet.store, "--pack", packs.v1, "--telemetry-interval", TELEMETRY_INTERVAL,
+        start_agent(
+            demo, fleet, device, tokens[device], "--store", fleet.store, "--pack", packs.v1,
+            "--telemetry-interval", TELEMETRY_INTERVAL,
             "--metrics-port", str(ports.agents[device]),
-            env={"EDGEBENTO_USERNAME": device, "EDGEBENTO_PASSWORD": fleet.password(device)},
         )  # fmt: skip
-    wait_online(fleet, DEVICES)
+    wait_online(fleet, DEVICES, timeout=90)  # a key, a CSR and a certificate each, first
     return fleet
 
 
@@ -123,13 +129,13 @@ def step_mqtt_inference(demo: Demo, fleet: Fleet, request: Request) -> str:
 def rollout(demo: Demo, fleet: Fleet, version: int) -> subprocess.CompletedProcess[str]:
     return demo.run(
         BIN / "edgebento", "rollout", "digits", str(version), "--store", fleet.store,
-        "--broker", fleet.url_as("controller"), "--devices", ",".join(DEVICES), "--canary", "50",
+        "--broker", fleet.url, "--devices", ",".join(DEVICES), "--canary", "50",
         "--waves", "1",
         "--bake", "2", "--wave-timeout", "60", "--key", fleet.keys / "signing.key",
         "--metrics-port", str(fleet.ports.rollout), "--wait", "--timeout", "120",
         # The demo's devices serve no traffic while it rolls out: nothing to judge health by, so
         # it goes on and says so, instead of stopping as unverified after each wave's timeout.
-        "--allow-unverified", check=False,
+        "--allow-unverified", check=False, env=fleet.pki.env_as("controller"),
     )  # fmt: skip
 
 
@@ -208,9 +214,13 @@ def _gaps(seqs: set[int]) -> list[int]:
 
 def step_fleet_status(demo: Demo, fleet: Fleet) -> str:
     demo.run(
-        BIN / "edgebento", "fleet", "status", "--broker", fleet.url_as("operator"), "--listen", "2"
+        BIN / "edgebento", "fleet", "status", "--broker", fleet.url, "--listen", "2",
+        "--store", fleet.store, env=fleet.pki.env_as("operator"),
+    )  # fmt: skip
+    return (
+        "edgebento fleet status: both devices online, their version, rate and p99, and each "
+        "certificate as the store records it beside what the device says"
     )
-    return "edgebento fleet status: both devices online, their version, rate and p99"
 
 
 def send_traffic(
@@ -221,45 +231,46 @@ def send_traffic(
     seconds: float,
     rate: int,
 ) -> threading.Thread:
-    """Inference traffic over MQTT in the background, ``rate`` requests/s per device, one JSON
-    request per line into ``mosquitto_pub -l``, as a sensor gateway would send it. A publisher
-    the broker's death disconnects is started again."""
-
-    def publisher(device: str) -> subprocess.Popen[str]:
-        argv = ["mosquitto_pub", *fleet.mosquitto_args(), "-q", "1",
-                "-t", f"edgebento/{device}/infer", "-l"]  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, stderr=subprocess.DEVNULL)
-        demo.processes.append(proc)  # type: ignore[arg-type]
-        return proc
-
+    """Inference traffic over MQTT in the background, ``rate`` requests/s per device, as a
+    sensor gateway sends it: one connection (the operator's certificate; on the device listener
+    an identity has one connection at a time), QoS 1, held by paho while the broker is away."""
     for device in devices:
         console.print(
-            f"[dim]$[/dim] [bold]{shlex.join(['mosquitto_pub', '-t', f'edgebento/{device}/infer', '-l'])}[/bold]"
-            f" [dim]< {rate} requests/s for {seconds:.0f}s &[/dim]"
+            f"[dim]>>>[/dim] [bold]publish('edgebento/{device}/infer', request, qos=1)[/bold]"
+            f" [dim]{rate} requests/s for {seconds:.0f}s, in the background[/dim]"
         )
-    pubs = {device: publisher(device) for device in devices}
 
-    def feed() -> None:
+    def lines() -> Any:
         for i in range(int(seconds * rate)):
             for device in devices:
-                line = {**request, "id": f"load-{i}", "reply_to": reply_topic(device, "load")}
-                try:
-                    pubs[device].stdin.write(json.dumps(line) + "\n")  # type: ignore[union-attr]
-                    pubs[device].stdin.flush()  # type: ignore[union-attr]
-                except (BrokenPipeError, OSError):
-                    if fleet.broker.process is not None:  # back up: a new publisher
-                        pubs[device] = publisher(device)
+                doc = {**request, "id": f"load-{i}", "reply_to": reply_topic(device, "load")}
+                yield f"edgebento/{device}/infer", doc
             time.sleep(1 / rate)
-        for pub in pubs.values():
-            try:
-                pub.stdin.close()  # type: ignore[union-attr]
-                pub.wait(timeout=30)
-            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-                pub.kill()
 
-    thread = threading.Thread(target=feed, daemon=True)
+    thread = threading.Thread(target=publish_all, args=(fleet, lines()), daemon=True)
     thread.start()
     return thread
+
+
+def publish_all(fleet: Fleet, messages: Any, drain_s: float = 30.0) -> int:
+    """Publish each ``(topic, doc)`` of ``messages`` at QoS 1 as the operator; waits until the
+    broker has acknowledged them (or ``drain_s``), then disconnects. How many were sent."""
+    client = fleet.client()
+    sent = []
+    try:
+        for topic, doc in messages:
+            sent.append(client.publish(topic, json.dumps(doc), qos=1))
+        deadline = time.monotonic() + drain_s
+        for info in sent:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(left)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return len(sent)
 
 
 def retained_status(fleet: Fleet, device: str) -> dict[str, Any] | None:

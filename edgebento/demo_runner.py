@@ -46,11 +46,17 @@ class Demo:
     # --- running things -----------------------------------------------------------------------
 
     def run(
-        self, *args: str | Path, quiet: bool = False, check: bool = True
+        self,
+        *args: str | Path,
+        quiet: bool = False,
+        check: bool = True,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = [str(a) for a in args]
         console.print(f"[dim]$[/dim] [bold]{shlex.join(_short(argv))}[/bold]")
-        done = subprocess.run(argv, capture_output=quiet, text=True, cwd=REPO, env=self.env)
+        done = subprocess.run(
+            argv, capture_output=quiet, text=True, cwd=REPO, env={**self.env, **(env or {})}
+        )
         if check and done.returncode != 0:
             if quiet:
                 console.print(done.stdout + done.stderr)

@@ -31,7 +31,12 @@ def register_verbs(verbs: Any) -> None:
     ca = verbs.add_parser("ca", help="the fleet CA: an offline root and an issuing intermediate")
     ca.add_argument("action", choices=("init", "issue"))
     ca.add_argument("--out", type=Path, required=True, help="the CA's directory")
-    ca.add_argument("--name", help="issue: a cloud identity (sync, controller, claim, ...)")
+    ca.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="issue: a cloud identity (sync, controller, claim, ...); repeat for several",
+    )
     ca.add_argument("--host", action="append", default=[], help="issue: a broker's IP or name")
     ca.add_argument("--to", type=Path, help="issue: where its key and certificate go")
     ca.add_argument("--validity", type=duration, default=365 * 86400.0, help="issue (365d)")
@@ -54,6 +59,9 @@ def register_verbs(verbs: Any) -> None:
     svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
     svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
     svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
+    svc.add_argument(
+        "--broker-pid-file", type=Path, help="or the broker whose pid is in this file (pid_file)"
+    )
     svc.add_argument(
         "--crl-refresh",
         type=duration,
@@ -80,6 +88,7 @@ def register_verbs(verbs: Any) -> None:
     revoke.add_argument("--ca", type=Path, required=True, help="the CA directory")
     revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
     revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
+    revoke.add_argument("--broker-pid-file", type=Path, help="or the broker of this pid_file")
     revoke.add_argument("--broker", help="mqtts://HOST:PORT: drop the device's live session")
     revoke.add_argument("--prefix", default="edgebento")
     add_store_args(revoke)
@@ -114,10 +123,10 @@ def cmd_ca(args: argparse.Namespace) -> int:
         return 0
     if not args.name or not args.to:
         raise ConfigError("fleet ca issue --name NAME --to DIR")
-    cert, key = FleetCA.load(args.out).issue_identity(
-        args.name, args.to, args.validity / 86400, args.host
-    )
-    print(f"{args.name}: {cert} (key {key}, 0600)")
+    ca = FleetCA.load(args.out)
+    for name in args.name:
+        cert, key = ca.issue_identity(name, args.to, args.validity / 86400, args.host)
+        print(f"{name}: {cert} (key {key}, 0600)")
     return 0
 
 
@@ -133,12 +142,18 @@ def cmd_claim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_pid(args: argparse.Namespace) -> int | Path | None:
+    if args.broker_pid is not None and args.broker_pid_file is not None:
+        raise ConfigError("--broker-pid or --broker-pid-file, not both")
+    return args.broker_pid if args.broker_pid is not None else args.broker_pid_file
+
+
 def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
     if args.crl_file is None:
         return None
     from cloud_sync.revocation import publish_crl
 
-    return lambda: publish_crl(ca, ids, args.crl_file, args.broker_pid)
+    return lambda: publish_crl(ca, ids, args.crl_file, _broker_pid(args))
 
 
 def cmd_enroll_service(args: argparse.Namespace) -> int:
@@ -219,7 +234,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         FleetCA.load(args.ca),
         args.device,
         args.crl_file,
-        args.broker_pid,
+        _broker_pid(args),
         broker,
         prefix=args.prefix,
     )
