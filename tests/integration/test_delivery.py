@@ -81,7 +81,12 @@ def test_nothing_is_lost_or_duplicated_across_broker_and_sync_kills(
         for device in DEVICES
     ]
     try:
-        time.sleep(3)
+        # The kills come while telemetry flows from every device (on a busy machine the agents
+        # may take seconds to start).
+        deadline = time.monotonic() + 90
+        while {d for d, _, _ in stored(store)} != set(DEVICES):
+            assert time.monotonic() < deadline, "telemetry never flowed from every device"
+            time.sleep(0.5)
         for kill in range(4):
             volatile_broker.kill()  # persistence off: whatever it held is gone
             time.sleep(0.5)
@@ -95,9 +100,12 @@ def test_nothing_is_lost_or_duplicated_across_broker_and_sync_kills(
                     start_sync(volatile_broker, url, s3_server, topic_prefix, "sync-d", log)
                 )
         # Unacknowledged records time out and are sent again; on a loaded machine that may take
-        # a few rounds, so wait for the outboxes to drain (what is left is checked below).
+        # a few rounds, so wait for the outboxes to drain (what is left is checked below), and
+        # for enough records to have gone through to mean something.
         deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and any(len(_outbox(a.data_dir)) > 30 for a in agents):
+        while time.monotonic() < deadline and (
+            any(len(_outbox(a.data_dir)) > 30 for a in agents) or len(stored(store)) <= 300
+        ):
             time.sleep(0.5)
         for agent in agents:
             assert agent.stop() == 0  # a clean stop waits for the last acknowledgements
