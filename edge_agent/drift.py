@@ -1,10 +1,11 @@
 """Drift summaries on the device: each answered request's monitored features counted in the
 bins of the live pack's baseline, one summary per model version and window, into telemetry.
 
-The hot path only appends the request's tensors (by reference) to a list; reducing them to their
-features and counting those in the bins run vectorised over hundreds of requests at once, when
-``fold_rows`` rows or ``fold_bytes`` bytes are pending or a window closes, so a
-request pays a few microseconds (``benchmarks/bench_drift.py``). A summary leaves as a telemetry
+The hot path only copies the request's small watched tensors into a buffer per tensor (or holds
+big ones by reference, ``edge_agent.drift_bins``); reducing them to their features and counting
+those in the bins run vectorised over thousands of rows at once, when ``fold_rows`` rows or
+``fold_bytes`` bytes are pending or a window closes, so a request pays about a microsecond
+(``benchmarks/bench_drift.py``). A summary leaves as a telemetry
 record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every record:
 stored on disk, sent, deleted only when the ingestion acknowledged it.
 """
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.drift_bins import Bins, Streams, held_columns, stream_columns
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
 from modelpack.manifest import BASELINE_FILE
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 Record = Callable[[str, dict[str, Any]], None]
 
 
-@dataclass
+@dataclass(slots=True)  # slots: the hot path reads its fields on every request
 class _Window:
     """One model version's counts in one window."""
 
@@ -51,31 +53,63 @@ class _Window:
     inputs: list[MonitorSpec]
     outputs: list[MonitorSpec]
     start: float
+    end: float
+    streams: Streams
+    fold_rows: int
+    fold_bytes: int
     rows: int = 0
-    # Answered requests not counted yet: their tensors, by reference (never changed after the
-    # answer), reduced and counted together once ``fold_rows`` rows or ``fold_bytes`` wait.
-    pending: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = field(
+    # Answered requests that do not fit the streams (``drift_bins``): their tensors, by
+    # reference (never changed after the answer), joined at the fold.
+    held: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = field(
         default_factory=list
     )
-    pending_rows: int = 0
-    pending_bytes: int = 0
+    held_rows: int = 0
+    held_bytes: int = 0
     counts: np.ndarray | None = None
     nan: np.ndarray | None = None
     sums: np.ndarray | None = None
     squares: np.ndarray | None = None
     refused: dict[str, int] = field(default_factory=dict)
 
-    def fold(self) -> None:
-        if not self.pending:
+    def add(
+        self,
+        feed: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        rows: int,
+    ) -> None:
+        """One answered request, counted at the next fold (now when enough waits)."""
+        self.rows += rows
+        streams = self.streams
+        if streams.take(feed, outputs, rows):
+            if streams.rows >= streams.fold_at:
+                self.fold()
             return
-        pending = self.pending
-        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
-        columns = np.concatenate(
-            [
-                _columns(self.inputs, [(feed, rows) for feed, _, rows in pending]),
-                _columns(self.outputs, [(out, rows) for _, out, rows in pending]),
-            ]
-        )
+        self.held.append((feed, outputs, rows))
+        self.held_rows += rows
+        for array in feed.values():
+            self.held_bytes += array.nbytes
+        if self.held_rows >= self.fold_rows or self.held_bytes >= self.fold_bytes:
+            self.fold()
+
+    def fold(self) -> None:
+        arrays, rows = self.streams.drain()
+        held = self.held
+        if not rows and not held:
+            return
+        self.held, self.held_rows, self.held_bytes = [], 0, 0
+        parts = []
+        if rows:
+            parts.append(stream_columns([*self.inputs, *self.outputs], arrays, rows))
+        if held:
+            parts.append(
+                np.concatenate(
+                    [
+                        held_columns(self.inputs, [(feed, n) for feed, _, n in held]),
+                        held_columns(self.outputs, [(out, n) for _, out, n in held]),
+                    ]
+                )
+            )
+        columns = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         if self.counts is None:
             features = len(columns)
             self.counts = np.zeros((features, self.binner.width), dtype=np.int64)
@@ -83,8 +117,9 @@ class _Window:
             self.sums, self.squares = np.zeros(features), np.zeros(features)
         nan, sums, squares = self.binner.add(columns, self.counts)
         self.nan += nan  # type: ignore[operator]
-        self.sums += sums  # type: ignore[operator]
-        self.squares += squares  # type: ignore[operator]
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf: sent as 0 (``_short``)
+            self.sums += sums  # type: ignore[operator]
+            self.squares += squares  # type: ignore[operator]
 
     def summary(self, window_s: float) -> dict[str, Any]:
         self.fold()
@@ -111,102 +146,6 @@ class _Window:
         from cloud_sync.drift_summary import DriftSummary
 
         return DriftSummary.model_validate(doc).model_dump(mode="json")
-
-
-# Bytes of comparisons one pass of ``Bins.add`` may hold: bounds its memory for a wide pack.
-_COMPARE_BYTES = 4 << 20
-
-
-class Bins:
-    """Counts many features at once in their baseline's bins, in place, with the bins of
-    ``modelpack.monitor.Binner`` (bin 0 below the first edge, bin ``j`` in ``[e_{j-1}, e_j)``,
-    the last at or above the last edge, NaN apart).
-
-    A binary search per value (``searchsorted``) costs tens of nanoseconds a value, for its
-    unpredictable branches; comparing every value with every edge at once is branch-free and
-    vectorised: the count at or above each edge, and a bin is the difference of two of those.
-    """
-
-    def __init__(self, edges: list[list[float]]) -> None:
-        self.edges = edges
-        self.sizes = np.asarray([len(e) for e in edges], dtype=np.intp)
-        widest = max((len(e) for e in edges), default=1)
-        # NaN padding: no value is at or above it, so a feature's last own bin keeps +inf.
-        self._padded = np.full((len(edges), widest, 1), np.nan)
-        for i, e in enumerate(edges):
-            self._padded[i, : len(e), 0] = e
-        self.width = widest + 1
-
-    def add(
-        self, columns: np.ndarray, counts: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Adds a (features, rows) matrix's values to ``counts``; returns NaN per feature, sums
-        and sums of squares (NaN left out)."""
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the sum is NaN, sent as 0
-            sums = columns.sum(axis=1)
-            if np.isfinite(sums).all():  # the common case: no NaN, one pass finds it
-                nan = np.zeros(len(columns), dtype=np.int64)
-                squares = np.einsum("ij,ij->i", columns, columns)
-            else:
-                nan = np.isnan(columns).sum(axis=1)
-                sums, squares = np.nansum(columns, axis=1), np.nansum(columns * columns, axis=1)
-        rows = columns.shape[1]
-        step = max(256, _COMPARE_BYTES // max(1, self._padded.size))
-        at_or_above = np.zeros(self._padded.shape[:2], dtype=np.int64)
-        for start in range(0, rows, step):
-            chunk = columns[:, None, start : start + step] >= self._padded
-            at_or_above += np.add.reduce(chunk, axis=2, dtype=np.int64)
-        valid = (rows - nan)[:, None]
-        ladder = np.concatenate([valid, at_or_above, np.zeros_like(valid)], axis=1)
-        counts += ladder[:, :-1] - ladder[:, 1:]
-        return nan, sums, squares
-
-    def trim(self, counts: np.ndarray) -> list[list[int]]:
-        """Each feature's own bins (the padding's always-empty bins left out)."""
-        return [[int(c) for c in counts[i, : n + 1]] for i, n in enumerate(self.sizes)]
-
-
-def _columns(
-    specs: list[MonitorSpec], requests: list[tuple[Mapping[str, np.ndarray], int]]
-) -> np.ndarray:
-    """The monitored features of many requests as a (features, rows) float64 matrix, in spec
-    order. Requests whose tensors share their shapes past the rows (the common case) are joined
-    with one ``concatenate`` per tensor and reduced at once; others go through ``reduce_batch``."""
-    watched = [s for s in specs if s.reducer != "none"]
-    if not watched:
-        return np.empty((0, sum(rows for _, rows in requests)))
-    from modelpack.monitor import reduce_batch
-
-    rows = 0
-    for _, n in requests:
-        rows += n
-    blocks = []
-    for spec in watched:
-        try:
-            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests])
-        except ValueError:  # shapes differ past the rows, or a scalar
-            joined = None
-        if joined is None or joined.ndim == 0 or len(joined) != rows:
-            return np.ascontiguousarray(reduce_batch(specs, requests).T)
-        blocks.append(_reduced(spec, joined))
-    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-
-
-def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
-    """``reduce``'s features, transposed, without its float64 copy of a wide tensor for the
-    two reducers most packs use."""
-    if spec.reducer == "columns" and joined.ndim >= 2:
-        return joined.reshape(len(joined), -1).T.astype(np.float64)
-    if spec.reducer == "classes" and joined.ndim == 2 and spec.param("scores", "") == "probs":
-        top = np.argmax(joined, axis=1)
-        # argmax stops at a row's first NaN, so the score it picks is NaN iff the row has one
-        confidence = joined[np.arange(len(joined)), top].astype(np.float64)
-        out = np.stack([top.astype(np.float64), confidence])
-        out[0, np.isnan(confidence)] = np.nan
-        return out
-    from modelpack.monitor import reduce
-
-    return np.ascontiguousarray(reduce(spec, joined).T)
 
 
 def _short(value: float) -> float:
@@ -251,15 +190,21 @@ class DriftMonitor:
             return None
         sha, baseline, binner = found
         specs = baseline.specs()
+        inputs, outputs = [s for s in specs if not s.output], [s for s in specs if s.output]
+        start = self._start(now)
         return _Window(
             model,
             version,
             sha,
             baseline,
             binner,
-            [s for s in specs if not s.output],
-            [s for s in specs if s.output],
-            self._start(now),
+            inputs,
+            outputs,
+            start,
+            start + self.window_s,
+            Streams([*inputs, *outputs], self.fold_rows, self.fold_bytes),
+            self.fold_rows,
+            self.fold_bytes,
         )
 
     def _load(self, pack: Pack, model: str, version: str) -> tuple[str, Baseline, Bins] | None:
@@ -290,16 +235,29 @@ class DriftMonitor:
     ) -> None:
         """After a successful run: never raises (a fault here must not fail the request)."""
         try:
-            self._observe(model, version, feed, outputs, rows)
+            window, now = self._window, self.clock()
+            if (
+                window is None
+                or now >= window.end
+                or window.model != model
+                or window.version != version
+            ):
+                window = self._current_window(model, version, now)
+                if window is None:
+                    return
+            with self._lock:
+                if self._window is window:  # else closed meanwhile: the next request counts
+                    window.add(feed, outputs, rows)
         except Exception:
             self.failures += 1
             if self.failures == 1:
                 log.exception("drift summaries stopped counting a request")
 
     def _current_window(self, model: str, version: str, now: float) -> _Window | None:
+        """The window a request of this version counts in when it is not the open one."""
         window = self._window
-        same = window is not None and (window.model, window.version) == (model, version)
-        if same and now < window.start + self.window_s:  # type: ignore[union-attr]
+        same = window is not None and window.model == model and window.version == version
+        if same and now < window.end:  # type: ignore[union-attr]
             return window
         if self._skip == (model, version):
             return None
@@ -308,30 +266,6 @@ class DriftMonitor:
             if self._window is None:
                 self._window = self._open(model, version, now)
             return self._window
-
-    def _observe(
-        self,
-        model: str,
-        version: str,
-        feed: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-        rows: int,
-    ) -> None:
-        window = self._current_window(model, version, self.clock())
-        if window is None:
-            return
-        size = 0
-        for array in feed.values():
-            size += array.nbytes
-        with self._lock:
-            if self._window is not window:
-                return  # closed meanwhile: counted in the next one by the next request
-            window.pending.append((feed, outputs, rows))
-            window.rows += rows
-            window.pending_rows += rows
-            window.pending_bytes += size
-            if window.pending_rows >= self.fold_rows or window.pending_bytes >= self.fold_bytes:
-                window.fold()
 
     def refused(self, reason: str) -> None:
         """A request the live model refused for its schema (a 400), counted in its window."""

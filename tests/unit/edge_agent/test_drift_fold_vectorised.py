@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import drift
-from edge_agent.drift import Bins, DriftMonitor, _columns
+from edge_agent import drift_bins
+from edge_agent.drift import DriftMonitor
+from edge_agent.drift_bins import Bins, held_columns
 from modelpack.baseline import make_baseline, read_baseline
 from modelpack.loader import load_pack
 from modelpack.monitor import Binner, MonitorSpec, reduce_batch
@@ -48,7 +49,7 @@ def test_counts_nan_sums_and_squares_match_the_reference(
     expected = reduce_batch(SPECS, batch)
     want_counts, want_nan = Binner(EDGES).count(expected)
 
-    columns = _columns(SPECS, batch)
+    columns = held_columns(SPECS, batch)
     bins = Bins(EDGES)
     counts = np.zeros((len(EDGES), bins.width), dtype=np.int64)
     nan, sums, squares = bins.add(columns, counts)
@@ -62,7 +63,7 @@ def test_counts_nan_sums_and_squares_match_the_reference(
 
 def test_a_wide_batch_is_counted_in_bounded_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """More rows than one comparison pass holds: every row still counted once."""
-    monkeypatch.setattr(drift, "_COMPARE_BYTES", 1000)  # passes of 256 rows
+    monkeypatch.setattr(drift_bins, "_COMPARE_BYTES", 1000)  # passes of four blocks
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50_000, 2)).astype(np.float32)
     x[::7, 0] = np.nan
@@ -70,7 +71,7 @@ def test_a_wide_batch_is_counted_in_bounded_chunks(monkeypatch: pytest.MonkeyPat
     batch = [({"x": x, "p": probs}, 50_000)]
     bins = Bins(EDGES)
     counts = np.zeros((len(EDGES), bins.width), dtype=np.int64)
-    bins.add(_columns(SPECS, batch), counts)
+    bins.add(held_columns(SPECS, batch), counts)
     want, _ = Binner(EDGES).count(reduce_batch(SPECS, batch))
     assert bins.trim(counts) == Binner(EDGES).trim(want)
     assert [sum(row) for row in bins.trim(counts)] == [50_000 - len(x[::7]), 50_000, 50_000, 50_000]
@@ -113,3 +114,54 @@ def test_requests_of_mixed_shapes_and_dtypes_sum_to_the_reference(
     want = binner.trim(counts)
     assert summary["rows"] == sum(rows for _, rows in seen)
     assert [summary["features"][f.name]["c"] for f in baseline.features] == want
+
+
+@st.composite
+def arrivals(draw: st.DrawFn) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Requests as the hot path sees them: mostly alike, some of other rows, some a view that
+    is not contiguous, some of another dtype, some with an output of no row per request row."""
+    out = []
+    for _ in range(draw(st.integers(1, 40))):
+        rows = draw(st.sampled_from([1, 1, 1, 3, 16]))
+        x = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2)), np.float32)
+        x = x.reshape(rows, 2)
+        p = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2))).reshape(rows, 2)
+        kind = draw(st.sampled_from(["plain"] * 6 + ["strided", "float64", "scalar"]))
+        if kind == "strided":  # the same values, every other column of a wider array
+            wide = np.zeros((rows, 4), np.float32)
+            wide[:, ::2] = x
+            x = wide[:, ::2]
+        elif kind == "float64":
+            x = x.astype(np.float64)
+        elif kind == "scalar":
+            p = np.asarray(0.5)
+        out.append(({"x": x, "p": p}, rows))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrivals(), st.sampled_from([1, 5, 64]))
+def test_the_streams_and_the_held_requests_count_what_the_reference_counts(
+    batch: list[tuple[dict[str, np.ndarray], int]], fold_rows: int
+) -> None:
+    """Copied on arrival (``drift_bins.Streams``) or held by reference, folded every
+    ``fold_rows``: the window's bins, NaN, sums and squares are the reference path's."""
+    from edge_agent.drift import _Window
+
+    specs = [SPECS[0], MonitorSpec("p", "classes", (("scores", "probs"),), output=True)]
+    bins = Bins(EDGES)
+    window = _Window(
+        "m", "1", "sha", None, bins, specs[:1], specs[1:], 0.0, 60.0,  # type: ignore[arg-type]
+        drift_bins.Streams(specs, fold_rows, 1 << 20), fold_rows, 1 << 20,
+    )  # fmt: skip
+    for tensors, rows in batch:
+        window.add({"x": tensors["x"]}, {"p": tensors["p"]}, rows)
+    window.fold()
+    expected = reduce_batch(specs, batch)
+    want_counts, want_nan = Binner(EDGES).count(expected)
+    assert window.counts is not None and window.nan is not None
+    assert bins.trim(window.counts) == Binner(EDGES).trim(want_counts)
+    assert window.nan.tolist() == want_nan.tolist()
+    assert window.rows == sum(rows for _, rows in batch)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(window.sums, np.nansum(expected, axis=0), rtol=1e-9)

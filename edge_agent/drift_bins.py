@@ -1,0 +1,265 @@
+"""Counting on the device: answered requests' monitored tensors gathered between folds, reduced
+to their features and counted in the baseline's bins, all vectorised (``edge_agent.drift``).
+
+A request's small tensors (a tabular row, a class's scores) are copied on arrival into one
+buffer per tensor (``Streams``): the request's arrays are freed with it, and a fold reads each
+buffer as one array. Holding thousands of small arrays until a fold, then joining them, cost the
+hot path more than the copy (the allocator cannot reuse their memory, and ``concatenate`` pays
+per array); ``benchmarks/bench_drift.py`` measures both sides. Tensors too big to copy cheaply
+(an image), or shaped unlike the buffers', are held by reference and joined at the fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from modelpack.monitor import MonitorSpec
+
+# A watched tensor whose rows hold at most this many bytes is copied on arrival; a bigger one
+# (an image) would cost a copy of its pixels per request, so it is held by reference.
+STREAM_ROW_BYTES = 4096
+# Bytes of comparisons one pass of ``Bins.add`` may hold: about a core's cache, so a fold
+# neither waits on memory nor evicts much of what the requests after it use.
+_COMPARE_BYTES = 1 << 20
+# A pass compares at least this many rows: numpy's comparison runs four times faster per value
+# on rows of 3,000 values and more than on rows of 2,048 and less (numpy 2.4, AVX-512).
+_MIN_PASS_BLOCKS = 4
+# Rows summed as bytes inside one 64-bit word per pass (``Bins.add``): 128 words of 8 rows, so
+# each byte counts at most 128 and never carries into its neighbour.
+_BLOCK = 1024
+
+
+@dataclass(slots=True)  # slots: the hot path reads its fields on every request
+class _Stream:
+    """One watched tensor's rows since the last fold, as bytes in one buffer."""
+
+    tensor: str
+    output: bool
+    dtype: np.dtype[Any] | None = None
+    tail: tuple[int, ...] = ()
+    shape: tuple[int, ...] = ()  # the last request's shape: the usual request's one check
+    data: bytearray = field(default_factory=bytearray)
+
+    def array(self) -> np.ndarray:
+        assert self.dtype is not None
+        return np.frombuffer(self.data, self.dtype).reshape(-1, *self.tail)
+
+
+class Streams:
+    """The watched tensors' buffers. A request fits when each of its watched tensors has the
+    request's rows first and the dtype and trailing shape of the buffer's first request."""
+
+    __slots__ = (
+        "_fold_bytes",
+        "_fold_rows",
+        "_rows_of_shape",
+        "fold_at",
+        "row_bytes",
+        "rows",
+        "streams",
+    )
+
+    def __init__(self, specs: Sequence[MonitorSpec], fold_rows: int, fold_bytes: int) -> None:
+        keys = dict.fromkeys((s.output, s.tensor) for s in specs if s.reducer != "none")
+        self.streams = [_Stream(tensor, output) for output, tensor in keys]
+        self.rows = 0
+        self.row_bytes = 0
+        self._fold_rows, self._fold_bytes = fold_rows, fold_bytes
+        self.fold_at = fold_rows  # rows that call for a fold: ``fold_rows`` or ``fold_bytes``
+        self._rows_of_shape = -1  # the request rows the streams' cached shapes belong to
+
+    def take(
+        self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], rows: int
+    ) -> bool:
+        """Copies the request's watched tensors; False (nothing copied) when they do not fit."""
+        done = 0
+        if rows == self._rows_of_shape:  # the usual request: shaped as the last one
+            for stream in self.streams:
+                array = (outputs if stream.output else feed)[stream.tensor]
+                if array.dtype is not stream.dtype or array.shape != stream.shape:
+                    break
+                try:
+                    stream.data.extend(array)
+                except TypeError:  # not contiguous
+                    break
+                done += 1
+            else:
+                self.rows += rows
+                return True
+            self._undo(done, feed, outputs)
+        arrays = [(outputs if s.output else feed)[s.tensor] for s in self.streams]
+        if not self._fits(arrays, rows):
+            return False
+        done = 0
+        try:
+            for stream, array in zip(self.streams, arrays, strict=True):
+                stream.data.extend(array)
+                done += 1
+        except TypeError:
+            self._undo(done, feed, outputs)
+            return False
+        self.rows += rows
+        return True
+
+    def _undo(
+        self, done: int, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+    ) -> None:
+        """Takes back what the first ``done`` streams copied of a request that did not fit."""
+        for stream in self.streams[:done]:
+            array = (outputs if stream.output else feed)[stream.tensor]
+            del stream.data[len(stream.data) - array.nbytes :]
+
+    def _fits(self, arrays: list[Any], rows: int) -> bool:
+        """The slow check (another row count, or the first request since a fold), which takes
+        the request's layout when the buffers are empty."""
+        if not all(isinstance(a, np.ndarray) and a.ndim and len(a) == rows for a in arrays):
+            return False
+        if self.rows == 0:
+            row_bytes = [a.nbytes // max(rows, 1) for a in arrays]
+            if max(row_bytes, default=0) > STREAM_ROW_BYTES or rows == 0:
+                return False
+            for stream, array in zip(self.streams, arrays, strict=True):
+                stream.dtype, stream.tail = array.dtype, array.shape[1:]
+            self.row_bytes = sum(row_bytes)
+            self.fold_at = max(1, min(self._fold_rows, self._fold_bytes // max(1, self.row_bytes)))
+        elif not all(
+            a.dtype == s.dtype and a.shape[1:] == s.tail
+            for a, s in zip(arrays, self.streams, strict=True)
+        ):
+            return False
+        for stream, array in zip(self.streams, arrays, strict=True):
+            stream.shape = array.shape
+        self._rows_of_shape = rows
+        return True
+
+    def drain(self) -> tuple[dict[tuple[bool, str], np.ndarray], int]:
+        """Each tensor's rows as one array, and their count; the buffers start over."""
+        arrays = {(s.output, s.tensor): s.array() for s in self.streams} if self.rows else {}
+        rows = self.rows
+        for stream in self.streams:
+            stream.data = bytearray()  # the arrays above still read the old one
+        self.rows, self._rows_of_shape = 0, -1
+        return arrays, rows
+
+
+def stream_columns(
+    specs: Sequence[MonitorSpec], arrays: Mapping[tuple[bool, str], np.ndarray], rows: int
+) -> np.ndarray:
+    """The features of the streams' rows, (features, rows), in spec order."""
+    blocks = [_reduced(s, arrays[(s.output, s.tensor)]) for s in specs if s.reducer != "none"]
+    if not blocks:
+        return np.empty((0, rows))
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def held_columns(
+    specs: Sequence[MonitorSpec], requests: list[tuple[Mapping[str, np.ndarray], int]]
+) -> np.ndarray:
+    """The monitored features of requests held by reference as a (features, rows) float64
+    matrix, in spec order. Requests whose tensors share their shapes past the rows are joined
+    with one ``concatenate`` per tensor and reduced at once; others go through
+    ``reduce_batch``."""
+    watched = [s for s in specs if s.reducer != "none"]
+    rows = sum(n for _, n in requests)
+    if not watched:
+        return np.empty((0, rows))
+    from modelpack.monitor import reduce_batch
+
+    blocks = []
+    for spec in watched:
+        try:
+            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests])
+        except ValueError:  # shapes differ past the rows, or a scalar
+            joined = None
+        if joined is None or joined.ndim == 0 or len(joined) != rows:
+            return np.ascontiguousarray(reduce_batch(specs, requests).T)
+        blocks.append(_reduced(spec, joined))
+    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
+    """``reduce``'s features, transposed, without its float64 copy of a wide tensor for the
+    two reducers most packs use."""
+    if spec.reducer == "columns" and joined.ndim >= 2:
+        return joined.reshape(len(joined), -1).T.astype(np.float64)
+    if spec.reducer == "classes" and joined.ndim == 2 and spec.param("scores", "") == "probs":
+        top = np.argmax(joined, axis=1)
+        # argmax stops at a row's first NaN, so the score it picks is NaN iff the row has one
+        confidence = joined[np.arange(len(joined)), top].astype(np.float64)
+        out = np.stack([top.astype(np.float64), confidence])
+        out[0, np.isnan(confidence)] = np.nan
+        return out
+    from modelpack.monitor import reduce
+
+    return np.ascontiguousarray(reduce(spec, joined).T)
+
+
+class Bins:
+    """Counts many features at once in their baseline's bins, in place, with the bins of
+    ``modelpack.monitor.Binner`` (bin 0 below the first edge, bin ``j`` in ``[e_{j-1}, e_j)``,
+    the last at or above the last edge, NaN apart).
+
+    A binary search per value (``searchsorted``) costs tens of nanoseconds a value, for its
+    unpredictable branches; comparing every value with every edge at once is branch-free and
+    vectorised: the count at or above each edge, and a bin is the difference of two of those.
+    The comparisons' booleans are summed eight at a time, as the bytes of 64-bit words: summing
+    booleans one by one into int64 cost three times the comparisons themselves.
+    """
+
+    def __init__(self, edges: list[list[float]]) -> None:
+        self.edges = edges
+        self.sizes = np.asarray([len(e) for e in edges], dtype=np.intp)
+        widest = max((len(e) for e in edges), default=1)
+        # NaN padding: no value is at or above it, so a feature's last own bin keeps +inf.
+        self._padded = np.full((len(edges), widest, 1), np.nan)
+        for i, e in enumerate(edges):
+            self._padded[i, : len(e), 0] = e
+        self.width = widest + 1
+
+    def add(
+        self, columns: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Adds a (features, rows) matrix's values to ``counts``; returns NaN per feature, sums
+        and sums of squares (NaN left out)."""
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the sum is NaN, sent as 0
+            sums = columns.sum(axis=1)
+            if np.isfinite(sums).all():  # the common case: no NaN, one pass finds it
+                nan = np.zeros(len(columns), dtype=np.int64)
+                squares = np.einsum("ij,ij->i", columns, columns)
+            else:
+                nan = np.isnan(columns).sum(axis=1)
+                sums, squares = np.nansum(columns, axis=1), np.nansum(columns * columns, axis=1)
+        features, edges = self._padded.shape[:2]
+        rows = columns.shape[1]
+        at_or_above = np.zeros((features, edges), dtype=np.int64)
+        if rows and features and edges:
+            blocks = _COMPARE_BYTES // (_BLOCK * features * edges)
+            step = max(_MIN_PASS_BLOCKS, blocks) * _BLOCK
+            whole = rows - rows % _BLOCK
+            for start in range(0, whole, step):
+                at_or_above += self._above(columns[:, start : min(start + step, whole)])
+            if whole < rows:  # the last rows padded to a block with -inf, above no edge
+                tail = np.full((features, _BLOCK), -np.inf)
+                tail[:, : rows - whole] = columns[:, whole:]
+                at_or_above += self._above(tail)
+        valid = (rows - nan)[:, None]
+        ladder = np.concatenate([valid, at_or_above, np.zeros_like(valid)], axis=1)
+        counts += ladder[:, :-1] - ladder[:, 1:]
+        return nan, sums, squares
+
+    def _above(self, block: np.ndarray) -> np.ndarray:
+        """Per feature and edge, the values of a (features, whole blocks) matrix at or above it."""
+        features, edges = self._padded.shape[:2]
+        above = block[:, None, :] >= self._padded
+        words = above.view(np.uint64).reshape(features, edges, -1, _BLOCK // 8)
+        per_byte = np.add.reduce(words, axis=3).view(np.uint8)
+        return per_byte.reshape(features, edges, -1).sum(axis=2, dtype=np.int64)
+
+    def trim(self, counts: np.ndarray) -> list[list[int]]:
+        """Each feature's own bins (the padding's always-empty bins left out)."""
+        return [[int(c) for c in counts[i, : n + 1]] for i, n in enumerate(self.sizes)]
