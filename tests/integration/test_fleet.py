@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,18 +76,28 @@ def test_agent_telemetry_lands_in_the_store_and_feeds_fleet_status(
     store = open_store(tmp_path / "telemetry")
     topics = Topics(topic_prefix)
     options = SyncOptions(client_id=f"{topic_prefix}-sync", flush_interval_s=0.3)
+
+    def stored() -> list[dict[str, Any]]:
+        return [r for k in store.list("telemetry/") for r in decode_jsonl_gz(store.get_bytes(k))]
+
+    def answered(records: list[dict[str, Any]]) -> int:
+        return sum(r["data"].get("ok", 0) for r in records if r["kind"] == "inference")
+
     with TelemetrySync(store, broker.url, topics=topics, options=options):
         fleet(["a"])
         with FleetWatch(broker.url, topics) as watch:
             for i in range(30):
                 body = {"id": f"r{i}", "inputs": {"x": [[0.2] * 8]}}
                 watch.client.publish(topics.infer("a"), json.dumps(body).encode())
-        time.sleep(2.0)  # a few telemetry intervals of the agent, and a flush
-    records = [r for k in store.list("telemetry/") for r in decode_jsonl_gz(store.get_bytes(k))]
+        # Until the agent's telemetry of the 30 came through the sync into the store.
+        deadline = time.monotonic() + 60
+        while answered(stored()) < 30 and time.monotonic() < deadline:
+            time.sleep(0.3)
+    records = stored()
     assert {r["device"] for r in records} == {"a"}
     seqs = sorted(r["seq"] for r in records)
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a gap or a duplicate"
-    assert sum(r["data"].get("ok", 0) for r in records if r["kind"] == "inference") == 30
+    assert answered(records) == 30
 
     args = ["fleet", "status", "--broker", broker.url, "--prefix", topic_prefix]
     assert main([*args, "--store", str(tmp_path / "telemetry"), "--listen", "0", "--json"]) == 0
