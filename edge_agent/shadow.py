@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud_sync.redact import redact_text
-from modelpack.errors import EdgebentoError, VersionError
+from modelpack.errors import EdgebentoError
 
 # The figures' pydantic models and modelpack.monitor are imported when a shadow starts: most
 # devices never run one (tests/unit/edge_agent/test_footprint.py).
@@ -136,20 +136,10 @@ class ShadowRunner:
         return {"shadow": active.figures.model_dump(mode="json")}
 
     def _install(self, name: str, version: int) -> tuple[Pack, Predictor, Path]:
-        import dataclasses
-
-        up = self.updater
         self.dir.mkdir(parents=True, exist_ok=True)
         staging = self.dir / uuid.uuid4().hex
         try:
-            fetched = up._named(name, version)(staging)
-            pack = up._verify(fetched)
-            if (pack.manifest.name, pack.manifest.version) != (name, version):
-                raise VersionError(f"the store's {name} v{version} holds another version")
-            up._check_version(pack, f"{name} v{version}", None)  # above the mark, as any install
-            pack = dataclasses.replace(pack, root=fetched)
-            predictor = up._load_predictor(pack)
-            up._health_check(pack, predictor)  # golden samples and the latency budget
+            pack, predictor = self.updater.stage_beside(name, version, staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -314,6 +314,22 @@ class Updater:
         message = f"now serving {self._label(pack)}"
         return self._outcome("installed", message, trigger, health=health)
 
+    def stage_beside(self, name: str, version: int, staging: Path) -> tuple[Pack, Predictor]:
+        """``name`` v``version`` fetched from the store into ``staging`` and checked as an
+        install checks it (signature, hashes, the name and version asked, above the highest
+        installed, golden samples within the latency budget), then loaded, but neither recorded
+        nor served: a shadow runs it beside the live model (``edge_agent.shadow``). Raises what
+        an install raises; ``staging`` stays the caller's to remove."""
+        fetched = self._named(name, version)(staging)
+        pack = self._verify(fetched)
+        if (pack.manifest.name, pack.manifest.version) != (name, version):
+            raise VersionError(f"the store's {name} v{version} holds {self._label(pack)}")
+        self._check_version(pack, f"{name} v{version}", None)
+        pack = dataclasses.replace(pack, root=fetched)
+        predictor = self._load_predictor(pack)
+        self._health_check(pack, predictor)
+        return pack, predictor
+
     # --- steps ---------------------------------------------------------------------------------
 
     def _verify(self, root: Path, installed: bool = False) -> Pack:
