@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cloud_sync.protocol import ModelRef
 
 KIND = "shadow"  # the telemetry record's kind
-Metric = Literal["top1", "cosine"]
+# top1: rows whose top class agrees; cosine: summed cosines of rows; max_abs: rows whose largest
+# difference is within ``bound`` (the pack's own); equal: rows exactly equal.
+Metric = Literal["top1", "cosine", "max_abs", "equal"]
+_METRIC_WORDS = {
+    "top1": "top-1 agreement",
+    "cosine": "cosine",
+    "max_abs": "rows within max |diff| {bound:.3g}",
+    "equal": "rows equal",
+}
 
 
 class ShadowSettings(BaseModel):
@@ -25,7 +33,7 @@ class ShadowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     for_s: float = Field(default=600.0, gt=0, le=86_400)  # each wave shadows this long
-    agreement: float = Field(default=0.99, ge=0, le=1)  # top-1 share, or mean cosine
+    agreement: float = Field(default=0.99, ge=0, le=1)  # the share of rows agreeing (Metric)
     rate: float = Field(default=5.0, gt=0, le=1000)  # shadow runs a second, per device
     max_latency_ratio: float = Field(default=2.0, gt=0)  # its mean run time over the live one's
     max_error_rate: float = Field(default=0.01, ge=0, le=1)  # of its runs
@@ -44,6 +52,7 @@ class ShadowFigures(BaseModel):
     state: Literal["running", "failed", "stopped"]
     reason: str | None = Field(default=None, max_length=512)
     metric: Metric | None = None
+    bound: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # max_abs's
     samples: int = Field(default=0, ge=0, lt=1 << 53)  # shadow runs that answered
     errors: int = Field(default=0, ge=0, lt=1 << 53)  # shadow runs that raised
     busy: int = Field(default=0, ge=0, lt=1 << 53)  # samples dropped: the infer queue was busy
@@ -78,7 +87,8 @@ class ShadowFigures(BaseModel):
             return f"failed: {self.reason or 'no reason given'}"
         parts = [f"{self.samples} runs"]
         if (a := self.agreement) is not None:
-            parts.append(f"{'top-1 agreement' if self.metric == 'top1' else 'cosine'} {a:.4f}")
+            words = _METRIC_WORDS[self.metric or "cosine"].format(bound=self.bound or 0.0)
+            parts.append(f"{words} {a:.4f}")
         if self.max_abs is not None:
             parts.append(f"max |diff| {self.max_abs:.3g}")
         if (r := self.latency_ratio) is not None:

@@ -8,9 +8,12 @@ move. The hot path (``offer``, from the serving core after each answered request
 a clock and, at most ``rate`` times a second, hands the request's tensors to one slot; a
 background thread runs the shadow model on them, and only while the agent's inference queue is
 empty (a busy device drops the sample and counts it). Each run adds to cumulative figures
-(``cloud_sync.shadow_figures.ShadowFigures``): top-1 agreement for class probabilities (or
-labelled scores), else the mean cosine of the first output; the largest absolute difference;
-both run times; errors. They leave in the status and as telemetry records of kind ``shadow``,
+(``cloud_sync.shadow_figures.ShadowFigures``): agreement by the metric that decided the pack's
+own optimization (``decided_by`` in its signed ``report.json``: top-1 for ``top1`` and
+``accuracy``, the row's cosine for the cosines, the share of rows within the pack's bound for
+``max-abs``, exact rows for ``equal``), else top-1 for class probabilities (or labelled
+scores) and the mean cosine of the first output; the largest absolute difference; both run
+times; errors. They leave in the status and as telemetry records of kind ``shadow``,
 through the outbox like every record. ``stop`` removes the copy; a shadow also stops by itself
 after ``for_s`` twice over, should its controller never come back.
 """
@@ -61,6 +64,7 @@ class _Active:
     wake: threading.Event = field(default_factory=threading.Event)
     stopped: bool = False
     output: str | None = None  # the output compared for agreement, chosen at the first run
+    bound: float | None = None  # max_abs: the largest difference a row may have and agree
 
 
 class ShadowRunner:
@@ -207,7 +211,8 @@ class ShadowRunner:
         took = time.perf_counter() - start
         f = active.figures
         if active.output is None:
-            active.output, f.metric = _choose(active.pack, answer)
+            active.output, f.metric, active.bound = _choose(active.pack, answer)
+            f.bound = active.bound
         name = active.output
         new, old = np.asarray(answer[name]), np.asarray(live[name])
         if new.shape != old.shape:
@@ -216,6 +221,11 @@ class ShadowRunner:
         new2, old2 = new.reshape(rows, -1).astype(np.float64), old.reshape(rows, -1)
         if f.metric == "top1":
             agreeing = float((new2.argmax(axis=1) == old2.argmax(axis=1)).sum())
+        elif f.metric == "max_abs":
+            within = np.abs(new2 - old2).max(axis=1, initial=0.0) <= (active.bound or 0.0)
+            agreeing = float(within.sum())
+        elif f.metric == "equal":
+            agreeing = float((new2 == old2).all(axis=1).sum())
         else:
             norms = np.linalg.norm(new2, axis=1) * np.linalg.norm(old2, axis=1)
             dots = (new2 * old2).sum(axis=1)
@@ -260,9 +270,13 @@ class ShadowRunner:
         self.publish()
 
 
-def _choose(pack: Pack, answer: Mapping[str, np.ndarray]) -> tuple[str, Any]:
-    """The output compared and how: top-1 for class probabilities or labelled scores, else the
-    cosine of the first output."""
+def _choose(pack: Pack, answer: Mapping[str, np.ndarray]) -> tuple[str, Any, float | None]:
+    """The output compared, how, and the bound for ``max_abs``: the pack's own metric when its
+    report names one a device can compute, else top-1 for class probabilities or labelled
+    scores, else the cosine of the first output."""
+    own = _pack_metric(pack, answer)
+    if own is not None:
+        return own
     from modelpack.monitor import probabilities
 
     labels = len(pack.manifest.labels)
@@ -270,5 +284,53 @@ def _choose(pack: Pack, answer: Mapping[str, np.ndarray]) -> tuple[str, Any]:
         array = np.asarray(value)
         classes = probabilities(array) or (labels and array.shape[1] == labels)
         if array.ndim == 2 and array.shape[1] >= 2 and classes:
-            return name, "top1"
-    return next(iter(answer)), "cosine"
+            return name, "top1", None
+    return next(iter(answer)), "cosine", None
+
+
+# The optimizer's metrics (``optimize.metrics``) as a shadow measures them on live inputs, where
+# there are no labels: accuracy becomes agreement with the live version's top-1.
+_SHADOW_METRIC = {
+    "top1": "top1",
+    "accuracy": "top1",
+    "cosine": "cosine",
+    "pooled-cosine": "cosine",
+    "first-token-cosine": "cosine",
+    "token-cosine": "cosine",
+    "max-abs": "max_abs",
+    "equal": "equal",
+}
+
+
+def _pack_metric(
+    pack: Pack, answer: Mapping[str, np.ndarray]
+) -> tuple[str, str, float | None] | None:
+    """The first deciding metric of the pack's optimization (its signed ``report.json``, the
+    chosen candidate's scores) on an output the shadow answers; None when there is none (a pack
+    made without ``optimize``, or a user's ``module:function``, never imported on a device)."""
+    import json
+
+    from modelpack.manifest import REPORT_FILE
+
+    if pack.manifest.file(REPORT_FILE) is None:
+        return None
+    try:
+        report = json.loads((pack.root / REPORT_FILE).read_bytes())
+        chosen = next(c for c in report["candidates"] if c.get("chosen") is True)
+        scores = chosen["fidelity"]["scores"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return None  # a report of another layout: judged by shape
+    for score in scores if isinstance(scores, list) else []:
+        if not isinstance(score, dict) or score.get("decides") is not True:
+            continue
+        output, name = score.get("output"), str(score.get("metric", "")).partition("@")[0]
+        metric = _SHADOW_METRIC.get(name)
+        if metric is None or output not in answer:
+            continue
+        bound = score.get("bound")
+        if metric == "max_abs":
+            if not isinstance(bound, int | float) or not math.isfinite(bound) or bound < 0:
+                continue
+            return str(output), metric, float(bound)
+        return str(output), metric, None
+    return None

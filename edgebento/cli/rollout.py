@@ -135,7 +135,8 @@ def register(sub: Any) -> None:
         "--agreement",
         type=float,
         default=0.99,
-        help="top-1 agreement (class outputs) or mean cosine a device must reach (0.99)",
+        help="share of rows a device's shadow must agree on, by the pack's own metric"
+        " (top-1, cosine, within max-abs; docs/monitoring.md) (0.99)",
     )
     p.add_argument(
         "--shadow-rate", type=float, default=5.0, help="shadow runs a second per device (5)"
