@@ -73,6 +73,9 @@ class FleetListener:
         self.dropped: dict[str, int] = {}
         self.status_ts: dict[str, float] = {}  # the retained status's own ts, per device
         self.heard_at: dict[str, float] = {}  # this host's time of the last live message
+        # What each device says of its certificate: shown, never trusted (identity_store's
+        # record is the cloud's own).
+        self.reported: dict[str, dict[str, Any]] = {}
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
@@ -113,6 +116,10 @@ class FleetListener:
                 )
             self.boots[device] = status.boot_id
             self.status_ts[device] = status.ts
+            if status.identity is not None:
+                self.reported[device] = status.identity.model_dump(exclude_none=True)
+            else:
+                self.reported.pop(device, None)
             self.view.on_status(status, device)
             return True
         if parsed.kind == "desired":
@@ -141,6 +148,8 @@ class FleetListener:
             else:
                 heard = "status"
             extra = {**summary.extra, "heard": heard}
+            if device in self.reported:
+                extra["identity_reported"] = self.reported[device]
             out[device] = replace(summary, last_seen=seen or None, extra=extra)
         return out
 

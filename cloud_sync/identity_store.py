@@ -259,3 +259,21 @@ def identity_rows(devices: dict[str, DeviceIdentity], now: float) -> dict[str, d
             "revoked_at": doc.revoked_at,
         }
     return rows
+
+
+def reported_mismatch(row: dict[str, Any] | None, reported: dict[str, Any]) -> list[str]:
+    """Where what a device says of its certificate (``Status.identity``) disagrees with the
+    cloud's own record (``identity_rows``): shown to the operator as a flag, never acted on.
+    A device mid-rotation disagrees for a moment (the store records the new certificate when
+    it is issued, the device reports it once it has reconnected with it)."""
+    if row is None:
+        return ["no record"]  # the store never issued this device a certificate
+    out = []
+    if reported.get("serial") and row.get("serial") and reported["serial"] != row["serial"]:
+        out.append("serial")
+    said, kept = reported.get("not_after"), row.get("not_after")
+    if said is not None and kept is not None and abs(float(said) - float(kept)) > 1.0:
+        out.append("not_after")
+    if row.get("revoked") and reported.get("state") == "valid":
+        out.append("revoked")  # the store revoked it; the device says it is valid
+    return out

@@ -350,6 +350,25 @@ class UpdateOutcome(BaseModel):
     source: str | None = Field(default=None, max_length=4096)
 
 
+class CertificateReport(BaseModel):
+    """What a device says of its own certificate (``Status.identity``, from the agent's
+    ``{data_dir}/identity/status.json``). Shown beside the cloud's own record
+    (``cloud_sync.identity_store``), never trusted: a device may lie, so no decision of the
+    cloud reads it (docs/fleet-identity.md)."""
+
+    model_config = ConfigDict(extra="ignore", defer_build=True)
+    state: str = Field(max_length=32)  # valid, expired, renewal_refused
+    serial: str | None = Field(default=None, max_length=64)  # hex
+    issuer: str | None = Field(default=None, max_length=256)
+    not_before: float | None = None
+    not_after: float | None = None
+    days_left: float | None = None
+    renew_after: float | None = None  # when the device plans to renew
+    rotation_due: bool = False  # past renew_after and not renewed yet
+    last_rotation: float | None = None
+    reason: str | None = Field(default=None, max_length=512)
+
+
 class Status(_Doc):
     """Retained on ``{prefix}/{device}/status``; the last will sets ``offline``.
 
@@ -368,6 +387,7 @@ class Status(_Doc):
     expired: bool = False  # the serving pack is past its expires_at (it keeps serving)
     outbox: dict[str, int | str] | None = None
     shadow: dict[str, Any] | None = None  # cloud_sync.shadow_figures.ShadowFigures, read there
+    identity: CertificateReport | None = None  # the device's own word: shown, never trusted
     ts: float = Field(default_factory=time.time)
 
 

@@ -13,6 +13,7 @@ from edge_agent.capture import Capture
 from edge_agent.config import AgentConfig
 from edge_agent.dispatch import Dispatcher
 from edge_agent.drift import DriftCore, DriftMonitor
+from edge_agent.identity_status import IdentityStatus
 from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
 from edge_agent.pipelines import Pipeline
@@ -63,6 +64,7 @@ class Agent:
         )
         self.inference.observers.append(self.capture.observe)
         self.replies = ReplyCache(config.data_dir / "commands.db")
+        self.identity = IdentityStatus(config.data_dir, config.cert_file)
         self._reported_quarantines: set[Path] = set()
         device = config.device
         self.pipelines = [
@@ -121,6 +123,7 @@ class Agent:
                 "expired": self.updater.expired,
                 "outbox": self.outbox.stats(),
                 "shadow": self.shadow.status(),
+                "identity": self.identity.report(time.time()),
             }
         )
 
@@ -162,6 +165,8 @@ class Agent:
         if self.drift is not None:
             self.drift.flush_to(self.record)
         self.shadow.flush()
+        if self.identity.changed():  # a rotation, or a renewal refused: the status says so
+            self.publish_status()
 
     def apply_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
         self.config.limits = self.config.limits.model_copy(update=changes)

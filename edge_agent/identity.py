@@ -99,13 +99,44 @@ class IdentityFiles:
         write_public(self.next_cert, cert_pem.encode())
         self.finish_swap()
 
+    def read_status(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.status.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
     def write_status(self, state: str, **fields: Any) -> None:
-        doc = {"schema_version": 1, "state": state, "ts": time.time(), **fields}
-        write_public(self.status, json.dumps(doc).encode())
+        """``status.json``, which the agent's MQTT status carries (``identity``): the state, the
+        facts of the certificate on disk, and what earlier writes said that still holds."""
+        previous = self.read_status()
+        doc: dict[str, Any] = {"schema_version": 1, "state": state, "ts": time.time()}
+        doc.update({k: previous[k] for k in KEPT_STATUS if k in previous})
+        if self.cert.exists():
+            try:
+                doc.update(cert_facts(self.cert))
+            except (OSError, ValueError, ConfigError) as exc:
+                doc["reason"] = f"the certificate on disk cannot be read: {exc}"
+        write_public(self.status, json.dumps({**doc, **fields}).encode())
+
+
+# Written once and true until the next such event: kept by every later write of status.json.
+KEPT_STATUS = ("enrolled", "last_rotation", "renew_after")
 
 
 def files_of(config: AgentConfig) -> IdentityFiles:
     return IdentityFiles(config.data_dir / "identity")
+
+
+def cert_facts(path: Path) -> dict[str, Any]:
+    """What an operator reads of a certificate: serial (hex), validity and issuer."""
+    cert = load_cert(path.read_bytes())
+    return {
+        "serial": format(cert.serial_number, "x"),
+        "not_before": cert.not_valid_before_utc.timestamp(),
+        "not_after": cert.not_valid_after_utc.timestamp(),
+        "issuer": cert.issuer.rfc4514_string(),
+    }
 
 
 def cert_window(path: Path) -> tuple[float, float, str]:
@@ -220,8 +251,9 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
         files.write_status("refused", reason=f"{reply.reason}: {reply.error}")
         raise AuthError(f"enrollment of {config.device} refused ({reply.reason}): {reply.error}")
     files.install(reply.certificate)
-    _, not_after, serial = cert_window(files.cert)
-    files.write_status("valid", serial=serial, not_after=not_after, enrolled=time.time())
+    serial = cert_window(files.cert)[2]
+    # A new identity: what was said of an earlier certificate no longer holds.
+    files.write_status("valid", enrolled=time.time(), last_rotation=None, renew_after=None)
     log.info("enrolled %s: certificate %s", config.device, serial)
 
 
@@ -284,9 +316,17 @@ class Renewer:
         jitter = random.uniform(-0.03, 0.03) * life  # a fleet enrolled at once renews spread
         return max(0.0, not_before + self.config.renew_at * life + jitter - time.time())
 
+    def _wait(self, failures: int) -> float:
+        if failures:
+            return self._retry_in(failures)
+        wait = self.due_in()
+        # The status says when: an operator sees a renewal that is due and has not happened.
+        self.files.write_status("valid", renew_after=time.time() + wait)
+        return wait
+
     def _run(self) -> None:
         failures = 0
-        while not self._stop.wait(self.due_in() if failures == 0 else self._retry_in(failures)):
+        while not self._stop.wait(self._wait(failures)):
             try:
                 self.renew_once()
                 failures = 0

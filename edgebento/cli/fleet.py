@@ -70,10 +70,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
     devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
-    identity = _identity(store)
+    identity = _identity(store, devices)
     if args.json:
         doc = {"devices": {d: s.as_json() for d, s in devices.items()}}
-        for device, row in identity.items():  # certificate expiry, last rotation, revoked
+        # The store's record (expiry, last rotation, revoked, and where the device's own word
+        # disagrees) beside identity_reported, what the device says.
+        for device, row in identity.items():
             doc["devices"].setdefault(device, {})["identity"] = row
         print(json.dumps(doc, indent=2, default=str))
         return 0
@@ -105,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _num(s.p99_ms, ".1f"),
             f"{s.errors:.0f}",
             f"-> v{s.desired_version}" if s.pending_update else "",
-            _certificate(identity.get(device)),
+            _certificate(identity.get(device), s.extra.get("identity_reported")),
         ]
         for device, s in devices.items()
     ]
@@ -113,24 +115,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identity(store: Any) -> dict[str, dict[str, Any]]:
-    """Each device's certificate, from the store's identity records (docs/fleet-identity.md)."""
+def _identity(store: Any, devices: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each device's certificate from the store's identity records (docs/fleet-identity.md),
+    the cloud's own and authoritative, with ``mismatch``: where the device's word disagrees."""
     if store is None:
         return {}
-    from cloud_sync.identity_store import IdentityStore, identity_rows
+    from cloud_sync.identity_store import IdentityStore, identity_rows, reported_mismatch
 
-    return identity_rows(IdentityStore(store).devices(), time.time())
+    rows = identity_rows(IdentityStore(store).devices(), time.time())
+    for device, summary in devices.items():
+        reported = summary.extra.get("identity_reported")
+        if reported is not None:
+            row = rows.get(device)
+            mismatch = reported_mismatch(row, reported)
+            rows.setdefault(device, {"state": "no record"})["mismatch"] = mismatch
+        elif device in rows:
+            rows[device]["mismatch"] = []
+    return rows
 
 
-def _certificate(row: dict[str, Any] | None) -> Any:
+def _certificate(row: dict[str, Any] | None, reported: dict[str, Any] | None) -> Any:
+    """The store's record when there is one (what the device says only where it disagrees),
+    else the device's own word, marked as such."""
     from edgebento.cli.tables import Cell
 
     if row is None:
-        return "-"
+        if not reported or reported.get("not_after") is None:
+            return "-"
+        left = float(reported["not_after"]) - time.time()
+        said = f"{str(reported.get('serial', '?'))[:8]} {_ago_span(max(0.0, left))} left"
+        return Cell(f"{said} (device says)", "dim")
+    mismatch = row.get("mismatch") or []
+    if row["state"] == "no record":  # a device with a certificate the store never issued
+        said = str((reported or {}).get("serial", "?"))[:8]
+        return Cell(f"no record in the store; device says {said}", "red")
     if row["state"] != "valid":
-        return Cell(row["state"], "red")
-    rotated = ", rotated" if row["last_rotation"] else ""
-    return f"{_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
+        text = row["state"]
+    else:
+        rotated = ", rotated" if row["last_rotation"] else ""
+        text = f"{str(row['serial'])[:8]} {_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
+    if mismatch:
+        return Cell(f"{text}; device says otherwise: {', '.join(mismatch)}", "red")
+    return text if row["state"] == "valid" else Cell(text, "red")
 
 
 def _ago_span(seconds: float) -> str:
