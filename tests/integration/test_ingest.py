@@ -204,7 +204,13 @@ def test_broker_kill_9_during_telemetry_loses_nothing(
     procs.append(
         start_sync(own_broker, bucket_url, s3_server, topic_prefix, "sync-b", tmp_path / "s.log")
     )
-    time.sleep(1.5)  # Mosquitto saves its sessions every second: the subscription is on disk
+    # Until Mosquitto saved the sync's session with its subscription (it saves every second or
+    # two, by the clock): a kill -9 before that would forget it, whatever the sync does.
+    saved = own_broker.workdir / "mosquitto.db"
+    deadline = time.monotonic() + 30
+    while not (saved.exists() and topic_prefix.encode() in saved.read_bytes()):
+        assert time.monotonic() < deadline, "Mosquitto never saved the sync's subscription"
+        time.sleep(0.1)
     dev = Device(own_broker, topic_prefix, "dev-2")
     for _ in range(20):
         dev.send(10)
