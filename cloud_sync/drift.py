@@ -13,6 +13,9 @@ features rejects it *and* its PSI is at least ``min_psi``, in a window of at lea
 ``min_samples`` rows. The cohort's verdict is ``drift`` only when that holds with any one device
 left out (so one device, lying or not, cannot make it alone); a drift that one device carries is
 ``local``, with the device named; else ``ok``, or ``insufficient`` below ``min_samples``.
+Nor can one device hide a drift: a device serving far more than the others (``outweighs``) is
+left out in turn, and a drift the rest show, with any other one left out, stands, naming it
+(``masked_by``). So a cohort of one device never raises an alarm, and no device silences one.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class DriftOptions:
     max_device_rate: float = 10_000.0  # rows per second a device can serve: its cap per window
     max_out_of_range: float = 0.05  # share of values out of the baseline's range that is reported
     confirm: int = 2  # consecutive drift windows that raise the alarm
+    # A device with more rows than this many times the others' mean could hide their drift.
+    outweighs: float = 2.0
 
 
 @dataclass
@@ -199,6 +204,7 @@ class WindowResult:
     suspects: tuple[str, ...] = ()
     refused: int = 0
     alarm: bool = False  # drift in this window and the ``confirm - 1`` before it
+    masked_by: tuple[str, ...] = ()  # a device whose rows hid the drift the others show
 
     @property
     def local_devices(self) -> tuple[str, ...]:
@@ -207,6 +213,28 @@ class WindowResult:
 
 def judge(cell: Cell, baseline: Baseline, start: float, options: DriftOptions) -> WindowResult:
     devices = sorted(cell.devices)
+    result = _judge(cell, devices, baseline, start, options)
+    if result.verdict in ("drift", "insufficient") or len(devices) < 3:
+        return result
+    # A device can hide the others' drift only by outweighing them with rows like the
+    # baseline's: each such device is left out in turn (honest devices of similar traffic are
+    # not, so the false-alarm rate stays that of one test per window).
+    weights = {d: cell.devices[d].rows for d in devices}
+    total = sum(weights.values())
+    for device in sorted(devices, key=weights.__getitem__, reverse=True)[:3]:
+        others = (total - weights[device]) / (len(devices) - 1)
+        if weights[device] <= options.outweighs * others:
+            break
+        rest = [d for d in devices if d != device]
+        without = _judge(cell, rest, baseline, start, options)
+        if without.verdict == "drift":
+            return replace(without, suspects=result.suspects, masked_by=(device,))
+    return result
+
+
+def _judge(
+    cell: Cell, devices: list[str], baseline: Baseline, start: float, options: DriftOptions
+) -> WindowResult:
     rows = sum(cell.devices[d].rows for d in devices)
     refused = sum(cell.devices[d].refused for d in devices)
     suspects = tuple(sorted(cell.suspects))

@@ -108,7 +108,8 @@ def report_html(results: Results, baselines: Mapping[tuple[str, int], Baseline])
         f"<style>{_STYLE}</style></head><body><h1>Drift by cohort</h1>",
         "<p>Grey: the pack's baseline; blue: the cohort's latest window with a verdict. A verdict of "
         "<span class='drift'>drift</span> holds with any one device left out; "
-        "<span class='local'>local</span> is carried by the devices named.</p>",
+        "<span class='local'>local</span> is carried by the devices named; a device whose rows "
+        "outweigh the others' is left out in turn, so it cannot hide their drift.</p>",
     ]
     for (model, version, cohort), windows in sorted(results.items()):
         w = latest(windows)
@@ -123,6 +124,10 @@ def report_html(results: Results, baselines: Mapping[tuple[str, int], Baseline])
         )
         if w.local_devices:
             parts.append(f"; carried by {html.escape(', '.join(w.local_devices))}")
+            if w.devices == 1:
+                parts.append(" alone (one device never raises a fleet alarm)")
+        if w.masked_by:
+            parts.append(f"; hidden by {html.escape(', '.join(w.masked_by))}, left out")
         if w.suspects:
             parts.append(
                 f"; capped (more rows than a device can serve): "

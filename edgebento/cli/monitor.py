@@ -88,8 +88,11 @@ def _print(doc: dict[str, Any], out: Path) -> None:
         latest = next(judged, c["windows"][-1])
         top = max(latest["features"], key=lambda f: f["psi"], default=None)
         worst = f"; top feature {top['name']} PSI {top['psi']:.3f}" if top else ""
-        carried = latest["local_devices"]
+        carried, masked = latest["local_devices"], latest.get("masked_by") or []
         note = f" (carried by {', '.join(carried)})" if carried else ""
+        if carried and latest["devices"] == 1:
+            note = f" (carried by {carried[0]} alone: one device never raises a fleet alarm)"
+        note += f" (hidden by {', '.join(masked)}, left out)" if masked else ""
         alarm = " ALARM" if c["alarm"] else ""
         print(
             f"{c['model']} v{c['version']} cohort {c['cohort']}: {c['verdict']}{alarm}{note}; "
