@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from benchmarks.serving_common import import_to_store, start_bento
 from tests.support import serving_models
+from tests.support.bento_servers import started_together
 
 pytestmark = pytest.mark.integration
 
@@ -191,23 +194,21 @@ def tokens(
     from modelpack import SequenceInput, create_pack
 
     work = tmp_path_factory.mktemp("tokens")
-    servers = {}
-    try:
-        for name, mask in (("masked", True), ("unmasked", False)):
-            model = serving_models.tokens(work / f"{name}.onnx", mask=mask)
-            seq = SequenceInput(input="input_ids", mask_input="attention_mask" if mask else None)
-            create_pack(model, work / name, name=name, version=1, sequence=[seq], key=keys[0])
-            tag = import_to_store(work / name, keys[1], work / "bentoml")
-            servers[name] = start_bento(work / "bentoml", tag, work, EDGEBENTO_WORKERS="1")
+    tags = {}
+    for name, mask in (("masked", True), ("unmasked", False)):
+        model = serving_models.tokens(work / f"{name}.onnx", mask=mask)
+        seq = SequenceInput(input="input_ids", mask_input="attention_mask" if mask else None)
+        create_pack(model, work / name, name=name, version=1, sequence=[seq], key=keys[0])
+        tags[name] = import_to_store(work / name, keys[1], work / "bentoml")
+    starts = {
+        name: partial(start_bento, work / "bentoml", tag, work, EDGEBENTO_WORKERS="1")
+        for name, tag in tags.items()
+    }
+    with started_together(starts) as servers:
         yield {name: proc.url for name, proc in servers.items()}
-    finally:
-        for proc in servers.values():
-            proc.stop()
 
 
 def _flood(url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
-    from concurrent.futures import ThreadPoolExecutor
-
     with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
         return list(pool.map(lambda b: http.post(url + "/predict", json=b), bodies * 8))
 

@@ -7,6 +7,7 @@ import base64
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from benchmarks.serving_common import Process, import_to_store, start_bento
 from tests.support import serving_models
+from tests.support.bento_servers import started_together
 
 pytestmark = pytest.mark.integration
 
@@ -30,46 +32,51 @@ def _b64(array: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _serve(work: Path, keys: tuple[Path, Path], name: str, model: Path, **env: str) -> Process:
+def _serve(
+    work: Path, keys: tuple[Path, Path], name: str, model: Path, **env: str
+) -> partial[Process]:
+    """The start of a server of ``model``, its pack made and imported."""
     from modelpack import create_pack
 
     create_pack(model, work / name, name=name, version=1, key=keys[0])
     tag = import_to_store(work / name, keys[1], work / "bentoml")
-    return start_bento(work / "bentoml", tag, work, EDGEBENTO_WORKERS="1", **env)
+    return partial(start_bento, work / "bentoml", tag, work, EDGEBENTO_WORKERS="1", **env)
 
 
 @pytest.fixture(scope="module")
-def add(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("serving-add")
-    server = _serve(work, keys, "add", serving_models.add_two(work / "add.onnx"))
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def slow_server(
+def servers(
     tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]
-) -> Iterator[Process]:
-    """A model of about 2 ms a request, run one request at a time, behind a queue of 8."""
-    work = tmp_path_factory.mktemp("serving-slow")
-    model = serving_models.slow(work / "slow.onnx", depth=128)
-    server = _serve(
-        work,
-        keys,
-        "slow",
-        model,
-        EDGEBENTO_MAX_QUEUE="8",
-        EDGEBENTO_MAX_BATCH="1",
-        EDGEBENTO_DEADLINE_S="0.5",
-        EDGEBENTO_CACHE_BYTES=str(1 << 20),
-        EDGEBENTO_THREADS="1",
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
+) -> Iterator[dict[str, Process]]:
+    """``add`` (a + b), and ``slow``: a model of about 2 ms a request, run one request at a
+    time, behind a queue of 8."""
+    add = tmp_path_factory.mktemp("serving-add")
+    slow = tmp_path_factory.mktemp("serving-slow")
+    starts = {
+        "add": _serve(add, keys, "add", serving_models.add_two(add / "add.onnx")),
+        "slow": _serve(
+            slow,
+            keys,
+            "slow",
+            serving_models.slow(slow / "slow.onnx", depth=128),
+            EDGEBENTO_MAX_QUEUE="8",
+            EDGEBENTO_MAX_BATCH="1",
+            EDGEBENTO_DEADLINE_S="0.5",
+            EDGEBENTO_CACHE_BYTES=str(1 << 20),
+            EDGEBENTO_THREADS="1",
+        ),
+    }
+    with started_together(starts) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def add(servers: dict[str, Process]) -> str:
+    return servers["add"].url
+
+
+@pytest.fixture(scope="module")
+def slow_server(servers: dict[str, Process]) -> Process:
+    return servers["slow"]
 
 
 @pytest.fixture(scope="module")
