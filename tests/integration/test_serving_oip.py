@@ -5,32 +5,43 @@ KServe v2 REST JSON exactly as the protocol's specification writes it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serving_common import import_to_store, start_bento
+from benchmarks.serving_common import Process, import_to_store, start_bento
 from tests.support import serving_models
+from tests.support.bento_servers import started_together
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> Iterator[str]:
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path], mlp_model: Path
+) -> Iterator[dict[str, Process]]:
+    """``add`` v3 (a + b), and ``tiny`` v1 (the MLP), started at once."""
     from modelpack import create_pack
 
     work = tmp_path_factory.mktemp("oip")
     create_pack(
         serving_models.add_two(work / "add.onnx"), work / "add", name="add", version=3, key=keys[0]
     )
-    tag = import_to_store(work / "add", keys[1], work / "bentoml")
-    proc = start_bento(work / "bentoml", tag, work, EDGEBENTO_WORKERS="1")
-    try:
-        yield proc.url
-    finally:
-        proc.stop()
+    create_pack(mlp_model, work / "tiny", name="tiny", version=1, key=keys[0])
+    starts = {}
+    for name in ("add", "tiny"):
+        tag = import_to_store(work / name, keys[1], work / "bentoml")
+        starts[name] = partial(start_bento, work / "bentoml", tag, work, EDGEBENTO_WORKERS="1")
+    with started_together(starts) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, Process]) -> str:
+    return servers["add"].url
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +158,14 @@ def test_a_plain_http_client_speaking_the_v2_json_protocol(server: str) -> None:
 
 
 def test_the_mlp_answers_tritonclient_like_onnx_runtime(
-    tmp_path: Path, keys: tuple[Path, Path], mlp_model: Path
+    servers: dict[str, Process], mlp_model: Path
 ) -> None:
     """A second model, to see the protocol's answers match ONNX Runtime's own run."""
     import onnxruntime as ort
     import tritonclient.http as httpclient
 
-    from modelpack import create_pack
-
-    create_pack(mlp_model, tmp_path / "tiny", name="tiny", version=1, key=keys[0])
-    tag = import_to_store(tmp_path / "tiny", keys[1], tmp_path / "bentoml")
-    proc = start_bento(tmp_path / "bentoml", tag, tmp_path, EDGEBENTO_WORKERS="1")
+    client = httpclient.InferenceServerClient(url=servers["tiny"].url.removeprefix("http://"))
     try:
-        client = httpclient.InferenceServerClient(url=proc.url.removeprefix("http://"))
         x = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
         tensor = httpclient.InferInput("x", [5, 8], "FP32")
         tensor.set_data_from_numpy(x)
@@ -168,6 +174,5 @@ def test_the_mlp_answers_tritonclient_like_onnx_runtime(
         logits, probs = session.run(["logits", "probs"], {"x": x})
         np.testing.assert_allclose(result.as_numpy("probs"), probs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
-        client.close()
     finally:
-        proc.stop()
+        client.close()
