@@ -4,8 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support import models
+
+# No property test's outcome may depend on the machine's speed: hypothesis's default 200 ms
+# deadline per example (and its health check on slow data generation) fail a test whenever a
+# busy machine preempts it; a test that means to bound a time says so itself.
+settings.register_profile("edgebento", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edgebento")
 
 # Nothing in the tests may reach the network beyond loopback, or AWS's real endpoints.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
