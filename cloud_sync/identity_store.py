@@ -33,6 +33,7 @@ from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
 
 ROOT = "fleet/identity"
+CRL_INDEX = f"{ROOT}/crl.json"
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "ebc1."
 # Device ids that would collide with the cloud's identities or the enrollment topics.
@@ -61,6 +62,22 @@ class CertRecord(BaseModel):
     issued_at: float
     not_after: float
     via: str  # claim | renew
+
+
+class CrlEntry(BaseModel):
+    serial: str  # hex
+    revoked_at: float  # the revocation, or the rotation that retired it
+    not_after: float  # past it the entry is dropped: the certificate is refused anyway
+
+
+class CrlIndex(BaseModel):
+    """``fleet/identity/crl.json``: every certificate the CRL lists, kept as each is retired or
+    revoked, so that writing the CRL reads one object instead of every device's record, and an
+    entry stays until its certificate has expired (a revoked device enrolled again does not
+    bring its old certificates back)."""
+
+    schema_version: int = SCHEMA_VERSION
+    entries: list[CrlEntry] = Field(default_factory=list)
 
 
 class DeviceIdentity(BaseModel):
@@ -211,7 +228,18 @@ class IdentityStore:
                 }
             )
 
-        return self._change(device, change)
+        retiring: list[CrlEntry] = []
+
+        def noted(doc: DeviceIdentity) -> DeviceIdentity:
+            old = doc.current_record() if via == "renew" else None
+            retiring[:] = [] if old is None else [CrlEntry(
+                serial=old.serial, revoked_at=record.issued_at, not_after=old.not_after
+            )]  # fmt: skip
+            return change(doc)
+
+        new = self._change(device, noted)
+        self._add_to_crl(retiring)
+        return new
 
     def revoke(self, device: str) -> DeviceIdentity:
         def change(doc: DeviceIdentity) -> DeviceIdentity:
@@ -219,7 +247,63 @@ class IdentityStore:
 
         if self.device(device) is None:
             raise ConfigError(f"{device} has no identity record: nothing to revoke")
-        return self._change(device, change)
+        doc = self._change(device, change)
+        at = doc.revoked_at or time.time()
+        self._add_to_crl(
+            [
+                CrlEntry(serial=c.serial, revoked_at=at, not_after=c.not_after)
+                for c in doc.certificates
+            ]
+        )
+        return doc
+
+    # --- the CRL's entries ----------------------------------------------------------------------
+
+    def _add_to_crl(self, entries: list[CrlEntry]) -> None:
+        if entries:
+            self._change_crl(lambda index: [*index.entries, *entries])
+
+    def _change_crl(self, change: Any) -> CrlIndex:
+        """Compare-and-swap on the index; entries of expired certificates are dropped."""
+        key = CRL_INDEX
+        for _ in range(_TRIES):
+            try:
+                data, etag = self.store.read(key)
+                index: CrlIndex | None = CrlIndex.model_validate_json(data)
+            except NotFoundError:
+                index, etag = None, ""
+            except ValidationError as exc:
+                raise StoreError(f"{key} in {self.store.url} is not a CRL index") from exc
+            now = time.time()
+            kept: dict[str, CrlEntry] = {}
+            for entry in change(index or self._rebuilt()):
+                if entry.not_after > now and entry.serial not in kept:
+                    kept[entry.serial] = entry
+            new = CrlIndex(entries=list(kept.values()))
+            if index is not None and new == index:
+                return index  # nothing added, nothing expired: no write
+            try:
+                if index is None:
+                    self.store.create(key, new.model_dump_json().encode())
+                else:
+                    self.store.replace(key, new.model_dump_json().encode(), etag)
+                return new
+            except ConflictError:
+                continue
+        raise StoreError(f"{key}: too many concurrent changes")
+
+    def _rebuilt(self) -> CrlIndex:
+        """The index of a store from before it existed: from every device's record, once."""
+        entries = []
+        for doc in self.devices().values():
+            at = (doc.revoked_at if doc.revoked else doc.last_rotation) or 0.0
+            retired = {c.serial for c in doc.certificates} if doc.revoked else set(doc.retired)
+            entries += [
+                CrlEntry(serial=c.serial, revoked_at=at, not_after=c.not_after)
+                for c in doc.certificates
+                if c.serial in retired
+            ]
+        return CrlIndex(entries=entries)
 
     def devices(self) -> dict[str, DeviceIdentity]:
         found = {}
@@ -229,15 +313,13 @@ class IdentityStore:
         return found
 
     def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
-        """Every certificate of a revoked device, and those a device rotated away from."""
-        out: list[tuple[int, dt.datetime]] = []
-        for doc in self.devices().values():
-            # A stable date per entry: the revocation, or the rotation that retired it.
-            at = (doc.revoked_at if doc.revoked else doc.last_rotation) or 0.0
-            when = dt.datetime.fromtimestamp(at, dt.UTC)
-            serials = [c.serial for c in doc.certificates] if doc.revoked else doc.retired
-            out.extend((int(s, 16), when) for s in dict.fromkeys(serials))
-        return out
+        """What the CRL lists: every unexpired certificate of a revoked device, and those a
+        device rotated away from. One read of the index, whatever the size of the fleet."""
+        index = self._change_crl(lambda index: index.entries)  # prunes; builds it once if absent
+        return [
+            (int(e.serial, 16), dt.datetime.fromtimestamp(e.revoked_at, dt.UTC))
+            for e in index.entries
+        ]
 
 
 def identity_rows(devices: dict[str, DeviceIdentity], now: float) -> dict[str, dict[str, Any]]:

@@ -81,6 +81,9 @@ def test_an_enrolled_agent_reports_its_certificate_and_fleet_status_agrees(
     table = _fleet_status(idfleet)
     line = next(ln for ln in table.stdout.splitlines() if ln.startswith("rep-a"))
     assert str(record.current)[:8] in line and "otherwise" not in line, table.stdout
+    # One connection per identity on the device listener (the CN is the client id): a client
+    # left connected would take the next test's operator over, and the other way round.
+    operator.close()
 
 
 def test_a_device_that_lies_about_its_certificate_is_flagged_and_changes_nothing(
@@ -113,3 +116,52 @@ def test_a_device_that_lies_about_its_certificate_is_flagged_and_changes_nothing
     assert "revoked" in line and "otherwise" in line, table.stdout
     liar.publish(f"{PREFIX}/liar/status", b"", retain=True)
     liar.close()
+
+
+def test_a_claim_certificate_with_a_devices_id_knocks_it_off_once_and_it_comes_back(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    """Measured on Mosquitto 2.0.11 (docs/fleet-identity.md): the claim listener's client ids
+    cannot be kept apart from the devices', so a holder of the shared claim certificate can
+    connect there with a device's id and take its session. The device sees a lost connection
+    (2.0.11 sends no "session taken over" reason code), reconnects on its own certificate and
+    takes the session back: the intruder is the one dropped."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from cloud_sync.fleet_ca import tls_context
+
+    token = idfleet.ids.create_claims(["take-a"], ttl_s=600)["take-a"]
+    agent_factory(
+        broker=idfleet.broker,
+        device="take-a",
+        data_dir=tmp_path / "agent-take-a",
+        prefix=PREFIX,
+        args=idfleet.agent_args(token),
+    )
+    operator = idfleet.client("operator")
+    before = wait_online(operator, PREFIX, "take-a", timeout=60)
+    statuses = operator.collect(f"{PREFIX}/take-a/status")
+    cert, key = idfleet.certs["claim"]
+    thief = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="take-a",
+        protocol=mqtt.MQTTv5,
+        reconnect_on_failure=False,  # once: one that keeps reconnecting keeps knocking it off
+    )
+    thief.tls_set_context(tls_context(idfleet.ca.paths.bundle, cert, key))
+    accepted, dropped = threading.Event(), threading.Event()
+    thief.on_connect = lambda *a: accepted.set() if not a[3].is_failure else None
+    thief.on_disconnect = lambda *_a: dropped.set()
+    thief.connect("127.0.0.1", idfleet.broker.claim_port, 30)
+    thief.loop_start()
+    try:
+        assert accepted.wait(30), "the claim listener refused the claim certificate"
+        assert dropped.wait(60), "the device did not take its session back"
+        # A status written after the takeover: the device connected again, on its own.
+        wait_for(statuses, lambda d: d.get("state") == "online" and d["ts"] > before["ts"], 60)
+    finally:
+        thief.disconnect()
+        thief.loop_stop()
+        operator.close()
