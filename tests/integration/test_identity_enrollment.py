@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,20 @@ def _ping(operator: Any, device: str, timeout: float = 20.0) -> dict[str, Any]:
     operator.reply_topic = f"{PREFIX}/{device}/replies/operator"
     operator.collect(operator.reply_topic)
     return dict(operator.request(f"{PREFIX}/{device}/cmd/ping", {}, timeout=timeout))
+
+
+def _until_marker(
+    q: queue.Queue[Any], marker: str | None = None, timeout: float = 30.0
+) -> list[Any]:
+    """The messages of ``q`` up to and including the first on ``marker`` (default: one whose
+    topic ends with ``/marker``), waiting for it rather than for a fixed time."""
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
+        got.append(msg)
+        if msg.topic == marker or (marker is None and msg.topic.endswith("/marker")):
+            return got
 
 
 def _key(path: Path | None = None) -> Any:
@@ -113,9 +128,11 @@ def test_the_claim_identity_reaches_only_the_enrollment_topics(idfleet: Identity
     everything = operator.collect(f"{PREFIX}/cl-a/#")  # a new device: nothing retained there
     claim = idfleet.client("claim", claim=True)
     for topic in (f"{PREFIX}/cl-a/status", f"{PREFIX}/cl-a/cmd/x", f"{PREFIX}/cl-a/telemetry"):
-        claim.publish(topic, {"forged": True})
-    time.sleep(1.0)
-    assert everything.empty()
+        claim.publish(topic, {"forged": True})  # each acknowledged by the broker before the next
+    # After the claim's acknowledged publishes, the operator's own: what the broker let by of
+    # the claim's would reach the subscriber before it.
+    operator.publish(f"{PREFIX}/cl-a/replies/marker", {"marker": True})
+    assert [m.topic for m in _until_marker(everything)] == [f"{PREFIX}/cl-a/replies/marker"]
     claim.close()
     operator.close()
 
@@ -137,8 +154,10 @@ def test_a_device_cannot_speak_for_another_by_certificate(idfleet: IdentityFleet
         a.publish(topic, forged)
     a.publish(f"{PREFIX}/acl-a/telemetry", {"own": True})
     operator.publish(f"{PREFIX}/acl-b/cmd/ping", {"id": "p"})
-    time.sleep(1.0)
-    seen = [q.get().topic for q in queues for _ in range(q.qsize())]
+    # Every publish above was acknowledged before the next was sent: once the operator's own
+    # ping has arrived, whatever the broker let by of a's has arrived before it.
+    seen = [m.topic for m in _until_marker(queues[1], f"{PREFIX}/acl-b/cmd/ping")]
+    seen += [q.get().topic for q in (queues[0], queues[2]) for _ in range(q.qsize())]
     assert sorted(seen) == [f"{PREFIX}/acl-a/telemetry", f"{PREFIX}/acl-b/cmd/ping"]
     assert theirs.empty()
     a.close()
