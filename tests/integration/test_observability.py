@@ -161,7 +161,21 @@ def stack(
                 f"edgebento/{DEVICE}/infer", {"id": f"late-{i}", "inputs": {"x": [[0.5] * 8]}}
             )
         _wait(lambda: prometheus.query("edgebento_fleet_inference_p99_seconds"), "fleet p99", 60)
-        time.sleep(5)  # a few scrapes and evaluations of everything
+
+        def everything_seen() -> bool:
+            """Scrapes and evaluations took in all of the above (each every second, if the
+            machine gives them time)."""
+            firing = prometheus.alerts().get("EdgebentoPackExpiringSoon") == "firing"
+            exprs = [_promql(e) for _, e in dashboard_queries()] + [signal_of(a) for a in alerts()]
+            return (
+                firing
+                and "EdgebentoIngestionRejects" in prometheus.fired(started)
+                and all(prometheus.query_range(e, started, time.time()) for e in exprs)
+            )
+
+        deadline = time.monotonic() + 120
+        while not everything_seen() and time.monotonic() < deadline:
+            time.sleep(0.5)  # past the deadline, the tests below say what is missing
         yield Stack(prometheus, sorted(logs.glob("*.log")), service, started)
     finally:
         if client is not None:
