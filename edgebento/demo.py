@@ -6,9 +6,10 @@ handler answers an event; BentoML serves it (tensor JSON, OIP from tritonclient,
 with 200s and 503s); two edge agents on a real Mosquitto get v2 by a rollout, refuse a broken v3
 (the canary's health check rolls it back and the rollout aborts), and keep every telemetry record
 through a broker killed with -9; one device's inputs drift and ``edgebento monitor`` finds its
-cohort. The broker runs with mTLS and the ACL ``fleet broker-config`` generates, the devices
-enroll by claim and renew their certificates while all that runs; a third device enrolls, one
-device cannot speak for another, and the third is revoked; Prometheus scrapes it all and the
+cohort; a subtly broken v4 rolled out with ``--shadow`` aborts on its agreement. The broker runs
+with mTLS and the ACL ``fleet broker-config`` generates, the devices enroll by claim and renew
+their certificates while all that runs; a third device enrolls, one device cannot speak for
+another, and the third is revoked; Prometheus scrapes it all and the
 table shows the alert states.
 Everything started is stopped on exit, on Ctrl-C and on SIGTERM.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgebento import demo_cloud as cloud
-from edgebento import demo_drift, demo_identity
+from edgebento import demo_drift, demo_identity, demo_shadow
 from edgebento import demo_fleet as fleet_steps
 from edgebento.demo_runner import BIN, Demo, Stopped, console, section, stop_on_sigterm
 from edgebento.localservices import LOOPBACK, Prometheus
@@ -113,9 +114,14 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
         demo.attempt("telemetry", lambda: fleet_steps.step_exactly_once(fleet))
     with section("11. drift: dev-2's inputs move, edgebento monitor finds its cohort"):
         demo.attempt("drift", lambda: demo_drift.step_drift(demo, fleet, paths["calib"]))
-    with section("12. identity: a third device enrolls, one cannot speak for another, revocation"):
+    with section("12. a shadow rollout: a subtly broken v4 runs beside v2 and aborts"):
+        demo.attempt(
+            "shadow rollout",
+            lambda: demo_shadow.step_shadow(demo, fleet, packs.v2, paths["eval"]),
+        )
+    with section("13. identity: a third device enrolls, one cannot speak for another, revocation"):
         demo.attempt("identity", lambda: demo_identity.step_identity(demo, fleet))
-    with section("13. Prometheus: the alert states"):
+    with section("14. Prometheus: the alert states"):
         states: dict[str, str] = {}
 
         def alerts() -> str:

@@ -1,6 +1,7 @@
 """The demo's drift step: two cohorts of the cloud's registry of groups, dev-2's camera turns
 darker, and ``edgebento monitor`` finds that cohort's drift from the devices' summaries (carried
-by dev-2 alone: named, never a fleet alarm by one device) while dev-1's cohort stays ok."""
+by dev-2 alone: named, never a fleet alarm by one device, which the step's outcome says) while
+dev-1's cohort stays ok."""
 
 from __future__ import annotations
 
@@ -60,8 +61,13 @@ def step_drift(demo: Demo, fleet: Fleet, calib: Path) -> str:
     if dock["verdict"] not in ("drift", "local") or lobby["verdict"] != "ok":
         raise RuntimeError(f"dock {dock['verdict']}, lobby {lobby['verdict']}")
     moved = max(latest["features"], key=lambda f: f["psi"])
-    carried = ", ".join(latest["local_devices"]) or "several devices"
-    return (
-        f"cohort dock: {dock['verdict']} (carried by {carried}; {moved['name']} PSI "
-        f"{moved['psi']:.2f}), cohort lobby: ok; report {out / 'drift.html'}"
-    )
+    figure = f"{moved['name']} PSI {moved['psi']:.2f}"
+    if dock["verdict"] == "drift":
+        verdict = f"cohort dock: drift{' ALARM' if dock['alarm'] else ''} ({figure})"
+    else:  # dock is dev-2 alone: its drift is named, and never a fleet alarm
+        verdict = (
+            f"cohort dock: drift on {', '.join(latest['local_devices'])} alone ({figure}), "
+            "named but no alarm: a verdict must hold with any one device left out, so one "
+            "(perhaps compromised) device can neither raise nor hide a fleet alarm"
+        )
+    return f"{verdict}; cohort lobby: ok; report {out / 'drift.html'}"
