@@ -1,7 +1,9 @@
-"""all-MiniLM-L6-v2: FP32 vs quantize_dynamic defaults vs edgebento optimize.
+"""all-MiniLM-L6-v2 with pooling in the graph: FP32 vs quantize_dynamic defaults vs edgebento.
 
 Batches of 64 sentences x 64 tokens, calibrated on one set of real sentences and measured on
-another. Target: >= 1.7x faster than FP32 with pooled cosine_min >= 0.99.
+another, side by side in one run. Target (issue 22): >= 2.0x FP32 at a cosine_min of the
+sentence embedding >= 0.99. The candidates' table and the CPU's flags go into the JSON: int8
+speed depends on them (VNNI, AMX).
 """
 
 from __future__ import annotations
@@ -15,25 +17,39 @@ from benchmarks.optimize_common import optimize_minilm_side_by_side
 WORK = Path("build/bench/minilm")
 BATCH = 64
 TOKENS = 64
+SPEEDUP, COSINE = 2.0, 0.99
 
 
 def run(results_dir: Path) -> dict[str, Any]:
     source = minilm.export_minilm(Path("build/minilm"))
     result, table = optimize_minilm_side_by_side(
-        source, WORK, "minilm", BATCH, TOKENS, latency_seconds=60
+        source, WORK, "minilm", BATCH, TOKENS, latency_seconds=30, progress=False
     )
-    eb = table["edgebento"]
-    met = eb["speedup"] >= 1.7 and eb["cosine_min"] >= 0.99
+    return summary(result, table, "cosine_min")
+
+
+def summary(result: Any, table: dict[str, Any], figure: str) -> dict[str, Any]:
+    """The JSON both MiniLM benchmarks write: ``figure`` is the side-by-side column that
+    decides (the sentence embedding's cosine_min, or the pooled one of the token output)."""
+    eb, dyn = table["edgebento"], table["quantize_dynamic"]
     return {
         "headline": (
-            f"edgebento {eb['speedup']:.2f}x FP32 at cosine_min {eb['cosine_min']:.4f} "
-            f"(quantize_dynamic: {table['quantize_dynamic']['speedup']:.2f}x at "
-            f"{table['quantize_dynamic']['cosine_min']:.4f}); chosen {result.chosen.name}"
+            f"edgebento {eb['speedup']:.2f}x FP32 at {figure} {eb[figure]:.4f} "
+            f"(quantize_dynamic: {dyn['speedup']:.2f}x at {dyn[figure]:.4f}); "
+            f"chosen {result.chosen.name}"
         ),
-        "targets_met": met,
+        "targets_met": eb["speedup"] >= SPEEDUP and eb[figure] >= COSINE,
+        "target": f">= {SPEEDUP}x FP32 at {figure} >= {COSINE} on sentences not calibrated on",
         "chosen": result.chosen.name,
         "reason": result.reason,
         "batch": f"{BATCH} sentences x {TOKENS} tokens",
         "side_by_side": table,
-        "candidates": result.rows,
+        # The search's own figures: its eval run, its interleaved latency rounds.
+        "candidates": [
+            {k: r[k] for k in ("candidate", "speedup", "within_budget", "violation", "error")}
+            | {"decisive_value": (r["fidelity"] or {}).get("decisive_value")}
+            for r in result.rows
+        ],
+        "notes": result.notes,
+        "optimizer_machine": result.machine,  # the CPU flags the search measured on
     }

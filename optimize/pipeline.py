@@ -31,7 +31,7 @@ from optimize.metrics import MetricSpec
 from optimize.npz import open_npz
 from optimize.passes import Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
-from optimize.search import Search, confirm, with_latency
+from optimize.search import Search, confirm, with_latency, with_smoothing
 from optimize.verify import load as load_predictor
 
 GOLDEN_ROWS = 8
@@ -201,6 +201,11 @@ def optimize_model(
         started = time.monotonic()
         measured = [search.measure(Candidate(BASELINE, (BASELINE,), base, {}))]
         clock.record("base", time.monotonic() - started)
+        line[0] = "smoothing activation outliers"
+        planned = with_smoothing(
+            search, base, options.quantize, op_types(base), planned, clock.deadline
+        )
+        bars.update(task, total=len(planned) + 1)
 
         def show(done: int, text: str) -> None:
             line[0] = text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate
 from optimize.quantize import PREPROCESS_FALLBACKS, QuantizeConfig, preprocess, quantize_with
 from optimize.sensitivity import Exclusion
+from optimize.smooth import SmoothConfig, best_alpha, smooth_with
 from optimize.verify import Fidelity, Outputs
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,10 @@ EXCLUDE_TRIES = 5  # real quantizer runs per refined candidate
 # data's worst row is not the calibration's, so the real runs may need more nodes in float.
 SIM_HEADROOM = 0.5
 SENSITIVITY_ROWS = 64
+# The int8 a smoothing strength is judged by: dynamic, per-channel weights, MatMuls only (what
+# smoothing is for), and the variants planned on the smoothed base.
+SMOOTH_SCORED = QuantizeConfig(mode="dynamic", per_channel=True, op_types=("MatMul",))
+SMOOTH_PLANNED = (SMOOTH_SCORED, QuantizeConfig(mode="dynamic", per_channel=True))
 Tick = Callable[[str], None]
 
 
@@ -52,6 +58,7 @@ class Search:
     predictors: dict[str, Predictor] = field(default_factory=dict)
     preprocessed: dict[Path, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # eval run time: a first latency
+    smoothed_bases: dict[str, Path] = field(default_factory=dict)  # what ``smoothed`` made
 
     def measure(self, candidate: Candidate) -> Candidate:
         """Load, run on the eval data, compare with FP32; failures become the reason."""
@@ -158,7 +165,8 @@ class Search:
         for candidate in failing[:max_tries]:
             if time.monotonic() > deadline:
                 break
-            added += self._refine_one(candidate, bases[candidate.steps[0]], deadline)
+            base = bases.get(candidate.steps[0]) or self.smoothed_bases[candidate.steps[0]]
+            added += self._refine_one(candidate, base, deadline)
         return added
 
     def _refine_one(self, candidate: Candidate, base: Path, deadline: float) -> list[Candidate]:
@@ -199,10 +207,21 @@ class Search:
                 op_types=config.op_types,
             )
         rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
-        inputs = verify.rows_first(rows)
+        margin = self._margin(rows)
 
         def run(predictor: Predictor, flags: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return verify.run_all(predictor, rows, self.batch, self.output_axes, flags)
+
+        # Against FP32 itself: a QDQ model quantizes its graph outputs whatever the switches say.
+        fp32 = verify.run_all(self.predictors[BASELINE], rows, self.batch, self.output_axes)
+        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin, fp32)
+        return sensitivity.greedy(switchable, score, deadline, SIM_HEADROOM * self.budget.max_drop)
+
+    def _margin(
+        self, rows: Dataset
+    ) -> Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], float]:
+        """The deciding metric's margin to the budget on ``rows`` (calibration rows)."""
+        inputs = verify.rows_first(rows)
 
         def margin(reference: Mapping[str, np.ndarray], found: Mapping[str, np.ndarray]) -> float:
             scores = metrics.evaluate(
@@ -210,10 +229,63 @@ class Search:
             )
             return min((s.margin for s in scores if s.decides), default=0.0)
 
-        # Against FP32 itself: a QDQ model quantizes its graph outputs whatever the switches say.
+        return margin
+
+    def smoothed(self, base: Path, deadline: float) -> tuple[str, Path] | None:
+        """The SmoothQuant-style base (``optimize.smooth``) at the strength that scores best on
+        the calibration rows after ``SMOOTH_SCORED`` int8; None where no strength beats int8
+        of the unsmoothed model there, or the model has nothing to smooth."""
+        rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
+        margin = self._margin(rows)
         fp32 = verify.run_all(self.predictors[BASELINE], rows, self.batch, self.output_axes)
-        score = sensitivity.scorer(switchable, self.outputs, rows, run, margin, fp32)
-        return sensitivity.greedy(switchable, score, deadline, SIM_HEADROOM * self.budget.max_drop)
+        transform = smooth_with(self.calibration)
+        key = hash_data(self.calibration)
+        built: dict[tuple[str, float], Path] = {}
+        scored: dict[tuple[str, float], float] = {}
+
+        def score(source: Path, label: str) -> float | None:
+            if time.monotonic() > deadline:
+                return None
+            candidate = self.quantized(label, source, SMOOTH_SCORED)
+            if candidate.path is None:
+                return -1e9
+            try:
+                predictor = verify.load(candidate.path, self.inputs, self.outputs)
+                found = verify.run_all(predictor, rows, self.batch, self.output_axes)
+            except EdgebentoError as exc:
+                log.info("%s does not run: %s", label, exc)
+                return -1e9
+            return margin(fp32, found)
+
+        def smoothed_score(scope: str, alpha: float) -> float | None:
+            self.tick(f"smoothing at {alpha:g}")
+            config = SmoothConfig(alpha=alpha, scope=scope)  # type: ignore[arg-type]
+            try:
+                built[scope, alpha] = self.runner.run("smooth", transform, base, config, key)
+            except PassFailed as exc:
+                log.info("smoothing %s at %g failed: %s", scope, alpha, exc.reason)
+                return None if time.monotonic() > deadline else -1e9
+            found = score(built[scope, alpha], f"smooth-{alpha:g}")
+            if found is not None:
+                scored[scope, alpha] = found
+            return found
+
+        plain = score(base, BASELINE)
+        # The Muls after normalizations first (cheap); every MatMul where that is not enough.
+        for scope in ("normalized", "all"):
+            try:
+                best_alpha(functools.partial(smoothed_score, scope))
+            except ValueError:
+                continue
+            if max(scored.values(), default=-1e9) >= 0:
+                break
+        log.info("smoothing: %s against %s unsmoothed", scored, plain)
+        if plain is None or not scored or max(scored.values()) <= plain:
+            return None
+        scope, alpha = max(scored, key=lambda k: scored[k])
+        label = f"smooth-{alpha:g}" if scope == "normalized" else f"smooth-all-{alpha:g}"
+        self.smoothed_bases[label] = built[scope, alpha]
+        return label, built[scope, alpha]
 
 
 def _name(base_name: str, config: QuantizeConfig) -> str:
@@ -298,3 +370,32 @@ def _scaled(latency: verify.Latency, factor: float) -> verify.Latency:
         p50_ms_batch1=latency.p50_ms_batch1 * factor,
         p99_ms_batch1=latency.p99_ms_batch1 * factor,
     )
+
+
+def with_smoothing(
+    search: Search,
+    base: Path,
+    mode: str,
+    model_ops: set[str],
+    planned: list[tuple[str, Path, QuantizeConfig | None]],
+    deadline: float,
+) -> list[tuple[str, Path, QuantizeConfig | None]]:
+    """``planned`` with the smoothed base's dynamic int8 first, for attention models with real
+    calibration data (outliers seen on synthetic inputs say nothing of the user's)."""
+    if (
+        mode not in ("auto", "dynamic")
+        or not attention_like(model_ops)
+        or search.calibration.synthetic
+        or BASELINE not in search.predictors
+    ):
+        return planned
+    found = search.smoothed(base, deadline)
+    if found is None:
+        return planned
+    name, path = found
+    # The float base too: refinement starts only from bases measured within the budget.
+    return [*((name, path, c) for c in SMOOTH_PLANNED), (name, path, None), *planned]
+
+
+def attention_like(model_ops: set[str]) -> bool:
+    return {"MatMul", "Softmax"} <= model_ops

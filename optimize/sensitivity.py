@@ -201,14 +201,7 @@ def activation_ranges(
         - {o.name for o in proto.graph.output}
         - {i.name for i in proto.graph.input}
     )
-    for name in wanted:
-        proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    predictor = Predictor(
-        proto.SerializeToString(),
-        [],
-        [TensorSpec(name=n, dtype="float32") for n in wanted],
-        PredictorOptions(warmup=False, graph_optimization="disabled"),
-    )
+    predictor = tap(proto, wanted)
     seen: dict[str, list[np.ndarray]] = {}
     for feed in data.take(slice(0, rows)).batches(8):
         for name, value in predictor.run(feed, validate=False).items():
@@ -226,6 +219,21 @@ def activation_ranges(
             lo, hi = np.percentile(joined, [100 - percentile, percentile])
             found[name] = (float(lo), float(hi))
     return found
+
+
+def tap(proto: Any, names: Sequence[str]) -> Predictor:
+    """A session of ``proto`` (changed in place) that answers the tensors ``names``; without
+    graph optimization, so that none of them is fused away."""
+    import onnx
+
+    present = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return Predictor(
+        proto.SerializeToString(),
+        [],
+        [TensorSpec(name=n, dtype="float32") for n in names],
+        PredictorOptions(warmup=False, graph_optimization="disabled"),
+    )
 
 
 @dataclass(frozen=True)
