@@ -36,6 +36,11 @@ def main() -> int:
         nargs="*",
         help=f"which to run (default all): {', '.join(available())}; or 'report' alone",
     )
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="write the results' JSON only, not docs/benchmarks.md and the README's table",
+    )
     args = parser.parse_args()
     if args.names == ["report"]:
         report.write()
@@ -78,8 +83,11 @@ def main() -> int:
             f"{time.perf_counter() - start:.0f}",
         )
     console.print(table)
-    report.write()
-    console.print(f"results in {RESULTS}/; figures in {report.DOC} and {report.README}")
+    if args.no_report:
+        console.print(f"results in {RESULTS}/")
+    else:
+        report.write()
+        console.print(f"results in {RESULTS}/; figures in {report.DOC} and {report.README}")
     # A missed target is reported in the table and the JSON; only a benchmark that broke fails.
     return 1 if failed else 0
 

@@ -1,8 +1,27 @@
-"""Small model (overhead-bound): the Flask baseline vs the BentoML service vs raw onnxruntime.
+"""Small model (overhead-bound): edgebento's BentoML service beside what a user would pick instead.
 
-Side by side in one run, with wrk on loopback: 64 concurrent clients (throughput, p99, non-2xx)
-and one client (p50: adaptive batching must not make a lone request wait). The load generator
-shares the machine's two cores with the server, as it did for the seed's figures.
+Side by side in one run, with wrk on loopback, each server with as many workers as edgebento's
+(one per core) and ONNX Runtime on one thread per worker:
+
+- ``bare_asgi``: a raw ASGI callable on uvicorn with the same model and JSON codec, no framework
+  (``benchmarks/bare_asgi.py``): the ceiling of Python HTTP serving on this machine;
+- ``plain_bentoml``: the BentoML service a user writes without edgebento, ONNX Runtime in its
+  ``@bentoml.api`` (``benchmarks/plain_bento/service.py``);
+- ``flask``: the seed's pattern, a threaded Flask app;
+- ``edgebento``: ``bentoml serve`` of the pack.
+
+64 concurrent clients (throughput, p99, non-2xx) and one client (p50: adaptive batching must not
+make a lone request wait). Every server is started once and warmed (``WARMUP_S`` of load, not
+counted: the first seconds of a fresh worker run slower, its code and pages not yet in cache);
+then ``EDGEBENTO_BENCH_RUNS`` rounds (3 by default) measure them all, in an order that rotates
+each round, so each server runs early and late. Each figure is the median of its rounds with its
+range; ratios are taken within a round (the servers of one round saw the same load) and then
+their median. Each measurement also records the server's CPU per request (all its processes) and
+wrk's: CPU per request moves less with other work on the machine than requests per second do.
+
+The load generator shares the machine's cores with the server, as it did for the seed's figures:
+wrk on one thread per core takes about a tenth of a core's CPU per thousand requests/s here
+(recorded per run as ``generator_cpu_us_per_request``).
 """
 
 from __future__ import annotations
@@ -18,10 +37,38 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.serving_common import import_to_store, start_bento, start_flask, wrk
+from benchmarks.runs import load, measured, median_of, summarize
+from benchmarks.serving_common import (
+    Process,
+    import_to_store,
+    start_bare_asgi,
+    start_bento,
+    start_flask,
+    start_plain_bento,
+    wrk,
+)
 
 SECONDS = 10.0
+ONE_CLIENT_SECONDS = 5.0
+WARMUP_S = 3.0
 CLIENTS = 64
+SERVERS = ("bare_asgi", "plain_bentoml", "flask", "edgebento")
+NAMES = {
+    "bare_asgi": "bare uvicorn ASGI",
+    "plain_bentoml": "plain BentoML",
+    "flask": "Flask",
+    "edgebento": "edgebento",
+}
+PATHS = {
+    "flask": "/api/predict",
+    "plain_bentoml": "/predict",
+    "bare_asgi": "/",
+    "edgebento": "/predict",
+}
+
+
+def _rounds() -> int:
+    return max(1, int(os.environ.get("EDGEBENTO_BENCH_RUNS", "3")))
 
 
 def _raw_ort(model: Path, body: dict[str, Any], seconds: float = 3.0) -> float:
@@ -37,10 +84,68 @@ def _raw_ort(model: Path, body: dict[str, Any], seconds: float = 3.0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _measure(url: str, bodies: list[bytes]) -> dict[str, Any]:
-    many = wrk(url, bodies, CLIENTS, SECONDS)
-    one = wrk(url, bodies, 1, SECONDS / 2, threads=1)
-    return {"clients_64": many.as_dict(), "clients_1": one.as_dict()}
+def _measure(server: Process, path: str, bodies: list[bytes]) -> dict[str, Any]:
+    url = server.url + path
+    out: dict[str, Any] = {"load_before": load()}
+    for key, clients, seconds, threads in (
+        ("clients_64", CLIENTS, SECONDS, 2),
+        ("clients_1", 1, ONE_CLIENT_SECONDS, 1),
+    ):
+        result, cpu = measured(
+            server.popen.pid, lambda c=clients, s=seconds, t=threads: wrk(url, bodies, c, s, t)
+        )
+        out[key] = {
+            **result.as_dict(),
+            "server_cpu_us_per_request": round(1e6 * cpu / result.requests, 1)
+            if result.requests
+            else None,
+        }
+    return out
+
+
+def _start(name: str, model: Path, tag: str, work: Path) -> Process:
+    workers = os.cpu_count() or 1  # edgebento's default: one worker per core
+    if name == "flask":
+        return start_flask(model, work)
+    if name == "plain_bentoml":
+        return start_plain_bento(model, work, workers)
+    if name == "bare_asgi":
+        return start_bare_asgi(model, work, workers)
+    return start_bento(work / "bentoml", tag, work)
+
+
+def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
+    def rps(server: str, key: str) -> float:
+        return float(one_round[server][key]["requests_per_s"])
+
+    def cpu(server: str, key: str) -> float:
+        return float(one_round[server][key]["server_cpu_us_per_request"] or 0.0)
+
+    def cpu_with_wrk(server: str, key: str) -> float:
+        return cpu(server, key) + float(
+            one_round[server][key]["generator_cpu_us_per_request"] or 0.0
+        )
+
+    out: dict[str, Any] = {}
+    for key in ("clients_64", "clients_1"):
+        ours = rps("edgebento", key)
+        out[key] = {
+            "share_of_bare_asgi": round(ours / max(rps("bare_asgi", key), 1e-9), 4),
+            "x_plain_bentoml": round(ours / max(rps("plain_bentoml", key), 1e-9), 4),
+            "x_flask": round(ours / max(rps("flask", key), 1e-9), 4),
+            # The server's CPU per request over the bare app's: when both are CPU-bound on a
+            # quiet machine, the throughput share tends to its inverse (other work on the cores
+            # shares them out by runnable threads, not by need, and blurs the throughput ratio).
+            "cpu_per_request_x_bare_asgi": round(
+                cpu("edgebento", key) / max(cpu("bare_asgi", key), 1e-9), 4
+            ),
+            # The share of the bare app's throughput that edgebento would reach where the cores
+            # are all theirs and wrk's: the CPU that a request costs the server and wrk, inverted.
+            "cpu_bound_share_of_bare_asgi": round(
+                cpu_with_wrk("bare_asgi", key) / max(cpu_with_wrk("edgebento", key), 1e-9), 4
+            ),
+        }
+    return out
 
 
 def run(results_dir: Path) -> dict[str, Any]:
@@ -49,6 +154,8 @@ def run(results_dir: Path) -> dict[str, Any]:
     from tests.support import models
 
     console = Console()
+    rounds = _rounds()
+    per_round: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
         model = models.mlp(work / "mlp.onnx")
@@ -58,57 +165,117 @@ def run(results_dir: Path) -> dict[str, Any]:
         rng = np.random.default_rng(0)
         rows = [rng.standard_normal((1, 8)).round(4).tolist() for _ in range(64)]
         bodies = [json.dumps({"inputs": {"x": r}}).encode() for r in rows]
-
-        figures: dict[str, Any] = {}
-        flask = start_flask(model, work)
+        servers: dict[str, Process] = {}
         try:
-            console.print("flask baseline ...")
-            figures["flask"] = _measure(flask.url + "/api/predict", bodies)
+            for name in SERVERS:
+                servers[name] = _start(name, model, tag, work)
+                console.print(f"{NAMES[name]}: warming up for {WARMUP_S:.0f} s ...")
+                wrk(servers[name].url + PATHS[name], bodies, CLIENTS, WARMUP_S)
+            for r in range(rounds):
+                order = [SERVERS[(r + i) % len(SERVERS)] for i in range(len(SERVERS))]
+                one: dict[str, Any] = {"order": order}
+                for name in order:
+                    console.print(f"round {r + 1}/{rounds}: {NAMES[name]} ...")
+                    one[name] = _measure(servers[name], PATHS[name], bodies)
+                one["raw_onnxruntime_rps"] = round(_raw_ort(model, json.loads(bodies[0])), 1)
+                one["ratios"] = _ratios(one)
+                per_round.append(one)
         finally:
-            flask.stop()
-        bento = start_bento(work / "bentoml", tag, work)
-        try:
-            console.print("edgebento BentoML service ...")
-            figures["edgebento"] = _measure(bento.url + "/predict", bodies)
-        finally:
-            bento.stop()
-        figures["raw_onnxruntime_rps"] = round(_raw_ort(model, json.loads(bodies[0])), 1)
+            for proc in servers.values():
+                proc.stop()
+    return _result(per_round, console)
 
-    ours, base = figures["edgebento"], figures["flask"]
+
+def _result(per_round: list[dict[str, Any]], console: Console) -> dict[str, Any]:
+    figures = {name: summarize([r[name] for r in per_round]) for name in SERVERS}
+    for f in figures.values():
+        f.pop("load_before", None)
+    figures["raw_onnxruntime_rps"] = summarize([r["raw_onnxruntime_rps"] for r in per_round], 1)
+    ratios = summarize([r["ratios"] for r in per_round], 4)
+    med = lambda server, key, field: median_of(figures[server][key][field])  # noqa: E731
+    r64 = {k: median_of(v) for k, v in ratios["clients_64"].items()}
     targets = {
-        "throughput_at_least_flask": ours["clients_64"]["requests_per_s"]
-        >= base["clients_64"]["requests_per_s"],
-        "zero_non_2xx": ours["clients_64"]["non_2xx"] == 0
-        and ours["clients_64"]["socket_errors"] == 0,
-        "p99_le_50ms": ours["clients_64"]["p99_ms"] <= 50,
-        "p50_one_client_le_3ms": ours["clients_1"]["p50_ms"] <= 3,
+        "throughput_at_least_flask": r64["x_flask"] >= 1.0,
+        "share_of_bare_asgi_ge_85pct": r64["share_of_bare_asgi"] >= 0.85,
+        # Throughput shares on a busy machine follow the scheduler (runnable threads), not the
+        # cost of a request: the same share, from CPU per request, must hold as well.
+        "cpu_bound_share_of_bare_asgi_ge_85pct": r64["cpu_bound_share_of_bare_asgi"] >= 0.85,
+        "x_plain_bentoml_ge_1_5": r64["x_plain_bentoml"] >= 1.5,
+        "zero_non_2xx": all(
+            r["edgebento"]["clients_64"]["non_2xx"] == 0
+            and r["edgebento"]["clients_64"]["socket_errors"] == 0
+            for r in per_round
+        ),
+        "p99_le_50ms": med("edgebento", "clients_64", "p99_ms") <= 50,
+        "p50_one_client_le_3ms": med("edgebento", "clients_1", "p50_ms") <= 3,
     }
-    table = Table(title="small MLP over HTTP (wrk, loopback)")
-    for col in ("server", "req/s @64", "p50 @64", "p99 @64", "non-2xx", "p50 @1"):
-        table.add_column(col)
-    for name in ("flask", "edgebento"):
-        f = figures[name]
-        table.add_row(
-            name,
-            f"{f['clients_64']['requests_per_s']:.0f}",
-            f"{f['clients_64']['p50_ms']:.1f} ms",
-            f"{f['clients_64']['p99_ms']:.1f} ms",
-            str(f["clients_64"]["non_2xx"]),
-            f"{f['clients_1']['p50_ms']:.2f} ms",
-        )
-    table.add_row("raw onnxruntime", f"{figures['raw_onnxruntime_rps']:.0f}", "-", "-", "-", "-")
-    console.print(table)
-    ratio = ours["clients_64"]["requests_per_s"] / max(base["clients_64"]["requests_per_s"], 1)
+    _print(figures, ratios, console)
+    n = len(per_round)
     return {
         "headline": (
-            f"{ours['clients_64']['requests_per_s']:.0f} req/s vs Flask "
-            f"{base['clients_64']['requests_per_s']:.0f} ({ratio:.2f}x) at 64 clients, "
-            f"p99 {ours['clients_64']['p99_ms']:.1f} ms, p50@1 {ours['clients_1']['p50_ms']:.2f} ms"
+            f"{med('edgebento', 'clients_64', 'requests_per_s'):.0f} req/s at 64 clients "
+            f"(median of {n}): {r64['share_of_bare_asgi']:.0%} of bare uvicorn ASGI "
+            f"({med('bare_asgi', 'clients_64', 'requests_per_s'):.0f}; "
+            f"{r64['cpu_bound_share_of_bare_asgi']:.0%} by CPU per request), "
+            f"{r64['x_plain_bentoml']:.2f}x plain BentoML "
+            f"({med('plain_bentoml', 'clients_64', 'requests_per_s'):.0f}), "
+            f"{r64['x_flask']:.2f}x Flask ({med('flask', 'clients_64', 'requests_per_s'):.0f}); "
+            f"p99 {med('edgebento', 'clients_64', 'p99_ms'):.1f} ms, "
+            f"p50@1 {med('edgebento', 'clients_1', 'p50_ms'):.2f} ms"
         ),
         "targets_met": all(targets.values()),
         "targets": targets,
+        "runs": n,
         "figures": figures,
-        "load_generator": f"wrk, {CLIENTS} and 1 connections, {SECONDS:.0f} s / {SECONDS / 2:.0f} s, loopback",
-        "note": "2 shared cores (load generator, server and other work on the same machine): noisy",
-        "load_average_1m_after": round(os.getloadavg()[0], 2),
+        "ratios": ratios,
+        "per_round": [_flat(i, r) for i, r in enumerate(per_round)],
+        "rounds": per_round,
+        "load_generator": (
+            f"wrk, {CLIENTS} connections on 2 threads for {SECONDS:.0f} s and 1 connection for "
+            f"{ONE_CLIENT_SECONDS:.0f} s, loopback, sharing the cores with the server; each "
+            f"server warmed {WARMUP_S:.0f} s first; {n} rounds, the order rotating each round"
+        ),
+        "note": (
+            "shared cores (load generator, server and other work on the same machine): ratios "
+            "are taken within a round, then their median; the load average is in each round"
+        ),
     }
+
+
+def _flat(index: int, r: dict[str, Any]) -> dict[str, Any]:
+    """One row of the per-round table: requests/s at 64 clients, the ratios and the load."""
+    row: dict[str, Any] = {"round": index + 1, "order": " > ".join(r["order"])}
+    for name in SERVERS:
+        row[f"{name} req/s"] = r[name]["clients_64"]["requests_per_s"]
+    row["share of bare"] = r["ratios"]["clients_64"]["share_of_bare_asgi"]
+    row["x plain BentoML"] = r["ratios"]["clients_64"]["x_plain_bentoml"]
+    row["CPU-bound share of bare"] = r["ratios"]["clients_64"]["cpu_bound_share_of_bare_asgi"]
+    for name in SERVERS:
+        row[f"{name} CPU µs/req"] = r[name]["clients_64"]["server_cpu_us_per_request"]
+    row["load 1m"] = r["edgebento"]["load_before"]["load_1m"]
+    return row
+
+
+def _print(figures: dict[str, Any], ratios: dict[str, Any], console: Console) -> None:
+    table = Table(title="small MLP over HTTP (wrk, loopback; medians)")
+    for col in ("server", "req/s @64", "p99 @64", "CPU µs/req @64", "req/s @1", "p50 @1"):
+        table.add_column(col)
+    for name in SERVERS:
+        f64, f1 = figures[name]["clients_64"], figures[name]["clients_1"]
+        table.add_row(
+            NAMES[name],
+            f"{median_of(f64['requests_per_s']):.0f}",
+            f"{median_of(f64['p99_ms']):.1f} ms",
+            f"{median_of(f64['server_cpu_us_per_request']):.0f}",
+            f"{median_of(f1['requests_per_s']):.0f}",
+            f"{median_of(f1['p50_ms']):.2f} ms",
+        )
+    console.print(table)
+    for key in ("clients_64", "clients_1"):
+        console.print(
+            key,
+            {
+                k: f"{median_of(v):.3f} ({v['min']:.3f}-{v['max']:.3f})"
+                for k, v in ratios[key].items()
+            },
+        )

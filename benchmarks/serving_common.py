@@ -1,6 +1,8 @@
 """Shared pieces of the serving benchmarks: wrk as the load generator, servers in subprocesses,
-and the baseline (the seed's pattern: a Flask app whose /api/predict calls onnxruntime per
-request, on Flask's own threaded server).
+and the baselines: the seed's pattern (a Flask app whose /api/predict calls onnxruntime per
+request, on Flask's own threaded server), the plain BentoML service a user writes without
+edgebento (``benchmarks/plain_bento``) and a bare ASGI app on uvicorn (``benchmarks/bare_asgi``,
+the ceiling of Python HTTP serving on the machine).
 
 Everything listens on 127.0.0.1 only. wrk comes from Debian (installed with apt-get if absent).
 """
@@ -89,6 +91,7 @@ class LoadResult:
     socket_errors: int
     p50_ms: float
     p99_ms: float
+    generator_cpu_s: float = 0.0  # wrk's own CPU (user + system) while it ran
 
     @property
     def rps(self) -> float:
@@ -102,6 +105,9 @@ class LoadResult:
             "socket_errors": self.socket_errors,
             "p50_ms": round(self.p50_ms, 2),
             "p99_ms": round(self.p99_ms, 2),
+            "generator_cpu_us_per_request": round(1e6 * self.generator_cpu_s / self.requests, 1)
+            if self.requests
+            else None,
         }
 
 
@@ -115,6 +121,9 @@ def wrk(
     literals = ",".join("[==[" + b.decode() + "]==]" for b in bodies)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % (literals, path))
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out = subprocess.run(
             [
@@ -135,6 +144,8 @@ def wrk(
         ).stdout
     finally:
         os.unlink(script.name)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
     data = json.loads(line.removeprefix("WRKJSON "))
     return LoadResult(
@@ -144,6 +155,7 @@ def wrk(
         socket_errors=data["errors"],
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
+        generator_cpu_s=cpu,
     )
 
 
@@ -209,6 +221,64 @@ def start_flask(model: Path, workdir: Path) -> Process:
         {"BASELINE_MODEL": str(model)},
         port,
         workdir / "flask.log",
+    )
+    proc.wait_ready("/ping")
+    return proc
+
+
+def start_plain_bento(model: Path, workdir: Path, workers: int) -> Process:
+    """``bentoml serve`` of the plain service in ``benchmarks/plain_bento``: POST /predict."""
+    port = free_port()
+    proc = start(
+        [
+            str(BIN / "bentoml"),
+            "serve",
+            "service:PlainOnnx",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+        ],
+        {
+            "BASELINE_MODEL": str(model),
+            "BASELINE_WORKERS": str(workers),
+            "BENTOML_HOME": str(workdir / "bentoml-plain"),
+            "BENTOML_DO_NOT_TRACK": "true",
+        },
+        port,
+        workdir / f"plain-bento-{port}.log",
+        Path(__file__).parent / "plain_bento",
+    )
+    proc.wait_ready("/readyz")
+    return proc
+
+
+def start_bare_asgi(model: Path, workdir: Path, workers: int) -> Process:
+    """uvicorn (uvloop, httptools) with ``benchmarks.bare_asgi:app``: POST any path."""
+    port = free_port()
+    proc = start(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.bare_asgi:app",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        {"BASELINE_MODEL": str(model)},
+        port,
+        workdir / f"bare-asgi-{port}.log",
     )
     proc.wait_ready("/ping")
     return proc

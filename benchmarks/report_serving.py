@@ -1,0 +1,76 @@
+"""The figures of the serving benchmarks (``serving_mlp``, ``serving_overload``) for
+``benchmarks/report.py``: edgebento beside the bare uvicorn ASGI app (the ceiling), the plain
+BentoML service a user writes without edgebento, and the seed's Flask app, all in one run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.figure import Figure, get, num
+from benchmarks.runs import median_of
+
+PLAIN = "plain BentoML (ONNX Runtime in a `@bentoml.api`)"
+BARE = "bare uvicorn ASGI, same model and codec"
+
+
+def serving_mlp(d: dict[str, Any]) -> list[Figure]:
+    e, b, r = "figures.edgebento", "figures.bare_asgi", "ratios"
+    return [
+        Figure("requests/s, 64 clients", num(get(d, f"{e}.clients_64.requests_per_s"), ",.0f"),
+               num(get(d, f"{b}.clients_64.requests_per_s"), ",.0f"), BARE),
+        Figure("share of bare uvicorn ASGI, 64 clients", num(get(d, f"{r}.clients_64.share_of_bare_asgi"), ".0%"),
+               "100%", BARE, ">= 85%"),
+        Figure("share of bare uvicorn ASGI by CPU per request, 64 clients",
+               num(get(d, f"{r}.clients_64.cpu_bound_share_of_bare_asgi"), ".0%"), "100%", BARE, ">= 85%"),
+        Figure("x plain BentoML, 64 clients", num(get(d, f"{r}.clients_64.x_plain_bentoml"), ".2f", "x"),
+               num(get(d, "figures.plain_bentoml.clients_64.requests_per_s"), ",.0f", " req/s"), PLAIN, ">= 1.5x"),
+        Figure("x Flask, 64 clients", num(get(d, f"{r}.clients_64.x_flask"), ".2f", "x"),
+               num(get(d, "figures.flask.clients_64.requests_per_s"), ",.0f", " req/s"), "Flask + onnxruntime (the seed)", ">= 1x"),
+        Figure("server CPU µs per request, 64 clients", num(get(d, f"{e}.clients_64.server_cpu_us_per_request"), ",.0f"),
+               num(get(d, f"{b}.clients_64.server_cpu_us_per_request"), ",.0f"), BARE),
+        Figure("share of bare uvicorn ASGI, 1 client", num(get(d, f"{r}.clients_1.share_of_bare_asgi"), ".0%"),
+               "100%", BARE),
+        Figure("x plain BentoML, 1 client", num(get(d, f"{r}.clients_1.x_plain_bentoml"), ".2f", "x"),
+               num(get(d, "figures.plain_bentoml.clients_1.requests_per_s"), ",.0f", " req/s"), PLAIN),
+        Figure("p99 ms, 64 clients", num(get(d, f"{e}.clients_64.p99_ms"), ".1f"),
+               num(get(d, f"{b}.clients_64.p99_ms"), ".1f"), BARE, "<= 50"),
+        Figure("p50 ms, 1 client", num(get(d, f"{e}.clients_1.p50_ms"), ".2f"),
+               num(get(d, f"{b}.clients_1.p50_ms"), ".2f"), BARE, "<= 3"),
+        Figure("non-2xx answers, 64 clients", num(get(d, f"{e}.clients_64.non_2xx"), "d"),
+               num(get(d, f"{b}.clients_64.non_2xx"), "d"), BARE, "0"),
+    ]  # fmt: skip
+
+
+def serving_overload(d: dict[str, Any]) -> list[Figure]:
+    t, p, b = "figures.tensor_json", "baselines.plain_bentoml", "baselines.bare_asgi"
+    floods = get(d, "figures") or {}
+    worst = min(
+        (
+            v
+            for f in floods.values()
+            if isinstance(v := _median(get(f, "goodput_of_capacity")), float)
+        ),
+        default=None,
+    )
+    return [
+        Figure("goodput, share of capacity, tensor JSON", num(get(d, f"{t}.goodput_of_capacity"), ".0%"),
+               num(get(d, f"{p}.goodput_of_capacity"), ".0%"), PLAIN + ", its own capacity", ">= 90%"),
+        Figure("goodput, share of capacity, tensor JSON, beside the bare app", num(get(d, f"{t}.goodput_of_capacity"), ".0%"),
+               num(get(d, f"{b}.goodput_of_capacity"), ".0%"), BARE + ", its own capacity", ">= 90%"),
+        Figure("goodput per CPU-second, share of capacity's, tensor JSON",
+               num(get(d, f"{t}.goodput_per_cpu_of_capacity"), ".0%"),
+               num(get(d, f"{p}.goodput_per_cpu_of_capacity"), ".0%"), PLAIN),
+        Figure("goodput per CPU-second, share of capacity's, tensor JSON, beside the bare app",
+               num(get(d, f"{t}.goodput_per_cpu_of_capacity"), ".0%"),
+               num(get(d, f"{b}.goodput_per_cpu_of_capacity"), ".0%"), BARE),
+        Figure("goodput, share of capacity, worst of the floods", num(worst, ".0%"), "", "", ">= 90%"),
+        Figure("slowest answer at the client s, tensor JSON", num(get(d, f"{t}.slowest_s"), ".2f"),
+               num(get(d, f"{p}.slowest_s"), ".2f"), PLAIN, "<= deadline + one batch"),
+        Figure("capacity requests/s, tensor JSON", num(get(d, f"{t}.capacity_rps"), ",.0f"),
+               num(get(d, f"{b}.capacity_rps"), ",.0f"), BARE),
+    ]  # fmt: skip
+
+
+def _median(value: Any) -> Any:
+    found = median_of(value)
+    return float(found) if isinstance(found, int | float) and not isinstance(found, bool) else None
