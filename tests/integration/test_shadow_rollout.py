@@ -3,7 +3,8 @@ version runs beside the live one on live inputs, and the wave switches only if i
 
 A subtly broken v2 (a different top class for a tenth of its inputs, its golden samples its
 own, so every install check passes) aborts before any device switches, with its agreement; the
-same model packed again as v2 passes its shadow and the rollout completes."""
+same model packed again as v2, and its weights quantized again (int8), pass their shadows and
+the rollout completes."""
 
 from __future__ import annotations
 
@@ -56,13 +57,13 @@ def traffic(broker: Mosquitto, prefix: str, per_s: float = 60.0) -> Iterator[Cli
 
 
 def _rollout(fleet: Callable[..., list[AgentProcess]], broker: Mosquitto, prefix: str,
-             key: Path, shadow_for: str) -> int:  # fmt: skip
+             key: Path, shadow_for: str, *extra: str) -> int:  # fmt: skip
     return main([
         "rollout", "tiny", "2", "--store", fleet.store_url,  # type: ignore[attr-defined]
         "--broker", broker.url, "--prefix", prefix, "--key", str(key), "--devices",
         ",".join(DEVICES), "--canary", "100", "--waves", "1", "--bake", "0",
         "--wave-timeout", "60", "--lease-ttl", "5", "--allow-unverified",
-        "--shadow", "--shadow-for", shadow_for, "--shadow-rate", "40",
+        "--shadow", "--shadow-for", shadow_for, "--shadow-rate", "40", *extra,
     ])  # fmt: skip
 
 
@@ -132,6 +133,35 @@ def test_the_same_model_packed_again_passes_its_shadow_and_switches(
         figures = d.shadow  # type: ignore[attr-defined]
         assert figures["verdict"] == "pass", figures
         assert figures["agreeing"] == figures["rows"] and figures["max_abs"] < 1e-5, figures
+
+
+def test_the_same_weights_requantized_pass_their_shadow_and_switch(
+    fleet: Callable[..., list[AgentProcess]],
+    broker: Mosquitto,
+    topic_prefix: str,
+    tmp_path: Path,
+    keys: tuple[Path, Path],
+    mlp_model: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An equivalent version: v1's weights quantized again (int8, dynamic). Its answers differ
+    a little everywhere (max |diff| above 0) and near-ties flip (about 0.99 top-1 agreement on
+    these inputs), so the rollout asks for 0.95, which the tenth-flipped version fails."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    requantized = tmp_path / "int8.onnx"
+    quantize_dynamic(str(mlp_model), str(requantized), weight_type=QuantType.QInt8)
+    fleet(DEVICES, v2_model=requantized)
+    with traffic(broker, topic_prefix):
+        code = _rollout(fleet, broker, topic_prefix, keys[0], "6s", "--agreement", "0.95")
+    out = capsys.readouterr().out
+    state = load_state(open_store(fleet.store_url), rollout_ids(fleet.store_url)[0])  # type: ignore[attr-defined]
+    assert code == 0 and state.phase == "completed", out + str(state.reason)
+    wait_versions(broker, topic_prefix, dict.fromkeys(DEVICES, 2))
+    for d in state.devices:
+        figures = d.shadow  # type: ignore[attr-defined]
+        assert figures["verdict"] == "pass" and figures["max_abs"] > 0, figures
+        assert figures["agreeing"] / figures["rows"] >= 0.95, figures
 
 
 def test_hostile_shadow_commands_are_refused_with_a_reason_and_nothing_runs(
