@@ -24,13 +24,16 @@ import binascii
 import secrets
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from cloud_sync.protocol import ModelRef, RollbackInstruction, SignedInstruction
 from modelpack.errors import SignatureError, first_problem
 from modelpack.signing import TrustedKey, sign, verify
+
+if TYPE_CHECKING:  # a device verifies; only the controller signs and needs the key type
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 DEFAULT_EXPIRES_IN_S = 3600.0
 

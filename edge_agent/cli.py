@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="The edgebento device daemon: MQTT commands, local inference, verified updates.",
     )
-    parser.add_argument("--version", action="version", version=f"edge-agent {installed_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser("run", help="connect to the broker and serve the installed model")
     run.add_argument("--config", type=Path, help="a TOML file with these settings and more")
@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(run)
     run.set_defaults(func=_run)
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``, read only when asked: the lookup scans the installed distributions'
+    metadata, and a running agent would keep the caches it fills."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"edge-agent {installed_version()}")  # stdout, as argparse's own version action
+        parser.exit()
 
 
 def installed_version() -> str:
@@ -153,7 +162,11 @@ def _run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
     from edge_agent.inference import install_hint
+    from modelpack.signing import verify_out_of_process
 
+    # Signatures are checked once per update (and at boot); cryptography would stay resident
+    # for it (1.8 MB of the device's 36). A child checks the bytes this process keeps.
+    verify_out_of_process()
     config = load_config(args.config, _flags(args))
     check_start(config)
     logging.getLogger().setLevel(config.log_level.upper())

@@ -1,45 +1,83 @@
-"""ed25519 keys and signatures over the exact manifest bytes. The algorithm is fixed."""
+"""ed25519 keys and signatures over the exact manifest bytes. The algorithm is fixed.
+
+Reading a public key and naming it needs no cryptography: a ``TrustedKey`` holds the key's 32
+raw bytes. Only verifying and signing import it, and a process that must not hold it (the edge
+agent: 1.8 MB of a device's memory, for a check made once per update) calls
+``verify_out_of_process()``: each check then runs in a short-lived child, ``signature_child``,
+over bytes this process hands it and keeps, so what the child vouched for is exactly what the
+caller goes on to parse.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from modelpack.errors import KeyFileError, SignatureError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 PRIVATE_KEY_FILE = "signing.key"
 PUBLIC_KEY_FILE = "signing.pub"
 SIGNATURE_SIZE = 64
 # An ed25519 SubjectPublicKeyInfo in DER is this fixed header, then the 32-byte key (RFC 8410).
 _ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+_CHILD = Path(__file__).with_name("signature_child.py")
+# A safety net only: the child starts Python and imports cryptography (about 0.2 s here).
+_CHILD_TIMEOUT_S = 120.0
+_out_of_process = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TrustedKey:
-    key: Ed25519PublicKey
+    raw: bytes  # the 32-byte ed25519 public key
     key_id: str  # first 16 hex digits of sha256 over the raw public key
     source: str
+
+    def __init__(self, key: Ed25519PublicKey | bytes, key_id: str, source: str) -> None:
+        object.__setattr__(self, "raw", key if isinstance(key, bytes) else _raw_public(key))
+        object.__setattr__(self, "key_id", key_id)
+        object.__setattr__(self, "source", source)
+
+    @property
+    def key(self) -> Ed25519PublicKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        return Ed25519PublicKey.from_public_bytes(self.raw)
+
+
+def verify_out_of_process(enabled: bool = True) -> None:
+    """Check every signature of this process in a child (see the module's docstring)."""
+    global _out_of_process
+    _out_of_process = enabled
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes_raw()
 
 
-def key_id(key: Ed25519PublicKey) -> str:
-    return hashlib.sha256(_raw_public(key)).hexdigest()[:16]
+def key_id(key: Ed25519PublicKey | bytes) -> str:
+    raw = key if isinstance(key, bytes) else _raw_public(key)
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
     """Write ``signing.key`` (mode 0600) and ``signing.pub`` into out_dir."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     out_dir.mkdir(parents=True, exist_ok=True)
     private = Ed25519PrivateKey.generate()
@@ -64,6 +102,7 @@ def generate_keypair(out_dir: Path) -> tuple[Path, Path]:
 
 def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -74,11 +113,11 @@ def load_private_key(path: Path | str) -> Ed25519PrivateKey:
     return key
 
 
-def _ed25519_from_pem(pem: bytes) -> Ed25519PublicKey | None:
-    """The key in the PEM that ``generate_keypair`` writes, read without cryptography's
-    serialization package: importing it pulls in SSH keys, ciphers and bcrypt, 1.3 MB that a
-    device holds for nothing. None for any other text, which ``load_public_key`` hands to the
-    full parser (to read, or to refuse with its reason)."""
+def _ed25519_from_pem(pem: bytes) -> bytes | None:
+    """The raw key in the PEM that ``generate_keypair`` writes, read without cryptography: its
+    serialization package alone pulls in SSH keys, ciphers and bcrypt, 1.3 MB that a device
+    holds for nothing. None for any other text, which ``load_public_key`` hands to the full
+    parser (to read, or to refuse with its reason)."""
     lines = pem.strip().splitlines()
     if len(lines) < 3 or lines[0] != b"-----BEGIN PUBLIC KEY-----":
         return None
@@ -90,22 +129,32 @@ def _ed25519_from_pem(pem: bytes) -> Ed25519PublicKey | None:
         return None
     if len(der) != len(_ED25519_SPKI) + 32 or not der.startswith(_ED25519_SPKI):
         return None
-    return Ed25519PublicKey.from_public_bytes(der[len(_ED25519_SPKI) :])
+    return der[len(_ED25519_SPKI) :]
 
 
 def load_public_key(path: Path | str) -> TrustedKey:
     try:
         pem = Path(path).read_bytes()
-        key: object = _ed25519_from_pem(pem)
-        if key is None:
-            from cryptography.hazmat.primitives import serialization
+    except OSError as exc:
+        raise KeyFileError(f"cannot read public key {path}: {exc}") from exc
+    raw = _ed25519_from_pem(pem)
+    if raw is None:
+        raw = _raw_from_full_parser(pem, path)
+    return TrustedKey(key=raw, key_id=key_id(raw), source=str(path))
 
-            key = serialization.load_pem_public_key(pem)
-    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:  # an unknown key OID
+
+def _raw_from_full_parser(pem: bytes, path: Path | str) -> bytes:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # an unknown key OID
         raise KeyFileError(f"cannot read public key {path}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} is not an ed25519 public key")
-    return TrustedKey(key=key, key_id=key_id(key), source=str(path))
+    return _raw_public(key)
 
 
 def trusted_keys(items: Iterable[Path | str | TrustedKey]) -> list[TrustedKey]:
@@ -125,14 +174,55 @@ def verify(data: bytes, signature: bytes, trusted: Iterable[TrustedKey]) -> Trus
         raise SignatureError(
             f"manifest.sig is {len(signature)} bytes; an ed25519 signature is {SIGNATURE_SIZE}"
         )
+    found = _verify_in_child if _out_of_process else _verify_here
+    signer = found(data, signature, keys)
+    if signer is not None:
+        return signer
+    ids = ", ".join(k.key_id for k in keys)
+    raise SignatureError(
+        f"manifest.sig does not verify against any trusted key ({ids}): "
+        "the manifest was changed after signing or was signed by another key"
+    )
+
+
+def _verify_here(data: bytes, signature: bytes, keys: list[TrustedKey]) -> TrustedKey | None:
+    from cryptography.exceptions import InvalidSignature
+
     for candidate in keys:
         try:
             candidate.key.verify(signature, data)
         except InvalidSignature:
             continue
         return candidate
-    ids = ", ".join(k.key_id for k in keys)
-    raise SignatureError(
-        f"manifest.sig does not verify against any trusted key ({ids}): "
-        "the manifest was changed after signing or was signed by another key"
-    )
+    return None
+
+
+def _verify_in_child(data: bytes, signature: bytes, keys: list[TrustedKey]) -> TrustedKey | None:
+    """The same check in ``signature_child``, fed ``data`` on its stdin: the child reads no
+    file, so nothing written to the disk meanwhile can change what it vouched for. -I: neither
+    the environment nor the working directory chooses the code that runs."""
+    request = json.dumps(
+        {
+            "data": base64.b64encode(data).decode(),
+            "signature": base64.b64encode(signature).decode(),
+            "keys": [k.raw.hex() for k in keys],
+        }
+    ).encode()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", str(_CHILD)],
+            input=request,
+            capture_output=True,
+            timeout=_CHILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SignatureError(
+            f"cannot check the signature: the verifier did not run ({exc})"
+        ) from exc
+    answer = done.stdout.decode(errors="replace").strip()
+    if done.returncode != 0 or not answer.lstrip("-").isdigit():
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no answer"])[-1]
+        raise SignatureError(f"cannot check the signature: the verifier failed ({why})")
+    index = int(answer)
+    return keys[index] if 0 <= index < len(keys) else None

@@ -166,6 +166,8 @@ def test_kill_9_during_an_update_leaves_the_old_or_the_new_pack(
     assert online["model"]["version"] in (1, 2)
     answer = client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": X}})
     assert answer["ok"] is True
-    # A redelivered deploy may still run: capture runs on the same update worker, after it.
-    assert client.request(f"{topic_prefix}/dev-a/cmd/capture", {"action": "status"})["ok"]
+    # A redelivered deploy may still run. The update worker runs deploys one at a time, in
+    # order, so this one's reply comes after it finished (installed or unchanged: v2 is the top).
+    deploy = {"id": "d2", "url": str(pack_v2)}
+    assert client.request(f"{topic_prefix}/dev-a/cmd/deploy", deploy, timeout=60)["ok"]
     assert not list((tmp_path / "agent" / "staging").iterdir())  # no half-staged leftovers
