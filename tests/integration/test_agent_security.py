@@ -73,6 +73,13 @@ def test_a_devices_credentials_cannot_act_as_another_device(
     status = admin.collect("edgebento/dev-b/status")
     admin.reply_topic = "edgebento/dev-b/replies/admin"  # admin may read anything
     admin.collect(admin.reply_topic)
+    # It is connected, its subscriptions sent: a ping unanswered from now on was refused, not
+    # merely early (on a busy machine the agent may take seconds to start).
+    deadline = time.monotonic() + 60
+    while "connected to" not in impostor.output():
+        assert impostor.process is not None and impostor.process.poll() is None, impostor.output()
+        assert time.monotonic() < deadline, impostor.output()
+        time.sleep(0.1)
     # Its subscriptions to dev-b's commands are refused, so nobody answers there...
     with pytest.raises(AssertionError, match="no reply"):
         admin.request("edgebento/dev-b/cmd/ping", {}, timeout=2.0)
