@@ -38,6 +38,11 @@ from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 REPLY_TIMEOUT_S = 20.0
+# A claim no service answered (none subscribed yet: a device that starts before the enrollment
+# service, or while it restarts) is sent again, the same request: if the first did arrive, its
+# answer comes first (the service answers in order) and the repeat's token_reused is not read.
+CLAIM_RESEND_S = 10.0
+ENROLL_TIMEOUT_S = 120.0
 
 
 class Channel(Protocol):
@@ -216,8 +221,12 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
             answer["reply"] = reply
             got.set()
 
+    claim_topic = enroll_topic(config.prefix, config.device, "claim")
+    subscribed = threading.Event()
+
     def on_subscribe(client: Any, *_a: Any) -> None:
-        client.publish(enroll_topic(config.prefix, config.device, "claim"), payload, qos=1)
+        subscribed.set()
+        client.publish(claim_topic, payload, qos=1)
 
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
@@ -237,11 +246,16 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
             f"cannot reach the claim listener {address.host}:{address.port}: {exc}"
         ) from exc
     client.loop_start()
+    deadline = time.monotonic() + ENROLL_TIMEOUT_S
     try:
-        if not got.wait(REPLY_TIMEOUT_S):
-            raise BrokerError(
-                f"no answer to the enrollment of {config.device} in {REPLY_TIMEOUT_S:.0f}s"
-            )
+        while not got.wait(CLAIM_RESEND_S):
+            if time.monotonic() >= deadline:
+                raise BrokerError(
+                    f"no answer to the enrollment of {config.device} in {ENROLL_TIMEOUT_S:.0f}s"
+                )
+            if subscribed.is_set():
+                log.warning("no answer to the enrollment yet; asking again")
+                client.publish(claim_topic, payload, qos=1)
     finally:
         client.disconnect()
         client.loop_stop()

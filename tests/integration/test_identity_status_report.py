@@ -165,3 +165,32 @@ def test_a_claim_certificate_with_a_devices_id_knocks_it_off_once_and_it_comes_b
         thief.disconnect()
         thief.loop_stop()
         operator.close()
+
+
+def test_a_device_started_before_the_enrollment_service_enrolls_once_it_runs(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    """Its first claim reaches no service (none is subscribed, so the broker drops it): the
+    device asks again, the same request, until one answers (it used to give up after 20 s)."""
+    operator = idfleet.client("operator")
+    claims = operator.collect(f"{PREFIX}/enroll/early-a/claim")
+    idfleet.service.stop()
+    restarted = False
+    try:
+        token = idfleet.ids.create_claims(["early-a"], ttl_s=600)["early-a"]
+        agent_factory(
+            broker=idfleet.broker,
+            device="early-a",
+            data_dir=tmp_path / "agent-early-a",
+            prefix=PREFIX,
+            args=idfleet.agent_args(token),
+        )
+        wait_for(claims, lambda d: "csr" in d, 60)  # sent, and nobody there to answer it
+        idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
+        restarted = True
+        wait_online(operator, PREFIX, "early-a", timeout=90)
+        assert idfleet.service.refusals["token_reused"] == 0  # one claim answered, once
+    finally:
+        if not restarted:
+            idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
+        operator.close()
