@@ -17,6 +17,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SIDE_FILES = ("-wal", "-shm", "-journal")
+# SQLite's default page cache is 2 MB per connection, and quick_check below reads every page:
+# with a 20 MB telemetry backlog that is 2 MB more anonymous memory per file, held for good.
+# The agent's queries go through indexes; 128 KiB measured 0.1 MB on the same backlog.
+CACHE_KIB = 128
 
 
 def is_corruption(exc: sqlite3.DatabaseError) -> bool:
@@ -49,6 +53,7 @@ def connect(
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             db.executescript(schema)
             # quick_check reads every page: a file damaged in the middle is caught now, at
             # start, instead of failing some later query.
