@@ -16,17 +16,9 @@ from edge_agent.config import AgentConfig
 from edge_agent.health import HealthCheckError
 from edge_agent.inference import InferenceService
 from edge_agent.updater import Updater
-from modelpack import Samples, create_pack, generate_keypair
+from modelpack import generate_keypair
 from modelpack.errors import SignatureError, VersionError
-from tests.support import models
-
-
-def _pack(out: Path, model: Path, key: Path, version: int, wrong: bool = False) -> Path:
-    inputs, outputs = models.golden_samples(model)
-    if wrong:
-        outputs = {k: v * 2 + 1 for k, v in outputs.items()}
-    create_pack(model, out, name="tiny", version=version, samples=Samples(inputs, outputs), key=key)
-    return out
+from tests.support.agent import make_pack
 
 
 @pytest.fixture
@@ -34,10 +26,14 @@ def fleet(tmp_path: Path, keys: tuple[Path, Path], mlp_model: Path) -> dict[str,
     store = tmp_path / "store"
     registry = Registry(open_store(store))
     for version in (1, 2, 3):
-        pack = _pack(tmp_path / f"v{version}", mlp_model, keys[0], version, wrong=version == 3)
+        pack = make_pack(
+            tmp_path / f"v{version}", mlp_model, keys[0], version, wrong_golden=version == 3
+        )
         registry.publish(pack, trusted=[keys[1]], channel=None)
     other, other_pub = generate_keypair(tmp_path / "other-keys")
-    registry.publish(_pack(tmp_path / "v4", mlp_model, other, 4), trusted=[other_pub], channel=None)
+    registry.publish(
+        make_pack(tmp_path / "v4", mlp_model, other, 4), trusted=[other_pub], channel=None
+    )
     config = AgentConfig(
         device="d1",
         data_dir=tmp_path / "data",
