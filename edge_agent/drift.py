@@ -5,9 +5,9 @@ The hot path only copies the request's small watched tensors into a buffer per t
 big ones by reference, ``edge_agent.drift_bins``); reducing them to their features and counting
 those in the bins run vectorised over thousands of rows at once, when ``fold_rows`` rows or
 ``fold_bytes`` bytes are pending or a window closes, so a request pays about a microsecond
-(``benchmarks/bench_drift.py``). A summary leaves as a telemetry
-record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every record:
-stored on disk, sent, deleted only when the ingestion acknowledged it.
+alone and a few beside a real request (``benchmarks/bench_drift.py``). A summary leaves as a
+telemetry record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every
+record: stored on disk, sent, deleted only when the ingestion acknowledged it.
 """
 
 from __future__ import annotations
