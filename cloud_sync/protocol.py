@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = "edgebento"
@@ -389,6 +389,16 @@ class Status(_Doc):
     shadow: dict[str, Any] | None = None  # cloud_sync.shadow_figures.ShadowFigures, read there
     identity: CertificateReport | None = None  # the device's own word: shown, never trusted
     ts: float = Field(default_factory=time.time)
+
+    @field_validator("identity", mode="wrap")
+    @classmethod
+    def _identity_never_costs_the_status(cls, value: Any, handler: Any) -> Any:
+        """A malformed ``identity`` is dropped, not the status: nothing the cloud reads of a
+        status (state, model, applied) may depend on the part it never trusts."""
+        try:
+            return handler(value)
+        except ValueError:
+            return None
 
 
 class RollbackInstruction(_Doc):

@@ -3,10 +3,13 @@ acted on (cloud_sync.identity_store.reported_mismatch)."""
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.identity_store import reported_mismatch
+from cloud_sync.protocol import ModelRef, Status
 
 SERIALS = st.sampled_from(["a1", "b2", None])
 TIMES = st.one_of(st.none(), st.floats(0, 1e10, allow_nan=False))
@@ -36,3 +39,36 @@ def test_a_mismatch_is_named_exactly_when_the_two_disagree(
 
 def test_a_device_the_store_never_issued_a_certificate_is_flagged() -> None:
     assert reported_mismatch(None, {"state": "valid", "serial": "a1"}) == ["no record"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=80),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=100)
+@given(
+    identity=JSON
+    | st.fixed_dictionaries({"state": st.text(max_size=64)}, optional={"serial": JSON})
+)
+def test_whatever_a_device_says_of_its_certificate_the_rest_of_its_status_stands(
+    identity: object,
+) -> None:
+    """The part of a status the cloud never trusts cannot cost the parts it reads."""
+    doc = {
+        "device": "d",
+        "state": "online",
+        "model": {"name": "m", "version": 3},
+        "identity": identity,
+    }
+    status = Status.model_validate_json(json.dumps(doc))
+    assert (status.device, status.state, status.model) == (
+        "d",
+        "online",
+        ModelRef(name="m", version=3),
+    )
+    assert status.identity is None or isinstance(status.identity.state, str)
