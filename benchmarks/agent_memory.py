@@ -6,29 +6,43 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 # What the agent process imports, in order; each row adds one layer (measured in a fresh process).
+# cryptography is not one: the agent checks signatures in a child (modelpack.signature_child).
 LAYERS = [
     ("python", ""),
     ("+ numpy", "import numpy"),
     ("+ onnxruntime", "import onnxruntime"),
     ("+ paho-mqtt (and ssl)", "import paho.mqtt.client"),
     ("+ pydantic", "import pydantic"),
-    ("+ cryptography (ed25519)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
     ("+ modelpack (its pydantic models built)", "import modelpack"),
     ("+ edge_agent", "import edge_agent.agent, edge_agent.cli"),
     (
-        "+ the digits pack verified and its session loaded",
-        "from modelpack import Predictor, PredictorOptions, load_pack\n"
+        "+ the digits pack verified (in a child) and its session loaded",
+        "from modelpack import Predictor, PredictorOptions, load_pack, signing\n"
         "from pathlib import Path\n"
+        "signing.verify_out_of_process()\n"
         "p = Predictor.from_pack(load_pack(Path({pack!r}), [Path({pub!r})], check_model=False),"
         " PredictorOptions(intra_op_threads=1))",
     ),
 ]
+# How deploy/systemd/edge-agent.service starts the agent: without docstrings and asserts (-OO;
+# 2.8 MB of anonymous memory here, most of it numpy's and pydantic's docstrings) and with two
+# malloc arenas. Bytecode is cached as after an install (pip compiles it; for -OO the unit's
+# install step does), not compiled at each start: each run writes to and reads from one prefix.
+AS_SHIPPED_FLAGS = ("-OO",)
+AS_SHIPPED_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def bytecode_cache(work: Path) -> dict[str, str]:
+    """The environment that gives every process of a run the same cached bytecode ("": unset)."""
+    return {"PYTHONPYCACHEPREFIX": str(work / "pycache"), "PYTHONDONTWRITEBYTECODE": ""}
+
 
 # RSS, and the two figures that do not count shared library pages in full: USS (pages only this
 # process holds) and PSS (shared pages divided among the processes sharing them).
@@ -43,14 +57,20 @@ print(fields['Rss'], uss, fields['Pss'], fields['Anonymous'])
 """
 
 
-def _memory_of_imports(code: str, argv: list[str] | None = None) -> dict[str, float]:
+def _memory_of_imports(
+    code: str,
+    argv: list[str] | None = None,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> dict[str, float]:
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     out = subprocess.run(
-        [sys.executable, "-c", code + "\n" + _PROBE, *(argv or [])],
+        [sys.executable, *flags, "-c", code + "\n" + _PROBE, *(argv or [])],
         capture_output=True,
         text=True,
         check=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={k: v for k, v in environ.items() if v != ""},
     )
     rss, uss, pss, anon = (int(v) / 1024 for v in out.stdout.split()[-4:])
     return {
@@ -102,12 +122,15 @@ def rss_floor(model: Path, broker_port: int, work: Path) -> dict[str, dict[str, 
     }
 
 
-def rss_breakdown(pack: Path, pub: Path) -> list[dict[str, Any]]:
+def rss_breakdown(
+    pack: Path, pub: Path, flags: Sequence[str] = (), env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     code, previous = "", {"rss_mb": 0.0, "uss_mb": 0.0, "anonymous_mb": 0.0}
     for label, line in LAYERS:
         code += line.format(pack=str(pack), pub=str(pub)) + "\n"
-        mem = _memory_of_imports(code)
+        _memory_of_imports(code, flags=flags, env=env)  # the first run writes the bytecode
+        mem = _memory_of_imports(code, flags=flags, env=env)
         rows.append(
             {
                 "layer": label,
