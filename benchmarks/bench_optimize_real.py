@@ -72,7 +72,7 @@ WORK = Path("build/bench/real")
 
 
 def _one(name: str, source: Path, calibration: dict, evaluation: dict) -> dict[str, Any]:
-    from benchmarks.optimize_common import optimize_on, side_by_side
+    from benchmarks.optimize_common import candidate_rows, optimize_on, side_by_side
     from modelpack.iosig import read_io_signature
     from optimize.data import Dataset, batch_axes
 
@@ -102,11 +102,7 @@ def _one(name: str, source: Path, calibration: dict, evaluation: dict) -> dict[s
         "fidelity": fidelity,
         "ok": (not quantized) or fidelity >= 0.99,
         "side_by_side": table,
-        "candidates": [
-            {k: r[k] for k in ("candidate", "speedup", "within_budget", "violation", "error")}
-            | {"decisive_value": (r["fidelity"] or {}).get("decisive_value")}
-            for r in result.rows
-        ],
+        "candidates": candidate_rows(result),
     }
 
 

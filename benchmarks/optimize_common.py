@@ -105,6 +105,15 @@ def optimize_on(
     )
 
 
+def candidate_rows(result: Any) -> list[dict[str, Any]]:
+    """Each candidate of an ``optimize_model`` result in brief: speed, budget and why not."""
+    return [
+        {k: r[k] for k in ("candidate", "speedup", "within_budget", "violation", "error")}
+        | {"decisive_value": (r["fidelity"] or {}).get("decisive_value")}
+        for r in result.rows
+    ]
+
+
 def optimize_minilm_side_by_side(
     source: Path, work: Path, name: str, batch: int, tokens: int, **options: Any
 ) -> tuple[Any, dict[str, Any]]:
