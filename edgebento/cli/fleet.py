@@ -152,7 +152,7 @@ def _certificate(row: dict[str, Any] | None, reported: dict[str, Any] | None) ->
     if row["state"] != "valid":
         text = row["state"]
     else:
-        rotated = ", rotated" if row["last_rotation"] else ""
+        rotated = f", rotated {_ago(row['last_rotation'])}" if row["last_rotation"] else ""
         text = f"{str(row['serial'])[:8]} {_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
     if mismatch:
         return Cell(f"{text}; device says otherwise: {', '.join(mismatch)}", "red")
