@@ -1,7 +1,7 @@
 """Signatures checked in a child process (``verify_out_of_process``, what the edge agent does):
 the child's verdict is the in-process one, it holds for exactly the bytes the caller keeps (a
-pack changed on the disk after the child looked is refused, never served), and a verifier that
-cannot run refuses."""
+pack changed on the disk after the child looked is refused, never served), and a checker that
+cannot start leaves the same check to the caller's process."""
 
 from __future__ import annotations
 
@@ -128,9 +128,18 @@ def test_a_manifest_rewritten_after_verification_is_not_the_one_used(
         load_pack(signed_pack, [keys[1]], check_model=False)
 
 
-def test_a_verifier_that_cannot_run_refuses(
-    in_child: None, monkeypatch: pytest.MonkeyPatch, signed_pack: Path, keys: tuple[Path, Path]
+def test_a_checker_that_cannot_start_leaves_the_check_to_this_process(
+    in_child: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    signed_pack: Path,
+    keys: tuple[Path, Path],
+    other_key: tuple[Path, Path],
 ) -> None:
-    monkeypatch.setattr(signing, "_CHILD", signed_pack / "no-such-verifier.py")
-    with pytest.raises(SignatureError, match="verifier failed"):
-        load_pack(signed_pack, [keys[1]], check_model=False)
+    """No fork, a broken install: the same verdict, from this process (a device must not go
+    dark because a child could not start at boot)."""
+    monkeypatch.setattr(signing, "_CHILD", signed_pack / "no-such-checker.py")
+    assert load_pack(signed_pack, [keys[1]], check_model=False).signed_by is not None
+    assert "checking in this process" in caplog.text
+    with pytest.raises(SignatureError, match="does not verify"):
+        load_pack(signed_pack, [other_key[1]], check_model=False)
