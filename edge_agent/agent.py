@@ -110,12 +110,13 @@ class Agent:
     # --- status and telemetry ------------------------------------------------------------------
 
     def status(self, state: str = "online") -> Status:
-        update = self.updater.last_update
+        with self.updater.live:  # the model and the outcome that put it there, as one
+            model, update = self.inference.model_ref, self.updater.last_update
         return Status.model_validate(
             {
                 "device": self.config.device,
                 "state": state,
-                "model": self.inference.model_ref,
+                "model": model,
                 "boot_id": self.boot_id,
                 "groups": self.config.groups,
                 "last_update": update,

@@ -72,6 +72,9 @@ class Updater:
         self.applied: dict[str, Any] | None = None  # set by edge_agent.trust per generation
         self.outcomes: dict[str, int] = {}  # update attempts by outcome, for /metrics
         self._lock = threading.Lock()
+        # Held while the served model and the outcome that names it change together, and by
+        # the status while it reads them: no status names the new model with the old outcome.
+        self.live = threading.RLock()
         self.options = PredictorOptions(intra_op_threads=config.intra_op_threads)
 
     @property
@@ -199,8 +202,9 @@ class Updater:
                 self._record(
                     dataclasses.replace(state, current=dirname, history=state.history[index + 1 :])
                 )
-                self._go_live(pack, predictor)
-                return self._outcome(
+                return self._go_live_with(
+                    pack,
+                    predictor,
                     "rolled_back",
                     f"rolled back to {self._label(pack)} (the copy kept on the device)",
                     trigger,
@@ -306,13 +310,16 @@ class Updater:
         except PackError:
             shutil.rmtree(final, ignore_errors=True)
             raise
-        self._go_live(pack, predictor)
-        self._prune(final.name, history)
         if rollback_to is not None:
-            message = f"rolled back to {self._label(pack)} (fetched from {source})"
-            return self._outcome("rolled_back", message, trigger, health=health)
-        message = f"now serving {self._label(pack)}"
-        return self._outcome("installed", message, trigger, health=health)
+            outcome, message = (
+                "rolled_back",
+                f"rolled back to {self._label(pack)} (fetched from {source})",
+            )
+        else:
+            outcome, message = "installed", f"now serving {self._label(pack)}"
+        result = self._go_live_with(pack, predictor, outcome, message, trigger, health=health)
+        self._prune(final.name, history)
+        return result
 
     def stage_beside(self, name: str, version: int, staging: Path) -> tuple[Pack, Predictor]:
         """``name`` v``version`` fetched from the store into ``staging`` and checked as an
@@ -352,6 +359,19 @@ class Updater:
             del old  # requests in flight hold their own reference and finish on it
             release_freed_memory()
 
+    def _go_live_with(
+        self,
+        pack: Pack,
+        predictor: Predictor,
+        outcome: str,
+        message: str,
+        trigger: str,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        with self.live:
+            self._go_live(pack, predictor)
+            return self._outcome(outcome, message, trigger, **extra)
+
     def _prune(self, live: str, history: tuple[str, ...]) -> None:
         keep = {live, *history[: self.config.keep_packs - 1]}
         for path in self.packs_dir.iterdir():
@@ -377,7 +397,8 @@ class Updater:
             "ts": time.time(),
             **extra,
         }
-        self.last_update = result
+        with self.live:
+            self.last_update = result
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.report(result)
         return result
