@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem
-from cloud_sync.identity_store import ClaimRefused, IdentityStore
+from cloud_sync.identity_store import ClaimRefused, IdentityStore, token_hash
 from cloud_sync.rollout_state import DEVICE_ID
 from modelpack.errors import ConfigError
 
@@ -68,8 +68,9 @@ class EnrollReply(BaseModel):
 
 
 class RateLimit:
-    """A token bucket for the whole service and a minimum gap per device: a flood of claims
-    (valid tokens or not) costs the CA at most ``rate`` signatures a second."""
+    """A token bucket for the whole service and a minimum gap per device (per device and token
+    for claims): a flood of claims (valid tokens or not) costs the CA at most ``rate``
+    signatures a second."""
 
     def __init__(self, rate: float = 200.0, burst: int = 400, per_device_s: float = 1.0) -> None:
         self.rate, self.burst, self.per_device_s = rate, burst, per_device_s
@@ -125,7 +126,12 @@ class EnrollmentService:
             )
         if not DEVICE_ID.fullmatch(device) or kind not in KINDS:
             return self._refuse(request.id, "bad_request", f"no enrollment topic for {device!r}")
-        if not self.limit.allow(device):
+        # A claim's gap is per token: anyone with the shared claim certificate may publish on
+        # every device's claim topic, and junk without the token must not lock the device out.
+        gap = (
+            f"{device}:{token_hash(request.token)}" if kind == "claim" and request.token else device
+        )
+        if not self.limit.allow(gap):
             return self._refuse(request.id, "rate_limited", "too many requests: try again later")
         try:
             if kind == "rotated":

@@ -54,6 +54,9 @@ class ClaimDoc(BaseModel):
     devices: list[str]
     batch: bool = False
     expires_at: float
+    # A claim made before a device's revocation never re-enrolls it (0: a claim from before
+    # this field, as old as any revocation).
+    created_at: float = 0.0
     used: dict[str, float] = Field(default_factory=dict)
 
 
@@ -117,7 +120,8 @@ class IdentityStore:
         if ttl_s <= 0:
             raise ConfigError("a claim's ttl must be positive")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        doc = ClaimDoc(devices=devices, batch=batch, expires_at=time.time() + ttl_s)
+        now = time.time()
+        doc = ClaimDoc(devices=devices, batch=batch, expires_at=now + ttl_s, created_at=now)
         self.store.create(f"{ROOT}/claims/{token_hash(token)}.json", doc.model_dump_json().encode())
         return token
 
@@ -146,6 +150,12 @@ class IdentityStore:
                 raise ClaimRefused("wrong_device", f"the claim token is not for {device}")
             if device in doc.used or (doc.used and not doc.batch):
                 raise ClaimRefused("token_reused", "the claim token was already used")
+            record = self.device(device)
+            if record is not None and record.revoked and doc.created_at <= (record.revoked_at or 0):
+                # A spare token from before a revocation (a stolen device) must not undo it.
+                raise ClaimRefused(
+                    "revoked", f"{device} was revoked after this claim was issued: make a new one"
+                )
             doc.used[device] = time.time()
             try:
                 self.store.replace(key, doc.model_dump_json().encode(), etag)

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.enroll import enroll_topic
 from cloud_sync.fleet_ca import cert_pem, new_key, write_private
 from cloud_sync.revocation import revoke_device
 from edge_agent.identity import KeyMaker
-from tests.support.agent import wait_for, wait_online
+from tests.support.agent import wait_online
 from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
 
 
@@ -38,17 +37,6 @@ def _agent(agent_factory: Any, fleet: IdentityFleet, device: str, tmp: Path, **k
         args=fleet.agent_args(token),
         **kw,
     )
-
-
-def _ask(fleet: IdentityFleet, device: str, payload: bytes) -> dict[str, Any]:
-    """A claim sent over the claim listener with the claim certificate; the service's answer."""
-    claim = fleet.client("claim", claim=True)
-    answers = claim.collect(enroll_topic(PREFIX, device, "response"))
-    request_id = json.loads(payload)["id"]
-    claim.publish(enroll_topic(PREFIX, device, "claim"), payload)
-    doc = wait_for(answers, lambda d: d.get("id") == request_id, 10)
-    claim.close()
-    return doc
 
 
 def _ping(operator: Any, device: str, timeout: float = 20.0) -> dict[str, Any]:
@@ -107,16 +95,16 @@ def test_reuse_another_id_and_another_subject_are_refused_and_counted(
 ) -> None:
     tokens = idfleet.ids.create_claims(["ref-a", "ref-b", "ref-c"], ttl_s=600)
     before = dict(idfleet.service.refusals)
-    first = _ask(idfleet, "ref-a", claim_request(_csr("ref-a"), tokens["ref-a"]))
+    first = idfleet.ask_claim("ref-a", claim_request(_csr("ref-a"), tokens["ref-a"]))
     assert first["ok"] is True and "BEGIN CERTIFICATE" in first["certificate"]
-    again = _ask(idfleet, "ref-a", claim_request(_csr("ref-a"), tokens["ref-a"]))
+    again = idfleet.ask_claim("ref-a", claim_request(_csr("ref-a"), tokens["ref-a"]))
     assert (again["ok"], again["reason"]) == (False, "token_reused")
-    other = _ask(idfleet, "ref-a", claim_request(_csr("ref-a"), tokens["ref-b"]))
+    other = idfleet.ask_claim("ref-a", claim_request(_csr("ref-a"), tokens["ref-b"]))
     assert (other["ok"], other["reason"]) == (False, "wrong_device")
-    subject = _ask(idfleet, "ref-c", claim_request(_csr("ref-a"), tokens["ref-c"]))
+    subject = idfleet.ask_claim("ref-c", claim_request(_csr("ref-a"), tokens["ref-c"]))
     assert (subject["ok"], subject["reason"]) == (False, "bad_csr")
     # A CSR for another subject did not burn ref-c's token.
-    good = _ask(idfleet, "ref-c", claim_request(_csr("ref-c"), tokens["ref-c"]))
+    good = idfleet.ask_claim("ref-c", claim_request(_csr("ref-c"), tokens["ref-c"]))
     assert good["ok"] is True
     after = idfleet.service.refusals
     for reason in ("token_reused", "wrong_device", "bad_csr"):

@@ -12,12 +12,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from cloud_sync.broker_config import BrokerTls
-from cloud_sync.enroll import EnrollmentService, RateLimit
+from cloud_sync.enroll import EnrollmentService, RateLimit, enroll_topic
 from cloud_sync.fleet_ca import FleetCA, init_ca, tls_context
 from cloud_sync.identity_store import IdentityStore
 from cloud_sync.revocation import publish_crl
 from cloud_sync.store import open_store
-from tests.support.agent import Client
+from tests.support.agent import Client, wait_for
 from tests.support.services import Mosquitto
 
 PREFIX = "edgebento"  # the ACL is rendered for it
@@ -87,6 +87,16 @@ class IdentityFleet:
             "--claim-key",
             str(key),
         )
+
+    def ask_claim(self, device: str, payload: bytes) -> dict[str, Any]:
+        """A claim sent over the claim listener with the claim certificate; the answer."""
+        claim = self.client("claim", claim=True)
+        answers = claim.collect(enroll_topic(PREFIX, device, "response"))
+        request_id = json.loads(payload)["id"]
+        claim.publish(enroll_topic(PREFIX, device, "claim"), payload)
+        doc = wait_for(answers, lambda d: d.get("id") == request_id, 10)
+        claim.close()
+        return dict(doc)
 
     def stop(self) -> None:
         self.service.stop()

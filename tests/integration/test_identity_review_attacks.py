@@ -1,0 +1,59 @@
+"""Issue 20 under attack (an adversarial review): a revoked device and a holder of the shared
+claim certificate, against the real enrollment service over Mosquitto with mTLS and the
+generated ACL. (A claim certificate taking a device's client id on the claim listener is a
+documented limit of Mosquitto 2.0.11: tests/integration/test_identity_status_report.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cloud_sync.enroll import RateLimit
+from cloud_sync.fleet_ca import new_key
+from edge_agent.identity import KeyMaker
+from tests.support.identity_fleet import IdentityFleet, claim_request
+
+
+@pytest.fixture(scope="module")
+def idfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityFleet]:
+    fleet = IdentityFleet(tmp_path_factory.mktemp("idreview")).start()
+    yield fleet
+    fleet.stop()
+
+
+def _csr(cn: str) -> bytes:
+    return KeyMaker().csr(new_key(), cn)
+
+
+def test_a_claim_issued_before_the_revocation_does_not_bring_the_device_back(
+    idfleet: IdentityFleet,
+) -> None:
+    # The operator made two tokens for one device (a lost label, a second try); the device
+    # enrolled with one and was then revoked (stolen). The other token must not undo that.
+    first = idfleet.ids.create_claims(["rv-a"], ttl_s=600)["rv-a"]
+    spare = idfleet.ids.create_claims(["rv-a"], ttl_s=600)["rv-a"]
+    assert idfleet.ask_claim("rv-a", claim_request(_csr("rv-a"), first))["ok"] is True
+    idfleet.ids.revoke("rv-a")
+    again = idfleet.ask_claim("rv-a", claim_request(_csr("rv-a"), spare))
+    assert (again["ok"], again.get("reason")) == (False, "revoked")
+    record = idfleet.ids.device("rv-a")
+    assert record is not None and record.revoked
+    # An operator who means it issues a new claim after the revocation.
+    fresh = idfleet.ids.create_claims(["rv-a"], ttl_s=600)["rv-a"]
+    assert idfleet.ask_claim("rv-a", claim_request(_csr("rv-a"), fresh))["ok"] is True
+
+
+def test_junk_claims_for_a_device_do_not_lock_its_real_claim_out(idfleet: IdentityFleet) -> None:
+    # Any holder of the shared claim certificate can publish on every device's claim topic;
+    # without the device's token it must not be able to spend the device's rate limit.
+    saved = idfleet.service.limit
+    idfleet.service.limit = RateLimit(rate=1000, burst=1000, per_device_s=60.0)
+    try:
+        token = idfleet.ids.create_claims(["dos-a"], ttl_s=600)["dos-a"]
+        junk = idfleet.ask_claim("dos-a", claim_request(_csr("dos-a"), "ebc1.guessed"))
+        assert (junk["ok"], junk.get("reason")) == (False, "unknown_token")
+        real = idfleet.ask_claim("dos-a", claim_request(_csr("dos-a"), token))
+        assert real["ok"] is True, real
+    finally:
+        idfleet.service.limit = saved
