@@ -41,7 +41,9 @@ def num(value: Any, fmt: str, unit: str = "") -> str:
         median = _one(value["median"], fmt, unit)
         if value["runs"] < 2:
             return median
-        low, high = _one(value["min"], fmt, unit), _one(value["max"], fmt, unit)
+        # A word ("req/s") is written once, after the median; a sign ("x", "%") after each.
+        each = "" if unit.startswith(" ") else unit
+        low, high = _one(value["min"], fmt, each), _one(value["max"], fmt, each)
         return f"{median} ({low}–{high}, {value['runs']} runs)"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return MISSING if value is None else str(value)

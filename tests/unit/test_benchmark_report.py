@@ -65,6 +65,9 @@ def test_a_figure_of_several_runs_shows_its_median_its_range_and_its_count() -> 
     assert report.num(rps, ",.0f") == "9,282 (8,900–12,743, 3 runs)"
     assert report.num(_summary(2.1, 2.9, 2.56), ".2f", "x") == "2.56x (2.10x–2.90x, 3 runs)"
     assert report.num(_summary(0.82, 0.97, 0.9), ".0%") == "90% (82%–97%, 3 runs)"
+    assert report.num(_summary(283.2, 232.0, 319.1), ",.0f", " req/s") == (
+        "283 req/s (232–319, 3 runs)"
+    )
     # Counts stay counts; a median between two counts shows its half.
     assert report.num(_summary(0, 0, 3), "d") == "0 (0–3, 3 runs)"
     assert report.num(_summary(0, 1), "d") == "0.5 (0–1, 2 runs)"
