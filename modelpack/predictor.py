@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.errors import InferenceError, InputError, ModelInvalidError
+from modelpack.errors import InferenceError, InputError, IntegrityError, ModelInvalidError
 from modelpack.manifest import TensorSpec
 from modelpack.pack import Pack
 from modelpack.serving.limits import ServingLimits
@@ -64,6 +64,7 @@ class Predictor:
         outputs: Sequence[TensorSpec],
         options: PredictorOptions | None = None,
         model_ref: Mapping[str, Any] | None = None,
+        external_data_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -78,10 +79,13 @@ class Predictor:
         self.output_specs = list(outputs)  # what metadata reports: the io signature's dtypes
         self.model_ref = dict(model_ref or {})
         source = str(model) if isinstance(model, Path) else model
-        try:
-            self.session = ort.InferenceSession(
-                source, session_options(self.options), providers=["CPUExecutionProvider"]
+        so = session_options(self.options)
+        if external_data_dir is not None:  # bytes whose external data lies beside them
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(external_data_dir)
             )
+        try:
+            self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelInvalidError(f"ONNX Runtime cannot load the model: {exc}") from exc
         self.warmup_error: str | None = None
@@ -90,8 +94,22 @@ class Predictor:
 
     @classmethod
     def from_pack(cls, pack: Pack, options: PredictorOptions | None = None) -> Predictor:
+        """The session is made from the bytes hashed here against the signed manifest, not
+        from the path: a model rewritten on disk after the pack was verified is refused, never
+        run (ONNX Runtime would otherwise open the file again, after the check)."""
+        from modelpack.hashing import sha256_bytes
+        from modelpack.manifest import MODEL_FILE
+
         m = pack.manifest
-        return cls(pack.model_path, m.inputs, m.outputs, options, model_ref=m.model_ref)
+        data = pack.model_path.read_bytes()
+        entry = m.file(MODEL_FILE)
+        if entry is None or sha256_bytes(data) != entry.sha256:
+            raise IntegrityError(
+                f"{MODEL_FILE} changed on disk after the pack was verified; it is not loaded"
+            )
+        return cls(
+            data, m.inputs, m.outputs, options, model_ref=m.model_ref, external_data_dir=pack.root
+        )
 
     @property
     def batch_dynamic(self) -> bool:
