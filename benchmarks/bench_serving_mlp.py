@@ -20,8 +20,17 @@ their median. Each measurement also records the server's CPU per request (all it
 wrk's: CPU per request moves less with other work on the machine than requests per second do.
 
 The load generator shares the machine's cores with the server, as it did for the seed's figures:
-wrk on one thread per core takes about a tenth of a core's CPU per thousand requests/s here
-(recorded per run as ``generator_cpu_us_per_request``).
+wrk costs 25-32 µs of CPU a request here against edgebento's 200-230 (recorded per run as
+``generator_cpu_us_per_request``). It is not pinned: on two cores, giving wrk a core of its own
+would take half the server's, and wrk's share is the same for every server of a round.
+
+On a machine busy with other work the throughput ratios follow the scheduler (a server with
+more runnable threads gets more of the cores) more than the cost of a request: measured at a load
+average of 16-19 on two cores, edgebento's share of the bare app ranged from 60% to 130% across
+three rounds while its CPU per request stayed within 2%. So the share is also given from CPU per
+request (``cpu_bound_share_of_bare_asgi``: the bare app's server and wrk CPU a request over
+edgebento's), what a quiet machine, where both are CPU-bound, reproduces; the target must hold on
+both.
 """
 
 from __future__ import annotations
