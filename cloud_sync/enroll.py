@@ -102,6 +102,8 @@ class EnrollmentService:
         limit: RateLimit | None = None,
         on_retired: Callable[[], None] | None = None,
     ) -> None:
+        # Claims are checked against this CA's signature, whatever store object was given.
+        ids = ids if ids.ca is not None else IdentityStore(ids.store, ca)
         self.ca, self.ids, self.days = ca, ids, days
         self.limit = limit or RateLimit()
         self.on_retired = on_retired  # rewrite the CRL and reload the broker

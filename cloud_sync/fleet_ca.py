@@ -174,6 +174,25 @@ def init_ca(out: Path, name: str = "edgebento fleet", force: bool = False) -> Ca
     return paths
 
 
+EC_CURVES = ("secp256r1", "secp384r1")
+RSA_MIN_BITS = 2048
+
+
+def _check_key(public_key: Any) -> None:
+    """A device key the fleet accepts: EC P-256 or P-384, or RSA of 2048 bits or more (what
+    OpenSSL's default security level and AWS IoT Core take); nothing weaker is certified."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in EC_CURVES:
+            raise ConfigError(f"the request's key is on {public_key.curve.name}, not P-256/P-384")
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < RSA_MIN_BITS:
+            raise ConfigError(f"the request's key is RSA-{public_key.key_size}, under 2048 bits")
+    else:
+        raise ConfigError(f"the request's key is a {type(public_key).__name__}: EC or RSA only")
+
+
 class FleetCA:
     """The issuing intermediate: signs device CSRs and cloud identities, and the CRL."""
 
@@ -193,6 +212,32 @@ class FleetCA:
         except ValueError as exc:
             raise KeyFileError(f"the issuing key in {out} cannot be read: {exc}") from exc
         return cls(paths, key, cert)
+
+    def sign_record(self, data: bytes) -> str:
+        """The issuing key's signature (base64) over ``data``: a record of the store (a claim)
+        that a writer to the store without this key cannot make or widen."""
+        import base64
+
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        return base64.b64encode(self.key.sign(data, ec.ECDSA(hashes.SHA256()))).decode()
+
+    def verify_record(self, data: bytes, signature: str | None) -> bool:
+        import base64
+
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        if not signature:
+            return False
+        try:
+            raw = base64.b64decode(signature, validate=True)
+            self.cert.public_key().verify(raw, data, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
     @property
     def chain(self) -> bytes:
@@ -233,6 +278,7 @@ class FleetCA:
             raise ConfigError(f"not a PEM certificate request: {exc}") from exc
         if not csr.is_signature_valid:
             raise ConfigError("the request's signature does not match its key")
+        _check_key(csr.public_key())
         names = [(a.oid, a.value) for a in csr.subject]
         if names != [(NameOID.COMMON_NAME, device)]:
             subject = csr.subject.rfc4514_string()

@@ -3,7 +3,7 @@
 Import path and API::
 
     from cloud_sync.identity_store import IdentityStore
-    ids = IdentityStore(store)
+    ids = IdentityStore(store, ca)          # ca: signs claims, checks them (reading needs none)
     tokens = ids.create_claims(["cam-1", "cam-2"], ttl_s=86400)   # {"cam-1": "ebc1....", ...}
     token = ids.create_batch_claim(["cam-1", "cam-2"], ttl_s=3600)  # one token, an allow-list
     ids.consume_claim(token, "cam-1")       # ClaimRefused(reason) unless valid, bound, unused
@@ -11,7 +11,9 @@ Import path and API::
     ids.revoke("cam-1"); ids.revoked_serials()   # what the CRL lists
 
 Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
-the bucket cannot enroll a device with it. A claim is spent by a compare-and-swap on its etag,
+the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
+its hash, devices, batch flag and times): whoever writes the bucket without that key cannot
+plant a claim of its own or widen one, so it cannot get a certificate signed. A claim is spent by a compare-and-swap on its etag,
 so two enrollments racing with one token cannot both win. A device's record
 (``fleet/identity/devices/{id}.json``) lists every certificate issued to it; those it has
 rotated away from and, once it is revoked, all of them are in the CRL.
@@ -21,16 +23,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
 from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet_ca import FleetCA
 
 ROOT = "fleet/identity"
 CRL_INDEX = f"{ROOT}/crl.json"
@@ -58,6 +64,14 @@ class ClaimDoc(BaseModel):
     # this field, as old as any revocation).
     created_at: float = 0.0
     used: dict[str, float] = Field(default_factory=dict)
+    signature: str | None = None  # FleetCA.sign_record over claim_body: not ``used``
+
+    def body(self, key_hash: str) -> bytes:
+        """What the CA signs: bound to the token's hash, so a signature moved onto another
+        token's record does not verify."""
+        fields = {"hash": key_hash, "devices": self.devices, "batch": self.batch}
+        fields |= {"expires_at": self.expires_at, "created_at": self.created_at}
+        return json.dumps(fields, sort_keys=True).encode()
 
 
 class CertRecord(BaseModel):
@@ -111,8 +125,13 @@ def check_enrollable(devices: Iterable[str]) -> list[str]:
 
 
 class IdentityStore:
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
+    def __init__(self, store: ObjectStore, ca: FleetCA | None = None) -> None:
+        self.store, self.ca = store, ca
+
+    def _signer(self) -> FleetCA:
+        if self.ca is None:
+            raise ConfigError("claims are signed and checked with the fleet CA: give its --ca")
+        return self.ca
 
     # --- claims -------------------------------------------------------------------------------
 
@@ -120,9 +139,10 @@ class IdentityStore:
         if ttl_s <= 0:
             raise ConfigError("a claim's ttl must be positive")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = time.time()
+        now, key_hash = time.time(), token_hash(token)
         doc = ClaimDoc(devices=devices, batch=batch, expires_at=now + ttl_s, created_at=now)
-        self.store.create(f"{ROOT}/claims/{token_hash(token)}.json", doc.model_dump_json().encode())
+        doc.signature = self._signer().sign_record(doc.body(key_hash))
+        self.store.create(f"{ROOT}/claims/{key_hash}.json", doc.model_dump_json().encode())
         return token
 
     def create_claims(self, devices: Iterable[str], ttl_s: float) -> dict[str, str]:
@@ -134,7 +154,8 @@ class IdentityStore:
         return self._new_claim(check_enrollable(devices), ttl_s, True)
 
     def consume_claim(self, token: str, device: str, now: float | None = None) -> None:
-        key = f"{ROOT}/claims/{token_hash(token)}.json"
+        ca, key_hash = self._signer(), token_hash(token)
+        key = f"{ROOT}/claims/{key_hash}.json"
         for _ in range(_TRIES):
             try:
                 data, etag = self.store.read(key)
@@ -144,6 +165,8 @@ class IdentityStore:
                 doc = ClaimDoc.model_validate_json(data)
             except ValidationError as exc:
                 raise StoreError(f"{key} in {self.store.url} is not a claim") from exc
+            if not ca.verify_record(doc.body(key_hash), doc.signature):
+                raise ClaimRefused("forged_claim", "the claim is not signed by the fleet CA")
             if (now or time.time()) >= doc.expires_at:
                 raise ClaimRefused("expired_token", "the claim token has expired")
             if device not in doc.devices:

@@ -128,7 +128,7 @@ def claim(demo: Demo, store: Path, devices: tuple[str, ...]) -> dict[str, Path]:
     ``ps`` would show it. The store keeps only their hashes."""
     claimed = demo.run(
         BIN / "edgebento", "fleet", "claim", "--devices", ",".join(devices), "--ttl", "1h",
-        "--store", store, quiet=True,
+        "--store", store, "--ca", demo.workdir / "identity" / "ca", quiet=True,
     )  # fmt: skip
     tokens = json.loads(claimed.stdout)["claims"]
     files = {}

@@ -46,6 +46,7 @@ def register_verbs(verbs: Any) -> None:
     claim.add_argument("--devices", required=True, help="comma-separated device ids")
     claim.add_argument("--ttl", type=duration, default=86400.0, help="validity (24h)")
     claim.add_argument("--batch", action="store_true", help="one token for the whole list")
+    claim.add_argument("--ca", type=Path, required=True, help="the CA directory: signs claims")
     add_store_args(claim)
     claim.set_defaults(func=cmd_claim)
 
@@ -106,11 +107,11 @@ def register_verbs(verbs: Any) -> None:
     ident.set_defaults(func=cmd_identity)
 
 
-def _ids(args: argparse.Namespace) -> Any:
+def _ids(args: argparse.Namespace, ca: Any = None) -> Any:
     from cloud_sync.identity_store import IdentityStore
     from cloud_sync.store import open_store
 
-    return IdentityStore(open_store(args.store, endpoint_url=args.endpoint_url))
+    return IdentityStore(open_store(args.store, endpoint_url=args.endpoint_url), ca)
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -131,8 +132,10 @@ def cmd_ca(args: argparse.Namespace) -> int:
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet_ca import FleetCA
+
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
-    ids = _ids(args)
+    ids = _ids(args, FleetCA.load(args.ca))
     if args.batch:
         tokens = {",".join(devices): ids.create_batch_claim(devices, args.ttl)}
     else:

@@ -103,7 +103,18 @@ def test_operator_enrolls_two_devices_and_revokes_one(
     operator_setup: dict[str, Any], agent_factory: Any, tmp_path: Path
 ) -> None:
     s = operator_setup
-    tokens = json.loads(_cli("fleet", "claim", "--devices", "cli-a,cli-b", "--store", s["store"]))
+    tokens = json.loads(
+        _cli(
+            "fleet",
+            "claim",
+            "--devices",
+            "cli-a,cli-b",
+            "--store",
+            s["store"],
+            "--ca",
+            str(s["ca"]),
+        )
+    )
     assert set(tokens["claims"]) == {"cli-a", "cli-b"}
     args = [
         "--ca-file", str(s["ca"] / "ca-bundle.pem"),

@@ -5,12 +5,15 @@ documented limit of Mosquitto 2.0.11: tests/integration/test_identity_status_rep
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from cloud_sync.enroll import RateLimit
 from cloud_sync.fleet_ca import new_key
+from cloud_sync.identity_store import token_hash
 from edge_agent.identity import KeyMaker
 from tests.support.identity_fleet import IdentityFleet, claim_request
 
@@ -57,3 +60,40 @@ def test_junk_claims_for_a_device_do_not_lock_its_real_claim_out(idfleet: Identi
         assert real["ok"] is True, real
     finally:
         idfleet.service.limit = saved
+
+
+def test_a_writer_to_the_store_cannot_forge_a_claim(idfleet: IdentityFleet) -> None:
+    # Whoever can write the bucket (and not the CA's key) plants the hash of a token of its own,
+    # for a device it wants to speak for, and asks the service to sign a certificate.
+    victim = "forge-a"
+    token = "ebc1.planted-by-the-store-writer"
+    doc = {"devices": [victim], "batch": False, "expires_at": time.time() + 600}
+    idfleet.ids.store.create(
+        f"fleet/identity/claims/{token_hash(token)}.json", json.dumps(doc).encode()
+    )
+    forged = idfleet.ask_claim(victim, claim_request(_csr(victim), token))
+    assert (forged["ok"], forged.get("reason")) == (False, "forged_claim"), forged
+    assert "certificate" not in forged and idfleet.ids.device(victim) is None
+    # Copying a real claim's signature onto other devices does not help either.
+    real = idfleet.ids.create_claims([victim], ttl_s=600)[victim]
+    key = f"fleet/identity/claims/{token_hash(real)}.json"
+    signed = json.loads(idfleet.ids.store.get_bytes(key))
+    widened = {**signed, "devices": [victim, "forge-b"], "batch": True}
+    idfleet.ids.store.create(
+        f"fleet/identity/claims/{token_hash(token + '2')}.json", json.dumps(widened).encode()
+    )
+    other = idfleet.ask_claim("forge-b", claim_request(_csr("forge-b"), token + "2"))
+    assert (other["ok"], other.get("reason")) == (False, "forged_claim"), other
+    assert idfleet.ask_claim(victim, claim_request(_csr(victim), real))["ok"] is True
+
+
+def test_a_weak_key_is_not_certified_and_does_not_spend_the_token(idfleet: IdentityFleet) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    token = idfleet.ids.create_claims(["weak-a"], ttl_s=600)["weak-a"]
+    for key in (rsa.generate_private_key(65537, 1024), ec.generate_private_key(ec.SECP192R1())):
+        weak = idfleet.ask_claim("weak-a", claim_request(KeyMaker().csr(key, "weak-a"), token))
+        assert (weak["ok"], weak.get("reason")) == (False, "bad_csr"), weak
+        assert "key" in weak["error"]
+    good = idfleet.ask_claim("weak-a", claim_request(_csr("weak-a"), token))
+    assert good["ok"] is True

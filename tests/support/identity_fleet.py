@@ -36,7 +36,7 @@ class IdentityFleet:
     def start(self) -> IdentityFleet:
         init_ca(self.root / "ca")
         self.ca = FleetCA.load(self.root / "ca")
-        self.ids = IdentityStore(open_store(str(self.root / "store")))
+        self.ids = IdentityStore(open_store(str(self.root / "store")), self.ca)
         out = self.root / "identities"
         server = self.ca.issue_identity("broker", out, 30, ["127.0.0.1", "localhost"])
         for name in ("enroll", "claim", "operator", "controller", "sync"):

@@ -29,8 +29,8 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> FleetCA:
 
 
 @pytest.fixture
-def ids(tmp_path: Path) -> IdentityStore:
-    return IdentityStore(open_store(str(tmp_path / "store")))
+def ids(tmp_path: Path, ca: FleetCA) -> IdentityStore:
+    return IdentityStore(open_store(str(tmp_path / "store")), ca)
 
 
 def _csr(cn: str) -> bytes:
