@@ -207,7 +207,9 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
     address = parse_broker_url(config.claim_broker or config.broker)
     maker = KeyMaker()
     key = maker.new_key(files.next_key)
-    request_id, payload = _request(maker.csr(key, config.device), token=token)
+    csr = maker.csr(key, config.device)
+    asked: dict[str, Any] = {}  # the request now waited for: its id and payload
+    asked["id"], asked["payload"] = _request(csr, token=token)
     answer: dict[str, EnrollReply] = {}
     got = threading.Event()
     response = enroll_topic(config.prefix, config.device, "response")
@@ -217,7 +219,7 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
             reply = EnrollReply.model_validate_json(msg.payload)
         except ValueError:
             return
-        if reply.id == request_id:
+        if reply.id == asked["id"]:
             answer["reply"] = reply
             got.set()
 
@@ -226,7 +228,7 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
 
     def on_subscribe(client: Any, *_a: Any) -> None:
         subscribed.set()
-        client.publish(claim_topic, payload, qos=1)
+        client.publish(claim_topic, asked["payload"], qos=1)
 
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
@@ -248,14 +250,27 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
     client.loop_start()
     deadline = time.monotonic() + ENROLL_TIMEOUT_S
     try:
-        while not got.wait(CLAIM_RESEND_S):
+        while True:
+            while not got.wait(CLAIM_RESEND_S):
+                if time.monotonic() >= deadline:
+                    raise BrokerError(
+                        f"no answer to the enrollment of {config.device} in {ENROLL_TIMEOUT_S:.0f}s"
+                    )
+                if subscribed.is_set():
+                    log.warning("no answer to the enrollment yet; asking again")
+                    client.publish(claim_topic, asked["payload"], qos=1)
+            if answer["reply"].reason != "rate_limited":
+                break
+            # Busy, or flooded by whoever else holds the claim certificate: not a refusal (an
+            # AuthError would stop the device for good). Again later, as a new request, so that
+            # a late answer to the old one is not read as the answer to this one.
             if time.monotonic() >= deadline:
-                raise BrokerError(
-                    f"no answer to the enrollment of {config.device} in {ENROLL_TIMEOUT_S:.0f}s"
-                )
-            if subscribed.is_set():
-                log.warning("no answer to the enrollment yet; asking again")
-                client.publish(claim_topic, payload, qos=1)
+                raise BrokerError(f"the enrollment service stayed too busy for {config.device}")
+            log.warning("the enrollment service is busy; asking again shortly")
+            got.clear()
+            time.sleep(random.uniform(1.0, 3.0))
+            asked["id"], asked["payload"] = _request(csr, token=token)
+            client.publish(claim_topic, asked["payload"], qos=1)
     finally:
         client.disconnect()
         client.loop_stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,8 @@ from cloud_sync.enroll import RateLimit
 from cloud_sync.fleet_ca import new_key
 from cloud_sync.identity_store import token_hash
 from edge_agent.identity import KeyMaker
-from tests.support.identity_fleet import IdentityFleet, claim_request
+from tests.support.agent import wait_online
+from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +100,34 @@ def test_a_weak_key_is_not_certified_and_does_not_spend_the_token(idfleet: Ident
         assert "key" in weak["error"]
     good = idfleet.ask_claim("weak-a", claim_request(_csr("weak-a"), token))
     assert good["ok"] is True
+
+
+def test_a_busy_enrollment_service_does_not_stop_the_device_for_good(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    # A flood of claims from whoever holds the claim certificate empties the service's bucket:
+    # a device told "rate_limited" must ask again, not exit as refused (exit 3 keeps it down).
+    saved = idfleet.service.limit
+    closed = RateLimit(rate=1e-9, burst=1, per_device_s=0.0)
+    closed._tokens = 0.0  # what the flood leaves
+    idfleet.service.limit = closed
+    before = idfleet.service.refusals["rate_limited"]
+    try:
+        token = idfleet.ids.create_claims(["busy-a"], ttl_s=600)["busy-a"]
+        agent = agent_factory(
+            broker=idfleet.broker,
+            device="busy-a",
+            data_dir=tmp_path / "agent-busy-a",
+            prefix=PREFIX,
+            args=idfleet.agent_args(token),
+        )
+        deadline = time.monotonic() + 60
+        while idfleet.service.refusals["rate_limited"] == before:
+            assert time.monotonic() < deadline and agent.process.poll() is None, agent.output()
+            time.sleep(0.05)
+    finally:
+        idfleet.service.limit = saved
+    operator = idfleet.client("operator")
+    wait_online(operator, PREFIX, "busy-a")
+    operator.close()
+    assert "busy" in agent.output()
