@@ -42,8 +42,11 @@ ROOT = "fleet/identity"
 CRL_INDEX = f"{ROOT}/crl.json"
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "ebc1."
-# Device ids that would collide with the cloud's identities or the enrollment topics.
-RESERVED_IDS = frozenset({"sync", "controller", "operator", "claim", "enroll", "group"})
+# Device ids that would collide with the cloud's identities or the enrollment topics, the
+# broker's own certificate (CN broker) or the certificate `fleet revoke` probes the CRL with.
+RESERVED_IDS = frozenset(
+    {"sync", "controller", "operator", "claim", "enroll", "group", "broker", "revocation-probe"}
+)
 _TRIES = 20
 
 

@@ -84,8 +84,9 @@ def test_a_claim_is_single_use_bound_and_expires(ids: IdentityStore) -> None:
     with pytest.raises(ClaimRefused) as unknown:
         ids.consume_claim("ebc1.nothing", "a")
     assert unknown.value.reason == "unknown_token"
-    with pytest.raises(ConfigError, match="reserved"):
-        ids.create_claims(["sync"], ttl_s=60)
+    for reserved in ("sync", "broker", "revocation-probe"):
+        with pytest.raises(ConfigError, match="reserved"):
+            ids.create_claims([reserved], ttl_s=60)
 
 
 def test_a_batch_claim_takes_each_listed_device_once(ids: IdentityStore) -> None:
