@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.fleet_ca import FleetCA, cert_pem, new_key, write_public
+from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem, new_key, write_public
 from cloud_sync.identity_store import DeviceIdentity, IdentityStore
 from modelpack.errors import BrokerError, ConfigError
 
@@ -52,14 +52,22 @@ def publish_crl(
     crl_path: Path,
     broker_pid: int | Path | None,
     extra: tuple[int, ...] = (),
+    keep_days: float = DEVICE_DAYS,
 ) -> int:
     """Write the CRL of every revoked or retired certificate; SIGHUP the broker (a pid, or its
-    pid file). The count."""
+    pid file). The count.
+
+    The store's index is not the only source: what the CRL on disk (signed by this CA) lists
+    and was revoked within ``keep_days`` (the longest device validity: by then the certificate
+    has expired) stays listed, so that a writer to the store without the CA's key cannot take
+    a revocation back by editing ``fleet/identity/crl.json`` or the device's record."""
     import datetime as dt
 
     now = dt.datetime.now(dt.UTC)
-    revoked = ids.revoked_serials() + [(serial, now) for serial in extra]
-    write_public(crl_path, ca.crl(revoked))
+    revoked = dict(_still_listed(ca, crl_path, now - dt.timedelta(days=keep_days)))
+    revoked.update(ids.revoked_serials())
+    revoked.update((serial, now) for serial in extra)
+    write_public(crl_path, ca.crl(sorted(revoked.items())))
     pid = broker_pid_of(broker_pid)
     if pid is not None:
         try:
@@ -67,6 +75,21 @@ def publish_crl(
         except ProcessLookupError as exc:
             raise ConfigError(f"no broker runs as pid {pid}") from exc
     return len(revoked)
+
+
+def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, Any]]:
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except (OSError, ValueError):
+        return []  # none yet (or unreadable): the index alone
+    if not crl.is_signature_valid(ca.cert.public_key()):
+        log.error(
+            "%s is not signed by the fleet CA: written from the store's index alone", crl_path
+        )
+        return []
+    return [(r.serial_number, r.revocation_date_utc) for r in crl if r.revocation_date_utc > since]
 
 
 def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:

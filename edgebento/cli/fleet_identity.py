@@ -156,7 +156,8 @@ def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
         return None
     from cloud_sync.revocation import publish_crl
 
-    return lambda: publish_crl(ca, ids, args.crl_file, _broker_pid(args))
+    keep = max(90.0, args.validity / 86400)  # what the old CRL keeps: the longest validity
+    return lambda: publish_crl(ca, ids, args.crl_file, _broker_pid(args), keep_days=keep)
 
 
 def cmd_enroll_service(args: argparse.Namespace) -> int:

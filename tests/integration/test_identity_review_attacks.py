@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from cloud_sync.enroll import RateLimit
-from cloud_sync.fleet_ca import new_key
+from cloud_sync.fleet_ca import new_key, tls_context, write_private
 from cloud_sync.identity_store import token_hash
+from cloud_sync.revocation import _connect, _ephemeral, publish_crl, revoke_device
 from edge_agent.identity import KeyMaker
 from tests.support.agent import wait_online
 from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
@@ -131,3 +132,41 @@ def test_a_busy_enrollment_service_does_not_stop_the_device_for_good(
     wait_online(operator, PREFIX, "busy-a")
     operator.close()
     assert "busy" in agent.output()
+
+
+def test_a_writer_to_the_store_cannot_take_a_revocation_back(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    device = "unrev-a"
+    token = idfleet.ids.create_claims([device], ttl_s=600)[device]
+    key = new_key()
+    answer = idfleet.ask_claim(device, claim_request(KeyMaker().csr(key, device), token))
+    cert_file, key_file = tmp_path / "d.crt", tmp_path / "d.key"
+    cert_file.write_text(answer["certificate"])
+    write_private(key_file, key)
+    assert idfleet.broker.process is not None
+    pid, broker = idfleet.broker.process.pid, ("127.0.0.1", idfleet.broker.port)
+    revoke_device(idfleet.ids, idfleet.ca, device, idfleet.ca.paths.crl, pid, broker)
+    assert not _connects(idfleet, cert_file, key_file)
+    # The writer empties the CRL's index and marks the device not revoked; the next CRL the
+    # cloud writes (any device's rotation) must still list the revoked certificate.
+    store = idfleet.ids.store
+    store.put_bytes("fleet/identity/crl.json", json.dumps({"entries": []}).encode())
+    record = json.loads(store.get_bytes(f"fleet/identity/devices/{device}.json"))
+    record |= {"revoked": False, "revoked_at": None, "retired": []}
+    store.put_bytes(f"fleet/identity/devices/{device}.json", json.dumps(record).encode())
+    # What the cloud writes next, and a probe certificate revoked in it: once the probe is
+    # refused, the broker runs on that CRL.
+    probe, probe_serial = _ephemeral(idfleet.ca, "revocation-probe")
+    publish_crl(idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra=(probe_serial,))
+    deadline = time.monotonic() + 30
+    while _connect(probe, "revocation-probe", *broker, timeout=10):
+        assert time.monotonic() < deadline, "the broker did not reload its CRL"
+        time.sleep(0.1)
+    assert not _connects(idfleet, cert_file, key_file)
+
+
+def _connects(fleet: IdentityFleet, cert_file: Path, key_file: Path) -> bool:
+    """Whether the broker takes a connection with this certificate."""
+    ctx = tls_context(fleet.ca.paths.bundle, cert_file, key_file)
+    return _connect(ctx, "unrev-probe", "127.0.0.1", fleet.broker.port, timeout=10)
