@@ -42,7 +42,6 @@ class _Stream:
     output: bool
     dtype: np.dtype[Any] | None = None
     tail: tuple[int, ...] = ()
-    shape: tuple[int, ...] = ()  # the last request's shape: the usual request's one check
     data: bytearray = field(default_factory=bytearray)
 
     def array(self) -> np.ndarray:
@@ -57,8 +56,9 @@ class Streams:
     __slots__ = (
         "_fold_bytes",
         "_fold_rows",
-        "_rows_of_shape",
         "fold_at",
+        "plan",
+        "plan_rows",
         "row_bytes",
         "rows",
         "streams",
@@ -71,27 +71,17 @@ class Streams:
         self.row_bytes = 0
         self._fold_rows, self._fold_bytes = fold_rows, fold_bytes
         self.fold_at = fold_rows  # rows that call for a fold: ``fold_rows`` or ``fold_bytes``
-        self._rows_of_shape = -1  # the request rows the streams' cached shapes belong to
+        # The usual request's layout, decided once by ``take`` (the slow path) and read by the
+        # hot path (``DriftMonitor.observe``) for requests of ``plan_rows`` rows: per watched
+        # tensor, whether it is an output, its name, dtype and shape, and its buffer's ``extend``.
+        self.plan: tuple[tuple[bool, str, np.dtype[Any], tuple[int, ...], Any], ...] = ()
+        self.plan_rows = -1
 
     def take(
         self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], rows: int
     ) -> bool:
-        """Copies the request's watched tensors; False (nothing copied) when they do not fit."""
-        done = 0
-        if rows == self._rows_of_shape:  # the usual request: shaped as the last one
-            for stream in self.streams:
-                array = (outputs if stream.output else feed)[stream.tensor]
-                if array.dtype is not stream.dtype or array.shape != stream.shape:
-                    break
-                try:
-                    stream.data.extend(array)
-                except TypeError:  # not contiguous
-                    break
-                done += 1
-            else:
-                self.rows += rows
-                return True
-            self._undo(done, feed, outputs)
+        """Copies the request's watched tensors; False (nothing copied) when they do not fit.
+        The slow path: the usual request goes through ``plan`` (``DriftMonitor.observe``)."""
         arrays = [(outputs if s.output else feed)[s.tensor] for s in self.streams]
         if not self._fits(arrays, rows):
             return False
@@ -100,13 +90,13 @@ class Streams:
             for stream, array in zip(self.streams, arrays, strict=True):
                 stream.data.extend(array)
                 done += 1
-        except TypeError:
-            self._undo(done, feed, outputs)
+        except TypeError:  # not contiguous
+            self.undo(done, feed, outputs)
             return False
         self.rows += rows
         return True
 
-    def _undo(
+    def undo(
         self, done: int, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
     ) -> None:
         """Takes back what the first ``done`` streams copied of a request that did not fit."""
@@ -132,9 +122,11 @@ class Streams:
             for a, s in zip(arrays, self.streams, strict=True)
         ):
             return False
-        for stream, array in zip(self.streams, arrays, strict=True):
-            stream.shape = array.shape
-        self._rows_of_shape = rows
+        self.plan = tuple(
+            (s.output, s.tensor, a.dtype, a.shape, s.data.extend)
+            for s, a in zip(self.streams, arrays, strict=True)
+        )
+        self.plan_rows = rows
         return True
 
     def drain(self) -> tuple[dict[tuple[bool, str], np.ndarray], int]:
@@ -143,18 +135,34 @@ class Streams:
         rows = self.rows
         for stream in self.streams:
             stream.data = bytearray()  # the arrays above still read the old one
-        self.rows, self._rows_of_shape = 0, -1
+        self.rows, self.plan_rows, self.plan = 0, -1, ()  # the plan extended the old buffers
         return arrays, rows
 
 
 def stream_columns(
     specs: Sequence[MonitorSpec], arrays: Mapping[tuple[bool, str], np.ndarray], rows: int
 ) -> np.ndarray:
-    """The features of the streams' rows, (features, rows), in spec order."""
-    blocks = [_reduced(s, arrays[(s.output, s.tensor)]) for s in specs if s.reducer != "none"]
-    if not blocks:
-        return np.empty((0, rows))
-    return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    """The features of the streams' rows, (features, rows), in spec order.
+
+    A column reducer's block is written transposed and cast in one pass into the matrix:
+    casting first made a column-major block that ``concatenate`` then transposed again, the
+    fold's costliest step (``benchmarks/bench_drift.py``)."""
+    watched = [s for s in specs if s.reducer != "none"]
+    blocks: list[np.ndarray] = []
+    features = 0
+    for spec in watched:
+        joined = arrays[(spec.output, spec.tensor)]
+        if spec.reducer == "columns" and joined.ndim >= 2:
+            blocks.append(joined.reshape(len(joined), -1).T)  # a view: no copy yet
+        else:
+            blocks.append(_reduced(spec, joined))
+        features += len(blocks[-1])
+    out = np.empty((features, rows))
+    at = 0
+    for block in blocks:
+        out[at : at + len(block)] = block
+        at += len(block)
+    return out
 
 
 def held_columns(
