@@ -262,9 +262,9 @@ class Search:
             config = SmoothConfig(alpha=alpha, scope=scope)  # type: ignore[arg-type]
             try:
                 built[scope, alpha] = self.runner.run("smooth", transform, base, config, key)
-            except PassFailed as exc:
+            except PassFailed as exc:  # (nothing to smooth in this scope): every strength fails
                 log.info("smoothing %s at %g failed: %s", scope, alpha, exc.reason)
-                return None if time.monotonic() > deadline else -1e9
+                return None
             found = score(built[scope, alpha], f"smooth-{alpha:g}")
             if found is not None:
                 scored[scope, alpha] = found
