@@ -21,19 +21,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from cloud_sync.enroll import EnrollReply, enroll_topic
-from cloud_sync.fleet_ca import load_cert, new_key, write_private, write_public
+from cloud_sync.fleet_ca import new_key, write_private
 from edge_agent.config import AgentConfig
+from edge_agent.identity_files import IdentityFiles, cert_window
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,87 +69,8 @@ class KeyMaker:
         return bytes(request.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
 
-@dataclass(frozen=True)
-class IdentityFiles:
-    dir: Path
-
-    @property
-    def key(self) -> Path:
-        return self.dir / "device.key"
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / "device.crt"
-
-    @property
-    def next_key(self) -> Path:
-        return self.dir / "next.key"
-
-    @property
-    def next_cert(self) -> Path:
-        return self.dir / "next.crt"
-
-    @property
-    def status(self) -> Path:
-        return self.dir / "status.json"
-
-    def finish_swap(self) -> None:
-        """A rotation that stopped between the new certificate and the swap is completed."""
-        if self.next_key.exists() and self.next_cert.exists():
-            os.replace(self.next_key, self.key)
-            os.replace(self.next_cert, self.cert)
-
-    def install(self, cert_pem: str) -> None:
-        write_public(self.next_cert, cert_pem.encode())
-        self.finish_swap()
-
-    def read_status(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.status.read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    def write_status(self, state: str, **fields: Any) -> None:
-        """``status.json``, which the agent's MQTT status carries (``identity``): the state, the
-        facts of the certificate on disk, and what earlier writes said that still holds."""
-        previous = self.read_status()
-        doc: dict[str, Any] = {"schema_version": 1, "state": state, "ts": time.time()}
-        doc.update({k: previous[k] for k in KEPT_STATUS if k in previous})
-        if self.cert.exists():
-            try:
-                doc.update(cert_facts(self.cert))
-            except (OSError, ValueError, ConfigError) as exc:
-                doc["reason"] = f"the certificate on disk cannot be read: {exc}"
-        write_public(self.status, json.dumps({**doc, **fields}).encode())
-
-
-# Written once and true until the next such event: kept by every later write of status.json.
-KEPT_STATUS = ("enrolled", "last_rotation", "renew_after")
-
-
 def files_of(config: AgentConfig) -> IdentityFiles:
     return IdentityFiles(config.data_dir / "identity")
-
-
-def cert_facts(path: Path) -> dict[str, Any]:
-    """What an operator reads of a certificate: serial (hex), validity and issuer."""
-    cert = load_cert(path.read_bytes())
-    return {
-        "serial": format(cert.serial_number, "x"),
-        "not_before": cert.not_valid_before_utc.timestamp(),
-        "not_after": cert.not_valid_after_utc.timestamp(),
-        "issuer": cert.issuer.rfc4514_string(),
-    }
-
-
-def cert_window(path: Path) -> tuple[float, float, str]:
-    cert = load_cert(path.read_bytes())
-    return (
-        cert.not_valid_before_utc.timestamp(),
-        cert.not_valid_after_utc.timestamp(),
-        format(cert.serial_number, "x"),
-    )
 
 
 def _token(config: AgentConfig) -> str | None:
@@ -279,7 +199,12 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
         files.next_key.unlink(missing_ok=True)
         files.write_status("refused", reason=f"{reply.reason}: {reply.error}")
         raise AuthError(f"enrollment of {config.device} refused ({reply.reason}): {reply.error}")
-    files.install(reply.certificate)
+    try:
+        files.install(reply.certificate, config.device, key.public_key())
+    except AuthError as exc:
+        files.next_key.unlink(missing_ok=True)
+        files.write_status("refused", reason=str(exc))
+        raise
     serial = cert_window(files.cert)[2]
     # A new identity: what was said of an earlier certificate no longer holds.
     files.write_status("valid", enrolled=time.time(), last_rotation=None, renew_after=None)
@@ -386,7 +311,7 @@ class Renewer:
             self.files.next_key.unlink(missing_ok=True)
             raise AuthError(f"{reply.reason}: {reply.error}")
         old = cert_window(self.files.cert)[2]
-        self.files.install(reply.certificate)
+        self.files.install(reply.certificate, self.config.device, key.public_key())
         _, not_after, serial = cert_window(self.files.cert)
         self.channel.use_identity(self.files.cert, self.files.key)
         if not self.channel.wait_connected(REPLY_TIMEOUT_S):

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.enroll import RateLimit
-from cloud_sync.fleet_ca import new_key, tls_context, write_private
+from cloud_sync.enroll import RateLimit, enroll_topic
+from cloud_sync.fleet_ca import cert_pem, new_key, tls_context, write_private
 from cloud_sync.identity_store import token_hash
 from cloud_sync.revocation import _connect, _ephemeral, publish_crl, revoke_device
 from edge_agent.identity import KeyMaker
-from tests.support.agent import wait_online
+from tests.support.agent import wait_for, wait_online
 from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
 
 
@@ -170,3 +170,36 @@ def _connects(fleet: IdentityFleet, cert_file: Path, key_file: Path) -> bool:
     """Whether the broker takes a connection with this certificate."""
     ctx = tls_context(fleet.ca.paths.bundle, cert_file, key_file)
     return _connect(ctx, "unrev-probe", "127.0.0.1", fleet.broker.port, timeout=10)
+
+
+def test_a_wrong_enrollment_answer_does_not_become_the_devices_identity(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    # In place of the enrollment service, an answerer with its identity that certifies some
+    # other key for the device (a faulty service, or a hostile one).
+    idfleet.service.stop()
+    hostile = idfleet.client("enroll")
+    try:
+        requests = hostile.collect(enroll_topic(PREFIX, "+", "claim"))
+        token = idfleet.ids.create_claims(["wrong-a"], ttl_s=600)["wrong-a"]
+        data = tmp_path / "agent-wrong-a"
+        agent = agent_factory(
+            broker=idfleet.broker,
+            device="wrong-a",
+            data_dir=data,
+            prefix=PREFIX,
+            args=idfleet.agent_args(token),
+        )
+        request = wait_for(requests, lambda d: "id" in d, 60)
+        other = cert_pem(idfleet.ca.sign_device_csr(_csr("wrong-a"), "wrong-a")).decode()
+        answer = {"schema_version": 1, "id": request["id"], "ok": True, "certificate": other}
+        hostile.publish(enroll_topic(PREFIX, "wrong-a", "response"), answer)
+        assert agent.process.wait(60) == 3, agent.output()[-2000:]
+        assert "another key" in agent.output()
+        assert not (data / "identity" / "device.crt").exists()
+        status = json.loads((data / "identity" / "status.json").read_text())
+        assert status["state"] == "refused" and "another key" in status["reason"]
+    finally:
+        hostile.close()
+        idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
+        assert idfleet.service._client.connected.wait(10)
