@@ -203,3 +203,30 @@ def test_a_wrong_enrollment_answer_does_not_become_the_devices_identity(
         hostile.close()
         idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
         assert idfleet.service._client.connected.wait(10)
+
+
+def test_what_a_csr_asks_for_beyond_its_subject_is_not_granted(idfleet: IdentityFleet) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = new_key()
+    greedy = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "greedy-a")]))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    token = idfleet.ids.create_claims(["greedy-a"], ttl_s=600)["greedy-a"]
+    answer = idfleet.ask_claim("greedy-a", claim_request(greedy, token))
+    cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in san] == ["urn:edgebento:device:greedy-a"]
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 89 < life.total_seconds() / 86400 < 91
