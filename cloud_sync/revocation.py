@@ -6,7 +6,7 @@ Import path and API::
     publish_crl(ca, ids, crl_path, broker_pid=1234)     # write the CRL, SIGHUP the broker
     revoke_device(ids, ca, "cam-3", crl_path, broker_pid, broker=("127.0.0.1", 8883))
 
-Measured on Debian's Mosquitto 2.0.11 (tests/integration/test_identity_revocation.py): a SIGHUP
+Measured on Debian's Mosquitto 2.0.11 (tests/integration/test_identity_enrollment.py): a SIGHUP
 re-reads ``crlfile``, so a revoked certificate can no longer connect, but a session that is
 already connected stays connected and keeps publishing. So the revocation also takes the session
 over: it connects with a throw-away certificate for the same CN (two minutes, key in memory
