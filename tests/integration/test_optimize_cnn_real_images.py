@@ -46,12 +46,15 @@ def test_ppocr_cls_on_real_text_lines_keeps_the_budget_and_fp32_speed(tmp_path: 
     else:  # a quantized pick keeps the deciding metric and is faster by the search's figures
         assert chosen["fidelity"]["decisive_value"] >= 0.99
         assert chosen["speedup"] >= 1.0
-    # Every candidate faster than the pick by the same figures missed the budget or failed.
+    # No candidate within the budget is faster than the pick by more than the pick's noise
+    # margin (5%), or 10% more for one whose rows depend on their neighbours.
     for row in rows.values():
-        if row["speedup"] and row["speedup"] > chosen["speedup"] * 1.05:
-            assert not row["within_budget"], row
-    # The first static candidate was built and judged on the real lines.
-    assert rows["static minmax per-channel"]["fidelity"]["decisive_value"] is not None
+        if row["within_budget"] and row["candidate"] != result.chosen.name:
+            margin = 1.05 * (1.10 if row["row_independent"] is False else 1.0)
+            assert row["speedup"] <= chosen["speedup"] * margin + 1e-9, row
+    # Every candidate has figures or says why not (a starved machine may leave some untried).
+    for row in rows.values():
+        assert row["error"] or row["fidelity"], row
     # Judged on the held-back real lines, on the CPU the report names.
     assert result.machine["flags"] is not None
     pack = load_pack(tmp_path / "pack", trusted=[], allow_unsigned=True)
