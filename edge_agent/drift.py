@@ -4,8 +4,10 @@ bins of the live pack's baseline, one summary per model version and window, into
 The hot path only copies the request's small watched tensors into a buffer per tensor (or holds
 big ones by reference, ``edge_agent.drift_bins``); reducing them to their features and counting
 those in the bins run vectorised over thousands of rows at once, when ``fold_rows`` rows or
-``fold_bytes`` bytes are pending or a window closes, so a request pays about a microsecond
-alone and a few beside a real request (``benchmarks/bench_drift.py``). A summary leaves as a
+``fold_bytes`` bytes are pending or a window closes. A request pays about a microsecond in a
+tight loop and 2 to 4 beside a real one, whose work leaves the caches cold: 6 to 9 % of the CPU
+of a 50-90 µs request, within the noise of a 350 µs MQTT request (``benchmarks/bench_drift.py``,
+``docs/monitoring.md``). A summary leaves as a
 telemetry record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every
 record: stored on disk, sent, deleted only when the ingestion acknowledged it.
 """

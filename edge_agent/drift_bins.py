@@ -180,9 +180,11 @@ def held_columns(
 
     blocks = []
     for spec in watched:
+        # An image is cast to float64 as it is joined: one pass over its pixels, not two.
+        cast = np.float64 if spec.reducer == "image" else None
         try:
-            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests])
-        except ValueError:  # shapes differ past the rows, or a scalar
+            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests], dtype=cast)
+        except (ValueError, TypeError):  # shapes differ past the rows, a scalar, not numbers
             joined = None
         if joined is None or joined.ndim == 0 or len(joined) != rows:
             return np.ascontiguousarray(reduce_batch(specs, requests).T)

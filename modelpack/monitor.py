@@ -189,7 +189,10 @@ def reduce(spec: MonitorSpec, array: np.ndarray) -> np.ndarray:
         return np.stack([rows.mean(axis=1), rows.std(axis=1)], axis=1)
     if spec.reducer == "image":
         pixels = _channels(spec, array)
-        mean, std = pixels.mean(axis=2), pixels.std(axis=2)
+        # The mean once: ``std`` given it skips its own pass over the pixels, and computes it
+        # as it would (the sum kept as an axis, divided by the count), so nothing changes.
+        kept = np.add.reduce(pixels, axis=2, keepdims=True) / pixels.shape[2]
+        mean, std = kept[..., 0], pixels.std(axis=2, mean=kept)
         per = np.stack([mean, std], axis=2).reshape(len(pixels), -1)
         weights = (0.299, 0.587, 0.114) if mean.shape[1] == 3 else None  # ITU-R BT.601 luma
         brightness = mean @ np.asarray(weights) if weights else mean.mean(axis=1)

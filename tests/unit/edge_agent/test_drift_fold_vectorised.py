@@ -165,3 +165,36 @@ def test_the_streams_and_the_held_requests_count_what_the_reference_counts(
     assert window.rows == sum(rows for _, rows in batch)
     with np.errstate(invalid="ignore"):
         np.testing.assert_allclose(window.sums, np.nansum(expected, axis=0), rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.sampled_from([1, 2, 3]), min_size=1, max_size=5),
+    st.sampled_from(["float32", "uint8", "float64"]),
+    st.sampled_from([1.0, 1e-6, 1e6]),
+    st.booleans(),
+)
+def test_images_held_and_joined_give_numpys_own_mean_and_std(
+    rows: list[int], dtype: str, scale: float, channels_last: bool
+) -> None:
+    """Images joined as float64 and their mean taken once (``monitor.reduce``): bit for bit
+    the per-channel ``mean`` and ``std`` numpy gives, brightness beside, NaN kept."""
+    rng = np.random.default_rng(len(rows))
+    spec = MonitorSpec("im", "image", (("channels", "last" if channels_last else "first"),))
+    requests = []
+    for n in rows:
+        image = rng.random((n, 5, 6, 3) if channels_last else (n, 3, 5, 6)) * scale * 255
+        image = image.astype(dtype)
+        if dtype != "uint8" and n == 2:
+            image.flat[4] = np.nan
+        requests.append(({"im": image}, n))
+    columns = held_columns([spec], requests)
+    joined = np.concatenate([t["im"] for t, _ in requests]).astype(np.float64)
+    if channels_last:
+        joined = np.moveaxis(joined, -1, 1)
+    pixels = joined.reshape(len(joined), 3, -1)
+    mean, std = pixels.mean(axis=2), pixels.std(axis=2)
+    want = np.column_stack(
+        [np.stack([mean, std], axis=2).reshape(len(pixels), -1), mean @ [0.299, 0.587, 0.114]]
+    )
+    np.testing.assert_array_equal(columns.T, want)
