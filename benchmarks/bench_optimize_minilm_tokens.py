@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import minilm
-from benchmarks.bench_optimize_minilm import BATCH, TOKENS, summary
+from benchmarks.bench_optimize_minilm import BATCH, TOKENS, rounds, summary
 from benchmarks.optimize_common import optimize_minilm_side_by_side
 
 WORK = Path("build/bench/minilm_tokens")
@@ -24,4 +24,4 @@ def run(results_dir: Path) -> dict[str, Any]:
     result, table = optimize_minilm_side_by_side(
         source, WORK, "minilm-tokens", BATCH, TOKENS, latency_seconds=30, progress=False
     )
-    return summary(result, table, "pooled_cosine_min")
+    return summary(result, rounds(source, WORK, table), "pooled_cosine_min")
