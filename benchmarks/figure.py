@@ -58,7 +58,7 @@ def ratio(doc: dict[str, Any], a: str, b: str) -> float | None:
 
 def runs_of(doc: dict[str, Any]) -> int:
     """How many runs a result's figures are the median of: its ``runs``, else the most of any
-    summary in it, else 1 (a single run)."""
+    summary or ``*_runs`` list in it, else 1 (a single run)."""
     declared = doc.get("runs")
     if isinstance(declared, int) and not isinstance(declared, bool):
         return declared
@@ -69,6 +69,9 @@ def runs_of(doc: dict[str, Any]) -> int:
         if is_summary(cur):
             most = max(most, int(cur["runs"]))
         elif isinstance(cur, dict):
+            for key, value in cur.items():  # "speedup_runs": [..]: the rounds a median is of
+                if key.endswith(("_runs", "_each_round")) and isinstance(value, list) and value:
+                    most = max(most, len(value))
             stack.extend(cur.values())
         elif isinstance(cur, list):
             stack.extend(cur)
