@@ -10,6 +10,7 @@ import pytest
 from tests.support.agent import AgentProcess, Client, make_pack
 from tests.support.fleet import wait_versions
 from tests.support.services import Mosquitto, MotoS3
+from tests.support.sim import Simulated, publish_v1_v2
 
 DEVICE_PASSWORDS = {
     "operator": "operator-secret",
@@ -163,3 +164,29 @@ def fleet(
         if agent.process is not None and agent.process.poll() is None:
             agent.process.kill()
             agent.process.wait()
+
+
+@pytest.fixture(name="sim_store_url")
+def sim_store_url_fixture(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> str:
+    """A directory store holding the MLP as tiny v1 and v2, for the simulated fleets."""
+    url = str(tmp_path / "store")
+    publish_v1_v2(url, tmp_path, mlp_model, keys[0])
+    return url
+
+
+@pytest.fixture(name="simulate")
+def simulate_fixture(
+    broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path], tmp_path: Path
+) -> Iterator[Callable[..., Simulated]]:
+    """Starts ``simulate(devices, first, *flags)`` simulated devices; stops them after the test."""
+    started: list[Simulated] = []
+
+    def start(devices: int, first: int = 0, *flags: str) -> Simulated:
+        log = tmp_path / f"sim-{first}.log"
+        sim = Simulated(broker, topic_prefix, keys[1], log, devices, first, flags)
+        started.append(sim.start())
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()

@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,37 +20,14 @@ from edgebento.cli import main
 from tests.support.fleet import rollout_ids
 from tests.support.promtool import assert_promtool_passes
 from tests.support.services import Mosquitto, free_port
-from tests.support.sim import Simulated, cli_process, publish_v1_v2, versions, wait_for
+from tests.support.sim import Simulated, cli_process, versions, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def store_url(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> str:
-    url = str(tmp_path / "store")
-    publish_v1_v2(url, tmp_path, mlp_model, keys[0])
-    return url
-
-
-@pytest.fixture
-def simulate(
-    broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path], tmp_path: Path
-) -> Iterator[object]:
-    started: list[Simulated] = []
-
-    def start(devices: int, first: int = 0, *flags: str) -> Simulated:
-        sim = Simulated(broker, topic_prefix, keys[1], tmp_path / "sim.log", devices, first, flags)
-        started.append(sim.start())
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
-
-
-def base(store_url: str, broker: Mosquitto, prefix: str, key: Path) -> list[str]:
+def base(sim_store_url: str, broker: Mosquitto, prefix: str, key: Path) -> list[str]:
     return [
-        *("--store", store_url, "--broker", broker.url, "--prefix", prefix),
+        *("--store", sim_store_url, "--broker", broker.url, "--prefix", prefix),
         *("--key", str(key), "--lease-ttl", "3", "--json"),
     ]
 
@@ -79,12 +55,12 @@ sys.exit(main())
 
 
 def test_a_controller_killed_mid_abort_is_resumed_into_finishing_it(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     healthy = simulate(7)
     failing = simulate(3, 7, "--fail-version", "2", "--install-s", "1.5")
-    args = base(store_url, broker, topic_prefix, keys[0])
+    args = base(sim_store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(healthy, failing), "--canary", "100", "--bake", "0"]
     import sys
 
@@ -94,8 +70,8 @@ def test_a_controller_killed_mid_abort_is_resumed_into_finishing_it(
         timeout=120,
     )
     assert dying.returncode == -signal.SIGKILL, dying.stderr.decode()
-    (rollout_id,) = rollout_ids(store_url)
-    saved = load_state(__import__("cloud_sync.store").store.open_store(store_url), rollout_id)
+    (rollout_id,) = rollout_ids(sim_store_url)
+    saved = load_state(__import__("cloud_sync.store").store.open_store(sim_store_url), rollout_id)
     # Written ahead: the decision, its reason and its figures were saved before any rollback.
     assert saved.phase == "aborting" and " of 10 updated devices failed" in (saved.reason or "")
     assert saved.figures is not None and saved.figures.touched == 10 and saved.figures.failed
@@ -115,18 +91,18 @@ def test_a_controller_killed_mid_abort_is_resumed_into_finishing_it(
 
 
 def test_a_device_heard_late_is_rolled_back_to_the_version_it_reported(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:  # fmt: skip
     # Two failing devices: one alone in a wave of 5 would be tolerated (it may be lying).
     failing = simulate(2, 10, "--fail-version", "2", "--install-s", "4")
     late = Simulated(broker, topic_prefix, keys[1], tmp_path / "late.log", 4)
-    args = base(store_url, broker, topic_prefix, keys[0])
+    args = base(sim_store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(late, failing), "--canary", "100", "--bake", "0"]
     controller = cli_process("rollout", "tiny", "2", *args, *flags, log=tmp_path / "ctl.log")
     try:
         deadline = time.monotonic() + 30
-        while not rollout_ids(store_url):  # planned, with no status of the late four
+        while not rollout_ids(sim_store_url):  # planned, with no status of the late four
             assert time.monotonic() < deadline, (tmp_path / "ctl.log").read_text()
             time.sleep(0.1)
         late.start()  # they report v1, take the retained v2, and install it
@@ -145,11 +121,11 @@ def test_a_device_heard_late_is_rolled_back_to_the_version_it_reported(
 
 
 def test_a_wave_is_pushed_only_when_there_is_time_to_judge_it(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     fleet = simulate(100)
-    args = base(store_url, broker, topic_prefix, keys[0])
+    args = base(sim_store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(fleet), "--waves", "3", "--wave-timeout", "3", "--bake", "2"]
     assert main(["rollout", "tiny", "2", *args, *flags, "--timeout", "8"]) == 1
     shown = json.loads(capsys.readouterr().out)
@@ -166,11 +142,11 @@ def test_a_wave_is_pushed_only_when_there_is_time_to_judge_it(
 
 
 def test_two_controllers_cannot_run_on_one_fleet(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     fleet = simulate(5)
-    args = base(store_url, broker, topic_prefix, keys[0])
+    args = base(sim_store_url, broker, topic_prefix, keys[0])
     flags = ["--devices", devices(fleet), "--bake", "30"]
     port = free_port()
     first = cli_process(
@@ -179,10 +155,10 @@ def test_two_controllers_cannot_run_on_one_fleet(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while not rollout_ids(store_url):
+        while not rollout_ids(sim_store_url):
             assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
             time.sleep(0.1)
-        (rollout_id,) = rollout_ids(store_url)
+        (rollout_id,) = rollout_ids(sim_store_url)
         while 'state="done"} 1.0' not in (text := scrape(port)):  # the canary: 1 of 5
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
@@ -191,7 +167,7 @@ def test_two_controllers_cannot_run_on_one_fleet(
         capsys.readouterr()
         assert main(["rollout", "tiny", "2", *args, *flags]) == 1
         assert "is leased to rollout" in capsys.readouterr().err
-        assert len(rollout_ids(store_url)) == 1  # the second planned nothing
+        assert len(rollout_ids(sim_store_url)) == 1  # the second planned nothing
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)

@@ -5,7 +5,6 @@ the rate allows); one that agrees on every answer switches every wave."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,40 +14,16 @@ from cloud_sync.store import open_store
 from edgebento.cli import main
 from tests.support.fleet import rollout_ids
 from tests.support.services import Mosquitto
-from tests.support.sim import Simulated, publish_v1_v2, versions, wait_for
+from tests.support.sim import versions, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def store_url(tmp_path: Path, mlp_model: Path, keys: tuple[Path, Path]) -> str:
-    url = str(tmp_path / "store")
-    publish_v1_v2(url, tmp_path, mlp_model, keys[0])
-    return url
-
-
-@pytest.fixture
-def simulate(
-    broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path], tmp_path: Path
-) -> Iterator[object]:
-    started: list[Simulated] = []
-
-    def start(devices: int, first: int = 0, *flags: str) -> Simulated:
-        log = tmp_path / f"sim-{first}.log"
-        sim = Simulated(broker, topic_prefix, keys[1], log, devices, first, flags)
-        started.append(sim.start())
-        return sim
-
-    yield start
-    for sim in started:
-        sim.stop()
-
-
 def rollout(
-    store_url: str, broker: Mosquitto, prefix: str, key: Path, names: list[str], canary: str
+    sim_store_url: str, broker: Mosquitto, prefix: str, key: Path, names: list[str], canary: str
 ) -> int:
     return main([
-        "rollout", "tiny", "2", "--store", store_url, "--broker", broker.url, "--prefix", prefix,
+        "rollout", "tiny", "2", "--store", sim_store_url, "--broker", broker.url, "--prefix", prefix,
         "--key", str(key), "--lease-ttl", "5", "--devices", ",".join(names), "--canary", canary,
         "--waves", "1", "--bake", "0", "--wave-timeout", "30", "--allow-unverified",
         "--shadow", "--shadow-for", "3", "--shadow-rate", "50",
@@ -57,7 +32,7 @@ def rollout(
 
 def test_a_tenth_of_answers_changed_aborts_across_a_fleet_and_liars_change_nothing(
     simulate: object,
-    store_url: str,
+    sim_store_url: str,
     broker: Mosquitto,
     topic_prefix: str,
     keys: tuple[Path, Path],
@@ -66,9 +41,9 @@ def test_a_tenth_of_answers_changed_aborts_across_a_fleet_and_liars_change_nothi
     honest = simulate(117, 0, "--agreement", "2=0.9", "--telemetry-s", "0.5")  # type: ignore[operator]
     liars = simulate(3, 117, "--lie", "shadow_samples=1000000000", "--telemetry-s", "0.5")  # type: ignore[operator]
     names = honest.names + liars.names
-    code = rollout(store_url, broker, topic_prefix, keys[0], names, "100")  # all shadow at once
+    code = rollout(sim_store_url, broker, topic_prefix, keys[0], names, "100")  # all shadow at once
     out = capsys.readouterr().out
-    state = load_state(open_store(store_url), rollout_ids(store_url)[0])
+    state = load_state(open_store(sim_store_url), rollout_ids(sim_store_url)[0])
     assert code != 0 and state.phase == "aborted", out
     assert "shadow of v2 failed" in (state.reason or "") and "no device switched" in state.reason
     assert set(versions(broker, topic_prefix, names).values()) == {1}
@@ -84,14 +59,14 @@ def test_a_tenth_of_answers_changed_aborts_across_a_fleet_and_liars_change_nothi
 
 def test_an_equivalent_version_switches_every_wave_of_a_fleet(
     simulate: object,
-    store_url: str,
+    sim_store_url: str,
     broker: Mosquitto,
     topic_prefix: str,
     keys: tuple[Path, Path],
 ) -> None:
     fleet = simulate(120, 0, "--telemetry-s", "0.5")  # type: ignore[operator]
-    code = rollout(store_url, broker, topic_prefix, keys[0], fleet.names, "20")
-    state = load_state(open_store(store_url), rollout_ids(store_url)[0])
+    code = rollout(sim_store_url, broker, topic_prefix, keys[0], fleet.names, "20")
+    state = load_state(open_store(sim_store_url), rollout_ids(sim_store_url)[0])
     assert code == 0 and state.phase == "completed", state.reason
     wait_for(broker, topic_prefix, dict.fromkeys(fleet.names, 2))
     assert all(d.shadow["verdict"] == "pass" for d in state.devices)  # type: ignore[attr-defined]

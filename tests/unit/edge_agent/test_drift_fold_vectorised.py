@@ -20,12 +20,9 @@ from modelpack.loader import load_pack
 from modelpack.monitor import Binner, MonitorSpec, reduce_batch
 from modelpack.predictor import Predictor
 from tests.support.agent import make_pack
+from tests.support.drift_requests import EDGES, KINDS, request, value
 
-EDGES = [[-1.0, 0.0, 0.5, 2.0], [0.0, 1.0, 2.0], [-3.0, -1.0, 0.0, 1.0, 3.0], [0.25, 0.75]]
 SPECS = [MonitorSpec("x", "columns"), MonitorSpec("p", "classes", (("scores", "probs"),))]
-SPECIAL = [np.nan, np.inf, -np.inf, 0.0, 0.5, 2.0, -1.0, 1.0, 3.0, 0.25]
-
-value = st.one_of(st.sampled_from(SPECIAL), st.floats(-5, 5, width=32))
 
 
 @st.composite
@@ -123,19 +120,7 @@ def arrivals(draw: st.DrawFn) -> list[tuple[dict[str, np.ndarray], int]]:
     out = []
     for _ in range(draw(st.integers(1, 40))):
         rows = draw(st.sampled_from([1, 1, 1, 3, 16]))
-        x = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2)), np.float32)
-        x = x.reshape(rows, 2)
-        p = np.asarray(draw(st.lists(value, min_size=rows * 2, max_size=rows * 2))).reshape(rows, 2)
-        kind = draw(st.sampled_from(["plain"] * 6 + ["strided", "float64", "scalar"]))
-        if kind == "strided":  # the same values, every other column of a wider array
-            wide = np.zeros((rows, 4), np.float32)
-            wide[:, ::2] = x
-            x = wide[:, ::2]
-        elif kind == "float64":
-            x = x.astype(np.float64)
-        elif kind == "scalar":
-            p = np.asarray(0.5)
-        out.append(({"x": x, "p": p}, rows))
+        out.append(request(draw, rows, draw(st.sampled_from(["plain"] * 5 + KINDS))))
     return out
 
 
