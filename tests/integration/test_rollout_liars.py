@@ -14,8 +14,6 @@ import pytest
 from cloud_sync.rollout_state import load_state
 from cloud_sync.store import open_store
 from edgebento.cli import main
-from tests.integration.test_rollout_sim import simulate as simulate  # the fixture
-from tests.integration.test_rollout_sim import store_url as store_url  # the fixture
 from tests.support.services import Mosquitto
 from tests.support.sim import wait_for
 
@@ -23,10 +21,12 @@ pytestmark = pytest.mark.slow
 HUGE = 10**15
 
 
-def _rollout(store_url: str, broker: Mosquitto, prefix: str, key: Path, devices: list[str]) -> int:
+def _rollout(
+    sim_store_url: str, broker: Mosquitto, prefix: str, key: Path, devices: list[str]
+) -> int:
     return main(
         [
-            *("rollout", "tiny", "2", "--store", store_url, "--broker", broker.url),
+            *("rollout", "tiny", "2", "--store", sim_store_url, "--broker", broker.url),
             *("--prefix", prefix, "--key", str(key), "--devices", ",".join(devices)),
             *("--canary", "100", "--bake", "3", "--wave-timeout", "30", "--min-inferences", "40"),
             *("--min-devices", "10", "--lease-ttl", "3", "--rollback-wait", "20", "--json"),
@@ -35,7 +35,7 @@ def _rollout(store_url: str, broker: Mosquitto, prefix: str, key: Path, devices:
 
 
 def test_three_liars_cannot_carry_a_failing_version_to_ten_honest_devices(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     honest = simulate(10, 0, "--error-rate", "2=0.5")  # v2 fails half its inferences
@@ -43,7 +43,7 @@ def test_three_liars_cannot_carry_a_failing_version_to_ten_honest_devices(
     huge = simulate(2, 10, "--lie", f"ok={HUGE},errors=0,version=2")
     clean = simulate(1, 12, "--lie", "ok=20,errors=0,version=2")
     everyone = honest.names + huge.names + clean.names
-    code = _rollout(store_url, broker, topic_prefix, keys[0], everyone)
+    code = _rollout(sim_store_url, broker, topic_prefix, keys[0], everyone)
     shown = json.loads(capsys.readouterr().out)
     assert code == 1 and shown["phase"] == "aborted", shown["reason"]
     assert "inference error rate on v2 is" in shown["reason"]
@@ -54,14 +54,14 @@ def test_three_liars_cannot_carry_a_failing_version_to_ten_honest_devices(
 
 
 def test_three_liars_cannot_abort_a_healthy_rollout_of_ten_devices(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     honest = simulate(10, 0)
     huge = simulate(1, 10, "--lie", f"ok=0,errors={HUGE},version=2")  # aborted it by itself
     failing = simulate(2, 11, "--lie", "ok=0,errors=20,p99_ms=100000")  # plausible, all bad
     everyone = honest.names + huge.names + failing.names
-    code = _rollout(store_url, broker, topic_prefix, keys[0], everyone)
+    code = _rollout(sim_store_url, broker, topic_prefix, keys[0], everyone)
     shown = json.loads(capsys.readouterr().out)
     assert code == 0 and shown["phase"] == "completed", shown["reason"]
     (check,) = shown["checks"]
@@ -69,23 +69,23 @@ def test_three_liars_cannot_abort_a_healthy_rollout_of_ten_devices(
     assert "reported" in shown["suspects"][huge.names[0]]  # named, with what it claimed
     assert set(shown["suspects"]) == set(huge.names)
     wait_for(broker, topic_prefix, dict.fromkeys(everyone, 2))
-    saved = load_state(open_store(store_url), shown["id"])
+    saved = load_state(open_store(sim_store_url), shown["id"])
     assert saved.phase == "completed" and saved.suspects == shown["suspects"]
 
 
 def test_a_group_is_what_the_store_says_never_what_a_device_claims(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str, keys: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     members = simulate(2, 0)
     claimer = simulate(1, 2, "--group", "lobby")  # lists the group in its own status
     group = ["fleet", "group"]
-    signed = ("--store", store_url, "--key", str(keys[0]))
+    signed = ("--store", sim_store_url, "--key", str(keys[0]))
     assert main([*group, "add", "lobby", *members.names, *signed]) == 0
     assert capsys.readouterr().out.strip() == f"lobby: {' '.join(members.names)}"
     code = main(
         [
-            *("rollout", "tiny", "2", "--store", store_url, "--broker", broker.url),
+            *("rollout", "tiny", "2", "--store", sim_store_url, "--broker", broker.url),
             *("--prefix", topic_prefix, "--key", str(keys[0]), "--group", "lobby"),
             *("--canary", "100", "--bake", "0", "--allow-unverified", "--lease-ttl", "3"),
             "--json",
@@ -96,5 +96,5 @@ def test_a_group_is_what_the_store_says_never_what_a_device_claims(
     wait_for(broker, topic_prefix, {**dict.fromkeys(members.names, 2), claimer.names[0]: 1})
     assert main([*group, "remove", "lobby", members.names[0], *signed]) == 0
     assert capsys.readouterr().out.strip() == f"lobby: {members.names[1]}"
-    assert main([*group, "list", "--store", store_url, "--json"]) == 0
+    assert main([*group, "list", "--store", sim_store_url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"groups": {"lobby": members.names[1:]}}

@@ -11,7 +11,6 @@ from cloud_sync.registry import Registry
 from cloud_sync.store import open_store
 from edgebento.cli import main
 from tests.integration.test_rollout_sim import base, devices
-from tests.integration.test_rollout_sim import simulate as simulate  # the fixture
 from tests.support.agent import make_pack
 from tests.support.services import Mosquitto
 from tests.support.sim import publish_v1_v2, versions, wait_for

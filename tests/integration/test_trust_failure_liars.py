@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgebento.cli import main
-from tests.integration.test_rollout_sim import base, devices, store_url  # noqa: F401
-from tests.integration.test_rollout_sim import simulate as simulate  # the fixture
+from tests.integration.test_rollout_sim import base, devices
 from tests.support.services import Mosquitto
 from tests.support.sim import wait_for
 
@@ -19,12 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_one_device_claiming_its_update_failed_does_not_abort_thirteen(
-    simulate, store_url: str, broker: Mosquitto, topic_prefix: str,  # noqa: F811
+    simulate, sim_store_url: str, broker: Mosquitto, topic_prefix: str,
     keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     honest = simulate(12)
     liar = simulate(1, 12, "--fail-version", "2")  # says its health check failed on v2
-    args = [*base(store_url, broker, topic_prefix, keys[0]), "--allow-unverified"]
+    args = [*base(sim_store_url, broker, topic_prefix, keys[0]), "--allow-unverified"]
     flags = ["--devices", devices(honest, liar), "--bake", "0", "--wave-timeout", "20"]
     assert main(["rollout", "tiny", "2", *args, *flags]) == 0
     shown = json.loads(capsys.readouterr().out)
