@@ -134,7 +134,9 @@ class Client:
         self.collect(self.reply_topic)
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        for pattern, q in self.queues.items():
+        # A snapshot: collect() adds queues from the test's thread while paho's thread is
+        # here, and a RuntimeError in this callback would end paho's network loop for good.
+        for pattern, q in list(self.queues.items()):
             if mqtt.topic_matches_sub(pattern, msg.topic):
                 q.put(msg)
 
