@@ -1,7 +1,7 @@
 """Small model (overhead-bound): edgebento's BentoML service beside what a user would pick instead.
 
-Side by side in one run, with wrk on loopback, each server with as many workers as edgebento's
-(one per core) and ONNX Runtime on one thread per worker:
+Side by side in one run, with wrk on loopback, each server on the same CPUs with one worker per
+CPU and ONNX Runtime on one thread per worker:
 
 - ``bare_asgi``: a raw ASGI callable on uvicorn with the same model and JSON codec, no framework
   (``benchmarks/bare_asgi.py``): the ceiling of Python HTTP serving on this machine;
@@ -16,25 +16,24 @@ counted: the first seconds of a fresh worker run slower, its code and pages not 
 then ``EDGEBENTO_BENCH_RUNS`` rounds (3 by default) measure them all, in an order that rotates
 each round, so each server runs early and late. Each figure is the median of its rounds with its
 range; ratios are taken within a round (the servers of one round saw the same load) and then
-their median. Each measurement also records the server's CPU per request (all its processes) and
-wrk's: CPU per request moves less with other work on the machine than requests per second do.
+their median. Each measurement also records the server's CPU per request (all its processes),
+how busy its CPUs were, and wrk's CPU per request.
 
-The load generator shares the machine's cores with the server, as it did for the seed's figures:
-wrk costs 25-32 µs of CPU a request here against edgebento's 200-230 (recorded per run as
-``generator_cpu_us_per_request``). It is not pinned: on two cores, giving wrk a core of its own
-would take half the server's, and wrk's share is the same for every server of a round.
-
-On a machine busy with other work the throughput ratios follow the scheduler (a server with
-more runnable threads gets more of the cores) more than the cost of a request: measured at a load
-average of 16-19 on two cores, edgebento's share of the bare app ranged from 60% to 130% across
-three rounds while its CPU per request stayed within 2%. So the share is also given from CPU per
-request (``cpu_bound_share_of_bare_asgi``: the bare app's server and wrk CPU a request over
-edgebento's), what a quiet machine, where both are CPU-bound, reproduces; the target must hold on
-both.
+The servers and the load generator run on disjoint CPUs (``benchmarks/pinning.py``: half the
+CPUs each, one on this two-core machine; every server process and thread is checked and the
+CPUs are recorded). Unpinned, wrk and the server shared the cores, and on a machine busy with
+other work the throughput ratios followed the scheduler (a server with more runnable threads got
+more of the cores) more than the cost of a request: at a load average of 16-19 on two cores,
+edgebento's share of the bare app ranged from 60% to 130% across three rounds while its CPU per
+request stayed within 2%. Pinned, each server has the same CPU to spend, and the throughput
+share on a quiet machine is the inverse of the CPU per request. The share is also given from
+CPU per request (``cpu_bound_share_of_bare_asgi``: the bare app's server CPU a request over
+edgebento's), which other work on the machine moves less; the target must hold on both.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.pinning import Pinning, generator_side, split, tree_affinity
 from benchmarks.runs import load, measured, median_of, summarize
 from benchmarks.serving_common import (
     Process,
@@ -93,34 +93,40 @@ def _raw_ort(model: Path, body: dict[str, Any], seconds: float = 3.0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def _measure(server: Process, path: str, bodies: list[bytes]) -> dict[str, Any]:
+def _measure(server: Process, path: str, bodies: list[bytes], pinning: Pinning) -> dict[str, Any]:
     url = server.url + path
     out: dict[str, Any] = {"load_before": load()}
+    threads_64 = max(2, len(pinning.generator))
     for key, clients, seconds, threads in (
-        ("clients_64", CLIENTS, SECONDS, 2),
+        ("clients_64", CLIENTS, SECONDS, threads_64),
         ("clients_1", 1, ONE_CLIENT_SECONDS, 1),
     ):
         result, cpu = measured(
-            server.popen.pid, lambda c=clients, s=seconds, t=threads: wrk(url, bodies, c, s, t)
+            server.popen.pid, functools.partial(wrk, url, bodies, clients, seconds, threads)
         )
         out[key] = {
             **result.as_dict(),
             "server_cpu_us_per_request": round(1e6 * cpu / result.requests, 1)
             if result.requests
             else None,
+            # 1.0: the server used all of its CPUs (CPU-bound); less: it waited (for wrk, for
+            # other work on its CPUs, or for a lone client).
+            "server_cpu_busy": round(cpu / result.seconds / len(pinning.server), 3)
+            if result.seconds
+            else None,
         }
     return out
 
 
-def _start(name: str, model: Path, tag: str, work: Path) -> Process:
-    workers = os.cpu_count() or 1  # edgebento's default: one worker per core
+def _start(name: str, model: Path, tag: str, work: Path, pinning: Pinning) -> Process:
+    workers = pinning.workers  # edgebento's default is one per core: one per server CPU here
     if name == "flask":
-        return start_flask(model, work)
+        return start_flask(model, work, pinning, threads=1)
     if name == "plain_bentoml":
-        return start_plain_bento(model, work, workers)
+        return start_plain_bento(model, work, workers, pinning)
     if name == "bare_asgi":
-        return start_bare_asgi(model, work, workers)
-    return start_bento(work / "bentoml", tag, work)
+        return start_bare_asgi(model, work, workers, pinning)
+    return start_bento(work / "bentoml", tag, work, pinning=pinning)
 
 
 def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
@@ -129,11 +135,6 @@ def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
 
     def cpu(server: str, key: str) -> float:
         return float(one_round[server][key]["server_cpu_us_per_request"] or 0.0)
-
-    def cpu_with_wrk(server: str, key: str) -> float:
-        return cpu(server, key) + float(
-            one_round[server][key]["generator_cpu_us_per_request"] or 0.0
-        )
 
     out: dict[str, Any] = {}
     for key in ("clients_64", "clients_1"):
@@ -148,23 +149,35 @@ def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
             "cpu_per_request_x_bare_asgi": round(
                 cpu("edgebento", key) / max(cpu("bare_asgi", key), 1e-9), 4
             ),
-            # The share of the bare app's throughput that edgebento would reach where the cores
-            # are all theirs and wrk's: the CPU that a request costs the server and wrk, inverted.
+            # The share of the bare app's throughput that edgebento reaches where both are
+            # CPU-bound on CPUs of their own (wrk on others): the server's CPU a request, inverted.
             "cpu_bound_share_of_bare_asgi": round(
-                cpu_with_wrk("bare_asgi", key) / max(cpu_with_wrk("edgebento", key), 1e-9), 4
+                cpu("bare_asgi", key) / max(cpu("edgebento", key), 1e-9), 4
             ),
         }
     return out
 
 
 def run(results_dir: Path) -> dict[str, Any]:
+    console = Console()
+    rounds = _rounds()
+    pinning = split()
+    with generator_side(pinning):
+        per_round, affinity = _rounds_of(rounds, pinning, console)
+    result = _result(per_round, console)
+    result["pinning"] = {**pinning.as_dict(), "servers_found_on": affinity}
+    return result
+
+
+def _rounds_of(
+    rounds: int, pinning: Pinning, console: Console
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from modelpack import generate_keypair
     from modelpack.pack import create_pack
     from tests.support import models
 
-    console = Console()
-    rounds = _rounds()
     per_round: list[dict[str, Any]] = []
+    affinity: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         work = Path(tmp)
         model = models.mlp(work / "mlp.onnx")
@@ -177,22 +190,23 @@ def run(results_dir: Path) -> dict[str, Any]:
         servers: dict[str, Process] = {}
         try:
             for name in SERVERS:
-                servers[name] = _start(name, model, tag, work)
+                servers[name] = _start(name, model, tag, work, pinning)
                 console.print(f"{NAMES[name]}: warming up for {WARMUP_S:.0f} s ...")
                 wrk(servers[name].url + PATHS[name], bodies, CLIENTS, WARMUP_S)
+                affinity[name] = tree_affinity(servers[name].popen.pid)
             for r in range(rounds):
                 order = [SERVERS[(r + i) % len(SERVERS)] for i in range(len(SERVERS))]
                 one: dict[str, Any] = {"order": order}
                 for name in order:
                     console.print(f"round {r + 1}/{rounds}: {NAMES[name]} ...")
-                    one[name] = _measure(servers[name], PATHS[name], bodies)
+                    one[name] = _measure(servers[name], PATHS[name], bodies, pinning)
                 one["raw_onnxruntime_rps"] = round(_raw_ort(model, json.loads(bodies[0])), 1)
                 one["ratios"] = _ratios(one)
                 per_round.append(one)
         finally:
             for proc in servers.values():
                 proc.stop()
-    return _result(per_round, console)
+    return per_round, affinity
 
 
 def _result(per_round: list[dict[str, Any]], console: Console) -> dict[str, Any]:
@@ -240,13 +254,14 @@ def _result(per_round: list[dict[str, Any]], console: Console) -> dict[str, Any]
         "per_round": [_flat(i, r) for i, r in enumerate(per_round)],
         "rounds": per_round,
         "load_generator": (
-            f"wrk, {CLIENTS} connections on 2 threads for {SECONDS:.0f} s and 1 connection for "
-            f"{ONE_CLIENT_SECONDS:.0f} s, loopback, sharing the cores with the server; each "
-            f"server warmed {WARMUP_S:.0f} s first; {n} rounds, the order rotating each round"
+            f"wrk, {CLIENTS} connections for {SECONDS:.0f} s and 1 connection for "
+            f"{ONE_CLIENT_SECONDS:.0f} s, loopback, on CPUs of its own (the servers on the "
+            f"others: 'pinning'); each server warmed {WARMUP_S:.0f} s first; {n} rounds, the "
+            "order rotating each round"
         ),
         "note": (
-            "shared cores (load generator, server and other work on the same machine): ratios "
-            "are taken within a round, then their median; the load average is in each round"
+            "other work on the machine can still share either set of CPUs: ratios are taken "
+            "within a round, then their median; the load average is in each round"
         ),
     }
 
@@ -261,6 +276,8 @@ def _flat(index: int, r: dict[str, Any]) -> dict[str, Any]:
     row["CPU-bound share of bare"] = r["ratios"]["clients_64"]["cpu_bound_share_of_bare_asgi"]
     for name in SERVERS:
         row[f"{name} CPU µs/req"] = r[name]["clients_64"]["server_cpu_us_per_request"]
+    for name in SERVERS:  # 1.0: CPU-bound on its own CPUs, as the throughput share assumes
+        row[f"{name} CPU busy"] = r[name]["clients_64"]["server_cpu_busy"]
     row["load 1m"] = r["edgebento"]["load_before"]["load_1m"]
     return row
 

@@ -1,15 +1,14 @@
-"""Overload: an open-loop flood at 4x the measured capacity for 8 s, on every request path.
+"""Overload: an open-loop flood at 4x the measured capacity for 6 s, on every request path.
 
 A model of about 1.4 ms a request (``tests.support.serving_models.slow``, one request per batch,
-one worker, one ORT thread) so that a Python load generator on the same two cores can reach 4x
-its capacity; then the same flood on models of twice and four times the cost, which shows how
-much of the goodput the HTTP work of refusing 3x capacity takes on two shared cores. For each
-path (tensor JSON, tensor JSON with b64, OIP JSON, OIP with Triton's binary extension), in one
-run:
+one worker, one ORT thread) so that a Python load generator can reach 4x its capacity; then, in
+the first round, the same flood on models of twice and four times the cost, which shows how much
+of the goodput the HTTP work of refusing 3x capacity takes. For each path (tensor JSON, tensor
+JSON with b64, OIP JSON, OIP with Triton's binary extension), in one run:
 
-1. capacity: 200s per second with 64 closed-loop clients for 4 s;
+1. capacity: 200s per second with 64 closed-loop clients for 3 s;
 2. the flood: requests sent on a fixed schedule (open loop: a late answer never delays the next
-   send) at 4x capacity for 8 s; latency counts from the scheduled send time, so a stalled
+   send) at 4x capacity for 6 s; latency counts from the scheduled send time, so a stalled
    server cannot hide behind a stalled client (no coordinated omission);
 3. recovery: the schedule drops to half the capacity for 2 s; recovery is how long after the
    flood every answer is a 200 again.
@@ -23,6 +22,13 @@ Then the same flood on a model whose cost grows with its rows (``row_cost_model`
 saves nothing, a batch of 64 rows costs 64 rows), batched as the service batches by default,
 tensor JSON: the deadline arithmetic must plan for the rows queued ahead and shrink a batch to
 what the deadline allows.
+
+Every server runs on a CPU of its own, all its processes and threads, and the load generator
+(this process) on the others (``benchmarks/pinning.py``; the CPUs are recorded). Unpinned, the
+generator sent four times as many requests in the flood as in the capacity phase and took that
+CPU from the server it measured: goodput was 69-85% of capacity while goodput per server
+CPU-second equalled capacity's. What a refusal costs the server against an accepted request,
+and the goodput its CPU then allows, is in each flood's ``refusal_cost``.
 
 Beside edgebento, in the same run, the same tensor JSON flood on what a user would pick instead,
 each with one worker and one ORT thread on the same model: the plain BentoML service
@@ -62,6 +68,7 @@ from benchmarks.overload_flood import (
     flood_baseline,
     flood_edgebento,
 )
+from benchmarks.pinning import Pinning, generator_side, split
 from benchmarks.runs import median_of, summarize
 from benchmarks.serving_common import REPO
 
@@ -84,17 +91,26 @@ def _trees() -> dict[str, Path]:
 
 
 def _edgebento_round(
-    work: Path, key: Path, pub: Path, paths: list[str], repo: Path, quick: bool, tree: str
+    work: Path,
+    key: Path,
+    pub: Path,
+    paths: list[str],
+    repo: Path,
+    with_curve: bool,
+    tree: str,
+    pinning: Pinning,
 ) -> dict[str, Any]:
     console = Console()
     console.print(f"\\[{tree}] floods on {', '.join(paths)} (fixed cost) ...")
-    figures = flood_edgebento(work, key, pub, DEPTH, paths, repo)
+    figures = flood_edgebento(work, key, pub, DEPTH, paths, repo, pinning)
     console.print(f"\\[{tree}] flood on the row-cost model ...")
-    figures["row_cost"] = flood_edgebento(work, key, pub, 0, ["tensor_json"], repo)["tensor_json"]
+    figures["row_cost"] = flood_edgebento(work, key, pub, 0, ["tensor_json"], repo, pinning)[
+        "tensor_json"
+    ]
     curve = [{"depth": DEPTH, **_curve_point(figures["tensor_json"])}]
-    for depth in () if quick else CURVE_DEPTHS:
+    for depth in CURVE_DEPTHS if with_curve else ():
         console.print(f"\\[{tree}] flood on tensor_json, a model of depth {depth} ...")
-        f = flood_edgebento(work, key, pub, depth, ["tensor_json"], repo)["tensor_json"]
+        f = flood_edgebento(work, key, pub, depth, ["tensor_json"], repo, pinning)["tensor_json"]
         curve.append({"depth": depth, **_curve_point(f)})
     return {"figures": figures, "by_model_cost": curve}
 
@@ -107,7 +123,9 @@ def run(results_dir: Path) -> dict[str, Any]:
     quick = os.environ.get("EDGEBENTO_BENCH_QUICK") == "1"  # tensor JSON and the row cost only
     paths = ["tensor_json"] if quick else list(URLS)
     per_round: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
+    # One worker: one CPU for the server, the others for the generator.
+    pinning = split(server_cpus=1)
+    with generator_side(pinning), tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:
         work = Path(tmp)
         key, pub = generate_keypair(work / "keys")
         servers = ["edgebento", *BASELINES]
@@ -118,11 +136,17 @@ def run(results_dir: Path) -> dict[str, Any]:
                 console.rule(f"round {r + 1}/{rounds}: {who}")
                 if who == "edgebento":
                     for tree, repo in trees.items():
-                        one[tree] = _edgebento_round(work, key, pub, paths, repo, quick, tree)
+                        # The cost curve in the first round only (the time of the run).
+                        curve = r == 0 and not quick
+                        one[tree] = _edgebento_round(
+                            work, key, pub, paths, repo, curve, tree, pinning
+                        )
                 else:
-                    one[who] = flood_baseline(work, who)
+                    one[who] = flood_baseline(work, who, pinning)
             per_round.append(one)
-    return _result(per_round, trees, console)
+    result = _result(per_round, trees, console)
+    result["pinning"] = pinning.as_dict()
+    return result
 
 
 def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -171,9 +195,9 @@ def _result(
         figures = {k: _merge([r[tree]["figures"][k] for r in per_round]) for k in floods}
         for f in figures.values():
             f["targets"] = _targets(f)
-        curve = [
-            _curve_row([r[tree]["by_model_cost"][i] for r in per_round])
-            for i in range(len(per_round[0][tree]["by_model_cost"]))
+        curve = [  # a depth's row from the rounds that flooded it (the first, past DEPTH)
+            _curve_row([p for r in per_round for p in r[tree]["by_model_cost"] if p["depth"] == d])
+            for d in [p["depth"] for p in per_round[0][tree]["by_model_cost"]]
         ]
         by_tree[tree] = {"figures": figures, "by_model_cost": curve}
     baselines = {b: _merge([r[b] for r in per_round]) for b in BASELINES}
@@ -193,7 +217,10 @@ def _result(
             f"ASGI {median_of(baselines['bare_asgi']['goodput_of_capacity']):.0%} of theirs), "
             f"slowest at the client "
             f"{max(max(f['slowest_s']['values']) for f in this.values()):.2f} s (deadline "
-            f"{DEADLINE_S:.0f} s), statuses {sorted({k for f in this.values() for k in f['statuses']})}"
+            f"{DEADLINE_S:.0f} s), statuses {sorted({k for f in this.values() for k in f['statuses']})}; "
+            f"a refusal costs the server {_cost(this['tensor_json'], 'server_cpu_us_per_503')} µs "
+            f"of CPU against {_cost(this['tensor_json'], 'server_cpu_us_per_200')} µs for a 200 "
+            f"(budget for 90%: {_cost(this['tensor_json'], 'refusal_budget_for_90pct_us')} µs)"
         ),
         "targets_met": met,
         "runs": n,
@@ -208,15 +235,24 @@ def _result(
             f"outer product), batches up to {MAX_BATCH_ROWS} rows; deadline {DEADLINE_S} s, "
             "default queue of 256; the baselines (plain BentoML, bare uvicorn ASGI) on the slow "
             "model with 1 worker and 1 ORT thread, tensor JSON; goodput: 200s of the flood "
-            f"answered within {DEADLINE_S:.0f} s plus one batch at the client; an open-loop generator (asyncio "
-            f"protocols on uvloop) on the same two cores; latency at the client, from the start "
-            f"of each request; {n} rounds, the order rotating each round"
+            f"answered within {DEADLINE_S:.0f} s plus one batch at the client; an open-loop "
+            "generator (asyncio protocols on uvloop) on CPUs of its own, each server on another "
+            "('pinning'); latency at the client, from the start of each request; "
+            f"{n} rounds, the order rotating each round; the cost curve in the first round"
         ),
-        "note": "2 shared cores (load generator, server and other work on the same machine): noisy",
+        "note": (
+            "other work on the machine can still share the server's CPU: the load average is in "
+            "each round, and goodput per server CPU-second beside goodput"
+        ),
     }
     if "baseline" in by_tree:
         result["baseline"] = {"tree": str(trees["baseline"]), **by_tree["baseline"]}
     return result
+
+
+def _cost(flood: dict[str, Any], key: str) -> str:
+    found = median_of(flood.get("refusal_cost", {}).get(key))
+    return f"{found:.0f}" if isinstance(found, int | float) else "?"
 
 
 def _ratio_rounds(per_round: list[dict[str, Any]], field: str, baseline: str) -> dict[str, Any]:
@@ -253,6 +289,13 @@ def _flat(index: int, r: dict[str, Any]) -> dict[str, Any]:
     row["edgebento capacity/s"] = ours["capacity_rps"]
     row["edgebento goodput"] = ours["goodput_of_capacity"]
     row["edgebento goodput per CPU"] = ours["goodput_per_cpu_of_capacity"]
+    cost = ours["refusal_cost"]
+    row["edgebento CPU µs/200"] = cost["server_cpu_us_per_200"]
+    row["edgebento CPU µs/503"] = cost.get("server_cpu_us_per_503")
+    row["edgebento goodput the CPU allows"] = cost.get("goodput_of_capacity_the_cpu_allows")
+    row["edgebento CPU busy, capacity/flood"] = (
+        f"{cost['server_cpu_busy_capacity']:.2f}/{cost['server_cpu_busy_flood']:.2f}"
+    )
     for b in BASELINES:
         row[f"{b} capacity/s"] = r[b]["capacity_rps"]
         row[f"{b} goodput"] = r[b]["goodput_of_capacity"]

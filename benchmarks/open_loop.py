@@ -192,8 +192,15 @@ def _pool(url: str) -> _Connections:
 
 
 async def closed_loop(
-    url: str, bodies: list[bytes], headers: dict[str, str], seconds: float
+    url: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    seconds: float,
+    clients: int = 64,
+    statuses: dict[int, int] | None = None,
 ) -> float:
+    """200s per second with ``clients`` each sending its next request when answered; every
+    answer's status counted in ``statuses`` when given."""
     pool, requests = _pool(url), _raw_requests(url, bodies, headers)
     ok = 0
     end = time.perf_counter() + seconds
@@ -203,18 +210,26 @@ async def closed_loop(
         while time.perf_counter() < end:
             status = await pool.send(requests[i % len(requests)])  # not ok += await: it races
             ok += status == 200
+            if statuses is not None:
+                statuses[status] = statuses.get(status, 0) + 1
             i += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(64)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     pool.close()
     return ok / (time.perf_counter() - start)
 
 
 async def open_loop(
-    url: str, bodies: list[bytes], headers: dict[str, str], phases: list[tuple[float, float]]
+    url: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    phases: list[tuple[float, float]],
+    on_phase: Callable[[int], None] | None = None,
 ) -> list[Shot]:
-    """Send on a fixed schedule: ``phases`` of (rate, seconds), one after the other."""
+    """Send on a fixed schedule: ``phases`` of (rate, seconds), one after the other;
+    ``on_phase(i)`` when phase ``i`` begins (at its first send), ``on_phase(len(phases))`` when
+    the last one ends (the server's CPU is read there, phase by phase)."""
     pool, requests = _pool(url), _raw_requests(url, bodies, headers)
     shots: list[Shot] = []
     total = sum(int(rate * seconds) for rate, seconds in phases)
@@ -227,18 +242,25 @@ async def open_loop(
             all_answered.set_result(None)
 
     start, i = time.perf_counter(), 0
-    for rate, seconds in phases:
+    for index, (rate, seconds) in enumerate(phases):
         for k in range(int(rate * seconds)):
             scheduled = start + k / rate
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if k == 0 and on_phase is not None:
+                on_phase(index)
             pool.start(
                 requests[i % len(requests)],
                 functools.partial(answered, scheduled, time.perf_counter()),
             )
             i += 1
         start += seconds
+    if on_phase is not None:
+        delay = start - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        on_phase(len(phases))
     if total:
         await all_answered
     pool.close()

@@ -3,15 +3,20 @@
 flood at ``FACTOR`` times it, and what the client saw (statuses, goodput, the slowest answer,
 recovery).
 
-Goodput counts the answers a client can use: a 200 of a request sent during the flood, answered
-within the deadline plus one batch (``DEADLINE_S`` plus the server's slowest single request,
-timed at the client: the bound edgebento's answers are held to). A server without admission control
-answers every request with a 200 in the end, but after a queue of seconds; those late 200s are
-reported apart (``answered_200_rps``), not as goodput.
+Goodput counts the answers a client can use, per second of the flood: the 200s that came during
+the flood, each within the deadline plus one batch of its send (``DEADLINE_S`` plus the server's
+slowest single request, timed at the client: the bound edgebento's answers are held to), counted
+when they came. Counted by send instead (every good 200 of a request sent during the flood), the
+queue left at its end, up to a deadline's worth of work answered after it, added up to
+``DEADLINE_S / FLOOD_S`` to the rate (a third for a 6 s flood): that figure is kept as
+``goodput_by_send_of_capacity``. A server without admission control answers every request with a
+200 in the end, but after a queue of seconds; those late 200s are reported apart
+(``answered_200_rps``), not as goodput.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -21,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.open_loop import ERRORS, Shot, closed_loop, open_loop, run_loop
-from benchmarks.runs import load, measured
+from benchmarks.pinning import Pinning
+from benchmarks.runs import CpuMeter, load, measured
 from benchmarks.serving_common import (
     REPO,
     Process,
@@ -32,7 +38,8 @@ from benchmarks.serving_common import (
     start_plain_bento,
 )
 
-CAPACITY_S, FLOOD_S, RECOVERY_S, FACTOR = 4.0, 8.0, 2.0, 4.0
+# Three rounds of every flood stay within about six minutes on two cores.
+CAPACITY_S, FLOOD_S, RECOVERY_S, FACTOR = 3.0, 6.0, 2.0, 4.0
 DEADLINE_S = 2.0
 WIDTH = 256
 
@@ -122,7 +129,9 @@ def judge(shots: list[Shot], capacity: float, flood_end: float, one_batch: float
     for s in shots:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
     bound = DEADLINE_S + one_batch
-    goodput = sum(s.status == 200 and s.served <= bound for s in flood) / FLOOD_S
+    good = [s for s in shots if s.status == 200 and s.served <= bound]
+    goodput = sum(s.scheduled + s.latency < flood_end for s in good) / FLOOD_S
+    by_send = sum(s.scheduled < flood_end for s in good) / FLOOD_S
     answered = sum(s.status == 200 for s in flood) / FLOOD_S
     recovery: float | None = None  # None: not within the run
     for index, s in enumerate(after):
@@ -137,6 +146,7 @@ def judge(shots: list[Shot], capacity: float, flood_end: float, one_batch: float
         "statuses": statuses,
         "goodput_rps": round(goodput, 1),
         "goodput_of_capacity": round(goodput / capacity, 3),
+        "goodput_by_send_of_capacity": round(by_send / capacity, 3),
         "answered_200_rps": round(answered, 1),
         "slowest_s": round(slowest, 3),
         "deadline_plus_one_batch_s": round(bound, 3),
@@ -162,14 +172,20 @@ def judge(shots: list[Shot], capacity: float, flood_end: float, one_batch: float
 
 
 def run_path(
-    server: Process, path: str, batch_body: bytes | None = None, route: str | None = None
+    server: Process,
+    path: str,
+    batch_body: bytes | None = None,
+    route: str | None = None,
+    refusals: bool = False,
 ) -> dict[str, Any]:
     """``batch_body``: a request of a full batch's rows, whose time is "one batch" (else one
-    request is); ``route``: the server's own for the path (a baseline's).
+    request is); ``route``: the server's own for the path (a baseline's); ``refusals``: measure
+    a refusal's CPU on its own too (``refusals_alone``: edgebento's).
 
-    The server's CPU is measured in both phases: other work on the machine moves how much CPU
-    it gets from one phase to the next, and so the wall-clock share of capacity; the share per
-    CPU-second it was given (``goodput_per_cpu_of_capacity``) does not move with it."""
+    The server's CPU is read in both phases: ``refusals`` says what the flood's refusals cost
+    it and how much goodput that CPU leaves (``refusal_cost``); ``goodput_per_cpu_of_capacity``
+    is the goodput per CPU-second it was given, over capacity's (it does not move with the CPU
+    the server gets: other work on its CPUs moves that)."""
     bodies, headers = _bodies(path, np.random.default_rng(0))
     url = server.url + (route if route is not None else URLS[path])
     if batch_body is None:
@@ -179,29 +195,126 @@ def run_path(
     capacity, capacity_cpu = measured(
         server.popen.pid, lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S))
     )
-    # The generator yields the CPU to the server it measures (they share the cores): its own
-    # lag is reported apart, and the slowest answer is timed from the real send.
+    # The generator's own lag (other work on its CPUs) is reported apart, and the slowest
+    # answer is timed from the real send.
     phases = [(capacity * FACTOR, FLOOD_S), (capacity / 2, RECOVERY_S)]
     ERRORS.clear()
     load_before = load()
+    meter = CpuMeter(server.popen.pid)
+    marks: list[tuple[float, float]] = []  # (when, the server's CPU) as each phase begins
+
+    def mark(index: int) -> None:
+        marks.append((time.perf_counter(), meter.read()))
+
     shots, flood_cpu = measured(
-        server.popen.pid, lambda: run_loop(open_loop(url, bodies, headers, phases))
+        server.popen.pid, lambda: run_loop(open_loop(url, bodies, headers, phases, mark))
     )
     flood_end = shots[0].scheduled + FLOOD_S if shots else 0.0
     verdict = judge(shots, capacity, flood_end, one_batch)
-    # 200s within the bound per CPU-second, in the flood and its recovery (and a baseline's
-    # drain, whose late answers cost CPU too), over the capacity phase's 200s per CPU-second.
-    useful = sum(
-        s.status == 200 and s.served <= verdict["deadline_plus_one_batch_s"] for s in shots
+    # Goodput per CPU-second the server spent during the flood, over the capacity phase's 200s
+    # per CPU-second.
+    window_cpu = marks[1][1] - marks[0][1] if len(marks) > 1 else 0.0
+    per_cpu = (
+        (verdict["goodput_rps"] * FLOOD_S / window_cpu) / (capacity * CAPACITY_S / capacity_cpu)
+        if window_cpu and capacity_cpu
+        else None
     )
-    per_cpu = (useful / flood_cpu) / (capacity * CAPACITY_S / capacity_cpu) if flood_cpu else None
     return {
         **verdict,
-        "server_cpu_s": {"capacity": round(capacity_cpu, 2), "flood": round(flood_cpu, 2)},
+        "server_cpu_s": {
+            "capacity": round(capacity_cpu, 2),
+            "flood": round(window_cpu, 2),
+            "flood_recovery_and_drain": round(flood_cpu, 2),
+        },
         "goodput_per_cpu_of_capacity": None if per_cpu is None else round(per_cpu, 3),
+        "refusal_cost": {
+            **refusal_cost(shots, marks, capacity, capacity_cpu),
+            **(
+                refusals_alone(server, url, bodies, headers, capacity, capacity_cpu)
+                if refusals
+                else {}
+            ),
+        },
         "connection_errors": dict(ERRORS),
         "load_before": load_before,
     }
+
+
+REFUSALS_S = 2.0
+
+
+def refusals_alone(
+    server: Process,
+    url: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    capacity: float,
+    capacity_cpu: float,
+) -> dict[str, Any]:
+    """A refusal's CPU measured where refusals are nearly all the server does: 8 closed-loop
+    clients keep the model's queue busy while 56 send requests whose own deadline (``x-timeout-ms``
+    of 0.001) the queue cannot meet, refused before their body is read, as a flood's are. The
+    server's CPU, less its 200s at capacity's cost each, over its 503s: the 200s are few, so
+    an error in their cost moves this figure little (it moves the flood's own estimate more)."""
+    doomed = {**headers, "x-timeout-ms": "0.001"}
+    seen: dict[int, int] = {}
+
+    async def both() -> None:
+        await asyncio.gather(
+            closed_loop(url, bodies, headers, REFUSALS_S, clients=8, statuses=seen),
+            closed_loop(url, bodies, doomed, REFUSALS_S, clients=56, statuses=seen),
+        )
+
+    _, cpu = measured(server.popen.pid, lambda: run_loop(both()))
+    per_ok = capacity_cpu / max(capacity * CAPACITY_S, 1.0)
+    ok, refused = seen.get(200, 0), seen.get(503, 0)
+    out: dict[str, Any] = {"alone_answered": {str(k): v for k, v in sorted(seen.items())}}
+    if refused:
+        out["server_cpu_us_per_503_alone"] = round(1e6 * max(0.0, cpu - ok * per_ok) / refused, 1)
+    return out
+
+
+def refusal_cost(
+    shots: list[Shot], marks: list[tuple[float, float]], capacity: float, capacity_cpu: float
+) -> dict[str, Any]:
+    """What the server's CPU went to during the flood (from its first send to its last,
+    answers counted when they came): an accepted request costs what it cost at capacity, the
+    refusals the rest. From that, the goodput the server's CPU allowed: with ``x`` a refusal's
+    cost over an accepted request's and ``b`` the server's CPU in the flood over capacity's,
+    ``(b - FACTOR x) / (1 - x)`` of capacity; 90% needs ``x`` at most ``0.1 / (FACTOR - 0.9)``
+    where ``b`` is 1 (its own CPU in both phases)."""
+    if len(marks) < 2:  # nothing was sent (no capacity): nothing to tell
+        return {}
+    (start, cpu_start), (end, cpu_end) = marks[0], marks[1]
+    answered = [s for s in shots if start <= s.scheduled + s.latency < end]
+    ok = sum(s.status == 200 for s in answered)
+    refused = sum(s.status == 503 for s in answered)
+    cpu = cpu_end - cpu_start
+    per_ok = capacity_cpu / max(capacity * CAPACITY_S, 1.0)
+    busy_capacity = capacity_cpu / CAPACITY_S
+    busy = cpu / max(end - start, 1e-9)
+    out: dict[str, Any] = {
+        "server_cpu_busy_capacity": round(busy_capacity, 3),
+        "server_cpu_busy_flood": round(busy, 3),
+        "server_cpu_us_per_200": round(1e6 * per_ok, 1),
+        "answered_in_flood": {"200": ok, "503": refused, "other": len(answered) - ok - refused},
+        "refusal_budget_for_90pct_us": round(1e6 * per_ok * 0.1 / (FACTOR - 0.9), 1),
+    }
+    if not refused:
+        return out
+    per_refusal = max(0.0, cpu - ok * per_ok) / refused
+    x = per_refusal / per_ok
+    out.update(
+        {
+            "server_cpu_us_per_503": round(1e6 * per_refusal, 1),
+            "refusal_over_200": round(x, 4),
+            "flood_cpu_on_refusals": round(refused * per_refusal / max(cpu, 1e-9), 3),
+            "goodput_of_capacity_the_cpu_allows": round(
+                (busy / max(busy_capacity, 1e-9) - FACTOR * x) / max(1 - x, 1e-9), 3
+            ),
+        }
+    )
+    return out
 
 
 DEPTH = 128  # the model of the targets: 128 MatMul+Tanh of 256, about 1.4 ms a request here
@@ -211,9 +324,12 @@ CURVE_DEPTHS = (256, 512)  # the same flood on costlier models (tensor JSON only
 _TAGS: dict[Path, str] = {}
 
 
-def serve_slow(work: Path, key: Path, pub: Path, depth: int, repo: Path = REPO) -> Process:
+def serve_slow(
+    work: Path, key: Path, pub: Path, depth: int, repo: Path = REPO, pinning: Pinning | None = None
+) -> Process:
     """The fixed-cost model (``depth`` > 0), one request per batch; or (``depth`` 0) the
-    row-cost model, batched up to the service's default."""
+    row-cost model, batched up to the service's default; one worker, one ORT thread, on
+    ``pinning``'s server CPUs."""
     from modelpack import create_pack
     from tests.support import serving_models
 
@@ -233,6 +349,7 @@ def serve_slow(work: Path, key: Path, pub: Path, depth: int, repo: Path = REPO) 
         tag,
         work,
         repo,
+        pinning,
         EDGEBENTO_WORKERS="1",
         EDGEBENTO_THREADS="1",
         EDGEBENTO_MAX_BATCH=str(MAX_BATCH_ROWS if depth == 0 else 1),
@@ -241,12 +358,21 @@ def serve_slow(work: Path, key: Path, pub: Path, depth: int, repo: Path = REPO) 
 
 
 def flood_edgebento(
-    work: Path, key: Path, pub: Path, depth: int, paths: list[str], repo: Path
+    work: Path,
+    key: Path,
+    pub: Path,
+    depth: int,
+    paths: list[str],
+    repo: Path,
+    pinning: Pinning | None = None,
 ) -> dict[str, Any]:
-    server = serve_slow(work, key, pub, depth, repo)
+    server = serve_slow(work, key, pub, depth, repo, pinning)
     try:
         batch = full_batch_body(MAX_BATCH_ROWS) if depth == 0 else None
-        return {path: run_path(server, path, batch) for path in paths}
+        return {
+            path: run_path(server, path, batch, refusals=depth == DEPTH and path == "tensor_json")
+            for path in paths
+        }
     finally:
         server.stop()
 
@@ -254,7 +380,7 @@ def flood_edgebento(
 BASELINE_ROUTES = {"plain_bentoml": "/predict", "bare_asgi": "/"}
 
 
-def flood_baseline(work: Path, kind: str) -> dict[str, Any]:
+def flood_baseline(work: Path, kind: str, pinning: Pinning | None = None) -> dict[str, Any]:
     """The tensor JSON flood on a baseline serving the fixed-cost model with one worker and one
     ONNX Runtime thread, as edgebento's service runs it here: the plain BentoML service
     (``plain_bentoml``) or the bare ASGI app (``bare_asgi``)."""
@@ -264,7 +390,7 @@ def flood_baseline(work: Path, kind: str) -> dict[str, Any]:
     if not model.exists():
         serving_models.slow(model, width=WIDTH, depth=DEPTH)
     start = start_plain_bento if kind == "plain_bentoml" else start_bare_asgi
-    server = start(model, work, 1)
+    server = start(model, work, 1, pinning)
     try:
         return run_path(server, "tensor_json", route=BASELINE_ROUTES[kind])
     finally:

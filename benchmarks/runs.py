@@ -75,6 +75,10 @@ class CpuMeter:
         self.pid = pid
         self.started = 0.0
 
+    def read(self) -> float:
+        """The CPU seconds the tree has spent so far (user and system, all its processes)."""
+        return self._now()
+
     def _now(self) -> float:
         import psutil
 

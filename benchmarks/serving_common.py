@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.pinning import Pinning
+
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,7 +33,12 @@ import os, sys
 import numpy as np, onnxruntime as ort
 from flask import Flask, jsonify, request
 
-session = ort.InferenceSession(os.environ["BASELINE_MODEL"], providers=["CPUExecutionProvider"])
+options = ort.SessionOptions()
+if os.environ.get("BASELINE_THREADS"):  # else ONNX Runtime's default: a thread per core
+    options.intra_op_num_threads = options.inter_op_num_threads = int(os.environ["BASELINE_THREADS"])
+session = ort.InferenceSession(
+    os.environ["BASELINE_MODEL"], options, providers=["CPUExecutionProvider"]
+)
 types = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 dtypes = {i.name: types[i.type] for i in session.get_inputs()}
 app = Flask(__name__)
@@ -200,7 +207,15 @@ class Process:
                 self.popen.wait()
 
 
-def start(cmd: list[str], env: dict[str, str], port: int, log: Path, repo: Path = REPO) -> Process:
+def start(
+    cmd: list[str],
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    repo: Path = REPO,
+    pinning: Pinning | None = None,
+) -> Process:
+    """``cmd`` in its own session; on ``pinning``'s server CPUs (it and all it starts)."""
     popen = subprocess.Popen(
         cmd,
         cwd=repo,
@@ -208,25 +223,33 @@ def start(cmd: list[str], env: dict[str, str], port: int, log: Path, repo: Path 
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=None if pinning is None else pinning.server_preexec(),
     )
     return Process(popen, f"http://{LOOPBACK}:{port}", log)
 
 
-def start_flask(model: Path, workdir: Path) -> Process:
+def start_flask(
+    model: Path, workdir: Path, pinning: Pinning | None = None, threads: int | None = None
+) -> Process:
+    """The seed's Flask app; ``threads``: ONNX Runtime's, else its default (a thread per core,
+    each pinned by ONNX Runtime to a core of its choosing, past the process's CPUs)."""
     app = workdir / "flask_baseline.py"
     app.write_text(FLASK_APP)
     port = free_port()
     proc = start(
         [sys.executable, str(app), str(port)],
-        {"BASELINE_MODEL": str(model)},
+        {"BASELINE_MODEL": str(model), "BASELINE_THREADS": str(threads or "")},
         port,
         workdir / "flask.log",
+        pinning=pinning,
     )
     proc.wait_ready("/ping")
     return proc
 
 
-def start_plain_bento(model: Path, workdir: Path, workers: int) -> Process:
+def start_plain_bento(
+    model: Path, workdir: Path, workers: int, pinning: Pinning | None = None
+) -> Process:
     """``bentoml serve`` of the plain service in ``benchmarks/plain_bento``: POST /predict."""
     port = free_port()
     proc = start(
@@ -248,12 +271,15 @@ def start_plain_bento(model: Path, workdir: Path, workers: int) -> Process:
         port,
         workdir / f"plain-bento-{port}.log",
         Path(__file__).parent / "plain_bento",
+        pinning,
     )
     proc.wait_ready("/readyz")
     return proc
 
 
-def start_bare_asgi(model: Path, workdir: Path, workers: int) -> Process:
+def start_bare_asgi(
+    model: Path, workdir: Path, workers: int, pinning: Pinning | None = None
+) -> Process:
     """uvicorn (uvloop, httptools) with ``benchmarks.bare_asgi:app``: POST any path."""
     port = free_port()
     proc = start(
@@ -279,16 +305,25 @@ def start_bare_asgi(model: Path, workdir: Path, workers: int) -> Process:
         {"BASELINE_MODEL": str(model)},
         port,
         workdir / f"bare-asgi-{port}.log",
+        pinning=pinning,
     )
     proc.wait_ready("/ping")
     return proc
 
 
 def start_bento(
-    home: Path, model_tag: str, workdir: Path, repo: Path = REPO, **env: str
+    home: Path,
+    model_tag: str,
+    workdir: Path,
+    repo: Path = REPO,
+    pinning: Pinning | None = None,
+    **env: str,
 ) -> Process:
     """``bentoml serve`` of ``repo``'s service (another checkout's: a baseline measured beside
-    this tree's in one run, its code first on the path)."""
+    this tree's in one run, its code first on the path); with ``pinning``, one worker per
+    server CPU, each with one ONNX Runtime thread, unless ``env`` says otherwise."""
+    if pinning is not None:
+        env = {"EDGEBENTO_WORKERS": str(pinning.workers), "EDGEBENTO_THREADS": "1", **env}
     port = free_port()
     if repo != REPO:
         env = {"PYTHONPATH": str(repo), **env}
@@ -303,6 +338,7 @@ def start_bento(
         port,
         workdir / f"bento-{model_tag.replace(':', '-')}-{port}.log",
         repo,
+        pinning,
     )
     proc.wait_ready("/readyz")
     return proc
