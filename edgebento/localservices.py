@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,22 +13,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOOPBACK = "127.0.0.1"
+from edgebento.localports import (
+    LOOPBACK,
+    PortTaken,
+    free_port,
+    listens,
+    wait_for_port,
+    wait_serving,
+)
 
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0, host: str = LOOPBACK) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+__all__ = [
+    "ACL_TEMPLATE",
+    "LOOPBACK",
+    "OBSERVABILITY",
+    "Mosquitto",
+    "PortTaken",
+    "Prometheus",
+    "fleet_acl",
+    "free_port",  # the port helpers (edgebento.localports), as the tests and demos import them
+    "listens",
+    "mosquitto_binary",
+    "prometheus_binary",
+    "running_mosquitto",
+    "wait_for_port",
+    "wait_serving",
+]
 
 
 def mosquitto_binary() -> str:
@@ -74,6 +82,7 @@ class Mosquitto:
     # their user name, and the ACL is deploy/mosquitto/acl plus the enrollment identities.
     tls: Any = None
     claim_port: int = field(default_factory=free_port)  # with tls: enrollment by claim
+    _served: bool = field(default=False, init=False, repr=False)  # started once: ports kept
 
     @property
     def url(self) -> str:
@@ -122,14 +131,34 @@ class Mosquitto:
         return conf
 
     def start(self) -> Mosquitto:
-        conf = self._write_config()
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.workdir / "mosquitto.log").open("ab"),
-        )
-        wait_for_port(self.port)
-        return self
+        """Start it and wait until it listens. On its first start a port another process took
+        since ``free_port`` picked it is replaced by a new one; later starts (a restart after a
+        kill) keep the port its clients know."""
+        log = self.workdir / "mosquitto.log"
+        for _ in range(5):
+            conf = self._write_config()
+            seen = log.stat().st_size if log.exists() else 0
+            self.process = subprocess.Popen(
+                [mosquitto_binary(), "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("ab"),
+            )
+            ports = [self.port, self.claim_port] if self.tls is not None else [self.port]
+            try:
+                wait_serving(self.process, ports)
+            except (RuntimeError, TimeoutError) as exc:
+                said = log.read_bytes()[seen:].decode(errors="replace")
+                self.stop()
+                taken = isinstance(exc, PortTaken) or "Address already in use" in said
+                if not taken or self._served:
+                    raise RuntimeError(f"mosquitto did not start: {exc}\n{said[-2000:]}") from exc
+                self.port, self.claim_port = free_port(), free_port()
+                while self.claim_port == self.port:  # picked again once the first was closed
+                    self.claim_port = free_port()
+                continue
+            self._served = True
+            return self
+        raise PortTaken(f"mosquitto found its ports taken 5 times; the last: {ports}")
 
     @property
     def claim_url(self) -> str:
