@@ -1,9 +1,11 @@
 """Races of the test harness itself, each through the real processes: a port that another process
-takes between ``free_port`` and the service's bind."""
+takes between ``free_port`` and the service's bind, and a message the cloud-side test watch
+cannot read, which must not end paho's network loop."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import uuid
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from tests.support.agent_telemetry import DeviceWatch
 from tests.support.services import LOOPBACK, Mosquitto
 
 
@@ -69,3 +72,27 @@ def test_a_restarted_broker_keeps_its_port_or_says_it_was_taken(tmp_path: Path) 
             broker.start()
     finally:
         broker.stop()
+
+
+def test_a_message_the_watch_cannot_read_does_not_end_its_network_loop(
+    broker: Mosquitto, topic_prefix: str
+) -> None:
+    """paho re-raises what a callback raises, which ended DeviceWatch's network thread: every
+    later record was lost, and the test waiting for one timed out far from the cause."""
+    watch = DeviceWatch(broker, topic_prefix, "dev-a")
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex[:8])
+    sender.connect(LOOPBACK, broker.port, 30)
+    sender.loop_start()
+    try:
+        record = {"boot_id": "b", "seq": 0, "ts": 1.0, "kind": "event", "data": {"event": "x"}}
+        for payload in (b"\xff not json", b'{"records": []}', b"[1]"):
+            sender.publish(watch.telemetry, payload, qos=1).wait_for_publish(10)
+        batch = json.dumps({"schema_version": 1, "records": [record]})
+        sender.publish(watch.telemetry, batch, qos=1).wait_for_publish(10)
+        assert watch.wait(lambda records: records) == [record]
+        assert watch.client.is_connected()
+        assert len(watch.unreadable) == 3
+    finally:
+        sender.disconnect()
+        sender.loop_stop()
+        watch.close()

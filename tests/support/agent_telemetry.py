@@ -20,6 +20,7 @@ class DeviceWatch:
         self.records: list[dict[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self._seen: dict[str, set[int]] = {}
+        self.unreadable: list[str] = []
         self._lock = threading.Lock()
         self.telemetry = f"{prefix}/{device}/telemetry"
         self.status = f"{prefix}/{device}/status"
@@ -35,6 +36,16 @@ class DeviceWatch:
         assert subscribed.wait(10)
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho re-raises what a callback raises, which ends its network loop for good: every
+        # later record would be lost and the test would time out far from the cause. A message
+        # this watch cannot read is kept, and named by the wait that then fails.
+        try:
+            self._record(client, msg)
+        except Exception as exc:
+            with self._lock:
+                self.unreadable.append(f"{msg.topic}: {exc!r} in {bytes(msg.payload)[:200]!r}")
+
+    def _record(self, client: Any, msg: mqtt.MQTTMessage) -> None:
         if not msg.payload:
             return
         doc = json.loads(msg.payload)
@@ -66,7 +77,10 @@ class DeviceWatch:
             time.sleep(0.05)
         with self._lock:
             kinds = [(r["kind"], r["data"].get("event")) for r in self.records[-8:]]
-        raise AssertionError(f"not found within {timeout}s; the last records: {kinds}")
+            unreadable = self.unreadable[-3:]
+        raise AssertionError(
+            f"not found within {timeout}s; the last records: {kinds}; unreadable: {unreadable}"
+        )
 
     def events(self, name: str) -> list[dict[str, Any]]:
         with self._lock:
