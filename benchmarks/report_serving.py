@@ -43,6 +43,7 @@ def serving_mlp(d: dict[str, Any]) -> list[Figure]:
 
 def serving_overload(d: dict[str, Any]) -> list[Figure]:
     t, p, b = "figures.tensor_json", "baselines.plain_bentoml", "baselines.bare_asgi"
+    c = f"{t}.refusal_cost"
     floods = get(d, "figures") or {}
     worst = min(
         (
@@ -64,6 +65,12 @@ def serving_overload(d: dict[str, Any]) -> list[Figure]:
                num(get(d, f"{t}.goodput_per_cpu_of_capacity"), ".0%"),
                num(get(d, f"{b}.goodput_per_cpu_of_capacity"), ".0%"), BARE),
         Figure("goodput, share of capacity, worst of the floods", num(worst, ".0%"), "", "", ">= 90%"),
+        Figure("server CPU µs per refusal (503, in the flood / alone) and per 200, tensor JSON",
+               f"{num(get(d, f'{c}.server_cpu_us_per_503'), ',.0f')} / "
+               f"{num(get(d, f'{c}.server_cpu_us_per_503_alone'), ',.0f')} and "
+               f"{num(get(d, f'{c}.server_cpu_us_per_200'), ',.0f')}", "", "",
+               f"a refusal <= {num(_median(get(d, f'{c}.refusal_budget_for_90pct_us')), ',.0f')} µs "
+               "(90% with the server's CPU its own)"),
         Figure("slowest answer at the client s, tensor JSON", num(get(d, f"{t}.slowest_s"), ".2f"),
                num(get(d, f"{p}.slowest_s"), ".2f"), PLAIN, "<= deadline + one batch"),
         Figure("capacity requests/s, tensor JSON", num(get(d, f"{t}.capacity_rps"), ",.0f"),
