@@ -8,6 +8,7 @@ import os
 import queue
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -39,8 +40,13 @@ class TelemetrySink:
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
+        # The SUBACK before the agent starts: a batch published earlier reached no subscriber,
+        # and the test then depended on the agent's resend coming before its drain timed out.
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.connect("127.0.0.1", broker.port, 10)
         self.client.loop_start()
+        assert subscribed.wait(30), "no SUBACK for the telemetry sink within 30 s"
         self.seen: list[dict[str, Any]] = []
 
     def _on_message(self, client: Any, _userdata: Any, msg: Any) -> None:
