@@ -5,8 +5,9 @@ A Keras model is trained on scikit-learn's digits and optimized into a signed pa
 handler answers an event; BentoML serves it (tensor JSON, OIP from tritonclient, a flood answered
 with 200s and 503s); two edge agents on a real Mosquitto get v2 by a rollout, refuse a broken v3
 (the canary's health check rolls it back and the rollout aborts), and keep every telemetry record
-through a broker killed with -9; one device's inputs drift and ``edgebento monitor`` finds its
-cohort; a subtly broken v4 rolled out with ``--shadow`` aborts on its agreement. The broker runs
+through a broker killed with -9; the inputs of one cohort's two devices drift, and
+``edgebento monitor`` and the drift alert name that cohort; a subtly broken v4 rolled out with
+``--shadow`` aborts on its agreement. The broker runs
 with mTLS and the ACL ``fleet broker-config`` generates, the devices enroll by claim and renew
 their certificates while all that runs; a third device enrolls, one device cannot speak for
 another, and the third is revoked; Prometheus scrapes it all and the
@@ -39,20 +40,24 @@ def start_prometheus(demo: Demo, service_url: str, ports: fleet_steps.MetricsPor
             (f"{LOOPBACK}:{port}", {"device": device}) for device, port in ports.agents.items()
         ],
         "edgebento-rollout": [(f"{LOOPBACK}:{ports.rollout}", {})],
+        "edgebento-monitor": [(f"{LOOPBACK}:{ports.monitor}", {})],  # up from the drift step
     }
-    prometheus = Prometheus(demo.workdir / "prometheus", targets)
+    rules = demo_drift.demo_rules(demo.workdir / "prometheus" / "rules")
+    prometheus = Prometheus(demo.workdir / "prometheus", targets, rules=rules)
     console.print(
         f"[dim]$[/dim] [bold]prometheus --config.file={prometheus.workdir / 'prometheus.yml'} "
         f"--web.listen-address={LOOPBACK}:{prometheus.port} &[/bold] "
-        "[dim](rules: deploy/observability/rules/edgebento.rules.yml)[/dim]"
+        "[dim](rules: deploy/observability/rules/edgebento.rules.yml and drift.rules.yml, its "
+        f"'for' scaled to the demo's {demo_drift.WINDOW_S}-second drift windows)[/dim]"
     )
     demo.stoppers.append(prometheus.start().stop)
     prometheus.wait_scraped(jobs=("edgebento-service",))
     return prometheus
 
 
-# What the story does and the alert that must say so: the broken v3's rollout aborts.
-EXPECTED_ALERTS = ("EdgebentoRolloutAborted",)
+# What the story does and the alerts that must say so: the broken v3's rollout aborts, the dock
+# cohort's inputs drift.
+EXPECTED_ALERTS = ("EdgebentoRolloutAborted", demo_drift.ALERT)
 
 
 def alert_states(prometheus: Prometheus, since: float, timeout: float = 30.0) -> dict[str, str]:
@@ -112,8 +117,11 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
     with section("10. the fleet, and every telemetry record"):
         demo.attempt("fleet status", lambda: fleet_steps.step_fleet_status(demo, fleet))
         demo.attempt("telemetry", lambda: fleet_steps.step_exactly_once(fleet))
-    with section("11. drift: dev-2's inputs move, edgebento monitor finds its cohort"):
-        demo.attempt("drift", lambda: demo_drift.step_drift(demo, fleet, paths["calib"]))
+    with section("11. drift: the dock cohort's cameras turn darker; monitor and alert name it"):
+        demo.attempt(
+            "drift",
+            lambda: demo_drift.step_drift(demo, fleet, paths["calib"], packs.v2, prometheus),
+        )
     with section("12. a shadow rollout: a subtly broken v4 runs beside v2 and aborts"):
         demo.attempt(
             "shadow rollout",
@@ -128,7 +136,7 @@ def _story(demo: Demo, keys: Path) -> dict[str, str]:
             states.update(alert_states(prometheus, since))
             silent = [n for n in EXPECTED_ALERTS if states.get(n, "inactive") == "inactive"]
             if silent:
-                raise RuntimeError(f"{', '.join(silent)} did not fire after the rollout's abort")
+                raise RuntimeError(f"{', '.join(silent)} did not fire during the story")
             firing = [n for n, s in states.items() if s != "inactive"]
             return f"{len(states)} rules evaluated; " + (
                 ", ".join(f"{n} {states[n]}" for n in firing) if firing else "none firing"

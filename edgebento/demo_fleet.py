@@ -40,6 +40,7 @@ class MetricsPorts:
 
     sync: int = field(default_factory=free_port)
     rollout: int = field(default_factory=free_port)  # up while a rollout runs
+    monitor: int = field(default_factory=free_port)  # edgebento monitor, from the drift step
     agents: dict[str, int] = field(default_factory=lambda: {d: free_port() for d in DEVICES})
 
 

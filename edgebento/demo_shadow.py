@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgebento.demo_fleet import DEVICES, Fleet, publish_all, reply_topic, running_versions
+from edgebento.demo_fleet import DEVICES, Fleet, publish_all, running_versions
 from edgebento.demo_runner import BIN, Demo, console
+from edgebento.demo_traffic import paced_requests
 
 CHANGED = 0.10  # the share of the eval set's answers v4 changes
 ROWS, RATE, SECONDS = 8, 40, 12.0  # the live traffic while the shadows run
@@ -87,28 +87,6 @@ def _v4(demo: Demo, fleet: Fleet, v2: Path, eval_data: Path) -> Path:
     return out
 
 
-def _traffic(eval_data: Path, stop: threading.Event) -> Iterator[tuple[str, dict[str, object]]]:
-    """Requests of ``ROWS`` eval rows to each device in turn, ``RATE`` a second each, until
-    ``stop`` (the rollout ended) or ``SECONDS``."""
-    import time
-
-    import numpy as np
-
-    x = np.load(eval_data)["x"]
-    rng = np.random.default_rng(4)
-    until = time.monotonic() + SECONDS
-    i = 0
-    while time.monotonic() < until and not stop.is_set():
-        for device in DEVICES:
-            rows = x[rng.integers(0, len(x), ROWS)].round(4).tolist()
-            yield f"edgebento/{device}/infer", {
-                "id": f"shadow-{i}", "inputs": {"x": rows},
-                "reply_to": reply_topic(device, "shadow"),
-            }  # fmt: skip
-        i += 1
-        stop.wait(1 / RATE)
-
-
 def step_shadow(demo: Demo, fleet: Fleet, v2: Path, eval_data: Path) -> str:
     v4 = _v4(demo, fleet, v2, eval_data)
     console.print(
@@ -117,7 +95,10 @@ def step_shadow(demo: Demo, fleet: Fleet, v2: Path, eval_data: Path) -> str:
         "device while the shadows run[/dim]"
     )
     stop = threading.Event()
-    lines = _traffic(eval_data, stop)
+    # Until the rollout ends (``stop``) or ``SECONDS``.
+    lines = paced_requests(
+        eval_data, DEVICES, "shadow", stop, rows=ROWS, rate=RATE, seconds=SECONDS, seed=4
+    )
     traffic = threading.Thread(target=publish_all, args=(fleet, lines), daemon=True)
     traffic.start()
     try:

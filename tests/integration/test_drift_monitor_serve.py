@@ -3,22 +3,18 @@ checking the store again every ``--every`` seconds, and stopping cleanly on SIGT
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from cloud_sync.groups import change_group
 from cloud_sync.store import open_store
+from tests.support.drift_monitor import serve_monitor
 from tests.support.drift_sim import SimFleet, drift_pack, mean_shift
 from tests.support.promtool import assert_promtool_passes
 from tests.support.services import free_port
 from tests.unit.cloud_sync.test_drift_monitor_cli import records, write
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _metrics(port: int, deadline: float) -> str:
@@ -43,13 +39,7 @@ def test_monitor_serves_cohort_gauges_and_sees_new_summaries(tmp_path: Path) -> 
     write(store, records(fleet))
     change_group(open_store(str(store)), "lobby", add=[f"l{i}" for i in range(4)])
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from edgebento.cli import main; sys.exit(main())",
-         "monitor", "--store", str(store), "--pack", str(pack.root), "--out", str(tmp_path / "o"),
-         "--metrics-port", str(port), "--every", "1"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = serve_monitor(store, pack.root, tmp_path / "o", port)
     try:
         text = _metrics(port, time.monotonic() + 60)
         assert_promtool_passes(text)
