@@ -245,6 +245,7 @@ def test_simulated_devices_come_back_after_the_broker_is_killed(
         with FleetWatch(own_broker.url, Topics(topic_prefix), set(sim.names)) as watch:
             deadline = time.monotonic() + 30
             while True:
+                watch.take_changed()  # so that wait() sleeps until the next status, not spins
                 online = {d for d, s in list(watch.statuses.items()) if s.state == "online"}
                 if online == set(sim.names) and all(watch.statuses[d].ts > killed for d in online):
                     break

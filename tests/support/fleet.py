@@ -17,6 +17,9 @@ def wait_versions(
     with FleetWatch(broker.url, Topics(prefix), set(want)) as watch:
         deadline = time.monotonic() + timeout
         while True:
+            # wait() returns at once while a change is untaken: taken here, it sleeps until the
+            # next status (before, this loop spun a core the agents it waits for needed).
+            watch.take_changed()
             have = {
                 d: s.model.version if s.model and s.state == "online" else None
                 for d, s in list(watch.statuses.items())

@@ -95,7 +95,9 @@ def versions(broker: Mosquitto, prefix: str, devices: list[str]) -> dict[str, in
     with FleetWatch(broker.url, Topics(prefix), set(devices)).start(settle_s=0) as watch:
         deadline = time.monotonic() + 10
         while len(watch.statuses) < len(devices) and time.monotonic() < deadline:
-            watch.wait(0.2)
+            watch.take_changed()  # else wait() returns at once after the first status: a spin
+            if len(watch.statuses) < len(devices):
+                watch.wait(0.2)
         return {
             d: (s.model.version if (s := watch.statuses.get(d)) and s.model else None)
             for d in devices
