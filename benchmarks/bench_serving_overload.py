@@ -3,8 +3,10 @@
 A model of about 1.4 ms a request (``tests.support.serving_models.slow``, one request per batch,
 one worker, one ORT thread) so that a Python load generator can reach 4x its capacity; then, in
 the first round, the same flood on models of twice and four times the cost, which shows how much
-of the goodput the HTTP work of refusing 3x capacity takes. For each path (tensor JSON, tensor
-JSON with b64, OIP JSON, OIP with Triton's binary extension), in one run:
+of the goodput the HTTP work of refusing 3x capacity takes. Tensor JSON, the row-cost model and
+the baselines are flooded in every round; the other paths (tensor JSON with b64, OIP JSON, OIP
+with Triton's binary extension) and the costlier models in the first only (three rounds of
+everything took twice as long). Each flood, in one run:
 
 1. capacity: 200s per second with 64 closed-loop clients for 3 s;
 2. the flood: requests sent on a fixed schedule (open loop: a late answer never delays the next
@@ -64,6 +66,7 @@ from benchmarks.overload_flood import (
     MAX_BATCH_ROWS,
     ROW_COST_LAYERS,
     URLS,
+    WAIT_S,
     WIDTH,
     flood_baseline,
     flood_edgebento,
@@ -121,7 +124,6 @@ def run(results_dir: Path) -> dict[str, Any]:
     console = Console()
     trees, rounds = _trees(), _rounds()
     quick = os.environ.get("EDGEBENTO_BENCH_QUICK") == "1"  # tensor JSON and the row cost only
-    paths = ["tensor_json"] if quick else list(URLS)
     per_round: list[dict[str, Any]] = []
     # One worker: one CPU for the server, the others for the generator.
     pinning = split(server_cpus=1)
@@ -136,10 +138,12 @@ def run(results_dir: Path) -> dict[str, Any]:
                 console.rule(f"round {r + 1}/{rounds}: {who}")
                 if who == "edgebento":
                     for tree, repo in trees.items():
-                        # The cost curve in the first round only (the time of the run).
-                        curve = r == 0 and not quick
+                        # The other paths and the cost curve in the first round only (the
+                        # time of the run); tensor JSON and the row cost in every round.
+                        first = r == 0 and not quick
+                        paths = list(URLS) if first else ["tensor_json"]
                         one[tree] = _edgebento_round(
-                            work, key, pub, paths, repo, curve, tree, pinning
+                            work, key, pub, paths, repo, first, tree, pinning
                         )
                 else:
                     one[who] = flood_baseline(work, who, pinning)
@@ -192,7 +196,10 @@ def _result(
     by_tree: dict[str, dict[str, Any]] = {}
     for tree in trees:
         floods = per_round[0][tree]["figures"]
-        figures = {k: _merge([r[tree]["figures"][k] for r in per_round]) for k in floods}
+        figures = {
+            k: _merge([r[tree]["figures"][k] for r in per_round if k in r[tree]["figures"]])
+            for k in floods
+        }
         for f in figures.values():
             f["targets"] = _targets(f)
         curve = [  # a depth's row from the rounds that flooded it (the first, past DEPTH)
@@ -220,7 +227,9 @@ def _result(
             f"{DEADLINE_S:.0f} s), statuses {sorted({k for f in this.values() for k in f['statuses']})}; "
             f"a refusal costs the server {_cost(this['tensor_json'], 'server_cpu_us_per_503')} µs "
             f"of CPU against {_cost(this['tensor_json'], 'server_cpu_us_per_200')} µs for a 200 "
-            f"(budget for 90%: {_cost(this['tensor_json'], 'refusal_budget_for_90pct_us')} µs)"
+            f"(budget for 90%: {_cost(this['tensor_json'], 'refusal_budget_for_90pct_us')} µs), "
+            f"which allows {_cost(this['tensor_json'], 'goodput_of_capacity_its_own_cpu_allows', 100)}% "
+            "of capacity with the server's CPU its own in both phases"
         ),
         "targets_met": met,
         "runs": n,
@@ -238,7 +247,9 @@ def _result(
             f"answered within {DEADLINE_S:.0f} s plus one batch at the client; an open-loop "
             "generator (asyncio protocols on uvloop) on CPUs of its own, each server on another "
             "('pinning'); latency at the client, from the start of each request; "
-            f"{n} rounds, the order rotating each round; the cost curve in the first round"
+            f"{n} rounds, the order rotating each round; the paths past tensor JSON and the cost "
+            f"curve in the first round only; answers awaited {WAIT_S:g} s after the schedule "
+            "(a baseline's later ones are status -2, unanswered)"
         ),
         "note": (
             "other work on the machine can still share the server's CPU: the load average is in "
@@ -250,9 +261,9 @@ def _result(
     return result
 
 
-def _cost(flood: dict[str, Any], key: str) -> str:
+def _cost(flood: dict[str, Any], key: str, scale: float = 1.0) -> str:
     found = median_of(flood.get("refusal_cost", {}).get(key))
-    return f"{found:.0f}" if isinstance(found, int | float) else "?"
+    return f"{scale * found:.0f}" if isinstance(found, int | float) else "?"
 
 
 def _ratio_rounds(per_round: list[dict[str, Any]], field: str, baseline: str) -> dict[str, Any]:
@@ -292,7 +303,8 @@ def _flat(index: int, r: dict[str, Any]) -> dict[str, Any]:
     cost = ours["refusal_cost"]
     row["edgebento CPU µs/200"] = cost["server_cpu_us_per_200"]
     row["edgebento CPU µs/503"] = cost.get("server_cpu_us_per_503")
-    row["edgebento goodput the CPU allows"] = cost.get("goodput_of_capacity_the_cpu_allows")
+    row["edgebento CPU µs/503 alone"] = cost.get("server_cpu_us_per_503_alone")
+    row["edgebento goodput its own CPU allows"] = cost.get("goodput_of_capacity_its_own_cpu_allows")
     row["edgebento CPU busy, capacity/flood"] = (
         f"{cost['server_cpu_busy_capacity']:.2f}/{cost['server_cpu_busy_flood']:.2f}"
     )

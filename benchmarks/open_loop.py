@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
+UNANSWERED = -2  # no answer when ``open_loop``'s wait after the schedule ended
 ERRORS: dict[str, int] = {}  # the last flood's connection errors, by kind
 
 
@@ -21,7 +22,7 @@ ERRORS: dict[str, int] = {}  # the last flood's connection errors, by kind
 class Shot:
     scheduled: float
     latency: float  # from the scheduled send time
-    status: int  # -1: a connection error
+    status: int  # -1: a connection error; UNANSWERED: none by the end of the wait
     # At the client: from the moment the generator started it (connect included when it opened
     # a connection) to the answer's last byte; the generator's own scheduling lag left out.
     served: float
@@ -226,22 +227,28 @@ async def open_loop(
     headers: dict[str, str],
     phases: list[tuple[float, float]],
     on_phase: Callable[[int], None] | None = None,
+    wait_s: float | None = None,
 ) -> list[Shot]:
     """Send on a fixed schedule: ``phases`` of (rate, seconds), one after the other;
     ``on_phase(i)`` when phase ``i`` begins (at its first send), ``on_phase(len(phases))`` when
-    the last one ends (the server's CPU is read there, phase by phase)."""
+    the last one ends (the server's CPU is read there, phase by phase). Answers are awaited
+    ``wait_s`` after the schedule ends (all of them: None); a request without one by then is a
+    shot of status ``UNANSWERED``, timed to the end of the wait."""
     pool, requests = _pool(url), _raw_requests(url, bodies, headers)
     shots: list[Shot] = []
-    total = sum(int(rate * seconds) for rate, seconds in phases)
+    pending: dict[int, tuple[float, float]] = {}  # by send: (scheduled, sent)
     all_answered = asyncio.get_running_loop().create_future()
 
-    def answered(scheduled: float, sent: float, status: int) -> None:
+    def answered(i: int, status: int) -> None:
+        if i not in pending:  # its wait ended already
+            return
+        scheduled, sent = pending.pop(i)
         now = time.perf_counter()
         shots.append(Shot(scheduled, now - scheduled, status, now - sent))
-        if len(shots) == total and not all_answered.done():
+        if done_sending and not pending and not all_answered.done():
             all_answered.set_result(None)
 
-    start, i = time.perf_counter(), 0
+    start, i, done_sending = time.perf_counter(), 0, False
     for index, (rate, seconds) in enumerate(phases):
         for k in range(int(rate * seconds)):
             scheduled = start + k / rate
@@ -250,10 +257,8 @@ async def open_loop(
                 await asyncio.sleep(delay)
             if k == 0 and on_phase is not None:
                 on_phase(index)
-            pool.start(
-                requests[i % len(requests)],
-                functools.partial(answered, scheduled, time.perf_counter()),
-            )
+            pending[i] = (scheduled, time.perf_counter())
+            pool.start(requests[i % len(requests)], functools.partial(answered, i))
             i += 1
         start += seconds
     if on_phase is not None:
@@ -261,8 +266,15 @@ async def open_loop(
         if delay > 0:
             await asyncio.sleep(delay)
         on_phase(len(phases))
-    if total:
-        await all_answered
+    done_sending = True
+    if pending:
+        try:
+            await asyncio.wait_for(asyncio.shield(all_answered), wait_s)
+        except TimeoutError:
+            now = time.perf_counter()
+            for scheduled, sent in pending.values():
+                shots.append(Shot(scheduled, now - scheduled, UNANSWERED, now - sent))
+            pending.clear()
     pool.close()
     ERRORS.update(pool.errors)
     return sorted(shots, key=lambda s: s.scheduled)

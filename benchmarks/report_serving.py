@@ -71,6 +71,8 @@ def serving_overload(d: dict[str, Any]) -> list[Figure]:
                f"{num(get(d, f'{c}.server_cpu_us_per_200'), ',.0f')}", "", "",
                f"a refusal <= {num(_median(get(d, f'{c}.refusal_budget_for_90pct_us')), ',.0f')} µs "
                "(90% with the server's CPU its own)"),
+        Figure("goodput that the refusals' cost allows, the server's CPU its own, tensor JSON",
+               num(get(d, f"{c}.goodput_of_capacity_its_own_cpu_allows"), ".0%"), "", "", ">= 90%"),
         Figure("slowest answer at the client s, tensor JSON", num(get(d, f"{t}.slowest_s"), ".2f"),
                num(get(d, f"{p}.slowest_s"), ".2f"), PLAIN, "<= deadline + one batch"),
         Figure("capacity requests/s, tensor JSON", num(get(d, f"{t}.capacity_rps"), ",.0f"),

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.open_loop import Shot
-from benchmarks.overload_flood import CAPACITY_S, FACTOR, FLOOD_S, judge, refusal_cost
+from benchmarks.overload_flood import (
+    CAPACITY_S,
+    FACTOR,
+    FLOOD_S,
+    judge,
+    own_cpu_goodput,
+    refusal_cost,
+)
 
 
 def _flood(capacity: float, queue_s: float) -> list[Shot]:
@@ -48,9 +55,8 @@ def test_refusal_cost_splits_the_floods_cpu_between_200s_and_refusals() -> None:
     assert cost["server_cpu_us_per_200"] == pytest.approx(1e6 * per_200)
     assert cost["server_cpu_us_per_503"] == pytest.approx(1e6 * per_503, rel=0.01)
     x = per_503 / per_200
-    busy = cost["server_cpu_busy_flood"] / cost["server_cpu_busy_capacity"]
-    assert cost["goodput_of_capacity_the_cpu_allows"] == pytest.approx(
-        (busy - FACTOR * x) / (1 - x), abs=0.002
+    assert own_cpu_goodput(cost)["goodput_of_capacity_its_own_cpu_allows"] == pytest.approx(
+        (1 - FACTOR * x) / (1 - x), abs=0.002
     )
     # 90% of capacity on the server's own CPU needs a refusal at most 0.1 / (FACTOR - 0.9) of a 200.
     assert cost["refusal_budget_for_90pct_us"] == pytest.approx(1e6 * per_200 * 0.1 / 3.1, abs=0.1)
