@@ -137,8 +137,11 @@ def test_reader_racing_a_publish_never_sees_a_half_written_version(
     done = threading.Event()
 
     def read() -> None:
-        n = 0
-        while not done.is_set():
+        n, finished = 0, False
+        while not finished:
+            # One round more once the writer is done: a reader thread a busy machine ran only
+            # after the last publish would otherwise read nothing, and ``seen`` be empty.
+            finished = done.is_set()
             n += 1
             for version in reader.versions("tiny"):
                 target = tmp_path / "reads" / f"{version}-{n}"
