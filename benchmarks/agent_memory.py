@@ -111,10 +111,21 @@ Request.model_validate_json('{"id": "a", "inputs": {"x": [[1.0]]}}')
 """
 
 
-def rss_floor(model: Path, broker_port: int, work: Path) -> dict[str, dict[str, float]]:
+def rss_floor(
+    model: Path,
+    broker_port: int,
+    work: Path,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """The floor, and the same with pydantic and one model: the difference is what an agent
+    that parsed its messages without pydantic would not hold."""
     argv = [str(model), str(broker_port), str(work / "floor.db")]
+    cache = bytecode_cache(work)
+    for code in (_FLOOR, _FLOOR + _WITH_PYDANTIC):  # the first run writes the bytecode
+        _memory_of_imports(code, argv, flags, {**cache, **(env or {})})
     return {
-        name: _memory_of_imports(code, argv)
+        name: _memory_of_imports(code, argv, flags, {**cache, **(env or {})})
         for name, code in (
             ("runtime_mqtt_outbox_session", _FLOOR),
             ("plus_pydantic_one_model", _FLOOR + _WITH_PYDANTIC),
@@ -172,3 +183,33 @@ def _smaps_rollup(pid: int) -> dict[str, int]:
         if len(parts) == 3 and parts[2] == "kB":
             fields[parts[0].rstrip(":")] = int(parts[1])
     return fields
+
+
+# ONNX Runtime's CPU arena on and off (issue 22 item 5 asked for it): anonymous memory after a
+# session is loaded and run 50 times, in a fresh process each, as the agent's sessions run.
+_ARENA = """
+import sys
+import numpy, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = options.inter_op_num_threads = 1
+options.enable_cpu_mem_arena = sys.argv[2] == "on"
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+x = numpy.zeros((int(sys.argv[3]), int(sys.argv[4])), numpy.float32)
+for _ in range(50):
+    session.run(None, {"x": x})
+"""
+
+
+def cpu_arena(
+    models: dict[str, tuple[Path, int, int]], work: Path, flags: Sequence[str] = ()
+) -> dict[str, dict[str, float]]:
+    """For each model (path, batch, inputs): anonymous MB with the arena on and off."""
+    env = {**bytecode_cache(work), "MALLOC_ARENA_MAX": "2"}
+    out: dict[str, dict[str, float]] = {}
+    for name, (model, batch, width) in models.items():
+        figures = {}
+        for arena in ("on", "off", "on", "off"):  # alternated; the later of each is kept
+            argv = [str(model), arena, str(batch), str(width)]
+            figures[f"arena_{arena}"] = _memory_of_imports(_ARENA, argv, flags, env)["anonymous_mb"]
+        out[name] = figures
+    return out

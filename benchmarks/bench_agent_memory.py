@@ -4,8 +4,9 @@ RSS and USS move with how much of the shared libraries the page cache maps in), 
 with the agent issue 22 measured and the tree before this change, alternated, medians of 3.
 
 Also: what each import adds (plain python and as the systemd unit starts the agent), the floor
-any agent with the same runtime, MQTT client, outbox and session cannot go below, and the
-default malloc against two arenas.
+any agent with the same runtime, MQTT client, outbox and session cannot go below (and what
+pydantic with one model adds to it), the default malloc against two arenas, and the settings
+tried beside the agent as shipped and not kept.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from benchmarks.agent_memory import (
     AS_SHIPPED_FLAGS,
     REPO,
     bytecode_cache,
+    cpu_arena,
     rss_breakdown,
     rss_floor,
 )
 from benchmarks.baseline import baseline_tree
 from benchmarks.bench_agent import GREENGRASS_MIN_RAM_MB, _memory_after_load, digits_packs
+from tests.support import models
 from tests.support.services import Mosquitto
 
 TARGETS = {"rss_mb": 80.0, "anonymous_mb": 36.0}  # issue 22, after load and two swaps
@@ -50,10 +53,23 @@ def run(results_dir: Path) -> dict[str, Any]:
                     ("malloc_arena_max_2", {"MALLOC_ARENA_MAX": "2"}),
                 )
             }
+            levers = _levers(broker, work, pub, packs, x)
             memory_floor = rss_floor(work / "digits1.onnx", broker.port, work)
+            shipped_floor = rss_floor(
+                work / "digits1.onnx", broker.port, work, AS_SHIPPED_FLAGS, AS_SHIPPED_ENV
+            )
         finally:
             broker.stop()
         breakdown = rss_breakdown(packs[0], pub, env=cache)
+        wide = models.mlp(work / "wide.onnx", n_in=1024, hidden=2048, n_out=10)
+        arena = cpu_arena(
+            {
+                "digits_mlp_batch_1": (work / "digits1.onnx", 1, 64),
+                "mlp_1024_2048_batch_256": (wide, 256, 1024),
+            },
+            work,
+            AS_SHIPPED_FLAGS,
+        )
         shipped_breakdown = rss_breakdown(
             packs[0], pub, AS_SHIPPED_FLAGS, {**AS_SHIPPED_ENV, **cache}
         )
@@ -71,6 +87,16 @@ def run(results_dir: Path) -> dict[str, Any]:
         "rss_breakdown": breakdown,
         "rss_breakdown_as_shipped": shipped_breakdown,
         "rss_floor": memory_floor,
+        "rss_floor_as_shipped": shipped_floor,
+        "pydantic_share_as_shipped_mb": {
+            k: round(shipped_floor["plus_pydantic_one_model"][k] - v, 1)
+            for k, v in shipped_floor["runtime_mqtt_outbox_session"].items()
+        },
+        "levers_tried_after_load_and_two_swaps_mb": levers,
+        "ort_cpu_arena_anonymous_mb": {
+            "measured": "a fresh process, the session loaded and run 50 times (-OO, two arenas)",
+            **arena,
+        },
         "malloc_arenas": arenas,
         "baseline_greengrass_min_ram_mb": GREENGRASS_MIN_RAM_MB,
         "targets": TARGETS,
@@ -86,28 +112,82 @@ def run(results_dir: Path) -> dict[str, Any]:
     }
 
 
+Variant = tuple[Path, tuple[str, ...], dict[str, str]]  # source tree, python flags, environment
+
+
 def _side_by_side(
-    broker: Mosquitto,
-    work: Path,
-    pub: Path,
-    packs: list[Path],
-    x: list[list[float]],
-    rounds: int = 3,
+    broker: Mosquitto, work: Path, pub: Path, packs: list[Path], x: list[list[float]]
 ) -> dict[str, dict[str, Any]]:
     """Issue 22's agent, the tree before signatures were checked in a child, this one, and this
-    one as the systemd unit starts it, after the same load and two swaps, alternated ``rounds``
-    times (A B C D A B C D ...) so a busy moment of the machine hits all; the median round of
-    each by anonymous memory (RSS moves with the page cache), and each round's figures. One
-    discarded run of each first writes its bytecode to the cache all runs read."""
+    one as the systemd unit starts it, after the same load and two swaps, alternated; the
+    median round of each, and each round's figures. One discarded run of each first writes its
+    bytecode to the cache all runs read."""
     cache = bytecode_cache(work)
-    variants: dict[str, tuple[Path, tuple[str, ...], dict[str, str]]] = {
+    variants: dict[str, Variant] = {
         "today": (baseline_tree(work, ISSUE_22_COMMIT), (), cache),
         "before": (baseline_tree(work, BEFORE_COMMIT), (), cache),
         "this": (REPO, (), cache),
         "this_as_shipped": (REPO, AS_SHIPPED_FLAGS, {**cache, **AS_SHIPPED_ENV}),
     }
+    runs = _alternated(variants, broker, work, pub, packs, x, warm_up=True)
+    out: dict[str, dict[str, Any]] = {}
+    for name, each in runs.items():
+        out[name] = {
+            **_median(each),
+            **{f"{k}_each_round": [f[k] for f in each] for k in ("rss", "uss", "anonymous")},
+        }
+    return out
+
+
+# Settings tried beside the agent as shipped, none kept (docs/edge-agent.md, "Memory"): glibc's
+# mmap threshold fixed (a freed large block goes back to the system at once instead of staying
+# in the heap), and numpy's OpenBLAS without its thread per core.
+LEVERS = {
+    "mmap_threshold_64k": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"},
+    "openblas_one_thread": {"OPENBLAS_NUM_THREADS": "1"},
+}
+
+
+def _levers(
+    broker: Mosquitto, work: Path, pub: Path, packs: list[Path], x: list[list[float]]
+) -> dict[str, dict[str, Any]]:
+    """Each of ``LEVERS`` against the agent as shipped, alternated, after the same load and two
+    swaps; the median round of each and what it saves (the side-by-side runs before it have
+    cached the bytecode)."""
+    shipped = {**bytecode_cache(work), **AS_SHIPPED_ENV}
+    variants: dict[str, Variant] = {
+        name: (REPO, AS_SHIPPED_FLAGS, {**shipped, **env})
+        for name, env in {"as_shipped": {}, **LEVERS}.items()
+    }
+    runs = _alternated(variants, broker, work, pub, packs, x, warm_up=False)
+    base = _median(runs["as_shipped"])
+    out: dict[str, dict[str, Any]] = {}
+    for name, each in runs.items():
+        mid = _median(each)
+        out[name] = {
+            "rss": mid["rss"],
+            "anonymous": mid["anonymous"],
+            "anonymous_each_round": [f["anonymous"] for f in each],
+            "saves_anonymous": round(base["anonymous"] - mid["anonymous"], 1),
+            "saves_rss": round(base["rss"] - mid["rss"], 1),
+        }
+    return out
+
+
+def _alternated(
+    variants: dict[str, Variant],
+    broker: Mosquitto,
+    work: Path,
+    pub: Path,
+    packs: list[Path],
+    x: list[list[float]],
+    warm_up: bool,
+    rounds: int = 3,
+) -> dict[str, list[dict[str, float]]]:
+    """Each variant after the same load and two swaps, ``rounds`` times (A B C A B C ...) so a
+    busy moment of the machine hits all; with ``warm_up``, one discarded round first."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    for i in range(-1, rounds):
+    for i in range(-1 if warm_up else 0, rounds):
         for name, (tree, flags, env) in variants.items():
             device = f"rss-{name}-{i + 1}"
             figures = _memory_after_load(
@@ -115,11 +195,9 @@ def _side_by_side(
             )
             if i >= 0:
                 runs[name].append(figures)
-    out: dict[str, dict[str, Any]] = {}
-    for name, each in runs.items():
-        middle = sorted(each, key=lambda f: f["anonymous"])[len(each) // 2]
-        out[name] = {
-            **middle,
-            **{f"{k}_each_round": [f[k] for f in each] for k in ("rss", "uss", "anonymous")},
-        }
-    return out
+    return runs
+
+
+def _median(each: list[dict[str, float]]) -> dict[str, float]:
+    """The median round by anonymous memory (RSS moves with the page cache)."""
+    return sorted(each, key=lambda f: f["anonymous"])[len(each) // 2]
