@@ -191,14 +191,15 @@ class Traffic:
             turn += 1
             if device not in free:
                 continue
+            rid = f"req-{i}"
             request = {
-                "id": f"req-{i}",
+                "id": rid,
                 "reply_to": self.client.reply_topic,
                 "inputs": {"x": self.inputs(i)},
             }
             i += 1
-            self.sent[request["id"]] = device
-            self._waiting[device][request["id"]] = time.monotonic()
+            self.sent[rid] = device
+            self._waiting[device][rid] = time.monotonic()
             topic = f"{self.prefix}/{device}/infer"
             self.client.client.publish(topic, json.dumps(request).encode(), qos=1)
             self._stop.wait(1.0 / self.rate)
