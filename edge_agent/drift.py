@@ -88,12 +88,14 @@ class _Window:
             return
         self.held.append((feed, outputs, rows))
         self.held_rows += rows
-        for array in feed.values():
-            self.held_bytes += array.nbytes
+        size = sum(array.nbytes for array in (*feed.values(), *outputs.values()))
+        self.held_bytes += size
+        streams.hold_rows, streams.hold_bytes = rows, size
         if self.held_rows >= self.fold_rows or self.held_bytes >= self.fold_bytes:
             self.fold()
 
     def fold(self) -> None:
+        """Everything copied and held since the last fold, counted in the bins."""
         arrays, rows = self.streams.drain()
         held = self.held
         if not rows and not held:
@@ -172,6 +174,7 @@ class DriftMonitor:
         self._lock = threading.Lock()
         self._window: _Window | None = None
         self._skip: tuple[str, str] | None = None  # a version without a (readable) baseline
+        self._last: tuple[str, str] | None = None  # the version of the last window opened
         self._closed: list[dict[str, Any]] = []
         self._loaded: tuple[tuple[str, str], tuple[str, Baseline, Bins] | None] | None = None
         self.failures = 0
@@ -240,21 +243,22 @@ class DriftMonitor:
         The usual request (the live version's open window, shaped as the last one) is copied
         here through the streams' plan in one function: on a device this runs between two
         requests with the interpreter's caches cold, where each call and attribute read of the
-        general path (``_Window.add``) cost several times what it costs in a tight loop."""
+        general path (``_Window.add``) cost several times what it costs in a tight loop. An
+        image (``Streams.hold_rows``) is held by reference, joined at the fold. The window and
+        the clock are read under the lock: a request never meets a window that ``collect``
+        has just closed (it counts in the next one), so none is lost."""
         try:
-            window = self._window
-            if (
-                window is None
-                or self.clock() >= window.end
-                or window.model != model
-                or window.version != version
-            ):
-                window = self._current_window(model, version, self.clock())
-                if window is None:
-                    return
             with self._lock:
-                if self._window is not window:  # closed meanwhile: the next request counts
-                    return
+                window = self._window
+                if (
+                    window is None
+                    or self.clock() >= window.end
+                    or window.version != version
+                    or window.model != model
+                ):
+                    window = self._current_window(model, version, self.clock())
+                    if window is None:
+                        return
                 streams = window.streams
                 if rows == streams.plan_rows:
                     done = 0
@@ -274,6 +278,17 @@ class DriftMonitor:
                             window.fold()
                         return
                     streams.undo(done, feed, outputs)
+                elif rows == streams.hold_rows:  # the usual request is held: an image
+                    window.rows += rows
+                    window.held.append((feed, outputs, rows))
+                    window.held_rows += rows
+                    window.held_bytes += streams.hold_bytes
+                    if (
+                        window.held_rows >= window.fold_rows
+                        or window.held_bytes >= window.fold_bytes
+                    ):
+                        window.fold()
+                    return
                 window.add(feed, outputs, rows)
         except Exception:
             self.failures += 1
@@ -281,23 +296,28 @@ class DriftMonitor:
                 log.exception("drift summaries stopped counting a request")
 
     def _current_window(self, model: str, version: str, now: float) -> _Window | None:
-        """The window a request of this version counts in when it is not the open one."""
+        """The window a request of this version counts in when it is not the open one (under
+        the lock): the open one is closed when its time is up or another version is live."""
         window = self._window
         same = window is not None and window.model == model and window.version == version
         if same and now < window.end:  # type: ignore[union-attr]
             return window
         if self._skip == (model, version):
             return None
-        with self._lock:
-            self._close_locked(now, force=window is not None and not same)
-            if self._window is None:
-                self._window = self._open(model, version, now)
-            return self._window
+        self._close_locked(now, force=window is not None and not same)
+        if self._window is None:
+            self._window = self._open(model, version, now)
+            self._last = (model, version)
+        return self._window
 
     def refused(self, reason: str) -> None:
-        """A request the live model refused for its schema (a 400), counted in its window."""
+        """A request the live model refused for its schema (a 400), counted in the window of
+        the time it was refused: the open one while it lasts, else the next one of the last
+        version that answered (``_current_window``), while that version is live."""
         with self._lock:
-            window = self._window
+            window, now = self._window, self.clock()
+            if (window is None or now >= window.end) and self._last is not None:
+                window = self._current_window(*self._last, now)
             if window is not None and (reason in window.refused or len(window.refused) < 16):
                 window.refused[reason] = window.refused.get(reason, 0) + 1
 

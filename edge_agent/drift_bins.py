@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,11 @@ if TYPE_CHECKING:
 # A watched tensor whose rows hold at most this many bytes is copied on arrival; a bigger one
 # (an image) would cost a copy of its pixels per request, so it is held by reference.
 STREAM_ROW_BYTES = 4096
+# Float64 bytes of images reduced at once (``held_columns``): the joined chunk and the standard
+# deviation's temporary of the same size stay in a core's 1 MB L2 cache; a fold's 4 MB of
+# images reduced at once spilled to memory and cost twice as much per image.
+_IMAGE_CHUNK_BYTES = 1 << 19
+_DTYPE_SHAPE = attrgetter("dtype", "shape")
 # Bytes of comparisons one pass of ``Bins.add`` may hold: about a core's cache, so a fold
 # neither waits on memory nor evicts much of what the requests after it use.
 _COMPARE_BYTES = 1 << 20
@@ -57,6 +63,8 @@ class Streams:
         "_fold_bytes",
         "_fold_rows",
         "fold_at",
+        "hold_bytes",
+        "hold_rows",
         "plan",
         "plan_rows",
         "row_bytes",
@@ -76,6 +84,10 @@ class Streams:
         # tensor, whether it is an output, its name, dtype and shape, and its buffer's ``extend``.
         self.plan: tuple[tuple[bool, str, np.dtype[Any], tuple[int, ...], Any], ...] = ()
         self.plan_rows = -1
+        # The rows of the last request held by reference (``_Window.add``: an image, or shaped
+        # unlike the buffers), and its bytes: the hot path holds the next ones of those rows at
+        # once, without trying the buffers first, until the next fold.
+        self.hold_rows, self.hold_bytes = -1, 0
 
     def take(
         self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], rows: int
@@ -136,6 +148,7 @@ class Streams:
         for stream in self.streams:
             stream.data = bytearray()  # the arrays above still read the old one
         self.rows, self.plan_rows, self.plan = 0, -1, ()  # the plan extended the old buffers
+        self.hold_rows = -1
         return arrays, rows
 
 
@@ -169,27 +182,93 @@ def held_columns(
     specs: Sequence[MonitorSpec], requests: list[tuple[Mapping[str, np.ndarray], int]]
 ) -> np.ndarray:
     """The monitored features of requests held by reference as a (features, rows) float64
-    matrix, in spec order. Requests whose tensors share their shapes past the rows are joined
-    with one ``concatenate`` per tensor and reduced at once; others go through
-    ``reduce_batch``."""
+    matrix, in spec order. Each watched tensor is joined across the requests (``_joined``)
+    and reduced at once; when a tensor of a request does not hold that request's rows (a scalar
+    output) or the tensors cannot be joined, every tensor goes through ``reduce_batch``, the
+    reference, which reduces such a request on its own."""
     watched = [s for s in specs if s.reducer != "none"]
-    rows = sum(n for _, n in requests)
+    counts = [n for _, n in requests]
+    rows = sum(counts)
     if not watched:
         return np.empty((0, rows))
     from modelpack.monitor import reduce_batch
 
     blocks = []
     for spec in watched:
-        # An image is cast to float64 as it is joined: one pass over its pixels, not two.
-        cast = np.float64 if spec.reducer == "image" else None
+        arrays = [tensors[spec.tensor] for tensors, _ in requests]
+        block: np.ndarray | None = None
         try:
-            joined = np.concatenate([tensors[spec.tensor] for tensors, _ in requests], dtype=cast)
-        except (ValueError, TypeError):  # shapes differ past the rows, a scalar, not numbers
-            joined = None
-        if joined is None or joined.ndim == 0 or len(joined) != rows:
+            if list(map(len, arrays)) == counts:  # len() of a scalar: TypeError
+                if spec.reducer == "image":
+                    block = _image_features(spec, arrays)
+                else:
+                    block = _reduced(spec, _joined(arrays))
+        except (ValueError, TypeError):  # shapes differ past the rows, not numbers
+            block = None
+        if block is None or block.shape[1] != rows:
             return np.ascontiguousarray(reduce_batch(specs, requests).T)
-        blocks.append(_reduced(spec, joined))
+        blocks.append(block)
     return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays joined along their rows: alike ones (dtype and shape) as their bytes, with
+    one ``bytes.join`` (a tenth of what ``concatenate`` pays per array), others concatenated."""
+    kinds = set(map(_DTYPE_SHAPE, arrays))
+    if len(kinds) == 1:
+        dtype, shape = kinds.pop()
+        if shape and dtype.kind in "biuf":
+            try:
+                data = b"".join(arrays)  # type: ignore[arg-type]
+            except TypeError:  # a view that is not contiguous
+                pass
+            else:
+                return np.frombuffer(data, dtype).reshape(len(arrays) * shape[0], *shape[1:])
+    return np.concatenate(arrays)
+
+
+def _image_features(spec: MonitorSpec, arrays: list[np.ndarray]) -> np.ndarray:
+    """Images joined as float64 (cast as they are joined: one pass over their pixels, not two)
+    and reduced ``_IMAGE_CHUNK_BYTES`` at a time; (features, rows), the floats of
+    ``modelpack.monitor.reduce``."""
+    from modelpack.monitor import reduce
+
+    first = arrays[0]
+    channels = first.shape[1] if first.ndim == 4 else 0
+    if spec.param("channels", "first" if channels in (1, 3, 4) else "last") != "first":
+        channels = 0  # channels last: ``reduce`` moves them first, a copy of its own
+    blocks, chunk, size = [], [], 0
+    for array in arrays:
+        chunk.append(array)
+        size += array.size
+        if size * 8 >= _IMAGE_CHUNK_BYTES:
+            joined = np.concatenate(chunk, dtype=np.float64)
+            blocks.append(_channel_stats(joined, channels) if channels else reduce(spec, joined).T)
+            chunk, size = [], 0
+    if chunk:
+        joined = np.concatenate(chunk, dtype=np.float64)
+        blocks.append(_channel_stats(joined, channels) if channels else reduce(spec, joined).T)
+    return np.ascontiguousarray(np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
+
+
+def _channel_stats(joined: np.ndarray, channels: int) -> np.ndarray:
+    """``reduce``'s image features of channels-first float64 images that the caller gives up,
+    (features, rows): the same ufuncs in the same order as ``reduce`` and numpy's ``std``, so
+    the same floats, with the deviations squared in the joined images' own memory rather than
+    in two temporaries of their size."""
+    pixels = joined.reshape(len(joined), channels, -1)
+    count = pixels.shape[2]
+    kept = np.add.reduce(pixels, axis=2, keepdims=True) / count
+    deviations = np.subtract(pixels, kept, out=pixels)
+    np.square(deviations, out=deviations)
+    variance = np.add.reduce(deviations, axis=2)
+    np.true_divide(variance, count, out=variance)
+    mean, std = kept[..., 0], np.sqrt(variance, out=variance)
+    out = np.empty((2 * channels + 1, len(pixels)))
+    out[0:-1:2], out[1:-1:2] = mean.T, std.T
+    weights = (0.299, 0.587, 0.114) if channels == 3 else None  # ITU-R BT.601 luma
+    out[-1] = mean @ np.asarray(weights) if weights else mean.mean(axis=1)
+    return out
 
 
 def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
@@ -253,21 +332,24 @@ class Bins:
             whole = rows - rows % _BLOCK
             for start in range(0, whole, step):
                 at_or_above += self._above(columns[:, start : min(start + step, whole)])
-            if whole < rows:  # the last rows padded to a block with -inf, above no edge
-                tail = np.full((features, _BLOCK), -np.inf)
+            if whole < rows:  # the last rows padded to whole words with -inf, above no edge
+                width = -(-(rows - whole) // 64) * 64
+                tail = np.full((features, width), -np.inf)
                 tail[:, : rows - whole] = columns[:, whole:]
-                at_or_above += self._above(tail)
+                at_or_above += self._above(tail, width // 8)
         valid = (rows - nan)[:, None]
         ladder = np.concatenate([valid, at_or_above, np.zeros_like(valid)], axis=1)
         counts += ladder[:, :-1] - ladder[:, 1:]
         return nan, sums, squares
 
-    def _above(self, block: np.ndarray) -> np.ndarray:
-        """Per feature and edge, the values of a (features, whole blocks) matrix at or above it."""
+    def _above(self, block: np.ndarray, words: int = _BLOCK // 8) -> np.ndarray:
+        """Per feature and edge, the values of a (features, rows) matrix at or above it, the
+        rows a whole number of groups of ``words`` words of 8 rows (at most 128 words: a
+        byte's sum never carries)."""
         features, edges = self._padded.shape[:2]
         above = block[:, None, :] >= self._padded
-        words = above.view(np.uint64).reshape(features, edges, -1, _BLOCK // 8)
-        per_byte = np.add.reduce(words, axis=3).view(np.uint8)
+        grouped = above.view(np.uint64).reshape(features, edges, -1, words)
+        per_byte = np.add.reduce(grouped, axis=3).view(np.uint8)
         return per_byte.reshape(features, edges, -1).sum(axis=2, dtype=np.int64)
 
     def trim(self, counts: np.ndarray) -> list[list[int]]:
