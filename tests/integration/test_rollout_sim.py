@@ -75,8 +75,11 @@ def test_a_controller_killed_mid_abort_is_resumed_into_finishing_it(
     # Written ahead: the decision, its reason and its figures were saved before any rollback.
     assert saved.phase == "aborting" and " of 10 updated devices failed" in (saved.reason or "")
     assert saved.figures is not None and saved.figures.touched == 10 and saved.figures.failed
-    fleet = versions(broker, topic_prefix, healthy.names + failing.names)
-    assert sorted(fleet.values()) == [1] * 6 + [2] * 4  # 3 went back, 4 still on the bad v2
+    # 3 go back (each when it has acted on its rollback), 4 stay on the bad v2.
+    everyone, deadline = healthy.names + failing.names, time.monotonic() + 60
+    while sorted((fleet := versions(broker, topic_prefix, everyone)).values()) != [1] * 6 + [2] * 4:
+        assert time.monotonic() < deadline, fleet
+        time.sleep(0.2)
 
     capsys.readouterr()
     assert main(["rollout", "resume", rollout_id, *args]) == 1
