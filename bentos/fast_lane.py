@@ -33,6 +33,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bentos.time_limits import REQUEST_LIMITS
+
 log = logging.getLogger(__name__)
 
 LANE_PATHS = ("/predict", "/infer", "/metadata")
@@ -66,26 +68,29 @@ class FastLane:
             started = True
             await send(message)
 
-        budget = asyncio.timeout(self.timeout_s)
+        limit = REQUEST_LIMITS.arm(self.timeout_s)
         try:
-            async with budget:
-                await self.core_app(scope, receive, tracked)
-        except Exception as exc:
-            expired = isinstance(exc, TimeoutError) and budget.expired()
-            if not expired:
-                log.error("request failed: %s", exc, exc_info=exc)
+            await self.core_app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not REQUEST_LIMITS.end(limit):
+                raise  # not ours: the client went away, or the worker stops
             if started:  # the answer is half sent: closing the connection is all that is left
+                raise TimeoutError(f"the answer was not sent in {self.timeout_s:g} s") from None
+            if self.on_timeout is not None:
+                self.on_timeout()
+            doc = {
+                "error": f"the request was not answered in {self.timeout_s:g} s",
+                "reason": "run_timeout",
+            }
+            await _json(send, 504, doc)
+        except Exception as exc:
+            REQUEST_LIMITS.end(limit)
+            log.error("request failed: %s", exc, exc_info=exc)
+            if started:
                 raise
-            if expired:
-                if self.on_timeout is not None:
-                    self.on_timeout()
-                doc = {
-                    "error": f"the request was not answered in {self.timeout_s:g} s",
-                    "reason": "run_timeout",
-                }
-                await _json(send, 504, doc)
-            else:
-                await _json(send, 500, {"error": "internal error", "reason": "internal"})
+            await _json(send, 500, {"error": "internal error", "reason": "internal"})
+        else:
+            REQUEST_LIMITS.end(limit)
 
 
 async def _json(send: Send, status: int, doc: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from bentos import bentoml_fixes, fast_lane
 from bentos.loop_lag import LoopLag
 from bentos.store import load_stored_pack
+from bentos.time_limits import REQUEST_LIMITS
 from modelpack import PredictorOptions, logs
 from modelpack.errors import ConfigError, InputError
 from modelpack.metrics import InferenceMetrics
@@ -107,18 +108,29 @@ async def _read_body(
 ) -> bytearray | None:
     """The body within its time limit: a client that sends it too slowly gets 408 (its
     fault, counted), not a run timeout after the whole request's limit."""
-    limit = core.limits.body_timeout_s
+    seconds = core.limits.body_timeout_s
+    limit = REQUEST_LIMITS.arm(seconds)
     try:
-        async with asyncio.timeout(limit):
-            return await read_capped(receive, headers, core.limits.max_body_bytes)
-    except TimeoutError as exc:
+        body = await read_capped(receive, headers, core.limits.max_body_bytes)
+    except asyncio.CancelledError:
+        if not REQUEST_LIMITS.end(limit):
+            raise
         raise InputError(
-            f"the request body did not arrive within {limit:g} s", reason="timeout"
-        ) from exc
+            f"the request body did not arrive within {seconds:g} s", reason="timeout"
+        ) from None
+    except BaseException:
+        REQUEST_LIMITS.end(limit)
+        raise
+    REQUEST_LIMITS.end(limit)
+    return body
+
+
+# Looked up once: ``bentoml``'s attributes are lazy, and each access ran its module __getattr__.
+current_service = bentoml.get_current_service
 
 
 def _core() -> ServingCore:
-    return bentoml.get_current_service().core  # type: ignore[no-any-return]
+    return current_service().core  # type: ignore[no-any-return]
 
 
 async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResponse | None:
@@ -139,6 +151,10 @@ async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResp
     return await handle(core, HttpRequest(method, path, headers, body, arrived))
 
 
+JSON = {"content-type": "application/json"}
+JSON_HEADER = (b"content-type", b"application/json")
+
+
 async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     """The core's HTTP surface as a bare ASGI app: no router or request objects between
     uvicorn's parser and the core (they cost more than the refusal itself under a flood)."""
@@ -147,8 +163,11 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     answer = await _answer(_core(), scope, receive)
     if answer is None:
         return  # the client went away: nobody to answer
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-    headers.append((b"content-length", str(len(answer.body)).encode()))
+    if answer.headers == JSON:  # most answers: their header list is not built again
+        headers = [JSON_HEADER, (b"content-length", b"%d" % len(answer.body))]
+    else:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        headers.append((b"content-length", b"%d" % len(answer.body)))
     if answer.status == 408:  # the rest of a late body is not read: the connection ends
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
