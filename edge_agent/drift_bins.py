@@ -231,24 +231,27 @@ def _image_features(spec: MonitorSpec, arrays: list[np.ndarray]) -> np.ndarray:
     """Images joined as float64 (cast as they are joined: one pass over their pixels, not two)
     and reduced ``_IMAGE_CHUNK_BYTES`` at a time; (features, rows), the floats of
     ``modelpack.monitor.reduce``."""
-    from modelpack.monitor import reduce
-
-    first = arrays[0]
-    channels = first.shape[1] if first.ndim == 4 else 0
-    if spec.param("channels", "first" if channels in (1, 3, 4) else "last") != "first":
-        channels = 0  # channels last: ``reduce`` moves them first, a copy of its own
     blocks, chunk, size = [], [], 0
     for array in arrays:
         chunk.append(array)
         size += array.size
         if size * 8 >= _IMAGE_CHUNK_BYTES:
-            joined = np.concatenate(chunk, dtype=np.float64)
-            blocks.append(_channel_stats(joined, channels) if channels else reduce(spec, joined).T)
+            blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float64)))
             chunk, size = [], 0
     if chunk:
-        joined = np.concatenate(chunk, dtype=np.float64)
-        blocks.append(_channel_stats(joined, channels) if channels else reduce(spec, joined).T)
+        blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float64)))
     return np.ascontiguousarray(np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
+
+
+def _chunk_features(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
+    """One chunk's image features, channels first in place (``_channel_stats``), channels last
+    through ``reduce``, which moves them first (a copy of its own), as ``reduce`` decides."""
+    channels = joined.shape[1] if joined.ndim == 4 else 0
+    if channels and spec.param("channels", "first" if channels in (1, 3, 4) else "last") == "first":
+        return _channel_stats(joined, channels)
+    from modelpack.monitor import reduce
+
+    return reduce(spec, joined).T
 
 
 def _channel_stats(joined: np.ndarray, channels: int) -> np.ndarray:

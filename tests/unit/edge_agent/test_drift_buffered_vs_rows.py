@@ -276,3 +276,25 @@ def test_a_telemetry_thread_reading_while_threads_append_loses_and_doubles_nothi
             got = doc["features"][feature.name]["c"]
             totals[i, : len(got)] += got
     assert binner.trim(totals) == binner.trim(want["counts"])
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 19])
+def test_images_of_either_layout_are_reduced_as_each_alone(chunk: int) -> None:
+    """Without a ``channels`` parameter each image's layout is read from its shape, chunk by
+    chunk: channels-first and channels-last images in one fold give each image's own features
+    (one chunk each, or joined apart by the reference when they cannot be joined)."""
+    rng = np.random.default_rng(9)
+    spec = MonitorSpec("im", "image")
+    shapes = [(1, 3, 5, 6), (2, 6, 5, 3), (1, 3, 5, 6), (1, 6, 5, 3)]
+    requests = [({"im": rng.random(shape).astype("f4")}, shape[0]) for shape in shapes]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(drift_bins, "_IMAGE_CHUNK_BYTES", chunk)
+        columns = held_columns([spec], requests)
+    alone = np.concatenate([reduce(spec, t["im"]) for t, _ in requests])
+    # Rows may come grouped by shape from the reference path: compared in the order of their
+    # channel means (numpy's own floats, bit for bit). The brightness, a matrix product, may
+    # differ in its last bit with the number of rows multiplied at once, as ``reduce`` does.
+    got, want = columns.T, alone
+    got, want = got[np.lexsort(got[:, :-1].T)], want[np.lexsort(want[:, :-1].T)]
+    np.testing.assert_array_equal(got[:, :-1], want[:, :-1])
+    np.testing.assert_allclose(got[:, -1], want[:, -1], rtol=1e-15)
