@@ -142,13 +142,13 @@ async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResp
     try:
         # A request that cannot start in time is refused before its body is read: under a
         # flood that is most requests, and every layer they skip is CPU the model keeps.
-        admit(core, method, path, headers, arrived)
+        route = admit(core, method, path, headers, arrived)
         body = await _read_body(core, method, receive, headers) if method == "POST" else b""
     except Exception as exc:
         return refuse(core, exc)
     if body is None:
         return None
-    return await handle(core, HttpRequest(method, path, headers, body, arrived))
+    return await handle(core, HttpRequest(method, path, headers, body, arrived), route)
 
 
 JSON = {"content-type": "application/json"}

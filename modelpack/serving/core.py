@@ -155,13 +155,16 @@ class ServingCore:
         model: ServedModel | None = None,
         timeout_s: float | None = None,
         arrived: float | None = None,
+        admitted: bool = False,
     ) -> Job:
-        """Parse and validate a request (a body, or a document parsed already)."""
+        """Parse and validate a request (a body, or a document parsed already). ``admitted``:
+        ``admit`` let it in just before its body was read (the queue checks it again)."""
         arrived = time.monotonic() if arrived is None else arrived
         headers = headers or {}
         model = model or self.live()
         header_timeout = _timeout_header(headers)
-        self._admit(model, arrived + self.limits.deadline(header_timeout or timeout_s))
+        if not admitted:
+            self._admit(model, arrived + self.limits.deadline(header_timeout or timeout_s))
         binary = None
         if doc is None:
             if protocol == "oip":
@@ -181,14 +184,16 @@ class ServingCore:
         deadline = arrived + self.limits.deadline(timeout_s)
         return Job(model, protocol, feed, rows, arrived, deadline, request, doc)
 
-    def admit(self, model: ServedModel, headers: Mapping[str, str], arrived: float) -> None:
+    def admit(self, model: ServedModel, headers: Mapping[str, str], arrived: float) -> bool:
         """The check ``prepare`` starts with, for a request whose body is not read yet: raise
-        OverloadError when the queue cannot start it before its deadline."""
+        OverloadError when the queue cannot start it before its deadline. False: not checked
+        (a header ``prepare`` refuses, with the rest of the request's faults)."""
         try:
             header_timeout = _timeout_header(headers)
         except InputError:
-            return  # prepare answers it, with the rest of the request's faults
+            return False
         self._admit(model, arrived + self.limits.deadline(header_timeout))
+        return True
 
     def _admit(self, model: ServedModel, deadline: float) -> None:
         """Refuse before parsing what cannot start in time: parsing it would be wasted work."""

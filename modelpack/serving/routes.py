@@ -170,27 +170,36 @@ def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | 
 
 def admit(
     core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
-) -> None:
+) -> Route | None:
     """Before the body is read: OverloadError for an inference the model's queue cannot start
-    in time. Every other fault (path, model, headers, body) is left to ``handle``."""
+    in time. Every other fault (path, model, headers, body) is left to ``handle``. Returns the
+    route of an admitted inference (``handle`` then neither matches it nor admits it again:
+    the queue checks it once more when the request is submitted)."""
     try:
         route = match(method, path)
         if route.infer is None:
-            return
+            return None
         model = core.live(route.name, route.version)
     except EdgebentoError:
-        return
-    core.admit(model, headers, arrived)
+        return None
+    if not core.admit(model, headers, arrived):
+        return None
+    return route
 
 
-def _job(core: ServingCore, route: Route, request: HttpRequest) -> Job:
+def _job(core: ServingCore, route: Route, request: HttpRequest, admitted: bool = False) -> Job:
     assert route.infer is not None
     model = core.live(route.name, route.version)
     body = decoded(
         request.body, request.headers.get("content-encoding"), core.limits.max_body_bytes
     )
     return core.prepare(
-        route.infer, body, headers=request.headers, model=model, arrived=request.arrived
+        route.infer,
+        body,
+        headers=request.headers,
+        model=model,
+        arrived=request.arrived,
+        admitted=admitted,
     )
 
 
@@ -199,13 +208,16 @@ def _done(core: ServingCore, job: Job) -> HttpResponse:
     return HttpResponse(200, body, headers)
 
 
-async def handle(core: ServingCore, request: HttpRequest) -> HttpResponse:
-    """An HTTP request to its answer, batched (BentoML's event loop)."""
+async def handle(
+    core: ServingCore, request: HttpRequest, admitted: Route | None = None
+) -> HttpResponse:
+    """An HTTP request to its answer, batched (BentoML's event loop). ``admitted``: its route
+    as ``admit`` returned it, just before its body was read."""
     try:
-        route = match(request.method, request.path)
+        route = admitted or match(request.method, request.path)
         if route.infer is None:
             return document(core, route)
-        return _done(core, await core.run(_job(core, route, request)))
+        return _done(core, await core.run(_job(core, route, request, admitted is not None)))
     except Exception as exc:
         return refuse(core, exc)
 
