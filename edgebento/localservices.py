@@ -252,20 +252,34 @@ class Prometheus:
         return path
 
     def start(self) -> Prometheus:
-        config = self._write_config()
-        self.process = subprocess.Popen(
-            [
-                prometheus_binary(),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address={LOOPBACK}:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.workdir / "prometheus.log").open("ab"),
-        )
-        wait_for_port(self.port, timeout=30)
-        return self
+        """Start it and wait until it listens; a port another process took since ``free_port``
+        picked it is replaced by a new one (as Mosquitto's first start does)."""
+        log = self.workdir / "prometheus.log"
+        for _ in range(5):
+            config = self._write_config()
+            seen = log.stat().st_size if log.exists() else 0
+            self.process = subprocess.Popen(
+                [
+                    prometheus_binary(),
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address={LOOPBACK}:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("ab"),
+            )
+            try:
+                wait_serving(self.process, [self.port], timeout=30)
+            except (RuntimeError, TimeoutError) as exc:
+                said = log.read_bytes()[seen:].decode(errors="replace")
+                self.stop()
+                if not isinstance(exc, PortTaken) and "address already in use" not in said:
+                    raise RuntimeError(f"prometheus did not start: {exc}\n{said[-2000:]}") from exc
+                self.port = free_port()
+                continue
+            return self
+        raise PortTaken(f"prometheus found its port taken 5 times; the last: {self.port}")
 
     def api(self, path: str, **params: str) -> Any:
         """GET /api/v1/PATH; the ``data`` of a successful answer."""

@@ -1,6 +1,6 @@
 """Races of the test harness itself, each through the real processes: a port that another process
-takes between ``free_port`` and the service's bind, and a message the cloud-side test watch
-cannot read, which must not end paho's network loop."""
+takes between ``free_port`` and the service's bind (Mosquitto, Prometheus), and a message the
+cloud-side test watch cannot read, which must not end paho's network loop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgebento.localservices import Prometheus
 from tests.support.agent_telemetry import DeviceWatch
 from tests.support.services import LOOPBACK, Mosquitto
 
@@ -72,6 +73,19 @@ def test_a_restarted_broker_keeps_its_port_or_says_it_was_taken(tmp_path: Path) 
             broker.start()
     finally:
         broker.stop()
+
+
+def test_a_prometheus_whose_port_was_taken_starts_on_another(tmp_path: Path) -> None:
+    """As the broker: the port's new owner answered the connect the start waited for."""
+    prometheus = Prometheus(workdir=tmp_path / "prometheus", targets={})
+    picked = prometheus.port
+    with squatter(picked):
+        prometheus.start()
+        try:
+            assert prometheus.port != picked
+            assert prometheus.api("status/buildinfo")["version"]
+        finally:
+            prometheus.stop()
 
 
 def test_a_message_the_watch_cannot_read_does_not_end_its_network_loop(
