@@ -6,6 +6,7 @@ Import path and API::
     service = EnrollmentService(ca, IdentityStore(store), days=90)
     reply = service.handle("cam-1", "claim", payload)     # an EnrollReply, never an exception
     service.serve(broker_url, tls_context, prefix)        # until stop()
+    service.wait_serving(30)                              # the broker has its subscriptions
 
 Topics (``{prefix}/enroll/{device}/...``; the device id comes from the topic, which the broker's
 ACL ties to the connection, never from the payload):
@@ -110,6 +111,7 @@ class EnrollmentService:
         self.enrolled: Counter[str] = Counter()  # by kind
         self.refusals: Counter[str] = Counter()  # by reason
         self._client: Any = None
+        self._serving = False
         self.online: dict[str, bool] = {}  # from the retained statuses: revoked-but-connected
 
     def _refuse(self, request_id: str, reason: str, error: str) -> EnrollReply:
@@ -182,8 +184,13 @@ class EnrollmentService:
     # --- over MQTT ------------------------------------------------------------------------------
 
     def serve(self, broker_url: str, tls_context: Any, prefix: str = "edgebento") -> None:
+        """Connect in the background (a broker that is down is waited for) and answer until
+        ``stop``; ``wait_serving`` says when requests can no longer be missed. Serving again
+        before ``stop`` is a no-op."""
         from cloud_sync.mqtt import CloudClient
 
+        if self._client is not None and self._serving:
+            return
         levels = len(prefix.split("/"))
 
         def on_message(client: Any, _u: Any, msg: Any) -> None:
@@ -208,9 +215,8 @@ class EnrollmentService:
             )
 
         def on_connect(_present: bool) -> None:
-            for kind in KINDS:
-                self._client.client.subscribe(enroll_topic(prefix, "+", kind), 1)
-            self._client.client.subscribe(f"{prefix}/+/status", 1)
+            topics = [(enroll_topic(prefix, "+", kind), 1) for kind in KINDS]
+            self._client.subscribe([*topics, (f"{prefix}/+/status", 1)])
 
         self._client = CloudClient(
             broker_url,
@@ -220,6 +226,15 @@ class EnrollmentService:
             tls_context=tls_context,
         )
         self._client.start(keep_trying=True)
+        self._serving = True
+
+    def wait_serving(self, timeout: float) -> None:
+        """Until the broker confirmed the service's subscriptions: a claim a device sends once
+        is answered from then on (connected is not enough: before the SUBACK it is lost).
+        BrokerError after ``timeout`` s; ConfigError when the broker refused one (its ACL)."""
+        if self._client is None:
+            raise ConfigError("the enrollment service is not serving")
+        self._client.wait_subscribed(timeout)
 
     def _on_status(self, device: str, payload: bytes) -> None:
         from cloud_sync.protocol import Status
@@ -235,6 +250,12 @@ class EnrollmentService:
     def stop(self) -> None:
         if self._client is not None:
             self._client.stop()
+        self._serving = False
+
+    @property
+    def fatal(self) -> Exception | None:
+        """What stops the service for good: credentials or a subscription the broker refused."""
+        return self._client.fatal if self._client is not None else None
 
     def stats(self) -> dict[str, Any]:
         return {"enrolled": dict(self.enrolled), "refusals": dict(self.refusals)}

@@ -79,14 +79,16 @@ class FleetListener:
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
+        self._started = False
 
     def _on_connect(self, _session_present: bool) -> None:
-        for topic in (
-            self.topics.all_status(),
-            f"{self.topics.prefix}/+/desired",
-            self.topics.all_telemetry(),
-        ):
-            self.client.client.subscribe(topic, qos=1)
+        self.client.subscribe(
+            [
+                (self.topics.all_status(), 1),
+                (f"{self.topics.prefix}/+/desired", 1),
+                (self.topics.all_telemetry(), 1),
+            ]
+        )
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         try:
@@ -154,13 +156,19 @@ class FleetListener:
         return out
 
     def start(self, settle_s: float = 0.5) -> FleetListener:
-        """Connect, and give the broker ``settle_s`` to send the retained documents."""
+        """Connect, wait for the broker's SUBACK, then give it ``settle_s`` to send the
+        retained documents (they follow the SUBACK). A second start is a no-op."""
+        if self._started:
+            return self
         self.client.start()
+        self.client.wait_subscribed()
+        self._started = True
         time.sleep(settle_s)
         return self
 
     def stop(self) -> None:
         self.client.stop()
+        self._started = False
 
     def __enter__(self) -> FleetListener:
         return self.start()

@@ -170,8 +170,9 @@ class TelemetrySync:
         # Subscribe on every connect, session or not: Mosquitto 2.0 does not bring shared
         # subscriptions back from its persistence file after a restart. What the fleet sent
         # while nobody was subscribed is sent again by the devices (no acknowledgement came).
-        self.client.client.subscribe(self.topics.shared_telemetry(self.options.share), qos=1)
-        self.client.client.subscribe(self.topics.all_status(), qos=1)
+        self.client.subscribe(
+            [(self.topics.shared_telemetry(self.options.share), 1), (self.topics.all_status(), 1)]
+        )
 
     def _on_message(self, client: Any, _userdata: Any, msg: Any) -> None:
         """Guarded: paho 2 ends its network thread on an exception, and ingestion with it."""
@@ -372,8 +373,13 @@ class TelemetrySync:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self, keep_trying: bool = False) -> TelemetrySync:
-        """Connect (``keep_trying``: in the background, until the broker is up) and flush."""
+        """Connect and flush; return once the broker confirmed the subscriptions, or at once
+        with ``keep_trying`` (connecting in the background; a refusal goes to ``client.fatal``)."""
+        if self._thread is not None:
+            return self
         self.client.start(keep_trying=keep_trying)
+        if not keep_trying:
+            self.client.wait_subscribed()
         self._thread = threading.Thread(target=self._run, name="sync-flush", daemon=True)
         self._thread.start()
         return self

@@ -11,7 +11,7 @@ import logging
 import ssl
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,6 +21,7 @@ from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 _AUTH_FAILURES = {134, 135, 138, 140}
+SUBACK_TIMEOUT_S = 30.0  # for the broker to confirm the subscriptions, once it accepted us
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class CloudClient:
     """A connected MQTT 5 client whose loop runs in paho's own thread.
 
     ``on_connect(session_present)`` runs after every (re)connect, so callers can subscribe
-    again when the broker kept no session for them.
+    again when the broker kept no session for them: with ``subscribe``, whose SUBACK sets
+    ``subscribed`` (connected is not subscribed: what is published before the broker has the
+    subscriptions never reaches us) and ``wait_subscribed`` waits for.
     """
 
     def __init__(
@@ -143,11 +146,16 @@ class CloudClient:
         if log.isEnabledFor(logging.DEBUG):
             self.client.enable_logger(log)
         self.connected = threading.Event()
-        self.fatal: BrokerError | None = None
+        self.subscribed = threading.Event()  # the broker confirmed a connect's subscriptions
+        self.fatal: BrokerError | ConfigError | None = None
+        self._started = False
+        self._subscribing: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its topics
+        self._subscribe_lock = threading.Lock()  # a SUBACK must find the mid it answers
         self._user_on_connect = on_connect
         self._user_on_disconnect = on_disconnect
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         if on_message is not None:
             self.client.on_message = _guarded(on_message)
 
@@ -157,12 +165,54 @@ class CloudClient:
                 self.fatal = AuthError(f"{self.url} rejected the credentials: {reason}")
                 self.client.disconnect()
             return
+        with self._subscribe_lock:
+            self._subscribing.clear()  # the last connection's SUBSCRIBEs get no SUBACK now
         self.connected.set()
         if self._user_on_connect is not None:
             try:
                 self._user_on_connect(bool(flags.session_present))
             except Exception:  # paho 2 ends its network thread on an exception in a callback
                 log.exception("on_connect of %s failed", self.url)
+
+    def subscribe(self, topics: Sequence[tuple[str, int]]) -> None:
+        """Subscribe to ``(topic, qos)`` pairs in one SUBSCRIBE (from ``on_connect``, on every
+        connect); its SUBACK sets ``subscribed``. A topic the broker refuses (its ACL) is a
+        configuration error: logged, and ``fatal``, which ``wait_subscribed`` raises."""
+        with self._subscribe_lock:
+            _, mid = self.client.subscribe(list(topics))
+            if mid is not None:  # None: the connection dropped; the next connect subscribes
+                self._subscribing[mid] = [topic for topic, _ in topics]
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        with self._subscribe_lock:
+            topics = self._subscribing.pop(mid, None)
+        if topics is None:
+            return
+        refused = [
+            f"{topic} ({reason})"
+            for topic, reason in zip(topics, reasons, strict=False)
+            if getattr(reason, "is_failure", False)
+        ]
+        if refused:
+            self.fatal = ConfigError(
+                f"the broker at {self.url} refused {self.client_id!r} the subscription to "
+                f"{', '.join(refused)}: its ACL must allow this identity to read them"
+            )
+            log.error("%s", self.fatal)
+        self.subscribed.set()  # refused or not: whoever waits must not wait for ever
+
+    def wait_subscribed(self, timeout: float = SUBACK_TIMEOUT_S) -> None:
+        """Until the broker confirmed the subscriptions of the first connect (a reconnect's are
+        not waited for); stop and raise BrokerError after ``timeout`` s, ConfigError when it
+        refused one."""
+        if not self.subscribed.wait(timeout):
+            self.stop()
+            raise BrokerError(
+                f"the broker at {self.url} did not confirm our subscriptions within {timeout:g}s"
+            )
+        if isinstance(self.fatal, ConfigError):
+            self.stop()
+            raise self.fatal
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
@@ -172,7 +222,13 @@ class CloudClient:
     def start(self, timeout: float = 10.0, keep_trying: bool = False) -> CloudClient:
         """Connect; raise BrokerError after ``timeout`` s. With ``keep_trying`` (a daemon such
         as ``edgebento sync``) return at once and let paho try, with its backoff, until the
-        broker is up: a process started while its broker is down must not exit for it."""
+        broker is up: a process started while its broker is down must not exit for it. A
+        second start is a no-op (a second connect would replace the first)."""
+        if self._started:
+            return self
+        self._started = True
+        self.subscribed.clear()
+        self.fatal = None
         if keep_trying:
             self.client.connect_async(
                 self.address.host,
@@ -192,6 +248,7 @@ class CloudClient:
                 properties=self._props,
             )
         except (OSError, ValueError) as exc:
+            self._started = False
             raise BrokerError(f"cannot reach the broker at {self.url}: {exc}") from exc
         self.client.loop_start()
         if not self.connected.wait(timeout):
@@ -213,6 +270,7 @@ class CloudClient:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self._started = False
 
     def __enter__(self) -> CloudClient:
         return self.start()

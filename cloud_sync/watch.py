@@ -49,7 +49,6 @@ MAX_RATE = 10_000.0  # inferences a second a device can serve, by default (Thres
 SLACK_S = 30.0  # windows begun before the watch saw the version (a status comes after the swap)
 BACKLOG_S = 3600.0  # the version a device ran when the watch started: windows from before it
 _KINDS = ("status", "desired", "telemetry")
-SUBACK_TIMEOUT_S = 30.0  # for the broker to confirm the subscriptions, once it accepted us
 
 
 @dataclass
@@ -111,20 +110,10 @@ class FleetWatch:
         self.client = CloudClient(
             broker_url, on_message=self._on_message, on_connect=self._on_connect
         )
-        # Connected is not subscribed: the subscriptions go out once the broker accepted us,
-        # and what a device publishes before the broker has them never reaches this watch.
-        self._subscribed = threading.Event()
-        self._subscribe_mid: int | None = None
         self._started = False
-        self.client.client.on_subscribe = self._on_subscribe
 
     def _on_connect(self, _session_present: bool) -> None:
-        topics = [(f"{self.topics.prefix}/+/{kind}", 1) for kind in _KINDS]
-        _, self._subscribe_mid = self.client.client.subscribe(topics)
-
-    def _on_subscribe(self, _client: Any, _userdata: Any, mid: int, *_rest: Any) -> None:
-        if mid == self._subscribe_mid:
-            self._subscribed.set()
+        self.client.subscribe([(f"{self.topics.prefix}/+/{kind}", 1) for kind in _KINDS])
 
     def _device_and_kind(self, topic: str) -> tuple[str, str] | None:
         parts = topic.split("/")
@@ -258,17 +247,10 @@ class FleetWatch:
     def start(self, settle_s: float = 0.5) -> FleetWatch:
         """Connect and wait for the broker's SUBACK: from then on nothing published is missed.
         Then give it ``settle_s`` to send the retained documents, which follow the SUBACK."""
-        from modelpack.errors import BrokerError
-
         if self._started:  # ``with FleetWatch(...).start(settle_s=0)`` starts it twice: once
             return self  # (the second connect dropped the first, subscriptions and all)
         self.client.start()
-        if not self._subscribed.wait(SUBACK_TIMEOUT_S):
-            self.client.stop()
-            raise BrokerError(
-                f"the broker at {self.client.url} did not confirm the watch's subscriptions "
-                f"within {SUBACK_TIMEOUT_S:g}s"
-            )
+        self.client.wait_subscribed()
         self._started = True
         if settle_s:
             time.sleep(settle_s)
@@ -277,7 +259,6 @@ class FleetWatch:
     def stop(self) -> None:
         self.client.stop()
         self._started = False
-        self._subscribed.clear()
 
     def wait(self, timeout: float) -> None:
         """Until a status changes, or ``timeout`` seconds."""

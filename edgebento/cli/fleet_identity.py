@@ -187,6 +187,9 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     refreshed = -1e18
     try:
         while not done.wait(0.2):
+            if service.fatal is not None:  # refused credentials or subscriptions: say so, exit
+                service.stop()
+                raise service.fatal
             # OpenSSL refuses every client once the CRL's nextUpdate has passed: keep it fresh
             # even when nothing is revoked (and from the store at every start).
             if refresh is not None and time.monotonic() - refreshed >= args.crl_refresh:

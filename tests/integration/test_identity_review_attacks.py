@@ -202,7 +202,7 @@ def test_a_wrong_enrollment_answer_does_not_become_the_devices_identity(
     finally:
         hostile.close()
         idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
-        assert idfleet.service._client.connected.wait(10)
+        idfleet.service.wait_serving(30)
 
 
 def test_what_a_csr_asks_for_beyond_its_subject_is_not_granted(idfleet: IdentityFleet) -> None:

@@ -51,7 +51,7 @@ class IdentityFleet:
             on_retired=self.publish_crl,
         )
         self.service.serve(self.broker.url, self.context("enroll"), PREFIX)
-        assert self.service._client.connected.wait(10)
+        self.service.wait_serving(30)  # subscribed, not just connected: no claim is missed
         return self
 
     def publish_crl(self) -> None:
