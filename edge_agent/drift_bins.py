@@ -24,9 +24,9 @@ if TYPE_CHECKING:
 # A watched tensor whose rows hold at most this many bytes is copied on arrival; a bigger one
 # (an image) would cost a copy of its pixels per request, so it is held by reference.
 STREAM_ROW_BYTES = 4096
-# Float64 bytes of images reduced at once (``held_columns``): the joined chunk and the standard
-# deviation's temporary of the same size stay in a core's 1 MB L2 cache; a fold's 4 MB of
-# images reduced at once spilled to memory and cost twice as much per image.
+# Float32 bytes of images reduced at once (``held_columns``): the joined chunk, whose deviations
+# are squared in place, stays in a core's 1 MB L2 cache; a fold's 4 MB of images reduced at
+# once spilled to memory and cost twice as much per image.
 _IMAGE_CHUNK_BYTES = 1 << 19
 _DTYPE_SHAPE = attrgetter("dtype", "shape")
 # Bytes of comparisons one pass of ``Bins.add`` may hold: about a core's cache, so a fold
@@ -228,50 +228,31 @@ def _joined(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _image_features(spec: MonitorSpec, arrays: list[np.ndarray]) -> np.ndarray:
-    """Images joined as float64 (cast as they are joined: one pass over their pixels, not two)
+    """Images joined as float32 (cast as they are joined: one pass over their pixels, not two)
     and reduced ``_IMAGE_CHUNK_BYTES`` at a time; (features, rows), the floats of
     ``modelpack.monitor.reduce``."""
     blocks, chunk, size = [], [], 0
     for array in arrays:
         chunk.append(array)
         size += array.size
-        if size * 8 >= _IMAGE_CHUNK_BYTES:
-            blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float64)))
+        if size * 4 >= _IMAGE_CHUNK_BYTES:
+            blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float32)))
             chunk, size = [], 0
     if chunk:
-        blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float64)))
+        blocks.append(_chunk_features(spec, np.concatenate(chunk, dtype=np.float32)))
     return np.ascontiguousarray(np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0])
 
 
 def _chunk_features(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
-    """One chunk's image features, channels first in place (``_channel_stats``), channels last
-    through ``reduce``, which moves them first (a copy of its own), as ``reduce`` decides."""
+    """One chunk's image features: channels first through ``image_stats`` in the joined
+    images' own memory, channels last through ``reduce``, which moves them first (a copy of
+    its own), as ``reduce`` decides."""
+    from modelpack.monitor import image_stats, reduce
+
     channels = joined.shape[1] if joined.ndim == 4 else 0
     if channels and spec.param("channels", "first" if channels in (1, 3, 4) else "last") == "first":
-        return _channel_stats(joined, channels)
-    from modelpack.monitor import reduce
-
+        return image_stats(joined.reshape(len(joined), channels, -1), owned=True)
     return reduce(spec, joined).T
-
-
-def _channel_stats(joined: np.ndarray, channels: int) -> np.ndarray:
-    """``reduce``'s image features of channels-first float64 images that the caller gives up,
-    (features, rows): the same ufuncs in the same order as ``reduce`` and numpy's ``std``, so
-    the same floats, with the deviations squared in the joined images' own memory rather than
-    in two temporaries of their size."""
-    pixels = joined.reshape(len(joined), channels, -1)
-    count = pixels.shape[2]
-    kept = np.add.reduce(pixels, axis=2, keepdims=True) / count
-    deviations = np.subtract(pixels, kept, out=pixels)
-    np.square(deviations, out=deviations)
-    variance = np.add.reduce(deviations, axis=2)
-    np.true_divide(variance, count, out=variance)
-    mean, std = kept[..., 0], np.sqrt(variance, out=variance)
-    out = np.empty((2 * channels + 1, len(pixels)))
-    out[0:-1:2], out[1:-1:2] = mean.T, std.T
-    weights = (0.299, 0.587, 0.114) if channels == 3 else None  # ITU-R BT.601 luma
-    out[-1] = mean @ np.asarray(weights) if weights else mean.mean(axis=1)
-    return out
 
 
 def _reduced(spec: MonitorSpec, joined: np.ndarray) -> np.ndarray:
@@ -312,12 +293,21 @@ class Bins:
         for i, e in enumerate(edges):
             self._padded[i, : len(e), 0] = e
         self.width = widest + 1
+        # Each edge rounded up to a float32 (the smallest at or above it): a float32 value is
+        # at or above an edge exactly when it is at or above that one, so features whose values
+        # are all float32 (``float32_exact``) are compared in float32, in a third of the time.
+        with np.errstate(over="ignore"):
+            up = self._padded.astype(np.float32)
+            low = up.astype(np.float64) < self._padded
+            up[low] = np.nextafter(up[low], np.float32(np.inf))
+        self._padded32 = up
 
     def add(
-        self, columns: np.ndarray, counts: np.ndarray
+        self, columns: np.ndarray, counts: np.ndarray, exact32: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Adds a (features, rows) matrix's values to ``counts``; returns NaN per feature, sums
-        and sums of squares (NaN left out)."""
+        and sums of squares (NaN left out). ``exact32``: every value is a float32 (or NaN), so
+        they are compared in float32 (the sums stay in float64)."""
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the sum is NaN, sent as 0
             sums = columns.sum(axis=1)
             if np.isfinite(sums).all():  # the common case: no NaN, one pass finds it
@@ -330,31 +320,59 @@ class Bins:
         rows = columns.shape[1]
         at_or_above = np.zeros((features, edges), dtype=np.int64)
         if rows and features and edges:
+            padded = self._padded
+            if exact32:
+                columns, padded = columns.astype(np.float32), self._padded32
             blocks = _COMPARE_BYTES // (_BLOCK * features * edges)
             step = max(_MIN_PASS_BLOCKS, blocks) * _BLOCK
             whole = rows - rows % _BLOCK
             for start in range(0, whole, step):
-                at_or_above += self._above(columns[:, start : min(start + step, whole)])
+                block = columns[:, start : min(start + step, whole)]
+                at_or_above += _above(block, padded)
             if whole < rows:  # the last rows padded to whole words with -inf, above no edge
                 width = -(-(rows - whole) // 64) * 64
-                tail = np.full((features, width), -np.inf)
+                tail = np.full((features, width), -np.inf, dtype=columns.dtype)
                 tail[:, : rows - whole] = columns[:, whole:]
-                at_or_above += self._above(tail, width // 8)
+                at_or_above += _above(tail, padded, width // 8)
         valid = (rows - nan)[:, None]
         ladder = np.concatenate([valid, at_or_above, np.zeros_like(valid)], axis=1)
         counts += ladder[:, :-1] - ladder[:, 1:]
         return nan, sums, squares
 
-    def _above(self, block: np.ndarray, words: int = _BLOCK // 8) -> np.ndarray:
-        """Per feature and edge, the values of a (features, rows) matrix at or above it, the
-        rows a whole number of groups of ``words`` words of 8 rows (at most 128 words: a
-        byte's sum never carries)."""
-        features, edges = self._padded.shape[:2]
-        above = block[:, None, :] >= self._padded
-        grouped = above.view(np.uint64).reshape(features, edges, -1, words)
-        per_byte = np.add.reduce(grouped, axis=3).view(np.uint8)
-        return per_byte.reshape(features, edges, -1).sum(axis=2, dtype=np.int64)
-
     def trim(self, counts: np.ndarray) -> list[list[int]]:
         """Each feature's own bins (the padding's always-empty bins left out)."""
         return [[int(c) for c in counts[i, : n + 1]] for i, n in enumerate(self.sizes)]
+
+
+def _above(block: np.ndarray, padded: np.ndarray, words: int = _BLOCK // 8) -> np.ndarray:
+    """Per feature and edge, the values of a (features, rows) matrix at or above it, the rows
+    a whole number of groups of ``words`` words of 8 rows (at most 128 words: a byte's sum
+    never carries)."""
+    features, edges = padded.shape[:2]
+    above = block[:, None, :] >= padded
+    grouped = above.view(np.uint64).reshape(features, edges, -1, words)
+    per_byte = np.add.reduce(grouped, axis=3).view(np.uint8)
+    return per_byte.reshape(features, edges, -1).sum(axis=2, dtype=np.int64)
+
+
+# Dtypes every value of which is a float32: a ``columns`` feature of such a tensor, a class's
+# probability or index, is compared in float32 (``Bins.add``).
+_EXACT32 = frozenset(
+    np.dtype(t) for t in ("float16", "float32", "int8", "uint8", "int16", "uint16", "bool")
+)
+
+
+def float32_exact(spec: MonitorSpec, dtype: np.dtype[Any], shape: tuple[int, ...]) -> bool:
+    """Whether every feature ``reduce`` gives of a tensor of this dtype and shape is a float32
+    (or NaN): the image reducer's always are (``monitor.image_stats``); a column's and a
+    probability's when the tensor's are; a class index below 2**24 is."""
+    if spec.reducer in ("none", "image"):
+        return True
+    if spec.reducer == "columns":
+        return dtype in _EXACT32
+    if spec.reducer == "classes":
+        if len(shape) <= 1:
+            return dtype in _EXACT32
+        probs = spec.param("scores", "") == "probs" and dtype == np.float32
+        return probs and len(shape) == 2 and shape[1] < 1 << 24
+    return False

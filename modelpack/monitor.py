@@ -169,13 +169,43 @@ def feature_names(spec: MonitorSpec, sample: np.ndarray) -> list[str]:
 
 
 def _channels(spec: MonitorSpec, array: np.ndarray) -> np.ndarray:
-    """(rows, channels, pixels) from NCHW or NHWC."""
+    """(rows, channels, pixels) from NCHW or NHWC, as float32 (``image_stats``)."""
     if array.ndim != 4:
         raise ConfigError(f"{spec.tensor}: the image reducer takes rank-4 tensors")
     last = spec.param("channels", "first" if array.shape[1] in (1, 3, 4) else "last") == "last"
     if last:
         array = np.moveaxis(array, -1, 1)
-    return array.reshape(array.shape[0], array.shape[1], -1).astype(np.float64, copy=False)
+    return array.reshape(array.shape[0], array.shape[1], -1).astype(np.float32, copy=False)
+
+
+_LUMA = np.asarray((0.299, 0.587, 0.114), dtype=np.float32)  # ITU-R BT.601
+
+
+def image_stats(pixels: np.ndarray, owned: bool = False) -> np.ndarray:
+    """The image reducer's features of (rows, channels, pixels) float32 images, as a
+    (features, rows) float64 matrix: per channel its mean and standard deviation, then the
+    brightness. The one implementation both sides use: the baseline (``reduce``, at
+    ``optimize`` and ``pack create``) and the device (``edge_agent.drift_bins``), so their
+    floats are the same. In float32: a third less of the device's time per image than float64,
+    and every feature a float32 value, which the bins compare in float32 (``drift_bins.Bins``);
+    pairwise summation keeps the mean of a million pixels to 1e-7 relative, far inside a bin.
+    ``owned``: the caller gives ``pixels`` up, and the deviations are squared in its memory
+    rather than in a temporary of its size."""
+    rows, channels, count = pixels.shape
+    # einsum's sums run in SIMD lanes: a fifth of ``add.reduce``'s time over an image's
+    # contiguous pixels, to 1e-7 relative all the same.
+    means = np.einsum("ijk->ij", pixels) / np.float32(count)
+    deviations = np.subtract(pixels, means[..., None], out=pixels if owned else None)
+    np.square(deviations, out=deviations)
+    variance = np.einsum("ijk->ij", deviations) / np.float32(count)
+    std = np.sqrt(variance, out=variance)
+    out = np.empty((2 * channels + 1, rows))
+    out[0:-1:2], out[1:-1:2] = means.T, std.T
+    if channels == 3:  # products summed in a fixed order: a matmul's order moves with the rows
+        out[-1] = means[:, 0] * _LUMA[0] + means[:, 1] * _LUMA[1] + means[:, 2] * _LUMA[2]
+    else:
+        out[-1] = means.mean(axis=1, dtype=np.float32)
+    return out
 
 
 def reduce(spec: MonitorSpec, array: np.ndarray) -> np.ndarray:
@@ -189,14 +219,7 @@ def reduce(spec: MonitorSpec, array: np.ndarray) -> np.ndarray:
         return np.stack([rows.mean(axis=1), rows.std(axis=1)], axis=1)
     if spec.reducer == "image":
         pixels = _channels(spec, array)
-        # The mean once: ``std`` given it skips its own pass over the pixels, and computes it
-        # as it would (the sum kept as an axis, divided by the count), so nothing changes.
-        kept = np.add.reduce(pixels, axis=2, keepdims=True) / pixels.shape[2]
-        mean, std = kept[..., 0], pixels.std(axis=2, mean=kept)
-        per = np.stack([mean, std], axis=2).reshape(len(pixels), -1)
-        weights = (0.299, 0.587, 0.114) if mean.shape[1] == 3 else None  # ITU-R BT.601 luma
-        brightness = mean @ np.asarray(weights) if weights else mean.mean(axis=1)
-        return np.column_stack([per, brightness])
+        return image_stats(pixels, owned=not np.may_share_memory(pixels, array)).T
     if spec.reducer == "tokens":
         ids = np.asarray(array).reshape(len(array), -1)
         pad, unk = int(spec.param("pad", "0")), int(spec.param("unk", "100"))

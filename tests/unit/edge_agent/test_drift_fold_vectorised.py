@@ -17,7 +17,7 @@ from edge_agent.drift import DriftMonitor
 from edge_agent.drift_bins import Bins, held_columns
 from modelpack.baseline import make_baseline, read_baseline
 from modelpack.loader import load_pack
-from modelpack.monitor import Binner, MonitorSpec, reduce_batch
+from modelpack.monitor import Binner, MonitorSpec, reduce, reduce_batch
 from modelpack.predictor import Predictor
 from tests.support.agent import make_pack
 from tests.support.drift_requests import EDGES, KINDS, request, value
@@ -159,11 +159,13 @@ def test_the_streams_and_the_held_requests_count_what_the_reference_counts(
     st.sampled_from([1.0, 1e-6, 1e6]),
     st.booleans(),
 )
-def test_images_held_and_joined_give_numpys_own_mean_and_std(
+def test_images_held_and_joined_give_the_baselines_own_features(
     rows: list[int], dtype: str, scale: float, channels_last: bool
 ) -> None:
-    """Images joined as float64 and their mean taken once (``monitor.reduce``): bit for bit
-    the per-channel ``mean`` and ``std`` numpy gives, brightness beside, NaN kept."""
+    """Images joined as float32 and reduced in place on the device: bit for bit the features
+    the baseline's reducer gives them (``monitor.image_stats`` through ``reduce``, one
+    implementation for both sides), brightness included, NaN kept; and those are numpy's
+    float64 per-channel mean and standard deviation to float32's precision."""
     rng = np.random.default_rng(len(rows))
     spec = MonitorSpec("im", "image", (("channels", "last" if channels_last else "first"),))
     requests = []
@@ -174,7 +176,9 @@ def test_images_held_and_joined_give_numpys_own_mean_and_std(
             image.flat[4] = np.nan
         requests.append(({"im": image}, n))
     columns = held_columns([spec], requests)
-    joined = np.concatenate([t["im"] for t, _ in requests]).astype(np.float64)
+    joined = np.concatenate([t["im"] for t, _ in requests])
+    np.testing.assert_array_equal(columns.T, reduce(spec, joined))
+    joined = joined.astype(np.float32).astype(np.float64)
     if channels_last:
         joined = np.moveaxis(joined, -1, 1)
     pixels = joined.reshape(len(joined), 3, -1)
@@ -182,4 +186,4 @@ def test_images_held_and_joined_give_numpys_own_mean_and_std(
     want = np.column_stack(
         [np.stack([mean, std], axis=2).reshape(len(pixels), -1), mean @ [0.299, 0.587, 0.114]]
     )
-    np.testing.assert_array_equal(columns.T, want)
+    np.testing.assert_allclose(columns.T, want, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
