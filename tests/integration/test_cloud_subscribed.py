@@ -156,3 +156,23 @@ def test_the_sync_daemon_stops_on_a_refused_subscription(
     done = run_cli(*args, timeout=120)
     assert done.returncode != 0
     assert "refused" in done.stderr and "telemetry" in done.stderr, done.stderr[-2000:]
+
+
+def test_telemetry_sent_once_fleet_status_started_is_heard(
+    broker: Mosquitto, topic_prefix: str
+) -> None:
+    """``fleet status`` listens for ``--listen`` seconds from its start: from the SUBACK."""
+    topics = Topics(topic_prefix)
+    with (
+        device_client(broker.port) as device,
+        slow_uplink(broker.port) as port,
+        FleetListener(f"mqtt://{LOOPBACK}:{port}", topics).start(settle_s=0) as listener,
+    ):
+        device.publish(topics.telemetry("a"), _telemetry("a", 0), qos=1).wait_for_publish(10)
+        deadline, seq = time.monotonic() + 30, 0
+        while "marker" not in listener.heard_at:  # markers, as above
+            assert time.monotonic() < deadline, "fleet status heard nothing"
+            device.publish(topics.telemetry("marker"), _telemetry("marker", seq), qos=1)
+            seq += 1
+            time.sleep(0.1)
+        assert "a" in listener.heard_at
