@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from edge_agent import drift_bins
 from edge_agent.drift import _Window
 from edge_agent.drift_bins import Bins, float32_exact
-from modelpack.monitor import Binner, MonitorSpec, reduce_batch
+from modelpack.monitor import Binner, MonitorSpec, reduce, reduce_batch
 
 F32 = np.float32
 # Edges a float32 cannot hold: between two float32 numbers, past float32's largest, subnormal.
@@ -103,3 +103,20 @@ def test_a_float64_input_between_two_float32_numbers_keeps_its_bin() -> None:
     want, _ = Binner(edges).count(reduce_batch(specs, seen))
     assert window.counts is not None
     assert bins.trim(window.counts)[0] == Binner(edges).trim(want)[0] == [0, 12, 12]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.lists(st.sampled_from([0.0, -0.0, 0.25, 0.5, 1.0, np.nan, np.inf, -np.inf]), min_size=8),
+)
+def test_a_few_classes_compared_a_class_at_a_time_give_reduces_class_and_confidence(
+    classes: int, pool: list[float]
+) -> None:
+    """Ties (the first class wins), NaN (class and confidence NaN), infinities and signed
+    zeros: ``_few_classes`` (up to ``_FEW_CLASSES``) and ``argmax`` past it give ``reduce``'s
+    floats."""
+    scores = np.resize(np.asarray(pool, np.float32), (len(pool), classes))
+    spec = MonitorSpec("p", "classes", (("scores", "probs"),), output=True)
+    got = drift_bins._reduced(spec, scores)
+    np.testing.assert_array_equal(got, reduce(spec, scores).T)
