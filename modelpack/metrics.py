@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -88,6 +89,7 @@ class InferenceMetrics:
         # Labelled children by (metric, label): ``labels()`` costs a lock and a lookup on each
         # request, and under a flood each refusal counts twice. The labels are a closed set.
         self._children: dict[tuple[int, str], Any] = {}
+        self._overloaded: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
 
     def _child(self, metric: Any, label: str) -> Any:
         key = (id(metric), label)
@@ -115,8 +117,15 @@ class InferenceMetrics:
         self._child(self.requests, "rejected").inc()
 
     def overloaded(self, reason: str) -> None:
-        self._child(self.overload, reason).inc()
-        self._child(self.requests, "overloaded").inc()
+        # Under a flood most requests come here: both children found with one look-up.
+        incs = self._overloaded.get(reason)
+        if incs is None:
+            incs = self._overloaded[reason] = (
+                self._child(self.overload, reason).inc,
+                self._child(self.requests, "overloaded").inc,
+            )
+        incs[0]()
+        incs[1]()
 
     def failed(self, reason: str = "internal") -> None:
         self._child(self.errors, reason).inc()

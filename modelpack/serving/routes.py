@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelpack.codec import dumps
-from modelpack.errors import EdgebentoError, InputError
+from modelpack.errors import EdgebentoError, InputError, OverloadError
 from modelpack.serving import oip
 from modelpack.serving.core import Job, Protocol, ServingCore
-from modelpack.serving.reasons import NotFoundRoute, error_doc, retry_headers, status_of
+from modelpack.serving.reasons import (
+    STATUS_BY_REASON,
+    NotFoundRoute,
+    error_doc,
+    retry_headers,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +138,32 @@ def refuse(core: ServingCore, exc: BaseException, counted: bool = True) -> HttpR
     """The one error answer: ``{"error", "reason"}`` with the status of the reason table."""
     if counted:
         core.count_error(exc)
+    if type(exc) is OverloadError and STATUS_BY_REASON.get(exc.reason) == 503:
+        return _overloaded(exc)
     status = status_of(exc)
     if status == 500:  # ours, never the client's: keep the whole story for the operator
         log.error("request failed: %s", exc, exc_info=exc)
     return HttpResponse.json(status, error_doc(exc), retry_headers(exc))
+
+
+# Under a flood most answers are 503s that differ only in their message: their status, the
+# document's tail and the headers are built once per (reason, Retry-After), not per refusal.
+_OVERLOADED: dict[tuple[str, int], tuple[int, bytes, dict[str, str]]] = {}
+
+
+def _overloaded(exc: OverloadError) -> HttpResponse:
+    """Byte for byte ``HttpResponse.json(status_of(exc), error_doc(exc), retry_headers(exc))``."""
+    key = (exc.reason, exc.retry_after_s)
+    built = _OVERLOADED.get(key)
+    if built is None:
+        doc = error_doc(exc)
+        tail = dumps({"reason": doc["reason"], "retry_after_s": doc["retry_after_s"]})
+        headers = {"content-type": "application/json", **retry_headers(exc)}
+        built = _OVERLOADED[key] = (status_of(exc), b"," + tail[1:], headers)
+    status, tail, headers = built
+    # json.dumps of the message alone writes it as dumps writes it inside the document.
+    body = b'{"error":' + json.dumps(str(exc)).encode() + tail
+    return HttpResponse(status, body, dict(headers))
 
 
 def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | bytearray:
@@ -168,6 +196,11 @@ def decoded(body: bytes | bytearray, encoding: str | None, cap: int) -> bytes | 
     return out
 
 
+# The routes ``admit`` matched, by (method, path): a flood sends the same few paths.
+_ROUTES: dict[tuple[str, str], Route] = {}
+MAX_ROUTES_KEPT = 64
+
+
 def admit(
     core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
 ) -> Route | None:
@@ -176,7 +209,11 @@ def admit(
     route of an admitted inference (``handle`` then neither matches it nor admits it again:
     the queue checks it once more when the request is submitted)."""
     try:
-        route = match(method, path)
+        route = _ROUTES.get((method, path))
+        if route is None:
+            route = match(method, path)
+            if len(_ROUTES) < MAX_ROUTES_KEPT:  # paths are the client's: a bounded memory
+                _ROUTES[(method, path)] = route
         if route.infer is None:
             return None
         model = core.live(route.name, route.version)
