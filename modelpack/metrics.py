@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` of each amount, in one write to its sum and one to each bucket
+    the amounts fall in: under BentoML every write is a locked write to a file shared by the
+    workers, and a batch of 16 took 32 of them. A histogram without prometheus_client's
+    buckets (another ``lib``) is observed one by one."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if len(amounts) < 2 or bounds is None or buckets is None or total is None:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        if amount == amount:  # NaN falls in no bucket, as with observe
+            counts[bisect.bisect_left(bounds, amount)] += 1
+    total.inc(math.fsum(amounts))
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class InferenceMetrics:
@@ -139,6 +163,11 @@ class InferenceMetrics:
     def queue_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
 
+    def queue_waits(self, seconds: Sequence[float]) -> None:
+        """A batch's waits, written as ``queue_wait`` one by one would (the same counts, the
+        same sum up to float rounding), before the batch's answers are released."""
+        observe_many(self.wait, seconds)
+
     def batch(self, rows: int) -> None:
         self.batch_size.observe(rows)
 
@@ -172,6 +201,10 @@ class NoMetrics(InferenceMetrics):
 
     def queue_wait(self, seconds: float) -> None:
         pass
+
+    def queue_waits(self, seconds: Sequence[float]) -> None:
+        for one in seconds:  # one by one: a subclass that counts queue_wait counts these too
+            self.queue_wait(one)
 
     def batch(self, rows: int) -> None:
         pass

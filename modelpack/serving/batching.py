@@ -53,6 +53,7 @@ Result = dict[str, np.ndarray] | Exception
 class QueueMetrics(Protocol):
     def queue_depth(self, depth: int) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...
+    def queue_waits(self, seconds: Sequence[float]) -> None: ...
     def batch(self, rows: int) -> None: ...
 
 
@@ -304,8 +305,7 @@ class Batcher:
         and count them here too, so the model's thread never waits on a metrics lock the loop
         holds (each wait costs it a turn at the GIL)."""
         self._tell_depth()
-        for item in batch:
-            self.metrics.queue_wait(item.started - item.arrived)
+        self.metrics.queue_waits([item.started - item.arrived for item in batch])
         for rows in runs:
             self.metrics.batch(rows)
         for item, waited in expired:
