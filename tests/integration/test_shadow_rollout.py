@@ -58,12 +58,19 @@ def traffic(broker: Mosquitto, prefix: str, per_s: float = 60.0) -> Iterator[Cli
 
 def _rollout(fleet: Callable[..., list[AgentProcess]], broker: Mosquitto, prefix: str,
              key: Path, shadow_for: str, *extra: str) -> int:  # fmt: skip
+    # --abort-p99-ratio 1000: these tests are about the shadow, not the p99 after the switch.
+    # The three agents share the test machine's cores, so the first device on v2 is timed
+    # (p99 of its first 50 answers, about their slowest) while the fleet installs v2: against
+    # v1's p99 from before, that measures the machine, not the model (an equivalent v2 went
+    # 10 -> 25 ms and 5 -> 50 ms under load, and the rollout aborted). The p99 check has its
+    # own test, with a really slower v2 (test_rollout_metrics).
     return main([
         "rollout", "tiny", "2", "--store", fleet.store_url,  # type: ignore[attr-defined]
         "--broker", broker.url, "--prefix", prefix, "--key", str(key), "--devices",
         ",".join(DEVICES), "--canary", "100", "--waves", "1", "--bake", "0",
         "--wave-timeout", "60", "--lease-ttl", "5", "--allow-unverified",
-        "--shadow", "--shadow-for", shadow_for, "--shadow-rate", "40", *extra,
+        "--shadow", "--shadow-for", shadow_for, "--shadow-rate", "40",
+        "--abort-p99-ratio", "1000", *extra,
     ])  # fmt: skip
 
 
