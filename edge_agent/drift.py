@@ -4,9 +4,10 @@ bins of the live pack's baseline, one summary per model version and window, into
 The hot path only copies the request's small watched tensors into a buffer per tensor (or holds
 big ones by reference, ``edge_agent.drift_bins``); reducing them to their features and counting
 those in the bins run vectorised over thousands of rows at once, when ``fold_rows`` rows or
-``fold_bytes`` bytes are pending or a window closes. A request pays about 2 µs in a tight loop
-and 3 to 5 beside a real one, whose work leaves the caches cold (``benchmarks/bench_drift.py``,
-``docs/monitoring.md``). A summary leaves as a
+``fold_bytes`` bytes are pending or a window closes. Inside the running agent, whose work
+between two requests leaves the caches cold, a request of 1 or 16 tabular rows pays about 1.6
+or 4 µs, an image about 6 (``benchmarks/bench_drift.py``, ``docs/monitoring.md``). A summary
+leaves as a
 telemetry record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every
 record: stored on disk, sent, deleted only when the ingestion acknowledged it.
 """
