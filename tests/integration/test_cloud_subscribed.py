@@ -27,7 +27,7 @@ from modelpack.errors import ConfigError
 from tests.support.cli_run import run_cli
 from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
 from tests.support.services import LOOPBACK, Mosquitto
-from tests.support.slow_uplink import device_client, slow_uplink
+from tests.support.slow_uplink import device_client, publish_markers_until, slow_uplink
 
 
 class RefusingMosquitto(Mosquitto):
@@ -115,14 +115,9 @@ def test_telemetry_sent_once_sync_started_is_stored(
         assert sync.start() is sync  # a second start is a no-op
         # On the shared subscription, what nobody in the share is subscribed to is dropped.
         device.publish(topics.telemetry("a"), _telemetry("a", 0), qos=1).wait_for_publish(10)
-        # Then markers from the same client until the sync hears one: the broker delivers
-        # one client's messages in order, so by then the first came or was lost for good.
-        deadline, seq = time.monotonic() + 30, 0
-        while "marker" not in sync.view.devices:
-            assert time.monotonic() < deadline, "the sync heard nothing"
-            device.publish(topics.telemetry("marker"), _telemetry("marker", seq), qos=1)
-            seq += 1
-            time.sleep(0.1)
+        publish_markers_until(
+            device, topics.telemetry, _telemetry, lambda: "marker" in sync.view.devices, "the sync"
+        )
         assert "a" in sync.view.devices
     stored = [key for key in store.list("telemetry/") if "/device=a/" in key]
     assert stored, list(store.list("telemetry/"))
@@ -169,10 +164,11 @@ def test_telemetry_sent_once_fleet_status_started_is_heard(
         FleetListener(f"mqtt://{LOOPBACK}:{port}", topics).start(settle_s=0) as listener,
     ):
         device.publish(topics.telemetry("a"), _telemetry("a", 0), qos=1).wait_for_publish(10)
-        deadline, seq = time.monotonic() + 30, 0
-        while "marker" not in listener.heard_at:  # markers, as above
-            assert time.monotonic() < deadline, "fleet status heard nothing"
-            device.publish(topics.telemetry("marker"), _telemetry("marker", seq), qos=1)
-            seq += 1
-            time.sleep(0.1)
+        publish_markers_until(
+            device,
+            topics.telemetry,
+            _telemetry,
+            lambda: "marker" in listener.heard_at,
+            "fleet status",
+        )
         assert "a" in listener.heard_at

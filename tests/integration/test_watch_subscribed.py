@@ -10,13 +10,11 @@ adds to everything the watch sends.
 
 from __future__ import annotations
 
-import time
-
 from cloud_sync.protocol import Topics
 from cloud_sync.watch import FleetWatch
 from tests.integration.test_watch_figures import _status
 from tests.support.services import LOOPBACK, Mosquitto
-from tests.support.slow_uplink import device_client, slow_uplink
+from tests.support.slow_uplink import device_client, publish_markers_until, slow_uplink
 
 
 def test_what_a_device_publishes_once_start_returned_reaches_the_watch(
@@ -29,11 +27,11 @@ def test_what_a_device_publishes_once_start_returned_reaches_the_watch(
         FleetWatch(f"mqtt://{LOOPBACK}:{port}", topics, None).start(settle_s=0) as watch,
     ):
         device.publish(topics.status("a"), _status("a"), qos=1).wait_for_publish(10)
-        # Then markers from the same client until the watch hears one: the broker delivers
-        # one client's messages in order, so by then the first came or was lost for good.
-        deadline = time.monotonic() + 30
-        while "marker" not in watch.statuses:
-            assert time.monotonic() < deadline, "the watch heard nothing"
-            device.publish(topics.status("marker"), _status("marker"), qos=1)
-            watch.wait(0.1)
+        publish_markers_until(
+            device,
+            topics.status,
+            lambda d, _: _status(d),
+            lambda: "marker" in watch.statuses,
+            "the watch",
+        )
         assert "a" in watch.statuses

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tests.support.services import LOOPBACK
@@ -65,3 +65,22 @@ def device_client(port: int) -> Iterator[Any]:
     finally:
         device.disconnect()
         device.loop_stop()
+
+
+def publish_markers_until(
+    device: Any,
+    topic: Callable[[str], str],
+    payload: Callable[[str, int], bytes],
+    heard: Callable[[], bool],
+    listener: str,
+    timeout_s: float = 30.0,
+) -> None:
+    """Publish markers from ``device`` until ``heard()``. The broker delivers one client's
+    messages in order, so once a marker is heard, whatever the device published before it
+    either came or was lost for good."""
+    deadline, seq = time.monotonic() + timeout_s, 0
+    while not heard():
+        assert time.monotonic() < deadline, f"{listener} heard nothing"
+        device.publish(topic("marker"), payload("marker", seq), qos=1)
+        seq += 1
+        time.sleep(0.1)
