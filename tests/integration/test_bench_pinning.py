@@ -62,6 +62,11 @@ def test_the_split_is_disjoint_and_covers_the_cpus() -> None:
 
 
 PATHS = {"edgebento": "/predict", "bare_asgi": "/predict", "flask": "/api/predict"}
+# The threads each server keeps once it has answered. Flask's werkzeug (threaded=True, HTTP/1.0)
+# answers on a thread that ends with its connection, and its ONNX Runtime on one thread has no
+# pool: after the answer only the main thread is sure to be there (CI once saw the request's
+# thread, and once not).
+LASTING_THREADS = {"edgebento": 2, "bare_asgi": 2, "flask": 1}
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -74,7 +79,7 @@ def test_every_thread_of_a_served_server_runs_on_the_server_cpus(
     answer = httpx.post(server.url + PATHS[name], json={"inputs": {"x": [[0.5] * 8]}}, timeout=30)
     assert answer.status_code == 200, answer.text
     found = tree_affinity(server.popen.pid)
-    assert found["threads"] >= 2
+    assert found["threads"] >= LASTING_THREADS[name], found
     assert found["cpus"] == [list(pinning.server)], found
 
 
