@@ -42,6 +42,10 @@ REPLY_TIMEOUT_S = 20.0
 # answer comes first (the service answers in order) and the repeat's token_reused is not read.
 CLAIM_RESEND_S = 10.0
 ENROLL_TIMEOUT_S = 120.0
+# Answers that say "not now", not "never": a busy or flooded service (its rate limit), or one
+# that failed on its side (the store unreachable). A renewal answered so is tried again with
+# backoff; only a refusal of the device itself (revoked, not enrolled, a bad CSR) ends it.
+NOT_NOW = frozenset({"rate_limited", "internal"})
 
 
 class Channel(Protocol):
@@ -309,6 +313,8 @@ class Renewer:
             raise BrokerError("no answer to the renewal")
         if not reply.ok or not reply.certificate:
             self.files.next_key.unlink(missing_ok=True)
+            if reply.reason in NOT_NOW:
+                raise BrokerError(f"the renewal was not served ({reply.reason}): {reply.error}")
             raise AuthError(f"{reply.reason}: {reply.error}")
         old = cert_window(self.files.cert)[2]
         self.files.install(reply.certificate, self.config.device, key.public_key())

@@ -1,0 +1,116 @@
+"""Renewal retries and the retired certificate, with a real Mosquitto over mTLS, the real
+enrollment service and a real agent (issue 20 item 4: "renews at two thirds of its
+certificate's life (with jitter and retries) ... and then the old certificate is revoked").
+
+A renewal answered ``rate_limited`` (a busy service: a fleet enrolled on one day renews within
+a few minutes) stopped the agent's renewals for good, as if it were revoked, and the device
+went on to expire. Now it is tried again with backoff; and the certificate it rotated away
+from can no longer connect."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_sync.enroll import RateLimit
+from cloud_sync.fleet_ca import tls_context
+from cloud_sync.revocation import _connect
+from tests.support.agent import wait_online
+from tests.support.identity_fleet import PREFIX, IdentityFleet
+
+DEVICE = "ren-a"
+
+
+class BusyForRenewals(RateLimit):
+    """The service's rate limit, answering a device's first ``times`` renewals ``rate_limited``
+    as a busy service does; everything else passes."""
+
+    def __init__(self, device: str, times: int) -> None:
+        super().__init__(rate=1000, burst=1000, per_device_s=0.0)
+        self.device, self.left, self.refused = device, times, 0
+
+    def allow(self, device: str) -> bool:
+        with self._lock:  # paho's thread calls it
+            if device == self.device and self.left > 0:
+                self.left -= 1
+                self.refused += 1
+                return False
+        return super().allow(device)
+
+
+@pytest.fixture
+def short_lived(tmp_path: Path) -> Iterator[IdentityFleet]:
+    fleet = IdentityFleet(tmp_path / "fleet", validity_s=30.0).start()
+    yield fleet
+    fleet.stop()
+
+
+def _status(agent: Any) -> dict[str, Any]:
+    try:
+        return dict(json.loads((agent.data_dir / "identity" / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}  # not written yet, or being replaced
+
+
+def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
+    short_lived: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    fleet = short_lived
+    busy = BusyForRenewals(DEVICE, times=2)
+    fleet.service.limit = busy
+    token = fleet.ids.create_claims([DEVICE], ttl_s=600)[DEVICE]
+    agent = agent_factory(
+        broker=fleet.broker,
+        device=DEVICE,
+        data_dir=tmp_path / "agent",
+        prefix=PREFIX,
+        args=fleet.agent_args(token),
+    )
+    operator = fleet.client("operator")
+    wait_online(operator, PREFIX, DEVICE)
+    first = fleet.ids.device(DEVICE)
+    assert first is not None and first.current is not None
+    # The certificate it enrolled with, kept aside: after the rotation it must be shut out.
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("device.crt", "device.key"):
+        shutil.copy(agent.data_dir / "identity" / name, old / name)
+
+    # Until it rotated, or gave up (what the old code did on the first rate_limited).
+    deadline = time.monotonic() + 60
+    while True:
+        record = fleet.ids.device(DEVICE)
+        if record is not None and record.last_rotation is not None:
+            break
+        state = _status(agent).get("state")
+        assert state != "renewal_refused", (_status(agent), agent.output()[-2000:])
+        assert time.monotonic() < deadline, agent.output()[-2000:]
+        time.sleep(0.2)
+    assert busy.refused == 2 and fleet.service.refusals["rate_limited"] >= 2
+    assert "certificate renewal failed (try 1)" in agent.output()
+    assert record.current != first.current and first.current in record.retired
+
+    # The old certificate is in the CRL the broker reads: a connection with it is refused in
+    # the handshake. (A SIGHUP is asynchronous: until the broker has re-read its CRL, the old
+    # certificate may still get in, and takes the device's session over for a moment.)
+    context = tls_context(fleet.ca.paths.bundle, old / "device.crt", old / "device.key")
+    deadline = time.monotonic() + 20
+    while _connect(context, DEVICE, "127.0.0.1", fleet.broker.port, 10):
+        assert time.monotonic() < deadline, "the retired certificate still connects"
+        time.sleep(0.2)
+    # The device runs on its new certificate and answers, and says so in its status.
+    operator.reply_topic = f"{PREFIX}/{DEVICE}/replies/operator"
+    operator.collect(operator.reply_topic)
+    assert operator.request(f"{PREFIX}/{DEVICE}/cmd/ping", {}, timeout=30)["ok"] is True
+    deadline = time.monotonic() + 20
+    while _status(agent).get("serial") != record.current:
+        assert time.monotonic() < deadline, _status(agent)
+        time.sleep(0.2)
+    assert _status(agent)["state"] == "valid" and _status(agent)["last_rotation"]
+    operator.close()
