@@ -9,6 +9,8 @@ Import path and API::
 Per device: seconds to its certificate's expiry. For the fleet: enrollments and refusals by
 reason, revoked devices, and revoked devices whose retained status still says online (a
 revocation that did not drop the session). The store is read at most every ``refresh_s``.
+With ``crl_file`` (the CRL the broker reads): seconds until its nextUpdate, past which OpenSSL
+refuses every client (0 when it cannot be read: the broker cannot read it either).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from cloud_sync.enroll import EnrollmentService
@@ -23,8 +26,10 @@ from cloud_sync.identity_store import identity_rows
 
 
 class IdentityCollector:
-    def __init__(self, service: EnrollmentService, refresh_s: float = 30.0) -> None:
-        self.service, self.refresh_s = service, refresh_s
+    def __init__(
+        self, service: EnrollmentService, refresh_s: float = 30.0, crl_file: Path | None = None
+    ) -> None:
+        self.service, self.refresh_s, self.crl_file = service, refresh_s, crl_file
         self._rows: dict[str, dict[str, Any]] = {}
         self._at = -1e9
         self._lock = threading.Lock()
@@ -35,6 +40,17 @@ class IdentityCollector:
                 self._rows = identity_rows(self.service.ids.devices(), time.time())
                 self._at = time.monotonic()
             return self._rows
+
+    def crl_left_s(self) -> float:
+        from cryptography import x509
+
+        assert self.crl_file is not None
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        except (OSError, ValueError):
+            return 0.0
+        next_update = crl.next_update_utc
+        return 0.0 if next_update is None else next_update.timestamp() - time.time()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -72,3 +88,10 @@ class IdentityCollector:
         for reason, count in sorted(self.service.refusals.items()):
             refused.add_metric([reason], count)
         yield refused
+        if self.crl_file is not None:
+            yield GaugeMetricFamily(
+                "edgebento_identity_crl_next_update_seconds",
+                "Seconds until the broker's CRL passes its nextUpdate (then every client is "
+                "refused); 0 when it cannot be read",
+                value=self.crl_left_s(),
+            )

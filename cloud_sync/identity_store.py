@@ -13,10 +13,9 @@ Import path and API::
 Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
 the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
 its hash, devices, batch flag and times): whoever writes the bucket without that key cannot
-plant a claim of its own or widen one, so it cannot get a certificate signed. A claim is spent by a compare-and-swap on its etag,
-so two enrollments racing with one token cannot both win. A device's record
-(``fleet/identity/devices/{id}.json``) lists every certificate issued to it; those it has
-rotated away from and, once it is revoked, all of them are in the CRL.
+plant a claim of its own or widen one. A claim is spent by a compare-and-swap on its etag: two
+enrollments racing with one token cannot both win. A device's record (``.../devices/{id}.json``)
+lists its certificates; those it rotated away from, and all once it is revoked, are in the CRL.
 """
 
 from __future__ import annotations
@@ -292,6 +291,11 @@ class IdentityStore:
             ]
         )
         return doc
+
+    def revoke_serial(self, serial: int, not_after: float) -> None:
+        """Into the CRL until it expires: a certificate that is no device's (the claim's)."""
+        entry = CrlEntry(serial=format(serial, "x"), revoked_at=time.time(), not_after=not_after)
+        self._add_to_crl([entry])
 
     # --- the CRL's entries ----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Import path and API::
     from cloud_sync.revocation import publish_crl, revoke_device, kick_session
     publish_crl(ca, ids, crl_path, broker_pid=1234)     # write the CRL, SIGHUP the broker
     revoke_device(ids, ca, "cam-3", crl_path, broker_pid, broker=("127.0.0.1", 8883))
+    revoke_certificate(ids, ca, claim_crt, crl_path, broker_pid, broker)  # the claim's, say
 
 Measured on Debian's Mosquitto 2.0.11 (tests/integration/test_identity_enrollment.py): a SIGHUP
 re-reads ``crlfile``, so a revoked certificate can no longer connect, but a session that is
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem, new_key, write_public
+from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem, load_cert, new_key, write_public
 from cloud_sync.identity_store import DeviceIdentity, IdentityStore
 from modelpack.errors import BrokerError, ConfigError
 
@@ -175,6 +176,25 @@ def kick_session(
     return _connect(ctx, device, host, port, timeout, words)
 
 
+def _reloaded(
+    ids: IdentityStore,
+    ca: FleetCA,
+    crl_path: Path,
+    broker_pid: int | Path | None,
+    broker: tuple[str, int],
+    timeout: float,
+) -> None:
+    """The CRL written, and the broker running on it: a probe certificate is revoked in the same
+    CRL, and the broker has reloaded when the probe is refused."""
+    probe, probe_serial = _ephemeral(ca, "revocation-probe")
+    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial,))
+    deadline = time.monotonic() + timeout
+    while _connect(probe, "revocation-probe", *broker, timeout=timeout):
+        if time.monotonic() > deadline:
+            raise BrokerError(f"the broker at {broker[0]}:{broker[1]} did not reload its CRL")
+        time.sleep(0.1)
+
+
 def revoke_device(
     ids: IdentityStore,
     ca: FleetCA,
@@ -187,23 +207,48 @@ def revoke_device(
 ) -> tuple[DeviceIdentity, bool]:
     """Revoked in the store, in the CRL, reloaded, and its session dropped (if ``broker``).
 
-    The session is taken over only once the broker runs on the new CRL, or the device could
-    come straight back: a probe certificate is revoked in the same CRL, and the broker has
-    reloaded when the probe is refused."""
+    The session is taken over only once the broker runs on the new CRL (``_reloaded``), or the
+    device could come straight back."""
     doc = ids.revoke(device)
     if broker is None:
         publish_crl(ca, ids, crl_path, broker_pid)
         return doc, False
-    probe, probe_serial = _ephemeral(ca, "revocation-probe")
-    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial,))
-    deadline = time.monotonic() + timeout
-    while _connect(probe, "revocation-probe", *broker, timeout=timeout):
-        if time.monotonic() > deadline:
-            raise BrokerError(f"the broker at {broker[0]}:{broker[1]} did not reload its CRL")
-        time.sleep(0.1)
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout)
     kicked = kick_session(ca, device, *broker, timeout=timeout, prefix=prefix)
     log.info("%s revoked; live session %s", device, "dropped" if kicked else "not dropped")
     return doc, kicked
+
+
+def revoke_certificate(
+    ids: IdentityStore,
+    ca: FleetCA,
+    cert_pem_bytes: bytes,
+    crl_path: Path,
+    broker_pid: int | Path | None,
+    broker: tuple[str, int] | None,
+    timeout: float = 10.0,
+) -> tuple[str, bool]:
+    """A certificate that is no device's (the shared claim certificate that leaked, a cloud
+    identity's) into the CRL, the broker reloaded; its CN, and whether a live session on the
+    device listener was taken over (client id = CN there). On the claim listener client ids
+    are the client's own, so a live claim connection is not dropped: it only lasts one
+    enrollment, and every new one is refused in the handshake."""
+    from cryptography.exceptions import InvalidSignature
+
+    cert = load_cert(cert_pem_bytes)
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise ConfigError("that certificate was not issued by this fleet CA") from exc
+    name = peer_identity(cert)
+    ids.revoke_serial(cert.serial_number, cert.not_valid_after_utc.timestamp())
+    if broker is None:
+        publish_crl(ca, ids, crl_path, broker_pid)
+        return name, False
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout)
+    kicked = _connect(_ephemeral(ca, name)[0], name, *broker, timeout=timeout)
+    log.info("certificate %x of %s revoked", cert.serial_number, name)
+    return name, kicked
 
 
 def peer_identity(cert: Any) -> str:

@@ -85,7 +85,10 @@ def register_verbs(verbs: Any) -> None:
     conf.set_defaults(func=cmd_broker_config)
 
     revoke = verbs.add_parser("revoke", help="revoke a device and drop its live session")
-    revoke.add_argument("device")
+    revoke.add_argument("device", nargs="?", help="the device (or --cert)")
+    revoke.add_argument(
+        "--cert", type=Path, help="or a certificate that is no device's (the claim certificate)"
+    )
     revoke.add_argument("--ca", type=Path, required=True, help="the CA directory")
     revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
     revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
@@ -178,7 +181,8 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
         from cloud_sync.identity_metrics import IdentityCollector
 
         registry = CollectorRegistry()
-        registry.register(IdentityCollector(service, args.metrics_refresh))  # type: ignore[arg-type]
+        collector = IdentityCollector(service, args.metrics_refresh, args.crl_file)
+        registry.register(collector)  # type: ignore[arg-type]
         start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -229,33 +233,30 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     from cloud_sync.fleet_ca import FleetCA
     from cloud_sync.mqtt import parse_broker_url
-    from cloud_sync.revocation import revoke_device
+    from cloud_sync.revocation import revoke_certificate, revoke_device
 
+    if (args.device is None) == (args.cert is None):
+        raise ConfigError("fleet revoke DEVICE, or fleet revoke --cert FILE: one of them")
     broker = None
     if args.broker:
         address = parse_broker_url(args.broker)
         broker = (address.host, address.port)
     started = time.monotonic()
-    _, kicked = revoke_device(
-        _ids(args),
-        FleetCA.load(args.ca),
-        args.device,
-        args.crl_file,
-        _broker_pid(args),
-        broker,
-        prefix=args.prefix,
-    )
-    took = time.monotonic() - started
-    print(
-        json.dumps(
-            {
-                "device": args.device,
-                "revoked": True,
-                "session_dropped": kicked,
-                "seconds": round(took, 3),
-            }
+    ca, ids, pid = FleetCA.load(args.ca), _ids(args), _broker_pid(args)
+    if args.cert is not None:
+        try:
+            pem = args.cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--cert {args.cert}: {exc.strerror}") from exc
+        name, kicked = revoke_certificate(ids, ca, pem, args.crl_file, pid, broker)
+        done: dict[str, Any] = {"certificate": str(args.cert), "cn": name}
+    else:
+        _, kicked = revoke_device(
+            ids, ca, args.device, args.crl_file, pid, broker, prefix=args.prefix
         )
-    )
+        done = {"device": args.device}
+    took = round(time.monotonic() - started, 3)
+    print(json.dumps({**done, "revoked": True, "session_dropped": kicked, "seconds": took}))
     return 0
 
 

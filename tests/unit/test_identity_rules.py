@@ -50,9 +50,15 @@ def test_the_rules_name_only_metrics_the_enrollment_service_serves(tmp_path: Pat
     )
     service.refusals["bad_csr"] += 1
     registry = CollectorRegistry()
-    registry.register(IdentityCollector(service))  # type: ignore[arg-type]
+    crl = tmp_path / "ca" / "crl.pem"  # what init_ca wrote: 30 days to its nextUpdate
+    registry.register(IdentityCollector(service, crl_file=crl))  # type: ignore[arg-type]
     text = generate_latest(registry).decode()
     assert_promtool_passes(text)
+    left = re.search(r"^edgebento_identity_crl_next_update_seconds (\S+)$", text, re.M)
+    assert left is not None and 29 * 86400 < float(left.group(1)) <= 30 * 86400
+    # A CRL the broker cannot read either counts as past its nextUpdate: the alert fires.
+    gone = IdentityCollector(service, crl_file=tmp_path / "missing.pem")  # type: ignore[arg-type]
+    assert gone.crl_left_s() == 0.0
     served = set(re.findall(r"^# TYPE (\S+)", text, re.M))
     named = set(re.findall(r"edgebento_[a-z_]+", RULES.read_text()))
     for name in named:

@@ -1,0 +1,244 @@
+"""Issue 20's acceptance, item by item, where no other test proved it through the real process:
+a real Mosquitto with mTLS and the generated ACL, the real enrollment service, real agents and
+the real ``edgebento fleet ...`` commands.
+
+- item 1: ``fleet ca init`` / ``ca issue`` never print a key, write them 0600, and the root key
+  is not needed once it has gone offline;
+- item 2: a batch claim from ``fleet claim --batch``, spent once per listed device, one device
+  enrolling from ``--enroll-file``; nobody but the claim identity reaches a device's claim
+  topic or forges its enrollment answer;
+- item 3: a device cannot read another's requests (checked against a message it must get);
+- item 5: what Mosquitto 2.0.11 does on a CRL reload (measured: the live session stays), and
+  ``fleet revoke --cert`` for the shared claim certificate;
+- ``fleet enroll-service`` exits, saying why, on a subscription its broker refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_sync.enroll import enroll_topic
+from cloud_sync.fleet_ca import new_key, tls_context
+from cloud_sync.revocation import _connect, _reloaded, kick_session
+from edge_agent.identity import KeyMaker
+from tests.integration.test_cloud_subscribed import RefusingMosquitto
+from tests.support.agent import wait_online
+from tests.support.cli_run import run_cli
+from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
+
+
+@pytest.fixture(scope="module")
+def idfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityFleet]:
+    fleet = IdentityFleet(tmp_path_factory.mktemp("idaccept")).start()
+    yield fleet
+    fleet.stop()
+
+
+def _cli(*args: str | Path) -> str:
+    done = run_cli(*map(str, args))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PRIVATE KEY" not in done.stdout + done.stderr  # keys are never printed
+    return done.stdout
+
+
+def _csr(device: str) -> bytes:
+    return KeyMaker().csr(new_key(), device)
+
+
+def _ping(operator: Any, device: str, timeout: float = 20.0) -> dict[str, Any]:
+    operator.reply_topic = f"{PREFIX}/{device}/replies/operator"
+    operator.collect(operator.reply_topic)
+    return dict(operator.request(f"{PREFIX}/{device}/cmd/ping", {}, timeout=timeout))
+
+
+def test_the_ca_commands_print_no_key_write_0600_and_need_no_root_once_offline(
+    tmp_path: Path,
+) -> None:
+    ca, ids = tmp_path / "ca", tmp_path / "ids"
+    _cli("fleet", "ca", "init", "--out", ca)
+    for key in (ca / "offline" / "root.key", ca / "issuing" / "ca.key"):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    # The root key goes offline: issuing identities and signing claims use the intermediate.
+    shutil.move(ca / "offline", tmp_path / "usb-stick")
+    _cli("fleet", "ca", "issue", "--out", ca, "--name", "claim", "--name", "sync", "--to", ids)
+    assert {p.name: p.stat().st_mode & 0o777 for p in ids.glob("*.key")} == {
+        "claim.key": 0o600,
+        "sync.key": 0o600,
+    }
+    claims = json.loads(
+        _cli("fleet", "claim", "--devices", "cam-1", "--ca", ca, "--store", tmp_path / "s")
+    )
+    assert set(claims["claims"]) == {"cam-1"}
+
+
+def test_a_batch_claim_enrolls_each_listed_device_once_one_from_a_token_file(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    store = idfleet.root / "store"
+    out = _cli(
+        "fleet", "claim", "--batch", "--devices", "bat-a,bat-b", "--ttl", "10m",
+        "--ca", idfleet.root / "ca", "--store", store,
+    )  # fmt: skip
+    token = json.loads(out)["claims"]["bat-a,bat-b"]
+    first = idfleet.ask_claim("bat-a", claim_request(_csr("bat-a"), token))
+    assert first["ok"] is True
+    again = idfleet.ask_claim("bat-a", claim_request(_csr("bat-a"), token))
+    assert (again["ok"], again["reason"]) == (False, "token_reused")
+    stranger = idfleet.ask_claim("bat-c", claim_request(_csr("bat-c"), token))
+    assert (stranger["ok"], stranger["reason"]) == (False, "wrong_device")
+    # bat-b, a real agent, reads the same token from a file (not on its command line).
+    token_file = tmp_path / "bat-b.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    claim_cert, claim_key = idfleet.certs["claim"]
+    agent = agent_factory(
+        broker=idfleet.broker,
+        device="bat-b",
+        data_dir=tmp_path / "agent-bat-b",
+        prefix=PREFIX,
+        args=(
+            "--ca-file", str(idfleet.ca.paths.bundle), "--enroll-file", str(token_file),
+            "--claim-broker", idfleet.broker.claim_url,
+            "--claim-cert", str(claim_cert), "--claim-key", str(claim_key),
+        ),
+    )  # fmt: skip
+    operator = idfleet.client("operator")
+    wait_online(operator, PREFIX, "bat-b")
+    assert _ping(operator, "bat-b")["ok"] is True
+    record = idfleet.ids.device("bat-b")
+    assert record is not None and record.certificates[-1].via == "claim"
+    assert token not in agent.output()
+    operator.close()
+
+
+def test_a_device_cannot_forge_enrollment_messages_nor_read_anothers_requests(
+    idfleet: IdentityFleet,
+) -> None:
+    operator = idfleet.client("operator")
+    enrolling = operator.collect(f"{PREFIX}/enroll/frg-b/#")
+    before = dict(idfleet.service.refusals)
+    a = idfleet.client("frg-a")
+    theirs = a.collect(f"{PREFIX}/frg-b/#")
+    mine = a.collect(f"{PREFIX}/frg-a/cmd/#")
+    # frg-a claims for frg-b, answers frg-b's enrollment with a certificate of its own choosing,
+    # and says frg-b rotated: none of it is its to publish.
+    forged_claim = claim_request(_csr("frg-b"), "ebc1.forged")
+    a.publish(enroll_topic(PREFIX, "frg-b", "claim"), forged_claim)
+    a.publish(enroll_topic(PREFIX, "frg-b", "response"), {"id": "x", "ok": True})
+    a.publish(enroll_topic(PREFIX, "frg-b", "rotated"), {"schema_version": 1, "id": "y"})
+    # What frg-b is sent: a command, a request, a desired state, an acknowledgement.
+    for topic in ("cmd/ping", "infer", "desired", "telemetry/ack"):
+        operator.publish(f"{PREFIX}/frg-b/{topic}", {"id": topic})
+    # Then something frg-a must get: the broker delivers to one client in order, so once it
+    # arrived, whatever the ACL let by of frg-b's would have arrived before it.
+    operator.publish(f"{PREFIX}/frg-a/cmd/marker", {"id": "marker"})
+    assert json.loads(mine.get(timeout=30).payload) == {"id": "marker"}
+    assert theirs.empty(), [m.topic for m in list(theirs.queue)]
+    # The operator's own message on frg-b's enrollment topics, after frg-a's acknowledged ones.
+    operator.publish(f"{PREFIX}/enroll/frg-b/marker", {"id": "after"})
+    got = enrolling.get(timeout=30)
+    assert got.topic == f"{PREFIX}/enroll/frg-b/marker", got.topic
+    assert idfleet.service.refusals == before  # no forged claim reached the service
+    a.close()
+    operator.close()
+
+
+def test_a_crl_reload_keeps_a_live_session_so_revocation_takes_it_over(
+    idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    """Measured on Mosquitto 2.0.11 (docs/fleet-identity.md, Revocation): after a SIGHUP the
+    broker refuses the revoked certificate, but the device's open session keeps working; the
+    takeover of ``fleet revoke`` is what drops it."""
+    token = idfleet.ids.create_claims(["crl-a"], ttl_s=600)["crl-a"]
+    agent = agent_factory(
+        broker=idfleet.broker,
+        device="crl-a",
+        data_dir=tmp_path / "agent-crl-a",
+        prefix=PREFIX,
+        args=idfleet.agent_args(token),
+    )
+    operator = idfleet.client("operator")
+    wait_online(operator, PREFIX, "crl-a")
+    assert idfleet.broker.process is not None
+    broker = ("127.0.0.1", idfleet.broker.port)
+    idfleet.ids.revoke("crl-a")
+    # The CRL written and the broker running on it (a probe revoked with it is refused).
+    _reloaded(idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, idfleet.broker.process.pid, broker, 10)
+    ident = agent.data_dir / "identity"
+    revoked = tls_context(idfleet.ca.paths.bundle, ident / "device.crt", ident / "device.key")
+    assert not _connect(revoked, "crl-a", *broker, 10)  # the certificate is refused now ...
+    assert _ping(operator, "crl-a")["ok"] is True  # ... but its live session still works
+    assert kick_session(idfleet.ca, "crl-a", *broker, prefix=PREFIX)
+    with pytest.raises(AssertionError, match="no reply"):
+        _ping(operator, "crl-a", timeout=4)
+    deadline = time.monotonic() + 20
+    while "may be revoked" not in agent.output():
+        assert time.monotonic() < deadline, agent.output()[-2000:]
+        time.sleep(0.2)
+    operator.close()
+
+
+def test_fleet_revoke_cert_shuts_the_claim_certificate_out_and_a_new_one_works(
+    idfleet: IdentityFleet,
+) -> None:
+    """A leaked claim certificate (the one a whole batch shares) is revoked by its file; devices
+    then enroll with a new one. Last in this module: it retires the fleet's claim identity."""
+    assert idfleet.broker.process is not None
+    broker = ("127.0.0.1", idfleet.broker.port)
+    claim_cert, _ = idfleet.certs["claim"]
+    out = _cli(
+        "fleet", "revoke", "--cert", claim_cert, "--store", idfleet.root / "store",
+        "--ca", idfleet.root / "ca", "--crl-file", idfleet.ca.paths.crl,
+        "--broker-pid", str(idfleet.broker.process.pid), "--broker", idfleet.broker.url,
+    )  # fmt: skip
+    result = json.loads(out)
+    assert (result["cn"], result["revoked"]) == ("claim", True)
+    claim = tls_context(idfleet.ca.paths.bundle, *idfleet.certs["claim"])
+    assert not _connect(claim, "claim-x", "127.0.0.1", idfleet.broker.claim_port, 10)
+    # The enrollment service's own CRL refresh keeps it listed: it is in the store's index.
+    from cloud_sync.fleet_ca import load_cert
+
+    serial = load_cert(claim_cert.read_bytes()).serial_number
+    assert serial in {s for s, _ in idfleet.ids.revoked_serials()}
+    idfleet.publish_crl()
+    _reloaded(idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, idfleet.broker.process.pid, broker, 10)
+    assert not _connect(claim, "claim-x", "127.0.0.1", idfleet.broker.claim_port, 10)
+    idfleet.certs["claim"] = idfleet.ca.issue_identity("claim", idfleet.root / "identities")
+    token = idfleet.ids.create_claims(["rvc-a"], ttl_s=600)["rvc-a"]
+    answer = idfleet.ask_claim("rvc-a", claim_request(_csr("rvc-a"), token))
+    assert answer["ok"] is True
+    # A certificate of another CA is refused, and nothing is written.
+    stranger = idfleet.root / "stranger"
+    run_cli("fleet", "ca", "init", "--out", str(stranger))
+    refused = run_cli(
+        "fleet", "revoke", "--cert", str(stranger / "issuing" / "ca.crt"),
+        "--store", str(idfleet.root / "store"), "--ca", str(idfleet.root / "ca"),
+        "--crl-file", str(idfleet.ca.paths.crl),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "not issued by this fleet CA" in refused.stderr
+
+
+def test_the_enroll_service_process_exits_on_a_refused_subscription(tmp_path: Path) -> None:
+    """``edgebento fleet enroll-service`` connects in the background; a broker that refuses its
+    subscriptions must end it, said, not leave it running deaf to every claim."""
+    broker = RefusingMosquitto(workdir=tmp_path / "refusing", prefix="p").start()
+    try:
+        ca, ids = tmp_path / "ca", tmp_path / "ids"
+        _cli("fleet", "ca", "init", "--out", ca)
+        _cli("fleet", "ca", "issue", "--out", ca, "--name", "enroll", "--to", ids)
+        done = run_cli(
+            "fleet", "enroll-service", "--broker", broker.url, "--prefix", "p",
+            "--ca", str(ca), "--cert", str(ids / "enroll.crt"), "--key", str(ids / "enroll.key"),
+            "--store", str(tmp_path / "store"), timeout=120,
+        )  # fmt: skip
+    finally:
+        broker.stop()
+    assert done.returncode != 0
+    assert "refused" in done.stderr and "p/enroll/+/claim" in done.stderr, done.stderr[-2000:]
