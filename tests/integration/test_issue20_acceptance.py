@@ -31,6 +31,7 @@ from edge_agent.identity import KeyMaker
 from tests.integration.test_cloud_subscribed import RefusingMosquitto
 from tests.support.agent import wait_online
 from tests.support.cli_run import run_cli
+from tests.support.identity_cli import as_operator, fleet_cli
 from tests.support.identity_fleet import PREFIX, IdentityFleet, claim_request
 
 
@@ -39,13 +40,6 @@ def idfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityFleet]
     fleet = IdentityFleet(tmp_path_factory.mktemp("idaccept")).start()
     yield fleet
     fleet.stop()
-
-
-def _cli(*args: str | Path) -> str:
-    done = run_cli(*map(str, args))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "PRIVATE KEY" not in done.stdout + done.stderr  # keys are never printed
-    return done.stdout
 
 
 def _csr(device: str) -> bytes:
@@ -62,18 +56,18 @@ def test_the_ca_commands_print_no_key_write_0600_and_need_no_root_once_offline(
     tmp_path: Path,
 ) -> None:
     ca, ids = tmp_path / "ca", tmp_path / "ids"
-    _cli("fleet", "ca", "init", "--out", ca)
+    fleet_cli("fleet", "ca", "init", "--out", ca)
     for key in (ca / "offline" / "root.key", ca / "issuing" / "ca.key"):
         assert key.stat().st_mode & 0o777 == 0o600, key
     # The root key goes offline: issuing identities and signing claims use the intermediate.
     shutil.move(ca / "offline", tmp_path / "usb-stick")
-    _cli("fleet", "ca", "issue", "--out", ca, "--name", "claim", "--name", "sync", "--to", ids)
+    fleet_cli("fleet", "ca", "issue", "--out", ca, "--name", "claim", "--name", "sync", "--to", ids)
     assert {p.name: p.stat().st_mode & 0o777 for p in ids.glob("*.key")} == {
         "claim.key": 0o600,
         "sync.key": 0o600,
     }
     claims = json.loads(
-        _cli("fleet", "claim", "--devices", "cam-1", "--ca", ca, "--store", tmp_path / "s")
+        fleet_cli("fleet", "claim", "--devices", "cam-1", "--ca", ca, "--store", tmp_path / "s")
     )
     assert set(claims["claims"]) == {"cam-1"}
 
@@ -82,7 +76,7 @@ def test_a_batch_claim_enrolls_each_listed_device_once_one_from_a_token_file(
     idfleet: IdentityFleet, agent_factory: Any, tmp_path: Path
 ) -> None:
     store = idfleet.root / "store"
-    out = _cli(
+    out = fleet_cli(
         "fleet", "claim", "--batch", "--devices", "bat-a,bat-b", "--ttl", "10m",
         "--ca", idfleet.root / "ca", "--store", store,
     )  # fmt: skip
@@ -183,6 +177,17 @@ def test_a_crl_reload_keeps_a_live_session_so_revocation_takes_it_over(
         assert time.monotonic() < deadline, agent.output()[-2000:]
         time.sleep(0.2)
     operator.close()
+    # What fleet status shows of it (item 6): the store's record says revoked, in red.
+    url, store = idfleet.broker.url, idfleet.root / "store"
+    status = fleet_cli(
+        "fleet", "status", "--broker", url, "--store", store, "--json", env=as_operator(idfleet)
+    )
+    device = json.loads(status)["devices"]["crl-a"]
+    assert device["state"] == "offline" and device["identity"]["state"] == "revoked", device
+    table = fleet_cli(
+        "fleet", "status", "--broker", url, "--store", store, env=as_operator(idfleet)
+    )
+    assert "revoked" in next(ln for ln in table.splitlines() if ln.startswith("crl-a")), table
 
 
 def test_fleet_revoke_cert_shuts_the_claim_certificate_out_and_a_new_one_works(
@@ -193,7 +198,7 @@ def test_fleet_revoke_cert_shuts_the_claim_certificate_out_and_a_new_one_works(
     assert idfleet.broker.process is not None
     broker = ("127.0.0.1", idfleet.broker.port)
     claim_cert, _ = idfleet.certs["claim"]
-    out = _cli(
+    out = fleet_cli(
         "fleet", "revoke", "--cert", claim_cert, "--store", idfleet.root / "store",
         "--ca", idfleet.root / "ca", "--crl-file", idfleet.ca.paths.crl,
         "--broker-pid", str(idfleet.broker.process.pid), "--broker", idfleet.broker.url,
@@ -231,8 +236,8 @@ def test_the_enroll_service_process_exits_on_a_refused_subscription(tmp_path: Pa
     broker = RefusingMosquitto(workdir=tmp_path / "refusing", prefix="p").start()
     try:
         ca, ids = tmp_path / "ca", tmp_path / "ids"
-        _cli("fleet", "ca", "init", "--out", ca)
-        _cli("fleet", "ca", "issue", "--out", ca, "--name", "enroll", "--to", ids)
+        fleet_cli("fleet", "ca", "init", "--out", ca)
+        fleet_cli("fleet", "ca", "issue", "--out", ca, "--name", "enroll", "--to", ids)
         done = run_cli(
             "fleet", "enroll-service", "--broker", broker.url, "--prefix", "p",
             "--ca", str(ca), "--cert", str(ids / "enroll.crt"), "--key", str(ids / "enroll.key"),
