@@ -9,10 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from modelpack import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -150,24 +146,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json.loads(data), indent=2))
         return 0
-    console = Console()
-    summary = Table(title=f"{manifest.name} v{manifest.version}", show_header=False)
-    summary.add_column(style="bold")
-    summary.add_column()
-    summary.add_row("created", manifest.created_at.isoformat())
-    summary.add_row("expires", manifest.expires_at.isoformat() if manifest.expires_at else "never")
-    summary.add_row("parent", manifest.parent or "-")
-    summary.add_row("signed", escape(_signer(args.dir, data, args.pub)))
+    from edgebento.cli.tables import Column, print_pairs, print_table
+
+    pairs = [
+        ("created", manifest.created_at.isoformat()),
+        ("expires", manifest.expires_at.isoformat() if manifest.expires_at else "never"),
+        ("parent", manifest.parent or "-"),
+        ("signed", _signer(args.dir, data, args.pub)),
+    ]
     if manifest.labels:
-        summary.add_row("labels", ", ".join(manifest.labels))
+        pairs.append(("labels", ", ".join(manifest.labels)))
     for key, value in manifest.optimization.items():
-        summary.add_row(
-            f"optimization.{key}", json.dumps(value) if not isinstance(value, str) else value
+        pairs.append(
+            (f"optimization.{key}", json.dumps(value) if not isinstance(value, str) else value)
         )
-    console.print(summary)
-    io = Table(title="io signature")
-    for col in ("", "name", "dtype", "shape"):
-        io.add_column(col)
+    print_pairs(f"{manifest.name} v{manifest.version}", pairs)
+    io: list[list[str]] = []
     for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
         for s in specs:
             shape = (
@@ -175,14 +169,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 if s.shape is None
                 else "[" + ", ".join("?" if d is None else str(d) for d in s.shape) + "]"
             )
-            io.add_row(kind, escape(s.name), s.dtype, escape(shape))
-    console.print(io)
-    files = Table(title="files")
-    for col in ("path", "size", "sha256"):
-        files.add_column(col)
-    for f in manifest.files:
-        files.add_row(escape(f.path), f"{f.size:,}", f.sha256[:16] + "…")
-    console.print(files)
+            io.append([kind, s.name, s.dtype, shape])
+    print_table(
+        "io signature",
+        [Column(""), Column("name", ident=True), Column("dtype"), Column("shape")],
+        io,
+    )
+    files = [[f.path, f"{f.size:,}", f.sha256] for f in manifest.files]
+    print_table(
+        "files",
+        [Column("path", ident=True), Column("size", right=True), Column("sha256", ident=True)],
+        files,
+    )
     return 0
 
 

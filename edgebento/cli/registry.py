@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 
 def add_store_args(parser: argparse.ArgumentParser) -> None:
@@ -101,13 +99,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     forced = " (failed its budget; published with --force)" if entry.within_budget is False else ""
     moved = f"channel {channel} -> v{entry.version}" if channel else "no channel moved"
     # For the same bytes the registry returns the entry it holds: nothing was uploaded then.
+    # print, not the console: one line when piped (rich wraps at 80 columns), no markup read.
     if before is not None and before.published_at == entry.published_at:
-        console.print(
+        print(
             f"already published: {entry.name} v{entry.version} with the same bytes, on "
             f"{_when(entry.published_at)} UTC; nothing uploaded; {moved}"
         )
         return 0
-    console.print(
+    print(
         f"published {entry.name} v{entry.version} ({entry.archive_size:,} bytes, signed by "
         f"{entry.signed_by}) to {registry.store.url}; {moved}{forced}"
     )
@@ -144,23 +143,36 @@ def cmd_list(args: argparse.Namespace) -> int:
         skipped = [{"key": s.key, "reason": s.reason} for s in strays]
         print(json.dumps({"packs": out, "skipped": skipped}, indent=2))
         return 0
-    table = Table(title=f"packs in {registry.store.url}")
-    for col in ("name", "version", "channel", "size", "created", "fidelity"):
-        table.add_column(col, justify="right" if col in ("version", "size") else "left")
+    if not entries:
+        print(f"no packs in {registry.store.url}")
+        return 0
+    from edgebento.cli.tables import Column, print_table
+
+    columns = [
+        Column("name", ident=True),
+        Column("version", right=True),
+        Column("channel"),
+        Column("size", right=True),
+        Column("created"),
+        Column("fidelity"),
+    ]
+    rows: list[list[str]] = []
     for e in entries:
         tags = ", ".join(sorted(c for c, v in channels[e.name].items() if v == e.version))
         fidelity = e.fidelity or "-"
         if e.within_budget is False:
             fidelity += " (over budget)"
-        table.add_row(
-            escape(e.name),
-            str(e.version),
-            escape(tags) or "-",
-            f"{e.archive_size:,}",
-            _when(e.created_at),
-            escape(fidelity),
+        rows.append(
+            [
+                e.name,
+                str(e.version),
+                tags or "-",
+                f"{e.archive_size:,}",
+                _when(e.created_at),
+                fidelity,
+            ]
         )
-    Console().print(table if entries else f"no packs in {registry.store.url}")
+    print_table(f"packs in {registry.store.url}", columns, rows)
     return 0
 
 
@@ -177,15 +189,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2))
         return 0
-    table = Table(title=f"{entry.name} v{entry.version}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    from edgebento.cli.tables import print_pairs
+
     rows = {
         "channels": ", ".join(channels) or "-",
         "created": _when(entry.created_at),
         "published": _when(entry.published_at),
         "signed by": entry.signed_by or "-",
-        "archive": f"{entry.archive_size:,} bytes, sha256 {entry.archive_sha256[:16]}…",
+        "archive": f"{entry.archive_size:,} bytes, sha256 {entry.archive_sha256}",
         "manifest sha256": entry.manifest_sha256,
         "fidelity": entry.fidelity or "-",
         "within budget": {True: "yes", False: "NO", None: "unknown"}[entry.within_budget],
@@ -193,9 +204,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "outputs": ", ".join(f"{t.name} {t.dtype} {t.shape}" for t in manifest.outputs),
         "files": ", ".join(f.path for f in manifest.files),
     }
-    for key, value in rows.items():
-        table.add_row(key, escape(value))
-    Console().print(table)
+    print_pairs(f"{entry.name} v{entry.version}", list(rows.items()))
     return 0
 
 

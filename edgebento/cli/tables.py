@@ -1,9 +1,11 @@
-"""Tables of the listing commands (``fleet status``, ``rollout list``, ``rollout status``).
+"""Tables of the listing commands (``fleet status``, ``rollout list``, ``rollout status``,
+``registry list``) and the key-value tables of ``registry show`` and ``pack inspect``.
 
 An identifier is never cut: the ids a table shows are what ``rollout status ID``, ``resume ID``
 and a grep need. On a terminal the table is drawn by rich with its id columns unwrapped at their
-full width; piped, it is plain text, one row per line, columns aligned by spaces (as kubectl
-prints), with no markup and no width limit, so ``grep``, ``awk`` and ``cut`` see whole ids.
+full width, and other values fold onto more lines rather than end in ``…``; piped, it is plain
+text, one row per line, columns aligned by spaces (as kubectl prints), with no markup and no
+width limit, so ``grep``, ``awk`` and ``cut`` see whole ids, hashes and figures.
 """
 
 from __future__ import annotations
@@ -46,9 +48,27 @@ def print_table(
             justify="right" if col.right else "left",
             no_wrap=col.ident,
             min_width=max(widest, len(col.name)) if col.ident else None,
+            overflow="fold",  # a figure cut to "0.…" reads as another figure
         )
     for row in rows:
         table.add_row(*(_rich(cell) for cell in row))
+    console.print(table)
+
+
+def print_pairs(title: str, pairs: Sequence[tuple[str, str]]) -> None:
+    """A key-value table (``registry show``, ``pack inspect``): values never cut, so a hash
+    can be copied whole; piped, a ``key  value`` line each."""
+    console = Console()
+    if not console.is_terminal:
+        width = max((len(key) for key, _ in pairs), default=0)
+        lines = [title, *(f"{key.ljust(width)}  {_text(value)}".rstrip() for key, value in pairs)]
+        print("\n".join(lines), flush=True)
+        return
+    table = Table(title=escape(title), show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in pairs:
+        table.add_row(escape(key), escape(_text(value)))
     console.print(table)
 
 
