@@ -5,7 +5,9 @@ A cohort is a group of the cloud's registry of groups (``fleet/groups/``), never
 says of itself, and ``all`` (every device). Per window, each device's counts are first capped at
 what it can have served (``max_device_rate`` rows per second of the window; past it they are
 scaled down and the device is named a suspect) and must add up (every feature's bins and NaN
-count equal the rows it claims: else the summary is rejected).
+count equal the rows it binned: else the summary is rejected). A device bins a sample of its
+requests when it serves more than its budget (``edge_agent.drift``); its counts weigh what it
+answered, not what it binned (``drift_stats.Tally``), and ``min_samples`` counts rows binned.
 
 Per feature of a cohort's window: PSI, Jensen-Shannon and KS against the baseline, and the
 chi-square p-value. A feature drifts when Benjamini-Hochberg at ``alpha`` over the window's
@@ -30,7 +32,15 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from cloud_sync.drift_stats import benjamini_hochberg, jensen_shannon, ks_distance, p_value, psi
+from cloud_sync.drift_stats import (
+    Tally,
+    benjamini_hochberg,
+    jensen_shannon,
+    ks_distance,
+    p_value,
+    pooled,
+    psi,
+)
 from cloud_sync.drift_summary import KIND, DriftSummary
 from cloud_sync.parts import DRIFT_ROOT, decode_jsonl_gz
 from modelpack.baseline import Baseline
@@ -54,22 +64,28 @@ class DriftOptions:
 
 @dataclass
 class DeviceWindow:
-    """One device's summaries of one model version in one window, added up."""
+    """One device's summaries of one model version in one window, added up: the rows it
+    answered, the rows it binned, and per feature its counts weighted by answered over binned
+    (``drift_stats.Tally``), and so its NaN counts and sums (estimates over every row)."""
 
     rows: int = 0
-    counts: dict[str, np.ndarray] = field(default_factory=dict)
-    nan: dict[str, int] = field(default_factory=dict)
+    binned: int = 0
+    counts: dict[str, Tally] = field(default_factory=dict)
+    nan: dict[str, float] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)
     refused: int = 0
 
     def add(self, summary: DriftSummary) -> None:
-        self.rows += summary.rows
+        rows, binned = summary.rows, summary.binned_rows
+        weight = rows / binned if binned and rows > binned else 1.0
+        self.rows += rows
+        self.binned += binned
         self.refused += sum(summary.refused.values())
         for name, f in summary.features.items():
-            c = np.asarray(f.c, dtype=np.float64)
-            self.counts[name] = self.counts[name] + c if name in self.counts else c
-            self.nan[name] = self.nan.get(name, 0) + f.nan
-            self.sums[name] = self.sums.get(name, 0.0) + f.s
+            tally = Tally.of(f.c, rows, binned)
+            self.counts[name] = self.counts[name] + tally if name in self.counts else tally
+            self.nan[name] = self.nan.get(name, 0.0) + f.nan * weight
+            self.sums[name] = self.sums.get(name, 0.0) + f.s * weight
 
 
 @dataclass(frozen=True)
@@ -119,12 +135,13 @@ def cohorts_of(store: Any) -> dict[str, list[str]]:
 
 
 def _consistent(summary: DriftSummary, baseline: Baseline) -> bool:
-    """Every feature of the baseline, in its bins, adding up to the rows claimed."""
+    """Every feature of the baseline, in its bins, adding up to the rows binned."""
     if set(summary.features) != {f.name for f in baseline.features}:
         return False
+    binned = summary.binned_rows
     for f in baseline.features:
         counts = summary.features[f.name]
-        if len(counts.c) != len(f.counts) or sum(counts.c) + counts.nan != summary.rows:
+        if len(counts.c) != len(f.counts) or sum(counts.c) + counts.nan != binned:
             return False
     return True
 
@@ -168,8 +185,10 @@ def merge(
         suspect = dw.rows > cap
         if suspect:  # more than it can have served: its weight is cut to what it could
             scale = cap / dw.rows
-            dw.counts = {k: v * scale for k, v in dw.counts.items()}
-            dw.rows = int(cap)
+            dw.counts = {k: v.scaled(scale) for k, v in dw.counts.items()}
+            dw.nan = {k: v * scale for k, v in dw.nan.items()}
+            dw.sums = {k: v * scale for k, v in dw.sums.items()}
+            dw.rows, dw.binned = int(cap), int(dw.binned * scale)
         for cohort in [ALL, *cohorts.get(device, [])]:
             cell = cells.setdefault((model, version, cohort, start), Cell())
             cell.devices[device] = dw
@@ -197,7 +216,7 @@ class FeatureResult:
 @dataclass(frozen=True)
 class WindowResult:
     start: float
-    rows: int
+    rows: int  # answered; the figures are those of the rows binned, ``binned``
     devices: int
     verdict: str  # ok | drift | local | insufficient
     features: tuple[FeatureResult, ...]
@@ -205,6 +224,7 @@ class WindowResult:
     refused: int = 0
     alarm: bool = False  # drift in this window and the ``confirm - 1`` before it
     masked_by: tuple[str, ...] = ()  # a device whose rows hid the drift the others show
+    binned: int = 0  # the rows the bins count (``min_samples`` is of these)
 
     @property
     def local_devices(self) -> tuple[str, ...]:
@@ -217,18 +237,27 @@ def judge(cell: Cell, baseline: Baseline, start: float, options: DriftOptions) -
     if result.verdict in ("drift", "insufficient") or len(devices) < 3:
         return result
     # A device can hide the others' drift only by outweighing them with rows like the
-    # baseline's: each such device is left out in turn (honest devices of similar traffic are
-    # not, so the false-alarm rate stays that of one test per window).
-    weights = {d: cell.devices[d].rows for d in devices}
-    total = sum(weights.values())
-    for device in sorted(devices, key=weights.__getitem__, reverse=True)[:3]:
-        others = (total - weights[device]) / (len(devices) - 1)
-        if weights[device] <= options.outweighs * others:
-            break
-        rest = [d for d in devices if d != device]
-        without = _judge(cell, rest, baseline, start, options)
-        if without.verdict == "drift":
-            return replace(without, suspects=result.suspects, masked_by=(device,))
+    # baseline's, or by claiming a few rows binned of many answered, which shrinks the pool's
+    # effective sample (``drift_stats.Tally``: its squared weights, rows ** 2 / binned): each
+    # device far above the others by either is left out in turn (honest devices of similar
+    # traffic are not, so the false-alarm rate stays that of one test per window).
+    tried: set[str] = set()
+    for weights in (
+        {d: float(cell.devices[d].rows) for d in devices},
+        {d: cell.devices[d].rows ** 2 / max(cell.devices[d].binned, 1) for d in devices},
+    ):
+        total = sum(weights.values())
+        for device in sorted(devices, key=weights.__getitem__, reverse=True)[:3]:
+            others = (total - weights[device]) / (len(devices) - 1)
+            if weights[device] <= options.outweighs * others:
+                break
+            if device in tried:
+                continue
+            tried.add(device)
+            rest = [d for d in devices if d != device]
+            without = _judge(cell, rest, baseline, start, options)
+            if without.verdict == "drift":
+                return replace(without, suspects=result.suspects, masked_by=(device,))
     return result
 
 
@@ -236,17 +265,17 @@ def _judge(
     cell: Cell, devices: list[str], baseline: Baseline, start: float, options: DriftOptions
 ) -> WindowResult:
     rows = sum(cell.devices[d].rows for d in devices)
+    binned = sum(cell.devices[d].binned for d in devices)
     refused = sum(cell.devices[d].refused for d in devices)
     suspects = tuple(sorted(cell.suspects))
-    if rows < options.min_samples:
-        return WindowResult(start, rows, len(devices), "insufficient", (), suspects, refused)
-    stacked = {
-        f.name: np.stack([cell.devices[d].counts[f.name] for d in devices])
-        for f in baseline.features
-    }
+    if binned < options.min_samples:
+        return WindowResult(
+            start, rows, len(devices), "insufficient", (), suspects, refused, binned=binned
+        )
+    stacked = {f.name: [cell.devices[d].counts[f.name] for d in devices] for f in baseline.features}
     figures = []
     for f in baseline.features:
-        current = stacked[f.name].sum(axis=0)
+        current = pooled(stacked[f.name]).counts()
         base = np.asarray(f.counts, dtype=np.float64)
         figures.append((f, current, psi(base, current), p_value(base, current)))
     thresholds = benjamini_hochberg([fig[3] for fig in figures], options.alpha)
@@ -258,8 +287,9 @@ def _judge(
         if drift:
             carried = _carriers(stacked[f.name], base, options)
         n = float(current.sum())
-        nan = sum(cell.devices[d].nan.get(f.name, 0) for d in devices)
+        nan = sum(cell.devices[d].nan.get(f.name, 0.0) for d in devices)
         total = sum(cell.devices[d].sums.get(f.name, 0.0) for d in devices)
+        served = float(pooled(stacked[f.name]).weighted.sum())  # non-NaN rows, estimated
         results.append(
             FeatureResult(
                 f.name,
@@ -272,23 +302,25 @@ def _judge(
                 tuple(devices[i] for i in carried),
                 nan / max(rows, 1),
                 float(current[0] + current[-1]) / max(n, 1.0),
-                total / n if n and f.kind == "numeric" else None,
+                total / served if served and f.kind == "numeric" else None,
                 tuple(float(c) for c in current),
             )
         )
     robust = any(r.drift and not r.carried_by for r in results)
     verdict = "drift" if robust else "local" if any(r.drift for r in results) else "ok"
-    return WindowResult(start, rows, len(devices), verdict, tuple(results), suspects, refused)
+    return WindowResult(
+        start, rows, len(devices), verdict, tuple(results), suspects, refused, binned=binned
+    )
 
 
-def _carriers(per_device: np.ndarray, base: np.ndarray, options: DriftOptions) -> tuple[int, ...]:
+def _carriers(per_device: list[Tally], base: np.ndarray, options: DriftOptions) -> tuple[int, ...]:
     """The devices without whom the feature would not drift (leave-one-out)."""
     if len(per_device) == 1:
         return (0,)
-    total = per_device.sum(axis=0)
+    total = pooled(per_device)
     carriers = []
     for i in range(len(per_device)):
-        rest = total - per_device[i]
+        rest = (total - per_device[i]).counts()
         if rest.sum() <= 0:  # the rest's size speaks through its p-value, not a floor
             carriers.append(i)
             continue

@@ -9,7 +9,9 @@
 * a p-value: the chi-square test of homogeneity of the two count vectors (the baseline is a
   sample too, so its size counts), bins below and above the baseline's range folded into the
   first and last bins (the baseline has none there by construction);
-* Benjamini-Hochberg over the features of one cohort and window, for many features.
+* Benjamini-Hochberg over the features of one cohort and window, for many features;
+* ``Tally``: the counts of devices that bin samples of their rows at different rates, pooled
+  so that each device weighs what it served.
 
 Pure numpy and math: no scipy on the cloud's sync process either.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -133,3 +136,53 @@ def benjamini_hochberg(p_values: Sequence[float], alpha: float) -> list[float]:
     for i in order[:cut]:
         thresholds[i] = alpha * cut / m
     return thresholds
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A feature's bin counts pooled over summaries that each binned a sample of the rows their
+    device served (``cloud_sync.drift_summary``: ``binned`` of ``rows``).
+
+    Adding the binned counts as they are would weigh each device by the rows it binned, not by
+    the rows it served: a device binning 1 request in 50 would count for a fiftieth of its
+    traffic, and a cohort's shares would lean towards the devices that binned everything. So
+    each summary's counts are weighted by ``rows / binned`` (``weighted``: an estimate of the
+    counts of every row served, the shares of the pool the device's shares weighted by its rows),
+    and the squares of those weights are summed over the binned rows (``squares``). ``counts``
+    are the pooled shares times Kish's effective sample size, ``weighted.sum() ** 2 / squares``:
+    what the chi-square test, PSI, JS and KS take. When every summary binned at one rate (every
+    row, above all) they are exactly the binned counts added up, as before; at mixed rates the
+    effective size is below the rows binned, as it should be (``test_drift_sampled_merge``).
+    Tallies add and subtract (a device left out), so the leave-one-out tests stay exact."""
+
+    weighted: np.ndarray
+    squares: float = 0.0
+
+    @classmethod
+    def of(cls, counts: Sequence[float] | np.ndarray, rows: float, binned: float) -> Tally:
+        c = np.asarray(counts, dtype=np.float64)
+        weight = rows / binned if binned > 0 and rows > binned else 1.0
+        return cls(c * weight if weight != 1.0 else c, float(c.sum()) * weight * weight)
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.weighted + other.weighted, self.squares + other.squares)
+
+    def __sub__(self, other: Tally) -> Tally:
+        return Tally(self.weighted - other.weighted, self.squares - other.squares)
+
+    def scaled(self, factor: float) -> Tally:
+        """Every count times ``factor``: a device's weight cut to what it can have served."""
+        return Tally(self.weighted * factor, self.squares * factor)
+
+    def counts(self) -> np.ndarray:
+        total = float(self.weighted.sum())
+        if total <= 0 or self.squares <= 0:
+            return np.zeros_like(self.weighted)
+        return np.asarray(self.weighted * (total / self.squares))
+
+
+def pooled(tallies: Sequence[Tally]) -> Tally:
+    out = tallies[0]
+    for t in tallies[1:]:
+        out = out + t
+    return out

@@ -8,7 +8,8 @@ same in every version). A feature moves when its PSI between the cohorts is at l
 and the chi-square test rejects equal distributions at ``alpha``; as elsewhere, that must hold
 with any one device of either cohort left out, so one device (lying or not) cannot abort a
 rollout alone and a one-device cohort never does. Each cohort needs ``min_rows`` rows; fewer say
-nothing and the rollout goes on (the line says so).
+nothing and the rollout goes on (the line says so). Devices that binned a sample of their rows
+weigh what they answered (``drift_stats.Tally``), across devices and windows.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cloud_sync.drift import load_summaries
-from cloud_sync.drift_stats import p_value, psi
+from cloud_sync.drift_stats import Tally, p_value, pooled, psi
 from cloud_sync.rollout_state import AbortFigures
 
 if TYPE_CHECKING:
     from cloud_sync.rollout import Rollout
 
 log = logging.getLogger(__name__)
-Counts = dict[str, dict[str, np.ndarray]]  # feature -> device -> counts
+Counts = dict[str, dict[str, Tally]]  # feature -> device -> counts
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,10 @@ class DriftGate:
             for feature, counts in s.features.items():
                 if not feature.endswith(".class"):
                     continue
-                c = np.asarray(counts.c, dtype=np.float64)
+                c = Tally.of(counts.c, s.rows, s.binned_rows)
                 per = side.setdefault(feature, {})
                 old = per.get(device)
-                per[device] = c if old is None or len(old) != len(c) else old + c
+                per[device] = c if old is None or len(old.weighted) != len(c.weighted) else old + c
         return ours, theirs
 
     def moved(self, ours: Counts, theirs: Counts) -> tuple[list[Moved], str]:
@@ -77,11 +78,11 @@ class DriftGate:
         found, judged = [], []
         for feature in sorted(set(ours) & set(theirs)):
             a, b = ours[feature], theirs[feature]
-            if len({len(c) for c in [*a.values(), *b.values()]}) != 1:
+            if len({len(c.weighted) for c in [*a.values(), *b.values()]}) != 1:
                 continue  # a different number of classes: nothing to compare bin by bin
             rows_a, rows_b = (
-                int(sum(c.sum() for c in a.values())),
-                int(sum(c.sum() for c in b.values())),
+                int(_total(list(a.values())).sum()),
+                int(_total(list(b.values())).sum()),
             )
             judged.append(f"{feature}: {rows_a} rows from {len(a)} against {rows_b} from {len(b)}")
             if len(a) < 2 or len(b) < 2:
@@ -120,5 +121,5 @@ class DriftGate:
         return reason, AbortFigures(touched=len(canary), reporting=m.canary_devices)
 
 
-def _total(counts: list[np.ndarray]) -> np.ndarray:
-    return np.sum(counts, axis=0) if counts else np.zeros(0)
+def _total(counts: list[Tally]) -> np.ndarray:
+    return pooled(counts).counts() if counts else np.zeros(0)

@@ -48,7 +48,11 @@ class Agent:
         self.updater = Updater(config, self.inference, self._on_update, self.updates)
         self.drift: DriftMonitor | None = None
         if config.drift_window_s > 0 and isinstance(self.inference.core, DriftCore):
-            self.drift = DriftMonitor(lambda: self.updater.current, config.drift_window_s)
+            self.drift = DriftMonitor(
+                lambda: self.updater.current,
+                config.drift_window_s,
+                budget_rows=config.drift_budget_rows,
+            )
             self.inference.core.drift = self.drift
         self.shadow = ShadowRunner(self.updater, self.inference, self.record, self.publish_status)
         if isinstance(self.inference.core, DriftCore):

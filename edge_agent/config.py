@@ -108,6 +108,9 @@ class AgentConfig(_Section):
     telemetry_window: int = Field(default=2000, ge=1, le=100_000)
     # Drift summaries (docs/monitoring.md): one per model version and window; 0 turns them off.
     drift_window_s: float = Field(default=60.0, ge=0, le=3600)
+    # Rows a window's bins count on a steady device: past it, a sample of the requests (every
+    # one counted); 0 bins every row (docs/monitoring.md, "Sampling").
+    drift_budget_rows: int = Field(default=4096, ge=0, le=1 << 40)
     intra_op_threads: int = Field(default=1, ge=0)
     inference_workers: int = Field(default=0, ge=0)  # 0: on the MQTT network thread
     golden_rtol: float = 1e-3

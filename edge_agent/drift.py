@@ -1,30 +1,32 @@
 """Drift summaries on the device: each answered request's monitored features counted in the
 bins of the live pack's baseline, one summary per model version and window, into telemetry.
 
-The hot path only copies the request's small watched tensors into a buffer per tensor (or holds
-big ones by reference, ``edge_agent.drift_bins``); reducing them to their features and counting
-those in the bins run vectorised over thousands of rows at once, when ``fold_rows`` rows or
-``fold_bytes`` bytes are pending or a window closes. Inside the running agent, whose work
-between two requests leaves the caches cold, a request of 1 or 16 tabular rows pays about 1.6
-or 4 µs, an image about 6 (``benchmarks/bench_drift.py``, ``docs/monitoring.md``). A summary
-leaves as a
-telemetry record of kind ``drift`` (``cloud_sync.drift_summary``), through the outbox like every
-record: stored on disk, sent, deleted only when the ingestion acknowledged it.
+Every answered row and every schema refusal is counted; the bins count a sample of the requests
+(``edge_agent.drift_window``), each request of a window binned with the same probability, set
+from the rows of the window before so that a steady device bins about ``budget_rows`` rows a
+window (``sampling``). A request let pass costs a counter and a test; a request binned only
+copies its small watched tensors into a buffer per tensor (or holds big ones by reference,
+``edge_agent.drift_bins``); reducing them to their features and counting those in the bins run
+vectorised over thousands of rows at once, when ``fold_rows`` rows or ``fold_bytes`` bytes are
+pending or a window closes (``benchmarks/bench_drift.py``, ``docs/monitoring.md``). A summary
+leaves as a telemetry record of kind ``drift`` (``cloud_sync.drift_summary``), through the
+outbox like every record: stored on disk, sent, deleted only when the ingestion acknowledged it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.drift_bins import Bins, Streams, float32_exact, held_columns, stream_columns
+from edge_agent.drift_bins import Bins, Streams
+from edge_agent.drift_window import Window
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
 from modelpack.manifest import BASELINE_FILE
@@ -36,133 +38,14 @@ from modelpack.serving.core import Job, ServingCore
 if TYPE_CHECKING:
     from edge_agent.shadow import ShadowRunner
     from modelpack.baseline import Baseline
-    from modelpack.monitor import MonitorSpec
 
 log = logging.getLogger(__name__)
 
 Record = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(slots=True)  # slots: the hot path reads its fields on every request
-class _Window:
-    """One model version's counts in one window."""
-
-    model: str
-    version: str
-    sha256: str
-    baseline: Baseline
-    binner: Bins
-    inputs: list[MonitorSpec]
-    outputs: list[MonitorSpec]
-    start: float
-    end: float
-    streams: Streams
-    fold_rows: int
-    fold_bytes: int
-    rows: int = 0
-    # Answered requests that do not fit the streams (``drift_bins``): their tensors, by
-    # reference (never changed after the answer), joined at the fold.
-    held: list[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]] = field(
-        default_factory=list
-    )
-    held_rows: int = 0
-    held_bytes: int = 0
-    counts: np.ndarray | None = None
-    nan: np.ndarray | None = None
-    sums: np.ndarray | None = None
-    squares: np.ndarray | None = None
-    refused: dict[str, int] = field(default_factory=dict)
-
-    def add(
-        self,
-        feed: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-        rows: int,
-    ) -> None:
-        """One answered request, counted at the next fold (now when enough waits)."""
-        self.rows += rows
-        streams = self.streams
-        if streams.take(feed, outputs, rows):
-            if streams.rows >= streams.fold_at:
-                self.fold()
-            return
-        self.held.append((feed, outputs, rows))
-        self.held_rows += rows
-        size = sum(array.nbytes for array in (*feed.values(), *outputs.values()))
-        self.held_bytes += size
-        streams.hold_rows, streams.hold_bytes = rows, size
-        if self.held_rows >= self.fold_rows or self.held_bytes >= self.fold_bytes:
-            self.fold()
-
-    def fold(self) -> None:
-        """Everything copied and held since the last fold, counted in the bins."""
-        arrays, rows = self.streams.drain()
-        held = self.held
-        if not rows and not held:
-            return
-        self.held, self.held_rows, self.held_bytes = [], 0, 0
-        parts = []
-        if rows:
-            parts.append(stream_columns([*self.inputs, *self.outputs], arrays, rows))
-        if held:
-            parts.append(
-                np.concatenate(
-                    [
-                        held_columns(self.inputs, [(feed, n) for feed, _, n in held]),
-                        held_columns(self.outputs, [(out, n) for _, out, n in held]),
-                    ]
-                )
-            )
-        columns = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        if self.counts is None:
-            features = len(columns)
-            self.counts = np.zeros((features, self.binner.width), dtype=np.int64)
-            self.nan = np.zeros(features, dtype=np.int64)
-            self.sums, self.squares = np.zeros(features), np.zeros(features)
-        # Compared in float32 when every value is one: known from the streams' dtypes; not
-        # checked for held requests (images: too few values a fold for it to pay).
-        exact32 = not held and all(
-            float32_exact(s, array.dtype, array.shape)
-            for s in (*self.inputs, *self.outputs)
-            if s.reducer != "none"
-            for array in (arrays[(s.output, s.tensor)],)
-        )
-        nan, sums, squares = self.binner.add(columns, self.counts, exact32)
-        self.nan += nan  # type: ignore[operator]
-        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf: sent as 0 (``_short``)
-            self.sums += sums  # type: ignore[operator]
-            self.squares += squares  # type: ignore[operator]
-
-    def summary(self, window_s: float) -> dict[str, Any]:
-        self.fold()
-        features = {}
-        if self.counts is not None:
-            bins = self.binner.trim(self.counts)
-            for i, feature in enumerate(self.baseline.features):
-                features[feature.name] = {
-                    "c": bins[i],
-                    "nan": int(self.nan[i]),  # type: ignore[index]
-                    "s": _short(float(self.sums[i])),  # type: ignore[index]
-                    "q": _short(float(self.squares[i])),  # type: ignore[index]
-                }
-        doc = {
-            "model": self.model,
-            "version": int(self.version),
-            "baseline": self.sha256,
-            "window_start": self.start,
-            "window_s": window_s,
-            "rows": self.rows,
-            "refused": dict(list(self.refused.items())[:16]),
-            "features": features,
-        }
-        from cloud_sync.drift_summary import DriftSummary
-
-        return DriftSummary.model_validate(doc).model_dump(mode="json")
-
-
-def _short(value: float) -> float:
-    """Seven significant digits: a mean and std to 1e-7 relative, and half the bytes."""
-    return float(f"{value:.7g}") if math.isfinite(value) else 0.0
+# Rows a window bins at most on a steady device: 20 times the monitor's minimum of 200 rows a
+# window, and enough that the PSI of an unshifted sample of 16 bins stays near (16 - 1) / 4096,
+# a fifth of the monitor's ``min_psi`` (docs/monitoring.md, "Sampling").
+BUDGET_ROWS = 4096
 
 
 class DriftMonitor:
@@ -176,11 +59,17 @@ class DriftMonitor:
         fold_rows: int = 4096,
         clock: Callable[[], float] = time.time,
         fold_bytes: int = 4 << 20,
+        budget_rows: int = BUDGET_ROWS,
+        rng: random.Random | None = None,
     ) -> None:
         self.current, self.window_s, self.clock = current, window_s, clock
         self.fold_rows, self.fold_bytes = fold_rows, fold_bytes
+        self.budget_rows = budget_rows  # 0: every request binned
+        self._draw = (rng or random.Random()).random
+        # Rows answered per window index (every version's), of this window and the one before.
+        self._seen: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._window: _Window | None = None
+        self._window: Window | None = None
         self._skip: tuple[str, str] | None = None  # a version without a (readable) baseline
         self._last: tuple[str, str] | None = None  # the version of the last window opened
         self._closed: list[dict[str, Any]] = []
@@ -190,7 +79,7 @@ class DriftMonitor:
     def _start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
 
-    def _open(self, model: str, version: str, now: float) -> _Window | None:
+    def _open(self, model: str, version: str, now: float) -> Window | None:
         """The window of a version now live: its baseline read once from the verified pack."""
         if self._loaded is None or self._loaded[0] != (model, version):
             pack = self.current()
@@ -205,7 +94,7 @@ class DriftMonitor:
         specs = baseline.specs()
         inputs, outputs = [s for s in specs if not s.output], [s for s in specs if s.output]
         start = self._start(now)
-        return _Window(
+        window = Window(
             model,
             version,
             sha,
@@ -218,7 +107,19 @@ class DriftMonitor:
             Streams([*inputs, *outputs], self.fold_rows, self.fold_bytes),
             self.fold_rows,
             self.fold_bytes,
+            sample=self.sampling(math.floor(now / self.window_s)),
+            draw=self._draw,
         )
+        window.gap = window.next_gap()
+        return window
+
+    def sampling(self, index: int) -> float:
+        """The probability of binning a request in window ``index``: ``budget_rows`` over the
+        rows answered in the window before (by every version), 1 when that was within the
+        budget or had none (the first window, after a pause). A jump in traffic costs one window
+        binned in full at most; the next one is sampled at the new rate."""
+        seen = self._seen.get(index - 1, 0)
+        return 1.0 if not self.budget_rows or seen <= self.budget_rows else self.budget_rows / seen
 
     def _load(self, pack: Pack, model: str, version: str) -> tuple[str, Baseline, Bins] | None:
         entry = pack.manifest.file(BASELINE_FILE)
@@ -248,10 +149,11 @@ class DriftMonitor:
     ) -> None:
         """After a successful run: never raises (a fault here must not fail the request).
 
-        The usual request (the live version's open window, shaped as the last one) is copied
+        A request outside the window's sample (``Window.gap``) is counted and let pass. The
+        usual request binned (the live version's open window, shaped as the last one) is copied
         here through the streams' plan in one function: on a device this runs between two
         requests with the interpreter's caches cold, where each call and attribute read of the
-        general path (``_Window.add``) cost several times what it costs in a tight loop. An
+        general path (``Window.add``) cost several times what it costs in a tight loop. An
         image (``Streams.hold_rows``) is held by reference, joined at the fold. The window and
         the clock are read under the lock: a request never meets a window that ``collect``
         has just closed (it counts in the next one), so none is lost."""
@@ -267,6 +169,12 @@ class DriftMonitor:
                     window = self._current_window(model, version, self.clock())
                     if window is None:
                         return
+                if window.gap:  # not in the sample: counted, not binned
+                    window.gap -= 1
+                    window.rows += rows
+                    return
+                if window.sample < 1.0:
+                    window.gap = window.next_gap()
                 streams = window.streams
                 if rows == streams.plan_rows:
                     done = 0
@@ -281,6 +189,7 @@ class DriftMonitor:
                         done += 1
                     else:
                         window.rows += rows
+                        window.binned += rows
                         streams.rows += rows
                         if streams.rows >= streams.fold_at:
                             window.fold()
@@ -288,6 +197,7 @@ class DriftMonitor:
                     streams.undo(done, feed, outputs)
                 elif rows == streams.hold_rows:  # the usual request is held: an image
                     window.rows += rows
+                    window.binned += rows
                     window.held.append((feed, outputs, rows))
                     window.held_rows += rows
                     window.held_bytes += streams.hold_bytes
@@ -303,7 +213,7 @@ class DriftMonitor:
             if self.failures == 1:
                 log.exception("drift summaries stopped counting a request")
 
-    def _current_window(self, model: str, version: str, now: float) -> _Window | None:
+    def _current_window(self, model: str, version: str, now: float) -> Window | None:
         """The window a request of this version counts in when it is not the open one (under
         the lock): the open one is closed when its time is up or another version is live."""
         window = self._window
@@ -334,6 +244,9 @@ class DriftMonitor:
         if window is None or (not force and now < window.start + self.window_s):
             return
         self._window = None
+        index = math.floor(window.start / self.window_s + 0.5)
+        self._seen = {i: n for i, n in self._seen.items() if i >= index - 1}
+        self._seen[index] = self._seen.get(index, 0) + window.rows
         if window.rows or window.refused:
             self._closed.append(window.summary(self.window_s))
 

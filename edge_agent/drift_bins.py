@@ -86,7 +86,7 @@ class Streams:
         # tensor, whether it is an output, its name, dtype and shape, and its buffer's ``extend``.
         self.plan: tuple[tuple[bool, str, np.dtype[Any], tuple[int, ...], Any], ...] = ()
         self.plan_rows = -1
-        # The rows of the last request held by reference (``_Window.add``: an image, or shaped
+        # The rows of the last request held by reference (``Window.add``: an image, or shaped
         # unlike the buffers), and its bytes: the hot path holds the next ones of those rows at
         # once, without trying the buffers first, until the next fold.
         self.hold_rows, self.hold_bytes = -1, 0

@@ -76,7 +76,7 @@ def test_one_lying_device_cannot_make_a_cohort_drift(pack) -> None:  # type: ign
         counts = [0] * len(f["c"])
         counts[-1] = 10**9  # everything above the baseline's range
         liar_doc["features"][name] = {"c": counts, "nan": 0, "s": 0.0, "q": 0.0}
-    liar_doc["rows"] = 10**9
+    liar_doc["rows"] = liar_doc["binned"] = 10**9  # every row binned, it says
     liar = ("d0-0", DriftSummary.model_validate(liar_doc))
     loaded = Loaded([liar, *[s for s in honest if s[0] != "d0-0"]], {})
     from modelpack.baseline import BASELINE_FILE, read_baseline
@@ -96,7 +96,8 @@ def test_summaries_that_do_not_add_up_or_name_another_baseline_are_refused(pack)
     fleet.window()
     (a, sa), (b, sb) = fleet.summaries
     doc = sa.model_dump(mode="json")
-    doc["rows"] += 5  # bins no longer add up to the rows claimed
+    doc["rows"] += 5  # bins no longer add up to the rows claimed binned
+    doc["binned"] += 5
     other = sb.model_dump(mode="json") | {"baseline": "0" * 64}
     from modelpack.baseline import BASELINE_FILE, read_baseline
 

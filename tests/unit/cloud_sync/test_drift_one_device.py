@@ -48,7 +48,7 @@ def test_a_flooding_device_cannot_hide_its_cohorts_drift(pack) -> None:  # type:
             flooded.append((device, summary))
             continue
         doc = summary.model_dump(mode="json")
-        doc["rows"] = 100 * sum(baseline.features[0].counts)
+        doc["rows"] = doc["binned"] = 100 * sum(baseline.features[0].counts)
         doc["features"] = {
             f.name: {"c": [100 * c for c in f.counts], "nan": 0, "s": 0.0, "q": 0.0}
             for f in baseline.features

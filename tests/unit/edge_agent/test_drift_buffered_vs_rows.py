@@ -156,9 +156,19 @@ def test_buffered_folds_give_the_summaries_of_counting_each_request_alone(
     fold_bytes = data.draw(st.sampled_from([64, 4 << 20]))
     monitor = DriftMonitor(lambda: pack, WINDOW_S, fold_rows, lambda: now[0], fold_bytes)
     reference = Reference(baseline)
+    docs, want = play(monitor, reference, data.draw(events(edges)), now)
+    for doc in docs:
+        _check(doc, want[doc["window_start"]], baseline)
+
+
+def play(
+    monitor: DriftMonitor, reference: Reference, events: list[tuple[Any, ...]], now: list[float]
+) -> tuple[list[dict[str, Any]], dict[float, dict[str, Any]]]:
+    """The events given to the monitor and the reference: the monitor's summaries, each
+    window once, and the reference's windows that have rows or refusals, by start."""
     docs: list[dict[str, Any]] = []
     served = False
-    for event in data.draw(events(edges)):
+    for event in events:
         if event[0] == "tick":
             now[0] += event[1]
         elif event[0] == "collect":
@@ -178,8 +188,7 @@ def test_buffered_folds_give_the_summaries_of_counting_each_request_alone(
     assert len(starts) == len(set(starts)), "a window summarised twice"
     want = {s: w for s, w in reference.windows.items() if w["rows"] or w["refused"]}
     assert sorted(starts) == sorted(want)
-    for doc in docs:
-        _check(doc, want[doc["window_start"]], baseline)
+    return docs, want
 
 
 @settings(max_examples=40, deadline=None)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import drift_bins
-from edge_agent.drift import _Window
 from edge_agent.drift_bins import Bins, float32_exact
+from edge_agent.drift_window import Window
 from modelpack.monitor import Binner, MonitorSpec, reduce, reduce_batch
 
 F32 = np.float32
@@ -88,7 +88,7 @@ def test_a_float64_input_between_two_float32_numbers_keeps_its_bin() -> None:
         MonitorSpec("p", "classes", (("scores", "probs"),), output=True),
     ]
     bins = Bins(edges)
-    window = _Window(
+    window = Window(
         "m", "1", "sha", None, bins, specs[:1], specs[1:], 0.0, 60.0,  # type: ignore[arg-type]
         drift_bins.Streams(specs, 64, 1 << 20), 64, 1 << 20,
     )  # fmt: skip

@@ -131,11 +131,11 @@ def test_the_streams_and_the_held_requests_count_what_the_reference_counts(
 ) -> None:
     """Copied on arrival (``drift_bins.Streams``) or held by reference, folded every
     ``fold_rows``: the window's bins, NaN, sums and squares are the reference path's."""
-    from edge_agent.drift import _Window
+    from edge_agent.drift_window import Window
 
     specs = [SPECS[0], MonitorSpec("p", "classes", (("scores", "probs"),), output=True)]
     bins = Bins(EDGES)
-    window = _Window(
+    window = Window(
         "m", "1", "sha", None, bins, specs[:1], specs[1:], 0.0, 60.0,  # type: ignore[arg-type]
         drift_bins.Streams(specs, fold_rows, 1 << 20), fold_rows, 1 << 20,
     )  # fmt: skip

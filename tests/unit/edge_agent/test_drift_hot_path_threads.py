@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent import drift_bins
-from edge_agent.drift import DriftMonitor, _Window
+from edge_agent.drift import DriftMonitor
 from edge_agent.drift_bins import Bins
+from edge_agent.drift_window import Window
 from modelpack.baseline import make_baseline
 from modelpack.loader import load_pack
 from modelpack.monitor import Binner, MonitorSpec, reduce_batch
@@ -41,10 +42,10 @@ def arrivals(draw: st.DrawFn) -> list[tuple[dict[str, np.ndarray], int]]:
     return out
 
 
-def _monitor(fold_rows: int) -> tuple[DriftMonitor, _Window]:
+def _monitor(fold_rows: int) -> tuple[DriftMonitor, Window]:
     """A monitor whose open window counts ``SPECS`` in ``EDGES`` (no pack to read)."""
     monitor = DriftMonitor(lambda: None, 60.0, fold_rows=fold_rows, clock=lambda: 1.0)
-    window = _Window(
+    window = Window(
         "m", "1", "sha", None, Bins(EDGES), SPECS[:1], SPECS[1:], 0.0, 60.0,  # type: ignore[arg-type]
         drift_bins.Streams(SPECS, fold_rows, 1 << 20), fold_rows, 1 << 20,
     )  # fmt: skip
