@@ -127,9 +127,13 @@ def load_npz(path: Path, specs: Sequence[TensorSpec]) -> Dataset:
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in arrays:
+            # The names are the model's, which a user may never have chosen (Keras names an
+            # unnamed Input input_layer): say how to write the file.
+            named = ", ".join(f"{s.name}=..." for s in specs)
             raise ConfigError(
                 f"{path.name} has no array {spec.name!r}; it holds {', '.join(arrays) or 'nothing'}"
-                f" and the model takes {', '.join(s.name for s in specs)}"
+                f" and the model takes {', '.join(s.name for s in specs)}: name each array after"
+                f" the input it feeds, np.savez({path.name!r}, {named}, labels=...)"
             )
         array = arrays[spec.name]
         if spec.shape is not None and array.ndim != len(spec.shape):

@@ -141,7 +141,8 @@ def test_bad_input_is_a_one_line_error(labelled: tuple[Path, Path], tmp_path: Pa
     done = _edgebento("optimize", str(model), "--out", str(tmp_path / "p"), "--data", str(wrong))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: wrong.npz has no array 'x'; it holds image and the model takes x"
+        "error: wrong.npz has no array 'x'; it holds image and the model takes x: name each"
+        " array after the input it feeds, np.savez('wrong.npz', x=..., labels=...)"
     ]
     missing = _edgebento("optimize", str(tmp_path / "nope.onnx"), "--out", str(tmp_path / "p"))
     assert missing.returncode == 1 and "nope.onnx does not exist" in missing.stderr
