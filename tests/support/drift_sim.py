@@ -7,6 +7,7 @@ class's region more often)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from cloud_sync.drift import DriftOptions, Loaded, evaluate
 from cloud_sync.drift_summary import DriftSummary
-from edge_agent.drift import DriftMonitor
+from edge_agent.drift import BUDGET_ROWS, DriftMonitor
 from modelpack.baseline import BASELINE_FILE, make_baseline
 from modelpack.loader import load_pack
 from modelpack.pack import Pack
@@ -72,13 +73,20 @@ class SimFleet:
     cohorts: dict[str, list[str]]  # cohort -> devices
     rows_per_device: int = 60  # rows each device serves in a window
     seed: int = 7
+    budget_rows: int = BUDGET_ROWS  # each device's (``edge_agent.drift``)
 
     def __post_init__(self) -> None:
         self.predictor = Predictor.from_pack(self.pack)
         self.rng = np.random.default_rng(self.seed)
         self.now = 1_700_000_000.0 - 1_700_000_000.0 % WINDOW_S
         self.monitors = {
-            d: DriftMonitor(lambda: self.pack, WINDOW_S, clock=lambda: self.now)
+            d: DriftMonitor(
+                lambda: self.pack,
+                WINDOW_S,
+                clock=lambda: self.now,
+                budget_rows=self.budget_rows,
+                rng=random.Random(f"{self.seed}-{d}"),
+            )
             for devices in self.cohorts.values()
             for d in devices
         }
