@@ -236,7 +236,8 @@ def unverified_reason(state: RolloutState, index: int) -> str:
     why = state.checks[-1].detail.removeprefix("not verified: ")
     return (
         f"{wave_label(state, index)} could not be judged in {t.wave_timeout_s + t.bake_s:g}s "
-        f"(wave timeout + bake): {why}; error rate and p99 were not checked, so the next wave "
-        "was not pushed. Resume to wait again, resume with --allow-unverified to go on, or roll "
-        "back"
+        f"(wave timeout + bake): {why}; error rate and p99 were not checked (a device is judged"
+        f" once it served --min-inferences on v{state.version}: it needs traffic), so the next"
+        " wave was not pushed. Resume to wait again, resume with --allow-unverified to go on, or"
+        " roll back"
     )

@@ -41,6 +41,8 @@ def test_a_rollout_without_figures_stops_unverified_and_says_so(
     assert shown["phase"] == "unverified"
     assert "canary (1/2) could not be judged in 16s" in shown["reason"]
     assert "0 of the 1 devices needed reported 50 inferences on v2" in shown["reason"]
+    # The flag that sets the need, for a user whose devices had no traffic (issue 23 walk).
+    assert "a device is judged once it served --min-inferences on v2" in shown["reason"]
     assert {d["device"]: d["state"] for d in shown["devices"]} == {"a": "done", "b": "pending"}
     (check,) = shown["checks"]
     assert check["verified"] is False and check["figures"]["reporting"] == 0
