@@ -139,6 +139,42 @@ def check_start(config: Any) -> None:
     data = Path(config.data_dir)
     if data.exists() and not data.is_dir():
         raise ConfigError(f"--data-dir {data}: exists and is not a directory")
+    own_cert = data / "identity" / "device.crt"  # made by enrollment: need not exist yet
+    for flag, path in (
+        ("--ca-file", config.ca_file),
+        ("--cert-file", None if config.cert_file == own_cert else config.cert_file),
+        ("--key-file", None if config.cert_file == own_cert else config.key_file),
+        ("--claim-cert", config.claim_cert_file),
+        ("--claim-key", config.claim_key_file),
+    ):
+        if path is not None:
+            _check_readable_file(flag, Path(path))
+    if config.pack is not None and not Path(config.pack).exists():
+        # Silently serving nothing would hide a typo until a request finds no model.
+        raise ConfigError(f"--pack {config.pack}: no such file or directory")
+    _make_data_dir(data)  # last: a refused start leaves nothing behind
+
+
+def _check_readable_file(flag: str, path: Path) -> None:
+    """A TLS file the agent will open at its first connect: a missing one was a traceback then."""
+    from modelpack.errors import ConfigError
+
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+
+def _make_data_dir(data: Path) -> None:
+    """The data directory, made as the agent would (packs, state.json and the outbox live
+    there): one that cannot be made was a traceback from deep in the start-up."""
+    from modelpack.errors import ConfigError
+
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {data}: {exc.strerror or exc}") from exc
 
 
 def _enrolls(config: Any) -> bool:
