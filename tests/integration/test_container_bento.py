@@ -43,20 +43,28 @@ def image(
     work = tmp_path_factory.mktemp("container")
     pack = make_pack(work / "tiny", mlp_model, keys[0], version=1)
     env = {**container_env(), "BENTOML_HOME": str(work / "bentoml"), "EDGEBENTO_MODEL": "tiny:v1"}
-    _run([str(BIN / "edgebento"), "bento", "import", str(pack), "--pub", str(keys[1])], env)
-    _run([str(BIN / "bentoml"), "build", "."], env)
+    # From the user's own folder, as docs/containers.md says: no bentofile.yaml there, so the
+    # bento is built by `edgebento bento build` (issue 23: `bentoml build .` works only here).
+    user = work / "user"
+    user.mkdir()
+    edgebento = str(BIN / "edgebento")
+    _run([edgebento, "bento", "import", str(pack), "--pub", str(keys[1])], env, cwd=user)
+    built = _run([edgebento, "bento", "build", "tiny:v1"], env, cwd=user)
+    bento = built.split()[2]  # "built bento edgebento:TAG"
+    assert f"containerize it: bentoml containerize {bento}" in built, built
     tag = f"localhost/edgebento-test:{uuid.uuid4().hex[:8]}"
     _run(
         [
             str(BIN / "bentoml"),
             "containerize",
-            "edgebento:latest",
+            bento,
             "--backend",
             "buildah",
             "-t",
             tag,
         ],
         env,
+        cwd=user,
     )
     try:
         yield tag, env, pack

@@ -16,8 +16,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_checked(cmd: list[str], env: dict[str, str], timeout: float = 900) -> str:
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def run_checked(cmd: list[str], env: dict[str, str], timeout: float = 900, cwd: Path = REPO) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd[:3])}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done.stdout
 
