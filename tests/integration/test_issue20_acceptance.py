@@ -117,7 +117,6 @@ def test_a_device_cannot_forge_enrollment_messages_nor_read_anothers_requests(
 ) -> None:
     operator = idfleet.client("operator")
     enrolling = operator.collect(f"{PREFIX}/enroll/frg-b/#")
-    before = dict(idfleet.service.refusals)
     a = idfleet.client("frg-a")
     theirs = a.collect(f"{PREFIX}/frg-b/#")
     mine = a.collect(f"{PREFIX}/frg-a/cmd/#")
@@ -127,20 +126,74 @@ def test_a_device_cannot_forge_enrollment_messages_nor_read_anothers_requests(
     a.publish(enroll_topic(PREFIX, "frg-b", "claim"), forged_claim)
     a.publish(enroll_topic(PREFIX, "frg-b", "response"), {"id": "x", "ok": True})
     a.publish(enroll_topic(PREFIX, "frg-b", "rotated"), {"schema_version": 1, "id": "y"})
-    # What frg-b is sent: a command, a request, a desired state, an acknowledgement.
-    for topic in ("cmd/ping", "infer", "desired", "telemetry/ack"):
+    # What frg-b is sent, each by the identity whose right it is: a command and a request (the
+    # operator), a desired state (the controller), an acknowledgement (the ingestion).
+    for topic in ("cmd/ping", "infer"):
         operator.publish(f"{PREFIX}/frg-b/{topic}", {"id": topic})
+    for name, topic in (("controller", "desired"), ("sync", "telemetry/ack")):
+        cloud = idfleet.client(name)
+        cloud.publish(f"{PREFIX}/frg-b/{topic}", {"id": topic})
+        cloud.close()
     # Then something frg-a must get: the broker delivers to one client in order, so once it
     # arrived, whatever the ACL let by of frg-b's would have arrived before it.
     operator.publish(f"{PREFIX}/frg-a/cmd/marker", {"id": "marker"})
     assert json.loads(mine.get(timeout=30).payload) == {"id": "marker"}
     assert theirs.empty(), [m.topic for m in list(theirs.queue)]
-    # The operator's own message on frg-b's enrollment topics, after frg-a's acknowledged ones.
-    operator.publish(f"{PREFIX}/enroll/frg-b/marker", {"id": "after"})
+    # On frg-b's enrollment topics the first message is the claim identity's, sent after
+    # frg-a's acknowledged ones: none of those got by.
+    claim = idfleet.client("claim", claim=True)
+    claim.publish(enroll_topic(PREFIX, "frg-b", "claim"), {"id": "after"})
+    claim.close()
     got = enrolling.get(timeout=30)
-    assert got.topic == f"{PREFIX}/enroll/frg-b/marker", got.topic
-    assert idfleet.service.refusals == before  # no forged claim reached the service
+    assert json.loads(got.payload) == {"id": "after"}, (got.topic, got.payload)
     a.close()
+    operator.close()
+
+
+def test_only_the_claim_identity_claims_a_devices_certificate(idfleet: IdentityFleet) -> None:
+    """A valid claim sent by any other identity, cloud or device, reaches no service: the token
+    stays unspent, and the claim identity's copy of it gets the certificate."""
+    token = idfleet.ids.create_claims(["onl-b"], ttl_s=600)["onl-b"]
+    csr = _csr("onl-b")
+    operator = idfleet.client("operator")
+    answers = operator.collect(enroll_topic(PREFIX, "onl-b", "response"))
+    operator.publish(enroll_topic(PREFIX, "onl-b", "claim"), claim_request(csr, token))
+    for name in ("controller", "sync", "onl-a"):
+        other = idfleet.client(name)
+        other.publish(enroll_topic(PREFIX, "onl-b", "claim"), claim_request(csr, token))
+        other.close()
+    answer = idfleet.ask_claim("onl-b", claim_request(csr, token))
+    assert answer["ok"] is True, answer
+    first = json.loads(answers.get(timeout=30).payload)
+    assert first["id"] == answer["id"], first  # nothing was answered before it
+    operator.close()
+
+
+def test_the_enrollment_service_identity_writes_answers_and_nothing_else(
+    idfleet: IdentityFleet,
+) -> None:
+    """``enroll`` may answer enrollments; it may not speak for a device, steer one, command one
+    or acknowledge its telemetry. (Its one connection is the service's: stopped meanwhile.)"""
+    operator = idfleet.client("operator")
+    watched = operator.collect(f"{PREFIX}/enr-x/#")
+    answers = operator.collect(enroll_topic(PREFIX, "enr-x", "response"))
+    idfleet.service.stop()
+    try:
+        enroll = idfleet.client("enroll")
+        for topic in ("status", "telemetry", "replies/x", "desired", "cmd/ping", "telemetry/ack"):
+            enroll.publish(f"{PREFIX}/enr-x/{topic}", {"id": "forged"})
+        enroll.publish(enroll_topic(PREFIX, "enr-x", "response"), {"id": "its-own"})
+        enroll.close()
+    finally:
+        idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
+        idfleet.service.wait_serving(30)
+    operator.publish(f"{PREFIX}/enr-x/cmd/marker", {"id": "marker"})
+    seen = [watched.get(timeout=30).topic]
+    while not seen[-1].endswith("/marker"):
+        seen.append(watched.get(timeout=30).topic)
+    assert seen == [f"{PREFIX}/enr-x/cmd/marker"], seen
+    # What it may do went through, on the same connection: nothing above was refused for that.
+    assert json.loads(answers.get(timeout=30).payload) == {"id": "its-own"}
     operator.close()
 
 
