@@ -179,6 +179,9 @@ def test_operator_enrolls_two_devices_and_revokes_one(
     assert _metric(s["metrics"], "edgebento_identity_revoked_connected_devices") == 0
     assert _metric(s["metrics"], 'edgebento_enrollments_total{kind="claim"}') == 2
     assert _metric(s["metrics"], 'edgebento_identity_cert_expiry_seconds{device="cli-b"}') > 0
+    # The CRL the broker reads is 30 days from its nextUpdate (EdgebentoCrlStale at 7).
+    crl_left = _metric(s["metrics"], "edgebento_identity_crl_next_update_seconds")
+    assert 29 * 86400 < crl_left <= 30 * 86400, crl_left
     # Revoked in the store and the CRL but its session left alone (no --broker): the metric
     # that an alert watches sees a revoked device that is still connected.
     _cli(
