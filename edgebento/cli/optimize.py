@@ -101,8 +101,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         metrics=args.metric,
         time_budget=args.time_budget,
     )
-    console = Console()
-    console.print(candidates_table(result.rows))
+    Console().print(candidates_table(result.rows))
+    # The lines below are one line each however narrow the terminal or pipe (80 columns when
+    # piped): a note, a failed bound or the pick cut in two is what a grep or a CI log misses.
+    console = Console(soft_wrap=True)
     batch = max((r["latency"]["batch"] for r in result.rows if r["latency"]), default=1)
     if any(r["row_independent"] is False for r in result.rows):
         console.print(
