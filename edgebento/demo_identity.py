@@ -51,14 +51,18 @@ def _until(check: Any, what: str, timeout: float) -> None:
 
 
 def _forge(fleet: Fleet) -> None:
-    """A device of the fleet (its own certificate, CN intruder) speaks for dev-2."""
+    """A device of the fleet (its own certificate, CN intruder) speaks for dev-2. Each publish
+    must have been made and refused by the broker (MQTT 5: PUBACK "Not authorized"): one that
+    never connected would show nothing reaching the subscriber for the wrong reason."""
     for topic in FORGED:
         doc = json.dumps({"id": "forged", "device": "dev-2", "state": "online", "forged": True})
-        subprocess.run(
+        done = subprocess.run(
             ["mosquitto_pub", *fleet.mosquitto_args("intruder"), "-V", "mqttv5", "-q", "1",
              "-t", f"{PREFIX}/dev-2/{topic}", "-m", doc],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
+        if done.returncode != 0 or "Not authorized" not in done.stderr:
+            raise RuntimeError(f"the intruder's publish on dev-2/{topic}: {done.stderr.strip()}")
 
 
 def step_identity(demo: Demo, fleet: Fleet) -> str:
@@ -90,7 +94,7 @@ def step_identity(demo: Demo, fleet: Fleet) -> str:
             raise RuntimeError(f"forged messages reached a subscriber: {forged}")
         console.print(
             f"intruder's publishes on {', '.join(f'dev-2/{t}' for t in FORGED)}: "
-            "nothing reached the subscriber"
+            "refused by the broker (Not authorized), nothing reached the subscriber"
         )
 
         def rotated() -> list[str]:
