@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.integration.test_agent_http_bounds import GOOD, _agent, _ask, _metric, _status
+from tests.support import models
 from tests.support.agent import Client, wait_online
 from tests.support.serving_models import _save as save_model
 
@@ -54,17 +55,12 @@ def _row_cost_model(path: Path) -> Path:
 
 @pytest.fixture
 def row_cost_pack(tmp_path: Path, keys: tuple[Path, Path]) -> Path:
-    import onnxruntime as ort
-
     from modelpack import Samples, create_pack
 
     model = _row_cost_model(tmp_path / "row_cost.onnx")
-    x = np.random.default_rng(1).standard_normal((1, WIDTH)).astype(np.float32)
-    (y,) = ort.InferenceSession(str(model)).run(None, {"x": x})
+    inputs, outputs = models.golden_samples(model, n=1, n_in=WIDTH)  # one cheap row
     out = tmp_path / "row-cost-pack"
-    create_pack(
-        model, out, name="rows", version=1, samples=Samples({"x": x}, {"y": y}), key=keys[0]
-    )
+    create_pack(model, out, name="rows", version=1, samples=Samples(inputs, outputs), key=keys[0])
     return out
 
 
