@@ -78,8 +78,9 @@ def verify_rollback(
     runs: ModelRef | None,
 ) -> RollbackInstruction:
     """The instruction, if a trusted key signed it for this device and model, it is unexpired,
-    it leaves what the device ``runs`` and its generation is above ``applied_generation`` (the
-    highest the device applied).
+    it leaves what the device ``runs`` (an instruction that names nothing it leaves only for a
+    device that runs nothing) and its generation is above ``applied_generation`` (the highest
+    the device applied).
 
     Raises SignatureError with a one-line reason otherwise.
     """
@@ -119,9 +120,16 @@ def verify_rollback(
             "works once"
         )
     leaves = instruction.leaves
-    if leaves is not None and not (
-        runs is not None and (runs.name, runs.version) == (leaves.name, leaves.version)
-    ):
+    if leaves is None:
+        # Unbound, it would leave whatever the device runs when it arrives: one signed for a
+        # device that ran nothing (or whose status was unknown) would undo any later install.
+        if runs is not None:
+            raise SignatureError(
+                f"rollback authorization names no version it leaves, and this device runs "
+                f"{runs.name} v{runs.version}: only an empty device takes an unbound one (sign "
+                "it with the version it leaves: edgebento rollback --leaves)"
+            )
+    elif not (runs is not None and (runs.name, runs.version) == (leaves.name, leaves.version)):
         shown = f"{runs.name} v{runs.version}" if runs is not None else "no model"
         raise SignatureError(
             f"rollback authorization leaves {leaves.name} v{leaves.version}, but this device "

@@ -408,7 +408,7 @@ class RollbackInstruction(_Doc):
 
     device: str
     model: ModelRef  # what it restores
-    leaves: ModelRef | None = None  # what the device runs when signed (None: not bound to it)
+    leaves: ModelRef | None = None  # what the device runs when signed (None: it runs nothing)
     rollout: str | None = None
     generation: int = Field(ge=1)
     nonce: str = Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")

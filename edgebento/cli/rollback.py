@@ -43,7 +43,8 @@ def register(sub: Any) -> None:
     rollback.add_argument(
         "--leaves", type=int, metavar="VERSION",
         help="the version the device runs now, which the instruction leaves (default: what its "
-        "retained status says; with --print, unbound unless given)",
+        "retained status says; with --print, none unless given: then only a device that runs "
+        "no model takes it)",
     )  # fmt: skip
     rollback.add_argument("--rollout", help="the rollout this rollback belongs to")
     rollback.add_argument("--broker", help="mqtt://[user:pass@]host:port (needed unless --print)")

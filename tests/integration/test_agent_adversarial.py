@@ -183,7 +183,7 @@ def test_a_trickling_download_blocks_nothing_and_is_cancelled_or_times_out(
     # A rollback is answered at once, and takes precedence over the download.
     client.publish(f"{cmd}/deploy", {**slow, "id": "slow-2"})
     time.sleep(0.5)
-    signed = rollback_authorization(keys[0], "dev-a", "tiny", 1)
+    signed = rollback_authorization(keys[0], "dev-a", "tiny", 1, leaves=2)
     back = client.request(
         f"{cmd}/rollback", {"authorization": signed, "url": f"{trickle}/v1.tar.gz"}, 10
     )

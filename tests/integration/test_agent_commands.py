@@ -187,7 +187,7 @@ def test_deploy_from_an_archive_over_http_then_rollback(
 
         unsigned = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {})
         assert unsigned["ok"] is False and "signed rollback instruction" in unsigned["error"]
-        signed = rollback_authorization(keys[0], "dev-a", "tiny", 1)
+        signed = rollback_authorization(keys[0], "dev-a", "tiny", 1, leaves=2)
         back = client.request(f"{topic_prefix}/dev-a/cmd/rollback", {"authorization": signed})
         assert back["ok"] is True and back["outcome"] == "rolled_back"
         assert (

@@ -70,7 +70,7 @@ def test_an_offline_device_rolls_back_through_the_desired_state_when_it_reconnec
     shutil.rmtree(pack_v1)  # dev-a must use its kept copy: there is nothing else to fetch
     # The rollout aborts while both are offline: the cloud sets v1 back, on purpose.
     for device, url in (("dev-a", None), ("dev-b", str(v1_source))):
-        signed = rollback_authorization(keys[0], device, "tiny", 1, rollout="r-aborted")
+        signed = rollback_authorization(keys[0], device, "tiny", 1, rollout="r-aborted", leaves=2)
         doc = _desired(1, True, url=url, signed=signed)
         client.publish(f"{topic_prefix}/{device}/desired", doc, retain=True)
     telemetry = client.collect(f"{topic_prefix}/+/telemetry")

@@ -51,5 +51,7 @@ def test_an_instruction_works_once_and_never_undoes_a_later_install():
         verify_rollback(s, [t], "dev1", m, applied_generation=0, runs=None)
     unbound = sign_rollback(k, "dev1", m, generation=4, leaves=None)
     assert verify_rollback(unbound, [t], "dev1", m, applied_generation=3, runs=None).generation == 4
+    with pytest.raises(SignatureError, match="names no version it leaves, and this device runs"):
+        verify_rollback(unbound, [t], "dev1", m, applied_generation=3, runs=V2)  # installed since
     a, b = (sign_rollback(k, "dev1", m, generation=5, leaves=V2) for _ in range(2))
     assert a.payload != b.payload  # the nonce: the same step signed twice is two instructions
