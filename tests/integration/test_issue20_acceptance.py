@@ -112,6 +112,22 @@ def test_a_batch_claim_enrolls_each_listed_device_once_one_from_a_token_file(
     operator.close()
 
 
+def test_an_expired_or_unknown_token_is_refused_and_counted(idfleet: IdentityFleet) -> None:
+    token = idfleet.ids.create_claims(["exp-t"], ttl_s=0.5)["exp-t"]
+    expired_by = time.time() + 0.5  # at or after the claim's expires_at (wall clock)
+    before = dict(idfleet.service.refusals)
+    while time.time() <= expired_by:
+        time.sleep(0.05)
+    late = idfleet.ask_claim("exp-t", claim_request(_csr("exp-t"), token))
+    assert (late["ok"], late["reason"]) == (False, "expired_token")
+    guessed = idfleet.ask_claim("exp-t", claim_request(_csr("exp-t"), "ebc1." + "A" * 43))
+    assert (guessed["ok"], guessed["reason"]) == (False, "unknown_token")
+    after = idfleet.service.refusals
+    for reason in ("expired_token", "unknown_token"):
+        assert after[reason] == before.get(reason, 0) + 1, reason
+    assert idfleet.ids.device("exp-t") is None  # no certificate was issued
+
+
 def test_a_device_cannot_forge_enrollment_messages_nor_read_anothers_requests(
     idfleet: IdentityFleet,
 ) -> None:
