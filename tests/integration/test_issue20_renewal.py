@@ -96,6 +96,13 @@ def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
     assert busy.refused == 2 and fleet.service.refusals["rate_limited"] >= 2
     assert "certificate renewal failed (try 1)" in agent.output()
     assert record.current != first.current and first.current in record.retired
+    # It reconnected with the new certificate before it said so (a CRL reload alone would have
+    # left it on its old connection): a second connect, before anything below could drop it.
+    deadline = time.monotonic() + 30
+    while "certificate rotated" not in agent.output():
+        assert time.monotonic() < deadline, agent.output()[-2000:]
+        time.sleep(0.2)
+    assert agent.output().count("connected to") >= 2, agent.output()[-2000:]
 
     # The old certificate is in the CRL the broker reads: a connection with it is refused in
     # the handshake. (A SIGHUP is asynchronous: until the broker has re-read its CRL, the old
