@@ -29,6 +29,10 @@ request stayed within 2%. Pinned, each server has the same CPU to spend, and the
 share on a quiet machine is the inverse of the CPU per request. The share is also given from
 CPU per request (``cpu_bound_share_of_bare_asgi``: the bare app's server CPU a request over
 edgebento's), which other work on the machine moves less; the target must hold on both.
+
+``EDGEBENTO_BENCH_BEFORE=COMMIT`` adds ``edgebento_before``: the service of that commit's tree
+(``PYTHONPATH``, same venv), measured in the same rounds, so that a change to the serving path
+is judged side by side (``before``: its ratios, and this tree's CPU per request over its).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.baseline import baseline_tree
 from benchmarks.pinning import Pinning, generator_side, split, tree_affinity
 from benchmarks.runs import load, measured, median_of, summarize
 from benchmarks.serving_common import (
@@ -67,13 +72,23 @@ NAMES = {
     "plain_bentoml": "plain BentoML",
     "flask": "Flask",
     "edgebento": "edgebento",
+    "edgebento_before": "edgebento (EDGEBENTO_BENCH_BEFORE's tree)",
 }
 PATHS = {
     "flask": "/api/predict",
     "plain_bentoml": "/predict",
     "bare_asgi": "/",
     "edgebento": "/predict",
+    "edgebento_before": "/predict",
 }
+
+
+def _before_commit() -> str | None:
+    return os.environ.get("EDGEBENTO_BENCH_BEFORE") or None
+
+
+def _servers() -> tuple[str, ...]:
+    return (*SERVERS, "edgebento_before") if _before_commit() else SERVERS
 
 
 def _rounds() -> int:
@@ -126,10 +141,13 @@ def _start(name: str, model: Path, tag: str, work: Path, pinning: Pinning) -> Pr
         return start_plain_bento(model, work, workers, pinning)
     if name == "bare_asgi":
         return start_bare_asgi(model, work, workers, pinning)
+    if name == "edgebento_before":
+        tree = baseline_tree(work, str(_before_commit()))
+        return start_bento(work / "bentoml", tag, work, repo=tree, pinning=pinning)
     return start_bento(work / "bentoml", tag, work, pinning=pinning)
 
 
-def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
+def _ratios(one_round: dict[str, Any], ours_name: str = "edgebento") -> dict[str, Any]:
     def rps(server: str, key: str) -> float:
         return float(one_round[server][key]["requests_per_s"])
 
@@ -138,7 +156,7 @@ def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key in ("clients_64", "clients_1"):
-        ours = rps("edgebento", key)
+        ours = rps(ours_name, key)
         out[key] = {
             "share_of_bare_asgi": round(ours / max(rps("bare_asgi", key), 1e-9), 4),
             "x_plain_bentoml": round(ours / max(rps("plain_bentoml", key), 1e-9), 4),
@@ -147,14 +165,26 @@ def _ratios(one_round: dict[str, Any]) -> dict[str, Any]:
             # quiet machine, the throughput share tends to its inverse (other work on the cores
             # shares them out by runnable threads, not by need, and blurs the throughput ratio).
             "cpu_per_request_x_bare_asgi": round(
-                cpu("edgebento", key) / max(cpu("bare_asgi", key), 1e-9), 4
+                cpu(ours_name, key) / max(cpu("bare_asgi", key), 1e-9), 4
             ),
             # The share of the bare app's throughput that edgebento reaches where both are
             # CPU-bound on CPUs of their own (wrk on others): the server's CPU a request, inverted.
             "cpu_bound_share_of_bare_asgi": round(
-                cpu("bare_asgi", key) / max(cpu("edgebento", key), 1e-9), 4
+                cpu("bare_asgi", key) / max(cpu(ours_name, key), 1e-9), 4
             ),
         }
+    return out
+
+
+def _before_ratios(one_round: dict[str, Any]) -> dict[str, Any]:
+    """The earlier tree's ratios, and this tree's CPU per request over the earlier tree's."""
+    out = _ratios(one_round, "edgebento_before")
+    for key in ("clients_64", "clients_1"):
+        now, before = (
+            float(one_round[name][key]["server_cpu_us_per_request"] or 0.0)
+            for name in ("edgebento", "edgebento_before")
+        )
+        out[key]["cpu_per_request_x_before"] = round(now / max(before, 1e-9), 4)
     return out
 
 
@@ -189,19 +219,22 @@ def _rounds_of(
         bodies = [json.dumps({"inputs": {"x": r}}).encode() for r in rows]
         servers: dict[str, Process] = {}
         try:
-            for name in SERVERS:
+            for name in _servers():
                 servers[name] = _start(name, model, tag, work, pinning)
                 console.print(f"{NAMES[name]}: warming up for {WARMUP_S:.0f} s ...")
                 wrk(servers[name].url + PATHS[name], bodies, CLIENTS, WARMUP_S)
                 affinity[name] = tree_affinity(servers[name].popen.pid)
             for r in range(rounds):
-                order = [SERVERS[(r + i) % len(SERVERS)] for i in range(len(SERVERS))]
+                names = _servers()
+                order = [names[(r + i) % len(names)] for i in range(len(names))]
                 one: dict[str, Any] = {"order": order}
                 for name in order:
                     console.print(f"round {r + 1}/{rounds}: {NAMES[name]} ...")
                     one[name] = _measure(servers[name], PATHS[name], bodies, pinning)
                 one["raw_onnxruntime_rps"] = round(_raw_ort(model, json.loads(bodies[0])), 1)
                 one["ratios"] = _ratios(one)
+                if "edgebento_before" in one:
+                    one["ratios_before"] = _before_ratios(one)
                 per_round.append(one)
         finally:
             for proc in servers.values():
@@ -234,6 +267,17 @@ def _result(per_round: list[dict[str, Any]], console: Console) -> dict[str, Any]
     }
     _print(figures, ratios, console)
     n = len(per_round)
+    before: dict[str, Any] = {}
+    if all("ratios_before" in r for r in per_round):
+        before = {
+            "commit": _before_commit(),
+            "figures": summarize([r["edgebento_before"] for r in per_round]),
+            "ratios": summarize([r["ratios_before"] for r in per_round], 4),
+        }
+        before["figures"].pop("load_before", None)
+        console.print(
+            "before", {k: median_of(v) for k, v in before["ratios"]["clients_64"].items()}
+        )
     return {
         "headline": (
             f"{med('edgebento', 'clients_64', 'requests_per_s'):.0f} req/s at 64 clients "
@@ -251,6 +295,7 @@ def _result(per_round: list[dict[str, Any]], console: Console) -> dict[str, Any]
         "runs": n,
         "figures": figures,
         "ratios": ratios,
+        **({"before": before} if before else {}),
         "per_round": [_flat(i, r) for i, r in enumerate(per_round)],
         "rounds": per_round,
         "load_generator": (
@@ -278,6 +323,13 @@ def _flat(index: int, r: dict[str, Any]) -> dict[str, Any]:
         row[f"{name} CPU µs/req"] = r[name]["clients_64"]["server_cpu_us_per_request"]
     for name in SERVERS:  # 1.0: CPU-bound on its own CPUs, as the throughput share assumes
         row[f"{name} CPU busy"] = r[name]["clients_64"]["server_cpu_busy"]
+    if "ratios_before" in r:  # the earlier tree's, in the same round
+        row["before CPU-bound share of bare"] = r["ratios_before"]["clients_64"][
+            "cpu_bound_share_of_bare_asgi"
+        ]
+        row["edgebento_before CPU µs/req"] = r["edgebento_before"]["clients_64"][
+            "server_cpu_us_per_request"
+        ]
     row["load 1m"] = r["edgebento"]["load_before"]["load_1m"]
     return row
 

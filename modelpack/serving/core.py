@@ -27,7 +27,6 @@ from modelpack.serving.limits import ServingLimits
 from modelpack.serving.model import ServedModel
 from modelpack.serving.padding import check_lengths
 from modelpack.serving.reasons import NotFoundRoute, NotReadyError, reason_of
-from modelpack.serving.tensors import check_feed
 
 Protocol = Literal["tensor", "oip"]
 TIMEOUT_HEADER = "x-timeout-ms"  # a client's shorter deadline, in milliseconds
@@ -178,7 +177,7 @@ class ServingCore:
         else:
             feed = decode_request(doc, model.inputs, self.limits)
         timeout_s = header_timeout or timeout_s
-        rows = check_feed(model.inputs, feed, self.limits)
+        rows = model.feed_checks.rows(feed, self.limits)
         if model.plan is not None:
             check_lengths(feed, model.plan)
         deadline = arrived + self.limits.deadline(timeout_s)

@@ -20,6 +20,7 @@ from modelpack.serving.faults import KnownGood
 from modelpack.serving.gate import Gate
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.padding import SequenceAxis, cut_outputs, pad_feeds, sequence_axis
+from modelpack.serving.tensors import FeedChecks
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class ServedModel:
         # first of each shape class that ran), which tell a request the model cannot run (400)
         # from a model that cannot run at all (500).
         self.known_good = KnownGood(samples)
+        self.feed_checks = FeedChecks(predictor.inputs)  # check_feed, remembered per pattern
         if predictor.options.warmup and predictor.warmup_error is None:
             self.known_good.remember(_warmup_feed(predictor))
         self.cache = ResultCache(limits.cache_bytes) if limits.cache_bytes > 0 else None
