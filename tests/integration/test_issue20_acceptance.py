@@ -5,9 +5,12 @@ the real ``edgebento fleet ...`` commands.
 - item 1: ``fleet ca init`` / ``ca issue`` never print a key, write them 0600, and the root key
   is not needed once it has gone offline;
 - item 2: a batch claim from ``fleet claim --batch``, spent once per listed device, one device
-  enrolling from ``--enroll-file``; nobody but the claim identity reaches a device's claim
-  topic or forges its enrollment answer;
-- item 3: a device cannot read another's requests (checked against a message it must get);
+  enrolling from ``--enroll-file``; expired and unknown tokens refused and counted; nobody but
+  the claim identity reaches a device's claim topic or forges its enrollment answer;
+- item 3: both listeners require a certificate of the fleet; a device cannot read another's
+  requests (checked against a message it must get); the enrollment service's identity writes
+  answers and nothing else;
+- item 6: fleet status shows a revoked device's certificate as revoked;
 - item 5: what Mosquitto 2.0.11 does on a CRL reload (measured: the live session stays), and
   ``fleet revoke --cert`` for the shared claim certificate;
 - ``fleet enroll-service`` exits, saying why, on a subscription its broker refuses.
@@ -28,6 +31,7 @@ from cloud_sync.enroll import enroll_topic
 from cloud_sync.fleet_ca import new_key, tls_context
 from cloud_sync.revocation import _connect, _reloaded, kick_session
 from edge_agent.identity import KeyMaker
+from modelpack.errors import BrokerError
 from tests.integration.test_cloud_subscribed import RefusingMosquitto
 from tests.support.agent import wait_online
 from tests.support.cli_run import run_cli
@@ -70,6 +74,31 @@ def test_the_ca_commands_print_no_key_write_0600_and_need_no_root_once_offline(
         fleet_cli("fleet", "claim", "--devices", "cam-1", "--ca", ca, "--store", tmp_path / "s")
     )
     assert set(claims["claims"]) == {"cam-1"}
+
+
+def test_a_client_without_a_certificate_of_the_fleet_is_refused_on_both_listeners(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    """``require_certificate true`` on the device and the claim listener: no certificate, or one
+    of another CA naming a cloud identity (``operator``), does not get in; the fleet's does."""
+    from cloud_sync.fleet_ca import FleetCA, init_ca
+
+    init_ca(tmp_path / "other-ca")
+    forged = FleetCA.load(tmp_path / "other-ca").issue_identity("operator", tmp_path / "forged")
+    bundle = idfleet.ca.paths.bundle
+    refused = {"no certificate": tls_context(bundle, None, None)}
+    refused["another CA's operator"] = tls_context(bundle, *forged)
+    ports = {"device": idfleet.broker.port, "claim": idfleet.broker.claim_port}
+    for listener, port in ports.items():
+        for what, context in refused.items():
+            try:
+                got_in = _connect(context, f"x-{listener}", "127.0.0.1", port, 10)
+            except BrokerError:  # the broker reset the handshake: refused as well
+                got_in = False
+            assert not got_in, (listener, what)
+    # The fleet's own claim certificate does (the control: the listeners are up and answer).
+    claim = tls_context(bundle, *idfleet.certs["claim"])
+    assert _connect(claim, "claim-control", "127.0.0.1", idfleet.broker.claim_port, 10)
 
 
 def test_a_batch_claim_enrolls_each_listed_device_once_one_from_a_token_file(
