@@ -24,7 +24,7 @@ from edge_agent.telemetry import Heartbeat, TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker
-from modelpack.errors import EdgebentoError
+from modelpack.errors import EdgebentoError, ExpiredError
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,30 @@ class Agent:
             capture=self.capture.active,
         )
         self.record("heartbeat", beat)
+        self._stop_serving_if_expired()
         self.record("inference", {**self.inference.stats.snapshot(), "model": beat["model"]})
         if self.drift is not None:
             self.drift.flush_to(self.record)
         self.shadow.flush()
         if self.identity.changed():  # a rotation, or a renewal refused: the status says so
             self.publish_status()
+
+    def _stop_serving_if_expired(self) -> None:
+        """With ``refuse_expired``, a pack that expires while it serves stops serving at the
+        next heartbeat, as it would at a boot: no model (never an older one below the mark),
+        and the status, its last update and ``edgebento_model_expired`` say why."""
+        if not self.config.refuse_expired:
+            return
+        updater = self.updater
+        with updater.live:
+            pack = updater.current
+            if pack is None or not pack.manifest.expired:
+                return
+            self.inference.unserve()
+            updater.current = None
+        when = pack.manifest.expires_at
+        dirname = updater.read_state().current or pack.root.name
+        updater.refuse_expired_pack(dirname, ExpiredError(f"expired at {when}"), "expiry")
 
     def apply_limits(self, changes: dict[str, Any]) -> dict[str, Any]:
         self.config.limits = self.config.limits.model_copy(update=changes)

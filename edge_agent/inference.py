@@ -184,6 +184,12 @@ class InferenceService:
         self.core.serve(predictor, samples=samples)
         return old
 
+    def unserve(self) -> Predictor | None:
+        """Serve no model: requests are answered ``not_ready`` (requests in flight finish)."""
+        old = self.predictor
+        self.core.model = None
+        return old
+
     @property
     def model_ref(self) -> dict[str, Any] | None:
         predictor = self.predictor

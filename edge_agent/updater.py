@@ -131,7 +131,7 @@ class Updater:
                 if index == 0:
                     # Falling back to an earlier pack would turn withheld updates into a
                     # downgrade below the high-water mark: serve nothing, say why, alert.
-                    self._refuse_expired(dirname, exc)
+                    self.refuse_expired_pack(dirname, exc)
                     return
                 log.error("installed pack %s is not usable: %s", dirname, exc)
                 continue
@@ -153,14 +153,15 @@ class Updater:
             own = FetchPolicy((initial.resolve().parent,), self.config.max_download_bytes)
             self._install(lambda t: fetch_url(str(initial), t, own), str(initial), "boot")
 
-    def _refuse_expired(self, dirname: str, exc: ExpiredError) -> None:
+    def refuse_expired_pack(self, dirname: str, exc: ExpiredError, trigger: str = "boot") -> None:
+        """Serve nothing in place of an expired pack: at boot, or once it expires serving."""
         self.expired_refused = dirname
         message = (
             f"serving no model: {dirname} has expired ({exc}) and refuse_expired is on; "
             "an earlier pack is not served in its place (it would be a downgrade): deploy a "
             "newer pack, or roll back with a signed instruction"
         )
-        self._outcome("refused", message, "boot", failed=True, expired=dirname)
+        self._outcome("refused", message, trigger, failed=True, expired=dirname)
 
     # --- deploy and rollback -------------------------------------------------------------------
 
