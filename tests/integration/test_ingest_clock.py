@@ -91,6 +91,33 @@ def test_one_bad_clock_record_in_300_costs_only_itself(
     dev.close()
 
 
+def test_devices_whose_clocks_are_off_either_way_within_reason_lose_nothing(
+    broker: Mosquitto, sync_store: ObjectStore, topic_prefix: str, client: Client
+) -> None:
+    """A device 12 h ahead and one 30 days behind (a long offline stretch, a drifting RTC):
+    every record of both is stored and acknowledged; nothing is called impossible."""
+    acks = client.collect(f"{topic_prefix}/+/telemetry/ack")
+    devices = {"ahead-1": 12 * 3600.0, "behind-1": -30 * 86400.0}
+    boots = []
+    for name, skew in devices.items():
+        dev = Device(broker, topic_prefix, name)
+        payload = _batch(dev, 100, {i: time.time() + skew for i in range(100)})
+        dev.client.publish(dev.topic, payload, qos=1).wait_for_publish(5)
+        boots.append(dev.boot_id)
+        dev.close()
+    got = wait_stored(sync_store, 200)
+    for name in devices:
+        assert sorted(s for d, _b, s in got if d == name) == list(range(100)), name
+    highest: dict[str, int] = {}
+
+    def both_acknowledged(ack: dict[str, Any]) -> bool:
+        highest[ack["boot_id"]] = max(highest.get(ack["boot_id"], -1), ack["seq"])
+        return all(highest.get(boot) == 99 for boot in boots)
+
+    wait_for(acks, both_acknowledged, timeout=20)
+    assert sync_store.list("rejected/") == []
+
+
 def test_bad_clock_evidence_is_bounded_per_device_and_the_rest_stays_unacknowledged(
     tmp_path: Path,
 ) -> None:
