@@ -105,9 +105,11 @@ def _print(doc: dict[str, Any], out: Path) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
+    from cloud_sync.broker_url import check_listen_port
     from cloud_sync.drift_report import DriftMetrics
     from cloud_sync.store import open_store
 
+    check_listen_port(args.metrics_port, "--metrics-port")
     store = open_store(args.store, endpoint_url=args.endpoint_url)
     metrics = DriftMetrics()
     doc = _once(args, store, metrics)

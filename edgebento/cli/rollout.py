@@ -182,6 +182,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    from cloud_sync.broker_url import check_listen_port
+
+    check_listen_port(getattr(args, "metrics_port", None), "--metrics-port")
     verb, rest = args.target[0], args.target[1:]
     if verb == "status" and len(rest) == 1:
         return _status(args, rest[0])

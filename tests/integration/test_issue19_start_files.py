@@ -2,15 +2,20 @@
 that is not there or a ``--data-dir`` that cannot be made stops a real ``edge-agent`` at start
 with one ``error:`` line naming the flag. Before, the TLS files and the data directory ended in
 a traceback at the first connect, and a missing ``--pack`` was ignored: the device started and
-served nothing, with no word about the path."""
+served nothing, with no word about the path. The same for the port a command listens on for
+its metrics (``edgebento sync``, ``monitor``, ``rollout``)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_trust_start_checks import _one_error, _run
+from tests.support.agent import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +59,30 @@ def test_a_data_dir_that_cannot_be_made_stops_the_agent(
     data = blocker / "data"  # no one, root included, can make a directory under a file
     line = _agent(tmp_path, keys, data=data)
     assert line == f"error: --data-dir {data}: Not a directory"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sync", "--broker", "mqtt://127.0.0.1:1", "--metrics-port", "99999"],
+        ["monitor", "--metrics-port", "70000"],
+        ["rollout", "tiny", "2", "--broker", "mqtt://127.0.0.1:1", "--devices", "a",
+         "--metrics-port", "-1"],
+    ],
+    ids=["sync", "monitor", "rollout"],
+)  # fmt: skip
+def test_a_metrics_port_that_cannot_be_bound_stops_the_command_before_it_works(
+    tmp_path: Path, keys: tuple[Path, Path], command: list[str]
+) -> None:
+    """Before, an OverflowError from bind() after the work had begun (monitor had written its
+    report by then), not naming the flag."""
+    store = tmp_path / "store"
+    extra = ["--store", str(store)] + (["--key", str(keys[0])] if command[0] == "rollout" else [])
+    done = subprocess.run(
+        [sys.executable, "-m", "edgebento", "--log-format", "text", *command, *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    port = command[command.index("--metrics-port") + 1]
+    _one_error(done, f"--metrics-port {port}: is not a port")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no report, no store
