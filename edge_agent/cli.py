@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelpack import logs
-from modelpack.errors import AuthError, EdgebentoError
-
 
 def build_parser() -> argparse.ArgumentParser:
+    from modelpack import logs
+
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="The edgebento device daemon: MQTT commands, local inference, verified updates.",
@@ -198,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
     from edge_agent.inference import install_hint
+    from modelpack import logs
+    from modelpack.errors import AuthError
     from modelpack.signing import verify_out_of_process
 
     # Signatures are checked once per update (and at boot); cryptography would stay resident
@@ -238,6 +239,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from edge_agent.memory import defer_unused_imports
+
+    defer_unused_imports()  # first: modelpack's import builds pydantic models
+    from modelpack import logs
+    from modelpack.errors import AuthError, EdgebentoError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     fmt = logs.install(getattr(args, "log_format", None))

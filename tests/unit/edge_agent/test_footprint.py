@@ -68,6 +68,18 @@ NOT_AT_START = (
     "cloud_sync.drift_summary",
     "modelpack.monitor",  # drift's reducers, and shadow's: only for a baseline or a shadow
     "cloud_sync.shadow_figures",  # only once a shadow starts
+    # What libraries import for what the agent never asks of them (paho-mqtt's proxy lookup,
+    # pydantic's plugin scan and secret types, numpy's ndarray.dump, compressed archives):
+    # edge_agent.memory.defer_unused_imports keeps them out, 1.9 MB
+    "urllib.request",
+    "http.client",
+    "email",
+    "importlib.metadata",
+    "secrets",
+    "pickle",
+    "gzip",
+    "bz2",
+    "lzma",
 )
 
 
