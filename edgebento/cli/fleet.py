@@ -64,10 +64,12 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from cloud_sync.broker_url import check_broker_port
     from cloud_sync.fleet import fleet_status
     from cloud_sync.protocol import Topics
     from cloud_sync.store import open_store
 
+    check_broker_port(args.broker, "--broker")
     store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
     devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
     identity = _identity(store, devices)

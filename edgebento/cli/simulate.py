@@ -64,6 +64,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from cloud_sync.broker_url import check_broker_port
     from cloud_sync.protocol import ModelRef, Topics
     from cloud_sync.redact import redact_url
     from cloud_sync.sim_fleet import SimFleet
@@ -71,6 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from modelpack.errors import ConfigError
     from modelpack.signing import load_public_key
 
+    check_broker_port(args.broker, "--broker")
     if args.devices < 1:
         raise ConfigError("--devices must be at least 1")
     try:

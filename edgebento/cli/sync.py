@@ -40,13 +40,14 @@ def register(sub: Any) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from cloud_sync.broker_url import check_listen_port
+    from cloud_sync.broker_url import check_broker_port, check_listen_port
     from cloud_sync.ingest import SyncOptions, TelemetrySync
     from cloud_sync.protocol import Topics
     from cloud_sync.redact import install_log_redaction, redact_url
     from cloud_sync.store import open_store
 
     install_log_redaction()
+    check_broker_port(args.broker, "--broker")
     check_listen_port(args.metrics_port, "--metrics-port")
     store = open_store(args.store, endpoint_url=args.endpoint_url)
     options = SyncOptions(

@@ -86,3 +86,26 @@ def test_a_metrics_port_that_cannot_be_bound_stops_the_command_before_it_works(
     port = command[command.index("--metrics-port") + 1]
     _one_error(done, f"--metrics-port {port}: is not a port")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no report, no store
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sync", "--store", "store"],
+        ["fleet", "status"],
+        ["simulate", "--devices", "1", "--duration", "1"],
+    ],
+    ids=["sync", "fleet-status", "simulate"],
+)
+def test_a_broker_port_that_cannot_work_is_named_by_its_flag(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Before, ``broker URL ... has a bad port`` without the flag, from wherever it was read."""
+    done = subprocess.run(
+        [sys.executable, "-m", "edgebento", "--log-format", "text", *command,
+         "--broker", "mqtt://fleetop:S3cret@127.0.0.1:99999"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    _one_error(done, "--broker mqtt://fleetop:***@127.0.0.1:99999", "is not 1-65535")
+    assert "S3cret" not in done.stderr
