@@ -41,3 +41,27 @@ def test_notes_failures_and_the_pick_are_one_line_each_when_piped(tmp_path: Path
     for row in report["candidates"]:
         if row["error"] or row["violation"]:
             assert f"✗ {row['candidate']}: {row['error'] or row['violation']}" in lines
+
+
+def test_a_failure_piped_is_one_json_record_and_text_on_request(tmp_path: Path) -> None:
+    """docs/build-inputs.md, Errors: piped, a failure is one JSON log record with the text in
+    ``message``; ``--log-format text`` gives the ``error:`` line (issue 23: the doc promised the
+    line and the user saw the record)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "EDGEBENTO_LOG_FORMAT")}
+    missing = tmp_path / "nope.onnx"
+    edgebento = str(Path(sys.executable).parent / "edgebento")
+    said: dict[tuple[str, ...], str] = {}
+    for fmt in ((), ("--log-format", "text")):
+        done = subprocess.run(
+            [edgebento, *fmt, "optimize", str(missing), "--out", str(tmp_path / "p")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert done.returncode == 1 and done.stdout == "", done
+        (line,) = done.stderr.splitlines()  # one line, nothing else
+        said[fmt] = line
+    record = json.loads(said[()])
+    assert record["level"] == "error" and f"{missing} does not exist" in record["message"]
+    assert said[("--log-format", "text")] == f"error: {record['message']}"
