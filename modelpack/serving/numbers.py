@@ -204,7 +204,8 @@ def coerce(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
     if kind not in "biuf":
         raise InputError(f"input {name!r}: expected {dtype}, got {array.dtype}", reason="dtype")
     if target.kind == "b":
-        if kind in "biu" and np.isin(array, (0, 1)).all():
+        # An empty list is read as float64: it holds no value that could change.
+        if not array.size or (kind in "biu" and np.isin(array, (0, 1)).all()):
             return array.astype(bool)
         raise InputError(f"input {name!r}: expected {dtype} (0 or 1), got {array.dtype}", "dtype")
     if not array.size or kind == "b":

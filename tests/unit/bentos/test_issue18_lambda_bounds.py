@@ -191,3 +191,51 @@ def test_nan_and_infinity_literals_are_refused_on_lambda(served: None, literal: 
     answer = lambda_handler.handler(_http(body))
     assert answer["statusCode"] == 400, answer
     assert json.loads(answer["body"])["reason"] == "invalid_json"
+
+
+def _bool_model(path: Path) -> Path:
+    """``b`` bool [batch, n] -> ``b_out``, unchanged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["b"], ["b_out"])],
+        "flags",
+        [helper.make_tensor_value_info("b", TensorProto.BOOL, ["batch", "n"])],
+        [helper.make_tensor_value_info("b_out", TensorProto.BOOL, ["batch", "n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_empty_bool_tensor_is_taken_as_any_other_dtype_is(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """OIP ``data: []`` (and tensor JSON ``[[]]``) of a BOOL input was a 400 "expected bool (0
+    or 1), got float64": numpy reads an empty list as float64. Every other dtype took it."""
+    from modelpack import create_pack
+
+    create_pack(
+        _bool_model(tmp_path / "b.onnx"), tmp_path / "pack", name="b", version=1, key=keys[0]
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EDGEBENTO_PACK", str(tmp_path / "pack"))
+        env.setenv("EDGEBENTO_TRUST", str(keys[1]))
+        env.delenv("EDGEBENTO_PACK_URL", raising=False)
+        lambda_handler.reset()
+        try:
+            oip = {"inputs": [{"name": "b", "shape": [1, 0], "datatype": "BOOL", "data": []}]}
+            answer = lambda_handler.handler(_http(json.dumps(oip), "/v2/models/b/infer"))
+            assert answer["statusCode"] == 200, answer
+            (out,) = json.loads(answer["body"])["outputs"]
+            assert out["shape"] == [1, 0] and out["datatype"] == "BOOL" and out["data"] == []
+            direct = lambda_handler.handler({"inputs": {"b": [[]]}})
+            assert _status(direct) == 200 and direct["outputs"]["b_out"] == [[]], direct
+            flags = lambda_handler.handler({"inputs": {"b": [[True, False, 1, 0]]}})
+            assert flags["outputs"]["b_out"] == [[True, False, True, False]], flags
+            refused = lambda_handler.handler({"inputs": {"b": [[2]]}})
+            assert _status(refused) == 400 and refused["reason"] == "dtype", refused
+        finally:
+            lambda_handler.reset()
