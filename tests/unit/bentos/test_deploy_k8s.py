@@ -61,7 +61,10 @@ def test_the_cli_writes_valid_manifests_with_probes_resources_and_an_hpa(
         ]
     )
     assert code == 0
-    assert f"kubectl apply -f {out / 'k8s'}/" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"kubectl apply -f {out / 'k8s'}/" in printed
+    # The image from the bento's tag, a command that works from any folder (issue 23 item 2).
+    assert "(bentoml containerize edgebento:abc123; push it)" in printed
     docs = _load(out)
     assert set(docs) == {"deployment.yaml", "service.yaml", "hpa.yaml"}
     _validate(docs)
