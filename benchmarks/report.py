@@ -214,13 +214,16 @@ def _build_inputs(d: dict[str, Any]) -> list[Figure]:
 def _drift(d: dict[str, Any]) -> list[Figure]:
     m, det = "hot_path_mqtt", "detection"
     alarm = get(d, "detection.windows_to_alarm") or {}  # its keys hold dots: not a ``get`` path
-    # In process, the CPU each request gains (bench_drift's headline): one figure per case.
+    # In process, the CPU each request gains (bench_drift's headline): one figure per case, the
+    # steady state at the default budget (what the target is judged on) against binning every
+    # row (a device's first window, and below its budget).
     hot = [h for h in d.get("hot_path_in_process_cpu") or [] if isinstance(h.get("cpu_loss"), dict)]
+    every = "cpu_loss_every_row.median"
     in_process = [
-        Figure(f"CPU added per request in process, {h.get('model')} {h.get('rows_per_request')} "
-               "row(s)", num(h["cpu_loss"]["median"] * 100, ".1f", " %"),
-               num(get(h, "wall_loss.median") * 100 if get(h, "wall_loss.median") is not None
-                   else None, ".1f", " %"), "wall-clock throughput lost", "< 5 %")
+        Figure(f"CPU added per request in process, steady state, {h.get('model')} "
+               f"{h.get('rows_per_request')} row(s)", num(h["cpu_loss"]["median"] * 100, ".1f", " %"),
+               num(get(h, every) * 100 if get(h, every) is not None else None, ".1f", " %"),
+               "binning every row", "< 5 %")
         for h in hot
     ]  # fmt: skip
     return [
