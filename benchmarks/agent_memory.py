@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # What the agent process imports, in order; each row adds one layer (measured in a fresh process).
 # cryptography is not one: the agent checks signatures in a child (modelpack.signature_child).
 LAYERS = [
-    ("python", ""),
+    (
+        "python (and the placeholders of edge_agent.memory.defer_unused_imports)",
+        "from edge_agent.memory import defer_unused_imports\ndefer_unused_imports()",
+    ),
     ("+ numpy", "import numpy"),
     ("+ onnxruntime", "import onnxruntime"),
     ("+ paho-mqtt (and ssl)", "import paho.mqtt.client"),

@@ -32,8 +32,8 @@ from tests.support.services import Mosquitto
 TARGETS = {"rss_mb": 80.0, "anonymous_mb": 36.0}  # issue 22, after load and two swaps
 # The agent issue 22 measured (92 MB RSS, about 43 MB anonymous after load and two swaps).
 ISSUE_22_COMMIT = "6b3ac19e050faa2ee19dc75e31fea4ce4528c80c"
-# The tree before signatures were checked in a child and the unit ran the agent with -OO.
-BEFORE_COMMIT = "e4e53880d8420307b6307933a10467848f2bbcf3"
+# The tree before the agent left unused modules unimported (edge_agent.memory.defer_unused_imports).
+BEFORE_COMMIT = "3754e4e4653db8ab267611327811c1142e0bc375"
 
 
 def run(results_dir: Path) -> dict[str, Any]:
@@ -118,16 +118,19 @@ Variant = tuple[Path, tuple[str, ...], dict[str, str]]  # source tree, python fl
 def _side_by_side(
     broker: Mosquitto, work: Path, pub: Path, packs: list[Path], x: list[list[float]]
 ) -> dict[str, dict[str, Any]]:
-    """Issue 22's agent, the tree before signatures were checked in a child, this one, and this
-    one as the systemd unit starts it, after the same load and two swaps, alternated; the
-    median round of each, and each round's figures. One discarded run of each first writes its
+    """Issue 22's agent, the tree before unused modules were deferred and this one (each also
+    as the systemd unit starts it), after the same load and two swaps, alternated; the median
+    round of each, and each round's figures. One discarded run of each first writes its
     bytecode to the cache all runs read."""
     cache = bytecode_cache(work)
+    shipped = {**cache, **AS_SHIPPED_ENV}
+    before = baseline_tree(work, BEFORE_COMMIT)
     variants: dict[str, Variant] = {
         "today": (baseline_tree(work, ISSUE_22_COMMIT), (), cache),
-        "before": (baseline_tree(work, BEFORE_COMMIT), (), cache),
+        "before": (before, (), cache),
+        "before_as_shipped": (before, AS_SHIPPED_FLAGS, shipped),
         "this": (REPO, (), cache),
-        "this_as_shipped": (REPO, AS_SHIPPED_FLAGS, {**cache, **AS_SHIPPED_ENV}),
+        "this_as_shipped": (REPO, AS_SHIPPED_FLAGS, shipped),
     }
     runs = _alternated(variants, broker, work, pub, packs, x, warm_up=True)
     out: dict[str, dict[str, Any]] = {}
