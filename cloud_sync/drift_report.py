@@ -119,7 +119,8 @@ def report_html(results: Results, baselines: Mapping[tuple[str, int], Baseline])
         parts.append(
             f"<h2>{html.escape(model)} v{version} · cohort {html.escape(cohort)}: "
             f"<span class='{cls}'>{html.escape(w.verdict)}{alarm}</span></h2>"
-            f"<p>{w.rows} rows from {w.devices} devices in the latest window with a verdict; "
+            f"<p>{w.rows} rows ({w.binned} binned) from {w.devices} devices in the latest "
+            "window with a verdict; "
             f"{sum(x.verdict == 'drift' for x in windows)} of {len(windows)} windows drifted"
         )
         if w.local_devices:

@@ -96,7 +96,8 @@ def _print(doc: dict[str, Any], out: Path) -> None:
         alarm = " ALARM" if c["alarm"] else ""
         print(
             f"{c['model']} v{c['version']} cohort {c['cohort']}: {c['verdict']}{alarm}{note}; "
-            f"{latest['rows']} rows, {latest['devices']} devices in its latest judged window; "
+            f"{latest['rows']} rows ({latest.get('binned', latest['rows'])} binned), "
+            f"{latest['devices']} devices in its latest judged window; "
             f"{c['drift_windows']}/{c['windows_total']} windows drifted{worst}"
         )
     if doc["rejected_summaries"]:
