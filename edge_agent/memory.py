@@ -67,7 +67,7 @@ UNUSED_IMPORTS: dict[str, tuple[str, ...]] = {
     "bz2": (),
     "lzma": (),
 }
-_LOADING = threading.RLock()
+_LOADING = threading.Lock()
 
 
 class _Deferred(types.ModuleType):
@@ -81,10 +81,10 @@ class _Deferred(types.ModuleType):
 
 def _real(placeholder: types.ModuleType) -> types.ModuleType:
     name = placeholder.__name__
-    with _LOADING:  # one thread imports; the others wait for it and read the same module
-        if sys.modules.get(name) is placeholder:
+    with _LOADING:  # the placeholder leaves once; the import system's own lock on ``name``
+        if sys.modules.get(name) is placeholder:  # then makes every thread wait for one import
             del sys.modules[name]
-        return importlib.import_module(name)
+    return importlib.import_module(name)
 
 
 def _forward(placeholder: types.ModuleType, attr: str) -> Callable[..., Any]:
