@@ -1,5 +1,5 @@
 """Budgeted sampling through the real agent: a real agent (1-second drift windows, a budget of
-2,000 rows a window) answering requests of 250 rows as fast as MQTT brings them, real Mosquitto,
+1,000 rows a window) answering requests of 250 rows as fast as MQTT brings them, real Mosquitto,
 ``edgebento sync`` in its own process and ``edgebento monitor`` on the store.
 
 Windows after the first report more rows answered than binned; every answered row is still in
@@ -27,7 +27,7 @@ from tests.support.agent import AgentProcess, Client, make_pack, wait_online
 from tests.support.services import Mosquitto
 
 pytestmark = pytest.mark.slow
-ROWS, BUDGET = 250, 2000
+ROWS, BUDGET = 250, 1000
 
 
 def _sampled(records: list[dict], starts: set[float] | None = None) -> list[dict]:
