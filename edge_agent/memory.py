@@ -6,7 +6,7 @@ for reuse: measured here, each swap left about 0.25 MB more resident, and twelve
 one session costs however many updates it takes. Elsewhere than glibc (musl, macOS) it does
 nothing.
 
-The libraries the agent runs on import modules for features it never asks of them (1.9 MB
+The libraries the agent runs on import modules for features it never asks of them (2.2 MB
 anonymous after load and two swaps, docs/edge-agent.md, "Memory"); ``defer_unused_imports``
 leaves each in ``sys.modules`` as a placeholder that imports the real module the first time
 anything reads from it.
