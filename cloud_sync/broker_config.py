@@ -5,13 +5,18 @@ Import path and API::
     from cloud_sync.broker_config import BrokerTls, mosquitto_conf, tls_listeners
     tls = BrokerTls(cafile, certfile, keyfile, crlfile)
     lines = tls_listeners(port, claim_port, host, tls, acl_dir, base_acl, prefix)
+    # writes acl_dir/acl (the device listener's ACL) and acl_dir/claim.acl (the claim one's)
 
-The ACL is the one of ``deploy/mosquitto/acl`` (a device's user name is the CN of its
-certificate, ``use_identity_as_username``), never a fork of it: the identity rights are
-appended. ``use_username_as_clientid`` makes the client id the CN as well, so that no client
-can take over another device's session by connecting with its client id (Mosquitto drops the
-older of two connections with one client id), and so that ``edgebento fleet revoke`` can drop a
-revoked device's live session, which a CRL reload alone does not do (docs/fleet-identity.md).
+Each listener has an ACL of its own (``per_listener_settings true``). The device listener's
+is the one of ``deploy/mosquitto/acl`` (a device's user name is the CN of its certificate,
+``use_identity_as_username``), never a fork of it: the identity rights are appended, and the
+claim certificate gets nothing there (its ``pattern`` rights as a device called ``claim``
+included). The claim listener's grants the claim certificate the enrollment topics and
+nobody anything else. ``use_username_as_clientid`` makes the client id the CN as well, so that
+no client can take over another device's session by connecting with its client id (Mosquitto
+drops the older of two connections with one client id), and so that ``edgebento fleet revoke``
+can drop a revoked device's live session, which a CRL reload alone does not do
+(docs/fleet-identity.md).
 """
 
 from __future__ import annotations
@@ -46,13 +51,18 @@ topic read {p}/+/status
 pattern write {p}/enroll/%u/renew
 pattern write {p}/enroll/%u/rotated
 pattern read {p}/enroll/%u/response
+
+# The shared claim certificate is valid here too (one CA), and the patterns above apply to
+# every user: a "deny" is checked before any grant, patterns included, so it gets nothing.
+user claim
+topic deny #
 """
     return base.rstrip("\n") + "\n" + extra
 
 
 def claim_acl(prefix: str = "edgebento") -> str:
     """The claim listener's ACL: the shared claim certificate may ask and read answers; nobody
-    else has any right there."""
+    else (a device's certificate, a cloud identity's) has any right there: no pattern."""
     return (
         "# The claim listener (edgebento fleet broker-config): enrollment by claim only.\n"
         "user claim\n"
@@ -82,27 +92,30 @@ def tls_listeners(
     base_acl: str,
     prefix: str = "edgebento",
 ) -> list[str]:
-    """Two listeners sharing one ACL (written into ``acl_dir``) and the CRL.
+    """Two listeners sharing the CRL, each with its ACL (written into ``acl_dir``).
 
     The device listener makes the client id the CN (``use_username_as_clientid``). The claim
     listener serves the one claim certificate that a whole batch of devices shares, so there
     the client id is the client's own (``claim-...``), and many devices enroll at once.
-    Measured on 2.0.11: ``per_listener_settings true`` refuses every certificate client
-    ("not authorised") when no password file or plugin is set, so the ACL is global, and the
-    claim listener cannot be confined to client ids of its own (docs/fleet-identity.md)."""
+    ``per_listener_settings true``: ``allow_anonymous`` and ``acl_file`` below are each
+    listener's own, and a listener without an ``acl_file`` would allow everything, so each
+    gets one."""
     acl_dir.mkdir(parents=True, exist_ok=True)
-    acl = acl_dir / "acl"
-    acl.write_text(identity_acl(base_acl, prefix) + "\n" + claim_acl(prefix))
+    device_acl, claim_only = acl_dir / "acl", acl_dir / "claim.acl"
+    device_acl.write_text(identity_acl(base_acl, prefix))
+    claim_only.write_text(claim_acl(prefix))
     at = f" {host}" if host else ""
     return [
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"acl_file {acl}",
+        "per_listener_settings true",
         f"listener {port}{at}",
         *_tls(tls),
         "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"acl_file {device_acl}",
         f"listener {claim_port}{at}",
         *_tls(tls),
+        "allow_anonymous false",
+        f"acl_file {claim_only}",
     ]
 
 

@@ -226,7 +226,7 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     )
     text = mosquitto_conf(listeners, args.out / "data")
     (args.out / "mosquitto.conf").write_text(text)
-    print(f"wrote {args.out / 'mosquitto.conf'} and {args.out / 'acl'}")
+    print(f"wrote {args.out / 'mosquitto.conf'}, {args.out / 'acl'} and {args.out / 'claim.acl'}")
     return 0
 
 
