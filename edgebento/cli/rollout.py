@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +174,8 @@ def register(sub: Any) -> None:
         type=float,
         default=0.0,
         metavar="S",
-        help="keep serving the final phase (aborted, completed) for S seconds after the end, "
-        "so that Prometheus scrapes it and the RolloutAborted alert can fire (0)",
+        help="after the end, keep serving the final phase (aborted, completed) until Prometheus "
+        "has scraped it, at most S seconds, so that the RolloutAborted alert can fire (0)",
     )
     p.set_defaults(func=cmd_rollout)
 
@@ -321,7 +320,7 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
     _show(state, args.json)
     if metrics is not None:
         metrics.update(state)
-        time.sleep(max(0.0, getattr(args, "metrics_linger", 0.0)))
+        metrics.linger(getattr(args, "metrics_linger", 0.0))
     return exit_code(state, args.wait)
 
 
