@@ -30,6 +30,7 @@ import pytest
 
 from cloud_sync.enroll import enroll_topic
 from cloud_sync.fleet_ca import new_key
+from cloud_sync.revocation import _reloaded
 from edge_agent.identity import KeyMaker
 from tests.support.identity_fleet import PREFIX, IdentityFleet, TlsClient, claim_request
 
@@ -225,3 +226,47 @@ def test_no_other_certificate_has_any_right_on_the_claim_listener(
     # The token was never spent: the claim identity's copy of the request gets the certificate.
     answer = idfleet.ask_claim(device, request)
     assert answer["ok"] is True, answer
+
+
+def _the_three(fleet: IdentityFleet) -> list[TlsClient]:
+    """The claim certificate on each listener, and a device's on the claim listener."""
+    return [fleet.client("claim", claim=True), fleet.client("claim"), fleet.client("cle-a", True)]
+
+
+def _confined(clients: list[TlsClient]) -> None:
+    claim, on_device, device = clients
+    asking = enroll_topic(PREFIX, "cle-m", "claim")
+    granted = _publish_all(claim, [(asking, claim_request(_csr("cle-m"), "ebc1.unknown"))])
+    assert _accepted(granted) == granted, granted
+    for client, topics in (
+        (claim, _device_topics("claim")),
+        (on_device, [asking, *_device_topics("claim")]),
+        (device, [asking, *_device_topics("cle-a")]),
+    ):
+        accepted = _accepted(_publish_all(client, topics))
+        assert accepted == {}, accepted
+
+
+def test_each_listeners_acl_holds_across_a_crl_reload(idfleet: IdentityFleet) -> None:
+    """A CRL change SIGHUPs the broker (``fleet revoke``, the service's CRL refresh), which
+    reads its configuration again, each listener's ACL included: for the connections made
+    before the reload and after it, the claim certificate claims on the claim listener only,
+    and a device's certificate has no right there."""
+    assert idfleet.broker.process is not None
+    broker = ("127.0.0.1", idfleet.broker.port)
+    first = _the_three(idfleet)
+    try:
+        _confined(first)
+        _reloaded(
+            idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, idfleet.broker.process.pid, broker, 30
+        )
+        _confined(first)  # connected before it: the broker applies the reloaded ACLs to them
+    finally:
+        for client in first:
+            client.close()
+    again = _the_three(idfleet)
+    try:
+        _confined(again)
+    finally:
+        for client in again:
+            client.close()
