@@ -135,10 +135,13 @@ def cohorts_of(store: Any) -> dict[str, list[str]]:
 
 
 def _consistent(summary: DriftSummary, baseline: Baseline) -> bool:
-    """Every feature of the baseline, in its bins, adding up to the rows binned."""
+    """Every feature of the baseline, in its bins, adding up to the rows binned; or no feature
+    and no row binned (a window whose requests were all let pass: its rows still count)."""
+    binned = summary.binned_rows
+    if binned == 0 and not summary.features:
+        return True
     if set(summary.features) != {f.name for f in baseline.features}:
         return False
-    binned = summary.binned_rows
     for f in baseline.features:
         counts = summary.features[f.name]
         if len(counts.c) != len(f.counts) or sum(counts.c) + counts.nan != binned:
@@ -272,7 +275,10 @@ def _judge(
         return WindowResult(
             start, rows, len(devices), "insufficient", (), suspects, refused, binned=binned
         )
-    stacked = {f.name: [cell.devices[d].counts[f.name] for d in devices] for f in baseline.features}
+    stacked = {
+        f.name: [_tally(cell.devices[d], f.name, len(f.counts)) for d in devices]
+        for f in baseline.features
+    }
     figures = []
     for f in baseline.features:
         current = pooled(stacked[f.name]).counts()
@@ -311,6 +317,12 @@ def _judge(
     return WindowResult(
         start, rows, len(devices), verdict, tuple(results), suspects, refused, binned=binned
     )
+
+
+def _tally(device: DeviceWindow, feature: str, bins: int) -> Tally:
+    """The device's counts of the feature: none when it binned no row of the window."""
+    found = device.counts.get(feature)
+    return found if found is not None else Tally(np.zeros(bins))
 
 
 def _carriers(per_device: list[Tally], base: np.ndarray, options: DriftOptions) -> tuple[int, ...]:

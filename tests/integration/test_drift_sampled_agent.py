@@ -111,6 +111,8 @@ def test_sampled_windows_count_every_row_and_the_monitor_still_tells_drift_from_
     assert baseline is not None
     loaded: Loaded = load_summaries(open_store(str(store)))
     windows = evaluate(loaded, {("tiny", 1): (sha, baseline)}, {})[("tiny", 1, "all")]
+    assert loaded.rejected == {}  # a window whose requests were all let pass counts too
+    assert sum(w.rows for w in windows) == answered
     judged = {w.start: w for w in windows if w.verdict != "insufficient"}
     sampled_quiet = [judged[s["window_start"]] for s in _sampled(records, quiet)]
     sampled_shifted = [judged[s["window_start"]] for s in _sampled(records, shifted)]

@@ -136,3 +136,22 @@ def test_a_fleet_that_samples_alarms_on_the_shifted_cohort_and_not_on_the_others
     verdicts = fleet.verdicts(DriftOptions())
     assert "alarm" not in verdicts["quiet"] and "drift" not in verdicts["quiet"], verdicts
     assert verdicts["shifted"][1:] == ["alarm"] * 7, verdicts
+
+
+def test_a_window_whose_requests_were_all_let_pass_counts_its_rows(pack) -> None:  # type: ignore[no-untyped-def]
+    """A device's window with rows answered and none binned (every request let pass: no
+    feature counted) is accepted, its rows in the cohort's, its bins none; before, the cloud
+    refused it as inconsistent and lost its rows."""
+    devices = [f"d-{j}" for j in range(3)]
+    fleet = SimFleet(pack, {"g": devices}, rows_per_device=300, seed=9)
+    fleet.window()
+    summaries = list(fleet.summaries)
+    doc = summaries[0][1].model_dump(mode="json") | {"rows": 700, "binned": 0, "features": {}}
+    summaries[0] = (summaries[0][0], DriftSummary.model_validate(doc))
+    loaded = Loaded(summaries, {})
+    sha = pack.manifest.file(BASELINE_FILE).sha256
+    results = evaluate(loaded, {("drifty", 1): (sha, read_baseline(pack.root))}, {})
+    (window,) = results[("drifty", 1, "all")]
+    assert loaded.rejected == {}
+    assert (window.rows, window.binned, window.verdict) == (1300, 600, "ok")
+    assert all(f.rows == 600 for f in window.features)
