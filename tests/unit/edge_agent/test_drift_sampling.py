@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,64 @@ def test_a_sample_keeps_the_shares_of_the_bins(tiny: tuple[Pack, Baseline]) -> N
         assert chi2_sf(float(stat), int(df)) > 1e-4, (name, every, some)
         shares = every / every.sum()
         assert np.abs(some / some.sum() - shares).max() < 0.05, name
+
+
+def test_threads_sampling_while_telemetry_collects_count_every_row_once(
+    tiny: tuple[Pack, Baseline],
+) -> None:
+    """Three inference threads observe requests while a telemetry thread moves the clock a
+    window on (once the window has 40 rows) and collects, with the interpreter switching threads
+    every microsecond and a budget of 8 rows (every window after the first sampled): every row is in exactly one summary, and every
+    summary's bins and NaN counts add up to the rows it binned (what the cloud checks)."""
+    pack, _ = tiny
+    now = [START]
+    monitor = DriftMonitor(
+        lambda: pack, WINDOW_S, 64, lambda: now[0], budget_rows=8, rng=random.Random(3)
+    )
+    rng = np.random.default_rng(6)
+    work = []
+    for _ in range(3):
+        requests = []
+        for i in range(300):
+            rows = [1, 1, 4][i % 3]
+            x = rng.standard_normal((rows, 8)).astype(np.float32)
+            probs = rng.dirichlet([1, 1, 1], rows).astype(np.float32)
+            requests.append(({"x": x}, {"logits": x[:, :3].copy(), "probs": probs}, rows))
+        work.append(requests)
+    done = threading.Event()
+    docs: list[dict[str, Any]] = []
+
+    def serve(requests: list[tuple[dict[str, Any], dict[str, Any], int]]) -> None:
+        for feed, outputs, rows in requests:
+            monitor.observe("tiny", "1", feed, outputs, rows)
+
+    def telemetry() -> None:
+        while not done.is_set():
+            window = monitor._window
+            if window is not None and window.rows >= 40:  # so that the next window samples
+                now[0] += WINDOW_S
+            docs.extend(monitor.collect())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        reader = threading.Thread(target=telemetry)
+        pool = [threading.Thread(target=serve, args=(requests,)) for requests in work]
+        reader.start()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        done.set()
+        reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    docs.extend(monitor.collect(force=True))
+    assert monitor.failures == 0
+    starts = [doc["window_start"] for doc in docs]
+    assert len(starts) == len(set(starts)), "a window summarised twice"
+    assert sum(doc["rows"] for doc in docs) == sum(r for w in work for _, _, r in w)
+    assert any(doc["binned"] < doc["rows"] for doc in docs)  # sampled windows there were
+    for doc in docs:
+        for feature in doc["features"].values():
+            assert sum(feature["c"]) + feature["nan"] == doc["binned"]
