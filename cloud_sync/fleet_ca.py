@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,9 @@ def write_private(path: Path, key: Any) -> None:
 
 def write_public(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A temporary file of this writer's own: two writers of one file (the enrollment service's
+    # CRL refresh and a `fleet revoke`) sharing one would rename each other's half-written bytes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

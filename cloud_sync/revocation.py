@@ -26,6 +26,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,12 @@ def publish_crl(
     a revocation back by editing ``fleet/identity/crl.json`` or the device's record."""
     import datetime as dt
 
-    now = dt.datetime.now(dt.UTC)
-    revoked = dict(_still_listed(ca, crl_path, now - dt.timedelta(days=keep_days)))
-    revoked.update(ids.revoked_serials())
-    revoked.update((serial, now) for serial in extra)
-    write_public(crl_path, ca.crl(sorted(revoked.items())))
+    with _one_writer(crl_path):
+        now = dt.datetime.now(dt.UTC)
+        revoked = dict(_still_listed(ca, crl_path, now - dt.timedelta(days=keep_days)))
+        revoked.update(ids.revoked_serials())
+        revoked.update((serial, now) for serial in extra)
+        write_public(crl_path, ca.crl(sorted(revoked.items())))
     pid = broker_pid_of(broker_pid)
     if pid is not None:
         try:
@@ -76,6 +78,20 @@ def publish_crl(
         except ProcessLookupError as exc:
             raise ConfigError(f"no broker runs as pid {pid}") from exc
     return len(revoked)
+
+
+@contextlib.contextmanager
+def _one_writer(crl_path: Path) -> Iterator[None]:
+    """One writer of ``crl_path`` at a time, across processes. Each reads the CRL on disk and
+    writes it again with its own additions: two at once (the enrollment service's refresh and a
+    ``fleet revoke``) would each write what the other had not seen, and one revocation (a
+    device's, a probe's) would be gone from the CRL until the next write."""
+    import fcntl
+
+    crl_path.parent.mkdir(parents=True, exist_ok=True)
+    with crl_path.with_name(f".{crl_path.name}.lock").open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, Any]]:
