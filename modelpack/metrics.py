@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
@@ -114,6 +115,8 @@ class InferenceMetrics:
         # request, and under a flood each refusal counts twice. The labels are a closed set.
         self._children: dict[tuple[int, str], Any] = {}
         self._overloaded: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+        # Latencies of answers given in this turn of each running event loop, not yet written.
+        self._latencies: dict[Any, list[float]] = {}
 
     def _child(self, metric: Any, label: str) -> Any:
         key = (id(metric), label)
@@ -133,8 +136,26 @@ class InferenceMetrics:
             self.expires.labels(*self._current).set(expires_at)
 
     def ok(self, seconds: float) -> None:
-        self.inference_seconds.observe(seconds)
+        """Count an answer, before it leaves (a client that has it finds it counted), and its
+        latency: at once outside an event loop; on one, all of a turn's (a batch's answers come
+        in one turn) in one write at the start of the loop's next turn, before anything read
+        meanwhile runs. Under BentoML an observe is two locked writes to a file shared by the
+        workers: 2 µs of a 150 µs request."""
         self._child(self.requests, "ok").inc()
+        # asyncio only if something loaded it: threaded targets (the agent) never do.
+        asyncio = sys.modules.get("asyncio")
+        loop = asyncio._get_running_loop() if asyncio is not None else None
+        if loop is None:
+            self.inference_seconds.observe(seconds)
+            return
+        pending = self._latencies.get(loop)
+        if pending is None:
+            pending = self._latencies[loop] = []
+            loop.call_soon(self._write_latencies, loop)
+        pending.append(seconds)
+
+    def _write_latencies(self, loop: Any) -> None:
+        observe_many(self.inference_seconds, self._latencies.pop(loop, ()))
 
     def rejected_input(self, reason: str) -> None:
         self._child(self.rejected, reason).inc()
