@@ -130,6 +130,7 @@ def test_a_device_cannot_speak_for_another_by_certificate(idfleet: IdentityFleet
     queues = [operator.collect(f"{PREFIX}/{d}/#") for d in ("acl-a", "acl-b", "enroll/acl-b")]
     a = idfleet.client("acl-a")
     theirs = a.collect(f"{PREFIX}/acl-b/#")
+    own = a.collect(f"{PREFIX}/acl-a/cmd/marker")
     forged = {"schema_version": 1, "generation": 10**6}
     for topic in (
         f"{PREFIX}/acl-b/status",
@@ -147,6 +148,11 @@ def test_a_device_cannot_speak_for_another_by_certificate(idfleet: IdentityFleet
     seen = [m.topic for m in _until_marker(queues[1], f"{PREFIX}/acl-b/cmd/ping")]
     seen += [q.get().topic for q in (queues[0], queues[2]) for _ in range(q.qsize())]
     assert sorted(seen) == [f"{PREFIX}/acl-a/telemetry", f"{PREFIX}/acl-b/cmd/ping"]
+    # A marker for a, on a topic of its own, sent once the ping was acknowledged: the broker
+    # delivers to a in order, so whatever it let a read of b's (the forgeries, the ping) has
+    # arrived before the marker does. Checked before that, nothing could merely be late.
+    operator.publish(f"{PREFIX}/acl-a/cmd/marker", {"marker": True})
+    assert [m.topic for m in _until_marker(own)] == [f"{PREFIX}/acl-a/cmd/marker"]
     assert theirs.empty()
     a.close()
     operator.close()
