@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -110,6 +111,43 @@ def _enroll_service(
     raise AssertionError("the enrollment service found its metrics port taken 5 times")
 
 
+def _tls_client(ca: Path, ids: Path, name: str, port: int) -> Client:
+    """A test client with the certificate ``ids/NAME.crt`` (its CN is its client id)."""
+    import paho.mqtt.client as mqtt
+
+    client = Client.__new__(Client)
+    client.v5, client.queues = True, {}
+    client.client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv5
+    )
+    client.client.tls_set_context(
+        tls_context(ca / "ca-bundle.pem", ids / f"{name}.crt", ids / f"{name}.key")
+    )
+    client.client.on_message = client._on_message
+    client.client.connect("127.0.0.1", port, 30)
+    client.client.loop_start()
+    return client
+
+
+def _wait_answering(ca: Path, ids: Path, claim_port: int, timeout: float = 60.0) -> None:
+    """Until the enrollment service answers on the claim listener. Its /metrics comes up before
+    the broker has confirmed its subscriptions, and a claim sent before that is lost (a device
+    asks again only after 10 s): a junk claim, asked again each second, until it is refused."""
+    probe = _tls_client(ca, ids, "claim", claim_port)
+    answers = probe.collect(f"{PREFIX}/enroll/ready-probe/response")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            probe.publish(f"{PREFIX}/enroll/ready-probe/claim", {})
+            try:
+                answers.get(timeout=1.0)
+                return
+            except queue.Empty:
+                assert time.monotonic() < deadline, f"no enrollment answer within {timeout}s"
+    finally:
+        probe.close()
+
+
 @pytest.fixture
 def operator_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ca, ids, conf = tmp_path / "ca", tmp_path / "ids", tmp_path / "broker"
@@ -119,6 +157,7 @@ def operator_setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     broker, port, claim_port = _broker(tmp_path, ca, conf)
     store = str(tmp_path / "store")
     service, metrics = _enroll_service(tmp_path, ca, ids, conf, store, broker.pid, port)
+    _wait_answering(ca, ids, claim_port)
     yield {
         "ca": ca, "ids": ids, "conf": conf, "store": store, "broker": _Broker(port, claim_port),
         "pid": broker.pid, "metrics": metrics, "service": service,
@@ -176,19 +215,7 @@ def test_operator_enrolls_two_devices_and_revokes_one(
             prefix=PREFIX,
             args=(*args, "--enroll", tokens["claims"][device]),
         )
-    operator = Client.__new__(Client)
-    import paho.mqtt.client as mqtt
-
-    operator.v5, operator.queues = True, {}
-    operator.client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id="operator", protocol=mqtt.MQTTv5
-    )
-    operator.client.tls_set_context(
-        tls_context(s["ca"] / "ca-bundle.pem", s["ids"] / "operator.crt", s["ids"] / "operator.key")
-    )
-    operator.client.on_message = operator._on_message
-    operator.client.connect("127.0.0.1", s["broker"].port, 30)
-    operator.client.loop_start()
+    operator = _tls_client(s["ca"], s["ids"], "operator", s["broker"].port)
     wait_online(operator, PREFIX, "cli-a")
     wait_online(operator, PREFIX, "cli-b")
     # The cloud's commands reach an mTLS broker with an identity of their own.
