@@ -3,7 +3,9 @@ with its own credentials works inside its own topics and nowhere else."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -65,27 +67,42 @@ def test_a_device_with_its_own_credentials_is_confined_to_its_topics(
 def test_a_devices_credentials_cannot_act_as_another_device(
     auth_broker: Mosquitto, agent_factory: Any, pack_v1: Path, admin: Client, tmp_path: Path
 ) -> None:
+    group = f"g{uuid.uuid4().hex[:8]}"
     impostor: AgentProcess = agent_factory(
         broker=auth_broker,
         pack=pack_v1,
         prefix="edgebento",
         device="dev-b",
         data_dir=tmp_path / "impostor",
+        args=("--group", group),
         env={"EDGEBENTO_USERNAME": "dev-a", "EDGEBENTO_PASSWORD": DEVICE_PASSWORDS["dev-a"]},
     )
     status = admin.collect("edgebento/dev-b/status")
-    admin.reply_topic = "edgebento/dev-b/replies/admin"  # admin may read anything
-    admin.collect(admin.reply_topic)
-    # It is connected, its subscriptions sent: a ping unanswered from now on was refused, not
-    # merely early (on a busy machine the agent may take seconds to start).
+    # Answers go where dev-a's credentials may write (dev-a's replies), so that an answer the
+    # impostor gives is heard, not dropped by the broker.
+    replies = admin.queues[admin.reply_topic]
+    group_ping = f"edgebento/group/{group}/cmd/ping"
+    # A ping to its group (which any device may read) answered: the broker has taken its
+    # subscriptions, dev-b's included, sent before on the same connection. Until then a ping is
+    # lost, and asked again (on a busy machine the agent may take seconds to start).
     deadline = time.monotonic() + 60
-    while "connected to" not in impostor.output():
+    while True:
         assert impostor.process is not None and impostor.process.poll() is None, impostor.output()
-        assert time.monotonic() < deadline, impostor.output()
-        time.sleep(0.1)
-    # Its subscriptions to dev-b's commands are refused, so nobody answers there...
-    with pytest.raises(AssertionError, match="no reply"):
-        admin.request("edgebento/dev-b/cmd/ping", {}, timeout=2.0)
+        try:
+            admin.request(group_ping, {}, timeout=2.0, via="reply_to")
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline, impostor.output()[-2000:]
+    # Its subscriptions to dev-b's commands were refused, so nobody answers there: a ping to
+    # dev-b, then one to the group; the agent answers in order, so an answer to the first would
+    # be here before the second's.
+    admin.publish("edgebento/dev-b/cmd/ping", {"id": "as-dev-b", "reply_to": admin.reply_topic})
+    marker = uuid.uuid4().hex
+    admin.publish(group_ping, {"id": marker, "reply_to": admin.reply_topic})
+    answered: list[str] = []
+    while marker not in answered:
+        answered.append(json.loads(replies.get(timeout=20).payload).get("id"))
+    assert "as-dev-b" not in answered
     # ...and it cannot claim dev-b's status, though it runs.
     assert impostor.process is not None and impostor.process.poll() is None
     assert all(not m.payload or b'"online"' not in m.payload for m in list(status.queue))
