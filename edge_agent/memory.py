@@ -73,7 +73,9 @@ _LOADING = threading.Lock()
 class _Deferred(types.ModuleType):
     """Stands in ``sys.modules`` for a module that nothing has used yet: an ``import`` of it
     binds this placeholder, and reading any attribute it lacks imports the real module, which
-    then replaces it in ``sys.modules`` and in its package."""
+    then replaces it in ``sys.modules`` and in its package. Not ``importlib.util.LazyLoader``:
+    its module loads at ``from X import name``, which pydantic does at import, and on Python
+    3.11 two threads touching it first at once can see it half loaded."""
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(_real(self), attr)

@@ -116,19 +116,27 @@ class SimFleet:
         for cohort, devices in self.cohorts.items():
             for d in devices:
                 members.setdefault(d, []).append(cohort)
-        sha = self.pack.manifest.file(BASELINE_FILE).sha256  # type: ignore[union-attr]
-        from modelpack.baseline import read_baseline
-
-        baseline = read_baseline(self.pack.root)
-        assert baseline is not None
-        key = (self.pack.manifest.name, self.pack.manifest.version)
-        results = evaluate(
-            Loaded(list(self.summaries), {}), {key: (sha, baseline)}, members, options
-        )
+        results = evaluate_summaries(self.pack, self.summaries, members, options)
         return {
             cohort: ["alarm" if w.alarm else w.verdict for w in windows]
             for (_, _, cohort), windows in results.items()
         }
+
+
+def evaluate_summaries(
+    pack: Pack,
+    summaries: list[tuple[str, DriftSummary]],
+    members: dict[str, list[str]],
+    options: DriftOptions | None = None,
+) -> dict[tuple[str, int, str], list[Any]]:
+    """The cloud's windows per (model, version, cohort) for ``summaries`` of ``pack``'s model."""
+    from modelpack.baseline import read_baseline
+
+    sha = pack.manifest.file(BASELINE_FILE).sha256  # type: ignore[union-attr]
+    baseline = read_baseline(pack.root)
+    assert baseline is not None
+    key = (pack.manifest.name, pack.manifest.version)
+    return evaluate(Loaded(list(summaries), {}), {key: (sha, baseline)}, members, options)
 
 
 def first_alarm(verdicts: list[str], after: int = 0) -> int | None:

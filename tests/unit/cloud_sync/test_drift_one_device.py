@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_sync.drift import DriftOptions, Loaded, evaluate
+from cloud_sync.drift import DriftOptions
 from cloud_sync.drift_summary import DriftSummary
-from modelpack.baseline import BASELINE_FILE, read_baseline
-from tests.support.drift_sim import SimFleet, drift_pack, mean_shift
+from modelpack.baseline import read_baseline
+from tests.support.drift_sim import SimFleet, drift_pack, evaluate_summaries, mean_shift
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     return drift_pack(tmp_path_factory.mktemp("drift-one"))
-
-
-def _evaluate(pack, summaries, members):  # type: ignore[no-untyped-def]
-    sha = pack.manifest.file(BASELINE_FILE).sha256
-    baseline = read_baseline(pack.root)
-    return evaluate(Loaded(summaries, {}), {("drifty", 1): (sha, baseline)}, members)
 
 
 def test_a_cohort_of_one_drifting_device_is_named_and_never_alarms(pack) -> None:  # type: ignore[no-untyped-def]
@@ -54,8 +48,10 @@ def test_a_flooding_device_cannot_hide_its_cohorts_drift(pack) -> None:  # type:
             for f in baseline.features
         }
         flooded.append((device, DriftSummary.model_validate(doc)))
-    honest = _evaluate(pack, fleet.summaries, {d: ["g"] for d in devices})[("drifty", 1, "g")]
-    windows = _evaluate(pack, flooded, {d: ["g"] for d in devices})[("drifty", 1, "g")]
+    honest = evaluate_summaries(pack, fleet.summaries, {d: ["g"] for d in devices})[
+        ("drifty", 1, "g")
+    ]
+    windows = evaluate_summaries(pack, flooded, {d: ["g"] for d in devices})[("drifty", 1, "g")]
     assert [w.alarm for w in honest] == [False, True, True]
     assert [w.verdict for w in windows] == ["drift"] * 3
     assert [w.alarm for w in windows] == [False, True, True]

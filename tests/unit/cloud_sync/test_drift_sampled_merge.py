@@ -16,7 +16,7 @@ from cloud_sync.drift import DriftOptions, Loaded, evaluate
 from cloud_sync.drift_stats import Tally, pooled
 from cloud_sync.drift_summary import DriftSummary
 from modelpack.baseline import BASELINE_FILE, read_baseline
-from tests.support.drift_sim import SimFleet, drift_pack, mean_shift
+from tests.support.drift_sim import SimFleet, drift_pack, evaluate_summaries, mean_shift
 
 device = st.tuples(
     st.lists(st.integers(0, 10_000), min_size=5, max_size=5).filter(lambda c: sum(c) > 0),
@@ -55,12 +55,6 @@ def pack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     return drift_pack(tmp_path_factory.mktemp("drift-sampled"))
 
 
-def _evaluate(pack, summaries, members):  # type: ignore[no-untyped-def]
-    sha = pack.manifest.file(BASELINE_FILE).sha256
-    baseline = read_baseline(pack.root)
-    return evaluate(Loaded(summaries, {}), {("drifty", 1): (sha, baseline)}, members)
-
-
 @settings(max_examples=8, deadline=None)
 @given(st.integers(1, 40))
 def test_at_one_rate_the_verdicts_and_figures_are_those_of_binning_every_row(
@@ -81,8 +75,8 @@ def test_at_one_rate_the_verdicts_and_figures_are_those_of_binning_every_row(
         old.append((d, DriftSummary.model_validate(doc)))
         doc |= {"rows": doc["rows"] * ratio, "binned": doc["rows"]}
         scaled.append((d, DriftSummary.model_validate(doc)))
-    want = _evaluate(pack, old, members)[("drifty", 1, "g")]
-    got = _evaluate(pack, scaled, members)[("drifty", 1, "g")]
+    want = evaluate_summaries(pack, old, members)[("drifty", 1, "g")]
+    got = evaluate_summaries(pack, scaled, members)[("drifty", 1, "g")]
     assert [w.verdict for w in want] == ["ok", "ok", "drift", "drift"]
     assert [(w.verdict, w.alarm, w.binned) for w in got] == [
         (w.verdict, w.alarm, w.binned) for w in want
@@ -116,7 +110,7 @@ def test_a_device_claiming_a_tiny_sample_of_many_rows_cannot_hide_the_drift(pack
                 doc["features"][f.name] = {"c": c, "nan": 0, "s": 0.0, "q": 0.0}
             s = DriftSummary.model_validate(doc)
         lying.append((d, s))
-    windows = _evaluate(pack, lying, {d: ["g"] for d in devices})[("drifty", 1, "g")]
+    windows = evaluate_summaries(pack, lying, {d: ["g"] for d in devices})[("drifty", 1, "g")]
     assert [w.verdict for w in windows] == ["drift"] * 3
     assert all(w.masked_by == ("d-0",) for w in windows)
     assert [w.alarm for w in windows] == [False, True, True]

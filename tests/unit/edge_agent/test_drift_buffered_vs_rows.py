@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,47 +232,12 @@ def test_a_telemetry_thread_reading_while_threads_append_loses_and_doubles_nothi
     pack, baseline = tiny
     now = [START]
     monitor = DriftMonitor(lambda: pack, WINDOW_S, 64, lambda: now[0])
-    rng = np.random.default_rng(5)
-    work = []
-    for _ in range(3):
-        requests = []
-        for i in range(400):
-            rows = [1, 1, 4][i % 3]
-            x = rng.standard_normal((rows, 8)).astype(np.float32)
-            probs = rng.dirichlet([1, 1, 1], rows).astype(np.float32)
-            requests.append(({"x": x}, {"logits": x[:, :3].copy(), "probs": probs}, rows))
-        work.append(requests)
-    done = threading.Event()
-    docs: list[dict[str, Any]] = []
+    work = tiny_work(seed=5, requests=400)
 
-    def serve(requests: list[tuple[dict[str, Any], dict[str, Any], int]]) -> None:
-        for feed, outputs, rows in requests:
-            monitor.observe("tiny", "1", feed, outputs, rows)
+    def advance() -> None:
+        now[0] += WINDOW_S
 
-    def telemetry() -> None:
-        while not done.is_set():
-            now[0] += WINDOW_S
-            docs.extend(monitor.collect())
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        reader = threading.Thread(target=telemetry)
-        pool = [threading.Thread(target=serve, args=(requests,)) for requests in work]
-        reader.start()
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
-        done.set()
-        reader.join()
-    finally:
-        sys.setswitchinterval(interval)
-    docs.extend(monitor.collect(force=True))
-    assert monitor.failures == 0
-    starts = [doc["window_start"] for doc in docs]
-    assert len(starts) == len(set(starts)), "a window summarised twice"
-    assert sum(doc["rows"] for doc in docs) == sum(r for w in work for _, _, r in w)
+    docs = observe_while_collecting(monitor, work, advance)
     reference = Reference(baseline)
     for requests in work:
         for feed, outputs, rows in requests:
@@ -305,3 +271,62 @@ def test_images_of_either_layout_are_reduced_as_each_alone(chunk: int) -> None:
     got, want = columns.T, alone
     got, want = got[np.lexsort(got[:, :-1].T)], want[np.lexsort(want[:, :-1].T)]
     np.testing.assert_array_equal(got, want)
+
+
+Request = tuple[dict[str, Any], dict[str, Any], int]
+
+
+def tiny_work(seed: int, requests: int, threads: int = 3) -> list[list[Request]]:
+    """For each inference thread, ``requests`` of 1, 1 and 4 rows in turn for the tiny MLP."""
+    rng = np.random.default_rng(seed)
+    work = []
+    for _ in range(threads):
+        mine = []
+        for i in range(requests):
+            rows = [1, 1, 4][i % 3]
+            x = rng.standard_normal((rows, 8)).astype(np.float32)
+            probs = rng.dirichlet([1, 1, 1], rows).astype(np.float32)
+            mine.append(({"x": x}, {"logits": x[:, :3].copy(), "probs": probs}, rows))
+        work.append(mine)
+    return work
+
+
+def observe_while_collecting(
+    monitor: DriftMonitor, work: list[list[Request]], advance: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """A thread per list of ``work`` observes its requests while a telemetry thread calls
+    ``advance`` and collects, again and again, the interpreter switching threads every
+    microsecond; then the last window, forced. Checks what every such run must hold: no failure,
+    no window summarised twice, every row in a summary."""
+    done = threading.Event()
+    docs: list[dict[str, Any]] = []
+
+    def serve(requests: list[Request]) -> None:
+        for feed, outputs, rows in requests:
+            monitor.observe("tiny", "1", feed, outputs, rows)
+
+    def telemetry() -> None:
+        while not done.is_set():
+            advance()
+            docs.extend(monitor.collect())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        reader = threading.Thread(target=telemetry)
+        pool = [threading.Thread(target=serve, args=(requests,)) for requests in work]
+        reader.start()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        done.set()
+        reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    docs.extend(monitor.collect(force=True))
+    assert monitor.failures == 0
+    starts = [doc["window_start"] for doc in docs]
+    assert len(starts) == len(set(starts)), "a window summarised twice"
+    assert sum(doc["rows"] for doc in docs) == sum(r for w in work for _, _, r in w)
+    return docs

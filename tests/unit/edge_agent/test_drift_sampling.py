@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,9 @@ from tests.unit.edge_agent.test_drift_buffered_vs_rows import (
     Reference,
     _check,
     events,
+    observe_while_collecting,
     play,
+    tiny_work,
 )
 
 
@@ -181,49 +181,14 @@ def test_threads_sampling_while_telemetry_collects_count_every_row_once(
     monitor = DriftMonitor(
         lambda: pack, WINDOW_S, 64, lambda: now[0], budget_rows=8, rng=random.Random(3)
     )
-    rng = np.random.default_rng(6)
-    work = []
-    for _ in range(3):
-        requests = []
-        for i in range(300):
-            rows = [1, 1, 4][i % 3]
-            x = rng.standard_normal((rows, 8)).astype(np.float32)
-            probs = rng.dirichlet([1, 1, 1], rows).astype(np.float32)
-            requests.append(({"x": x}, {"logits": x[:, :3].copy(), "probs": probs}, rows))
-        work.append(requests)
-    done = threading.Event()
-    docs: list[dict[str, Any]] = []
+    work = tiny_work(seed=6, requests=300)
 
-    def serve(requests: list[tuple[dict[str, Any], dict[str, Any], int]]) -> None:
-        for feed, outputs, rows in requests:
-            monitor.observe("tiny", "1", feed, outputs, rows)
+    def advance() -> None:
+        window = monitor._window
+        if window is not None and window.rows >= 40:  # so that the next window samples
+            now[0] += WINDOW_S
 
-    def telemetry() -> None:
-        while not done.is_set():
-            window = monitor._window
-            if window is not None and window.rows >= 40:  # so that the next window samples
-                now[0] += WINDOW_S
-            docs.extend(monitor.collect())
-
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        reader = threading.Thread(target=telemetry)
-        pool = [threading.Thread(target=serve, args=(requests,)) for requests in work]
-        reader.start()
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
-        done.set()
-        reader.join()
-    finally:
-        sys.setswitchinterval(interval)
-    docs.extend(monitor.collect(force=True))
-    assert monitor.failures == 0
-    starts = [doc["window_start"] for doc in docs]
-    assert len(starts) == len(set(starts)), "a window summarised twice"
-    assert sum(doc["rows"] for doc in docs) == sum(r for w in work for _, _, r in w)
+    docs = observe_while_collecting(monitor, work, advance)
     assert any(doc["binned"] < doc["rows"] for doc in docs)  # sampled windows there were
     for doc in docs:
         for feature in doc["features"].values():
