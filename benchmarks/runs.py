@@ -57,6 +57,12 @@ def summarize(rounds: Sequence[Any], digits: int = 3) -> Any:
     return first if all(r == first for r in rounds) else list(rounds)
 
 
+def rounds() -> int:
+    """How many rounds a benchmark measures its figures in: ``EDGEBENTO_BENCH_RUNS``, 3 by
+    default (a headline figure is the median of at least 3)."""
+    return max(1, int(os.environ.get("EDGEBENTO_BENCH_RUNS", "3")))
+
+
 def load() -> dict[str, Any]:
     """The load averages (1, 5 and 15 minutes) and the cores they are shared by."""
     one, five, fifteen = os.getloadavg()
