@@ -126,6 +126,9 @@ class _Counted(NoMetrics):
     def queue_wait(self, seconds: float) -> None:
         self.inner.queue_wait(seconds)
 
+    def batch(self, rows: int) -> None:
+        self.inner.batch(rows)
+
     def cache(self, hit: bool) -> None:
         self.inner.cache(hit)
 

@@ -229,6 +229,9 @@ class ServingCore:
     def run_sync(self, job: Job) -> Job:
         if not self._cached(job):
             with job.model.gate.slot(job.deadline, job.arrived):
+                # One model run of the request's rows: edgebento_batch_size means what the
+                # Batcher's runs mean (a run that fails counted too), a cached answer no run.
+                self.metrics.batch(job.rows)
                 job.outputs = job.model.run(job.feed)
             self._remember(job)
         return job
