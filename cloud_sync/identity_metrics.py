@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.enroll import EnrollmentService
-from cloud_sync.identity_store import identity_rows
+from cloud_sync.identity_view import identity_rows
 
 
 class IdentityCollector:

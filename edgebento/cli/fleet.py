@@ -122,7 +122,8 @@ def _identity(store: Any, devices: dict[str, Any]) -> dict[str, dict[str, Any]]:
     the cloud's own and authoritative, with ``mismatch``: where the device's word disagrees."""
     if store is None:
         return {}
-    from cloud_sync.identity_store import IdentityStore, identity_rows, reported_mismatch
+    from cloud_sync.identity_store import IdentityStore
+    from cloud_sync.identity_view import identity_rows, reported_mismatch
 
     rows = identity_rows(IdentityStore(store).devices(), time.time())
     for device, summary in devices.items():

@@ -278,7 +278,7 @@ def _span(seconds: float | None) -> str:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
-    from cloud_sync.identity_store import identity_rows
+    from cloud_sync.identity_view import identity_rows
 
     rows = identity_rows(_ids(args).devices(), time.time())
     if args.json:

@@ -1,5 +1,5 @@
 """Where a device's word on its certificate disagrees with the store's record: flagged, never
-acted on (cloud_sync.identity_store.reported_mismatch)."""
+acted on (cloud_sync.identity_view.reported_mismatch)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_sync.identity_store import reported_mismatch
+from cloud_sync.identity_view import reported_mismatch
 from cloud_sync.protocol import ModelRef, Status
 
 SERIALS = st.sampled_from(["a1", "b2", None])
