@@ -5,9 +5,8 @@ after the new pack passed its health check and *before* its session goes live: a
 write it leaves the old model serving and the state saying so, and ``kill -9`` at any step
 leaves a device that serves exactly the old or the new pack after restart. ``state.json`` also
 keeps, per model name, the highest version ever installed (TUF's rollback rule): nothing at or
-below it installs without a signed rollback instruction (``edge_agent.trust``). Packs are
-verified with ``load_pack(check_model=False)``: the publisher ran onnx.checker before signing,
-and the signature proves it, so a device needs neither the onnx package nor its memory.
+below it installs without a signed rollback instruction (``edge_agent.trust``). What a pack
+must pass before it is recorded (signature, version, golden samples) is ``edge_agent.pack_checks``.
 
 A new install of an expired pack is refused; a pack that expires after it was installed keeps
 serving across reboots with ``expired`` on the status (``refuse_expired`` turns that off: the
@@ -31,15 +30,15 @@ from typing import Any
 from cloud_sync.redact import redact_text, redact_url
 from edge_agent.config import AgentConfig
 from edge_agent.fetch import FetchPolicy, fetch_named, fetch_url
-from edge_agent.health import HealthCheckError, health_check
+from edge_agent.health import HealthCheckError
 from edge_agent.inference import InferenceService
 from edge_agent.memory import release_freed_memory
+from edge_agent.pack_checks import PackChecks, label
 from edge_agent.state import InstallState, fsync_dir, fsync_tree, read_state, write_state
 from edge_agent.updates import CancelledError, CancelToken, UpdateWorker
-from modelpack.errors import EdgebentoError, ExpiredError, PackError, VersionError
-from modelpack.loader import load_pack
+from modelpack.errors import EdgebentoError, ExpiredError, PackError
 from modelpack.pack import Pack
-from modelpack.predictor import Predictor, PredictorOptions
+from modelpack.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class Updater:
         # Held while the served model and the outcome that names it change together, and by
         # the status while it reads them: no status names the new model with the old outcome.
         self.live = threading.RLock()
-        self.options = PredictorOptions(intra_op_threads=config.intra_op_threads)
+        self.checks = PackChecks(config, self.highest)
 
     @property
     def expired(self) -> bool:
@@ -107,7 +106,7 @@ class Updater:
         except OSError as exc:
             raise PackError(
                 f"cannot record the update in state.json: {exc.strerror or exc}; "
-                f"still serving {self._label(self.current)}"
+                f"still serving {label(self.current)}"
             ) from exc
 
     # --- boot ----------------------------------------------------------------------------------
@@ -125,8 +124,8 @@ class Updater:
             try:
                 # Verified when installed: the clock passing expires_at since must not take
                 # the device dark (TUF's freeze rule is for new installs).
-                pack = self._verify(self.packs_dir / dirname, installed=True)
-                self._go_live(pack, self._load_predictor(pack))
+                pack = self.checks.verify(self.packs_dir / dirname, installed=True)
+                self._go_live(pack, self.checks.load(pack))
             except ExpiredError as exc:
                 if index == 0:
                     # Falling back to an earlier pack would turn withheld updates into a
@@ -192,11 +191,11 @@ class Updater:
             state = self.read_state()
             for index, dirname in enumerate(state.history):
                 try:
-                    pack = self._verify(self.packs_dir / dirname, installed=True)
+                    pack = self.checks.verify(self.packs_dir / dirname, installed=True)
                     if (pack.manifest.name, pack.manifest.version) != (name, version):
                         continue
-                    predictor = self._load_predictor(pack)
-                    health = self._health_check(pack, predictor)
+                    predictor = self.checks.load(pack)
+                    health = self.checks.health(pack, predictor)
                 except EdgebentoError as exc:
                     log.warning("the kept copy %s is not usable (%s)", dirname, exc)
                     continue
@@ -207,7 +206,7 @@ class Updater:
                     pack,
                     predictor,
                     "rolled_back",
-                    f"rolled back to {self._label(pack)} (the copy kept on the device)",
+                    f"rolled back to {label(pack)} (the copy kept on the device)",
                     trigger,
                     health=health,
                 )
@@ -219,7 +218,7 @@ class Updater:
         """The (name, version) of the newest earlier good pack, read from its manifest."""
         for dirname in self.read_state().history:
             try:
-                pack = self._verify(self.packs_dir / dirname, installed=True)
+                pack = self.checks.verify(self.packs_dir / dirname, installed=True)
             except EdgebentoError:
                 continue
             return pack.manifest.name, pack.manifest.version
@@ -258,30 +257,14 @@ class Updater:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _check_version(self, pack: Pack, source: str, rollback_to: tuple[str, int] | None) -> None:
-        m = pack.manifest
-        if rollback_to is not None:
-            if (m.name, m.version) != rollback_to:
-                raise VersionError(
-                    f"{source} holds {self._label(pack)}, not the {rollback_to[0]} "
-                    f"v{rollback_to[1]} the rollback asks for"
-                )
-            return
-        mark = self.read_state().mark(m.name)
-        if mark is not None and m.version <= mark:
-            raise VersionError(
-                f"{self._label(pack)} is not above v{mark}, the highest {m.name} this device "
-                "installed; a downgrade needs a signed rollback instruction"
-            )
-
     def _install_locked(
         self, fetched: Path, source: str, trigger: str, rollback_to: tuple[str, int] | None
     ) -> dict[str, Any]:
-        pack = self._verify(fetched)
+        pack = self.checks.verify(fetched)
         cur = self.current
         if cur is not None and cur.manifest_sha256 == pack.manifest_sha256:
-            return self._outcome("unchanged", f"{self._label(pack)} is already running", trigger)
-        self._check_version(pack, source, rollback_to)
+            return self._outcome("unchanged", f"{label(pack)} is already running", trigger)
+        self.checks.check_version(pack, source, rollback_to)
         m = pack.manifest
         final = self.packs_dir / f"{m.name}-v{m.version}-{pack.manifest_sha256[:12]}"
         if final.exists() and (cur is None or cur.root != final):
@@ -290,12 +273,12 @@ class Updater:
         os.rename(fetched, final)
         fsync_dir(self.packs_dir)
         pack = dataclasses.replace(pack, root=final)
-        predictor = self._load_predictor(pack)
+        predictor = self.checks.load(pack)
         try:
-            health = self._health_check(pack, predictor)
+            health = self.checks.health(pack, predictor)
         except HealthCheckError as exc:
             shutil.rmtree(final, ignore_errors=True)
-            back = f"; still serving {self._label(cur)}" if cur is not None else ""
+            back = f"; still serving {label(cur)}" if cur is not None else ""
             raise HealthCheckError(f"{exc}; rolled back automatically{back}") from exc
         state = self.read_state()
         # History holds earlier good packs only: a rollback does not keep the pack it left.
@@ -314,10 +297,10 @@ class Updater:
         if rollback_to is not None:
             outcome, message = (
                 "rolled_back",
-                f"rolled back to {self._label(pack)} (fetched from {source})",
+                f"rolled back to {label(pack)} (fetched from {source})",
             )
         else:
-            outcome, message = "installed", f"now serving {self._label(pack)}"
+            outcome, message = "installed", f"now serving {label(pack)}"
         result = self._go_live_with(pack, predictor, outcome, message, trigger, health=health)
         self._prune(final.name, history)
         return result
@@ -328,29 +311,9 @@ class Updater:
         installed, golden samples within the latency budget), then loaded, but neither recorded
         nor served: a shadow runs it beside the live model (``edge_agent.shadow``). Raises what
         an install raises; ``staging`` stays the caller's to remove."""
-        fetched = self._named(name, version)(staging)
-        pack = self._verify(fetched)
-        if (pack.manifest.name, pack.manifest.version) != (name, version):
-            raise VersionError(f"the store's {name} v{version} holds {self._label(pack)}")
-        self._check_version(pack, f"{name} v{version}", None)
-        pack = dataclasses.replace(pack, root=fetched)
-        predictor = self._load_predictor(pack)
-        self._health_check(pack, predictor)
-        return pack, predictor
+        return self.checks.staged(self._named(name, version)(staging), name, version)
 
     # --- steps ---------------------------------------------------------------------------------
-
-    def _verify(self, root: Path, installed: bool = False) -> Pack:
-        allow_expired = installed and not self.config.refuse_expired
-        return load_pack(root, self.config.trust, check_model=False, allow_expired=allow_expired)
-
-    def _load_predictor(self, pack: Pack) -> Predictor:
-        return Predictor.from_pack(pack, self.options)
-
-    def _health_check(self, pack: Pack, predictor: Predictor) -> dict[str, Any]:
-        cfg = self.config
-        budget = cfg.limits.latency_budget_ms
-        return health_check(pack, predictor, budget, cfg.golden_rtol, cfg.golden_atol)
 
     def _go_live(self, pack: Pack, predictor: Predictor) -> None:
         samples = pack.samples
@@ -378,10 +341,6 @@ class Updater:
         for path in self.packs_dir.iterdir():
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
-
-    @staticmethod
-    def _label(pack: Pack | None) -> str:
-        return "nothing" if pack is None else f"{pack.manifest.name} v{pack.manifest.version}"
 
     def _outcome(
         self, outcome: str, message: str, trigger: str, *, failed: bool = False, **extra: Any

@@ -89,7 +89,7 @@ def test_a_pack_tampered_on_the_device_is_refused_at_boot(
     assert again.inference.model_ref == {"name": "tiny", "version": 1}
     assert events[-1]["event"] == "boot_refused" and "the manifest says" in events[-1]["error"]
     with pytest.raises(IntegrityError):
-        again._verify(live)
+        again.checks.verify(live)
 
 
 def test_inference_counts_and_a_pipeline_decides(
