@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -36,7 +36,6 @@ from modelpack.serving.core import Job, ServingCore
 # The baseline, its reducers and the summary's model are imported once a pack has a baseline:
 # a device serving packs without one never holds them (tests/unit/edge_agent/test_footprint.py).
 if TYPE_CHECKING:
-    from edge_agent.shadow import ShadowRunner
     from modelpack.baseline import Baseline
 
 log = logging.getLogger(__name__)
@@ -267,13 +266,25 @@ class DriftMonitor:
         return len(summaries)
 
 
+class RunTap(Protocol):
+    """What the core offers each successful run to, beside the drift monitor: a shadow
+    (``edge_agent.shadow.ShadowRunner``). Named here, where the core calls it, so that this
+    module needs nothing of the shadow, which imports the inference and the updater built on it."""
+
+    next_at: float  # time.monotonic() before which it wants no run: the core skips the offer
+
+    def offer(
+        self, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], current_s: float
+    ) -> None: ...
+
+
 class DriftCore(ServingCore):
     """The agent's serving core with the drift and shadow hooks: every successful run (MQTT,
     HTTP and pipelines all run through ``run_sync``) is counted, and every schema refusal; while
     a shadow runs (``edge_agent.shadow``), it is offered the run's tensors and time."""
 
     drift: DriftMonitor | None = None
-    shadow: ShadowRunner | None = None
+    shadow: RunTap | None = None
 
     def run_sync(self, job: Job) -> Job:
         shadow = self.shadow
