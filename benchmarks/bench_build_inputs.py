@@ -4,6 +4,11 @@ The issue's baseline: every array decompressed, twice (``np.load`` for the expor
 then again for the data), including arrays the model never takes. Now: the arrays the model takes,
 once, each checked against the cap before it is allocated. Each reader runs in a fresh process
 that reports its own peak RSS, on the same file, in the same run.
+
+The files are written once; then ``EDGEBENTO_BENCH_RUNS`` rounds (3 by default) run the three
+readers, in an order that rotates each round (the first reader of a round may find the file out
+of the page cache, and RSS does not count the page cache, but its time does). Each figure is the
+median of its rounds with its range; the targets are judged on the medians.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.runs import load, median_of, summarize
 from benchmarks.serving_common import REPO
 from tests.support.zipbomb import write_npz_bomb
 
@@ -71,36 +77,69 @@ def _peak(script: str, npz: Path, tmp: Path, env: dict[str, str] | None = None) 
     return {**json.loads(lines[-1]), "said": lines[0] if len(lines) > 1 else ""}
 
 
+def _rounds() -> int:
+    return max(1, int(os.environ.get("EDGEBENTO_BENCH_RUNS", "3")))
+
+
+READERS = ("baseline_old_reader", "new_reader", "over_the_cap")
+
+
 def run(results_dir: Path) -> dict[str, Any]:
+    per_round: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         bomb = tmp / "bomb.npz"
         write_npz_bomb(bomb, {"x": CHUNKS} | {f"unused{i}": CHUNKS for i in range(UNUSED)}, "<f4")
         over = tmp / "over.npz"
         write_npz_bomb(over, {"x": 62}, "<f4")  # 3.9 GiB claimed by the model's input
-        old = _peak(OLD, bomb, tmp)
-        new = _peak(NEW, bomb, tmp)
-        refused = _peak(NEW, over, tmp)
+        plans = {
+            "baseline_old_reader": (OLD, bomb),
+            "new_reader": (NEW, bomb),
+            "over_the_cap": (NEW, over),
+        }
+        for r in range(_rounds()):
+            order = [READERS[(r + i) % len(READERS)] for i in range(len(READERS))]
+            one: dict[str, Any] = {"order": order, "load_before": load()}
+            for reader in order:
+                one[reader] = _peak(*plans[reader], tmp)
+            per_round.append(one)
         sizes = {
             "bomb_file_kib": bomb.stat().st_size / 1024,
             "over_file_kib": over.stat().st_size / 1024,
         }
+    figures = {reader: summarize([r[reader] for r in per_round], 1) for reader in READERS}
+    old, new, refused = (median_of(figures[k]["rss_mib"]) for k in READERS)
+    said = figures["over_the_cap"]["said"]  # the same words each round, else one per round
     targets = {
-        "unused_arrays_never_read": new["rss_mib"] < old["rss_mib"] / 3,
-        "over_the_cap_refused_small": refused["said"].startswith("refused:")
-        and refused["rss_mib"] < 400,
+        "unused_arrays_never_read": new < old / 3,
+        "over_the_cap_refused_small": all(
+            s.startswith("refused:") for s in (said if isinstance(said, list) else [said])
+        )
+        and refused < 400,
     }
+    n = len(per_round)
     return {
         "headline": (
             f"bomb ({sizes['bomb_file_kib']:.0f} KiB, 1 GiB of arrays, 256 MiB used): peak RSS"
-            f" {new['rss_mib']:.0f} MiB vs {old['rss_mib']:.0f} MiB before;"
-            f" 3.9 GiB claimed: refused at {refused['rss_mib']:.0f} MiB"
+            f" {new:.0f} MiB vs {old:.0f} MiB before;"
+            f" 3.9 GiB claimed: refused at {refused:.0f} MiB (medians of {n} runs)"
         ),
-        "baseline_old_reader": old,
-        "new_reader": new,
-        "over_the_cap": refused,
+        "runs": n,
+        **figures,
         **sizes,
         "targets_met": all(targets.values()),
         "targets": targets,
-        "note": "peak RSS of fresh processes on a machine shared with other work; noisy",
+        "per_round": [
+            {
+                "round": i + 1,
+                "order": " ".join(r["order"]),
+                "load_1m": r["load_before"]["load_1m"],
+                **{k: round(r[k]["rss_mib"], 1) for k in READERS},
+            }
+            for i, r in enumerate(per_round)
+        ],
+        "note": (
+            "peak RSS (VmHWM) of a fresh process per reader and round; the readers rotate each "
+            "round; targets judged on the medians"
+        ),
     }
