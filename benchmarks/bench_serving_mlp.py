@@ -203,7 +203,7 @@ def _rounds_of(
     rounds: int, pinning: Pinning, console: Console
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from modelpack import generate_keypair
-    from modelpack.pack import create_pack
+    from modelpack.writer import create_pack
     from tests.support import models
 
     per_round: list[dict[str, Any]] = []

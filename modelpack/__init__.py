@@ -39,9 +39,10 @@ from modelpack.manifest import (
     SequenceInput,
     TensorSpec,
 )
-from modelpack.pack import Pack, Samples, create_pack, read_samples, sign_pack, write_samples
+from modelpack.pack import Pack, Samples, read_samples, write_samples
 from modelpack.predictor import Predictor, PredictorOptions
 from modelpack.signing import TrustedKey, generate_keypair, load_private_key, load_public_key
+from modelpack.writer import create_pack, sign_pack
 
 __all__ = [
     "MANIFEST_FILE",

@@ -259,7 +259,8 @@ def attach_baseline(root: Path, baseline: Baseline, key: Path | None = None) -> 
     The manifest changes, so a signature over the old one no longer holds: it is removed, and
     written again when ``key`` is given."""
     from modelpack.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-    from modelpack.pack import list_files, sign_pack
+    from modelpack.pack import list_files
+    from modelpack.writer import sign_pack
 
     manifest = Manifest.from_bytes((root / MANIFEST_FILE).read_bytes())
     (root / SIGNATURE_FILE).unlink(missing_ok=True)

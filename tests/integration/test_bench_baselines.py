@@ -23,7 +23,7 @@ from benchmarks.serving_common import (
     start_plain_bento,
 )
 from modelpack import generate_keypair
-from modelpack.pack import create_pack
+from modelpack.writer import create_pack
 from tests.support import models
 
 

@@ -24,7 +24,7 @@ from benchmarks.serving_common import (
     start_flask,
 )
 from modelpack import generate_keypair
-from modelpack.pack import create_pack
+from modelpack.writer import create_pack
 from tests.support import models
 
 pytestmark = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import pytest
 
 from modelpack.baseline import make_baseline
 from modelpack.errors import ConfigError
-from modelpack.pack import create_pack
+from modelpack.writer import create_pack
 
 
 def _scaled(path: Path) -> Path:
