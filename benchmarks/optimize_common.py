@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.runs import summarize
 from modelpack.iosig import read_io_signature
 from optimize import metrics, verify
 from optimize.axes import settle
@@ -29,6 +30,8 @@ def side_by_side(
     seconds: float,
     metric_specs: tuple[str, ...] = (),
     alone: tuple[str, ...] = (),
+    rounds: int = 1,
+    rotate: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Fidelity against the first model, size and interleaved latency, from one run.
 
@@ -36,6 +39,12 @@ def side_by_side(
     else each output's default), so a figure here means what it means in the report. The
     models in ``alone`` are timed one row at a time, as the service runs a model whose rows
     depend on their neighbours; ``speedup`` is per row as served, as the search's.
+
+    With ``rounds`` > 1 the models are timed that many times (each round interleaved, the
+    order rotated from round to round) and each timing figure is the summary of its rounds
+    (``benchmarks.runs.summary``: median, range, count); fidelity and size are the models'
+    own, the same every round, so they are computed once. ``rotate`` starts the rotation
+    further on (a benchmark that calls this once per round of its own passes its round).
     """
     first = next(iter(models.values()))
     inputs, outputs = read_io_signature(first)
@@ -50,20 +59,15 @@ def side_by_side(
         metrics.mask_input(verify.rows_first(data)),
         labels is not None,
     )
-    latencies = verify.latencies(predictors, data, batch, seconds, alone=alone)
-    base_ms = next(iter(latencies.values())).ms_per_row
+    timed = [_timings(predictors, data, batch, seconds, alone, rotate + r) for r in range(rounds)]
+    timings = timed[0] if rounds == 1 else summarize(timed, digits=4)
     found = {}
     for name, predictor in predictors.items():
         outs = verify.run_all(predictor, data, batch, axes)
         fid = verify.fidelity(reference, outs, data, plan, 0.01)
         size = verify.size_of(models[name])
-        lat = latencies[name]
-        found[name] = {
-            "p50_ms": round(lat.p50_ms, 3),
-            "p99_ms": round(lat.p99_ms, 3),
-            "p50_ms_batch1": round(lat.p50_ms_batch1, 4),
-            "speedup": round(base_ms / lat.ms_per_row, 3),
-            "batch": lat.batch,
+        found[name] = timings[name] | {
+            "batch": timed[0][name]["batch"],
             "accuracy": fid.accuracy,
             "top1_agreement": fid.top1_agreement,
             "cosine_min": round(fid.cosine_min, 5),
@@ -79,6 +83,33 @@ def side_by_side(
     return found
 
 
+def _timings(
+    predictors: dict[str, Any],
+    data: Dataset,
+    batch: int,
+    seconds: float,
+    alone: tuple[str, ...],
+    round_: int,
+) -> dict[str, dict[str, Any]]:
+    """One round of interleaved latency, the models' order rotated by ``round_`` so that none
+    is always the one timed first; speedups against the first model of ``predictors``."""
+    names = list(predictors)
+    shift = round_ % len(names)
+    order = names[shift:] + names[:shift]
+    lat = verify.latencies({n: predictors[n] for n in order}, data, batch, seconds, alone=alone)
+    base_ms = lat[names[0]].ms_per_row
+    return {
+        n: {
+            "p50_ms": round(lat[n].p50_ms, 3),
+            "p99_ms": round(lat[n].p99_ms, 3),
+            "p50_ms_batch1": round(lat[n].p50_ms_batch1, 4),
+            "speedup": round(base_ms / lat[n].ms_per_row, 3),
+            "batch": lat[n].batch,
+        }
+        for n in names
+    }
+
+
 def optimize_on(
     source: Path,
     work: Path,
@@ -88,12 +119,16 @@ def optimize_on(
     **options: Any,
 ) -> Any:
     """``edgebento optimize`` of ``source`` into ``work/pack``, calibrated on ``calibration``
-    and judged on ``evaluation`` (both written beside it as .npz, as a user would pass them)."""
+    and judged on ``evaluation`` (both written beside it as .npz, as a user would pass them),
+    with an empty cache."""
     import shutil
 
     from optimize import optimize_model
 
+    # A cold search, as a user's first run: candidates cached by an earlier run would make
+    # the time to the pick (and what the time budget leaves room for) a rerun's, not a user's.
     shutil.rmtree(work / "pack", ignore_errors=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calibration.npz", **calibration)  # type: ignore[arg-type]
     np.savez(work / "eval.npz", **evaluation)  # type: ignore[arg-type]
@@ -107,6 +142,14 @@ def optimize_on(
         cache=work / "cache",
         **options,
     )
+
+
+def picks(chosen: list[str]) -> str:
+    """The searches' picks over several runs in brief: each with how many runs chose it."""
+    counts = {c: chosen.count(c) for c in dict.fromkeys(chosen)}
+    if len(counts) == 1:
+        return chosen[0]
+    return ", ".join(f"{c} ({n} of {len(chosen)} runs)" for c, n in counts.items())
 
 
 def candidate_rows(result: Any) -> list[dict[str, Any]]:

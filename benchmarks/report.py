@@ -121,13 +121,13 @@ def _optimize_digits(d: dict[str, Any]) -> list[Figure]:
     s = "side_by_side"
     gz = lambda v: _ratio(d, f"{s}.{v}.gzip_bytes", f"{s}.fp32.gzip_bytes")  # noqa: E731
     return [
-        Figure("speed, x FP32", num(get(d, f"{s}.edgebento.speedup"), ".2f") + "x",
-               num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f") + "x", "`quantize_dynamic`"),
+        Figure("speed, x FP32", num(get(d, f"{s}.edgebento.speedup"), ".2f", "x"),
+               num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f", "x"), "`quantize_dynamic`"),
         Figure("accuracy drop, points", num(_drop(d, "edgebento"), ".2f"),
                num(_drop(d, "quantize_dynamic"), ".2f"), "`quantize_dynamic`", "<= 1"),
         Figure("gzip size, x FP32", num(gz("edgebento"), ".3f") + "x",
                num(gz("quantize_dynamic"), ".3f") + "x", "`quantize_dynamic`", "<= 0.15x"),
-        Figure("structured-pruned latency, x FP32", num(get(d, "structured_pruned_latency_ratio"), ".2f") + "x",
+        Figure("structured-pruned latency, x FP32", num(get(d, "structured_pruned_latency_ratio"), ".2f", "x"),
                "1.00x", "FP32", "<= 0.5x"),
     ]  # fmt: skip
 
@@ -137,9 +137,9 @@ def _optimize_cnn(d: dict[str, Any]) -> list[Figure]:
     return [
         Figure(f"chosen ({d.get('right_family', '?')} is right)", str(d.get("chosen", MISSING)),
                "", "", "the right family"),
-        Figure("best static QDQ, x FP32", num(get(d, f"{s}.best_static.speedup"), ".2f") + "x",
-               num(get(d, f"{s}.best_dynamic.speedup"), ".2f") + "x", "best dynamic"),
-        Figure("`quantize_dynamic` defaults, x FP32", num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f") + "x",
+        Figure("best static QDQ, x FP32", num(get(d, f"{s}.best_static.speedup"), ".2f", "x"),
+               num(get(d, f"{s}.best_dynamic.speedup"), ".2f", "x"), "best dynamic"),
+        Figure("`quantize_dynamic` defaults, x FP32", num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f", "x"),
                "1.00x", "FP32"),
     ]  # fmt: skip
 
@@ -309,7 +309,10 @@ def headlines_of(name: str, doc: dict[str, Any]) -> list[Figure]:
 
 
 def runs_note(doc: dict[str, Any]) -> str:
-    """How many runs the result's figures come from, for the README's table."""
+    """How many runs the result's figures come from, for the README's table; a result whose
+    search runs once and whose timings are rounds after it says so in its ``runs_note``."""
+    if isinstance(doc.get("runs_note"), str):
+        return str(doc["runs_note"])
     runs = runs_of(doc)
     return f"median of {runs}" if runs > 1 else "1 (single run)"
 
@@ -390,6 +393,11 @@ def benchmarks_doc(results: dict[str, dict[str, Any]]) -> str:
 
 def _runs_line(doc: dict[str, Any]) -> str:
     runs = runs_of(doc)
+    if isinstance(doc.get("runs_note"), str):  # a search once, its timings in rounds after it
+        return (
+            f"Runs: {doc['runs_note']}. A figure written `median (min–max, n runs)` is the "
+            "median of its rounds with their range; the search's own figures are one run."
+        )
     if runs > 1:
         return (
             f"Runs: {runs}. A figure written `median (min–max, n runs)` is the median of its "
