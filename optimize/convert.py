@@ -9,19 +9,18 @@ Keras models (which carry Lambda-layer bytecode) and TorchScript (a program) nee
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from modelpack.errors import ConfigError
+from optimize import keras3
 from optimize.keras_config import KerasArchive, read_keras_archive
 from optimize.onnx_source import copy_onnx
+from optimize.tf_import import import_tensorflow
 
 SourceKind = Literal["onnx", "keras", "torch"]
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -48,38 +47,6 @@ def source_kind(source: Path) -> SourceKind:
     raise ConfigError(
         f"{source.name}: unknown model type; give .onnx, .keras/.h5, a SavedModel dir or a TorchScript .pt"
     )
-
-
-def import_tensorflow() -> Any:
-    # tfmot works with Keras 2 only: tf-keras, chosen before TensorFlow is first imported.
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    with _native_stderr_held():
-        import tensorflow as tf
-    return tf
-
-
-@contextmanager
-def _native_stderr_held() -> Iterator[None]:
-    """TensorFlow 2.21 logs start-up lines (oneDNN, CUDA drivers, absl) from C++ straight to file
-    descriptor 2 before its log level applies (tensorflow/tensorflow#100442), so only the
-    descriptor can be redirected; what was held is shown after all if the import fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _refuse_code(source: Path, what: str, instead: str) -> ConfigError:
@@ -140,8 +107,6 @@ def load_keras(source: Path, trust_model_code: bool = False) -> Any:
     with tempfile.TemporaryDirectory(prefix="edgebento-keras-") as tmp:
         path, major = _keras_path(source, trust_model_code, Path(tmp))
         tf = import_tensorflow()
-        from optimize import keras3
-
         loader = "Keras 3" if major >= 3 else "tf-keras"
         try:
             if major >= 3:
@@ -160,8 +125,6 @@ def load_keras(source: Path, trust_model_code: bool = False) -> Any:
 
 
 def keras_to_onnx(model: Any, dst: Path, opset: int = OPSET) -> None:
-    from optimize import keras3
-
     if keras3.is_keras3(model):
         keras3.to_onnx(model, dst, opset)
         return

@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from modelpack.errors import ConfigError
+from optimize.tf_import import import_tensorflow, native_stderr_held
 
 
 def import_keras3() -> Any:
     """The ``keras`` package, checked to be Keras 3; TensorFlow imported first, quietly."""
-    from optimize.convert import _native_stderr_held, import_tensorflow
-
     import_tensorflow()
     try:
-        with _native_stderr_held():
+        with native_stderr_held():
             import keras
     except ImportError as exc:
         raise ConfigError(
@@ -68,8 +67,6 @@ def _rename_outputs(proto: Any, names: list[str]) -> None:
 
 def to_onnx(model: Any, dst: Path, opset: int) -> None:
     """Export a Keras 3 model to ONNX through a ``tf.function`` with the inputs' own names."""
-    from optimize.convert import import_tensorflow
-
     tf = import_tensorflow()
     import tf2onnx
 
@@ -96,8 +93,6 @@ def to_tf_keras(model: Any, probe: Any) -> Any:
     import inspect
 
     import numpy as np
-
-    from optimize.convert import import_tensorflow
 
     keras = import_keras3()
     tf = import_tensorflow()
