@@ -15,10 +15,9 @@ Without either, ``--min 0`` is refused with this reason.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from bentos.deploy_k8s import K8sOptions
+from bentos.k8s_options import K8sOptions
 
 # The pods' own figure, right while at least one pod runs (the metric contract's counter).
 OWN_RATE_QUERY = 'sum(rate(edgebento_requests_total{{namespace="{ns}",app="{app}"}}[1m]))'

@@ -14,7 +14,7 @@ import pytest
 from tests.unit.test_import_rules import REPO, _circles
 
 # The packages without a circle today; the others' are listed in the report that added this.
-ACYCLIC = ("edge_agent", "edgebento", "modelpack", "optimize")
+ACYCLIC = ("bentos", "edge_agent", "edgebento", "modelpack", "optimize")
 
 
 def _module_names(root: Path, package: str) -> dict[str, Path]:
