@@ -17,16 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from cloud_sync.drift import load_summaries
 from cloud_sync.drift_stats import Tally, p_value, pooled, psi
+from cloud_sync.rollout_host import DriftGateHost
 from cloud_sync.rollout_state import AbortFigures
-
-if TYPE_CHECKING:
-    from cloud_sync.rollout import Rollout
 
 log = logging.getLogger(__name__)
 Counts = dict[str, dict[str, Tally]]  # feature -> device -> counts
@@ -101,7 +99,7 @@ class DriftGate:
                 found.append(Moved(feature, score, p, rows_a, rows_b, len(a), len(b)))
         return found, "; ".join(judged) or "no class output summarised by both cohorts"
 
-    def check(self, rollout: Rollout, index: int) -> tuple[str, AbortFigures] | None:
+    def check(self, rollout: DriftGateHost, index: int) -> tuple[str, AbortFigures] | None:
         state = rollout.state
         canary = {d.device for w in range(index + 1) for d in state.wave(w) if d.state == "done"}
         # Windows that began after the wave was pushed (the rollout's clock is monotonic).

@@ -28,18 +28,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from cloud_sync.protocol import ShadowCommand
 from cloud_sync.rollout_checks import wave_label
+from cloud_sync.rollout_host import ShadowHost
 from cloud_sync.rollout_state import AbortFigures, DeviceProgress
 from cloud_sync.shadow_figures import ShadowFigures, ShadowSettings, Verdict, device_verdict
 from modelpack.errors import BrokerError
-
-if TYPE_CHECKING:
-    from cloud_sync.rollout import Rollout
 
 log = logging.getLogger(__name__)
 SLACK_S = 5.0  # runs a device may have done beyond rate x time: clocks and the first sample
@@ -47,7 +45,7 @@ SAY_EVERY_S = 10.0
 
 
 class ShadowPhase:
-    def __init__(self, rollout: Rollout, settings: ShadowSettings) -> None:
+    def __init__(self, rollout: ShadowHost, settings: ShadowSettings) -> None:
         self.rollout, self.settings = rollout, settings
         self.started: dict[str, float] = {}  # device -> when its start was sent (monotonic)
         self.verdicts: dict[str, tuple[Verdict, str]] = {}

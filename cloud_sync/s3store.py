@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.store import ObjectStore, check_key
+from cloud_sync.object_store import ObjectStore, check_key
 from modelpack.errors import ConflictError, NotFoundError, SizeLimitError, StoreError
 
 MULTIPART_THRESHOLD = 16 << 20

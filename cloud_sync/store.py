@@ -33,74 +33,13 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from cloud_sync.object_store import TMP_PREFIX, ObjectStore, check_key
+from cloud_sync.s3store import S3Store
 from modelpack.errors import ConflictError, NotFoundError, SizeLimitError, StoreError
-
-_TMP_PREFIX = ".tmp-"
-
-
-def check_key(key: str) -> str:
-    """A key is relative and plain: no leading '/', no '.' or '..' parts, no backslash."""
-    parts = key.split("/")
-    if (
-        not key
-        or key.startswith("/")
-        or "\\" in key
-        or any(p in ("", ".", "..") for p in parts)
-        or parts[-1].startswith(_TMP_PREFIX)
-    ):
-        raise StoreError(f"invalid object key {key!r}")
-    return key
-
-
-class ObjectStore(ABC):
-    """Bytes under keys. Writes are atomic per object; there is no rename and no append."""
-
-    url: str
-
-    @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    @abstractmethod
-    def get_bytes(self, key: str) -> bytes: ...
-
-    @abstractmethod
-    def put_file(self, key: str, path: Path) -> None: ...
-
-    @abstractmethod
-    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> Path:
-        """Download ``key`` to ``path``; past ``max_bytes`` it stops reading (SizeLimitError)."""
-
-    @abstractmethod
-    def create(self, key: str, data: bytes) -> str:
-        """Write ``key`` only if it does not exist (ConflictError otherwise); its etag."""
-
-    @abstractmethod
-    def read(self, key: str) -> tuple[bytes, str]:
-        """The bytes of ``key`` and the etag a later ``replace`` must name."""
-
-    @abstractmethod
-    def replace(self, key: str, data: bytes, etag: str) -> str:
-        """Overwrite ``key`` only if it is still at ``etag`` (ConflictError otherwise)."""
-
-    @abstractmethod
-    def exists(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> list[str]: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
-
-    @abstractmethod
-    def presign(self, key: str, expires_s: int = 3600) -> str: ...
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -138,7 +77,7 @@ def write_atomic(
     writers exactly one creates the file (FileExistsError for the other).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -257,7 +196,7 @@ class LocalStore(ObjectStore):
         for dirpath, _dirs, files in os.walk(self.root):
             rel = PurePosixPath(Path(dirpath).relative_to(self.root).as_posix())
             for name in files:
-                if name.startswith(_TMP_PREFIX):
+                if name.startswith(TMP_PREFIX):
                     continue
                 key = name if str(rel) == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
@@ -282,8 +221,6 @@ def open_store(
     text = str(url)
     parsed = urlparse(text)
     if parsed.scheme == "s3":
-        from cloud_sync.s3store import S3Store
-
         if not parsed.netloc:
             raise StoreError(f"{text} names no bucket (expected s3://bucket/prefix)")
         return S3Store(

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_import_rules import REPO, _circles
+from tests.unit.test_import_rules import OURS, REPO, _circles
 
-# The packages without a circle today; the others' are listed in the report that added this.
-ACYCLIC = ("bentos", "edge_agent", "edgebento", "modelpack", "optimize")
+# Every package of ours, a new one included: the last circles went by moving the shared piece
+# below both sides (modelpack.writer, optimize.tf_import, bentos.k8s_options,
+# cloud_sync.object_store) or naming what a phase uses of the rollout (cloud_sync.rollout_host).
+ACYCLIC = tuple(sorted(OURS))
 
 
 def _module_names(root: Path, package: str) -> dict[str, Path]:
