@@ -8,10 +8,15 @@
 - The agent with and without mTLS, side by side in one run: two real agent processes, one on a
   plain listener and one on the mTLS listener with its enrolled certificate; RSS, and the
   round-trip p50 of 300 ``ping`` commands each.
+
+The brokers, the service and both agents start once; then ``EDGEBENTO_BENCH_RUNS`` rounds (3 by
+default) each enroll new devices (one by one, then the 1,000) and ping both agents, one ping of
+each in turn; every figure is the median of the rounds, with their range.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import statistics
@@ -19,10 +24,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.agent_memory import agent_rss_mb
+from benchmarks.figure import num
+from benchmarks.runs import rounds, summarize
 from cloud_sync.enroll import RateLimit, enroll_topic
 from cloud_sync.fleet_ca import new_key
 from edge_agent.config import AgentConfig
@@ -37,8 +45,8 @@ SEQUENTIAL = 20
 PINGS = 300
 
 
-def _enroll_one_by_one(fleet: IdentityFleet, work: Path) -> list[float]:
-    devices = [f"seq-{i}" for i in range(SEQUENTIAL)]
+def _enroll_one_by_one(fleet: IdentityFleet, work: Path, round_: int) -> list[float]:
+    devices = [f"seq-{round_}-{i}" for i in range(SEQUENTIAL)]
     tokens = fleet.ids.create_claims(devices, ttl_s=3600)
     claim_cert, claim_key = fleet.certs["claim"]
     times = []
@@ -59,8 +67,8 @@ def _enroll_one_by_one(fleet: IdentityFleet, work: Path) -> list[float]:
     return times
 
 
-def _service_throughput(fleet: IdentityFleet) -> dict[str, Any]:
-    devices = [f"sim-{i}" for i in range(DEVICES)]
+def _service_throughput(fleet: IdentityFleet, round_: int) -> dict[str, Any]:
+    devices = [f"sim-{round_}-{i}" for i in range(DEVICES)]
     tokens = fleet.ids.create_claims(devices, ttl_s=3600)
     maker = KeyMaker()
     requests = {
@@ -104,7 +112,10 @@ def _service_throughput(fleet: IdentityFleet) -> dict[str, Any]:
     }
 
 
-def _agent_side_by_side(fleet: IdentityFleet, plain: Mosquitto, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _agents(fleet: IdentityFleet, plain: Mosquitto, work: Path) -> Iterator[dict[str, Any]]:
+    """Both agents started, online and each with a client to ping it: set up once, measured in
+    every round."""
     from modelpack.signing import generate_keypair
 
     _, pub = generate_keypair(work / "keys")
@@ -115,11 +126,11 @@ def _agent_side_by_side(fleet: IdentityFleet, plain: Mosquitto, work: Path) -> d
             fleet.broker, work / "mtls", pub, PREFIX, "tls-dev", args=fleet.agent_args(token)
         ),
     }
-    out: dict[str, Any] = {}
+    clients: dict[str, Any] = {}
     try:
         for agent in agents.values():
             agent.start()
-        clients = {"plain": Client(plain), "mtls": fleet.client("operator")}
+        clients.update(plain=Client(plain), mtls=fleet.client("operator"))
         for name, agent in agents.items():
             client = clients[name]
             # The benchmark's own client must not add Nagle's 40 ms to what is measured.
@@ -127,24 +138,55 @@ def _agent_side_by_side(fleet: IdentityFleet, plain: Mosquitto, work: Path) -> d
             wait_online(client, PREFIX, agent.device, timeout=60)
             client.reply_topic = f"{PREFIX}/{agent.device}/replies/bench"
             client.collect(client.reply_topic)
-            rtts = []
-            for _ in range(PINGS):
-                started = time.perf_counter()
-                client.request(f"{PREFIX}/{agent.device}/cmd/ping", {})
-                rtts.append((time.perf_counter() - started) * 1000)
-            assert agent.process is not None
-            out[name] = {
-                "rtt_p50_ms": round(statistics.median(rtts), 2),
-                "rtt_p95_ms": round(sorted(rtts)[int(len(rtts) * 0.95)], 2),
-                "rss_mb": round(agent_rss_mb(agent.process.pid), 1),
-            }
-            client.close()
+        yield {name: (agent, clients[name]) for name, agent in agents.items()}
     finally:
+        for client in clients.values():
+            client.close()
         for agent in agents.values():
             if agent.process is not None:
                 agent.process.terminate()
                 agent.process.wait(10)
+
+
+def _ping_both(agents: dict[str, Any], first: int) -> dict[str, dict[str, float]]:
+    """``PINGS`` pings of each agent, one of each in turn (the order alternating), so that other
+    work on the machine lands on both alike."""
+    rtts: dict[str, list[float]] = {name: [] for name in agents}
+    for i in range(PINGS):
+        names = list(agents) if (i + first) % 2 == 0 else list(agents)[::-1]
+        for name in names:
+            agent, client = agents[name]
+            started = time.perf_counter()
+            client.request(f"{PREFIX}/{agent.device}/cmd/ping", {})
+            rtts[name].append((time.perf_counter() - started) * 1000)
+    out = {}
+    for name, (agent, _client) in agents.items():
+        assert agent.process is not None
+        found = sorted(rtts[name])
+        out[name] = {
+            "rtt_p50_ms": statistics.median(found),
+            "rtt_p95_ms": found[int(len(found) * 0.95)],
+            "rss_mb": agent_rss_mb(agent.process.pid),
+        }
     return out
+
+
+def _round(fleet: IdentityFleet, agents: dict[str, Any], work: Path, i: int) -> dict[str, Any]:
+    one_by_one = _enroll_one_by_one(fleet, work / f"seq-{i}", i)
+    service = _service_throughput(fleet, i)
+    pings = _ping_both(agents, i)
+    return {
+        "enrollment_per_device": {
+            "devices": SEQUENTIAL,
+            "p50_ms": statistics.median(one_by_one),
+            "max_ms": max(one_by_one),
+        },
+        "enrollment_service": service,
+        "agent_plain_vs_mtls": {name: pings[name] for name in ("plain", "mtls")},
+        # Within the round, where both agents saw the same load: what mTLS adds.
+        "mtls_rtt_p50_x_plain": pings["mtls"]["rtt_p50_ms"] / pings["plain"]["rtt_p50_ms"],
+        "mtls_rss_mb_more": pings["mtls"]["rss_mb"] - pings["plain"]["rss_mb"],
+    }
 
 
 def run(results_dir: Path) -> dict[str, Any]:
@@ -155,32 +197,38 @@ def run(results_dir: Path) -> dict[str, Any]:
         fleet.service.limit = RateLimit(rate=100_000, burst=100_000, per_device_s=0)
         plain = Mosquitto(workdir=work / "plain-broker").start()
         try:
-            one_by_one = _enroll_one_by_one(fleet, work / "seq")
-            service = _service_throughput(fleet)
-            agents = _agent_side_by_side(fleet, plain, work / "agents")
+            with _agents(fleet, plain, work / "agents") as agents:
+                each = [_round(fleet, agents, work, i) for i in range(rounds())]
         finally:
             plain.stop()
             fleet.stop()
-    per_device = {
-        "devices": SEQUENTIAL,
-        "p50_ms": round(statistics.median(one_by_one), 1),
-        "max_ms": round(max(one_by_one), 1),
-    }
+    merged = summarize(each, digits=2)
+    per_device, service = merged["enrollment_per_device"], merged["enrollment_service"]
+    agents_ = merged["agent_plain_vs_mtls"]
+    plain_, mtls = agents_["plain"], agents_["mtls"]
     return {
         "headline": (
-            f"enrollment {per_device['p50_ms']:.0f} ms per device (p50); the service "
-            f"{service['devices_per_s']:.0f} devices/s for {DEVICES:,}; agent p50 "
-            f"{agents['plain']['rtt_p50_ms']} ms / {agents['plain']['rss_mb']} MB plain vs "
-            f"{agents['mtls']['rtt_p50_ms']} ms / {agents['mtls']['rss_mb']} MB with mTLS"
+            f"enrollment {num(per_device['p50_ms'], '.0f', ' ms')} per device (p50); the service "
+            f"{num(service['devices_per_s'], '.0f', ' devices/s')} for {DEVICES:,}; agent p50 "
+            f"{plain_['rtt_p50_ms']['median']:.2f} ms / {plain_['rss_mb']['median']:.1f} MB plain "
+            f"vs {mtls['rtt_p50_ms']['median']:.2f} ms / {mtls['rss_mb']['median']:.1f} MB with "
+            f"mTLS (medians of {len(each)} rounds; mTLS's p50 "
+            f"{num(merged['mtls_rtt_p50_x_plain'], '.2f', 'x')} plain's in the same round)"
         ),
-        "targets_met": service["issued"] == DEVICES,
+        "targets_met": all(r["enrollment_service"]["issued"] == DEVICES for r in each),
+        "targets": {"every_claim_issued": f"{DEVICES:,} of {DEVICES:,} in every round"},
+        "runs": len(each),
         "setup": {
             "broker": "Mosquitto 2.0.11, TLS 1.2+, require_certificate, ACL, CRL",
             "keys": "EC P-256 (device keys, CA)",
             "store": "local directory store",
             "service": "in the benchmark's process, over MQTT (cloud_sync.mqtt.CloudClient)",
+            "rounds": "brokers, service and both agents started once; each round enrolls new "
+            "devices and pings both agents, one ping of each in turn",
         },
         "enrollment_per_device": per_device,
         "enrollment_service": service,
-        "agent_plain_vs_mtls": agents,
+        "agent_plain_vs_mtls": agents_,
+        "mtls_rtt_p50_x_plain": merged["mtls_rtt_p50_x_plain"],
+        "mtls_rss_mb_more": merged["mtls_rss_mb_more"],
     }
