@@ -107,8 +107,11 @@ def install(
     core_app: ASGIApp,
     timeout_s: float,
     on_timeout: Callable[[], None] | None = None,
+    early: Any = None,
 ) -> None:
-    """Make ``service``'s ASGI app (what BentoML's worker hands uvicorn) a ``FastLane``."""
+    """Make ``service``'s ASGI app (what BentoML's worker hands uvicorn) a ``FastLane``; with
+    ``early`` (``protocol_refusal.Check``), the lane's refusals answered by uvicorn's protocol
+    too (``bentos/protocol_refusal.py``), where the lane is taken."""
     cls = type(service)
     original = cls.to_asgi
 
@@ -121,9 +124,20 @@ def install(
         if reason:
             log.info("%s: the core's paths go through BentoML's middleware", reason)
             return stack
+        if early is not None:
+            _refuse_in_protocol(early)
         return FastLane(stack, core_app, timeout_s, on_timeout)
 
     cls.to_asgi = to_asgi
+
+
+def _refuse_in_protocol(early: Any) -> None:
+    try:
+        from bentos import protocol_refusal  # needs httptools (uvicorn's fast parser)
+    except ImportError:
+        log.info("no httptools: refusals are answered by the app")
+        return
+    protocol_refusal.install(early)
 
 
 def stack_needed(service: Any) -> str | None:

@@ -30,7 +30,7 @@ from bentos.loop_lag import LoopLag
 from bentos.store import load_stored_pack
 from bentos.time_limits import REQUEST_LIMITS
 from modelpack import PredictorOptions, logs
-from modelpack.errors import ConfigError, InputError
+from modelpack.errors import ConfigError, InputError, OverloadError
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving.core import ServingCore
@@ -155,6 +155,18 @@ JSON = {"content-type": "application/json"}
 JSON_HEADER = (b"content-type", b"application/json")
 
 
+def asgi_headers(answer: HttpResponse) -> list[tuple[bytes, bytes]]:
+    """The answer's header list as ``serve`` sends it (and ``early_refusal`` writes it)."""
+    if answer.headers == JSON:  # most answers: their header list is not built again
+        headers = [JSON_HEADER, (b"content-length", b"%d" % len(answer.body))]
+    else:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
+        headers.append((b"content-length", b"%d" % len(answer.body)))
+    if answer.status == 408:  # the rest of a late body is not read: the connection ends
+        headers.append((b"connection", b"close"))
+    return headers
+
+
 async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     """The core's HTTP surface as a bare ASGI app: no router or request objects between
     uvicorn's parser and the core (they cost more than the refusal itself under a flood)."""
@@ -163,15 +175,28 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     answer = await _answer(_core(), scope, receive)
     if answer is None:
         return  # the client went away: nobody to answer
-    if answer.headers == JSON:  # most answers: their header list is not built again
-        headers = [JSON_HEADER, (b"content-length", b"%d" % len(answer.body))]
-    else:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()]
-        headers.append((b"content-length", b"%d" % len(answer.body)))
-    if answer.status == 408:  # the rest of a late body is not read: the connection ends
-        headers.append((b"connection", b"close"))
+    headers = asgi_headers(answer)
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body})
+
+
+def early_refusal(
+    method: str, path: str, raw: list[tuple[bytes, bytes]]
+) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """The 503 ``serve`` would answer from this request's headers, counted and built as
+    ``serve`` builds it, for ``protocol_refusal`` to write before uvicorn builds the request;
+    None for anything else (``serve`` then answers it, admission checked again)."""
+    if not fast_lane.in_lane(path):
+        return None
+    core = _core()
+    try:
+        admit(core, method, path, _first_headers(raw), time.monotonic() - LAG.behind())
+    except OverloadError as exc:
+        answer = refuse(core, exc)
+        return answer.status, asgi_headers(answer), answer.body
+    except Exception:  # not a refusal of the queue's: serve meets it again and answers it
+        return None
+    return None
 
 
 def batch_scheduling() -> bool:
@@ -235,5 +260,9 @@ class EdgebentoService:
 
 if os.environ.get("EDGEBENTO_FAST_LANE", "1") != "0":
     fast_lane.install(
-        EdgebentoService, serve, TIMEOUT_S, lambda: _core().metrics.failed("run_timeout")
+        EdgebentoService,
+        serve,
+        TIMEOUT_S,
+        lambda: _core().metrics.failed("run_timeout"),
+        early_refusal if os.environ.get("EDGEBENTO_PROTOCOL_REFUSAL", "1") != "0" else None,
     )

@@ -1,0 +1,138 @@
+"""Under a flood, the core's refusals are answered by uvicorn's HTTP protocol itself.
+
+A refusal is decided from the request's headers alone (``routes.admit``: the model's queue
+cannot start it before its deadline), but uvicorn builds the whole request for the app first: a
+scope, a ``RequestResponseCycle`` with its event, a task and its callbacks, then the ASGI
+messages of the answer, each header checked against two regular expressions. Under the 4x flood
+of ``benchmarks/bench_serving_overload.py`` three requests in four are refused, and that
+machinery cost more than the refusal itself: CPU the model's accepted requests lost.
+
+So ``RefusingProtocol`` asks the same question (``check``: the service's ``early_refusal``) as
+soon as the headers are parsed, and when the answer is a refusal, writes it to the transport as
+uvicorn would have (the same status line, default headers, headers and body, byte for byte) and
+discards the request's body as uvicorn does for an answer sent before the body was read. It
+takes only what cannot change the answer's bytes or order:
+
+- nothing else in flight on the connection (a pipelined request waits its turn, as before);
+- HTTP/1.1 keep-alive (a closing connection gets ``connection: close`` from uvicorn's path);
+- no ``Expect: 100-continue``, no upgrade, no access log, no concurrency limit of uvicorn's.
+
+Everything else, and every request the check lets through, goes through uvicorn's own path
+unchanged (the app checks admission once more). ``EDGEBENTO_PROTOCOL_REFUSAL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+# (method, path, headers as uvicorn parsed them) -> (status, header list, body) of a refusal,
+# or None to let the app answer.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+Check = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
+
+NAME = "bentos.protocol_refusal:RefusingProtocol"
+CHECK: Check | None = None  # what ``install`` was given
+
+
+def response_bytes(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    defaults: list[tuple[bytes, bytes]],
+) -> bytes:
+    """What uvicorn's ``RequestResponseCycle.send`` writes for this answer on a keep-alive
+    connection, given a ``content-length`` in ``headers``: the status line, the server's
+    default headers (``date``), the headers, a blank line and the body."""
+    parts = [STATUS_LINE[status]]
+    for name, value in defaults:
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        parts += (name.lower(), b": ", value, b"\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
+class RefusingProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.discarding = False  # the body of a request answered here is still arriving
+
+    def on_headers_complete(self) -> None:
+        if not self._refused():
+            super().on_headers_complete()
+
+    def _refused(self) -> bool:
+        check = CHECK
+        cycle = self.cycle
+        parser = self.parser
+        if (
+            check is None
+            or (cycle is not None and not cycle.response_complete)  # one in flight: in order
+            or self.expect_100_continue
+            or self.access_log
+            or self.limit_concurrency is not None
+            or parser.get_method() != b"POST"  # only an inference is refused from its headers
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or parser.should_upgrade()
+        ):
+            return False
+        path = _path(self.url)
+        if path is None:
+            return False
+        try:
+            answer = check("POST", self.root_path + path, self.headers)
+        except Exception as exc:  # a bug of ours must not become the parser's 400: the app answers
+            log.error("the early admission check failed: %s", exc, exc_info=exc)
+            return False
+        if answer is None:
+            return False
+        status, headers, body = answer
+        defaults = self.server_state.default_headers
+        self.discarding = True
+        self.transport.write(response_bytes(status, headers, body, defaults))
+        self.on_response_complete()  # counted, reading resumed, the keep-alive timer armed
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.discarding:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.discarding:
+            self.discarding = False
+            return
+        super().on_message_complete()
+
+
+def _path(url: bytes) -> str | None:
+    """The path as uvicorn puts it in the scope (percent-decoded); None where it would not
+    parse it the same way (then uvicorn's own path answers)."""
+    try:
+        path = httptools.parse_url(url).path.decode("ascii")
+    except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+        return None
+    if "%" in path:
+        from urllib.parse import unquote
+
+        path = unquote(path)
+    return path
+
+
+def install(check: Check) -> bool:
+    """Make uvicorn's default HTTP protocol (``auto``, and ``httptools`` by name) a
+    ``RefusingProtocol`` asking ``check``, for the servers configured from now on (BentoML's
+    worker builds its ``uvicorn.Config`` after it loaded the service)."""
+    from uvicorn import config
+
+    global CHECK
+    CHECK = check
+    config.HTTP_PROTOCOLS["auto"] = config.HTTP_PROTOCOLS["httptools"] = NAME
+    return True

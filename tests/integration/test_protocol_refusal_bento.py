@@ -1,0 +1,106 @@
+"""Refusals answered by uvicorn's protocol in ``bentoml serve`` (``bentos/protocol_refusal.py``):
+the same 503 as the app's, byte for byte; counted as before; the connection serves on. A queue
+of 0 makes every inference a refusal decided from its headers."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from benchmarks.serving_common import Process, import_to_store, start_bento
+from tests.integration.test_protocol_refusal_uvicorn import answers, head, undated
+from tests.support import serving_models
+from tests.support.bento_servers import started_together
+
+pytestmark = pytest.mark.integration
+
+BODY = b'{"inputs": {"a": [[1, 2, 3, 4]], "b": [[1, 1, 1, 1]]}}'
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]
+) -> Iterator[dict[str, Process]]:
+    """The add model behind a queue of 0, refused by the protocol (``protocol``) and, for the
+    comparison, by the app (``app``: ``EDGEBENTO_PROTOCOL_REFUSAL=0``)."""
+    from modelpack import create_pack
+
+    work = tmp_path_factory.mktemp("protocol-refusal")
+    create_pack(
+        serving_models.add_two(work / "add.onnx"), work / "add", name="add", version=1, key=keys[0]
+    )
+    tag = import_to_store(work / "add", keys[1], work / "bentoml")
+    start = partial(
+        start_bento, work / "bentoml", tag, work, EDGEBENTO_WORKERS="1", EDGEBENTO_MAX_QUEUE="0"
+    )
+    starts = {"protocol": start, "app": partial(start, EDGEBENTO_PROTOCOL_REFUSAL="0")}
+    with started_together(starts) as running:
+        yield running
+
+
+def _connect(server: Process) -> socket.socket:
+    parts = urlsplit(server.url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+
+def _refused_total(server: Process) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    found = re.findall(
+        r'(?m)^edgebento_overload_rejected_total\{[^}]*reason="queue_full"[^}]*\} (\S+)', text
+    )
+    return sum(float(v) for v in found)
+
+
+def test_a_refusal_is_the_apps_503_byte_for_byte(servers: dict[str, Process]) -> None:
+    got = {}
+    for name, server in servers.items():
+        with _connect(server) as sock:
+            sock.sendall(head("/predict", len(BODY)) + BODY)
+            (got[name],) = answers(sock, 1)
+    assert got["protocol"].startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nretry-after: 1\r\n" in got["protocol"]
+    assert got["protocol"].endswith(b'"reason":"queue_full","retry_after_s":1}')
+    assert undated(got["protocol"]) == undated(got["app"])
+
+
+def test_refusals_are_counted_and_the_connection_serves_on(servers: dict[str, Process]) -> None:
+    """Bodies still arriving after their 503 (whole, in pieces, chunked) are read past, and the
+    next request on the connection is answered; every refusal is counted once."""
+    server = servers["protocol"]
+    before = _refused_total(server)
+    with _connect(server) as sock:
+        for _ in range(3):
+            sock.sendall(head("/predict", len(BODY)))
+            (refused,) = answers(sock, 1)
+            assert refused.startswith(b"HTTP/1.1 503")
+            sock.sendall(BODY[:10])
+            sock.sendall(BODY[10:])
+        sock.sendall(head("/v2/models/add/infer", None, "Transfer-Encoding: chunked\r\n"))
+        (refused,) = answers(sock, 1)
+        assert refused.startswith(b"HTTP/1.1 503")
+        sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY))
+        sock.sendall(b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        (metadata,) = answers(sock, 1)
+    assert metadata.startswith(b"HTTP/1.1 200") and b'"add"' in metadata
+    assert _refused_total(server) == before + 4
+
+
+def test_pipelined_requests_keep_their_order(servers: dict[str, Process]) -> None:
+    """A refusal pipelined behind a request in flight waits for its answer."""
+    with _connect(servers["protocol"]) as sock:
+        sock.sendall(
+            b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n"
+            + head("/predict", len(BODY))
+            + BODY
+            + b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        got = answers(sock, 3)
+    assert [a[:12] for a in got] == [b"HTTP/1.1 200", b"HTTP/1.1 503", b"HTTP/1.1 200"]
+    assert b'"add"' in got[0] and got[2].endswith(b'{"ready":true}')

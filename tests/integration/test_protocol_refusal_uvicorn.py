@@ -1,0 +1,250 @@
+"""``RefusingProtocol`` on a real uvicorn server (uvloop, httptools) over loopback sockets: a
+refusal decided from the headers is written by the protocol, the same bytes as the app's
+answer through uvicorn, the app never called; the body that still arrives is discarded and the
+connection serves the next request; anything it must not take goes to the app, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from benchmarks.serving_common import free_port
+from bentos import protocol_refusal
+from bentos.protocol_refusal import RefusingProtocol
+
+pytestmark = pytest.mark.integration
+
+BODY = (
+    b'{"error":"the model\'s queue is full; retry shortly","reason":"queue_full","retry_after_s":1}'
+)
+REFUSAL = (
+    503,
+    [
+        (b"content-type", b"application/json"),
+        (b"retry-after", b"1"),
+        (b"content-length", b"%d" % len(BODY)),
+    ],
+    BODY,
+)
+
+
+class App:
+    """Answers ``/refuse`` with the same 503 the check gives, anything else with a 200 that
+    says how many body bytes it read; records every request it was called for."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls.append(scope["path"])
+        if scope["path"] == "/refuse":
+            status, headers, body = REFUSAL
+        else:
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    break
+            status, body = 200, b'{"read":%d}' % size
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class Served:
+    def __init__(self, protocol: Any) -> None:
+        self.app = App()
+        self.port = free_port()
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            http=protocol,
+            loop="uvloop",
+            lifespan="off",
+            log_config=None,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        while not self.server.started:  # the server's own flag, set once it listens
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            self.thread.join(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+class Unlogged(RefusingProtocol):
+    """As in the service, uvicorn's access log is off (pytest's capture gives its logger a
+    handler; with one, every answer is the app's, which logs it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access_log = False
+
+
+def check(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Any:
+    if dict(headers).get(b"x-check") == b"raise":
+        raise RuntimeError("a bug in the check")
+    return REFUSAL if path == "/refuse" else None
+
+
+@pytest.fixture
+def refusing(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    monkeypatch.setattr(protocol_refusal, "CHECK", check)
+    with Served(Unlogged) as served:
+        yield served
+
+
+def head(path: str, length: int | None = 0, extra: str = "") -> bytes:
+    size = "" if length is None else f"Content-Length: {length}\r\n"
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\n{size}{extra}\r\n".encode()
+
+
+def answers(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` whole answers, in the order they came, however the bytes were split."""
+    data, found = b"", []
+    while len(found) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", data[:end])
+            total = end + 4 + (int(length.group(1)) if length else 0)
+            if len(data) >= total:
+                found.append(data[:total])
+                data = data[total:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return found
+
+
+def undated(answer: bytes) -> bytes:
+    return re.sub(rb"(?m)^date: [^\r]*\r\n", b"date: -\r\n", answer)
+
+
+def test_a_refusal_is_the_apps_answer_byte_for_byte_without_the_app(refusing: Served) -> None:
+    with refusing.connect() as sock:
+        sock.sendall(head("/refuse", 2) + b"{}")
+        (ours,) = answers(sock, 1)
+    with Served("httptools") as plain, plain.connect() as sock:
+        sock.sendall(head("/refuse", 2) + b"{}")
+        (apps,) = answers(sock, 1)
+    assert plain.app.calls == ["/refuse"]
+    assert refusing.app.calls == []
+    assert ours.startswith(b"HTTP/1.1 503 Service Unavailable\r\ndate: ")
+    assert undated(ours) == undated(apps)
+
+
+def test_the_body_that_still_arrives_is_discarded_and_the_connection_serves_on(
+    refusing: Served,
+) -> None:
+    with refusing.connect() as sock:
+        sock.sendall(head("/refuse", 3000))
+        (refused,) = answers(sock, 1)  # before any byte of its body
+        for _ in range(3):
+            sock.sendall(b"x" * 1000)
+        sock.sendall(head("/ok", 5) + b"hello")
+        (ok,) = answers(sock, 1)
+    assert refused.startswith(b"HTTP/1.1 503") and b'"reason":"queue_full"' in refused
+    assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b'{"read":5}')
+    assert refusing.app.calls == ["/ok"]
+
+
+def test_a_chunked_body_is_discarded_too(refusing: Served) -> None:
+    with refusing.connect() as sock:
+        sock.sendall(head("/refuse", None, "Transfer-Encoding: chunked\r\n"))
+        (refused,) = answers(sock, 1)
+        sock.sendall(b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n" + head("/ok", 2) + b"hi")
+        (ok,) = answers(sock, 1)
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert ok.endswith(b'{"read":2}')
+    assert refusing.app.calls == ["/ok"]
+
+
+def test_pipelined_requests_are_answered_in_order(refusing: Served) -> None:
+    """A request behind one in flight is not the protocol's: it waits its turn in uvicorn's
+    pipeline, and the answers come in the order of the requests."""
+    with refusing.connect() as sock:
+        sock.sendall(head("/ok", 3) + b"abc" + head("/refuse", 2) + b"{}" + head("/ok", 1) + b"z")
+        got = answers(sock, 3)
+        sock.sendall(head("/refuse", 2) + b"{}")  # nothing in flight now: the protocol's
+        (last,) = answers(sock, 1)
+    assert [a[:12] for a in got] == [b"HTTP/1.1 200", b"HTTP/1.1 503", b"HTTP/1.1 200"]
+    assert got[0].endswith(b'{"read":3}') and got[2].endswith(b'{"read":1}')
+    assert undated(got[1]) == undated(last)
+    assert refusing.app.calls == ["/ok", "/refuse", "/ok"]
+
+
+@pytest.mark.parametrize(
+    ("request_head", "closes"),
+    [
+        (head("/refuse", 2, "Expect: 100-continue\r\n"), False),
+        (head("/refuse", 2, "Connection: close\r\n"), True),
+        (b"POST /refuse HTTP/1.0\r\nContent-Length: 2\r\n\r\n", True),
+        (head("/refuse", 2, "X-Check: raise\r\n"), False),
+    ],
+)
+def test_what_the_protocol_must_not_take_goes_to_the_app(
+    refusing: Served, request_head: bytes, closes: bool
+) -> None:
+    """Expect: 100-continue, a closing connection, HTTP/1.0, and a check that fails: the app
+    answers (the same 503), with uvicorn's own handling of the connection."""
+    with refusing.connect() as sock:
+        sock.sendall(request_head)
+        (answer,) = answers(sock, 1)
+        assert answer.startswith(b"HTTP/1.1 503") and b"100 Continue" not in answer
+        if closes:
+            assert b"connection: close" in answer
+            assert sock.recv(10) == b""  # the server closed it
+        else:
+            sock.sendall(b"{}" + head("/ok", 0))
+            (ok,) = answers(sock, 1)
+            assert ok.startswith(b"HTTP/1.1 200")
+    assert refusing.app.calls[0] == "/refuse"
+
+
+def test_a_client_that_leaves_mid_body_leaves_nothing_behind(
+    refusing: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    for _ in range(20):
+        with refusing.connect() as sock:
+            sock.sendall(head("/refuse", 10_000) + b"x" * 100)
+            (refused,) = answers(sock, 1)
+            assert refused.startswith(b"HTTP/1.1 503")
+    with refusing.connect() as sock:
+        sock.sendall(head("/ok", 1) + b"a")
+        (ok,) = answers(sock, 1)
+    assert ok.endswith(b'{"read":1}')
+    connections = refusing.server.server_state.connections
+
+    async def drained() -> None:  # the server drops each connection when its loop sees it close
+        while connections:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(drained(), 10))
+    assert refusing.app.calls == ["/ok"]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
