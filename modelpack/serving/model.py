@@ -4,6 +4,7 @@ bounded queue and its result cache."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -129,6 +130,24 @@ def checked_plan(predictor: Predictor, plan: SequenceAxis) -> SequenceAxis | Non
     return plan
 
 
+class RunCount:
+    """Model runs and their rows, counted from the threads of a threaded target."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.runs = 0
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        with self._lock:
+            self.runs += 1
+            self.rows += rows
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.runs, self.rows
+
+
 class ServedModel:
     def __init__(
         self,
@@ -167,7 +186,8 @@ class ServedModel:
                 self.version,
                 self.batching_off,
             )
-        # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off.
+        # Async targets (BentoML) queue in a Batcher: batch rows 1 when batching is off. It counts
+        # its own runs, so it runs a member alone uncounted (``_run_checked``, not ``run``).
         self.batcher = Batcher(
             self._run_batch,
             self.plan,
@@ -176,10 +196,11 @@ class ServedModel:
             retry_after_s=limits.retry_after_s,
             max_wait_s=limits.max_queue_wait_s,
             metrics=metrics,
-            run_alone=self.run,
+            run_alone=self._run_checked,
         )
         # Threaded targets (the agent, Lambda) queue at the gate.
         self.gate = Gate(running, limits.max_queue, limits.retry_after_s, metrics)
+        self.alone = RunCount()  # their runs: one per request, as edgebento_batch_size counts
 
     def _why_not_batch(self, wanted: bool) -> str | None:
         if not wanted:
@@ -198,6 +219,13 @@ class ServedModel:
         return outputs
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One validated request run alone on a threaded target (``ServingCore.run_sync``, which
+        observes ``edgebento_batch_size`` for it): counted, failing or not, as the Batcher counts
+        its runs, so that ``metadata()["batches"]`` agrees with the metric on every target."""
+        self.alone.add(self.feed_checks.rows(feed, self.limits))  # remembered: a dict lookup
+        return self._run_checked(feed)
+
+    def _run_checked(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One validated request through the model. When ONNX Runtime fails on it (FAIL, not
         INVALID_ARGUMENT: an integer division by zero, a Reshape the client's shapes do not
         fit), the model runs a known-good input again: if that still runs, the failure is this
@@ -230,6 +258,7 @@ class ServedModel:
 
     def metadata(self) -> dict[str, Any]:
         m = self.manifest
+        runs, rows = self.alone.snapshot()
         doc: dict[str, Any] = {
             "model": self.predictor.model_ref,
             **self.about,
@@ -237,8 +266,9 @@ class ServedModel:
             "outputs": [s.model_dump(mode="json") for s in self.output_specs()],
             "batching": self.batching_off is None,
             "batching_off": self.batching_off,
-            # This process's batches so far: rows / batches is the mean batch size under load.
-            "batches": {"count": self.batcher.batches, "rows": self.batcher.rows},
+            # This model's runs since it was loaded, queued (BentoML) or alone (the agent,
+            # Lambda): rows / count is the mean batch size under load.
+            "batches": {"count": self.batcher.batches + runs, "rows": self.batcher.rows + rows},
             "cache_bytes": self.limits.cache_bytes,
         }
         if m is not None:

@@ -1,6 +1,7 @@
 """The agent's ``edgebento_batch_size`` counts its model runs, as BentoML's does: one observation
 per run, of the rows it ran, on every path that runs the model (MQTT, the local HTTP endpoint in
-tensor JSON and OIP, pipelines); a refused request runs nothing and is not counted."""
+tensor JSON and OIP, pipelines); a refused request runs nothing and is not counted. ``GET
+/metadata``'s ``batches`` says the same (it counted only the Batcher's runs, and stayed 0 here)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def _batch_size(port: int) -> dict[str, float]:
                 found[sample.name.rsplit("_", 1)[1]] = sample.value
     assert found, "the agent does not export edgebento_batch_size"
     return found
+
+
+def _metadata_batches(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=10) as response:
+        return dict(json.loads(response.read())["batches"])
 
 
 def _post(port: int, path: str, doc: dict[str, Any]) -> int:
@@ -68,6 +74,7 @@ labels = ["left", "stay", "right"]
     wait_for_port(port)
     before = _batch_size(port)
     assert before["count"] == 0 and before["sum"] == 0, before  # installing ran no request
+    assert _metadata_batches(port) == {"count": 0, "rows": 0}
 
     runs: list[int] = []
     for rows in (1, 3, 5):  # MQTT, tensor JSON
@@ -94,3 +101,4 @@ labels = ["left", "stay", "right"]
     assert after["sum"] == sum(runs), (after, runs)
     for bound in ("1.0", "2.0", "4.0", "8.0"):
         assert after[bound] == sum(1 for rows in runs if rows <= float(bound)), (bound, after)
+    assert _metadata_batches(port) == {"count": len(runs), "rows": sum(runs)}
