@@ -125,19 +125,12 @@ def install(
             log.info("%s: the core's paths go through BentoML's middleware", reason)
             return stack
         if early is not None:
-            _refuse_in_protocol(early)
+            from bentos import protocol_refusal
+
+            protocol_refusal.install(early)
         return FastLane(stack, core_app, timeout_s, on_timeout)
 
     cls.to_asgi = to_asgi
-
-
-def _refuse_in_protocol(early: Any) -> None:
-    try:
-        from bentos import protocol_refusal  # needs httptools (uvicorn's fast parser)
-    except ImportError:
-        log.info("no httptools: refusals are answered by the app")
-        return
-    protocol_refusal.install(early)
 
 
 def stack_needed(service: Any) -> str | None:

@@ -32,30 +32,31 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-# (method, path, headers as uvicorn parsed them) -> (status, header list, body) of a refusal,
-# or None to let the app answer.
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
-Check = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
+# A refusal: its status, its header lines as uvicorn writes them (the server's default headers
+# aside) ending with the blank line, and its body.
+Refusal = tuple[int, bytes, bytes]
+# (method, path, headers as uvicorn parsed them) -> the refusal, or None to let the app answer.
+Check = Callable[[str, str, list[tuple[bytes, bytes]]], Refusal | None]
 
 NAME = "bentos.protocol_refusal:RefusingProtocol"
 CHECK: Check | None = None  # what ``install`` was given
 
 
+def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``headers`` as uvicorn's ``RequestResponseCycle.send`` writes them on a keep-alive
+    connection (names lower-cased), and the blank line after them."""
+    return b"".join([name.lower() + b": " + value + b"\r\n" for name, value in headers]) + b"\r\n"
+
+
 def response_bytes(
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes,
-    defaults: list[tuple[bytes, bytes]],
+    status: int, head: bytes, body: bytes, defaults: list[tuple[bytes, bytes]]
 ) -> bytes:
-    """What uvicorn's ``RequestResponseCycle.send`` writes for this answer on a keep-alive
-    connection, given a ``content-length`` in ``headers``: the status line, the server's
-    default headers (``date``), the headers, a blank line and the body."""
+    """What uvicorn writes for an answer whose header lines are ``head`` (``header_block``):
+    the status line, the server's default headers (``date``), ``head`` and the body."""
     parts = [STATUS_LINE[status]]
     for name, value in defaults:
         parts += (name, b": ", value, b"\r\n")
-    for name, value in headers:
-        parts += (name.lower(), b": ", value, b"\r\n")
-    parts += (b"\r\n", body)
+    parts += (head, body)
     return b"".join(parts)
 
 
@@ -94,10 +95,9 @@ class RefusingProtocol(HttpToolsProtocol):
             return False
         if answer is None:
             return False
-        status, headers, body = answer
-        defaults = self.server_state.default_headers
+        status, head, body = answer
         self.discarding = True
-        self.transport.write(response_bytes(status, headers, body, defaults))
+        self.transport.write(response_bytes(status, head, body, self.server_state.default_headers))
         self.on_response_complete()  # counted, reading resumed, the keep-alive timer armed
         return True
 

@@ -25,17 +25,18 @@ from collections.abc import Mapping
 import bentoml
 from starlette.types import Receive, Scope, Send
 
-from bentos import bentoml_fixes, fast_lane
+from bentos import bentoml_fixes, fast_lane, protocol_refusal
 from bentos.loop_lag import LoopLag
+from bentos.protocol_refusal import Refusal
 from bentos.store import load_stored_pack
 from bentos.time_limits import REQUEST_LIMITS
 from modelpack import PredictorOptions, logs
-from modelpack.errors import ConfigError, InputError, OverloadError
+from modelpack.errors import ConfigError, InputError
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
-from modelpack.serving.core import ServingCore
+from modelpack.serving.core import TIMEOUT_HEADER, ServingCore
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle, refuse
+from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle, refusal, refuse
 
 bentoml_fixes.install()
 # BentoML configured its loggers before importing us: give its handlers our line format.
@@ -180,23 +181,37 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-def early_refusal(
-    method: str, path: str, raw: list[tuple[bytes, bytes]]
-) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+# Admission reads one header (``ServingCore.refusal``): the protocol's check finds it alone.
+TIMEOUT_NAME = TIMEOUT_HEADER.encode()
+NO_HEADERS: dict[str, str] = {}  # never written
+# A 503's header lines as uvicorn writes them, by its header set: refusals differ only in body.
+_REFUSAL_HEADS: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
+def early_refusal(method: str, path: str, raw: list[tuple[bytes, bytes]]) -> Refusal | None:
     """The 503 ``serve`` would answer from this request's headers, counted and built as
     ``serve`` builds it, for ``protocol_refusal`` to write before uvicorn builds the request;
     None for anything else (``serve`` then answers it, admission checked again)."""
     if not fast_lane.in_lane(path):
         return None
+    headers = NO_HEADERS
+    for name, value in raw:
+        if name == TIMEOUT_NAME:  # the first, as in _first_headers
+            headers = {TIMEOUT_HEADER: value.decode("latin-1")}
+            break
     core = _core()
-    try:
-        admit(core, method, path, _first_headers(raw), time.monotonic() - LAG.behind())
-    except OverloadError as exc:
-        answer = refuse(core, exc)
-        return answer.status, asgi_headers(answer), answer.body
-    except Exception:  # not a refusal of the queue's: serve meets it again and answers it
+    exc = refusal(core, method, path, headers, time.monotonic() - LAG.behind())
+    if exc is None:
         return None
-    return None
+    answer = refuse(core, exc)
+    key = tuple(answer.headers.items())
+    head = _REFUSAL_HEADS.get(key)
+    if head is None:
+        lines = asgi_headers(answer)
+        if len(_REFUSAL_HEADS) > 64 or lines[-1][0] != b"content-length":  # not a plain 503
+            return answer.status, protocol_refusal.header_block(lines), answer.body
+        head = _REFUSAL_HEADS[key] = protocol_refusal.header_block(lines[:-1])[:-2]
+    return answer.status, head + b"content-length: %d\r\n\r\n" % len(answer.body), answer.body
 
 
 def batch_scheduling() -> bool:

@@ -194,16 +194,34 @@ class ServingCore:
         self._admit(model, arrived + self.limits.deadline(header_timeout))
         return True
 
+    def refusal(
+        self, model: ServedModel, headers: Mapping[str, str], arrived: float
+    ) -> OverloadError | None:
+        """``admit``'s refusal returned, not raised (a raise costs a traceback and its frames,
+        under a flood on most requests); None when it admits or does not check. It reads one
+        header of ``headers``: ``TIMEOUT_HEADER``."""
+        try:
+            header_timeout = _timeout_header(headers)
+        except InputError:
+            return None
+        return self._refusal(model, arrived + self.limits.deadline(header_timeout))
+
     def _admit(self, model: ServedModel, deadline: float) -> None:
         """Refuse before parsing what cannot start in time: parsing it would be wasted work."""
+        refusal = self._refusal(model, deadline)
+        if refusal is not None:
+            raise refusal
+
+    def _refusal(self, model: ServedModel, deadline: float) -> OverloadError | None:
         if model.batcher.full() or model.gate.full():
-            raise OverloadError(
+            return OverloadError(
                 "the model's queue is full; retry shortly",
                 reason="queue_full",
                 retry_after_s=self.limits.retry_after_s,
             )
         if model.batcher.would_miss(deadline):
-            raise model.batcher.refuse_late()
+            return model.batcher.refuse_late()
+        return None
 
     def _cached(self, job: Job) -> bool:
         cache = job.model.cache

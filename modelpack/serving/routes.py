@@ -20,6 +20,7 @@ from modelpack.codec import dumps
 from modelpack.errors import EdgebentoError, InputError, OverloadError
 from modelpack.serving import oip
 from modelpack.serving.core import Job, Protocol, ServingCore
+from modelpack.serving.model import ServedModel
 from modelpack.serving.reasons import (
     STATUS_BY_REASON,
     NotFoundRoute,
@@ -201,13 +202,9 @@ _ROUTES: dict[tuple[str, str], Route] = {}
 MAX_ROUTES_KEPT = 64
 
 
-def admit(
-    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
-) -> Route | None:
-    """Before the body is read: OverloadError for an inference the model's queue cannot start
-    in time. Every other fault (path, model, headers, body) is left to ``handle``. Returns the
-    route of an admitted inference (``handle`` then neither matches it nor admits it again:
-    the queue checks it once more when the request is submitted)."""
+def _inference(core: ServingCore, method: str, path: str) -> tuple[Route, ServedModel] | None:
+    """The route and live model of an inference request; None for anything else, or a fault
+    (path, model) that ``handle`` answers."""
     try:
         route = _ROUTES.get((method, path))
         if route is None:
@@ -216,12 +213,32 @@ def admit(
                 _ROUTES[(method, path)] = route
         if route.infer is None:
             return None
-        model = core.live(route.name, route.version)
+        return route, core.live(route.name, route.version)
     except EdgebentoError:
         return None
-    if not core.admit(model, headers, arrived):
+
+
+def admit(
+    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
+) -> Route | None:
+    """Before the body is read: OverloadError for an inference the model's queue cannot start
+    in time. Every other fault (path, model, headers, body) is left to ``handle``. Returns the
+    route of an admitted inference (``handle`` then neither matches it nor admits it again:
+    the queue checks it once more when the request is submitted)."""
+    found = _inference(core, method, path)
+    if found is None or not core.admit(found[1], headers, arrived):
         return None
-    return route
+    return found[0]
+
+
+def refusal(
+    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
+) -> OverloadError | None:
+    """The OverloadError ``admit`` would raise, returned (None where it would not raise): for
+    a server that answers the refusal before it builds the request (``headers``: only
+    ``TIMEOUT_HEADER`` is read)."""
+    found = _inference(core, method, path)
+    return None if found is None else core.refusal(found[1], headers, arrived)
 
 
 def _job(core: ServingCore, route: Route, request: HttpRequest, admitted: bool = False) -> Job:

@@ -17,22 +17,19 @@ import uvicorn
 
 from benchmarks.serving_common import free_port
 from bentos import protocol_refusal
-from bentos.protocol_refusal import RefusingProtocol
+from bentos.protocol_refusal import RefusingProtocol, header_block
 
 pytestmark = pytest.mark.integration
 
 BODY = (
     b'{"error":"the model\'s queue is full; retry shortly","reason":"queue_full","retry_after_s":1}'
 )
-REFUSAL = (
-    503,
-    [
-        (b"content-type", b"application/json"),
-        (b"retry-after", b"1"),
-        (b"content-length", b"%d" % len(BODY)),
-    ],
-    BODY,
-)
+HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"retry-after", b"1"),
+    (b"content-length", b"%d" % len(BODY)),
+]
+REFUSAL = (503, header_block(HEADERS), BODY)
 
 
 class App:
@@ -47,7 +44,7 @@ class App:
             return
         self.calls.append(scope["path"])
         if scope["path"] == "/refuse":
-            status, headers, body = REFUSAL
+            status, headers, body = 503, HEADERS, BODY
         else:
             size = 0
             while True:
