@@ -12,6 +12,10 @@ other helpers' load moves every variant alike):
 
 A model gains from int8 only where its convolutions do; a depthwise conv (MobileNetV3) has too
 few multiply-adds per byte for int8 to pay for the quantize/dequantize around it.
+
+The int8 models are built once (set-up); every timing (each conv's variants, each model's
+profiles) is then taken in ``EDGEBENTO_BENCH_RUNS`` rounds (3 by default), the order of the
+variants rotated between rounds: each figure is the rounds' median with its range.
 """
 
 from __future__ import annotations
@@ -149,8 +153,11 @@ def _tiny(conv: dict[str, Any], kind: str) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def time_conv(conv: dict[str, Any], tmp: Path, threads: int = 1) -> dict[str, float]:
-    """Median ms per call of each variant, the variants alternated round by round."""
+def time_conv(
+    conv: dict[str, Any], tmp: Path, threads: int = 1, rotate: int = 0
+) -> dict[str, float]:
+    """Median ms per call of each variant, the variants alternated round by round (their order
+    rotated by ``rotate``)."""
     import onnx
     import onnxruntime as ort
 
@@ -158,7 +165,8 @@ def time_conv(conv: dict[str, Any], tmp: Path, threads: int = 1) -> dict[str, fl
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     sessions = {}
-    for kind in ("fp32", "qdq", "qlinear"):
+    kinds = ["fp32", "qdq", "qlinear"]
+    for kind in kinds[rotate % 3 :] + kinds[: rotate % 3]:
         path = tmp / f"{kind}.onnx"
         onnx.save(_tiny(conv, kind), str(path))
         sessions[kind] = ort.InferenceSession(str(path), options, ["CPUExecutionProvider"])
@@ -173,7 +181,7 @@ def time_conv(conv: dict[str, Any], tmp: Path, threads: int = 1) -> dict[str, fl
                 session.run(None, {"x": x})
                 runs += 1
             samples[kind].append((time.perf_counter() - start) / runs * 1000)
-    return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+    return {k: round(statistics.median(samples[k]), 4) for k in kinds}
 
 
 def chosen_convs(convs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,22 +217,37 @@ def _int8(model: Path, name: str, tmp: Path, grouped_float: bool = False) -> Pat
     return out
 
 
-def profile(model: Path, feed: dict[str, np.ndarray], tmp: Path, runs: int = 5) -> dict:
-    """Kernel time per op type, one thread, the median of ``runs`` profiled runs after a warm
-    one (ORT's profiler): where a model's time goes, FP32 against int8."""
-    import json
+def profiles(
+    models: dict[str, Path], feed: dict[str, np.ndarray], tmp: Path, runs: int = 5
+) -> dict[str, dict[str, Any]]:
+    """Kernel time per op type of each model, one thread, the median of ``runs`` profiled runs
+    after a warm one (ORT's profiler): where a model's time goes, FP32 against int8. The models
+    run interleaved (one run of each in turn, the order rotating), so that other work on the
+    machine lands on every model alike rather than on whichever was profiled in its moment."""
 
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(tmp / model.stem)
-    session = ort.InferenceSession(str(model), options, ["CPUExecutionProvider"])
-    for _ in range(runs + 1):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    sessions = {}
+    for key, model in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp / f"{key}-{model.stem}")
+        sessions[key] = ort.InferenceSession(str(model), options, ["CPUExecutionProvider"])
+    names = list(sessions)
+    for r in range(runs + 1):  # the first run of each is its warm one
+        for key in names[r % len(names) :] + names[: r % len(names)]:
+            sessions[key].run(None, feed)
+    return {k: _by_op(Path(s.end_profiling()), runs) for k, s in sessions.items()}
+
+
+def _by_op(trace: Path, runs: int) -> dict[str, Any]:
+    """The median kernel milliseconds per op type (top 8) and in all, of the profiled runs
+    after the first."""
+    import json
+
+    events = json.loads(trace.read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run = len(kernels) // (runs + 1)
     totals: list[dict[str, float]] = []
@@ -241,70 +264,101 @@ def profile(model: Path, feed: dict[str, np.ndarray], tmp: Path, runs: int = 5) 
     return {"total_ms": round(total, 2), "ms": {k: round(v, 2) for k, v in top}}
 
 
+def _round(prepared: dict[str, Any], tmp: Path, round_: int) -> dict[str, Any]:
+    """One round of every timing: each conv's variants, then each model's profiles, in an
+    order rotated by ``round_`` so that no variant is always timed first."""
+    found: dict[str, Any] = {}
+    for name, p in prepared.items():
+        timed = {}
+        for i, conv in enumerate(p["chosen"]):  # by place: a node may have no name
+            ms = time_conv(conv, tmp, rotate=round_)
+            timed[str(i)] = {
+                "ms": ms,
+                "qdq_speedup": round(ms["fp32"] / ms["qdq"], 3),
+                "qlinear_speedup": round(ms["fp32"] / ms["qlinear"], 3),
+                "gmacs_per_s_fp32": round(conv["macs"] / ms["fp32"] / 1e6, 2),
+            }
+        variants = {k: v for k, v in p["variants"].items() if v is not None}
+        names = list(variants)
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        by_variant = profiles({k: variants[k] for k in order}, p["feed"], tmp)
+        fp32, int8, grouped = (by_variant.get(k) for k in ("fp32", "int8", "grouped"))
+        assert fp32 is not None and int8 is not None
+        found[name] = {
+            "profile_fp32": fp32,
+            "profile_int8_qdq": int8,
+            "int8_speedup": round(fp32["total_ms"] / int8["total_ms"], 3),
+            "conv_share_fp32": round(fp32["ms"].get("Conv", 0.0) / fp32["total_ms"], 3),
+            "timed": timed,
+        }
+        if grouped is not None:
+            found[name] |= {
+                "profile_int8_depthwise_float": grouped,
+                "int8_depthwise_float_speedup": round(fp32["total_ms"] / grouped["total_ms"], 3),
+            }
+    return found
+
+
 def run(results_dir: Path) -> dict[str, Any]:
     import os
 
+    from benchmarks.figure import num
+    from benchmarks.runs import rounds, summarize
     from optimize.machine import describe
 
     models: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="edgebento-kernels-") as tmp:
+        # Set-up, once: the convs to time, the int8 models (calibrated) and the feeds.
+        prepared: dict[str, Any] = {}
         for name, shape in SHAPES.items():
             convs = conv_shapes(source(name), shape)
             dw_macs = sum(c["macs"] for c in convs if c["depthwise"])
-            timed = []
-            for conv in chosen_convs(convs):
-                ms = time_conv(conv, Path(tmp))
-                timed.append(
-                    conv
-                    | {
-                        "ms": ms,
-                        "qdq_speedup": round(ms["fp32"] / ms["qdq"], 3),
-                        "qlinear_speedup": round(ms["fp32"] / ms["qlinear"], 3),
-                        "gmacs_per_s_fp32": round(conv["macs"] / ms["fp32"] / 1e6, 2),
-                    }
-                )
-            feed = FEEDS[name](shape[0], "eval")
-            fp32 = profile(source(name), feed, Path(tmp))
-            int8 = profile(_int8(source(name), name, Path(tmp)), feed, Path(tmp))
-            grouped = (
-                profile(_int8(source(name), name, Path(tmp), True), feed, Path(tmp))
-                if dw_macs
-                else None
-            )
-            conv = fp32["ms"].get("Conv", 0.0) / fp32["total_ms"]
-            models[name] = {
-                "input": shape,
-                "profile_fp32": fp32,
-                "profile_int8_qdq": int8,
-                "profile_int8_depthwise_float": grouped,
-                "int8_speedup": round(fp32["total_ms"] / int8["total_ms"], 3),
-                "int8_depthwise_float_speedup": None
-                if grouped is None
-                else round(fp32["total_ms"] / grouped["total_ms"], 3),
-                "conv_share_fp32": round(conv, 3),
-                "convs": len(convs),
-                "depthwise_share_of_conv_macs": round(
-                    dw_macs / max(1, sum(c["macs"] for c in convs)), 4
-                ),
-                "timed": timed,
+            prepared[name] = {
+                "convs": convs,
+                "dw_macs": dw_macs,
+                "chosen": chosen_convs(convs),
+                "feed": FEEDS[name](shape[0], "eval"),
+                "variants": {
+                    "fp32": source(name),
+                    "int8": _int8(source(name), name, Path(tmp)),
+                    "grouped": _int8(source(name), name, Path(tmp), True) if dw_macs else None,
+                },
             }
+        found = summarize([_round(prepared, Path(tmp), r) for r in range(rounds())])
+    for name, p in prepared.items():
+        f = found[name]
+        models[name] = {
+            "input": SHAPES[name],
+            "profile_fp32": f["profile_fp32"],
+            "profile_int8_qdq": f["profile_int8_qdq"],
+            "profile_int8_depthwise_float": f.get("profile_int8_depthwise_float"),
+            "int8_speedup": f["int8_speedup"],
+            "int8_depthwise_float_speedup": f.get("int8_depthwise_float_speedup"),
+            "conv_share_fp32": f["conv_share_fp32"],
+            "convs": len(p["convs"]),
+            "depthwise_share_of_conv_macs": round(
+                p["dw_macs"] / max(1, sum(c["macs"] for c in p["convs"])), 4
+            ),
+            "timed": [conv | f["timed"][str(i)] for i, conv in enumerate(p["chosen"])],
+        }
     machine = describe()
     return {
         "headline": "; ".join(
-            f"{k}: whole model int8 {v['int8_speedup']}x FP32"
+            f"{k}: whole model int8 {num(v['int8_speedup'], '.3f', 'x')} FP32"
             + (
-                f" ({v['int8_depthwise_float_speedup']}x depthwise in float)"
+                f" ({num(v['int8_depthwise_float_speedup'], '.3f', 'x')} depthwise in float)"
                 if v["int8_depthwise_float_speedup"]
                 else ""
             )
             + ", convs "
             + ", ".join(
                 f"{'dw ' if t['depthwise'] else ''}{t['weight'][0]}x{t['weight'][1]}x"
-                f"{t['weight'][2]}x{t['weight'][3]} QDQ {t['qdq_speedup']}x"
+                f"{t['weight'][2]}x{t['weight'][3]} QDQ {num(t['qdq_speedup'], '.3f', 'x')}"
                 for t in v["timed"]
             )
             for k, v in models.items()
-        ),
+        )
+        + f"; median of {rounds()} rounds",
         "targets_met": None,  # an explanation, not a target
         "threads": 1,
         "niced": os.nice(0) > 0,
