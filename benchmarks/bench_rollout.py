@@ -160,7 +160,7 @@ def _round(tmp: Path, moto: MotoS3, key: Path, pub: Path, model: Path, i: int) -
         "slowest_save_ms": max((r["saves"] or {}).get("max_ms", 0.0) for r in by_size.values()),
         "completed_at_5000": large["phase"] == "completed"
         and (large["counts"] or {}).get("done") == large["devices"],
-        # A save's time is wall time: on a loaded machine it is mostly waiting for a CPU.
+        # A save's time is wall time: on a loaded machine, much of it waiting for a CPU.
         "load_1m_at_end": load()["load_1m"],
     }
 
