@@ -3,12 +3,19 @@
 shadow model running at the default sampling rate (5 runs a second) and at ten times that.
 
 The figure is the process's CPU per answered request (``time.process_time``: the shadow thread's
-runs included, as a device pays them), in interleaved quarter-second slices so that load on a shared
-machine moves every side alike. The packs and the service are set up once; then
+runs included, as a device pays them), in interleaved quarter-second slices so that load on a
+shared machine moves every side alike. The packs and the service are set up once; then
 ``EDGEBENTO_BENCH_RUNS`` runs (3 by default) of 8 slices a side each, the order rotating, give
-each figure as the median of the runs with their range; target: under 5 % lost at the default
-rate, on the median. The shadow runs done and the samples dropped because the infer queue was
-busy are counted in each run, so a side that ran no shadow cannot pass for a cheap one."""
+each figure as the median of the runs with their range.
+
+The shadow samples by the wall clock while the hot path gets whatever CPU the machine leaves it,
+so on a busy machine more shadow runs fall on each request (at load 5 the hot path had a third
+of a core and lost 7.8 % at 50 runs/s; at load 4, with most of a core, 1.5 %). So each run also
+gives the CPU of one shadow run (what the side's CPU per request gained, times its requests, over
+its shadow runs) and, at the side's rate, the share a hot path that keeps a core busy pays: the
+target, under 5 % at the default rate, is judged on that, on the median. The shadow runs done
+and the samples dropped because the infer queue was busy are counted in each run, so a side that
+ran no shadow cannot pass for a cheap one."""
 
 from __future__ import annotations
 
@@ -53,13 +60,16 @@ def _counts(runner: Any) -> tuple[int, int]:
     return (figures.samples, figures.busy) if figures is not None else (0, 0)
 
 
-def _one_run(service: Any, runners: dict[str, Any], docs: list[Any], first: int) -> dict[str, Any]:
+def _one_run(
+    service: Any, runners: dict[str, Any], rates: dict[str, float], docs: list[Any], first: int
+) -> dict[str, Any]:
     """One run: ``SLICES`` slices of each side in a rotating order (``first`` moves the rotation
     between runs); each side's figure is the median of its slices."""
     cpu_us: dict[str, list[float]] = {"off": [], "default": [], "tenfold": []}
     requests: dict[str, int] = dict.fromkeys(cpu_us, 0)
     before = {side: _counts(r) for side, r in runners.items()}
     left: dict[str, float] = {}  # each side's time to its next sample when its slice ended
+    cpu_s = wall_s = 0.0
     for i in range(first, first + SLICES):
         sides = list(cpu_us)
         for side in sides[i % 3 :] + sides[: i % 3]:
@@ -67,7 +77,8 @@ def _one_run(service: Any, runners: dict[str, Any], docs: list[Any], first: int)
             if runner is not None:  # its sampling clock goes on where its last slice left it
                 runner.next_at = time.monotonic() + left.get(side, 0.0)
             service.core.shadow = runner
-            n, cpu, until = 0, time.process_time(), time.monotonic() + SECONDS_PER_SLICE
+            n, cpu, began = 0, time.process_time(), time.monotonic()
+            until = began + SECONDS_PER_SLICE
             while time.monotonic() < until:
                 for doc in docs:
                     service.run(doc)
@@ -77,16 +88,27 @@ def _one_run(service: Any, runners: dict[str, Any], docs: list[Any], first: int)
                 left[side] = max(0.0, runner.next_at - time.monotonic())
             time.sleep(0.05)  # the last sample's shadow run is counted in this slice
             cpu_us[side].append((time.process_time() - cpu) / n * 1e6)
+            cpu_s, wall_s = cpu_s + time.process_time() - cpu, wall_s + time.monotonic() - began
             requests[side] += n
     off = statistics.median(cpu_us["off"])
-    out: dict[str, Any] = {"cpu_us_per_request_off": off, "requests_off": requests["off"]}
+    out: dict[str, Any] = {
+        "cpu_us_per_request_off": off,
+        "requests_off": requests["off"],
+        "hot_path_core_share": cpu_s / wall_s,
+    }
     for side, runner in runners.items():
-        on = statistics.median(cpu_us[side])
+        on, runs = statistics.median(cpu_us[side]), _counts(runner)[0] - before[side][0]
+        # The shadow samples by the clock, the hot path gets what CPU the machine leaves it: on
+        # a busy machine more runs fall on each request. A run's own CPU does not depend on
+        # that; at the side's rate it is what a hot path that keeps a core busy pays.
+        per_run_us = (on - off) * requests[side] / max(runs, 1)
         out[side] = {
             "cpu_us_per_request": on,
             "loss": 1 - off / on,
+            "cpu_us_per_shadow_run": per_run_us,
+            "loss_at_busy_core": rates[side] * per_run_us / 1e6,
             "requests": requests[side],
-            "shadow_runs": _counts(runner)[0] - before[side][0],
+            "shadow_runs": runs,
             "dropped_busy": _counts(runner)[1] - before[side][1],
         }
     return out
@@ -113,7 +135,8 @@ def run(results_dir: Path) -> dict[str, Any]:
         docs = [{"inputs": {"x": rng.standard_normal((1, 8)).tolist()}} for _ in range(50)]
         for doc in docs:
             service.run(doc)  # warm up
-        each = [_one_run(service, runners, docs, first=r) for r in range(rounds())]
+        rates = {"default": rate, "tenfold": rate * 10}
+        each = [_one_run(service, runners, rates, docs, first=r) for r in range(rounds())]
         agreement = {s: getattr(r.figures, "agreement", None) or 0.0 for s, r in runners.items()}
         for runner in runners.values():
             runner.stop("benchmark over")
@@ -126,17 +149,25 @@ def run(results_dir: Path) -> dict[str, Any]:
         | {"top1_agreement": round(agreement[side], 4)}
         for side in runners
     }
-    loss, off = sides["default"]["loss"], merged["cpu_us_per_request_off"]
+    busy, off = sides["default"]["loss_at_busy_core"], merged["cpu_us_per_request_off"]
+    share = merged["hot_path_core_share"]["median"]
     return {
         "headline": (
-            f"agent hot path with a shadow at {rate:g} runs/s: {num(loss, '.1%')} of its CPU per "
-            f"request ({sides['default']['cpu_us_per_request']['median']:.1f} vs "
-            f"{off['median']:.1f} µs, shadow thread included); at {rate * 10:g} runs/s "
+            f"a shadow at {rate:g} runs/s costs an agent hot path that keeps a core busy "
+            f"{num(busy, '.1%')} of its CPU (a shadow run: "
+            f"{num(sides['tenfold']['cpu_us_per_shadow_run'], '.0f', ' µs')} of CPU at "
+            f"{rate * 10:g} runs/s, its thread included); at {rate * 10:g} runs/s "
+            f"{num(sides['tenfold']['loss_at_busy_core'], '.1%')}. Per request here, the hot "
+            f"path on {share:.0%} of a core: {num(sides['default']['loss'], '.1%')} and "
             f"{num(sides['tenfold']['loss'], '.1%')}"
         ),
-        "targets_met": loss["median"] < TARGET_LOSS,
-        "targets": {"hot_path_loss_at_default_rate": f"< {TARGET_LOSS:.0%}, on the median run"},
+        "targets_met": busy["median"] < TARGET_LOSS,
+        "targets": {
+            "hot_path_loss_at_default_rate": f"< {TARGET_LOSS:.0%} for a hot path that keeps a "
+            "core busy, on the median run"
+        },
         "runs": len(each),
+        "hot_path_core_share": merged["hot_path_core_share"],
         "rows_per_request": 1,
         "cpu_us_per_request_off": off,
         "requests_off": merged["requests_off"],
