@@ -9,6 +9,12 @@ FP32 (the pick is FP32 itself, or a candidate the side-by-side run confirms at >
 recorded for each; PP-OCR rec also runs with a 200 s budget, against the issue's figure for it
 (13 minutes for a 1.10x pick): does it reach that pick in under a third of that time?
 
+Runs: a search takes about 10 minutes a model at the default budget, so three whole runs do not
+fit; each search runs once (its pick and its time to the pick are one run, and say so), then
+FP32 and the pick are timed side by side in ``EDGEBENTO_BENCH_RUNS`` rounds (3 by default, the
+order rotated between rounds): each speed x FP32 is the rounds' median with its range, and the
+targets are judged on the median.
+
 Long: run it niced on a shared machine (``nice -n 5 python -m benchmarks optimize_images``);
 ``EDGEBENTO_BENCH_MODELS=ppocr_cls,ppocr_det`` runs a subset.
 """
@@ -21,7 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.figure import num
 from benchmarks.real_images import FEEDS
+from benchmarks.runs import median_of, rounds
 
 WORK = Path("build/bench/images")
 # Rows per split: enough to calibrate, small enough for a 2-core machine (det and rec are the
@@ -85,17 +93,18 @@ def one(name: str, time_budget: float | None = None) -> dict[str, Any]:
         None,
         15,
         alone=("edgebento",) if chosen["row_independent"] is False else (),
+        rounds=rounds(),
     )
     quantized = result.chosen.name != "fp32"
     fidelity = chosen["fidelity"]["decisive_value"]
-    speedup = table["edgebento"]["speedup"]
+    speedup = median_of(table["edgebento"]["speedup"])
     return {
         "chosen": result.chosen.name,
         "reason": result.reason,
         "decided_by": chosen["fidelity"]["decided_by"],
         "fidelity": fidelity,
         "search_speedup": chosen["speedup"],
-        "seconds_to_pick": round(to_pick, 1),
+        "seconds_to_pick": round(to_pick, 1),  # one search: one run
         "time_budget": json.loads(result.report_json.read_text()).get("time_budget"),
         "notes": result.notes,
         "rows": {"calibration": cal_rows, "eval": eval_rows},
@@ -128,10 +137,13 @@ def run(results_dir: Path) -> dict[str, Any]:
     rec = found.get(f"ppocr_rec@{THIRD:g}s")
     return {
         "headline": "; ".join(
-            f"{k}: {v['chosen']} ({v['side_by_side']['edgebento']['speedup']}x FP32, "
-            f"{v['decided_by']} {v['fidelity']:.4f}, {v['seconds_to_pick']:.0f} s to the pick)"
+            f"{k}: {v['chosen']} ({num(v['side_by_side']['edgebento']['speedup'], '.3f', 'x')} "
+            f"FP32, {v['decided_by']} {v['fidelity']:.4f}, {v['seconds_to_pick']:.0f} s to the "
+            "pick)"
             for k, v in found.items()
-        ),
+        )
+        + f"; search 1 run a model, speed x FP32 median of {rounds()} rounds",
+        "runs_note": f"search 1, timing median of {rounds()}",
         "targets_met": all(v["ok"] for v in found.values()),
         "rec_time_to_pick_vs_today": None
         if rec is None
@@ -144,7 +156,7 @@ def run(results_dir: Path) -> dict[str, Any]:
             "pick": rec["chosen"],
             "pick_speedup": rec["side_by_side"]["edgebento"]["speedup"],
             "reached": rec["seconds_to_pick"] < TODAY_REC["seconds"] / 3
-            and rec["side_by_side"]["edgebento"]["speedup"] >= TODAY_REC["pick_speedup"],
+            and median_of(rec["side_by_side"]["edgebento"]["speedup"]) >= TODAY_REC["pick_speedup"],
         },
         "niced": os.nice(0) > 0,
         "models": found,
