@@ -94,7 +94,8 @@ def run(results_dir: Path) -> dict[str, Any]:
     return doc | {
         "headline": (
             f"chosen {picks(chosen)}: acc drop {num(drop, '.2f')} pt, gzip "
-            f"{num(gzip_ratio, '.3f')}x FP32, {num(eb['speedup'], '.2f', 'x')} faster; "
+            f"{num(gzip_ratio, '.3f')}x FP32, {num(eb['speedup'], '.2f', 'x')} faster "
+            f"({num(eb.get('speedup_by_cpu'), '.2f', 'x')} by CPU time); "
             "structured-pruned latency "
             + (num(prune_ratio, ".2f", "x") + " FP32" if prune_ratio is not None else "n/a")
             + f"; median of {len(found)} runs (search and side by side each)"

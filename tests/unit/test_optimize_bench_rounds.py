@@ -34,11 +34,12 @@ def test_side_by_side_rounds_summarize_the_timings_and_keep_fidelity_plain(
     data = Dataset({"x": rows}, None, {"x": 0})
     table = side_by_side(models, data, batch=8, labels=None, seconds=0.01, rounds=3)
     for row in table.values():
-        for key in ("p50_ms", "p99_ms", "p50_ms_batch1", "speedup"):
+        for key in ("p50_ms", "p99_ms", "p50_ms_batch1", "speedup", "speedup_by_cpu"):
             assert is_summary(row[key]) and row[key]["runs"] == 3, (key, row[key])
             assert row[key]["min"] <= row[key]["median"] <= row[key]["max"]
         assert row["batch"] == 8 and isinstance(row["size_bytes"], int)
     assert table["fp32"]["speedup"]["values"] == [1.0, 1.0, 1.0]  # each round against its FP32
+    assert table["fp32"]["speedup_by_cpu"]["values"] == [1.0, 1.0, 1.0]
     assert table["fp32"]["cosine_min"] == 1.0 and table["other"]["cosine_min"] == 1.0
     # One round (the MiniLM benchmarks' call) keeps plain numbers.
     single = side_by_side(models, data, batch=8, labels=None, seconds=0.01)
