@@ -123,6 +123,9 @@ def _optimize_digits(d: dict[str, Any]) -> list[Figure]:
     return [
         Figure("speed, x FP32", num(get(d, f"{s}.edgebento.speedup"), ".2f", "x"),
                num(get(d, f"{s}.quantize_dynamic.speedup"), ".2f", "x"), "`quantize_dynamic`"),
+        # CPU per row: what other work on a shared machine moves least (see optimize_common).
+        Figure("speed by CPU time, x FP32", num(get(d, f"{s}.edgebento.speedup_by_cpu"), ".2f", "x"),
+               num(get(d, f"{s}.quantize_dynamic.speedup_by_cpu"), ".2f", "x"), "`quantize_dynamic`"),
         Figure("accuracy drop, points", num(_drop(d, "edgebento"), ".2f"),
                num(_drop(d, "quantize_dynamic"), ".2f"), "`quantize_dynamic`", "<= 1"),
         Figure("gzip size, x FP32", num(gz("edgebento"), ".3f") + "x",
