@@ -4,9 +4,13 @@ Mosquitto) from v1 to v2 through a canary and 3 waves, with the state in moto's 
 
 Figures per size, side by side in one run: wall time of the rollout, the controller's CPU
 seconds (user + system, from ``wait4``) and peak RSS, both per device, and the state saves
-(count, bytes, the slowest). Targets (issue 14): the 5,000-device rollout completes; the CPU
-per device at 5,000 is within 1.5x of the figure at 1,000 (flat); no save exceeds 100 ms.
-The machine is shared, so figures are noisy: compare sizes within one round.
+(count, bytes, store requests, the slowest in wall time and in the controller's CPU time).
+Targets (issue 14): the 5,000-device rollout completes; the CPU
+per device at 5,000 is within 1.5x of the figure at 1,000 (flat); no save exceeds 100 ms (wall
+time, as the target was set). A save's CPU time (its thread's, from ``time.thread_time``) is
+kept beside it: the wall time on a loaded machine is mostly the wait for a CPU, the CPU time is
+what the save itself costs. The machine is shared, so figures are noisy: compare sizes within
+one round.
 
 Moto's S3, the key and the model are set up once; then ``EDGEBENTO_BENCH_RUNS`` rounds (3 by
 default) each roll out both sizes (new stores, the order alternating between rounds). Every
@@ -158,6 +162,11 @@ def _round(tmp: Path, moto: MotoS3, key: Path, pub: Path, model: Path, i: int) -
         # 1,000; the marginal CPU per added device is what "flat" means.
         "marginal_cpu_ms_per_device": (large["cpu_s"] - small["cpu_s"]) * 1000 / extra,
         "slowest_save_ms": max((r["saves"] or {}).get("max_ms", 0.0) for r in by_size.values()),
+        "slowest_save_cpu_ms": max(
+            (r["saves"] or {}).get("max_cpu_ms", 0.0) for r in by_size.values()
+        ),
+        "requests_per_save_5000": (large["saves"] or {}).get("requests", 0)
+        / max((large["saves"] or {}).get("count", 0), 1),
         "completed_at_5000": large["phase"] == "completed"
         and (large["counts"] or {}).get("done") == large["devices"],
         # A save's time is wall time: on a loaded machine, much of it waiting for a CPU.
@@ -203,19 +212,23 @@ def run(results: Path) -> dict[str, Any]:
         "marginal_rss_kb_per_device": merged["marginal_rss_kb_per_device"],
         "marginal_cpu_ms_per_device": merged["marginal_cpu_ms_per_device"],
         "slowest_save_ms": slowest,
+        "slowest_save_cpu_ms": merged["slowest_save_cpu_ms"],
+        "requests_per_save_5000": merged["requests_per_save_5000"],
         "load_1m_at_round_end": merged["load_1m_at_end"],
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "targets": targets,
         "target_note": "every round completes at 5,000; the CPU ratio and the slowest save of a "
         "round are judged on their median over the rounds. A save's time is wall time (sealing "
         "and signing the changed waves, a conditional PUT to moto): on a loaded machine much of it "
-        "the wait for a CPU (the load average at each round's end is kept)",
+        "the wait for a CPU (the load average at each round's end is kept; the slowest save's "
+        "CPU time, its thread's, is kept beside it)",
         "targets_met": all(targets.values()),
         "headline": (
             f"{max(SIZES)} devices in {num(large['wall_s'], '.0f', ' s')} "
             f"({large['phase']}); CPU {small['cpu_ms_per_device']['median']:.2f} vs "
             f"{large['cpu_ms_per_device']['median']:.2f} ms/device at {min(SIZES)} vs "
-            f"{max(SIZES)} (ratio {num(flat, '.2f')}); slowest save {num(slowest, '.0f', ' ms')}"
+            f"{max(SIZES)} (ratio {num(flat, '.2f')}); slowest save {num(slowest, '.0f', ' ms')} "
+            f"({num(merged['slowest_save_cpu_ms'], '.0f', ' ms')} of CPU)"
         ),
     }
 
@@ -229,8 +242,8 @@ def figures_markdown(result: dict[str, Any]) -> str:
         "is wall time, on a loaded machine much of it the wait for a CPU).",
         "",
         "| devices | phase | wall s | controller CPU s | CPU ms / device | peak RSS MB "
-        "| saves | KB per save (whole state) | slowest save ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| saves | requests per save | KB per save (whole state) | slowest save ms (CPU ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["sizes"]:
         m = {k: median_of(v) for k, v in r.items()}
@@ -239,8 +252,11 @@ def figures_markdown(result: dict[str, Any]) -> str:
         rows.append(
             f"| {m['devices']:,.0f} | {m['phase']} | {num(r['wall_s'], '.1f')} "
             f"| {m['cpu_s']:.2f} | {num(r['cpu_ms_per_device'], '.2f')} | {m['max_rss_mb']:.0f} "
-            f"| {saves.get('count', 0):.0f} | {per_save:.0f} ({m['full_state_bytes'] / 1024:.0f}) "
-            f"| {num((r['saves'] or {}).get('max_ms', 0), '.0f')} |"
+            f"| {saves.get('count', 0):.0f} "
+            f"| {saves.get('requests', 0) / max(saves.get('count', 1), 1):.1f} "
+            f"| {per_save:.0f} ({m['full_state_bytes'] / 1024:.0f}) "
+            f"| {num((r['saves'] or {}).get('max_ms', 0), '.0f')} "
+            f"({num((r['saves'] or {}).get('max_cpu_ms', 0), '.0f')}) |"
         )
     rows.append("")
     rows.append(
