@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
-from cloud_sync.sealed import FIELD, parse, seal, unseal
+from cloud_sync.sealed import FIELD, parse, seal, seal_json, unseal
 from cloud_sync.shadow_figures import ShadowSettings
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
@@ -307,7 +307,8 @@ def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKe
     dirty = sorted(state.take_dirty())
     for index in dirty:
         doc = WaveDoc(rollout=state.id, wave=index, devices=state.wave(index))
-        body = seal(doc.model_dump(mode="json", exclude_none=True), signer)
+        # pydantic's Rust serializer, signed as it wrote it: no dict per device (sealed.py).
+        body = seal_json(doc.model_dump_json(exclude_none=True).encode(), signer)
         _write(store, state, wave_key(state.id, index), body)
         written += len(body)
     state.updated_at = time.time()

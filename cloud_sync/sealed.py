@@ -2,22 +2,25 @@
 
 Import path and API::
 
-    from cloud_sync.sealed import seal, unseal
+    from cloud_sync.sealed import seal, seal_json, unseal
     body = seal({"id": "r1", ...}, private_key)            # JSON bytes with a "signature" field
+    body = seal_json(model.model_dump_json().encode(), private_key)   # the same, from JSON bytes
     doc = unseal(body, public_key, "rollouts/r1.json")     # the dict, or SignatureError
 
 A rollout's header, its wave documents and the fleet's groups are written by the controller (or
 an operator) holding the signing key, and read back from a bucket that others may be able to
-write. The signature is ed25519 over the document's canonical JSON (sorted keys, no spaces)
-without its ``signature`` field, so the stored file stays plain JSON that people and tools read
-as before. A document that was changed, or never signed, or signed by another key, is refused
-with a one-line reason: resuming from it would make the operator's key sign what a bucket
-writer chose (issue 19, finding 4).
+write. A document that was changed, or never signed, or signed by another key, is refused with
+a one-line reason: resuming from it would make the operator's key sign what a bucket writer
+chose (issue 19, finding 4).
 
-The stored bytes are that canonical JSON itself with the signature appended as its last field:
-one pass of the C JSON encoder per document, which a rollout's wave of thousands of devices
-saves many times (an indented copy took four times as long and twice the bytes). Verifying
-re-canonicalizes what it parsed, so documents stored indented, before, verify the same way.
+The signature is ed25519 over the exact bytes of a JSON object, stored with the signature added
+as its last field (``{...,"signature":{"key":...,"ed25519":...}}``), so the file stays plain
+JSON that people and tools read. Signing the bytes as serialized lets a wave of thousands of
+devices be written by pydantic's Rust serializer in one call, with no Python dict per device
+(whose allocations also set off the garbage collector inside saves: 70-110 ms of CPU in a
+controller holding 5,000 devices' statuses); a dict is sealed as its canonical JSON (sorted
+keys, no spaces). Documents stored before were signed over that canonical JSON of what they
+hold and written indented; they verify by that rule still.
 """
 
 from __future__ import annotations
@@ -43,14 +46,35 @@ def _canonical(doc: dict[str, Any]) -> bytes:
 
 def seal(doc: dict[str, Any], signer: Ed25519PrivateKey) -> bytes:
     """``doc`` as canonical JSON with ``"signature": {"key", "ed25519"}`` by ``signer`` last."""
-    canonical = _canonical(doc)
+    return seal_json(_canonical(doc), signer)
+
+
+def seal_json(body: bytes, signer: Ed25519PrivateKey) -> bytes:
+    """``body``, the JSON of an object without a ``signature`` field, with the signature of
+    these exact bytes by ``signer`` appended as its last field."""
+    if not (body.startswith(b"{") and body.endswith(b"}")):
+        raise ValueError("only a JSON object can be sealed")
     mark = {
         "key": key_id(signer.public_key()),
-        "ed25519": base64.b64encode(signer.sign(canonical)).decode(),
+        "ed25519": base64.b64encode(signer.sign(body)).decode(),
     }
-    field = json.dumps({FIELD: mark}, separators=(",", ":")).encode()
-    # The canonical bytes are a JSON object: the signature goes in before its closing brace.
-    return field if canonical == b"{}" else canonical[:-1] + b"," + field[1:]
+    field = _field(mark)
+    return field if body == b"{}" else body[:-1] + b"," + field[1:]
+
+
+def _field(mark: object) -> bytes:
+    return json.dumps({FIELD: mark}, separators=(",", ":")).encode()
+
+
+def _signed_bytes(data: bytes, mark: object) -> bytes | None:
+    """The bytes ``seal_json`` signed, if ``data`` is laid out as it writes: the object with
+    the signature appended last."""
+    field = _field(mark)
+    if data == field:
+        return b"{}"
+    if data.endswith(b"," + field[1:]):
+        return data[: len(data) - len(field)] + b"}"
+    return None
 
 
 def public_of(signer: Ed25519PrivateKey) -> TrustedKey:
@@ -70,7 +94,8 @@ def parse(data: bytes, what: str) -> dict[str, Any]:
 
 
 def unseal(data: bytes, trusted: TrustedKey, what: str) -> dict[str, Any]:
-    """The document without its signature, if ``trusted`` signed exactly these contents."""
+    """The document without its signature, if ``trusted`` signed exactly these contents: the
+    stored bytes before the signature, or (as stored before) the canonical JSON of the rest."""
     from cryptography.exceptions import InvalidSignature
 
     doc = parse(data, what)
@@ -82,11 +107,21 @@ def unseal(data: bytes, trusted: TrustedKey, what: str) -> dict[str, Any]:
         )
     try:
         signature = base64.b64decode(mark["ed25519"], validate=True)
-        trusted.key.verify(signature, _canonical(doc))
-    except (binascii.Error, ValueError, InvalidSignature) as exc:
-        raise SignatureError(
-            f"{what} was changed after the controller signed it, or signed by another key than "
-            f"{trusted.key_id}: refusing to act on it"
-        ) from exc
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"{what} carries a signature that is not base64") from exc
+    signed = _signed_bytes(data, mark)
     del doc[FIELD]
-    return doc
+    # Either layout binds every byte of what is returned: the appended field is all that the
+    # signed bytes lack (a key repeated inside them would have been signed too).
+    for message in (signed, _canonical(doc)):
+        if message is None:
+            continue
+        try:
+            trusted.key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return doc
+    raise SignatureError(
+        f"{what} was changed after the controller signed it, or signed by another key than "
+        f"{trusted.key_id}: refusing to act on it"
+    )

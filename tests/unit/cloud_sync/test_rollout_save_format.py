@@ -1,6 +1,7 @@
-"""The rollout state as a save stores it: each document is its canonical JSON (what the signature
-covers) with the signature appended last, made in one pass of the C JSON encoder; states stored
-indented by the former ``seal`` still load, verify and resume; a changed byte is still refused."""
+"""The rollout state as a save stores it: each wave is pydantic's JSON of it, signed as written,
+with the signature appended as the last field (no dict per device, no second serialization);
+states stored indented by the former ``seal`` (signed over canonical JSON) still load, verify
+and resume; a changed value, in either layout, is refused."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from cloud_sync.rollout_state import (
     save_state,
     wave_key,
 )
-from cloud_sync.sealed import FIELD, public_of, seal, unseal
+from cloud_sync.sealed import FIELD, public_of, seal, seal_json, unseal
 from cloud_sync.store import LocalStore
 from modelpack.errors import SignatureError
 from modelpack.signing import key_id
@@ -47,18 +48,36 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def test_a_saved_document_is_its_canonical_json_with_the_signature_last(tmp_path: Path) -> None:
+def test_a_saved_document_is_signed_as_stored_with_the_signature_last(tmp_path: Path) -> None:
     store, state = LocalStore(tmp_path), _state()
     save_state(store, state, SIGNER)
     for key in _keys(state):
         data = store.get_bytes(key)
         doc = json.loads(data)
         assert list(doc)[-1] == FIELD and doc[FIELD]["key"] == key_id(SIGNER.public_key())
-        # The bytes signed are the bytes stored, up to the appended signature: no second copy.
-        assert data.startswith(_canonical(doc)[:-1] + b',"signature":'), key
+        field = json.dumps({FIELD: doc[FIELD]}, separators=(",", ":")).encode()
+        signed = data[: len(data) - len(field)] + b"}"
+        assert data == signed[:-1] + b"," + field[1:], key
+        # The bytes signed are the bytes stored before the signature: nothing re-serialized.
+        SIGNER.public_key().verify(base64.b64decode(doc[FIELD]["ed25519"]), signed)
+        assert json.loads(signed) == {k: v for k, v in doc.items() if k != FIELD}
     wave = store.get_bytes(wave_key(state.id, 1))
     # Indented, the former format took about 160 bytes a device; compact about 90.
     assert len(wave) / len(state.wave(1)) < 100
+
+
+def test_a_wave_reformatted_or_edited_by_a_bucket_writer_is_refused(tmp_path: Path) -> None:
+    store, state = LocalStore(tmp_path), _state()
+    save_state(store, state, SIGNER)
+    key = wave_key(state.id, 1)
+    data = store.get_bytes(key)
+    edited = data.replace(b'"state":"pending"', b'"state":"done"', 1)
+    for hostile in (edited, json.dumps(json.loads(data), indent=2).encode()):
+        store.put_bytes(key, hostile)
+        with pytest.raises(SignatureError, match="changed after the controller signed it"):
+            load_state(store, state.id, public_of(SIGNER))
+    store.put_bytes(key, data)
+    assert load_state(store, state.id, public_of(SIGNER)).counts == state.counts
 
 
 def _former_seal(doc: dict[str, Any], signer: Ed25519PrivateKey) -> bytes:
@@ -102,11 +121,13 @@ DOCS = st.dictionaries(st.text().filter(lambda k: k != FIELD), JSON, max_size=6)
 
 
 @settings(max_examples=150, deadline=None)
-@given(doc=DOCS, data=st.data())
+@given(doc=DOCS, as_dict=st.booleans(), data=st.data())
 def test_sealed_documents_round_trip_and_any_changed_value_is_refused(
-    doc: dict[str, Any], data: st.DataObject
+    doc: dict[str, Any], as_dict: bool, data: st.DataObject
 ) -> None:
-    body = seal(doc, SIGNER)
+    # As a dict (canonical JSON) or as JSON bytes written some other way (keys unsorted).
+    raw = json.dumps(doc, ensure_ascii=data.draw(st.booleans())).encode()
+    body = seal(doc, SIGNER) if as_dict else seal_json(raw, SIGNER)
     assert unseal(body, public_of(SIGNER), "doc") == doc
     if not doc:
         return
@@ -114,5 +135,6 @@ def test_sealed_documents_round_trip_and_any_changed_value_is_refused(
     changed = data.draw(JSON.filter(lambda v: v != doc[key]))
     stored = json.loads(body)
     stored[key] = changed
-    with pytest.raises(SignatureError):
-        unseal(json.dumps(stored).encode(), public_of(SIGNER), "doc")
+    for layout in (json.dumps(stored), json.dumps(stored, indent=2, sort_keys=True)):
+        with pytest.raises(SignatureError):
+            unseal(layout.encode(), public_of(SIGNER), "doc")
