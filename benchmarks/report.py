@@ -147,23 +147,6 @@ def _optimize_cnn(d: dict[str, Any]) -> list[Figure]:
     ]  # fmt: skip
 
 
-def _serving_minilm(d: dict[str, Any]) -> list[Figure]:
-    f = "figures"
-    return [
-        Figure("sentences/s", num(get(d, f"{f}.edgebento_int8.requests_per_s"), ",.0f"),
-               num(get(d, f"{f}.flask_fp32_padded64.requests_per_s"), ",.0f"), "Flask FP32", ">= 4x Flask"),
-        Figure("share of raw onnxruntime", num(get(d, "fraction_of_raw_onnxruntime"), ".0%"),
-               "100%", "raw onnxruntime, same batches", ">= 75%"),
-        # From CPU per answered request: what other work on the machine leaves intact.
-        Figure("share of raw onnxruntime by CPU per sentence", num(get(d, "cpu_bound.share_of_raw"), ".0%"),
-               "100%", "raw onnxruntime, same batches", ">= 75%"),
-        Figure("x Flask FP32 by CPU per request", num(get(d, "cpu_bound.x_flask_fp32"), ".1f", "x"),
-               "1.0x", "Flask FP32", ">= 4x"),
-        Figure("cosine_min vs FP32", num(get(d, f"{f}.fidelity_int8_vs_fp32.cosine_min"), ".3f"),
-               "1.000", "FP32", ">= 0.99"),
-    ]  # fmt: skip
-
-
 def _lambda(d: dict[str, Any]) -> list[Figure]:
     f = "figures"
     return [
@@ -175,18 +158,6 @@ def _lambda(d: dict[str, Any]) -> list[Figure]:
                num(get(d, f"{f}.cold_start_mlp.cpu_median_s"), ".2f"), "digits MLP"),
         Figure("warm overhead µs per call", num(get(d, f"{f}.warm_mlp.overhead_direct_us"), ".0f"),
                num(get(d, f"{f}.warm_mlp.raw_onnxruntime_us"), ".0f"), "raw session.run", "<= 1000"),
-    ]  # fmt: skip
-
-
-def _serving_memory(d: dict[str, Any]) -> list[Figure]:
-    per_mb = "per_mb"
-    return [
-        Figure("peak RSS added per MB of body, OIP binary", num(get(d, f"{per_mb}.binary"), ".1f"),
-               num(get(d, f"{per_mb}.json"), ".1f"), "tensor JSON", "<= 4"),
-        Figure("peak RSS added per MB of body, tensor JSON b64", num(get(d, f"{per_mb}.b64"), ".1f"),
-               num(get(d, f"{per_mb}.json"), ".1f"), "tensor JSON"),
-        Figure("MB added refusing a 19 MB JSON body (413)", num(get(d, "refused_json_peak_added_mb"), ".0f"),
-               "", ""),
     ]  # fmt: skip
 
 
@@ -278,8 +249,8 @@ FIGURES: dict[str, Callable[[dict[str, Any]], list[Figure]]] = {
     "optimize_cnn": _optimize_cnn,
     "serving_mlp": report_serving.serving_mlp,
     "serving_overload": report_serving.serving_overload,
-    "serving_minilm": _serving_minilm,
-    "serving_memory": _serving_memory,
+    "serving_minilm": report_serving.serving_minilm,
+    "serving_memory": report_serving.serving_memory,
     "lambda": _lambda,
     "agent": _agent,
     "agent_memory": _agent_memory,

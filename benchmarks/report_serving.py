@@ -1,6 +1,7 @@
-"""The figures of the serving benchmarks (``serving_mlp``, ``serving_overload``) for
-``benchmarks/report.py``: edgebento beside the bare uvicorn ASGI app (the ceiling), the plain
-BentoML service a user writes without edgebento, and the seed's Flask app, all in one run."""
+"""The figures of the serving benchmarks for ``benchmarks/report.py``: ``serving_mlp`` and
+``serving_overload`` put edgebento beside the bare uvicorn ASGI app (the ceiling), the plain
+BentoML service a user writes without edgebento, and the seed's Flask app, all in one run;
+``serving_minilm`` beside Flask and raw ONNX Runtime; ``serving_memory`` per kind of body."""
 
 from __future__ import annotations
 
@@ -83,3 +84,32 @@ def serving_overload(d: dict[str, Any]) -> list[Figure]:
 def _median(value: Any) -> Any:
     found = median_of(value)
     return float(found) if isinstance(found, int | float) and not isinstance(found, bool) else None
+
+
+def serving_minilm(d: dict[str, Any]) -> list[Figure]:
+    f = "figures"
+    return [
+        Figure("sentences/s", num(get(d, f"{f}.edgebento_int8.requests_per_s"), ",.0f"),
+               num(get(d, f"{f}.flask_fp32_padded64.requests_per_s"), ",.0f"), "Flask FP32", ">= 4x Flask"),
+        Figure("share of raw onnxruntime", num(get(d, "fraction_of_raw_onnxruntime"), ".0%"),
+               "100%", "raw onnxruntime, same batches", ">= 75%"),
+        # From CPU per answered request: what other work on the machine leaves intact.
+        Figure("share of raw onnxruntime by CPU per sentence", num(get(d, "cpu_bound.share_of_raw"), ".0%"),
+               "100%", "raw onnxruntime, same batches", ">= 75%"),
+        Figure("x Flask FP32 by CPU per request", num(get(d, "cpu_bound.x_flask_fp32"), ".1f", "x"),
+               "1.0x", "Flask FP32", ">= 4x"),
+        Figure("cosine_min vs FP32", num(get(d, f"{f}.fidelity_int8_vs_fp32.cosine_min"), ".3f"),
+               "1.000", "FP32", ">= 0.99"),
+    ]  # fmt: skip
+
+
+def serving_memory(d: dict[str, Any]) -> list[Figure]:
+    per_mb = "per_mb"
+    return [
+        Figure("peak RSS added per MB of body, OIP binary", num(get(d, f"{per_mb}.binary"), ".1f"),
+               num(get(d, f"{per_mb}.json"), ".1f"), "tensor JSON", "<= 4"),
+        Figure("peak RSS added per MB of body, tensor JSON b64", num(get(d, f"{per_mb}.b64"), ".1f"),
+               num(get(d, f"{per_mb}.json"), ".1f"), "tensor JSON"),
+        Figure("MB added refusing a 19 MB JSON body (413)", num(get(d, "refused_json_peak_added_mb"), ".0f"),
+               "", ""),
+    ]  # fmt: skip
