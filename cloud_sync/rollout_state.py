@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
+from cloud_sync.rollout_store import write, write_all
 from cloud_sync.sealed import FIELD, parse, seal, seal_json, unseal
 from cloud_sync.shadow_figures import ShadowSettings
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+from modelpack.errors import ConfigError, NotFoundError, StoreError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -287,38 +288,29 @@ def wave_key(rollout_id: str, wave: int) -> str:
     return f"{rollout_key(rollout_id).removesuffix('.json')}/wave-{wave}.json"
 
 
-def _write(store: ObjectStore, state: RolloutState, key: str, body: bytes) -> None:
-    etag = state._etags.get(key)
-    try:
-        state._etags[key] = store.replace(key, body, etag) if etag else store.create(key, body)
-    except ConflictError as exc:
-        raise ConflictError(
-            f"{key} was written by someone else since this controller last read or wrote it "
-            "(another controller took the fleet over?); stopping without publishing more"
-        ) from exc
-
-
 def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKey) -> float:
     """Write the changed waves, then the header, each signed by ``signer`` and conditional on
     the etag this controller last saw (``ConflictError`` when another wrote since); the seconds
     it took."""
     start, cpu_start = time.perf_counter(), time.thread_time()
-    written = 0
-    dirty = sorted(state.take_dirty())
-    for index in dirty:
+    bodies = {}
+    for index in sorted(state.take_dirty()):
         doc = WaveDoc(rollout=state.id, wave=index, devices=state.wave(index))
         # pydantic's Rust serializer, signed as it wrote it: no dict per device (sealed.py).
-        body = seal_json(doc.model_dump_json(exclude_none=True).encode(), signer)
-        _write(store, state, wave_key(state.id, index), body)
-        written += len(body)
+        bodies[wave_key(state.id, index)] = seal_json(
+            doc.model_dump_json(exclude_none=True).encode(), signer
+        )
+    wave_cpu_s = write_all(store, state._etags, bodies)
     state.updated_at = time.time()
     body = seal(state.model_dump(mode="json", exclude={"devices", FIELD}), signer)
-    _write(store, state, rollout_key(state.id), body)
-    elapsed, cpu_ms = time.perf_counter() - start, (time.thread_time() - cpu_start) * 1000
+    write(store, state._etags, rollout_key(state.id), body)
+    elapsed = time.perf_counter() - start
+    elsewhere = wave_cpu_s if len(bodies) > 1 else 0.0  # in write_all's threads
+    cpu_ms = (time.thread_time() - cpu_start + elsewhere) * 1000
     saves = state.saves
     saves.count += 1
-    saves.bytes += written + len(body)
-    saves.requests += len(dirty) + 1
+    saves.bytes += sum(map(len, bodies.values())) + len(body)
+    saves.requests += len(bodies) + 1
     saves.max_ms = max(saves.max_ms, elapsed * 1000)
     saves.total_ms += elapsed * 1000
     saves.max_cpu_ms = max(saves.max_cpu_ms, cpu_ms)

@@ -1,6 +1,6 @@
 """What a save of a 2,000-device rollout costs in S3 requests, against moto's S3 server through
 real boto3 calls: one conditional PUT per changed wave and one for the header, never a HEAD or a
-read-back; a writer that changed a document since makes the save fail at its first PUT."""
+read-back; a writer that changed a document since makes the save fail, before the header."""
 
 from __future__ import annotations
 
@@ -54,10 +54,12 @@ def test_a_save_puts_each_changed_wave_and_the_header_once_and_reads_nothing(
     requests, state = Requests(store), _state(2_000)
     save_state(store, state, SIGNER)
     first = requests.take()
-    keys = [wave_key(state.id, i) for i in range(state.wave_count)] + [rollout_key(state.id)]
-    assert [(op, key, cond) for op, key, cond, _ in first] == [
-        ("PUT", key, "If-None-Match") for key in keys
+    waves = [wave_key(state.id, i) for i in range(state.wave_count)]
+    # The waves at once (in any order), then the header: all create-only.
+    assert sorted((op, key, cond) for op, key, cond, _ in first[:-1]) == [
+        ("PUT", key, "If-None-Match") for key in sorted(waves)
     ]
+    assert first[-1][:3] == ("PUT", rollout_key(state.id), "If-None-Match")
     # Compact canonical JSON: under 100 bytes a device (the indented format took 159).
     assert sum(size for *_, size in first) / 2_000 < 100
 
@@ -92,3 +94,20 @@ def test_a_document_changed_since_fails_the_save_at_that_put(store: S3Store) -> 
     with pytest.raises(ConflictError, match="written by someone else"):
         save_state(store, state, SIGNER)
     assert [(op, k, cond) for op, k, cond, _ in requests.take()] == [("PUT", key, "If-Match")]
+
+
+def test_a_wave_written_by_another_fails_a_save_of_every_wave_before_its_header(
+    store: S3Store,
+) -> None:
+    state = _state(2_000)
+    taken = wave_key(state.id, 2)
+    store.put_bytes(taken, b"{}")  # someone else's document where this rollout would write
+    requests = Requests(store)
+    with pytest.raises(ConflictError, match="written by someone else"):
+        save_state(store, state, SIGNER)
+    sent = requests.take()
+    assert sorted(key for _, key, *_ in sent) == sorted(
+        wave_key(state.id, i) for i in range(state.wave_count)
+    )  # the other waves were written (each create-only); the header was not
+    assert store.get_bytes(taken) == b"{}"
+    assert not store.exists(rollout_key(state.id))
