@@ -36,11 +36,22 @@ def servers(
     create_pack(
         serving_models.add_two(work / "add.onnx"), work / "add", name="add", version=1, key=keys[0]
     )
-    tag = import_to_store(work / "add", keys[1], work / "bentoml")
-    start = partial(
-        start_bento, work / "bentoml", tag, work, EDGEBENTO_WORKERS="1", EDGEBENTO_MAX_QUEUE="0"
-    )
-    starts = {"protocol": start, "app": partial(start, EDGEBENTO_PROTOCOL_REFUSAL="0")}
+
+    def start(name: str, **env: str) -> partial[Process]:
+        # A model store each, as the other modules' servers have: two started at once from one
+        # store failed twice in a row after another module's servers (zmq: address in use).
+        tag = import_to_store(work / "add", keys[1], work / name)
+        return partial(
+            start_bento,
+            work / name,
+            tag,
+            work,
+            EDGEBENTO_WORKERS="1",
+            EDGEBENTO_MAX_QUEUE="0",
+            **env,
+        )
+
+    starts = {"protocol": start("protocol"), "app": start("app", EDGEBENTO_PROTOCOL_REFUSAL="0")}
     with started_together(starts) as running:
         yield running
 
