@@ -3,8 +3,10 @@
 Layout: a small header at ``rollouts/{id}.json`` (phase, wave, reason, the figures behind an
 abort, counts per device state) and one document per wave at ``rollouts/{id}/wave-{n}.json``.
 A save writes the waves that changed since the last save, then the header, so the bytes written
-per save are bounded by the waves in flight rather than by the fleet; ``Rollout`` throttles
-device-level saves and forces one at every phase change. ``edgebento rollout status ID`` reads
+per save are bounded by the waves in flight rather than by the fleet; each save's sequence
+number is signed into the waves it writes and, per wave, into the header, so a wave put back
+from an earlier save is refused (rollout_store.py). ``Rollout`` throttles device-level saves
+and forces one at every phase change. ``edgebento rollout status ID`` reads
 it, and ``edgebento rollout resume ID`` carries on from it.
 """
 
@@ -17,10 +19,10 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PrivateAttr, ValidationError
 
 from cloud_sync.protocol import ModelRef
-from cloud_sync.rollout_store import write, write_all
+from cloud_sync.rollout_store import check_sequence, write, write_all
 from cloud_sync.sealed import FIELD, parse, seal, seal_json, unseal
 from cloud_sync.shadow_figures import ShadowSettings
 from cloud_sync.store import ObjectStore
@@ -142,6 +144,8 @@ class RolloutHeader(BaseModel):
     first_failure: str | None = None
     counts: dict[str, int] = Field(default_factory=dict)
     saves: SaveStats = Field(default_factory=SaveStats)
+    save_seq: NonNegativeInt = 0  # the last save's sequence number (0: stored before them)
+    wave_seqs: list[NonNegativeInt] = Field(default_factory=list)  # per wave, as last written
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
 
@@ -161,6 +165,7 @@ class WaveDoc(BaseModel):
     schema_version: int = SCHEMA_VERSION
     rollout: str
     wave: int
+    seq: NonNegativeInt = 0  # the save that wrote it (0: stored before sequences)
     devices: list[DeviceProgress]
 
 
@@ -293,14 +298,17 @@ def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKe
     the etag this controller last saw (``ConflictError`` when another wrote since); the seconds
     it took."""
     start, cpu_start = time.perf_counter(), time.thread_time()
-    bodies = {}
+    bodies, state.save_seq = {}, state.save_seq + 1
+    seqs = (state.wave_seqs + [0] * state.wave_count)[: state.wave_count]
     for index in sorted(state.take_dirty()):
-        doc = WaveDoc(rollout=state.id, wave=index, devices=state.wave(index))
+        seqs[index] = state.save_seq
+        doc = WaveDoc(rollout=state.id, wave=index, seq=state.save_seq, devices=state.wave(index))
         # pydantic's Rust serializer, signed as it wrote it: no dict per device (sealed.py).
         bodies[wave_key(state.id, index)] = seal_json(
             doc.model_dump_json(exclude_none=True).encode(), signer
         )
     wave_cpu_s = write_all(store, state._etags, bodies)
+    state.wave_seqs = seqs  # the header records which save each wave is from
     state.updated_at = time.time()
     body = seal(state.model_dump(mode="json", exclude={"devices", FIELD}), signer)
     write(store, state._etags, rollout_key(state.id), body)
@@ -361,7 +369,8 @@ def load_state(
     over exactly its contents (``SignatureError`` otherwise): what a resume acts on."""
     header, header_etag = _load_header(store, rollout_id, trusted)
     devices: list[DeviceProgress] = []
-    etags = {rollout_key(rollout_id): header_etag}
+    etags, seqs = {rollout_key(rollout_id): header_etag}, []
+    recorded = header.wave_seqs + [0] * header.wave_count
     for index in range(header.wave_count):
         key = wave_key(rollout_id, index)
         try:
@@ -373,12 +382,14 @@ def load_state(
             raise StoreError(f"rollout {rollout_id}: {key} belongs to another rollout or wave")
         if any(d.wave != index for d in doc.devices):
             raise StoreError(f"rollout {rollout_id}: {key} lists a device of another wave")
+        seqs.append(check_sequence(f"rollout {rollout_id}: {key}", doc.seq, recorded[index]))
         devices.extend(doc.devices)
     if len({d.device for d in devices}) != len(devices):
         raise StoreError(f"rollout {rollout_id}: a device is listed twice in its waves")
     fields = header.model_dump(exclude={"wave_count", "counts"})
-    state = RolloutState.model_validate({**fields, "devices": devices})
-    state._etags = etags
+    state = RolloutState.model_validate({**fields, "devices": devices, "wave_seqs": seqs})
+    state.save_seq = max([header.save_seq, *seqs])  # a crashed save's waves may be ahead
+    state._etags, state._dirty = etags, {i for i, seq in enumerate(seqs) if not seq}
     return state
 
 

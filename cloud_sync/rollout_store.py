@@ -4,6 +4,13 @@
 that must still be as this controller left it, and records the new etag in ``etags``; a
 controller that lost the lease thus cannot overwrite its successor (``ConflictError``).
 ``write_all`` makes several such writes at once, for the waves of one save.
+
+``check_sequence`` guards a fresh load against a wave put back from an earlier save: each save
+has a sequence number, monotonic per rollout, signed into every wave document it writes; the
+header records, per wave, the sequence of the document it was written with. Each document
+verifies on its own, so without this a bucket writer without the key could put back an older
+signed wave (its failures from before they happened, say) and a controller loading the state
+would act on it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import time
 
 from cloud_sync.object_store import ObjectStore
-from modelpack.errors import ConflictError
+from modelpack.errors import ConflictError, StoreError
 
 
 def write(store: ObjectStore, etags: dict[str, str], key: str, body: bytes) -> float:
@@ -40,3 +47,17 @@ def write_all(store: ObjectStore, etags: dict[str, str], bodies: dict[str, bytes
     with ThreadPoolExecutor(min(len(bodies), 8), thread_name_prefix="rollout-save") as pool:
         futures = [pool.submit(write, store, etags, key, body) for key, body in bodies.items()]
     return sum(future.result() for future in futures)
+
+
+def check_sequence(what: str, seq: int, recorded: int) -> int:
+    """``seq``, a wave document's sequence, unless it is older than the one its header records
+    (``StoreError``). A newer one is a save that wrote its waves and crashed before its header:
+    signed by the controller, and what a resume must carry on from. 0 is unknown (stored before
+    sequences), accepted as before, unless the header recorded one since."""
+    if seq < recorded:
+        raise StoreError(
+            f"{what} is from save {seq or 'before sequences'} but the header was written with "
+            f"save {recorded}'s: an older wave document put back (replayed or stale); refusing "
+            "to act on it"
+        )
+    return seq

@@ -11,7 +11,9 @@ A rollout's header, its wave documents and the fleet's groups are written by the
 an operator) holding the signing key, and read back from a bucket that others may be able to
 write. A document that was changed, or never signed, or signed by another key, is refused with
 a one-line reason: resuming from it would make the operator's key sign what a bucket writer
-chose (issue 19, finding 4).
+chose (issue 19, finding 4). A signature binds what a document holds, not when it was written:
+an older document the key signed verifies still, so a rollout's waves also carry their save's
+sequence, which the header records (``cloud_sync.rollout_store.check_sequence``).
 
 The signature is ed25519 over the exact bytes of a JSON object, stored with the signature added
 as its last field (``{...,"signature":{"key":...,"ed25519":...}}``), so the file stays plain
