@@ -138,7 +138,8 @@ def run(results_dir: Path) -> dict[str, Any]:
     return {
         "headline": "; ".join(
             f"{k}: {v['chosen']} ({num(v['side_by_side']['edgebento']['speedup'], '.3f', 'x')} "
-            f"FP32, {v['decided_by']} {v['fidelity']:.4f}, {v['seconds_to_pick']:.0f} s to the "
+            f"FP32, {num(v['side_by_side']['edgebento'].get('speedup_by_cpu'), '.3f', 'x')} by "
+            f"CPU time, {v['decided_by']} {v['fidelity']:.4f}, {v['seconds_to_pick']:.0f} s to the "
             "pick)"
             for k, v in found.items()
         )
