@@ -142,6 +142,7 @@ def run(results_dir: Path) -> dict[str, Any]:
     return {
         "headline": "; ".join(
             f"{k}: {v['chosen']} ({num(v['side_by_side']['edgebento']['speedup'], '.3f', 'x')}, "
+            f"{num(v['side_by_side']['edgebento'].get('speedup_by_cpu'), '.3f', 'x')} by CPU, "
             f"{v['decided_by']} {v['fidelity']:.4f})"
             for k, v in found.items()
         )
