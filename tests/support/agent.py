@@ -300,6 +300,35 @@ class AgentProcess:
             ) from None
 
 
+def wait_started(
+    agent: AgentProcess, q: queue.Queue[mqtt.MQTTMessage], check: Any, timeout: float = 90.0
+) -> dict[str, Any]:
+    """The first status on q for which check(doc) is true, from an agent that is starting: a
+    start on a loaded machine (imports, the signature check in a child process) may take many
+    seconds, so the bound is wide, but an agent that exits fails at once, with its log."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            msg = q.get(timeout=0.2)
+        except queue.Empty:
+            if agent.process is not None and agent.process.poll() is not None:
+                raise AssertionError(
+                    f"the agent exited ({agent.process.returncode}) before its status:\n"
+                    f"{agent.output()[-2000:]}"
+                ) from None
+            continue
+        if not msg.payload:
+            continue
+        doc = json.loads(msg.payload)
+        seen.append(doc)
+        if check(doc):
+            return doc
+    raise AssertionError(
+        f"no matching status within {timeout}s; saw {seen[-3:]}; log:\n{agent.output()[-2000:]}"
+    )
+
+
 def wait_online(
     client: Client, prefix: str, device: str, version: int | None = None, timeout: float = 30.0
 ) -> dict[str, Any]:
