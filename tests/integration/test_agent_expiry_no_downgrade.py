@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.agent import Client, expiring_pack, make_pack, wait_for, wait_started
+from tests.support.agent import Client, expiring_pack, make_pack, wait_for
 from tests.support.services import free_port
 
 X = [[0.1, -0.2, 0.3, 0.05, -0.4, 0.2, 0.0, 0.3]]
@@ -32,8 +32,8 @@ class Refusing:
         self.args = ("--config", str(config), "--metrics-port", str(self.port))
         self.statuses = client.collect(f"{prefix}/dev-a/status")
         self.agent = agent_factory(pack=pack_v1, args=self.args)
-        wait_started(
-            self.agent, self.statuses, lambda d: (d.get("model") or {}).get("version") == 1
+        wait_for(
+            self.statuses, lambda d: (d.get("model") or {}).get("version") == 1, 90, self.agent
         )
 
     def expire_v6(self, mlp_model: Path, key: Path, out: Path) -> None:
@@ -66,10 +66,11 @@ def test_an_expired_pack_stops_serving_and_nothing_older_takes_its_place(
     device.expire_v6(mlp_model, keys[0], tmp_path / "v6")  # and it expired since
     assert agent.stop() == 0
     agent = agent_factory(pack=pack_v1, args=args)  # its --pack is v1 too: still not served
-    status = wait_started(
-        agent,
+    status = wait_for(
         statuses,
         lambda d: d.get("state") == "online" and d.get("boot_id") and d.get("model") is None,
+        90,
+        agent,
     )
     assert status["expired"] is True
     assert status["last_update"]["outcome"] == "refused"

@@ -4,7 +4,6 @@ the serving-core issue, triggered for real against the running process."""
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from benchmarks.serving_common import Process, import_to_store, start_bento
 from tests.support import serving_models
-from tests.support.bento_servers import started_together
+from tests.support.bento_servers import read_answer, started_together
 
 pytestmark = pytest.mark.integration
 
@@ -231,25 +230,6 @@ def test_a_flood_gets_only_200_and_503_with_retry_after(slow: str) -> None:
     assert _predict(slow, {"x": [[0.0] * 256]}).status_code == 200
 
 
-def _read_answer(sock) -> bytes:
-    """One whole HTTP answer: its headers and the body they announce, however the bytes are split
-    across reads (the server may send the head and the body in separate writes)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    while length and len(body) < int(length.group(1)):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
 def test_a_full_queue_refuses_before_the_body_arrives(slow: str) -> None:
     """Under a flood, a request the queue cannot take is answered from its headers alone: the
     503 comes back while the body it announced has not been sent."""
@@ -283,7 +263,7 @@ def test_a_full_queue_refuses_before_the_body_arrives(slow: str) -> None:
             with socket.create_connection((parts.hostname, parts.port), timeout=1) as sock:
                 sock.sendall(head)  # and never the body
                 try:
-                    answer = _read_answer(sock)
+                    answer = read_answer(sock)
                 except TimeoutError:  # it found room and waits for its body, rightly
                     continue
             answers.append(answer)

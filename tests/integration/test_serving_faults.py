@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks.serving_common import Process, import_to_store, start_bento
 from tests.support import fault_models
+from tests.support.bento_servers import read_answer
 
 pytestmark = pytest.mark.integration
 
@@ -189,25 +190,6 @@ def test_huge_timeouts_are_a_400_counted_as_the_clients(servers: Callable[[str],
     assert after["requests:rejected"] - before.get("requests:rejected", 0) == 8
 
 
-def _whole_answer(sock: socket.socket, answer: bytes) -> bytes:
-    """The answer begun in ``answer``, read to the end of its body: the head and the body may
-    come in separate segments (uvicorn writes them in two sends)."""
-    while b"\r\n\r\n" not in answer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return answer
-        answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    length = int(found.group(1)) if found else 0
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
 def test_a_slow_upload_is_a_408_counted_as_the_clients(servers: Callable[[str], str]) -> None:
     """A body sent a byte a second: 408 reason timeout once the body's limit passes (it was a
     504 run_timeout after 32 s, uncounted, as if the model never answered)."""
@@ -236,7 +218,7 @@ def test_a_slow_upload_is_a_408_counted_as_the_clients(servers: Callable[[str], 
                 break
         took = time.monotonic() - start
         sock.settimeout(30)
-        answer = _whole_answer(sock, answer)
+        answer = read_answer(sock, answer)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b'"reason":"timeout"' in answer, answer
     # Not before the body's limit; that it is the limit's 408, not the run timeout's 504 (30 s

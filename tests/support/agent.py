@@ -207,22 +207,39 @@ class Client:
         self.client.loop_stop()
 
 
-def wait_for(q: queue.Queue[mqtt.MQTTMessage], check: Any, timeout: float = 20.0) -> dict[str, Any]:
-    """The first JSON message on q for which check(doc) is true."""
+def wait_for(
+    q: queue.Queue[mqtt.MQTTMessage],
+    check: Any,
+    timeout: float = 20.0,
+    agent: AgentProcess | None = None,
+) -> dict[str, Any]:
+    """The first JSON message on q for which check(doc) is true. With ``agent`` (one that is
+    starting: on a loaded machine its imports and the signature check in a child process may
+    take many seconds, so give a wide ``timeout``), an agent that exits fails at once, with its
+    log."""
     deadline = time.monotonic() + timeout
     seen = []
     while time.monotonic() < deadline:
+        left = max(0.01, deadline - time.monotonic())
         try:
-            msg = q.get(timeout=max(0.01, deadline - time.monotonic()))
+            msg = q.get(timeout=left if agent is None else min(left, 0.2))
         except queue.Empty:
-            break
+            if agent is None:
+                break
+            if agent.process is not None and agent.process.poll() is not None:
+                raise AssertionError(
+                    f"the agent exited ({agent.process.returncode}) before a matching message:\n"
+                    f"{agent.output()[-2000:]}"
+                ) from None
+            continue
         if not msg.payload:
             continue
         doc = json.loads(msg.payload)
         seen.append(doc)
         if check(doc):
             return doc
-    raise AssertionError(f"no matching message within {timeout}s; saw {seen[-3:]}")
+    log = "" if agent is None else f"; log:\n{agent.output()[-2000:]}"
+    raise AssertionError(f"no matching message within {timeout}s; saw {seen[-3:]}{log}")
 
 
 class AgentProcess:
@@ -298,35 +315,6 @@ class AgentProcess:
             raise AssertionError(
                 f"the agent did not stop on SIGTERM:\n{self.output()[-2000:]}"
             ) from None
-
-
-def wait_started(
-    agent: AgentProcess, q: queue.Queue[mqtt.MQTTMessage], check: Any, timeout: float = 90.0
-) -> dict[str, Any]:
-    """The first status on q for which check(doc) is true, from an agent that is starting: a
-    start on a loaded machine (imports, the signature check in a child process) may take many
-    seconds, so the bound is wide, but an agent that exits fails at once, with its log."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            msg = q.get(timeout=0.2)
-        except queue.Empty:
-            if agent.process is not None and agent.process.poll() is not None:
-                raise AssertionError(
-                    f"the agent exited ({agent.process.returncode}) before its status:\n"
-                    f"{agent.output()[-2000:]}"
-                ) from None
-            continue
-        if not msg.payload:
-            continue
-        doc = json.loads(msg.payload)
-        seen.append(doc)
-        if check(doc):
-            return doc
-    raise AssertionError(
-        f"no matching status within {timeout}s; saw {seen[-3:]}; log:\n{agent.output()[-2000:]}"
-    )
 
 
 def wait_online(
