@@ -331,7 +331,7 @@ class RolloutOutcomes:
         self._lock = threading.Lock()
 
     def _refresh(self) -> None:
-        from cloud_sync.rollout_state import load_header, rollout_ids
+        from cloud_sync.rollout_store import load_header, rollout_ids
 
         for rollout in rollout_ids(self.store):
             known = self._ended.get(rollout)

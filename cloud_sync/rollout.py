@@ -48,13 +48,8 @@ from cloud_sync.rollout_checks import (
 )
 from cloud_sync.rollout_drift_gate import DriftGate
 from cloud_sync.rollout_shadow import ShadowPhase
-from cloud_sync.rollout_state import (
-    AbortFigures,
-    DeviceProgress,
-    RolloutState,
-    WaveCheck,
-    save_state,
-)
+from cloud_sync.rollout_state import AbortFigures, DeviceProgress, RolloutState, WaveCheck
+from cloud_sync.rollout_store import save_state
 from cloud_sync.store import ObjectStore
 from cloud_sync.watch import FleetWatch
 

@@ -28,14 +28,8 @@ from cloud_sync.broker_url import check_broker_port
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
 from cloud_sync.protocol import Topics
 from cloud_sync.rollout import Rollout
-from cloud_sync.rollout_state import (
-    RolloutState,
-    Thresholds,
-    check_device_ids,
-    load_state,
-    new_rollout,
-    save_state,
-)
+from cloud_sync.rollout_state import RolloutState, Thresholds, check_device_ids, new_rollout
+from cloud_sync.rollout_store import load_state, save_state
 from cloud_sync.sealed import public_of
 from cloud_sync.store import ObjectStore, open_store
 from cloud_sync.watch import FleetWatch

@@ -1,39 +1,26 @@
-"""A rollout's plan and progress, persisted in the store.
+"""A rollout's plan and progress: the waves, each device's state, the thresholds and the verdicts.
 
-Layout: a small header at ``rollouts/{id}.json`` (phase, wave, reason, the figures behind an
-abort, counts per device state) and one document per wave at ``rollouts/{id}/wave-{n}.json``.
-A save writes the waves that changed since the last save, then the header, so the bytes written
-per save are bounded by the waves in flight rather than by the fleet; each save's sequence
-number is signed into the waves it writes and, per wave, into the header, so a wave put back
-from an earlier save is refused (rollout_store.py). ``Rollout`` throttles device-level saves
-and forces one at every phase change. ``edgebento rollout status ID`` reads
-it, and ``edgebento rollout resume ID`` carries on from it.
+``new_rollout`` plans the waves (the canary first); ``RolloutState`` keeps the counts per device
+state and per wave as devices move, and marks the waves that changed since the last save.
+``Rollout`` throttles device-level saves and forces one at every phase change. The store's
+layout, the saves and the loads are ``cloud_sync.rollout_store``. ``edgebento rollout status ID``
+reads a state, and ``edgebento rollout resume ID`` carries on from it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PrivateAttr
 
 from cloud_sync.protocol import ModelRef
-from cloud_sync.rollout_store import check_sequence, write, write_all
-from cloud_sync.sealed import FIELD, parse, seal, seal_json, unseal
 from cloud_sync.shadow_figures import ShadowSettings
-from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, NotFoundError, StoreError
+from modelpack.errors import ConfigError
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from modelpack.signing import TrustedKey
-
-log = logging.getLogger(__name__)
 # What an agent's config accepts as a device id (edge_agent.config): one topic level, no MQTT
 # wildcard, so every device has its own status, desired and telemetry topics.
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -281,133 +268,3 @@ def new_rollout(
     )
     state._dirty = set(range(state.wave_count))
     return state
-
-
-def rollout_key(rollout_id: str) -> str:
-    if "/" in rollout_id or rollout_id.startswith(".") or not rollout_id:
-        raise ConfigError(f"{rollout_id!r} is not a rollout id")
-    return f"rollouts/{rollout_id}.json"
-
-
-def wave_key(rollout_id: str, wave: int) -> str:
-    return f"{rollout_key(rollout_id).removesuffix('.json')}/wave-{wave}.json"
-
-
-def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKey) -> float:
-    """Write the changed waves, then the header, each signed by ``signer`` and conditional on
-    the etag this controller last saw (``ConflictError`` when another wrote since); the seconds
-    it took."""
-    start, cpu_start = time.perf_counter(), time.thread_time()
-    bodies, state.save_seq = {}, state.save_seq + 1
-    seqs = (state.wave_seqs + [0] * state.wave_count)[: state.wave_count]
-    for index in sorted(state.take_dirty()):
-        seqs[index] = state.save_seq
-        doc = WaveDoc(rollout=state.id, wave=index, seq=state.save_seq, devices=state.wave(index))
-        # pydantic's Rust serializer, signed as it wrote it: no dict per device (sealed.py).
-        bodies[wave_key(state.id, index)] = seal_json(
-            doc.model_dump_json(exclude_none=True).encode(), signer
-        )
-    wave_cpu_s = write_all(store, state._etags, bodies)
-    state.wave_seqs = seqs  # the header records which save each wave is from
-    state.updated_at = time.time()
-    body = seal(state.model_dump(mode="json", exclude={"devices", FIELD}), signer)
-    write(store, state._etags, rollout_key(state.id), body)
-    elapsed = time.perf_counter() - start
-    elsewhere = wave_cpu_s if len(bodies) > 1 else 0.0  # in write_all's threads
-    cpu_ms = (time.thread_time() - cpu_start + elsewhere) * 1000
-    saves = state.saves
-    saves.count += 1
-    saves.bytes += sum(map(len, bodies.values())) + len(body)
-    saves.requests += len(bodies) + 1
-    saves.max_ms = max(saves.max_ms, elapsed * 1000)
-    saves.total_ms += elapsed * 1000
-    saves.max_cpu_ms = max(saves.max_cpu_ms, cpu_ms)
-    saves.total_cpu_ms += cpu_ms
-    return elapsed
-
-
-def _document(data: bytes, trusted: TrustedKey | None, what: str) -> dict[str, Any]:
-    """The stored JSON without its signature: verified when ``trusted`` is given (a basis for
-    signing), else only parsed (to show)."""
-    if trusted is not None:
-        return unseal(data, trusted, what)
-    doc = parse(data, what)
-    doc.pop(FIELD, None)
-    return doc
-
-
-def _load_header(
-    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None
-) -> tuple[RolloutHeader, str]:
-    key = rollout_key(rollout_id)
-    try:
-        data, etag = store.read(key)
-    except NotFoundError as exc:
-        raise NotFoundError(f"no rollout {rollout_id} in {store.url}") from exc
-    try:
-        what = f"rollout {rollout_id} ({key} in {store.url})"
-        header = RolloutHeader.model_validate(_document(data, trusted, what))
-    except ValidationError as exc:
-        raise StoreError(f"rollout {rollout_id} in {store.url} is not a valid state") from exc
-    if header.id != rollout_id:  # a header copied under another id would publish as that one
-        raise StoreError(f"rollout {rollout_id} in {store.url} names itself {header.id!r}")
-    return header, etag
-
-
-def load_header(
-    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None = None
-) -> RolloutHeader:
-    """The header; its signature checked against ``trusted`` when given (without, only to show:
-    never a basis for signing)."""
-    return _load_header(store, rollout_id, trusted)[0]
-
-
-def load_state(
-    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None = None
-) -> RolloutState:
-    """The header and every wave; with ``trusted``, each must carry the controller's signature
-    over exactly its contents (``SignatureError`` otherwise): what a resume acts on."""
-    header, header_etag = _load_header(store, rollout_id, trusted)
-    devices: list[DeviceProgress] = []
-    etags, seqs = {rollout_key(rollout_id): header_etag}, []
-    recorded = header.wave_seqs + [0] * header.wave_count
-    for index in range(header.wave_count):
-        key = wave_key(rollout_id, index)
-        try:
-            data, etags[key] = store.read(key)
-            doc = WaveDoc.model_validate(_document(data, trusted, f"{key} in {store.url}"))
-        except (NotFoundError, ValidationError) as exc:
-            raise StoreError(f"rollout {rollout_id}: {key} is missing or not valid") from exc
-        if doc.rollout != rollout_id or doc.wave != index:
-            raise StoreError(f"rollout {rollout_id}: {key} belongs to another rollout or wave")
-        if any(d.wave != index for d in doc.devices):
-            raise StoreError(f"rollout {rollout_id}: {key} lists a device of another wave")
-        seqs.append(check_sequence(f"rollout {rollout_id}: {key}", doc.seq, recorded[index]))
-        devices.extend(doc.devices)
-    if len({d.device for d in devices}) != len(devices):
-        raise StoreError(f"rollout {rollout_id}: a device is listed twice in its waves")
-    fields = header.model_dump(exclude={"wave_count", "counts"})
-    state = RolloutState.model_validate({**fields, "devices": devices, "wave_seqs": seqs})
-    state.save_seq = max([header.save_seq, *seqs])  # a crashed save's waves may be ahead
-    state._etags, state._dirty = etags, {i for i, seq in enumerate(seqs) if not seq}
-    return state
-
-
-def rollout_ids(store: ObjectStore) -> list[str]:
-    """The id of every rollout in the store (one listing, no document read)."""
-    return [
-        k.removeprefix("rollouts/").removesuffix(".json")
-        for k in store.list("rollouts/")
-        if k.count("/") == 1 and k.endswith(".json")
-    ]
-
-
-def list_states(store: ObjectStore) -> list[RolloutHeader]:
-    """Every rollout's header (the per-device documents are not read)."""
-    headers = []
-    for rollout_id in rollout_ids(store):
-        try:
-            headers.append(load_header(store, rollout_id))
-        except StoreError as exc:  # one bad document must not hide every other rollout
-            log.warning("skipped %s", exc)
-    return sorted(headers, key=lambda s: s.created_at)

@@ -325,7 +325,7 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
 
 
 def _status(args: argparse.Namespace, rollout_id: str) -> int:
-    from cloud_sync.rollout_state import load_state
+    from cloud_sync.rollout_store import load_state
     from cloud_sync.sealed import public_of
     from modelpack.signing import load_private_key
 
@@ -336,7 +336,7 @@ def _status(args: argparse.Namespace, rollout_id: str) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from cloud_sync.rollout_state import list_states
+    from cloud_sync.rollout_store import list_states
     from edgebento.cli.tables import Column, print_table
 
     headers = list_states(_store(args))

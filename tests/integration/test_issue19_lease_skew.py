@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from cloud_sync.lease import lease_key
-from cloud_sync.rollout_state import load_state
+from cloud_sync.rollout_store import load_state
 from cloud_sync.sealed import public_of
 from cloud_sync.store import ObjectStore, open_store
 from modelpack.errors import NotFoundError

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_sync.rollout_state import Thresholds, new_rollout, save_state
+from cloud_sync.rollout_state import Thresholds, new_rollout
+from cloud_sync.rollout_store import save_state
 from cloud_sync.store import open_store
 from edgebento.localservices import LOOPBACK, Prometheus, free_port
 from tests.support.services import Mosquitto, wait_for_port

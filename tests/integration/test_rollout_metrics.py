@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cloud_sync.rollout_state import load_state
+from cloud_sync.rollout_store import load_state
 from cloud_sync.store import open_store
 from edgebento.cli import main
 from tests.support.agent import AgentProcess, Client

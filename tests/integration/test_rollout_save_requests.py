@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.rollout_state import load_state, rollout_key, save_state, wave_key
+from cloud_sync.rollout_store import load_state, rollout_key, save_state, wave_key
 from cloud_sync.s3store import S3Store
 from cloud_sync.sealed import public_of
 from modelpack.errors import ConflictError

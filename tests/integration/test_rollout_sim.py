@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.protocol import Topics
-from cloud_sync.rollout_state import load_state
+from cloud_sync.rollout_store import load_state
 from cloud_sync.watch import FleetWatch
 from edgebento.cli import main
 from tests.support.fleet import rollout_ids

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.rollout_state import RolloutState, load_state, rollout_key, save_state, wave_key
+from cloud_sync.rollout_state import RolloutState
+from cloud_sync.rollout_store import load_state, rollout_key, save_state, wave_key
 from cloud_sync.s3store import S3Store
 from cloud_sync.sealed import FIELD, public_of, seal, seal_json, unseal
 from modelpack.errors import StoreError

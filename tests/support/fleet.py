@@ -31,6 +31,6 @@ def wait_versions(
 
 
 def rollout_ids(store_url: str) -> list[str]:
-    from cloud_sync.rollout_state import list_states
+    from cloud_sync.rollout_store import list_states
 
     return [h.id for h in list_states(open_store(store_url))]

@@ -9,7 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cloud_sync.fleet_metrics import RolloutOutcomes
-from cloud_sync.rollout_state import Thresholds, new_rollout, rollout_key, save_state
+from cloud_sync.rollout_state import Thresholds, new_rollout
+from cloud_sync.rollout_store import rollout_key, save_state
 from cloud_sync.store import open_store
 
 

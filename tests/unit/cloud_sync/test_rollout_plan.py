@@ -12,15 +12,8 @@ from cloud_sync.groups import change_group, list_groups
 from cloud_sync.protocol import Applied, ModelRef, Status, Topics
 from cloud_sync.rollout_checks import abort_reason, device_outcome, judge
 from cloud_sync.rollout_plan import exit_code, resolve_targets
-from cloud_sync.rollout_state import (
-    RolloutState,
-    Thresholds,
-    list_states,
-    load_state,
-    new_rollout,
-    plan_waves,
-    save_state,
-)
+from cloud_sync.rollout_state import RolloutState, Thresholds, new_rollout, plan_waves
+from cloud_sync.rollout_store import list_states, load_state, save_state
 from cloud_sync.sealed import public_of
 from cloud_sync.store import LocalStore
 from cloud_sync.watch import FleetWatch, VersionStats

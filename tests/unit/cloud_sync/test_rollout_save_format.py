@@ -16,15 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.protocol import ModelRef
-from cloud_sync.rollout_state import (
-    RolloutState,
-    Thresholds,
-    load_state,
-    new_rollout,
-    rollout_key,
-    save_state,
-    wave_key,
-)
+from cloud_sync.rollout_state import RolloutState, Thresholds, new_rollout
+from cloud_sync.rollout_store import load_state, rollout_key, save_state, wave_key
 from cloud_sync.sealed import FIELD, public_of, seal, seal_json, unseal
 from cloud_sync.store import LocalStore
 from modelpack.errors import SignatureError

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_sync.rollout_state import Thresholds, load_state, new_rollout, save_state
+from cloud_sync.rollout_state import Thresholds, new_rollout
+from cloud_sync.rollout_store import load_state, save_state
 from cloud_sync.store import LocalStore
 from modelpack.errors import StoreError
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_sync.rollout_state import RolloutState, load_state, rollout_key, save_state, wave_key
+from cloud_sync.rollout_state import RolloutState
+from cloud_sync.rollout_store import load_state, rollout_key, save_state, wave_key
 from cloud_sync.sealed import public_of
 from cloud_sync.store import LocalStore
 from modelpack.errors import StoreError
