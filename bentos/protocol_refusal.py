@@ -19,13 +19,18 @@ takes only what cannot change the answer's bytes or order:
 
 Everything else, and every request the check lets through, goes through uvicorn's own path
 unchanged (the app checks admission once more). ``EDGEBENTO_PROTOCOL_REFUSAL=0`` turns it off.
+
+A request the check lets through may come with a ``Hold`` (a place kept for it in the model's
+queue): it is put in the request's scope under ``HELD`` for the app to release as it admits the
+request again, and released here as its answer completes or its connection closes, whichever
+comes first (``release`` is idempotent), so no hold outlives its request.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -35,8 +40,16 @@ log = logging.getLogger(__name__)
 # A refusal: its status, its header lines as uvicorn writes them (the server's default headers
 # aside) ending with the blank line, and its body.
 Refusal = tuple[int, bytes, bytes]
-# (method, path, headers as uvicorn parsed them) -> the refusal, or None to let the app answer.
-Check = Callable[[str, str, list[tuple[bytes, bytes]]], Refusal | None]
+
+
+class Hold(Protocol):
+    def release(self) -> None: ...
+
+
+# (method, path, headers as uvicorn parsed them) -> the refusal; or None, or a Hold, to let the
+# app answer.
+Check = Callable[[str, str, list[tuple[bytes, bytes]]], Refusal | Hold | None]
+HELD = "edgebento.held"  # the scope's key of a request's Hold
 
 NAME = "bentos.protocol_refusal:RefusingProtocol"
 CHECK: Check | None = None  # what ``install`` was given
@@ -64,6 +77,7 @@ class RefusingProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.discarding = False  # the body of a request answered here is still arriving
+        self.held: Hold | None = None  # the Hold of the last request the check let through
 
     def on_headers_complete(self) -> None:
         if not self._refused():
@@ -95,11 +109,29 @@ class RefusingProtocol(HttpToolsProtocol):
             return False
         if answer is None:
             return False
+        if not isinstance(answer, tuple):
+            self.held = self.scope[HELD] = answer  # type: ignore[literal-required]
+            return False
         status, head, body = answer
         self.discarding = True
         self.transport.write(response_bytes(status, head, body, self.server_state.default_headers))
         self.on_response_complete()  # counted, reading resumed, the keep-alive timer armed
         return True
+
+    def on_response_complete(self) -> None:
+        self._release()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
+
+    def _release(self) -> None:
+        """The last admitted request's Hold, if the app did not release it already (it is the
+        only one: a request is checked only when none is in flight on the connection)."""
+        held, self.held = self.held, None
+        if held is not None:
+            held.release()
 
     def on_body(self, body: bytes) -> None:
         if not self.discarding:

@@ -31,12 +31,13 @@ from bentos.protocol_refusal import Refusal
 from bentos.store import load_stored_pack
 from bentos.time_limits import REQUEST_LIMITS
 from modelpack import PredictorOptions, logs
-from modelpack.errors import ConfigError, InputError
+from modelpack.errors import ConfigError, InputError, OverloadError
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving.core import TIMEOUT_HEADER, ServingCore
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle, refusal, refuse
+from modelpack.serving.reservation import Reservation
+from modelpack.serving.routes import HttpRequest, HttpResponse, admit, early, handle, refuse
 
 bentoml_fixes.install()
 # BentoML configured its loggers before importing us: give its handlers our line format.
@@ -140,6 +141,9 @@ async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResp
     arrived = time.monotonic() - LAG.behind()
     method, path = scope["method"], scope["path"]
     headers = _first_headers(scope["headers"])
+    held = scope.pop(protocol_refusal.HELD, None)
+    if held is not None:  # its place, held since its headers: admitted again just below
+        held.release()
     try:
         # A request that cannot start in time is refused before its body is read: under a
         # flood that is most requests, and every layer they skip is CPU the model keeps.
@@ -188,10 +192,13 @@ NO_HEADERS: dict[str, str] = {}  # never written
 _REFUSAL_HEADS: dict[tuple[tuple[str, str], ...], bytes] = {}
 
 
-def early_refusal(method: str, path: str, raw: list[tuple[bytes, bytes]]) -> Refusal | None:
+def early_refusal(
+    method: str, path: str, raw: list[tuple[bytes, bytes]]
+) -> Refusal | Reservation | None:
     """The 503 ``serve`` would answer from this request's headers, counted and built as
     ``serve`` builds it, for ``protocol_refusal`` to write before uvicorn builds the request;
-    None for anything else (``serve`` then answers it, admission checked again)."""
+    for an inference it admits, a Reservation of its place in the queue (``serve`` releases it
+    as it admits the request again); None for anything else."""
     if not fast_lane.in_lane(path):
         return None
     headers = NO_HEADERS
@@ -200,9 +207,9 @@ def early_refusal(method: str, path: str, raw: list[tuple[bytes, bytes]]) -> Ref
             headers = {TIMEOUT_HEADER: value.decode("latin-1")}
             break
     core = _core()
-    exc = refusal(core, method, path, headers, time.monotonic() - LAG.behind())
-    if exc is None:
-        return None
+    exc = early(core, method, path, headers, time.monotonic() - LAG.behind())
+    if not isinstance(exc, OverloadError):
+        return exc
     answer = refuse(core, exc)
     key = tuple(answer.headers.items())
     head = _REFUSAL_HEADS.get(key)

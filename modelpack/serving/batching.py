@@ -22,11 +22,10 @@ request at a time, so only the request at fault fails, with its own error.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,7 +34,7 @@ import numpy as np
 if TYPE_CHECKING:
     import asyncio
 
-from modelpack.errors import InferenceError, OverloadError
+from modelpack.errors import OverloadError
 from modelpack.metrics import NoMetrics
 from modelpack.serving.padding import (
     SequenceAxis,
@@ -44,7 +43,9 @@ from modelpack.serving.padding import (
     request_length,
     split_by_length,
 )
+from modelpack.serving.reservation import Reservation
 from modelpack.serving.run_cost import RunCost
+from modelpack.serving.stacking import shape_key, split_rows
 
 RunBatch = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 Result = dict[str, np.ndarray] | Exception
@@ -66,36 +67,6 @@ class _Pending:
     arrived: float
     future: asyncio.Future[dict[str, np.ndarray]] = field(repr=False)
     started: float = 0.0  # when its batch was taken
-
-
-def shape_key(feed: Mapping[str, np.ndarray], plan: SequenceAxis | None) -> tuple[Any, ...]:
-    """Requests with equal keys can be stacked (the sequence axis may differ: it is padded).
-    The dtype object itself, not its name: ``str(dtype)`` cost 10 µs a request."""
-    if plan is None:
-        return tuple([(name, array.dtype, array.shape[1:]) for name, array in sorted(feed.items())])
-    key: list[Any] = []
-    for name in sorted(feed):
-        dims = list(feed[name].shape[1:])
-        if name in plan.inputs:
-            dims[plan.inputs[name] - 1] = -1
-        key.append((name, feed[name].dtype, tuple(dims)))
-    return tuple(key)
-
-
-def split_rows(
-    outputs: Mapping[str, np.ndarray], rows: Sequence[int]
-) -> list[dict[str, np.ndarray]]:
-    total = sum(rows)
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != total:
-            raise InferenceError(
-                f"output {name!r} has shape {list(array.shape)}: not batch-major, cannot batch"
-            )
-    bounds = np.cumsum([0, *rows])
-    return [
-        {name: array[start:end] for name, array in outputs.items()}
-        for start, end in itertools.pairwise(bounds)
-    ]
 
 
 class Batcher:
@@ -142,6 +113,7 @@ class Batcher:
         self._last_take: tuple[float, int] | None = None  # (when, rows) of a take that left a queue
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self.reserved = 0  # places held by Reservations (the event loop's thread only)
         # The queue is appended to on the event loop and taken from in the worker thread.
         self._lock = threading.Lock()
         self._earliest_deadline = float("inf")  # no queued request's deadline is before it
@@ -157,11 +129,20 @@ class Batcher:
         return len(self._queue)
 
     def full(self) -> bool:
-        """No room: ``max_queue`` requests wait, or more work than ``max_wait_s`` does."""
-        return len(self._queue) >= self.max_queue or self.expected_wait() > self.max_wait_s
+        """No room: ``max_queue`` requests wait or hold a place, or more work than
+        ``max_wait_s`` does."""
+        return (
+            len(self._queue) + self.reserved >= self.max_queue
+            or self.expected_wait() > self.max_wait_s
+        )
 
     def expected_wait(self) -> float:
-        return self._queued_rows * self.per_row_s
+        """The queue's work, a held place counted as one row (its rows are in its body)."""
+        return (self._queued_rows + self.reserved) * self.per_row_s
+
+    def reserve(self) -> Reservation:
+        """Hold a place for a request admitted from its headers, until ``release``."""
+        return Reservation(self)
 
     def would_miss(self, deadline: float, rows: int = 1) -> bool:
         """True when the work ahead (the rest of the running batch, the rows queued) and the
@@ -170,7 +151,7 @@ class Batcher:
         do takes any request: it answers as soon as it can."""
         now = time.monotonic()
         ahead = self.expected_wait() + max(0.0, self._busy_until - now)
-        if not self._queue and ahead <= 0:
+        if not self._queue and not self.reserved and ahead <= 0:
             return False
         return now + ahead + self.cost.estimate(rows) > deadline
 

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelpack.codec import dumps
 from modelpack.errors import EdgebentoError, InputError, OverloadError
@@ -28,6 +28,9 @@ from modelpack.serving.reasons import (
     retry_headers,
     status_of,
 )
+
+if TYPE_CHECKING:
+    from modelpack.serving.reservation import Reservation
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,19 @@ def refusal(
     ``TIMEOUT_HEADER`` is read)."""
     found = _inference(core, method, path)
     return None if found is None else core.refusal(found[1], headers, arrived)
+
+
+def early(
+    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
+) -> OverloadError | Reservation | None:
+    """``refusal`` for a server that answers refusals before it builds the request, except
+    that an inference it admits gets a Reservation: a place held in the model's queue until
+    the request is admitted again with its body (``admit``, after releasing it)."""
+    found = _inference(core, method, path)
+    if found is None:
+        return None
+    refused = core.refusal(found[1], headers, arrived)
+    return refused if refused is not None else found[1].batcher.reserve()
 
 
 def _job(core: ServingCore, route: Route, request: HttpRequest, admitted: bool = False) -> Job:

@@ -12,12 +12,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import uvicorn
 
 from benchmarks.serving_common import free_port
 from bentos import protocol_refusal
 from bentos.protocol_refusal import RefusingProtocol, header_block
+from modelpack.serving.batching import Batcher
 
 pytestmark = pytest.mark.integration
 
@@ -62,8 +64,8 @@ class App:
 
 
 class Served:
-    def __init__(self, protocol: Any) -> None:
-        self.app = App()
+    def __init__(self, protocol: Any, app: Any = None) -> None:
+        self.app = app or App()
         self.port = free_port()
         config = uvicorn.Config(
             self.app,
@@ -245,3 +247,114 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_behind(
     asyncio.run(asyncio.wait_for(drained(), 10))
     assert refusing.app.calls == ["/ok"]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+class QueueApp:
+    """What the service does with an inference the check let through: release its place, admit
+    it again against the real Batcher, queue it and answer the model's result (the model held
+    until the test lets it go); counts the requests it refused itself."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self.calls = self.refused = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.loop = asyncio.get_running_loop()
+        status, body = 200, b"{}"
+        if scope["path"] == "/predict":
+            self.calls += 1
+            held = scope.pop(protocol_refusal.HELD, None)
+            if held is not None:
+                held.release()
+            while (await receive()).get("more_body"):
+                pass
+            if self.batcher.full():
+                self.refused += 1
+                status, body = 503, BODY
+            else:
+                await self.batcher.submit({"x": np.zeros((1, 1), np.float32)})
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def test_requests_read_in_one_turn_of_the_loop_share_the_free_places(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twelve requests whose headers the loop reads in one turn, with two places free in the
+    queue: the check holds a place for the first two it admits, so the other ten are refused
+    from their headers, none by the app after uvicorn built it (what a place seen free by all
+    twelve cost: ten refusals at three times the price)."""
+    model_gate = threading.Event()
+    batcher = Batcher(lambda feed: (model_gate.wait(30), feed)[1], max_rows=1, max_queue=2)
+
+    def queue_check(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Any:
+        return REFUSAL if batcher.full() else batcher.reserve()
+
+    monkeypatch.setattr(protocol_refusal, "CHECK", queue_check)
+    app = QueueApp(batcher)
+    with Served(Unlogged, app) as served:
+        socks = [served.connect() for _ in range(12)]
+        try:
+            for sock in socks:  # kept alive: the connections a flood's clients reuse
+                sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                answers(sock, 1)
+            assert app.loop is not None
+            held, go = threading.Event(), threading.Event()
+            app.loop.call_soon_threadsafe(lambda: (held.set(), go.wait(30)))  # the loop waits
+            assert held.wait(30)
+            for sock in socks:
+                sock.sendall(head("/predict", 2) + b"{}")
+            go.set()  # the loop wakes to all twelve at once
+            model_gate.set()
+            got = [answers(sock, 1)[0][:12] for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+    assert app.refused == 0
+    assert got.count(b"HTTP/1.1 200") == app.calls <= 3
+    assert got.count(b"HTTP/1.1 503") == 12 - app.calls
+    assert batcher.reserved == 0
+
+
+class CountedHold:
+    def __init__(self, released: list[int], index: int) -> None:
+        self.released, self.index = released, index
+
+    def release(self) -> None:
+        self.released.append(self.index)
+
+
+def test_a_hold_the_app_ignores_is_released_once_when_its_request_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The app here never looks for the hold: the connection releases it as the answer
+    completes, or as the client leaves mid-body; each once, none left behind."""
+    released: list[int] = []
+    given: list[CountedHold] = []
+
+    def holding(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Any:
+        given.append(CountedHold(released, len(given)))
+        return given[-1]
+
+    monkeypatch.setattr(protocol_refusal, "CHECK", holding)
+    with Served(Unlogged) as served:
+        with served.connect() as sock:
+            for _ in range(3):  # answered: released as each answer completes
+                sock.sendall(head("/ok", 1) + b"a")
+                answers(sock, 1)
+        for _ in range(3):  # the client leaves mid-body: released as the connection closes
+            with served.connect() as sock:
+                sock.sendall(head("/ok", 1000) + b"x" * 10)
+        connections = served.server.server_state.connections
+
+        async def drained() -> None:
+            while connections:
+                await asyncio.sleep(0.01)
+
+        asyncio.run(asyncio.wait_for(drained(), 10))
+    assert len(given) == 6
+    assert sorted(released) == list(range(6))

@@ -384,3 +384,28 @@ def test_the_workers_loop_and_model_threads_run_under_sched_batch(slow_server: P
     busiest_cpu, busiest = max(others := threads())
     assert busiest_cpu > 0.1, others
     assert os.sched_getscheduler(busiest) == os.SCHED_BATCH
+
+
+def test_places_held_for_admitted_requests_are_all_given_back(slow: str) -> None:
+    """An inference admitted from its headers holds a place in the queue (of 8 here) until the
+    app admits it again: clients that leave mid-body, bodies that are not JSON and requests
+    answered whole give every place back, so the queue still takes requests after 48 of them
+    (a place kept by each would have refused all after the eighth)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(slow)
+
+    def head(length: int) -> bytes:
+        return (
+            f"POST /predict HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+
+    for i in range(16):
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+            sock.sendall(head(1000) + b'{"inputs":')  # then gone mid-body
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+            sock.sendall(head(9) + b"not json!")
+            assert read_answer(sock).startswith(b"HTTP/1.1 400")
+        assert _predict(slow, {"x": [[float(i)] * 256]}).status_code == 200

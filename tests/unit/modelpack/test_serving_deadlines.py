@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bentos.loop_lag import LoopLag
-from modelpack.serving.batching import Batcher, _Pending, shape_key
+from modelpack.serving.batching import Batcher, _Pending
 from modelpack.serving.run_cost import RunCost
+from modelpack.serving.stacking import shape_key
 
 X = {"x": np.zeros((1, 4), np.float32)}
 
