@@ -28,6 +28,7 @@ from cloud_sync.broker_url import check_broker_port
 from cloud_sync.lease import DEFAULT_TTL_S, Lease
 from cloud_sync.protocol import Topics
 from cloud_sync.rollout import Rollout
+from cloud_sync.rollout_record import SaveRecord
 from cloud_sync.rollout_state import RolloutState, Thresholds, check_device_ids, new_rollout
 from cloud_sync.rollout_store import load_state, save_state
 from cloud_sync.sealed import public_of
@@ -63,6 +64,7 @@ class RolloutRequest:
     allow_unverified: bool = False  # also on resume: go on past a wave that cannot be judged
     lease_ttl_s: float = DEFAULT_TTL_S
     save_every_s: float = 1.0
+    state_dir: Path | None = None  # the record of each rollout's last save (rollout_record)
 
     def __post_init__(self) -> None:
         # A lease of 0 s is expired the moment it is taken: a second controller would take it
@@ -132,6 +134,7 @@ def start_rollout(
     devices: list[str],
     thresholds: Thresholds,
     signer: Ed25519PrivateKey,
+    record: SaveRecord | None = None,
 ) -> RolloutState:
     """Plan the waves from what each device runs now (so far as heard), and save the plan."""
     from cloud_sync.registry import Registry
@@ -144,7 +147,7 @@ def start_rollout(
     seen = [d.generation for d in watch.desired.values()]
     generation = max(seen, default=0) + 1  # above any desired state the devices were given
     state = new_rollout(
-        name, version, devices, previous, thresholds, watch.topics.prefix, generation
+        name, version, devices, previous, thresholds, watch.topics.prefix, generation, record
     )
     save_state(store, state, signer)
     return state
@@ -202,8 +205,10 @@ def execute(
     signer = load_private_key(request.key)  # fail before anything is published
     store = open_store(request.store, endpoint_url=request.endpoint_url)
     # Resumed only from what this key signed: a bucket writer's edits would otherwise choose
-    # what the operator's key signs next (an abort's rollbacks).
-    prior = load_state(store, request.resume, public_of(signer)) if request.resume else None
+    # what the operator's key signs next (an abort's rollbacks); and not from an older state
+    # than this machine's record of the rollout's saves (a whole signed state put back).
+    record = SaveRecord.in_dir(request.state_dir)
+    prior = load_state(store, request.resume, public_of(signer), record) if request.resume else None
     if prior is not None:
         check_time(request.timeout_s, prior.thresholds)  # the saved thresholds hold on resume
     prefix = prior.prefix if prior else request.prefix
@@ -238,6 +243,7 @@ def execute(
                     targets,
                     request.thresholds,
                     signer,
+                    record,
                 )
                 lease.doc.rollout = state.id
                 lease.renew(force=True)

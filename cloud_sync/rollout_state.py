@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PrivateAttr
 
 from cloud_sync.protocol import ModelRef
+from cloud_sync.rollout_record import SaveRecord
 from cloud_sync.shadow_figures import ShadowSettings
 from modelpack.errors import ConfigError
 
@@ -168,6 +169,8 @@ class RolloutState(RolloutHeader):
     # The etag of each document as this controller last wrote or read it: every save is
     # conditional on it, so a controller that lost the lease cannot overwrite its successor.
     _etags: dict[str, str] = PrivateAttr(default_factory=dict)
+    # Where each save's sequence is recorded outside the bucket (rollout_record), if anywhere.
+    _record: SaveRecord | None = PrivateAttr(default=None)
 
     def model_post_init(self, _context: object) -> None:
         self.wave_count = max((d.wave for d in self.devices), default=-1) + 1
@@ -250,6 +253,7 @@ def new_rollout(
     thresholds: Thresholds,
     prefix: str,
     generation: int = 1,
+    record: SaveRecord | None = None,
 ) -> RolloutState:
     progress = [
         DeviceProgress(device=d, wave=i, previous=previous.get(d))
@@ -267,4 +271,5 @@ def new_rollout(
         generation=generation,
     )
     state._dirty = set(range(state.wave_count))
+    state._record = record
     return state

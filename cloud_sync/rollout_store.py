@@ -17,7 +17,9 @@ has a sequence number, monotonic per rollout, signed into every wave document it
 header records, per wave, the sequence of the document it was written with. Each document
 verifies on its own, so without this a bucket writer without the key could put back an older
 signed wave (its failures from before they happened, say) and a controller loading the state
-would act on it.
+would act on it. A whole older state, header and waves, is consistent in itself: a state loaded
+and saved with a ``SaveRecord`` (``cloud_sync.rollout_record``, on the controller's machine) is
+refused when its header is older than the last save recorded there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from cloud_sync.object_store import ObjectStore
+from cloud_sync.rollout_record import SaveRecord
 from cloud_sync.rollout_state import DeviceProgress, RolloutHeader, RolloutState, WaveDoc
 from cloud_sync.sealed import FIELD, parse, seal, seal_json, unseal
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
@@ -112,6 +115,8 @@ def save_state(store: ObjectStore, state: RolloutState, signer: Ed25519PrivateKe
     state.updated_at = time.time()
     body = seal(state.model_dump(mode="json", exclude={"devices", FIELD}), signer)
     write(store, state._etags, rollout_key(state.id), body)
+    if state._record is not None:  # only once the header stands: a crashed save is not one
+        state._record.advance(store.url, state.id, state.save_seq)
     elapsed = time.perf_counter() - start
     elsewhere = wave_cpu_s if len(bodies) > 1 else 0.0  # in write_all's threads
     cpu_ms = (time.thread_time() - cpu_start + elsewhere) * 1000
@@ -163,11 +168,20 @@ def load_header(
 
 
 def load_state(
-    store: ObjectStore, rollout_id: str, trusted: TrustedKey | None = None
+    store: ObjectStore,
+    rollout_id: str,
+    trusted: TrustedKey | None = None,
+    record: SaveRecord | None = None,
 ) -> RolloutState:
     """The header and every wave; with ``trusted``, each must carry the controller's signature
-    over exactly its contents (``SignatureError`` otherwise): what a resume acts on."""
+    over exactly its contents (``SignatureError`` otherwise): what a resume acts on. With
+    ``record`` too, a header older than the last save recorded there is refused (a whole older
+    state put back), a newer one advances it, and the state's saves go on recording there."""
+    if record is not None and trusted is None:
+        raise ValueError("only a header verified with the key may move the record of saves")
     header, header_etag = _load_header(store, rollout_id, trusted)
+    if record is not None:
+        record.accept(store.url, rollout_id, header.save_seq)
     devices: list[DeviceProgress] = []
     etags, seqs = {rollout_key(rollout_id): header_etag}, []
     recorded = header.wave_seqs + [0] * header.wave_count
@@ -190,6 +204,7 @@ def load_state(
     state = RolloutState.model_validate({**fields, "devices": devices, "wave_seqs": seqs})
     state.save_seq = max([header.save_seq, *seqs])  # a crashed save's waves may be ahead
     state._etags, state._dirty = etags, {i for i, seq in enumerate(seqs) if not seq}
+    state._record = record
     return state
 
 

@@ -13,7 +13,8 @@ write. A document that was changed, or never signed, or signed by another key, i
 a one-line reason: resuming from it would make the operator's key sign what a bucket writer
 chose (issue 19, finding 4). A signature binds what a document holds, not when it was written:
 an older document the key signed verifies still, so a rollout's waves also carry their save's
-sequence, which the header records (``cloud_sync.rollout_store.check_sequence``).
+sequence, which the header records (``cloud_sync.rollout_store.check_sequence``), and the
+controller keeps the header's last sequence outside the bucket (``cloud_sync.rollout_record``).
 
 The signature is ed25519 over the exact bytes of a JSON object, stored with the signature added
 as its last field (``{...,"signature":{"key":...,"ed25519":...}}``), so the file stays plain

@@ -25,6 +25,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("EDGEBENTO_LOG_FORMAT", "text")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _controller_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The rollout controller's record of saves (cloud_sync.rollout_record) in this session's
+    temporary directory, for every rollout run in the tests and the processes they start,
+    never in the home directory of whoever runs them."""
+    state_dir = tmp_path_factory.mktemp("controller-state")
+    os.environ.setdefault("EDGEBENTO_STATE_DIR", str(state_dir))
+
+
 @pytest.fixture(scope="session")
 def mlp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models.mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")

@@ -18,9 +18,9 @@ from modelpack.errors import ConfigError
 
 USAGE = """\
 edgebento rollout NAME VERSION --store URL --broker URL --key signing.key (--devices a,b | --group G)
-edgebento rollout status ID --store URL [--key signing.key] [--json]
+edgebento rollout status ID --store URL [--key signing.key [--state-dir DIR]] [--json]
 edgebento rollout resume ID --store URL --broker URL --key signing.key [--wait] [--timeout S]
-    [--allow-unverified]
+    [--allow-unverified] [--state-dir DIR]
 edgebento rollout list --store URL [--json]"""
 _SHOWN_DEVICES = 200
 _FLAGS = {  # Thresholds' fields whose flag is not the field's own name
@@ -48,6 +48,13 @@ def register(sub: Any) -> None:
         type=Path,
         help="signing key: signs the rollbacks of an abort and the rollout's documents in the "
         "store; a resume (and status with --key) acts only on documents it signed",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where this controller records each rollout's last save, to refuse an older state "
+        "put back in the bucket (default $EDGEBENTO_STATE_DIR, else $XDG_STATE_HOME/edgebento, "
+        "else ~/.local/state/edgebento)",
     )
     p.add_argument("--devices", help="comma-separated device ids")
     p.add_argument(
@@ -249,6 +256,7 @@ def _request(args: argparse.Namespace, resume: str | None) -> Any:
         wait_all=args.wait,
         allow_unverified=args.allow_unverified,
         lease_ttl_s=args.lease_ttl,
+        state_dir=args.state_dir,
     )
 
 
@@ -325,13 +333,16 @@ def _run(args: argparse.Namespace, resume: str | None) -> int:
 
 
 def _status(args: argparse.Namespace, rollout_id: str) -> int:
+    from cloud_sync.rollout_record import SaveRecord
     from cloud_sync.rollout_store import load_state
     from cloud_sync.sealed import public_of
     from modelpack.signing import load_private_key
 
-    # With --key, only what that key signed is shown (what a resume would act on).
+    # With --key, only what that key signed is shown (what a resume would act on), and not an
+    # older state than this machine recorded.
     trusted = public_of(load_private_key(args.key)) if args.key else None
-    _show(load_state(_store(args), rollout_id, trusted), args.json)
+    record = SaveRecord.in_dir(args.state_dir) if trusted else None
+    _show(load_state(_store(args), rollout_id, trusted, record), args.json)
     return 0
 
 
