@@ -43,6 +43,26 @@ def _restore(store: LocalStore, documents: dict[str, bytes]) -> None:
         store.put_bytes(key, data)
 
 
+class _Killed(Exception):
+    pass
+
+
+class _Killable(LocalStore):
+    """A bucket whose write of ``kill_at`` never happens: the controller is killed just before."""
+
+    kill_at: str | None = None
+
+    def create(self, key: str, data: bytes) -> str:
+        if key == self.kill_at:
+            raise _Killed(key)
+        return super().create(key, data)
+
+    def replace(self, key: str, data: bytes, etag: str) -> str:
+        if key == self.kill_at:
+            raise _Killed(key)
+        return super().replace(key, data, etag)
+
+
 @settings(max_examples=30, deadline=None)
 @given(steps=STEPS)
 def test_a_put_back_older_state_is_refused_and_the_last_one_always_loads(
@@ -51,22 +71,23 @@ def test_a_put_back_older_state_is_refused_and_the_last_one_always_loads(
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        store, record = LocalStore(Path(tmp) / "bucket"), SaveRecord.in_dir(Path(tmp) / "state")
+        store, record = _Killable(Path(tmp) / "bucket"), SaveRecord.in_dir(Path(tmp) / "state")
         state = _state(40)
         state._record = record  # as new_rollout(record=...) leaves it
         save_state(store, state, SIGNER)
         kept = [(1, _documents(store, state))]  # (its header's save, every document)
-        for step, (op, arg, crash) in enumerate(steps):
+        for step, (op, arg, kill) in enumerate(steps):
             if op == "save":
-                header, before = store.get_bytes(rollout_key(state.id)), record.path.read_bytes()
                 for index in arg:  # type: ignore[attr-defined]
                     state.move(state.wave(index)[0], STATES[step % len(STATES)], f"step {step}")
-                save_state(store, state, SIGNER)
-                if crash:  # killed after its waves, before its header (and so its record)
-                    store.put_bytes(rollout_key(state.id), header)
-                    record.path.write_bytes(before)
+                if kill:  # after its waves, before its header (and so its record of it)
+                    store.kill_at = rollout_key(state.id)
+                    with pytest.raises(_Killed):
+                        save_state(store, state, SIGNER)
+                    store.kill_at = None
                     state = _loaded(store, record, state)
                 else:
+                    save_state(store, state, SIGNER)
                     kept.append((state.save_seq, _documents(store, state)))
             elif op == "put_back":
                 now = _documents(store, state)
