@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.agent import REPO, AgentProcess, Client, make_pack
+from tests.support.agent import REPO, AgentProcess, Client, ModuleAgent, make_pack
 from tests.support.fleet import wait_versions
-from tests.support.services import Mosquitto, MotoS3
+from tests.support.services import Mosquitto, MotoS3, free_port, wait_for_port
 from tests.support.sim import Simulated, publish_v1_v2
 
 DEVICE_PASSWORDS = {
@@ -118,6 +118,34 @@ def agent_factory_fixture(
 
     yield start
     for agent in started:
+        if agent.process is not None and agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait()
+
+
+@pytest.fixture(scope="module")
+def module_agent(
+    broker: Mosquitto,
+    tmp_path_factory: pytest.TempPathFactory,
+    mlp_model: Path,
+    keys: tuple[Path, Path],
+) -> Iterator[ModuleAgent]:
+    """One agent for a module's tests that each send their own requests, on a connection or a
+    reply topic of their own, and check only the answers to them: none reads what another left
+    (counters, caches), so they share a start instead of paying one each (about 0.8 s)."""
+    work = tmp_path_factory.mktemp("module-agent")
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(f"[agent]\nmetrics_port = {port}\n")
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    pack = make_pack(work / "v1", mlp_model, keys[0], 1)
+    agent = AgentProcess(
+        broker, work / "agent", keys[1], prefix, pack=pack, args=("--config", str(config))
+    ).start()
+    try:
+        wait_for_port(port)
+        yield ModuleAgent(agent, prefix, port)
+    finally:
         if agent.process is not None and agent.process.poll() is None:
             agent.process.kill()
             agent.process.wait()

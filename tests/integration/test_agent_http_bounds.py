@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.integration.test_bento_serve import start_server, wait_ready
-from tests.support.agent import Client
+from tests.support.agent import Client, ModuleAgent
 from tests.support.services import free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -168,21 +168,19 @@ def test_fifty_slow_clients_hold_no_thread_of_the_agent_and_get_408_in_time(
     ],
 )
 def test_a_body_whose_end_could_be_read_two_ways_is_a_400(
-    agent_factory: Any, client: Client, pack_v1: Path, tmp_path: Path, lengths: bytes
+    module_agent: ModuleAgent, lengths: bytes
 ) -> None:
-    port, _ = _agent(agent_factory, pack_v1, tmp_path)
-    answer = _ask(port, b"POST /infer HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n" + GOOD)
+    answer = _ask(
+        module_agent.port, b"POST /infer HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n" + GOOD
+    )
     assert _status(answer) == 400, answer[:200]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["reason"] == "invalid"
 
 
-def test_the_agents_answers_write_float32_with_nine_digits(
-    agent_factory: Any, client: Client, pack_v1: Path, tmp_path: Path
-) -> None:
+def test_the_agents_answers_write_float32_with_nine_digits(module_agent: ModuleAgent) -> None:
     """Issue 23: the agent wrote float64's 17 digits where the other targets write 9."""
-    port, _ = _agent(agent_factory, pack_v1, tmp_path)
     answer = _ask(
-        port,
+        module_agent.port,
         b"POST /infer HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(GOOD)
         + GOOD,
     )

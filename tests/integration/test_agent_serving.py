@@ -17,8 +17,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.support.agent import Client, wait_for, wait_online
-from tests.support.services import free_port, wait_for_port
+from tests.support.agent import Client, ModuleAgent, wait_for, wait_online
 
 pytestmark = pytest.mark.integration
 
@@ -79,13 +78,13 @@ def test_a_payload_over_max_payload_bytes_is_refused_before_parsing(
 
 @pytest.mark.parametrize("shape", [[2**62, 8], [2**64, 8], [-1, 8]])
 def test_absurd_b64_shapes_over_mqtt_get_a_reply(
-    agent_factory: Any, client: Client, pack_v1: Path, topic_prefix: str, shape: list[int]
+    module_agent: ModuleAgent, client: Client, shape: list[int]
 ) -> None:
     """Before, the same request got no reply at all."""
-    agent_factory(pack=pack_v1)
-    wait_online(client, topic_prefix, "dev-a")
+    prefix = module_agent.prefix
+    wait_online(client, prefix, "dev-a")
     tensor = {"dtype": "float32", "shape": shape, "b64": base64.b64encode(b"\0" * 32).decode()}
-    reply = client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": tensor}})
+    reply = client.request(f"{prefix}/dev-a/infer", {"inputs": {"x": tensor}})
     assert reply["ok"] is False and reply["reason"] in ("too_large", "shape")
 
 
@@ -147,20 +146,9 @@ def _post_head(length: str | None) -> bytes:
     ],
 )
 def test_the_local_endpoint_answers_every_bad_content_length_with_a_4xx(
-    agent_factory: Any,
-    client: Client,
-    pack_v1: Path,
-    topic_prefix: str,
-    tmp_path: Path,
-    length: str | None,
-    status: int,
-    reason: str,
+    module_agent: ModuleAgent, length: str | None, status: int, reason: str
 ) -> None:
-    port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(f"[agent]\nmetrics_port = {port}\n")
-    agent_factory(pack=pack_v1, args=("--config", str(config)))
-    wait_for_port(port)
+    port = module_agent.port
     answer = _raw(port, _post_head(length), b'{"inputs": {"x": [[1, 2, 3, 4, 5, 6, 7, 8]]}}')
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.0 {status}".encode()) or head.startswith(

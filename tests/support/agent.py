@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -315,6 +316,16 @@ class AgentProcess:
             raise AssertionError(
                 f"the agent did not stop on SIGTERM:\n{self.output()[-2000:]}"
             ) from None
+
+
+@dataclass(frozen=True)
+class ModuleAgent:
+    """An agent serving tiny v1 as ``dev-a`` under ``prefix``, its local endpoint on ``port``
+    (the ``module_agent`` fixture: one start for a module's tests)."""
+
+    agent: AgentProcess
+    prefix: str
+    port: int
 
 
 def wait_online(
