@@ -14,7 +14,9 @@ def wait_versions(
     broker: Mosquitto, prefix: str, want: dict[str, int], timeout: float = 60
 ) -> None:
     """Until every device in ``want`` is online and reports the version it names."""
-    with FleetWatch(broker.url, Topics(prefix), set(want)) as watch:
+    # No settling time after the subscription: the loop below waits for the retained statuses
+    # (and any later one) as they come, instead of a fixed half second each call.
+    with FleetWatch(broker.url, Topics(prefix), set(want)).start(settle_s=0) as watch:
         deadline = time.monotonic() + timeout
         while True:
             # wait() returns at once while a change is untaken: taken here, it sleeps until the
