@@ -1,9 +1,14 @@
 """Overload: an open-loop flood at 4x the measured capacity for 6 s, on every request path.
 
-A model of about 1.4 ms a request (``tests.support.serving_models.slow``, one request per batch,
-one worker, one ORT thread) so that a Python load generator can reach 4x its capacity; then, in
+A model of about 1.4 ms a request (``tests.support.serving_models.conv_chain``: 32 3x3
+Conv+Tanh, one request per batch, one worker, one ORT thread) so that a Python load generator
+can reach 4x its capacity. Its cost is compute: a MatMul chain of the same time at batch 1
+streams its 32 MB of weights from memory on every request, and its cost then follows what the
+other core does to the memory bus (40% more with a copying process there, 0-12% for the convs),
+which moved its capacity between a flood's phases more than the goodput being measured. Then, in
 the first round, the same flood on models of twice and four times the cost, which shows how much
-of the goodput the HTTP work of refusing 3x capacity takes. Tensor JSON, the row-cost model and
+of the goodput the HTTP work of refusing 3x capacity takes, and on that memory-bound MatMul chain
+(``matmul-128``, reported beside the others). Tensor JSON, the row-cost model and
 the baselines are flooded in every round; the other paths (tensor JSON with b64, OIP JSON, OIP
 with Triton's binary extension) and the costlier models in the first only (three rounds of
 everything took twice as long). Each flood, in one run:
@@ -13,7 +18,11 @@ everything took twice as long). Each flood, in one run:
    send) at 4x capacity for 6 s; latency counts from the scheduled send time, so a stalled
    server cannot hide behind a stalled client (no coordinated omission);
 3. recovery: the schedule drops to half the capacity for 2 s; recovery is how long after the
-   flood every answer is a 200 again.
+   flood every answer is a 200 again;
+4. capacity again, as in 1: the flood is judged against the mean of the two (the CPU the
+   machine gives a server moves over seconds), and ``capacity_after_over_before`` says how far
+   they differ. A server still working through the flood's queue (a baseline's unanswered
+   requests) is judged against the capacity before.
 
 Latency is what the client sees: from the moment the generator starts the request (opening its
 connection when it needs one) to the last byte of the answer, never the server's own count,
@@ -59,11 +68,13 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.overload_flood import (
+    CURVE,
     DEADLINE_S,
-    DEPTH,
     FACTOR,
     FLOOD_S,
     MAX_BATCH_ROWS,
+    MODEL,
+    ROW_COST,
     ROW_COST_LAYERS,
     URLS,
     WAIT_S,
@@ -75,7 +86,6 @@ from benchmarks.pinning import Pinning, generator_side, split
 from benchmarks.runs import median_of, summarize
 from benchmarks.serving_common import REPO
 
-CURVE_DEPTHS = (256, 512)  # the same flood on costlier models (tensor JSON only)
 BASELINES = ("plain_bentoml", "bare_asgi")
 NAMES = {"plain_bentoml": "plain BentoML", "bare_asgi": "bare uvicorn ASGI"}
 
@@ -105,16 +115,16 @@ def _edgebento_round(
 ) -> dict[str, Any]:
     console = Console()
     console.print(f"\\[{tree}] floods on {', '.join(paths)} (fixed cost) ...")
-    figures = flood_edgebento(work, key, pub, DEPTH, paths, repo, pinning)
+    figures = flood_edgebento(work, key, pub, MODEL, paths, repo, pinning)
     console.print(f"\\[{tree}] flood on the row-cost model ...")
-    figures["row_cost"] = flood_edgebento(work, key, pub, 0, ["tensor_json"], repo, pinning)[
+    figures["row_cost"] = flood_edgebento(work, key, pub, ROW_COST, ["tensor_json"], repo, pinning)[
         "tensor_json"
     ]
-    curve = [{"depth": DEPTH, **_curve_point(figures["tensor_json"])}]
-    for depth in CURVE_DEPTHS if with_curve else ():
-        console.print(f"\\[{tree}] flood on tensor_json, a model of depth {depth} ...")
-        f = flood_edgebento(work, key, pub, depth, ["tensor_json"], repo, pinning)["tensor_json"]
-        curve.append({"depth": depth, **_curve_point(f)})
+    curve = [{"model": MODEL, **_curve_point(figures["tensor_json"])}]
+    for model in CURVE if with_curve else ():
+        console.print(f"\\[{tree}] flood on tensor_json, the model {model} ...")
+        f = flood_edgebento(work, key, pub, model, ["tensor_json"], repo, pinning)["tensor_json"]
+        curve.append({"model": model, **_curve_point(f)})
     return {"figures": figures, "by_model_cost": curve}
 
 
@@ -202,9 +212,9 @@ def _result(
         }
         for f in figures.values():
             f["targets"] = _targets(f)
-        curve = [  # a depth's row from the rounds that flooded it (the first, past DEPTH)
-            _curve_row([p for r in per_round for p in r[tree]["by_model_cost"] if p["depth"] == d])
-            for d in [p["depth"] for p in per_round[0][tree]["by_model_cost"]]
+        curve = [  # a model's row from the rounds that flooded it (the first, past MODEL)
+            _curve_row([p for r in per_round for p in r[tree]["by_model_cost"] if p["model"] == m])
+            for m in [p["model"] for p in per_round[0][tree]["by_model_cost"]]
         ]
         by_tree[tree] = {"figures": figures, "by_model_cost": curve}
     baselines = {b: _merge([r[b] for r in per_round]) for b in BASELINES}
@@ -239,8 +249,8 @@ def _result(
         "by_model_cost": by_tree["this"]["by_model_cost"],
         "per_round": [_flat(i, r) for i, r in enumerate(per_round)],
         "setup": (
-            f"slow model ({DEPTH} MatMul+Tanh of {WIDTH}), 1 worker, 1 ORT thread, 1 request per "
-            f"batch; row-cost model ({ROW_COST_LAYERS} MatMul+Tanh of each row's {WIDTH}x{WIDTH} "
+            f"fixed-cost model {MODEL} (Conv+Tanh on a 16x16 input, bound by compute), 1 worker, "
+            f"1 ORT thread, 1 request per batch; row-cost model ({ROW_COST_LAYERS} MatMul+Tanh of each row's {WIDTH}x{WIDTH} "
             f"outer product), batches up to {MAX_BATCH_ROWS} rows; deadline {DEADLINE_S} s, "
             "default queue of 256; the baselines (plain BentoML, bare uvicorn ASGI) on the slow "
             "model with 1 worker and 1 ORT thread, tensor JSON; goodput: 200s of the flood "
@@ -285,7 +295,7 @@ def _curve_point(f: dict[str, Any]) -> dict[str, Any]:
 
 def _curve_row(points: list[dict[str, Any]]) -> dict[str, Any]:
     """A row of the cost curve, its figures written as ``median (min–max)``: a flat table."""
-    row: dict[str, Any] = {"depth": points[0]["depth"]}
+    row: dict[str, Any] = {"model": points[0]["model"]}
     for key in ("ms_per_request_at_capacity", "capacity_rps", "goodput_of_capacity", "slowest_s"):
         s = summarize([p[key] for p in points])
         row[key] = f"{s['median']:g} ({s['min']:g}–{s['max']:g})" if s["runs"] > 1 else s["median"]

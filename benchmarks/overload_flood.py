@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.open_loop import ERRORS, Shot, closed_loop, open_loop, run_loop
+from benchmarks.open_loop import ERRORS, UNANSWERED, Shot, closed_loop, open_loop, run_loop
 from benchmarks.pinning import Pinning
 from benchmarks.runs import CpuMeter, load, measured
 from benchmarks.serving_common import (
@@ -196,12 +196,16 @@ def run_path(
         one_batch = one_batch_s(url, bodies[0], headers)
     else:
         one_batch = one_batch_s(url, batch_body, headers, rounds=5)
-    capacity, capacity_cpu = measured(
-        server.popen.pid, lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S))
-    )
+
+    def capacity_phase() -> tuple[float, float]:
+        return measured(
+            server.popen.pid, lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S))
+        )
+
+    before, before_cpu = capacity_phase()
     # The generator's own lag (other work on its CPUs) is reported apart, and the slowest
     # answer is timed from the real send.
-    phases = [(capacity * FACTOR, FLOOD_S), (capacity / 2, RECOVERY_S)]
+    phases = [(before * FACTOR, FLOOD_S), (before / 2, RECOVERY_S)]
     ERRORS.clear()
     load_before = load()
     meter = CpuMeter(server.popen.pid)
@@ -213,8 +217,17 @@ def run_path(
     shots, flood_cpu = measured(
         server.popen.pid, lambda: run_loop(open_loop(url, bodies, headers, phases, mark, WAIT_S))
     )
+    # Capacity again after the flood: what the machine gives the server moves over seconds (other
+    # work, the memory bus), so the flood is judged against the mean of the phases around it,
+    # and how far they differ is reported (a server slower after a flood would show there). Not
+    # for a server still working through the flood's queue (unanswered requests: a baseline's):
+    # its capacity then is the backlog's, and it is judged against the capacity before.
+    backlog = any(s.status == UNANSWERED for s in shots)
+    after, after_cpu = (before, before_cpu) if backlog else capacity_phase()
+    capacity, capacity_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
     flood_end = shots[0].scheduled + FLOOD_S if shots else 0.0
     verdict = judge(shots, capacity, flood_end, one_batch)
+    verdict["offered_rps"] = round(before * FACTOR, 1)
     # Goodput per CPU-second the server spent during the flood, over the capacity phase's 200s
     # per CPU-second.
     window_cpu = marks[1][1] - marks[0][1] if len(marks) > 1 else 0.0
@@ -232,6 +245,9 @@ def run_path(
     cost.update(own_cpu_goodput(cost))
     return {
         **verdict,
+        "capacity_before_rps": round(before, 1),
+        "capacity_after_rps": None if backlog else round(after, 1),
+        "capacity_after_over_before": None if backlog else round(after / max(before, 1e-9), 3),
         "server_cpu_s": {
             "capacity": round(capacity_cpu, 2),
             "flood": round(window_cpu, 2),
@@ -334,30 +350,47 @@ def own_cpu_goodput(cost: dict[str, Any]) -> dict[str, Any]:
     return {"goodput_of_capacity_its_own_cpu_allows": round((1 - FACTOR * x) / (1 - x), 3)}
 
 
-DEPTH = 128  # the model of the targets: 128 MatMul+Tanh of 256, about 1.4 ms a request here
-CURVE_DEPTHS = (256, 512)  # the same flood on costlier models (tensor JSON only)
+# The fixed-cost model of the targets: 32 3x3 Conv+Tanh of 32 channels on a 16x16 image, about
+# 1.4 ms a request here, bound by compute. A MatMul chain of the same time at batch 1 (128 of
+# 256x256, ``serving_models.slow``) streams 32 MB of weights from memory on every request: with a
+# process copying memory on the generator's core, its cost rose by 40% (conv: 0-12%), and its
+# capacity moved by up to a fifth between a flood's phases, more than what was measured. It is
+# flooded in the first round still (``matmul-128``), beside the costlier convs.
+MODEL = "conv-32"
+CURVE = ("conv-64", "conv-128", "matmul-128")  # the same flood on other models (tensor JSON)
+ROW_COST = "row-cost"  # batched: a cost that grows with the rows
+
+
+def model_file(work: Path, model: str) -> Path:
+    """The ONNX of ``model``: ``conv-N`` (N Conv+Tanh), ``matmul-N`` (N MatMul+Tanh of WIDTH)
+    or ``row-cost``."""
+    from tests.support import serving_models
+
+    path = work / f"{model}.onnx"
+    if path.exists():
+        return path
+    kind, _, depth = model.partition("-")
+    if kind == "conv":
+        return serving_models.conv_chain(path, width=WIDTH, depth=int(depth))
+    if kind == "matmul":
+        return serving_models.slow(path, width=WIDTH, depth=int(depth))
+    return row_cost_model(path, WIDTH, ROW_COST_LAYERS)
 
 
 _TAGS: dict[Path, str] = {}
 
 
 def serve_slow(
-    work: Path, key: Path, pub: Path, depth: int, repo: Path = REPO, pinning: Pinning | None = None
+    work: Path, key: Path, pub: Path, model: str, repo: Path = REPO, pinning: Pinning | None = None
 ) -> Process:
-    """The fixed-cost model (``depth`` > 0), one request per batch; or (``depth`` 0) the
-    row-cost model, batched up to the service's default; one worker, one ORT thread, on
-    ``pinning``'s server CPUs."""
+    """A fixed-cost ``model``, one request per batch; or the row-cost model, batched up to the
+    service's default; one worker, one ORT thread, on ``pinning``'s server CPUs."""
     from modelpack import create_pack
-    from tests.support import serving_models
 
-    pack = work / f"pack-{depth}"
+    pack = work / f"pack-{model}"
     if not pack.exists():
-        if depth:
-            model = serving_models.slow(work / f"slow-{depth}.onnx", width=WIDTH, depth=depth)
-        else:
-            model = row_cost_model(work / "row-cost.onnx", WIDTH, ROW_COST_LAYERS)
-        create_pack(model, pack, name="slow", version=1, key=key)
-    home = work / f"bentoml-{depth}"
+        create_pack(model_file(work, model), pack, name="slow", version=1, key=key)
+    home = work / f"bentoml-{model}"
     if home not in _TAGS:  # imported once; every tree serves it from the same store
         _TAGS[home] = import_to_store(pack, pub, home)
     tag = _TAGS[home]
@@ -369,7 +402,7 @@ def serve_slow(
         pinning,
         EDGEBENTO_WORKERS="1",
         EDGEBENTO_THREADS="1",
-        EDGEBENTO_MAX_BATCH=str(MAX_BATCH_ROWS if depth == 0 else 1),
+        EDGEBENTO_MAX_BATCH=str(MAX_BATCH_ROWS if model == ROW_COST else 1),
         EDGEBENTO_DEADLINE_S=str(DEADLINE_S),
     )
 
@@ -378,16 +411,16 @@ def flood_edgebento(
     work: Path,
     key: Path,
     pub: Path,
-    depth: int,
+    model: str,
     paths: list[str],
     repo: Path,
     pinning: Pinning | None = None,
 ) -> dict[str, Any]:
-    server = serve_slow(work, key, pub, depth, repo, pinning)
+    server = serve_slow(work, key, pub, model, repo, pinning)
     try:
-        batch = full_batch_body(MAX_BATCH_ROWS) if depth == 0 else None
+        batch = full_batch_body(MAX_BATCH_ROWS) if model == ROW_COST else None
         return {
-            path: run_path(server, path, batch, refusals=depth == DEPTH and path == "tensor_json")
+            path: run_path(server, path, batch, refusals=model == MODEL and path == "tensor_json")
             for path in paths
         }
     finally:
@@ -401,13 +434,8 @@ def flood_baseline(work: Path, kind: str, pinning: Pinning | None = None) -> dic
     """The tensor JSON flood on a baseline serving the fixed-cost model with one worker and one
     ONNX Runtime thread, as edgebento's service runs it here: the plain BentoML service
     (``plain_bentoml``) or the bare ASGI app (``bare_asgi``)."""
-    from tests.support import serving_models
-
-    model = work / f"slow-{DEPTH}.onnx"
-    if not model.exists():
-        serving_models.slow(model, width=WIDTH, depth=DEPTH)
     start = start_plain_bento if kind == "plain_bentoml" else start_bare_asgi
-    server = start(model, work, 1, pinning)
+    server = start(model_file(work, MODEL), work, 1, pinning)
     try:
         return run_path(server, "tensor_json", route=BASELINE_ROUTES[kind])
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,41 @@ def slow(path: Path, width: int = 256, depth: int = 24, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         weights,
+    )
+    return _save(graph, path)
+
+
+def conv_chain(
+    path: Path, width: int = 256, depth: int = 32, channels: int = 32, seed: int = 0
+) -> Path:
+    """x[batch, width] seen as a ``sqrt(width)``-square image through ``depth`` 3x3 Conv+Tanh
+    of ``channels``, then averaged: y[batch, channels]. Its cost is compute (a 3x3 conv reuses
+    each weight at every pixel), not memory: its weights, about 37 KB a layer, stay in the
+    core's caches, where a MatMul chain of the same time at batch 1 streams all its weights
+    from memory on every request (``slow``: 256 KB a layer), and so runs as fast as the other
+    cores let the memory bus be."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    side = math.isqrt(width)
+    if side * side != width:
+        raise ValueError(f"width {width} is not a square")
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array([-1, 1, side, side], np.int64), "image")]
+    nodes = [helper.make_node("Reshape", ["x", "image"], ["h0"])]
+    last, inputs = "h0", 1
+    for i in range(depth):
+        w = (rng.standard_normal((channels, inputs, 3, 3)) / np.sqrt(inputs * 9)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [last, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Tanh", [f"c{i}"], [f"h{i + 1}"]))
+        last, inputs = f"h{i + 1}", channels
+    nodes.append(helper.make_node("ReduceMean", [last], ["y"], axes=[2, 3], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "conv_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels])],
+        inits,
     )
     return _save(graph, path)
 
