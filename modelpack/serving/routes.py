@@ -234,22 +234,14 @@ def admit(
     return found[0]
 
 
-def refusal(
-    core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
-) -> OverloadError | None:
-    """The OverloadError ``admit`` would raise, returned (None where it would not raise): for
-    a server that answers the refusal before it builds the request (``headers``: only
-    ``TIMEOUT_HEADER`` is read)."""
-    found = _inference(core, method, path)
-    return None if found is None else core.refusal(found[1], headers, arrived)
-
-
 def early(
     core: ServingCore, method: str, path: str, headers: Mapping[str, str], arrived: float
 ) -> OverloadError | Reservation | None:
-    """``refusal`` for a server that answers refusals before it builds the request, except
-    that an inference it admits gets a Reservation: a place held in the model's queue until
-    the request is admitted again with its body (``admit``, after releasing it)."""
+    """The OverloadError ``admit`` would raise, returned (a raise costs a traceback and its
+    frames, under a flood on most requests), for a server that answers refusals before it
+    builds the request (``headers``: only ``TIMEOUT_HEADER`` is read); for an inference it
+    admits, a Reservation: a place held in the model's queue until the request is admitted
+    again with its body (``admit``, after releasing it); None for anything else."""
     found = _inference(core, method, path)
     if found is None:
         return None

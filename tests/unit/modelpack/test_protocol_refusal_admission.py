@@ -1,6 +1,6 @@
-"""``routes.refusal`` (what uvicorn's protocol asks, ``bentos/protocol_refusal.py``) returns the
-OverloadError ``routes.admit`` raises, for the same request and queue, and nothing where admit
-lets the request through or leaves it to ``handle``."""
+"""``routes.early`` (what uvicorn's protocol asks, ``bentos/protocol_refusal.py``) returns the
+OverloadError ``routes.admit`` raises, for the same request and queue; a place held in the queue
+where admit lets an inference through; and nothing where admit leaves it to ``handle``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from modelpack.manifest import TensorSpec
 from modelpack.predictor import Predictor
 from modelpack.serving.core import ServingCore
 from modelpack.serving.limits import ServingLimits
-from modelpack.serving.routes import admit, refusal
+from modelpack.serving.reservation import Reservation
+from modelpack.serving.routes import admit, early
 from tests.support import serving_models
 
 SPEC = ["batch", 4]
@@ -45,7 +46,7 @@ def cores(tmp_path_factory: pytest.TempPathFactory) -> dict[int, ServingCore]:
     method=st.sampled_from(["POST", "GET"]),
     path=st.sampled_from(["/predict", "/v2/models/add/infer", "/v2/models/other/infer", "/x"]),
 )
-def test_refusal_is_what_admit_raises(
+def test_early_is_what_admit_raises_or_a_place_for_what_it_admits(
     cores: dict[int, ServingCore],
     max_queue: int,
     busy_s: float,
@@ -60,15 +61,22 @@ def test_refusal_is_what_admit_raises(
     arrived = time.monotonic()
     batcher._busy_until = arrived + busy_s
     try:
-        admit(core, method, path, headers, arrived)
+        admitted = admit(core, method, path, headers, arrived)
     except OverloadError as exc:
         raised: OverloadError | None = exc
     else:
         raised = None
-    found = refusal(core, method, path, headers, arrived)
+    found = early(core, method, path, headers, arrived)
     batcher._busy_until = 0.0
     if raised is None:
-        assert found is None
+        if admitted is None:  # not an inference, or a fault of its own: handle answers it
+            assert found is None or isinstance(found, Reservation)
+        else:
+            assert isinstance(found, Reservation)
+        if isinstance(found, Reservation):
+            assert batcher.reserved == 1
+            found.release()
+        assert batcher.reserved == 0
         return
     assert isinstance(found, OverloadError)
     assert (found.reason, found.retry_after_s) == (raised.reason, raised.retry_after_s)
