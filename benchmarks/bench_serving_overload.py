@@ -8,10 +8,10 @@ other core does to the memory bus (40% more with a copying process there, 0-12% 
 which moved its capacity between a flood's phases more than the goodput being measured. Then, in
 the first round, the same flood on models of twice and four times the cost, which shows how much
 of the goodput the HTTP work of refusing 3x capacity takes, and on that memory-bound MatMul chain
-(``matmul-128``, reported beside the others). Tensor JSON, the row-cost model and
-the baselines are flooded in every round; the other paths (tensor JSON with b64, OIP JSON, OIP
-with Triton's binary extension) and the costlier models in the first only (three rounds of
-everything took twice as long). Each flood, in one run:
+(``matmul-128``, reported beside the others). Every request path (tensor JSON, tensor JSON
+with b64, OIP JSON, OIP with Triton's binary extension), the row-cost model and the baselines
+are flooded in every round, so each path's figure is a median; the other models in the first
+round only. Each flood, in one run:
 
 1. capacity: 200s per second with 64 closed-loop clients for 3 s;
 2. the flood: requests sent on a fixed schedule (open loop: a late answer never delays the next
@@ -148,10 +148,10 @@ def run(results_dir: Path) -> dict[str, Any]:
                 console.rule(f"round {r + 1}/{rounds}: {who}")
                 if who == "edgebento":
                     for tree, repo in trees.items():
-                        # The other paths and the cost curve in the first round only (the
-                        # time of the run); tensor JSON and the row cost in every round.
+                        # Every path in every round (a path's figure is a median, as the
+                        # target is judged); the other models in the first round only.
                         first = r == 0 and not quick
-                        paths = list(URLS) if first else ["tensor_json"]
+                        paths = ["tensor_json"] if quick else list(URLS)
                         one[tree] = _edgebento_round(
                             work, key, pub, paths, repo, first, tree, pinning
                         )
@@ -257,8 +257,8 @@ def _result(
             f"answered within {DEADLINE_S:.0f} s plus one batch at the client; an open-loop "
             "generator (asyncio protocols on uvloop) on CPUs of its own, each server on another "
             "('pinning'); latency at the client, from the start of each request; "
-            f"{n} rounds, the order rotating each round; the paths past tensor JSON and the cost "
-            f"curve in the first round only; answers awaited {WAIT_S:g} s after the schedule "
+            f"{n} rounds, the order rotating each round; every path in every round, the other "
+            f"models in the first round only; answers awaited {WAIT_S:g} s after the schedule "
             "(a baseline's later ones are status -2, unanswered)"
         ),
         "note": (
