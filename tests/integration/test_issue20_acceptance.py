@@ -288,6 +288,28 @@ def test_a_crl_reload_keeps_a_live_session_so_revocation_takes_it_over(
     assert "revoked" in next(ln for ln in table.splitlines() if ln.startswith("crl-a")), table
 
 
+def test_a_sighup_the_broker_lost_is_sent_again_until_the_crl_takes(
+    idfleet: IdentityFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mosquitto clears its reload flag after reloading, so a SIGHUP that comes while it
+    reloads is lost (one CI run: a CRL never taken, the revocation waited in vain). Here the
+    first SIGHUP is lost outright: the wait for the probe's refusal signals the broker again."""
+    from cloud_sync import revocation
+
+    assert idfleet.broker.process is not None
+    hang_up, calls = revocation._hang_up, []
+
+    def lossy(broker_pid: Any) -> None:
+        calls.append(broker_pid)
+        if len(calls) > 1:  # the first is lost
+            hang_up(broker_pid)
+
+    monkeypatch.setattr(revocation, "_hang_up", lossy)
+    broker = ("127.0.0.1", idfleet.broker.port)
+    _reloaded(idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, idfleet.broker.process.pid, broker, 10)
+    assert len(calls) >= 2
+
+
 def test_fleet_revoke_cert_shuts_the_claim_certificate_out_and_a_new_one_works(
     idfleet: IdentityFleet,
 ) -> None:
