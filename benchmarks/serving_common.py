@@ -167,11 +167,9 @@ def wrk(
 
 
 def free_port() -> int:
-    import socket
+    from edgebento.localports import free_port as below_ephemeral
 
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    return below_ephemeral()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import time
@@ -19,9 +20,31 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
+    """A loopback port nothing holds now, below the kernel's range of ephemeral ports where one
+    is free there: a port the kernel picks for ``bind(0)`` comes from the range it also gives
+    outgoing connections, and one of those (an agent connecting to its broker) took such a port
+    between the pick and the service's bind (bentoml serve: address in use, in CI)."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 16384), low)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where /proc is not read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class PortTaken(RuntimeError):
