@@ -1,20 +1,24 @@
 """Races of the test harness itself, each through the real processes: a port that another process
-takes between ``free_port`` and the service's bind (Mosquitto, Prometheus), and a message the
-cloud-side test watch cannot read, which must not end paho's network loop."""
+takes between ``free_port`` and the service's bind (Mosquitto, Prometheus), a message the
+cloud-side test watch cannot read, which must not end paho's network loop, and two tests' agents
+of the same device name on the session's broker."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from edgebento.localservices import Prometheus
+from tests.support.agent import Client, ModuleAgent, wait_online
 from tests.support.agent_telemetry import DeviceWatch
 from tests.support.services import LOOPBACK, Mosquitto
 
@@ -110,3 +114,18 @@ def test_a_message_the_watch_cannot_read_does_not_end_its_network_loop(
         sender.disconnect()
         sender.loop_stop()
         watch.close()
+
+
+def test_two_tests_agents_of_one_device_name_never_take_each_others_session(
+    module_agent: ModuleAgent, agent_factory: Any, client: Client, pack_v1: Path, topic_prefix: str
+) -> None:
+    """Every test's agent is ``dev-a``. With the agent's default client id (``edge-agent-DEVICE``)
+    a module's agent and a test's own on the shared broker took the session from each other
+    (Mosquitto drops the older connection), and a burst sent to one was delivered to the other
+    and ignored there: CI lost test_agent_serving's whole burst so."""
+    wait_online(client, module_agent.prefix, "dev-a")
+    agent = agent_factory(pack=pack_v1)
+    wait_online(client, topic_prefix, "dev-a")
+    time.sleep(1.5)  # past either agent's reconnect back-off (0.3-0.5 s at first)
+    for log in (agent.output(), module_agent.agent.output()):
+        assert "disconnected from" not in log, log[-2000:]

@@ -287,6 +287,11 @@ class AgentProcess:
         ]
         if self.pack is not None:
             cmd += ["--pack", str(self.pack)]
+        if "--client-id" not in self.args:
+            # The default (``edge-agent-DEVICE``) is one id for every test's ``dev-a`` on the
+            # session's broker: a module's agent and a test's own took the session from each
+            # other, and the requests of one went to the other (ignored: not its prefix).
+            cmd += ["--client-id", f"edge-agent-{self.prefix}-{self.device}"]
         return cmd + list(self.args)
 
     def start(self) -> AgentProcess:
