@@ -55,3 +55,8 @@ class AgentCollector:
         for name, store in (("telemetry.db", agent.outbox), ("commands.db", agent.replies)):
             quarantined.add_metric([name], len(store.quarantined))
         yield quarantined
+        yield CounterMetricFamily(
+            "edgebento_agent_session_taken_over",
+            "connections lost to another client with this agent's MQTT client id",
+            value=agent.session.takeover.taken_over,
+        )

@@ -67,3 +67,4 @@ class MetricsSource(Protocol):
     telemetry: TelemetryPublisher
     updater: Updater
     replies: ReplyCache
+    session: Session

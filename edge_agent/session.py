@@ -2,7 +2,8 @@
 
 Reconnects with capped, jittered backoff that resets after a successful CONNACK, re-sends the
 subscriptions when the broker kept no session for us, and stops for good (``AuthError``) when
-the broker rejects the credentials, because retrying a wrong password never helps.
+the broker rejects the credentials, because retrying a wrong password never helps. When another
+client takes our client id, it says so and waits longer after each time (``reconnect``).
 
 No message can keep a device off the broker. Each is acknowledged as it arrives, before it is
 handled: whatever its handling does (a crash, a reply the broker refuses), the broker never
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from paho.mqtt.properties import Properties
 from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
+from edge_agent.reconnect import CONNECTION_LOST, TAKEOVER_CAP_S, Backoff, TakeoverWatch
 from modelpack.errors import AuthError, BrokerError
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
 SESSION_EXPIRY_S = 3600
 MQTT_MAX_PACKET = 268_435_455  # what a four-byte remaining length can say
+_CLOSED = "the connection was closed, no reason given (no DISCONNECT from the broker)"
 
 
 def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -87,26 +90,6 @@ def certificate_problem(cert_file: Path) -> str:
     )
 
 
-class Backoff:
-    """Exponential backoff with "equal jitter": uniform(c/2, c), c = min(cap, base * 2**attempt).
-
-    Half the delay is random, so a fleet that lost its broker at once does not come back at once,
-    and the other half keeps a device from hammering a broker that is still down.
-    """
-
-    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.base * (2**self.attempt))
-        self.attempt = min(self.attempt + 1, 32)
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class Session:
     """A context-managed MQTT connection with a last will and locally tracked subscriptions."""
 
@@ -133,13 +116,15 @@ class Session:
         self._thread: threading.Thread | None = None
         self.fatal: BrokerError | None = None
         self.backoff = Backoff(config.backoff_min, config.backoff_max)
+        self.client_id = config.client_id or f"edge-agent-{config.device}"
+        self.takeover = TakeoverWatch(self.client_id, max(TAKEOVER_CAP_S, config.backoff_max))
+        self._takeover_delay: float | None = None  # set when a connection ends
         self.connects = 0
         self.max_packet = config.max_packet_bytes or MQTT_MAX_PACKET  # the broker's, once known
         self.client = self._make_client(will)
 
     def _make_client(self, will: tuple[str, bytes]) -> mqtt.Client:
-        cfg = self.config
-        client_id = cfg.client_id or f"edge-agent-{cfg.device}"
+        cfg, client_id = self.config, self.client_id
         if self.v5:
             client = mqtt.Client(
                 mqtt.CallbackAPIVersion.VERSION2,
@@ -250,6 +235,7 @@ class Session:
             client.disconnect()
             return
         self.backoff.reset()
+        self.takeover.accepted(time.monotonic())
         self._accepted, self._told_refusal = True, False
         self.connects += 1
         told = getattr(props, "MaximumPacketSize", None) if props is not None else None
@@ -277,14 +263,21 @@ class Session:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self._connected.clear()
+        if self._stop.is_set():
+            self._lost.set()
+            return
+        from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        # paho says "Unspecified error" for a socket closed without a DISCONNECT: say that.
+        said = reason if from_broker or reason.value != CONNECTION_LOST else _CLOSED
+        log.warning("disconnected from %s: %s", redact_url(self.config.broker), said)
+        # Before _lost is set: _run reads the delay once it is.
+        self._takeover_delay = self.takeover.lost(time.monotonic(), reason.value, from_broker)
         self._lost.set()
-        if not self._stop.is_set():
-            log.warning("disconnected from %s: %s", redact_url(self.config.broker), reason)
-            if not self._accepted and self.config.cert_file and not self._told_refusal:
-                # TLS 1.3 reports a refused client certificate after the handshake, as a
-                # dropped connection: say what is likely wrong, once per streak.
-                self._told_refusal = True
-                log.error("%s", certificate_problem(self.config.cert_file))
+        if not self._accepted and self.config.cert_file and not self._told_refusal:
+            # TLS 1.3 reports a refused client certificate after the handshake, as a
+            # dropped connection: say what is likely wrong, once per streak.
+            self._told_refusal = True
+            log.error("%s", certificate_problem(self.config.cert_file))
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Acknowledged first: the PUBACK leaves before anything the handling publishes, so the
@@ -329,6 +322,7 @@ class Session:
                 self.client.connect(cfg.broker_host, cfg.broker_port, cfg.keepalive)
         except (OSError, ssl.SSLError) as exc:
             log.warning("cannot reach broker %s: %s", redact_url(cfg.broker), exc)
+            self.takeover.unreachable()
             return False
         return True
 
@@ -345,7 +339,10 @@ class Session:
                 if self.fatal is not None:
                     log.error("%s", self.fatal)
                     return
-            delay = self.backoff.next()
+            # Another client with our client id: the takeover's longer wait, not the usual.
+            delay, self._takeover_delay = self._takeover_delay, None
+            if delay is None:
+                delay = self.backoff.next()
             log.info("reconnecting in %.2fs", delay)
             self._stop.wait(delay)
 
