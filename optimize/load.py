@@ -1,8 +1,15 @@
-"""Load and normalize: one ONNX file every later pass can work on, dynamic dims kept dynamic."""
+"""Load and normalize: one ONNX file every later pass can work on, dynamic dims kept dynamic.
+
+The normalized model is where the passes start, never what a FP32 pick packs: that is the
+source as given (``keep_source``). Normalizing changes the graph, not its function: the opset
+upgrade rewrites some ops (opset 11's Softmax becomes Flatten, Softmax and a Reshape to the
+input's shape), shape inference adds a value_info per tensor, and unnamed nodes get names.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +19,10 @@ log = logging.getLogger(__name__)
 
 # Per-channel QDQ needs axis on QuantizeLinear/DequantizeLinear, which opset 13 added.
 MIN_OPSET = 13
+
+
+class SourceConfig(PassConfig):
+    """The FP32 candidate: nothing to set, the source's ONNX is kept as it is."""
 
 
 class NormalizeConfig(PassConfig):
@@ -66,3 +77,14 @@ def normalize(src: Path, dst: Path, config: NormalizeConfig) -> None:
     if config.infer_shapes:
         model = _infer(model)
     onnx.save(model, str(dst))
+
+
+def keep_source(src: Path, dst: Path, config: SourceConfig) -> None:
+    """The FP32 candidate, and what a FP32 pick packs: the ONNX of the user's model byte for
+    byte (an ONNX source's own bytes, external data inlined). What the user measured is what
+    the devices run, and nothing the passes needed rides along. Refused (the pass fails) where
+    the model fails onnx.checker, which ``load_pack`` runs on every pack's model."""
+    import onnx
+
+    onnx.checker.check_model(str(src))
+    shutil.copyfile(src, dst)

@@ -25,11 +25,11 @@ from optimize.budget import DEFAULT_TIME_BUDGET, Clock, run_planned, stopped_not
 from optimize.budget import summary as budget_summary
 from optimize.convert import source_kind, to_onnx
 from optimize.data import Dataset, load_npz, split, synthesize
-from optimize.load import NormalizeConfig, normalize
+from optimize.load import NormalizeConfig, SourceConfig, keep_source, normalize, opset_of
 from optimize.machine import describe as describe_machine
 from optimize.metrics import MetricSpec
 from optimize.npz import open_npz
-from optimize.passes import Runner
+from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate, Choice, pick
 from optimize.search import Search, confirm, with_latency, with_smoothing
 from optimize.verify import load as load_predictor
@@ -199,7 +199,7 @@ def optimize_model(
         planned = plan(bases, options, op_types(base))
         bars.update(task, total=len(planned) + 1, completed=0)
         started = time.monotonic()
-        measured = [search.measure(Candidate(BASELINE, (BASELINE,), base, {}))]
+        measured = [_fp32(search, runner, converted, base, notes)]
         clock.record("base", time.monotonic() - started)
         line[0] = "smoothing activation outliers"
         planned = with_smoothing(
@@ -263,6 +263,32 @@ def optimize_model(
         report["machine"],
         dict(evaluation.axes),
     )
+
+
+def _fp32(
+    search: Search, runner: Runner, converted: Path, base: Path, notes: list[str]
+) -> Candidate:
+    """FP32 is the user's model as given, so that a FP32 pick packs it unchanged. Only where a
+    pack cannot hold it as given (it fails onnx.checker, say an output typed without a shape)
+    or ONNX Runtime cannot run it (an opset it no longer implements) does the normalized model
+    stand in, and the notes say why."""
+    try:
+        kept = runner.run("fp32", keep_source, converted, SourceConfig())
+    except PassFailed as exc:
+        why = f"it fails onnx.checker, which every pack's model must pass ({exc.reason})"
+    else:
+        candidate = search.measure(Candidate(BASELINE, (BASELINE,), kept, {}))
+        if candidate.error is None:
+            return candidate
+        why = f"ONNX Runtime cannot run it ({candidate.error})"
+    import onnx
+
+    opset = opset_of(onnx.load(str(base), load_external_data=False))
+    notes.append(
+        f"the model as given is not packed: {why}; FP32, and a FP32 pick, are the normalized"
+        f" model (opset {opset}, shapes inferred)"
+    )
+    return search.measure(Candidate(BASELINE, (BASELINE, "normalize"), base, {}))
 
 
 def _torch_needs_data(source: Path, trust_model_code: bool) -> None:
