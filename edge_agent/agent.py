@@ -163,6 +163,7 @@ class Agent:
             model=self.inference.model_ref,
             outbox=self.outbox.stats(),
             connects=self.session.connects,
+            taken_over=self.session.takeover.taken_over,  # another client with our client id
             capture=self.capture.active,
         )
         self.record("heartbeat", beat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, Client
 from tests.support.services import Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
@@ -74,6 +75,18 @@ def _holds(agent: AgentProcess) -> bool:
     return bool(said) and said[-1].startswith("connected to")
 
 
+def _heartbeat_counts(telemetry: queue.Queue[Any], least: int) -> bool:
+    """Whether a heartbeat that arrived since the last call counts ``least`` takeovers."""
+    while True:
+        try:
+            batch = json.loads(telemetry.get_nowait().payload)
+        except queue.Empty:
+            return False
+        for record in batch.get("records", []):
+            if record.get("kind") == "heartbeat" and record["data"].get("taken_over", 0) >= least:
+                return True
+
+
 def _until(what: str, check: Any, timeout: float, *agents: AgentProcess) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -86,11 +99,13 @@ def _until(what: str, check: Any, timeout: float, *agents: AgentProcess) -> None
 
 
 def test_two_agents_with_one_client_id_say_so_count_it_and_slow_down(
-    broker: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+    broker: Mosquitto, tmp_path: Path, keys: tuple[Path, Path], client: Client
 ) -> None:
     """One under MQTT 3.1.1, one under MQTT 5 (the agent's default): on Mosquitto 2.0.11 both
     see only a closed socket, which paho calls "Unspecified error"."""
     client_id = f"edge-agent-twin-{uuid.uuid4().hex[:8]}"
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    telemetry = client.collect(f"{prefix}/dev-a/telemetry")
     port = free_port()
     common = ("--client-id", client_id, "--log-format", "json")
     for side in ("a", "b"):  # each its own log (agent-dev-a.log beside its data directory)
@@ -99,7 +114,7 @@ def test_two_agents_with_one_client_id_say_so_count_it_and_slow_down(
         broker,
         tmp_path / "a" / "agent",
         keys[1],
-        f"t{uuid.uuid4().hex[:10]}",
+        prefix,
         args=(*common, "--protocol", "3.1.1", "--metrics-port", str(port)),
     )
     second = AgentProcess(
@@ -122,6 +137,8 @@ def test_two_agents_with_one_client_id_say_so_count_it_and_slow_down(
         error = next(r for r in _lines(first) if r.get("level") == "error")["message"]
         assert "--client-id" in error and "device name" in error, error
         assert _taken_over(port) >= 2
+        # ... and the cloud hears it in the heartbeat, from a device it does not scrape.
+        _until("a heartbeat counted them", lambda: _heartbeat_counts(telemetry, 2), 30, first)
         # The other was a stale process: once it is gone, the first holds the session (it
         # reconnects after its wait, if it was waiting).
         assert second.stop() == 0
