@@ -188,8 +188,12 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
 # Admission reads one header (``ServingCore.refusal``): the protocol's check finds it alone.
 TIMEOUT_NAME = TIMEOUT_HEADER.encode()
 NO_HEADERS: dict[str, str] = {}  # never written
-# A 503's header lines as uvicorn writes them, by its header set: refusals differ only in body.
-_REFUSAL_HEADS: dict[tuple[tuple[str, str], ...], bytes] = {}
+# Whole refusals as uvicorn writes them, by (reason, Retry-After, message): under a flood
+# nearly every refusal is the same queue_full 503, written from here without building its
+# answer again. A deadline refusal names the work ahead, so its messages vary: at most
+# ``_REFUSALS_KEPT`` are kept, the rest are built each time.
+_REFUSALS: dict[tuple[str, int, str], Refusal] = {}
+_REFUSALS_KEPT = 64
 
 
 def early_refusal(
@@ -210,15 +214,15 @@ def early_refusal(
     exc = early(core, method, path, headers, time.monotonic() - LAG.behind())
     if not isinstance(exc, OverloadError):
         return exc
-    answer = refuse(core, exc)
-    key = tuple(answer.headers.items())
-    head = _REFUSAL_HEADS.get(key)
-    if head is None:
-        lines = asgi_headers(answer)
-        if len(_REFUSAL_HEADS) > 64 or lines[-1][0] != b"content-length":  # not a plain 503
-            return answer.status, protocol_refusal.header_block(lines), answer.body
-        head = _REFUSAL_HEADS[key] = protocol_refusal.header_block(lines[:-1])[:-2]
-    return answer.status, head + b"content-length: %d\r\n\r\n" % len(answer.body), answer.body
+    core.count_error(exc)
+    key = (exc.reason, exc.retry_after_s, str(exc))
+    built = _REFUSALS.get(key)
+    if built is None:
+        answer = refuse(core, exc, counted=False)
+        built = (answer.status, protocol_refusal.header_block(asgi_headers(answer)), answer.body)
+        if len(_REFUSALS) < _REFUSALS_KEPT:
+            _REFUSALS[key] = built
+    return built
 
 
 def batch_scheduling() -> bool:
