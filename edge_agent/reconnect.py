@@ -7,7 +7,8 @@ clients each reconnect within the backoff and take the session back, for ever, a
 what the broker delivers to the other meanwhile (with a kept session the subscriptions are both
 clients' and either may get any message).
 
-What the agent sees of it (measured with paho-mqtt 2.2; Mosquitto's source for the versions):
+What the agent sees of it (measured with paho-mqtt 2.2 on Debian's Mosquitto 2.0.11; later
+versions from Mosquitto's source, where 2.0.15 added the DISCONNECT: commit 351911bd, #2607):
 
 - MQTT 5, a broker that says so as the specification asks (Mosquitto 2.0.15 and later): a
   DISCONNECT with reason code 0x8E "Session taken over". Certain.
@@ -31,7 +32,7 @@ import logging
 import random
 import threading
 
-log = logging.getLogger("edge_agent.session")
+log = logging.getLogger("edge_agent.session")  # one logger for all the connection says
 
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code
 CONNECTION_LOST = 128  # paho's reason for a socket closed without a DISCONNECT
