@@ -271,6 +271,9 @@ class Agent:
         self._stopping.set()
 
     def stop(self, flush_s: float = 2.0) -> None:
+        """A clean stop: waits at most ``flush_s`` for the ingestion to acknowledge the last
+        telemetry, and only while its acknowledgements come (``TelemetryPublisher.flush``);
+        what it does not acknowledge stays in the outbox for the next start."""
         self._stopping.set()
         log.info("shutting down: serving %s", self.serving_label())
         if self.drift is not None:

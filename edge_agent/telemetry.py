@@ -8,6 +8,9 @@ stays unacknowledged for ``ack_timeout`` seconds is sent again, from the oldest 
 bounded drain rate and with at most ``window`` records unacknowledged at once, so a device that
 was offline for a day does not flood the broker. The cloud deduplicates on (device, boot_id,
 seq), so sending again never stores twice.
+
+A clean stop waits for the last acknowledgements only while they come (``flush``): a device with
+no ingestion, or one that is down, stops at once and keeps its records for the next start.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,6 +31,67 @@ from edge_agent.outbox import Outbox, Pending, batch_payload
 from edge_agent.session import Session
 
 log = logging.getLogger(__name__)
+
+# How long a clean stop waits for acknowledgements that make no progress (see ``stop_patience``).
+NO_ACK_GRACE_S = 0.25
+ACKED_FLOOR_S = 1.0
+RTT_FACTOR = 3.0
+
+
+def stop_patience(worst_rtt: float | None, flush_s: float) -> float:
+    """How long a clean stop waits for an acknowledgement that deletes records, never more than
+    ``flush_s``.
+
+    With no acknowledgement in this agent's life (``worst_rtt`` None) there is no sign of an
+    ingestion (none runs, or it is down): a short grace for the ack of what was just sent.
+    Otherwise three times the slowest recent round trip: the ingestion acknowledges once per
+    flush of its buffer, so one batch's round trip is anything from ~0 to its flush interval
+    plus the write, and the slowest is what the last records may take; three of them absorb a
+    slower flush on a busy host. Never under a second then: an ingestion that answered before
+    is there, and the floor costs a stop nothing unless that ingestion went away since.
+    """
+    if worst_rtt is None:
+        return min(flush_s, NO_ACK_GRACE_S)
+    return min(flush_s, max(ACKED_FLOOR_S, RTT_FACTOR * worst_rtt))
+
+
+@dataclass(frozen=True)
+class _Sent:
+    boot_id: str
+    seq: int  # the batch's last
+    at: float
+
+
+class AckClock:
+    """When the ingestion acknowledges: each round trip (from sending the oldest batch an ack
+    covers to the ack), the slowest of the last ``keep``, and the last ack that deleted records.
+    ``sent``, ``forget`` and ``acked`` run on the publisher's thread; ``worst`` anywhere."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._sent: list[_Sent] = []  # in flight, bounded by the window
+        self._rtts: deque[float] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+        self.progress_at: float | None = None  # monotonic; an ack deleted records then
+
+    def sent(self, boot_id: str, seq: int, at: float) -> None:
+        self._sent.append(_Sent(boot_id, seq, at))
+
+    def forget(self) -> None:
+        """At a rewind: what is sent again is timed from its new send."""
+        self._sent.clear()
+
+    def acked(self, acks: dict[str, int], deleted: int, now: float) -> None:
+        covered = [s.at for s in self._sent if s.seq <= acks.get(s.boot_id, -1)]
+        if covered:
+            self._sent = [s for s in self._sent if s.seq > acks.get(s.boot_id, -1)]
+            with self._lock:
+                self._rtts.append(now - min(covered))
+        if deleted:
+            self.progress_at = now
+
+    def worst(self) -> float | None:
+        with self._lock:
+            return max(self._rtts, default=None)
 
 
 class Heartbeat:
@@ -92,6 +158,7 @@ class TelemetryPublisher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.clock = AckClock()
         self.published = self.acknowledged = self.resends = self.bad_acks = 0
 
     def reconnected(self) -> None:
@@ -119,6 +186,8 @@ class TelemetryPublisher:
         with self._acks_lock:
             acks, self._acks = self._acks, {}
         deleted = sum(self.outbox.ack_upto(boot, seq) for boot, seq in acks.items())
+        if acks:
+            self.clock.acked(acks, deleted, time.monotonic())
         if deleted:
             self.acknowledged += deleted
             self._deadline = time.monotonic() + self.ack_timeout  # progress: wait again
@@ -126,6 +195,7 @@ class TelemetryPublisher:
     def _rewind(self) -> None:
         self._last_sent = 0
         self._deadline = None
+        self.clock.forget()
 
     def _send_some(self, limit: int) -> int:
         batch: list[Pending] = self.outbox.peek(self._last_sent, limit)
@@ -134,6 +204,7 @@ class TelemetryPublisher:
         floor = self.outbox.floor(batch[0].boot_id)
         self.session.publish(self.topic, batch_payload(batch, floor), qos=1)
         self._last_sent = batch[-1].id
+        self.clock.sent(batch[-1].boot_id, batch[-1].seq, time.monotonic())
         self.published += len(batch)
         if self._deadline is None:
             self._deadline = time.monotonic() + self.ack_timeout
@@ -183,15 +254,46 @@ class TelemetryPublisher:
         self._thread.start()
         return self
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until the ingestion acknowledged everything (a clean stop); True when it did."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.outbox.count == 0:
-                return True
-            self._wake.set()
-            time.sleep(0.05)
-        return self.outbox.count == 0
+    def flush(self, timeout: float) -> int:
+        """A clean stop: wait while the ingestion acknowledges what is left, and return how many
+        records stay unacknowledged (kept in the outbox for the next start).
+
+        It ends when the outbox is empty, or once no acknowledgement has deleted a record for
+        ``stop_patience`` (counted from the flush or from the last that did), or after
+        ``timeout`` in all, or when the broker connection goes; the log says which.
+        """
+        started = time.monotonic()
+        while True:
+            left, now = self.outbox.count, time.monotonic()
+            if left == 0:
+                log.info("telemetry: every record acknowledged (%.2f s)", now - started)
+                return 0
+            why = self._why_stop_waiting(started, now, timeout)
+            if why is not None:
+                log.info(
+                    "telemetry: stopped waiting for acknowledgements after %.2f s: %s; "
+                    "%d records unacknowledged",
+                    now - started,
+                    why,
+                    left,
+                )
+                return left
+            self._wake.set()  # send what is left now, not at the next poll
+            time.sleep(0.02)
+
+    def _why_stop_waiting(self, started: float, now: float, timeout: float) -> str | None:
+        if now - started >= timeout:
+            return f"the stop's limit of {timeout:g} s"
+        if not self.session.connected:
+            return "the broker connection is gone"
+        worst = self.clock.worst()
+        patience = stop_patience(worst, timeout)
+        since = max(started, self.clock.progress_at or started)
+        if now - since < patience:
+            return None
+        if worst is None:
+            return "none has come since the agent started (is an ingestion running?)"
+        return f"none for {patience:.2f} s (the slowest recent round trip: {worst:.2f} s)"
 
     def stop(self) -> None:
         self._stop.set()
