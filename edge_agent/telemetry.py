@@ -291,9 +291,11 @@ class TelemetryPublisher:
         since = max(started, self.clock.progress_at or started)
         if now - since < patience:
             return None
-        if worst is None:
-            return "none has come since the agent started (is an ingestion running?)"
-        return f"none for {patience:.2f} s (the slowest recent round trip: {worst:.2f} s)"
+        if worst is not None:
+            return f"none for {patience:.2f} s (the slowest recent round trip: {worst:.2f} s)"
+        if self.acknowledged:  # acks of sends from before a rewind: deleted, never timed
+            return f"none for {patience:.2f} s"
+        return "none has come since the agent started (is an ingestion running?)"
 
     def stop(self) -> None:
         self._stop.set()
