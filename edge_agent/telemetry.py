@@ -10,7 +10,7 @@ was offline for a day does not flood the broker. The cloud deduplicates on (devi
 seq), so sending again never stores twice.
 
 A clean stop waits for the last acknowledgements only while they come (``flush``): a device with
-no ingestion, or one that is down, stops at once and keeps its records for the next start.
+no ingestion, or one that is down, stops soon and keeps its records for the next start.
 """
 
 from __future__ import annotations
@@ -34,16 +34,22 @@ log = logging.getLogger(__name__)
 
 # How long a clean stop waits for acknowledgements that make no progress (see ``stop_patience``).
 NO_ACK_GRACE_S = 0.25
-ACKED_FLOOR_S = 1.0
+ACKED_FLOOR_S = 1.5
 RTT_FACTOR = 3.0
+# No acknowledgement says "no ingestion" only once records have waited this long for one since
+# the agent first sent any: ``edgebento sync`` acknowledges once per flush of its buffer (every
+# second by default), so an agent stopped right after its first send has heard nothing yet
+# from an ingestion that is up.
+NO_ACK_EVIDENCE_S = 3.0
 
 
 def stop_patience(worst_rtt: float | None, flush_s: float) -> float:
     """How long a clean stop waits for an acknowledgement that deletes records, never more than
     ``flush_s``.
 
-    With no acknowledgement in this agent's life (``worst_rtt`` None) there is no sign of an
-    ingestion (none runs, or it is down): a short grace for the ack of what was just sent.
+    With no acknowledgement in this agent's life (``worst_rtt`` None) and records sent at least
+    ``NO_ACK_EVIDENCE_S`` ago (``flush`` waits until then, within ``flush_s``), there is no sign
+    of an ingestion (none runs, or it is down): a short grace for the ack of what was just sent.
     Otherwise three times the slowest recent round trip: the ingestion acknowledges once per
     flush of its buffer, so one batch's round trip is anything from ~0 to its flush interval
     plus the write, and the slowest is what the last records may take; three of them absorb a
@@ -72,9 +78,12 @@ class AckClock:
         self._rtts: deque[float] = deque(maxlen=keep)
         self._lock = threading.Lock()
         self.progress_at: float | None = None  # monotonic; an ack deleted records then
+        self.first_sent_at: float | None = None  # monotonic; the first batch of this life
 
     def sent(self, boot_id: str, seq: int, at: float) -> None:
         self._sent.append(_Sent(boot_id, seq, at))
+        if self.first_sent_at is None:
+            self.first_sent_at = at
 
     def forget(self) -> None:
         """At a rewind: what is sent again is timed from its new send."""
@@ -291,6 +300,10 @@ class TelemetryPublisher:
         since = max(started, self.clock.progress_at or started)
         if now - since < patience:
             return None
+        first = self.clock.first_sent_at
+        waited = now - (first if first is not None else started)
+        if worst is None and not self.acknowledged and waited < NO_ACK_EVIDENCE_S:
+            return None  # no ack yet, but too soon to tell an ingestion that is up from none
         if worst is not None:
             return f"none for {patience:.2f} s (the slowest recent round trip: {worst:.2f} s)"
         if self.acknowledged:  # acks of sends from before a rewind: deleted, never timed

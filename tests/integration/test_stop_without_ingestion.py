@@ -3,8 +3,11 @@
 On the old code ``Agent.stop`` waited the whole 2 s for acknowledgements whenever the session
 was up, so every stop of a device without an ingestion (a lab, a standalone device, most of the
 test suite) cost 2 s for nothing. Now, with no acknowledgement in the agent's life, it waits one
-short grace and says so; the records stay on disk and the next start, with an ingestion
-running, delivers them, and its own clean stop ends with nothing unacknowledged.
+short grace and says so, once its records have waited long enough for the silence to mean
+something (``NO_ACK_EVIDENCE_S``); the records stay on disk and the next start, with an
+ingestion running, delivers them, and its own clean stop ends with nothing unacknowledged. An
+agent stopped right after its first send, with an ingestion up that acknowledges once a second
+(``edgebento sync``'s default), waits for that acknowledgement.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.store import open_store
+from edge_agent.telemetry import NO_ACK_EVIDENCE_S
 from tests.integration.test_agent_faults import outbox_rows
 from tests.integration.test_ingest import start_sync, stored
 from tests.support.agent import AgentProcess, Client, wait_for, wait_online
@@ -39,8 +43,11 @@ def test_a_stop_without_ingestion_keeps_its_records_and_the_next_start_delivers_
     try:
         agent: AgentProcess = agent_factory(pack=pack_v1)
         wait_online(client, topic_prefix, "dev-a", 1)
-        # Records sent, and nobody acknowledges them: no ingestion runs.
+        # Records sent, and nobody acknowledges them for longer than an ingestion that is up
+        # would take: no ingestion runs.
         wait_for(telemetry, lambda doc: bool(doc.get("records")), 30, agent)
+        silent_since = time.monotonic()
+        wait_for(telemetry, lambda doc: time.monotonic() - silent_since > NO_ACK_EVIDENCE_S, 30)
         assert agent.stop() == 0
         log = agent.output()
         assert "stopped waiting for acknowledgements after" in log
@@ -78,3 +85,37 @@ def test_a_stop_without_ingestion_keeps_its_records_and_the_next_start_delivers_
         if sync is not None:
             sync.kill()
             sync.wait()
+
+
+def test_the_first_stop_after_a_start_waits_for_an_ingestion_that_is_up(
+    broker: Mosquitto,
+    agent_factory: Any,
+    pack_v1: Path,
+    topic_prefix: str,
+    s3_server: MotoS3,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """``edgebento sync`` at its default flush interval (1 s) acknowledges after the stop's
+    short grace had passed: an agent stopped as soon as its first records were out kept them
+    all and said no ingestion was running (the review of the first version of this change)."""
+    url = f"s3://{s3_bucket}/fleet"
+    sync = start_sync(
+        broker, url, s3_server, topic_prefix, f"sync-{topic_prefix}", tmp_path / "sync.log",
+        "--flush-interval", "1.0",
+    )  # fmt: skip
+    client = Client(broker)
+    telemetry = client.collect(f"{topic_prefix}/dev-a/telemetry")
+    try:
+        agent: AgentProcess = agent_factory(pack=pack_v1)
+        wait_online(client, topic_prefix, "dev-a", 1)
+        wait_for(telemetry, lambda doc: bool(doc.get("records")), 30, agent)
+        assert agent.stop() == 0
+        log = agent.output()
+        assert "telemetry: every record acknowledged" in log, log[-2000:]
+        assert [int(n) for n in KEPT.findall(log)] == [0]
+        assert outbox_rows(agent.data_dir) == []
+    finally:
+        client.close()
+        sync.kill()
+        sync.wait()
