@@ -145,20 +145,33 @@ class TakeoverWatch:
                 delay,
             )
             return
-        evidence = (
-            "the broker said so (reason 0x8E, session taken over)"
-            if certain
-            else f"the broker closed the connection {streak} times in a row soon after "
-            "accepting it, with no reason given (MQTT 3.1.1, or a broker that sends none)"
-        )
+        if certain:
+            log.error(
+                "another client connects with this agent's MQTT client id %r, and the broker "
+                "drops one of the two for the other: the broker said so (reason 0x8E, session "
+                "taken over). Another device or process uses the same client id or device name "
+                "(a cloned image or config): give each its own --client-id or fix the device "
+                "name. Until it goes away, messages for this device may go to the other; "
+                "reconnecting in %.1fs, waiting longer after each takeover (up to %.0fs)",
+                self.client_id,
+                delay,
+                self.backoff.cap,
+            )
+            return
+        # Without a reason the pattern has other causes too, which the operator must be able
+        # to tell from the log: a broker that closes the connection for what this agent sends
+        # (over its packet limit, an ACL that disconnects) or a broker that keeps restarting.
         log.error(
-            "another client connects with this agent's MQTT client id %r, and the broker drops "
-            "one of the two for the other: %s. Likely another device or process uses the same "
-            "client id or device name (a cloned image or config): give each its own --client-id "
-            "or fix the device name. Until it goes away, messages for this device may go to "
-            "the other; reconnecting in %.1fs, waiting longer after each takeover (up to %.0fs)",
+            "the broker closed this agent's connection (MQTT client id %r) %d times in a row "
+            "soon after accepting it, with no reason given (MQTT 3.1.1, or a broker that sends "
+            "none). Most likely another device or process uses the same client id or device "
+            "name (a cloned image or config): give each its own --client-id or fix the device "
+            "name; messages for this device may then go to the other. Else the broker refuses "
+            "something this agent sends (a message over its packet limit, a topic its ACL "
+            "denies: see the broker's log) or keeps restarting. Reconnecting in %.1fs, waiting "
+            "longer each time (up to %.0fs)",
             self.client_id,
-            evidence,
+            streak,
             delay,
             self.backoff.cap,
         )
