@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.pinning import Pinning
+from edgebento.localports import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -164,12 +164,6 @@ def wrk(
         p99_ms=data["p99_us"] / 1000,
         generator_cpu_s=cpu,
     )
-
-
-def free_port() -> int:
-    from edgebento.localports import free_port as below_ephemeral
-
-    return below_ephemeral()
 
 
 @dataclass

@@ -53,8 +53,9 @@ def stop_patience(worst_rtt: float | None, flush_s: float) -> float:
     Otherwise three times the slowest recent round trip: the ingestion acknowledges once per
     flush of its buffer, so one batch's round trip is anything from ~0 to its flush interval
     plus the write, and the slowest is what the last records may take; three of them absorb a
-    slower flush on a busy host. Never under a second then: an ingestion that answered before
-    is there, and the floor costs a stop nothing unless that ingestion went away since.
+    slower flush on a busy host. Never under ``ACKED_FLOOR_S`` then (above ``edgebento sync``'s
+    default flush of 1 s): an ingestion that answered before is there, and the floor costs a
+    stop nothing unless that ingestion went away since.
     """
     if worst_rtt is None:
         return min(flush_s, NO_ACK_GRACE_S)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import uvicorn
 
-from benchmarks.serving_common import free_port
 from bentos import protocol_refusal
 from bentos.protocol_refusal import RefusingProtocol, header_block
+from edgebento.localports import free_port
 from modelpack.serving.batching import Batcher
 
 pytestmark = pytest.mark.integration
