@@ -16,7 +16,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from tests.support.agent import Client, wait_online
 from tests.support.agent_telemetry import DeviceWatch
-from tests.support.services import Mosquitto
+from tests.support.services import Mosquitto, SmallPacketMosquitto
 
 X = [[0.5] * 8]
 # What Mosquitto drops a publisher for (tried in test_topic_names_mosquitto_takes): each must
@@ -155,16 +154,6 @@ def test_an_unusable_mqtt5_response_topic_is_answered_nowhere_and_the_request_no
     assert watch.rejected("reply_topic") == 3 and len(watch.events("unanswered")) == 6
     assert not watch.events("config")  # no config command ran
     assert _connects_after(watch, time.time()) == 1 and watch.offline() == 0
-
-
-@dataclass
-class SmallPacketMosquitto(Mosquitto):
-    """A broker that drops any client sending a packet over 16 KiB (AWS IoT Core: 128 KiB)."""
-
-    def _write_config(self) -> Path:
-        conf = super()._write_config()
-        conf.write_text(conf.read_text() + "max_packet_size 16384\n")
-        return conf
 
 
 def test_an_answer_over_the_brokers_packet_limit_is_refused_not_sent(

@@ -18,6 +18,7 @@ __all__ = [
     "LOOPBACK",
     "Mosquitto",
     "MotoS3",
+    "SmallPacketMosquitto",
     "VolatileMosquitto",
     "free_port",
     "mosquitto_binary",
@@ -70,4 +71,18 @@ class VolatileMosquitto(Mosquitto):
     def _write_config(self) -> Path:
         conf = super()._write_config()
         conf.write_text(conf.read_text().replace("persistence true", "persistence false"))
+        return conf
+
+
+@dataclass
+class SmallPacketMosquitto(Mosquitto):
+    """A broker that drops any client sending a packet over ``max_packet`` bytes (its
+    ``max_packet_size``; AWS IoT Core: 128 KiB). An MQTT 5 client is told the limit in CONNACK;
+    an MQTT 3.1.1 client cannot be: its connection is closed with no reason given."""
+
+    max_packet: int = 16384
+
+    def _write_config(self) -> Path:
+        conf = super()._write_config()
+        conf.write_text(conf.read_text() + f"max_packet_size {self.max_packet}\n")
         return conf
