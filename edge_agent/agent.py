@@ -13,6 +13,7 @@ from edge_agent.capture import Capture
 from edge_agent.config import AgentConfig
 from edge_agent.dispatch import Dispatcher
 from edge_agent.drift import DriftCore, DriftMonitor
+from edge_agent.heartbeat import Heartbeat
 from edge_agent.identity_status import IdentityStatus
 from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
@@ -20,7 +21,7 @@ from edge_agent.pipelines import Pipeline
 from edge_agent.replies import ReplyCache
 from edge_agent.session import Session
 from edge_agent.shadow import ShadowRunner
-from edge_agent.telemetry import Heartbeat, TelemetryPublisher
+from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker

@@ -11,11 +11,13 @@ A reply topic is checked before the request runs: one the broker would drop the 
 (``cloud_sync.protocol.topic_name_problem``), one of the broker's own ``$`` topics, a protocol
 topic (a reply there would be read as a command) or a pipeline's input is never used; the request
 is not run, is answered nowhere and is counted (``unanswered`` events, reason ``reply_topic``).
-An answer over the broker's packet limit is replaced by a short refusal (``too_large``).
+An answer over the broker's packet limit is replaced by a short refusal (``too_large``), also one
+that an MQTT 3.1.1 broker dropped the connection for (``edge_agent.packet_limit``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -158,15 +160,23 @@ class Dispatcher:
             return
         data = _encode(doc)
         session = self.agent.session
+        small: dict[str, Any] = {k: doc[k] for k in ("schema_version", "id", "command") if k in doc}
         try:  # publish checks the topic and size itself: the usual answer is checked once
-            session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
+            too_large = functools.partial(self._too_large, msg, topic, small)
+            session.publish(topic, data, 1, correlation_data=msg.correlation_data,
+                            on_too_large=too_large)  # fmt: skip
             return
         except BrokerError as exc:  # too big for the broker: a short refusal instead
             refused = session.refusal(topic, data, msg.correlation_data) or str(exc)
-        self._unanswered(msg, "too_large", refused, doc.get("id"))
-        small: dict[str, Any] = {k: doc[k] for k in ("schema_version", "id", "command") if k in doc}
-        small.update(ok=False, error=f"the answer is not sent: {refused}", reason="too_large")
-        data = _encode(small)
+        self._too_large(msg, topic, small, refused)
+
+    def _too_large(self, msg: Incoming, topic: str, small: dict[str, Any], refused: str) -> None:
+        """A short refusal in place of an answer over the broker's packet limit: known before
+        it was sent, or learned when an MQTT 3.1.1 broker dropped the connection for it."""
+        self._unanswered(msg, "too_large", refused, small.get("id"))
+        body = {**small, "ok": False, "error": f"the answer is not sent: {refused}"}
+        data = _encode({**body, "reason": "too_large"})
+        session = self.agent.session
         if session.refusal(topic, data, msg.correlation_data) is None:
             session.publish(topic, data, qos=1, correlation_data=msg.correlation_data)
 

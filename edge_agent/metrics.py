@@ -60,3 +60,20 @@ class AgentCollector:
             "connections lost to another client with this agent's MQTT client id",
             value=agent.session.takeover.taken_over,
         )
+        yield CounterMetricFamily(
+            "edgebento_agent_packets_over_limit",
+            "messages an MQTT 3.1.1 broker dropped the connection for, twice: over its packet "
+            "limit, never sent again",
+            value=agent.session.limit.refused,
+        )
+        yield GaugeMetricFamily(
+            "edgebento_agent_packet_limit_bytes",
+            "the largest packet the agent publishes: the broker's limit, said (MQTT 5), "
+            "configured (max_packet_bytes) or learned",
+            value=agent.session.max_packet,
+        )
+        yield CounterMetricFamily(
+            "edgebento_agent_telemetry_set_aside",
+            "telemetry records over the broker's packet limit on their own, set aside unsent",
+            value=agent.telemetry.set_aside,
+        )

@@ -17,7 +17,9 @@ versions from Mosquitto's source, where 2.0.15 added the DISCONNECT: commit 3519
   "Unspecified error" (128), as it reports a network fault or a broker that restarts. One such
   drop says nothing; the pattern does: the broker accepted us, then closed an established
   connection, ``SUSPECT_AFTER`` times in a row, each soon (``SUSPECT_WITHIN_S``) after the
-  reconnect the drop before it made, every reconnect accepted at once.
+  reconnect the drop before it made, every reconnect accepted at once. A drop that
+  ``packet_limit`` blames on a message over the broker's packet limit (the same pattern, from a
+  message paho sends again at each reconnect) is not part of it: the session calls ``explained``.
 
 Either way the agent logs one ERROR per streak naming the client id, counts each takeover, and
 waits longer after each (``TAKEOVER_BASE_S`` doubling up to ``TAKEOVER_CAP_S``) instead of its
@@ -97,6 +99,11 @@ class TakeoverWatch:
 
     def unreachable(self) -> None:
         """A connect failed: the broker was down or away, not taken by another client."""
+        self.explained()
+
+    def explained(self) -> None:
+        """A connection ended, or none was made, for a reason that is no takeover (a message
+        over the broker's packet limit: ``packet_limit``)."""
         with self._lock:
             self._since = None
             self._end_streak()

@@ -8,7 +8,9 @@ client takes our client id, it says so and waits longer after each time (``recon
 No message can keep a device off the broker. Each is acknowledged as it arrives, before it is
 handled: whatever its handling does (a crash, a reply the broker refuses), the broker never
 delivers it again at the next connect. And nothing is published that the broker would drop the
-connection for: a topic that is not a valid topic name, or a packet over the broker's maximum.
+connection for: a topic that is not a valid topic name, or a packet over the broker's maximum
+(said by an MQTT 5 broker, set in the config, or learned from an MQTT 3.1.1 broker that drops us
+for a message: ``packet_limit``, which also takes that message out of paho's resend queue).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from paho.mqtt.properties import Properties
 from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
+from edge_agent.packet_limit import PACKET_TOO_LARGE, PacketLimit, TooLarge
 from edge_agent.reconnect import CONNECTION_LOST, TAKEOVER_CAP_S, Backoff, TakeoverWatch
 from modelpack.errors import AuthError, BrokerError
 
@@ -122,6 +125,8 @@ class Session:
         self.connects = 0
         self.max_packet = config.max_packet_bytes or MQTT_MAX_PACKET  # the broker's, once known
         self.client = self._make_client(will)
+        self.limit = PacketLimit(self.client)
+        self.client.on_publish = lambda client, userdata, mid, *rest: self.limit.acked(mid)
 
     def _make_client(self, will: tuple[str, bytes]) -> mqtt.Client:
         cfg, client_id = self.config, self.client_id
@@ -209,8 +214,11 @@ class Session:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        on_too_large: TooLarge | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """Raises BrokerError, sending nothing, for what the broker would drop us for."""
+        """Raises BrokerError, sending nothing, for what the broker would drop us for.
+        ``on_too_large`` is told why if the broker drops us for it all the same (MQTT 3.1.1: a
+        limit it cannot say), when it is taken out of paho's queue, never to be sent again."""
         refused = self.refusal(topic, payload, correlation_data)
         if refused is not None:
             raise BrokerError(f"not published: {refused}")
@@ -218,7 +226,8 @@ class Session:
         if self.v5 and correlation_data is not None:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation_data
-        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        size = packet_size(topic, payload, correlation_data)
+        return self.limit.publish(topic, payload, qos, retain, properties, size, on_too_large)
 
     # --- paho callbacks (on paho's network thread) -------------------------------------------
 
@@ -239,7 +248,8 @@ class Session:
         self._accepted, self._told_refusal = True, False
         self.connects += 1
         told = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        own = self.config.max_packet_bytes or MQTT_MAX_PACKET
+        learned = self.limit.bound or MQTT_MAX_PACKET  # from a broker that dropped us for one
+        own = min(self.config.max_packet_bytes or MQTT_MAX_PACKET, learned)
         self.max_packet = min(own, told) if isinstance(told, int) else own
         # Subscribing again is idempotent, and needed even with a session present: the broker
         # may hold one made under another configuration (prefix, groups), and it is what makes
@@ -271,7 +281,15 @@ class Session:
         said = reason if from_broker or reason.value != CONNECTION_LOST else _CLOSED
         log.warning("disconnected from %s: %s", redact_url(self.config.broker), said)
         # Before _lost is set: _run reads the delay once it is.
-        self._takeover_delay = self.takeover.lost(time.monotonic(), reason.value, from_broker)
+        unexplained = reason.value == (PACKET_TOO_LARGE if from_broker else CONNECTION_LOST)
+        blame = self.limit.closed(time.monotonic()) if unexplained and self._accepted else None
+        if blame is None:
+            self.limit.explained()
+            self._takeover_delay = self.takeover.lost(time.monotonic(), reason.value, from_broker)
+        else:  # a message over the broker's packet limit, not another client with our id
+            self.takeover.explained()
+            if blame.bound is not None:
+                self.max_packet = min(self.max_packet, blame.bound)
         self._lost.set()
         if not self._accepted and self.config.cert_file and not self._told_refusal:
             # TLS 1.3 reports a refused client certificate after the handshake, as a
@@ -323,6 +341,7 @@ class Session:
         except (OSError, ssl.SSLError) as exc:
             log.warning("cannot reach broker %s: %s", redact_url(cfg.broker), exc)
             self.takeover.unreachable()
+            self.limit.explained()
             return False
         return True
 
@@ -336,6 +355,7 @@ class Session:
                 if self._stop.is_set():
                     return
                 self.client.loop_stop()
+                self.limit.drop_refused()  # before the next connect, which would resend it
                 if self.fatal is not None:
                     log.error("%s", self.fatal)
                     return

@@ -1,4 +1,4 @@
-"""Telemetry: heartbeats and inference metrics into the outbox, and the outbox out to the cloud.
+"""Telemetry: the outbox out to the cloud, acknowledged by the ingestion, in batches that fit.
 
 Records leave the outbox only when the ingestion says they are stored: it publishes a
 ``TelemetryAck`` (a boot and the highest contiguous seq stored) on
@@ -15,20 +15,21 @@ no ingestion, or one that is down, stops soon and keeps its records for the next
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 
 from cloud_sync.protocol import TelemetryAck
 from edge_agent.outbox import Outbox, Pending, batch_payload
+from edge_agent.packet_limit import longest_fitting
 from edge_agent.session import Session
+from modelpack.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -104,46 +105,6 @@ class AckClock:
             return max(self._rtts, default=None)
 
 
-class Heartbeat:
-    """Uptime, CPU and RSS of this process, from the kernel's own counters (``os.times`` and
-    ``/proc/self/statm``): a device pays no library for them."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self._cpu = _cpu_seconds()
-        self._at = time.monotonic()
-
-    def sample(self) -> dict[str, Any]:
-        cpu, now = _cpu_seconds(), time.monotonic()
-        # Like top: CPU time over wall time since the last sample; above 100 on several cores.
-        percent = 100.0 * (cpu - self._cpu) / max(now - self._at, 1e-9)
-        self._cpu, self._at = cpu, now
-        return {
-            "uptime_s": round(time.time() - self.started, 1),
-            "cpu_percent": round(percent, 1),
-            "rss_bytes": _rss_bytes(),
-            "threads": threading.active_count(),
-        }
-
-
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def _rss_bytes() -> int:
-    """Resident memory now (Linux); elsewhere the peak, which is what the OS reports."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
 class TelemetryPublisher:
     """Drains the outbox to ``{prefix}/{device}/telemetry`` whenever the session is up."""
 
@@ -170,6 +131,7 @@ class TelemetryPublisher:
         self._thread: threading.Thread | None = None
         self.clock = AckClock()
         self.published = self.acknowledged = self.resends = self.bad_acks = 0
+        self.set_aside = 0  # records alone over the broker's packet limit
 
     def reconnected(self) -> None:
         """Send again everything not acknowledged: the broker may have lost it."""
@@ -212,13 +174,45 @@ class TelemetryPublisher:
         if not batch:
             return 0
         floor = self.outbox.floor(batch[0].boot_id)
-        self.session.publish(self.topic, batch_payload(batch, floor), qos=1)
+        payload = batch_payload(batch, floor)
+        if self.session.refusal(self.topic, payload) is not None:
+            # Over the broker's packet limit (said, configured or learned): as many records as
+            # fit, the rest in the next batch; one that alone is over it is set aside.
+            def fits(n: int) -> bool:
+                return self.session.refusal(self.topic, batch_payload(batch[:n], floor)) is None
+
+            count = longest_fitting(len(batch), fits)
+            if count > 1 and self.session.limit.bound == self.session.max_packet:
+                # A limit learned from the broker's drops is above its real one by an unknown
+                # amount: half as many, or each batch cut a record shorter costs two drops.
+                count //= 2
+            if count == 0:
+                alone = batch_payload(batch[:1], floor)
+                self._set_aside(batch[0], self.session.refusal(self.topic, alone) or "")
+                return 1
+            batch = batch[:count]
+            payload = batch_payload(batch, floor)
+        try:
+            self.session.publish(self.topic, payload, qos=1)
+        except BrokerError:  # a limit learned since it was checked: cut to fit next time
+            return 0
         self._last_sent = batch[-1].id
         self.clock.sent(batch[-1].boot_id, batch[-1].seq, time.monotonic())
         self.published += len(batch)
         if self._deadline is None:
             self._deadline = time.monotonic() + self.ack_timeout
         return len(batch)
+
+    def _set_aside(self, record: Pending, why: str) -> None:
+        """A record over the broker's packet limit on its own: out of the outbox, counted, said
+        in the log and in an event (the ingestion skips its seq, as an evicted record's)."""
+        kind = str(json.loads(record.body).get("kind", "?"))
+        self.outbox.ack([record.id])
+        self.set_aside += 1
+        log.error("telemetry record %d (%s) set aside, never sent: %s", record.seq, kind, why)
+        event = {"event": "telemetry_set_aside", "boot_id": record.boot_id, "seq": record.seq,
+                 "kind": kind, "bytes": len(record.body), "error": why}  # fmt: skip
+        self.outbox.append("event", event)
 
     def _unacknowledged(self) -> int:
         """Records sent and not yet acknowledged; rewinds once they waited past the timeout."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from edge_agent.telemetry import Heartbeat
+from edge_agent.heartbeat import Heartbeat
 from tests.support.agent import AgentProcess, Client, make_pack, wait_online
 from tests.support.services import Mosquitto
 

@@ -1,0 +1,238 @@
+"""A message over the broker's packet limit, through a real Mosquitto (``max_packet_size``) and a
+real agent process, on MQTT 3.1.1 (which cannot say the limit) and MQTT 5 (which says it).
+
+Mosquitto closes the connection of a 3.1.1 client that sends a packet over its limit, and says
+nothing. Before ``edge_agent.packet_limit`` paho sent that message again at every reconnect and
+the broker dropped every connection for it: the device answered no one again, its telemetry
+stopped, and the agent read the drops as another client taking its client id. Each 3.1.1 test
+here fails on that code (no answer, no record, within the wait); the MQTT 5 telemetry test fails
+on it too (a batch over the limit was refused before it was sent, again and again, for ever).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from tests.support.agent import AgentProcess, Client, wait_online
+from tests.support.agent_telemetry import DeviceWatch
+from tests.support.services import SmallPacketMosquitto, free_port
+
+LIMIT = 16384
+X = [[0.5] * 8]
+REFUSED = re.compile(r"the message is (\d+) bytes; the broker takes at most (\d+)")
+
+
+@pytest.fixture
+def small_broker(tmp_path: Path) -> Iterator[SmallPacketMosquitto]:
+    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto", max_packet=LIMIT).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def devices(
+    small_broker: SmallPacketMosquitto, topic_prefix: str
+) -> Iterator[tuple[Client, DeviceWatch]]:
+    client = Client(small_broker, v5=False)  # replies to its reply_to
+    watch = DeviceWatch(small_broker, topic_prefix, "dev-a")
+    yield client, watch
+    watch.close()
+    client.close()
+
+
+@pytest.fixture
+def start(
+    agent_factory: Any,
+    small_broker: SmallPacketMosquitto,
+    devices: tuple[Client, DeviceWatch],
+    pack_v1: Path,
+    topic_prefix: str,
+) -> Callable[[str], tuple[AgentProcess, int]]:
+    """Starts the agent on the small broker over MQTT ``protocol``, and waits until it is online:
+    the agent, and the port of its /metrics."""
+
+    def run(protocol: str) -> tuple[AgentProcess, int]:
+        port = free_port()
+        args = ("--protocol", protocol, "--metrics-port", str(port))
+        agent = agent_factory(broker=small_broker, pack=pack_v1, args=args)
+        wait_online(devices[0], topic_prefix, "dev-a", timeout=60)
+        return agent, port
+
+    return run
+
+
+def _infer(client: Client, prefix: str, rows: int) -> dict[str, Any]:
+    return client.request(f"{prefix}/dev-a/infer", {"inputs": {"x": [[0.25] * 8] * rows}}, 30)
+
+
+def _too_large(reply: dict[str, Any]) -> tuple[int, int]:
+    """(the answer's size, the limit the agent named) of a short refusal."""
+    assert reply["ok"] is False and reply["reason"] == "too_large", reply
+    found = REFUSED.search(reply["error"])
+    assert found, reply
+    return int(found[1]), int(found[2])
+
+
+def _still_serving(client: Client, prefix: str) -> None:
+    answer = client.request(f"{prefix}/dev-a/infer", {"inputs": {"x": X}}, timeout=20)
+    assert answer["ok"] is True and set(answer["outputs"]) == {"logits", "probs"}
+    assert client.request(f"{prefix}/dev-a/cmd/ping", {}, timeout=20)["pong"] is True
+
+
+def _beat_after(watch: DeviceWatch, since: float) -> dict[str, Any]:
+    """A heartbeat sampled after ``since`` (unix time): the device's telemetry still arrives."""
+    return watch.wait(  # type: ignore[no-any-return]
+        lambda rs: next(
+            (r for r in reversed(rs) if r["kind"] == "heartbeat" and r["ts"] > since), None
+        ),
+        30,
+    )
+
+
+def test_an_answer_over_a_311_brokers_limit_becomes_a_refusal_and_the_device_stays(
+    start: Callable[[str], tuple[AgentProcess, int]],
+    devices: tuple[Client, DeviceWatch],
+    topic_prefix: str,
+) -> None:
+    client, watch = devices
+    agent, port = start("3.1.1")
+
+    # 8 KiB of request (the broker takes it), about 20 KiB of answer (it does not).
+    size, bound = _too_large(_infer(client, topic_prefix, 256))
+    assert size > LIMIT and LIMIT <= bound < size  # learned: below that answer, not below the limit
+    _still_serving(client, topic_prefix)
+
+    # An answer between the broker's limit and what was learned: dropped for, learned again.
+    rows = 256 * (LIMIT + (size - LIMIT) // 2) // size
+    middle, lower = _too_large(_infer(client, topic_prefix, rows))
+    assert LIMIT < middle <= bound and LIMIT <= lower < middle
+    # Over what is known now: refused before it is sent, naming that bound.
+    again, named = _too_large(_infer(client, topic_prefix, 256))
+    assert named == lower < again  # (the answer's size moves with its latency_ms)
+    _still_serving(client, topic_prefix)
+
+    since = time.time()
+    beat = _beat_after(watch, since)
+    assert beat["data"]["taken_over"] == 0  # the drops were not read as a takeover
+    assert beat["data"]["connects"] >= 5  # the first, then two drops for each answer learned
+    too_large = watch.wait(lambda rs: len(_unanswered(rs)) >= 3 and _unanswered(rs))
+    assert [e["reason"] for e in too_large] == ["too_large"] * 3
+    log = agent.output()
+    assert log.count("over the broker's packet limit") >= 2, log[-3000:]
+    assert "closed this agent's connection" not in log  # the takeover's ERROR
+    metrics = _metrics(port)
+    assert metrics["edgebento_agent_packets_over_limit_total"] >= 2
+    assert metrics["edgebento_agent_packet_limit_bytes"] == lower
+    assert metrics["edgebento_agent_session_taken_over_total"] == 0
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in lines if not line.startswith("#"))
+    }
+
+
+def _unanswered(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        r["data"] for r in records if r["kind"] == "event" and r["data"]["event"] == "unanswered"
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_telemetry_record_over_the_limit_is_set_aside_and_the_rest_arrives(
+    protocol: str,
+    start: Callable[[str], tuple[AgentProcess, int]],
+    devices: tuple[Client, DeviceWatch],
+    topic_prefix: str,
+) -> None:
+    client, watch = devices
+    agent, port = start(protocol)
+
+    # A command the agent cannot read: the event it records names the unknown field, and the
+    # outbox writes it with JSON escapes (6 bytes for each 2-byte character): 10 KiB of request
+    # the broker takes become a record of 30 KiB that it does not.
+    doc = {"id": "big-record", "é" * 5000: 1}
+    client.publish(f"{topic_prefix}/dev-a/cmd/ping", json.dumps(doc, ensure_ascii=False).encode())
+    assert client.request(f"{topic_prefix}/dev-a/cmd/ping", {"id": "behind"}, 20)["pong"] is True
+
+    aside = watch.wait(lambda rs: _events(rs, "telemetry_set_aside"))
+    assert len(aside) == 1 and aside[0]["kind"] == "event" and aside[0]["bytes"] > LIMIT
+    assert "the broker takes at most" in aside[0]["error"]
+    # The records behind it arrive: the command after it, and heartbeats.
+    watch.wait(lambda rs: [e for e in _events(rs, "command") if e["id"] == "behind"])
+    beat = _beat_after(watch, time.time())
+    assert beat["data"]["taken_over"] == 0
+    assert not _events(watch.records, "bad_request")  # the record set aside
+    _still_serving(client, topic_prefix)
+    log = agent.output()
+    assert log.count("set aside, never sent") == 1, log[-3000:]
+    assert "closed this agent's connection" not in log
+    assert _metrics(port)["edgebento_agent_telemetry_set_aside_total"] == 1
+
+
+def _events(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r["data"] for r in records if r["kind"] == "event" and r["data"]["event"] == name]
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_batch_over_the_limit_goes_in_batches_that_fit(
+    protocol: Literal["3.1.1", "5"],
+    tmp_path: Path,
+    small_broker: SmallPacketMosquitto,
+    topic_prefix: str,
+) -> None:
+    """A backlog (a device that was offline) of records that each fit and together do not: the
+    session and the telemetry publisher of the agent, on their own, through the broker."""
+    from edge_agent.config import AgentConfig
+    from edge_agent.outbox import Outbox
+    from edge_agent.session import Session
+    from edge_agent.telemetry import TelemetryPublisher
+
+    outbox = Outbox(tmp_path / "telemetry.db", "dev-b", 16 << 20)
+    for i in range(60):  # about 700 bytes each: one batch of 42 KiB
+        assert outbox.append("reading", {"i": i, "pad": "x" * 600}) == i
+    config = AgentConfig(
+        device="dev-b",
+        broker=small_broker.url,
+        data_dir=tmp_path,
+        trust=[tmp_path / "unused.pub"],
+        protocol=protocol,
+        prefix=topic_prefix,
+    )
+    topic = f"{topic_prefix}/dev-b/telemetry"
+    watch = DeviceWatch(small_broker, topic_prefix, "dev-b")
+    publisher: list[TelemetryPublisher] = []
+    session = Session(
+        config,
+        will=(f"{topic_prefix}/dev-b/status", b""),
+        on_message=lambda _m: None,
+        on_connect=lambda _present: publisher[0].reconnected(),
+    )
+    publisher.append(TelemetryPublisher(outbox, session, topic, 100, lambda: 1000.0).start())
+    session.route(f"{topic}/ack", lambda m: publisher[0].on_ack(m.payload))
+    try:
+        with session:
+            got = watch.wait(lambda rs: len(rs) >= 60 and rs, 60)
+            assert sorted(r["data"]["i"] for r in got) == list(range(60))
+            watch.wait(lambda rs: outbox.count == 0, 30)  # every one acknowledged
+            assert publisher[0].set_aside == 0 and session.takeover.taken_over == 0
+            # 3.1.1: learned from the broker's drops; 5: said in its CONNACK, nothing dropped.
+            assert (session.limit.refused > 0) == (protocol == "3.1.1")
+            assert (
+                session.max_packet >= LIMIT if protocol == "3.1.1" else session.max_packet == LIMIT
+            )
+    finally:
+        publisher[0].stop()
+        outbox.close()
+        watch.close()
