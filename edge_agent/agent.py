@@ -25,7 +25,7 @@ from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker
-from modelpack.errors import EdgebentoError, ExpiredError
+from modelpack.errors import BrokerError, EdgebentoError, ExpiredError
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,11 @@ class Agent:
 
     def publish_status(self) -> None:
         if self.session.connected:
-            self.session.publish(
-                self.topics.status(self.config.device), self._status_doc("online"), retain=True
-            )
+            doc = self._status_doc("online")
+            try:
+                self.session.publish(self.topics.status(self.config.device), doc, retain=True)
+            except BrokerError as exc:  # over the broker's packet limit: the agent goes on
+                log.error("status not published: %s", exc)
 
     def record(self, kind: str, data: dict[str, Any]) -> None:
         self.outbox.append(kind, data)

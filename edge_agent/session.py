@@ -374,9 +374,8 @@ class Session:
     def stop(self, last_words: tuple[str, bytes] | None = None) -> None:
         """Publish ``last_words`` (retained) if connected, then disconnect cleanly."""
         if last_words is not None and self.connected:
-            info = self.publish(last_words[0], last_words[1], qos=1, retain=True)
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(timeout=2.0)
+            with contextlib.suppress(RuntimeError, ValueError, BrokerError):  # never stops a stop
+                self.publish(last_words[0], last_words[1], qos=1, retain=True).wait_for_publish(2)
         self._stop.set()
         self.client.disconnect()
         self.client.loop_stop()
