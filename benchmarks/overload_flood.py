@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import thread_cpu
 from benchmarks.open_loop import ERRORS, UNANSWERED, Shot, closed_loop, open_loop, run_loop
 from benchmarks.pinning import Pinning
 from benchmarks.runs import CpuMeter, load, measured
@@ -197,10 +198,17 @@ def run_path(
     else:
         one_batch = one_batch_s(url, batch_body, headers, rounds=5)
 
+    threads: list[tuple[thread_cpu.ThreadCpu, int]] = []  # each capacity phase's, and its 200s
+
     def capacity_phase() -> tuple[float, float]:
-        return measured(
-            server.popen.pid, lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S))
+        seen: dict[int, int] = {}
+        start = thread_cpu.read(server.popen.pid)
+        found = measured(
+            server.popen.pid,
+            lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S, statuses=seen)),
         )
+        threads.append((thread_cpu.read(server.popen.pid) - start, seen.get(200, 0)))
+        return found
 
     before, before_cpu = capacity_phase()
     # The generator's own lag (other work on its CPUs) is reported apart, and the slowest
@@ -210,9 +218,11 @@ def run_path(
     load_before = load()
     meter = CpuMeter(server.popen.pid)
     marks: list[tuple[float, float]] = []  # (when, the server's CPU) as each phase begins
+    flood_threads: list[thread_cpu.ThreadCpu] = []  # the same, by thread
 
     def mark(index: int) -> None:
         marks.append((time.perf_counter(), meter.read()))
+        flood_threads.append(thread_cpu.read(server.popen.pid))
 
     shots, flood_cpu = measured(
         server.popen.pid, lambda: run_loop(open_loop(url, bodies, headers, phases, mark, WAIT_S))
@@ -236,6 +246,7 @@ def run_path(
         if window_cpu and capacity_cpu
         else None
     )
+    by_thread = _by_thread(threads, flood_threads, shots, marks)
     cost = {
         **refusal_cost(shots, marks, capacity, capacity_cpu),
         **(
@@ -254,10 +265,29 @@ def run_path(
             "flood_recovery_and_drain": round(flood_cpu, 2),
         },
         "goodput_per_cpu_of_capacity": None if per_cpu is None else round(per_cpu, 3),
+        "server_cpu_by_thread": by_thread,
         "refusal_cost": cost,
         "connection_errors": dict(ERRORS),
         "load_before": load_before,
     }
+
+
+def _by_thread(
+    capacity: list[tuple[thread_cpu.ThreadCpu, int]],
+    flood: list[thread_cpu.ThreadCpu],
+    shots: list[Shot],
+    marks: list[tuple[float, float]],
+) -> dict[str, float | None]:
+    """The server's CPU per 200 by thread (``benchmarks/thread_cpu.py``): the capacity phases
+    together, and the flood's window (from its first send to its last, answers counted when
+    they came, as ``refusal_cost`` counts them)."""
+    if len(flood) < 2 or len(marks) < 2:
+        return {}
+    used = sum((t for t, _ in capacity), thread_cpu.ThreadCpu(0.0, 0.0))
+    ok = sum(n for _, n in capacity)
+    (start, _), (end, _) = marks[0], marks[1]
+    flood_ok = sum(s.status == 200 and start <= s.scheduled + s.latency < end for s in shots)
+    return thread_cpu.per_answer(used, ok, flood[1] - flood[0], flood_ok)
 
 
 REFUSALS_S = 2.0
