@@ -172,7 +172,7 @@ class EnrollmentService:
             raise ClaimRefused("bad_csr", str(exc)) from exc
 
     def _rotated(self, device: str, request: EnrollRequest) -> EnrollReply:
-        doc = self.ids.device(device)
+        doc = self.ids.acting_on(device)
         if doc is None or doc.revoked:
             raise ClaimRefused("revoked" if doc else "not_enrolled", f"{device} may not rotate")
         if request.serial != doc.current:

@@ -7,8 +7,8 @@ Import path and API::
     registry.register(IdentityCollector(service, refresh_s=30))
 
 Per device: seconds to its certificate's expiry. For the fleet: enrollments and refusals by
-reason, revoked devices, and revoked devices whose retained status still says online (a
-revocation that did not drop the session). The store is read at most every ``refresh_s``.
+reason, revoked devices, revoked devices whose retained status still says online (a
+revocation that did not drop the session), and records read back that the CA did not sign. The store is read at most every ``refresh_s``.
 With ``crl_file`` (the CRL the broker reads): seconds until its nextUpdate, past which OpenSSL
 refuses every client (0 when it cannot be read: the broker cannot read it either).
 """
@@ -88,6 +88,15 @@ class IdentityCollector:
         for reason, count in sorted(self.service.refusals.items()):
             refused.add_metric([reason], count)
         yield refused
+        store_refused = CounterMetricFamily(
+            "edgebento_identity_records_refused",
+            "Device records and CRL indexes read back that the fleet CA did not sign as they "
+            "are (changed, moved, unsigned), by object and reason",
+            labels=["object", "reason"],
+        )
+        for (kind, reason), count in sorted(self.service.ids.refused.items()):
+            store_refused.add_metric([kind, reason], count)
+        yield store_refused
         if self.crl_file is not None:
             yield GaugeMetricFamily(
                 "edgebento_identity_crl_next_update_seconds",

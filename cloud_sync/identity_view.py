@@ -18,9 +18,16 @@ if TYPE_CHECKING:
     from cloud_sync.identity_store import DeviceIdentity
 
 
-def identity_rows(devices: dict[str, DeviceIdentity], now: float) -> dict[str, dict[str, Any]]:
-    """What ``fleet identity`` and the fleet metrics show per device."""
+def identity_rows(
+    devices: dict[str, DeviceIdentity], now: float, refused: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """What ``fleet identity`` and the fleet metrics show per device; ``refused`` (device:
+    reason), records the CA did not sign as they are, shown as such and nothing else."""
     rows: dict[str, dict[str, Any]] = {}
+    for device, reason in sorted((refused or {}).items()):
+        unknown = dict.fromkeys(("serial", "not_after", "expires_in_s", "last_rotation"))
+        state = f"record refused ({reason})"
+        rows[device] = {"state": state, **unknown, "revoked": False, "revoked_at": None}
     for device, doc in sorted(devices.items()):
         current = doc.current_record()
         expires_in = None if current is None else current.not_after - now

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem, load_cert, new_key, write_public
-from cloud_sync.identity_store import DeviceIdentity, IdentityStore
+from cloud_sync.identity_records import REPAIR, RecordRefused, crl_serials
+from cloud_sync.identity_store import CRL_INDEX, DeviceIdentity, IdentityStore
 from modelpack.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,28 @@ def publish_crl(
 
     The store's index is not the only source: what the CRL on disk (signed by this CA) lists
     and was revoked within ``keep_days`` (the longest device validity: by then the certificate
-    has expired) stays listed, so that a writer to the store without the CA's key cannot take
-    a revocation back by editing ``fleet/identity/crl.json`` or the device's record."""
+    has expired) stays listed. The index is signed by the CA (``cloud_sync.identity_records``);
+    one that does not verify (edited, or an older release's) is not used: the CRL keeps every
+    entry it lists, with those of the device records that verify, and an ERROR names the index
+    and the command that rebuilds it. So a writer to the store without the CA's key cannot take
+    a revocation back by editing ``crl.json`` or a device's record, nor shorten the CRL."""
     import datetime as dt
 
     with _one_writer(crl_path):
         now = dt.datetime.now(dt.UTC)
-        revoked = dict(_still_listed(ca, crl_path, now - dt.timedelta(days=keep_days)))
-        revoked.update(ids.revoked_serials())
+        since: dt.datetime | None = now - dt.timedelta(days=keep_days)
+        try:
+            from_store = ids.revoked_serials()
+        except RecordRefused as exc:
+            log.error(
+                "%s; the CRL %s keeps every entry it lists, with those of the signed device "
+                "records, until an operator rebuilds %s: %s",
+                exc, crl_path, CRL_INDEX, REPAIR,
+            )  # fmt: skip
+            from_store = crl_serials(ids.index_from_records().entries, now.timestamp())
+            since = None
+        revoked = dict(_still_listed(ca, crl_path, since))
+        revoked.update(from_store)
         revoked.update((serial, now) for serial in extra)
         write_public(crl_path, ca.crl(sorted(revoked.items())))
     _hang_up(broker_pid)
@@ -100,6 +115,7 @@ def _one_writer(crl_path: Path) -> Iterator[None]:
 
 
 def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, Any]]:
+    """What the CRL on disk lists, revoked after ``since`` (None: all of it)."""
     from cryptography import x509
 
     try:
@@ -111,7 +127,11 @@ def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, An
             "%s is not signed by the fleet CA: written from the store's index alone", crl_path
         )
         return []
-    return [(r.serial_number, r.revocation_date_utc) for r in crl if r.revocation_date_utc > since]
+    return [
+        (r.serial_number, r.revocation_date_utc)
+        for r in crl
+        if since is None or r.revocation_date_utc > since
+    ]
 
 
 def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:
@@ -204,6 +224,7 @@ def _reloaded(
     broker_pid: int | Path | None,
     broker: tuple[str, int],
     timeout: float,
+    extra: tuple[int, ...] = (),
 ) -> None:
     """The CRL written, and the broker running on it: a probe certificate is revoked in the same
     CRL, and the broker has reloaded when the probe is refused.
@@ -213,7 +234,7 @@ def _reloaded(
     writer's CRL, a moment before) is lost, and a CRL written after its reload read the file
     waited for the next one (seen once in CI: a revocation that never took)."""
     probe, probe_serial = _ephemeral(ca, "revocation-probe")
-    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial,))
+    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial, *extra))
     deadline = time.monotonic() + timeout
     while _connect(probe, "revocation-probe", *broker, timeout=timeout):
         if time.monotonic() > deadline:
@@ -235,12 +256,15 @@ def revoke_device(
     """Revoked in the store, in the CRL, reloaded, and its session dropped (if ``broker``).
 
     The session is taken over only once the broker runs on the new CRL (``_reloaded``), or the
-    device could come straight back."""
+    device could come straight back. Its certificates go into this CRL whatever the store's
+    index says (one that does not verify is not written to)."""
     doc = ids.revoke(device)
+    now = time.time()
+    serials = tuple(int(c.serial, 16) for c in doc.certificates if c.not_after > now)
     if broker is None:
-        publish_crl(ca, ids, crl_path, broker_pid)
+        publish_crl(ca, ids, crl_path, broker_pid, extra=serials)
         return doc, False
-    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout)
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=serials)
     kicked = kick_session(ca, device, *broker, timeout=timeout, prefix=prefix)
     log.info("%s revoked; live session %s", device, "dropped" if kicked else "not dropped")
     return doc, kicked
@@ -269,10 +293,11 @@ def revoke_certificate(
         raise ConfigError("that certificate was not issued by this fleet CA") from exc
     name = peer_identity(cert)
     ids.revoke_serial(cert.serial_number, cert.not_valid_after_utc.timestamp())
+    serial = (int(cert.serial_number),)
     if broker is None:
-        publish_crl(ca, ids, crl_path, broker_pid)
+        publish_crl(ca, ids, crl_path, broker_pid, extra=serial)
         return name, False
-    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout)
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=serial)
     kicked = _connect(_ephemeral(ca, name)[0], name, *broker, timeout=timeout)
     log.info("certificate %x of %s revoked", cert.serial_number, name)
     return name, kicked

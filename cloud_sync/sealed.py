@@ -61,6 +61,12 @@ def seal_json(body: bytes, signer: Ed25519PrivateKey) -> bytes:
         "key": key_id(signer.public_key()),
         "ed25519": base64.b64encode(signer.sign(body)).decode(),
     }
+    return append_mark(body, mark)
+
+
+def append_mark(body: bytes, mark: object) -> bytes:
+    """``body`` (a JSON object) with ``"signature": mark`` appended as its last field: the
+    signed bytes stay as they were, so ``signed_part`` gets them back exactly."""
     field = _field(mark)
     return field if body == b"{}" else body[:-1] + b"," + field[1:]
 
@@ -69,9 +75,9 @@ def _field(mark: object) -> bytes:
     return json.dumps({FIELD: mark}, separators=(",", ":")).encode()
 
 
-def _signed_bytes(data: bytes, mark: object) -> bytes | None:
-    """The bytes ``seal_json`` signed, if ``data`` is laid out as it writes: the object with
-    the signature appended last."""
+def signed_part(data: bytes, mark: object) -> bytes | None:
+    """The bytes that were signed, if ``data`` is laid out as ``append_mark`` writes: the
+    object with the signature appended last."""
     field = _field(mark)
     if data == field:
         return b"{}"
@@ -112,7 +118,7 @@ def unseal(data: bytes, trusted: TrustedKey, what: str) -> dict[str, Any]:
         signature = base64.b64decode(mark["ed25519"], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SignatureError(f"{what} carries a signature that is not base64") from exc
-    signed = _signed_bytes(data, mark)
+    signed = signed_part(data, mark)
     del doc[FIELD]
     # Either layout binds every byte of what is returned: the appended field is all that the
     # signed bytes lack (a key repeated inside them would have been signed too).

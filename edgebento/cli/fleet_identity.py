@@ -1,5 +1,6 @@
-"""``edgebento fleet ca init | claim | enroll-service | broker-config | revoke | identity``:
-per-device identity (cloud_sync.fleet_ca, identity_store, enroll, revocation, broker_config)."""
+"""``edgebento fleet ca init | claim | enroll-service | broker-config | revoke | identity |
+identity-repair``: per-device identity (cloud_sync.fleet_ca, identity_store, enroll, revocation,
+broker_config, identity_repair)."""
 
 from __future__ import annotations
 
@@ -107,7 +108,16 @@ def register_verbs(verbs: Any) -> None:
     ident = verbs.add_parser("identity", help="each device's certificate: expiry, rotation")
     add_store_args(ident)
     ident.add_argument("--json", action="store_true")
+    ident.add_argument("--ca", type=Path, help="check each record's signature (the CA directory)")
     ident.set_defaults(func=cmd_identity)
+
+    fix = verbs.add_parser(
+        "identity-repair", help="sign an older release's device records, rebuild the CRL index"
+    )
+    fix.add_argument("--ca", type=Path, required=True, help="the CA directory (issuing key)")
+    fix.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
+    add_store_args(fix)
+    fix.set_defaults(func=cmd_identity_repair)
 
 
 def _ids(args: argparse.Namespace, ca: Any = None) -> Any:
@@ -167,7 +177,8 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     from cloud_sync.enroll import EnrollmentService, RateLimit
     from cloud_sync.fleet_ca import FleetCA, tls_context
 
-    ca, ids = FleetCA.load(args.ca), _ids(args)
+    ca = FleetCA.load(args.ca)
+    ids = _ids(args, ca)
     service = EnrollmentService(
         ca,
         ids,
@@ -242,7 +253,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         address = parse_broker_url(args.broker)
         broker = (address.host, address.port)
     started = time.monotonic()
-    ca, ids, pid = FleetCA.load(args.ca), _ids(args), _broker_pid(args)
+    ca, pid = FleetCA.load(args.ca), _broker_pid(args)
+    ids = _ids(args, ca)
     if args.cert is not None:
         try:
             pem = args.cert.read_bytes()
@@ -278,12 +290,16 @@ def _span(seconds: float | None) -> str:
 
 
 def cmd_identity(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet_ca import FleetCA
     from cloud_sync.identity_view import identity_rows
 
-    rows = identity_rows(_ids(args).devices(), time.time())
+    ids = _ids(args, FleetCA.load(args.ca) if args.ca else None)
+    rows = identity_rows(ids.devices(), time.time(), ids.refused_records)
     if args.json:
-        print(json.dumps({"devices": rows}, indent=2))
+        print(json.dumps({"devices": rows, "checked": ids.ca is not None}, indent=2))
         return 0
+    if ids.ca is None:
+        print("(records not checked: --ca checks the fleet CA's signature on each)")
     for device, row in rows.items():
         rotation = row["last_rotation"]
         rotated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rotation)) if rotation else "-"
@@ -292,3 +308,12 @@ def cmd_identity(args: argparse.Namespace) -> int:
             f"last rotation {rotated}"
         )
     return 0
+
+
+def cmd_identity_repair(args: argparse.Namespace) -> int:
+    from cloud_sync.fleet_ca import FleetCA
+    from cloud_sync.identity_repair import repair
+
+    report = repair(_ids(args, FleetCA.load(args.ca)), args.crl_file)
+    print(json.dumps(report.__dict__, indent=2))
+    return 1 if report.refused else 0

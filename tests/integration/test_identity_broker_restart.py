@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_sync.fleet_ca import load_cert, tls_context
+from cloud_sync.fleet_ca import FleetCA, load_cert, tls_context
 from cloud_sync.identity_store import IdentityStore
 from cloud_sync.store import open_store
 from tests.support.agent import REPO
@@ -80,7 +80,7 @@ def restarted(tmp_path: Path) -> Iterator[dict[str, object]]:
     if os.geteuid() == 0:  # as root Mosquitto would drop to a user who cannot write tmp_path
         (conf / "mosquitto.conf").write_text(text + "user root\n")
     store = str(tmp_path / "store")
-    IdentityStore(open_store(store)).record_issue(
+    IdentityStore(open_store(store), FleetCA.load(ca)).record_issue(
         DEVICE, load_cert((ids / f"{DEVICE}.crt").read_bytes()), via="claim"
     )
     broker = _Broker(conf / "mosquitto.conf", tmp_path / "mosquitto.log", port)

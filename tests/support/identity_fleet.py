@@ -27,6 +27,8 @@ PREFIX = "edgebento"  # the ACL is rendered for it
 class IdentityFleet:
     root: Path
     validity_s: float = 90 * 86400.0
+    store_url: str | None = None  # a bucket (s3://...) on moto's server; a local directory if None
+    endpoint_url: str | None = None
     ca: FleetCA = field(init=False)
     ids: IdentityStore = field(init=False)
     broker: Mosquitto = field(init=False)
@@ -36,7 +38,8 @@ class IdentityFleet:
     def start(self) -> IdentityFleet:
         init_ca(self.root / "ca")
         self.ca = FleetCA.load(self.root / "ca")
-        self.ids = IdentityStore(open_store(str(self.root / "store")), self.ca)
+        store = self.store_url or str(self.root / "store")
+        self.ids = IdentityStore(open_store(store, endpoint_url=self.endpoint_url), self.ca)
         out = self.root / "identities"
         server = self.ca.issue_identity("broker", out, 30, ["127.0.0.1", "localhost"])
         for name in ("enroll", "claim", "operator", "controller", "sync"):

@@ -51,7 +51,7 @@ def _serials(ids: IdentityStore) -> set[int]:
 
 def test_writing_the_crl_reads_the_index_only(ca: FleetCA, tmp_path: Path) -> None:
     store = Counting(open_store(str(tmp_path / "store")))
-    ids = IdentityStore(store)  # type: ignore[arg-type]
+    ids = IdentityStore(store, ca)  # type: ignore[arg-type]
     for i in range(12):
         ids.record_issue(f"d-{i}", _cert(ca, f"d-{i}", tmp_path), via="claim")
     first = ids.device("d-3")
@@ -65,7 +65,7 @@ def test_writing_the_crl_reads_the_index_only(ca: FleetCA, tmp_path: Path) -> No
 def test_a_revoked_device_enrolled_again_keeps_its_old_certificates_revoked(
     ca: FleetCA, tmp_path: Path
 ) -> None:
-    ids = IdentityStore(open_store(str(tmp_path / "store")))
+    ids = IdentityStore(open_store(str(tmp_path / "store")), ca)
     ids.record_issue("cam", _cert(ca, "cam", tmp_path), via="claim")
     ids.record_issue("cam", _cert(ca, "cam", tmp_path), via="renew")
     old = {int(c.serial, 16) for c in ids.device("cam").certificates}  # type: ignore[union-attr]
@@ -79,7 +79,7 @@ def test_a_revoked_device_enrolled_again_keeps_its_old_certificates_revoked(
 
 
 def test_expired_certificates_leave_the_crl(ca: FleetCA, tmp_path: Path) -> None:
-    ids = IdentityStore(open_store(str(tmp_path / "store")))
+    ids = IdentityStore(open_store(str(tmp_path / "store")), ca)
     short = _cert(ca, "brief", tmp_path, days=3 / 86400)  # three seconds
     ids.record_issue("brief", short, via="claim")
     ids.record_issue("long", _cert(ca, "long", tmp_path), via="claim")
@@ -93,7 +93,7 @@ def test_expired_certificates_leave_the_crl(ca: FleetCA, tmp_path: Path) -> None
 
 def test_a_store_from_before_the_index_gets_it_built_once(ca: FleetCA, tmp_path: Path) -> None:
     raw = open_store(str(tmp_path / "store"))
-    ids = IdentityStore(raw)
+    ids = IdentityStore(raw, ca)
     ids.record_issue("a", _cert(ca, "a", tmp_path), via="claim")
     ids.record_issue("a", _cert(ca, "a", tmp_path), via="renew")
     ids.record_issue("b", _cert(ca, "b", tmp_path), via="claim")
@@ -102,7 +102,7 @@ def test_a_store_from_before_the_index_gets_it_built_once(ca: FleetCA, tmp_path:
     assert len(expected) == 2
     raw.delete(CRL_INDEX)  # as a store written before the index existed
     counting = Counting(raw)
-    again = IdentityStore(counting)  # type: ignore[arg-type]
+    again = IdentityStore(counting, ca)  # type: ignore[arg-type]
     assert _serials(again) == expected  # built from the records
     counting.listed = 0
     assert _serials(again) == expected and counting.listed == 0  # and kept

@@ -1,0 +1,124 @@
+"""Claim tokens in the store: made and signed by the fleet CA, spent once by an enrollment.
+
+Import path and API (used through ``IdentityStore``, which holds the store and the CA)::
+
+    from cloud_sync.identity_claims import ClaimRefused, new_claim, spend_claim, token_hash
+    token = new_claim(store, ca, ["cam-1"], ttl_s=86400, batch=False)
+    spend_claim(store, ca, token, "cam-1", record_of)   # ClaimRefused(reason) unless valid,
+                                                        # bound, unused, and not revoked since
+
+Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
+the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
+its hash, devices, batch flag and times): whoever writes the bucket without that key cannot
+plant a claim of its own or widen one. A claim is spent by a compare-and-swap on its etag: two
+enrollments racing with one token cannot both win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field, ValidationError
+
+from cloud_sync.identity_records import SCHEMA_VERSION, DeviceIdentity
+from cloud_sync.store import ObjectStore
+from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet_ca import FleetCA
+
+CLAIMS = "fleet/identity/claims"
+TOKEN_PREFIX = "ebc1."
+_TRIES = 20
+
+
+class ClaimRefused(Exception):
+    """A claim or renewal that is refused; ``reason`` is the counter's label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class ClaimDoc(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    devices: list[str]
+    batch: bool = False
+    expires_at: float
+    # A claim made before a device's revocation never re-enrolls it (0: a claim from before
+    # this field, as old as any revocation).
+    created_at: float = 0.0
+    used: dict[str, float] = Field(default_factory=dict)
+    signature: str | None = None  # FleetCA.sign_record over claim_body: not ``used``
+
+    def body(self, key_hash: str) -> bytes:
+        """What the CA signs: bound to the token's hash, so a signature moved onto another
+        token's record does not verify."""
+        fields = {"hash": key_hash, "devices": self.devices, "batch": self.batch}
+        fields |= {"expires_at": self.expires_at, "created_at": self.created_at}
+        return json.dumps(fields, sort_keys=True).encode()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def new_claim(
+    store: ObjectStore, ca: FleetCA, devices: list[str], ttl_s: float, batch: bool
+) -> str:
+    if ttl_s <= 0:
+        raise ConfigError("a claim's ttl must be positive")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now, key_hash = time.time(), token_hash(token)
+    doc = ClaimDoc(devices=devices, batch=batch, expires_at=now + ttl_s, created_at=now)
+    doc.signature = ca.sign_record(doc.body(key_hash))
+    store.create(f"{CLAIMS}/{key_hash}.json", doc.model_dump_json().encode())
+    return token
+
+
+def spend_claim(
+    store: ObjectStore,
+    ca: FleetCA,
+    token: str,
+    device: str,
+    record_of: Callable[[str], DeviceIdentity | None],
+    now: float | None = None,
+) -> None:
+    """Spend the claim for ``device``; ``record_of`` gives its checked record (or refuses)."""
+    key_hash = token_hash(token)
+    key = f"{CLAIMS}/{key_hash}.json"
+    for _ in range(_TRIES):
+        try:
+            data, etag = store.read(key)
+        except NotFoundError:
+            raise ClaimRefused("unknown_token", "no such claim token") from None
+        try:
+            doc = ClaimDoc.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"{key} in {store.url} is not a claim") from exc
+        if not ca.verify_record(doc.body(key_hash), doc.signature):
+            raise ClaimRefused("forged_claim", "the claim is not signed by the fleet CA")
+        if (now or time.time()) >= doc.expires_at:
+            raise ClaimRefused("expired_token", "the claim token has expired")
+        if device not in doc.devices:
+            raise ClaimRefused("wrong_device", f"the claim token is not for {device}")
+        if device in doc.used or (doc.used and not doc.batch):
+            raise ClaimRefused("token_reused", "the claim token was already used")
+        record = record_of(device)
+        if record is not None and record.revoked and doc.created_at <= (record.revoked_at or 0):
+            # A spare token from before a revocation (a stolen device) must not undo it.
+            raise ClaimRefused(
+                "revoked", f"{device} was revoked after this claim was issued: make a new one"
+            )
+        doc.used[device] = time.time()
+        try:
+            store.replace(key, doc.model_dump_json().encode(), etag)
+            return
+        except ConflictError:
+            continue  # another enrollment spent it or another device of the batch: re-read
+    raise StoreError(f"{key}: too many concurrent changes")

@@ -1,0 +1,181 @@
+"""Device records and the CRL's index as the store keeps them: signed by the fleet CA.
+
+Import path and API::
+
+    from cloud_sync.identity_records import DeviceIdentity, CrlIndex, RecordRefused
+    from cloud_sync.identity_records import sign, opened, unchecked
+    data = sign(ca, "fleet/identity/devices/cam-1.json", doc.model_dump_json().encode())
+    body = opened(ca, key, data)     # the signed JSON, or RecordRefused with a one-line reason
+    body = unchecked(key, data)      # to show only, never to act on: the signature not checked
+
+Why: whoever can write the bucket without the CA's key must not steer the fleet's identities
+(DESIGN.md: what the controller reads back from the store, it trusts only if it signed it). A
+device's record says whether it is revoked and which certificates it retired; the index says
+what the CRL lists. Unsigned, a bucket writer could clear ``revoked`` so that a spare claim
+re-enrolls a stolen device, drop a serial from ``crl.json`` so that the next CRL lets it back
+in, or plant a record so that a certificate the CA never enrolled can renew.
+
+The layout is ``cloud_sync.sealed``'s (the exact JSON bytes, ``"signature"`` appended as the
+last field, so the file stays plain JSON); the signature is the issuing key's
+(``FleetCA.sign_record``, ECDSA P-256, as claims are signed) over ``DOMAIN``, the object's key
+and those bytes. Bound to the key, a valid signature moved onto another device's object (two
+records swapped) does not verify; bound to the domain, a claim's signature is none of these.
+
+Records and indexes written by the previous release carry no signature. They are refused
+(reason ``unsigned``), never trusted, with a message naming ``edgebento fleet identity-repair``:
+run once by an operator holding the CA key, it signs each old record that the CA-signed CRL
+does not contradict and rebuilds the index from the signed records
+(``cloud_sync.identity_repair``, docs/fleet-identity.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
+from modelpack.errors import StoreError
+
+if TYPE_CHECKING:
+    from cloud_sync.fleet_ca import FleetCA
+
+SCHEMA_VERSION = 1
+DOMAIN = b"edgebento identity record v1\n"
+REPAIR = "edgebento fleet identity-repair --ca DIR --crl-file CRL --store URL"
+
+
+class RecordRefused(StoreError):
+    """A record or index read back from the store that the fleet CA did not sign as it is;
+    ``reason`` (``unsigned``, ``forged``, ``malformed``) is the counter's label."""
+
+    def __init__(self, key: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.key, self.reason = key, reason
+
+
+class CertRecord(BaseModel):
+    serial: str  # hex
+    issued_at: float
+    not_after: float
+    via: str  # claim | renew
+
+
+class CrlEntry(BaseModel):
+    serial: str  # hex
+    revoked_at: float  # the revocation, or the rotation that retired it
+    not_after: float  # past it the entry is dropped: the certificate is refused anyway
+
+
+class CrlIndex(BaseModel):
+    """``fleet/identity/crl.json``: every certificate the CRL lists, kept as each is retired or
+    revoked, so that writing the CRL reads one object instead of every device's record, and an
+    entry stays until its certificate has expired (a revoked device enrolled again does not
+    bring its old certificates back)."""
+
+    schema_version: int = SCHEMA_VERSION
+    entries: list[CrlEntry] = Field(default_factory=list)
+
+
+class DeviceIdentity(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    device: str
+    certificates: list[CertRecord] = Field(default_factory=list)
+    current: str | None = None  # the serial the device runs with
+    retired: list[str] = Field(default_factory=list)  # rotated away from: in the CRL
+    last_rotation: float | None = None
+    revoked: bool = False
+    revoked_at: float | None = None
+
+    def current_record(self) -> CertRecord | None:
+        return next((c for c in self.certificates if c.serial == self.current), None)
+
+
+def retired_entries(doc: DeviceIdentity) -> list[CrlEntry]:
+    """What the CRL lists of one device: every certificate once it is revoked, else those it
+    rotated away from."""
+    at = (doc.revoked_at if doc.revoked else doc.last_rotation) or 0.0
+    retired = {c.serial for c in doc.certificates} if doc.revoked else set(doc.retired)
+    return [
+        CrlEntry(serial=c.serial, revoked_at=at, not_after=c.not_after)
+        for c in doc.certificates
+        if c.serial in retired
+    ]
+
+
+def crl_serials(entries: list[CrlEntry], now: float) -> list[tuple[int, dt.datetime]]:
+    """The CRL's (serial, revocation date) of the entries whose certificates have not expired."""
+    return [
+        (int(e.serial, 16), dt.datetime.fromtimestamp(e.revoked_at, dt.UTC))
+        for e in entries
+        if e.not_after > now
+    ]
+
+
+def _message(key: str, body: bytes) -> bytes:
+    return DOMAIN + key.encode() + b"\n" + body
+
+
+def sign(ca: FleetCA, key: str, body: bytes) -> bytes:
+    """``body`` (the JSON object of a record, without a signature) as stored at ``key``."""
+    return append_mark(body, ca.sign_record(_message(key, body)))
+
+
+_TAIL = b',"' + FIELD.encode() + b'":"'
+
+
+def _split(key: str, data: bytes) -> tuple[bytes | None, object] | None:
+    """The signed bytes (None when the object is not laid out as signed) and the signature;
+    None when the object carries no signature."""
+    at = data.rfind(_TAIL)
+    if at > 0 and data.endswith(b'"}'):  # as ``sign`` lays it out: no JSON parse needed
+        tail = data[at + len(_TAIL) : -2]
+        if tail and b'"' not in tail and b"\\" not in tail:
+            return data[:at] + b"}", tail.decode("ascii", "replace")
+    try:
+        mark = parse(data, key).get(FIELD)
+    except StoreError as exc:
+        raise RecordRefused(key, "malformed", f"{key}: {exc}") from exc
+    if mark is None:
+        return None
+    return signed_part(data, mark), mark
+
+
+def opened(ca: FleetCA, key: str, data: bytes) -> bytes:
+    """The bytes the fleet CA signed for ``key``; RecordRefused when they were changed, moved
+    from another object, signed by another key or never signed."""
+    found = _split(key, data)
+    if found is None:
+        raise RecordRefused(
+            key,
+            "unsigned",
+            f"{key} is not signed by the fleet CA (written by an older release, or by someone "
+            f"without the CA's key): refusing to act on it; an operator holding the CA key "
+            f"checks and signs old records with `{REPAIR}`",
+        )
+    body, signature = found
+    if (
+        body is None
+        or not isinstance(signature, str)
+        or not ca.verify_record(_message(key, body), signature)
+    ):
+        raise RecordRefused(
+            key,
+            "forged",
+            f"{key} was changed after the fleet CA signed it, or carries the signature of "
+            "another object or another key: refusing to act on it",
+        )
+    return body
+
+
+def carries_signature(key: str, data: bytes) -> bool:
+    """Whether the object has a signature field at all (checked or not)."""
+    return _split(key, data) is not None
+
+
+def unchecked(key: str, data: bytes) -> bytes:
+    """The record's bytes without their signature, unchecked: for views that act on nothing
+    (a record not laid out as signed is read as it is; its models ignore the field)."""
+    found = _split(key, data)
+    return data if found is None or found[0] is None else found[0]

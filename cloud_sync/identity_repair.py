@@ -1,0 +1,162 @@
+"""Sign an older release's device records, and rebuild the CRL's index from what the CA signed.
+
+Import path and API::
+
+    from cloud_sync.identity_repair import repair
+    report = repair(IdentityStore(store, ca), crl_path)   # ``edgebento fleet identity-repair``
+    report.signed, report.refused, report.index_entries
+
+Records of the release before records were signed carry no signature, and the cloud refuses
+them (``cloud_sync.identity_records``). An operator holding the CA key runs this once after the
+upgrade (and after an attack, to rebuild the index). Nothing unsigned is signed on trust alone:
+the record's certificates are not in the store, so an old record is checked against what the CA
+did sign. It is signed only if
+
+- a claim the CA signed names the device (an operator meant it to enroll: a record planted for
+  any other id is refused), and
+- the CRL on disk, which the CA signed, does not list the certificate the record says the
+  device runs with unless the record says it is revoked (a revocation cleared in the bucket
+  is refused).
+
+A record that carries a signature that does not verify (changed, or moved from another device's
+object) is left as it is and reported: delete it and issue a new claim, or revoke the device's
+certificate with ``fleet revoke --cert``. The index is then written afresh, signed: every entry
+of the signed records, every certificate of any record (signed or not) that the CRL lists, and
+every entry of the old index if the CA signed it, else those the CRL lists (a claim
+certificate's revocation, which no device's record holds); entries of expired certificates
+leave. Adding to the index only ever revokes more, so what the CRL corroborates is taken from
+records that are not trusted otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cloud_sync.identity_claims import CLAIMS, ClaimDoc
+from cloud_sync.identity_records import (
+    CrlEntry,
+    CrlIndex,
+    DeviceIdentity,
+    RecordRefused,
+    carries_signature,
+    opened,
+    retired_entries,
+    sign,
+    unchecked,
+)
+from cloud_sync.identity_store import CRL_INDEX, ROOT, IdentityStore
+from modelpack.errors import ConfigError, NotFoundError
+
+
+@dataclass
+class RepairReport:
+    signed: list[str] = field(default_factory=list)  # old records, checked and signed now
+    verified: int = 0  # records already signed
+    refused: dict[str, str] = field(default_factory=dict)  # device: why it was left unsigned
+    index_entries: int = 0
+
+
+def _crl(ids: IdentityStore, crl_path: Path) -> dict[str, float]:
+    """The CA-signed CRL on disk: revoked serial (hex) -> revocation time."""
+    from cryptography import x509
+
+    try:
+        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--crl-file {crl_path}: not a CRL ({exc})") from exc
+    if not crl.is_signature_valid(ids.signer().cert.public_key()):
+        raise ConfigError(f"--crl-file {crl_path} is not signed by this fleet CA")
+    return {format(r.serial_number, "x"): r.revocation_date_utc.timestamp() for r in crl}
+
+
+def _claimed(ids: IdentityStore) -> set[str]:
+    """Every device that a claim signed by the CA names."""
+    ca, named = ids.signer(), set()
+    for key in ids.store.list(f"{CLAIMS}/"):
+        try:
+            doc = ClaimDoc.model_validate_json(ids.store.get_bytes(key))
+        except ValidationError:
+            continue
+        key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if ca.verify_record(doc.body(key_hash), doc.signature):
+            named.update(doc.devices)
+    return named
+
+
+def _as_written(key: str, data: bytes) -> DeviceIdentity:
+    """A record as it reads, its signature (if any) unchecked."""
+    try:
+        return DeviceIdentity.model_validate_json(unchecked(key, data))
+    except ValidationError as exc:
+        raise RecordRefused(key, "malformed", f"{key} is not a device identity record") from exc
+
+
+def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str, float]) -> str:
+    if doc.device != device:
+        return f"it names device {doc.device!r}"
+    if device not in claimed:
+        return "no claim signed by the fleet CA names this device"
+    if doc.current in crl and not doc.revoked:
+        return f"the CRL lists its current certificate {doc.current} but it says not revoked"
+    return ""
+
+
+def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
+    ca, report = ids.signer(), RepairReport()
+    crl, claimed = _crl(ids, crl_path), _claimed(ids)
+    listed: list[CrlEntry] = []  # certificates of any record that the CRL lists: kept listed
+    for key in ids.store.list(f"{ROOT}/devices/"):
+        device = key.rsplit("/", 1)[-1].removesuffix(".json")
+        data = ids.store.get_bytes(key)
+        try:
+            doc = _as_written(key, data)
+        except RecordRefused as exc:
+            report.refused[device] = str(exc)
+            continue
+        listed += [
+            CrlEntry(serial=c.serial, revoked_at=crl[c.serial], not_after=c.not_after)
+            for c in doc.certificates
+            if c.serial in crl
+        ]
+        if carries_signature(key, data):
+            continue  # signed: checked with the others below; never signed again here
+        why = _why_not(doc, device, claimed, crl)
+        if why:
+            report.refused[device] = f"{key} left unsigned: {why}"
+            continue
+        ids.store.put_bytes(key, sign(ca, key, doc.model_dump_json().encode()))
+        report.signed.append(device)
+    records = ids.devices()  # every record that verifies now
+    report.verified = len(records) - len(report.signed)
+    for device, reason in ids.refused_records.items():
+        report.refused.setdefault(device, f"{ROOT}/devices/{device}.json: {reason}")
+    old, checked = _old_index(ids)
+    found = [e for doc in records.values() for e in retired_entries(doc)] + listed
+    found += [e for e in old if checked or e.serial in crl]
+    now, kept = time.time(), dict[str, CrlEntry]()
+    for entry in found:
+        if entry.not_after > now:
+            kept.setdefault(entry.serial, entry)
+    index = CrlIndex(entries=list(kept.values()))
+    ids.store.put_bytes(CRL_INDEX, sign(ca, CRL_INDEX, index.model_dump_json().encode()))
+    report.index_entries = len(index.entries)
+    return report
+
+
+def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], bool]:
+    """The entries of the index there now, and whether the CA signed it (if not, they are used
+    only where the CRL agrees)."""
+    try:
+        data = ids.store.get_bytes(CRL_INDEX)
+        checked = True
+        try:
+            body = opened(ids.signer(), CRL_INDEX, data)
+        except RecordRefused:
+            body, checked = unchecked(CRL_INDEX, data), False
+        return CrlIndex.model_validate_json(body).entries, checked
+    except (NotFoundError, RecordRefused, ValidationError):
+        return [], False
