@@ -234,8 +234,9 @@ class IdentityStore:
     # --- the CRL's entries ----------------------------------------------------------------------
 
     def _add_to_crl(self, entries: list[CrlEntry]) -> None:
-        """Into the index. One that does not verify is left as it is (an ERROR): the device's
-        record, signed, still holds the entry, and the CRL writer goes by the records then."""
+        """Into the index. One that does not verify is left as it is (an ERROR): the CRL
+        writer then goes by the signed device records, which hold a device's entries, and
+        ``revoke_device`` / ``revoke_certificate`` hand it the revocation at hand."""
         if not entries:
             return
         try:

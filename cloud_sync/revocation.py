@@ -84,7 +84,8 @@ def publish_crl(
             since = None
         revoked = dict(_still_listed(ca, crl_path, since))
         revoked.update(from_store)
-        revoked.update((serial, now) for serial in extra)
+        for serial in extra:  # the revocation at hand: listed from now, if not already
+            revoked.setdefault(serial, now)
         write_public(crl_path, ca.crl(sorted(revoked.items())))
     _hang_up(broker_pid)
     return len(revoked)
