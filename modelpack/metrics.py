@@ -56,7 +56,7 @@ class InferenceMetrics:
         extra = {} if registry is None else {"registry": registry}
         self.inference_seconds = lib.Histogram(
             "edgebento_inference_seconds",
-            "Time spent running the model, per request.",
+            "Latency of each answered request, from its arrival to its answer (queue wait included).",
             buckets=LATENCY_BUCKETS,
             **extra,
         )
