@@ -242,6 +242,19 @@ class FleetCA:
             return False
         return True
 
+    def crl_entries(self, path: Path) -> dict[int, dt.datetime]:
+        """What the CRL at ``path`` lists (serial: revocation date), if this CA signed it;
+        ConfigError saying why not (none there, unreadable, another issuer's)."""
+        from cryptography import x509
+
+        try:
+            crl = x509.load_pem_x509_crl(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: no CRL to read ({exc})") from exc
+        if not crl.is_signature_valid(self.cert.public_key()):
+            raise ConfigError(f"{path} is not signed by the fleet CA")
+        return {r.serial_number: r.revocation_date_utc for r in crl}
+
     @property
     def chain(self) -> bytes:
         """What a device keeps beside its certificate: the intermediate, then the root."""

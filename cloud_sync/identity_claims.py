@@ -20,12 +20,13 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
 
 from cloud_sync.identity_records import SCHEMA_VERSION, DeviceIdentity
+from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
 
@@ -35,6 +36,20 @@ if TYPE_CHECKING:
 CLAIMS = "fleet/identity/claims"
 TOKEN_PREFIX = "ebc1."
 _TRIES = 20
+# Device ids that would collide with the cloud's identities or the enrollment topics, the
+# broker's own certificate (CN broker) or the certificate `fleet revoke` probes the CRL with.
+RESERVED_IDS = frozenset(
+    {"sync", "controller", "operator", "claim", "enroll", "group", "broker", "revocation-probe"}
+)
+
+
+def check_enrollable(devices: Iterable[str]) -> list[str]:
+    devices = list(devices)
+    check_device_ids(devices)
+    taken = sorted(set(devices) & RESERVED_IDS)
+    if taken:
+        raise ConfigError(f"device id {taken[0]!r} is reserved for the cloud's identities")
+    return devices
 
 
 class ClaimRefused(Exception):

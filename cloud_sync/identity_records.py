@@ -31,16 +31,19 @@ does not contradict and rebuilds the index from the signed records
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
-from modelpack.errors import StoreError
+from modelpack.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DOMAIN = b"edgebento identity record v1\n"
 REPAIR = "edgebento fleet identity-repair --ca DIR --crl-file CRL --store URL"
@@ -90,6 +93,27 @@ class DeviceIdentity(BaseModel):
 
     def current_record(self) -> CertRecord | None:
         return next((c for c in self.certificates if c.serial == self.current), None)
+
+
+class CrlFile:
+    """The serials (hex) that the CRL at ``path``, signed by the CA, lists; read again when the
+    file changes. None listed (an ERROR) while it cannot be read or is not the CA's."""
+
+    def __init__(self, ca: FleetCA, path: Path) -> None:
+        self.ca, self.path = ca, path
+        self._seen: tuple[object, frozenset[str]] = (None, frozenset())
+
+    def serials(self) -> frozenset[str]:
+        try:
+            stat = self.path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen[0]:
+                listed = self.ca.crl_entries(self.path)
+                self._seen = (seen, frozenset(format(s, "x") for s in listed))
+        except (OSError, ConfigError) as exc:
+            log.error("%s: records are not checked against the CRL (%s)", self.path, exc)
+            return frozenset()
+        return self._seen[1]
 
 
 def retired_entries(doc: DeviceIdentity) -> list[CrlEntry]:

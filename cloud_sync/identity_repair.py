@@ -49,7 +49,7 @@ from cloud_sync.identity_records import (
     unchecked,
 )
 from cloud_sync.identity_store import CRL_INDEX, ROOT, IdentityStore
-from modelpack.errors import ConfigError, NotFoundError
+from modelpack.errors import NotFoundError
 
 
 @dataclass
@@ -62,15 +62,8 @@ class RepairReport:
 
 def _crl(ids: IdentityStore, crl_path: Path) -> dict[str, float]:
     """The CA-signed CRL on disk: revoked serial (hex) -> revocation time."""
-    from cryptography import x509
-
-    try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--crl-file {crl_path}: not a CRL ({exc})") from exc
-    if not crl.is_signature_valid(ids.signer().cert.public_key()):
-        raise ConfigError(f"--crl-file {crl_path} is not signed by this fleet CA")
-    return {format(r.serial_number, "x"): r.revocation_date_utc.timestamp() for r in crl}
+    listed = ids.signer().crl_entries(crl_path)
+    return {format(serial, "x"): at.timestamp() for serial, at in listed.items()}
 
 
 def _claimed(ids: IdentityStore) -> set[str]:

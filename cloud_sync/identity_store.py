@@ -31,14 +31,23 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from cloud_sync.identity_claims import ClaimDoc, ClaimRefused, new_claim, spend_claim, token_hash
+from cloud_sync.identity_claims import (
+    ClaimDoc,
+    ClaimRefused,
+    check_enrollable,
+    new_claim,
+    spend_claim,
+    token_hash,
+)
 from cloud_sync.identity_records import (
     CertRecord,
     CrlEntry,
+    CrlFile,
     CrlIndex,
     DeviceIdentity,
     RecordRefused,
@@ -48,7 +57,6 @@ from cloud_sync.identity_records import (
     sign,
     unchecked,
 )
-from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
 
@@ -61,26 +69,16 @@ __all__ += ["ClaimDoc", "ClaimRefused", "RecordRefused", "check_enrollable", "to
 log = logging.getLogger(__name__)
 ROOT = "fleet/identity"
 CRL_INDEX = f"{ROOT}/crl.json"
-# Device ids that would collide with the cloud's identities or the enrollment topics, the
-# broker's own certificate (CN broker) or the certificate `fleet revoke` probes the CRL with.
-RESERVED_IDS = frozenset(
-    {"sync", "controller", "operator", "claim", "enroll", "group", "broker", "revocation-probe"}
-)
 _TRIES = 20
 
 
-def check_enrollable(devices: Iterable[str]) -> list[str]:
-    devices = list(devices)
-    check_device_ids(devices)
-    taken = sorted(set(devices) & RESERVED_IDS)
-    if taken:
-        raise ConfigError(f"device id {taken[0]!r} is reserved for the cloud's identities")
-    return devices
-
-
 class IdentityStore:
-    def __init__(self, store: ObjectStore, ca: FleetCA | None = None) -> None:
+    def __init__(
+        self, store: ObjectStore, ca: FleetCA | None = None, crl_file: Path | None = None
+    ) -> None:
         self.store, self.ca = store, ca
+        # The CRL the broker reads, outside the bucket: what acting_on checks records against.
+        self.crl = CrlFile(ca, crl_file) if ca is not None and crl_file is not None else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
 
@@ -125,13 +123,26 @@ class IdentityStore:
         return self._parse(device, data)
 
     def acting_on(self, device: str) -> DeviceIdentity | None:
-        """The record an enrollment, renewal or rotation goes by: checked, or refused."""
+        """The record an enrollment, renewal or rotation goes by: checked, or refused.
+
+        A signature binds what a record holds, not when it was written: an older signed record
+        put back (from before the revocation) verifies. With ``crl_file``, one that says the
+        device is not revoked while that CRL (signed by the CA, outside the bucket) lists the
+        certificate it runs with is refused too."""
         self.signer()
         try:
-            return self.device(device)
+            doc = self.device(device)
         except RecordRefused as exc:
             log.error("%s", exc)
             raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
+        listed = self.crl.serials() if self.crl is not None else frozenset()
+        if doc is not None and not doc.revoked and doc.current in listed:
+            raise ClaimRefused(
+                "record_refused",
+                f"{device}'s identity record says its certificate {doc.current} is valid but the "
+                "CRL lists it (an older record put back in the store): `fleet revoke` it",
+            )
+        return doc
 
     def _parse(self, device: str, data: bytes) -> DeviceIdentity:
         key = self._key(device)

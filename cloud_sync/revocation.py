@@ -117,22 +117,14 @@ def _one_writer(crl_path: Path) -> Iterator[None]:
 
 def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, Any]]:
     """What the CRL on disk lists, revoked after ``since`` (None: all of it)."""
-    from cryptography import x509
-
+    if not crl_path.exists():
+        return []  # none yet: the store alone
     try:
-        crl = x509.load_pem_x509_crl(crl_path.read_bytes())
-    except (OSError, ValueError):
-        return []  # none yet (or unreadable): the index alone
-    if not crl.is_signature_valid(ca.cert.public_key()):
-        log.error(
-            "%s is not signed by the fleet CA: written from the store's index alone", crl_path
-        )
+        listed = ca.crl_entries(crl_path)
+    except ConfigError as exc:
+        log.error("%s: written from the store alone", exc)
         return []
-    return [
-        (r.serial_number, r.revocation_date_utc)
-        for r in crl
-        if since is None or r.revocation_date_utc > since
-    ]
+    return [(s, at) for s, at in listed.items() if since is None or at > since]
 
 
 def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:

@@ -120,11 +120,11 @@ def register_verbs(verbs: Any) -> None:
     fix.set_defaults(func=cmd_identity_repair)
 
 
-def _ids(args: argparse.Namespace, ca: Any = None) -> Any:
+def _ids(args: argparse.Namespace, ca: Any = None, crl_file: Path | None = None) -> Any:
     from cloud_sync.identity_store import IdentityStore
     from cloud_sync.store import open_store
 
-    return IdentityStore(open_store(args.store, endpoint_url=args.endpoint_url), ca)
+    return IdentityStore(open_store(args.store, endpoint_url=args.endpoint_url), ca, crl_file)
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -178,7 +178,7 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     from cloud_sync.fleet_ca import FleetCA, tls_context
 
     ca = FleetCA.load(args.ca)
-    ids = _ids(args, ca)
+    ids = _ids(args, ca, args.crl_file)  # records are checked against the broker's CRL too
     service = EnrollmentService(
         ca,
         ids,

@@ -65,6 +65,21 @@ def _enroll(fleet: IdentityFleet, device: str, tmp: Path, token: str | None = No
     return tmp / device
 
 
+def _enrolled_with_a_spare(fleet: IdentityFleet, device: str, tmp: Path) -> str:
+    """The device enrolled with one claim; a second token the operator made for it (a second
+    `fleet claim` run, a lost label), unspent."""
+    first, spare = (fleet.ids.create_claims([device], ttl_s=600)[device] for _ in range(2))
+    _enroll(fleet, device, tmp, first)
+    return spare
+
+
+def _claim(fleet: IdentityFleet, device: str, token: str) -> dict[str, Any]:
+    """A claim for ``device`` with ``token`` and a fresh key: refused as record_refused."""
+    answer = fleet.ask_claim(device, claim_request(KeyMaker().csr(new_key(), device), token))
+    assert (answer["ok"], answer.get("reason")) == (False, "record_refused"), answer
+    return answer
+
+
 def _connects(fleet: IdentityFleet, files: Path) -> bool:
     ctx = tls_context(fleet.ca.paths.bundle, files / "d.crt", files / "d.key")
     return _connect(ctx, f"probe-{uuid.uuid4().hex[:6]}", "127.0.0.1", fleet.broker.port, 10)
@@ -126,14 +141,12 @@ def test_a_cleared_revocation_lets_the_device_neither_enroll_renew_nor_rotate(
     idfleet: IdentityFleet, tmp_path: Path
 ) -> None:
     device = "clear-a"
-    first, spare = (idfleet.ids.create_claims([device], ttl_s=600)[device] for _ in range(2))
-    _enroll(idfleet, device, tmp_path, first)
+    spare = _enrolled_with_a_spare(idfleet, device, tmp_path)
     idfleet.ids.revoke(device)
     before = idfleet.service.refusals["record_refused"]
     current = json.loads(idfleet.ids.store.get_bytes(_key(device)))["current"]
     _edit(idfleet, _key(device), lambda d: d.update(revoked=False, revoked_at=None))
-    again = idfleet.ask_claim(device, claim_request(KeyMaker().csr(new_key(), device), spare))
-    assert (again["ok"], again.get("reason")) == (False, "record_refused"), again
+    again = _claim(idfleet, device, spare)
     assert "certificate" not in again and "changed after the fleet CA signed it" in again["error"]
     renewed = _renew(idfleet, device)
     assert (renewed["ok"], renewed["reason"], renewed["certificate"]) == (
@@ -146,6 +159,21 @@ def test_a_cleared_revocation_lets_the_device_neither_enroll_renew_nor_rotate(
     with pytest.raises(RecordRefused):  # nor does the record read as not revoked anywhere
         idfleet.ids.device(device)
     assert idfleet.service.refusals["record_refused"] == before + 3  # counted, by reason
+
+
+def test_an_older_signed_record_put_back_does_not_undo_a_revocation(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    # A signature binds what a record holds, not when: the record the CA signed before the
+    # revocation verifies still. The CRL the broker reads (outside the bucket) says otherwise.
+    device = "replay-a"
+    spare = _enrolled_with_a_spare(idfleet, device, tmp_path)
+    before = idfleet.ids.store.get_bytes(_key(device))
+    pid, broker = _broker(idfleet)
+    revoke_device(idfleet.ids, idfleet.ca, device, idfleet.ca.paths.crl, pid, broker)
+    idfleet.ids.store.put_bytes(_key(device), before)
+    again = _claim(idfleet, device, spare)
+    assert "the CRL lists it" in again["error"] and "certificate" not in again
 
 
 def test_a_record_planted_for_a_new_device_does_not_let_its_certificate_renew(
@@ -193,8 +221,7 @@ def test_records_swapped_between_devices_are_refused(
         assert (answer["ok"], answer["reason"]) == (False, "record_refused"), answer
     # The healthy record's bytes with the device's name put right: changed, so refused too.
     store.put_bytes(_key("swap-a"), healthy.replace(b'"swap-b"', b'"swap-a"'))
-    again = idfleet.ask_claim("swap-a", claim_request(KeyMaker().csr(new_key(), "swap-a"), spare))
-    assert (again["ok"], again.get("reason")) == (False, "record_refused"), again
+    assert "certificate" not in _claim(idfleet, "swap-a", spare)
 
 
 def test_an_older_releases_records_are_refused_until_identity_repair_signs_them(

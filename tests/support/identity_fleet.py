@@ -39,7 +39,9 @@ class IdentityFleet:
         init_ca(self.root / "ca")
         self.ca = FleetCA.load(self.root / "ca")
         store = self.store_url or str(self.root / "store")
-        self.ids = IdentityStore(open_store(store, endpoint_url=self.endpoint_url), self.ca)
+        self.ids = IdentityStore(
+            open_store(store, endpoint_url=self.endpoint_url), self.ca, self.ca.paths.crl
+        )
         out = self.root / "identities"
         server = self.ca.issue_identity("broker", out, 30, ["127.0.0.1", "localhost"])
         for name in ("enroll", "claim", "operator", "controller", "sync"):
