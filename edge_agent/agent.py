@@ -25,6 +25,7 @@ from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker
+from edge_agent.wakeup import Wakeup
 from modelpack.errors import BrokerError, EdgebentoError, ExpiredError
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,18 @@ class Agent:
             Pipeline(p, self.inference, self._publish_result) for p in config.pipelines
         ]
         self.dispatcher = Dispatcher(self)
+        # What the main loop sleeps on until its next heartbeat: set by a stop (SIGTERM's
+        # handler: a Wakeup, which takes no lock), a connect (the status is due) or credentials
+        # the broker refused, so each is acted on at once and the loop never polls.
+        self._wake = Wakeup()
+        self._stopping = threading.Event()
+        self._status_due = False  # a connect happened: publish the status
         self.session = Session(
             config,
             will=(self.topics.status(device), self._status_doc("offline")),
             on_message=self.dispatcher.on_message,
             on_connect=self._on_connect,
+            on_fatal=self._wake.set,
         )
         self.telemetry = TelemetryPublisher(
             self.outbox,
@@ -97,8 +105,6 @@ class Agent:
 
             self.metrics_registry.register(AgentCollector(self))
         self.heartbeat = Heartbeat()
-        self._stopping = threading.Event()
-        self._status_due = threading.Event()  # a connect happened: publish the status
         self._status_at_tick = False
         self.endpoint: Any = None
 
@@ -215,8 +221,9 @@ class Agent:
         # acknowledged (a status from before it died, say) only after this returns, and that
         # older status would then be the one retained. The main loop publishes it next, and
         # again at the next heartbeat, after any resend.
-        self._status_due.set()
+        self._status_due = True
         self._status_at_tick = True
+        self._wake.set()
         self.telemetry.reconnected()
 
     def _publish_result(self, topic: str, payload: bytes) -> None:
@@ -252,8 +259,8 @@ class Agent:
         """Heartbeats until ``request_stop`` or until the broker refused the credentials."""
         next_tick = time.monotonic()
         while not self._stopping.is_set() and self.session.fatal is None:
-            if self._status_due.is_set():
-                self._status_due.clear()
+            if self._status_due:
+                self._status_due = False
                 self.publish_status()
             if time.monotonic() >= next_tick:
                 if self._status_at_tick:
@@ -265,19 +272,23 @@ class Agent:
                 except Exception:  # a heartbeat that fails must not end the agent
                     log.exception("heartbeat failed")
                 next_tick = time.monotonic() + self.config.limits.telemetry_interval
-            self._status_due.wait(min(0.2, max(0.0, next_tick - time.monotonic())))
+            # A set after the wait returns wakes the next one: none is lost.
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
         fatal = self.session.fatal
         if fatal is not None:
             raise fatal
 
     def request_stop(self) -> None:
+        """Ends ``run_forever`` at once (a signal handler calls it): the loop is woken, not
+        left to find out at its next heartbeat."""
         self._stopping.set()
+        self._wake.set()
 
     def stop(self, flush_s: float = 2.0) -> None:
         """A clean stop: waits at most ``flush_s`` for the ingestion to acknowledge the last
         telemetry, and only while its acknowledgements come (``TelemetryPublisher.flush``);
         what it does not acknowledge stays in the outbox for the next start."""
-        self._stopping.set()
+        self.request_stop()
         log.info("shutting down: serving %s", self.serving_label())
         if self.drift is not None:
             self.drift.flush_to(self.record, force=True)  # the window so far, kept in the outbox
@@ -292,4 +303,5 @@ class Agent:
         kept = self.outbox.count  # unacknowledged: sent at the next start, never dropped
         self.outbox.close()
         self.replies.close()
+        self._wake.close()
         log.info("stopped; %d telemetry records kept on disk for the next start", kept)

@@ -36,6 +36,7 @@ from typing import Any
 from edge_agent.config import HttpLimits
 from edge_agent.http_wire import CONTINUE, MAX_HEAD_BYTES, RequestHead, head_end, parse_head, render
 from edge_agent.inference import InferenceService
+from edge_agent.wakeup import Wakeup
 from modelpack.codec import dumps
 from modelpack.errors import InputError, OverloadError
 from modelpack.serving.routes import HttpRequest, HttpResponse, admit, handle_sync, refuse
@@ -82,9 +83,7 @@ class LocalEndpoint:
         self.listener = socket.create_server((host, port), family=family, backlog=128)
         self.listener.setblocking(False)
         self.port = int(self.listener.getsockname()[1])
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()  # a worker's answer or a stop: the I/O thread selects on it
         self._selector = selectors.DefaultSelector()
         self._watching: dict[int, int] = {}  # fd -> the events registered for it
         self._conns: set[_Conn] = set()
@@ -99,7 +98,7 @@ class LocalEndpoint:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake()
+        self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         else:
@@ -110,7 +109,7 @@ class LocalEndpoint:
 
     def _loop(self) -> None:
         self._selector.register(self.listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._selector.register(self._wakeup.reader, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
@@ -119,7 +118,7 @@ class LocalEndpoint:
                     if key.data == "accept":
                         self._accept()
                     elif key.data == "wake":
-                        self._drain_wake()
+                        self._wakeup.drain()
                     else:
                         self._ready(key.data, mask)
                 self._finish_runs()
@@ -329,21 +328,9 @@ class LocalEndpoint:
     def _close_all(self) -> None:
         for conn in list(self._conns):
             self._close(conn)
-        for sock in (self.listener, self._wake_r, self._wake_w):
-            sock.close()
+        self.listener.close()
+        self._wakeup.close()
         self._selector.close()
-
-    def _wake(self) -> None:
-        # OSError: full (a wake-up is pending anyway) or closed (stopping).
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
 
     # --- the workers ---------------------------------------------------------------------------
 
@@ -356,7 +343,7 @@ class LocalEndpoint:
             log.error("local HTTP request failed: %s", exc, exc_info=exc)
             answer = HttpResponse.json(500, {"error": "internal error", "reason": "internal"})
         self._done.put((conn, ticket, answer))
-        self._wake()
+        self._wakeup.set()
 
     def _answer(self, head: RequestHead, body: bytes, arrived: float) -> HttpResponse:
         if head.method in ("GET", "HEAD") and head.path == "/metrics":

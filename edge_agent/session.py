@@ -102,11 +102,13 @@ class Session:
         will: tuple[str, bytes],
         on_message: Callable[[Incoming], None],
         on_connect: Callable[[bool], None] | None = None,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.v5 = config.protocol == "5"
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
+        self._on_fatal_cb = on_fatal  # ``fatal`` was set: whoever waits on the session stops
         self._subscriptions: dict[str, int] = {}
         # Topic filters whose messages go to their own handler (the identity's renewal answers).
         self._routes: list[tuple[str, Callable[[Incoming], None]]] = []
@@ -240,6 +242,8 @@ class Session:
                     f"broker {redact_url(self.config.broker)} rejected the credentials of "
                     f"{self.config.username or 'an anonymous client'}: {reason}; not retrying"
                 )
+                if self._on_fatal_cb is not None:
+                    self._on_fatal_cb()
             log.warning("broker refused the connection: %s", reason)
             client.disconnect()
             return
