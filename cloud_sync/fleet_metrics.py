@@ -162,6 +162,8 @@ class FleetView:
             )
             if status.expired:
                 extra["expired"] = True
+            if status.taken_over is not None:  # the device's word: shown, never decided on
+                extra["taken_over"] = status.taken_over
             self.devices[status.device] = replace(
                 cur,
                 state=status.state,

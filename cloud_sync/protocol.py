@@ -388,13 +388,18 @@ class Status(_Doc):
     outbox: dict[str, int | str] | None = None
     shadow: dict[str, Any] | None = None  # cloud_sync.shadow_figures.ShadowFigures, read there
     identity: CertificateReport | None = None  # the device's own word: shown, never trusted
+    # Connections this boot lost to another client with the device's MQTT client id (a cloned
+    # image or config: ``edge_agent.reconnect``); None from a device that does not say (older).
+    # A diagnostic figure shown per device (fleet status), never an input to a fleet decision:
+    # a device may say anything of itself, and a clone may say it of another.
+    taken_over: int | None = Field(default=None, ge=0, le=1 << 31)
     ts: float = Field(default_factory=time.time)
 
-    @field_validator("identity", mode="wrap")
+    @field_validator("identity", "taken_over", mode="wrap")
     @classmethod
-    def _identity_never_costs_the_status(cls, value: Any, handler: Any) -> Any:
-        """A malformed ``identity`` is dropped, not the status: nothing the cloud reads of a
-        status (state, model, applied) may depend on the part it never trusts."""
+    def _shown_only_never_costs_the_status(cls, value: Any, handler: Any) -> Any:
+        """A malformed ``identity`` or ``taken_over`` is dropped, not the status: nothing the
+        cloud reads of a status (state, model, applied) may depend on a part it never trusts."""
         try:
             return handler(value)
         except ValueError:

@@ -136,8 +136,15 @@ class Agent:
                 "outbox": self.outbox.stats(),
                 "shadow": self.shadow.status(),
                 "identity": self.identity.report(time.time()),
+                "taken_over": self._taken_over(),
             }
         )
+
+    def _taken_over(self) -> int:
+        """Connections lost to another client with our client id (0 in the last will, which
+        is made before the session)."""
+        session = getattr(self, "session", None)
+        return 0 if session is None else session.takeover.taken_over
 
     def serving_label(self) -> str:
         ref = self.inference.model_ref
@@ -172,7 +179,7 @@ class Agent:
             model=self.inference.model_ref,
             outbox=self.outbox.stats(),
             connects=self.session.connects,
-            taken_over=self.session.takeover.taken_over,  # another client with our client id
+            taken_over=self._taken_over(),  # another client with our client id
             capture=self.capture.active,
         )
         self.record("heartbeat", beat)

@@ -102,7 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows: list[list[str | Cell]] = [
         [
             device,
-            Cell(s.state, "green" if s.state == "online" else "red"),
+            _state(s.state, s.extra.get("taken_over")),
             f"{s.model} v{s.version}" if s.model else "-",
             _ago(s.last_seen, s.extra.get("heard")),
             _num(s.inference_rate, ".1f"),
@@ -115,6 +115,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
     return 0
+
+
+def _state(state: str, taken_over: Any) -> Any:
+    """The state, and how often another client with the device's client id took its session
+    this boot (a cloned image or config), as the device says: a figure to look into, never
+    one the fleet decides anything by."""
+    from edgebento.cli.tables import Cell
+
+    if isinstance(taken_over, int) and taken_over > 0:
+        return Cell(f"{state}, taken over {taken_over}x", "yellow")
+    return Cell(state, "green" if state == "online" else "red")
 
 
 def _identity(store: Any, devices: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Two real agents with one MQTT client id on a real Mosquitto (2.0.11: it closes the older
 connection and says nothing, under MQTT 5 as under 3.1.1). Each agent says what is going on,
-naming the client id, counts it, and waits longer after each takeover instead of taking the
-session back every 0.3 s, for ever, each losing what the broker delivers to the other."""
+naming the client id, counts it (metric, heartbeat and the retained status the fleet reads), and
+waits longer after each takeover instead of taking the session back every 0.3 s, for ever, each
+losing what the broker delivers to the other."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import logging
 import queue
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -20,8 +22,10 @@ from typing import Any
 
 import pytest
 
+from cloud_sync.fleet import fleet_status
+from cloud_sync.protocol import Topics
 from tests.support.agent import AgentProcess, Client
-from tests.support.services import Mosquitto, free_port
+from tests.support.services import LOOPBACK, Mosquitto, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +91,20 @@ def _heartbeat_counts(telemetry: queue.Queue[Any], least: int) -> bool:
                 return True
 
 
+def _retained_counts(broker: Mosquitto, topic: str, least: int, seen: list[Any]) -> bool:
+    """Whether the status retained on ``topic``, as ``mosquitto_sub`` reads it, counts
+    ``least`` takeovers (each status read is appended to ``seen``)."""
+    got = subprocess.run(
+        ["mosquitto_sub", "-h", LOOPBACK, "-p", str(broker.port), "-t", topic, "-C", "1",
+         "-W", "5", "--retained-only"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if got.returncode != 0 or not got.stdout.strip():
+        return False
+    seen.append(json.loads(got.stdout))
+    return int(seen[-1].get("taken_over", 0)) >= least
+
+
 def _until(what: str, check: Any, timeout: float, *agents: AgentProcess) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -143,6 +161,18 @@ def test_two_agents_with_one_client_id_say_so_count_it_and_slow_down(
         # reconnects after its wait, if it was waiting).
         assert second.stop() == 0
         _until("the first agent connected after the other left", lambda: _holds(first), 70, first)
+        # ... and the fleet sees it in the retained status, read by a plain mosquitto_sub:
+        # published at each connect, so the one after the takeovers counts them.
+        statuses: list[dict[str, Any]] = []
+        _until(
+            "the retained status counted them",
+            lambda: _retained_counts(broker, f"{prefix}/dev-a/status", 2, statuses),
+            30,
+            first,
+        )
+        assert statuses[-1]["state"] == "online" and statuses[-1]["device"] == "dev-a"
+        fleet = fleet_status(broker.url, Topics(prefix), listen_s=0.0)
+        assert fleet["dev-a"].extra["taken_over"] >= 2  # what fleet status shows beside it
     finally:
         for agent in (first, second):
             if agent.process is not None and agent.process.poll() is None:

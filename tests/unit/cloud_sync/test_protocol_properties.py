@@ -1,5 +1,6 @@
 """Property tests of the device protocol: exact topic parsing, filter overlap, and documents
-that either validate or raise a ValidationError, and survive a round trip."""
+that either validate or raise a ValidationError, and survive a round trip; what a status says
+only to be shown never costs the rest of it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from cloud_sync.protocol import (
     COMMAND_MODELS,
     Desired,
+    ModelRef,
     Status,
     TelemetryAck,
     TelemetryBatch,
@@ -110,3 +112,21 @@ def test_a_batch_survives_a_round_trip(records: list) -> None:
     except ValidationError:
         return
     raise AssertionError("a record below the floor was accepted")
+
+
+@settings(max_examples=300)
+@given(said=JSON)
+def test_whatever_a_device_says_of_takeovers_the_rest_of_its_status_stands(said: object) -> None:
+    """``Status.taken_over`` is shown, never decided on: a count that is no count (negative,
+    huge, not a number) is dropped, never the status the cloud reads state and model from."""
+    doc = {"device": "d", "state": "online", "model": {"name": "m", "version": 3}}
+    status = Status.model_validate_json(json.dumps({**doc, "taken_over": said}))
+    assert (status.device, status.state, status.model) == (
+        "d",
+        "online",
+        ModelRef(name="m", version=3),
+    )
+    if isinstance(said, int) and not isinstance(said, bool) and 0 <= said <= 1 << 31:
+        assert status.taken_over == said
+    else:  # 3.0 and "3" read as 3, as pydantic reads any int field
+        assert status.taken_over is None or 0 <= status.taken_over <= 1 << 31
