@@ -36,7 +36,15 @@ from edge_agent.inference import install_hint
 from edge_agent.ports import DispatchHost
 from edge_agent.session import Incoming
 from modelpack.codec import dumps
-from modelpack.errors import BrokerError, EdgebentoError, InputError, ProtocolError, first_problem
+from modelpack.errors import (
+    MAX_MESSAGE_CHARS,
+    BrokerError,
+    EdgebentoError,
+    InputError,
+    ProtocolError,
+    clip,
+    first_problem,
+)
 
 if TYPE_CHECKING:
     from edge_agent.pipelines import Pipeline
@@ -146,7 +154,12 @@ class Dispatcher:
         event = {"event": "unanswered", "reason": reason, "topic": msg.topic, "error": error}
         if isinstance(request_id, str):
             event["id"] = request_id[:128]
-        self.agent.record("event", event)
+        self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """An event for the telemetry outbox, each text in it clipped: a request's topic and
+        the refusals that quote what a client sent are named, never copied whole."""
+        self.agent.record("event", bounded(event))
 
     def reply(self, msg: Incoming, reply_to: str | None, body: Reply | dict[str, Any]) -> None:
         topic = msg.response_topic or reply_to
@@ -204,7 +217,7 @@ class Dispatcher:
                     error=f"{what} {request.id} expired at {request.expires_at}; dropped",
                 ),
             )
-            self.agent.record("event", {"event": "expired", "id": request.id, "what": what})
+            self._record({"event": "expired", "id": request.id, "what": what})
             return None
         raw = _loose(msg.payload)
         reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None
@@ -212,9 +225,7 @@ class Dispatcher:
             id=str(raw.get("id", ""))[:128], ok=False, error=str(error), error_type="ProtocolError"
         )
         self.reply(msg, reply_to, refusal)
-        self.agent.record(
-            "event", {"event": "bad_request", "topic": msg.topic, "error": str(error)}
-        )
+        self._record({"event": "bad_request", "topic": msg.topic, "error": str(error)})
         return None
 
     # --- inference -------------------------------------------------------------------------------
@@ -234,7 +245,7 @@ class Dispatcher:
                 error, request_id = str(reply.event.get("error")), reply.event.get("id")
                 self._unanswered(msg, "reply_topic", error, request_id)
             else:
-                self.agent.record("event", {**reply.event, "topic": msg.topic})
+                self._record({**reply.event, "topic": msg.topic})
         if reply.body is not None:
             self.reply(msg, reply.reply_to, reply.body)
 
@@ -249,8 +260,8 @@ class Dispatcher:
             self.reply(
                 msg,
                 reply_to,
-                Reply(id=str(raw.get("id", ""))[:128], ok=False, command=name,
-                      error=f"unknown command {name!r}; known: {known}",
+                Reply(id=str(raw.get("id", ""))[:128], ok=False, command=clip(name),
+                      error=f"unknown command {clip(repr(name))}; known: {known}",
                       error_type="ProtocolError"),
             )  # fmt: skip
             return
@@ -280,20 +291,25 @@ class Dispatcher:
         try:
             body.update(ok=True, **commands.HANDLERS[name](self.agent, request))
         except EdgebentoError as exc:
-            body.update(ok=False, error=redact_text(str(exc)), error_type=type(exc).__name__)
+            error = clip(redact_text(str(exc)), MAX_MESSAGE_CHARS)
+            body.update(ok=False, error=error, error_type=type(exc).__name__)
         except Exception as exc:  # a bug must still be answered, and recorded
             log.exception("command %s failed", name)
-            error = redact_text(f"internal error: {exc}")
+            error = clip(redact_text(f"internal error: {exc}"), MAX_MESSAGE_CHARS)
             body.update(ok=False, error=error, error_type="InternalError")
         self.agent.replies.store(request.id, body)
         self.reply(msg, request.reply_to, body)
-        self.agent.record(
-            "event", {"event": "command", "name": name, "id": request.id, "ok": body["ok"]}
-        )
+        self._record({"event": "command", "name": name, "id": request.id, "ok": body["ok"]})
 
     def shutdown(self) -> None:
         self.infer_pool.shutdown(wait=True, cancel_futures=True)
         self.command_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def bounded(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with each text value clipped to ``MAX_MESSAGE_CHARS`` (``modelpack.errors.clip``).
+    An event holds no more than a few such values, so its record stays a few KiB at most."""
+    return {k: clip(v, MAX_MESSAGE_CHARS) if isinstance(v, str) else v for k, v in event.items()}
 
 
 def _reading(pipeline: Pipeline, limit: int) -> Callable[[Incoming, float, bool], None]:

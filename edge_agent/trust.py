@@ -35,7 +35,7 @@ from cloud_sync.protocol import (
 )
 from edge_agent.health import HealthCheckError
 from edge_agent.ports import UpdateHost
-from modelpack.errors import EdgebentoError, PackError, ProtocolError, SignatureError
+from modelpack.errors import EdgebentoError, PackError, ProtocolError, SignatureError, first_problem
 from modelpack.signing import trusted_keys
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Reconciler:
         try:
             desired = Desired.model_validate_json(payload)
         except ValidationError as exc:
-            agent.record("event", {"event": "bad_desired", "error": exc.errors()[0]["msg"]})
+            agent.record("event", {"event": "bad_desired", "error": first_problem(exc, "desired")})
             return
         if payload == self._done:
             return  # acted on once already; a new desired document acts again

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.errors import InputError
+from modelpack.errors import InputError, clip
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import MAX_BODY_BYTES, ServingLimits
 from modelpack.serving.numbers import from_numbers
@@ -92,7 +92,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(doc) != len(pairs):
         names = [k for k, _ in pairs]
         twice = next(k for i, k in enumerate(names) if k in names[:i])
-        raise InputError(f"the JSON body gives the key {twice!r} twice", reason="invalid_json")
+        raise InputError(f"the JSON body gives the key {clip(repr(twice))} twice", "invalid_json")
     return doc
 
 

@@ -129,11 +129,37 @@ class AuthError(BrokerError):
     """The broker rejected the credentials: retrying will not help."""
 
 
+# What a message says back of a client's own text (a field name, a command name, a value):
+# enough to recognise it, never the whole of it. JSON escapes write a character in up to 12
+# bytes, so a bound in characters is a bound in bytes: a 10 KiB field name once made a 30 KiB
+# telemetry record of the refusal that named it.
+MAX_ECHO_CHARS = 64
+MAX_MESSAGE_CHARS = 1024  # a whole message, whatever it quotes
+MAX_LOC_PARTS = 6  # of a pydantic error's location (nested keys a client chose)
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` when it has at most ``limit`` characters; else its start and its end around
+    ``…(+N chars)``, N the characters left out, in at most ``limit`` characters in all (for a
+    ``limit`` of at least 24: a marker needs room)."""
+    if len(text) <= limit:
+        return text
+    kept = max(0, limit - len(f"…(+{len(text)} chars)"))  # the widest marker it can need
+    head = kept - kept // 3
+    tail = kept - head
+    return f"{text[:head]}…(+{len(text) - kept} chars){text[len(text) - tail :] if tail else ''}"
+
+
 def first_problem(exc: Any, whole: str) -> str:
     """``where: what`` of a pydantic ValidationError's first error, for a one-line message.
 
-    ``whole`` names the document when the error is about all of it (no location).
+    ``whole`` names the document when the error is about all of it (no location). The location
+    holds names a client chose (an unknown field, a key of its own): each is clipped, and so is
+    how deep it goes; the message is pydantic's, which names the expected, not the input.
     """
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or whole
-    return f"{where}: {first['msg']}"
+    first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+    loc = [clip(str(p)) for p in first["loc"]]
+    if len(loc) > MAX_LOC_PARTS:
+        loc = [*loc[: MAX_LOC_PARTS - 1], f"…(+{len(loc) - MAX_LOC_PARTS + 1} levels)", loc[-1]]
+    where = ".".join(loc) or whole
+    return f"{where}: {clip(str(first['msg']), MAX_MESSAGE_CHARS // 2)}"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from modelpack.codec import encode_tensor
-from modelpack.errors import InputError
+from modelpack.errors import InputError, clip
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.numbers import from_numbers
@@ -83,8 +83,7 @@ def client_timeout_s(value: Any, name: str, per_second: int) -> float | None:
 def _brief(value: Any) -> str:
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+    return clip(repr(value), 40)
 
 
 def _request_id(value: Any) -> str | None:
@@ -172,7 +171,7 @@ def _tensor(
     dtype = DATATYPES.get(oip_type) if isinstance(oip_type, str) else None
     if dtype is None or dtype not in NUMERIC_DTYPES:
         raise InputError(
-            f"input {name!r}: datatype {oip_type!r} is not one of {', '.join(DATATYPES)}",
+            f"input {name!r}: datatype {_brief(oip_type)} is not one of {', '.join(DATATYPES)}",
             reason="dtype",
         )
     if dtype != spec.dtype:
@@ -209,7 +208,9 @@ def _flag(params: Mapping[str, Any], name: str) -> bool | None:
     """A boolean parameter: ``"false"`` is not false, so anything but a JSON bool is refused."""
     value = params.get(name)
     if value is not None and not isinstance(value, bool):
-        raise InputError(f"parameter {name} must be true or false, got {value!r}", reason="invalid")
+        raise InputError(
+            f"parameter {name} must be true or false, got {_brief(value)}", reason="invalid"
+        )
     return value
 
 

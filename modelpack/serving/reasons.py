@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelpack.errors import EdgebentoError, InputError, OverloadError
+from modelpack.errors import MAX_MESSAGE_CHARS, EdgebentoError, InputError, OverloadError, clip
 
 # Every refusal names one of these reasons. A reason not listed is a 400 if it is the client's.
 STATUS_BY_REASON: dict[str, int] = {
@@ -61,8 +61,11 @@ def status_of(exc: BaseException) -> int:
 
 
 def message_of(exc: BaseException) -> str:
-    """What the client is told: our own one-line message, never a stray exception's text."""
-    return str(exc) if isinstance(exc, EdgebentoError) else "internal error"
+    """What the client is told: our own one-line message, never a stray exception's text, and
+    never longer than ``MAX_MESSAGE_CHARS`` whatever of the request it quotes."""
+    return (
+        clip(str(exc), MAX_MESSAGE_CHARS) if isinstance(exc, EdgebentoError) else "internal error"
+    )
 
 
 def error_doc(exc: BaseException) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpack.errors import InputError
+from modelpack.errors import InputError, clip
 from modelpack.manifest import TensorSpec
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.numbers import coerce as coerce  # callers' arrays (the predictor)
@@ -49,8 +49,7 @@ def fmt_shape(shape: Sequence[Any] | None) -> str:
 def shown(name: str, cap: int = 64) -> str:
     """A client's name for a message: its repr (which escapes control characters and lone
     surrogates), cut short, so a refusal is never larger than one line."""
-    text = repr(name)
-    return text if len(text) <= cap else f"{text[:cap]}...({len(name)} characters)"
+    return clip(repr(name), cap)
 
 
 def check_names(specs: Mapping[str, TensorSpec], names: Sequence[str]) -> None:
@@ -128,7 +127,7 @@ def check_dtype(spec: TensorSpec, dtype: str) -> np.dtype[Any]:
     """Raw tensors (b64, binary) must be exactly the dtype the model declares."""
     if dtype != spec.dtype:
         raise InputError(
-            f"input {spec.name!r}: the model takes {spec.dtype}, got {dtype}", reason="dtype"
+            f"input {spec.name!r}: the model takes {spec.dtype}, got {shown(dtype)}", reason="dtype"
         )
     return np.dtype(dtype)
 

@@ -159,22 +159,25 @@ def test_a_telemetry_record_over_the_limit_is_set_aside_and_the_rest_arrives(
     client, watch = devices
     agent, port = start(protocol)
 
-    # A command the agent cannot read: the event it records names the unknown field, and the
-    # outbox writes it with JSON escapes (6 bytes for each 2-byte character): 10 KiB of request
-    # the broker takes become a record of 30 KiB that it does not.
-    doc = {"id": "big-record", "é" * 5000: 1}
-    client.publish(f"{topic_prefix}/dev-a/cmd/ping", json.dumps(doc, ensure_ascii=False).encode())
-    assert client.request(f"{topic_prefix}/dev-a/cmd/ping", {"id": "behind"}, 20)["pong"] is True
+    # A deploy from a URL the agent cannot fetch: the update record names the URL (up to the
+    # protocol's 4096 characters), and the outbox writes it with JSON escapes (6 bytes for each
+    # 2-byte character): 5 KiB of request the broker takes become a record it does not. (What
+    # a client sends is clipped in the records of its refusals: this URL is the operator's.)
+    doc = {"id": "big-record", "url": "file:///" + "é" * 2500}
+    client.publish(f"{topic_prefix}/dev-a/cmd/deploy", json.dumps(doc, ensure_ascii=False).encode())
+    behind = {"id": "behind", "action": "status"}  # a ping's answer would hold the URL too
+    assert client.request(f"{topic_prefix}/dev-a/cmd/capture", behind, 20)["ok"] is True
 
     aside = watch.wait(lambda rs: _events(rs, "telemetry_set_aside"))
-    assert len(aside) == 1 and aside[0]["kind"] == "event" and aside[0]["bytes"] > LIMIT
+    assert len(aside) == 1 and aside[0]["kind"] == "update" and aside[0]["bytes"] > LIMIT
     assert "the broker takes at most" in aside[0]["error"]
     # The records behind it arrive: the command after it, and heartbeats.
     watch.wait(lambda rs: [e for e in _events(rs, "command") if e["id"] == "behind"])
     beat = _beat_after(watch, time.time())
     assert beat["data"]["taken_over"] == 0
-    assert not _events(watch.records, "bad_request")  # the record set aside
-    _still_serving(client, topic_prefix)
+    assert aside[0]["seq"] not in {r["seq"] for r in watch.records}  # the record set aside
+    answer = client.request(f"{topic_prefix}/dev-a/infer", {"inputs": {"x": X}}, timeout=20)
+    assert answer["ok"] is True
     log = agent.output()
     assert log.count("set aside, never sent") == 1, log[-3000:]
     assert "closed this agent's connection" not in log
