@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
+from cloud_sync.rollout_state import DEVICE_ID
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
 from modelpack.errors import ConfigError, StoreError
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DOMAIN = b"edgebento identity record v1\n"
 REPAIR = "edgebento fleet identity-repair --ca DIR --crl-file CRL --store URL"
+DEVICES = "fleet/identity/devices/"
 
 
 class RecordRefused(StoreError):
@@ -56,6 +58,17 @@ class RecordRefused(StoreError):
     def __init__(self, key: str, reason: str, message: str) -> None:
         super().__init__(message)
         self.key, self.reason = key, reason
+
+
+def device_of(key: str) -> str | None:
+    """The device whose record ``key`` is: exactly ``devices/{id}.json``, one level, a valid
+    id; None for any other key (a copy under ``devices/zz/``), which is no device's record: a
+    signed record copied there must not stand in for the one at its own key."""
+    name = key.removeprefix(DEVICES)
+    if name == key or not name.endswith(".json"):
+        return None
+    device = name.removesuffix(".json")
+    return device if DEVICE_ID.fullmatch(device) else None
 
 
 class CertRecord(BaseModel):

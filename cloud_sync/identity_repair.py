@@ -43,6 +43,7 @@ from cloud_sync.identity_records import (
     DeviceIdentity,
     RecordRefused,
     carries_signature,
+    device_of,
     opened,
     retired_entries,
     sign,
@@ -103,7 +104,10 @@ def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
     crl, claimed = _crl(ids, crl_path), _claimed(ids)
     listed: list[CrlEntry] = []  # certificates of any record that the CRL lists: kept listed
     for key in ids.store.list(f"{ROOT}/devices/"):
-        device = key.rsplit("/", 1)[-1].removesuffix(".json")
+        device = device_of(key)
+        if device is None:
+            report.refused[key] = f"{key} is no device's record key: left as it is"
+            continue
         data = ids.store.get_bytes(key)
         try:
             doc = _as_written(key, data)

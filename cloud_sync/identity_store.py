@@ -52,6 +52,7 @@ from cloud_sync.identity_records import (
     DeviceIdentity,
     RecordRefused,
     crl_serials,
+    device_of,
     opened,
     retired_entries,
     sign,
@@ -299,13 +300,16 @@ class IdentityStore:
         found: dict[str, DeviceIdentity] = {}
         self.refused_records = {}
         for key in self.store.list(f"{ROOT}/devices/"):
-            device = key.rsplit("/", 1)[-1].removesuffix(".json")
+            device = device_of(key)
             try:
+                if device is None:
+                    self.refused[("device", "misplaced")] += 1
+                    raise RecordRefused(key, "misplaced", f"{key} is no device's record key")
                 found[device] = self._parse(device, self.store.get_bytes(key))
             except (RecordRefused, NotFoundError) as exc:  # NotFound: deleted since listed
                 if isinstance(exc, RecordRefused):
                     log.error("%s", exc)
-                    self.refused_records[device] = exc.reason
+                    self.refused_records[device or key] = exc.reason
         return found
 
     def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
