@@ -110,7 +110,9 @@ class DeviceIdentity(BaseModel):
 
 class CrlFile:
     """The serials (hex) that the CRL at ``path``, signed by the CA, lists; read again when the
-    file changes. None listed (an ERROR) while it cannot be read or is not the CA's."""
+    file changes. ConfigError (and an ERROR) while it cannot be read or is not the CA's: a
+    check that cannot be made refuses, it is never skipped (an empty set would let an older
+    record put back re-enroll a revoked device)."""
 
     def __init__(self, ca: FleetCA, path: Path) -> None:
         self.ca, self.path = ca, path
@@ -124,8 +126,8 @@ class CrlFile:
                 listed = self.ca.crl_entries(self.path)
                 self._seen = (seen, frozenset(format(s, "x") for s in listed))
         except (OSError, ConfigError) as exc:
-            log.error("%s: records are not checked against the CRL (%s)", self.path, exc)
-            return frozenset()
+            log.error("%s: records cannot be checked against the CRL (%s)", self.path, exc)
+            raise ConfigError(f"the CRL {self.path} cannot be read ({exc})") from exc
         return self._seen[1]
 
 

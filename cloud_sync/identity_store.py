@@ -129,14 +129,18 @@ class IdentityStore:
         A signature binds what a record holds, not when it was written: an older signed record
         put back (from before the revocation) verifies. With ``crl_file``, one that says the
         device is not revoked while that CRL (signed by the CA, outside the bucket) lists the
-        certificate it runs with is refused too."""
+        certificate it runs with is refused too, and so is every record while that CRL cannot
+        be read."""
         self.signer()
         try:
             doc = self.device(device)
         except RecordRefused as exc:
             log.error("%s", exc)
             raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
-        listed = self.crl.serials() if self.crl is not None else frozenset()
+        try:
+            listed = self.crl.serials() if self.crl is not None else frozenset()
+        except ConfigError as exc:  # fail closed: the check is configured, so it is made
+            raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
         if doc is not None and not doc.revoked and doc.current in listed:
             raise ClaimRefused(
                 "record_refused",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import signal
 import threading
@@ -179,6 +180,12 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
 
     ca = FleetCA.load(args.ca)
     ids = _ids(args, ca, args.crl_file)  # records are checked against the broker's CRL too
+    if args.crl_file is None:
+        logging.getLogger("edgebento.fleet").warning(
+            "enroll-service without --crl-file: records are not checked against the broker's "
+            "CRL, so an older signed record put back in the bucket can re-enroll a revoked "
+            "device with a spare claim, and rotations do not revoke the old certificate"
+        )
     service = EnrollmentService(
         ca,
         ids,

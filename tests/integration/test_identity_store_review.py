@@ -8,16 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cloud_sync.fleet_ca import new_key
 from cloud_sync.identity_records import retired_entries
 from cloud_sync.identity_repair import repair
 from cloud_sync.revocation import revoke_device
+from edge_agent.identity import KeyMaker
 from tests.integration.test_identity_store_writer import (  # the same fleet, its own bucket
     _broker,
+    _claim,
     _enroll,
+    _enrolled_with_a_spare,
     _key,
     idfleet,
 )
-from tests.support.identity_fleet import IdentityFleet
+from tests.support.identity_fleet import IdentityFleet, claim_request
 
 __all__ = ["idfleet"]
 
@@ -45,3 +49,22 @@ def test_a_signed_record_copied_under_a_nested_key_is_refused_not_read_as_the_de
     finally:
         idfleet.ids.store.delete(copy)
 
+
+def test_a_crl_that_cannot_be_read_refuses_records_instead_of_skipping_the_check(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    spare = _enrolled_with_a_spare(idfleet, "torn-a", tmp_path)
+    before = idfleet.ids.store.get_bytes(_key("torn-a"))
+    pid, broker = _broker(idfleet)
+    revoke_device(idfleet.ids, idfleet.ca, "torn-a", idfleet.ca.paths.crl, pid, broker)
+    idfleet.ids.store.put_bytes(_key("torn-a"), before)  # the older signed record put back
+    good = idfleet.ca.paths.crl.read_bytes()
+    idfleet.ca.paths.crl.write_bytes(good[: len(good) // 2])  # a torn write: unreadable
+    try:
+        answer = _claim(idfleet, "torn-a", spare)  # record_refused, not enrolled again
+    finally:
+        idfleet.ca.paths.crl.write_bytes(good)
+    assert "cannot be read" in answer["error"]
+    # Once the CRL reads again, the check is back: the record put back is still refused.
+    again = idfleet.ask_claim("torn-a", claim_request(KeyMaker().csr(new_key(), "torn-a"), spare))
+    assert (again["ok"], again["reason"]) == (False, "record_refused"), again
