@@ -31,12 +31,14 @@ does not contradict and rebuilds the index from the signed records
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from cloud_sync.fleet_ca import ISSUING_DAYS
 from cloud_sync.rollout_state import DEVICE_ID
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
 from modelpack.errors import ConfigError, StoreError
@@ -218,3 +220,25 @@ def unchecked(key: str, data: bytes) -> bytes:
     (a record not laid out as signed is read as it is; its models ignore the field)."""
     found = _split(key, data)
     return data if found is None or found[0] is None else found[0]
+
+
+def salvaged(device: str, key: str, data: bytes, now: float) -> DeviceIdentity:
+    """A record refused as read, for its revocation only: the certificates it names (at most
+    20, hex serials), each kept listed until the issuing key itself expires since their dates
+    are not trusted; nothing else of it. Revoking more than a record says is always safe, so
+    what a bucket writer spoiled does not stop the revocation of a stolen device."""
+    try:
+        listed = json.loads(unchecked(key, data)).get("certificates", [])
+    except (ValueError, AttributeError):
+        listed = []
+    found: list[CertRecord] = []
+    for item in listed if isinstance(listed, list) else []:
+        try:
+            cert = CertRecord.model_validate(item)
+            int(cert.serial, 16)
+        except (ValidationError, ValueError, TypeError):
+            continue
+        if len(cert.serial) <= 40:
+            until = max(cert.not_after, now + ISSUING_DAYS * 86400.0)
+            found.append(cert.model_copy(update={"not_after": until}))
+    return DeviceIdentity(device=device, certificates=found[-20:])

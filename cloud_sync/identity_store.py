@@ -55,6 +55,7 @@ from cloud_sync.identity_records import (
     device_of,
     opened,
     retired_entries,
+    salvaged,
     sign,
     unchecked,
 )
@@ -160,18 +161,27 @@ class IdentityStore:
             raise StoreError(f"{key} names device {doc.device!r}")
         return doc
 
-    def _change(self, device: str, change: Any) -> DeviceIdentity:
+    def _change(self, device: str, change: Any, over_refused: bool = False) -> DeviceIdentity:
+        """``change`` applied to the record, signed, written by compare-and-swap. A refused
+        record raises, unless ``over_refused`` (a revocation): then its certificates, unchecked
+        (``salvaged``), are what ``change`` gets, and the signed result replaces it."""
         key, ca = self._key(device), self.signer()
         for _ in range(_TRIES):
+            etag, exists = "", True
             try:
                 data, etag = self.store.read(key)
                 doc: DeviceIdentity | None = self._parse(device, data)
             except NotFoundError:
-                doc, etag = None, ""
+                doc, exists = None, False
+            except RecordRefused as exc:
+                if not over_refused:
+                    raise
+                log.error("%s; revoking every certificate it names", exc)
+                doc = salvaged(device, key, data, time.time())
             new = change(doc or DeviceIdentity(device=device))
             body = sign(ca, key, new.model_dump_json().encode())
             try:
-                if doc is None:
+                if not exists:
                     self.store.create(key, body)
                 else:
                     self.store.replace(key, body, etag)
@@ -227,12 +237,15 @@ class IdentityStore:
         return new
 
     def revoke(self, device: str) -> DeviceIdentity:
+        """Revoked, whatever its record: one refused is replaced by a signed, revoked record of
+        the certificates it names; none at all by a signed revoked record of none (so a claim
+        issued before now is refused, ``spend_claim``)."""
+
         def change(doc: DeviceIdentity) -> DeviceIdentity:
             return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
 
-        if self.device(device) is None:
-            raise ConfigError(f"{device} has no identity record: nothing to revoke")
-        doc = self._change(device, change)
+        check_enrollable([device])
+        doc = self._change(device, change, over_refused=True)
         at = doc.revoked_at or time.time()
         self._add_to_crl(
             [

@@ -30,7 +30,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem, load_cert, new_key, write_public
+from cloud_sync.fleet_ca import (
+    DEVICE_DAYS,
+    ISSUING_DAYS,
+    FleetCA,
+    cert_pem,
+    load_cert,
+    new_key,
+    write_public,
+)
 from cloud_sync.identity_records import REPAIR, RecordRefused, crl_serials
 from cloud_sync.identity_store import CRL_INDEX, DeviceIdentity, IdentityStore
 from modelpack.errors import BrokerError, ConfigError
@@ -285,15 +293,35 @@ def revoke_certificate(
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise ConfigError("that certificate was not issued by this fleet CA") from exc
     name = peer_identity(cert)
-    ids.revoke_serial(cert.serial_number, cert.not_valid_after_utc.timestamp())
-    serial = (int(cert.serial_number),)
-    if broker is None:
-        publish_crl(ca, ids, crl_path, broker_pid, extra=serial)
+    until = cert.not_valid_after_utc.timestamp()
+    if not revoke_serial(ids, ca, cert.serial_number, crl_path, broker_pid, broker, timeout, until):
         return name, False
-    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=serial)
+    assert broker is not None
     kicked = _connect(_ephemeral(ca, name)[0], name, *broker, timeout=timeout)
     log.info("certificate %x of %s revoked", cert.serial_number, name)
     return name, kicked
+
+
+def revoke_serial(
+    ids: IdentityStore,
+    ca: FleetCA,
+    serial: int,
+    crl_path: Path,
+    broker_pid: int | Path | None,
+    broker: tuple[str, int] | None,
+    timeout: float = 10.0,
+    not_after: float | None = None,
+) -> bool:
+    """A certificate known by its serial alone (``fleet revoke --serial``: its file is lost, a
+    device's record was spoiled) into the CRL, listed until ``not_after`` or, not known, until
+    the issuing key expires; whether the broker was seen to reload. Listing a serial this CA
+    never issued costs nothing."""
+    ids.revoke_serial(serial, not_after or time.time() + ISSUING_DAYS * 86400.0)
+    if broker is None:
+        publish_crl(ca, ids, crl_path, broker_pid, extra=(serial,))
+        return False
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=(serial,))
+    return True
 
 
 def peer_identity(cert: Any) -> str:

@@ -91,6 +91,7 @@ def register_verbs(verbs: Any) -> None:
     revoke.add_argument(
         "--cert", type=Path, help="or a certificate that is no device's (the claim certificate)"
     )
+    revoke.add_argument("--serial", help="or a certificate by its serial (hex), file or not")
     revoke.add_argument("--ca", type=Path, required=True, help="the CA directory")
     revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
     revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
@@ -251,10 +252,10 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     from cloud_sync.fleet_ca import FleetCA
     from cloud_sync.mqtt import parse_broker_url
-    from cloud_sync.revocation import revoke_certificate, revoke_device
+    from cloud_sync.revocation import revoke_certificate, revoke_device, revoke_serial
 
-    if (args.device is None) == (args.cert is None):
-        raise ConfigError("fleet revoke DEVICE, or fleet revoke --cert FILE: one of them")
+    if [args.device, args.cert, args.serial].count(None) != 2:
+        raise ConfigError("fleet revoke DEVICE, --cert FILE or --serial HEX: one of them")
     broker = None
     if args.broker:
         address = parse_broker_url(args.broker)
@@ -262,13 +263,18 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ca, pid = FleetCA.load(args.ca), _broker_pid(args)
     ids = _ids(args, ca)
-    if args.cert is not None:
+    kicked, done = False, dict[str, Any]()
+    if args.serial is not None:
+        serial = _hex_serial(args.serial)
+        revoke_serial(ids, ca, serial, args.crl_file, pid, broker)
+        done = {"serial": format(serial, "x")}  # no CN known: no session to take over
+    elif args.cert is not None:
         try:
             pem = args.cert.read_bytes()
         except OSError as exc:
             raise ConfigError(f"--cert {args.cert}: {exc.strerror}") from exc
         name, kicked = revoke_certificate(ids, ca, pem, args.crl_file, pid, broker)
-        done: dict[str, Any] = {"certificate": str(args.cert), "cn": name}
+        done = {"certificate": str(args.cert), "cn": name}
     else:
         _, kicked = revoke_device(
             ids, ca, args.device, args.crl_file, pid, broker, prefix=args.prefix
@@ -277,6 +283,16 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     took = round(time.monotonic() - started, 3)
     print(json.dumps({**done, "revoked": True, "session_dropped": kicked, "seconds": took}))
     return 0
+
+
+def _hex_serial(text: str) -> int:
+    try:
+        serial = int(text.strip().removeprefix("0x").replace(":", ""), 16)
+    except ValueError as exc:
+        raise ConfigError(f"--serial {text!r} is not a hex serial") from exc
+    if not 0 < serial < 1 << 160:  # RFC 5280: positive, at most 20 octets
+        raise ConfigError(f"--serial {text!r} is not a certificate serial (1 to 20 octets)")
+    return serial
 
 
 def cmd_aws_policy(args: argparse.Namespace) -> int:
