@@ -335,7 +335,10 @@ class FleetCA:
         write_public(cert_path, cert_pem(cert))
         return cert_path, key_path
 
-    def crl(self, revoked: Iterable[tuple[int, dt.datetime]], days: float = CRL_DAYS) -> bytes:
+    def crl(
+        self, revoked: Iterable[tuple[int, dt.datetime]], days: float = CRL_DAYS, number: int = 0
+    ) -> bytes:
+        """The CRL, its CRLNumber ``number`` (``cloud_sync.crl_disk``: the index generation)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
 
@@ -345,6 +348,7 @@ class FleetCA:
             .issuer_name(self.cert.subject)
             .last_update(now - dt.timedelta(minutes=5))
             .next_update(now + dt.timedelta(days=days))
+            .add_extension(x509.CRLNumber(number), critical=False)
         )
         for serial, when in revoked:
             entry = (

@@ -93,6 +93,9 @@ class CrlIndex(BaseModel):
     bring its old certificates back)."""
 
     schema_version: int = SCHEMA_VERSION
+    # One more at each write, signed: the CRL written from it carries it as its CRLNumber, so
+    # an older index put back is seen below the CRL on disk (``cloud_sync.crl_disk``).
+    generation: int = 0
     entries: list[CrlEntry] = Field(default_factory=list)
 
 

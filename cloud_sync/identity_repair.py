@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cloud_sync.crl_disk import read_disk_crl
 from cloud_sync.identity_claims import CLAIMS, ClaimDoc
 from cloud_sync.identity_records import (
     CrlEntry,
@@ -61,10 +62,10 @@ class RepairReport:
     index_entries: int = 0
 
 
-def _crl(ids: IdentityStore, crl_path: Path) -> dict[str, float]:
-    """The CA-signed CRL on disk: revoked serial (hex) -> revocation time."""
-    listed = ids.signer().crl_entries(crl_path)
-    return {format(serial, "x"): at.timestamp() for serial, at in listed.items()}
+def _crl(ids: IdentityStore, crl_path: Path) -> tuple[dict[str, float], int]:
+    """The CA-signed CRL on disk: revoked serial (hex) -> revocation time; its number."""
+    disk = read_disk_crl(ids.signer(), crl_path)
+    return {format(s, "x"): at.timestamp() for s, at in disk.entries.items()}, disk.number
 
 
 def _claimed(ids: IdentityStore) -> set[str]:
@@ -101,7 +102,7 @@ def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str,
 
 def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
     ca, report = ids.signer(), RepairReport()
-    crl, claimed = _crl(ids, crl_path), _claimed(ids)
+    (crl, number), claimed = _crl(ids, crl_path), _claimed(ids)
     listed: list[CrlEntry] = []  # certificates of any record that the CRL lists: kept listed
     for key in ids.store.list(f"{ROOT}/devices/"):
         device = device_of(key)
@@ -131,22 +132,23 @@ def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
     report.verified = len(records) - len(report.signed)
     for device, reason in ids.refused_records.items():
         report.refused.setdefault(device, f"{ROOT}/devices/{device}.json: {reason}")
-    old, checked = _old_index(ids)
+    old, checked, generation = _old_index(ids)
     found = [e for doc in records.values() for e in retired_entries(doc)] + listed
     found += [e for e in old if checked or e.serial in crl]
     now, kept = time.time(), dict[str, CrlEntry]()
     for entry in found:
         if entry.not_after > now:
             kept.setdefault(entry.serial, entry)
-    index = CrlIndex(entries=list(kept.values()))
+    # Above the CRL's number and the old index's: the CRL writers take it from now on.
+    index = CrlIndex(generation=max(number, generation) + 1, entries=list(kept.values()))
     ids.store.put_bytes(CRL_INDEX, sign(ca, CRL_INDEX, index.model_dump_json().encode()))
     report.index_entries = len(index.entries)
     return report
 
 
-def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], bool]:
-    """The entries of the index there now, and whether the CA signed it (if not, they are used
-    only where the CRL agrees)."""
+def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], bool, int]:
+    """The entries of the index there now, whether the CA signed it (if not, they are used
+    only where the CRL agrees), and its generation."""
     try:
         data = ids.store.get_bytes(CRL_INDEX)
         checked = True
@@ -154,6 +156,7 @@ def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], bool]:
             body = opened(ids.signer(), CRL_INDEX, data)
         except RecordRefused:
             body, checked = unchecked(CRL_INDEX, data), False
-        return CrlIndex.model_validate_json(body).entries, checked
+        index = CrlIndex.model_validate_json(body)
+        return index.entries, checked, index.generation
     except (NotFoundError, RecordRefused, ValidationError):
-        return [], False
+        return [], False, 0

@@ -292,8 +292,9 @@ class IdentityStore:
             for entry in change(index or self.index_from_records()):
                 if entry.not_after > now and entry.serial not in kept:
                     kept[entry.serial] = entry
-            new = CrlIndex(entries=list(kept.values()))
-            if index is not None and new == index:
+            generation = (index.generation if index is not None else 0) + 1
+            new = CrlIndex(generation=generation, entries=list(kept.values()))
+            if index is not None and new.entries == index.entries:
                 return index  # nothing added, nothing expired: no write
             body = sign(ca, key, new.model_dump_json().encode())
             try:
@@ -329,9 +330,12 @@ class IdentityStore:
                     self.refused_records[device or key] = exc.reason
         return found
 
+    def crl_index(self) -> CrlIndex:
+        """The index: every unexpired certificate of a revoked device, and those a device
+        rotated away from. One read, whatever the size of the fleet; RecordRefused when it does
+        not verify (``publish_crl`` keeps its CRL then)."""
+        return self._change_crl(lambda index: index.entries)  # prunes; built once if absent
+
     def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
-        """What the CRL lists: every unexpired certificate of a revoked device, and those a
-        device rotated away from. One read of the index, whatever the size of the fleet;
-        RecordRefused when it does not verify (``publish_crl`` keeps its CRL then)."""
-        index = self._change_crl(lambda index: index.entries)  # prunes; builds it once if absent
-        return crl_serials(index.entries, time.time())
+        """What the CRL lists, from the index (``crl_index``)."""
+        return crl_serials(self.crl_index().entries, time.time())

@@ -26,10 +26,10 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cloud_sync.crl_disk import one_writer, read_disk_crl
 from cloud_sync.fleet_ca import (
     DEVICE_DAYS,
     ISSUING_DAYS,
@@ -64,6 +64,7 @@ def publish_crl(
     broker_pid: int | Path | None,
     extra: tuple[int, ...] = (),
     keep_days: float = DEVICE_DAYS,
+    first: bool = False,
 ) -> int:
     """Write the CRL of every revoked or retired certificate; SIGHUP the broker (a pid, or its
     pid file). The count.
@@ -71,17 +72,29 @@ def publish_crl(
     The store's index is not the only source: what the CRL on disk (signed by this CA) lists
     and was revoked within ``keep_days`` (the longest device validity: by then the certificate
     has expired) stays listed. The index is signed by the CA (``cloud_sync.identity_records``);
-    one that does not verify (edited, or an older release's) is not used: the CRL keeps every
-    entry it lists, with those of the device records that verify, and an ERROR names the index
-    and the command that rebuilds it. So a writer to the store without the CA's key cannot take
-    a revocation back by editing ``crl.json`` or a device's record, nor shorten the CRL."""
+    one that does not verify (edited, or an older release's), or whose generation is below the
+    CRL's number (an older signed index put back, ``cloud_sync.crl_disk``), is not used: the
+    CRL keeps every entry it lists, with those of the device records that verify, its number
+    goes up by one (so that index never catches up), and an ERROR names the index and the
+    command that rebuilds it. With no CRL on disk nothing is written unless ``first``
+    (ConfigError): the store alone cannot show that its index is the latest."""
     import datetime as dt
 
-    with _one_writer(crl_path):
+    with one_writer(crl_path):
+        disk = read_disk_crl(ca, crl_path, first)
         now = dt.datetime.now(dt.UTC)
         since: dt.datetime | None = now - dt.timedelta(days=keep_days)
         try:
-            from_store = ids.revoked_serials()
+            index = ids.crl_index()
+            if index.generation < disk.number:
+                ids.refused[("crl_index", "replayed")] += 1
+                raise RecordRefused(
+                    CRL_INDEX,
+                    "replayed",
+                    f"{CRL_INDEX} is generation {index.generation}, below the number "
+                    f"{disk.number} of the CRL {crl_path}: an older signed index put back",
+                )
+            from_store, number = crl_serials(index.entries, now.timestamp()), index.generation
         except RecordRefused as exc:
             log.error(
                 "%s; the CRL %s keeps every entry it lists, with those of the signed device "
@@ -89,12 +102,12 @@ def publish_crl(
                 exc, crl_path, CRL_INDEX, REPAIR,
             )  # fmt: skip
             from_store = crl_serials(ids.index_from_records().entries, now.timestamp())
-            since = None
-        revoked = dict(_still_listed(ca, crl_path, since))
+            since, number = None, disk.number + 1
+        revoked = {s: at for s, at in disk.entries.items() if since is None or at > since}
         revoked.update(from_store)
         for serial in extra:  # the revocation at hand: listed from now, if not already
             revoked.setdefault(serial, now)
-        write_public(crl_path, ca.crl(sorted(revoked.items())))
+        write_public(crl_path, ca.crl(sorted(revoked.items()), number=number))
     _hang_up(broker_pid)
     return len(revoked)
 
@@ -107,32 +120,6 @@ def _hang_up(broker_pid: int | Path | None) -> None:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError as exc:
             raise ConfigError(f"no broker runs as pid {pid}") from exc
-
-
-@contextlib.contextmanager
-def _one_writer(crl_path: Path) -> Iterator[None]:
-    """One writer of ``crl_path`` at a time, across processes. Each reads the CRL on disk and
-    writes it again with its own additions: two at once (the enrollment service's refresh and a
-    ``fleet revoke``) would each write what the other had not seen, and one revocation (a
-    device's, a probe's) would be gone from the CRL until the next write."""
-    import fcntl
-
-    crl_path.parent.mkdir(parents=True, exist_ok=True)
-    with crl_path.with_name(f".{crl_path.name}.lock").open("ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        yield
-
-
-def _still_listed(ca: FleetCA, crl_path: Path, since: Any) -> list[tuple[int, Any]]:
-    """What the CRL on disk lists, revoked after ``since`` (None: all of it)."""
-    if not crl_path.exists():
-        return []  # none yet: the store alone
-    try:
-        listed = ca.crl_entries(crl_path)
-    except ConfigError as exc:
-        log.error("%s: written from the store alone", exc)
-        return []
-    return [(s, at) for s, at in listed.items() if since is None or at > since]
 
 
 def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:

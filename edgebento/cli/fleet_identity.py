@@ -29,6 +29,9 @@ def duration(text: str) -> float:
     return float(found.group(1)) * _UNITS[found.group(2)]
 
 
+_FIRST = "no --crl-file yet: write the fleet's first CRL on this host from the store alone"
+
+
 def register_verbs(verbs: Any) -> None:
     ca = verbs.add_parser("ca", help="the fleet CA: an offline root and an issuing intermediate")
     ca.add_argument("action", choices=("init", "issue"))
@@ -61,6 +64,7 @@ def register_verbs(verbs: Any) -> None:
     svc.add_argument("--validity", type=duration, default=90 * 86400.0, help="device certs (90d)")
     svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
     svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
+    svc.add_argument("--first-crl", action="store_true", help=_FIRST)
     svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
     svc.add_argument(
         "--broker-pid-file", type=Path, help="or the broker whose pid is in this file (pid_file)"
@@ -94,6 +98,7 @@ def register_verbs(verbs: Any) -> None:
     revoke.add_argument("--serial", help="or a certificate by its serial (hex), file or not")
     revoke.add_argument("--ca", type=Path, required=True, help="the CA directory")
     revoke.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
+    revoke.add_argument("--first-crl", action="store_true", help=_FIRST)
     revoke.add_argument("--broker-pid", type=int, help="SIGHUP this broker")
     revoke.add_argument("--broker-pid-file", type=Path, help="or the broker of this pid_file")
     revoke.add_argument("--broker", help="mqtts://HOST:PORT: drop the device's live session")
@@ -172,6 +177,8 @@ def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
     from cloud_sync.revocation import publish_crl
 
     keep = max(90.0, args.validity / 86400)  # what the old CRL keeps: the longest validity
+    if args.first_crl:  # this once; every later write needs the CRL it wrote
+        publish_crl(ca, ids, args.crl_file, None, first=True)
     return lambda: publish_crl(ca, ids, args.crl_file, _broker_pid(args), keep_days=keep)
 
 
@@ -187,12 +194,13 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
             "CRL, so an older signed record put back in the bucket can re-enroll a revoked "
             "device with a spare claim, and rotations do not revoke the old certificate"
         )
+    publish = _publisher(args, ca, ids)
     service = EnrollmentService(
         ca,
         ids,
         days=args.validity / 86400,
         limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
-        on_retired=_publisher(args, ca, ids),
+        on_retired=publish,
     )
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -206,7 +214,6 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     service.serve(args.broker, tls_context(ca.paths.bundle, args.cert, args.key), args.prefix)
-    refresh = _publisher(args, ca, ids)
     refreshed = -1e18
     try:
         while not done.wait(0.2):
@@ -215,8 +222,8 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
                 raise service.fatal
             # OpenSSL refuses every client once the CRL's nextUpdate has passed: keep it fresh
             # even when nothing is revoked (and from the store at every start).
-            if refresh is not None and time.monotonic() - refreshed >= args.crl_refresh:
-                refresh()
+            if publish is not None and time.monotonic() - refreshed >= args.crl_refresh:
+                publish()
                 refreshed = time.monotonic()
     except KeyboardInterrupt:
         pass
@@ -263,6 +270,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ca, pid = FleetCA.load(args.ca), _broker_pid(args)
     ids = _ids(args, ca)
+    if args.first_crl:
+        from cloud_sync.revocation import publish_crl
+
+        publish_crl(ca, ids, args.crl_file, None, first=True)
     kicked, done = False, dict[str, Any]()
     if args.serial is not None:
         serial = _hex_serial(args.serial)

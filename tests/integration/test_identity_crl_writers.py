@@ -39,7 +39,9 @@ for serial in range(first, first + count):
 def test_two_writers_of_the_crl_lose_no_revocation(tmp_path: Path) -> None:
     from cryptography import x509
 
-    init_ca(tmp_path / "ca")
+    paths = init_ca(tmp_path / "ca")
+    (tmp_path / "broker").mkdir()  # the CRL the broker reads, as broker-config writes it
+    (tmp_path / "broker" / "crl.pem").write_bytes(paths.crl.read_bytes())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     firsts = (1000, 2000)
     writers = [

@@ -6,15 +6,22 @@ reads."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from cloud_sync.crl_disk import read_disk_crl
 from cloud_sync.fleet_ca import new_key
 from cloud_sync.identity_records import retired_entries
 from cloud_sync.identity_repair import repair
 from cloud_sync.identity_store import CRL_INDEX
 from cloud_sync.revocation import revoke_device
 from edge_agent.identity import KeyMaker
+from modelpack.errors import ConfigError
 from tests.integration.test_identity_store_writer import (  # the same fleet, its own bucket
     _broker,
     _claim,
@@ -112,3 +119,76 @@ def test_a_device_whose_record_a_bucket_writer_spoiled_or_deleted_can_still_be_r
     index = json.loads(idfleet.ids.store.get_bytes(CRL_INDEX))["entries"]
     assert serial in [e["serial"] for e in index]
     assert not _connects(idfleet, files)
+
+
+def _listed(fleet: IdentityFleet) -> set[int]:
+    return set(fleet.ca.crl_entries(fleet.ca.paths.crl))
+
+
+def test_an_older_signed_index_put_back_is_refused_below_the_crl_number(
+    idfleet: IdentityFleet, tmp_path: Path, caplog: Any
+) -> None:
+    _enroll(idfleet, "gen-old", tmp_path)
+    pid, broker = _broker(idfleet)
+    revoke_device(idfleet.ids, idfleet.ca, "gen-old", idfleet.ca.paths.crl, pid, broker)
+    older = idfleet.ids.store.get_bytes(CRL_INDEX)  # signed, without gen-a's revocation
+    files = _enroll(idfleet, "gen-a", tmp_path)
+    revoke_device(idfleet.ids, idfleet.ca, "gen-a", idfleet.ca.paths.crl, pid, broker)
+    serial = int(json.loads(idfleet.ids.store.get_bytes(_key("gen-a")))["current"], 16)
+    idfleet.ids.store.put_bytes(CRL_INDEX, older)  # verifies: the CA signed it
+    # The CRL on disk as it stands once gen-a's revocation is older than the writer keeps
+    # entries for their age alone (re-dated, its number kept, signed by the CA).
+    disk = read_disk_crl(idfleet.ca, idfleet.ca.paths.crl)
+    assert disk.number > json.loads(older)["generation"]
+    aged = {s: at - dt.timedelta(days=400) for s, at in disk.entries.items()}
+    idfleet.ca.paths.crl.write_bytes(idfleet.ca.crl(sorted(aged.items()), number=disk.number))
+    refused = idfleet.ids.refused[("crl_index", "replayed")]
+    with caplog.at_level(logging.ERROR, logger="cloud_sync.revocation"):
+        idfleet.publish_crl()
+    assert idfleet.ids.refused[("crl_index", "replayed")] == refused + 1
+    assert any("older signed index" in r.getMessage() for r in caplog.records)
+    assert serial in _listed(idfleet)  # the whole CRL on disk kept
+    assert read_disk_crl(idfleet.ca, idfleet.ca.paths.crl).number == disk.number + 1
+    # The next revocation signs that older index one generation on: still below the CRL's.
+    _enroll(idfleet, "gen-b", tmp_path)
+    revoke_device(idfleet.ids, idfleet.ca, "gen-b", idfleet.ca.paths.crl, pid, broker)
+    assert serial in _listed(idfleet) and not _connects(idfleet, files)
+    assert idfleet.ids.refused[("crl_index", "replayed")] >= refused + 2
+    # identity-repair rebuilds the index above the CRL's number: taken again, nothing lost.
+    repair(idfleet.ids, idfleet.ca.paths.crl)
+    replayed = idfleet.ids.refused[("crl_index", "replayed")]
+    idfleet.publish_crl()
+    assert idfleet.ids.refused[("crl_index", "replayed")] == replayed
+    assert serial in _listed(idfleet)
+
+
+def test_with_no_crl_on_disk_the_writer_writes_none_from_the_store_alone(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    files = _enroll(idfleet, "lost-a", tmp_path)
+    before = idfleet.ids.store.get_bytes(_key("lost-a"))  # signed, not revoked
+    pid, broker = _broker(idfleet)
+    revoke_device(idfleet.ids, idfleet.ca, "lost-a", idfleet.ca.paths.crl, pid, broker)
+    saved = idfleet.ca.paths.crl.read_bytes()
+    attacks = {
+        "older record, index deleted": lambda: (
+            idfleet.ids.store.put_bytes(_key("lost-a"), before),
+            idfleet.ids.store.delete(CRL_INDEX),
+        ),
+        "index and record both refused": lambda: [
+            _edit(idfleet, key, lambda doc: doc.update(schema_version=1))
+            for key in (CRL_INDEX, _key("lost-a"))
+        ],
+    }
+    try:
+        for name, attack in attacks.items():
+            attack()
+            idfleet.ca.paths.crl.unlink()  # a new host, a lost file
+            with pytest.raises(ConfigError, match="--first-crl"):
+                idfleet.publish_crl()
+            assert not idfleet.ca.paths.crl.exists(), name  # nothing written
+            idfleet.ca.paths.crl.write_bytes(saved)
+            idfleet.publish_crl()  # with its CRL back, the writer keeps the revocation
+            assert not _connects(idfleet, files), name
+    finally:
+        repair(idfleet.ids, idfleet.ca.paths.crl)

@@ -117,13 +117,15 @@ def test_a_serial_dropped_from_the_index_stays_in_the_crl_and_the_device_stays_o
         doc["entries"] = [e for e in doc["entries"] if e["serial"] != serial]
 
     _edit(idfleet, CRL_INDEX, drop)
-    # The CRL is written again by a writer with no CRL of its own yet (the enrollment service
-    # on a new host writes it from the store at its start): the store alone says what it lists.
+    # The CRL is written again by a writer with no CRL of its own yet, told that it is the
+    # first on this host (``--first-crl``): the store alone says what it lists.
     idfleet.ca.paths.crl.unlink()
     probe, probe_serial = _ephemeral(idfleet.ca, "revocation-probe")
     refused_before = idfleet.ids.refused[("crl_index", "forged")]
     with caplog.at_level(logging.ERROR, logger="cloud_sync.revocation"):
-        publish_crl(idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra=(probe_serial,))
+        publish_crl(
+            idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra=(probe_serial,), first=True
+        )
     assert any(CRL_INDEX in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert idfleet.ids.refused[("crl_index", "forged")] == refused_before + 1
     deadline = time.monotonic() + 30

@@ -156,7 +156,7 @@ def test_while_the_index_does_not_verify_the_crl_never_gets_shorter(
     claim = _cert(ca, "claim", tmp_path)  # a certificate that is no device's: in the index only
     ids.revoke_serial(claim.serial_number, claim.not_valid_after_utc.timestamp())
     crl = tmp_path / "crl.pem"
-    publish_crl(ca, ids, crl, None)
+    publish_crl(ca, ids, crl, None, first=True)  # none on disk yet: the first
     before = listed(crl)
     assert len(before) == 2
     # A writer to the bucket empties the index; then a device rotates.
