@@ -8,7 +8,9 @@ Import path and API::
 
 Per device: seconds to its certificate's expiry. For the fleet: enrollments and refusals by
 reason, revoked devices, revoked devices whose retained status still says online (a
-revocation that did not drop the session), and records read back that the CA did not sign. The store is read at most every ``refresh_s``.
+revocation that did not drop the session), and records read back that the CA did not sign
+(every object and reason at 0 from the start). The store is read at most every
+``refresh_s``.
 With ``crl_file`` (the CRL the broker reads): seconds until its nextUpdate, past which OpenSSL
 refuses every client (0 when it cannot be read: the broker cannot read it either).
 """
@@ -23,6 +25,11 @@ from typing import Any
 
 from cloud_sync.enroll import EnrollmentService
 from cloud_sync.identity_view import identity_rows
+
+REFUSED_LABELS = [
+    *(("device", r) for r in ("unsigned", "forged", "malformed", "misplaced")),
+    *(("crl_index", r) for r in ("unsigned", "forged", "malformed", "replayed")),
+]
 
 
 class IdentityCollector:
@@ -94,7 +101,10 @@ class IdentityCollector:
             "are (changed, moved, unsigned), by object and reason",
             labels=["object", "reason"],
         )
-        for (kind, reason), count in sorted(self.service.ids.refused.items()):
+        # Every label pair from the start, at 0: an alert on increase() sees the first refusal
+        # only if the series was there before it.
+        counts = {pair: 0 for pair in REFUSED_LABELS} | dict(self.service.ids.refused)
+        for (kind, reason), count in sorted(counts.items()):
             store_refused.add_metric([kind, reason], count)
         yield store_refused
         if self.crl_file is not None:

@@ -59,6 +59,9 @@ def test_the_rules_name_only_metrics_the_enrollment_service_serves(tmp_path: Pat
     # A CRL the broker cannot read either counts as past its nextUpdate: the alert fires.
     gone = IdentityCollector(service, crl_file=tmp_path / "missing.pem")  # type: ignore[arg-type]
     assert gone.crl_left_s() == 0.0
+    # Every refusal series is there at 0 before the first refusal: increase() sees it.
+    zero = 'edgebento_identity_records_refused_total{object="crl_index",reason="replayed"} 0.0'
+    assert zero in text.splitlines()
     served = set(re.findall(r"^# TYPE (\S+)", text, re.M))
     named = set(re.findall(r"edgebento_[a-z_]+", RULES.read_text()))
     for name in named:
