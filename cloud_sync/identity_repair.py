@@ -8,10 +8,14 @@ Import path and API::
 
 Records of the release before records were signed carry no signature, and the cloud refuses
 them (``cloud_sync.identity_records``). An operator holding the CA key runs this once after the
-upgrade (and after an attack, to rebuild the index). Nothing unsigned is signed on trust alone:
+upgrade (and after an attack, to rebuild the index). Unsigned records are signed only as that
+one-time upgrade: once any record or the index is signed, or the CRL was written from a signed
+index, an unsigned record is a bucket writer's plant and is left (unless ``sign_unsigned``).
+Nothing unsigned is signed on trust alone:
 the record's certificates are not in the store, so an old record is checked against what the CA
 did sign. It is signed only if
 
+- it names the certificate the device runs with (a claim names a device, not a certificate),
 - a claim the CA signed names the device (an operator meant it to enroll: a record planted for
   any other id is refused), and
 - the CRL on disk, which the CA signed, does not list the certificate the record says the
@@ -93,6 +97,8 @@ def _as_written(key: str, data: bytes) -> DeviceIdentity:
 def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str, float]) -> str:
     if doc.device != device:
         return f"it names device {doc.device!r}"
+    if doc.current_record() is None:  # a claim names the device, not what it runs with
+        return "it names no certificate the device runs with"
     if device not in claimed:
         return "no claim signed by the fleet CA names this device"
     if doc.current in crl and not doc.revoked:
@@ -100,16 +106,40 @@ def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str,
     return ""
 
 
-def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
+def _signed(key: str, data: bytes) -> bool:
+    try:
+        return carries_signature(key, data)
+    except RecordRefused:
+        return False
+
+
+def _upgraded_already(ids: IdentityStore, objects: dict[str, bytes], number: int) -> str:
+    """Why unsigned records are no upgrade's (empty when they may be): the upgrade is signed
+    once, and after it an unsigned record is a bucket writer's plant."""
+    if number > 0:
+        return "the CRL was written from a signed index (its CRLNumber)"
+    try:
+        if _signed(CRL_INDEX, ids.store.get_bytes(CRL_INDEX)):
+            return f"{CRL_INDEX} is signed"
+    except NotFoundError:
+        pass
+    signed = next((k for k, data in objects.items() if _signed(k, data)), None)
+    return f"{signed} is signed" if signed else ""
+
+
+def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> RepairReport:
+    """``sign_unsigned``: sign unsigned records that pass the checks even after the upgrade
+    (``--sign-unsigned``, an operator who has checked them)."""
     ca, report = ids.signer(), RepairReport()
     (crl, number), claimed = _crl(ids, crl_path), _claimed(ids)
     listed: list[CrlEntry] = []  # certificates of any record that the CRL lists: kept listed
-    for key in ids.store.list(f"{ROOT}/devices/"):
+    objects = {key: ids.store.get_bytes(key) for key in ids.store.list(f"{ROOT}/devices/")}
+    done = "" if sign_unsigned else _upgraded_already(ids, objects, number)
+    for key, data in objects.items():
         device = device_of(key)
         if device is None:
             report.refused[key] = f"{key} is no device's record key: left as it is"
             continue
-        data = ids.store.get_bytes(key)
         try:
             doc = _as_written(key, data)
         except RecordRefused as exc:
@@ -123,6 +153,8 @@ def repair(ids: IdentityStore, crl_path: Path) -> RepairReport:
         if carries_signature(key, data):
             continue  # signed: checked with the others below; never signed again here
         why = _why_not(doc, device, claimed, crl)
+        if done and not why:
+            why = f"not an upgrade ({done}): --sign-unsigned if you checked it"
         if why:
             report.refused[device] = f"{key} left unsigned: {why}"
             continue

@@ -123,6 +123,9 @@ def register_verbs(verbs: Any) -> None:
     )
     fix.add_argument("--ca", type=Path, required=True, help="the CA directory (issuing key)")
     fix.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
+    fix.add_argument(
+        "--sign-unsigned", action="store_true", help="after the upgrade too (records you checked)"
+    )
     add_store_args(fix)
     fix.set_defaults(func=cmd_identity_repair)
 
@@ -348,6 +351,6 @@ def cmd_identity_repair(args: argparse.Namespace) -> int:
     from cloud_sync.fleet_ca import FleetCA
     from cloud_sync.identity_repair import repair
 
-    report = repair(_ids(args, FleetCA.load(args.ca)), args.crl_file)
+    report = repair(_ids(args, FleetCA.load(args.ca)), args.crl_file, args.sign_unsigned)
     print(json.dumps(report.__dict__, indent=2))
     return 1 if report.refused else 0

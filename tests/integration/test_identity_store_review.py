@@ -16,7 +16,7 @@ import pytest
 
 from cloud_sync.crl_disk import read_disk_crl
 from cloud_sync.fleet_ca import new_key
-from cloud_sync.identity_records import retired_entries
+from cloud_sync.identity_records import RecordRefused, retired_entries
 from cloud_sync.identity_repair import repair
 from cloud_sync.identity_store import CRL_INDEX
 from cloud_sync.revocation import revoke_device
@@ -192,3 +192,30 @@ def test_with_no_crl_on_disk_the_writer_writes_none_from_the_store_alone(
             assert not _connects(idfleet, files), name
     finally:
         repair(idfleet.ids, idfleet.ca.paths.crl)
+
+
+def test_repair_does_not_sign_an_unsigned_record_planted_after_the_upgrade(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    _enroll(idfleet, "plant-a", tmp_path)
+    pid, broker = _broker(idfleet)
+    revoke_device(idfleet.ids, idfleet.ca, "plant-a", idfleet.ca.paths.crl, pid, broker)
+    planted = {"schema_version": 1, "device": "plant-a", "current": None, "revoked": False}
+    idfleet.ids.store.put_bytes(_key("plant-a"), json.dumps(planted).encode())
+    # A record that names its certificate, not revoked, for a device a claim names: it would
+    # pass the checks, but the store is past its upgrade (signed records, a signed index).
+    _enroll(idfleet, "plant-b", tmp_path)
+    doc = json.loads(idfleet.ids.store.get_bytes(_key("plant-b")))
+    doc.pop("signature")
+    idfleet.ids.store.put_bytes(_key("plant-b"), json.dumps(doc).encode())
+    report = repair(idfleet.ids, idfleet.ca.paths.crl)
+    assert "plant-a" not in report.signed and "plant-b" not in report.signed
+    assert "names no certificate" in report.refused["plant-a"]
+    assert "not an upgrade" in report.refused["plant-b"]
+    for device in ("plant-a", "plant-b"):
+        with pytest.raises(RecordRefused):
+            idfleet.ids.device(device)
+    # An operator who checked them says so: the record naming its certificate is signed, the
+    # one that names none never is.
+    report = repair(idfleet.ids, idfleet.ca.paths.crl, sign_unsigned=True)
+    assert report.signed == ["plant-b"] and "names no certificate" in report.refused["plant-a"]
