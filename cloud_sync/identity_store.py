@@ -22,11 +22,11 @@ by another key is refused with ``RecordRefused`` (a StoreError, counted in ``ref
 acted on: no enrollment, renewal or rotation goes by it, and a refused index leaves the CRL
 writer keeping what its CRL lists (``cloud_sync.revocation.publish_crl``). Writing needs the CA;
 without one (``fleet identity``, ``fleet status``) records are read unchecked, to be shown only.
+The index's reads and writes are ``cloud_sync.identity_crl``'s (a base class of this one).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import time
 from collections import Counter
@@ -44,6 +44,7 @@ from cloud_sync.identity_claims import (
     spend_claim,
     token_hash,
 )
+from cloud_sync.identity_crl import CRL_INDEX, ROOT, TRIES, CrlIndexWriter
 from cloud_sync.identity_records import (
     CertRecord,
     CrlEntry,
@@ -51,10 +52,8 @@ from cloud_sync.identity_records import (
     CrlIndex,
     DeviceIdentity,
     RecordRefused,
-    crl_serials,
     device_of,
     opened,
-    retired_entries,
     salvaged,
     sign,
     unchecked,
@@ -65,16 +64,14 @@ from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreErr
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
-__all__ = ["CertRecord", "CrlEntry", "CrlIndex", "DeviceIdentity", "IdentityStore"]
+__all__ = ["CRL_INDEX", "ROOT", "CertRecord", "CrlEntry", "CrlIndex", "DeviceIdentity"]
+__all__ += ["IdentityStore"]
 __all__ += ["ClaimDoc", "ClaimRefused", "RecordRefused", "check_enrollable", "token_hash"]
 
 log = logging.getLogger(__name__)
-ROOT = "fleet/identity"
-CRL_INDEX = f"{ROOT}/crl.json"
-_TRIES = 20
 
 
-class IdentityStore:
+class IdentityStore(CrlIndexWriter):
     def __init__(
         self, store: ObjectStore, ca: FleetCA | None = None, crl_file: Path | None = None
     ) -> None:
@@ -166,7 +163,7 @@ class IdentityStore:
         record raises, unless ``over_refused`` (a revocation): then its certificates, unchecked
         (``salvaged``), are what ``change`` gets, and the signed result replaces it."""
         key, ca = self._key(device), self.signer()
-        for _ in range(_TRIES):
+        for _ in range(TRIES):
             etag, exists = "", True
             try:
                 data, etag = self.store.read(key)
@@ -255,63 +252,6 @@ class IdentityStore:
         )
         return doc
 
-    def revoke_serial(self, serial: int, not_after: float) -> None:
-        """Into the CRL until it expires: a certificate that is no device's (the claim's)."""
-        entry = CrlEntry(serial=format(serial, "x"), revoked_at=time.time(), not_after=not_after)
-        self._add_to_crl([entry])
-
-    # --- the CRL's entries ----------------------------------------------------------------------
-
-    def _add_to_crl(self, entries: list[CrlEntry]) -> None:
-        """Into the index. One that does not verify is left as it is (an ERROR): the CRL
-        writer then goes by the signed device records, which hold a device's entries, and
-        ``revoke_device`` / ``revoke_certificate`` hand it the revocation at hand."""
-        if not entries:
-            return
-        try:
-            self._change_crl(lambda index: [*index.entries, *entries])
-        except RecordRefused as exc:
-            log.error("%s; the CRL is written from the signed device records until then", exc)
-
-    def _change_crl(self, change: Any) -> CrlIndex:
-        """Compare-and-swap on the index; entries of expired certificates are dropped.
-        RecordRefused when the index does not verify: nothing is written over it."""
-        key, ca = CRL_INDEX, self.signer()
-        for _ in range(_TRIES):
-            try:
-                data, etag = self.store.read(key)
-                index: CrlIndex | None = CrlIndex.model_validate_json(
-                    self._open(key, data, "crl_index")
-                )
-            except NotFoundError:
-                index, etag = None, ""
-            except ValidationError as exc:
-                raise StoreError(f"{key} in {self.store.url} is not a CRL index") from exc
-            now = time.time()
-            kept: dict[str, CrlEntry] = {}
-            for entry in change(index or self.index_from_records()):
-                if entry.not_after > now and entry.serial not in kept:
-                    kept[entry.serial] = entry
-            generation = (index.generation if index is not None else 0) + 1
-            new = CrlIndex(generation=generation, entries=list(kept.values()))
-            if index is not None and new.entries == index.entries:
-                return index  # nothing added, nothing expired: no write
-            body = sign(ca, key, new.model_dump_json().encode())
-            try:
-                if index is None:
-                    self.store.create(key, body)
-                else:
-                    self.store.replace(key, body, etag)
-                return new
-            except ConflictError:
-                continue
-        raise StoreError(f"{key}: too many concurrent changes")
-
-    def index_from_records(self) -> CrlIndex:
-        """The index from every device's record that verifies: for a store from before the
-        index existed (once), and for the CRL writer while the index does not verify."""
-        return CrlIndex(entries=[e for d in self.devices().values() for e in retired_entries(d)])
-
     def devices(self) -> dict[str, DeviceIdentity]:
         """Every device's record that verifies; those that do not are left out, each with an
         ERROR, and listed in ``refused_records`` (device: reason) for the views."""
@@ -329,13 +269,3 @@ class IdentityStore:
                     log.error("%s", exc)
                     self.refused_records[device or key] = exc.reason
         return found
-
-    def crl_index(self) -> CrlIndex:
-        """The index: every unexpired certificate of a revoked device, and those a device
-        rotated away from. One read, whatever the size of the fleet; RecordRefused when it does
-        not verify (``publish_crl`` keeps its CRL then)."""
-        return self._change_crl(lambda index: index.entries)  # prunes; built once if absent
-
-    def revoked_serials(self) -> list[tuple[int, dt.datetime]]:
-        """What the CRL lists, from the index (``crl_index``)."""
-        return crl_serials(self.crl_index().entries, time.time())

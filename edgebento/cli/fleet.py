@@ -42,8 +42,10 @@ def register(sub: Any) -> None:
     group.set_defaults(func=cmd_group)
 
     from edgebento.cli.fleet_identity import register_verbs
+    from edgebento.cli.fleet_revoke import register_revoke
 
-    register_verbs(verbs)  # ca, claim, enroll-service, broker-config, revoke, identity
+    register_verbs(verbs)  # ca, claim, enroll-service, broker-config, identity, identity-repair
+    register_revoke(verbs)
 
 
 def _ago(ts: float | None, heard: str | None = None) -> str:
