@@ -19,7 +19,9 @@ versions from Mosquitto's source, where 2.0.15 added the DISCONNECT: commit 3519
   connection, ``SUSPECT_AFTER`` times in a row, each soon (``SUSPECT_WITHIN_S``) after the
   reconnect the drop before it made, every reconnect accepted at once. A drop that
   ``packet_limit`` blames on a message over the broker's packet limit (the same pattern, from a
-  message paho sends again at each reconnect) is not part of it: the session calls ``explained``.
+  message paho sends again at each reconnect) cannot be told apart at once: the first drop
+  blamed on a message counts here as any other, the next ones for it wait, and its verdict
+  calls ``explained`` (a takeover while each drop finds a new, larger message is still told).
 
 Either way the agent logs one ERROR per streak naming the client id, counts each takeover, and
 waits longer after each (``TAKEOVER_BASE_S`` doubling up to ``TAKEOVER_CAP_S``) instead of its

@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
-from edge_agent.packet_limit import PACKET_TOO_LARGE, PacketLimit, TooLarge
+from edge_agent.packet_limit import PacketLimit, TooLarge
 from edge_agent.reconnect import CONNECTION_LOST, TAKEOVER_CAP_S, Backoff, TakeoverWatch
 from modelpack.errors import AuthError, BrokerError
 
@@ -251,6 +251,7 @@ class Session:
         self.takeover.accepted(time.monotonic())
         self._accepted, self._told_refusal = True, False
         self.connects += 1
+        self.limit.connected(time.monotonic())  # before ``bound`` is read: it may lapse
         told = getattr(props, "MaximumPacketSize", None) if props is not None else None
         learned = self.limit.bound or MQTT_MAX_PACKET  # from a broker that dropped us for one
         own = min(self.config.max_packet_bytes or MQTT_MAX_PACKET, learned)
@@ -285,15 +286,10 @@ class Session:
         said = reason if from_broker or reason.value != CONNECTION_LOST else _CLOSED
         log.warning("disconnected from %s: %s", redact_url(self.config.broker), said)
         # Before _lost is set: _run reads the delay once it is.
-        unexplained = reason.value == (PACKET_TOO_LARGE if from_broker else CONNECTION_LOST)
-        blame = self.limit.closed(time.monotonic()) if unexplained and self._accepted else None
-        if blame is None:
-            self.limit.explained()
-            self._takeover_delay = self.takeover.lost(time.monotonic(), reason.value, from_broker)
-        else:  # a message over the broker's packet limit, not another client with our id
-            self.takeover.explained()
-            if blame.bound is not None:
-                self.max_packet = min(self.max_packet, blame.bound)
+        self._takeover_delay = self.limit.ended(
+            self.takeover, time.monotonic(), reason.value, from_broker, self.v5, self._accepted
+        )
+        self.max_packet = min(self.max_packet, self.limit.bound or MQTT_MAX_PACKET)
         self._lost.set()
         if not self._accepted and self.config.cert_file and not self._told_refusal:
             # TLS 1.3 reports a refused client certificate after the handshake, as a

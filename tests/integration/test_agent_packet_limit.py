@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -122,7 +123,7 @@ def test_an_answer_over_a_311_brokers_limit_becomes_a_refusal_and_the_device_sta
     since = time.time()
     beat = _beat_after(watch, since)
     assert beat["data"]["taken_over"] == 0  # the drops were not read as a takeover
-    assert beat["data"]["connects"] >= 5  # the first, then two drops for each answer learned
+    assert beat["data"]["connects"] >= 7  # the first, then three drops for each answer learned
     too_large = watch.wait(lambda rs: len(_unanswered(rs)) >= 3 and _unanswered(rs))
     assert [e["reason"] for e in too_large] == ["too_large"] * 3
     log = agent.output()
@@ -239,3 +240,56 @@ def test_a_batch_over_the_limit_goes_in_batches_that_fit(
         publisher[0].stop()
         outbox.close()
         watch.close()
+
+
+def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(
+    tmp_path: Path, topic_prefix: str
+) -> None:
+    """The operator lowers max_packet_size and restarts the broker (or the device fails over to
+    another): a packet the old broker acknowledged says nothing of the new one's limit. The old
+    code kept the largest acknowledged for the whole run, so a message between the new limit and
+    that was never a suspect: paho sent it at every reconnect, the broker dropped every
+    connection for it, and nothing behind it ever arrived."""
+    from edge_agent.config import AgentConfig
+    from edge_agent.session import Session
+
+    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto", max_packet=1 << 20).start()
+    config = AgentConfig(
+        device="dev-l",
+        broker=broker.url,
+        data_dir=tmp_path,
+        trust=[tmp_path / "unused.pub"],
+        protocol="3.1.1",
+        prefix=topic_prefix,
+    )
+    connects = threading.Condition()
+    session = Session(
+        config,
+        will=(f"{topic_prefix}/dev-l/status", b""),
+        on_message=lambda _m: None,
+        on_connect=lambda _present: _notify(connects),
+    )
+    told: list[str] = []
+    try:
+        with session:
+            assert session.wait_connected(30)
+            session.publish(f"{topic_prefix}/big/early", b"e" * 30_000).wait_for_publish(20)
+            broker.max_packet = LIMIT
+            broker.restart()
+            with connects:
+                assert connects.wait_for(lambda: session.connects >= 2, 60)
+            client = Client(broker, v5=False)
+            arrived = client.collect(f"{topic_prefix}/small/#")
+            session.publish(f"{topic_prefix}/big/answer", b"a" * 20_000, on_too_large=told.append)
+            session.publish(f"{topic_prefix}/small/behind", b"s" * 100)
+            assert arrived.get(timeout=60).payload == b"s" * 100
+            client.close()
+            assert len(told) == 1 and "the broker takes at most" in told[0]
+            assert session.limit.bound is not None and LIMIT <= session.limit.bound < 20_100
+    finally:
+        broker.stop()
+
+
+def _notify(condition: threading.Condition) -> None:
+    with condition:
+        condition.notify_all()
