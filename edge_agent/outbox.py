@@ -27,6 +27,7 @@ from edge_agent.localdb import connect, is_corruption
 log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "drop_newest"]
+ASIDE_KEPT = 64  # records kept aside at most (each cost the device three drops to learn)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE INDEX IF NOT EXISTS records_boot_seq ON records(boot_id, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL);
 """
 
 
@@ -286,6 +288,54 @@ class Outbox:
             self.bytes -= int(row[0])
             self.count -= int(row[1])
             return int(row[1])
+
+    # --- set aside: over a packet bound learned from the broker's drops -----------------------
+
+    def set_aside(self, record_id: int) -> None:
+        """Out of the queue (the ingestion moves past its seq), kept on disk: the bound may be
+        false or lapse; ``restore_aside`` queues it again. Only the newest ``ASIDE_KEPT``."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                (size,) = self._db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM records WHERE id = ?", (record_id,)
+                ).fetchone()
+                self._db.execute(
+                    "INSERT INTO aside(body) SELECT body FROM records WHERE id = ?", (record_id,)
+                )
+                self._db.execute(
+                    "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?", (ASIDE_KEPT,)
+                )
+                gone = self._db.execute("DELETE FROM records WHERE id = ?", (record_id,)).rowcount
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                self._rollback()
+                if not self._recover(exc):
+                    log.warning("cannot set a telemetry record aside (it is sent again): %s", exc)
+                return
+            self.bytes -= int(size)
+            self.count -= gone
+
+    def restore_aside(self) -> int:
+        """Queue again, as new records of this boot, those set aside: at start, or once the
+        bound they were over lapsed. How many."""
+        with self._lock:
+            try:
+                rows = self._db.execute("SELECT id, body FROM aside ORDER BY id").fetchall()
+            except sqlite3.DatabaseError as exc:
+                self._recover(exc)
+                return 0
+        restored = 0
+        for row_id, body in rows:
+            record = json.loads(body)
+            if (
+                self.append(str(record.get("kind")), record.get("data") or {}, record.get("ts"))
+                is not None
+            ):
+                restored += 1
+            with self._lock, contextlib.suppress(sqlite3.DatabaseError):
+                self._db.execute("DELETE FROM aside WHERE id = ?", (row_id,))
+        return restored
 
     def close(self) -> None:
         with self._lock:

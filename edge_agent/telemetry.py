@@ -132,6 +132,7 @@ class TelemetryPublisher:
         self.clock = AckClock()
         self.published = self.acknowledged = self.resends = self.bad_acks = 0
         self.set_aside = 0  # records alone over the broker's packet limit
+        self._kept = True  # records may be kept aside (a learned bound): queue them when none
 
     def reconnected(self) -> None:
         """Send again everything not acknowledged: the broker may have lost it."""
@@ -184,11 +185,12 @@ class TelemetryPublisher:
             count = longest_fitting(len(batch), fits)
             if count > 1 and self.session.limit.bound == self.session.max_packet:
                 # A limit learned from the broker's drops is above its real one by an unknown
-                # amount: half as many, or each batch cut a record shorter costs two drops.
+                # amount: half as many, or each batch cut a record shorter costs three drops.
                 count //= 2
             if count == 0:
                 alone = batch_payload(batch[:1], floor)
-                self._set_aside(batch[0], self.session.refusal(self.topic, alone) or "")
+                learned = self.session.limit.bound == self.session.max_packet
+                self._set_aside(batch[0], self.session.refusal(self.topic, alone) or "", learned)
                 return 1
             batch = batch[:count]
             payload = batch_payload(batch, floor)
@@ -203,15 +205,26 @@ class TelemetryPublisher:
             self._deadline = time.monotonic() + self.ack_timeout
         return len(batch)
 
-    def _set_aside(self, record: Pending, why: str) -> None:
-        """A record over the broker's packet limit on its own: out of the outbox, counted, said
-        in the log and in an event (the ingestion skips its seq, as an evicted record's)."""
+    def _set_aside(self, record: Pending, why: str, learned: bool) -> None:
+        """A record over the broker's packet limit on its own: out of the queue, counted, said
+        in the log and in an event (the ingestion skips its seq, as an evicted record's). Over a
+        limit said or configured it is deleted; over one ``learned`` from the broker's drops,
+        which may be false and lapses, it is kept aside and queued again (as a new record) once
+        there is no bound: after a restart or when the bound lapsed."""
         kind = str(json.loads(record.body).get("kind", "?"))
-        self.outbox.ack([record.id])
+        if learned:
+            self.outbox.set_aside(record.id)
+            self._kept = True
+        else:
+            self.outbox.ack([record.id])
         self.set_aside += 1
-        log.error("telemetry record %d (%s) set aside, never sent: %s", record.seq, kind, why)
+        kept = ": kept, sent again once no bound is learned" if learned else ""
+        log.error(
+            "telemetry record %d (%s) set aside, never sent%s: %s", record.seq, kind, kept, why
+        )
         event = {"event": "telemetry_set_aside", "boot_id": record.boot_id, "seq": record.seq,
-                 "kind": kind, "bytes": len(record.body), "error": why}  # fmt: skip
+                 "kind": kind, "bytes": len(record.body), "error": why,
+                 "kept": learned}  # fmt: skip
         self.outbox.append("event", event)
 
     def _unacknowledged(self) -> int:
@@ -233,6 +246,10 @@ class TelemetryPublisher:
             self._wake.clear()
             try:
                 self._apply_acks()
+                if self._kept and self.session.limit.bound is None:
+                    self._kept = False
+                    if restored := self.outbox.restore_aside():
+                        log.info("%d telemetry record(s) set aside are queued again", restored)
                 if not self.session.connected:
                     continue
                 if self._restart:

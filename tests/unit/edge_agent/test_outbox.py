@@ -126,3 +126,25 @@ def test_an_outbox_damaged_while_the_agent_runs_is_quarantined_and_writing_goes_
     seq = box.append("event", {"after": True})
     assert seq >= 0 and [p.seq for p in box.peek(0, 10)] == [seq]
     assert box.counters()["quarantined"] == 1
+
+
+def test_a_record_set_aside_under_a_learned_bound_is_kept_and_queued_again_at_restart(
+    tmp_path: Path,
+) -> None:
+    """Over a packet bound learned from the broker's drops (which may be false: a flaky link),
+    a record leaves the queue so it blocks nothing behind it, but is kept on disk: after a
+    restart it is queued again as a record of the new boot (the old code deleted it)."""
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)
+    for i in range(3):
+        box.append("event", {"i": i, "pad": "x" * (5000 if i == 1 else 10)}, ts=100.0 + i)
+    big = next(p for p in box.peek(0, 10) if p.seq == 1)
+    box.set_aside(big.id)
+    assert [r["seq"] for r in _records(box)] == [0, 2] and box.count == 2
+    assert box.ack_upto(box.boot_id, 2) == 2 and box.count == 0  # the rest arrived
+    box.close()
+
+    box = Outbox(tmp_path / "o.db", "dev", 1 << 20)  # the agent restarted: no bound now
+    assert box.restore_aside() == 1 and box.restore_aside() == 0
+    (again,) = _records(box)
+    assert again["data"] == {"i": 1, "pad": "x" * 5000} and again["ts"] == 101.0
+    assert again["boot_id"] == box.boot_id and again["seq"] == 0 and box.count == 1
