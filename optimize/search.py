@@ -16,6 +16,7 @@ from modelpack import Predictor, TensorSpec
 from modelpack.errors import EdgebentoError
 from optimize import metrics, qdq_switch, sensitivity, verify
 from optimize.data import Dataset
+from optimize.machine import u8s8_saturates
 from optimize.metrics import MetricSpec
 from optimize.passes import PassFailed, Runner
 from optimize.pick import BASELINE, Budget, Candidate
@@ -31,10 +32,23 @@ EXCLUDE_TRIES = 5  # real quantizer runs per refined candidate
 # data's worst row is not the calibration's, so the real runs may need more nodes in float.
 SIM_HEADROOM = 0.5
 SENSITIVITY_ROWS = 64
-# The int8 a smoothing strength is judged by: dynamic, per-channel weights, MatMuls only (what
-# smoothing is for), and the variants planned on the smoothed base.
-SMOOTH_SCORED = QuantizeConfig(mode="dynamic", per_channel=True, op_types=("MatMul",))
-SMOOTH_PLANNED = (SMOOTH_SCORED, QuantizeConfig(mode="dynamic", per_channel=True))
+
+
+def smooth_scored() -> QuantizeConfig:
+    """The int8 a smoothing strength is judged by: dynamic, per-channel weights, MatMuls only
+    (what smoothing is for); 7-bit weights on a CPU whose int8 products saturate with 8
+    (``optimize.machine.u8s8_saturates``): smoothing widens the weights."""
+    return QuantizeConfig(
+        mode="dynamic", per_channel=True, reduce_range=u8s8_saturates(), op_types=("MatMul",)
+    )
+
+
+def smooth_planned() -> tuple[QuantizeConfig, ...]:
+    """The variants planned on the smoothed base: the scored one, and every op type."""
+    scored = smooth_scored()
+    return scored, scored.model_copy(update={"op_types": ()})
+
+
 Tick = Callable[[str], None]
 
 
@@ -233,7 +247,7 @@ class Search:
 
     def smoothed(self, base: Path, deadline: float) -> tuple[str, Path] | None:
         """The SmoothQuant-style base (``optimize.smooth``) at the strength that scores best on
-        the calibration rows after ``SMOOTH_SCORED`` int8; None where no strength beats int8
+        the calibration rows after ``smooth_scored`` int8; None where no strength beats int8
         of the unsmoothed model there, or the model has nothing to smooth."""
         rows = self.calibration.take(slice(0, SENSITIVITY_ROWS))
         margin = self._margin(rows)
@@ -242,11 +256,12 @@ class Search:
         key = hash_data(self.calibration)
         built: dict[tuple[str, float], Path] = {}
         scored: dict[tuple[str, float], float] = {}
+        scored_as = smooth_scored()
 
         def score(source: Path, label: str) -> float | None:
             if time.monotonic() > deadline:
                 return None
-            candidate = self.quantized(label, source, SMOOTH_SCORED)
+            candidate = self.quantized(label, source, scored_as)
             if candidate.path is None:
                 return -1e9
             try:
@@ -394,7 +409,7 @@ def with_smoothing(
         return planned
     name, path = found
     # The float base too: refinement starts only from bases measured within the budget.
-    return [*((name, path, c) for c in SMOOTH_PLANNED), (name, path, None), *planned]
+    return [*((name, path, c) for c in smooth_planned()), (name, path, None), *planned]
 
 
 def attention_like(model_ops: set[str]) -> bool:

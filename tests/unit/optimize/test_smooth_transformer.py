@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optimize import smooth
 from optimize.data import Dataset
+from optimize.machine import u8s8_saturates
 from tests.unit.optimize import tiny_bert
 
 
@@ -83,16 +84,31 @@ def test_dynamic_int8_keeps_the_pooled_embedding_only_once_smoothed(
             per_channel=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
+            # 7-bit weights where this CPU's int8 products saturate 8-bit ones (AVX2 without
+            # VNNI): there the smoothed, wider weights lost the embedding for that reason alone.
+            reduce_range=u8s8_saturates(),
         )
         return out
 
     feed = tiny_bert.tokens(64, 16, seed=2)  # not the calibration rows
     ref = _run(layer, feed)
     plain = int8(layer, tmp_path / "plain.onnx")
-    smoothed = int8(_smoothed(layer, tmp_path / "s.onnx", 0.5, "normalized"), tmp_path / "q.onnx")
     mask = feed["attention_mask"]
     assert _pooled_cosine_min(ref, _run(plain, feed), mask) < 0.9
-    assert _pooled_cosine_min(ref, _run(smoothed, feed), mask) > 0.99
+    # The strength the search's procedure picks on the calibration rows keeps it on unseen
+    # ones. Which strength that is moves with the CPU's int8 kernels: 0.5 with VNNI; on an AVX2
+    # EPYC 0.55, where 0.5 kept 0.86 and 0.6 0.49.
+    calibration = _calibration().inputs
+    calibration_ref = _run(layer, calibration)
+
+    def score(alpha: float) -> float:
+        smoothed = _smoothed(layer, tmp_path / f"s{alpha}.onnx", alpha, "normalized")
+        quantized = int8(smoothed, tmp_path / f"q{alpha}.onnx")
+        got = _run(quantized, calibration)
+        return _pooled_cosine_min(calibration_ref, got, calibration["attention_mask"])
+
+    alpha = smooth.best_alpha(score)
+    assert _pooled_cosine_min(ref, _run(tmp_path / f"q{alpha}.onnx", feed), mask) > 0.99, alpha
 
 
 def _pre_norm(path: Path) -> Path:
