@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cloud_sync.identity_records import (
     CrlEntry,
@@ -90,16 +90,22 @@ class CrlIndexWriter:
             new = CrlIndex(generation=generation, entries=list(kept.values()))
             if index is not None and new.entries == index.entries:
                 return index  # nothing added, nothing expired: no write
-            body = sign(ca, key, new.model_dump_json().encode())
-            try:
-                if index is None:
-                    self.store.create(key, body)
-                else:
-                    self.store.replace(key, body, etag)
+            if self._write_signed(ca, key, new, None if index is None else etag):
                 return new
-            except ConflictError:
-                continue
         raise StoreError(f"{key}: too many concurrent changes")
+
+    def _write_signed(self, ca: FleetCA, key: str, doc: BaseModel, etag: str | None) -> bool:
+        """``doc`` signed and written at ``key``: created where ``etag`` is None, else replacing
+        the object read with that etag; False when another writer came first (read again)."""
+        body = sign(ca, key, doc.model_dump_json().encode())
+        try:
+            if etag is None:
+                self.store.create(key, body)
+            else:
+                self.store.replace(key, body, etag)
+        except ConflictError:
+            return False
+        return True
 
     def index_from_records(self) -> CrlIndex:
         """The index from every device's record that verifies: for a store from before the

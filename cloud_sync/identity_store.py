@@ -55,11 +55,10 @@ from cloud_sync.identity_records import (
     device_of,
     opened,
     salvaged,
-    sign,
     unchecked,
 )
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+from modelpack.errors import ConfigError, NotFoundError, StoreError
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
@@ -176,15 +175,8 @@ class IdentityStore(CrlIndexWriter):
                 log.error("%s; revoking every certificate it names", exc)
                 doc = salvaged(device, key, data, time.time())
             new = change(doc or DeviceIdentity(device=device))
-            body = sign(ca, key, new.model_dump_json().encode())
-            try:
-                if not exists:
-                    self.store.create(key, body)
-                else:
-                    self.store.replace(key, body, etag)
+            if self._write_signed(ca, key, new, etag if exists else None):
                 return new
-            except ConflictError:
-                continue
         raise StoreError(f"{key}: too many concurrent changes")
 
     def check_may_renew(self, device: str) -> None:
