@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.protocol import Status, Topics
+from cloud_sync.protocol import Topics
+from edge_agent.agent_status import AgentStatus
 from edge_agent.capture import Capture
 from edge_agent.config import AgentConfig
 from edge_agent.dispatch import Dispatcher
@@ -26,12 +27,12 @@ from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker
 from edge_agent.wakeup import Wakeup
-from modelpack.errors import BrokerError, EdgebentoError, ExpiredError
+from modelpack.errors import EdgebentoError, ExpiredError
 
 log = logging.getLogger(__name__)
 
 
-class Agent:
+class Agent(AgentStatus):
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
@@ -118,52 +119,7 @@ class Agent:
         registry = CollectorRegistry()
         return registry, InferenceMetrics(registry=registry)
 
-    # --- status and telemetry ------------------------------------------------------------------
-
-    def status(self, state: str = "online") -> Status:
-        with self.updater.live:  # the model and the outcome that put it there, as one
-            model, update = self.inference.model_ref, self.updater.last_update
-        return Status.model_validate(
-            {
-                "device": self.config.device,
-                "state": state,
-                "model": model,
-                "boot_id": self.boot_id,
-                "groups": self.config.groups,
-                "last_update": update,
-                "applied": self.updater.applied,
-                "expired": self.updater.expired,
-                "outbox": self.outbox.stats(),
-                "shadow": self.shadow.status(),
-                "identity": self.identity.report(time.time()),
-                "taken_over": self._taken_over(),
-            }
-        )
-
-    def _taken_over(self) -> int:
-        """Connections lost to another client with our client id (0 in the last will, which
-        is made before the session)."""
-        session = getattr(self, "session", None)
-        return 0 if session is None else session.takeover.taken_over
-
-    def serving_label(self) -> str:
-        ref = self.inference.model_ref
-        return "no model yet" if ref is None else f"{ref['name']} v{ref['version']}"
-
-    def status_fields(self) -> dict[str, Any]:
-        """What ``ping`` and ``/healthz`` answer: the status without its envelope."""
-        return self.status().model_dump(mode="json", exclude={"schema_version", "state", "ts"})
-
-    def _status_doc(self, state: str) -> bytes:
-        return self.status(state).model_dump_json(exclude_none=True).encode()
-
-    def publish_status(self) -> None:
-        if self.session.connected:
-            doc = self._status_doc("online")
-            try:
-                self.session.publish(self.topics.status(self.config.device), doc, retain=True)
-            except BrokerError as exc:  # over the broker's packet limit: the agent goes on
-                log.error("status not published: %s", exc)
+    # --- telemetry ----------------------------------------------------------------------------
 
     def record(self, kind: str, data: dict[str, Any]) -> None:
         self.outbox.append(kind, data)

@@ -31,10 +31,10 @@ from pydantic import ValidationError
 from cloud_sync.protocol import COMMAND_MODELS, Reply, Request, topic_name_problem
 from cloud_sync.redact import redact_text
 from edge_agent import commands
+from edge_agent.incoming import Incoming
 from edge_agent.infer_topic import InferTopic
 from edge_agent.inference import install_hint
 from edge_agent.ports import DispatchHost
-from edge_agent.session import Incoming
 from modelpack.codec import dumps
 from modelpack.errors import (
     MAX_MESSAGE_CHARS,

@@ -15,32 +15,18 @@ import contextlib
 import json
 import logging
 import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_agent.localdb import connect, is_corruption
+from edge_agent.outbox_file import OutboxFile, disk_full
 
 log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "drop_newest"]
 ASIDE_KEPT = 64  # records kept aside at most (each cost the device three drops to learn)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    boot_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_boot_seq ON records(boot_id, seq);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS aside (id INTEGER PRIMARY KEY AUTOINCREMENT, body BLOB NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -51,7 +37,7 @@ class Pending:
     seq: int = 0
 
 
-class Outbox:
+class Outbox(OutboxFile):
     """Append records, read them oldest first, delete them once acknowledged."""
 
     def __init__(
@@ -62,60 +48,10 @@ class Outbox:
         overflow: Overflow = "drop_oldest",
         boot_id: str | None = None,
     ) -> None:
-        self.path, self.device, self.max_bytes, self.overflow = path, device, max_bytes, overflow
+        self.device, self.max_bytes, self.overflow = device, max_bytes, overflow
         self.boot_id = boot_id or uuid.uuid4().hex
         self.next_seq = 0
-        self._lock = threading.Lock()
-        # Counted in memory too: a full disk cannot record its own drops.
-        self.dropped_disk_full = 0
-        self.quarantined: list[Path] = []
-        self.bytes = self.count = 0
-        self._open()
-
-    def _open(self) -> None:
-        # FULL: a record the cloud has not stored must survive a power cut, not just kill -9.
-        self._db, aside = connect(self.path, _SCHEMA, synchronous="FULL")
-        if aside is not None:
-            self._quarantined(aside)
-        self._reload_size()
-
-    def _quarantined(self, aside: Path) -> None:
-        self.quarantined.append(aside)  # the agent reports each one as an event
-
-    def _recover(self, exc: sqlite3.DatabaseError) -> bool:
-        """After an error at run time: quarantine and reopen a damaged file; True if it was."""
-        if not is_corruption(exc):
-            return False
-        from edge_agent.localdb import quarantine
-
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
-        aside = quarantine(self.path)
-        self._open()
-        self._quarantined(aside)
-        return True
-
-    # --- counters ------------------------------------------------------------------------------
-
-    def _bump(self, name: str, by: int = 1) -> None:
-        self._db.execute(
-            "INSERT INTO counters(name, value) VALUES(?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, by),
-        )
-
-    def counters(self) -> dict[str, int]:
-        with self._lock:
-            try:
-                rows = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
-            except sqlite3.DatabaseError as exc:
-                self._recover(exc)
-                rows = {}
-        rows.setdefault("evicted", 0)
-        rows.setdefault("dropped_overflow", 0)
-        rows["dropped_disk_full"] = self.dropped_disk_full
-        rows["quarantined"] = len(self.quarantined)
-        return rows
+        super().__init__(path)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -185,7 +121,7 @@ class Outbox:
                     if attempt == 1 and self._recover(exc):
                         continue
                     self._reload_size()
-                    if _disk_full(exc) and attempt == 1 and self.count:
+                    if disk_full(exc) and attempt == 1 and self.count:
                         # Make room inside the file we already own, then try once more.
                         self._shrink_for_disk()
                         continue
@@ -197,19 +133,6 @@ class Outbox:
                 self.count += 1
                 return seq
         return None
-
-    def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
-            self._db.execute("ROLLBACK")
-
-    def _reload_size(self) -> None:
-        try:
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records"
-            ).fetchone()
-            self.bytes, self.count = int(row[0]), int(row[1])
-        except sqlite3.DatabaseError:
-            pass
 
     def _shrink_for_disk(self) -> None:
         """On a full disk, evict the oldest quarter: deletes reuse pages without growing the file."""
@@ -336,15 +259,6 @@ class Outbox:
             with self._lock, contextlib.suppress(sqlite3.DatabaseError):
                 self._db.execute("DELETE FROM aside WHERE id = ?", (row_id,))
         return restored
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-def _disk_full(exc: sqlite3.DatabaseError) -> bool:
-    text = str(exc).lower()
-    return "full" in text or getattr(exc, "sqlite_errorcode", 0) == 13
 
 
 def batch_payload(records: list[Pending], floor: int | None = None) -> bytes:

@@ -7,7 +7,7 @@ client takes our client id, it says so and waits longer after each time (``recon
 
 No message can keep a device off the broker. Each is acknowledged as it arrives, before it is
 handled: whatever its handling does (a crash, a reply the broker refuses), the broker never
-delivers it again at the next connect. And nothing is published that the broker would drop the
+delivers it again at the next connect (``incoming``). And nothing is published that the broker would drop the
 connection for: a topic that is not a valid topic name, or a packet over the broker's maximum
 (said by an MQTT 5 broker, set in the config, or learned from an MQTT 3.1.1 broker that drops us
 for a message: ``packet_limit``, which also takes that message out of paho's resend queue).
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,9 @@ from paho.mqtt.properties import Properties
 from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
-from edge_agent.packet_limit import PacketLimit, TooLarge
+from edge_agent.incoming import Incoming, Router
+from edge_agent.mqtt_client import certificate_problem, connect, make_client
+from edge_agent.packet_limit import PacketLimit, TooLarge, packet_size
 from edge_agent.reconnect import CONNECTION_LOST, TAKEOVER_CAP_S, Backoff, TakeoverWatch
 from modelpack.errors import AuthError, BrokerError
 
@@ -41,56 +41,7 @@ log = logging.getLogger(__name__)
 
 # CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
-SESSION_EXPIRY_S = 3600
-MQTT_MAX_PACKET = 268_435_455  # what a four-byte remaining length can say
 _CLOSED = "the connection was closed, no reason given (no DISCONNECT from the broker)"
-
-
-def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """Nagle's algorithm would hold a reply behind our PUBACK until a delayed ACK: 40 ms."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@dataclass(frozen=True)
-class Incoming:
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    retained: bool = False
-
-
-def packet_size(topic: str, payload: bytes | str, correlation_data: bytes | None = None) -> int:
-    """An upper bound on the PUBLISH packet's size: fixed header (5), topic, packet id,
-    properties (MQTT 5: their length and the correlation data) and payload."""
-    body = len(payload.encode() if isinstance(payload, str) else payload)
-    extra = 4 + 3 + len(correlation_data) if correlation_data is not None else 4
-    return 5 + 2 + len(topic.encode(errors="replace")) + 2 + extra + body
-
-
-def certificate_problem(cert_file: Path) -> str:
-    """Why a broker that takes our CA may drop us before CONNACK: our certificate."""
-    import datetime as dt
-
-    from cloud_sync.fleet_ca import load_cert
-    from modelpack.errors import ConfigError
-
-    try:
-        cert = load_cert(cert_file.read_bytes())
-    except (OSError, ConfigError) as exc:
-        return f"the client certificate {cert_file} cannot be read: {exc}"
-    serial, until = format(cert.serial_number, "x"), cert.not_valid_after_utc
-    when = until.isoformat(timespec="seconds")
-    if until <= dt.datetime.now(dt.UTC):
-        return (
-            f"the device certificate {serial} expired at {when}: enroll again with a new "
-            "claim token (--enroll TOKEN)"
-        )
-    return (
-        f"the broker dropped the connection before accepting it: the device certificate "
-        f"{serial} (valid until {when}) may be revoked"
-    )
 
 
 class Session:
@@ -106,13 +57,10 @@ class Session:
     ) -> None:
         self.config = config
         self.v5 = config.protocol == "5"
-        self._on_message_cb = on_message
+        self.incoming = Router(on_message)
         self._on_connect_cb = on_connect
         self._on_fatal_cb = on_fatal  # ``fatal`` was set: whoever waits on the session stops
         self._subscriptions: dict[str, int] = {}
-        # Topic filters whose messages go to their own handler (the identity's renewal answers).
-        self._routes: list[tuple[str, Callable[[Incoming], None]]] = []
-        self._tls: ssl.SSLContext | None = None
         self._accepted = False  # a CONNACK on the current connection attempt
         self._told_refusal = False
         self._connected = threading.Event()
@@ -125,47 +73,12 @@ class Session:
         self.takeover = TakeoverWatch(self.client_id, max(TAKEOVER_CAP_S, config.backoff_max))
         self._takeover_delay: float | None = None  # set when a connection ends
         self.connects = 0
-        self.max_packet = config.max_packet_bytes or MQTT_MAX_PACKET  # the broker's, once known
-        self.client = self._make_client(will)
-        self.limit = PacketLimit(self.client)
+        self.client, self._tls = make_client(config, self.client_id, will)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self.incoming.handle
+        self.limit = PacketLimit(self.client, config.max_packet_bytes)
         self.client.on_publish = lambda client, userdata, mid, *rest: self.limit.acked(mid)
-
-    def _make_client(self, will: tuple[str, bytes]) -> mqtt.Client:
-        cfg, client_id = self.config, self.client_id
-        if self.v5:
-            client = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                protocol=mqtt.MQTTv5,
-                reconnect_on_failure=False,
-                manual_ack=True,
-            )
-        else:
-            client = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2,
-                client_id=client_id,
-                clean_session=False,
-                protocol=mqtt.MQTTv311,
-                reconnect_on_failure=False,
-                manual_ack=True,
-            )
-        client.will_set(will[0], will[1], qos=1, retain=True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls:
-            # Our own context, kept: a certificate rotation loads the new chain into it.
-            self._tls = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-            if cfg.cert_file:
-                self._tls.load_cert_chain(
-                    str(cfg.cert_file), str(cfg.key_file) if cfg.key_file else None
-                )
-            client.tls_set_context(self._tls)
-        client.max_inflight_messages_set(100)
-        client.on_socket_open = _no_delay
-        client.on_connect = self._handle_connect
-        client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
-        return client
 
     # --- state ------------------------------------------------------------------------------
 
@@ -176,6 +89,11 @@ class Session:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    @property
+    def max_packet(self) -> int:
+        """The largest packet published: the broker's limit once known."""
+        return self.limit.max_packet
+
     # --- subscriptions and publishing ---------------------------------------------------------
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -185,7 +103,7 @@ class Session:
 
     def route(self, topic_filter: str, handler: Callable[[Incoming], None]) -> None:
         """Messages on ``topic_filter`` go to ``handler``, not to the agent's dispatcher."""
-        self._routes.append((topic_filter, handler))
+        self.incoming.routes.append((topic_filter, handler))
         self.subscribe(topic_filter, 1)
 
     def use_identity(self, cert_file: Path, key_file: Path) -> None:
@@ -251,11 +169,8 @@ class Session:
         self.takeover.accepted(time.monotonic())
         self._accepted, self._told_refusal = True, False
         self.connects += 1
-        self.limit.connected(time.monotonic())  # before ``bound`` is read: it may lapse
         told = getattr(props, "MaximumPacketSize", None) if props is not None else None
-        learned = self.limit.bound or MQTT_MAX_PACKET  # from a broker that dropped us for one
-        own = min(self.config.max_packet_bytes or MQTT_MAX_PACKET, learned)
-        self.max_packet = min(own, told) if isinstance(told, int) else own
+        self.limit.connected(time.monotonic(), told if isinstance(told, int) else None)
         # Subscribing again is idempotent, and needed even with a session present: the broker
         # may hold one made under another configuration (prefix, groups), and it is what makes
         # the broker resend the retained desired state on every connect.
@@ -289,7 +204,6 @@ class Session:
         self._takeover_delay = self.limit.ended(
             self.takeover, time.monotonic(), reason.value, from_broker, self.v5, self._accepted
         )
-        self.max_packet = min(self.max_packet, self.limit.bound or MQTT_MAX_PACKET)
         self._lost.set()
         if not self._accepted and self.config.cert_file and not self._told_refusal:
             # TLS 1.3 reports a refused client certificate after the handshake, as a
@@ -297,47 +211,13 @@ class Session:
             self._told_refusal = True
             log.error("%s", certificate_problem(self.config.cert_file))
 
-    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        # Acknowledged first: the PUBACK leaves before anything the handling publishes, so the
-        # broker has it even when a reply makes it drop us, and a message that crashes the agent
-        # is not delivered again at every start. Handling is at most once: a command's effect is
-        # bound to its id, and a client that lost an answer asks again.
-        client.ack(msg.mid, msg.qos)
-        response_topic = correlation = None
-        props = getattr(msg, "properties", None)
-        if props is not None:
-            response_topic = getattr(props, "ResponseTopic", None)
-            correlation = getattr(props, "CorrelationData", None)
-        incoming = Incoming(
-            msg.topic, bytes(msg.payload), response_topic, correlation, bool(msg.retain)
-        )
-        handler = next(
-            (h for f, h in self._routes if mqtt.topic_matches_sub(f, msg.topic)),
-            self._on_message_cb,
-        )
-        try:
-            handler(incoming)
-        except Exception:  # a bug in one handler must not take the network loop down
-            log.exception("handling a message on %s failed", msg.topic)
-
     # --- the connection loop -------------------------------------------------------------------
 
     def _connect_once(self) -> bool:
         cfg = self.config
         self._accepted = False
         try:
-            if self.v5:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = SESSION_EXPIRY_S
-                self.client.connect(
-                    cfg.broker_host,
-                    cfg.broker_port,
-                    cfg.keepalive,
-                    clean_start=False,
-                    properties=props,
-                )
-            else:
-                self.client.connect(cfg.broker_host, cfg.broker_port, cfg.keepalive)
+            connect(self.client, cfg)
         except (OSError, ssl.SSLError) as exc:
             log.warning("cannot reach broker %s: %s", redact_url(cfg.broker), exc)
             self.takeover.unreachable()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.store import open_store
-from edge_agent.telemetry import NO_ACK_EVIDENCE_S
+from edge_agent.telemetry_acks import NO_ACK_EVIDENCE_S
 from tests.integration.test_agent_faults import outbox_rows
 from tests.integration.test_ingest import start_sync, stored
 from tests.support.agent import AgentProcess, Client, wait_for, wait_online

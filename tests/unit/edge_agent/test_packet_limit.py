@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import AgentConfig
-from edge_agent.packet_limit import (
+from edge_agent.packet_evidence import (
     CLOSES,
     EXACT_VERDICTS,
     LAPSE_S,
@@ -24,8 +24,8 @@ from edge_agent.packet_limit import (
     SOON_S,
     PacketLimitWatch,
     Unacked,
-    longest_fitting,
 )
+from edge_agent.packet_limit import longest_fitting
 from edge_agent.reconnect import CONNECTION_LOST, TakeoverWatch
 from edge_agent.session import Session
 

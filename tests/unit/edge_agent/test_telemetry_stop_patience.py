@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.telemetry import (
+from edge_agent.telemetry_acks import (
     ACKED_FLOOR_S,
     NO_ACK_GRACE_S,
     RTT_FACTOR,

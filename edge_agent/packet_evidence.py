@@ -1,0 +1,121 @@
+"""How a message over an MQTT 3.1.1 broker's packet limit is told from a link that drops.
+
+A link that drops (a slow uplink, a broker restarted) looks the same at each close, so the
+evidence is a pattern (``PacketLimitWatch``). The suspect of a close with no reason given is the
+largest message sent (or sent again) within ``SOON_S`` before it and not acknowledged, larger
+than ``MIN_SUSPECT`` and than any packet the broker acknowledged since the CONNACK (a broker that
+took a packet takes any smaller one; an earlier connection may have been to a broker with a
+higher limit). Any message over the limit is larger than every message under it, so when one
+was sent it is the suspect. The broker acknowledging the suspect clears it. (A message sent
+after it and acknowledged would clear it too, but paho stamps every message it holds at the
+CONNACK, those it sent before the resend too: which came first on the wire is not known.) When
+the same message is the suspect of ``CLOSES`` closes in a row, each within ``SOON_S`` of its
+send (after the first, paho's resend right after the CONNACK), it is over the limit: the limit
+is below its size, and that bound is applied to every later publish.
+
+The bound is provisional: it holds until the agent restarts, or until the first connect
+``LAPSE_S`` after it was learned, and is learned again if still true. After ``EXACT_VERDICTS``
+verdicts in a boot (a client asking for answers just under each bound in turn, each costing
+``CLOSES`` drops), each verdict takes at least an eighth off the bound: a client gets a few
+steps, not one a byte, at the cost of a bound up to an eighth below the broker's limit.
+
+The rule is pure (``PacketLimitWatch``: closes and acknowledgements in, a verdict out); the
+session's side, over paho's queue, is ``edge_agent.packet_limit``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+log = logging.getLogger("edge_agent.session")  # one logger for all the connection says
+
+SOON_S = 1.0  # a close this soon after a message's (re)send can be its fault: a broker reads
+# a packet's header as it comes, and closes at once; a link drops at any time
+CLOSES = 3  # closes in a row blamed on one message: a verdict (MQTT 3.1.1)
+EXACT_VERDICTS = 3  # per boot, each a byte under the message; later ones an eighth off
+LAPSE_S = 3600.0  # a learned bound lapses at the first connect this long after its verdict
+MIN_SUSPECT = 1024  # bytes; no broker's limit is below (nor ``max_packet_bytes``'s floor)
+
+
+@dataclass(frozen=True)
+class Unacked:
+    """A message sent and not yet acknowledged when the connection closed."""
+
+    mid: int
+    topic: str
+    size: int  # ``session.packet_size``: the PUBLISH packet, at most
+    sent_at: float  # monotonic: its last send
+    seq: int = 0  # its publish's number: a mid is used again after 65535 publishes
+
+
+@dataclass(frozen=True)
+class Blame:
+    """The message a close is blamed on, and how many closes in a row it was blamed on;
+    ``bound`` is set on a verdict: the largest packet the broker may take (below its size)."""
+
+    message: Unacked
+    bound: int | None = None
+    closes: int = 1
+
+
+class PacketLimitWatch:
+    """Tells, from closes with no reason or with 0x95, a message over the broker's packet limit."""
+
+    def __init__(self, soon_s: float = SOON_S, floor: int = MIN_SUSPECT) -> None:
+        self.soon_s, self.floor = soon_s, floor
+        self.acked_max = 0  # the largest packet the broker acknowledged since the CONNACK
+        self.bound: int | None = None  # learned: the broker takes no packet larger
+        self.verdicts = 0
+        self._learned_at: float | None = None
+        self.suspect: Unacked | None = None  # the message the last closes were blamed on
+        self._closes = 0
+
+    def connected(self, now: float) -> None:
+        """A CONNACK: maybe another broker, or one restarted with a lower limit."""
+        self.acked_max = 0
+        if self._learned_at is not None and now - self._learned_at >= LAPSE_S:
+            log.info("the packet bound learned %.0fs ago (%s bytes) lapses", LAPSE_S, self.bound)
+            self.bound, self._learned_at, self.verdicts = None, None, 0
+
+    def acked(self, size: int, suspect: bool = False) -> None:
+        """The broker acknowledged a packet; ``suspect``: the suspect, which is not over its
+        limit then."""
+        self.acked_max = max(self.acked_max, size)
+        if suspect:
+            self.explained()
+
+    def explained(self) -> None:
+        """A connection ended for a known reason, or a connect failed: not in a row."""
+        self.suspect, self._closes = None, 0
+
+    def closed(self, now: float, unacked: Iterable[Unacked], told: bool = False) -> Blame | None:
+        """A connection the broker accepted was closed with no reason (or ``told``: by an MQTT 5
+        broker's DISCONNECT 0x95, a verdict at once): whom it is blamed on."""
+        above = max(self.acked_max, self.floor)
+        candidates = [u for u in unacked if u.size > above and now - u.sent_at <= self.soon_s]
+        previous, closes = self.suspect, self._closes
+        self.explained()
+        if not candidates:
+            return None
+        # The last suspect again (telemetry sends new batches after a reconnect: a larger
+        # message may join it), else the largest: over the limit if any sent is.
+        same = [
+            u for u in candidates if previous and (u.mid, u.seq) == (previous.mid, previous.seq)
+        ]
+        blamed = same[0] if same else max(candidates, key=lambda u: u.size)
+        closes = closes + 1 if same else 1
+        if told or closes >= CLOSES:
+            return Blame(blamed, self._verdict(blamed, now), closes)
+        self.suspect, self._closes = blamed, closes
+        return Blame(blamed, None, closes)
+
+    def _verdict(self, message: Unacked, now: float) -> int:
+        bound = message.size - 1
+        if self.verdicts >= EXACT_VERDICTS and self.bound is not None:  # stepped down again
+            bound = min(bound, max(self.floor, self.bound - self.bound // 8))
+        self.bound = bound if self.bound is None else min(self.bound, bound)
+        self.verdicts += 1
+        self._learned_at = now
+        return self.bound
