@@ -28,7 +28,7 @@ from cloud_sync.identity_view import identity_rows
 
 REFUSED_LABELS = [
     *(("device", r) for r in ("unsigned", "forged", "malformed", "misplaced")),
-    *(("crl_index", r) for r in ("unsigned", "forged", "malformed", "replayed")),
+    *(("crl_index", r) for r in ("unsigned", "forged", "malformed", "misplaced", "replayed")),
 ]
 
 

@@ -4,6 +4,7 @@ Import path and API::
 
     from cloud_sync.identity_records import DeviceIdentity, CrlIndex, RecordRefused
     from cloud_sync.identity_records import sign, opened, unchecked
+    ca = EnvironmentCA(fleet_ca, "s3://bucket/prod")     # cloud_sync.identity_environment
     data = sign(ca, "fleet/identity/devices/cam-1.json", doc.model_dump_json().encode())
     body = opened(ca, key, data)     # the signed JSON, or RecordRefused with a one-line reason
     body = unchecked(key, data)      # to show only, never to act on: the signature not checked
@@ -18,8 +19,11 @@ in, or plant a record so that a certificate the CA never enrolled can renew.
 The layout is ``cloud_sync.sealed``'s (the exact JSON bytes, ``"signature"`` appended as the
 last field, so the file stays plain JSON); the signature is the issuing key's
 (``FleetCA.sign_record``, ECDSA P-256, as claims are signed) over ``DOMAIN``, the object's key
-and those bytes. Bound to the key, a valid signature moved onto another device's object (two
-records swapped) does not verify; bound to the domain, a claim's signature is none of these.
+and those bytes, which end with ``"environment"``: the store the record was written in
+(``cloud_sync.identity_environment``). Bound to the key, a valid signature moved onto another
+device's object (two records swapped) does not verify (``forged``); bound to the environment, a
+record or index copied from another store that shares the CA (staging into prod) is refused as
+``misplaced``, naming both; bound to the domain, a claim's signature is none of these.
 
 Records and indexes written by the previous release carry no signature. They are refused
 (reason ``unsigned``), never trusted, with a message naming ``edgebento fleet identity-repair``:
@@ -41,21 +45,23 @@ from pydantic import BaseModel, Field, ValidationError
 from cloud_sync.fleet_ca import ISSUING_DAYS
 from cloud_sync.rollout_state import DEVICE_ID
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
-from modelpack.errors import ConfigError, StoreError
+from modelpack.errors import ConfigError, StoreError, clip
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-DOMAIN = b"edgebento identity record v1\n"
+DOMAIN = b"edgebento identity record v2\n"  # v2: the environment is in the body
+ENVIRONMENT = "environment"
 REPAIR = "edgebento fleet identity-repair --ca DIR --crl-file CRL --store URL"
 DEVICES = "fleet/identity/devices/"
 
 
 class RecordRefused(StoreError):
-    """A record or index read back from the store that the fleet CA did not sign as it is;
-    ``reason`` (``unsigned``, ``forged``, ``malformed``) is the counter's label."""
+    """A record or index read back from the store that the fleet CA did not sign as it is,
+    there; ``reason`` (``unsigned``, ``forged``, ``malformed``, ``misplaced``) is the counter's
+    label."""
 
     def __init__(self, key: str, reason: str, message: str) -> None:
         super().__init__(message)
@@ -161,9 +167,30 @@ def _message(key: str, body: bytes) -> bytes:
     return DOMAIN + key.encode() + b"\n" + body
 
 
+def _environment(ca: FleetCA) -> str:
+    """The environment ``ca`` signs and checks for; ConfigError for the CA itself, so that
+    no record is ever signed or read as bound to none."""
+    environment = getattr(ca, "environment", None)
+    if not isinstance(environment, str):
+        raise ConfigError("identity records are signed for a store: IdentityStore(store, ca)")
+    return environment
+
+
 def sign(ca: FleetCA, key: str, body: bytes) -> bytes:
-    """``body`` (the JSON object of a record, without a signature) as stored at ``key``."""
-    return append_mark(body, ca.sign_record(_message(key, body)))
+    """``body`` (the JSON object of a record, without a signature or an environment) as stored
+    at ``key`` in ``ca``'s environment."""
+    environment = _environment(ca)
+    fields = json.loads(body)
+    if not isinstance(fields, dict) or ENVIRONMENT in fields or FIELD in fields:
+        raise ValueError(f"{key}: only a record's own fields are signed")
+    placed = _append_field(body, ENVIRONMENT, environment)
+    return append_mark(placed, ca.sign_record(_message(key, placed)))
+
+
+def _append_field(body: bytes, name: str, value: str) -> bytes:
+    """``body`` (a JSON object) with ``name: value`` appended as its last field."""
+    body, field = body.strip(), json.dumps({name: value}, separators=(",", ":")).encode()
+    return field if body == b"{}" else body[:-1] + b"," + field[1:]
 
 
 _TAIL = b',"' + FIELD.encode() + b'":"'
@@ -181,14 +208,18 @@ def _split(key: str, data: bytes) -> tuple[bytes | None, object] | None:
         mark = parse(data, key).get(FIELD)
     except StoreError as exc:
         raise RecordRefused(key, "malformed", f"{key}: {exc}") from exc
+    except RecursionError as exc:  # JSON nested deeper than Python's stack
+        raise RecordRefused(key, "malformed", f"{key} is not a record (nested too deep)") from exc
     if mark is None:
         return None
     return signed_part(data, mark), mark
 
 
 def opened(ca: FleetCA, key: str, data: bytes) -> bytes:
-    """The bytes the fleet CA signed for ``key``; RecordRefused when they were changed, moved
-    from another object, signed by another key or never signed."""
+    """The bytes the fleet CA signed for ``key`` in ``ca``'s environment; RecordRefused when
+    they were changed, moved from another object or another environment, signed by another key
+    or never signed."""
+    ours = _environment(ca)
     found = _split(key, data)
     if found is None:
         raise RecordRefused(
@@ -209,6 +240,15 @@ def opened(ca: FleetCA, key: str, data: bytes) -> bytes:
             "forged",
             f"{key} was changed after the fleet CA signed it, or carries the signature of "
             "another object or another key: refusing to act on it",
+        )
+    theirs = json.loads(body).get(ENVIRONMENT)
+    if theirs != ours:
+        raise RecordRefused(
+            key,
+            "misplaced",
+            f"{key} was signed by the fleet CA for the store {clip(json.dumps(theirs))}, not "
+            f"for this one ({clip(json.dumps(ours))}): a copy from another environment; "
+            "refusing to act on it",
         )
     return body
 
@@ -232,7 +272,7 @@ def salvaged(device: str, key: str, data: bytes, now: float) -> DeviceIdentity:
     what a bucket writer spoiled does not stop the revocation of a stolen device."""
     try:
         listed = json.loads(unchecked(key, data)).get("certificates", [])
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError, RecordRefused):
         listed = []
     found: list[CertRecord] = []
     for item in listed if isinstance(listed, list) else []:

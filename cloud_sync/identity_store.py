@@ -17,11 +17,12 @@ all once it is revoked, are in the CRL.
 
 Device records and the CRL's index (``crl.json``) are signed by the issuing key too
 (``cloud_sync.identity_records``), bound to their object's key, and checked whenever they are
-read back with a CA: one that was changed, moved, never signed (an older release's) or signed
+read back with a CA: one that was changed, moved (to another key, or from another store that
+shares the CA: ``cloud_sync.identity_environment``), never signed (an older release's) or signed
 by another key is refused with ``RecordRefused`` (a StoreError, counted in ``refused``), never
 acted on: no enrollment, renewal or rotation goes by it, and a refused index leaves the CRL
 writer keeping what its CRL lists (``cloud_sync.revocation.publish_crl``). Writing needs the CA;
-without one (``fleet identity``, ``fleet status``) records are read unchecked, to be shown only.
+without one (``fleet identity`` without ``--ca``) records are read unchecked, to be shown only.
 The index's reads and writes are ``cloud_sync.identity_crl``'s (a base class of this one).
 """
 
@@ -45,6 +46,7 @@ from cloud_sync.identity_claims import (
     token_hash,
 )
 from cloud_sync.identity_crl import CRL_INDEX, ROOT, TRIES, CrlIndexWriter
+from cloud_sync.identity_environment import EnvironmentCA, environment_of
 from cloud_sync.identity_records import (
     CertRecord,
     CrlEntry,
@@ -58,7 +60,7 @@ from cloud_sync.identity_records import (
     unchecked,
 )
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, NotFoundError, StoreError
+from modelpack.errors import ConfigError, NotFoundError, StoreError, clip, first_problem
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
@@ -74,7 +76,10 @@ class IdentityStore(CrlIndexWriter):
     def __init__(
         self, store: ObjectStore, ca: FleetCA | None = None, crl_file: Path | None = None
     ) -> None:
-        self.store, self.ca = store, ca
+        self.store = store
+        # Every record and index this store signs or checks is bound to the store's
+        # environment, so that one copied from another store of the same CA is refused.
+        self.ca = None if ca is None else EnvironmentCA(ca, environment_of(store))
         # The CRL the broker reads, outside the bucket: what acting_on checks records against.
         self.crl = CrlFile(ca, crl_file) if ca is not None and crl_file is not None else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
@@ -152,10 +157,14 @@ class IdentityStore(CrlIndexWriter):
         try:
             doc = DeviceIdentity.model_validate_json(body)
         except ValidationError as exc:
-            raise StoreError(f"{key} is not a device identity record") from exc
+            raise self._malformed(key, first_problem(exc, "the record")) from exc
         if doc.device != device:
-            raise StoreError(f"{key} names device {doc.device!r}")
+            raise self._malformed(key, f"it names device {clip(repr(doc.device))}")
         return doc
+
+    def _malformed(self, key: str, why: str) -> RecordRefused:
+        self.refused[("device", "malformed")] += 1
+        return RecordRefused(key, "malformed", f"{key} is not a device identity record: {why}")
 
     def _change(self, device: str, change: Any, over_refused: bool = False) -> DeviceIdentity:
         """``change`` applied to the record, signed, written by compare-and-swap. A refused
@@ -254,7 +263,8 @@ class IdentityStore(CrlIndexWriter):
             try:
                 if device is None:
                     self.refused[("device", "misplaced")] += 1
-                    raise RecordRefused(key, "misplaced", f"{key} is no device's record key")
+                    shown = key if key.isprintable() else ascii(key)
+                    raise RecordRefused(key, "misplaced", f"{shown} is no device's record key")
                 found[device] = self._parse(device, self.store.get_bytes(key))
             except (RecordRefused, NotFoundError) as exc:  # NotFound: deleted since listed
                 if isinstance(exc, RecordRefused):

@@ -21,13 +21,16 @@ if TYPE_CHECKING:
 def identity_rows(
     devices: dict[str, DeviceIdentity], now: float, refused: dict[str, str] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """What ``fleet identity`` and the fleet metrics show per device; ``refused`` (device:
-    reason), records the CA did not sign as they are, shown as such and nothing else."""
+    """What ``fleet identity``, ``fleet status`` and the fleet metrics show per device;
+    ``refused`` (device, or the key of an object that is no device's: reason), records the CA
+    did not sign as they are there, shown as refused with the reason and nothing of what they
+    say (``revoked`` None: not known, neither way)."""
     rows: dict[str, dict[str, Any]] = {}
     for device, reason in sorted((refused or {}).items()):
         unknown = dict.fromkeys(("serial", "not_after", "expires_in_s", "last_rotation"))
         state = f"record refused ({reason})"
-        rows[device] = {"state": state, **unknown, "revoked": False, "revoked_at": None}
+        rows[device] = {"state": state, "refused": reason, **unknown}
+        rows[device] |= {"revoked": None, "revoked_at": None}
     for device, doc in sorted(devices.items()):
         current = doc.current_record()
         expires_in = None if current is None else current.not_after - now
@@ -36,6 +39,7 @@ def identity_rows(
             state = "expired"
         rows[device] = {
             "state": state,
+            "refused": None,
             "serial": doc.current,
             "not_after": None if current is None else current.not_after,
             "expires_in_s": expires_in,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebento.cli.registry import add_store_args
+from modelpack.errors import ConfigError, clip
 
 
 def register(sub: Any) -> None:
@@ -23,6 +24,12 @@ def register(sub: Any) -> None:
     )
     status.add_argument("--store", help="also read each device's latest telemetry object here")
     status.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    status.add_argument(
+        "--ca",
+        type=Path,
+        help="the fleet CA directory (its issuing certificate is enough): show each device's "
+        "identity record from --store, checked; without it none is read",
+    )
     status.add_argument("--json", action="store_true", help='print {"devices": {"ID": {...}}}')
     status.set_defaults(func=cmd_status)
 
@@ -72,15 +79,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     from cloud_sync.store import open_store
 
     check_broker_port(args.broker, "--broker")
+    if args.ca is not None and args.store is None:
+        raise ConfigError("--ca checks the identity records of --store: pass --store too")
     store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
     devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
-    identity = _identity(store, devices)
+    identity, refused = _identity(store, args.ca, devices)
     if args.json:
-        doc = {"devices": {d: s.as_json() for d, s in devices.items()}}
+        doc: dict[str, Any] = {"devices": {d: s.as_json() for d, s in devices.items()}}
         # The store's record (expiry, last rotation, revoked, and where the device's own word
         # disagrees) beside identity_reported, what the device says.
         for device, row in identity.items():
             doc["devices"].setdefault(device, {})["identity"] = row
+        if store is not None:
+            doc |= {"identity_checked": args.ca is not None, "identity_refused": refused}
         print(json.dumps(doc, indent=2, default=str))
         return 0
     from cloud_sync.redact import redact_url
@@ -89,34 +100,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     shown = redact_url(args.broker)
     if not devices:
         print(f"no device has reported on {shown}")
-        return 0
-    columns = [
-        Column("device", ident=True),
-        Column("state"),
-        Column("model"),
-        Column("last seen"),
-        Column("inf/s", right=True),
-        Column("p99 ms", right=True),
-        Column("errors", right=True),
-        Column("pending"),
-        Column("certificate"),
-    ]
-    rows: list[list[str | Cell]] = [
-        [
-            device,
-            _state(s.state, s.extra.get("taken_over")),
-            f"{s.model} v{s.version}" if s.model else "-",
-            _ago(s.last_seen, s.extra.get("heard")),
-            _num(s.inference_rate, ".1f"),
-            _num(s.p99_ms, ".1f"),
-            f"{s.errors:.0f}",
-            f"-> v{s.desired_version}" if s.pending_update else "",
-            _certificate(identity.get(device), s.extra.get("identity_reported")),
+    else:
+        columns = [
+            Column("device", ident=True),
+            Column("state"),
+            Column("model"),
+            Column("last seen"),
+            Column("inf/s", right=True),
+            Column("p99 ms", right=True),
+            Column("errors", right=True),
+            Column("pending"),
+            Column("certificate"),
         ]
-        for device, s in devices.items()
-    ]
-    print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
+        rows: list[list[str | Cell]] = [
+            [
+                device,
+                _state(s.state, s.extra.get("taken_over")),
+                f"{s.model} v{s.version}" if s.model else "-",
+                _ago(s.last_seen, s.extra.get("heard")),
+                _num(s.inference_rate, ".1f"),
+                _num(s.p99_ms, ".1f"),
+                f"{s.errors:.0f}",
+                f"-> v{s.desired_version}" if s.pending_update else "",
+                _certificate(identity.get(device), s.extra.get("identity_reported")),
+            ]
+            for device, s in devices.items()
+        ]
+        print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
+    _say_unshown(store is not None and args.ca is None, refused, identity, devices)
     return 0
+
+
+def _say_unshown(
+    unchecked: bool, refused: dict[str, str], identity: dict[str, Any], devices: dict[str, Any]
+) -> None:
+    """What the table leaves out of the store's identity records: all of them without --ca,
+    and refused records that no reporting device's row shows."""
+    if unchecked:
+        print("(identity records not read: --ca DIR checks each against the fleet CA)")
+    unshown = {d: r["refused"] for d, r in identity.items() if r.get("refused")} | refused
+    for name, reason in sorted(unshown.items()):
+        if name not in devices:
+            print(f"identity record refused ({reason}): {_printable(name)}")
+
+
+def _printable(text: str) -> str:
+    """A name read from the store as one printable line (a key may hold control characters)."""
+    return clip(text if text.isprintable() else ascii(text)[1:-1], 200)
 
 
 def _state(state: str, taken_over: Any) -> Any:
@@ -130,24 +160,36 @@ def _state(state: str, taken_over: Any) -> Any:
     return Cell(state, "green" if state == "online" else "red")
 
 
-def _identity(store: Any, devices: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _identity(
+    store: Any, ca_dir: Path | None, devices: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Each device's certificate from the store's identity records (docs/fleet-identity.md),
-    the cloud's own and authoritative, with ``mismatch``: where the device's word disagrees."""
-    if store is None:
-        return {}
+    read only with the fleet CA and only if it signed them there, with ``mismatch``: where the
+    device's word disagrees. A refused record is a row of its reason alone, never of what it
+    says. Also the objects under the records' prefix that are no device's (key: reason)."""
+    if store is None or ca_dir is None:
+        return {}, {}
+    from cloud_sync.identity_environment import checking_ca
     from cloud_sync.identity_store import IdentityStore
     from cloud_sync.identity_view import identity_rows, reported_mismatch
+    from cloud_sync.rollout_state import DEVICE_ID
 
-    rows = identity_rows(IdentityStore(store).devices(), time.time())
+    ids = IdentityStore(store, checking_ca(ca_dir))
+    records = ids.devices()
+    named = {n: r for n, r in ids.refused_records.items() if DEVICE_ID.fullmatch(n)}
+    others = {n: r for n, r in ids.refused_records.items() if n not in named}
+    rows = identity_rows(records, time.time(), named)
     for device, summary in devices.items():
         reported = summary.extra.get("identity_reported")
+        if rows.get(device, {}).get("refused"):
+            continue  # what a refused record says is not compared: it says nothing
         if reported is not None:
             row = rows.get(device)
             mismatch = reported_mismatch(row, reported)
             rows.setdefault(device, {"state": "no record"})["mismatch"] = mismatch
         elif device in rows:
             rows[device]["mismatch"] = []
-    return rows
+    return rows, others
 
 
 def _certificate(row: dict[str, Any] | None, reported: dict[str, Any] | None) -> Any:
@@ -162,6 +204,13 @@ def _certificate(row: dict[str, Any] | None, reported: dict[str, Any] | None) ->
         said = f"{str(reported.get('serial', '?'))[:8]} {_ago_span(max(0.0, left))} left"
         return Cell(f"{said} (device says)", "dim")
     mismatch = row.get("mismatch") or []
+    if row.get("refused"):  # the CA did not sign it as it is here: nothing of it is shown
+        said = (
+            f"; device says {str(reported['serial'])[:8]}"
+            if reported and reported.get("serial")
+            else ""
+        )
+        return Cell(f"record refused ({row['refused']}){said}", "red")
     if row["state"] == "no record":  # a device with a certificate the store never issued
         said = str((reported or {}).get("serial", "?"))[:8]
         return Cell(f"no record in the store; device says {said}", "red")
@@ -184,7 +233,6 @@ def _ago_span(seconds: float) -> str:
 def cmd_group(args: argparse.Namespace) -> int:
     from cloud_sync.groups import change_group, group_members, list_groups
     from cloud_sync.store import open_store
-    from modelpack.errors import ConfigError
 
     store = open_store(args.store, endpoint_url=args.endpoint_url)
     if args.action == "list":

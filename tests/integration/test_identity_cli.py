@@ -230,11 +230,11 @@ def test_operator_enrolls_two_devices_and_revokes_one(
         "cli-a": "online",
         "cli-b": "online",
     }
-    # With --store, fleet status shows each device's certificate too.
-    args_store = ("--store", s["store"], "--json")
+    # With --store and --ca, fleet status shows each device's certificate too, checked.
+    args_store = ("--store", s["store"], "--ca", str(s["ca"]), "--json")
     fleet = json.loads(_cli("fleet", "status", "--broker", url, *args_store, env=as_operator))
     assert fleet["devices"]["cli-a"]["identity"]["state"] == "valid"
-    table = _cli("fleet", "status", "--broker", url, "--store", s["store"], env=as_operator)
+    table = _cli("fleet", "status", "--broker", url, *args_store[:-1], env=as_operator)
     assert "certificate" in table and "90d left" in table
     statuses = operator.collect(f"{PREFIX}/cli-a/status")
     out = _cli(

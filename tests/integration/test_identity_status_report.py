@@ -33,7 +33,8 @@ def _fleet_status(fleet: IdentityFleet, *extra: str) -> subprocess.CompletedProc
     return subprocess.run(
         [
             sys.executable, "-m", "edgebento", "fleet", "status", "--broker", fleet.broker.url,
-            "--store", str(fleet.root / "store"), "--listen", "0.5", *extra,
+            "--store", str(fleet.root / "store"), "--ca", str(fleet.root / "ca"),
+            "--listen", "0.5", *extra,
         ],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={

@@ -277,14 +277,13 @@ def test_a_crl_reload_keeps_a_live_session_so_revocation_takes_it_over(
     operator.close()
     # What fleet status shows of it (item 6): the store's record says revoked, in red.
     url, store = idfleet.broker.url, idfleet.root / "store"
+    checked = ("--store", store, "--ca", idfleet.root / "ca")  # the records, checked
     status = fleet_cli(
-        "fleet", "status", "--broker", url, "--store", store, "--json", env=as_operator(idfleet)
+        "fleet", "status", "--broker", url, *checked, "--json", env=as_operator(idfleet)
     )
     device = json.loads(status)["devices"]["crl-a"]
     assert device["state"] == "offline" and device["identity"]["state"] == "revoked", device
-    table = fleet_cli(
-        "fleet", "status", "--broker", url, "--store", store, env=as_operator(idfleet)
-    )
+    table = fleet_cli("fleet", "status", "--broker", url, *checked, env=as_operator(idfleet))
     assert "revoked" in next(ln for ln in table.splitlines() if ln.startswith("crl-a")), table
 
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cloud_sync.fleet_ca import FleetCA, init_ca, load_cert
+from cloud_sync.identity_environment import EnvironmentCA
 from cloud_sync.identity_records import RecordRefused, opened, sign
 from cloud_sync.identity_store import CRL_INDEX, IdentityStore
 from cloud_sync.store import open_store
@@ -66,16 +67,17 @@ def test_a_record_stays_plain_json_with_the_signature_last(
 )
 @given(data=st.data())
 def test_any_edit_of_a_signed_record_is_refused_or_changes_nothing(
-    signed: tuple[IdentityStore, bytes], tmp_path: Path, data: st.DataObject
+    signed: tuple[IdentityStore, bytes], data: st.DataObject
 ) -> None:
     ids, original = signed
     at = data.draw(st.integers(0, len(original) - 1), label="at")
     cut = data.draw(st.integers(0, 8), label="cut")
     put = data.draw(st.binary(min_size=0, max_size=8), label="put")
     edited = original[:at] + put + original[at + cut :]
-    store = open_store(str(tmp_path / f"edit-{at}-{cut}-{put.hex()}"))
-    store.put_bytes("fleet/identity/devices/cam-1.json", edited)
-    reader = IdentityStore(store, ids.ca)
+    expected = ids.device("cam-1")
+    key = "fleet/identity/devices/cam-1.json"
+    reader = IdentityStore(ids.store, ids.ca)  # the same store: edited in place, put back
+    ids.store.put_bytes(key, edited)
     try:
         record = reader.device("cam-1")
     except RecordRefused as exc:
@@ -85,31 +87,35 @@ def test_any_edit_of_a_signed_record_is_refused_or_changes_nothing(
         return
     except StoreError as exc:  # signed bytes as they were, but not a record (cannot happen)
         pytest.fail(f"a signed record was read as something else: {exc}")
+    finally:
+        ids.store.put_bytes(key, original)
     # Read without a refusal: only if the edit left every signed byte as it was (a base64
     # character whose ignored low bits changed, say).
-    assert record == ids.device("cam-1")
+    assert record == expected
 
 
 def test_a_record_moved_onto_another_devices_object_is_refused(
-    signed: tuple[IdentityStore, bytes], ca: FleetCA
+    signed: tuple[IdentityStore, bytes],
 ) -> None:
-    _, data = signed
+    ids, data = signed
+    assert ids.ca is not None
     with pytest.raises(RecordRefused) as moved:
-        opened(ca, "fleet/identity/devices/cam-2.json", data)
+        opened(ids.ca, "fleet/identity/devices/cam-2.json", data)
     assert moved.value.reason == "forged"
     with pytest.raises(RecordRefused):  # nor can a record pass for the index
-        opened(ca, CRL_INDEX, data)
+        opened(ids.ca, CRL_INDEX, data)
 
 
 def test_a_record_signed_by_another_key_or_unsigned_is_refused(
     signed: tuple[IdentityStore, bytes], ca: FleetCA, other_ca: FleetCA, tmp_path: Path
 ) -> None:
     _, data = signed
-    body = json.dumps({k: v for k, v in json.loads(data).items() if k != "signature"}).encode()
+    drop = ("signature", "environment")
+    body = json.dumps({k: v for k, v in json.loads(data).items() if k not in drop}).encode()
     key = "fleet/identity/devices/cam-1.json"
     store = open_store(str(tmp_path / "store"))
     reader = IdentityStore(store, ca)
-    store.put_bytes(key, sign(other_ca, key, body))
+    store.put_bytes(key, sign(EnvironmentCA(other_ca, store.url), key, body))
     with pytest.raises(RecordRefused) as foreign:
         reader.device("cam-1")
     assert foreign.value.reason == "forged"
@@ -126,14 +132,13 @@ def test_a_record_signed_by_another_key_or_unsigned_is_refused(
 
 
 def test_listing_leaves_out_refused_records_and_says_which(
-    signed: tuple[IdentityStore, bytes], ca: FleetCA, tmp_path: Path, caplog: Any
+    ca: FleetCA, tmp_path: Path, caplog: Any
 ) -> None:
-    _, data = signed
     store = open_store(str(tmp_path / "store"))
-    store.put_bytes("fleet/identity/devices/cam-1.json", data)
+    ids = IdentityStore(store, ca)
+    ids.record_issue("cam-1", _cert(ca, "cam-1", tmp_path), via="claim")
     planted = {"device": "ghost", "certificates": [], "current": None}
     store.put_bytes("fleet/identity/devices/ghost.json", json.dumps(planted).encode())
-    ids = IdentityStore(store, ca)
     with caplog.at_level(logging.ERROR):
         found = ids.devices()
     assert list(found) == ["cam-1"] and ids.refused_records == {"ghost": "unsigned"}
