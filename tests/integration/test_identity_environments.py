@@ -169,6 +169,7 @@ def test_fleet_status_shows_refused_records_as_refused_and_survives_hostile_ones
     ids.store.put_bytes(
         "fleet/identity/devices/zz/st-good.json", ids.store.get_bytes(_key("st-good"))
     )
+    ids.store.put_bytes("fleet/identity/devices/\x1b[2J.json", b"{}")  # clears a terminal
     ids.store.put_bytes(_key("st-deep"), b"[" * 100_000 + b"]" * 100_000)
     ids.store.put_bytes(_key("st-bin"), b"\xff\xfe" + os.urandom(64))
     ids.store.put_bytes(_key("st-other"), json.dumps({**planted, "device": "st-good"}).encode())
@@ -198,13 +199,17 @@ def test_fleet_status_shows_refused_records_as_refused_and_survives_hostile_ones
             row = rows[device]
             assert row["state"] == f"record refused ({reason})", (device, row)
             assert (row["serial"], row["revoked"], row["not_after"]) == (None, None, None)
-        assert doc["identity_refused"] == {"fleet/identity/devices/zz/st-good.json": "misplaced"}
+        assert doc["identity_refused"] == {
+            "fleet/identity/devices/zz/st-good.json": "misplaced",
+            "fleet/identity/devices/\x1b[2J.json": "misplaced",
+        }
         table = _status(idfleet, s3_server)
         assert table.returncode == 0, table.stderr
         line = next(ln for ln in table.stdout.splitlines() if ln.startswith("st-forged"))
         assert "record refused (forged)" in line and "valid" not in line, table.stdout
         assert "identity record refused (misplaced): st-moved" in table.stdout
         assert "fleet/identity/devices/zz/st-good.json" in table.stdout
+        assert "devices/\\x1b[2J.json" in table.stdout and "\x1b" not in table.stdout
         # Without the CA no record is read, and the table says so.
         bare = _status(idfleet, s3_server, ca=False)
         assert bare.returncode == 0, bare.stderr
@@ -217,7 +222,15 @@ def test_fleet_status_shows_refused_records_as_refused_and_survives_hostile_ones
             client = idfleet.client(device)
             client.publish(f"edgebento/{device}/status", b"", retain=True)
             client.close()
-        for key in ("zz/st-good", "st-deep", "st-bin", "st-other", "st-planted", "st-moved"):
+        for key in (
+            "zz/st-good",
+            "\x1b[2J",
+            "st-deep",
+            "st-bin",
+            "st-other",
+            "st-planted",
+            "st-moved",
+        ):
             ids.store.delete(f"fleet/identity/devices/{key}.json")
 
 
