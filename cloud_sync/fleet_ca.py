@@ -19,13 +19,13 @@ SAN URI ``urn:edgebento:device:{id}`` (what other TLS stacks match on).
 from __future__ import annotations
 
 import datetime as dt
-import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The PEM helpers are pem_files', imported from here too.
+from cloud_sync.pem_files import cert_pem, load_cert, new_key, write_private, write_public
 from modelpack.errors import ConfigError, KeyFileError
 
 DEVICE_URI = "urn:edgebento:device:"
@@ -58,54 +58,6 @@ def ca_paths(out: Path) -> CaPaths:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def new_key() -> Any:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def write_private(path: Path, key: Any) -> None:
-    """The key in PEM, created 0600 (never world-readable, not even for a moment)."""
-    from cryptography.hazmat.primitives import serialization
-
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary file of this writer's own: two writers of one file (the enrollment service's
-    # CRL refresh and a `fleet revoke`) sharing one would rename each other's half-written bytes.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def cert_pem(cert: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def load_cert(data: bytes) -> Any:
-    from cryptography import x509
-
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
-        raise ConfigError(f"not a PEM certificate: {exc}") from exc
 
 
 def _name(common_name: str) -> Any:
@@ -336,9 +288,14 @@ class FleetCA:
         return cert_path, key_path
 
     def crl(
-        self, revoked: Iterable[tuple[int, dt.datetime]], days: float = CRL_DAYS, number: int = 0
+        self,
+        revoked: Iterable[tuple[int, dt.datetime]],
+        days: float = CRL_DAYS,
+        number: int = 0,
+        extensions: Iterable[Any] = (),
     ) -> bytes:
-        """The CRL, its CRLNumber ``number`` (``cloud_sync.crl_disk``: the index generation)."""
+        """The CRL, its CRLNumber ``number`` (``cloud_sync.crl_disk``: the index generation),
+        with ``extensions`` (non-critical: ``crl_disk``'s ledger)."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
 
@@ -350,6 +307,8 @@ class FleetCA:
             .next_update(now + dt.timedelta(days=days))
             .add_extension(x509.CRLNumber(number), critical=False)
         )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
         for serial, when in revoked:
             entry = (
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()

@@ -4,8 +4,8 @@ Import path and API (used through ``IdentityStore``, which holds the store and t
 
     from cloud_sync.identity_claims import ClaimRefused, new_claim, spend_claim, token_hash
     token = new_claim(store, ca, ["cam-1"], ttl_s=86400, batch=False)
-    spend_claim(store, ca, token, "cam-1", record_of)   # ClaimRefused(reason) unless valid,
-                                                        # bound, unused, and not revoked since
+    spend_claim(store, ca, token, "cam-1", record_of, revoked_since=when)  # ClaimRefused(reason)
+                                        # unless valid, bound, unused, and not revoked since
 
 Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
 the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
@@ -103,8 +103,12 @@ def spend_claim(
     device: str,
     record_of: Callable[[str], DeviceIdentity | None],
     now: float | None = None,
+    revoked_since: Callable[[str], float | None] | None = None,
 ) -> None:
-    """Spend the claim for ``device``; ``record_of`` gives its checked record (or refuses)."""
+    """Spend the claim for ``device``; ``record_of`` gives its checked record (or refuses),
+    ``revoked_since`` when the CRL the broker reads says it was last revoked (its ledger,
+    ``cloud_sync.crl_disk``): a claim issued before either revocation is refused, so neither
+    an older record put back nor a record deleted lets a spare claim undo a revocation."""
     key_hash = token_hash(token)
     key = f"{CLAIMS}/{key_hash}.json"
     for _ in range(_TRIES):
@@ -125,7 +129,11 @@ def spend_claim(
         if device in doc.used or (doc.used and not doc.batch):
             raise ClaimRefused("token_reused", "the claim token was already used")
         record = record_of(device)
-        if record is not None and record.revoked and doc.created_at <= (record.revoked_at or 0):
+        revoked = [] if revoked_since is None else [revoked_since(device)]
+        if record is not None and record.revoked:
+            revoked.append(record.revoked_at or 0.0)
+        last = max((at for at in revoked if at is not None), default=None)
+        if last is not None and doc.created_at <= last:
             # A spare token from before a revocation (a stolen device) must not undo it.
             raise ClaimRefused(
                 "revoked", f"{device} was revoked after this claim was issued: make a new one"

@@ -7,6 +7,7 @@ Import path and API (through IdentityStore, which is a CrlIndexWriter)::
     ids.revoke_serial(serial, not_after)    # a certificate that is no device's
     ids.crl_index()                         # CrlIndex; RecordRefused unless the CA signed it
     ids.revoked_serials()                   # [(serial, revocation date)] the CRL lists
+    ids.fold_records()                      # the signed records' entries in; revoked devices
 
 Each write is a compare-and-swap, signed, one ``generation`` above the index it replaces
 (``cloud_sync.crl_disk``: an older index put back is seen below the CRL on disk).
@@ -111,6 +112,15 @@ class CrlIndexWriter:
         """The index from every device's record that verifies: for a store from before the
         index existed (once), and for the CRL writer while the index does not verify."""
         return CrlIndex(entries=[e for d in self.devices().values() for e in retired_entries(d)])
+
+    def fold_records(self) -> dict[str, float]:
+        """Every signed record's retired and revoked certificates into the index, so that one a
+        crash (or a failing store) kept out of it, between the record's write and the index's,
+        comes back; the revoked devices, with when. It reads every record: the CRL refresh's,
+        not each rotation's (``cloud_sync.crl_publish``)."""
+        docs = self.devices()
+        self._add_to_crl([e for doc in docs.values() for e in retired_entries(doc)])
+        return {d: doc.revoked_at for d, doc in docs.items() if doc.revoked and doc.revoked_at}
 
     def crl_index(self) -> CrlIndex:
         """The index: every unexpired certificate of a revoked device, and those a device

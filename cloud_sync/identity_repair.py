@@ -25,11 +25,14 @@ did sign. It is signed only if
 A record that carries a signature that does not verify (changed, or moved from another device's
 object) is left as it is and reported: delete it and issue a new claim, or revoke the device's
 certificate with ``fleet revoke --cert``. The index is then written afresh, signed: every entry
-of the signed records, every certificate of any record (signed or not) that the CRL lists, and
-every entry of the old index if the CA signed it, else those the CRL lists (a claim
-certificate's revocation, which no device's record holds); entries of expired certificates
-leave. Adding to the index only ever revokes more, so what the CRL corroborates is taken from
-records that are not trusted otherwise.
+of the signed records, every entry of the old index if the CA signed it (one put back too: it
+lists what was revoked then), and every certificate the CRL on disk lists, until the notAfter
+its ledger gives (``cloud_sync.crl_disk``; one of a CRL from before the ledger until the issuing
+certificate expires). So a revocation that no device's record holds (``fleet revoke --cert`` of
+the claim certificate) survives an index deleted, edited or put back. Each certificate is kept
+until the latest notAfter any of them gives; entries of expired certificates leave. An edited
+index adds nothing of its own: adding only ever revokes more, but a bucket writer must not
+revoke a healthy device's certificate by listing it there.
 """
 
 from __future__ import annotations
@@ -66,10 +69,21 @@ class RepairReport:
     index_entries: int = 0
 
 
-def _crl(ids: IdentityStore, crl_path: Path) -> tuple[dict[str, float], int]:
-    """The CA-signed CRL on disk: revoked serial (hex) -> revocation time; its number."""
-    disk = read_disk_crl(ids.signer(), crl_path)
-    return {format(s, "x"): at.timestamp() for s, at in disk.entries.items()}, disk.number
+def _crl(ids: IdentityStore, crl_path: Path) -> tuple[list[CrlEntry], list[CrlEntry], int]:
+    """The CA-signed CRL on disk: its entries whose notAfter its ledger gives, those it does
+    not (a CRL from before the ledger: until the issuing certificate expires, unless the
+    records or the index say when), and its number."""
+    ca = ids.signer()
+    disk, unknown = read_disk_crl(ca, crl_path), ca.cert.not_valid_after_utc.timestamp()
+    known: list[CrlEntry] = []
+    guessed: list[CrlEntry] = []
+    for serial, at in disk.entries.items():
+        until = disk.not_after.get(serial)
+        entry = CrlEntry(
+            serial=format(serial, "x"), revoked_at=at.timestamp(), not_after=until or unknown
+        )
+        (guessed if until is None else known).append(entry)
+    return known, guessed, disk.number
 
 
 def _claimed(ids: IdentityStore) -> set[str]:
@@ -131,8 +145,8 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
     """``sign_unsigned``: sign unsigned records that pass the checks even after the upgrade
     (``--sign-unsigned``, an operator who has checked them)."""
     ca, report = ids.signer(), RepairReport()
-    (crl, number), claimed = _crl(ids, crl_path), _claimed(ids)
-    listed: list[CrlEntry] = []  # certificates of any record that the CRL lists: kept listed
+    (on_disk, guessed, number), claimed = _crl(ids, crl_path), _claimed(ids)
+    crl = {e.serial: e.revoked_at for e in [*on_disk, *guessed]}
     objects = {key: ids.store.get_bytes(key) for key in ids.store.list(f"{ROOT}/devices/")}
     done = "" if sign_unsigned else _upgraded_already(ids, objects, number)
     for key, data in objects.items():
@@ -145,11 +159,6 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
         except RecordRefused as exc:
             report.refused[device] = str(exc)
             continue
-        listed += [
-            CrlEntry(serial=c.serial, revoked_at=crl[c.serial], not_after=c.not_after)
-            for c in doc.certificates
-            if c.serial in crl
-        ]
         if carries_signature(key, data):
             continue  # signed: checked with the others below; never signed again here
         why = _why_not(doc, device, claimed, crl)
@@ -164,13 +173,15 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
     report.verified = len(records) - len(report.signed)
     for device, reason in ids.refused_records.items():
         report.refused.setdefault(device, f"{ROOT}/devices/{device}.json: {reason}")
-    old, checked, generation = _old_index(ids)
-    found = [e for doc in records.values() for e in retired_entries(doc)] + listed
-    found += [e for e in old if checked or e.serial in crl]
+    old, generation = _old_index(ids)
+    found = [e for doc in records.values() for e in retired_entries(doc)] + old + on_disk
     now, kept = time.time(), dict[str, CrlEntry]()
-    for entry in found:
-        if entry.not_after > now:
-            kept.setdefault(entry.serial, entry)
+    for entry in found:  # each listed until the latest notAfter given for it
+        held = kept.get(entry.serial)
+        if entry.not_after > max(now, held.not_after if held else 0.0):
+            kept[entry.serial] = entry
+    for entry in guessed:  # nothing else says when these expire
+        kept.setdefault(entry.serial, entry)
     # Above the CRL's number and the old index's: the CRL writers take it from now on.
     index = CrlIndex(generation=max(number, generation) + 1, entries=list(kept.values()))
     ids.store.put_bytes(CRL_INDEX, sign(ca, CRL_INDEX, index.model_dump_json().encode()))
@@ -178,17 +189,12 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
     return report
 
 
-def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], bool, int]:
-    """The entries of the index there now, whether the CA signed it (if not, they are used
-    only where the CRL agrees), and its generation."""
+def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], int]:
+    """The entries of the index there now if the CA signed it (none otherwise: the CRL on disk
+    lists what it revoked), and its generation (0 unless signed)."""
     try:
         data = ids.store.get_bytes(CRL_INDEX)
-        checked = True
-        try:
-            body = opened(ids.signer(), CRL_INDEX, data)
-        except RecordRefused:
-            body, checked = unchecked(CRL_INDEX, data), False
-        index = CrlIndex.model_validate_json(body)
-        return index.entries, checked, index.generation
+        index = CrlIndex.model_validate_json(opened(ids.signer(), CRL_INDEX, data))
+        return index.entries, index.generation
     except (NotFoundError, RecordRefused, ValidationError):
-        return [], False, 0
+        return [], 0

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from cloud_sync.crl_disk import BrokerCrl, DiskCrl
 from cloud_sync.identity_claims import (
     ClaimDoc,
     ClaimRefused,
@@ -50,12 +51,12 @@ from cloud_sync.identity_environment import EnvironmentCA, environment_of
 from cloud_sync.identity_records import (
     CertRecord,
     CrlEntry,
-    CrlFile,
     CrlIndex,
     DeviceIdentity,
     RecordRefused,
     device_of,
     opened,
+    retired_entries,
     salvaged,
     unchecked,
 )
@@ -80,8 +81,9 @@ class IdentityStore(CrlIndexWriter):
         # Every record and index this store signs or checks is bound to the store's
         # environment, so that one copied from another store of the same CA is refused.
         self.ca = None if ca is None else EnvironmentCA(ca, environment_of(store))
-        # The CRL the broker reads, outside the bucket: what acting_on checks records against.
-        self.crl = CrlFile(ca, crl_file) if ca is not None and crl_file is not None else None
+        # The CRL the broker reads, outside the bucket: what acting_on checks records against,
+        # and consume_claim claims (its ledger of revoked devices, ``cloud_sync.crl_disk``).
+        self.crl = BrokerCrl(ca, crl_file) if ca is not None and crl_file is not None else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
 
@@ -110,7 +112,20 @@ class IdentityStore(CrlIndexWriter):
         return new_claim(self.store, self.signer(), check_enrollable(devices), ttl_s, True)
 
     def consume_claim(self, token: str, device: str, now: float | None = None) -> None:
-        spend_claim(self.store, self.signer(), token, device, self.acting_on, now)
+        spend_claim(
+            self.store, self.signer(), token, device, self.acting_on, now, self.last_revocation
+        )
+
+    def last_revocation(self, device: str) -> float | None:
+        """When the CRL the broker reads says ``device`` was last revoked (None: never, or no
+        CRL configured): a claim issued before then is refused, whatever the bucket holds."""
+        return self._broker_crl(device).devices.get(device)
+
+    def _broker_crl(self, device: str) -> DiskCrl:
+        try:
+            return self.crl.read() if self.crl is not None else DiskCrl()
+        except ConfigError as exc:  # fail closed: the check is configured, so it is made
+            raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
 
     # --- device records -------------------------------------------------------------------------
 
@@ -130,24 +145,30 @@ class IdentityStore(CrlIndexWriter):
 
         A signature binds what a record holds, not when it was written: an older signed record
         put back (from before the revocation) verifies. With ``crl_file``, one that says the
-        device is not revoked while that CRL (signed by the CA, outside the bucket) lists the
-        certificate it runs with is refused too, and so is every record while that CRL cannot
-        be read."""
+        device is not revoked is refused too when that CRL (signed by the CA, outside the
+        bucket) lists the certificate it runs with, or names the device revoked after every
+        certificate the record names was issued (its certificate has expired and left the CRL
+        since); and so is every record while that CRL cannot be read."""
         self.signer()
         try:
             doc = self.device(device)
         except RecordRefused as exc:
             log.error("%s", exc)
             raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
-        try:
-            listed = self.crl.serials() if self.crl is not None else frozenset()
-        except ConfigError as exc:  # fail closed: the check is configured, so it is made
-            raise ClaimRefused("record_refused", f"{device}'s identity record: {exc}") from exc
-        if doc is not None and not doc.revoked and doc.current in listed:
+        disk = self._broker_crl(device)
+        if doc is None or doc.revoked:
+            return doc
+        why, revoked_at = "", disk.devices.get(device)
+        if doc.current in disk.serials:
+            why = f"says its certificate {doc.current} is valid but the CRL lists it"
+        elif revoked_at is not None and all(c.issued_at <= revoked_at for c in doc.certificates):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(revoked_at))
+            why = f"says it is not revoked, but the CRL says it was revoked at {when} UTC"
+        if why:
             raise ClaimRefused(
                 "record_refused",
-                f"{device}'s identity record says its certificate {doc.current} is valid but the "
-                "CRL lists it (an older record put back in the store): `fleet revoke` it",
+                f"{device}'s identity record {why} (an older record put back in the store): "
+                "`fleet revoke` it",
             )
         return doc
 
@@ -209,6 +230,8 @@ class IdentityStore(CrlIndexWriter):
             retired = list(doc.retired)
             if via == "renew" and doc.current is not None:
                 retired.append(doc.current)
+            if doc.revoked:  # enrolled again: its old certificates stay in the CRL till expiry
+                retired += [c.serial for c in doc.certificates if c.serial not in retired]
             return doc.model_copy(
                 update={
                     "certificates": [*doc.certificates[-19:], record],
@@ -231,7 +254,9 @@ class IdentityStore(CrlIndexWriter):
             return change(doc)
 
         new = self._change(device, noted)
-        self._add_to_crl(retiring)
+        # Every certificate the record retires, not only this one: the index is written after
+        # the record, so one that a crash or a failing store kept out of it comes back here.
+        self._add_to_crl([*retiring, *retired_entries(new)])
         return new
 
     def revoke(self, device: str) -> DeviceIdentity:

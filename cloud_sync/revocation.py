@@ -3,7 +3,7 @@
 Import path and API::
 
     from cloud_sync.revocation import publish_crl, revoke_device, kick_session
-    publish_crl(ca, ids, crl_path, broker_pid=1234)     # write the CRL, SIGHUP the broker
+    publish_crl(ca, ids, crl_path, broker_pid=1234)     # cloud_sync.crl_publish's: write, SIGHUP
     revoke_device(ids, ca, "cam-3", crl_path, broker_pid, broker=("127.0.0.1", 8883))
     revoke_certificate(ids, ca, claim_crt, crl_path, broker_pid, broker)  # the claim's, say
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import ssl
 import tempfile
 import threading
@@ -29,97 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_sync.crl_disk import one_writer, read_disk_crl
-from cloud_sync.fleet_ca import (
-    DEVICE_DAYS,
-    ISSUING_DAYS,
-    FleetCA,
-    cert_pem,
-    load_cert,
-    new_key,
-    write_public,
-)
-from cloud_sync.identity_records import REPAIR, RecordRefused, crl_serials
-from cloud_sync.identity_store import CRL_INDEX, DeviceIdentity, IdentityStore
+from cloud_sync.crl_publish import hang_up as _hang_up
+from cloud_sync.crl_publish import publish_crl
+from cloud_sync.fleet_ca import ISSUING_DAYS, FleetCA, cert_pem, load_cert, new_key
+from cloud_sync.identity_store import DeviceIdentity, IdentityStore
 from modelpack.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 KICK_CERT_S = 120
-
-
-def broker_pid_of(broker: int | Path | None) -> int | None:
-    """A pid, or the one in Mosquitto's ``pid_file`` now (a restarted broker has another)."""
-    if not isinstance(broker, Path):
-        return broker
-    try:
-        return int(broker.read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--broker-pid-file {broker}: no broker pid in it ({exc})") from exc
-
-
-def publish_crl(
-    ca: FleetCA,
-    ids: IdentityStore,
-    crl_path: Path,
-    broker_pid: int | Path | None,
-    extra: tuple[int, ...] = (),
-    keep_days: float = DEVICE_DAYS,
-    first: bool = False,
-) -> int:
-    """Write the CRL of every revoked or retired certificate; SIGHUP the broker (a pid, or its
-    pid file). The count.
-
-    The store's index is not the only source: what the CRL on disk (signed by this CA) lists
-    and was revoked within ``keep_days`` (the longest device validity: by then the certificate
-    has expired) stays listed. The index is signed by the CA (``cloud_sync.identity_records``);
-    one that does not verify (edited, or an older release's), or whose generation is below the
-    CRL's number (an older signed index put back, ``cloud_sync.crl_disk``), is not used: the
-    CRL keeps every entry it lists, with those of the device records that verify, its number
-    goes up by one (so that index never catches up), and an ERROR names the index and the
-    command that rebuilds it. With no CRL on disk nothing is written unless ``first``
-    (ConfigError): the store alone cannot show that its index is the latest."""
-    import datetime as dt
-
-    with one_writer(crl_path):
-        disk = read_disk_crl(ca, crl_path, first)
-        now = dt.datetime.now(dt.UTC)
-        since: dt.datetime | None = now - dt.timedelta(days=keep_days)
-        try:
-            index = ids.crl_index()
-            if index.generation < disk.number:
-                ids.refused[("crl_index", "replayed")] += 1
-                raise RecordRefused(
-                    CRL_INDEX,
-                    "replayed",
-                    f"{CRL_INDEX} is generation {index.generation}, below the number "
-                    f"{disk.number} of the CRL {crl_path}: an older signed index put back",
-                )
-            from_store, number = crl_serials(index.entries, now.timestamp()), index.generation
-        except RecordRefused as exc:
-            log.error(
-                "%s; the CRL %s keeps every entry it lists, with those of the signed device "
-                "records, until an operator rebuilds %s: %s",
-                exc, crl_path, CRL_INDEX, REPAIR,
-            )  # fmt: skip
-            from_store = crl_serials(ids.index_from_records().entries, now.timestamp())
-            since, number = None, disk.number + 1
-        revoked = {s: at for s, at in disk.entries.items() if since is None or at > since}
-        revoked.update(from_store)
-        for serial in extra:  # the revocation at hand: listed from now, if not already
-            revoked.setdefault(serial, now)
-        write_public(crl_path, ca.crl(sorted(revoked.items()), number=number))
-    _hang_up(broker_pid)
-    return len(revoked)
-
-
-def _hang_up(broker_pid: int | Path | None) -> None:
-    """SIGHUP the broker (a pid, or its pid file): it re-reads its configuration and CRL."""
-    pid = broker_pid_of(broker_pid)
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except ProcessLookupError as exc:
-            raise ConfigError(f"no broker runs as pid {pid}") from exc
 
 
 def _ephemeral(ca: FleetCA, common_name: str) -> tuple[ssl.SSLContext, int]:
@@ -212,7 +128,8 @@ def _reloaded(
     broker_pid: int | Path | None,
     broker: tuple[str, int],
     timeout: float,
-    extra: tuple[int, ...] = (),
+    extra: dict[int, float] | None = None,
+    devices: dict[str, float] | None = None,
 ) -> None:
     """The CRL written, and the broker running on it: a probe certificate is revoked in the same
     CRL, and the broker has reloaded when the probe is refused.
@@ -222,7 +139,9 @@ def _reloaded(
     writer's CRL, a moment before) is lost, and a CRL written after its reload read the file
     waited for the next one (seen once in CI: a revocation that never took)."""
     probe, probe_serial = _ephemeral(ca, "revocation-probe")
-    publish_crl(ca, ids, crl_path, broker_pid, extra=(probe_serial, *extra))
+    listed = {probe_serial: time.time() + KICK_CERT_S, **(extra or {})}
+    publish_crl(ca, ids, crl_path, None, extra=listed, devices=devices)
+    _hang_up(broker_pid)
     deadline = time.monotonic() + timeout
     while _connect(probe, "revocation-probe", *broker, timeout=timeout):
         if time.monotonic() > deadline:
@@ -245,14 +164,17 @@ def revoke_device(
 
     The session is taken over only once the broker runs on the new CRL (``_reloaded``), or the
     device could come straight back. Its certificates go into this CRL whatever the store's
-    index says (one that does not verify is not written to)."""
+    index says (one that does not verify is not written to), and the device into its ledger
+    (``cloud_sync.crl_disk``), so that a claim issued before now is refused whatever the
+    bucket's record says or lost."""
     doc = ids.revoke(device)
     now = time.time()
-    serials = tuple(int(c.serial, 16) for c in doc.certificates if c.not_after > now)
+    serials = {int(c.serial, 16): c.not_after for c in doc.certificates if c.not_after > now}
+    named = {device: doc.revoked_at or now}  # the CRL's ledger: no older claim re-enrolls it
     if broker is None:
-        publish_crl(ca, ids, crl_path, broker_pid, extra=serials)
+        publish_crl(ca, ids, crl_path, broker_pid, extra=serials, devices=named)
         return doc, False
-    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=serials)
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=serials, devices=named)
     kicked = kick_session(ca, device, *broker, timeout=timeout, prefix=prefix)
     log.info("%s revoked; live session %s", device, "dropped" if kicked else "not dropped")
     return doc, kicked
@@ -303,11 +225,12 @@ def revoke_serial(
     device's record was spoiled) into the CRL, listed until ``not_after`` or, not known, until
     the issuing key expires; whether the broker was seen to reload. Listing a serial this CA
     never issued costs nothing."""
-    ids.revoke_serial(serial, not_after or time.time() + ISSUING_DAYS * 86400.0)
+    until = not_after or time.time() + ISSUING_DAYS * 86400.0
+    ids.revoke_serial(serial, until)
     if broker is None:
-        publish_crl(ca, ids, crl_path, broker_pid, extra=(serial,))
+        publish_crl(ca, ids, crl_path, broker_pid, extra={serial: until})
         return False
-    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra=(serial,))
+    _reloaded(ids, ca, crl_path, broker_pid, broker, timeout, extra={serial: until})
     return True
 
 

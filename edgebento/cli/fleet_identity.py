@@ -159,14 +159,18 @@ def _broker_pid(args: argparse.Namespace) -> int | Path | None:
 
 
 def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
+    """The CRL writer: ``records=True`` (the refresh) also folds every signed record in."""
     if args.crl_file is None:
         return None
-    from cloud_sync.revocation import publish_crl
+    from cloud_sync.crl_publish import publish_crl
 
-    keep = max(90.0, args.validity / 86400)  # what the old CRL keeps: the longest validity
     if args.first_crl:  # this once; every later write needs the CRL it wrote
         publish_crl(ca, ids, args.crl_file, None, first=True)
-    return lambda: publish_crl(ca, ids, args.crl_file, _broker_pid(args), keep_days=keep)
+
+    def publish(records: bool = False) -> None:
+        publish_crl(ca, ids, args.crl_file, _broker_pid(args), records=records)
+
+    return publish
 
 
 def cmd_enroll_service(args: argparse.Namespace) -> int:
@@ -209,8 +213,9 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
                 raise service.fatal
             # OpenSSL refuses every client once the CRL's nextUpdate has passed: keep it fresh
             # even when nothing is revoked (and from the store at every start).
+            # The refresh also reads every record: an index write a crash lost comes back.
             if publish is not None and time.monotonic() - refreshed >= args.crl_refresh:
-                publish()
+                publish(records=True)
                 refreshed = time.monotonic()
     except KeyboardInterrupt:
         pass

@@ -48,7 +48,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     ca, pid = FleetCA.load(args.ca), _broker_pid(args)
     ids = _ids(args, ca)
     if args.first_crl:
-        from cloud_sync.revocation import publish_crl
+        from cloud_sync.crl_publish import publish_crl
 
         publish_crl(ca, ids, args.crl_file, None, first=True)
     kicked, done = False, dict[str, Any]()

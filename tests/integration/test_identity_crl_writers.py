@@ -20,10 +20,11 @@ WRITES = 60  # each: enough that the two overlap many times, a few seconds in al
 # Ready once imported and loaded, then it writes at the word go: the two overlap from the first.
 WRITER = """
 import sys
+import time
 from pathlib import Path
 from cloud_sync.fleet_ca import FleetCA
 from cloud_sync.identity_store import IdentityStore
-from cloud_sync.revocation import publish_crl
+from cloud_sync.crl_publish import publish_crl
 from cloud_sync.store import open_store
 
 root, first, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -32,7 +33,7 @@ ids = IdentityStore(open_store(str(root / "store")), ca)
 print("ready", flush=True)
 sys.stdin.readline()
 for serial in range(first, first + count):
-    publish_crl(ca, ids, root / "broker" / "crl.pem", None, extra=(serial,))
+    publish_crl(ca, ids, root / "broker" / "crl.pem", None, extra={serial: time.time() + 86400})
 """
 
 

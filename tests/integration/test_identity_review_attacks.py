@@ -158,7 +158,9 @@ def test_a_writer_to_the_store_cannot_take_a_revocation_back(
     # What the cloud writes next, and a probe certificate revoked in it: once the probe is
     # refused, the broker runs on that CRL.
     probe, probe_serial = _ephemeral(idfleet.ca, "revocation-probe")
-    publish_crl(idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra=(probe_serial,))
+    publish_crl(
+        idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra={probe_serial: time.time() + 120}
+    )
     deadline = time.monotonic() + 30
     while _connect(probe, "revocation-probe", *broker, timeout=10):
         assert time.monotonic() < deadline, "the broker did not reload its CRL"

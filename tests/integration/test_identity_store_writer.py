@@ -124,7 +124,12 @@ def test_a_serial_dropped_from_the_index_stays_in_the_crl_and_the_device_stays_o
     refused_before = idfleet.ids.refused[("crl_index", "forged")]
     with caplog.at_level(logging.ERROR, logger="cloud_sync.revocation"):
         publish_crl(
-            idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, extra=(probe_serial,), first=True
+            idfleet.ca,
+            idfleet.ids,
+            idfleet.ca.paths.crl,
+            pid,
+            extra={probe_serial: time.time() + 120},
+            first=True,
         )
     assert any(CRL_INDEX in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert idfleet.ids.refused[("crl_index", "forged")] == refused_before + 1
