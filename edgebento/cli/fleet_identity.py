@@ -181,9 +181,10 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     ids = _ids(args, ca, args.crl_file)  # records are checked against the broker's CRL too
     if args.crl_file is None:
         logging.getLogger("edgebento.fleet").warning(
-            "enroll-service without --crl-file: records are not checked against the broker's "
-            "CRL, so an older signed record put back in the bucket can re-enroll a revoked "
-            "device with a spare claim, and rotations do not revoke the old certificate"
+            "enroll-service without --crl-file: records and claims are not checked against "
+            "the broker's CRL, so an older signed record put back in the bucket, or a revoked "
+            "device's record deleted, lets a spare claim re-enroll it, and rotations do not "
+            "revoke the old certificate"
         )
     publish = _publisher(args, ca, ids)
     service = EnrollmentService(
