@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
@@ -50,7 +48,6 @@ from modelpack.errors import ConfigError, StoreError, clip
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
-log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DOMAIN = b"edgebento identity record v2\n"  # v2: the environment is in the body
 ENVIRONMENT = "environment"
@@ -117,29 +114,6 @@ class DeviceIdentity(BaseModel):
 
     def current_record(self) -> CertRecord | None:
         return next((c for c in self.certificates if c.serial == self.current), None)
-
-
-class CrlFile:
-    """The serials (hex) that the CRL at ``path``, signed by the CA, lists; read again when the
-    file changes. ConfigError (and an ERROR) while it cannot be read or is not the CA's: a
-    check that cannot be made refuses, it is never skipped (an empty set would let an older
-    record put back re-enroll a revoked device)."""
-
-    def __init__(self, ca: FleetCA, path: Path) -> None:
-        self.ca, self.path = ca, path
-        self._seen: tuple[object, frozenset[str]] = (None, frozenset())
-
-    def serials(self) -> frozenset[str]:
-        try:
-            stat = self.path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size)
-            if seen != self._seen[0]:
-                listed = self.ca.crl_entries(self.path)
-                self._seen = (seen, frozenset(format(s, "x") for s in listed))
-        except (OSError, ConfigError) as exc:
-            log.error("%s: records cannot be checked against the CRL (%s)", self.path, exc)
-            raise ConfigError(f"the CRL {self.path} cannot be read ({exc})") from exc
-        return self._seen[1]
 
 
 def retired_entries(doc: DeviceIdentity) -> list[CrlEntry]:
