@@ -9,15 +9,23 @@ Import path and API (used through ``IdentityStore``, which holds the store and t
 
 Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
 the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
-its hash, devices, batch flag and times): whoever writes the bucket without that key cannot
-plant a claim of its own or widen one. A claim is spent by a compare-and-swap on its etag: two
-enrollments racing with one token cannot both win.
+its hash, devices, batch flag, times and environment): whoever writes the bucket without that
+key cannot plant a claim of its own or widen one. A claim is spent by a compare-and-swap on its
+etag: two enrollments racing with one token cannot both win.
+
+A claim is signed for the store it is made in (``environment``, as records are:
+``cloud_sync.identity_environment``): one copied from staging into prod, which share the CA, is
+refused there (``misplaced_claim``), so the staging token's holder cannot enroll that device id
+in prod. Claims made by the previous release carry no environment (their signature covers none);
+they are still accepted, with a WARNING, until they expire (24 h by default, ``fleet claim
+--ttl``): a copied one of those enrolls until then.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -25,14 +33,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
 
-from cloud_sync.identity_records import SCHEMA_VERSION, DeviceIdentity
+from cloud_sync.identity_records import SCHEMA_VERSION, DeviceIdentity, signing_environment
 from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
-from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError
+from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError, clip
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
+log = logging.getLogger(__name__)
 CLAIMS = "fleet/identity/claims"
 TOKEN_PREFIX = "ebc1."
 _TRIES = 20
@@ -69,14 +78,35 @@ class ClaimDoc(BaseModel):
     # this field, as old as any revocation).
     created_at: float = 0.0
     used: dict[str, float] = Field(default_factory=dict)
-    signature: str | None = None  # FleetCA.sign_record over claim_body: not ``used``
+    # The store it was made for (None: the previous release's, made for any).
+    environment: str | None = None
+    signature: str | None = None  # FleetCA.sign_record over body(): not ``used``
 
     def body(self, key_hash: str) -> bytes:
         """What the CA signs: bound to the token's hash, so a signature moved onto another
-        token's record does not verify."""
-        fields = {"hash": key_hash, "devices": self.devices, "batch": self.batch}
-        fields |= {"expires_at": self.expires_at, "created_at": self.created_at}
+        token's record does not verify, and to the environment (a claim without one is signed
+        as the previous release signed it, so its signature still verifies)."""
+        fields: dict[str, object] = {"hash": key_hash, "devices": self.devices}
+        fields |= {"batch": self.batch, "expires_at": self.expires_at}
+        fields |= {"created_at": self.created_at}
+        if self.environment is not None:
+            fields["environment"] = self.environment
         return json.dumps(fields, sort_keys=True).encode()
+
+
+def refusal(ca: FleetCA, key_hash: str, doc: ClaimDoc) -> ClaimRefused | None:
+    """Why the claim ``doc`` (at ``key_hash``) is not one the fleet CA made in ``ca``'s
+    environment; None when it is (or the previous release made it, without an environment)."""
+    if not ca.verify_record(doc.body(key_hash), doc.signature):
+        return ClaimRefused("forged_claim", "the claim is not signed by the fleet CA")
+    ours = signing_environment(ca)
+    if doc.environment is not None and doc.environment != ours:
+        return ClaimRefused(
+            "misplaced_claim",
+            f"the claim token was made for the store {clip(json.dumps(doc.environment))}, not "
+            f"this one ({clip(json.dumps(ours))}): a copy from another environment",
+        )
+    return None
 
 
 def token_hash(token: str) -> str:
@@ -91,6 +121,7 @@ def new_claim(
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now, key_hash = time.time(), token_hash(token)
     doc = ClaimDoc(devices=devices, batch=batch, expires_at=now + ttl_s, created_at=now)
+    doc.environment = signing_environment(ca)
     doc.signature = ca.sign_record(doc.body(key_hash))
     store.create(f"{CLAIMS}/{key_hash}.json", doc.model_dump_json().encode())
     return token
@@ -120,10 +151,17 @@ def spend_claim(
             doc = ClaimDoc.model_validate_json(data)
         except ValidationError as exc:
             raise StoreError(f"{key} in {store.url} is not a claim") from exc
-        if not ca.verify_record(doc.body(key_hash), doc.signature):
-            raise ClaimRefused("forged_claim", "the claim is not signed by the fleet CA")
+        refused = refusal(ca, key_hash, doc)
+        if refused is not None:
+            raise refused
         if (now or time.time()) >= doc.expires_at:
             raise ClaimRefused("expired_token", "the claim token has expired")
+        if doc.environment is None:
+            log.warning(
+                "%s: a claim of the previous release, bound to no store: accepted until it "
+                "expires",
+                key,
+            )
         if device not in doc.devices:
             raise ClaimRefused("wrong_device", f"the claim token is not for {device}")
         if device in doc.used or (doc.used and not doc.batch):

@@ -141,9 +141,9 @@ def _message(key: str, body: bytes) -> bytes:
     return DOMAIN + key.encode() + b"\n" + body
 
 
-def _environment(ca: FleetCA) -> str:
+def signing_environment(ca: FleetCA) -> str:
     """The environment ``ca`` signs and checks for; ConfigError for the CA itself, so that
-    no record is ever signed or read as bound to none."""
+    no record or claim is ever signed or read as bound to none."""
     environment = getattr(ca, "environment", None)
     if not isinstance(environment, str):
         raise ConfigError("identity records are signed for a store: IdentityStore(store, ca)")
@@ -153,7 +153,7 @@ def _environment(ca: FleetCA) -> str:
 def sign(ca: FleetCA, key: str, body: bytes) -> bytes:
     """``body`` (the JSON object of a record, without a signature or an environment) as stored
     at ``key`` in ``ca``'s environment."""
-    environment = _environment(ca)
+    environment = signing_environment(ca)
     fields = json.loads(body)
     if not isinstance(fields, dict) or ENVIRONMENT in fields or FIELD in fields:
         raise ValueError(f"{key}: only a record's own fields are signed")
@@ -193,7 +193,7 @@ def opened(ca: FleetCA, key: str, data: bytes) -> bytes:
     """The bytes the fleet CA signed for ``key`` in ``ca``'s environment; RecordRefused when
     they were changed, moved from another object or another environment, signed by another key
     or never signed."""
-    ours = _environment(ca)
+    ours = signing_environment(ca)
     found = _split(key, data)
     if found is None:
         raise RecordRefused(

@@ -44,7 +44,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cloud_sync.crl_disk import read_disk_crl
-from cloud_sync.identity_claims import CLAIMS, ClaimDoc
+from cloud_sync.identity_claims import CLAIMS, ClaimDoc, refusal
 from cloud_sync.identity_records import (
     CrlEntry,
     CrlIndex,
@@ -95,7 +95,7 @@ def _claimed(ids: IdentityStore) -> set[str]:
         except ValidationError:
             continue
         key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if ca.verify_record(doc.body(key_hash), doc.signature):
+        if refusal(ca, key_hash, doc) is None:  # the CA's, made for this store
             named.update(doc.devices)
     return named
 
