@@ -33,6 +33,7 @@ import binascii
 import json
 from typing import TYPE_CHECKING, Any
 
+from modelpack import untrusted_json
 from modelpack.errors import SignatureError, StoreError
 from modelpack.signing import TrustedKey, key_id
 
@@ -94,9 +95,9 @@ def public_of(signer: Ed25519PrivateKey) -> TrustedKey:
 def parse(data: bytes, what: str) -> dict[str, Any]:
     """The JSON object, its signature unchecked (to show, never to act on)."""
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{what} is not JSON") from exc
+        doc = untrusted_json.loads(data, what)
+    except untrusted_json.NotJsonError as exc:
+        raise StoreError(str(exc)) from exc
     if not isinstance(doc, dict):
         raise StoreError(f"{what} is not a JSON object")
     return doc
