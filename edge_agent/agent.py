@@ -18,6 +18,7 @@ from edge_agent.heartbeat import Heartbeat
 from edge_agent.identity_status import IdentityStatus
 from edge_agent.inference import InferenceService
 from edge_agent.outbox import Outbox
+from edge_agent.packet_limit import TooLarge
 from edge_agent.pipelines import Pipeline
 from edge_agent.replies import ReplyCache
 from edge_agent.session import Session
@@ -75,7 +76,7 @@ class Agent(AgentStatus):
         self._reported_quarantines: set[Path] = set()
         device = config.device
         self.pipelines = [
-            Pipeline(p, self.inference, self._publish_result) for p in config.pipelines
+            Pipeline(p, self.inference, self._publish_result, self.record) for p in config.pipelines
         ]
         self.dispatcher = Dispatcher(self)
         # What the main loop sleeps on until its next heartbeat: set by a stop (SIGTERM's
@@ -86,7 +87,7 @@ class Agent(AgentStatus):
         self._status_due = False  # a connect happened: publish the status
         self.session = Session(
             config,
-            will=(self.topics.status(device), self._status_doc("offline")),
+            will=self._will,
             on_message=self.dispatcher.on_message,
             on_connect=self._on_connect,
             on_fatal=self._wake.set,
@@ -189,8 +190,8 @@ class Agent(AgentStatus):
         self._wake.set()
         self.telemetry.reconnected()
 
-    def _publish_result(self, topic: str, payload: bytes) -> None:
-        self.session.publish(topic, payload, qos=1)
+    def _publish_result(self, topic: str, payload: bytes, not_sent: TooLarge) -> None:
+        self.session.publish(topic, payload, qos=1, on_too_large=not_sent)
 
     # --- lifecycle -----------------------------------------------------------------------------
 

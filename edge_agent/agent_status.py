@@ -59,10 +59,8 @@ class AgentStatus:
         )
 
     def _taken_over(self) -> int:
-        """Connections lost to another client with our client id (0 in the last will, which
-        is made before the session)."""
-        session = getattr(self, "session", None)
-        return 0 if session is None else session.takeover.taken_over
+        """Connections lost to another client with our client id."""
+        return self.session.takeover.taken_over
 
     def serving_label(self) -> str:
         ref = self.inference.model_ref
@@ -74,6 +72,11 @@ class AgentStatus:
 
     def _status_doc(self, state: str) -> bytes:
         return self.status(state).model_dump_json(exclude_none=True).encode()
+
+    def _will(self) -> tuple[str, bytes]:
+        """The last will, which the session makes again before each connect: the status as
+        of then (the takeovers counted so far, the model serving), offline."""
+        return self.topics.status(self.config.device), self._status_doc("offline")
 
     def publish_status(self) -> None:
         if self.session.connected:

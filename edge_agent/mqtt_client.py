@@ -30,11 +30,9 @@ def _no_delay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def make_client(
-    cfg: AgentConfig, client_id: str, will: tuple[str, bytes]
-) -> tuple[mqtt.Client, ssl.SSLContext | None]:
+def make_client(cfg: AgentConfig, client_id: str) -> tuple[mqtt.Client, ssl.SSLContext | None]:
     """The client, and its TLS context (kept: a certificate rotation loads the new chain into
-    it). The session sets the callbacks."""
+    it). The session sets the callbacks and the last will (before each connect)."""
     if cfg.protocol == "5":
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -52,7 +50,6 @@ def make_client(
             reconnect_on_failure=False,
             manual_ack=True,
         )
-    client.will_set(will[0], will[1], qos=1, retain=True)
     if cfg.username is not None:
         client.username_pw_set(cfg.username, cfg.password)
     tls = None

@@ -8,16 +8,37 @@ took a packet takes any smaller one; an earlier connection may have been to a br
 higher limit). Any message over the limit is larger than every message under it, so when one
 was sent it is the suspect. The broker acknowledging the suspect clears it. (A message sent
 after it and acknowledged would clear it too, but paho stamps every message it holds at the
-CONNACK, those it sent before the resend too: which came first on the wire is not known.) When
-the same message is the suspect of ``CLOSES`` closes in a row, each within ``SOON_S`` of its
-send (after the first, paho's resend right after the CONNACK), it is over the limit: the limit
-is below its size, and that bound is applied to every later publish.
+CONNACK, those it sent before the resend too: which came first on the wire is not known.)
+
+Closes alone cannot tell the two apart: a link that drops within ``SOON_S`` of each reconnect
+drops within ``SOON_S`` of paho's resend of whatever it holds. So the agent makes the test that
+can: while a row is open, the next connection first holds without the suspect. The session
+keeps the suspect, and every message as large as a candidate of the last close, out of paho's
+resend at the CONNACK (``hold_above``; ``packet_limit.PacketLimit.hold_back``), and sends them,
+the suspect first, only once the connection has held ``SOON_S`` (``quiet_until``). A close
+before that, with the suspect unsent, is the link's (or a takeover's, or a broker's restart):
+it ends the row. A close within ``SOON_S`` after the suspect's own send, on a connection that
+held without it, counts for it. When the same message is the suspect of ``CLOSES`` closes in a
+row, every one after the first on a connection that held ``SOON_S`` without it, it is over the
+limit: the limit is below its size, and that bound is applied to every later publish. A broker
+that drops a packet it reads the header of closes at once; a link that drops a connection soon
+after it opens drops it with the suspect held; only a link that drops exactly in the second
+after the suspect's send, ``CLOSES - 1`` times in a row, and never in the second before, still
+teaches a false bound, and that one lapses.
+
+The bound is never below the largest packet the broker acknowledged on the connection of the
+verdict's close (the suspect is larger). It may be below one acknowledged on an earlier
+connection of this boot, only by an exact verdict: a broker restarted with a lower
+``max_packet_size`` (or another after a fail-over) drops the device for a message it once took,
+and a floor kept from the old one would keep the device off the new one for ever (that case has
+its own test). The held-back test stands between a flaky link and such a bound.
 
 The bound is provisional: it holds until the agent restarts, or until the first connect
 ``LAPSE_S`` after it was learned, and is learned again if still true. After ``EXACT_VERDICTS``
 verdicts in a boot (a client asking for answers just under each bound in turn, each costing
 ``CLOSES`` drops), each verdict takes at least an eighth off the bound: a client gets a few
-steps, not one a byte, at the cost of a bound up to an eighth below the broker's limit.
+steps, not one a byte, at the cost of a bound up to an eighth below the broker's limit, and
+never below the largest packet the broker acknowledged in this boot (a step is no evidence).
 
 The rule is pure (``PacketLimitWatch``: closes and acknowledgements in, a verdict out); the
 session's side, over paho's queue, is ``edge_agent.packet_limit``.
@@ -66,15 +87,18 @@ class PacketLimitWatch:
     def __init__(self, soon_s: float = SOON_S, floor: int = MIN_SUSPECT) -> None:
         self.soon_s, self.floor = soon_s, floor
         self.acked_max = 0  # the largest packet the broker acknowledged since the CONNACK
+        self.acked_boot = 0  # ... since the agent started, on any connection
         self.bound: int | None = None  # learned: the broker takes no packet larger
         self.verdicts = 0
         self._learned_at: float | None = None
         self.suspect: Unacked | None = None  # the message the last closes were blamed on
+        self.hold_above = 0  # while a row is open: what is larger waits out the quiet
         self._closes = 0
+        self.connected_at = 0.0  # monotonic: the last CONNACK
 
     def connected(self, now: float) -> None:
         """A CONNACK: maybe another broker, or one restarted with a lower limit."""
-        self.acked_max = 0
+        self.acked_max, self.connected_at = 0, now
         if self._learned_at is not None and now - self._learned_at >= LAPSE_S:
             log.info("the packet bound learned %.0fs ago (%s bytes) lapses", LAPSE_S, self.bound)
             self.bound, self._learned_at, self.verdicts = None, None, 0
@@ -83,6 +107,7 @@ class PacketLimitWatch:
         """The broker acknowledged a packet; ``suspect``: the suspect, which is not over its
         limit then."""
         self.acked_max = max(self.acked_max, size)
+        self.acked_boot = max(self.acked_boot, size)
         if suspect:
             self.explained()
 
@@ -100,21 +125,35 @@ class PacketLimitWatch:
         if not candidates:
             return None
         # The last suspect again (telemetry sends new batches after a reconnect: a larger
-        # message may join it), else the largest: over the limit if any sent is.
+        # message may join it), else the largest: over the limit if any sent is. The suspect
+        # counts again only when it was sent after the connection held for ``soon_s`` without
+        # it (the session holds it back, ``quiet_until``): a link that drops soon after each
+        # reconnect drops with it held, which ends the row (it is not in ``unacked`` then).
         same = [
-            u for u in candidates if previous and (u.mid, u.seq) == (previous.mid, previous.seq)
+            u
+            for u in candidates
+            if previous is not None
+            and (u.mid, u.seq) == (previous.mid, previous.seq)
+            and (told or u.sent_at >= self.quiet_until)
         ]
         blamed = same[0] if same else max(candidates, key=lambda u: u.size)
         closes = closes + 1 if same else 1
         if told or closes >= CLOSES:
             return Blame(blamed, self._verdict(blamed, now), closes)
-        self.suspect, self._closes = blamed, closes
+        self.suspect, self._closes, self.hold_above = blamed, closes, above
         return Blame(blamed, None, closes)
+
+    @property
+    def quiet_until(self) -> float:
+        """While a row is open, the suspect is sent again only this long after the CONNACK."""
+        return self.connected_at + self.soon_s
 
     def _verdict(self, message: Unacked, now: float) -> int:
         bound = message.size - 1
         if self.verdicts >= EXACT_VERDICTS and self.bound is not None:  # stepped down again
-            bound = min(bound, max(self.floor, self.bound - self.bound // 8))
+            # Never below what the broker took in this boot: a step is no evidence.
+            known = max(self.floor, self.acked_max, self.acked_boot)
+            bound = min(bound, max(known, self.bound - self.bound // 8))
         self.bound = bound if self.bound is None else min(self.bound, bound)
         self.verdicts += 1
         self._learned_at = now

@@ -13,10 +13,15 @@ it, for ever: nothing else the device sends arrives.
 How a close is told from a link that drops is ``edge_agent.packet_evidence``.
 
 ``PacketLimit`` is the session's side: it keeps the size and the owner of each message paho
-holds, and once a verdict is in, removes from paho's queue, with paho's network loop stopped,
-the message and any other over the bound, and tells each one's owner (a reply becomes a short
-refusal). paho has no call that removes one message (``drop_out_messages`` drops them all, and
-putting the others back would give them new mids): its own queue is used under its own lock.
+holds; while a row of closes is open it holds the suspect back from paho's resend at the next
+CONNACK (a state paho's resend skips) and sends it once the connection held without it; and
+once a verdict is in, it removes from paho's queue, with paho's network loop stopped, the
+message and any other over the bound. Each one's owner is told (a reply becomes a short
+refusal, a pipeline counts its result unsent), and its ``MQTTMessageInfo`` completes as failed
+(``MQTT_ERR_PAYLOAD_SIZE``: ``wait_for_publish`` and ``is_published`` raise RuntimeError), so
+nothing waits on it for ever. paho has no call that removes one message (``drop_out_messages``
+drops them all, and putting the others back would give them new mids), nor one that holds one
+back: its own queue is used under its own lock.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ log = logging.getLogger("edge_agent.session")  # one logger for all the connecti
 MQTT_MAX_PACKET = 268_435_455  # what a four-byte remaining length can say
 PACKET_TOO_LARGE = 0x95  # MQTT 5 DISCONNECT reason code, for a broker that says it
 _SENT = (mqtt.mqtt_ms_wait_for_puback, mqtt.mqtt_ms_wait_for_pubrec)
+_WAITING = mqtt.mqtt_ms_invalid  # a state paho's resend at the CONNACK skips: held back by us
 
 TooLarge = Callable[[str], None]  # told why, when its message is over the broker's limit
 
@@ -62,6 +68,9 @@ class PacketLimit:
         self._held: dict[int, tuple[int, TooLarge | None, int]] = {}  # mid -> size, owner, number
         self._numbers = itertools.count(1)
         self._verdict: Blame | None = None
+        # mids held back from the resend, the suspect first (under paho's lock)
+        self._waiting: list[int] = []
+        self._connack = False  # on the current connection
         self._lock = threading.Lock()
 
     @property
@@ -88,11 +97,30 @@ class PacketLimit:
                 raise BrokerError(
                     f"not published: the message is {size} bytes; the broker takes at most {bound}"
                 )
-            info = self.client.publish(
-                topic, payload, qos=qos, retain=retain, properties=properties
-            )
+            # While the suspect waits out the quiet, so does any message as large (telemetry
+            # sends its batch again at each reconnect): the connection holds without them.
+            wait = qos > 0 and bool(self._waiting) and size > self.watch.hold_above
+            info = self._publish(topic, payload, qos, retain, properties, wait)
             if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._held[info.mid] = (size, on_too_large, next(self._numbers))
+        return info
+
+    def _publish(
+        self, topic: str, payload: bytes | str, qos: int, retain: bool, props: Any, wait: bool
+    ) -> mqtt.MQTTMessageInfo:
+        """paho's publish; ``wait``: queued, not sent (paho queues what is over its in-flight
+        maximum: one below any count, under its lock), then waiting with the suspect."""
+        if not wait:
+            return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        most, self.client._max_inflight_messages = self.client._max_inflight_messages, -1
+        try:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        finally:
+            self.client._max_inflight_messages = most
+        message = self.client._out_messages.get(info.mid)
+        if message is not None and message.state == mqtt.mqtt_ms_queued:
+            message.state = _WAITING
+            self._waiting.append(info.mid)
         return info
 
     def acked(self, mid: int) -> None:
@@ -109,6 +137,7 @@ class PacketLimit:
         """A CONNACK, and the limit it ``told`` (MQTT 5's Maximum Packet Size), if any."""
         with self._lock:
             self.watch.connected(now)  # before ``bound`` is read: it may lapse
+            self._connack = True
         learned = self.bound or MQTT_MAX_PACKET  # from a broker that dropped us for one
         own = min(self.configured, learned)
         self.max_packet = own if told is None else min(own, told)
@@ -133,7 +162,8 @@ class PacketLimit:
         unexplained = told or (not v5 and not from_broker and reason == CONNECTION_LOST)
         blame = self.closed(now, told) if unexplained and accepted else None
         if blame is not None and blame.bound is not None:  # a verdict: no takeover
-            takeover.explained()
+            # A row's first close came to the takeover watch as any other: not a takeover.
+            takeover.explained(take_back=blame.closes > 1)
             return None
         if blame is None:
             self.explained()
@@ -156,6 +186,49 @@ class PacketLimit:
                     self.max_packet = min(self.max_packet, blame.bound)
         return blame
 
+    def hold_back(self) -> None:
+        """MQTT 3.1.1, on the session's thread after ``connect()`` and before paho's loop
+        reads the CONNACK (at which paho sends again all it holds): while a row of closes is
+        open, its suspect, and every message as large as a candidate of its last close, wait
+        for ``release``; the connection first has to hold without them."""
+        with self._lock:
+            suspect, above, self._connack = self.watch.suspect, self.watch.hold_above, False
+        waiting: list[tuple[bool, int]] = []
+        seq = suspect.seq if suspect is not None else -1
+        with self.client._out_message_mutex:
+            for m in self.client._out_messages.values() if suspect is not None else ():
+                size, _, number = self._held.get(m.mid, (0, None, 0))
+                if m.qos > 0 and m.state == mqtt.mqtt_ms_publish and size > above:
+                    m.state = _WAITING
+                    waiting.append((number != seq, m.mid))
+            self._waiting = [mid for _, mid in sorted(waiting, key=lambda w: w[0])]
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._waiting)
+
+    def release(self, now: float) -> None:
+        """On the session's thread: once the connection held ``SOON_S`` after its CONNACK,
+        send what waits, the suspect first (any message over the limit is as large as it)."""
+        with self._lock:
+            if not self._connack or now < self.watch.quiet_until:
+                return
+        with self.client._out_message_mutex:
+            for mid in self._waiting:
+                m = self.client._out_messages.get(mid)
+                if m is None or m.state != _WAITING:
+                    continue
+                m.state = (
+                    mqtt.mqtt_ms_wait_for_puback if m.qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
+                )
+                m.timestamp = now  # its DUP flag as paho's reconnect left it: set if it was sent
+                self.client._inflight_messages += 1
+                self.client._send_publish(
+                    m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                    properties=m.properties,
+                )  # fmt: skip
+            self._waiting = []
+
     def drop_refused(self) -> None:
         """With paho's network loop stopped and before the next connect (its resend): remove
         what the broker refuses, and tell each message's owner."""
@@ -169,7 +242,12 @@ class PacketLimit:
             over = [m for m in queue.values() if self._held.get(m.mid, (0,))[0] > bound]
             for m in over:
                 queue.pop(m.mid, None)
+                # Whoever waits on its MQTTMessageInfo learns it failed (wait_for_publish and
+                # is_published raise RuntimeError "Payload too large"), never waits for ever.
+                m.info.rc = mqtt.MQTT_ERR_PAYLOAD_SIZE
+                m.info._set_as_published()
             held = [(m, self._held.pop(m.mid)) for m in over]  # under the lock ``acked`` takes
+            self._waiting = [mid for mid in self._waiting if mid in queue]
         self.refused += len(over)
         log.error(
             "the broker closed the connection %d time(s) in a row right after this agent sent "

@@ -27,16 +27,24 @@ from modelpack.errors import EdgebentoError, InputError, OverloadError
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], None]
+NotSent = Callable[[str], None]  # told why, when a result published is never sent after all
+Publish = Callable[[str, bytes, NotSent], None]
+Record = Callable[[str, dict[str, Any]], None]  # an event for the telemetry outbox
 MAX_ID_CHARS = 128
 
 
 class Pipeline:
     def __init__(
-        self, config: PipelineConfig, inference: InferenceService, publish: Publish
+        self,
+        config: PipelineConfig,
+        inference: InferenceService,
+        publish: Publish,
+        record: Record | None = None,
     ) -> None:
         self.config, self.inference, self.publish = config, inference, publish
+        self.record = record
         self.handled = self.published = self.failed = 0
+        self.unsent = 0  # published, then taken out of the session's queue (never sent)
         self.refused: dict[str, int] = {}  # readings not run, by reason
 
     def _refuse(self, exc: EdgebentoError, counted: bool = False) -> None:
@@ -131,9 +139,21 @@ class Pipeline:
         if result is None:
             return
         try:
-            self.publish(self.config.output_topic, dumps(result))
+            self.publish(self.config.output_topic, dumps(result), self._not_sent)
         except EdgebentoError as exc:  # too big for the broker: never sent
             self.failed += 1
             log.warning("pipeline %s: result not published: %s", self.config.name, exc)
             return
         self.published += 1
+
+    def _not_sent(self, why: str) -> None:
+        """A result published, then taken out of the session's queue: an MQTT 3.1.1 broker
+        closed the connection for it (over its packet limit, ``edge_agent.packet_limit``).
+        Called on the session's thread; counted apart from ``published``, said in the log and
+        in an ``unpublished`` event."""
+        self.unsent += 1
+        log.warning("pipeline %s: result not published: %s", self.config.name, why)
+        if self.record is not None:
+            event = {"event": "unpublished", "pipeline": self.config.name,
+                     "topic": self.config.output_topic, "reason": "too_large", "error": why}  # fmt: skip
+            self.record("event", event)

@@ -21,7 +21,10 @@ versions from Mosquitto's source, where 2.0.15 added the DISCONNECT: commit 3519
   ``packet_limit`` blames on a message over the broker's packet limit (the same pattern, from a
   message paho sends again at each reconnect) cannot be told apart at once: the first drop
   blamed on a message counts here as any other, the next ones for it wait, and its verdict
-  calls ``explained`` (a takeover while each drop finds a new, larger message is still told).
+  calls ``explained(take_back=True)``, which takes back what that first drop counted (with an
+  unexplained drop just before it, a broker restarted or a link cut, the two made a streak,
+  counted as two takeovers). A takeover while each drop finds a new, larger message is still
+  told, and a drop while the suspect is held back (``packet_evidence``) is any other drop.
 
 Either way the agent logs one ERROR per streak naming the client id, counts each takeover, and
 waits longer after each (``TAKEOVER_BASE_S`` doubling up to ``TAKEOVER_CAP_S``) instead of its
@@ -88,6 +91,7 @@ class TakeoverWatch:
         self._counted = 0  # of the streak, those counted as takeovers
         self._told = False  # the ERROR of this streak was logged
         self._taken_over = 0
+        self._added = 0  # what the last close counted: taken back if a verdict explains it
 
     @property
     def taken_over(self) -> int:
@@ -103,10 +107,22 @@ class TakeoverWatch:
         """A connect failed: the broker was down or away, not taken by another client."""
         self.explained()
 
-    def explained(self) -> None:
+    def explained(self, take_back: bool = False) -> None:
         """A connection ended, or none was made, for a reason that is no takeover (a message
-        over the broker's packet limit: ``packet_limit``)."""
+        over the broker's packet limit: ``packet_limit``). ``take_back``: the verdict on a
+        message explains the row of closes it ends, whose first close came here as any other
+        (``lost``): what that close counted is no takeover (with an unexplained drop before it,
+        a broker restarted or a link cut, it made a streak of two, counted as two)."""
         with self._lock:
+            added, self._added = self._added, 0
+            if take_back and added:
+                self._taken_over -= added
+                log.warning(
+                    "the last %d drop(s) counted as client id %r taken over were for a message "
+                    "over the broker's packet limit: not counted",
+                    added,
+                    self.client_id,
+                )
             self._since = None
             self._end_streak()
 
@@ -114,7 +130,7 @@ class TakeoverWatch:
         """A connection ended: the delay before reconnecting when another client likely took
         our client id, else None (the usual backoff applies)."""
         with self._lock:
-            since, self._since = self._since, None
+            since, self._since, self._added = self._since, None, 0
             if since is None:  # refused or never accepted: nothing to tell
                 self._end_streak()
                 return None
@@ -134,7 +150,8 @@ class TakeoverWatch:
                 return None
             first, streak = not self._told, self._streak
             self._told = True
-            self._taken_over += streak - self._counted
+            self._added = streak - self._counted
+            self._taken_over += self._added
             self._counted = streak
             delay = self.backoff.next()
         self._tell(certain, first, streak, delay)

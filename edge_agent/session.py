@@ -39,6 +39,9 @@ from modelpack.errors import AuthError, BrokerError
 
 log = logging.getLogger(__name__)
 
+# The last will: its topic and payload, or what makes them again before each connect.
+Will = tuple[str, bytes] | Callable[[], tuple[str, bytes]]
+
 # CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
 _CLOSED = "the connection was closed, no reason given (no DISCONNECT from the broker)"
@@ -50,7 +53,7 @@ class Session:
     def __init__(
         self,
         config: AgentConfig,
-        will: tuple[str, bytes],
+        will: Will,
         on_message: Callable[[Incoming], None],
         on_connect: Callable[[bool], None] | None = None,
         on_fatal: Callable[[], None] | None = None,
@@ -73,7 +76,8 @@ class Session:
         self.takeover = TakeoverWatch(self.client_id, max(TAKEOVER_CAP_S, config.backoff_max))
         self._takeover_delay: float | None = None  # set when a connection ends
         self.connects = 0
-        self.client, self._tls = make_client(config, self.client_id, will)
+        self._will = will
+        self.client, self._tls = make_client(config, self.client_id)
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self.incoming.handle
@@ -213,9 +217,20 @@ class Session:
 
     # --- the connection loop -------------------------------------------------------------------
 
+    def _set_will(self) -> None:
+        """The last will, made again before each connect (paho sends it in CONNECT): what it
+        says (the takeovers counted, the model) is as of the last connect."""
+        try:
+            topic, payload = self._will() if callable(self._will) else self._will
+        except Exception:  # the will set before stays: a bug here must not stop reconnecting
+            log.exception("the last will could not be made again")
+            return
+        self.client.will_set(topic, payload, qos=1, retain=True)
+
     def _connect_once(self) -> bool:
         cfg = self.config
         self._accepted = False
+        self._set_will()
         try:
             connect(self.client, cfg)
         except (OSError, ssl.SSLError) as exc:
@@ -223,6 +238,7 @@ class Session:
             self.takeover.unreachable()
             self.limit.explained()
             return False
+        self.limit.hold_back()  # before the loop reads the CONNACK, at which paho resends
         return True
 
     def _run(self) -> None:
@@ -230,8 +246,10 @@ class Session:
             if self._connect_once():
                 self._lost.clear()
                 self.client.loop_start()
-                while not self._stop.is_set() and not self._lost.wait(0.5):
-                    pass
+                while not self._stop.is_set() and not self._lost.wait(
+                    0.05 if self.limit.holding else 0.5
+                ):
+                    self.limit.release(time.monotonic())  # what waited out the quiet
                 if self._stop.is_set():
                     return
                 self.client.loop_stop()

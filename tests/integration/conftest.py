@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.agent import REPO, AgentProcess, Client, ModuleAgent, make_pack
 from tests.support.fleet import wait_versions
-from tests.support.services import Mosquitto, MotoS3, free_port, wait_for_port
+from tests.support.services import Mosquitto, MotoS3, SmallPacketMosquitto, free_port, wait_for_port
 from tests.support.sim import Simulated, publish_v1_v2
 
 DEVICE_PASSWORDS = {
@@ -88,6 +88,15 @@ def s3_bucket(s3_server: MotoS3) -> str:
 def topic_prefix() -> str:
     """A unique topic prefix, so tests on one broker never hear each other."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def small_broker(tmp_path: Path) -> Iterator[SmallPacketMosquitto]:
+    """A broker of its own for one test that drops any client sending a packet over 16 KiB
+    (``max_packet_size``; MQTT 3.1.1 clients are not told)."""
+    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(name="pack_v1")

@@ -2,7 +2,7 @@
 connection and says nothing, under MQTT 5 as under 3.1.1). Each agent says what is going on,
 naming the client id, counts it (metric, heartbeat and the retained status the fleet reads), and
 waits longer after each takeover instead of taking the session back every 0.3 s, for ever, each
-losing what the broker delivers to the other."""
+losing what the broker delivers to the other. The last will says the count too."""
 
 from __future__ import annotations
 
@@ -173,6 +173,18 @@ def test_two_agents_with_one_client_id_say_so_count_it_and_slow_down(
         assert statuses[-1]["state"] == "online" and statuses[-1]["device"] == "dev-a"
         fleet = fleet_status(broker.url, Topics(prefix), listen_s=0.0)
         assert fleet["dev-a"].extra["taken_over"] >= 2  # what fleet status shows beside it
+        # ... and in its last will, which the broker retains when the device dies: made again
+        # at each connect (the old will was made at the start and said 0 for ever).
+        first.kill9()
+        _until(
+            "the last will was retained",
+            lambda: (
+                _retained_counts(broker, f"{prefix}/dev-a/status", 0, statuses)
+                and statuses[-1]["state"] == "offline"
+            ),
+            30,
+        )
+        assert statuses[-1]["taken_over"] >= 2, statuses[-1]
     finally:
         for agent in (first, second):
             if agent.process is not None and agent.process.poll() is None:

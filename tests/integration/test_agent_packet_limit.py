@@ -26,16 +26,9 @@ from tests.support.agent import AgentProcess, Client, wait_online
 from tests.support.agent_telemetry import DeviceWatch
 from tests.support.services import SmallPacketMosquitto, free_port
 
-LIMIT = 16384
+LIMIT = SmallPacketMosquitto.max_packet  # the small_broker fixture's
 X = [[0.5] * 8]
 REFUSED = re.compile(r"the message is (\d+) bytes; the broker takes at most (\d+)")
-
-
-@pytest.fixture
-def small_broker(tmp_path: Path) -> Iterator[SmallPacketMosquitto]:
-    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto", max_packet=LIMIT).start()
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture
@@ -270,6 +263,12 @@ def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(
         on_connect=lambda _present: _notify(connects),
     )
     told: list[str] = []
+    refused = threading.Event()
+
+    def too_large(why: str) -> None:
+        told.append(why)
+        refused.set()
+
     try:
         with session:
             assert session.wait_connected(30)
@@ -280,10 +279,12 @@ def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(
                 assert connects.wait_for(lambda: session.connects >= 2, 60)
             client = Client(broker, v5=False)
             arrived = client.collect(f"{topic_prefix}/small/#")
-            session.publish(f"{topic_prefix}/big/answer", b"a" * 20_000, on_too_large=told.append)
+            session.publish(f"{topic_prefix}/big/answer", b"a" * 20_000, on_too_large=too_large)
             session.publish(f"{topic_prefix}/small/behind", b"s" * 100)
+            # Behind it: sent while the answer is held back, or after its verdict.
             assert arrived.get(timeout=60).payload == b"s" * 100
             client.close()
+            assert refused.wait(60)
             assert len(told) == 1 and "the broker takes at most" in told[0]
             assert session.limit.bound is not None and LIMIT <= session.limit.bound < 20_100
     finally:

@@ -109,7 +109,7 @@ def test_inference_counts_and_a_pipeline_decides(
             name="p", input_topic="in", output_topic="out", labels=["a", "b", "c"], threshold=0.0
         ),
         inference,
-        lambda t, p: sent.append((t, p)),
+        lambda t, p, _not_sent: sent.append((t, p)),
     )
     pipe.handle(json.dumps([1.0] * 8).encode(), 1 << 20, time.monotonic(), False)
     pipe.handle(b"not json", 1 << 20, time.monotonic(), False)
