@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, ValidationError
 
-from cloud_sync.identity_records import SCHEMA_VERSION, DeviceIdentity, signing_environment
+from cloud_sync.identity_records import (
+    CLAIM_MAX_BYTES,
+    MAX_CLAIM_DEVICES,
+    SCHEMA_VERSION,
+    DeviceIdentity,
+    RecordRefused,
+    read_capped,
+    signing_environment,
+)
 from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError, clip
@@ -118,6 +126,8 @@ def new_claim(
 ) -> str:
     if ttl_s <= 0:
         raise ConfigError("a claim's ttl must be positive")
+    if len(devices) > MAX_CLAIM_DEVICES:  # what a reader takes of it is bounded
+        raise ConfigError(f"a claim names at most {MAX_CLAIM_DEVICES} devices: split the batch")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now, key_hash = time.time(), token_hash(token)
     doc = ClaimDoc(devices=devices, batch=batch, expires_at=now + ttl_s, created_at=now)
@@ -144,13 +154,14 @@ def spend_claim(
     key = f"{CLAIMS}/{key_hash}.json"
     for _ in range(_TRIES):
         try:
-            data, etag = store.read(key)
+            data, etag = read_capped(store, key, CLAIM_MAX_BYTES)
+            doc = ClaimDoc.model_validate_json(data)
         except NotFoundError:
             raise ClaimRefused("unknown_token", "no such claim token") from None
-        try:
-            doc = ClaimDoc.model_validate_json(data)
+        except RecordRefused as exc:
+            raise ClaimRefused("malformed_claim", str(exc)) from exc
         except ValidationError as exc:
-            raise StoreError(f"{key} in {store.url} is not a claim") from exc
+            raise ClaimRefused("malformed_claim", f"{key} in {store.url} is not a claim") from exc
         refused = refusal(ca, key_hash, doc)
         if refused is not None:
             raise refused
@@ -158,8 +169,7 @@ def spend_claim(
             raise ClaimRefused("expired_token", "the claim token has expired")
         if doc.environment is None:
             log.warning(
-                "%s: a claim of the previous release, bound to no store: accepted until it "
-                "expires",
+                "%s: a claim of the previous release, bound to no store: accepted until it expires",
                 key,
             )
         if device not in doc.devices:

@@ -28,6 +28,8 @@ from cloud_sync.identity_records import (
     DeviceIdentity,
     RecordRefused,
     crl_serials,
+    index_max_bytes,
+    read_capped,
     retired_entries,
     sign,
 )
@@ -46,9 +48,12 @@ TRIES = 20
 class CrlIndexWriter:
     store: ObjectStore
 
+    fleet_size: int  # device records last counted
+
     if TYPE_CHECKING:  # IdentityStore's
 
         def signer(self) -> FleetCA: ...
+        def read_object(self, key: str, kind: str, limit: int) -> tuple[bytes, str]: ...
         def _open(self, key: str, data: bytes, kind: str) -> bytes: ...
         def devices(self) -> dict[str, DeviceIdentity]: ...
 
@@ -74,7 +79,7 @@ class CrlIndexWriter:
         key, ca = CRL_INDEX, self.signer()
         for _ in range(TRIES):
             try:
-                data, etag = self.store.read(key)
+                data, etag = self.read_index()
                 index: CrlIndex | None = CrlIndex.model_validate_json(
                     self._open(key, data, "crl_index")
                 )
@@ -94,6 +99,16 @@ class CrlIndexWriter:
             if self._write_signed(ca, key, new, None if index is None else etag):
                 return new
         raise StoreError(f"{key}: too many concurrent changes")
+
+    def read_index(self) -> tuple[bytes, str]:
+        """The index's bytes and etag, up to ``index_max_bytes`` of the fleet: the size last
+        counted, and past it the device records counted again (one listing) before the index
+        is refused as malformed (counted)."""
+        try:
+            return read_capped(self.store, CRL_INDEX, index_max_bytes(self.fleet_size))
+        except RecordRefused:
+            self.fleet_size = len(self.store.list(f"{ROOT}/devices/"))
+        return self.read_object(CRL_INDEX, "crl_index", index_max_bytes(self.fleet_size))
 
     def _write_signed(self, ca: FleetCA, key: str, doc: BaseModel, etag: str | None) -> bool:
         """``doc`` signed and written at ``key``: created where ``etag`` is None, else replacing

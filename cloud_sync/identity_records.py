@@ -43,16 +43,37 @@ from pydantic import BaseModel, Field, ValidationError
 from cloud_sync.fleet_ca import ISSUING_DAYS
 from cloud_sync.rollout_state import DEVICE_ID
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
-from modelpack.errors import ConfigError, StoreError, clip
+from modelpack.errors import ConfigError, SizeLimitError, StoreError, clip
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
+    from cloud_sync.object_store import ObjectStore
 
 SCHEMA_VERSION = 1
 DOMAIN = b"edgebento identity record v2\n"  # v2: the environment is in the body
 ENVIRONMENT = "environment"
 REPAIR = "edgebento fleet identity-repair --ca DIR --crl-file CRL --store URL"
 DEVICES = "fleet/identity/devices/"
+
+
+# What a reader takes of one object (``read_capped``; a larger one is refused as malformed,
+# having read one byte more). A record keeps at most 20 certificates, 50 retired and 20 pending
+# serials: under 8 KiB signed, so 64 KiB is room to spare, and a record is read for every
+# device at each CRL refresh and ``fleet status``. The index holds each retired or revoked
+# certificate until it expires, ~100 bytes each: a device rotating at two thirds of its
+# certificate's life has one or two listed at a time, a revoked one up to 20, so 2 KiB a device
+# (the device records the reader counted) above a floor of 1 MiB (~10,000 entries). A batch
+# claim names at most MAX_CLAIM_DEVICES devices, each with the time it was spent.
+RECORD_MAX_BYTES = 64 << 10
+INDEX_FLOOR_BYTES = 1 << 20
+INDEX_DEVICE_BYTES = 2 << 10
+MAX_CLAIM_DEVICES = 10_000
+CLAIM_MAX_BYTES = 4 << 20
+
+
+def index_max_bytes(devices: int) -> int:
+    """The most an index of a fleet of ``devices`` device records may hold."""
+    return INDEX_FLOOR_BYTES + INDEX_DEVICE_BYTES * max(0, devices)
 
 
 class RecordRefused(StoreError):
@@ -63,6 +84,18 @@ class RecordRefused(StoreError):
     def __init__(self, key: str, reason: str, message: str) -> None:
         super().__init__(message)
         self.key, self.reason = key, reason
+
+
+def read_capped(store: ObjectStore, key: str, limit: int) -> tuple[bytes, str]:
+    """The object's bytes and etag; RecordRefused (``malformed``) past ``limit`` bytes, of
+    which at most one more was read (NotFoundError when it is missing)."""
+    try:
+        return store.read(key, max_bytes=limit)
+    except SizeLimitError as exc:
+        shown = key if key.isprintable() else ascii(key)
+        raise RecordRefused(
+            key, "malformed", f"{shown} is over {limit} bytes: no identity object is that big"
+        ) from exc
 
 
 def device_of(key: str) -> str | None:

@@ -46,6 +46,8 @@ from pydantic import ValidationError
 from cloud_sync.crl_disk import read_disk_crl
 from cloud_sync.identity_claims import CLAIMS, ClaimDoc, refusal
 from cloud_sync.identity_records import (
+    CLAIM_MAX_BYTES,
+    RECORD_MAX_BYTES,
     CrlEntry,
     CrlIndex,
     DeviceIdentity,
@@ -53,6 +55,7 @@ from cloud_sync.identity_records import (
     carries_signature,
     device_of,
     opened,
+    read_capped,
     retired_entries,
     sign,
     unchecked,
@@ -91,13 +94,29 @@ def _claimed(ids: IdentityStore) -> set[str]:
     ca, named = ids.signer(), set()
     for key in ids.store.list(f"{CLAIMS}/"):
         try:
-            doc = ClaimDoc.model_validate_json(ids.store.get_bytes(key))
-        except ValidationError:
+            doc = ClaimDoc.model_validate_json(read_capped(ids.store, key, CLAIM_MAX_BYTES)[0])
+        except (ValidationError, RecordRefused, NotFoundError):
             continue
         key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
         if refusal(ca, key_hash, doc) is None:  # the CA's, made for this store
             named.update(doc.devices)
     return named
+
+
+def _records(ids: IdentityStore, report: RepairReport) -> dict[str, bytes]:
+    """Every object under devices/, each read up to RECORD_MAX_BYTES: a bigger one is left as
+    it is and reported."""
+    objects: dict[str, bytes] = {}
+    keys = ids.store.list(f"{ROOT}/devices/")
+    ids.fleet_size = len(keys)
+    for key in keys:
+        try:
+            objects[key] = ids.read_object(key, "device", RECORD_MAX_BYTES)[0]
+        except RecordRefused as exc:
+            report.refused[device_of(key) or key] = str(exc)
+        except NotFoundError:
+            continue  # deleted since listed
+    return objects
 
 
 def _as_written(key: str, data: bytes) -> DeviceIdentity:
@@ -133,9 +152,9 @@ def _upgraded_already(ids: IdentityStore, objects: dict[str, bytes], number: int
     if number > 0:
         return "the CRL was written from a signed index (its CRLNumber)"
     try:
-        if _signed(CRL_INDEX, ids.store.get_bytes(CRL_INDEX)):
+        if _signed(CRL_INDEX, ids.read_index()[0]):
             return f"{CRL_INDEX} is signed"
-    except NotFoundError:
+    except (NotFoundError, RecordRefused):
         pass
     signed = next((k for k, data in objects.items() if _signed(k, data)), None)
     return f"{signed} is signed" if signed else ""
@@ -147,7 +166,7 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
     ca, report = ids.signer(), RepairReport()
     (on_disk, guessed, number), claimed = _crl(ids, crl_path), _claimed(ids)
     crl = {e.serial: e.revoked_at for e in [*on_disk, *guessed]}
-    objects = {key: ids.store.get_bytes(key) for key in ids.store.list(f"{ROOT}/devices/")}
+    objects = _records(ids, report)
     done = "" if sign_unsigned else _upgraded_already(ids, objects, number)
     for key, data in objects.items():
         device = device_of(key)
@@ -193,7 +212,7 @@ def _old_index(ids: IdentityStore) -> tuple[list[CrlEntry], int]:
     """The entries of the index there now if the CA signed it (none otherwise: the CRL on disk
     lists what it revoked), and its generation (0 unless signed)."""
     try:
-        data = ids.store.get_bytes(CRL_INDEX)
+        data = ids.read_index()[0]
         index = CrlIndex.model_validate_json(opened(ids.signer(), CRL_INDEX, data))
         return index.entries, index.generation
     except (NotFoundError, RecordRefused, ValidationError):

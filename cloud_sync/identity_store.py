@@ -49,6 +49,7 @@ from cloud_sync.identity_claims import (
 from cloud_sync.identity_crl import CRL_INDEX, ROOT, TRIES, CrlIndexWriter
 from cloud_sync.identity_environment import EnvironmentCA, environment_of
 from cloud_sync.identity_records import (
+    RECORD_MAX_BYTES,
     CertRecord,
     CrlEntry,
     CrlIndex,
@@ -56,6 +57,7 @@ from cloud_sync.identity_records import (
     RecordRefused,
     device_of,
     opened,
+    read_capped,
     retired_entries,
     salvaged,
     unchecked,
@@ -86,11 +88,21 @@ class IdentityStore(CrlIndexWriter):
         self.crl = BrokerCrl(ca, crl_file) if ca is not None and crl_file is not None else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
+        self.fleet_size = 0  # device records at the last listing: the index's size limit
 
     def signer(self) -> FleetCA:
         if self.ca is None:
             raise ConfigError("identity records are signed and checked with the fleet CA: --ca")
         return self.ca
+
+    def read_object(self, key: str, kind: str, limit: int) -> tuple[bytes, str]:
+        """The object's bytes and etag, at most ``limit`` of them (``read_capped``): a bigger
+        one is refused as malformed and counted."""
+        try:
+            return read_capped(self.store, key, limit)
+        except RecordRefused as exc:
+            self.refused[(kind, exc.reason)] += 1
+            raise
 
     def _open(self, key: str, data: bytes, kind: str) -> bytes:
         """The signed bytes of a record or index (unchecked without a CA: views only)."""
@@ -135,7 +147,7 @@ class IdentityStore(CrlIndexWriter):
     def device(self, device: str) -> DeviceIdentity | None:
         """The device's record, None when it has none; RecordRefused when it does not verify."""
         try:
-            data = self.store.get_bytes(self._key(device))
+            data, _ = self.read_object(self._key(device), "device", RECORD_MAX_BYTES)
         except NotFoundError:
             return None
         return self._parse(device, data)
@@ -193,15 +205,18 @@ class IdentityStore(CrlIndexWriter):
         (``salvaged``), are what ``change`` gets, and the signed result replaces it."""
         key, ca = self._key(device), self.signer()
         for _ in range(TRIES):
-            etag, exists = "", True
+            etag, exists, data = "", True, b""
             try:
-                data, etag = self.store.read(key)
+                data, etag = self.read_object(key, "device", RECORD_MAX_BYTES)
                 doc: DeviceIdentity | None = self._parse(device, data)
             except NotFoundError:
                 doc, exists = None, False
             except RecordRefused as exc:
                 if not over_refused:
                     raise
+                if not etag:  # too big to read: it names nothing read, and goes
+                    self.store.delete(key)
+                    exists = False
                 log.error("%s; revoking every certificate it names", exc)
                 doc = salvaged(device, key, data, time.time())
             new = change(doc or DeviceIdentity(device=device))
@@ -283,14 +298,18 @@ class IdentityStore(CrlIndexWriter):
         ERROR, and listed in ``refused_records`` (device: reason) for the views."""
         found: dict[str, DeviceIdentity] = {}
         self.refused_records = {}
-        for key in self.store.list(f"{ROOT}/devices/"):
+        keys = self.store.list(f"{ROOT}/devices/")
+        self.fleet_size = len(keys)  # what the index's size limit scales with
+        for key in keys:
             device = device_of(key)
             try:
                 if device is None:
                     self.refused[("device", "misplaced")] += 1
                     shown = key if key.isprintable() else ascii(key)
                     raise RecordRefused(key, "misplaced", f"{shown} is no device's record key")
-                found[device] = self._parse(device, self.store.get_bytes(key))
+                found[device] = self._parse(
+                    device, self.read_object(key, "device", RECORD_MAX_BYTES)[0]
+                )
             except (RecordRefused, NotFoundError) as exc:  # NotFound: deleted since listed
                 if isinstance(exc, RecordRefused):
                     log.error("%s", exc)

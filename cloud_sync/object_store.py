@@ -37,7 +37,9 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of ``key``; past ``max_bytes`` SizeLimitError, having read at most one
+        byte more (an object planted to be huge costs its reader no more than the cap)."""
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> None: ...
@@ -51,8 +53,9 @@ class ObjectStore(ABC):
         """Write ``key`` only if it does not exist (ConflictError otherwise); its etag."""
 
     @abstractmethod
-    def read(self, key: str) -> tuple[bytes, str]:
-        """The bytes of ``key`` and the etag a later ``replace`` must name."""
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """The bytes of ``key`` and the etag a later ``replace`` must name; ``max_bytes`` as
+        ``get_bytes``."""
 
     @abstractmethod
     def replace(self, key: str, data: bytes, etag: str) -> str:

@@ -95,12 +95,8 @@ class S3Store(ObjectStore):
         except self._errors() as exc:
             raise self._translate(exc, key, "writing") from exc
 
-    def get_bytes(self, key: str) -> bytes:
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
-            return bytes(answer["Body"].read())
-        except self._errors() as exc:
-            raise self._translate(exc, key, "reading") from exc
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        return self.read(key, max_bytes)[0]
 
     def put_file(self, key: str, path: Path) -> None:
         try:
@@ -119,12 +115,36 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key, "creating") from exc
         return str(answer.get("ETag", ""))
 
-    def read(self, key: str) -> tuple[bytes, str]:
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
-            return bytes(answer["Body"].read()), str(answer.get("ETag", ""))
+            if max_bytes is None:
+                answer = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+                return bytes(answer["Body"].read()), str(answer.get("ETag", ""))
+            return self._read_capped(key, max(0, max_bytes))
         except self._errors() as exc:
             raise self._translate(exc, key, "reading") from exc
+
+    def _read_capped(self, key: str, max_bytes: int) -> tuple[bytes, str]:
+        """A ranged GET of at most ``max_bytes`` + 1 bytes (its ETag is the whole object's);
+        an empty object has no such range (InvalidRange), so it is read plainly, at most that
+        many bytes from the stream."""
+        from botocore.exceptions import ClientError
+
+        request = {"Bucket": self.bucket, "Key": self._full(key)}
+        try:
+            answer = self.client.get_object(**request, Range=f"bytes=0-{max_bytes}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidRange":
+                raise
+            answer = self.client.get_object(**request)
+        body = answer["Body"]
+        try:
+            data = bytes(body.read(max_bytes + 1))
+        finally:
+            body.close()
+        if len(data) > max_bytes:
+            raise SizeLimitError(f"{key} in {self.url} is over {max_bytes} bytes")
+        return data, str(answer.get("ETag", ""))
 
     def replace(self, key: str, data: bytes, etag: str) -> str:
         try:

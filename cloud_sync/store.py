@@ -8,9 +8,9 @@ Import path and API (keys are ``/``-separated, relative, never ``..``)::
     store = open_store(url, endpoint_url=None, region=None)  # endpoint also from AWS_ENDPOINT_URL
     store.put_bytes(key: str, data: bytes) -> None           # atomic: readers see old or new
     store.create(key: str, data: bytes) -> str               # create-only; ConflictError if taken
-    store.read(key: str) -> tuple[bytes, str]                # the bytes and their etag
+    store.read(key: str, max_bytes=None) -> tuple[bytes, str]  # the bytes and their etag
     store.replace(key: str, data: bytes, etag: str) -> str   # only if still at etag, else Conflict
-    store.get_bytes(key: str) -> bytes                       # NotFoundError when missing
+    store.get_bytes(key: str, max_bytes=None) -> bytes       # NotFoundError; SizeLimitError
     store.put_file(key: str, path: Path) -> None             # multipart on S3 for big files
     store.get_file(key: str, path: Path, max_bytes=None) -> Path   # NotFoundError; SizeLimitError
     store.exists(key: str) -> bool
@@ -98,6 +98,13 @@ def write_atomic(
     _fsync_dir(path.parent)
 
 
+def _capped(data: bytes, max_bytes: int, key: str, url: str) -> bytes:
+    """``data`` (at most ``max_bytes`` + 1 bytes read), or SizeLimitError past the cap."""
+    if len(data) > max_bytes:
+        raise SizeLimitError(f"{key} in {url} is over {max_bytes} bytes")
+    return data
+
+
 def _etag(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()  # what S3 says of a plain PUT
 
@@ -118,9 +125,12 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise StoreError(f"cannot write {key} to {self.url}: {exc}") from exc
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            if max_bytes is None:
+                return self._path(key).read_bytes()
+            with self._path(key).open("rb") as fh:
+                return _capped(fh.read(max(0, max_bytes) + 1), max_bytes, key, self.url)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise NotFoundError(f"{key} is not in {self.url}") from exc
         except OSError as exc:
@@ -170,8 +180,8 @@ class LocalStore(ObjectStore):
             raise StoreError(f"cannot create {key} in {self.url}: {exc}") from exc
         return _etag(data)
 
-    def read(self, key: str) -> tuple[bytes, str]:
-        data = self.get_bytes(key)
+    def read(self, key: str, max_bytes: int | None = None) -> tuple[bytes, str]:
+        data = self.get_bytes(key, max_bytes)
         return data, _etag(data)
 
     def replace(self, key: str, data: bytes, etag: str) -> str:
