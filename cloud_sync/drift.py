@@ -44,6 +44,7 @@ from cloud_sync.drift_stats import (
 from cloud_sync.drift_summary import KIND, DriftSummary
 from cloud_sync.parts import DRIFT_ROOT, decode_jsonl_gz
 from modelpack.baseline import Baseline
+from modelpack.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,18 @@ def load_summaries(store: Any, model: str | None = None, version: int | None = N
     for key in store.list(f"{DRIFT_ROOT}/"):
         if not key.endswith(".jsonl.gz"):
             continue
-        for record in decode_jsonl_gz(store.get_bytes(key)):
-            ident = (str(record.get("device")), str(record.get("boot_id")), int(record["seq"]))
+        try:
+            records = decode_jsonl_gz(store.get_bytes(key), key)
+        except StoreError as exc:
+            log.warning("drift: skipped %s", exc)
+            rejected["unreadable"] += 1
+            continue
+        for record in records:
+            seq = record.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                rejected["schema"] += 1
+                continue
+            ident = (str(record.get("device")), str(record.get("boot_id")), seq)
             if record.get("kind") != KIND or ident in seen:
                 continue
             seen.add(ident)

@@ -26,7 +26,7 @@ from cloud_sync.mqtt import CloudClient
 from cloud_sync.parts import TELEMETRY_ROOT, decode_jsonl_gz, parse_range, safe_id
 from cloud_sync.protocol import Desired, Status, Topics
 from cloud_sync.store import ObjectStore
-from modelpack.errors import first_problem
+from modelpack.errors import StoreError, first_problem
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -54,8 +54,13 @@ def latest_parts(
 def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]) -> None:
     for keys in latest_parts(store, boots).values():
         for key in keys:
-            for record in decode_jsonl_gz(store.get_bytes(key)):
-                if isinstance(record, dict) and record.get("device") == key.split("/")[2][7:]:
+            try:
+                records = decode_jsonl_gz(store.get_bytes(key), key)
+            except StoreError as exc:
+                log.warning("fleet status: skipped %s", exc)
+                continue
+            for record in records:
+                if record.get("device") == key.split("/")[2][7:]:
                     view.on_record(record)
 
 

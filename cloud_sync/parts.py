@@ -17,11 +17,15 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from modelpack import untrusted_json
+from modelpack.errors import StoreError
 
 TELEMETRY_ROOT = "telemetry"
 CAPTURE_ROOT = "capture"
@@ -105,8 +109,17 @@ def encode_jsonl_gz(records: Iterable[dict[str, Any]]) -> bytes:
     return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
 
 
-def decode_jsonl_gz(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line]
+def decode_jsonl_gz(data: bytes, what: str = "the telemetry object") -> list[dict[str, Any]]:
+    """The records of an object ``encode_jsonl_gz`` wrote, or StoreError: a bucket writer can
+    put anything under these keys, and each reader skips (and counts) what it cannot read."""
+    try:
+        lines = gzip.decompress(data).decode().splitlines()
+        records = [untrusted_json.loads(line, what) for line in lines if line]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, untrusted_json.NotJsonError) as exc:
+        raise StoreError(f"{what} is not gzipped JSON lines: {exc}") from exc
+    if not all(isinstance(r, dict) for r in records):
+        raise StoreError(f"{what} holds a line that is not a JSON object")
+    return records
 
 
 class RangeSet:

@@ -11,12 +11,11 @@ Nothing found means "unknown", which publishes. Fidelity for listings is taken f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelpack import REPORT_FILE
+from modelpack import REPORT_FILE, untrusted_json
 from modelpack.errors import PackError
 
 _FIDELITY_KEYS = ("accuracy", "top1_agreement", "cosine_min", "max_abs_diff")
@@ -75,9 +74,11 @@ def read_verdict(pack_dir: Path) -> BudgetVerdict:
     if not path.exists():
         return BudgetVerdict(None, None, "no report.json")
     try:
-        report = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackError(f"{REPORT_FILE} is not readable JSON: {exc}") from exc
+        report = untrusted_json.loads(path.read_bytes(), REPORT_FILE)
+    except OSError as exc:
+        raise PackError(f"{REPORT_FILE} is not readable: {exc}") from exc
+    except untrusted_json.NotJsonError as exc:
+        raise PackError(str(exc)) from exc
     if not isinstance(report, dict):
         raise PackError(f"{REPORT_FILE} must hold a JSON object")
     return verdict_of(report)

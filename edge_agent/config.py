@@ -234,6 +234,11 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    # tomllib's other refusals, which are not TOMLDecodeError.
+    except RecursionError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: nested too deep") from exc
+    except ValueError as exc:  # an integer past Python's 4,300-digit limit
+        raise ConfigError(f"config file {path} holds a number with too many digits") from exc
     # One [agent] table, or the settings at the top level.
     return dict(data.get("agent", data))
 

@@ -35,6 +35,7 @@ from edge_agent.incoming import Incoming
 from edge_agent.infer_topic import InferTopic
 from edge_agent.inference import install_hint
 from edge_agent.ports import DispatchHost
+from modelpack import untrusted_json
 from modelpack.codec import dumps
 from modelpack.errors import (
     MAX_MESSAGE_CHARS,
@@ -331,7 +332,7 @@ def _encode(doc: dict[str, Any]) -> bytes:
 def _loose(payload: bytes) -> dict[str, Any]:
     """What can be read of a request that did not validate (for its id and reply_to)."""
     try:
-        raw = json.loads(payload)
-    except ValueError:
+        raw = untrusted_json.loads(payload)
+    except untrusted_json.NotJsonError:  # nested too deep or a 5,000-digit id: no id to tell
         return {}
     return raw if isinstance(raw, dict) else {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_sync.fleet_ca import load_cert, write_public
+from modelpack import untrusted_json
 from modelpack.errors import AuthError, ConfigError
 
 
@@ -63,8 +64,8 @@ class IdentityFiles:
 
     def read_status(self) -> dict[str, Any]:
         try:
-            doc = json.loads(self.status.read_bytes())
-        except (OSError, ValueError):
+            doc = untrusted_json.loads(self.status.read_bytes())
+        except (OSError, untrusted_json.NotJsonError):
             return {}
         return doc if isinstance(doc, dict) else {}
 

@@ -7,10 +7,11 @@ docs/fleet-identity.md)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from modelpack import untrusted_json
 
 # The bounds of cloud_sync.protocol.CertificateReport: a value past them is cut, not refused,
 # so that a long error never costs the device its status.
@@ -41,8 +42,8 @@ class IdentityStatus:
             return None
         self._seen = self._mtime()
         try:
-            doc = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+            doc = untrusted_json.loads(self.path.read_bytes())
+        except (OSError, untrusted_json.NotJsonError):
             return None
         if not isinstance(doc, dict) or not isinstance(doc.get("state"), str):
             return None

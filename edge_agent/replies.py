@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.localdb import connect, is_corruption, quarantine
+from modelpack import untrusted_json
 
 KEEP_REPLIES = 2000
 _SCHEMA = "CREATE TABLE IF NOT EXISTS replies (id TEXT PRIMARY KEY, ts REAL, body TEXT);"
@@ -122,7 +123,7 @@ def salvage(aside: Path) -> dict[str, tuple[float, str]]:
                     "SELECT id, ts, body FROM replies WHERE rowid = ?", (rowid,)
                 ).fetchone()
                 if got is not None:
-                    json.loads(got[2])  # only a reply that still parses is worth keeping
+                    untrusted_json.loads(got[2])  # only a reply that still parses is kept
                     rows[str(got[0])] = (float(got[1]), str(got[2]))
     finally:
         db.close()

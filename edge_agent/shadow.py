@@ -312,14 +312,13 @@ def _pack_metric(
     """The first deciding metric of the pack's optimization (its signed ``report.json``, the
     chosen candidate's scores) on an output the shadow answers; None when there is none (a pack
     made without ``optimize``, or a user's ``module:function``, never imported on a device)."""
-    import json
-
+    from modelpack import untrusted_json
     from modelpack.manifest import REPORT_FILE
 
     if pack.manifest.file(REPORT_FILE) is None:
         return None
     try:
-        report = json.loads((pack.root / REPORT_FILE).read_bytes())
+        report = untrusted_json.loads((pack.root / REPORT_FILE).read_bytes())
         chosen = next(c for c in report["candidates"] if c.get("chosen") is True)
         scores = chosen["fidelity"]["scores"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):

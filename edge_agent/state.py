@@ -16,6 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from modelpack import untrusted_json
+
 log = logging.getLogger(__name__)
 
 _DIRNAME = re.compile(r"^(?P<name>.+)-v(?P<version>\d+)-[0-9a-f]{12}$")
@@ -50,7 +52,7 @@ def marks_from_dirs(dirs: list[str]) -> dict[str, int]:
 
 def read_state(path: Path, packs_dir: Path) -> InstallState:
     try:
-        raw = json.loads(path.read_text())
+        raw = untrusted_json.loads(path.read_bytes(), "state.json")
         history = tuple(d for d in raw.get("history", ()) if isinstance(d, str))
         current = raw.get("current") if isinstance(raw.get("current"), str) else None
         marks = raw.get("highest")

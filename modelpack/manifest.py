@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modelpack.errors import ManifestError, first_problem
+from modelpack.untrusted_json import NotJsonError
+from modelpack.untrusted_json import loads as load_json
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -162,9 +164,9 @@ class Manifest(_Frozen):
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"manifest.json is not valid JSON: {exc}") from exc
+            raw = load_json(data, "manifest.json")
+        except NotJsonError as exc:
+            raise ManifestError(str(exc)) from exc
         if not isinstance(raw, dict):
             raise ManifestError("manifest.json must hold a JSON object")
         if raw.get("schema_version") != SCHEMA_VERSION:

@@ -25,9 +25,11 @@ def test_read_verdict_from_a_pack(tmp_path: Path) -> None:
     assert read_verdict(tmp_path).within_budget is None
     (tmp_path / "report.json").write_text(json.dumps({"within_budget": True}))
     assert read_verdict(tmp_path).within_budget is True
-    (tmp_path / "report.json").write_text("{not json")
-    with pytest.raises(PackError, match="not readable JSON"):
-        read_verdict(tmp_path)
+    for hostile in ("{not json", '{"n": ' + "1" * 5000 + "}", "[" * 5000 + "]" * 5000):
+        # the last two raised ValueError and RecursionError, past the publish's refusal
+        (tmp_path / "report.json").write_text(hostile)
+        with pytest.raises(PackError, match=r"report\.json is not JSON"):
+            read_verdict(tmp_path)
 
 
 def test_the_optimize_report_layout() -> None:
