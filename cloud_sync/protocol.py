@@ -230,7 +230,9 @@ class Request(BaseModel):
     schema_version: int = SCHEMA_VERSION
     id: str = Field(min_length=1, max_length=128)
     reply_to: str | None = Field(default=None, max_length=512)
-    expires_at: float | None = None  # unix seconds; past it the request is dropped and reported
+    # unix seconds; past it the request is dropped and reported. NaN (which Python's and
+    # pydantic's parsers take) compares false with every time: it would never expire.
+    expires_at: float | None = Field(default=None, allow_inf_nan=False)
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and self.expires_at < (now or time.time())
@@ -417,8 +419,8 @@ class RollbackInstruction(_Doc):
     rollout: str | None = None
     generation: int = Field(ge=1)
     nonce: str = Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")
-    issued_at: float
-    expires_at: float
+    issued_at: float = Field(allow_inf_nan=False)
+    expires_at: float = Field(allow_inf_nan=False)  # NaN or Infinity: it would never expire
 
 
 class Desired(_Doc):

@@ -54,6 +54,23 @@ def test_the_agent_refuses_a_hostile_command_payload_and_answers_the_next(
     assert client.request(f"{prefix}/{device}/cmd/ping", {})["pong"] is True
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "1e999"])
+def test_the_agent_refuses_a_request_whose_expiry_is_not_a_number(
+    module_agent: ModuleAgent, client: Client, literal: str
+) -> None:
+    """NaN compares false with every time: on the previous code such a request never expired,
+    and ran (ping answered pong)."""
+    prefix = module_agent.prefix
+    wait_online(client, prefix, "dev-a")
+    request_id = uuid.uuid4().hex
+    payload = (
+        f'{{"id": "{request_id}", "expires_at": {literal}, "reply_to": "{client.reply_topic}"}}'
+    )
+    client.publish(f"{prefix}/dev-a/cmd/ping", payload.encode())
+    refusal = client.wait_reply(request_id)
+    assert refusal["ok"] is False and "finite" in refusal["error"]
+
+
 def _reply_with(replies: Any, correlation: bytes, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
