@@ -52,7 +52,8 @@ def marks_from_dirs(dirs: list[str]) -> dict[str, int]:
 
 def read_state(path: Path, packs_dir: Path) -> InstallState:
     try:
-        raw = untrusted_json.loads(path.read_bytes(), "state.json")
+        # finite: int() of 1e999 raised OverflowError, past this except, and the agent stopped.
+        raw = untrusted_json.loads(path.read_bytes(), "state.json", finite=True)
         history = tuple(d for d in raw.get("history", ()) if isinstance(d, str))
         current = raw.get("current") if isinstance(raw.get("current"), str) else None
         marks = raw.get("highest")
