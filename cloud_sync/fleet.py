@@ -24,7 +24,7 @@ from cloud_sync.fleet_metrics import DeviceSummary, FleetView
 from cloud_sync.ingest import parse_batch
 from cloud_sync.mqtt import CloudClient
 from cloud_sync.parts import TELEMETRY_ROOT, decode_jsonl_gz, parse_range, safe_id
-from cloud_sync.protocol import Desired, Status, Topics
+from cloud_sync.protocol import Desired, Status, TelemetryRecord, Topics
 from cloud_sync.store import ObjectStore
 from modelpack.errors import StoreError, first_problem
 
@@ -52,6 +52,10 @@ def latest_parts(
 
 
 def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]) -> None:
+    """The records of each device's latest telemetry objects, folded into ``view``. Anyone who
+    can write the bucket can put an object there: one that is not gzipped JSON lines, or a
+    record that is not one the ingestion stores (``data`` a list raised inside the fold), is
+    skipped with a warning, and the others are read."""
     for keys in latest_parts(store, boots).values():
         for key in keys:
             try:
@@ -59,8 +63,15 @@ def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]
             except StoreError as exc:
                 log.warning("fleet status: skipped %s", exc)
                 continue
+            device = key.split("/")[2][7:]
             for record in records:
-                if record.get("device") == key.split("/")[2][7:]:
+                try:
+                    checked = TelemetryRecord.model_validate(record)
+                except ValidationError as exc:
+                    log.warning("fleet status: skipped a record of %s: %s", key,
+                                first_problem(exc, "record"))  # fmt: skip
+                    continue
+                if checked.device == device:
                     view.on_record(record)
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,33 @@ def test_monitor_counts_a_planted_drift_object_it_cannot_read_and_goes_on(
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "drift" / "drift.json").read_text())
     assert result["rejected_summaries"] == {"unreadable": 2}
+
+
+def test_fleet_status_skips_planted_telemetry_objects_and_shows_the_others(
+    broker: Mosquitto, s3_server: MotoS3, s3_bucket: str, topic_prefix: str
+) -> None:
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+
+    def part(device: str, boot: str, lines: list[bytes]) -> None:
+        key = f"fleet/telemetry/date={day}/device={device}/part-{boot}-{1:012d}-{1:012d}.jsonl.gz"
+        _put(s3_server, s3_bucket, key, gzip.compress(b"\n".join(lines) + b"\n"))
+
+    def record(device: str, data: object) -> bytes:
+        doc = {"device": device, "boot_id": "b1", "seq": 1, "ts": time.time(),
+               "kind": "heartbeat", "data": data}  # fmt: skip
+        return json.dumps(doc).encode()
+
+    part("bad-digits", "b1", [HOSTILE["digits"]])
+    part("bad-deep", "b1", [HOSTILE["deep"]])
+    part("bad-data", "b1", [record("bad-data", [1, 2])])  # data a list: AttributeError before
+    part("good", "b1", [record("good", {})])
+    done = run_cli(
+        "fleet", "status", "--broker", broker.url, "--prefix", topic_prefix, "--listen", "0.2",
+        "--store", f"s3://{s3_bucket}/fleet", "--endpoint-url", s3_server.endpoint_url, "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["devices"]) == {"good"}
+    assert done.stderr.count("fleet status: skipped") == 3, done.stderr
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
