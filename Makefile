@@ -43,14 +43,18 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_import_rules.py
 
+# The suite runs on every core, up to 4 workers, each test module whole on one worker (its
+# module-scoped services and images are made once); `pytest FILE` alone runs in one process.
+PARALLEL := -n auto --maxprocesses 4 --dist loadfile
+
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest $(PARALLEL) tests/unit
 
 integration: setup
-	$(BIN)/pytest tests/integration
+	$(BIN)/pytest $(PARALLEL) tests/integration
 
 test: setup lint container-tools
-	$(BIN)/pytest tests
+	$(BIN)/pytest $(PARALLEL) tests
 
 # Runs every benchmark, then writes docs/benchmarks.md and the README's table from the results.
 bench: setup

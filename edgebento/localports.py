@@ -24,10 +24,10 @@ def free_port() -> int:
     is free there: a port the kernel picks for ``bind(0)`` comes from the range it also gives
     outgoing connections, and one of those (an agent connecting to its broker) took such a port
     between the pick and the service's bind (bentoml serve: address in use, in CI)."""
-    low = _ephemeral_low()
+    start, stop = _port_range()
     rng = random.SystemRandom()
     for _ in range(64):
-        port = rng.randrange(max(1024, low - 16384), low)
+        port = rng.randrange(start, stop)
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
             try:
                 s.bind((LOOPBACK, port))
@@ -37,6 +37,28 @@ def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+SLICE_ENV = "EDGEBENTO_PORT_SLICE"
+
+
+def _port_range() -> tuple[int, int]:
+    """The 16,384 ports below the ephemeral range, or slice K of N of them where
+    ``EDGEBENTO_PORT_SLICE=K/N`` says: processes that start services side by side (the test
+    suite's workers, which set it) then never pick the same port between pick and bind."""
+    low = _ephemeral_low()
+    start = max(1024, low - 16384)
+    k, n = _slice(os.environ.get(SLICE_ENV, ""))
+    width = (low - start) // n
+    return start + k * width, start + (k + 1) * width
+
+
+def _slice(text: str) -> tuple[int, int]:
+    """``"K/N"`` as (K, N) with 0 <= K < N <= 64; anything else is the whole range, (0, 1)."""
+    k_text, _, n_text = text.partition("/")
+    if k_text.isdigit() and n_text.isdigit() and 0 <= int(k_text) < int(n_text) <= 64:
+        return int(k_text), int(n_text)
+    return 0, 1
 
 
 def _ephemeral_low() -> int:

@@ -21,6 +21,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Under pytest-xdist (`make test`), each worker picks service ports from its own slice of the
+# range, so two workers never pick the same port between one's pick and its service's bind.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ["EDGEBENTO_PORT_SLICE"] = (
+        f"{int(os.environ['PYTEST_XDIST_WORKER'][2:])}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
+    )
 # Processes log JSON off a terminal; the tests read their errors as a person would, except the
 # logging tests, which ask for JSON by name.
 os.environ.setdefault("EDGEBENTO_LOG_FORMAT", "text")
