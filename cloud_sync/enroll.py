@@ -13,7 +13,9 @@ ACL ties to the connection, never from the payload):
 
 - ``claim``: a CSR and a claim token; only the shared ``claim`` identity may publish here.
 - ``renew``: a CSR, sent by the device over its current certificate (ACL ``%u``).
-- ``rotated``: the device says it runs on its new certificate: the old one goes into the CRL.
+- ``rotated``: the device says it runs on its new certificate: only now does the old one go
+  into the CRL (``cloud_sync.identity_rotation``: a renewal whose answer was lost leaves the
+  device on its old certificate, which must keep working).
 - ``response``: the service's answer, ``{"id", "ok", "reason", "certificate", "chain"}``.
 
 Every refusal has a reason and is counted (``refusals``): a reused token, a token for another
@@ -175,10 +177,9 @@ class EnrollmentService:
         doc = self.ids.acting_on(device)
         if doc is None or doc.revoked:
             raise ClaimRefused("revoked" if doc else "not_enrolled", f"{device} may not rotate")
-        if request.serial != doc.current:
-            return self._refuse(request.id, "bad_request", "that is not the device's certificate")
+        doc = self.ids.confirm_rotation(device, request.serial)  # ClaimRefused: bad_request
         if doc.retired and self.on_retired is not None:
-            self.on_retired()  # the superseded certificates go into the CRL now
+            self.on_retired()  # the replaced certificates go into the CRL now
         return EnrollReply(id=request.id, ok=True)
 
     # --- over MQTT ------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class CrlIndexWriter:
         def read_object(self, key: str, kind: str, limit: int) -> tuple[bytes, str]: ...
         def _open(self, key: str, data: bytes, kind: str) -> bytes: ...
         def devices(self) -> dict[str, DeviceIdentity]: ...
+        def settle_overdue(self, docs: dict[str, DeviceIdentity]) -> dict[str, DeviceIdentity]: ...
 
     def revoke_serial(self, serial: int, not_after: float) -> None:
         """Into the CRL until it expires: a certificate that is no device's (the claim's)."""
@@ -131,9 +132,10 @@ class CrlIndexWriter:
     def fold_records(self) -> dict[str, float]:
         """Every signed record's retired and revoked certificates into the index, so that one a
         crash (or a failing store) kept out of it, between the record's write and the index's,
-        comes back; the revoked devices, with when. It reads every record: the CRL refresh's,
+        comes back; the revoked devices, with when. A renewal left unconfirmed past the grace
+        is settled first (``cloud_sync.identity_rotation``). It reads every record: the CRL refresh's,
         not each rotation's (``cloud_sync.crl_publish``)."""
-        docs = self.devices()
+        docs = self.settle_overdue(self.devices())
         self._add_to_crl([e for doc in docs.values() for e in retired_entries(doc)])
         return {d: doc.revoked_at for d, doc in docs.items() if doc.revoked and doc.revoked_at}
 

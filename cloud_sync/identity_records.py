@@ -140,6 +140,8 @@ class DeviceIdentity(BaseModel):
     device: str
     certificates: list[CertRecord] = Field(default_factory=list)
     current: str | None = None  # the serial the device runs with
+    # Renewed, not yet shown to be held by the device (``cloud_sync.identity_rotation``).
+    pending: list[str] = Field(default_factory=list)
     retired: list[str] = Field(default_factory=list)  # rotated away from: in the CRL
     last_rotation: float | None = None
     revoked: bool = False

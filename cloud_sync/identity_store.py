@@ -58,10 +58,11 @@ from cloud_sync.identity_records import (
     device_of,
     opened,
     read_capped,
-    retired_entries,
     salvaged,
     unchecked,
 )
+from cloud_sync.identity_renewals import Renewals
+from cloud_sync.identity_rotation import ROTATION_GRACE_S
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError, clip, first_problem
 
@@ -75,7 +76,7 @@ __all__ += ["ClaimDoc", "ClaimRefused", "RecordRefused", "check_enrollable", "to
 log = logging.getLogger(__name__)
 
 
-class IdentityStore(CrlIndexWriter):
+class IdentityStore(CrlIndexWriter, Renewals):
     def __init__(
         self, store: ObjectStore, ca: FleetCA | None = None, crl_file: Path | None = None
     ) -> None:
@@ -89,6 +90,7 @@ class IdentityStore(CrlIndexWriter):
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
         self.fleet_size = 0  # device records at the last listing: the index's size limit
+        self.rotation_grace_s = ROTATION_GRACE_S  # a renewal unconfirmed for longer: settled
 
     def signer(self) -> FleetCA:
         if self.ca is None:
@@ -220,59 +222,11 @@ class IdentityStore(CrlIndexWriter):
                 log.error("%s; revoking every certificate it names", exc)
                 doc = salvaged(device, key, data, time.time())
             new = change(doc or DeviceIdentity(device=device))
+            if exists and new == doc:
+                return new  # nothing changed: no write
             if self._write_signed(ca, key, new, etag if exists else None):
                 return new
         raise StoreError(f"{key}: too many concurrent changes")
-
-    def check_may_renew(self, device: str) -> None:
-        doc = self.acting_on(device)
-        if doc is None:
-            raise ClaimRefused("not_enrolled", f"{device} never enrolled: it needs a claim token")
-        if doc.revoked:
-            raise ClaimRefused("revoked", f"{device} is revoked")
-
-    def record_issue(self, device: str, cert: Any, via: str) -> DeviceIdentity:
-        record = CertRecord(
-            serial=format(cert.serial_number, "x"),
-            issued_at=time.time(),
-            not_after=cert.not_valid_after_utc.timestamp(),
-            via=via,
-        )
-
-        def change(doc: DeviceIdentity) -> DeviceIdentity:
-            if doc.revoked and via == "renew":
-                raise ClaimRefused("revoked", f"{device} is revoked")
-            retired = list(doc.retired)
-            if via == "renew" and doc.current is not None:
-                retired.append(doc.current)
-            if doc.revoked:  # enrolled again: its old certificates stay in the CRL till expiry
-                retired += [c.serial for c in doc.certificates if c.serial not in retired]
-            return doc.model_copy(
-                update={
-                    "certificates": [*doc.certificates[-19:], record],
-                    "current": record.serial,
-                    "retired": retired[-50:],
-                    "last_rotation": record.issued_at if via == "renew" else doc.last_rotation,
-                    # A new claim re-enrolls a revoked device only if an operator issued one.
-                    "revoked": False,
-                    "revoked_at": None,
-                }
-            )
-
-        retiring: list[CrlEntry] = []
-
-        def noted(doc: DeviceIdentity) -> DeviceIdentity:
-            old = doc.current_record() if via == "renew" else None
-            retiring[:] = [] if old is None else [CrlEntry(
-                serial=old.serial, revoked_at=record.issued_at, not_after=old.not_after
-            )]  # fmt: skip
-            return change(doc)
-
-        new = self._change(device, noted)
-        # Every certificate the record retires, not only this one: the index is written after
-        # the record, so one that a crash or a failing store kept out of it comes back here.
-        self._add_to_crl([*retiring, *retired_entries(new)])
-        return new
 
     def revoke(self, device: str) -> DeviceIdentity:
         """Revoked, whatever its record: one refused is replaced by a signed, revoked record of

@@ -53,8 +53,8 @@ def identity_rows(
 def reported_mismatch(row: dict[str, Any] | None, reported: dict[str, Any]) -> list[str]:
     """Where what a device says of its certificate (``Status.identity``) disagrees with the
     cloud's own record (``identity_rows``): shown to the operator as a flag, never acted on.
-    A device mid-rotation disagrees for a moment (the store records the new certificate when
-    it is issued, the device reports it once it has reconnected with it)."""
+    A device mid-rotation disagrees for a moment (it reports the new certificate once it has
+    reconnected with it, the store takes it as current at the device's ``rotated``)."""
     if row is None:
         return ["no record"]  # the store never issued this device a certificate
     out = []

@@ -1,6 +1,6 @@
 """A revocation holds whatever the bucket holds or lost, after review 3 of device identity: a
 certificate stays in the CRL until it expires, a spare claim from before a revocation never
-re-enrolls the device (its record put back or deleted), a crash between a renewal's two writes
+re-enrolls the device (its record put back or deleted), a crash between a rotation's two writes
 loses no retired certificate, and identity-repair keeps what only the index and the CRL held.
 The store is a bucket on moto's S3 server, the enrollment service is the real one, the CRL is
 what Mosquitto (mTLS) reads."""
@@ -165,31 +165,34 @@ class IndexWriteFails:
         return getattr(self.store, name)
 
 
-def _renewal_cut_short(fleet: IdentityFleet, device: str) -> str:
-    """A renewal of ``device`` whose index write fails; the serial it retired."""
+def _rotation_cut_short(fleet: IdentityFleet, device: str) -> str:
+    """A renewal of ``device``, then its ``rotated`` (what retires the old certificate) whose
+    index write fails; the serial it retired."""
     old = json.loads(fleet.ids.store.get_bytes(_key(device)))["current"]
+    assert _renew(fleet, device)["ok"] is True
+    new = json.loads(fleet.ids.store.get_bytes(_key(device)))["pending"][-1]
     cut = IdentityStore(IndexWriteFails(fleet.ids.store), fleet.ca, fleet.ca.paths.crl)  # type: ignore[arg-type]
     service = EnrollmentService(fleet.ca, cut, limit=RateLimit(1e3, 1000, 0))
     with pytest.raises(StoreError, match="injected"):
-        service.handle(device, "renew", _csr(device, None))
+        service.handle(device, "rotated", json.dumps({"id": "r", "serial": new}).encode())
     record = fleet.ids.device(device)
     assert record is not None and old in record.retired  # the record's write went through
     return str(old)
 
 
-def test_a_renewal_cut_short_between_its_two_writes_loses_no_retired_certificate(
+def test_a_rotation_cut_short_between_its_two_writes_loses_no_retired_certificate(
     idfleet: IdentityFleet, tmp_path: Path
 ) -> None:
     pid, broker = _broker(idfleet)
-    # The device had no answer, so it asks again: that renewal lists what the first retired.
+    # The device renews again (the next one a rotation): it lists what the first retired.
     files = _enroll(idfleet, "cut-a", tmp_path)
-    old = _renewal_cut_short(idfleet, "cut-a")
+    old = _rotation_cut_short(idfleet, "cut-a")
     assert _renew(idfleet, "cut-a")["ok"] is True
     _reloaded(idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, pid, broker, 10)  # its rotation
     assert int(old, 16) in _listed(idfleet) and not _connects(idfleet, files)
     # It never asks again (gone for good): the service's CRL refresh reads every record.
     files = _enroll(idfleet, "cut-b", tmp_path)
-    old = _renewal_cut_short(idfleet, "cut-b")
+    old = _rotation_cut_short(idfleet, "cut-b")
     publish_crl(idfleet.ca, idfleet.ids, idfleet.ca.paths.crl, pid, records=True)
     assert int(old, 16) in _listed(idfleet)
     assert int(old, 16) in {s for s, _ in idfleet.ids.revoked_serials()}  # in the index too

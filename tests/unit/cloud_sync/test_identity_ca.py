@@ -131,6 +131,10 @@ def test_renewal_is_refused_once_revoked_and_for_an_unknown_device(
     token = ids.create_claims(["a"], ttl_s=60)["a"]
     assert service.handle("a", "claim", _request(_csr("a"), token)).ok
     assert service.handle("a", "renew", _request(_csr("a"))).ok
+    record = ids.device("a")  # the old certificate kept until the device says it has the new
+    assert record is not None and not record.retired and len(record.pending) == 1
+    rotated = json.dumps({"id": "r", "serial": record.pending[0]}).encode()
+    assert service.handle("a", "rotated", rotated).ok
     record = ids.device("a")
     assert record is not None and len(record.retired) == 1 and record.last_rotation
     ids.revoke("a")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cloud_sync.fleet_ca import FleetCA, init_ca, load_cert
+from cloud_sync.identity_records import DeviceIdentity
 from cloud_sync.identity_store import CRL_INDEX, IdentityStore
 from cloud_sync.store import open_store
 
@@ -56,7 +57,7 @@ def test_writing_the_crl_reads_the_index_only(ca: FleetCA, tmp_path: Path) -> No
         ids.record_issue(f"d-{i}", _cert(ca, f"d-{i}", tmp_path), via="claim")
     first = ids.device("d-3")
     assert first is not None
-    ids.record_issue("d-3", _cert(ca, "d-3", tmp_path), via="renew")  # a rotation
+    _rotated(ids, "d-3", _cert(ca, "d-3", tmp_path))  # a rotation
     store.listed = store.got = 0
     assert _serials(ids) == {int(str(first.current), 16)}
     assert (store.listed, store.got) == (0, 0)  # no device record read, whatever the fleet
@@ -67,7 +68,7 @@ def test_a_revoked_device_enrolled_again_keeps_its_old_certificates_revoked(
 ) -> None:
     ids = IdentityStore(open_store(str(tmp_path / "store")), ca)
     ids.record_issue("cam", _cert(ca, "cam", tmp_path), via="claim")
-    ids.record_issue("cam", _cert(ca, "cam", tmp_path), via="renew")
+    _rotated(ids, "cam", _cert(ca, "cam", tmp_path))
     old = {int(c.serial, 16) for c in ids.device("cam").certificates}  # type: ignore[union-attr]
     ids.revoke("cam")
     assert _serials(ids) == old
@@ -95,7 +96,7 @@ def test_a_store_from_before_the_index_gets_it_built_once(ca: FleetCA, tmp_path:
     raw = open_store(str(tmp_path / "store"))
     ids = IdentityStore(raw, ca)
     ids.record_issue("a", _cert(ca, "a", tmp_path), via="claim")
-    ids.record_issue("a", _cert(ca, "a", tmp_path), via="renew")
+    _rotated(ids, "a", _cert(ca, "a", tmp_path))
     ids.record_issue("b", _cert(ca, "b", tmp_path), via="claim")
     ids.revoke("b")
     expected = _serials(ids)
@@ -106,3 +107,9 @@ def test_a_store_from_before_the_index_gets_it_built_once(ca: FleetCA, tmp_path:
     assert _serials(again) == expected  # built from the records
     counting.listed = 0
     assert _serials(again) == expected and counting.listed == 0  # and kept
+
+
+def _rotated(ids: IdentityStore, device: str, cert: Any) -> DeviceIdentity:
+    """A renewal the device took up: issued, then its ``rotated`` (the old one retired)."""
+    doc = ids.record_issue(device, cert, via="renew")
+    return ids.confirm_rotation(device, doc.pending[-1])

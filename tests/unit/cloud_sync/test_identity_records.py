@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cloud_sync.fleet_ca import FleetCA, init_ca, load_cert
 from cloud_sync.identity_environment import EnvironmentCA
-from cloud_sync.identity_records import RecordRefused, opened, sign
+from cloud_sync.identity_records import DeviceIdentity, RecordRefused, opened, sign
 from cloud_sync.identity_store import CRL_INDEX, IdentityStore
 from cloud_sync.store import open_store
 from modelpack.errors import StoreError
@@ -41,7 +41,7 @@ def signed(ca: FleetCA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ident
     tmp = tmp_path_factory.mktemp("signed")
     ids = IdentityStore(open_store(str(tmp / "store")), ca)
     ids.record_issue("cam-1", _cert(ca, "cam-1", tmp), via="claim")
-    ids.record_issue("cam-1", _cert(ca, "cam-1", tmp), via="renew")
+    _rotated(ids, "cam-1", _cert(ca, "cam-1", tmp))
     ids.revoke("cam-1")
     return ids, ids.store.get_bytes("fleet/identity/devices/cam-1.json")
 
@@ -168,9 +168,15 @@ def test_while_the_index_does_not_verify_the_crl_never_gets_shorter(
     ids.store.put_bytes(CRL_INDEX, b'{"schema_version":1,"entries":[]}')
     ids.record_issue("b", _cert(ca, "b", tmp_path), via="claim")
     retired = ids.device("b").current  # type: ignore[union-attr]
-    ids.record_issue("b", _cert(ca, "b", tmp_path), via="renew")
+    _rotated(ids, "b", _cert(ca, "b", tmp_path))
     with caplog.at_level(logging.ERROR):
         publish_crl(ca, ids, crl, None)  # each entry kept until its certificate expires
     assert before | {int(str(retired), 16)} <= listed(crl)
     assert any("crl.json" in r.getMessage() and "identity-repair" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def _rotated(ids: IdentityStore, device: str, cert: Any) -> DeviceIdentity:
+    """A renewal the device took up: issued, then its ``rotated`` (the old one retired)."""
+    doc = ids.record_issue(device, cert, via="renew")
+    return ids.confirm_rotation(device, doc.pending[-1])
