@@ -28,6 +28,7 @@ def identity_rows(
     rows: dict[str, dict[str, Any]] = {}
     for device, reason in sorted((refused or {}).items()):
         unknown = dict.fromkeys(("serial", "not_after", "expires_in_s", "last_rotation"))
+        unknown["pending"] = None
         state = f"record refused ({reason})"
         rows[device] = {"state": state, "refused": reason, **unknown}
         rows[device] |= {"revoked": None, "revoked_at": None}
@@ -44,6 +45,8 @@ def identity_rows(
             "not_after": None if current is None else current.not_after,
             "expires_in_s": expires_in,
             "last_rotation": doc.last_rotation,
+            # Renewed, not yet confirmed by the device's rotated: the old serial stays valid.
+            "pending": list(doc.pending),
             "revoked": doc.revoked,
             "revoked_at": doc.revoked_at,
         }

@@ -280,9 +280,10 @@ def cmd_identity(args: argparse.Namespace) -> int:
     for device, row in rows.items():
         rotation = row["last_rotation"]
         rotated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rotation)) if rotation else "-"
+        waiting = f", renewed to {len(row['pending'])} unconfirmed" if row["pending"] else ""
         print(
             f"{device}: {row['state']}, expires in {_span(row['expires_in_s'])}, "
-            f"last rotation {rotated}"
+            f"last rotation {rotated}{waiting}"
         )
     return 0
 

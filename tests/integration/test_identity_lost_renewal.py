@@ -21,7 +21,9 @@ from cloud_sync.revocation import publish_crl
 from edge_agent.identity import KeyMaker
 from tests.integration.test_identity_store_writer import _connects, _enroll, idfleet
 from tests.support.agent import wait_for
+from tests.support.identity_cli import fleet_cli
 from tests.support.identity_fleet import PREFIX, IdentityFleet, TlsClient, claim_request
+from tests.support.services import MotoS3
 
 __all__ = ["idfleet"]
 
@@ -89,8 +91,15 @@ def _listed(fleet: IdentityFleet) -> set[str]:
     return {format(s, "x") for s in fleet.ca.crl_entries(fleet.ca.paths.crl)}
 
 
+def _identity_cli(fleet: IdentityFleet, s3_server: MotoS3) -> dict[str, Any]:
+    store, endpoint = str(fleet.store_url), s3_server.endpoint_url
+    ca = str(fleet.root / "ca")
+    args = ("--store", store, "--endpoint-url", endpoint, "--ca", ca, "--json")
+    return dict(json.loads(fleet_cli("fleet", "identity", *args)))
+
+
 def test_a_lost_renewal_answer_leaves_the_device_on_its_certificate_until_it_rotates(
-    idfleet: IdentityFleet, tmp_path: Path
+    idfleet: IdentityFleet, tmp_path: Path, s3_server: MotoS3
 ) -> None:
     device = "lost-a"
     files = _enroll(idfleet, device, tmp_path)
@@ -102,6 +111,10 @@ def test_a_lost_renewal_answer_leaves_the_device_on_its_certificate_until_it_rot
     _crl_in_force(idfleet, tmp_path, device)
     assert first not in _listed(idfleet) and lost not in _listed(idfleet)
     assert _connects(idfleet, files), "locked out of the certificate it runs with"
+    # What an operator reads: the certificate it runs with, and the renewal unconfirmed.
+    shown = _identity_cli(idfleet, s3_server)
+    assert shown["devices"][device]["serial"] == first, shown
+    assert shown["devices"][device]["pending"] == [lost], shown
 
     # It renews again over the same certificate, and this answer arrives.
     client = _as_device(idfleet, device, files)
