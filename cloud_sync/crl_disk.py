@@ -3,11 +3,13 @@ revoked and when, its CRLNumber, one writer at a time.
 
 Import path and API::
 
-    from cloud_sync.crl_disk import BrokerCrl, DiskCrl, crl_pem, one_writer, read_disk_crl
+    from cloud_sync.crl_disk import BrokerCrl, crl_pem, one_writer, read_disk_crl, write_crl
+    from cloud_sync.crl_disk import read_for_writer
     with one_writer(crl_path):
-        disk = read_disk_crl(ca, crl_path, first=False)   # ConfigError when there is none
+        disk, restored = read_for_writer(ca, crl_path)    # the last good copy put back if need be
         disk.entries, disk.number, disk.not_after, disk.devices
-        write_public(crl_path, crl_pem(ca, entries, number, not_after, devices))
+        write_crl(crl_path, crl_pem(ca, entries, number, not_after, devices))  # and its copy
+    read_disk_crl(ca, crl_path)         # ConfigError when there is none, or it does not verify
     BrokerCrl(ca, crl_path).read()      # the same, read again only when the file changed
 
 Why: the CRL is signed by the fleet CA and lives outside the bucket, so it is what the CRL
@@ -19,8 +21,9 @@ no CRL on disk (a new host, a lost file) nothing says which index is the latest,
 does not write one from the store alone unless told that this is the first (``first``).
 
 An X.509 CRL entry holds a serial and a date, not when the certificate expires, nor whose it
-was. So each CRL also carries a ledger, in one non-critical extension of its own (``LEDGER``, a
-UUID-based OID that OpenSSL and Mosquitto ignore), signed by the CA with the rest:
+was. So each CRL also carries a ledger, in one non-critical extension of its own
+(``cloud_sync.crl_ledger``: a UUID-based OID that OpenSSL and Mosquitto ignore), signed by the
+CA with the rest:
 
 - ``not_after``: each listed certificate's notAfter. An entry stays listed until then, whatever
   the bucket's index says or lost (an entry of a CRL from before the ledger is kept until the
@@ -29,30 +32,45 @@ UUID-based OID that OpenSSL and Mosquitto ignore), signed by the CA with the res
   the issuing key. A claim issued before it is refused, and so is a record that says the
   device is not revoked but names no certificate issued after it (an older record put back),
   whatever the bucket holds or lost (``cloud_sync.identity_store``, ``identity_claims``).
+
+The file is read once and everything (entries, CRLNumber, ledger) is taken from the one object
+whose signature was checked: whoever can replace the file between two reads would otherwise
+have the second one's ledger signed into the next CRL by the writer.
+
+Mosquitto 2.0.11 refuses to start on a CRL it cannot load, but on a SIGHUP (every CRL write,
+and Debian's daily logrotate of mosquitto.log) over a truncated, empty, garbled or missing CRL
+it logs "Unable to load certificate revocation file" and runs on **without a CRL check**: every
+revoked certificate connects again, until a good CRL and another SIGHUP (over another CA's CRL
+it refuses every client).
+So each write also keeps a last good copy beside the CRL (``crl.pem.last-good``, fsynced, only
+ever what this writer signed), and a writer that finds the CRL on disk unreadable or not the
+CA's puts that copy back (checked against the CA first), with an ERROR and a count
+(``RESTORES``), before it writes and signals the broker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
-import math
+import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from modelpack.errors import ConfigError
+from cloud_sync.crl_ledger import ledger_extension, read_ledger
+from cloud_sync.pem_files import write_public
+from modelpack.errors import ConfigError, clip
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
 
 log = logging.getLogger(__name__)
-# 2.25.{UUID} (ITU-T X.667): an OID of edgebento's own, no registry needed.
-LEDGER = "2.25.259284619126166953979274007328769758746"
-_UTF8STRING = 0x0C
+# CRL path -> how many times this process put its last good copy back (a metric's source).
+RESTORES: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -68,56 +86,6 @@ class DiskCrl:
         return frozenset(format(s, "x") for s in self.entries)
 
 
-def _der_utf8(text: str) -> bytes:
-    body = text.encode()
-    if len(body) < 0x80:
-        return bytes([_UTF8STRING, len(body)]) + body
-    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
-    return bytes([_UTF8STRING, 0x80 | len(size)]) + size + body
-
-
-def _from_der_utf8(data: bytes) -> str:
-    if len(data) < 2 or data[0] != _UTF8STRING:
-        raise ValueError("not a UTF8String")
-    size, at = data[1], 2
-    if size & 0x80:
-        at = 2 + (size & 0x7F)
-        size = int.from_bytes(data[2:at], "big")
-    if len(data) != at + size:
-        raise ValueError("the UTF8String's length is wrong")
-    return data[at:].decode()
-
-
-def ledger_extension(not_after: Mapping[int, float], devices: Mapping[str, float]) -> Any:
-    """The CRL's ledger (see the module's docstring) as an X.509 extension."""
-    from cryptography import x509
-
-    doc = {
-        "v": 1,
-        # Rounded up (whole seconds, milliseconds): never an entry dropped, nor a claim let
-        # through, early.
-        "not_after": {format(s, "x"): math.ceil(t) for s, t in sorted(not_after.items())},
-        "devices": {d: math.ceil(t * 1000) / 1000 for d, t in sorted(devices.items())},
-    }
-    text = json.dumps(doc, separators=(",", ":"))
-    return x509.UnrecognizedExtension(x509.ObjectIdentifier(LEDGER), _der_utf8(text))
-
-
-def _ledger(crl: Any) -> tuple[dict[int, float], dict[str, float]]:
-    from cryptography import x509
-
-    try:
-        raw = crl.extensions.get_extension_for_oid(x509.ObjectIdentifier(LEDGER)).value.value
-    except x509.ExtensionNotFound:
-        return {}, {}  # a CRL from before the ledger
-    try:
-        doc = json.loads(_from_der_utf8(raw))
-        until = {int(s, 16): float(t) for s, t in doc["not_after"].items()}
-        return until, {str(d): float(t) for d, t in doc["devices"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"the CRL's ledger cannot be read ({exc})") from exc
-
-
 def crl_pem(
     ca: FleetCA,
     entries: Iterable[tuple[int, dt.datetime]],
@@ -129,18 +97,42 @@ def crl_pem(
     return ca.crl(sorted(entries), number=number, extensions=[ledger_extension(not_after, devices)])
 
 
-def _parse(ca: FleetCA, crl_path: Path) -> DiskCrl:
-    """ConfigError unless the CA signed the CRL at ``crl_path`` and it reads whole."""
+def parse_crl(ca: FleetCA, data: bytes, what: object = "the CRL") -> DiskCrl:
+    """ConfigError unless the CA signed the CRL in ``data`` and it reads whole; everything is
+    taken from the object whose signature was checked."""
     from cryptography import x509
 
-    entries = ca.crl_entries(crl_path)
-    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    crl = ca.checked_crl(data, what)
     try:
-        number = int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+        entries = {r.serial_number: r.revocation_date_utc for r in crl}
+        found = crl.extensions.get_extension_for_class(x509.CRLNumber)
+        number = int(found.value.crl_number)
     except x509.ExtensionNotFound:
         number = 0
-    until, devices = _ledger(crl)
+    except ValueError as exc:  # an entry or an extension that does not parse
+        raise ConfigError(f"{what} cannot be read ({clip(str(exc))})") from exc
+    until, devices = read_ledger(crl)
     return DiskCrl(entries, number, until, devices)
+
+
+def _read(ca: FleetCA, crl_path: Path) -> DiskCrl:
+    try:
+        data = crl_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{crl_path}: no CRL to read ({exc.strerror or exc})") from exc
+    return parse_crl(ca, data, crl_path)
+
+
+def _none(crl_path: Path, first: bool, why: str) -> DiskCrl:
+    if not first:
+        raise ConfigError(
+            f"{why}: not writing a CRL from the store alone, which may be an older one put "
+            "back; restore the broker's CRL, or pass --first-crl if this is the fleet's first "
+            "CRL on this host"
+        )
+    if crl_path.exists():
+        log.error("%s: the first CRL is written from the store alone", why)
+    return DiskCrl()
 
 
 def read_disk_crl(ca: FleetCA, crl_path: Path, first: bool = False) -> DiskCrl:
@@ -148,22 +140,52 @@ def read_disk_crl(ca: FleetCA, crl_path: Path, first: bool = False) -> DiskCrl:
     issuer's: ConfigError, unless ``first`` (the fleet's first CRL on this host), when it reads
     as empty (an ERROR if a file was there)."""
     try:
-        return _parse(ca, crl_path)
-    except (OSError, ValueError, ConfigError) as exc:
-        if not first:
-            raise ConfigError(
-                f"{exc}: not writing a CRL from the store alone, which may be an older one "
-                "put back; restore the broker's CRL, or pass --first-crl if this is the "
-                "fleet's first CRL on this host"
-            ) from exc
-        if crl_path.exists():
-            log.error("%s: the first CRL is written from the store alone", exc)
-        return DiskCrl()
+        return _read(ca, crl_path)
+    except ConfigError as exc:
+        return _none(crl_path, first, str(exc))
+
+
+def last_good(crl_path: Path) -> Path:
+    """Where the writers keep a copy of the last CRL they wrote (see the module's docstring)."""
+    return crl_path.with_name(f"{crl_path.name}.last-good")
+
+
+def write_crl(crl_path: Path, pem: bytes) -> None:
+    """The CRL, then its last good copy, each fsynced and renamed into place (``write_public``).
+    A crash between the two leaves the copy one write behind, never ahead of the CRL."""
+    write_public(crl_path, pem)
+    write_public(last_good(crl_path), pem)
+
+
+def read_for_writer(ca: FleetCA, crl_path: Path, first: bool = False) -> tuple[DiskCrl, bool]:
+    """For a writer, under ``one_writer``: the CRL on disk, and whether it was put back. One
+    that cannot be read or is not the CA's is replaced by the last good copy, if that one is
+    the CA's (an ERROR, counted in ``RESTORES``); without one, as ``read_disk_crl``."""
+    try:
+        return _read(ca, crl_path), False
+    except ConfigError as exc:
+        damaged = str(exc)
+    keep = last_good(crl_path)
+    try:
+        data = keep.read_bytes()
+        disk = parse_crl(ca, data, keep)
+    except OSError as exc:
+        return _none(crl_path, first, f"{damaged} (no last good copy: {exc.strerror})"), False
+    except ConfigError as exc:
+        return _none(crl_path, first, f"{damaged} (nor is the last good copy: {exc})"), False
+    write_public(crl_path, data)
+    RESTORES[str(crl_path)] += 1
+    log.error(
+        "%s; put back the last good copy %s (CRLNumber %d, %d entries): a broker that reloaded "
+        "the damaged file ran without a CRL check until it reloads this one",
+        damaged, keep, disk.number, len(disk.entries),
+    )  # fmt: skip
+    return disk, True
 
 
 class BrokerCrl:
     """The CRL the broker reads, as the enrollment service checks records and claims against
-    it: read again when the file changes. ConfigError (and an ERROR) while it cannot be read
+    it: read again when the file changed. ConfigError (and an ERROR) while it cannot be read
     or is not the CA's: a check that cannot be made refuses, it is never skipped (an empty CRL
     would let an older record put back re-enroll a revoked device)."""
 
@@ -173,11 +195,14 @@ class BrokerCrl:
 
     def read(self) -> DiskCrl:
         try:
-            stat = self.path.stat()
-            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if seen != self._seen[0]:
-                self._seen = (seen, _parse(self.ca, self.path))
-        except (OSError, ValueError, ConfigError) as exc:
+            # The file's identity from the handle its bytes are read from: a rename between a
+            # stat and an open would pair one file's key with another's contents.
+            with self.path.open("rb") as fh:
+                stat = os.fstat(fh.fileno())
+                seen = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+                if seen != self._seen[0]:
+                    self._seen = (seen, parse_crl(self.ca, fh.read(), self.path))
+        except (OSError, ConfigError) as exc:
             log.error("%s: records cannot be checked against the CRL (%s)", self.path, exc)
             raise ConfigError(f"the CRL {self.path} cannot be read ({exc})") from exc
         return self._seen[1]

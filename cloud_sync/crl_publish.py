@@ -17,10 +17,16 @@ fails) between the two leaves a retired certificate in a signed record and not i
 ``records=True`` (the enrollment service's CRL write at its start and every ``--crl-refresh``)
 folds every signed record's retired and revoked certificates, and its revoked devices, into
 the index and the CRL: one read of every record, so not at each rotation.
+
+A CRL on disk that cannot be read or is not the CA's is replaced by the writer's last good copy
+first (``cloud_sync.crl_disk.read_for_writer``), and the broker is signalled even when the rest
+of the write then fails (the store unreachable): a broker that reloaded the damaged file runs
+without a CRL check until it reloads a good one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -30,10 +36,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloud_sync.crl_disk import crl_pem, one_writer, read_disk_crl
+from cloud_sync.crl_disk import DiskCrl, crl_pem, one_writer, read_for_writer, write_crl
 from cloud_sync.identity_crl import CRL_INDEX
 from cloud_sync.identity_records import REPAIR, CrlEntry, RecordRefused
-from cloud_sync.pem_files import write_public
 from modelpack.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -107,29 +112,52 @@ def publish_crl(
     stand in for it, the CRL's number goes up by one (so that index never catches up), and an
     ERROR names the index and the command that rebuilds it. With no CRL on disk nothing is
     written unless ``first`` (ConfigError): the store alone cannot show that its index is the
-    latest. ``records``: fold the signed records in first (see the module's docstring)."""
+    latest; one that does not verify is first replaced by the last good copy (see the module's
+    docstring). ``records``: fold the signed records in first (read while the CRL's lock is
+    held, so a ``fleet revoke`` meanwhile waits for it)."""
+    with one_writer(crl_path):
+        disk, restored = read_for_writer(ca, crl_path, first)
+        try:
+            pem, listed = _next_crl(ca, ids, crl_path, disk, extra, devices, records)
+            write_crl(crl_path, pem)
+        except BaseException:
+            if restored:  # the last good copy is back: the broker reloads it now
+                with contextlib.suppress(ConfigError):
+                    hang_up(broker_pid)
+            raise
+    hang_up(broker_pid)
+    return listed
+
+
+def _next_crl(
+    ca: FleetCA,
+    ids: IdentityStore,
+    crl_path: Path,
+    disk: DiskCrl,
+    extra: Mapping[int, float] | None,
+    devices: Mapping[str, float] | None,
+    records: bool,
+) -> tuple[bytes, int]:
+    """The next CRL (signed PEM) from the CRL on disk, the store and the revocation at hand,
+    and the count of certificates it lists."""
     named = dict(devices or {})
     if records:
         for device, at in ids.fold_records().items():
             named[device] = max(at, named.get(device, 0.0))
-    with one_writer(crl_path):
-        disk = read_disk_crl(ca, crl_path, first)
-        now = time.time()
-        revoked, known = dict(disk.entries), dict(disk.not_after)  # known: serial -> notAfter
-        entries, number = _from_store(ids, crl_path, disk.number)
-        for entry in entries:
-            serial = int(entry.serial, 16)
-            revoked[serial] = dt.datetime.fromtimestamp(entry.revoked_at, dt.UTC)
-            known[serial] = max(entry.not_after, known.get(serial, 0.0))
-        for serial, not_after in (extra or {}).items():  # the revocation at hand
-            revoked.setdefault(serial, dt.datetime.fromtimestamp(now, dt.UTC))
-            known[serial] = max(not_after, known.get(serial, 0.0))
-        # Nothing says when it expires (a CRL from before the ledger): the longest it can last.
-        unknown = ca.cert.not_valid_after_utc.timestamp()
-        listed = {s: at for s, at in revoked.items() if known.get(s, unknown) > now}
-        for device, at in disk.devices.items():
-            named[device] = max(at, named.get(device, 0.0))
-        until = {s: known[s] for s in listed if s in known}
-        write_public(crl_path, crl_pem(ca, listed.items(), number, until, named))
-    hang_up(broker_pid)
-    return len(listed)
+    now = time.time()
+    revoked, known = dict(disk.entries), dict(disk.not_after)  # known: serial -> notAfter
+    entries, number = _from_store(ids, crl_path, disk.number)
+    for entry in entries:
+        serial = int(entry.serial, 16)
+        revoked[serial] = dt.datetime.fromtimestamp(entry.revoked_at, dt.UTC)
+        known[serial] = max(entry.not_after, known.get(serial, 0.0))
+    for serial, not_after in (extra or {}).items():  # the revocation at hand
+        revoked.setdefault(serial, dt.datetime.fromtimestamp(now, dt.UTC))
+        known[serial] = max(not_after, known.get(serial, 0.0))
+    # Nothing says when it expires (a CRL from before the ledger): the longest it can last.
+    unknown = ca.cert.not_valid_after_utc.timestamp()
+    listed = {s: at for s, at in revoked.items() if known.get(s, unknown) > now}
+    for device, at in disk.devices.items():
+        named[device] = max(at, named.get(device, 0.0))
+    until = {s: known[s] for s in listed if s in known}
+    return crl_pem(ca, listed.items(), number, until, named), len(listed)

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 # The PEM helpers are pem_files', imported from here too.
-from cloud_sync.pem_files import cert_pem, load_cert, new_key, write_private, write_public
+from cloud_sync.pem_files import (
+    cert_pem,
+    check_key,
+    load_cert,
+    new_key,
+    write_private,
+    write_public,
+)
 from modelpack.errors import ConfigError, KeyFileError
 
 DEVICE_URI = "urn:edgebento:device:"
@@ -129,25 +136,6 @@ def init_ca(out: Path, name: str = "edgebento fleet", force: bool = False) -> Ca
     return paths
 
 
-EC_CURVES = ("secp256r1", "secp384r1")
-RSA_MIN_BITS = 2048
-
-
-def _check_key(public_key: Any) -> None:
-    """A device key the fleet accepts: EC P-256 or P-384, or RSA of 2048 bits or more (what
-    OpenSSL's default security level and AWS IoT Core take); nothing weaker is certified."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-    if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if public_key.curve.name not in EC_CURVES:
-            raise ConfigError(f"the request's key is on {public_key.curve.name}, not P-256/P-384")
-    elif isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < RSA_MIN_BITS:
-            raise ConfigError(f"the request's key is RSA-{public_key.key_size}, under 2048 bits")
-    else:
-        raise ConfigError(f"the request's key is a {type(public_key).__name__}: EC or RSA only")
-
-
 class FleetCA:
     """The issuing intermediate: signs device CSRs and cloud identities, and the CRL."""
 
@@ -194,17 +182,26 @@ class FleetCA:
             return False
         return True
 
-    def crl_entries(self, path: Path) -> dict[int, dt.datetime]:
-        """What the CRL at ``path`` lists (serial: revocation date), if this CA signed it;
-        ConfigError saying why not (none there, unreadable, another issuer's)."""
+    def checked_crl(self, data: bytes, what: object = "the CRL") -> Any:
+        """The CRL in ``data`` (PEM) if this CA signed it; ConfigError saying why not. Read a
+        CRL file once and take everything from the object this returns: a second read of the
+        file is of whatever was put there meanwhile, checked by nobody."""
         from cryptography import x509
 
         try:
-            crl = x509.load_pem_x509_crl(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{path}: no CRL to read ({exc})") from exc
+            crl = x509.load_pem_x509_crl(data)
+        except ValueError as exc:
+            raise ConfigError(f"{what}: no CRL to read ({exc})") from exc
         if not crl.is_signature_valid(self.cert.public_key()):
-            raise ConfigError(f"{path} is not signed by the fleet CA")
+            raise ConfigError(f"{what} is not signed by the fleet CA")
+        return crl
+
+    def crl_entries(self, path: Path) -> dict[int, dt.datetime]:
+        """What the CRL at ``path`` lists (serial: revocation date), if this CA signed it."""
+        try:
+            crl = self.checked_crl(path.read_bytes(), path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: no CRL to read ({exc})") from exc
         return {r.serial_number: r.revocation_date_utc for r in crl}
 
     @property
@@ -246,7 +243,7 @@ class FleetCA:
             raise ConfigError(f"not a PEM certificate request: {exc}") from exc
         if not csr.is_signature_valid:
             raise ConfigError("the request's signature does not match its key")
-        _check_key(csr.public_key())
+        check_key(csr.public_key())
         names = [(a.oid, a.value) for a in csr.subject]
         if names != [(NameOID.COMMON_NAME, device)]:
             subject = csr.subject.rfc4514_string()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cloud_sync.crl_disk import read_disk_crl
+from cloud_sync.crl_disk import last_good, read_disk_crl
 from cloud_sync.fleet_ca import new_key
 from cloud_sync.identity_records import RecordRefused, retired_entries
 from cloud_sync.identity_repair import repair
@@ -183,7 +183,8 @@ def test_with_no_crl_on_disk_the_writer_writes_none_from_the_store_alone(
     try:
         for name, attack in attacks.items():
             attack()
-            idfleet.ca.paths.crl.unlink()  # a new host, a lost file
+            idfleet.ca.paths.crl.unlink()  # a new host: no CRL, nor its last good copy
+            last_good(idfleet.ca.paths.crl).unlink(missing_ok=True)
             with pytest.raises(ConfigError, match="--first-crl"):
                 idfleet.publish_crl()
             assert not idfleet.ca.paths.crl.exists(), name  # nothing written
