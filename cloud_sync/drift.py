@@ -42,7 +42,7 @@ from cloud_sync.drift_stats import (
     psi,
 )
 from cloud_sync.drift_summary import KIND, DriftSummary
-from cloud_sync.parts import DRIFT_ROOT, decode_jsonl_gz
+from cloud_sync.parts import DRIFT_ROOT, read_part
 from modelpack.baseline import Baseline
 from modelpack.errors import StoreError
 
@@ -106,7 +106,7 @@ def load_summaries(store: Any, model: str | None = None, version: int | None = N
         if not key.endswith(".jsonl.gz"):
             continue
         try:
-            records = decode_jsonl_gz(store.get_bytes(key), key)
+            records = read_part(store, key)
         except StoreError as exc:
             log.warning("drift: skipped %s", exc)
             rejected["unreadable"] += 1

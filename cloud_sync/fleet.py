@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from cloud_sync.evidence import RejectedMessage
 from cloud_sync.fleet_metrics import DeviceSummary, FleetView
 from cloud_sync.ingest import parse_batch
 from cloud_sync.mqtt import CloudClient
-from cloud_sync.parts import TELEMETRY_ROOT, decode_jsonl_gz, parse_range, safe_id
+from cloud_sync.parts import TELEMETRY_ROOT, parse_range, read_part, safe_id
 from cloud_sync.protocol import Desired, Status, TelemetryRecord, Topics
 from cloud_sync.store import ObjectStore
 from modelpack.errors import StoreError, first_problem
@@ -51,17 +51,20 @@ def latest_parts(
     return {d: [k for _, k in sorted(parts)[-per_device:]] for d, parts in found.items()}
 
 
-def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]) -> None:
+def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]) -> int:
     """The records of each device's latest telemetry objects, folded into ``view``. Anyone who
-    can write the bucket can put an object there: one that is not gzipped JSON lines, or a
-    record that is not one the ingestion stores (``data`` a list raised inside the fold), is
-    skipped with a warning, and the others are read."""
+    can write the bucket can put an object there: one that is not gzipped JSON lines (or past
+    the caps of ``parts.read_part``), or a record that is not one the ingestion stores (``data``
+    a list raised inside the fold), is skipped with a warning, and the others are read.
+    Returns the objects skipped, so the status can say that it is incomplete."""
+    skipped = 0
     for keys in latest_parts(store, boots).values():
         for key in keys:
             try:
-                records = decode_jsonl_gz(store.get_bytes(key), key)
+                records = read_part(store, key)
             except StoreError as exc:
                 log.warning("fleet status: skipped %s", exc)
+                skipped += 1
                 continue
             device = key.split("/")[2][7:]
             for record in records:
@@ -73,6 +76,7 @@ def fold_store(view: FleetView, store: ObjectStore, boots: dict[str, str | None]
                     continue
                 if checked.device == device:
                     view.on_record(record)
+    return skipped
 
 
 class FleetListener:
@@ -200,6 +204,27 @@ def _parse(model: type[M], topic: str, payload: bytes) -> M:
         raise RejectedMessage("schema", f"{topic}: {first_problem(exc, 'document')}") from exc
 
 
+@dataclass(frozen=True)
+class FleetReport:
+    devices: dict[str, DeviceSummary]
+    skipped_objects: int  # telemetry objects in the store that could not be read
+
+
+def fleet_report(
+    broker_url: str,
+    topics: Topics | None = None,
+    *,
+    listen_s: float = 2.0,
+    store: ObjectStore | None = None,
+) -> FleetReport:
+    with FleetListener(broker_url, topics or Topics()) as listener:
+        skipped = 0
+        if store is not None:
+            skipped = fold_store(listener.view, store, dict(listener.boots))
+        time.sleep(listen_s)
+        return FleetReport(listener.summaries(), skipped)
+
+
 def fleet_status(
     broker_url: str,
     topics: Topics | None = None,
@@ -207,8 +232,4 @@ def fleet_status(
     listen_s: float = 2.0,
     store: ObjectStore | None = None,
 ) -> dict[str, DeviceSummary]:
-    with FleetListener(broker_url, topics or Topics()) as listener:
-        if store is not None:
-            fold_store(listener.view, store, dict(listener.boots))
-        time.sleep(listen_s)
-        return listener.summaries()
+    return fleet_report(broker_url, topics, listen_s=listen_s, store=store).devices

@@ -39,7 +39,7 @@ from cloud_sync.acks import AckTracker, Boot, StoredRanges
 from cloud_sync.evidence import Evidence, EvidenceBudget, RejectedMessage
 from cloud_sync.fleet_metrics import FleetMetrics, FleetView
 from cloud_sync.mqtt import CloudClient
-from cloud_sync.parts import Run, encode_jsonl_gz, group_runs, safe_id
+from cloud_sync.parts import Run, encode_parts, group_runs, safe_id
 from cloud_sync.protocol import Status, TelemetryAck, TelemetryBatch, Topics
 from cloud_sync.store import ObjectStore
 from modelpack.errors import EdgebentoError, first_problem
@@ -343,21 +343,25 @@ class TelemetrySync:
         fresh, dropped = self.ranges.new_records(runs)
         self.metrics.duplicates.inc(dropped)
         runs = group_runs(fresh)
-        list(self._pool.map(self._put_run, runs))  # re-raises the first failure
+        objects = sum(self._pool.map(self._put_run, runs))  # re-raises the first failure
         count = sum(len(run.records) for run in runs)
         self.stored_records += count
-        self.objects_written += len(runs)
+        self.objects_written += objects
         return count
 
     def _write_rejected(self, documents: list[Evidence]) -> None:
         for evidence in documents:
             self.store.put_bytes(evidence.key(), evidence.body())
 
-    def _put_run(self, run: Run) -> None:
-        self.store.put_bytes(run.key, encode_jsonl_gz(run.records))
-        self.ranges.written(run)
-        self.metrics.records.labels(run.stream.root).inc(len(run.records))
-        self.metrics.objects.inc()
+    def _put_run(self, run: Run) -> int:
+        """One object per part of ``run`` (``parts.PART_BYTES`` each); returns how many."""
+        objects = 0
+        for objects, (part, data) in enumerate(encode_parts(run), 1):
+            self.store.put_bytes(part.key, data)
+            self.ranges.written(part)
+            self.metrics.records.labels(part.stream.root).inc(len(part.records))
+            self.metrics.objects.inc()
+        return objects
 
     def _run(self) -> None:
         """The flusher, supervised: an error in one round is logged and the next one runs."""

@@ -19,17 +19,26 @@ import json
 import re
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from modelpack import untrusted_json
-from modelpack.errors import StoreError
+from modelpack.errors import SizeLimitError, StoreError
 
 TELEMETRY_ROOT = "telemetry"
 CAPTURE_ROOT = "capture"
 DRIFT_ROOT = "drift"  # drift summaries apart, so ``edgebento monitor`` reads only them
+# A part is one stream's records of one flush, split by ``encode_parts`` at PART_BYTES of JSON
+# lines. A record alone can be longer: a telemetry message is at most 4 MiB (SyncOptions), and
+# json.dumps's \u escapes make a record's line at most 3x its UTF-8 text (12 MiB). Readers
+# take four times PART_BYTES (room for a record from a sync run whose message cap was raised
+# five-fold): a part a bucket writer planted past that is skipped, never inflated whole. Stored
+# deflate blocks add 5 bytes per 64 KiB, so its gzip is never over 1 MiB bigger.
+PART_BYTES = 16 << 20
+MAX_PART_BYTES = 4 * PART_BYTES
+MAX_PART_GZIP_BYTES = MAX_PART_BYTES + (1 << 20)
 _ROOTS = {"capture": CAPTURE_ROOT, "drift": DRIFT_ROOT}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _PART = re.compile(r"part-(?P<boot>.+)-(?P<first>\d{12})-(?P<last>\d{12})\.jsonl\.gz$")
@@ -103,23 +112,76 @@ def _run(stream: Stream, records: list[dict[str, Any]]) -> Run:
 
 
 def encode_jsonl_gz(records: Iterable[dict[str, Any]]) -> bytes:
-    lines = "".join(
-        json.dumps(r, sort_keys=True, separators=(",", ":"), default=str) + "\n" for r in records
-    )
-    return gzip.compress(lines.encode(), compresslevel=6, mtime=0)
+    return gzip.compress(b"".join(_line(r) for r in records), compresslevel=6, mtime=0)
 
 
-def decode_jsonl_gz(data: bytes, what: str = "the telemetry object") -> list[dict[str, Any]]:
-    """The records of an object ``encode_jsonl_gz`` wrote, or StoreError: a bucket writer can
-    put anything under these keys, and each reader skips (and counts) what it cannot read."""
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def encode_parts(run: Run, part_bytes: int = PART_BYTES) -> Iterator[tuple[Run, bytes]]:
+    """``run`` as objects of at most ``part_bytes`` of JSON lines each (a record longer than
+    that alone), each a contiguous run of its own with its own key: what a reader may inflate
+    is bounded by what was written, not by how long a device stayed offline."""
+    lines: list[bytes] = []
+    size = 0
+    first = 0
+    for i, line in enumerate(_line(r) for r in run.records):
+        if lines and size + len(line) > part_bytes:
+            yield _part(run, first, i, lines)
+            lines, size, first = [], 0, i
+        lines.append(line)
+        size += len(line)
+    if lines:
+        yield _part(run, first, len(run.records), lines)
+
+
+def _part(run: Run, start: int, stop: int, lines: list[bytes]) -> tuple[Run, bytes]:
+    part = _run(run.stream, list(run.records[start:stop]))
+    return part, gzip.compress(b"".join(lines), compresslevel=6, mtime=0)
+
+
+def read_part(store: Any, key: str) -> list[dict[str, Any]]:
+    """The records of the telemetry object at ``key``, or StoreError: one over the caps (read
+    at most ``MAX_PART_GZIP_BYTES`` + 1 bytes, inflated at most ``MAX_PART_BYTES`` + 1) costs
+    what a part the ingestion writes may, and is skipped like any unreadable object."""
     try:
-        lines = gzip.decompress(data).decode().splitlines()
-        records = [untrusted_json.loads(line, what) for line in lines if line]
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, untrusted_json.NotJsonError) as exc:
+        data = store.get_bytes(key, max_bytes=MAX_PART_GZIP_BYTES)
+    except SizeLimitError as exc:
+        raise StoreError(f"{key} is not a telemetry object: {exc}") from exc
+    return decode_jsonl_gz(data, key)
+
+
+def decode_jsonl_gz(
+    data: bytes, what: str = "the telemetry object", max_bytes: int = MAX_PART_BYTES
+) -> list[dict[str, Any]]:
+    """The records of an object ``encode_jsonl_gz`` wrote, or StoreError: a bucket writer can
+    put anything under these keys, and each reader skips (and counts) what it cannot read,
+    a gzip bomb included: nothing is inflated past ``max_bytes`` + 1 bytes."""
+    try:
+        text = _inflate(data, max_bytes, what).decode()
+        records = [untrusted_json.loads(line, what) for line in text.splitlines() if line]
+    except (zlib.error, UnicodeDecodeError, untrusted_json.NotJsonError) as exc:
         raise StoreError(f"{what} is not gzipped JSON lines: {exc}") from exc
     if not all(isinstance(r, dict) for r in records):
         raise StoreError(f"{what} holds a line that is not a JSON object")
     return records
+
+
+def _inflate(data: bytes, max_bytes: int, what: str) -> bytearray:
+    """Every gzip member of ``data`` (as ``gzip.decompress`` takes them), inflated no further
+    than ``max_bytes`` + 1 bytes: zlib stops there and keeps the rest of the input unread."""
+    out = bytearray()
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(wbits=31)
+        out += inflater.decompress(rest, max_bytes + 1 - len(out))
+        if len(out) > max_bytes:
+            raise StoreError(f"{what} inflates past the cap of {max_bytes} bytes")
+        if not inflater.eof:  # the output had room left, so the input ran out: cut short
+            raise StoreError(f"{what} is not gzipped JSON lines: the gzip stream is cut short")
+        rest = inflater.unused_data
+    return out
 
 
 class RangeSet:

@@ -74,7 +74,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from cloud_sync.broker_url import check_broker_port
-    from cloud_sync.fleet import fleet_status
+    from cloud_sync.fleet import fleet_report
     from cloud_sync.protocol import Topics
     from cloud_sync.store import open_store
 
@@ -82,7 +82,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.ca is not None and args.store is None:
         raise ConfigError("--ca checks the identity records of --store: pass --store too")
     store = open_store(args.store, endpoint_url=args.endpoint_url) if args.store else None
-    devices = fleet_status(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
+    report = fleet_report(args.broker, Topics(args.prefix), listen_s=args.listen, store=store)
+    devices = report.devices
     identity, refused = _identity(store, args.ca, devices)
     if args.json:
         doc: dict[str, Any] = {"devices": {d: s.as_json() for d, s in devices.items()}}
@@ -92,6 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             doc["devices"].setdefault(device, {})["identity"] = row
         if store is not None:
             doc |= {"identity_checked": args.ca is not None, "identity_refused": refused}
+            doc["telemetry_objects_skipped"] = report.skipped_objects
         print(json.dumps(doc, indent=2, default=str))
         return 0
     from cloud_sync.redact import redact_url
@@ -128,6 +130,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         print_table(f"fleet on {shown} ({len(devices)} devices)", columns, rows)
     _say_unshown(store is not None and args.ca is None, refused, identity, devices)
+    if report.skipped_objects:
+        print(
+            f"{report.skipped_objects} telemetry object(s) in the store skipped as unreadable "
+            "(see the log): the figures above leave them out"
+        )
     return 0
 
 

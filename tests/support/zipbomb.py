@@ -61,3 +61,12 @@ def write_npz_bomb(path: Path, members: dict[str, int], dtype: str = "<f8") -> N
         out.write(central)
         count = len(members)
         out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(central), offset, 0))
+
+
+def gzip_bomb(chunks: int, head: bytes = b"") -> bytes:
+    """One valid gzip member of ``head`` + ``chunks`` x 64 MiB of zeros (ISIZE modulo 2**32, as
+    gzip writes it): what ``gzip.decompress`` inflates whole, from about 64 KiB a gigabyte."""
+    data, crc = _deflated_zeros(head, chunks)
+    size = (len(head) + chunks * CHUNK) % (1 << 32)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + data + struct.pack("<II", crc, size)

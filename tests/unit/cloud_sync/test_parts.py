@@ -1,15 +1,28 @@
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
 from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cloud_sync.parts import (
+    MAX_PART_BYTES,
+    MAX_PART_GZIP_BYTES,
     RangeSet,
     decode_jsonl_gz,
     encode_jsonl_gz,
+    encode_parts,
     group_runs,
     parse_range,
+    read_part,
     safe_id,
 )
+from cloud_sync.store import LocalStore
+from modelpack.errors import StoreError
+from tests.support.zipbomb import gzip_bomb
 
 TS = 1_750_000_000.0  # 2025-06-15 UTC
 
@@ -52,3 +65,53 @@ def test_range_set_merges_adjacent_spans() -> None:
 def test_ids_with_slashes_or_dots_are_not_safe() -> None:
     assert safe_id("dev-1.a_b:c")
     assert not safe_id("a/b") and not safe_id("..") and not safe_id("a..b") and not safe_id("")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=40),
+    part_bytes=st.integers(1, 2000),
+)
+def test_parts_hold_at_most_part_bytes_and_together_the_whole_run(
+    sizes: list[int], part_bytes: int
+) -> None:
+    records = [{**rec(i), "data": {"x": "é" * n}} for i, n in enumerate(sizes)]
+    (run,) = group_runs(records)
+    parts = list(encode_parts(run, part_bytes))
+    assert [r for part, _ in parts for r in part.records] == records
+    for part, data in parts:
+        inflated = gzip.decompress(data)
+        assert len(inflated) <= part_bytes or len(part.records) == 1
+        assert decode_jsonl_gz(data) == list(part.records)
+        assert parse_range(part.key) == (part.first, part.last)
+        assert part.last - part.first + 1 == len(part.records)
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_inflated_past_the_cap() -> None:
+    bomb = gzip_bomb(2, b'{"seq": 1}\n')  # 128 MiB of zeros
+    with pytest.raises(StoreError, match="inflates past the cap of 67108864 bytes"):
+        decode_jsonl_gz(bomb)
+    assert MAX_PART_BYTES == 64 << 20
+    with pytest.raises(StoreError, match="past the cap of 10 bytes"):
+        decode_jsonl_gz(encode_jsonl_gz([rec(1)]), max_bytes=10)
+
+
+def test_members_are_read_as_gzip_reads_them_and_a_cut_one_is_refused() -> None:
+    one, two = encode_jsonl_gz([rec(1)]), encode_jsonl_gz([rec(2)])
+    assert decode_jsonl_gz(one + two) == [rec(1), rec(2)]
+    assert decode_jsonl_gz(b"") == []
+    with pytest.raises(StoreError, match="cut short"):
+        decode_jsonl_gz(one[:-3])
+    with pytest.raises(StoreError, match="not gzipped JSON lines"):
+        decode_jsonl_gz(b"not gzip at all")
+
+
+def test_an_object_over_the_compressed_cap_is_not_read_whole(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    key = "telemetry/date=2025-06-15/device=d1/part-b1-000000000001-000000000001.jsonl.gz"
+    (tmp_path / key).parent.mkdir(parents=True)
+    (tmp_path / key).write_bytes(bytes(MAX_PART_GZIP_BYTES + 1))
+    with pytest.raises(StoreError, match="over 68157440 bytes"):
+        read_part(store, key)
+    store.put_bytes(key, encode_jsonl_gz([rec(1)]))
+    assert read_part(store, key) == [rec(1)]
