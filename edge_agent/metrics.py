@@ -34,6 +34,11 @@ class AgentCollector:
             value=counters.get("evicted", 0),
         )
         yield CounterMetricFamily(
+            "edgebento_outbox_dropped_corrupt",
+            "set-aside telemetry records whose stored row was not a readable record, deleted",
+            value=counters.get("dropped_corrupt", 0),
+        )
+        yield CounterMetricFamily(
             "edgebento_telemetry_acked",
             "records acknowledged as stored by the ingestion",
             value=agent.telemetry.acknowledged,
@@ -62,8 +67,8 @@ class AgentCollector:
         )
         yield CounterMetricFamily(
             "edgebento_agent_packets_over_limit",
-            "messages an MQTT 3.1.1 broker dropped the connection for, twice: over its packet "
-            "limit, never sent again",
+            "messages an MQTT 3.1.1 broker dropped the connection for three times in a row, "
+            "twice after holding without them: over its packet limit, never sent again",
             value=agent.session.limit.refused,
         )
         yield GaugeMetricFamily(

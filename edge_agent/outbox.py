@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.outbox_file import OutboxFile, disk_full
+from modelpack import untrusted_json
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +252,42 @@ class Outbox(OutboxFile):
                 return 0
         restored = 0
         for row_id, body in rows:
-            record = json.loads(body)
-            if (
-                self.append(str(record.get("kind")), record.get("data") or {}, record.get("ts"))
-                is not None
-            ):
+            record = _restorable(body)
+            if record is not None and self.append(*record) is not None:
                 restored += 1
             with self._lock, contextlib.suppress(sqlite3.DatabaseError):
                 self._db.execute("DELETE FROM aside WHERE id = ?", (row_id,))
+                if record is None:
+                    self._bump("dropped_corrupt")
         return restored
+
+
+def _restorable(body: object) -> tuple[str, dict[str, Any], float] | None:
+    """What ``append`` needs to queue a set-aside record again, or None (logged) when its row
+    is not a record ``_encode`` wrote: the file is local state, and anything with access to it
+    may have altered it. Such a row is deleted and counted (``dropped_corrupt``), never let
+    stop the restore of the others."""
+    try:
+        if not isinstance(body, bytes | str):  # a column SQLite holds as another type
+            raise untrusted_json.NotJsonError(f"its body is {type(body).__name__}, not text")
+        record = untrusted_json.loads(body, "a set-aside telemetry record")
+    except untrusted_json.NotJsonError as exc:
+        log.warning("telemetry record set aside dropped: %s", exc)
+        return None
+    if not isinstance(record, dict):
+        log.warning("telemetry record set aside dropped: not a JSON object")
+        return None
+    kind, data, ts = record.get("kind"), record.get("data") or {}, record.get("ts")
+    if (
+        not isinstance(kind, str)
+        or not isinstance(data, dict)
+        or not isinstance(ts, int | float)
+        or isinstance(ts, bool)
+        or not math.isfinite(ts)
+    ):
+        log.warning("telemetry record set aside dropped: not a telemetry record")
+        return None
+    return kind, data, float(ts)
 
 
 def batch_payload(records: list[Pending], floor: int | None = None) -> bytes:

@@ -82,6 +82,7 @@ class OutboxFile:
                 rows = {}
         rows.setdefault("evicted", 0)
         rows.setdefault("dropped_overflow", 0)
+        rows.setdefault("dropped_corrupt", 0)
         rows["dropped_disk_full"] = self.dropped_disk_full
         rows["quarantined"] = len(self.quarantined)
         return rows

@@ -15,7 +15,6 @@ no ingestion, or one that is down, stops soon and keeps its records for the next
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from edge_agent.outbox import Outbox, Pending, batch_payload
 from edge_agent.packet_limit import longest_fitting
 from edge_agent.session import Session
 from edge_agent.telemetry_acks import NO_ACK_EVIDENCE_S, AckClock, stop_patience
+from modelpack import untrusted_json
 from modelpack.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class TelemetryPublisher:
         limit said or configured it is deleted; over one ``learned`` from the broker's drops,
         which may be false and lapses, it is kept aside and queued again (as a new record) once
         there is no bound: after a restart or when the bound lapsed."""
-        kind = str(json.loads(record.body).get("kind", "?"))
+        kind = _kind(record.body)
         if learned:
             self.outbox.set_aside(record.id)
             self._kept = True
@@ -255,3 +255,13 @@ class TelemetryPublisher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+def _kind(body: bytes) -> str:
+    """The kind a stored record names, for the log and the event; "?" when its row is not a
+    JSON object (the outbox file is local state that may have been altered)."""
+    try:
+        record = untrusted_json.loads(body, "a telemetry record")
+    except untrusted_json.NotJsonError:
+        return "?"
+    return str(record.get("kind", "?")) if isinstance(record, dict) else "?"
