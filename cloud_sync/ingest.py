@@ -356,11 +356,12 @@ class TelemetrySync:
     def _put_run(self, run: Run) -> int:
         """One object per part of ``run`` (``parts.PART_BYTES`` each); returns how many."""
         objects = 0
-        for objects, (part, data) in enumerate(encode_parts(run), 1):
+        for part, data in encode_parts(run):
             self.store.put_bytes(part.key, data)
             self.ranges.written(part)
             self.metrics.records.labels(part.stream.root).inc(len(part.records))
             self.metrics.objects.inc()
+            objects += 1
         return objects
 
     def _run(self) -> None:
