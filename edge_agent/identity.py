@@ -46,6 +46,7 @@ ENROLL_TIMEOUT_S = 120.0
 # that failed on its side (the store unreachable). A renewal answered so is tried again with
 # backoff; only a refusal of the device itself (revoked, not enrolled, a bad CSR) ends it.
 NOT_NOW = frozenset({"rate_limited", "internal"})
+ROTATED_TRIES, ROTATED_GAP_S = 4, 1.5  # the service's gap per device is 1 s by default
 
 
 class Channel(Protocol):
@@ -322,15 +323,29 @@ class Renewer:
         self.channel.use_identity(self.files.cert, self.files.key)
         if not self.channel.wait_connected(REPLY_TIMEOUT_S):
             raise BrokerError("no connection with the new certificate")
-        request_id = uuid.uuid4().hex
-        doc = {"schema_version": 1, "id": request_id, "serial": serial}
-        self._ask("rotated", json.dumps(doc).encode(), request_id)
+        self._confirm(serial)
         self.rotations += 1
         self.files.write_status(
             "valid", serial=serial, not_after=not_after, last_rotation=time.time()
         )
         self.on_event("event", {"event": "certificate_rotated", "old": old, "new": serial})
         log.info("certificate rotated: %s -> %s (valid until %.0f)", old, serial, not_after)
+
+    def _confirm(self, serial: str) -> None:
+        """Say ``rotated`` until the service takes it: only then does it retire the old
+        certificate (unanswered, or answered "not now", e.g. the rate limit's gap after the
+        renewal, it would stay valid for the cloud's grace of days)."""
+        for attempt in range(1, ROTATED_TRIES + 1):
+            request_id = uuid.uuid4().hex
+            doc = {"schema_version": 1, "id": request_id, "serial": serial}
+            reply = self._ask("rotated", json.dumps(doc).encode(), request_id)
+            if reply is not None and (reply.ok or reply.reason not in NOT_NOW):
+                if not reply.ok:
+                    log.warning("rotation to %s refused: %s", serial, reply.error)
+                return
+            if self._stop.wait(ROTATED_GAP_S * attempt):
+                return
+        log.warning("rotation to %s not confirmed: the old certificate retires later", serial)
 
     def stop(self) -> None:
         self._stop.set()
