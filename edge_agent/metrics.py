@@ -35,7 +35,8 @@ class AgentCollector:
         )
         yield CounterMetricFamily(
             "edgebento_outbox_dropped_corrupt",
-            "set-aside telemetry records whose stored row was not a readable record, deleted",
+            "telemetry records a previous run left (queued or set aside) whose stored row was "
+            "not a record the ingestion takes, deleted",
             value=counters.get("dropped_corrupt", 0),
         )
         yield CounterMetricFamily(

@@ -5,6 +5,9 @@ the same transaction that stores it, so a record that could not be stored never 
 the cloud sees no gap it would wait for. Records leave only when the ingestion acknowledged that
 they are stored (``ack_upto``: a ``TelemetryAck`` names a boot and the highest contiguous seq).
 
+Rows a previous run left are checked once before they are sent (``edge_agent.outbox_rows``): a
+row that is not a record the ingestion takes would make its whole batch invalid.
+
 A file SQLite cannot read is quarantined (``edge_agent.localdb``) and a new one started, at
 start or at run time, so a damaged outbox never keeps the device down.
 """
@@ -14,16 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.outbox_file import OutboxFile, disk_full
-from modelpack import untrusted_json
+from edge_agent.outbox_rows import Holes, deliverable, restorable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,18 @@ class Outbox(OutboxFile):
         self.boot_id = boot_id or uuid.uuid4().hex
         self.next_seq = 0
         super().__init__(path)
+
+    def _open(self) -> None:
+        super()._open()
+        # Rows a previous run left, checked once before they are first sent (outbox_rows):
+        # every id this process appends is above them (AUTOINCREMENT), and trusted as written.
+        self._checked_upto = 0
+        self._left_upto = 0
+        self.holes = Holes()
+        with contextlib.suppress(sqlite3.DatabaseError):
+            (self._left_upto,) = self._db.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM records"
+            ).fetchone()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -151,17 +166,49 @@ class Outbox(OutboxFile):
 
     def peek(self, after_id: int, limit: int) -> list[Pending]:
         """Up to ``limit`` records after ``after_id``, oldest first, all of one boot."""
+        while True:
+            if self._checked_upto < self._left_upto and not self._check_left(limit):
+                return []
+            with self._lock:
+                try:
+                    rows = self._db.execute(
+                        "SELECT id, body, boot_id, seq FROM records WHERE id > ? ORDER BY id "
+                        "LIMIT ?",
+                        (after_id, limit),
+                    ).fetchall()
+                except sqlite3.DatabaseError as exc:
+                    if self._recover(exc) or self._checked_upto >= self._left_upto:
+                        return []
+                    continue  # a row not yet checked that sqlite3 cannot read (text not UTF-8)
+            if self._checked_upto < self._left_upto:  # never up to a row not yet checked
+                checked = [r[0] <= self._checked_upto or r[0] > self._left_upto for r in rows]
+                if checked and not checked[0]:
+                    continue
+                rows = list(compress(rows, accumulate(checked, min)))
+            batch = [Pending(int(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+            return [p for p in batch if p.boot_id == batch[0].boot_id] if batch else []
+
+    def _check_left(self, limit: int) -> bool:
+        """Check the next ``limit`` rows a previous run left; delete and count those that are
+        not records the ingestion takes (one would make its whole batch invalid). False when it
+        could not: they are checked at the next read."""
         with self._lock:
             try:
                 rows = self._db.execute(
-                    "SELECT id, body, boot_id, seq FROM records WHERE id > ? ORDER BY id LIMIT ?",
-                    (after_id, limit),
+                    "SELECT id, typeof(body), CAST(body AS BLOB), CAST(boot_id AS BLOB), seq "
+                    "FROM records WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    (self._checked_upto, self._left_upto, limit),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 self._recover(exc)
-                return []
-        batch = [Pending(int(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
-        return [p for p in batch if p.boot_id == batch[0].boot_id] if batch else []
+                return False
+        bad = [r for r in rows if deliverable(r[1:], self.device) is None]
+        ids = tuple(r[0] for r in bad)
+        if bad and not self._delete(f"id IN ({','.join('?' * len(ids))})", ids, "dropped_corrupt"):
+            return False
+        self.holes.add(bad)
+        self._checked_upto = rows[-1][0] if len(rows) == limit else self._left_upto
+        return True
 
     def floor(self, boot_id: str) -> int | None:
         """The lowest seq of ``boot_id`` still held: every seq below is acknowledged or evicted."""
@@ -196,7 +243,7 @@ class Outbox(OutboxFile):
         if ids:
             self._delete(f"id IN ({','.join('?' * len(ids))})", tuple(ids))
 
-    def _delete(self, where: str, params: tuple[Any, ...]) -> int:
+    def _delete(self, where: str, params: tuple[Any, ...], counted: str | None = None) -> int:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -204,6 +251,8 @@ class Outbox(OutboxFile):
                     f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM records WHERE {where}", params
                 ).fetchone()
                 self._db.execute(f"DELETE FROM records WHERE {where}", params)
+                if counted is not None:
+                    self._bump(counted, int(row[1]))
                 self._db.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
                 self._rollback()
@@ -252,7 +301,7 @@ class Outbox(OutboxFile):
                 return 0
         restored = 0
         for row_id, body in rows:
-            record = _restorable(body)
+            record = restorable(body)
             if record is not None and self.append(*record) is not None:
                 restored += 1
             with self._lock, contextlib.suppress(sqlite3.DatabaseError):
@@ -260,34 +309,6 @@ class Outbox(OutboxFile):
                 if record is None:
                     self._bump("dropped_corrupt")
         return restored
-
-
-def _restorable(body: object) -> tuple[str, dict[str, Any], float] | None:
-    """What ``append`` needs to queue a set-aside record again, or None (logged) when its row
-    is not a record ``_encode`` wrote: the file is local state, and anything with access to it
-    may have altered it. Such a row is deleted and counted (``dropped_corrupt``), never let
-    stop the restore of the others."""
-    try:
-        if not isinstance(body, bytes | str):  # a column SQLite holds as another type
-            raise untrusted_json.NotJsonError(f"its body is {type(body).__name__}, not text")
-        record = untrusted_json.loads(body, "a set-aside telemetry record")
-    except untrusted_json.NotJsonError as exc:
-        log.warning("telemetry record set aside dropped: %s", exc)
-        return None
-    if not isinstance(record, dict):
-        log.warning("telemetry record set aside dropped: not a JSON object")
-        return None
-    kind, data, ts = record.get("kind"), record.get("data") or {}, record.get("ts")
-    if (
-        not isinstance(kind, str)
-        or not isinstance(data, dict)
-        or not isinstance(ts, int | float)
-        or isinstance(ts, bool)
-        or not math.isfinite(ts)
-    ):
-        log.warning("telemetry record set aside dropped: not a telemetry record")
-        return None
-    return kind, data, float(ts)
 
 
 def batch_payload(records: list[Pending], floor: int | None = None) -> bytes:

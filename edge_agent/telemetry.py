@@ -92,6 +92,8 @@ class TelemetryPublisher:
         if deleted:
             self.acknowledged += deleted
             self._deadline = time.monotonic() + self.ack_timeout  # progress: wait again
+        if self.outbox.holes and any(self.outbox.holes.stops_at(*ack) for ack in acks.items()):
+            self._rewind()  # now, under a floor past the hole (outbox_rows.Holes)
 
     def _rewind(self) -> None:
         self._last_sent = 0
