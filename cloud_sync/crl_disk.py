@@ -4,13 +4,14 @@ revoked and when, its CRLNumber, one writer at a time.
 Import path and API::
 
     from cloud_sync.crl_disk import BrokerCrl, crl_pem, one_writer, read_disk_crl, write_crl
-    from cloud_sync.crl_disk import read_for_writer
+    from cloud_sync.crl_disk import broker_crl, read_for_writer
     with one_writer(crl_path):
         disk, restored = read_for_writer(ca, crl_path)    # the last good copy put back if need be
         disk.entries, disk.number, disk.not_after, disk.devices
         write_crl(crl_path, crl_pem(ca, entries, number, not_after, devices))  # and its copy
     read_disk_crl(ca, crl_path)         # ConfigError when there is none, or it does not verify
     BrokerCrl(ca, crl_path).read()      # the same, read again only when the file changed
+    broker_crl(ca, crl_path)            # fleet broker-config: the CA's CRL where there is none
 
 Why: the CRL is signed by the fleet CA and lives outside the bucket, so it is what the CRL
 writer trusts when the store's index may have been put back. The index carries a signed,
@@ -155,6 +156,21 @@ def write_crl(crl_path: Path, pem: bytes) -> None:
     A crash between the two leaves the copy one write behind, never ahead of the CRL."""
     write_public(crl_path, pem)
     write_public(last_good(crl_path), pem)
+
+
+def broker_crl(ca: FleetCA, crl_path: Path) -> DiskCrl | None:
+    """A broker's CRL where there is none: the CA's, and its last good copy (None). One there
+    is the live CRL, its ledger with it: kept if it verifies (returned), ConfigError if not."""
+    if not crl_path.exists():
+        write_crl(crl_path, ca.paths.crl.read_bytes())
+        return None
+    try:
+        return _read(ca, crl_path)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}: left as it is; the next CRL write (enroll-service, fleet revoke) puts its "
+            f"last good copy {last_good(crl_path).name} back, or move it away on a new host"
+        ) from exc
 
 
 def read_for_writer(ca: FleetCA, crl_path: Path, first: bool = False) -> tuple[DiskCrl, bool]:

@@ -12,7 +12,8 @@ revocation that did not drop the session), and records read back that the CA did
 (every object and reason at 0 from the start). The store is read at most every
 ``refresh_s``.
 With ``crl_file`` (the CRL the broker reads): seconds until its nextUpdate, past which OpenSSL
-refuses every client (0 when it cannot be read: the broker cannot read it either).
+refuses every client (0 when it cannot be read or the CA did not sign it: the broker cannot
+use it either), and how often its last good copy was put back (``crl_disk.RESTORES``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cloud_sync.crl_disk import RESTORES
 from cloud_sync.enroll import EnrollmentService
 from cloud_sync.identity_view import identity_rows
+from modelpack.errors import ConfigError
 
 REFUSED_LABELS = [
     *(("device", r) for r in ("unsigned", "forged", "malformed", "misplaced")),
@@ -49,12 +52,11 @@ class IdentityCollector:
             return self._rows
 
     def crl_left_s(self) -> float:
-        from cryptography import x509
-
+        """0 also for a CRL the fleet CA did not sign: Mosquitto refuses every client on it."""
         assert self.crl_file is not None
         try:
-            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
-        except (OSError, ValueError):
+            crl = self.service.ca.checked_crl(self.crl_file.read_bytes(), self.crl_file)
+        except (OSError, ConfigError):
             return 0.0
         next_update = crl.next_update_utc
         return 0.0 if next_update is None else next_update.timestamp() - time.time()
@@ -113,4 +115,11 @@ class IdentityCollector:
                 "Seconds until the broker's CRL passes its nextUpdate (then every client is "
                 "refused); 0 when it cannot be read",
                 value=self.crl_left_s(),
+            )
+            # At 0 from the start, so that the first restore is an increase and alerts.
+            yield CounterMetricFamily(
+                "edgebento_identity_crl_restored",
+                "Times the CRL on disk did not verify and its last good copy was put back (a "
+                "broker that reloaded it meanwhile ran without a CRL check)",
+                value=RESTORES[str(self.crl_file)],
             )

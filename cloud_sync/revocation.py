@@ -140,8 +140,8 @@ def _reloaded(
     waited for the next one (seen once in CI: a revocation that never took)."""
     probe, probe_serial = _ephemeral(ca, "revocation-probe")
     listed = {probe_serial: time.time() + KICK_CERT_S, **(extra or {})}
-    publish_crl(ca, ids, crl_path, None, extra=listed, devices=devices)
-    _hang_up(broker_pid)
+    # Signalled by the writer, also when its write fails after it put the last good copy back.
+    publish_crl(ca, ids, crl_path, broker_pid, extra=listed, devices=devices)
     deadline = time.monotonic() + timeout
     while _connect(probe, "revocation-probe", *broker, timeout=timeout):
         if time.monotonic() > deadline:

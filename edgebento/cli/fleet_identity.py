@@ -75,6 +75,12 @@ def register_verbs(verbs: Any) -> None:
         default=86400.0,
         help="rewrite the CRL this often (24h): one past its nextUpdate (30 days) locks out all",
     )
+    svc.add_argument(
+        "--crl-check",
+        type=duration,
+        default=60.0,
+        help="check the CRL on disk this often (60s): a damaged one is put back at once",
+    )
     svc.add_argument("--metrics-port", type=int, help="serve the identity metrics on /metrics")
     svc.add_argument("--metrics-refresh", type=float, default=30.0, help="store reads (30 s)")
     add_store_args(svc)
@@ -158,19 +164,13 @@ def _broker_pid(args: argparse.Namespace) -> int | Path | None:
     return args.broker_pid if args.broker_pid is not None else args.broker_pid_file
 
 
-def _publisher(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
-    """The CRL writer: ``records=True`` (the refresh) also folds every signed record in."""
+def _keeper(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
+    """The CRL's writer and checker (cloud_sync.crl_keeper), with ``--crl-file``."""
     if args.crl_file is None:
         return None
-    from cloud_sync.crl_publish import publish_crl
+    from cloud_sync.crl_keeper import CrlKeeper
 
-    if args.first_crl:  # this once; every later write needs the CRL it wrote
-        publish_crl(ca, ids, args.crl_file, None, first=True)
-
-    def publish(records: bool = False) -> None:
-        publish_crl(ca, ids, args.crl_file, _broker_pid(args), records=records)
-
-    return publish
+    return CrlKeeper(ca, ids, args.crl_file, _broker_pid(args), args.crl_refresh, args.crl_check)
 
 
 def cmd_enroll_service(args: argparse.Namespace) -> int:
@@ -186,13 +186,15 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
             "device's record deleted, lets a spare claim re-enroll it, and rotations do not "
             "revoke the old certificate"
         )
-    publish = _publisher(args, ca, ids)
+    keeper = _keeper(args, ca, ids)
+    if keeper is not None:  # fatal if it fails: the operator acts (--first-crl on a new host)
+        keeper.start(first=args.first_crl)
     service = EnrollmentService(
         ca,
         ids,
         days=args.validity / 86400,
         limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
-        on_retired=publish,
+        on_retired=keeper.publish if keeper is not None else None,
     )
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -206,18 +208,13 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     service.serve(args.broker, tls_context(ca.paths.bundle, args.cert, args.key), args.prefix)
-    refreshed = -1e18
     try:
         while not done.wait(0.2):
             if service.fatal is not None:  # refused credentials or subscriptions: say so, exit
                 service.stop()
                 raise service.fatal
-            # OpenSSL refuses every client once the CRL's nextUpdate has passed: keep it fresh
-            # even when nothing is revoked (and from the store at every start).
-            # The refresh also reads every record: an index write a crash lost comes back.
-            if publish is not None and time.monotonic() - refreshed >= args.crl_refresh:
-                publish(records=True)
-                refreshed = time.monotonic()
+            if keeper is not None:  # the CRL refresh and its check on disk: never fatal
+                keeper.tick()
     except KeyboardInterrupt:
         pass
     service.stop()
@@ -227,7 +224,8 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
     from cloud_sync.broker_config import BrokerTls, mosquitto_conf, tls_listeners
-    from cloud_sync.fleet_ca import FleetCA, write_public
+    from cloud_sync.crl_disk import broker_crl
+    from cloud_sync.fleet_ca import FleetCA
     from edgebento.localservices import fleet_acl
 
     # Absolute paths: Mosquitto opens them from wherever it is started.
@@ -237,7 +235,9 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     hosts = args.host or ["127.0.0.1", "localhost"]
     cert, key = ca.issue_identity("broker", args.out, 825, hosts)
     crl = args.out / "crl.pem"
-    write_public(crl, ca.paths.crl.read_bytes())
+    kept = broker_crl(ca, crl)  # a live CRL is kept (its ledger): an empty one would verify
+    if kept is not None:
+        print(f"kept {crl}: the fleet CA's, CRLNumber {kept.number}, {len(kept.entries)} listed")
     tls = BrokerTls(ca.paths.bundle, cert, key, crl)
     base = fleet_acl(args.prefix)
     listeners = tls_listeners(
@@ -277,13 +277,15 @@ def cmd_identity(args: argparse.Namespace) -> int:
         return 0
     if ids.ca is None:
         print("(records not checked: --ca checks the fleet CA's signature on each)")
+    from edgebento.cli.tables import printable  # store keys may hold control characters
+
     for device, row in rows.items():
         rotation = row["last_rotation"]
         rotated = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rotation)) if rotation else "-"
         waiting = f", renewed to {len(row['pending'])} unconfirmed" if row["pending"] else ""
         print(
-            f"{device}: {row['state']}, expires in {_span(row['expires_in_s'])}, "
-            f"last rotation {rotated}{waiting}"
+            f"{printable(device)}: {printable(row['state'])}, expires in "
+            f"{_span(row['expires_in_s'])}, last rotation {rotated}{waiting}"
         )
     return 0
 

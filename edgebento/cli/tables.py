@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from modelpack.errors import clip
+
 
 @dataclass(frozen=True)
 class Column:
@@ -95,3 +97,9 @@ def _rich(cell: str | Cell) -> str:
     if isinstance(cell, Cell) and cell.style:
         return f"[{cell.style}]{escape(_text(cell))}[/]"
     return escape(_text(cell))
+
+
+def printable(text: str) -> str:
+    """A name read from the store or a device as one printable line: a key may hold control
+    characters (an ESC sequence would reach the operator's terminal), shown escaped."""
+    return clip(text if text.isprintable() else ascii(text)[1:-1], 200)
