@@ -14,7 +14,8 @@ How a close is told from a link that drops is ``edge_agent.packet_evidence``.
 
 ``PacketLimit`` is the session's side: it keeps the size and the owner of each message paho
 holds; while a row of closes is open it holds the suspect back from paho's resend at the next
-CONNACK (a state paho's resend skips) and sends it once the connection held without it; and
+CONNACK (a state paho's resend skips), with any later message on a topic of one held (it must
+not overtake it), and sends them in their order once the connection held without them; and
 once a verdict is in, it removes from paho's queue, with paho's network loop stopped, the
 message and any other over the bound. Each one's owner is told (a reply becomes a short
 refusal, a pipeline counts its result unsent), and its ``MQTTMessageInfo`` completes as failed
@@ -68,7 +69,7 @@ class PacketLimit:
         self._held: dict[int, tuple[int, TooLarge | None, int]] = {}  # mid -> size, owner, number
         self._numbers = itertools.count(1)
         self._verdict: Blame | None = None
-        # mids held back from the resend, the suspect first (under paho's lock)
+        # mids held back from the resend, in the order published (under paho's lock)
         self._waiting: list[int] = []
         self._connack = False  # on the current connection
         self._lock = threading.Lock()
@@ -98,8 +99,11 @@ class PacketLimit:
                     f"not published: the message is {size} bytes; the broker takes at most {bound}"
                 )
             # While the suspect waits out the quiet, so does any message as large (telemetry
-            # sends its batch again at each reconnect): the connection holds without them.
-            wait = qos > 0 and bool(self._waiting) and size > self.watch.hold_above
+            # sends its batch again at each reconnect): the connection holds without them. And
+            # any on a topic with a message waiting, which it must not overtake (MQTT 3.1.1
+            # section 4.6: a topic's messages arrive in the order they were published).
+            wait = qos > 0 and bool(self._waiting)
+            wait = wait and (size > self.watch.hold_above or topic in self._waiting_topics())
             info = self._publish(topic, payload, qos, retain, properties, wait)
             if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._held[info.mid] = (size, on_too_large, next(self._numbers))
@@ -193,15 +197,17 @@ class PacketLimit:
         for ``release``; the connection first has to hold without them."""
         with self._lock:
             suspect, above, self._connack = self.watch.suspect, self.watch.hold_above, False
-        waiting: list[tuple[bool, int]] = []
-        seq = suspect.seq if suspect is not None else -1
-        with self.client._out_message_mutex:
+        waiting: list[int] = []
+        topics: set[str] = set()  # a later message on one of them waits too: never overtakes
+        with self.client._out_message_mutex:  # paho's queue is in the order of publishing
             for m in self.client._out_messages.values() if suspect is not None else ():
-                size, _, number = self._held.get(m.mid, (0, None, 0))
-                if m.qos > 0 and m.state == mqtt.mqtt_ms_publish and size > above:
+                size = self._held.get(m.mid, (0, None, 0))[0]
+                resent = m.qos > 0 and m.state in (mqtt.mqtt_ms_publish, mqtt.mqtt_ms_queued)
+                if resent and (size > above or m.topic in topics):
                     m.state = _WAITING
-                    waiting.append((number != seq, m.mid))
-            self._waiting = [mid for _, mid in sorted(waiting, key=lambda w: w[0])]
+                    waiting.append(m.mid)
+                    topics.add(m.topic)
+            self._waiting = waiting
 
     @property
     def holding(self) -> bool:
@@ -209,12 +215,23 @@ class PacketLimit:
 
     def release(self, now: float) -> None:
         """On the session's thread: once the connection held ``SOON_S`` after its CONNACK,
-        send what waits, the suspect first (any message over the limit is as large as it)."""
+        send what waits, in the order it was published (a topic's order is kept; the evidence
+        is not lost: any message over the limit sent on this connection is as large as the
+        suspect, which is blamed again whichever of them the broker closes for)."""
         with self._lock:
             if not self._connack or now < self.watch.quiet_until:
                 return
+        self._send(now, self._waiting)
+
+    def _waiting_topics(self) -> set[str]:
+        """Under paho's lock: the topics of the messages waiting."""
+        queue = self.client._out_messages
+        return {queue[mid].topic for mid in self._waiting if mid in queue}
+
+    def _send(self, now: float, mids: list[int]) -> None:
+        """Send the waiting ``mids`` (in the order given) and stop waiting for any."""
         with self.client._out_message_mutex:
-            for mid in self._waiting:
+            for mid in mids:
                 m = self.client._out_messages.get(mid)
                 if m is None or m.state != _WAITING:
                     continue

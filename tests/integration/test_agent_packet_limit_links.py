@@ -1,12 +1,14 @@
 """What a learned packet limit must not be fooled by, and what it must tell, through a real
 Mosquitto (``max_packet_size``) and a link the test cuts for real (``tests.support.cut_link``):
 a link that drops soon after each reconnect teaches no bound; a link cut just before an answer
-over the limit is no takeover; a pipeline's result over the limit is reported unpublished.
+over the limit is no takeover; a pipeline's result over the limit is reported unpublished; a
+result held back after a cut is not overtaken by a later one on its topic.
 Each test fails on the code before it (said in each).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,6 +115,17 @@ def _events(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [r["data"] for r in records if r["kind"] == "event" and r["data"]["event"] == name]
 
 
+def _pipeline(tmp_path: Path, prefix: str) -> tuple[Path, str, str]:
+    """An agent config with one pipeline ``p``: its config file, input and output topics."""
+    sensors, actions = f"{prefix}-sensors", f"{prefix}-actions/decision"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[[agent.pipelines]]\nname = "p"\ninput_topic = "{sensors}/#"\n'
+        f'output_topic = "{actions}"\n'
+    )
+    return config, sensors, actions
+
+
 def test_a_pipeline_result_over_the_limit_is_reported_unpublished(
     agent_factory: Callable[..., AgentProcess],
     small_broker: SmallPacketMosquitto,
@@ -124,12 +137,7 @@ def test_a_pipeline_result_over_the_limit_is_reported_unpublished(
     not), from a pipeline of an MQTT 3.1.1 agent: after the broker's drops the result is taken
     out of the session's queue. The old agent told nobody: the pipeline counted it published,
     no log, no event. Now the pipeline logs it and the cloud gets an ``unpublished`` event."""
-    sensors, actions = f"{topic_prefix}-sensors", f"{topic_prefix}-actions/decision"
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'[[agent.pipelines]]\nname = "p"\ninput_topic = "{sensors}/#"\n'
-        f'output_topic = "{actions}"\n'
-    )
+    config, sensors, actions = _pipeline(tmp_path, topic_prefix)
     client = Client(small_broker, v5=False)
     watch = DeviceWatch(small_broker, topic_prefix, "dev-a")
     try:
@@ -150,4 +158,38 @@ def test_a_pipeline_result_over_the_limit_is_reported_unpublished(
         assert "pipeline p: result not published" in agent.output()
     finally:
         watch.close()
+        client.close()
+
+
+def test_a_result_held_back_after_a_cut_is_not_overtaken_by_a_later_one(
+    agent_factory: Callable[..., AgentProcess],
+    small_broker: SmallPacketMosquitto,
+    link: CutLink,
+    pack_v1: Path,
+    topic_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """A pipeline's result of about 12 KB (the broker takes it) is on its way when the link
+    stalls and is cut: the next connection holds it back for a second. Reading B, published as
+    soon as the agent reconnects, gets a small result on the same actions topic: the old agent
+    sent it at once, the held result after it, so the actuator acted on B, then on the older A.
+    Now B waits behind A: A, then B."""
+    config, sensors, actions = _pipeline(tmp_path, topic_prefix)
+    client = Client(small_broker, v5=False)
+    try:
+        agent_factory(
+            broker=link, pack=pack_v1, args=("--protocol", "3.1.1", "--config", str(config))
+        )
+        wait_online(client, topic_prefix, "dev-a", timeout=60)
+        results = client.collect(actions)
+        opened = link.opened
+        link.stall(after_s=0.3)
+        client.publish(f"{sensors}/a", {"id": "A", "inputs": {"x": [[0.25] * 8] * 150}})
+        assert link.wait_for(lambda now: now.opened > opened, 60)
+        client.publish(f"{sensors}/a", {"id": "B", "inputs": {"x": [[0.25] * 8]}})
+        order: list[str] = []
+        while "A" not in order or "B" not in order:
+            order.append(json.loads(results.get(timeout=60).payload)["id"])
+        assert order.index("A") < order.index("B") and order[-1] == "B"
+    finally:
         client.close()

@@ -50,6 +50,11 @@ class CutLink:
         self.cuts = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
+    @property
+    def url(self) -> str:
+        """The broker's address through the link (what an ``AgentProcess`` is given)."""
+        return f"mqtt://{LOOPBACK}:{self.port}"
+
     # --- what the test does -------------------------------------------------------------------
 
     def cut(self) -> None:

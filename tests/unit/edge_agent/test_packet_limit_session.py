@@ -6,11 +6,15 @@ The same through Mosquitto: tests/integration/test_agent_packet_limit*.py.
 
 from __future__ import annotations
 
+import socket
+import tempfile
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -44,6 +48,9 @@ def _connect(session: Session) -> None:
         for m in session.client._out_messages.values():
             if m.state == mqtt.mqtt_ms_publish:
                 m.timestamp, m.state = time.monotonic(), mqtt.mqtt_ms_wait_for_puback
+                session.client._send_publish(
+                    m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup
+                )  # on the wire if the test gave paho one
 
 
 def _held(session: Session) -> set[int]:
@@ -203,3 +210,72 @@ def test_a_message_as_large_published_while_the_suspect_waits_waits_too(tmp_path
         assert not _held(session)
         _close(session)
     assert session.limit.bound == 42_023 and len(told) == CLOSES  # each copy taken out
+
+
+def _wire(session: Session) -> socket.socket:
+    """A socket for paho to write to, as if connected: the other end reads what it sent."""
+    ours, theirs = socket.socketpair()
+    session.client._sock = ours
+    theirs.setblocking(False)
+    return theirs
+
+
+def _published(wire: socket.socket) -> list[tuple[str, bytes]]:
+    """The PUBLISH packets (MQTT 3.1.1, QoS 1) paho wrote since the last call."""
+    data = b""
+    while True:
+        try:
+            chunk = wire.recv(1 << 16)
+        except BlockingIOError:
+            break
+        data += chunk
+    packets, at = [], 0
+    while at < len(data):
+        kind, length, shift, at = data[at] >> 4, 0, 0, at + 1
+        while True:  # the remaining length: 7 bits a byte, low first
+            length, shift, at = length | (data[at] & 0x7F) << shift, shift + 7, at + 1
+            if data[at - 1] < 0x80:
+                break
+        body, at = data[at : at + length], at + length
+        if kind == 3:
+            topic_end = 2 + int.from_bytes(body[:2], "big")
+            packets.append((body[2:topic_end].decode(), body[topic_end + 2 :]))
+    return packets
+
+
+_MESSAGES = st.lists(
+    st.tuples(st.sampled_from("abc"), st.sampled_from([200, 3000, 9000]), st.booleans()),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_MESSAGES)
+def test_what_waits_out_the_quiet_keeps_each_topics_order(
+    messages: list[tuple[str, int, bool]],
+) -> None:
+    """Messages published before a close (each on the wire, none acknowledged) and in the quiet
+    of the next connection, some as large as a suspect: the old session sent the held ones
+    after the rest, the suspect first, so a later small message (or another as large) on the
+    same topic overtook an earlier one (a pipeline's actions topic got its decisions [B, A, A]).
+    Each topic's messages now go in the order they were published."""
+    session = _session(Path(tempfile.mkdtemp()))
+    wire = _wire(session)
+    _connect(session)
+    messages.sort(key=lambda m: not m[2])  # numbered in the order published: before, then in
+    for n, (topic, size, before) in enumerate(messages):
+        if before:  # published and sent on the first connection
+            session.publish(f"t/{topic}", n.to_bytes(2, "big") + b"m" * size)
+    _close(session)  # with them in flight: a large one among them is the suspect
+    _published(wire)  # what the first connection carried is lost with it
+    _connect(session)
+    for n, (topic, size, before) in enumerate(messages):
+        if not before:  # published in the quiet
+            session.publish(f"t/{topic}", n.to_bytes(2, "big") + b"m" * size)
+    _release(session)
+    sent = _published(wire)
+    assert sorted(int.from_bytes(p[:2], "big") for _, p in sent) == list(range(len(messages)))
+    for topic in "abc":
+        order = [int.from_bytes(p[:2], "big") for t, p in sent if t == f"t/{topic}"]
+        assert order == sorted(order), (topic, order)
