@@ -293,16 +293,18 @@ def test_a_sighup_the_broker_lost_is_sent_again_until_the_crl_takes(
     """Mosquitto clears its reload flag after reloading, so a SIGHUP that comes while it
     reloads is lost (one CI run: a CRL never taken, the revocation waited in vain). Here the
     first SIGHUP is lost outright: the wait for the probe's refusal signals the broker again."""
-    from cloud_sync import revocation
+    from cloud_sync import crl_publish, revocation
 
     assert idfleet.broker.process is not None
-    hang_up, calls = revocation._hang_up, []
+    hang_up, calls = crl_publish.hang_up, []
 
     def lossy(broker_pid: Any) -> None:
         calls.append(broker_pid)
         if len(calls) > 1:  # the first is lost
             hang_up(broker_pid)
 
+    # The writer's SIGHUP (publish_crl) is the first; the wait's are revocation's.
+    monkeypatch.setattr(crl_publish, "hang_up", lossy)
     monkeypatch.setattr(revocation, "_hang_up", lossy)
     broker = ("127.0.0.1", idfleet.broker.port)
     _reloaded(idfleet.ids, idfleet.ca, idfleet.ca.paths.crl, idfleet.broker.process.pid, broker, 10)
