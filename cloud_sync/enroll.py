@@ -142,15 +142,16 @@ class EnrollmentService:
         try:
             if kind == "rotated":
                 return self._rotated(device, request)
+            spent = None
             if kind == "claim":
                 if not request.token:
                     raise ClaimRefused("bad_request", "a claim needs a token")
                 self._check_csr(device, request)
-                self.ids.consume_claim(request.token, device)
+                spent = self.ids.consume_claim(request.token, device)
             else:
                 self.ids.check_may_renew(device)
             cert = self._sign(device, request)
-            self.ids.record_issue(device, cert, via="claim" if kind == "claim" else "renew")
+            self.ids.record_issue(device, cert, "claim" if spent else "renew", claim=spent)
         except ClaimRefused as exc:
             return self._refuse(request.id, exc.reason, str(exc))
         self.enrolled[kind] += 1

@@ -4,8 +4,9 @@ Import path and API (used through ``IdentityStore``, which holds the store and t
 
     from cloud_sync.identity_claims import ClaimRefused, new_claim, spend_claim, token_hash
     token = new_claim(store, ca, ["cam-1"], ttl_s=86400, batch=False)
-    spend_claim(store, ca, token, "cam-1", record_of, revoked_since=when)  # ClaimRefused(reason)
-                                        # unless valid, bound, unused, and not revoked since
+    spent = spend_claim(store, ca, token, "cam-1", record_of, revoked_since=when, held=h)
+    # ClaimRefused(reason) unless valid, bound, unused, and not revoked since; a Spent
+    # (key_hash, created_at) that record_issue checks again against a revocation since
 
 Only a claim token's SHA-256 is stored (``fleet/identity/claims/{sha256}.json``): whoever reads
 the bucket cannot enroll a device with it. A claim is signed by the fleet CA's issuing key (over
@@ -19,6 +20,10 @@ refused there (``misplaced_claim``), so the staging token's holder cannot enroll
 in prod. Claims made by the previous release carry no environment (their signature covers none);
 they are still accepted, with a WARNING, until they expire (24 h by default, ``fleet claim
 --ttl``): a copied one of those enrolls until then.
+
+``used`` is outside the signature: where the enrollment host keeps its own list
+(``cloud_sync.spent_claims``, beside the broker's CRL), a claim spent, or one that named a device
+when it was revoked, is refused for that device whatever ``used`` says in the bucket.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -48,6 +54,7 @@ from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreErr
 
 if TYPE_CHECKING:
     from cloud_sync.fleet_ca import FleetCA
+    from cloud_sync.spent_claims import Held
 
 log = logging.getLogger(__name__)
 CLAIMS = "fleet/identity/claims"
@@ -102,6 +109,14 @@ class ClaimDoc(BaseModel):
         return json.dumps(fields, sort_keys=True).encode()
 
 
+class Spent(NamedTuple):
+    """The claim an enrollment was let through with: what ``record_issue`` checks again when
+    the record it writes was revoked in between (``fleet revoke`` during the signing)."""
+
+    key_hash: str
+    created_at: float
+
+
 def refusal(ca: FleetCA, key_hash: str, doc: ClaimDoc) -> ClaimRefused | None:
     """Why the claim ``doc`` (at ``key_hash``) is not one the fleet CA made in ``ca``'s
     environment; None when it is (or the previous release made it, without an environment)."""
@@ -115,6 +130,22 @@ def refusal(ca: FleetCA, key_hash: str, doc: ClaimDoc) -> ClaimRefused | None:
             f"this one ({clip(json.dumps(ours))}): a copy from another environment",
         )
     return None
+
+
+def claims_naming(store: ObjectStore, ca: FleetCA, device: str) -> list[tuple[str, float]]:
+    """(hash, expiry) of every unexpired claim the CA made here that names ``device``, spent
+    or not (a planted one is left out: it must not grow the host's list)."""
+    named = []
+    for key in store.list(f"{CLAIMS}/"):
+        key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            doc = ClaimDoc.model_validate_json(read_capped(store, key, CLAIM_MAX_BYTES)[0])
+        except (ValidationError, RecordRefused, NotFoundError):
+            continue  # not a claim (or gone): it enrolls nothing
+        alive = device in doc.devices and doc.expires_at > time.time()
+        if alive and refusal(ca, key_hash, doc) is None:
+            named.append((key_hash, doc.expires_at))
+    return named
 
 
 def token_hash(token: str) -> str:
@@ -145,12 +176,33 @@ def spend_claim(
     record_of: Callable[[str], DeviceIdentity | None],
     now: float | None = None,
     revoked_since: Callable[[str], float | None] | None = None,
-) -> None:
+    held: Callable[[], AbstractContextManager[Held]] | None = None,
+) -> Spent:
     """Spend the claim for ``device``; ``record_of`` gives its checked record (or refuses),
     ``revoked_since`` when the CRL the broker reads says it was last revoked (its ledger,
     ``cloud_sync.crl_disk``): a claim issued before either revocation is refused, so neither
-    an older record put back nor a record deleted lets a spare claim undo a revocation."""
+    an older record put back nor a record deleted lets a spare claim undo a revocation.
+    ``held``: the enrollment host's list of spent and revoked claims (``spent_claims``), held
+    from the check to the write, so that one spent here is never spent again."""
     key_hash = token_hash(token)
+    try:
+        with held() if held is not None else nullcontext() as listed:
+            return _spend(store, ca, key_hash, device, record_of, now, revoked_since, listed)
+    except ConfigError as exc:  # the list does not read: fail closed, nothing spent on trust
+        log.error("%s", exc)
+        raise ClaimRefused("record_refused", f"{device}'s claim is not checked: {exc}") from exc
+
+
+def _spend(
+    store: ObjectStore,
+    ca: FleetCA,
+    key_hash: str,
+    device: str,
+    record_of: Callable[[str], DeviceIdentity | None],
+    now: float | None,
+    revoked_since: Callable[[str], float | None] | None,
+    listed: Held | None,
+) -> Spent:
     key = f"{CLAIMS}/{key_hash}.json"
     for _ in range(_TRIES):
         try:
@@ -186,10 +238,20 @@ def spend_claim(
             raise ClaimRefused(
                 "revoked", f"{device} was revoked after this claim was issued: make a new one"
             )
+        # After the record's checks (their reasons say more: an older record put back).
+        if (why := None if listed is None else listed.why_not(key_hash, device)) is not None:
+            raise ClaimRefused(
+                "revoked" if why == "revoked" else "token_reused",
+                f"the claim token was already used by {device}"
+                if why == "spent"
+                else f"{device} was revoked while this claim existed: make a new one",
+            )
         doc.used[device] = time.time()
         try:
             store.replace(key, doc.model_dump_json().encode(), etag)
-            return
         except ConflictError:
             continue  # another enrollment spent it or another device of the batch: re-read
+        if listed is not None:
+            listed.add(device, "spent", [(key_hash, doc.expires_at)])
+        return Spent(key_hash, doc.created_at)
     raise StoreError(f"{key}: too many concurrent changes")

@@ -6,6 +6,7 @@ Import path and API (through IdentityStore, which is a Renewals)::
 
     ids.check_may_renew("cam-1")                    # ClaimRefused unless enrolled, not revoked
     ids.record_issue("cam-1", cert, via="renew")    # pending until the device confirms it
+    ids.record_issue("cam-1", cert, via="claim", claim=spent)  # consume_claim's Spent
     ids.confirm_rotation("cam-1", serial)           # ``rotated``: the replaced ones retired
     ids.settle_overdue(docs)                        # the CRL refresh: past the grace, settled
 """
@@ -16,19 +17,21 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from cloud_sync.identity_claims import ClaimRefused
+from cloud_sync.identity_claims import ClaimRefused, Spent
 from cloud_sync.identity_records import CertRecord, DeviceIdentity, RecordRefused, retired_entries
 from cloud_sync.identity_rotation import issued, overdue, rotated, settled
-from modelpack.errors import StoreError
+from modelpack.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
     from cloud_sync.identity_records import CrlEntry
+    from cloud_sync.spent_claims import SpentClaims
 
 log = logging.getLogger(__name__)
 
 
 class Renewals:
     rotation_grace_s: float
+    spent: SpentClaims | None
 
     if TYPE_CHECKING:  # IdentityStore's
 
@@ -45,9 +48,15 @@ class Renewals:
         if doc.revoked:
             raise ClaimRefused("revoked", f"{device} is revoked")
 
-    def record_issue(self, device: str, cert: Any, via: str) -> DeviceIdentity:
+    def record_issue(
+        self, device: str, cert: Any, via: str, claim: Spent | None = None
+    ) -> DeviceIdentity:
         """The certificate just issued; a renewal's is pending until the device shows it holds
-        it (``confirm_rotation``): the one it runs with stays valid (``identity_rotation``)."""
+        it (``confirm_rotation``): the one it runs with stays valid (``identity_rotation``).
+        A claim's (``claim``: what consume_claim spent) is refused when the record it meets is
+        revoked by a revocation the claim did not come after: ``fleet revoke`` landing between
+        the claim's check and this write (its record write changes the etag, so the change
+        runs again on the revoked record) must not be undone by the claim it raced."""
         now = time.time()
         record = CertRecord(
             serial=format(cert.serial_number, "x"),
@@ -59,9 +68,28 @@ class Renewals:
         def change(doc: DeviceIdentity) -> DeviceIdentity:
             if doc.revoked and via == "renew":
                 raise ClaimRefused("revoked", f"{device} is revoked")
+            if doc.revoked and self._before_revocation(device, doc, claim):
+                raise ClaimRefused(
+                    "revoked", f"{device} was revoked after this claim was issued: make a new one"
+                )
             return issued(settled(doc, now, self.rotation_grace_s), record, via, now)
 
         return self._retired(self._change(device, change))
+
+    def _before_revocation(self, device: str, doc: DeviceIdentity, claim: Spent | None) -> bool:
+        """Whether the claim existed when ``doc`` (revoked) was revoked: this host's list says
+        so (written before the record, no clock compared), or it was made at or before the
+        record's revocation time. No claim given (a caller of old): never."""
+        if claim is None:
+            return False
+        if self.spent is not None:
+            try:
+                with self.spent.held() as held:
+                    if held.why_not(claim.key_hash, device) == "revoked":
+                        return True
+            except ConfigError as exc:  # unreadable: fail closed
+                raise ClaimRefused("record_refused", f"{device}'s claim: {exc}") from exc
+        return claim.created_at <= (doc.revoked_at or 0.0)
 
     def confirm_rotation(self, device: str, serial: str | None) -> DeviceIdentity:
         """The device runs with ``serial`` (it said ``rotated`` over a connection made with

@@ -20,7 +20,10 @@ did sign. It is signed only if
   any other id is refused), and
 - the CRL on disk, which the CA signed, does not list the certificate the record says the
   device runs with unless the record says it is revoked (a revocation cleared in the bucket
-  is refused).
+  is refused), nor name the device in its ledger as revoked unless the record says so (a
+  record planted to say "not revoked" for a device whose certificates have left the CRL since,
+  or one made up with a serial never issued: the releases that keep the ledger sign every
+  record they write, so an unsigned one is never a re-enrollment after that revocation).
 
 A record that carries a signature that does not verify (changed, or moved from another device's
 object) is left as it is and reported: delete it and issue a new claim, or revoke the device's
@@ -72,10 +75,12 @@ class RepairReport:
     index_entries: int = 0
 
 
-def _crl(ids: IdentityStore, crl_path: Path) -> tuple[list[CrlEntry], list[CrlEntry], int]:
+def _crl(
+    ids: IdentityStore, crl_path: Path
+) -> tuple[list[CrlEntry], list[CrlEntry], int, dict[str, float]]:
     """The CA-signed CRL on disk: its entries whose notAfter its ledger gives, those it does
     not (a CRL from before the ledger: until the issuing certificate expires, unless the
-    records or the index say when), and its number."""
+    records or the index say when), its number, and its ledger's revoked devices (when)."""
     ca = ids.signer()
     disk, unknown = read_disk_crl(ca, crl_path), ca.cert.not_valid_after_utc.timestamp()
     known: list[CrlEntry] = []
@@ -86,7 +91,7 @@ def _crl(ids: IdentityStore, crl_path: Path) -> tuple[list[CrlEntry], list[CrlEn
             serial=format(serial, "x"), revoked_at=at.timestamp(), not_after=until or unknown
         )
         (guessed if until is None else known).append(entry)
-    return known, guessed, disk.number
+    return known, guessed, disk.number, dict(disk.devices)
 
 
 def _claimed(ids: IdentityStore) -> set[str]:
@@ -127,7 +132,13 @@ def _as_written(key: str, data: bytes) -> DeviceIdentity:
         raise RecordRefused(key, "malformed", f"{key} is not a device identity record") from exc
 
 
-def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str, float]) -> str:
+def _why_not(
+    doc: DeviceIdentity,
+    device: str,
+    claimed: set[str],
+    crl: dict[str, float],
+    ledger: dict[str, float],
+) -> str:
     if doc.device != device:
         return f"it names device {doc.device!r}"
     if doc.current_record() is None:  # a claim names the device, not what it runs with
@@ -136,6 +147,12 @@ def _why_not(doc: DeviceIdentity, device: str, claimed: set[str], crl: dict[str,
         return "no claim signed by the fleet CA names this device"
     if doc.current in crl and not doc.revoked:
         return f"the CRL lists its current certificate {doc.current} but it says not revoked"
+    # Not as acting_on reads a signed record (by its certificates' issued_at, which whoever
+    # wrote an unsigned one chose): a release that keeps the ledger signs every record it
+    # writes, so no unsigned record is a claim's re-enrollment after a revocation there.
+    if not doc.revoked and (at := ledger.get(device)) is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+        return f"it says not revoked, but the CRL's ledger says revoked at {when} UTC"
     return ""
 
 
@@ -164,7 +181,7 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
     """``sign_unsigned``: sign unsigned records that pass the checks even after the upgrade
     (``--sign-unsigned``, an operator who has checked them)."""
     ca, report = ids.signer(), RepairReport()
-    (on_disk, guessed, number), claimed = _crl(ids, crl_path), _claimed(ids)
+    (on_disk, guessed, number, ledger), claimed = _crl(ids, crl_path), _claimed(ids)
     crl = {e.serial: e.revoked_at for e in [*on_disk, *guessed]}
     objects = _records(ids, report)
     done = "" if sign_unsigned else _upgraded_already(ids, objects, number)
@@ -180,7 +197,7 @@ def repair(ids: IdentityStore, crl_path: Path, sign_unsigned: bool = False) -> R
             continue
         if carries_signature(key, data):
             continue  # signed: checked with the others below; never signed again here
-        why = _why_not(doc, device, claimed, crl)
+        why = _why_not(doc, device, claimed, crl, ledger)
         if done and not why:
             why = f"not an upgrade ({done}): --sign-unsigned if you checked it"
         if why:

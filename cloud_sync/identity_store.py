@@ -41,7 +41,9 @@ from cloud_sync.crl_disk import BrokerCrl, DiskCrl
 from cloud_sync.identity_claims import (
     ClaimDoc,
     ClaimRefused,
+    Spent,
     check_enrollable,
+    claims_naming,
     new_claim,
     spend_claim,
     token_hash,
@@ -63,6 +65,7 @@ from cloud_sync.identity_records import (
 )
 from cloud_sync.identity_renewals import Renewals
 from cloud_sync.identity_rotation import ROTATION_GRACE_S
+from cloud_sync.spent_claims import SpentClaims, spent_path
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError, clip, first_problem
 
@@ -74,6 +77,7 @@ __all__ += ["IdentityStore"]
 __all__ += ["ClaimDoc", "ClaimRefused", "RecordRefused", "check_enrollable", "token_hash"]
 
 log = logging.getLogger(__name__)
+_LOGGED = 10  # refused records logged one by one at a listing; the rest in one count
 
 
 class IdentityStore(CrlIndexWriter, Renewals):
@@ -87,6 +91,8 @@ class IdentityStore(CrlIndexWriter, Renewals):
         # The CRL the broker reads, outside the bucket: what acting_on checks records against,
         # and consume_claim claims (its ledger of revoked devices, ``cloud_sync.crl_disk``).
         self.crl = BrokerCrl(ca, crl_file) if ca is not None and crl_file is not None else None
+        # Beside it, this host's own list of spent and revoked claims (``spent_claims``).
+        self.spent = SpentClaims(spent_path(crl_file)) if crl_file is not None else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
         self.fleet_size = 0  # device records at the last listing: the index's size limit
@@ -125,10 +131,24 @@ class IdentityStore(CrlIndexWriter, Renewals):
         """One token for an allow-list: each device in it may enroll with it once."""
         return new_claim(self.store, self.signer(), check_enrollable(devices), ttl_s, True)
 
-    def consume_claim(self, token: str, device: str, now: float | None = None) -> None:
-        spend_claim(
-            self.store, self.signer(), token, device, self.acting_on, now, self.last_revocation
-        )
+    def consume_claim(self, token: str, device: str, now: float | None = None) -> Spent:
+        """The claim spent for ``device`` (ClaimRefused otherwise): pass it to record_issue."""
+        held, ca = None if self.spent is None else self.spent.held, self.signer()
+        checks = (self.acting_on, now, self.last_revocation, held)
+        return spend_claim(self.store, ca, token, device, *checks)
+
+    def _void_claims(self, device: str) -> None:
+        """Every claim the CA made here that names ``device``, spent or not, listed as revoked
+        for it on this host: none of them enrolls it again, whatever the claim host's clock
+        said when it was made (``spent_claims``)."""
+        if self.spent is None:
+            return
+        named = claims_naming(self.store, self.signer(), device)
+        try:
+            with self.spent.held() as held:
+                held.add(device, "revoked", named)
+        except (ConfigError, OSError) as exc:  # the revocation itself goes on
+            log.error("%s: its claims are not listed as revoked on this host: %s", device, exc)
 
     def last_revocation(self, device: str) -> float | None:
         """When the CRL the broker reads says ``device`` was last revoked (None: never, or no
@@ -237,6 +257,7 @@ class IdentityStore(CrlIndexWriter, Renewals):
             return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
 
         check_enrollable([device])
+        self._void_claims(device)  # first: a claim being spent now meets it at record_issue
         doc = self._change(device, change, over_refused=True)
         at = doc.revoked_at or time.time()
         self._add_to_crl(
@@ -266,6 +287,9 @@ class IdentityStore(CrlIndexWriter, Renewals):
                 )
             except (RecordRefused, NotFoundError) as exc:  # NotFound: deleted since listed
                 if isinstance(exc, RecordRefused):
-                    log.error("%s", exc)
+                    if len(self.refused_records) < _LOGGED:
+                        log.error("%s", exc)
                     self.refused_records[device or key] = exc.reason
+        if len(self.refused_records) > _LOGGED:  # thousands planted: one line, not thousands
+            log.error("%d device records refused in all", len(self.refused_records))
         return found

@@ -146,14 +146,25 @@ def _say_unshown(
     if unchecked:
         print("(identity records not read: --ca DIR checks each against the fleet CA)")
     unshown = {d: r["refused"] for d, r in identity.items() if r.get("refused")} | refused
-    for name, reason in sorted(unshown.items()):
-        if name not in devices:
-            print(f"identity record refused ({reason}): {_printable(name)}")
+    lines = sorted((n, r) for n, r in unshown.items() if n not in devices)
+    for name, reason in lines[:_REFUSED_SHOWN]:
+        print(f"identity record refused ({_printable(reason)}): {_printable(name)}")
+    if len(lines) > _REFUSED_SHOWN:  # thousands of objects planted under devices/
+        print(f"... and {len(lines) - _REFUSED_SHOWN} more refused (--json: identity_refused)")
 
 
 def _printable(text: str) -> str:
-    """A name read from the store as one printable line (a key may hold control characters)."""
+    """A name read from the store, or a string a device sent, as one printable line (a key or
+    a status may hold control characters)."""
     return clip(text if text.isprintable() else ascii(text)[1:-1], 200)
+
+
+def _short(serial: Any) -> str:
+    """A serial's first 8 characters, printable: a device's status says what it likes."""
+    return _printable(str(serial)[:8])
+
+
+_REFUSED_SHOWN = 20  # refused records of devices that sent no status, printed one by one
 
 
 def _state(state: str, taken_over: Any) -> Any:
@@ -183,7 +194,11 @@ def _identity(
 
     ids = IdentityStore(store, checking_ca(ca_dir))
     records = ids.devices()
+    # A refused record shows in its device's row only if the device reports: the others are
+    # identity_refused, never rows of devices that may not exist (objects planted by the
+    # thousand under devices/).
     named = {n: r for n, r in ids.refused_records.items() if DEVICE_ID.fullmatch(n)}
+    named = {n: r for n, r in named.items() if n in devices}
     others = {n: r for n, r in ids.refused_records.items() if n not in named}
     rows = identity_rows(records, time.time(), named)
     for device, summary in devices.items():
@@ -208,26 +223,27 @@ def _certificate(row: dict[str, Any] | None, reported: dict[str, Any] | None) ->
         if not reported or reported.get("not_after") is None:
             return "-"
         left = float(reported["not_after"]) - time.time()
-        said = f"{str(reported.get('serial', '?'))[:8]} {_ago_span(max(0.0, left))} left"
+        said = f"{_short(reported.get('serial', '?'))} {_ago_span(max(0.0, left))} left"
         return Cell(f"{said} (device says)", "dim")
     mismatch = row.get("mismatch") or []
     if row.get("refused"):  # the CA did not sign it as it is here: nothing of it is shown
         said = (
-            f"; device says {str(reported['serial'])[:8]}"
+            f"; device says {_short(reported['serial'])}"
             if reported and reported.get("serial")
             else ""
         )
-        return Cell(f"record refused ({row['refused']}){said}", "red")
+        return Cell(f"record refused ({_printable(row['refused'])}){said}", "red")
     if row["state"] == "no record":  # a device with a certificate the store never issued
-        said = str((reported or {}).get("serial", "?"))[:8]
+        said = _short((reported or {}).get("serial", "?"))
         return Cell(f"no record in the store; device says {said}", "red")
     if row["state"] != "valid":
         text = row["state"]
     else:
         rotated = f", rotated {_ago(row['last_rotation'])}" if row["last_rotation"] else ""
-        text = f"{str(row['serial'])[:8]} {_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
+        text = f"{_short(row['serial'])} {_ago_span(row['expires_in_s'] or 0.0)} left{rotated}"
     if mismatch:
-        return Cell(f"{text}; device says otherwise: {', '.join(mismatch)}", "red")
+        shown = ", ".join(_printable(str(m)) for m in mismatch)
+        return Cell(f"{text}; device says otherwise: {shown}", "red")
     return text if row["state"] == "valid" else Cell(text, "red")
 
 

@@ -46,7 +46,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         broker = (address.host, address.port)
     started = time.monotonic()
     ca, pid = FleetCA.load(args.ca), _broker_pid(args)
-    ids = _ids(args, ca)
+    ids = _ids(args, ca, args.crl_file)  # its claims listed revoked beside the CRL
     if args.first_crl:
         from cloud_sync.crl_publish import publish_crl
 

@@ -1,0 +1,109 @@
+"""The enrollment host's own list of claims that never enroll again, whatever the bucket says.
+
+Import path and API (through ``IdentityStore``, which keeps it beside the broker's CRL)::
+
+    from cloud_sync.spent_claims import SpentClaims, spent_path
+    spent = SpentClaims(spent_path(crl_file))      # {crl_file}.spent-claims.json
+    with spent.held() as held:                     # one writer across processes
+        held.why_not(key_hash, "cam-1")            # "spent" / "revoked" / None
+        held.add("cam-1", "spent", [(key_hash, doc.expires_at)])   # (claim, its expiry)
+
+A claim's ``used`` lies outside its signature (a spend must not need the CA to sign the claim
+again), so a bucket writer can clear it and the token's holder spend it again. And "made before
+the revocation" compares the claim host's clock with the revoking host's: a claim made on a
+laptop five minutes fast, a minute before the revocation, reads as made after it. This list,
+on the host that holds the broker's CRL (where ``enroll-service --crl-file`` and ``fleet
+revoke`` run), closes both without the bucket or a clock: a claim spent for a device, and every
+claim that names a device when it is revoked, is written here and refused for that device from
+then on. An entry leaves once its claim has expired (its signed ``expires_at``: refused anyway
+then), so the list holds at most the live claims. The file is written whole, fsynced and
+renamed (``pem_files.write_public``); one that does not read is a ConfigError: the claims it
+guards are refused until it is fixed (fail closed), never spent on the bucket's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cloud_sync.pem_files import write_public
+from modelpack.errors import ConfigError
+
+Why = Literal["spent", "revoked"]
+MAX_BYTES = 64 << 20  # ~200 bytes an entry: far over any fleet's live claims
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    why: Why
+    until: float = Field(allow_inf_nan=False)
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    v: Literal[1] = 1
+    claims: dict[str, _Entry] = Field(default_factory=dict)  # "{sha256}:{device}"
+
+
+def spent_path(crl_file: Path) -> Path:
+    return crl_file.with_name(f"{crl_file.name}.spent-claims.json")
+
+
+class Held:
+    """The list read under its lock; ``add`` writes it at once."""
+
+    def __init__(self, path: Path, doc: _Doc) -> None:
+        self.path, self.doc = path, doc
+
+    def why_not(self, key_hash: str, device: str) -> Why | None:
+        entry = self.doc.claims.get(f"{key_hash}:{device}")
+        return None if entry is None else entry.why
+
+    def add(self, device: str, why: Why, claims: Iterable[tuple[str, float]]) -> None:
+        """The claims (hash, expiry) listed for ``device``; expired entries leave."""
+        now = time.time()
+        kept = {k: e for k, e in self.doc.claims.items() if e.until > now}
+        for key_hash, until in claims:
+            if f"{key_hash}:{device}" not in kept or why == "revoked":
+                kept[f"{key_hash}:{device}"] = _Entry(why=why, until=until)
+        self.doc = _Doc(claims=kept)
+        write_public(self.path, self.doc.model_dump_json().encode())
+
+
+class SpentClaims:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Held]:
+        """The list, read and held against every other writer (the enrollment service's spends,
+        ``fleet revoke``) until the block ends."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.with_name(f".{self.path.name}.lock").open("ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            yield Held(self.path, self._read())
+
+    def _read(self) -> _Doc:
+        try:
+            with self.path.open("rb") as fh:
+                data = fh.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            return _Doc()
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: the spent claims cannot be read: {exc}") from exc
+        if len(data) > MAX_BYTES:
+            raise ConfigError(f"{self.path}: the spent claims are over {MAX_BYTES} bytes")
+        try:
+            return _Doc.model_validate_json(data)
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{self.path} is not a list of spent claims: fix or remove it (claims already "
+                "spent could then be spent again by whoever can clear `used` in the bucket)"
+            ) from exc

@@ -1,0 +1,73 @@
+"""The enrollment host's list of spent claims (cloud_sync/spent_claims.py): whatever bytes the
+file holds, it reads as a list or is a ConfigError, never another exception; and a list that does
+not read refuses the claim (record_refused), never spends it on the bucket's word."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloud_sync.enroll import EnrollmentService, RateLimit
+from cloud_sync.fleet_ca import FleetCA, init_ca, new_key
+from cloud_sync.identity_store import IdentityStore
+from cloud_sync.revocation import publish_crl
+from cloud_sync.spent_claims import SpentClaims, spent_path
+from cloud_sync.store import open_store
+from edge_agent.identity import KeyMaker
+from modelpack.errors import ConfigError
+from tests.support.identity_fleet import claim_request
+
+NEAR = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.binary(max_size=200)
+    | NEAR.map(lambda v: json.dumps({"v": 1, "claims": {"h:d": v}}).encode())
+)
+def test_any_bytes_read_as_a_list_or_a_config_error(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "crl.pem.spent-claims.json"
+    path.write_bytes(data)
+    try:
+        with SpentClaims(path).held() as held:
+            assert held.why_not("h", "d") in (None, "spent", "revoked")
+    except ConfigError as exc:
+        assert str(path) in str(exc)
+
+
+def test_a_list_that_does_not_read_refuses_the_claim_and_spends_nothing(tmp_path: Path) -> None:
+    init_ca(tmp_path / "ca")
+    ca, crl = FleetCA.load(tmp_path / "ca"), tmp_path / "crl.pem"
+    ids = IdentityStore(open_store(str(tmp_path / "store")), ca, crl)
+    publish_crl(ca, ids, crl, None, first=True)
+    token = ids.create_claims(["cam-1"], ttl_s=600)["cam-1"]
+    spent_path(crl).write_bytes(b'{"v": 1, "claims": {"x:cam-1": {"why": "lost"')
+    service = EnrollmentService(ca, ids, limit=RateLimit(1e3, 1000, 0))
+    csr = claim_request(KeyMaker().csr(new_key(), "cam-1"), token)
+    answer = service.handle("cam-1", "claim", csr)
+    assert (answer.ok, answer.reason) == (False, "record_refused"), answer
+    spent_path(crl).unlink()  # fixed: the token was not spent by the refusal
+    assert service.handle("cam-1", "claim", csr).ok
+    with SpentClaims(spent_path(crl)).held() as held:  # and now it is, on the host's list
+        assert [e.why for e in held.doc.claims.values()] == ["spent"]
+        assert all(e.until > time.time() for e in held.doc.claims.values())
+
+
+@pytest.mark.parametrize("why", ["spent", "revoked"])
+def test_an_expired_entry_leaves_the_list_at_the_next_write(tmp_path: Path, why: str) -> None:
+    spent = SpentClaims(tmp_path / "s.json")
+    with spent.held() as held:
+        held.add("cam-1", why, [("old", time.time() - 1), ("new", time.time() + 60)])
+    with spent.held() as held:
+        held.add("cam-2", "spent", [("other", time.time() + 60)])
+    with spent.held() as held:
+        assert sorted(held.doc.claims) == ["new:cam-1", "other:cam-2"]
