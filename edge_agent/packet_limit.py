@@ -87,6 +87,7 @@ class PacketLimit:
         properties: Any,
         size: int,
         on_too_large: TooLarge | None,
+        hold: bool = True,
     ) -> mqtt.MQTTMessageInfo:
         # Under paho's lock: its network thread takes it before it handles a PUBACK, so the
         # message is ours before ``acked`` can be called for it; and a verdict is reached under
@@ -102,7 +103,7 @@ class PacketLimit:
             # sends its batch again at each reconnect): the connection holds without them. And
             # any on a topic with a message waiting, which it must not overtake (MQTT 3.1.1
             # section 4.6: a topic's messages arrive in the order they were published).
-            wait = qos > 0 and bool(self._waiting)
+            wait = hold and qos > 0 and bool(self._waiting)
             wait = wait and (size > self.watch.hold_above or topic in self._waiting_topics())
             info = self._publish(topic, payload, qos, retain, properties, wait)
             if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -222,6 +223,27 @@ class PacketLimit:
             if not self._connack or now < self.watch.quiet_until:
                 return
         self._send(now, self._waiting)
+
+    def supersede(self, topic: str) -> int:
+        """The session stops and sends its retained last words on ``topic``: a message to it
+        that waits is older, and would replace them; it is never sent. How many."""
+        with self.client._out_message_mutex:
+            queue = self.client._out_messages
+            kept = [mid for mid in self._waiting if mid in queue and queue[mid].topic != topic]
+            gone, self._waiting = len(self._waiting) - len(kept), kept
+        return gone
+
+    def release_now(self, now: float, connected: bool) -> tuple[list[mqtt.MQTTMessageInfo], int]:
+        """The session stops: what waits is sent now, in the order it was published, without
+        waiting out the quiet (a stop in the quiet lost the replies it held). The handles of
+        those sent, and how many were not (the connection is down)."""
+        with self.client._out_message_mutex:
+            queue = self.client._out_messages
+            waiting = [queue[mid] for mid in self._waiting if mid in queue]
+            waiting = [m for m in waiting if m.state == _WAITING]
+            go = waiting if connected else []
+            self._send(now, [m.mid for m in go])
+        return [m.info for m in go], len(waiting) - len(go)
 
     def _waiting_topics(self) -> set[str]:
         """Under paho's lock: the topics of the messages waiting."""

@@ -45,6 +45,7 @@ Will = tuple[str, bytes] | Callable[[], tuple[str, bytes]]
 # CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
 _CLOSED = "the connection was closed, no reason given (no DISCONNECT from the broker)"
+STOP_S = 2.0  # a stop waits this long for the broker to acknowledge what it sends
 
 
 class Session:
@@ -139,10 +140,13 @@ class Session:
         retain: bool = False,
         correlation_data: bytes | None = None,
         on_too_large: TooLarge | None = None,
+        hold: bool = True,
     ) -> mqtt.MQTTMessageInfo:
         """Raises BrokerError, sending nothing, for what the broker would drop us for.
         ``on_too_large`` is told why if the broker drops us for it all the same (MQTT 3.1.1: a
-        limit it cannot say), when it is taken out of paho's queue, never to be sent again."""
+        limit it cannot say), when it is taken out of paho's queue, never to be sent again.
+        ``hold``: False sends it at once even while what a close was blamed on waits out the
+        quiet (``packet_limit``), ahead of it (the stop's last words)."""
         refused = self.refusal(topic, payload, correlation_data)
         if refused is not None:
             raise BrokerError(f"not published: {refused}")
@@ -151,7 +155,7 @@ class Session:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation_data
         size = packet_size(topic, payload, correlation_data)
-        return self.limit.publish(topic, payload, qos, retain, properties, size, on_too_large)
+        return self.limit.publish(topic, payload, qos, retain, properties, size, on_too_large, hold)
 
     # --- paho callbacks (on paho's network thread) -------------------------------------------
 
@@ -270,10 +274,27 @@ class Session:
         return self
 
     def stop(self, last_words: tuple[str, bytes] | None = None) -> None:
-        """Publish ``last_words`` (retained) if connected, then disconnect cleanly."""
-        if last_words is not None and self.connected:
+        """Publish ``last_words`` (retained) if connected, send what waits out the quiet
+        after a close (``packet_limit``: a reply held back is not lost to a stop), all within
+        ``STOP_S``, then disconnect cleanly."""
+        deadline = time.monotonic() + STOP_S
+        words = last_words if self.connected else None
+        # A held message on their (retained) topic is older: sent after, it would replace them.
+        superseded = self.limit.supersede(words[0]) if words is not None else 0
+        if words is not None:  # first: a message held back may be over the limit
             with contextlib.suppress(RuntimeError, ValueError, BrokerError):  # never stops a stop
-                self.publish(last_words[0], last_words[1], qos=1, retain=True).wait_for_publish(2)
+                info = self.publish(words[0], words[1], qos=1, retain=True, hold=False)
+                info.wait_for_publish(STOP_S)
+        if self.limit.holding or superseded:
+            sent, unsent = self.limit.release_now(time.monotonic(), self.connected)
+            unacked = sum(not _acked(info, deadline) for info in sent)
+            if unsent or superseded or unacked:
+                log.warning(
+                    "stopping with %d message(s) held back after a close: %d never sent (the "
+                    "connection was down), %d older than the status just sent on its topic, "
+                    "%d sent and not acknowledged",
+                    len(sent) + unsent + superseded, unsent, superseded, unacked,
+                )  # fmt: skip
         self._stop.set()
         self.client.disconnect()
         self.client.loop_stop()
@@ -285,3 +306,13 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _acked(info: mqtt.MQTTMessageInfo, deadline: float) -> bool:
+    """Whether the broker acknowledged it by ``deadline`` (monotonic). Not paho's
+    ``wait_for_publish``: it raises at once for a message first published while the connection
+    was down (rc NO_CONN), which paho sends all the same once connected."""
+    with info._condition:
+        return info._condition.wait_for(
+            lambda: info._published, max(0.0, deadline - time.monotonic())
+        )

@@ -228,6 +228,8 @@ def _published(wire: socket.socket) -> list[tuple[str, bytes]]:
             chunk = wire.recv(1 << 16)
         except BlockingIOError:
             break
+        if not chunk:  # paho closed its end: the session stopped
+            break
         data += chunk
     packets, at = [], 0
     while at < len(data):
@@ -279,3 +281,25 @@ def test_what_waits_out_the_quiet_keeps_each_topics_order(
     for topic in "abc":
         order = [int.from_bytes(p[:2], "big") for t, p in sent if t == f"t/{topic}"]
         assert order == sorted(order), (topic, order)
+
+
+def test_a_stop_in_the_quiet_sends_what_waits_after_the_last_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reply on its way when the link dropped waits out the quiet of the next connection, and
+    the agent is stopped meanwhile (a SIGTERM). The old session published its last words and
+    disconnected: the reply was never sent, and nothing said so. Now it goes after the last
+    words, and an older status waiting on their topic does not (it would replace them)."""
+    session = _session(tmp_path)
+    wire = _wire(session)
+    _connect(session)
+    session.publish("t/dev-p/status", b"online" + b"s" * 2000, retain=True)
+    reply = session.publish("t/replies/r", b"r" * 12_000)
+    _close(session)  # the reply is the suspect; the status waits with it
+    _published(wire)
+    _connect(session)
+    assert {reply.mid} < _held(session) and session.limit.holding
+    session.stop(("t/dev-p/status", b"offline"))  # nothing acknowledges: the budget runs out
+    sent = [(topic, payload[:7]) for topic, payload in _published(wire)]
+    assert sent == [("t/dev-p/status", b"offline"), ("t/replies/r", b"r" * 7)]
+    assert "1 older than the status just sent on its topic" in caplog.text
