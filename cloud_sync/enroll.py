@@ -134,9 +134,12 @@ class EnrollmentService:
             return self._refuse(request.id, "bad_request", f"no enrollment topic for {device!r}")
         # A claim's gap is per token: anyone with the shared claim certificate may publish on
         # every device's claim topic, and junk without the token must not lock the device out.
-        gap = (
-            f"{device}:{token_hash(request.token)}" if kind == "claim" and request.token else device
-        )
+        # ``rotated`` has its own gap: it follows its renewal within the second, and a renewal
+        # and its confirmation must not compete (a flood of ``rotated`` is still limited).
+        if kind == "claim" and request.token:
+            gap = f"{device}:{token_hash(request.token)}"
+        else:
+            gap = f"{device}:rotated" if kind == "rotated" else device
         if not self.limit.allow(gap):
             return self._refuse(request.id, "rate_limited", "too many requests: try again later")
         try:

@@ -145,6 +145,26 @@ def test_renewal_is_refused_once_revoked_and_for_an_unknown_device(
     assert len(ids.revoked_serials()) == 2
 
 
+def test_a_rotated_after_its_renewal_is_not_rate_limited(ca: FleetCA, ids: IdentityStore) -> None:
+    """The agent says ``rotated`` within a second of its renewal: under the per-device gap it
+    was answered ``rate_limited``. It has its own gap now, and a second one is still limited."""
+    service = EnrollmentService(ca, ids, limit=RateLimit(per_device_s=3600))
+    token = ids.create_claims(["a"], ttl_s=60)["a"]
+    assert service.handle("a", "claim", _request(_csr("a"), token)).ok
+    assert service.handle("a", "renew", _request(_csr("a"))).ok
+    record = ids.device("a")
+    assert record is not None and len(record.pending) == 1
+    rotated = json.dumps({"id": "r", "serial": record.pending[0]}).encode()
+    reply = service.handle("a", "rotated", rotated)
+    assert (reply.ok, reply.reason) == (True, None)
+    record = ids.device("a")
+    assert record is not None and len(record.retired) == 1
+    for kind, payload in (("rotated", rotated), ("renew", _request(_csr("a")))):
+        again = service.handle("a", kind, payload)
+        assert (again.ok, again.reason) == (False, "rate_limited")
+    assert service.refusals["rate_limited"] == 2
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
