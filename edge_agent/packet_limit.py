@@ -174,7 +174,9 @@ class PacketLimit:
             self.explained()
         elif blame.closes > 1:  # a row's later closes wait for its verdict
             return None
-        return takeover.lost(now, reason, from_broker)  # a suspicion: a takeover may be
+        # A suspicion: a takeover may be. A row's first close counts once the row ends with
+        # no verdict (the count a metric and the status show never goes down).
+        return takeover.lost(now, reason, from_broker, pending=blame is not None)
 
     def closed(self, now: float, told: bool = False) -> Blame | None:
         """On paho's thread, from its on_disconnect: read what it holds, change nothing."""

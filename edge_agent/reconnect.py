@@ -91,7 +91,9 @@ class TakeoverWatch:
         self._counted = 0  # of the streak, those counted as takeovers
         self._told = False  # the ERROR of this streak was logged
         self._taken_over = 0
-        self._added = 0  # what the last close counted: taken back if a verdict explains it
+        # What the first close of a row of closes blamed on one message counted: added once the
+        # row ends with no verdict, dropped on a verdict; the count never goes down.
+        self._pending = 0
 
     @property
     def taken_over(self) -> int:
@@ -111,26 +113,34 @@ class TakeoverWatch:
         """A connection ended, or none was made, for a reason that is no takeover (a message
         over the broker's packet limit: ``packet_limit``). ``take_back``: the verdict on a
         message explains the row of closes it ends, whose first close came here as any other
-        (``lost``): what that close counted is no takeover (with an unexplained drop before it,
-        a broker restarted or a link cut, it made a streak of two, counted as two)."""
+        (``lost``, pending): what that close counted is no takeover (with an unexplained drop
+        before it, a broker restarted or a link cut, it made a streak of two). Else what it
+        counted is added now: the row ended with no verdict."""
         with self._lock:
-            added, self._added = self._added, 0
-            if take_back and added:
-                self._taken_over -= added
+            pending, self._pending = self._pending, 0
+            if take_back and pending:
                 log.warning(
-                    "the last %d drop(s) counted as client id %r taken over were for a message "
+                    "the last %d drop(s) taken for client id %r taken over were for a message "
                     "over the broker's packet limit: not counted",
-                    added,
+                    pending,
                     self.client_id,
                 )
+            else:
+                self._taken_over += pending
             self._since = None
             self._end_streak()
 
-    def lost(self, now: float, reason: int, from_broker: bool) -> float | None:
+    def lost(
+        self, now: float, reason: int, from_broker: bool, pending: bool = False
+    ) -> float | None:
         """A connection ended: the delay before reconnecting when another client likely took
-        our client id, else None (the usual backoff applies)."""
+        our client id, else None (the usual backoff applies). ``pending``: the first close of a
+        row blamed on one message (``packet_limit``), whose verdict may explain it: what it
+        counts waits for the row's end (``explained``, or the next ``lost``)."""
         with self._lock:
-            since, self._since, self._added = self._since, None, 0
+            since, self._since = self._since, None
+            self._taken_over += self._pending  # the row before ended with no verdict
+            self._pending = 0
             if since is None:  # refused or never accepted: nothing to tell
                 self._end_streak()
                 return None
@@ -150,8 +160,10 @@ class TakeoverWatch:
                 return None
             first, streak = not self._told, self._streak
             self._told = True
-            self._added = streak - self._counted
-            self._taken_over += self._added
+            if pending:
+                self._pending = streak - self._counted
+            else:
+                self._taken_over += streak - self._counted
             self._counted = streak
             delay = self.backoff.next()
         self._tell(certain, first, streak, delay)

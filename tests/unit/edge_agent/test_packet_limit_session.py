@@ -161,21 +161,44 @@ def test_a_link_that_drops_before_the_held_back_suspect_goes_teaches_nothing(
     assert info.mid not in session.client._out_messages and session.limit.bound is None
 
 
-def test_the_verdicts_row_takes_back_the_takeovers_its_first_close_counted(
-    tmp_path: Path,
-) -> None:
+def test_the_takeovers_a_verdicts_row_would_count_are_never_counted(tmp_path: Path) -> None:
     """A link cut (or a broker restarted) just before an answer over the limit is sent: that drop
     and the answer's first close are two unexplained drops in a row soon after a reconnect, which
-    the takeover watch counts as two takeovers (the old code kept them: taken_over 2, the
-    retained status and the metric said another client took the id). The verdict explains the
-    row: they are taken back."""
+    the takeover watch takes for two takeovers. The verdict explains the row. The code before
+    kept them (the retained status and the metric said another client took the id); the code
+    after it counted them and took them back at the verdict, so the counter
+    edgebento_agent_session_taken_over_total went 2, then 0 (a Prometheus counter going down
+    reads as a reset). They wait for the row's end, and are dropped: never counted."""
     session, told = _session(tmp_path), []
     _connect(session)
     _close(session)  # nothing in flight: any other drop
     _connect(session)
-    _row(session, b"r" * 20_000, told)
-    assert session.limit.bound is not None and len(told) == 1
-    assert session.takeover.taken_over == 0
+    info = session.publish("t/replies/big", b"r" * 20_000, on_too_large=told.append)
+    _connect_sent(session)
+    _close(session)  # the row's first close: a takeover, or the answer
+    counts = [session.takeover.taken_over]
+    for _ in range(CLOSES - 1):
+        _connect(session)
+        _release(session)
+        _close(session)
+        counts.append(session.takeover.taken_over)
+    assert info.mid not in session.client._out_messages and len(told) == 1
+    assert counts == [0] * CLOSES
+
+
+def test_a_row_that_ends_with_no_verdict_counts_its_takeovers(tmp_path: Path) -> None:
+    """The same two drops, then one before the held-back answer goes (the link's, or another
+    client's): the row ends with no verdict, and what its first close counted is counted."""
+    session, told = _session(tmp_path), []
+    _connect(session)
+    _close(session)
+    _connect(session)
+    session.publish("t/replies/big", b"r" * 20_000, on_too_large=told.append)
+    _connect_sent(session)
+    _close(session)
+    _connect(session)
+    _close(session)  # before the release: the answer unsent, the row ends
+    assert session.takeover.taken_over == 3 and told == []
 
 
 def test_a_message_taken_out_over_the_limit_completes_as_failed(tmp_path: Path) -> None:
