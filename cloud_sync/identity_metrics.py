@@ -30,7 +30,7 @@ from cloud_sync.identity_view import identity_rows
 from modelpack.errors import ConfigError
 
 REFUSED_LABELS = [
-    *(("device", r) for r in ("unsigned", "forged", "malformed", "misplaced")),
+    *(("device", r) for r in ("unsigned", "forged", "malformed", "misplaced", "unreadable")),
     *(("crl_index", r) for r in ("unsigned", "forged", "malformed", "misplaced", "replayed")),
 ]
 

@@ -270,7 +270,9 @@ class IdentityStore(CrlIndexWriter, Renewals):
 
     def devices(self) -> dict[str, DeviceIdentity]:
         """Every device's record that verifies; those that do not are left out, each with an
-        ERROR, and listed in ``refused_records`` (device: reason) for the views."""
+        ERROR, and listed in ``refused_records`` (device: reason) for the views. One the store
+        fails to read (a symlink loop, a GET that fails) is refused as ``unreadable``: one
+        planted object must not stop every CRL write that reads the records."""
         found: dict[str, DeviceIdentity] = {}
         self.refused_records = {}
         keys = self.store.list(f"{ROOT}/devices/")
@@ -282,14 +284,25 @@ class IdentityStore(CrlIndexWriter, Renewals):
                     self.refused[("device", "misplaced")] += 1
                     shown = key if key.isprintable() else ascii(key)
                     raise RecordRefused(key, "misplaced", f"{shown} is no device's record key")
-                found[device] = self._parse(
-                    device, self.read_object(key, "device", RECORD_MAX_BYTES)[0]
-                )
-            except (RecordRefused, NotFoundError) as exc:  # NotFound: deleted since listed
-                if isinstance(exc, RecordRefused):
-                    if len(self.refused_records) < _LOGGED:
-                        log.error("%s", exc)
-                    self.refused_records[device or key] = exc.reason
+                found[device] = self._parse(device, self._read_record(key))
+            except NotFoundError:  # deleted since listed
+                continue
+            except RecordRefused as exc:
+                if len(self.refused_records) < _LOGGED:
+                    log.error("%s", exc)
+                self.refused_records[device or key] = exc.reason
         if len(self.refused_records) > _LOGGED:  # thousands planted: one line, not thousands
             log.error("%d device records refused in all", len(self.refused_records))
         return found
+
+    def _read_record(self, key: str) -> bytes:
+        """A device record's bytes; RecordRefused (``unreadable``, counted) when the store
+        fails to read it."""
+        try:
+            return self.read_object(key, "device", RECORD_MAX_BYTES)[0]
+        except (RecordRefused, NotFoundError):
+            raise
+        except StoreError as exc:
+            self.refused[("device", "unreadable")] += 1
+            shown = key if key.isprintable() else ascii(key)
+            raise RecordRefused(key, "unreadable", f"{shown} cannot be read: {exc}") from exc

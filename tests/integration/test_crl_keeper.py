@@ -2,9 +2,9 @@
 a SIGHUP (Debian's daily logrotate) over a damaged CRL leaves the broker running with NO CRL
 check. The running ``fleet enroll-service`` checks the CRL on disk every ``--crl-check`` and
 puts the last good copy back at once (and signals the broker), also while its store fails, which
-no longer ends the service; ``fleet revoke --broker`` signals the broker when its write fails
-after a restore; ``fleet broker-config`` run again keeps the live CRL; the identity metrics read
-another CA's CRL as 0 and count restores. Each failed on the previous code (see each test)."""
+no longer ends the service; ``fleet revoke`` writes past a device record the store cannot read;
+``fleet broker-config`` run again keeps the live CRL; the identity metrics read another CA's
+CRL as 0 and count restores. Each failed on the previous code (see each test)."""
 
 from __future__ import annotations
 
@@ -194,27 +194,31 @@ def test_a_refresh_that_fails_keeps_the_service_and_the_crl_is_still_put_back(
         assert service.poll() is None, log.read_text()
 
 
-def test_fleet_revoke_signals_the_broker_when_its_write_fails_after_a_restore(
+def test_fleet_revoke_writes_past_a_record_that_cannot_be_read_after_a_restore(
     fleet: Fleet,
 ) -> None:
     """A bucket writer plants an index the CA did not sign (the writer then reads every
-    record) and a record that cannot be read: the write fails after the last good copy is
-    back. Previous code: ``fleet revoke --broker`` wrote with no broker pid and signalled only
-    after a write that succeeded, so the broker ran on without a CRL check."""
+    record) and a record that cannot be read (a symlink loop): that record is refused as
+    ``unreadable`` and the CRL is written from the rest, over the last good copy put back, and
+    the broker signalled. Previous code: the StoreError of that one record failed every CRL
+    write (``fleet revoke`` exited 1)."""
     identity = fleet.tmp / "store" / "fleet" / "identity"
     (identity / "crl.json").write_text('{"planted": true}')
     (identity / "devices").mkdir(parents=True, exist_ok=True)
     os.symlink("loop.json", identity / "devices" / "loop.json")
     fleet.damage()
     _until(lambda: fleet.connects("bad-1"), "Mosquitto drops a truncated CRL on a SIGHUP")
+    serial = uuid.uuid4().hex
     done = _cli(
-        "fleet", "revoke", "--serial", uuid.uuid4().hex, "--store", str(fleet.tmp / "store"),
+        "fleet", "revoke", "--serial", serial, "--store", str(fleet.tmp / "store"),
         "--ca", str(fleet.tmp / "ca"), "--crl-file", str(fleet.crl),
         "--broker-pid", str(fleet.pid), "--broker", f"mqtts://127.0.0.1:{fleet.broker.port}",
     )  # fmt: skip
-    assert done.returncode != 0 and "loop.json" in done.stderr, done.stderr
-    assert _verifies(fleet)
-    _until(lambda: not fleet.connects("bad-1"), "bad-1 refused though the write failed")
+    assert done.returncode == 0, done.stderr
+    assert "loop.json cannot be read" in done.stderr, done.stderr
+    listed = read_disk_crl(fleet.ca, fleet.crl).entries
+    assert int(serial, 16) in listed and fleet.bad_serial in listed
+    _until(lambda: not fleet.connects("bad-1"), "bad-1 refused (broker signalled)")
     assert fleet.connects("good-1")
 
 

@@ -165,6 +165,36 @@ def test_a_rotated_after_its_renewal_is_not_rate_limited(ca: FleetCA, ids: Ident
     assert service.refusals["rate_limited"] == 2
 
 
+def test_a_record_the_store_cannot_read_is_refused_and_the_rest_are_read(
+    ca: FleetCA, ids: IdentityStore, tmp_path: Path
+) -> None:
+    """An unsigned index planted (the CRL writer reads every record) and one record the store
+    cannot read (a symlink loop): previous code let its StoreError out of ``devices``, so the
+    CRL write at a confirmed rotation failed; now it is refused as ``unreadable``."""
+    from cloud_sync.crl_disk import read_disk_crl
+    from cloud_sync.crl_publish import publish_crl
+
+    crl = tmp_path / "broker" / "crl.pem"
+    service = EnrollmentService(
+        ca, ids, limit=RateLimit(per_device_s=0), on_retired=lambda: publish_crl(ca, ids, crl, None)
+    )
+    token = ids.create_claims(["a"], ttl_s=60)["a"]
+    assert service.handle("a", "claim", _request(_csr("a"), token)).ok
+    publish_crl(ca, ids, crl, None, first=True)
+    assert service.handle("a", "renew", _request(_csr("a"))).ok
+    record = ids.device("a")
+    assert record is not None and record.current is not None
+    identity = tmp_path / "store" / "fleet" / "identity"
+    (identity / "crl.json").write_text('{"planted": true}')
+    (identity / "devices" / "loop.json").symlink_to("loop.json")
+    rotated = json.dumps({"id": "r", "serial": record.pending[0]}).encode()
+    assert service.handle("a", "rotated", rotated).ok
+    assert int(record.current, 16) in read_disk_crl(ca, crl).entries
+    assert list(ids.devices()) == ["a"]
+    assert ids.refused_records == {"loop": "unreadable"}
+    assert ids.refused[("device", "unreadable")] == 2
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
