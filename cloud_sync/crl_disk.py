@@ -45,8 +45,11 @@ revoked certificate connects again, until a good CRL and another SIGHUP (over an
 it refuses every client).
 So each write also keeps a last good copy beside the CRL (``crl.pem.last-good``, fsynced, only
 ever what this writer signed), and a writer that finds the CRL on disk unreadable or not the
-CA's puts that copy back (checked against the CA first), with an ERROR and a count
-(``RESTORES``), before it writes and signals the broker.
+CA's, or older than that copy (a CRLNumber below the copy's: an older CRL the CA signed put
+back, from a backup, a snapshot, a local swap, lacking what was revoked since), puts that copy
+back (checked against the CA first), with an ERROR and a count (``RESTORES``), before it writes
+and signals the broker. ``BrokerCrl`` refuses such an older CRL too, so the enrollment
+service's check (``cloud_sync.crl_keeper``) puts the copy back within ``--crl-check``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from typing import TYPE_CHECKING
 
 from cloud_sync.crl_ledger import ledger_extension, read_ledger
 from cloud_sync.pem_files import write_public
+from cloud_sync.spent_claims import SpentClaims, spent_path
 from modelpack.errors import ConfigError, clip
 
 if TYPE_CHECKING:
@@ -153,7 +157,11 @@ def last_good(crl_path: Path) -> Path:
 
 def write_crl(crl_path: Path, pem: bytes) -> None:
     """The CRL, then its last good copy, each fsynced and renamed into place (``write_public``).
-    A crash between the two leaves the copy one write behind, never ahead of the CRL."""
+    A crash between the two leaves the copy one write behind, never ahead of the CRL. The first
+    write on a host (no copy yet) makes the empty list of spent claims beside them before
+    either: from then on that list missing is a ConfigError (``spent_claims``)."""
+    if not last_good(crl_path).exists():
+        SpentClaims(spent_path(crl_path)).create()
     write_public(crl_path, pem)
     write_public(last_good(crl_path), pem)
 
@@ -173,12 +181,31 @@ def broker_crl(ca: FleetCA, crl_path: Path) -> DiskCrl | None:
         ) from exc
 
 
+def behind_last_good(ca: FleetCA, crl_path: Path, disk: DiskCrl) -> None:
+    """ConfigError when ``disk`` (read from ``crl_path``) has a CRLNumber below that of the
+    last good copy: an older CRL the CA signed put back (a backup or snapshot restored, a local
+    swap) lacks what was revoked since, and the broker would let those certificates in at its
+    next SIGHUP. A copy that is missing or does not verify says nothing (the CRL stands)."""
+    try:
+        kept = parse_crl(ca, last_good(crl_path).read_bytes(), last_good(crl_path)).number
+    except (OSError, ConfigError):
+        return
+    if disk.number < kept:
+        raise ConfigError(
+            f"{crl_path}: CRLNumber {disk.number} is below the last good copy's {kept} "
+            "(an older CRL put back)"
+        )
+
+
 def read_for_writer(ca: FleetCA, crl_path: Path, first: bool = False) -> tuple[DiskCrl, bool]:
     """For a writer, under ``one_writer``: the CRL on disk, and whether it was put back. One
-    that cannot be read or is not the CA's is replaced by the last good copy, if that one is
-    the CA's (an ERROR, counted in ``RESTORES``); without one, as ``read_disk_crl``."""
+    that cannot be read, is not the CA's or is older than the last good copy
+    (``behind_last_good``) is replaced by that copy, if it is the CA's (an ERROR, counted in
+    ``RESTORES``); without one, as ``read_disk_crl``."""
     try:
-        return _read(ca, crl_path), False
+        disk = _read(ca, crl_path)
+        behind_last_good(ca, crl_path, disk)
+        return disk, False
     except ConfigError as exc:
         damaged = str(exc)
     keep = last_good(crl_path)
@@ -217,7 +244,9 @@ class BrokerCrl:
                 stat = os.fstat(fh.fileno())
                 seen = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
                 if seen != self._seen[0]:
-                    self._seen = (seen, parse_crl(self.ca, fh.read(), self.path))
+                    disk = parse_crl(self.ca, fh.read(), self.path)
+                    behind_last_good(self.ca, self.path, disk)
+                    self._seen = (seen, disk)
         except (OSError, ConfigError) as exc:
             log.error("%s: records cannot be checked against the CRL (%s)", self.path, exc)
             raise ConfigError(f"the CRL {self.path} cannot be read ({exc})") from exc

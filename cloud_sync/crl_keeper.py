@@ -18,9 +18,10 @@ again after ``check_s``.
 The check: Mosquitto 2.0.11 runs with no CRL check after a SIGHUP (Debian's daily logrotate)
 over a damaged CRL, until a good one and another SIGHUP. Reading the CRL is cheap (it is parsed
 again only when its fstat changed, ``crl_disk.BrokerCrl``), so every ``check_s`` it is read,
-and one that does not verify is rewritten at once: the writer puts the last good copy back and
-signals the broker (``crl_publish.publish_crl``), within a minute rather than at the next
-refresh, up to a day later.
+and one that does not verify, or is older than the last good copy (a CRLNumber below it: an
+older CRL the CA signed put back, ``crl_disk.behind_last_good``), is rewritten at once: the
+writer puts the last good copy back and signals the broker (``crl_publish.publish_crl``),
+within a minute rather than at the next refresh, up to a day later.
 """
 
 from __future__ import annotations

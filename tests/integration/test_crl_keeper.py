@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.broker_config import BrokerTls
-from cloud_sync.crl_disk import last_good, read_disk_crl
+from cloud_sync.crl_disk import last_good, parse_crl, read_disk_crl
 from cloud_sync.crl_publish import publish_crl
 from cloud_sync.enroll import EnrollmentService
 from cloud_sync.fleet_ca import FleetCA, init_ca, load_cert, tls_context
 from cloud_sync.identity_metrics import IdentityCollector
 from cloud_sync.identity_store import IdentityStore
-from cloud_sync.revocation import _connect
+from cloud_sync.revocation import _connect, revoke_serial
 from cloud_sync.store import open_store
 from edgebento.localports import PortTaken, wait_serving
 from modelpack.errors import ConfigError
@@ -267,3 +267,29 @@ def test_fleet_identity_prints_a_planted_key_escaped(fleet: Fleet) -> None:
         assert done.returncode == 0, done.stderr
         assert "PWNED" in done.stdout and "\x1b" not in done.stdout, repr(done.stdout)
         assert "\\x1b[31mPWNED" in done.stdout
+
+
+def test_the_running_service_puts_back_an_older_crl_the_ca_signed(fleet: Fleet) -> None:
+    """An older CRL the CA signed (a backup or snapshot restored, a local swap) put back over
+    crl.pem after a revocation, and the broker reloaded (logrotate): the running service's
+    check finds its CRLNumber below the last good copy's and puts that copy back. Previous
+    code: it verifies, so it was kept until the next --crl-refresh (here 1 h, by default 24 h)
+    and the revoked good-1 connected meanwhile (the wait below timed out)."""
+    with _enroll_service(fleet, "1h") as (service, metrics, log):
+        older = fleet.crl.read_bytes()
+        good = load_cert((fleet.ids_dir / "good-1.crt").read_bytes())
+        revoke_serial(fleet.ids, fleet.ca, good.serial_number, fleet.crl, fleet.pid, None)
+        assert read_disk_crl(fleet.ca, fleet.crl).number > parse_crl(fleet.ca, older).number
+        _until(lambda: not fleet.connects("good-1"), "good-1 refused once revoked")
+        fleet.crl.write_bytes(older)
+        os.kill(fleet.pid, signal.SIGHUP)
+        _until(
+            lambda: good.serial_number in read_disk_crl(fleet.ca, fleet.crl).entries,
+            "the last good CRL put back over the older one by the running service",
+        )
+        _until(lambda: not fleet.connects("good-1"), "good-1 refused again (broker signalled)")
+        assert last_good(fleet.crl).read_bytes() == fleet.crl.read_bytes()
+        assert _restored(metrics) == 1.0
+        assert "an older CRL put back" in log.read_text()
+        assert not fleet.connects("bad-1")
+        assert service.poll() is None, log.read_text()
