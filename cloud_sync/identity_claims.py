@@ -33,6 +33,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, NamedTuple
@@ -132,23 +133,46 @@ def refusal(ca: FleetCA, key_hash: str, doc: ClaimDoc) -> ClaimRefused | None:
     return None
 
 
-def claims_naming(store: ObjectStore, ca: FleetCA, device: str) -> list[tuple[str, float]]:
+def claims_naming(
+    store: ObjectStore, ca: FleetCA, device: str, refused: Counter[tuple[str, str]] | None = None
+) -> list[tuple[str, float]]:
     """(hash, expiry) of every unexpired claim the CA made here that names ``device``, spent
     or not (a planted one is left out: it must not grow the host's list). Every claim in the
-    store is read, 16 at a time: claims are never deleted, and `fleet revoke` waits for this."""
+    store is read, 16 at a time: claims are never deleted. One the store cannot read (a key it
+    refuses, a GET that fails) or over ``CLAIM_MAX_BYTES`` is skipped and counted in
+    ``refused`` (("claim", reason)), one WARNING for them all: a planted object must not stop a
+    revocation."""
     from concurrent.futures import ThreadPoolExecutor
+
+    skipped: list[tuple[str, str]] = []
 
     def naming(key: str) -> tuple[str, float] | None:
         key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
         try:
             doc = ClaimDoc.model_validate_json(read_capped(store, key, CLAIM_MAX_BYTES)[0])
-        except (ValidationError, RecordRefused, NotFoundError):
+        except (ValidationError, NotFoundError):
             return None  # not a claim (or gone): it enrolls nothing
+        except RecordRefused as exc:
+            skipped.append((key, exc.reason))
+            return None
+        except StoreError as exc:
+            skipped.append((key, "unreadable"))
+            log.debug("%s: %s", key, exc)
+            return None
         alive = device in doc.devices and doc.expires_at > time.time()
         return (key_hash, doc.expires_at) if alive and refusal(ca, key_hash, doc) is None else None
 
     with ThreadPoolExecutor(16) as pool:
-        return [n for n in pool.map(naming, store.list(f"{CLAIMS}/")) if n is not None]
+        named = [n for n in pool.map(naming, store.list(f"{CLAIMS}/")) if n is not None]
+    if skipped:
+        if refused is not None:
+            refused.update(("claim", reason) for _, reason in skipped)
+        key = skipped[0][0]
+        log.warning(
+            "%d objects under %s/ skipped as no claim (%s: %s)",
+            len(skipped), CLAIMS, key if key.isprintable() else ascii(key), skipped[0][1],
+        )  # fmt: skip
+    return named
 
 
 def token_hash(token: str) -> str:
@@ -250,11 +274,26 @@ def _spend(
                 else f"{device} was revoked while this claim existed: make a new one",
             )
         doc.used[device] = time.time()
+        # Listed before the bucket says used (and taken off if that write does not happen): a
+        # list that cannot be written (a full disk) refuses with nothing spent, retryable; it
+        # never leaves the claim used in the bucket and the device refused token_reused.
+        if listed is not None:
+            try:
+                listed.add(device, "spent", [(key_hash, doc.expires_at)])
+            except OSError as exc:
+                raise ConfigError(
+                    f"{listed.path}: the spent claims cannot be written: {exc}"
+                ) from exc
         try:
             store.replace(key, doc.model_dump_json().encode(), etag)
-        except ConflictError:
-            continue  # another enrollment spent it or another device of the batch: re-read
-        if listed is not None:
-            listed.add(device, "spent", [(key_hash, doc.expires_at)])
+        except BaseException as exc:
+            if listed is not None:
+                try:
+                    listed.remove(key_hash, device)
+                except OSError as err:  # listed spent for the device while the bucket is not
+                    log.error("%s: %s stays listed as spent: %s", listed.path, key_hash, err)
+            if isinstance(exc, ConflictError):
+                continue  # another enrollment spent it or another device of the batch: re-read
+            raise
         return Spent(key_hash, doc.created_at)
     raise StoreError(f"{key}: too many concurrent changes")

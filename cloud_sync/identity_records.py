@@ -63,12 +63,15 @@ DEVICES = "fleet/identity/devices/"
 # certificate until it expires, ~100 bytes each: a device rotating at two thirds of its
 # certificate's life has one or two listed at a time, a revoked one up to 20, so 2 KiB a device
 # (the device records the reader counted) above a floor of 1 MiB (~10,000 entries). A batch
-# claim names at most MAX_CLAIM_DEVICES devices, each with the time it was spent.
+# claim names at most MAX_CLAIM_DEVICES devices, each with the time it was spent: a 64-byte id
+# twice, quoted, and a time, ~160 bytes a device, under 192; a one-device claim is under 2 KiB
+# (its signature, times, environment). Every claim is read at each ``fleet revoke``: the cap is
+# what the biggest real claim can be, no more (a bigger object is refused as malformed).
 RECORD_MAX_BYTES = 64 << 10
 INDEX_FLOOR_BYTES = 1 << 20
 INDEX_DEVICE_BYTES = 2 << 10
 MAX_CLAIM_DEVICES = 10_000
-CLAIM_MAX_BYTES = 4 << 20
+CLAIM_MAX_BYTES = (4 << 10) + MAX_CLAIM_DEVICES * 192
 
 
 def index_max_bytes(devices: int) -> int:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from cloud_sync.crl_disk import BrokerCrl, DiskCrl
+from cloud_sync.crl_disk import BrokerCrl, DiskCrl, last_good
 from cloud_sync.identity_claims import (
     ClaimDoc,
     ClaimRefused,
@@ -92,7 +92,7 @@ class IdentityStore(CrlIndexWriter, Renewals):
         # and consume_claim claims (its ledger of revoked devices, ``cloud_sync.crl_disk``).
         self.crl = BrokerCrl(ca, crl_file) if ca is not None and crl_file is not None else None
         # Beside it, this host's own list of spent and revoked claims (``spent_claims``).
-        self.spent = SpentClaims(spent_path(crl_file)) if crl_file is not None else None
+        self.spent = SpentClaims(spent_path(crl_file), last_good(crl_file)) if crl_file else None
         self.refused: Counter[tuple[str, str]] = Counter()  # (object kind, reason) read back
         self.refused_records: dict[str, str] = {}  # device: reason, at the last devices()
         self.fleet_size = 0  # device records at the last listing: the index's size limit
@@ -140,14 +140,15 @@ class IdentityStore(CrlIndexWriter, Renewals):
     def _void_claims(self, device: str) -> None:
         """Every claim the CA made here that names ``device``, spent or not, listed as revoked
         for it on this host: none of them enrolls it again, whatever the claim host's clock
-        said when it was made (``spent_claims``)."""
+        said when it was made (``spent_claims``). After the revoked record and the CRL (which
+        already refuse a claim made at or before the revocation): nothing here stops those."""
         if self.spent is None:
             return
-        named = claims_naming(self.store, self.signer(), device)
         try:
+            named = claims_naming(self.store, self.signer(), device, self.refused)
             with self.spent.held() as held:
                 held.add(device, "revoked", named)
-        except (ConfigError, OSError) as exc:  # the revocation itself goes on
+        except (ConfigError, StoreError, OSError) as exc:  # the revocation itself stands
             log.error("%s: its claims are not listed as revoked on this host: %s", device, exc)
 
     def last_revocation(self, device: str) -> float | None:
@@ -257,7 +258,6 @@ class IdentityStore(CrlIndexWriter, Renewals):
             return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
 
         check_enrollable([device])
-        self._void_claims(device)  # first: a claim being spent now meets it at record_issue
         doc = self._change(device, change, over_refused=True)
         at = doc.revoked_at or time.time()
         self._add_to_crl(
@@ -266,6 +266,7 @@ class IdentityStore(CrlIndexWriter, Renewals):
                 for c in doc.certificates
             ]
         )
+        self._void_claims(device)  # last: its time depends on the bucket's claims
         return doc
 
     def devices(self) -> dict[str, DeviceIdentity]:

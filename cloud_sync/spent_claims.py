@@ -16,9 +16,13 @@ on the host that holds the broker's CRL (where ``enroll-service --crl-file`` and
 revoke`` run), closes both without the bucket or a clock: a claim spent for a device, and every
 claim that names a device when it is revoked, is written here and refused for that device from
 then on. An entry leaves once its claim has expired (its signed ``expires_at``: refused anyway
-then), so the list holds at most the live claims. The file is written whole, fsynced and
-renamed (``pem_files.write_public``); one that does not read is a ConfigError: the claims it
-guards are refused until it is fixed (fail closed), never spent on the bucket's word.
+then) by ``PRUNE_MARGIN_S``: this host's clock stepped forward for an hour must not drop live
+entries. The file is written whole, fsynced and renamed (``pem_files.write_public``); one that
+does not read is a ConfigError: the claims it guards are refused until it is fixed (fail
+closed), never spent on the bucket's word. It is made empty by the first CRL write on a host,
+before the CRL's last good copy (``crl_disk.write_crl``: ``--first-crl``, ``fleet
+broker-config``, the first write after an upgrade); missing while that copy is there (a host
+moved without it, or deleted) is a ConfigError too, never read as an empty list.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from modelpack.errors import ConfigError
 
 Why = Literal["spent", "revoked"]
 MAX_BYTES = 64 << 20  # ~200 bytes an entry: far over any fleet's live claims
+PRUNE_MARGIN_S = 7 * 86400  # an entry is kept this long past its claim's expiry
 
 
 class _Entry(BaseModel):
@@ -67,17 +72,32 @@ class Held:
     def add(self, device: str, why: Why, claims: Iterable[tuple[str, float]]) -> None:
         """The claims (hash, expiry) listed for ``device``; expired entries leave."""
         now = time.time()
-        kept = {k: e for k, e in self.doc.claims.items() if e.until > now}
+        kept = {k: e for k, e in self.doc.claims.items() if e.until + PRUNE_MARGIN_S > now}
         for key_hash, until in claims:
             if f"{key_hash}:{device}" not in kept or why == "revoked":
                 kept[f"{key_hash}:{device}"] = _Entry(why=why, until=until)
-        self.doc = _Doc(claims=kept)
-        write_public(self.path, self.doc.model_dump_json().encode())
+        self._write(_Doc(claims=kept))
+
+    def remove(self, key_hash: str, device: str) -> None:
+        """The claim no longer listed for ``device`` (a spend listed first whose swap lost)."""
+        kept = dict(self.doc.claims)
+        if kept.pop(f"{key_hash}:{device}", None) is not None:
+            self._write(_Doc(claims=kept))
+
+    def _write(self, doc: _Doc) -> None:
+        write_public(self.path, doc.model_dump_json().encode())
+        self.doc = doc
 
 
 class SpentClaims:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, made_before: Path | None = None) -> None:
+        """``made_before``: the CRL's last good copy, which is never written before the list."""
+        self.path, self.made_before = path, made_before
+
+    def create(self) -> None:
+        """An empty list where there is none (with the broker's first CRL)."""
+        if not self.path.exists():
+            write_public(self.path, _Doc().model_dump_json().encode())
 
     @contextlib.contextmanager
     def held(self) -> Iterator[Held]:
@@ -95,6 +115,12 @@ class SpentClaims:
             with self.path.open("rb") as fh:
                 data = fh.read(MAX_BYTES + 1)
         except FileNotFoundError:
+            if self.made_before is not None and self.made_before.exists():
+                raise ConfigError(
+                    f"{self.path} is missing while {self.made_before.name} is there: move it "
+                    'with the CRL to a new host; if it is lost, write {"v":1} to it (the '
+                    "claims it listed can then be spent again by whoever clears `used`)"
+                ) from None
             return _Doc()
         except OSError as exc:
             raise ConfigError(f"{self.path}: the spent claims cannot be read: {exc}") from exc

@@ -16,7 +16,7 @@ from cloud_sync.enroll import EnrollmentService, RateLimit
 from cloud_sync.fleet_ca import FleetCA, init_ca, new_key
 from cloud_sync.identity_store import IdentityStore
 from cloud_sync.revocation import publish_crl
-from cloud_sync.spent_claims import SpentClaims, spent_path
+from cloud_sync.spent_claims import PRUNE_MARGIN_S, SpentClaims, spent_path
 from cloud_sync.store import open_store
 from edge_agent.identity import KeyMaker
 from modelpack.errors import ConfigError
@@ -55,7 +55,7 @@ def test_a_list_that_does_not_read_refuses_the_claim_and_spends_nothing(tmp_path
     csr = claim_request(KeyMaker().csr(new_key(), "cam-1"), token)
     answer = service.handle("cam-1", "claim", csr)
     assert (answer.ok, answer.reason) == (False, "record_refused"), answer
-    spent_path(crl).unlink()  # fixed: the token was not spent by the refusal
+    spent_path(crl).write_bytes(b'{"v":1}')  # fixed: the token was not spent by the refusal
     assert service.handle("cam-1", "claim", csr).ok
     with SpentClaims(spent_path(crl)).held() as held:  # and now it is, on the host's list
         assert [e.why for e in held.doc.claims.values()] == ["spent"]
@@ -63,11 +63,14 @@ def test_a_list_that_does_not_read_refuses_the_claim_and_spends_nothing(tmp_path
 
 
 @pytest.mark.parametrize("why", ["spent", "revoked"])
-def test_an_expired_entry_leaves_the_list_at_the_next_write(tmp_path: Path, why: str) -> None:
-    spent = SpentClaims(tmp_path / "s.json")
+def test_an_expired_entry_leaves_the_list_past_a_margin(tmp_path: Path, why: str) -> None:
+    """Pruned by this host's clock only well past the claim's expiry: a clock stepped an hour
+    forward for one write must not drop a live claim's entry (it could be spent again)."""
+    spent, now = SpentClaims(tmp_path / "s.json"), time.time()
+    old, hour_ago = now - PRUNE_MARGIN_S - 1, now - 3600
     with spent.held() as held:
-        held.add("cam-1", why, [("old", time.time() - 1), ("new", time.time() + 60)])
+        held.add("cam-1", why, [("old", old), ("hour", hour_ago), ("new", now + 60)])
     with spent.held() as held:
-        held.add("cam-2", "spent", [("other", time.time() + 60)])
+        held.add("cam-2", "spent", [("other", now + 60)])
     with spent.held() as held:
-        assert sorted(held.doc.claims) == ["new:cam-1", "other:cam-2"]
+        assert sorted(held.doc.claims) == ["hour:cam-1", "new:cam-1", "other:cam-2"]
