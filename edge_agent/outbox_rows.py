@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class Holes:
-    """The (boot_id, seq) of queued rows deleted here. Batches sent before their deletion name
-    a floor below them, and the ingestion acknowledges only up to the seq before a hole: the
-    publisher sends again as soon as an acknowledgement stops there, under the floor that now
-    covers it, rather than after the ack timeout (which acks of the current boot put off)."""
+    """The (boot_id, seq) of queued rows deleted here, and of records set aside over the
+    broker's packet limit (``TelemetryPublisher._set_aside``). Batches sent before their
+    deletion name a floor below them, and the ingestion acknowledges only up to the seq before a
+    hole: the publisher sends again as soon as an acknowledgement stops there, under the floor
+    that now covers it, rather than after the ack timeout (which acks of the current boot put
+    off)."""
 
     def __init__(self) -> None:
         self._seqs: set[tuple[str, int]] = set()
@@ -39,7 +41,11 @@ class Holes:
         """Rows as ``Outbox._check_left`` reads them: (id, typeof, body, boot_id blob, seq)."""
         for row in rows:
             if isinstance(row[4], int):
-                self._seqs.add((bytes(row[3] or b"").decode("utf-8", "replace"), row[4]))
+                self.mark(bytes(row[3] or b"").decode("utf-8", "replace"), row[4])
+
+    def mark(self, boot_id: str, seq: int) -> None:
+        """One seq taken out of the queue unsent (a record set aside over the packet limit)."""
+        self._seqs.add((boot_id, seq))
 
     def stops_at(self, boot_id: str, seq: int) -> bool:
         """Whether an acknowledgement up to ``seq`` stops just before a hole; forgets the holes

@@ -142,6 +142,7 @@ class TelemetryPublisher:
         which may be false and lapses, it is kept aside and queued again (as a new record) once
         there is no bound: after a restart or when the bound lapsed."""
         kind = _kind(record.body)
+        self.outbox.holes.mark(record.boot_id, record.seq)  # earlier batches' floor is below it
         if learned:
             self.outbox.set_aside(record.id)
             self._kept = True

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pytest
 
 from tests.support.agent import AgentProcess, Client, wait_online
-from tests.support.agent_telemetry import DeviceWatch
+from tests.support.agent_telemetry import DeviceWatch, session_config, telemetry_session
 from tests.support.services import SmallPacketMosquitto, free_port
 
 LIMIT = SmallPacketMosquitto.max_packet  # the small_broker fixture's
@@ -191,46 +191,27 @@ def test_a_batch_over_the_limit_goes_in_batches_that_fit(
 ) -> None:
     """A backlog (a device that was offline) of records that each fit and together do not: the
     session and the telemetry publisher of the agent, on their own, through the broker."""
-    from edge_agent.config import AgentConfig
     from edge_agent.outbox import Outbox
-    from edge_agent.session import Session
-    from edge_agent.telemetry import TelemetryPublisher
 
     outbox = Outbox(tmp_path / "telemetry.db", "dev-b", 16 << 20)
     for i in range(60):  # about 700 bytes each: one batch of 42 KiB
         assert outbox.append("reading", {"i": i, "pad": "x" * 600}) == i
-    config = AgentConfig(
-        device="dev-b",
-        broker=small_broker.url,
-        data_dir=tmp_path,
-        trust=[tmp_path / "unused.pub"],
-        protocol=protocol,
-        prefix=topic_prefix,
-    )
-    topic = f"{topic_prefix}/dev-b/telemetry"
+    config = session_config(small_broker, tmp_path, "dev-b", protocol, topic_prefix)
     watch = DeviceWatch(small_broker, topic_prefix, "dev-b")
-    publisher: list[TelemetryPublisher] = []
-    session = Session(
-        config,
-        will=(f"{topic_prefix}/dev-b/status", b""),
-        on_message=lambda _m: None,
-        on_connect=lambda _present: publisher[0].reconnected(),
-    )
-    publisher.append(TelemetryPublisher(outbox, session, topic, 100, lambda: 1000.0).start())
-    session.route(f"{topic}/ack", lambda m: publisher[0].on_ack(m.payload))
+    session, drain = telemetry_session(config, outbox, 1000.0)
     try:
         with session:
             got = watch.wait(lambda rs: len(rs) >= 60 and rs, 60)
             assert sorted(r["data"]["i"] for r in got) == list(range(60))
             watch.wait(lambda rs: outbox.count == 0, 30)  # every one acknowledged
-            assert publisher[0].set_aside == 0 and session.takeover.taken_over == 0
+            assert drain.set_aside == 0 and session.takeover.taken_over == 0
             # 3.1.1: learned from the broker's drops; 5: said in its CONNACK, nothing dropped.
             assert (session.limit.refused > 0) == (protocol == "3.1.1")
             assert (
                 session.max_packet >= LIMIT if protocol == "3.1.1" else session.max_packet == LIMIT
             )
     finally:
-        publisher[0].stop()
+        drain.stop()
         outbox.close()
         watch.close()
 
@@ -243,18 +224,10 @@ def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(
     code kept the largest acknowledged for the whole run, so a message between the new limit and
     that was never a suspect: paho sent it at every reconnect, the broker dropped every
     connection for it, and nothing behind it ever arrived."""
-    from edge_agent.config import AgentConfig
     from edge_agent.session import Session
 
     broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto", max_packet=1 << 20).start()
-    config = AgentConfig(
-        device="dev-l",
-        broker=broker.url,
-        data_dir=tmp_path,
-        trust=[tmp_path / "unused.pub"],
-        protocol="3.1.1",
-        prefix=topic_prefix,
-    )
+    config = session_config(broker, tmp_path, "dev-l", "3.1.1", topic_prefix)
     connects = threading.Condition()
     session = Session(
         config,

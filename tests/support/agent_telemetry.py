@@ -8,7 +8,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 
@@ -113,3 +114,42 @@ class DeviceWatch:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def session_config(
+    broker: Mosquitto, data_dir: Path, device: str, protocol: Literal["3.1.1", "5"], prefix: str
+) -> Any:
+    """An AgentConfig for the agent's session (and telemetry publisher) run on their own in the
+    test's process: no model, no trusted key."""
+    from edge_agent.config import AgentConfig
+
+    return AgentConfig(
+        device=device,
+        broker=broker.url,
+        data_dir=data_dir,
+        trust=[data_dir / "unused.pub"],
+        protocol=protocol,
+        prefix=prefix,
+    )
+
+
+def telemetry_session(
+    config: Any, outbox: Any, rate: float, ack_timeout: float = 10.0
+) -> tuple[Any, Any]:
+    """The agent's session and its telemetry publisher (started, batches of 100, ``rate``
+    records a second), acks routed to it: run ``with session``, stop the publisher after."""
+    from edge_agent.session import Session
+    from edge_agent.telemetry import TelemetryPublisher
+
+    topic = f"{config.prefix}/{config.device}/telemetry"
+    publisher: list[TelemetryPublisher] = []
+    session = Session(
+        config,
+        will=(f"{config.prefix}/{config.device}/status", b""),
+        on_message=lambda _m: None,
+        on_connect=lambda _present: publisher[0].reconnected(),
+    )
+    drain = TelemetryPublisher(outbox, session, topic, 100, lambda: rate, ack_timeout=ack_timeout)
+    publisher.append(drain.start())
+    session.route(f"{topic}/ack", lambda m: drain.on_ack(m.payload))
+    return session, drain
