@@ -16,7 +16,8 @@ can: while a row is open, the next connection first holds without the suspect. T
 keeps the suspect, and every message as large as a candidate of the last close, out of paho's
 resend at the CONNACK (``hold_above``; ``packet_limit.PacketLimit.hold_back``; with any later
 message on their topics, which must not overtake them), and sends them, in the order they were
-published, only once the connection has held ``SOON_S`` (``quiet_until``). A close
+published, only once the connection has held ``SOON_S`` (``quiet_until``) and carried a round
+trip (a PUBACK, or the PINGRESP to a PINGREQ the session sends then). A close
 before that, with the suspect unsent, is the link's (or a takeover's, or a broker's restart):
 it ends the row. A close within ``SOON_S`` after the suspect's own send, on a connection that
 held without it, counts for it. When the same message is the suspect of ``CLOSES`` closes in a

@@ -30,10 +30,12 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PINGREQ
 
 from edge_agent.packet_evidence import LAPSE_S, Blame, PacketLimitWatch, Unacked
 from edge_agent.reconnect import CONNECTION_LOST, TakeoverWatch
@@ -72,6 +74,10 @@ class PacketLimit:
         # mids held back from the resend, in the order published (under paho's lock)
         self._waiting: list[int] = []
         self._connack = False  # on the current connection
+        # The current connection carried our data both ways since the CONNACK: a PUBACK, or the
+        # PINGRESP to a PINGREQ sent once the quiet is over (``release`` waits for it).
+        self._carried = False
+        self._pinged = False
         self._lock = threading.Lock()
 
     @property
@@ -133,6 +139,7 @@ class PacketLimit:
         held = self._held.pop(mid, None)
         if held is None:
             return
+        self._carried = True  # a PUBACK came on this connection
         size, _, number = held
         with self._lock:
             suspect = self.watch.suspect  # a mid is used again: the number tells them apart
@@ -200,6 +207,7 @@ class PacketLimit:
         for ``release``; the connection first has to hold without them."""
         with self._lock:
             suspect, above, self._connack = self.watch.suspect, self.watch.hold_above, False
+            self._carried = self._pinged = False
         waiting: list[int] = []
         topics: set[str] = set()  # a later message on one of them waits too: never overtakes
         with self.client._out_message_mutex:  # paho's queue is in the order of publishing
@@ -222,9 +230,26 @@ class PacketLimit:
         is not lost: any message over the limit sent on this connection is as large as the
         suspect, which is blamed again whichever of them the broker closes for)."""
         with self._lock:
-            if not self._connack or now < self.watch.quiet_until:
+            if not self._connack or now < self.watch.quiet_until or not self._waiting:
                 return
+        if not self._link_carries():
+            return
         self._send(now, self._waiting)
+
+    def _link_carries(self) -> bool:
+        """Whether the connection carried our data both ways since its CONNACK. A link that
+        passes the CONNECT and its CONNACK and then nothing, dropping at a fixed age after the
+        quiet, dropped each time right after the release: without this, a false bound."""
+        if self._carried:
+            return True
+        if not self._pinged:  # paho's keepalive closes the connection if it never comes
+            # As paho's ``_send_pingreq``, but ``_ping_t`` is set before the send: after it, on
+            # this thread, it could land after the PINGRESP already cleared it.
+            self.client._ping_t = time.monotonic()
+            self._pinged = self.client._send_simple_command(PINGREQ) == mqtt.MQTT_ERR_SUCCESS
+            return False
+        self._carried = self.client._ping_t == 0  # paho's PINGRESP handler clears it
+        return self._carried
 
     def supersede(self, topic: str) -> int:
         """The session stops and sends its retained last words on ``topic``: a message to it

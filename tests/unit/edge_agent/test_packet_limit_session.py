@@ -60,8 +60,32 @@ def _held(session: Session) -> set[int]:
 
 
 def _release(session: Session) -> None:
-    """The connection held SOON_S: what waited goes (the session's loop calls this)."""
+    """The connection held SOON_S and carried data (a PUBACK or the PINGRESP to the session's
+    PINGREQ came): what waited goes (the session's loop calls this)."""
+    session.limit._carried = True
     session.limit.release(session.limit.watch.quiet_until)
+
+
+def test_what_waits_goes_only_once_the_link_carried_a_round_trip(tmp_path: Path) -> None:
+    """A link that passes the CONNECT and its CONNACK, then nothing, and drops at a fixed age
+    after the quiet (1.05 to 2.05 s): the old session sent the held answer once the quiet was
+    over, the drop came right after, twice, and the broker took 12 KB answers it takes for over
+    its limit. Now, past the quiet, it sends a PINGREQ and waits for its PINGRESP (or any
+    PUBACK) before it sends what waits."""
+    session = _session(tmp_path)
+    wire = _wire(session)
+    _connect(session)
+    answer = session.publish("t/replies/answer", b"a" * 12_000)
+    _close(session)  # the answer in flight: the suspect
+    _published(wire)
+    _connect(session)
+    quiet = session.limit.watch.quiet_until
+    session.limit.release(quiet)  # the quiet is over: a PINGREQ, nothing else
+    session.limit.release(quiet + 0.5)  # no PINGRESP yet
+    assert _published(wire) == [] and answer.mid in _held(session)
+    session.client._ping_t = 0  # paho's handler of the PINGRESP
+    session.limit.release(quiet + 0.6)
+    assert [topic for topic, _ in _published(wire)] == ["t/replies/answer"]
 
 
 def _close(session: Session) -> None:
