@@ -71,6 +71,7 @@ class _Pending:
     records: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[Evidence] = field(default_factory=list)  # kept under rejected/
     boots: dict[Boot, int] = field(default_factory=dict)  # each boot's floor in this message
+    skips: dict[Boot, list[int]] = field(default_factory=dict)  # seqs that will never come
     ackable: tuple[tuple[str, str, int], ...] = ()  # seqs kept as evidence: acknowledged too
 
 
@@ -81,6 +82,7 @@ class ParsedBatch:
     # Records whose timestamp is outside the window (a clock before NTP, or far ahead): the
     # others of the batch are stored as usual; these are kept whole under rejected/.
     out_of_window: list[dict[str, Any]] = field(default_factory=list)
+    skips: dict[Boot, list[int]] = field(default_factory=dict)  # the batch's skip, by boot
 
 
 def _in_window(ts: float, now: float) -> bool:
@@ -118,7 +120,8 @@ def parse_telemetry(
     boots = {(device, r.boot_id): batch.floor or 0 for r in batch.records}
     good = [r.model_dump(mode="json") for r in batch.records if _in_window(r.ts, now)]
     late = [r.model_dump(mode="json") for r in batch.records if not _in_window(r.ts, now)]
-    return ParsedBatch(good, boots, late)
+    skips = {boot: list(batch.skip) for boot in boots} if batch.skip else {}
+    return ParsedBatch(good, boots, late, skips)
 
 
 class TelemetrySync:
@@ -198,7 +201,9 @@ class TelemetrySync:
             return
         batch = parse_telemetry(self.topics, msg.topic, payload)
         self._observe(batch.records)
-        pending = _Pending(msg.mid, msg.qos, self._generation, batch.records, boots=batch.boots)
+        pending = _Pending(
+            msg.mid, msg.qos, self._generation, batch.records, boots=batch.boots, skips=batch.skips
+        )
         if batch.out_of_window:
             self._keep_out_of_window(msg.topic, batch.out_of_window, pending)
         with self._lock:
@@ -315,7 +320,7 @@ class TelemetrySync:
             p.rejected.append(
                 Evidence("(buffered)", "internal", f"cannot write: {exc}", time.time(), doc)
             )
-            p.records, p.boots = [], {}
+            p.records, p.boots, p.skips = [], {}, {}
             return 0
 
     def _acknowledge(self, pending: list[_Pending], generation: int) -> None:
@@ -324,6 +329,9 @@ class TelemetrySync:
         for p in pending:
             for boot, floor in p.boots.items():
                 boots[boot] = max(boots.get(boot, 0), floor)
+            for boot, seqs in p.skips.items():  # never coming: acknowledged past
+                for seq in seqs:
+                    self.tracker.stored(boot, seq, seq)
             for device, boot_id, seq in p.ackable:
                 self.tracker.stored((device, boot_id), seq, seq)
                 boots.setdefault((device, boot_id), 0)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
+MAX_SKIP = 1000  # seqs a telemetry batch may name as never coming (TelemetryBatch.skip)
 DEFAULT_PREFIX = "edgebento"
 COMMANDS = ("ping", "deploy", "rollback", "config", "capture", "cancel", "shadow")
 
@@ -464,10 +465,17 @@ class TelemetryBatch(_Doc):
     ``floor``, when given, is the lowest seq of the records' boot the device still holds: every
     seq below it was acknowledged or evicted, so the ingestion's contiguous run starts there
     (a batch with a floor carries one boot only).
+
+    ``skip`` (with a floor, at most ``MAX_SKIP``): seqs of that boot between the floor and the
+    batch's last record that will never come (rows the device found corrupt and deleted,
+    records set aside over the broker's packet limit), so the acknowledgement runs past them in
+    one round trip. A sync from before ``skip`` refuses a batch that names it (``extra`` is
+    forbidden): upgrade the sync before the agents (docs/upgrading.md).
     """
 
     records: list[TelemetryRecord] = Field(max_length=10_000)
     floor: int | None = Field(default=None, ge=0)
+    skip: list[int] | None = Field(default=None, max_length=MAX_SKIP)
 
     @model_validator(mode="after")
     def _one_boot_under_a_floor(self) -> TelemetryBatch:
@@ -476,4 +484,12 @@ class TelemetryBatch(_Doc):
                 raise ValueError("a batch with a floor carries records of one boot")
             if min(r.seq for r in self.records) < self.floor:
                 raise ValueError("a record is below the batch's floor")
+        if self.skip:
+            if self.floor is None or not self.records:
+                raise ValueError("skip needs a floor and records")
+            top = max(r.seq for r in self.records)
+            if any(not self.floor <= s <= top for s in self.skip):
+                raise ValueError("a skipped seq is outside the batch's floor and last record")
+            if set(self.skip) & {r.seq for r in self.records}:
+                raise ValueError("a skipped seq is also a record of the batch")
         return self
