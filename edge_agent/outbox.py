@@ -311,7 +311,12 @@ class Outbox(OutboxFile):
         return restored
 
 
-def batch_payload(records: list[Pending], floor: int | None = None) -> bytes:
-    """A TelemetryBatch from stored record bodies, without parsing them again."""
+def batch_payload(
+    records: list[Pending], floor: int | None = None, skip: list[int] | None = None
+) -> bytes:
+    """A TelemetryBatch from stored record bodies, without parsing them again; ``skip`` (with
+    a floor) only when there is one: a sync from before it refuses the field."""
     tail = b"]}" if floor is None else b'],"floor":%d}' % floor
+    if floor is not None and skip:
+        tail = b'],"floor":%d,"skip":[%s]}' % (floor, ",".join(map(str, skip)).encode())
     return b'{"schema_version":1,"records":[' + b",".join(r.body for r in records) + tail

@@ -11,28 +11,32 @@ logged and counted (``dropped_corrupt``).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from typing import Any
 
 from pydantic import ValidationError
 
-from cloud_sync.protocol import TelemetryRecord
+from cloud_sync.protocol import MAX_SKIP, TelemetryRecord
 from modelpack import untrusted_json
 
 log = logging.getLogger(__name__)
 
 
 class Holes:
-    """The (boot_id, seq) of queued rows deleted here, and of records set aside over the
-    broker's packet limit (``TelemetryPublisher._set_aside``). Batches sent before their
-    deletion name a floor below them, and the ingestion acknowledges only up to the seq before a
-    hole: the publisher sends again as soon as an acknowledgement stops there, under the floor
+    """The seqs, per boot, of queued rows deleted here and of records set aside over the
+    broker's packet limit (``TelemetryPublisher._set_aside``). Each batch names those between
+    its floor and its last record (``between``: ``TelemetryBatch.skip``, at most ``MAX_SKIP``),
+    so the ingestion acknowledges past them in one round trip. A hole no batch sent could name
+    (more than ``MAX_SKIP`` of them, or batches sent before it) is the fallback's: when an
+    acknowledgement stops just before it the publisher sends again at once, under the floor
     that now covers it, rather than after the ack timeout (which acks of the current boot put
-    off)."""
+    off). Kept sorted: an acknowledgement costs a bisection, not a pass over every hole."""
 
     def __init__(self) -> None:
-        self._seqs: set[tuple[str, int]] = set()
+        self._seqs: dict[str, list[int]] = {}  # boot_id -> its holes, ascending
+        self._named: dict[str, int] = {}  # boot_id -> the highest hole a sent batch named
 
     def __bool__(self) -> bool:
         return bool(self._seqs)
@@ -45,14 +49,40 @@ class Holes:
 
     def mark(self, boot_id: str, seq: int) -> None:
         """One seq taken out of the queue unsent (a record set aside over the packet limit)."""
-        self._seqs.add((boot_id, seq))
+        holes = self._seqs.setdefault(boot_id, [])
+        at = bisect.bisect_left(holes, seq)
+        if at == len(holes) or holes[at] != seq:
+            holes.insert(at, seq)
+
+    def between(self, boot_id: str, low: int, high: int) -> list[int]:
+        """The holes of ``boot_id`` from ``low`` to ``high``, at most ``MAX_SKIP``."""
+        holes = self._seqs.get(boot_id, [])
+        lo = bisect.bisect_left(holes, low)
+        return holes[lo : min(bisect.bisect_right(holes, high), lo + MAX_SKIP)]
+
+    def named(self, boot_id: str, skip: list[int] | None) -> None:
+        """A batch that names ``skip`` was sent: an ack stopping before one is no reason to
+        send again (the batch's own ack goes past it)."""
+        if skip:
+            self._named[boot_id] = max(self._named.get(boot_id, -1), skip[-1])
 
     def stops_at(self, boot_id: str, seq: int) -> bool:
-        """Whether an acknowledgement up to ``seq`` stops just before a hole; forgets the holes
-        it reached."""
-        hit = (boot_id, seq + 1) in self._seqs
-        self._seqs = {(b, s) for b, s in self._seqs if b != boot_id or s > seq + 1}
-        return hit
+        """Whether an acknowledgement up to ``seq`` stops just before a hole no batch named;
+        forgets the holes it reached."""
+        holes = self._seqs.get(boot_id)
+        if not holes:
+            return False
+        at = bisect.bisect_left(holes, seq + 1)
+        hit = at < len(holes) and holes[at] == seq + 1
+        del holes[: at + 1 if hit else at]
+        if not holes:
+            self.forget(boot_id)
+        return hit and seq + 1 > self._named.get(boot_id, -1)
+
+    def forget(self, boot_id: str) -> None:
+        """The boot has nothing left to send (its holes past its last row can never be met)."""
+        self._seqs.pop(boot_id, None)
+        self._named.pop(boot_id, None)
 
 
 def _record(body: object, what: str) -> dict[str, Any] | str:

@@ -93,7 +93,10 @@ class TelemetryPublisher:
             self.acknowledged += deleted
             self._deadline = time.monotonic() + self.ack_timeout  # progress: wait again
         if self.outbox.holes and any(self.outbox.holes.stops_at(*ack) for ack in acks.items()):
-            self._rewind()  # now, under a floor past the hole (outbox_rows.Holes)
+            self._rewind()  # a hole no batch named: now, under a floor past it (Holes)
+        for boot in acks:
+            if boot != self.outbox.boot_id and self.outbox.floor(boot) is None:
+                self.outbox.holes.forget(boot)  # its holes past its last row never meet an ack
 
     def _rewind(self) -> None:
         self._last_sent = 0
@@ -105,12 +108,12 @@ class TelemetryPublisher:
         if not batch:
             return 0
         floor = self.outbox.floor(batch[0].boot_id)
-        payload = batch_payload(batch, floor)
+        payload = self._payload(batch, floor)
         if self.session.refusal(self.topic, payload) is not None:
             # Over the broker's packet limit (said, configured or learned): as many records as
             # fit, the rest in the next batch; one that alone is over it is set aside.
             def fits(n: int) -> bool:
-                return self.session.refusal(self.topic, batch_payload(batch[:n], floor)) is None
+                return self.session.refusal(self.topic, self._payload(batch[:n], floor)) is None
 
             count = longest_fitting(len(batch), fits)
             if count > 1 and self.session.limit.bound == self.session.max_packet:
@@ -118,22 +121,31 @@ class TelemetryPublisher:
                 # amount: half as many, or each batch cut a record shorter costs three drops.
                 count //= 2
             if count == 0:
-                alone = batch_payload(batch[:1], floor)
+                alone = self._payload(batch[:1], floor)
                 learned = self.session.limit.bound == self.session.max_packet
                 self._set_aside(batch[0], self.session.refusal(self.topic, alone) or "", learned)
                 return 1
             batch = batch[:count]
-            payload = batch_payload(batch, floor)
+            payload = self._payload(batch, floor)
         try:
             self.session.publish(self.topic, payload, qos=1)
         except BrokerError:  # a limit learned since it was checked: cut to fit next time
             return 0
         self._last_sent = batch[-1].id
+        if floor is not None:
+            self.outbox.holes.named(batch[0].boot_id, self._skip(batch, floor))
         self.clock.sent(batch[-1].boot_id, batch[-1].seq, time.monotonic())
         self.published += len(batch)
         if self._deadline is None:
             self._deadline = time.monotonic() + self.ack_timeout
         return len(batch)
+
+    def _skip(self, batch: list[Pending], floor: int) -> list[int]:
+        return self.outbox.holes.between(batch[0].boot_id, floor, batch[-1].seq)
+
+    def _payload(self, batch: list[Pending], floor: int | None) -> bytes:
+        """The batch, naming the holes between its floor and its last record (``skip``)."""
+        return batch_payload(batch, floor, None if floor is None else self._skip(batch, floor))
 
     def _set_aside(self, record: Pending, why: str, learned: bool) -> None:
         """A record over the broker's packet limit on its own: out of the queue, counted, said
