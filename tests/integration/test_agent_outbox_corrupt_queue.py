@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,31 +69,37 @@ def _stored(store: ObjectStore) -> list[dict[str, Any]]:
     return [r for key in store.list("telemetry/") for r in decode_jsonl_gz(store.get_bytes(key))]
 
 
+@pytest.fixture
+def synced(
+    broker: Mosquitto, topic_prefix: str, s3_server: MotoS3, s3_bucket: str, tmp_path: Path
+) -> Iterator[ObjectStore]:
+    """``edgebento sync`` into moto's S3 for the test (killed after it); the store it writes."""
+    url = f"s3://{s3_bucket}/fleet"
+    sync = start_sync(broker, url, s3_server, topic_prefix, f"sync-{topic_prefix}", tmp_path / "s")
+    try:
+        yield open_store(url, endpoint_url=s3_server.endpoint_url)
+    finally:
+        sync.kill()
+        sync.wait()
+
+
 def test_corrupt_queued_rows_are_dropped_and_every_good_record_is_stored_once(
-    agent_factory: Any, client: Client, broker: Mosquitto, pack_v1: Path, topic_prefix: str,
-    s3_server: MotoS3, s3_bucket: str, tmp_path: Path,
+    agent_factory: Any, client: Client, synced: ObjectStore, pack_v1: Path, topic_prefix: str,
+    tmp_path: Path,
 ) -> None:  # fmt: skip
     data = tmp_path / "agent"
     data.mkdir()
     good = _seed(data / "telemetry.db")
-    url = f"s3://{s3_bucket}/fleet"
-    store = open_store(url, endpoint_url=s3_server.endpoint_url)
-    sync = start_sync(broker, url, s3_server, topic_prefix, f"sync-{topic_prefix}", tmp_path / "s")
+    store = synced
     acks = client.collect(f"{topic_prefix}/dev-a/telemetry/ack")
-    try:
-        # No resend after an ack timeout within the test: the holes the deleted rows leave in
-        # the old boot's seqs must not need one (the ingestion acknowledges up to a hole only).
-        agent = agent_factory(pack=pack_v1, args=("--ack-timeout", "3600"))
-        old = wait_for(
-            acks, lambda a: a["boot_id"] == OLD_BOOT and a["seq"] >= good[-1], 120, agent
-        )
-        new = wait_for(acks, lambda a: a["boot_id"] != OLD_BOOT and a["seq"] >= 0, 120, agent)
-        wait_online(client, topic_prefix, "dev-a")
-        assert client.request(f"{topic_prefix}/dev-a/cmd/ping", {})["pong"] is True
-        assert agent.stop() == 0
-    finally:
-        sync.kill()
-        sync.wait()
+    # No resend after an ack timeout within the test: the holes the deleted rows leave in
+    # the old boot's seqs must not need one (the ingestion acknowledges up to a hole only).
+    agent = agent_factory(pack=pack_v1, args=("--ack-timeout", "3600"))
+    old = wait_for(acks, lambda a: a["boot_id"] == OLD_BOOT and a["seq"] >= good[-1], 120, agent)
+    new = wait_for(acks, lambda a: a["boot_id"] != OLD_BOOT and a["seq"] >= 0, 120, agent)
+    wait_online(client, topic_prefix, "dev-a")
+    assert client.request(f"{topic_prefix}/dev-a/cmd/ping", {})["pong"] is True
+    assert agent.stop() == 0
     assert old["seq"] == good[-1]  # the last row was corrupt: never sent, never acknowledged
     records = _stored(store)
     keys = Counter((r["boot_id"], r["seq"]) for r in records)

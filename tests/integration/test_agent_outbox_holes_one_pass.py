@@ -19,11 +19,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cloud_sync.parts import decode_jsonl_gz
-from cloud_sync.store import open_store
+from cloud_sync.store import ObjectStore
 from edge_agent.outbox import Outbox
-from tests.integration.test_ingest import start_sync
+from tests.integration.test_agent_outbox_corrupt_queue import synced  # noqa: F401 (a fixture)
 from tests.support.agent import Client, wait_for
-from tests.support.services import Mosquitto, MotoS3
 
 pytestmark = pytest.mark.slow
 
@@ -54,30 +53,21 @@ def _old_records_sent(sent: queue.Queue[mqtt.MQTTMessage]) -> tuple[int, int]:
 
 
 def test_a_boot_full_of_holes_is_sent_about_once(
-    agent_factory: Any, client: Client, broker: Mosquitto, pack_v1: Path, topic_prefix: str,
-    s3_server: MotoS3, s3_bucket: str, tmp_path: Path,
+    agent_factory: Any, client: Client, synced: ObjectStore, pack_v1: Path, topic_prefix: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:  # fmt: skip
-    data = tmp_path / "agent"
-    data.mkdir()
-    good = _seed(data / "telemetry.db")
-    url = f"s3://{s3_bucket}/fleet"
-    store = open_store(url, endpoint_url=s3_server.endpoint_url)
-    sync = start_sync(broker, url, s3_server, topic_prefix, f"sync-{topic_prefix}", tmp_path / "s")
+    (tmp_path / "agent").mkdir()
+    good = _seed(tmp_path / "agent" / "telemetry.db")
     acks = client.collect(f"{topic_prefix}/dev-a/telemetry/ack")
     sent = client.collect(f"{topic_prefix}/dev-a/telemetry")
-    try:
-        agent = agent_factory(pack=pack_v1, args=("--ack-timeout", "3600"))
-        old = wait_for(
-            acks, lambda a: a["boot_id"] == OLD_BOOT and a["seq"] >= good[-1], 180, agent
-        )
-        assert agent.stop() == 0
-    finally:
-        sync.kill()
-        sync.wait()
+    agent = agent_factory(pack=pack_v1, args=("--ack-timeout", "3600"))
+    old = wait_for(acks, lambda a: a["boot_id"] == OLD_BOOT and a["seq"] >= good[-1], 180, agent)
+    assert agent.stop() == 0
     assert old["seq"] == good[-1]
     batches, records = _old_records_sent(sent)
     # One pass: each good record sent about once (no resend of the window at each hole).
     assert records < 2 * len(good), (batches, records)
+    store = synced
     stored = [r for k in store.list("telemetry/") for r in decode_jsonl_gz(store.get_bytes(k))]
     keys = Counter((r["boot_id"], r["seq"]) for r in stored)
     assert sorted(s for b, s in keys if b == OLD_BOOT) == good
