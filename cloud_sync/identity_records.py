@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field, ValidationError
 from cloud_sync.fleet_ca import ISSUING_DAYS
 from cloud_sync.rollout_state import DEVICE_ID
 from cloud_sync.sealed import FIELD, append_mark, parse, signed_part
+from modelpack import untrusted_json
 from modelpack.errors import ConfigError, SizeLimitError, StoreError, clip
 
 if TYPE_CHECKING:
@@ -218,10 +219,8 @@ def _split(key: str, data: bytes) -> tuple[bytes | None, object] | None:
             return data[:at] + b"}", tail.decode("ascii", "replace")
     try:
         mark = parse(data, key).get(FIELD)
-    except StoreError as exc:
+    except StoreError as exc:  # not JSON at all: deep nesting and huge integers included
         raise RecordRefused(key, "malformed", f"{key}: {exc}") from exc
-    except RecursionError as exc:  # JSON nested deeper than Python's stack
-        raise RecordRefused(key, "malformed", f"{key} is not a record (nested too deep)") from exc
     if mark is None:
         return None
     return signed_part(data, mark), mark
@@ -283,8 +282,8 @@ def salvaged(device: str, key: str, data: bytes, now: float) -> DeviceIdentity:
     are not trusted; nothing else of it. Revoking more than a record says is always safe, so
     what a bucket writer spoiled does not stop the revocation of a stolen device."""
     try:
-        listed = json.loads(unchecked(key, data)).get("certificates", [])
-    except (ValueError, AttributeError, RecursionError, RecordRefused):
+        listed = untrusted_json.loads(unchecked(key, data), key).get("certificates", [])
+    except (untrusted_json.NotJsonError, AttributeError, RecordRefused):
         listed = []
     found: list[CertRecord] = []
     for item in listed if isinstance(listed, list) else []:

@@ -31,10 +31,10 @@ from cloud_sync.identity_metrics import IdentityCollector
 from cloud_sync.identity_store import IdentityStore
 from cloud_sync.revocation import _connect, revoke_serial
 from cloud_sync.store import open_store
-from edgebento.localports import PortTaken, wait_serving
 from modelpack.errors import ConfigError
 from tests.integration.test_crl_last_good import _until
 from tests.support.agent import REPO
+from tests.support.identity_cli import start_enroll_service
 from tests.support.services import Mosquitto, free_port
 
 
@@ -105,36 +105,21 @@ def _enroll_service(
     """``fleet enroll-service`` in its own process, checking the CRL every second; stopped
     (SIGTERM) at the end."""
     log = fleet.tmp / "enroll.log"
-    for _ in range(5):
-        metrics = free_port()
-        service = subprocess.Popen(
-            [
-                sys.executable, "-m", "edgebento", "fleet", "enroll-service",
-                "--broker", f"mqtts://127.0.0.1:{fleet.broker.port}",
-                "--ca", str(fleet.tmp / "ca"), "--cert", str(fleet.ids_dir / "enroll.crt"),
-                "--key", str(fleet.ids_dir / "enroll.key"), "--store", str(fleet.tmp / "store"),
-                "--crl-file", str(fleet.crl), "--broker-pid", str(fleet.pid),
-                "--metrics-port", str(metrics), "--crl-refresh", refresh, "--crl-check", "1s",
-            ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-        )  # fmt: skip
-        try:
-            wait_serving(service, [metrics], timeout=60)
-        except PortTaken:
-            continue
-        except BaseException:
-            service.kill()
-            raise
-        try:
-            yield service, metrics, log
-        finally:
-            service.send_signal(signal.SIGTERM)
-            service.wait(timeout=60)
-        return
-    raise AssertionError("the enrollment service found its metrics port taken 5 times")
+    service, metrics = start_enroll_service(
+        [
+            "--broker", f"mqtts://127.0.0.1:{fleet.broker.port}",
+            "--ca", str(fleet.tmp / "ca"), "--cert", str(fleet.ids_dir / "enroll.crt"),
+            "--key", str(fleet.ids_dir / "enroll.key"), "--store", str(fleet.tmp / "store"),
+            "--crl-file", str(fleet.crl), "--broker-pid", str(fleet.pid),
+            "--crl-refresh", refresh, "--crl-check", "1s",
+        ],
+        log,
+    )  # fmt: skip
+    try:
+        yield service, metrics, log
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=60)
 
 
 def _restored(metrics: int) -> float | None:

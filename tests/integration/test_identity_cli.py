@@ -21,6 +21,7 @@ import pytest
 from cloud_sync.fleet_ca import tls_context
 from edgebento.localports import PortTaken, wait_serving
 from tests.support.agent import REPO, Client, wait_for, wait_online
+from tests.support.identity_cli import start_enroll_service
 from tests.support.services import free_port, mosquitto_binary
 
 PREFIX = "edgebento"
@@ -81,34 +82,16 @@ def _broker(tmp_path: Path, ca: Path, conf: Path) -> tuple[subprocess.Popen[byte
 def _enroll_service(
     tmp_path: Path, ca: Path, ids: Path, conf: Path, store: str, broker_pid: int, port: int
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``fleet enroll-service`` in its own process, and the port of its /metrics (a new one
-    when another process took the first, as for the broker)."""
-    for _ in range(5):
-        metrics = free_port()
-        service = subprocess.Popen(
-            [
-                sys.executable, "-m", "edgebento", "fleet", "enroll-service",
-                "--broker", f"mqtts://127.0.0.1:{port}", "--ca", str(ca),
-                "--cert", str(ids / "enroll.crt"), "--key", str(ids / "enroll.key"),
-                "--store", store, "--crl-file", str(conf / "crl.pem"),
-                "--broker-pid", str(broker_pid), "--metrics-port", str(metrics),
-                "--metrics-refresh", "0.2",
-                "--crl-refresh", "2s",
-            ],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "enroll.log").open("ab"),
-        )  # fmt: skip
-        try:
-            wait_serving(service, [metrics], timeout=60)
-        except PortTaken:
-            continue
-        except BaseException:
-            service.kill()
-            raise
-        return service, metrics
-    raise AssertionError("the enrollment service found its metrics port taken 5 times")
+    """``fleet enroll-service`` in its own process, and the port of its /metrics."""
+    return start_enroll_service(
+        [
+            "--broker", f"mqtts://127.0.0.1:{port}", "--ca", str(ca),
+            "--cert", str(ids / "enroll.crt"), "--key", str(ids / "enroll.key"),
+            "--store", store, "--crl-file", str(conf / "crl.pem"),
+            "--broker-pid", str(broker_pid), "--metrics-refresh", "0.2", "--crl-refresh", "2s",
+        ],
+        tmp_path / "enroll.log",
+    )  # fmt: skip
 
 
 def _tls_client(ca: Path, ids: Path, name: str, port: int) -> Client:

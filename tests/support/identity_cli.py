@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgebento.localports import PortTaken, free_port, wait_serving
 from tests.support.identity_fleet import IdentityFleet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,3 +37,28 @@ def as_operator(fleet: IdentityFleet) -> dict[str, str]:
         "EDGEBENTO_MQTT_CERT_FILE": str(cert),
         "EDGEBENTO_MQTT_KEY_FILE": str(key),
     }
+
+
+def start_enroll_service(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``edgebento fleet enroll-service ARGS`` in its own process, its stderr appended to
+    ``log``, and the port of its /metrics once it serves (a new port when another process took
+    the first between pick and bind)."""
+    for _ in range(5):
+        metrics = free_port()
+        service = subprocess.Popen(
+            [sys.executable, "-m", "edgebento", "fleet", "enroll-service", *args,
+             "--metrics-port", str(metrics)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+        )  # fmt: skip
+        try:
+            wait_serving(service, [metrics], timeout=60)
+        except PortTaken:
+            continue
+        except BaseException:
+            service.kill()
+            raise
+        return service, metrics
+    raise AssertionError("the enrollment service found its metrics port taken 5 times")
