@@ -215,8 +215,15 @@ def test_a_flood_gets_only_200_and_503_with_retry_after(slow: str) -> None:
 
     with httpx.Client() as warm:
         warm.get(slow + "/metadata")
-    with ThreadPoolExecutor(64) as pool:  # 64 at once against a queue of 8: overloaded
-        replies = list(pool.map(ask, range(256)))
+    replies: list[httpx.Response] = []
+    # 64 at once against a queue of 8 and a 2 ms model overload it only while these client
+    # threads outpace the server; on a machine busy with other tests one flood of them may not
+    # (all 200s, seen in CI), so floods go on until one overflowed the queue, at most 10.
+    for _ in range(10):
+        with ThreadPoolExecutor(64) as pool:
+            replies += pool.map(ask, range(256))
+        if {200, 503} <= {r.status_code for r in replies}:
+            break
     statuses = {r.status_code for r in replies}
     assert statuses <= {200, 503} and 503 in statuses and 200 in statuses
     for reply in replies:
