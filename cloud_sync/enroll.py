@@ -19,7 +19,9 @@ ACL ties to the connection, never from the payload):
 - ``response``: the service's answer, ``{"id", "ok", "reason", "certificate", "chain"}``.
 
 Every refusal has a reason and is counted (``refusals``): a reused token, a token for another
-device, a CSR for another subject, a revoked device, too many requests.
+device, a CSR for another subject, a revoked device, too many requests, a device past its
+renewal budget (``renewal_budget``, with ``retry_after_s``: ``cloud_sync.renewal_budget``, kept
+in its record in the store, so that a stolen key cannot grow the CRL without bound).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem
 from cloud_sync.identity_store import ClaimRefused, IdentityStore, token_hash
+from cloud_sync.renewal_budget import RenewalBudget, budget_from_env
 from cloud_sync.rollout_state import DEVICE_ID
 from modelpack.errors import ConfigError
 
@@ -68,6 +71,7 @@ class EnrollReply(BaseModel):
     error: str | None = None
     certificate: str | None = None
     chain: str | None = None
+    retry_after_s: float | None = None  # renewal_budget: when one is free again
 
 
 class RateLimit:
@@ -104,11 +108,13 @@ class EnrollmentService:
         days: float = DEVICE_DAYS,
         limit: RateLimit | None = None,
         on_retired: Callable[[], None] | None = None,
+        budget: RenewalBudget | None = None,
     ) -> None:
         # Claims are checked against this CA's signature, whatever store object was given.
         ids = ids if ids.ca is not None else IdentityStore(ids.store, ca)
         self.ca, self.ids, self.days = ca, ids, days
         self.limit = limit or RateLimit()
+        self.budget = budget or budget_from_env()  # renewals per device, kept in the store
         self.on_retired = on_retired  # rewrite the CRL and reload the broker
         self.enrolled: Counter[str] = Counter()  # by kind
         self.refusals: Counter[str] = Counter()  # by reason
@@ -116,10 +122,14 @@ class EnrollmentService:
         self._serving = False
         self.online: dict[str, bool] = {}  # from the retained statuses: revoked-but-connected
 
-    def _refuse(self, request_id: str, reason: str, error: str) -> EnrollReply:
+    def _refuse(
+        self, request_id: str, reason: str, error: str, retry_after_s: float | None = None
+    ) -> EnrollReply:
         self.refusals[reason] += 1
         log.warning("enrollment refused (%s): %s", reason, error)
-        return EnrollReply(id=request_id, ok=False, reason=reason, error=error)
+        return EnrollReply(
+            id=request_id, ok=False, reason=reason, error=error, retry_after_s=retry_after_s
+        )
 
     def handle(self, device: str, kind: str, payload: bytes) -> EnrollReply:
         if len(payload) > MAX_REQUEST_BYTES:
@@ -152,11 +162,12 @@ class EnrollmentService:
                 self._check_csr(device, request)
                 spent = self.ids.consume_claim(request.token, device)
             else:
-                self.ids.check_may_renew(device)
+                self.ids.check_may_renew(device, self.budget, request.id)
             cert = self._sign(device, request)
-            self.ids.record_issue(device, cert, "claim" if spent else "renew", claim=spent)
+            via = "claim" if spent else "renew"
+            self.ids.record_issue(device, cert, via, spent, self.budget, request.id)
         except ClaimRefused as exc:
-            return self._refuse(request.id, exc.reason, str(exc))
+            return self._refuse(request.id, exc.reason, str(exc), exc.retry_after_s)
         self.enrolled[kind] += 1
         log.info("%s: certificate %x issued (%s)", device, cert.serial_number, kind)
         pem = cert_pem(cert).decode()

@@ -78,11 +78,12 @@ def check_enrollable(devices: Iterable[str]) -> list[str]:
 
 
 class ClaimRefused(Exception):
-    """A claim or renewal that is refused; ``reason`` is the counter's label."""
+    """A claim or renewal that is refused; ``reason`` is the counter's label, and
+    ``retry_after_s`` when asking again later will do (``renewal_budget``)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
-        self.reason = reason
+        self.reason, self.retry_after_s = reason, retry_after_s
 
 
 class ClaimDoc(BaseModel):

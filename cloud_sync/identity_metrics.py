@@ -13,7 +13,8 @@ revocation that did not drop the session), and records read back that the CA did
 ``refresh_s``.
 With ``crl_file`` (the CRL the broker reads): seconds until its nextUpdate, past which OpenSSL
 refuses every client (0 when it cannot be read or the CA did not sign it: the broker cannot
-use it either), and how often its last good copy was put back (``crl_disk.RESTORES``).
+use it either), how often its last good copy was put back (``crl_disk.RESTORES``), and whether
+the host's list of spent claims beside it reads (1 while it does not: every claim is refused).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class IdentityCollector:
             "Enrollments and renewals refused, by reason",
             labels=["reason"],
         )
-        for reason, count in sorted(self.service.refusals.items()):
+        # renewal_budget at 0 from the start: its alert sees the first one as an increase.
+        for reason, count in sorted(({"renewal_budget": 0} | dict(self.service.refusals)).items()):
             refused.add_metric([reason], count)
         yield refused
         store_refused = CounterMetricFamily(
@@ -122,4 +124,11 @@ class IdentityCollector:
                 "Times the CRL on disk did not verify and its last good copy was put back (a "
                 "broker that reloaded it meanwhile ran without a CRL check)",
                 value=RESTORES[str(self.crl_file)],
+            )
+            spent = self.service.ids.spent
+            yield GaugeMetricFamily(
+                "edgebento_identity_spent_claims_unreadable",
+                "1 while the host's list of spent claims (crl.pem.spent-claims.json) does not "
+                "read: every claim is refused until `fleet rebuild-spent-claims`",
+                value=0 if spent is None or spent.problem() is None else 1,
             )

@@ -59,7 +59,7 @@ DEVICES = "fleet/identity/devices/"
 
 # What a reader takes of one object (``read_capped``; a larger one is refused as malformed,
 # having read one byte more). A record keeps at most 20 certificates, 50 retired and 20 pending
-# serials: under 8 KiB signed, so 64 KiB is room to spare, and a record is read for every
+# serials, 100 renewal stamps: under 20 KiB signed, 64 KiB is room to spare; one is read for every
 # device at each CRL refresh and ``fleet status``. The index holds each retired or revoked
 # certificate until it expires, ~100 bytes each: a device rotating at two thirds of its
 # certificate's life has one or two listed at a time, a revoked one up to 20, so 2 KiB a device
@@ -139,6 +139,11 @@ class CrlIndex(BaseModel):
     entries: list[CrlEntry] = Field(default_factory=list)
 
 
+class RenewalSpend(BaseModel):  # a renewal answered: ``cloud_sync.renewal_budget``
+    at: float = Field(allow_inf_nan=False)  # the answering service's clock
+    request: str = Field(default="", max_length=64)  # the request's id: a replay spends nothing
+
+
 class DeviceIdentity(BaseModel):
     schema_version: int = SCHEMA_VERSION
     device: str
@@ -150,6 +155,8 @@ class DeviceIdentity(BaseModel):
     last_rotation: float | None = None
     revoked: bool = False
     revoked_at: float | None = None
+    # Renewals inside the budget's window: the budget follows the device id, not its key.
+    renewals: list[RenewalSpend] = Field(default_factory=list, max_length=100)
 
     def current_record(self) -> CertRecord | None:
         return next((c for c in self.certificates if c.serial == self.current), None)

@@ -4,8 +4,10 @@ unconfirmed past the grace (``cloud_sync.identity_rotation`` says when a certifi
 
 Import path and API (through IdentityStore, which is a Renewals)::
 
-    ids.check_may_renew("cam-1")                    # ClaimRefused unless enrolled, not revoked
-    ids.record_issue("cam-1", cert, via="renew")    # pending until the device confirms it
+    ids.check_may_renew("cam-1", budget, "req-7")   # ClaimRefused unless enrolled, not
+                                                    # revoked, within its renewal budget
+    ids.record_issue("cam-1", cert, via="renew", budget=budget, request="req-7")  # pending
+                                                    # until the device confirms it; spends one
     ids.record_issue("cam-1", cert, via="claim", claim=spent)  # consume_claim's Spent
     ids.confirm_rotation("cam-1", serial)           # ``rotated``: the replaced ones retired
     ids.settle_overdue(docs)                        # the CRL refresh: past the grace, settled
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cloud_sync.identity_claims import ClaimRefused, Spent
 from cloud_sync.identity_records import CertRecord, DeviceIdentity, RecordRefused, retired_entries
 from cloud_sync.identity_rotation import issued, overdue, rotated, settled
+from cloud_sync.renewal_budget import RenewalBudget, refusal, spend
 from modelpack.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
@@ -41,18 +44,34 @@ class Renewals:
         ) -> DeviceIdentity: ...
         def _add_to_crl(self, entries: list[CrlEntry]) -> None: ...
 
-    def check_may_renew(self, device: str) -> None:
+    def check_may_renew(
+        self, device: str, budget: RenewalBudget | None = None, request: str | None = None
+    ) -> None:
+        """Before the CA signs: the record's word (``record_issue`` checks the budget again
+        inside its compare-and-swap, where racing renewals meet)."""
         doc = self.acting_on(device)
         if doc is None:
             raise ClaimRefused("not_enrolled", f"{device} never enrolled: it needs a claim token")
         if doc.revoked:
             raise ClaimRefused("revoked", f"{device} is revoked")
+        refused = None if budget is None else refusal(doc, budget, time.time(), request)
+        if refused is not None:
+            raise refused
 
     def record_issue(
-        self, device: str, cert: Any, via: str, claim: Spent | None = None
+        self,
+        device: str,
+        cert: Any,
+        via: str,
+        claim: Spent | None = None,
+        budget: RenewalBudget | None = None,
+        request: str | None = None,
     ) -> DeviceIdentity:
         """The certificate just issued; a renewal's is pending until the device shows it holds
         it (``confirm_rotation``): the one it runs with stays valid (``identity_rotation``).
+        A renewal spends one of the device's ``budget`` (``cloud_sync.renewal_budget``) in the
+        same write: ClaimRefused (``renewal_budget``, ``replayed``) and nothing written when
+        it is spent, the certificate signed for it never handed out.
         A claim's (``claim``: what consume_claim spent) is refused when the record it meets is
         revoked by a revocation the claim did not come after: ``fleet revoke`` landing between
         the claim's check and this write (its record write changes the etag, so the change
@@ -68,6 +87,8 @@ class Renewals:
         def change(doc: DeviceIdentity) -> DeviceIdentity:
             if doc.revoked and via == "renew":
                 raise ClaimRefused("revoked", f"{device} is revoked")
+            if via == "renew" and budget is not None:
+                doc = spend(doc, budget, now, request)
             if doc.revoked and self._before_revocation(device, doc, claim):
                 raise ClaimRefused(
                     "revoked", f"{device} was revoked after this claim was issued: make a new one"

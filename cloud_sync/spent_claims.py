@@ -7,6 +7,8 @@ Import path and API (through ``IdentityStore``, which keeps it beside the broker
     with spent.held() as held:                     # one writer across processes
         held.why_not(key_hash, "cam-1")            # "spent" / "revoked" / None
         held.add("cam-1", "spent", [(key_hash, doc.expires_at)])   # (claim, its expiry)
+    spent.problem()                                # why it does not read (None: it does)
+    spent.rebuild(entries)                         # ``fleet rebuild-spent-claims``'s
 
 A claim's ``used`` lies outside its signature (a spend must not need the CA to sign the claim
 again), so a bucket writer can clear it and the token's holder spend it again. And "made before
@@ -18,8 +20,9 @@ claim that names a device when it is revoked, is written here and refused for th
 then on. An entry leaves once its claim has expired (its signed ``expires_at``: refused anyway
 then) by ``PRUNE_MARGIN_S``: this host's clock stepped forward for an hour must not drop live
 entries. The file is written whole, fsynced and renamed (``pem_files.write_public``); one that
-does not read is a ConfigError: the claims it guards are refused until it is fixed (fail
-closed), never spent on the bucket's word. It is made empty by the first CRL write on a host,
+does not read is a ConfigError: every claim is refused (fail closed), never spent on the
+bucket's word, until ``edgebento fleet rebuild-spent-claims`` rebuilds it from the bucket
+(``cloud_sync.spent_rebuild``). It is made empty by the first CRL write on a host,
 before the CRL's last good copy (``crl_disk.write_crl``: ``--first-crl``, ``fleet
 broker-config``, the first write after an upgrade); missing while that copy is there (a host
 moved without it, or deleted) is a ConfigError too, never read as an empty list.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +44,7 @@ from modelpack.errors import ConfigError
 Why = Literal["spent", "revoked"]
 MAX_BYTES = 64 << 20  # ~200 bytes an entry: far over any fleet's live claims
 PRUNE_MARGIN_S = 7 * 86400  # an entry is kept this long past its claim's expiry
+REBUILD = "edgebento fleet rebuild-spent-claims --ca DIR --crl-file CRL --store URL"
 
 
 class _Entry(BaseModel):
@@ -94,6 +98,33 @@ class SpentClaims:
         """``made_before``: the CRL's last good copy, which is never written before the list."""
         self.path, self.made_before = path, made_before
 
+    def problem(self) -> str | None:
+        """Why the list does not read (every claim is refused meanwhile); None when it does."""
+        try:
+            self._read()
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    def rebuild(self, entries: dict[str, tuple[Why, float]]) -> Path | None:
+        """The list made of ``entries`` ({"{sha256}:{device}": (why, claim expiry)}), under
+        the lock, joined with what the list holds when it reads (``revoked`` over ``spent``);
+        one that does not read is kept beside it as ``.damaged`` (returned) and replaced."""
+        with self.held_raw() as read:
+            kept: dict[str, _Entry] = {}
+            damaged = None
+            try:
+                kept = dict(read().claims)
+            except ConfigError:
+                if self.path.exists():
+                    damaged = self.path.with_name(f"{self.path.name}.damaged")
+                    self.path.replace(damaged)
+            for key, (why, until) in entries.items():
+                if key not in kept or why == "revoked":
+                    kept[key] = _Entry(why=why, until=until)
+            write_public(self.path, _Doc(claims=kept).model_dump_json().encode())
+            return damaged
+
     def create(self) -> None:
         """An empty list where there is none (with the broker's first CRL)."""
         if not self.path.exists():
@@ -103,12 +134,18 @@ class SpentClaims:
     def held(self) -> Iterator[Held]:
         """The list, read and held against every other writer (the enrollment service's spends,
         ``fleet revoke``) until the block ends."""
+        with self.held_raw() as read:
+            yield Held(self.path, read())
+
+    @contextlib.contextmanager
+    def held_raw(self) -> Iterator[Callable[[], _Doc]]:
+        """The lock, and the list's reader (which raises ConfigError where it does not read)."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.with_name(f".{self.path.name}.lock").open("ab") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-            yield Held(self.path, self._read())
+            yield self._read
 
     def _read(self) -> _Doc:
         try:
@@ -118,18 +155,21 @@ class SpentClaims:
             if self.made_before is not None and self.made_before.exists():
                 raise ConfigError(
                     f"{self.path} is missing while {self.made_before.name} is there: move it "
-                    'with the CRL to a new host; if it is lost, write {"v":1} to it (the '
-                    "claims it listed can then be spent again by whoever clears `used`)"
+                    f"with the CRL to a new host; if it is lost, rebuild it from the bucket: "
+                    f"`{REBUILD}`"
                 ) from None
             return _Doc()
         except OSError as exc:
             raise ConfigError(f"{self.path}: the spent claims cannot be read: {exc}") from exc
         if len(data) > MAX_BYTES:
-            raise ConfigError(f"{self.path}: the spent claims are over {MAX_BYTES} bytes")
+            raise ConfigError(
+                f"{self.path}: the spent claims are over {MAX_BYTES} bytes: every claim is "
+                f"refused until it is rebuilt from the bucket: `{REBUILD}`"
+            )
         try:
             return _Doc.model_validate_json(data)
         except ValidationError as exc:
             raise ConfigError(
-                f"{self.path} is not a list of spent claims: fix or remove it (claims already "
-                "spent could then be spent again by whoever can clear `used` in the bucket)"
+                f"{self.path} is not a list of spent claims: every claim is refused until it "
+                f"is rebuilt from the bucket: `{REBUILD}` (removing it does not help)"
             ) from exc

@@ -49,9 +49,11 @@ def register(sub: Any) -> None:
     group.set_defaults(func=cmd_group)
 
     from edgebento.cli.fleet_identity import register_verbs
+    from edgebento.cli.fleet_repair import register_repairs
     from edgebento.cli.fleet_revoke import register_revoke
 
-    register_verbs(verbs)  # ca, claim, enroll-service, broker-config, identity, identity-repair
+    register_verbs(verbs)  # ca, claim, enroll-service, broker-config, identity
+    register_repairs(verbs)  # identity-repair, rebuild-spent-claims
     register_revoke(verbs)
 
 

@@ -1,6 +1,7 @@
-"""``edgebento fleet ca init | claim | enroll-service | broker-config | identity |
-identity-repair``: per-device identity (cloud_sync.fleet_ca, identity_store, enroll,
-broker_config, identity_repair); ``fleet revoke`` is edgebento.cli.fleet_revoke's."""
+"""``edgebento fleet ca init | claim | enroll-service | broker-config | identity``: per-device
+identity (cloud_sync.fleet_ca, identity_store, enroll, broker_config); ``fleet revoke`` is
+edgebento.cli.fleet_revoke's, ``identity-repair`` and ``rebuild-spent-claims``
+edgebento.cli.fleet_repair's."""
 
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def register_verbs(verbs: Any) -> None:
     svc.add_argument("--prefix", default="edgebento")
     svc.add_argument("--validity", type=duration, default=90 * 86400.0, help="device certs (90d)")
     svc.add_argument("--rate", type=float, default=200.0, help="signatures a second at most")
+    svc.add_argument(
+        "--renewal-budget",
+        help="renewals per device per window, e.g. 4/24h (default: $EDGEBENTO_RENEWAL_BUDGET, "
+        "else 4/24h): kept in the store, shared by every service",
+    )
     svc.add_argument("--crl-file", type=Path, help="the CRL the broker reads (rotations)")
     svc.add_argument("--first-crl", action="store_true", help=_FIRST)
     svc.add_argument("--broker-pid", type=int, help="SIGHUP this broker after a CRL change")
@@ -107,17 +113,6 @@ def register_verbs(verbs: Any) -> None:
     ident.add_argument("--json", action="store_true")
     ident.add_argument("--ca", type=Path, help="check each record's signature (the CA directory)")
     ident.set_defaults(func=cmd_identity)
-
-    fix = verbs.add_parser(
-        "identity-repair", help="sign an older release's device records, rebuild the CRL index"
-    )
-    fix.add_argument("--ca", type=Path, required=True, help="the CA directory (issuing key)")
-    fix.add_argument("--crl-file", type=Path, required=True, help="the CRL the broker reads")
-    fix.add_argument(
-        "--sign-unsigned", action="store_true", help="after the upgrade too (records you checked)"
-    )
-    add_store_args(fix)
-    fix.set_defaults(func=cmd_identity_repair)
 
 
 def _ids(args: argparse.Namespace, ca: Any = None, crl_file: Path | None = None) -> Any:
@@ -176,6 +171,7 @@ def _keeper(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
 def cmd_enroll_service(args: argparse.Namespace) -> int:
     from cloud_sync.enroll import EnrollmentService, RateLimit
     from cloud_sync.fleet_ca import FleetCA, tls_context
+    from cloud_sync.renewal_budget import parse_budget
 
     ca = FleetCA.load(args.ca)
     ids = _ids(args, ca, args.crl_file)  # records are checked against the broker's CRL too
@@ -195,6 +191,7 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
         days=args.validity / 86400,
         limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
         on_retired=keeper.publish if keeper is not None else None,
+        budget=parse_budget(args.renewal_budget) if args.renewal_budget else None,
     )
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -288,12 +285,3 @@ def cmd_identity(args: argparse.Namespace) -> int:
             f"{_span(row['expires_in_s'])}, last rotation {rotated}{waiting}"
         )
     return 0
-
-
-def cmd_identity_repair(args: argparse.Namespace) -> int:
-    from cloud_sync.fleet_ca import FleetCA
-    from cloud_sync.identity_repair import repair
-
-    report = repair(_ids(args, FleetCA.load(args.ca)), args.crl_file, args.sign_unsigned)
-    print(json.dumps(report.__dict__, indent=2))
-    return 1 if report.refused else 0

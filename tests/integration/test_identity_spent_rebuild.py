@@ -1,0 +1,102 @@
+"""The enrollment host's list of spent claims, damaged, is rebuilt from the bucket and the CRL by
+``edgebento fleet rebuild-spent-claims``; meanwhile every claim is refused with a message that
+names the command, and ``edgebento_identity_spent_claims_unreadable`` reads 1. Moto's S3
+server, Mosquitto with mTLS, the real enrollment service, ``fleet revoke``'s revocation and the
+CLI in its own process. Previous code: no such command, the refusal said "fix or remove it"
+(removing it beside the CRL's last good copy kept every claim refused), no gauge."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_sync.identity_claims import CLAIMS, token_hash
+from cloud_sync.identity_metrics import IdentityCollector
+from cloud_sync.spent_claims import spent_path
+from tests.integration.test_identity_claim_spent import _csr, _revoke
+from tests.integration.test_identity_store_writer import _edit, _enroll, idfleet
+from tests.support.identity_cli import fleet_cli
+from tests.support.identity_fleet import IdentityFleet
+
+__all__ = ["idfleet"]
+
+
+def _unreadable(fleet: IdentityFleet) -> float:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    collector = IdentityCollector(fleet.service, crl_file=fleet.ca.paths.crl)
+    registry.register(collector)  # type: ignore[arg-type]
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("edgebento_identity_spent_claims_unreadable "):
+            return float(line.split()[1])
+    raise AssertionError("no spent-claims gauge")
+
+
+def _claim(fleet: IdentityFleet, device: str, token: str) -> dict[str, Any]:
+    return fleet.ask_claim(device, _csr(device, token))
+
+
+def test_a_damaged_spent_list_is_rebuilt_from_the_bucket_and_still_refuses_spent_claims(
+    idfleet: IdentityFleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    enrolled, revoked, fresh = f"sa-{tag}", f"sr-{tag}", f"sn-{tag}"
+    first, spare = (idfleet.ids.create_claims([enrolled], ttl_s=3600)[enrolled] for _ in "ab")
+    _enroll(idfleet, enrolled, tmp_path, first)
+    used_then_revoked = idfleet.ids.create_claims([revoked], ttl_s=3600)[revoked]
+    _enroll(idfleet, revoked, tmp_path, used_then_revoked)
+    real = time.time
+    with monkeypatch.context() as laptop:  # `fleet claim` on a laptop 5 minutes fast
+        laptop.setattr(time, "time", lambda: real() + 300)
+        fast = idfleet.ids.create_claims([revoked], ttl_s=3600)[revoked]
+    _revoke(idfleet, revoked)
+    unused = idfleet.ids.create_claims([fresh], ttl_s=3600)[fresh]
+    listed = spent_path(idfleet.ca.paths.crl)
+    before = json.loads(listed.read_text())["claims"]
+    assert _unreadable(idfleet) == 0.0
+
+    listed.write_bytes(b'{"v":1,"claims":{"')  # a crash mid-write by a tool, a full disk
+    refused = _claim(idfleet, fresh, unused)
+    assert (refused["ok"], refused["reason"]) == (False, "record_refused"), refused
+    assert "edgebento fleet rebuild-spent-claims" in refused["error"], refused["error"]
+    assert _unreadable(idfleet) == 1.0
+
+    report = json.loads(
+        fleet_cli(
+            "fleet", "rebuild-spent-claims", "--ca", idfleet.root / "ca",
+            "--crl-file", idfleet.ca.paths.crl, "--store", idfleet.ids.store.url,
+            "--endpoint-url", str(idfleet.endpoint_url),
+        )
+    )  # fmt: skip
+    assert report["damaged"] and Path(report["damaged"]).read_bytes().startswith(b'{"v":1')
+    assert _unreadable(idfleet) == 0.0
+    rebuilt = json.loads(listed.read_text())["claims"]
+    # Everything the lost list held is back, as strict or stricter.
+    for key, entry in before.items():
+        assert key in rebuilt, key
+        assert entry["why"] == "spent" or rebuilt[key]["why"] == "revoked", (key, entry)
+    whys = {
+        (token_hash(first), enrolled): "spent",
+        (token_hash(spare), enrolled): "spent",  # an enrolled device needs no claim
+        (token_hash(used_then_revoked), revoked): "revoked",
+        (token_hash(fast), revoked): "revoked",  # made before the revocation, clock fast
+    }
+    for (key_hash, device), why in whys.items():
+        assert rebuilt[f"{key_hash}:{device}"]["why"] == why, (device, why)
+    assert f"{token_hash(unused)}:{fresh}" not in rebuilt  # never enrolled: still good
+
+    # A bucket writer clears `used` on the spent claim: the rebuilt list still refuses it.
+    _edit(idfleet, f"{CLAIMS}/{token_hash(first)}.json", lambda doc: doc["used"].clear())
+    again = _claim(idfleet, enrolled, first)
+    assert (again["ok"], again["reason"]) == (False, "token_reused"), again
+    assert _claim(idfleet, revoked, fast)["reason"] == "revoked"
+    # The claim never spent enrolls, and so does a claim made for the revoked device now.
+    assert _claim(idfleet, fresh, unused)["ok"] is True
+    new = idfleet.ids.create_claims([revoked], ttl_s=600)[revoked]
+    assert _claim(idfleet, revoked, new)["ok"] is True

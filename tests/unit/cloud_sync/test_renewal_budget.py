@@ -1,0 +1,83 @@
+"""cloud_sync.renewal_budget: the flag's and the environment's syntax, and the budget's bound
+over any sequence of renewals, replays and clocks (hypothesis)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloud_sync.identity_claims import ClaimRefused
+from cloud_sync.identity_records import DeviceIdentity
+from cloud_sync.renewal_budget import (
+    DEFAULT,
+    ENV,
+    RenewalBudget,
+    budget_from_env,
+    parse_budget,
+    refusal,
+    spend,
+)
+from modelpack.errors import ConfigError
+
+DAY = 86400.0
+
+
+def test_budgets_parse_and_nonsense_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_budget("4/24h") == RenewalBudget(4, DAY)
+    assert parse_budget(" 10 / 7d ") == RenewalBudget(10, 7 * DAY)
+    assert parse_budget("2/30m") == RenewalBudget(2, 1800.0)
+    for bad in ("", "4", "0/24h", "101/1d", "4/0h", "-1/1h", "4/24", "four/day", "4/24h;rm"):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
+    monkeypatch.delenv(ENV, raising=False)
+    assert budget_from_env() == parse_budget(DEFAULT) == RenewalBudget(4, DAY)
+    monkeypatch.setenv(ENV, "7/1h")
+    assert budget_from_env() == RenewalBudget(7, 3600.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    count=st.integers(1, 6),
+    steps=st.lists(
+        st.tuples(st.floats(0, 3 * DAY), st.integers(0, 5), st.floats(-DAY / 2, DAY / 2)),
+        max_size=40,
+    ),
+)
+def test_no_window_ever_holds_more_than_the_budget(
+    count: int, steps: list[tuple[float, int, float]]
+) -> None:
+    """Renewals at increasing true times, some replaying an earlier request id, each answered
+    by a service whose clock is off by up to half a window either way: in any window of true
+    time, at most ``count`` spent (a clock ahead by d lets ``count`` through per window - d,
+    so per window/2 here: twice the budget over one true window at most), and a replayed id
+    never spends while its spend is in the window."""
+    budget, doc, true_now = RenewalBudget(count, DAY), DeviceIdentity(device="cam-1"), 0.0
+    spent_at: list[float] = []
+    for gap, request, skew in steps:
+        true_now += gap
+        before = doc
+        try:
+            doc = spend(doc, budget, true_now + skew, f"r{request}")
+        except ClaimRefused as exc:
+            assert exc.reason in ("renewal_budget", "replayed")
+            assert doc == before
+            continue
+        now = true_now + skew  # a replay of a spend still in its window spends nothing
+        window = [s for s in before.renewals if now - DAY < s.at <= now + DAY]
+        assert all(s.request != f"r{request}" for s in window)
+        spent_at.append(true_now)
+    for start in spent_at:
+        inside = [t for t in spent_at if start <= t < start + DAY / 2]
+        assert len(inside) <= count, (start, spent_at)
+
+
+def test_a_stamp_far_ahead_does_not_lock_the_device_out() -> None:
+    budget = RenewalBudget(1, DAY)
+    ahead = spend(DeviceIdentity(device="cam-1"), budget, 10 * 365 * DAY, "a")  # clock years on
+    assert refusal(ahead, budget, 1000.0, "b") is None
+    # One a few hours ahead counts: a service whose clock runs behind is stricter.
+    near = spend(DeviceIdentity(device="cam-1"), budget, 1000.0 + 3 * 3600, "a")
+    refused = refusal(near, budget, 1000.0, "b")
+    assert refused is not None and refused.reason == "renewal_budget"
+    assert refused.retry_after_s is not None and refused.retry_after_s > DAY
