@@ -62,6 +62,8 @@ class RebuildReport:
 def rebuild_spent(ids: IdentityStore, skew_s: float = SKEW_S) -> RebuildReport:
     """Rebuild the list beside ``ids``' CRL (see the module's docstring); ConfigError when the
     CRL or a claim cannot be read."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ca = ids.signer()
     if ids.crl is None or ids.spent is None:
         raise ConfigError("the spent claims are rebuilt beside the broker's CRL: --crl-file")
@@ -71,20 +73,11 @@ def rebuild_spent(ids: IdentityStore, skew_s: float = SKEW_S) -> RebuildReport:
     report = RebuildReport(str(ids.spent.path), unknown_devices=sorted(unknown))
     entries: dict[str, tuple[Why, float]] = {}
     now = time.time()
-    for key in ids.store.list(f"{CLAIMS}/"):
+    with ThreadPoolExecutor(16) as pool:  # every claim is read: they are never deleted
+        read = list(pool.map(lambda key: _claim(ids, key), ids.store.list(f"{CLAIMS}/")))
+    for key, doc in read:
         key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
-        try:
-            doc = ClaimDoc.model_validate_json(read_capped(ids.store, key, CLAIM_MAX_BYTES)[0])
-        except NotFoundError:
-            continue
-        except (ValidationError, RecordRefused):
-            report.skipped.append(key if key.isprintable() else ascii(key))
-            continue
-        except StoreError as exc:
-            raise ConfigError(
-                f"{key} cannot be read: {exc}; nothing was written, run again"
-            ) from exc
-        if refusal(ca, key_hash, doc) is not None:
+        if doc is None or refusal(ca, key_hash, doc) is not None:
             report.skipped.append(key if key.isprintable() else ascii(key))
             continue
         if doc.expires_at + PRUNE_MARGIN_S <= now:
@@ -109,3 +102,15 @@ def rebuild_spent(ids: IdentityStore, skew_s: float = SKEW_S) -> RebuildReport:
     report.spent = sum(1 for why, _ in entries.values() if why == "spent")
     report.revoked = len(entries) - report.spent
     return report
+
+
+def _claim(ids: IdentityStore, key: str) -> tuple[str, ClaimDoc | None]:
+    """The claim at ``key``; None for an object that is no claim (planted, malformed, too big:
+    refused at enrollment too); ConfigError when the store fails to read it (its devices are
+    not known: nothing is written)."""
+    try:
+        return key, ClaimDoc.model_validate_json(read_capped(ids.store, key, CLAIM_MAX_BYTES)[0])
+    except (ValidationError, RecordRefused, NotFoundError):
+        return key, None
+    except StoreError as exc:
+        raise ConfigError(f"{key} cannot be read: {exc}; nothing was written, run again") from exc

@@ -38,6 +38,16 @@ def _unreadable(fleet: IdentityFleet) -> float:
     raise AssertionError("no spent-claims gauge")
 
 
+def _rebuild(fleet: IdentityFleet) -> dict[str, Any]:
+    """``edgebento fleet rebuild-spent-claims``, as the operator runs it on the broker's host."""
+    out = fleet_cli(
+        "fleet", "rebuild-spent-claims", "--ca", fleet.root / "ca",
+        "--crl-file", fleet.ca.paths.crl, "--store", fleet.ids.store.url,
+        "--endpoint-url", str(fleet.endpoint_url),
+    )  # fmt: skip
+    return dict(json.loads(out))
+
+
 def _claim(fleet: IdentityFleet, device: str, token: str) -> dict[str, Any]:
     return fleet.ask_claim(device, _csr(device, token))
 
@@ -67,13 +77,7 @@ def test_a_damaged_spent_list_is_rebuilt_from_the_bucket_and_still_refuses_spent
     assert "edgebento fleet rebuild-spent-claims" in refused["error"], refused["error"]
     assert _unreadable(idfleet) == 1.0
 
-    report = json.loads(
-        fleet_cli(
-            "fleet", "rebuild-spent-claims", "--ca", idfleet.root / "ca",
-            "--crl-file", idfleet.ca.paths.crl, "--store", idfleet.ids.store.url,
-            "--endpoint-url", str(idfleet.endpoint_url),
-        )
-    )  # fmt: skip
+    report = _rebuild(idfleet)
     assert report["damaged"] and Path(report["damaged"]).read_bytes().startswith(b'{"v":1')
     assert _unreadable(idfleet) == 0.0
     rebuilt = json.loads(listed.read_text())["claims"]
@@ -100,3 +104,16 @@ def test_a_damaged_spent_list_is_rebuilt_from_the_bucket_and_still_refuses_spent
     assert _claim(idfleet, fresh, unused)["ok"] is True
     new = idfleet.ids.create_claims([revoked], ttl_s=600)[revoked]
     assert _claim(idfleet, revoked, new)["ok"] is True
+
+    # Lost beside the CRL's last good copy (a host moved without it): refused naming the
+    # command, rebuilt with nothing to keep aside, and the spent claim still refused.
+    later = f"sl-{tag}"
+    token = idfleet.ids.create_claims([later], ttl_s=600)[later]
+    listed.unlink()
+    lost = _claim(idfleet, later, token)
+    assert (lost["ok"], lost["reason"]) == (False, "record_refused"), lost
+    assert "is missing" in lost["error"] and "rebuild-spent-claims" in lost["error"], lost
+    assert _unreadable(idfleet) == 1.0
+    assert _rebuild(idfleet)["damaged"] is None
+    assert _claim(idfleet, enrolled, first)["reason"] == "token_reused"
+    assert _claim(idfleet, later, token)["ok"] is True
