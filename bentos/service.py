@@ -194,6 +194,8 @@ NO_HEADERS: dict[str, str] = {}  # never written
 # ``_REFUSALS_KEPT`` are kept, the rest are built each time.
 _REFUSALS: dict[tuple[str, int, str], Refusal] = {}
 _REFUSALS_KEPT = 64
+# The core's queue_full refusal (``ServingCore.queue_full``, one instance) and its answer.
+_last_queue_full: tuple[OverloadError, Refusal] | None = None
 
 
 def early_refusal(
@@ -203,6 +205,7 @@ def early_refusal(
     ``serve`` builds it, for ``protocol_refusal`` to write before uvicorn builds the request;
     for an inference it admits, a Reservation of its place in the queue (``serve`` releases it
     as it admits the request again); None for anything else."""
+    global _last_queue_full
     if not fast_lane.in_lane(path):
         return None
     headers = NO_HEADERS
@@ -214,7 +217,10 @@ def early_refusal(
     exc = early(core, method, path, headers, time.monotonic() - LAG.behind())
     if not isinstance(exc, OverloadError):
         return exc
-    core.count_error(exc)
+    core.metrics.overloaded(exc.reason)  # what count_error does for an OverloadError
+    last = _last_queue_full
+    if last is not None and last[0] is exc:  # the core's one queue_full refusal: most of them
+        return last[1]
     key = (exc.reason, exc.retry_after_s, str(exc))
     built = _REFUSALS.get(key)
     if built is None:
@@ -222,6 +228,8 @@ def early_refusal(
         built = (answer.status, protocol_refusal.header_block(asgi_headers(answer)), answer.body)
         if len(_REFUSALS) < _REFUSALS_KEPT:
             _REFUSALS[key] = built
+    if exc is core.queue_full:
+        _last_queue_full = (exc, built)
     return built
 
 

@@ -104,6 +104,10 @@ class ServingCore:
         self.load_error: str | None = None  # why no model could be loaded (answered as 503)
         # Called with (request document, answer document) after every success (capture).
         self.observers: list[Callable[[Any, dict[str, Any]], None]] = []
+        # ``refusal``'s answer when the queue is full, whatever the request: one instance,
+        # returned and never raised (a raise would chain tracebacks onto it). Under a flood
+        # most requests get it, and building the error was a tenth of a refusal's check.
+        self.queue_full = self._queue_full()
 
     def serve(
         self,
@@ -204,6 +208,10 @@ class ServingCore:
             header_timeout = _timeout_header(headers)
         except InputError:
             return None
+        if model.batcher.full() or model.gate.full():
+            if self.queue_full.retry_after_s != self.limits.retry_after_s:  # limits replaced
+                self.queue_full = self._queue_full()
+            return self.queue_full
         return self._refusal(model, arrived + self.limits.deadline(header_timeout))
 
     def _admit(self, model: ServedModel, deadline: float) -> None:
@@ -214,14 +222,17 @@ class ServingCore:
 
     def _refusal(self, model: ServedModel, deadline: float) -> OverloadError | None:
         if model.batcher.full() or model.gate.full():
-            return OverloadError(
-                "the model's queue is full; retry shortly",
-                reason="queue_full",
-                retry_after_s=self.limits.retry_after_s,
-            )
+            return self._queue_full()
         if model.batcher.would_miss(deadline):
             return model.batcher.refuse_late()
         return None
+
+    def _queue_full(self) -> OverloadError:
+        return OverloadError(
+            "the model's queue is full; retry shortly",
+            reason="queue_full",
+            retry_after_s=self.limits.retry_after_s,
+        )
 
     def _cached(self, job: Job) -> bool:
         cache = job.model.cache

@@ -64,7 +64,7 @@ class App:
 
 
 class Served:
-    def __init__(self, protocol: Any, app: Any = None) -> None:
+    def __init__(self, protocol: Any, app: Any = None, keep_alive_s: float = 5) -> None:
         self.app = app or App()
         self.port = free_port()
         config = uvicorn.Config(
@@ -75,6 +75,7 @@ class Served:
             loop="uvloop",
             lifespan="off",
             log_config=None,
+            timeout_keep_alive=keep_alive_s,  # type: ignore[arg-type]
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -358,3 +359,63 @@ def test_a_hold_the_app_ignores_is_released_once_when_its_request_ends(
         asyncio.run(asyncio.wait_for(drained(), 10))
     assert len(given) == 6
     assert sorted(released) == list(range(6))
+
+
+class HeldApp(App):
+    """``App``, but ``/held`` is answered only once the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.called, self.go = threading.Event(), threading.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("path") == "/held":
+            self.called.set()
+            while not self.go.is_set():
+                await asyncio.sleep(0.01)
+        await super().__call__(scope, receive, send)
+
+
+def _protocol(served: Served) -> Any:
+    (protocol,) = served.server.server_state.connections
+    return protocol
+
+
+def _until(condition: Any) -> None:
+    for _ in range(3000):  # a condition the server's loop reaches on its own, within 30 s
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the server never got there")
+
+
+def test_a_connection_keeps_one_keep_alive_timer_and_closes_when_idle_as_uvicorn_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn arms a keep-alive timer after each answer and cancels it as the next request
+    arrives; the protocol keeps the one armed (a timer made and freed per request was a
+    quarter of a refusal's CPU). What a client sees is the same: a timer that fires while a
+    request is in flight leaves the connection open, its answer comes, the connection serves
+    on, and once idle for the keep-alive time it is closed."""
+    monkeypatch.setattr(protocol_refusal, "CHECK", check)
+    app = HeldApp()
+    with Served(Unlogged, app, keep_alive_s=0.5) as served, served.connect() as sock:
+        timers = []
+        for _ in range(5):
+            sock.sendall(head("/refuse", 2) + b"{}")
+            (refused,) = answers(sock, 1)
+            assert refused.startswith(b"HTTP/1.1 503")
+            timers.append(_protocol(served).timeout_keep_alive_task)
+        assert timers[0] is not None and all(t is timers[0] for t in timers)
+        sock.sendall(head("/held", 1) + b"a")
+        assert app.called.wait(30)
+        # The timer armed by the last refusal fires with this request in flight.
+        _until(lambda: _protocol(served).timeout_keep_alive_task is None)
+        app.go.set()
+        (ok,) = answers(sock, 1)
+        assert ok.endswith(b'{"read":1}')
+        sock.sendall(head("/ok", 1) + b"b")
+        (again,) = answers(sock, 1)
+        assert again.endswith(b'{"read":1}')
+        assert sock.recv(10) == b""  # idle now: closed by the server
+    assert app.calls == ["/held", "/ok"]

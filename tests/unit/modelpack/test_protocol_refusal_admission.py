@@ -81,3 +81,27 @@ def test_early_is_what_admit_raises_or_a_place_for_what_it_admits(
     assert isinstance(found, OverloadError)
     assert (found.reason, found.retry_after_s) == (raised.reason, raised.retry_after_s)
     assert found.args[0].split(" ", 4)[:4] == raised.args[0].split(" ", 4)[:4]
+
+
+def test_a_full_queue_is_refused_with_one_error_that_is_never_raised(
+    cores: dict[int, ServingCore],
+) -> None:
+    """Under a flood most refusals are queue_full, whatever the request's own deadline: the
+    check returns the core's one instance (not one built per refusal); ``admit``, which raises,
+    raises an error of its own each time, so no traceback is chained onto the shared one."""
+    core = cores[0]  # a queue of 0: always full
+    arrived = time.monotonic()
+    refusals = [
+        early(core, "POST", "/predict", headers, arrived)
+        for headers in ({}, {"x-timeout-ms": "5000"}, {"x-timeout-ms": "0.001"}, {})
+    ]
+    assert all(r is core.queue_full for r in refusals)
+    assert core.queue_full.reason == "queue_full"
+    raised = []
+    for _ in range(2):
+        with pytest.raises(OverloadError) as caught:
+            admit(core, "POST", "/predict", {}, arrived)
+        raised.append(caught.value)
+    assert raised[0] is not raised[1] and core.queue_full not in raised
+    assert core.queue_full.__traceback__ is None
+    assert str(raised[0]) == str(core.queue_full)
