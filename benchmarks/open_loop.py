@@ -199,9 +199,12 @@ async def closed_loop(
     seconds: float,
     clients: int = 64,
     statuses: dict[int, int] | None = None,
+    on_edge: Callable[[], None] | None = None,
 ) -> float:
     """200s per second with ``clients`` each sending its next request when answered; every
-    answer's status counted in ``statuses`` when given."""
+    answer's status counted in ``statuses`` when given; ``on_edge()`` just before the first
+    send and just after the last answer, the edges of the window the rate is over (the
+    server's CPU is read there)."""
     pool, requests = _pool(url), _raw_requests(url, bodies, headers)
     ok = 0
     end = time.perf_counter() + seconds
@@ -215,10 +218,15 @@ async def closed_loop(
                 statuses[status] = statuses.get(status, 0) + 1
             i += 1
 
+    if on_edge is not None:
+        on_edge()
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
+    stop = time.perf_counter()
+    if on_edge is not None:
+        on_edge()
     pool.close()
-    return ok / (time.perf_counter() - start)
+    return ok / (stop - start)
 
 
 async def open_loop(

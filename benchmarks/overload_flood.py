@@ -21,6 +21,7 @@ import asyncio
 import base64
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,17 @@ def full_batch_body(rows: int) -> bytes:
     return json.dumps({"inputs": {"x": x.tolist()}}).encode()
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """A closed-loop capacity phase: 200s per second, and the server's CPU seconds, 200s and
+    seconds over the window the rate is over."""
+
+    rate: float
+    cpu: float
+    ok: int
+    seconds: float
+
+
 def judge(shots: list[Shot], capacity: float, flood_end: float, one_batch: float) -> dict[str, Any]:
     flood = [s for s in shots if s.scheduled < flood_end]
     after = [s for s in shots if s.scheduled >= flood_end]
@@ -200,17 +212,24 @@ def run_path(
 
     threads: list[tuple[thread_cpu.ThreadCpu, int]] = []  # each capacity phase's, and its 200s
 
-    def capacity_phase() -> tuple[float, float]:
+    def capacity_phase() -> Capacity:
+        """The closed loop's rate, and the server's CPU over the same window (from the first
+        send to the last answer, not the generator's start and end around it: read so, a
+        server never idle showed 1.03-1.05 CPUs busy on its one CPU)."""
         seen: dict[int, int] = {}
-        start = thread_cpu.read(server.popen.pid)
-        found = measured(
-            server.popen.pid,
-            lambda: run_loop(closed_loop(url, bodies, headers, CAPACITY_S, statuses=seen)),
-        )
-        threads.append((thread_cpu.read(server.popen.pid) - start, seen.get(200, 0)))
-        return found
+        edges: list[tuple[float, float, thread_cpu.ThreadCpu]] = []
+        meter = CpuMeter(server.popen.pid)
 
-    before, before_cpu = capacity_phase()
+        def edge() -> None:
+            edges.append((time.perf_counter(), meter.read(), thread_cpu.read(server.popen.pid)))
+
+        rate = run_loop(closed_loop(url, bodies, headers, CAPACITY_S, statuses=seen, on_edge=edge))
+        (t0, cpu0, by_thread0), (t1, cpu1, by_thread1) = edges
+        threads.append((by_thread1 - by_thread0, seen.get(200, 0)))
+        return Capacity(rate, cpu1 - cpu0, seen.get(200, 0), t1 - t0)
+
+    first = capacity_phase()
+    before = first.rate
     # The generator's own lag (other work on its CPUs) is reported apart, and the slowest
     # answer is timed from the real send.
     phases = [(before * FACTOR, FLOOD_S), (before / 2, RECOVERY_S)]
@@ -233,8 +252,14 @@ def run_path(
     # for a server still working through the flood's queue (unanswered requests: a baseline's):
     # its capacity then is the backlog's, and it is judged against the capacity before.
     backlog = any(s.status == UNANSWERED for s in shots)
-    after, after_cpu = (before, before_cpu) if backlog else capacity_phase()
-    capacity, capacity_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
+    second = first if backlog else capacity_phase()
+    after = second.rate
+    capacity = (before + after) / 2
+    # The capacity phases' CPU per 200 and CPUs busy, over their windows together.
+    phases_run = [first] if backlog else [first, second]
+    capacity_cpu = sum(p.cpu for p in phases_run) / len(phases_run)
+    per_ok = sum(p.cpu for p in phases_run) / max(sum(p.ok for p in phases_run), 1)
+    busy_capacity = sum(p.cpu for p in phases_run) / sum(p.seconds for p in phases_run)
     flood_end = shots[0].scheduled + FLOOD_S if shots else 0.0
     verdict = judge(shots, capacity, flood_end, one_batch)
     verdict["offered_rps"] = round(before * FACTOR, 1)
@@ -242,16 +267,12 @@ def run_path(
     # per CPU-second.
     window_cpu = marks[1][1] - marks[0][1] if len(marks) > 1 else 0.0
     per_cpu = (
-        (verdict["goodput_rps"] * FLOOD_S / window_cpu) / (capacity * CAPACITY_S / capacity_cpu)
-        if window_cpu and capacity_cpu
-        else None
+        (verdict["goodput_rps"] * FLOOD_S / window_cpu) * per_ok if window_cpu and per_ok else None
     )
     by_thread = _by_thread(threads, flood_threads, shots, marks)
     cost = {
-        **refusal_cost(shots, marks, capacity, capacity_cpu),
-        **(
-            refusals_alone(server, url, bodies, headers, capacity, capacity_cpu) if refusals else {}
-        ),
+        **refusal_cost(shots, marks, per_ok, busy_capacity),
+        **(refusals_alone(server, url, bodies, headers, per_ok) if refusals else {}),
     }
     cost.update(own_cpu_goodput(cost))
     return {
@@ -298,8 +319,7 @@ def refusals_alone(
     url: str,
     bodies: list[bytes],
     headers: dict[str, str],
-    capacity: float,
-    capacity_cpu: float,
+    per_ok: float,
 ) -> dict[str, Any]:
     """A refusal's CPU measured where refusals are nearly all the server does: 8 closed-loop
     clients keep the model's queue busy while 56 send requests whose own deadline (``x-timeout-ms``
@@ -316,7 +336,6 @@ def refusals_alone(
         )
 
     _, cpu = measured(server.popen.pid, lambda: run_loop(both()))
-    per_ok = capacity_cpu / max(capacity * CAPACITY_S, 1.0)
     ok, refused = seen.get(200, 0), seen.get(503, 0)
     out: dict[str, Any] = {"alone_answered": {str(k): v for k, v in sorted(seen.items())}}
     if refused:
@@ -325,7 +344,7 @@ def refusals_alone(
 
 
 def refusal_cost(
-    shots: list[Shot], marks: list[tuple[float, float]], capacity: float, capacity_cpu: float
+    shots: list[Shot], marks: list[tuple[float, float]], per_ok: float, busy_capacity: float
 ) -> dict[str, Any]:
     """What the server's CPU went to during the flood (from its first send to its last,
     answers counted when they came): an accepted request costs what it cost at capacity, the
@@ -344,8 +363,6 @@ def refusal_cost(
     ok = sum(s.status == 200 for s in answered)
     refused = sum(s.status == 503 for s in answered)
     cpu = cpu_end - cpu_start
-    per_ok = capacity_cpu / max(capacity * CAPACITY_S, 1.0)
-    busy_capacity = capacity_cpu / CAPACITY_S
     busy = cpu / max(end - start, 1e-9)
     out: dict[str, Any] = {
         "server_cpu_busy_capacity": round(busy_capacity, 3),
