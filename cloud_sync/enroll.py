@@ -193,7 +193,7 @@ class EnrollmentService:
         if doc is None or doc.revoked:
             raise ClaimRefused("revoked" if doc else "not_enrolled", f"{device} may not rotate")
         doc = self.ids.confirm_rotation(device, request.serial)  # ClaimRefused: bad_request
-        if doc.retired and self.on_retired is not None:
+        if self.on_retired is not None and self.ids.unlisted(doc):
             self.on_retired()  # the replaced certificates go into the CRL now
         return EnrollReply(id=request.id, ok=True)
 

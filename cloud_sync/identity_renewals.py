@@ -10,6 +10,7 @@ Import path and API (through IdentityStore, which is a Renewals)::
                                                     # until the device confirms it; spends one
     ids.record_issue("cam-1", cert, via="claim", claim=spent)  # consume_claim's Spent
     ids.confirm_rotation("cam-1", serial)           # ``rotated``: the replaced ones retired
+    ids.unlisted(doc)                               # one retired that the CRL lacks: write it
     ids.settle_overdue(docs)                        # the CRL refresh: past the grace, settled
 """
 
@@ -26,6 +27,7 @@ from cloud_sync.renewal_budget import RenewalBudget, refusal, spend
 from modelpack.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
+    from cloud_sync.crl_disk import BrokerCrl
     from cloud_sync.identity_records import CrlEntry
     from cloud_sync.spent_claims import SpentClaims
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 class Renewals:
     rotation_grace_s: float
     spent: SpentClaims | None
+    crl: BrokerCrl | None
 
     if TYPE_CHECKING:  # IdentityStore's
 
@@ -126,6 +129,21 @@ class Renewals:
                 raise ClaimRefused("bad_request", "that is not the device's certificate") from exc
 
         return self._retired(self._change(device, change))
+
+    def unlisted(self, doc: DeviceIdentity) -> bool:
+        """Whether a certificate ``doc`` retired, unexpired, is missing from the CRL the broker
+        reads (True when there is none to compare with, or it does not read): a ``rotated``
+        that retired nothing new writes no CRL, so a device saying it again and again (a
+        stolen key, once a second) does not rewrite the CRL and signal the broker each time;
+        one whose CRL write failed is written at the device's next ``rotated``."""
+        if self.crl is None:
+            return bool(doc.retired)
+        try:
+            listed = self.crl.read().serials
+        except ConfigError:
+            return True
+        now = time.time()
+        return any(e.serial not in listed for e in retired_entries(doc) if e.not_after > now)
 
     def settle_overdue(self, docs: dict[str, DeviceIdentity]) -> dict[str, DeviceIdentity]:
         """``docs`` with every renewal unconfirmed past the grace settled and written (the CRL

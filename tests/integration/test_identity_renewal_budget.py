@@ -212,3 +212,40 @@ def test_the_cli_service_takes_its_budget_from_the_flag_and_counts_its_refusals(
         service.wait(timeout=60)
         idfleet.service.serve(idfleet.broker.url, idfleet.context("enroll"), PREFIX)
         idfleet.service.wait_serving(30)
+
+
+def test_a_rotated_that_retires_nothing_new_rewrites_no_crl(
+    idfleet: IdentityFleet, tmp_path: Path
+) -> None:
+    """Previous code: every ``rotated`` of a device that had ever rotated rewrote the CRL and
+    signalled the broker, retired or not: a stolen key could make the enrollment host rebuild
+    the whole CRL (superlinear) once a second without spending any budget."""
+    device = f"again-{uuid.uuid4().hex[:6]}"
+    files = _enroll(idfleet, device, tmp_path)
+    first = idfleet.ids.device(device)
+    assert first is not None and first.current is not None
+    writes: list[float] = []
+    publish = idfleet.service.on_retired
+    assert publish is not None
+
+    def counted() -> None:  # the fleet's own CRL write, counted
+        writes.append(time.monotonic())
+        publish()
+
+    idfleet.service.on_retired = counted
+    try:
+        assert _renew_and_rotate(idfleet, device, files)["ok"] is True
+        assert len(writes) == 1  # the rotation retired the first certificate: written
+        assert int(first.current, 16) in _crl_serials(idfleet)
+        current = idfleet.ids.device(device)
+        assert current is not None and current.current is not None
+        idfleet.certs[device] = (files / "d.crt", files / "d.key")
+        conn = idfleet.client(device)
+        answers = conn.collect(enroll_topic(PREFIX, device, "response"))
+        for _ in range(5):
+            again = {"schema_version": 1, "serial": current.current}
+            assert _ask(conn, answers, device, "rotated", again)["ok"] is True
+        conn.close()
+        assert len(writes) == 1
+    finally:
+        idfleet.service.on_retired = publish
