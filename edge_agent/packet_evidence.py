@@ -16,17 +16,20 @@ can: while a row is open, the next connection first holds without the suspect. T
 keeps the suspect, and every message as large as a candidate of the last close, out of paho's
 resend at the CONNACK (``hold_above``; ``packet_limit.PacketLimit.hold_back``; with any later
 message on their topics, which must not overtake them), and sends them, in the order they were
-published, only once the connection has held ``SOON_S`` (``quiet_until``) and carried a round
-trip (a PUBACK, or the PINGRESP to a PINGREQ the session sends then). A close
-before that, with the suspect unsent, is the link's (or a takeover's, or a broker's restart):
-it ends the row. A close within ``SOON_S`` after the suspect's own send, on a connection that
+published, only once the connection has held ``SOON_S``, and as long as the row's last
+connection lasted if longer (up to ``HOLD_CAP_S``), and a random jitter more (``JITTER_S``;
+``quiet_until``), and carried a round trip (a PUBACK, or the PINGRESP to a PINGREQ the session
+sends then). A close before that, with the suspect unsent, is the link's (or a takeover's, or a
+broker's restart): it ends the row. So a link that drops at the same age of each connection,
+or at any age up to ``HOLD_CAP_S`` not later than the last, drops with the suspect held: no
+periodic drop can line up with a release it cannot see coming. A close within ``SOON_S`` after the suspect's own send, on a connection that
 held without it, counts for it. When the same message is the suspect of ``CLOSES`` closes in a
 row, every one after the first on a connection that held ``SOON_S`` without it, it is over the
 limit: the limit is below its size, and that bound is applied to every later publish. A broker
 that drops a packet it reads the header of closes at once; a link that drops a connection soon
-after it opens drops it with the suspect held; only a link that drops exactly in the second
-after the suspect's send, ``CLOSES - 1`` times in a row, and never in the second before, still
-teaches a false bound, and that one lapses.
+after it opens drops it with the suspect held; only a link that drops in the second after the
+suspect's send at a random age, later in each connection than in the last, ``CLOSES - 1`` times
+in a row, and never in the second before, still teaches a false bound, and that one lapses.
 
 The bound is never below the largest packet the broker acknowledged on the connection of the
 verdict's close (the suspect is larger). It may be below one acknowledged on an earlier
@@ -49,7 +52,8 @@ session's side, over paho's queue, is ``edge_agent.packet_limit``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger("edge_agent.session")  # one logger for all the connection says
@@ -60,6 +64,10 @@ CLOSES = 3  # closes in a row blamed on one message: a verdict (MQTT 3.1.1)
 EXACT_VERDICTS = 3  # per boot, each a byte under the message; later ones an eighth off
 LAPSE_S = 3600.0  # a learned bound lapses at the first connect this long after its verdict
 MIN_SUSPECT = 1024  # bytes; no broker's limit is below (nor ``max_packet_bytes``'s floor)
+# The release waits a random extra this long past the quiet (and past the age of the row's last
+# close): never at an age a link could keep to. Above 0: a drop at that age again finds it held.
+JITTER_S = (0.25, 1.0)
+HOLD_CAP_S = 10.0  # ... the age of the row's last close counts up to this: a reply waits no longer
 
 
 @dataclass(frozen=True)
@@ -86,8 +94,16 @@ class Blame:
 class PacketLimitWatch:
     """Tells, from closes with no reason or with 0x95, a message over the broker's packet limit."""
 
-    def __init__(self, soon_s: float = SOON_S, floor: int = MIN_SUSPECT) -> None:
+    def __init__(
+        self,
+        soon_s: float = SOON_S,
+        floor: int = MIN_SUSPECT,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
         self.soon_s, self.floor = soon_s, floor
+        self.draw = draw  # in [0, 1): the release's jitter, one draw per connection
+        self.close_age = 0.0  # while a row is open: its last close, seconds after its CONNACK
+        self._jitter = 0.0
         self.acked_max = 0  # the largest packet the broker acknowledged since the CONNACK
         self.acked_boot = 0  # ... since the agent started, on any connection
         self.bound: int | None = None  # learned: the broker takes no packet larger
@@ -101,6 +117,8 @@ class PacketLimitWatch:
     def connected(self, now: float) -> None:
         """A CONNACK: maybe another broker, or one restarted with a lower limit."""
         self.acked_max, self.connected_at = 0, now
+        low, high = JITTER_S
+        self._jitter = low + (high - low) * self.draw()
         if self._learned_at is not None and now - self._learned_at >= LAPSE_S:
             log.info("the packet bound learned %.0fs ago (%s bytes) lapses", LAPSE_S, self.bound)
             self.bound, self._learned_at, self.verdicts = None, None, 0
@@ -115,12 +133,13 @@ class PacketLimitWatch:
 
     def explained(self) -> None:
         """A connection ended for a known reason, or a connect failed: not in a row."""
-        self.suspect, self._closes = None, 0
+        self.suspect, self._closes, self.close_age = None, 0, 0.0
 
     def closed(self, now: float, unacked: Iterable[Unacked], told: bool = False) -> Blame | None:
         """A connection the broker accepted was closed with no reason (or ``told``: by an MQTT 5
         broker's DISCONNECT 0x95, a verdict at once): whom it is blamed on."""
         above = max(self.acked_max, self.floor)
+        quiet = self.quiet_until  # of the connection that closed (``explained`` resets it)
         candidates = [u for u in unacked if u.size > above and now - u.sent_at <= self.soon_s]
         previous, closes = self.suspect, self._closes
         self.explained()
@@ -136,19 +155,23 @@ class PacketLimitWatch:
             for u in candidates
             if previous is not None
             and (u.mid, u.seq) == (previous.mid, previous.seq)
-            and (told or u.sent_at >= self.quiet_until)
+            and (told or u.sent_at >= quiet)
         ]
         blamed = same[0] if same else max(candidates, key=lambda u: u.size)
         closes = closes + 1 if same else 1
         if told or closes >= CLOSES:
             return Blame(blamed, self._verdict(blamed, now), closes)
         self.suspect, self._closes, self.hold_above = blamed, closes, above
+        self.close_age = now - self.connected_at
         return Blame(blamed, None, closes)
 
     @property
     def quiet_until(self) -> float:
-        """While a row is open, the suspect is sent again only this long after the CONNACK."""
-        return self.connected_at + self.soon_s
+        """While a row is open, the suspect is sent again only this long after the CONNACK:
+        ``soon_s``, or the age of the row's last close if later (up to ``HOLD_CAP_S``), and a
+        random jitter."""
+        age = min(self.close_age, HOLD_CAP_S)
+        return self.connected_at + max(self.soon_s, age) + self._jitter
 
     def _verdict(self, message: Unacked, now: float) -> int:
         bound = message.size - 1

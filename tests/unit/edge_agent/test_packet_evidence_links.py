@@ -8,7 +8,9 @@ limit unless they fell, time after time, in the second after the suspect's held-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from edge_agent.packet_evidence import (
     CLOSES,
     EXACT_VERDICTS,
+    HOLD_CAP_S,
     MIN_SUSPECT,
     SOON_S,
     PacketLimitWatch,
@@ -183,3 +186,64 @@ def test_against_a_broker_that_drops_whoever_sends_over_its_limit(
     else:  # past EXACT_VERDICTS verdicts each takes an eighth off: never more below the limit
         assert watch.bound is not None and watch.bound >= min(limit - limit // 8 - 1, limit)
     assert (watch.bound is not None) == bool(over)
+
+
+def _draws(values: list[float]) -> Callable[[], float]:
+    """The watch's random source, injected: these draws, in turn, for ever."""
+    each = itertools.cycle(values)
+    return lambda: next(each)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    age=st.floats(0.0, HOLD_CAP_S),
+    before=st.floats(0.0, SOON_S),
+    draws=st.lists(st.floats(0.0, 1.0, exclude_max=True), min_size=1, max_size=8),
+    gaps=st.lists(st.floats(0.1, 60.0), min_size=CLOSES + 3, max_size=12),
+)
+def test_a_link_that_drops_at_one_age_of_each_connection_teaches_no_bound(
+    age: float, before: float, draws: list[float], gaps: list[float]
+) -> None:
+    """The review's case: a link that carries data and then drops at the same age of every
+    connection (a middlebox's idle timer, a radio's duty cycle), after a large message went in
+    the second before the first drop, in front of a broker that takes everything. With the
+    release at a fixed age (SOON_S) a drop up to a second after it came right after each release:
+    CLOSES drops taught a false bound. The release now waits past the age of the row's last close
+    and a jitter (from the injected draws, whatever they are): the drop finds it held."""
+    watch = PacketLimitWatch(draw=_draws(draws))
+    message = Unacked(1, "replies/1", 20_000, 0.0, 1)
+    now, sent_at = 0.0, age - before  # first published in the second before the first drop
+    for gap in gaps:
+        watch.connected(now)
+        if watch.suspect is not None:  # held back until its release, if the link is up then
+            release = watch.quiet_until
+            sent_at = release if release < now + age else None
+        elif sent_at is None or sent_at < now:
+            sent_at = now  # paho sends again at the CONNACK what it holds
+        drop = now + age
+        unacked = [] if sent_at is None else [replace(message, sent_at=sent_at)]
+        watch.closed(drop, unacked)
+        assert watch.bound is None and watch.verdicts == 0
+        now, sent_at = drop + gap, None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(MIN_SUSPECT + 1, 60_000),
+    draws=st.lists(st.floats(0.0, 1.0, exclude_max=True), min_size=1, max_size=8),
+)
+def test_whatever_the_draws_a_message_over_the_limit_is_found_in_closes_closes(
+    size: int, draws: list[float]
+) -> None:
+    """The jitter costs a broker's real limit nothing but time: closed right after each send
+    (at the CONNACK, then at each release), the message gets its verdict at the CLOSES-th."""
+    watch = PacketLimitWatch(draw=_draws(draws))
+    now, blame = 0.0, None
+    for n in range(CLOSES):
+        watch.connected(now)
+        sent = now if n == 0 else watch.quiet_until
+        assert sent >= now + (0.0 if n == 0 else SOON_S)
+        blame = watch.closed(sent + HEADER_S, [Unacked(1, "replies/1", size, sent, 1)])
+        assert blame is not None and blame.closes == n + 1
+        now = sent + 5.0
+    assert blame is not None and blame.bound == size - 1 == watch.bound

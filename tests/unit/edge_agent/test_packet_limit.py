@@ -27,16 +27,17 @@ def _sent(mid: int, size: int, at: float = 0.0) -> Unacked:
     return Unacked(mid, f"replies/{mid}", size, at)
 
 
-def _row(watch: PacketLimitWatch, mid: int, size: int, start: float) -> Blame | None:
+def _row(watch: PacketLimitWatch, mid: int, size: int, start: float) -> tuple[Blame | None, float]:
     """CLOSES closes for one message, as the session makes them: the first right after its send;
-    each later one right after it is sent again on a connection that held SOON_S without it."""
+    each later one right after it is sent again on a connection that held without it until its
+    release (``quiet_until``: SOON_S at least, and a jitter). The last blame, and its close."""
     watch.connected(start)
-    blame = watch.closed(start + 0.05, [_sent(mid, size, start)])
+    blame, at = watch.closed(start + 0.05, [_sent(mid, size, start)]), start + 0.05
     for n in range(1, CLOSES):
-        at = start + 10.0 * n
-        watch.connected(at)
-        blame = watch.closed(at + SOON_S + 0.05, [_sent(mid, size, at + SOON_S)])
-    return blame
+        watch.connected(start + 10.0 * n)
+        release = watch.quiet_until
+        blame, at = watch.closed(release + 0.05, [_sent(mid, size, release)]), release + 0.05
+    return blame, at
 
 
 def _stepping(watch: PacketLimitWatch, verdicts: int) -> list[int]:
@@ -44,7 +45,7 @@ def _stepping(watch: PacketLimitWatch, verdicts: int) -> list[int]:
     starting at 40000 bytes."""
     size, bounds = 40_000, []
     for mid in range(verdicts):
-        blame = _row(watch, mid, size, 100.0 * (mid + 1))
+        blame, _ = _row(watch, mid, size, 100.0 * (mid + 1))
         assert blame is not None and blame.bound is not None
         bounds.append(blame.bound)
         size = blame.bound  # the next answer: just under the bound
@@ -60,10 +61,12 @@ def test_the_same_message_unacknowledged_at_three_closes_in_a_row_is_over_the_li
     # Held back at each reconnect until the connection held SOON_S, then sent again (same mid):
     # the broker closed at once each time.
     watch.connected(1.0)
-    second = watch.closed(2.05, [_sent(7, 20_000, 2.0), _sent(8, 2000, 1.0)])
+    at = watch.quiet_until
+    second = watch.closed(at + 0.05, [_sent(7, 20_000, at), _sent(8, 2000, 1.0)])
     assert second is not None and second.closes == 2 and second.bound is None
-    watch.connected(3.0)
-    third = watch.closed(4.05, [_sent(7, 20_000, 4.0), _sent(8, 2000, 3.0)])
+    watch.connected(10.0)
+    at = watch.quiet_until
+    third = watch.closed(at + 0.05, [_sent(7, 20_000, at), _sent(8, 2000, 10.0)])
     assert third is not None and third.message.mid == 7 and third.bound == 19_999
     assert watch.bound == 19_999 and CLOSES == 3
 
@@ -117,7 +120,7 @@ def test_an_acknowledgement_on_an_earlier_connection_says_nothing_of_this_one() 
     no longer hides a message over the new limit."""
     watch = PacketLimitWatch()
     watch.acked(30_000)
-    blame = _row(watch, 4, 20_000, 1.0)
+    blame, _ = _row(watch, 4, 20_000, 1.0)
     assert blame is not None and blame.bound == 19_999
 
 
@@ -125,9 +128,8 @@ def test_a_learned_bound_lapses_at_the_first_connect_an_hour_later() -> None:
     """Provisional: a bound that was false (a flaky link) or a limit raised since is not kept
     for the whole run; if still true, three drops teach it again."""
     watch = PacketLimitWatch()
-    blame = _row(watch, 4, 20_000, 1.0)
+    blame, learned = _row(watch, 4, 20_000, 1.0)  # and the verdict's close
     assert blame is not None and watch.bound == 19_999
-    learned = 21.0 + SOON_S + 0.05  # the verdict's close
     watch.connected(learned + LAPSE_S / 2)
     assert watch.bound == 19_999
     watch.connected(learned + LAPSE_S)
