@@ -73,10 +73,12 @@ class AgentStatus:
     def _status_doc(self, state: str) -> bytes:
         return self.status(state).model_dump_json(exclude_none=True).encode()
 
-    def _will(self) -> tuple[str, bytes]:
+    def _will(self) -> tuple[str, dict[str, Any]]:
         """The last will, which the session makes again before each connect: the status as
-        of then (the takeovers counted so far, the model serving), offline."""
-        return self.topics.status(self.config.device), self._status_doc("offline")
+        of then (the takeovers counted so far, the model serving), offline; the session
+        bounds it (``edge_agent.last_will``)."""
+        doc = self.status("offline").model_dump(mode="json", exclude_none=True)
+        return self.topics.status(self.config.device), doc
 
     def publish_status(self) -> None:
         if self.session.connected:

@@ -1,5 +1,6 @@
-"""The paho-mqtt client the session runs: its protocol, credentials, TLS and last will; and what
-a TLS broker that drops us before CONNACK most likely means.
+"""The paho-mqtt client the session runs: its protocol, credentials and TLS (the last will is
+``last_will``'s); what a TLS broker that drops us before CONNACK most likely means; and whether
+the broker acknowledged a message by a deadline.
 
 Kept apart from ``session`` (which keeps the connection up) because it is what a device's
 configuration decides once, at the start: MQTT 5, or MQTT 3.1.1 with a persistent session;
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,13 @@ def certificate_problem(cert_file: Path) -> str:
         f"the broker dropped the connection before accepting it: the device certificate "
         f"{serial} (valid until {when}) may be revoked"
     )
+
+
+def acknowledged(info: mqtt.MQTTMessageInfo, deadline: float) -> bool:
+    """Whether the broker acknowledged it by ``deadline`` (monotonic). Not paho's
+    ``wait_for_publish``: it raises at once for a message first published while the connection
+    was down (rc NO_CONN), which paho sends all the same once connected."""
+    with info._condition:
+        return info._condition.wait_for(
+            lambda: info._published, max(0.0, deadline - time.monotonic())
+        )

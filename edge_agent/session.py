@@ -10,7 +10,8 @@ handled: whatever its handling does (a crash, a reply the broker refuses), the b
 delivers it again at the next connect (``incoming``). And nothing is published that the broker would drop the
 connection for: a topic that is not a valid topic name, or a packet over the broker's maximum
 (said by an MQTT 5 broker, set in the config, or learned from an MQTT 3.1.1 broker that drops us
-for a message: ``packet_limit``, which also takes that message out of paho's resend queue).
+for a message: ``packet_limit``, which also takes that message out of paho's resend queue),
+nor a CONNECT: the last will in it is bounded, and cut to fit a limit known (``last_will``).
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ from cloud_sync.protocol import topic_name_problem
 from cloud_sync.redact import redact_url
 from edge_agent.config import AgentConfig
 from edge_agent.incoming import Incoming, Router
-from edge_agent.mqtt_client import certificate_problem, connect, make_client
+from edge_agent.last_will import LastWill, WillSource
+from edge_agent.mqtt_client import acknowledged, certificate_problem, connect, make_client
 from edge_agent.packet_limit import PacketLimit, TooLarge, packet_size
 from edge_agent.reconnect import CONNECTION_LOST, TAKEOVER_CAP_S, Backoff, TakeoverWatch
 from modelpack.errors import AuthError, BrokerError
 
 log = logging.getLogger(__name__)
-
-# The last will: its topic and payload, or what makes them again before each connect.
-Will = tuple[str, bytes] | Callable[[], tuple[str, bytes]]
 
 # CONNACK codes that mean "these credentials will never work" (MQTT 5 and 3.1.1 as paho maps them).
 _AUTH_FAILURES = {134, 135, 138, 140, 4, 5}
@@ -54,7 +53,7 @@ class Session:
     def __init__(
         self,
         config: AgentConfig,
-        will: Will,
+        will: WillSource,
         on_message: Callable[[Incoming], None],
         on_connect: Callable[[bool], None] | None = None,
         on_fatal: Callable[[], None] | None = None,
@@ -77,8 +76,8 @@ class Session:
         self.takeover = TakeoverWatch(self.client_id, max(TAKEOVER_CAP_S, config.backoff_max))
         self._takeover_delay: float | None = None  # set when a connection ends
         self.connects = 0
-        self._will = will
         self.client, self._tls = make_client(config, self.client_id)
+        self.will = LastWill(will, self.client_id, config)  # made again before each connect
         self.client.on_connect = self._handle_connect
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self.incoming.handle
@@ -221,20 +220,10 @@ class Session:
 
     # --- the connection loop -------------------------------------------------------------------
 
-    def _set_will(self) -> None:
-        """The last will, made again before each connect (paho sends it in CONNECT): what it
-        says (the takeovers counted, the model) is as of the last connect."""
-        try:
-            topic, payload = self._will() if callable(self._will) else self._will
-        except Exception:  # the will set before stays: a bug here must not stop reconnecting
-            log.exception("the last will could not be made again")
-            return
-        self.client.will_set(topic, payload, qos=1, retain=True)
-
     def _connect_once(self) -> bool:
         cfg = self.config
         self._accepted = False
-        self._set_will()
+        self.will.set(self.client, self.max_packet)  # paho sends it in CONNECT
         try:
             connect(self.client, cfg)
         except (OSError, ssl.SSLError) as exc:
@@ -287,7 +276,7 @@ class Session:
                 info.wait_for_publish(STOP_S)
         if self.limit.holding or superseded:
             sent, unsent = self.limit.release_now(time.monotonic(), self.connected)
-            unacked = sum(not _acked(info, deadline) for info in sent)
+            unacked = sum(not acknowledged(info, deadline) for info in sent)
             if unsent or superseded or unacked:
                 log.warning(
                     "stopping with %d message(s) held back after a close: %d never sent (the "
@@ -306,13 +295,3 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _acked(info: mqtt.MQTTMessageInfo, deadline: float) -> bool:
-    """Whether the broker acknowledged it by ``deadline`` (monotonic). Not paho's
-    ``wait_for_publish``: it raises at once for a message first published while the connection
-    was down (rc NO_CONN), which paho sends all the same once connected."""
-    with info._condition:
-        return info._condition.wait_for(
-            lambda: info._published, max(0.0, deadline - time.monotonic())
-        )

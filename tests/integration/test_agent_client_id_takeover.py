@@ -237,7 +237,7 @@ def test_a_disconnect_saying_session_taken_over_is_a_takeover_at_once(
         data_dir=tmp_path,
         trust=[tmp_path / "unused.pub"],
     )
-    session = Session(config, will=("x/status", b"offline"), on_message=lambda _m: None)
+    session = Session(config, will=("x/status", {"state": "offline"}), on_message=lambda _m: None)
     caplog.set_level(logging.INFO, "edge_agent")
     with session:
         thread.join(10)

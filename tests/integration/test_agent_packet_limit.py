@@ -231,7 +231,7 @@ def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(
     connects = threading.Condition()
     session = Session(
         config,
-        will=(f"{topic_prefix}/dev-l/status", b""),
+        will=(f"{topic_prefix}/dev-l/status", {}),
         on_message=lambda _m: None,
         on_connect=lambda _present: _notify(connects),
     )

@@ -48,7 +48,7 @@ def _session(tmp_path: Path, port: int, prefix: str, connects: threading.Conditi
         with connects:
             connects.notify_all()
 
-    return Session(config, will=(f"{prefix}/dev-f/status", b""), on_message=lambda _m: None,
+    return Session(config, will=(f"{prefix}/dev-f/status", {}), on_message=lambda _m: None,
                    on_connect=connected)  # fmt: skip
 
 

@@ -145,7 +145,7 @@ def telemetry_session(
     publisher: list[TelemetryPublisher] = []
     session = Session(
         config,
-        will=(f"{config.prefix}/{config.device}/status", b""),
+        will=(f"{config.prefix}/{config.device}/status", {}),
         on_message=lambda _m: None,
         on_connect=lambda _present: publisher[0].reconnected(),
     )

@@ -31,7 +31,7 @@ def _session(tmp_path: Path) -> Session:
         device="dev-p", broker="mqtt://127.0.0.1:1", data_dir=tmp_path,
         trust=[tmp_path / "unused.pub"], protocol="3.1.1", prefix="t",
     )  # fmt: skip
-    return Session(config, will=("t/dev-p/status", b""), on_message=lambda _m: None)
+    return Session(config, will=("t/dev-p/status", {}), on_message=lambda _m: None)
 
 
 def _connect(session: Session) -> None:
