@@ -74,3 +74,31 @@ def test_an_expired_entry_leaves_the_list_past_a_margin(tmp_path: Path, why: str
         held.add("cam-2", "spent", [("other", now + 60)])
     with spent.held() as held:
         assert sorted(held.doc.claims) == ["hour:cam-1", "new:cam-1", "other:cam-2"]
+
+
+def test_a_rebuild_only_adds_to_a_list_that_reads_and_keeps_a_damaged_one_aside(
+    tmp_path: Path,
+) -> None:
+    """``fleet rebuild-spent-claims`` writes through ``SpentClaims.rebuild``: what a readable
+    list holds stays (``revoked`` wins over ``spent``), and whatever bytes a damaged one holds
+    are kept as ``.damaged``, never lost."""
+    spent = SpentClaims(tmp_path / "crl.pem.spent-claims.json")
+    until = time.time() + 3600
+    with spent.held() as held:
+        held.add("cam-1", "spent", [("a" * 64, until)])
+        held.add("cam-2", "revoked", [("b" * 64, until)])
+    rebuilt = {f"{'b' * 64}:cam-2": ("spent", until), f"{'c' * 64}:cam-1": ("revoked", until)}
+    assert spent.rebuild(rebuilt) is None
+    with spent.held() as held:
+        assert held.why_not("a" * 64, "cam-1") == "spent"  # kept
+        assert held.why_not("b" * 64, "cam-2") == "revoked"  # never weakened
+        assert held.why_not("c" * 64, "cam-1") == "revoked"  # added
+    assert spent.problem() is None
+    spent.path.write_bytes(b"\x00garbage")
+    assert spent.problem() is not None and "rebuild-spent-claims" in str(spent.problem())
+    damaged = spent.rebuild(rebuilt)
+    assert damaged is not None and damaged.read_bytes() == b"\x00garbage"
+    with spent.held() as held:
+        assert held.why_not("a" * 64, "cam-1") is None  # only what the bucket says now
+        assert held.why_not("b" * 64, "cam-2") == "spent"
+    assert spent.problem() is None
