@@ -99,7 +99,8 @@ def refusal(
         return ClaimRefused("replayed", f"renewal request {request_id} was already answered")
     if len(counted) < budget.count:
         return None
-    free_at = min(s.at for s in counted) + budget.window_s
+    # The spend whose leaving frees one (more than ``count`` held: a budget lowered since).
+    free_at = sorted(s.at for s in counted)[len(counted) - budget.count] + budget.window_s
     wait = max(1.0, free_at - now)
     return ClaimRefused(
         "renewal_budget",

@@ -81,3 +81,11 @@ def test_a_stamp_far_ahead_does_not_lock_the_device_out() -> None:
     refused = refusal(near, budget, 1000.0, "b")
     assert refused is not None and refused.reason == "renewal_budget"
     assert refused.retry_after_s is not None and refused.retry_after_s > DAY
+
+
+def test_a_lowered_budget_says_when_one_is_really_free() -> None:
+    doc, wide = DeviceIdentity(device="cam-1"), RenewalBudget(3, DAY)
+    for at, request in ((0.0, "a"), (100.0, "b"), (200.0, "c")):
+        doc = spend(doc, wide, at, request)
+    refused = refusal(doc, RenewalBudget(2, DAY), 300.0, "d")  # two must leave, not one
+    assert refused is not None and refused.retry_after_s == DAY + 100.0 - 300.0
