@@ -42,10 +42,12 @@ REPLY_TIMEOUT_S = 20.0
 # answer comes first (the service answers in order) and the repeat's token_reused is not read.
 CLAIM_RESEND_S = 10.0
 ENROLL_TIMEOUT_S = 120.0
-# Answers that say "not now", not "never": a busy or flooded service (its rate limit), or one
-# that failed on its side (the store unreachable). A renewal answered so is tried again with
-# backoff; only a refusal of the device itself (revoked, not enrolled, a bad CSR) ends it.
-NOT_NOW = frozenset({"rate_limited", "internal"})
+# Answers that say "not now", not "never": a busy or flooded service (its rate limit), one that
+# failed on its side (the store unreachable), the device's renewal budget spent for now (answers
+# lost on the way spend it too), or a request the service already answered (a duplicate
+# delivery whose first answer was lost). A renewal answered so is tried again with backoff, as a
+# new request; only a refusal of the device itself (revoked, not enrolled, a bad CSR) ends it.
+NOT_NOW = frozenset({"rate_limited", "internal", "renewal_budget", "replayed"})
 ROTATED_TRIES, ROTATED_GAP_S = 4, 1.5  # the service's gap per device is 1 s by default
 
 

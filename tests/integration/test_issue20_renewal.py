@@ -5,7 +5,9 @@ certificate's life (with jitter and retries) ... and then the old certificate is
 A renewal answered ``rate_limited`` (a busy service: a fleet enrolled on one day renews within
 a few minutes) stopped the agent's renewals for good, as if it were revoked, and the device
 went on to expire. Now it is tried again with backoff; and the certificate it rotated away
-from can no longer connect."""
+from can no longer connect. So is a renewal answered ``renewal_budget`` (the device's renewals
+for the day spent, as lost answers spend them): it is tried again until one is free, where the
+agent before stopped renewing and expired."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 from cloud_sync.enroll import RateLimit
 from cloud_sync.fleet_ca import tls_context
+from cloud_sync.renewal_budget import RenewalBudget
 from cloud_sync.revocation import _connect
 from tests.support.agent import wait_online
 from tests.support.identity_cli import as_operator, fleet_cli
@@ -135,3 +138,39 @@ def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
     )  # fmt: skip
     line = next(ln for ln in table.splitlines() if ln.startswith(DEVICE))
     assert " left, rotated " in line and " ago" in line, table
+
+
+def test_a_renewal_past_the_budget_is_tried_again_until_one_is_free(
+    short_lived: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    fleet = short_lived
+    fleet.service.budget = RenewalBudget(count=1, window_s=3600.0)
+    token = fleet.ids.create_claims([DEVICE], ttl_s=600)[DEVICE]
+    agent = agent_factory(
+        broker=fleet.broker,
+        device=DEVICE,
+        data_dir=tmp_path / "agent",
+        prefix=PREFIX,
+        args=fleet.agent_args(token),
+    )
+    # Its first renewal spends the budget; its second (10 s before its certificate expires) is
+    # refused. The agent before this took that for "never": renewal_refused, and it expired.
+    deadline = time.monotonic() + 90
+    while "(renewal_budget)" not in agent.output():
+        assert "certificate renewal refused" not in agent.output(), agent.output()[-2000:]
+        assert time.monotonic() < deadline, agent.output()[-2000:]
+        time.sleep(0.2)
+    assert _status(agent).get("state") != "renewal_refused", _status(agent)
+    record = fleet.ids.device(DEVICE)
+    assert record is not None and len(record.renewals) == 1
+    # A renewal free again (here: the budget raised): the next try renews and rotates.
+    fleet.service.budget = RenewalBudget(count=100, window_s=3600.0)
+    deadline = time.monotonic() + 60
+    while True:
+        record = fleet.ids.device(DEVICE)
+        if record is not None and len(record.renewals) >= 2:
+            break
+        assert "certificate renewal refused" not in agent.output(), agent.output()[-2000:]
+        assert time.monotonic() < deadline, agent.output()[-2000:]
+        time.sleep(0.2)
+    assert _status(agent).get("state") != "renewal_refused", _status(agent)
