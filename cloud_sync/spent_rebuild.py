@@ -23,17 +23,22 @@ the CRL tell both, failing closed where they cannot:
 
 A device whose record was deleted and that the CRL's ledger does not name looks never enrolled:
 its claims are left unlisted (nothing in the bucket or the CRL says otherwise). A claim the store
-fails to read stops the rebuild (run it again): its devices are not known. One that is not a
-claim the CA made here (planted, malformed, too big) is refused at enrollment anyway: left out.
+fails to read stops the rebuild (run it again): its devices are not known. Only keys of the form
+the CA writes claims under (``claims/{sha256 hex}.json``) are read: any other (a key the store
+refuses, planted by a bucket writer) is skipped and counted, as ``fleet revoke`` does, and so
+is one that is not a claim the CA made here (planted, malformed, too big: refused at enrollment
+anyway). Each claim's signature is checked as it is read and only what the rebuild needs is
+kept, so planted objects near ``CLAIM_MAX_BYTES`` do not all sit in memory at once.
 The rebuilt entries are joined with what the list holds where it still reads; a damaged one is
 kept beside it as ``{list}.damaged``.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import ValidationError
 
@@ -43,9 +48,23 @@ from cloud_sync.spent_claims import PRUNE_MARGIN_S, Why
 from modelpack.errors import ConfigError, NotFoundError, StoreError
 
 if TYPE_CHECKING:
+    from cloud_sync.fleet_ca import FleetCA
     from cloud_sync.identity_store import IdentityStore
 
 SKEW_S = 3600.0  # claims made up to an hour after a revocation are voided with it
+# ``create_claims`` writes each claim at the sha256 of its token: nothing else is one.
+CLAIM_KEY = re.compile(rf"{re.escape(CLAIMS)}/(?P<hash>[0-9a-f]{{64}})\.json")
+SHOWN_SKIPPED = 20  # the report names this many skipped keys; ``skipped_count`` counts all
+
+
+class _Claim(NamedTuple):
+    """What the rebuild keeps of one claim the CA made here."""
+
+    key_hash: str
+    devices: tuple[str, ...]
+    used: frozenset[str]
+    created_at: float
+    expires_at: float
 
 
 @dataclass
@@ -55,6 +74,7 @@ class RebuildReport:
     revoked: int = 0  # and as voided by a revocation
     claims: int = 0  # claims the CA made here, read
     skipped: list[str] = field(default_factory=list)  # objects that are no claim of ours
+    skipped_count: int = 0  # all of them (``skipped`` names the first SHOWN_SKIPPED)
     unknown_devices: list[str] = field(default_factory=list)  # records that do not verify
     damaged: str | None = None  # where the list that did not read was kept
 
@@ -74,15 +94,17 @@ def rebuild_spent(ids: IdentityStore, skew_s: float = SKEW_S) -> RebuildReport:
     entries: dict[str, tuple[Why, float]] = {}
     now = time.time()
     with ThreadPoolExecutor(16) as pool:  # every claim is read: they are never deleted
-        read = list(pool.map(lambda key: _claim(ids, key), ids.store.list(f"{CLAIMS}/")))
+        read = list(pool.map(lambda key: _claim(ids, ca, key), ids.store.list(f"{CLAIMS}/")))
     for key, doc in read:
-        key_hash = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if doc is None or refusal(ca, key_hash, doc) is not None:
-            report.skipped.append(key if key.isprintable() else ascii(key))
+        if doc is None:
+            report.skipped_count += 1
+            if len(report.skipped) < SHOWN_SKIPPED:
+                report.skipped.append(key if key.isprintable() else ascii(key))
             continue
         if doc.expires_at + PRUNE_MARGIN_S <= now:
             continue  # past what the list keeps: refused as expired anyway
         report.claims += 1
+        key_hash = doc.key_hash
         for device in doc.devices:
             record = records.get(device)
             revoked = [ledger.get(device)]
@@ -104,13 +126,23 @@ def rebuild_spent(ids: IdentityStore, skew_s: float = SKEW_S) -> RebuildReport:
     return report
 
 
-def _claim(ids: IdentityStore, key: str) -> tuple[str, ClaimDoc | None]:
-    """The claim at ``key``; None for an object that is no claim (planted, malformed, too big:
-    refused at enrollment too); ConfigError when the store fails to read it (its devices are
-    not known: nothing is written)."""
+def _claim(ids: IdentityStore, ca: FleetCA, key: str) -> tuple[str, _Claim | None]:
+    """What the rebuild needs of the claim at ``key``; None for a key the CA writes no claim
+    under and for an object that is no claim the CA made here (planted, malformed, too big,
+    unsigned: refused at enrollment too); ConfigError when the store fails to read a claim's
+    key (its devices are not known: nothing is written)."""
+    found = CLAIM_KEY.fullmatch(key)
+    if found is None:
+        return key, None
     try:
-        return key, ClaimDoc.model_validate_json(read_capped(ids.store, key, CLAIM_MAX_BYTES)[0])
+        doc = ClaimDoc.model_validate_json(read_capped(ids.store, key, CLAIM_MAX_BYTES)[0])
     except (ValidationError, RecordRefused, NotFoundError):
         return key, None
     except StoreError as exc:
         raise ConfigError(f"{key} cannot be read: {exc}; nothing was written, run again") from exc
+    if refusal(ca, found["hash"], doc) is not None:
+        return key, None
+    kept = _Claim(
+        found["hash"], tuple(doc.devices), frozenset(doc.used), doc.created_at, doc.expires_at
+    )
+    return key, kept

@@ -117,3 +117,40 @@ def test_a_damaged_spent_list_is_rebuilt_from_the_bucket_and_still_refuses_spent
     assert _rebuild(idfleet)["damaged"] is None
     assert _claim(idfleet, enrolled, first)["reason"] == "token_reused"
     assert _claim(idfleet, later, token)["ok"] is True
+
+
+def test_objects_a_bucket_writer_plants_under_claims_do_not_stop_the_rebuild(
+    idfleet: IdentityFleet, s3_server: Any
+) -> None:
+    """A key the store refuses to read (``claims/x\\y.json``) and an unsigned object at a
+    claim's key are skipped and counted, and the rebuild brings claims back. Previous code:
+    the first stopped every rebuild with "run again" (every claim stayed refused for good)."""
+    tag = uuid.uuid4().hex[:6]
+    enrolled, fresh = f"pa-{tag}", f"pn-{tag}"
+    token = idfleet.ids.create_claims([enrolled], ttl_s=3600)[enrolled]
+    _enroll_over(idfleet, enrolled, token)
+    unused = idfleet.ids.create_claims([fresh], ttl_s=3600)[fresh]
+    bucket, prefix = idfleet.ids.store.url.removeprefix("s3://").split("/", 1)
+    planted = {
+        f"{prefix}/{CLAIMS}/x\\y.json": b"{}",
+        f"{prefix}/{CLAIMS}/{'ab' * 32}.json": json.dumps(
+            {"devices": [fresh], "expires_at": 2e9, "used": {}}
+        ).encode(),  # at a claim's key, not signed
+    }
+    for key, body in planted.items():
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=body)
+    listed = spent_path(idfleet.ca.paths.crl)
+    listed.write_bytes(b'{"v":1,"claims":{"')  # damaged
+
+    report = _rebuild(idfleet)
+    assert report["skipped_count"] >= 2, report
+    assert any("x" in key and "y.json" in key for key in report["skipped"]), report
+    rebuilt = json.loads(listed.read_text())["claims"]
+    assert rebuilt[f"{token_hash(token)}:{enrolled}"]["why"] == "spent"
+    assert _claim(idfleet, enrolled, token)["reason"] == "token_reused"
+    assert _claim(idfleet, fresh, unused)["ok"] is True
+
+
+def _enroll_over(fleet: IdentityFleet, device: str, token: str) -> None:
+    answer = _claim(fleet, device, token)
+    assert answer["ok"] is True, answer
