@@ -97,14 +97,26 @@ class SpentClaims:
     def __init__(self, path: Path, made_before: Path | None = None) -> None:
         """``made_before``: the CRL's last good copy, which is never written before the list."""
         self.path, self.made_before = path, made_before
+        self._seen: tuple[tuple[int, ...], str | None] | None = None  # problem()'s, by stat
 
     def problem(self) -> str | None:
-        """Why the list does not read (every claim is refused meanwhile); None when it does."""
+        """Why the list does not read (every claim is refused meanwhile); None when it does.
+        Read again only when the file's stat changed (the metrics gauge asks at each scrape,
+        and parsing 100k entries took 0.37 s of CPU), as ``BrokerCrl`` does."""
+        try:
+            st = self.path.stat()
+            seen: tuple[int, ...] | None = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+        except OSError:
+            seen = None  # missing (or not statable): nothing to parse, asked each time
+        if seen is not None and self._seen is not None and self._seen[0] == seen:
+            return self._seen[1]
+        found = None
         try:
             self._read()
         except ConfigError as exc:
-            return str(exc)
-        return None
+            found = str(exc)
+        self._seen = None if seen is None else (seen, found)
+        return found
 
     def rebuild(self, entries: dict[str, tuple[Why, float]]) -> Path | None:
         """The list made of ``entries`` ({"{sha256}:{device}": (why, claim expiry)}), under

@@ -102,3 +102,26 @@ def test_a_rebuild_only_adds_to_a_list_that_reads_and_keeps_a_damaged_one_aside(
         assert held.why_not("a" * 64, "cam-1") is None  # only what the bucket says now
         assert held.why_not("b" * 64, "cam-2") == "spent"
     assert spent.problem() is None
+
+
+def test_the_gauge_reads_the_list_again_only_when_the_file_changed(tmp_path: Path) -> None:
+    """The metrics gauge asks ``problem()`` at each scrape: previous code parsed the whole list
+    every time (0.37 s of CPU for 100k entries)."""
+    listed = SpentClaims(tmp_path / "crl.pem.spent-claims.json")
+    listed.create()
+    reads: list[Path] = []
+    real_read = listed._read
+
+    def counted() -> object:  # the real parse, counted
+        reads.append(listed.path)
+        return real_read()
+
+    listed._read = counted  # type: ignore[method-assign]
+    assert [listed.problem() for _ in range(5)] == [None] * 5
+    assert len(reads) == 1
+    listed.path.write_bytes(b'{"v":1,"claims":{"')  # damaged: seen at the next scrape
+    assert listed.problem() is not None and listed.problem() is not None
+    assert len(reads) == 2
+    listed.path.unlink()  # gone (no CRL copy beside it): an empty list, asked each time
+    assert listed.problem() is None
+    assert len(reads) == 3
