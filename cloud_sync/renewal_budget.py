@@ -7,6 +7,7 @@ it inside the record's compare-and-swap)::
     budget = RenewalBudget(count=4, window_s=86400)     # or parse_budget("4/24h")
     refusal(doc, budget, now, request_id)    # ClaimRefused("renewal_budget"/"replayed") or None
     doc = spend(doc, budget, now, request_id)   # the spend stamped in; raises as refusal does
+    check_fits(budget, validity_s=90 * 86400)   # ConfigError: the fleet would expire under it
 
 Why: every renewal adds a certificate that the CRL lists once it is retired (rotated away from,
 or left unconfirmed: ``cloud_sync.identity_rotation``), until it expires. The service's rate
@@ -25,15 +26,20 @@ is already spent (a duplicate delivery, two services both subscribed) is refused
 
 Clocks: a spend is stamped with the service's own clock; one stamped ahead of this service's
 clock (by up to a window) still counts, so a service whose clock runs behind is stricter, never
-looser. A service whose clock runs ahead by d lets ``count`` through per ``window_s - d``. A
-stamp more than a window ahead (a clock set years forward) is ignored with a WARNING rather
-than locking the device out until that date: each service then still holds it to ``count``
-per window of its own.
+looser. Services whose clocks are at most d < ``window_s`` apart let ``count`` through per
+``window_s - d`` of true time. A stamp more than a window ahead (a clock set years forward) is
+not counted (a WARNING) rather than locking the device out until that date, but it is kept:
+with two services whose clocks are more than a window apart each still holds the device to
+``count`` per window of its own (2 x ``count`` in all). Each write keeps every stamp newer than
+``now - window_s`` and the ``count`` last written older ones (``_kept``), at most
+``MAX_COUNT``; three or more services whose clocks are each more than a window from the others
+are not bounded (run the enrollment hosts with NTP).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -49,6 +55,8 @@ DEFAULT = "4/24h"  # a device renews once per 60 days; 4 leaves room for lost an
 MAX_COUNT = 100  # each spend is kept in the record (~90 bytes): the record stays under its cap
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+AGENT_RENEW_AT = 2 / 3  # edge_agent.config's renew_at: the agent renews at 2/3 of the life
+AGENT_JITTER = 0.03  # edge_agent.identity's due_in: +-3 % of the life
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ def refusal(
     """Why ``doc``'s device may not renew now (None: it may)."""
     counted = _counted(doc, budget, now)
     if request_id is not None and any(s.request == request_id for s in counted):
-        return ClaimRefused("replayed", f"renewal request {request_id} was already answered")
+        return ClaimRefused("replayed", f"renewal request {request_id!r} was already answered")
     if len(counted) < budget.count:
         return None
     # The spend whose leaving frees one (more than ``count`` held: a budget lowered since).
@@ -117,5 +125,38 @@ def spend(
     refused = refusal(doc, budget, now, request_id)
     if refused is not None:
         raise refused
-    kept = [*_counted(doc, budget, now), RenewalSpend(at=now, request=request_id or "")]
+    kept = [*_kept(doc, budget, now), RenewalSpend(at=now, request=request_id or "")]
     return doc.model_copy(update={"renewals": kept[-MAX_COUNT:]})
+
+
+def _kept(doc: DeviceIdentity, budget: RenewalBudget, now: float) -> list[RenewalSpend]:
+    """The spends written back, in the order they were written: every one newer than
+    ``now - window``, those too far ahead to count included (another service's, whose clock
+    runs ahead: dropping them gave that service its budget back at each write of this one),
+    and the ``count`` last written of the older ones (those of a service whose clock runs
+    behind by more than a window look old here, and are the last older ones written: that
+    service still counts its own). Nothing else: an honest device's record stays small."""
+    old = [i for i, s in enumerate(doc.renewals) if s.at <= now - budget.window_s]
+    dropped = set(old[: max(0, len(old) - budget.count)])
+    return [s for i, s in enumerate(doc.renewals) if i not in dropped]
+
+
+def check_fits(budget: RenewalBudget, validity_s: float, renew_at: float = AGENT_RENEW_AT) -> None:
+    """ConfigError when agents renewing certificates of ``validity_s`` at ``renew_at`` of their
+    life (jitter included) need more than ``budget.count`` renewals in a window: refused ones
+    wait (``retry_after_s``) past the life left and the fleet expires. Room is kept for one lost
+    answer per window (tried again, it spends again) unless the certificate outlives a window
+    after its renewal point, when a refused device can wait for the budget to free."""
+    every = (renew_at - AGENT_JITTER) * validity_s
+    need = math.ceil(budget.window_s / every)
+    if (1 - renew_at - AGENT_JITTER) * validity_s <= budget.window_s:
+        need += 1
+    if need > budget.count:
+        hours = budget.window_s / 3600
+        raise ConfigError(
+            f"--validity {validity_s / 3600:g} h: agents renewing at {renew_at:.2f} of the "
+            f"life renew every {every / 3600:.2f} h, {need} renewals per {hours:g} h with room "
+            f"for a lost answer, over --renewal-budget {budget.count}/{hours:g}h ({ENV}): "
+            f"the fleet would expire. Set --renewal-budget {need}/{hours:g}h or more, or a "
+            f"longer --validity"
+        )

@@ -171,8 +171,10 @@ def _keeper(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
 def cmd_enroll_service(args: argparse.Namespace) -> int:
     from cloud_sync.enroll import EnrollmentService, RateLimit
     from cloud_sync.fleet_ca import FleetCA, tls_context
-    from cloud_sync.renewal_budget import parse_budget
+    from cloud_sync.renewal_budget import budget_from_env, check_fits, parse_budget
 
+    budget = parse_budget(args.renewal_budget) if args.renewal_budget else budget_from_env()
+    check_fits(budget, args.validity)  # before anything starts: the fleet would expire
     ca = FleetCA.load(args.ca)
     ids = _ids(args, ca, args.crl_file)  # records are checked against the broker's CRL too
     if args.crl_file is None:
@@ -191,7 +193,7 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
         days=args.validity / 86400,
         limit=RateLimit(rate=args.rate, burst=max(1, int(args.rate * 2))),
         on_retired=keeper.publish if keeper is not None else None,
-        budget=parse_budget(args.renewal_budget) if args.renewal_budget else None,
+        budget=budget,
     )
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server

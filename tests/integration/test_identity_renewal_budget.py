@@ -219,7 +219,8 @@ def test_a_rotated_that_retires_nothing_new_rewrites_no_crl(
 ) -> None:
     """Previous code: every ``rotated`` of a device that had ever rotated rewrote the CRL and
     signalled the broker, retired or not: a stolen key could make the enrollment host rebuild
-    the whole CRL (superlinear) once a second without spending any budget."""
+    the whole CRL (superlinear) once a second without spending any budget; and before the
+    next fix each still read and parsed the fleet-wide crl.json index."""
     device = f"again-{uuid.uuid4().hex[:6]}"
     files = _enroll(idfleet, device, tmp_path)
     first = idfleet.ids.device(device)
@@ -240,6 +241,14 @@ def test_a_rotated_that_retires_nothing_new_rewrites_no_crl(
         current = idfleet.ids.device(device)
         assert current is not None and current.current is not None
         idfleet.certs[device] = (files / "d.crt", files / "d.key")
+        ids, index_reads = idfleet.service.ids, []
+        read_index = ids.read_index
+
+        def counted_read() -> tuple[bytes, str]:  # the real read of the fleet's index, counted
+            index_reads.append(time.monotonic())
+            return read_index()
+
+        ids.read_index = counted_read  # type: ignore[method-assign]
         conn = idfleet.client(device)
         answers = conn.collect(enroll_topic(PREFIX, device, "response"))
         for _ in range(5):
@@ -247,5 +256,36 @@ def test_a_rotated_that_retires_nothing_new_rewrites_no_crl(
             assert _ask(conn, answers, device, "rotated", again)["ok"] is True
         conn.close()
         assert len(writes) == 1
+        assert index_reads == []  # and the fleet-wide index (crl.json) is not even read
     finally:
         idfleet.service.on_retired = publish
+        vars(idfleet.service.ids).pop("read_index", None)
+
+
+def test_the_cli_service_refuses_a_validity_its_budget_would_let_expire(
+    idfleet: IdentityFleet,
+) -> None:
+    """6 h certificates renewed at 2/3 of their life need 8 renewals a day (one lost answer
+    included) and a refused device would wait past its certificate's end: ``fleet
+    enroll-service`` does not start, naming both settings and the budget it needs. Previous
+    code: it started, and the fleet expired after upgrading to the 4/24h default."""
+    import subprocess
+    import sys
+
+    from tests.support.identity_cli import REPO
+
+    cert, key = idfleet.certs["enroll"]
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "edgebento", "fleet", "enroll-service",
+            "--broker", idfleet.broker.url, "--ca", str(idfleet.root / "ca"),
+            "--cert", str(cert), "--key", str(key), "--store", str(idfleet.ids.store.url),
+            "--endpoint-url", str(idfleet.endpoint_url), "--validity", "6h",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    for words in ("--validity 6 h", "--renewal-budget 4/24h", "--renewal-budget 8/24h"):
+        assert words in said, said
+    assert "Traceback" not in said, said
