@@ -16,20 +16,29 @@ can: while a row is open, the next connection first holds without the suspect. T
 keeps the suspect, and every message as large as a candidate of the last close, out of paho's
 resend at the CONNACK (``hold_above``; ``packet_limit.PacketLimit.hold_back``; with any later
 message on their topics, which must not overtake them), and sends them, in the order they were
-published, only once the connection has held ``SOON_S``, and as long as the row's last
-connection lasted if longer (up to ``HOLD_CAP_S``), and a random jitter more (``JITTER_S``;
-``quiet_until``), and carried a round trip (a PUBACK, or the PINGRESP to a PINGREQ the session
+published, only once the connection has held without them until their release
+(``quiet_until``), and carried a round trip (a PUBACK, or the PINGRESP to a PINGREQ the session
 sends then). A close before that, with the suspect unsent, is the link's (or a takeover's, or a
-broker's restart): it ends the row. So a link that drops at the same age of each connection,
-or at any age up to ``HOLD_CAP_S`` not later than the last, drops with the suspect held: no
-periodic drop can line up with a release it cannot see coming. A close within ``SOON_S`` after the suspect's own send, on a connection that
-held without it, counts for it. When the same message is the suspect of ``CLOSES`` closes in a
-row, every one after the first on a connection that held ``SOON_S`` without it, it is over the
-limit: the limit is below its size, and that bound is applied to every later publish. A broker
-that drops a packet it reads the header of closes at once; a link that drops a connection soon
-after it opens drops it with the suspect held; only a link that drops in the second after the
-suspect's send at a random age, later in each connection than in the last, ``CLOSES - 1`` times
-in a row, and never in the second before, still teaches a false bound, and that one lapses.
+broker's restart): it ends the row. A close within ``SOON_S`` after the suspect's own send, on
+a connection that held without it, counts for it. When the same message is the suspect of
+``CLOSES`` closes in a row, every one after the first right after its release, it is over the
+limit: the limit is below its size, and that bound is applied to every later publish.
+
+The release is where a link that drops at one age of each connection (a middlebox's timer, a
+radio's duty cycle) cannot be. After the row's last close's age ``L`` if that was early (under
+``EARLY_S``, 3 s): at ``max(SOON_S, L)`` and a random ``JITTER_S`` more, so a drop at that age
+again (or up to 0.25 s later) finds the suspect held. Else early: at ``SOON_S`` and the jitter,
+under 2 s, so a drop at that age again, or at any age of 3 s or more, comes over ``SOON_S``
+after the send and is no evidence. So no fixed age teaches a bound (probability 0, whatever the
+draws), nor does any pattern of drops all 3 s or more into their connections, nor a drop age
+that wanders (each under 0.25 s later than the last, or earlier). What still can: drops under
+5 s into their connections, each of the ``CLOSES - 1`` after the first in the second after a
+release the link cannot see coming, with the suspect black-holed (else it is acknowledged), such
+as ages rising by about a second (2, 2.9, 3.8 s: most draws); and that bound lapses. No rule
+whose hold is at most ``H`` s can refuse every such pattern: some age lands in the second after
+the release with probability 1/H at least, on each connection. A real message over the limit
+costs two holds of 1.25 to 4 s (about 1.6 s then 2.2 s when its first close came over 3 s or
+under 1 s into its connection).
 
 The bound is never below the largest packet the broker acknowledged on the connection of the
 verdict's close (the suspect is larger). It may be below one acknowledged on an earlier
@@ -64,10 +73,13 @@ CLOSES = 3  # closes in a row blamed on one message: a verdict (MQTT 3.1.1)
 EXACT_VERDICTS = 3  # per boot, each a byte under the message; later ones an eighth off
 LAPSE_S = 3600.0  # a learned bound lapses at the first connect this long after its verdict
 MIN_SUSPECT = 1024  # bytes; no broker's limit is below (nor ``max_packet_bytes``'s floor)
-# The release waits a random extra this long past the quiet (and past the age of the row's last
-# close): never at an age a link could keep to. Above 0: a drop at that age again finds it held.
+# The release waits a random extra this long past its age: never at an age a link could keep to.
+# Above 0: a drop at the age of the last close again finds the suspect held.
 JITTER_S = (0.25, 1.0)
-HOLD_CAP_S = 10.0  # ... the age of the row's last close counts up to this: a reply waits no longer
+# A row whose last close came this late in its connection or later is released early, at
+# ``SOON_S`` and the jitter (under 2 s): a drop at that age again, or at any age this late, comes
+# over ``SOON_S`` after the send (``PacketLimitWatch.early``: from the watch's own ``soon_s``).
+EARLY_S = 2 * SOON_S + JITTER_S[1]
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,7 @@ class PacketLimitWatch:
         draw: Callable[[], float] = random.random,
     ) -> None:
         self.soon_s, self.floor = soon_s, floor
+        self.early = 2 * soon_s + JITTER_S[1]  # ``EARLY_S`` for this ``soon_s``
         self.draw = draw  # in [0, 1): the release's jitter, one draw per connection
         self.close_age = 0.0  # while a row is open: its last close, seconds after its CONNACK
         self._jitter = 0.0
@@ -168,9 +181,8 @@ class PacketLimitWatch:
     @property
     def quiet_until(self) -> float:
         """While a row is open, the suspect is sent again only this long after the CONNACK:
-        ``soon_s``, or the age of the row's last close if later (up to ``HOLD_CAP_S``), and a
-        random jitter."""
-        age = min(self.close_age, HOLD_CAP_S)
+        after the age of the row's last close and a jitter, or early if that close was late."""
+        age = self.close_age if self.close_age < self.early else 0.0
         return self.connected_at + max(self.soon_s, age) + self._jitter
 
     def _verdict(self, message: Unacked, now: float) -> int:

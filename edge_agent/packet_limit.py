@@ -225,9 +225,9 @@ class PacketLimit:
         return bool(self._waiting)
 
     def release(self, now: float) -> None:
-        """On the session's thread: once the connection held ``SOON_S`` after its CONNACK,
-        send what waits, in the order it was published (a topic's order is kept; the evidence
-        is not lost: any message over the limit sent on this connection is as large as the
+        """On the session's thread: once the connection held until ``quiet_until`` and carried
+        a round trip, send what waits, in the order it was published (a topic's order is kept;
+        the evidence is not lost: any message over the limit sent now is as large as the
         suspect, which is blamed again whichever of them the broker closes for)."""
         with self._lock:
             if not self._connack or now < self.watch.quiet_until or not self._waiting:
