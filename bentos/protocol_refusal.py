@@ -115,6 +115,9 @@ class RefusingProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused():
             return
+        # A request in flight: the armed timer must find the connection busy, also when a
+        # refusal answered in the same packet marked it idle before this request was parsed.
+        self.idle_since = None
         # uvicorn's own start of the request, with what the parser has read since kept.
         url, headers, expect = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
@@ -132,6 +135,7 @@ class RefusingProtocol(HttpToolsProtocol):
             check is None
             or (cycle is not None and not cycle.response_complete)  # one in flight: in order
             or self.expect_100_continue
+            or self.flow.write_paused  # a client not reading its answers: uvicorn's path waits
             or self.access_log
             or self.limit_concurrency is not None
             or parser.get_method() != b"POST"  # only an inference is refused from its headers

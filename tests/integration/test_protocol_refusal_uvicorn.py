@@ -6,6 +6,7 @@ connection serves the next request; anything it must not take goes to the app, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import threading
@@ -398,8 +399,8 @@ def test_a_connection_keeps_one_keep_alive_timer_and_closes_when_idle_as_uvicorn
     request is in flight leaves the connection open, its answer comes, the connection serves
     on, and once idle for the keep-alive time it is closed."""
     monkeypatch.setattr(protocol_refusal, "CHECK", check)
-    app = HeldApp()
-    with Served(Unlogged, app, keep_alive_s=0.5) as served, served.connect() as sock:
+    # A keep-alive longer than the round trips can take on a busy machine: one timer for all.
+    with Served(Unlogged, keep_alive_s=60) as served, served.connect() as sock:
         timers = []
         for _ in range(5):
             sock.sendall(head("/refuse", 2) + b"{}")
@@ -407,6 +408,10 @@ def test_a_connection_keeps_one_keep_alive_timer_and_closes_when_idle_as_uvicorn
             assert refused.startswith(b"HTTP/1.1 503")
             timers.append(_protocol(served).timeout_keep_alive_task)
         assert timers[0] is not None and all(t is timers[0] for t in timers)
+    app = HeldApp()
+    with Served(Unlogged, app, keep_alive_s=0.5) as served, served.connect() as sock:
+        sock.sendall(head("/refuse", 2) + b"{}")
+        assert answers(sock, 1)[0].startswith(b"HTTP/1.1 503")
         sock.sendall(head("/held", 1) + b"a")
         assert app.called.wait(30)
         # The timer armed by the last refusal fires with this request in flight.
@@ -419,3 +424,63 @@ def test_a_connection_keeps_one_keep_alive_timer_and_closes_when_idle_as_uvicorn
         assert again.endswith(b'{"read":1}')
         assert sock.recv(10) == b""  # idle now: closed by the server
     assert app.calls == ["/held", "/ok"]
+
+
+def test_a_request_in_the_packet_of_a_refusal_is_in_flight_when_the_timer_fires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pipelining client sends a refused request and one the app takes in one packet: the
+    refusal marked the connection idle before the second was parsed, and the timer then closed
+    it with the second in flight, its answer lost. As uvicorn does, it stays open."""
+    monkeypatch.setattr(protocol_refusal, "CHECK", check)
+    app = HeldApp()
+    with Served(Unlogged, app, keep_alive_s=0.3) as served, served.connect() as sock:
+        sock.sendall(head("/refuse", 2) + b"{}" + head("/held", 1) + b"a")
+        assert app.called.wait(30)
+        # The timer the refusal armed fires with /held in flight (or has closed the connection).
+        _until(lambda: not served.server.server_state.connections or _protocol_timer_fired(served))
+        app.go.set()
+        got = answers(sock, 2)
+        assert [g[:12] for g in got] == [b"HTTP/1.1 503", b"HTTP/1.1 200"], got
+        assert got[1].endswith(b'{"read":1}')
+    assert app.calls == ["/held"]
+
+
+def _protocol_timer_fired(served: Served) -> bool:
+    return bool(_protocol(served).timeout_keep_alive_task is None)
+
+
+def test_a_client_that_reads_no_answers_is_refused_by_uvicorns_path_which_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that pipelines refused requests and never reads: once the transport's buffer
+    is over its high-water mark, the protocol writes no more refusals itself (it wrote each
+    one it read, for a client that never reads: the server's memory grew without bound);
+    uvicorn's path answers and stops reading until the client reads."""
+    monkeypatch.setattr(protocol_refusal, "CHECK", check)
+    one = head("/refuse", 2) + b"{}"
+    data = one * (8_000_000 // len(one))  # whole requests only
+
+    def send(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # closed below while the server stopped reading
+            sock.sendall(data)
+
+    with Served(Unlogged) as served, served.connect() as sock:
+        sock.settimeout(None)
+        sender = threading.Thread(target=send, args=(sock,), daemon=True)
+        sender.start()
+
+        def stalled() -> bool:
+            connections = served.server.server_state.connections
+            if not connections:
+                return False
+            flow = next(iter(connections)).flow
+            return bool(flow.read_paused and flow.write_paused)
+
+        # The protocol before read and answered all 8 MB; this one stops reading.
+        _until(lambda: not sender.is_alive() or stalled())
+        buffered = _protocol(served).transport.get_write_buffer_size()
+        assert buffered < 1_000_000, buffered
+        assert sender.is_alive()  # the client's bytes wait in its socket, not in the server
+        sock.shutdown(socket.SHUT_RDWR)
+    sender.join(10)
