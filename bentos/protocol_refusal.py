@@ -15,7 +15,9 @@ takes only what cannot change the answer's bytes or order:
 
 - nothing else in flight on the connection (a pipelined request waits its turn, as before);
 - HTTP/1.1 keep-alive (a closing connection gets ``connection: close`` from uvicorn's path);
-- no ``Expect: 100-continue``, no upgrade, no access log, no concurrency limit of uvicorn's.
+- no ``Expect: 100-continue``, no upgrade, no access log, no concurrency limit of uvicorn's;
+- writes not paused (a client that does not read its answers gets uvicorn's path, which stops
+  reading until it does, rather than a refusal buffered for each request it sends).
 
 Everything else, and every request the check lets through, goes through uvicorn's own path
 unchanged (the app checks admission once more). ``EDGEBENTO_PROTOCOL_REFUSAL=0`` turns it off.
