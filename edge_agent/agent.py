@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cloud_sync.protocol import Topics
 from edge_agent.agent_status import AgentStatus
@@ -22,13 +22,15 @@ from edge_agent.packet_limit import TooLarge
 from edge_agent.pipelines import Pipeline
 from edge_agent.replies import ReplyCache
 from edge_agent.session import Session
-from edge_agent.shadow import ShadowRunner
 from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.trust import Reconciler
 from edge_agent.updater import Updater
 from edge_agent.updates import UpdateWorker
 from edge_agent.wakeup import Wakeup
 from modelpack.errors import EdgebentoError, ExpiredError
+
+if TYPE_CHECKING:
+    from edge_agent.shadow import ShadowRunner
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,11 @@ class Agent(AgentStatus):
                 budget_rows=config.drift_budget_rows,
             )
             self.inference.core.drift = self.drift
-        self.shadow = ShadowRunner(self.updater, self.inference, self.record, self.publish_status)
-        if isinstance(self.inference.core, DriftCore):
-            self.inference.core.shadow = self.shadow
+        # The shadow runner is built at the first shadow command, or here when a shadow's copy
+        # from before a restart is left to clear: a device never asked for one never imports it.
+        self._shadow: ShadowRunner | None = None
+        if (config.data_dir / "shadow").exists():
+            self._shadow = self.shadow
         self.capture = Capture(
             config.device,
             self.boot_id,
@@ -120,6 +124,19 @@ class Agent(AgentStatus):
         registry = CollectorRegistry()
         return registry, InferenceMetrics(registry=registry)
 
+    @property
+    def shadow(self) -> ShadowRunner:
+        """The shadow runner (``edge_agent.shadow``), built at first use: shadow commands run on
+        the update worker alone, so one is built once."""
+        if self._shadow is None:
+            from edge_agent.shadow import ShadowRunner
+
+            runner = ShadowRunner(self.updater, self.inference, self.record, self.publish_status)
+            if isinstance(self.inference.core, DriftCore):
+                self.inference.core.shadow = runner
+            self._shadow = runner
+        return self._shadow
+
     # --- telemetry ----------------------------------------------------------------------------
 
     def record(self, kind: str, data: dict[str, Any]) -> None:
@@ -144,7 +161,8 @@ class Agent(AgentStatus):
         self.record("inference", {**self.inference.stats.snapshot(), "model": beat["model"]})
         if self.drift is not None:
             self.drift.flush_to(self.record)
-        self.shadow.flush()
+        if self._shadow is not None:
+            self._shadow.flush()
         if self.identity.changed():  # a rotation, or a renewal refused: the status says so
             self.publish_status()
 

@@ -34,7 +34,7 @@ class AgentStatus:
     inference: InferenceService
     updater: Updater
     outbox: Outbox
-    shadow: ShadowRunner
+    _shadow: ShadowRunner | None  # built at the first shadow command
     identity: IdentityStatus
     session: Session
 
@@ -52,7 +52,7 @@ class AgentStatus:
                 "applied": self.updater.applied,
                 "expired": self.updater.expired,
                 "outbox": self.outbox.stats(),
-                "shadow": self.shadow.status(),
+                "shadow": None if self._shadow is None else self._shadow.status(),
                 "identity": self.identity.report(time.time()),
                 "taken_over": self._taken_over(),
             }

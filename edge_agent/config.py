@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -227,6 +226,8 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    import tomllib  # only with a config file (about 0.1 MB that a device started by flags never holds)
+
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

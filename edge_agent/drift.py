@@ -25,17 +25,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from edge_agent.drift_bins import Bins, Streams
-from edge_agent.drift_window import Window
 from modelpack.errors import InputError
 from modelpack.hashing import sha256_file
 from modelpack.manifest import BASELINE_FILE
 from modelpack.pack import Pack
 from modelpack.serving.core import Job, ServingCore
 
-# The baseline, its reducers and the summary's model are imported once a pack has a baseline:
-# a device serving packs without one never holds them (tests/unit/edge_agent/test_footprint.py).
+# The baseline, its reducers, the bins and windows that count rows in it and the summary's model
+# are imported once a pack has a baseline: a device serving packs without one never holds them
+# (tests/unit/edge_agent/test_footprint.py).
 if TYPE_CHECKING:
+    from edge_agent.drift_bins import Bins
+    from edge_agent.drift_window import Window
     from modelpack.baseline import Baseline
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class DriftMonitor:
         found = self._loaded[1]
         if found is None:
             return None
+        from edge_agent.drift_bins import Streams
+        from edge_agent.drift_window import Window
+
         sha, baseline, binner = found
         specs = baseline.specs()
         inputs, outputs = [s for s in specs if not s.output], [s for s in specs if s.output]
@@ -124,6 +128,7 @@ class DriftMonitor:
         entry = pack.manifest.file(BASELINE_FILE)
         if entry is None:
             return None
+        from edge_agent.drift_bins import Bins
         from modelpack.baseline import read_baseline
 
         if sha256_file(pack.root / BASELINE_FILE) != entry.sha256:  # changed since verified

@@ -46,7 +46,9 @@ class UpdateHost(Protocol):
 
 class CommandHost(UpdateHost, Protocol):
     capture: Capture
-    shadow: ShadowRunner
+
+    @property
+    def shadow(self) -> ShadowRunner: ...
 
     def status_fields(self) -> dict[str, Any]: ...
 

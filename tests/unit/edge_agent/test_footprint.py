@@ -43,6 +43,46 @@ def test_a_device_with_a_model_loaded_imports_nothing_heavy(
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
+SHADOW_PROBE = """
+import json, sys
+from pathlib import Path
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
+def agent(data):
+    return Agent(AgentConfig(device="d", data_dir=data, trust=[Path(sys.argv[2])]))
+fresh = agent(Path(sys.argv[1]) / "fresh")
+out = {"fresh_imports_it": "edge_agent.shadow" in sys.modules, "status": fresh.status().shadow}
+runner = fresh.shadow
+out["first_use_hooks_it"] = fresh.inference.core.shadow is runner and fresh.shadow is runner
+left = Path(sys.argv[1]) / "left"
+(left / "shadow" / "copy").mkdir(parents=True)
+(left / "shadow" / "copy" / "model.onnx").write_bytes(b"a copy from before a restart")
+agent(left)
+out["left_copy_kept"] = (left / "shadow").exists()
+print(json.dumps(out))
+"""
+
+
+def test_the_shadow_runner_is_built_at_first_use_and_a_copy_left_is_cleared_at_start(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """``Agent.shadow`` is built when a shadow command first asks for it, and then hooked into
+    the serving core; a shadow's copy left by a process that died is still removed at start."""
+    done = subprocess.run(
+        [sys.executable, "-c", SHADOW_PROBE, str(tmp_path), str(keys[1])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "fresh_imports_it": False,
+        "status": None,
+        "first_use_hooks_it": True,
+        "left_copy_kept": False,
+    }
+
+
 # What a started agent (no metrics port, no baseline in its pack, not enrolled) must not hold:
 # each is imported where it is first used. Prefixes of module names.
 NOT_AT_START = (
@@ -68,6 +108,10 @@ NOT_AT_START = (
     "cloud_sync.drift_summary",
     "modelpack.monitor",  # drift's reducers, and shadow's: only for a baseline or a shadow
     "cloud_sync.shadow_figures",  # only once a shadow starts
+    "edge_agent.shadow",  # the runner: built at the first shadow command
+    "edge_agent.drift_bins",  # drift's bins and windows: only for a pack with a baseline
+    "edge_agent.drift_window",
+    "tomllib",  # only with a config file
     # What libraries import for what the agent never asks of them (paho-mqtt's proxy lookup,
     # pydantic's plugin scan and secret types, numpy's ndarray.dump, compressed archives):
     # edge_agent.memory.defer_unused_imports keeps them out, 2.2 MB anonymous
