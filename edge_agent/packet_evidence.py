@@ -29,16 +29,21 @@ radio's duty cycle) cannot be. After the row's last close's age ``L`` if that wa
 ``EARLY_S``, 3 s): at ``max(SOON_S, L)`` and a random ``JITTER_S`` more, so a drop at that age
 again (or up to 0.25 s later) finds the suspect held. Else early: at ``SOON_S`` and the jitter,
 under 2 s, so a drop at that age again, or at any age of 3 s or more, comes over ``SOON_S``
-after the send and is no evidence. So no fixed age teaches a bound (probability 0, whatever the
-draws), nor does any pattern of drops all 3 s or more into their connections, nor a drop age
-that wanders (each under 0.25 s later than the last, or earlier). What still can: drops under
-5 s into their connections, each of the ``CLOSES - 1`` after the first in the second after a
-release the link cannot see coming, with the suspect black-holed (else it is acknowledged), such
-as ages rising by about a second (2, 2.9, 3.8 s: most draws); and that bound lapses. No rule
-whose hold is at most ``H`` s can refuse every such pattern: some age lands in the second after
-the release with probability 1/H at least, on each connection. A real message over the limit
-costs two holds of 1.25 to 4 s (about 1.6 s then 2.2 s when its first close came over 3 s or
-under 1 s into its connection).
+after the send and is no evidence. The send comes a lag ``d`` after the release (the round trip
+the session waits for), so it is decided at the send (``send_now``): not in the ``SOON_S`` and
+0.25 s before ``L``, nor from ``L`` to its late release (``L`` and the jitter), where it waits for
+that. Checked at the stamp the close is judged by, it holds for any ``d``: a drop at ``L`` (0.25 s
+either way) finds the suspect sent over ``SOON_S`` before, or held. So no fixed age teaches a
+bound (probability 0, whatever the draws and the lag), nor does any pattern of drops all 3 s
+(and ``d``) or more into their connections, nor a drop age that wanders (each under 0.25 s later
+than the last, or earlier). What still can: drops under 5 s into their connections, each of
+the ``CLOSES - 1`` after the first in the second after a release the link cannot see coming,
+with the suspect black-holed (else it is acknowledged), such as ages rising by about a second
+(2, 2.9, 3.8 s: most draws); and that bound lapses. No rule whose hold is at most ``H`` s can
+refuse every such pattern: some age lands in the second after the release with probability 1/H
+at least, on each connection. A real message over the limit costs two holds of 1.25 to 4 s and
+the lag ``d`` (about 1.6 s then 2.2 s when its first close came over 3 s or under 1 s into its
+connection).
 
 The bound is never below the largest packet the broker acknowledged on the connection of the
 verdict's close (the suspect is larger). It may be below one acknowledged on an earlier
@@ -117,6 +122,7 @@ class PacketLimitWatch:
         self.draw = draw  # in [0, 1): the release's jitter, one draw per connection
         self.close_age = 0.0  # while a row is open: its last close, seconds after its CONNACK
         self._jitter = 0.0
+        self._late = False  # this connection's early release came too near the close's age
         self.acked_max = 0  # the largest packet the broker acknowledged since the CONNACK
         self.acked_boot = 0  # ... since the agent started, on any connection
         self.bound: int | None = None  # learned: the broker takes no packet larger
@@ -129,7 +135,7 @@ class PacketLimitWatch:
 
     def connected(self, now: float) -> None:
         """A CONNACK: maybe another broker, or one restarted with a lower limit."""
-        self.acked_max, self.connected_at = 0, now
+        self.acked_max, self.connected_at, self._late = 0, now, False
         low, high = JITTER_S
         self._jitter = low + (high - low) * self.draw()
         if self._learned_at is not None and now - self._learned_at >= LAPSE_S:
@@ -182,8 +188,20 @@ class PacketLimitWatch:
     def quiet_until(self) -> float:
         """While a row is open, the suspect is sent again only this long after the CONNACK:
         after the age of the row's last close and a jitter, or early if that close was late."""
-        age = self.close_age if self.close_age < self.early else 0.0
+        age = self.close_age if self._late or self.close_age < self.early else 0.0
         return self.connected_at + max(self.soon_s, age) + self._jitter
+
+    def send_now(self, now: float) -> bool:
+        """At the suspect's actual send, ``now`` its stamp (after ``quiet_until``, by a lag: the
+        round trip the session waits for, its polling): whether it may go. Not in the ``SOON_S``
+        (and ``JITTER_S[0]``) before the last close's age, up to its late release: a drop at that
+        age again (0.25 s either way) would come right after it. Then it waits for that release,
+        after the age (``quiet_until``), whatever the lag."""
+        close = self.connected_at + self.close_age
+        late = self.connected_at + max(self.soon_s, self.close_age) + self._jitter  # as quiet_until
+        near = close - self.soon_s - JITTER_S[0] <= now < late
+        self._late = self._late or near
+        return not near
 
     def _verdict(self, message: Unacked, now: float) -> int:
         bound = message.size - 1

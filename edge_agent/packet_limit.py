@@ -234,6 +234,9 @@ class PacketLimit:
                 return
         if not self._link_carries():
             return
+        with self._lock:  # the round trip may have brought the send near the last close's age
+            if not self.watch.send_now(now):
+                return
         self._send(now, self._waiting)
 
     def _link_carries(self) -> bool:

@@ -195,20 +195,38 @@ def _draws(values: list[float]) -> Callable[[], float]:
     return lambda: next(each)
 
 
-def _dropping_at(ages: list[float], before: float, draws: list[float], gaps: list[float]) -> None:
+def _sent(watch: PacketLimitWatch, drop: float, lag: float) -> float | None:
+    """When the held-back suspect goes on the wire: ``lag`` s after its release (the PINGREQ's
+    round trip the session waits for, its polling), if the watch lets it go then, else ``lag``
+    after the release it moves to; None: the link drops first (``drop``)."""
+    at = watch.quiet_until + lag
+    while at < drop:
+        if watch.send_now(at):
+            return at
+        at = watch.quiet_until + lag
+    return None
+
+
+def _dropping_at(
+    ages: list[float],
+    before: float,
+    draws: list[float],
+    gaps: list[float],
+    lags: list[float] = [0.0],  # noqa: B006 (never changed)
+) -> None:
     """A link that carries data and drops each connection at its age in ``ages`` (seconds after
     the CONNACK), after a large message went ``before`` s before the first drop, in front of a
     broker that takes everything; black-holed: whatever the agent sends is never acknowledged
     (the worst case: a message sent in time is acknowledged and clears the row). The watch holds
-    the message back while its row is open and sends it at ``quiet_until`` if the link is up."""
+    the message back while its row is open and sends it a lag in ``lags`` after ``quiet_until``
+    (as the watch lets it, ``send_now``) if the link is up."""
     watch = PacketLimitWatch(draw=_draws(draws))
     message = Unacked(1, "replies/1", 20_000, 0.0, 1)
     now, sent_at = 0.0, ages[0] - before
-    for age, gap in zip(itertools.cycle(ages), gaps, strict=False):
+    for age, gap, lag in zip(itertools.cycle(ages), gaps, itertools.cycle(lags), strict=False):
         watch.connected(now)
         if watch.suspect is not None:  # held back until its release, if the link is up then
-            release = watch.quiet_until
-            sent_at = release if release < now + age else None
+            sent_at = _sent(watch, now + age, lag)
         elif sent_at is None or sent_at < now:
             sent_at = now  # paho sends again at the CONNACK what it holds
         drop = now + age
@@ -237,6 +255,30 @@ def test_a_link_that_drops_at_one_age_of_each_connection_teaches_no_bound(
     the age (here up to far past any cap) and the draws: the drop finds the message held (the
     last close was under EARLY_S), or comes over SOON_S after its early release."""
     _dropping_at([age], before, draws, gaps)
+
+
+_LAGS = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    age=st.one_of(st.sampled_from([3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6, 11.1]), _AGES),
+    before=st.floats(0.0, SOON_S),
+    draws=_DRAWS,
+    gaps=_GAPS,
+    lags=_LAGS,
+)
+@example(age=3.1, before=0.6, draws=[0.5], gaps=[3.0] * 6, lags=[0.8])  # the review's (RTT)
+@example(age=3.6, before=0.6, draws=[0.9], gaps=[3.0] * 6, lags=[0.5])
+@example(age=11.1, before=0.6, draws=[0.5], gaps=[3.0] * 6, lags=[1.0])
+def test_a_link_that_drops_at_one_age_teaches_no_bound_whatever_the_send_lag(
+    age: float, before: float, draws: list[float], gaps: list[float], lags: list[float]
+) -> None:
+    """The release's send comes a lag after ``quiet_until`` (the PINGREQ's round trip, up to
+    a second here): an early release planned under 2 s went out, on a link with a 0.8 s round
+    trip, in the second before a drop at 3.1 s each time, and taught a false bound. Decided at
+    the send itself, whatever the lag: the drop finds it held, or comes over SOON_S after."""
+    _dropping_at([age], before, draws, gaps, lags)
 
 
 @settings(max_examples=500, deadline=None)
@@ -304,19 +346,22 @@ def test_a_message_over_the_limit_waits_under_four_seconds_a_connection(
 @settings(max_examples=200, deadline=None)
 @given(
     size=st.integers(MIN_SUSPECT + 1, 60_000),
+    first=_AGES,
     draws=st.lists(st.floats(0.0, 1.0, exclude_max=True), min_size=1, max_size=8),
+    lag=st.floats(0.0, 1.0),
 )
 def test_whatever_the_draws_a_message_over_the_limit_is_found_in_closes_closes(
-    size: int, draws: list[float]
+    size: int, first: float, draws: list[float], lag: float
 ) -> None:
-    """The jitter costs a broker's real limit nothing but time: closed right after each send
-    (at the CONNACK, then at each release), the message gets its verdict at the CLOSES-th."""
+    """The jitter and the send's lag cost a broker's real limit nothing but time: closed right
+    after each send (the first ``first`` s into its connection, then at each actual send), the
+    message gets its verdict at the CLOSES-th."""
     watch = PacketLimitWatch(draw=_draws(draws))
     now, blame = 0.0, None
     for n in range(CLOSES):
         watch.connected(now)
-        sent = now if n == 0 else watch.quiet_until
-        assert sent >= now + (0.0 if n == 0 else SOON_S)
+        sent = now + first if n == 0 else _sent(watch, float("inf"), lag)
+        assert sent is not None and sent >= now + (0.0 if n == 0 else SOON_S)
         blame = watch.closed(sent + HEADER_S, [Unacked(1, "replies/1", size, sent, 1)])
         assert blame is not None and blame.closes == n + 1
         now = sent + 5.0
