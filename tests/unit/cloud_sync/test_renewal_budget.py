@@ -161,3 +161,17 @@ def test_a_replayed_request_id_is_shown_escaped() -> None:
     refused = refusal(doc, budget, 1001.0, forged)
     assert refused is not None and refused.reason == "replayed"
     assert str(refused).isprintable() and repr(forged) in str(refused)
+
+
+def test_stamps_too_far_ahead_cost_one_warning_a_check(caplog: pytest.LogCaptureFixture) -> None:
+    """A service behind keeps another's stamps it cannot count (up to 100): it logged a
+    WARNING for each at every check, a hundred lines a second under a thief's renewals."""
+    budget = RenewalBudget(50, DAY)
+    doc = DeviceIdentity(device="cam-1")
+    for i in range(50):
+        doc = spend(doc, budget, 5 * DAY + i, f"r{i}")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cloud_sync.renewal_budget"):
+        refusal(doc, budget, 0.0, "x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "50 renewal(s) stamped" in lines[0], lines
