@@ -231,7 +231,9 @@ class Renewer:
         on_event: Callable[[str, dict[str, Any]], None],
     ) -> None:
         self.config, self.channel, self.files, self.on_event = config, channel, files, on_event
+        # The answer to the one request asked at a time (``_ask``): others are not kept.
         self._replies: dict[str, EnrollReply] = {}
+        self._awaiting: str | None = None
         self._arrived = threading.Condition()
         self._stop = threading.Event()
         self.rotations = 0
@@ -256,20 +258,31 @@ class Renewer:
         except ValueError:
             return
         with self._arrived:
+            if reply.id != self._awaiting:
+                return  # a late answer to a request given up on: nobody reads it
+            first = self._replies.get(reply.id)
+            if first is not None and first.ok:
+                return  # a duplicate delivery's later answer (``replayed``) loses no certificate
             self._replies[reply.id] = reply
             self._arrived.notify_all()
 
     def _ask(self, kind: str, payload: bytes, request_id: str) -> EnrollReply | None:
         topic = enroll_topic(self.config.prefix, self.config.device, kind)
+        with self._arrived:
+            self._awaiting = request_id
+            self._replies.clear()
         self.channel.publish(topic, payload, qos=1)
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         with self._arrived:
-            while request_id not in self._replies:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return None
-                self._arrived.wait(min(left, 0.5))
-            return self._replies.pop(request_id)
+            try:
+                while request_id not in self._replies:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set():
+                        return None
+                    self._arrived.wait(min(left, 0.5))
+                return self._replies.pop(request_id)
+            finally:
+                self._awaiting = None
 
     def due_in(self) -> float:
         not_before, not_after, _ = cert_window(self.files.cert)
