@@ -62,20 +62,25 @@ def _status(agent: Any) -> dict[str, Any]:
         return {}  # not written yet, or being replaced
 
 
-def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
-    short_lived: IdentityFleet, agent_factory: Any, tmp_path: Path
-) -> None:
-    fleet = short_lived
-    busy = BusyForRenewals(DEVICE, times=2)
-    fleet.service.limit = busy
+def _enrolling_agent(fleet: IdentityFleet, agent_factory: Any, tmp_path: Path) -> Any:
+    """A real agent that enrolls ``DEVICE`` with a fresh claim and renews on its own."""
     token = fleet.ids.create_claims([DEVICE], ttl_s=600)[DEVICE]
-    agent = agent_factory(
+    return agent_factory(
         broker=fleet.broker,
         device=DEVICE,
         data_dir=tmp_path / "agent",
         prefix=PREFIX,
         args=fleet.agent_args(token),
     )
+
+
+def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
+    short_lived: IdentityFleet, agent_factory: Any, tmp_path: Path
+) -> None:
+    fleet = short_lived
+    busy = BusyForRenewals(DEVICE, times=2)
+    fleet.service.limit = busy
+    agent = _enrolling_agent(fleet, agent_factory, tmp_path)
     operator = fleet.client("operator")
     wait_online(operator, PREFIX, DEVICE)
     first = fleet.ids.device(DEVICE)
@@ -145,14 +150,7 @@ def test_a_renewal_past_the_budget_is_tried_again_until_one_is_free(
 ) -> None:
     fleet = short_lived
     fleet.service.budget = RenewalBudget(count=1, window_s=3600.0)
-    token = fleet.ids.create_claims([DEVICE], ttl_s=600)[DEVICE]
-    agent = agent_factory(
-        broker=fleet.broker,
-        device=DEVICE,
-        data_dir=tmp_path / "agent",
-        prefix=PREFIX,
-        args=fleet.agent_args(token),
-    )
+    agent = _enrolling_agent(fleet, agent_factory, tmp_path)
     # Its first renewal spends the budget; its second (10 s before its certificate expires) is
     # refused. The agent before this took that for "never": renewal_refused, and it expired.
     deadline = time.monotonic() + 90
