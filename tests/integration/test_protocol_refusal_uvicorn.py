@@ -459,7 +459,7 @@ def test_a_client_that_reads_no_answers_is_refused_by_uvicorns_path_which_waits(
     uvicorn's path answers and stops reading until the client reads."""
     monkeypatch.setattr(protocol_refusal, "CHECK", check)
     one = head("/refuse", 2) + b"{}"
-    data = one * (8_000_000 // len(one))  # whole requests only
+    data = one * (32_000_000 // len(one))  # whole requests; more than the sockets buffer
 
     def send(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):  # closed below while the server stopped reading
@@ -477,7 +477,7 @@ def test_a_client_that_reads_no_answers_is_refused_by_uvicorns_path_which_waits(
             flow = next(iter(connections)).flow
             return bool(flow.read_paused and flow.write_paused)
 
-        # The protocol before read and answered all 8 MB; this one stops reading.
+        # The protocol before read and answered all 32 MB; this one stops reading.
         _until(lambda: not sender.is_alive() or stalled())
         buffered = _protocol(served).transport.get_write_buffer_size()
         assert buffered < 1_000_000, buffered
