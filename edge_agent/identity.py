@@ -33,6 +33,7 @@ from cloud_sync.enroll import EnrollReply, enroll_topic
 from cloud_sync.fleet_ca import new_key, write_private
 from edge_agent.config import AgentConfig
 from edge_agent.identity_files import IdentityFiles, cert_window
+from edge_agent.renewal_wait import next_try_in
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,25 @@ ENROLL_TIMEOUT_S = 120.0
 # Answers that say "not now", not "never": a busy or flooded service (its rate limit), one that
 # failed on its side (the store unreachable), the device's renewal budget spent for now (answers
 # lost on the way spend it too), or a request the service already answered (a duplicate
-# delivery whose first answer was lost). A renewal answered so is tried again with backoff, as a
-# new request; only a refusal of the device itself (revoked, not enrolled, a bad CSR) ends it.
+# delivery whose first answer was lost). A renewal answered so is tried again as a new request,
+# not before the answer's ``retry_after_s`` where it fits the certificate's life
+# (``edge_agent.renewal_wait``); only a refusal of the device itself (revoked, not enrolled, a
+# bad CSR) ends it.
 NOT_NOW = frozenset({"rate_limited", "internal", "renewal_budget", "replayed"})
 ROTATED_TRIES, ROTATED_GAP_S = 4, 1.5  # the service's gap per device is 1 s by default
+
+
+class NotServed(BrokerError):
+    """A renewal answered "not now" (``NOT_NOW``): its reason, and when the service said to ask
+    again (``retry_after_s``, as it came: ``next_try_in`` judges it)."""
+
+    def __init__(self, reply: EnrollReply) -> None:
+        super().__init__(f"the renewal was not served ({reply.reason}): {reply.error}")
+        self.reason, self.retry_after_s = reply.reason, reply.retry_after_s
+
+
+def _at(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat(timespec="seconds")
 
 
 class Channel(Protocol):
@@ -104,8 +120,7 @@ def prepare_identity(config: AgentConfig) -> AgentConfig:
         if time.time() < not_after:
             files.write_status("valid", serial=serial, not_after=not_after)
             return config.model_copy(update={"cert_file": files.cert, "key_file": files.key})
-        when = dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat(timespec="seconds")
-        reason = f"the device certificate {serial} expired at {when}"
+        reason = f"the device certificate {serial} expired at {_at(not_after)}"
         files.write_status("expired", serial=serial, not_after=not_after, reason=reason)
         if token is None:
             raise AuthError(f"{reason}: enroll again with a new claim token (--enroll TOKEN)")
@@ -219,7 +234,8 @@ def enroll_by_claim(config: AgentConfig, token: str, files: IdentityFiles) -> No
 
 
 class Renewer:
-    """Renews at ``renew_at`` of the certificate's life (with jitter, retried with backoff):
+    """Renews at ``renew_at`` of the certificate's life (with jitter; retried with backoff, or
+    as late as the service asks: ``edge_agent.renewal_wait``):
     a new key and CSR over the current identity, the new certificate, a reconnect with it, and
     then the device says ``rotated`` so that the cloud revokes the old one."""
 
@@ -290,20 +306,17 @@ class Renewer:
         jitter = random.uniform(-0.03, 0.03) * life  # a fleet enrolled at once renews spread
         return max(0.0, not_before + self.config.renew_at * life + jitter - time.time())
 
-    def _wait(self, failures: int) -> float:
-        if failures:
-            return self._retry_in(failures)
+    def _due(self) -> float:
         wait = self.due_in()
         # The status says when: an operator sees a renewal that is due and has not happened.
         self.files.write_status("valid", renew_after=time.time() + wait)
         return wait
 
     def _run(self) -> None:
-        failures = 0
-        while not self._stop.wait(self._wait(failures)):
+        failures, wait = 0, self._due()
+        while not self._stop.wait(wait):
             try:
                 self.renew_once()
-                failures = 0
             except AuthError as exc:  # revoked or unknown: renewing again will not help
                 self.gave_up = str(exc)
                 log.error("certificate renewal refused: %s", exc)
@@ -311,7 +324,24 @@ class Renewer:
                 return
             except Exception as exc:
                 failures += 1
-                log.warning("certificate renewal failed (try %d): %s", failures, exc)
+                wait = self._after_failure(failures, exc)
+            else:
+                failures, wait = 0, self._due()
+
+    def _after_failure(self, failures: int, exc: Exception) -> float:
+        """The wait before the next try: the backoff, or as long as the service asked
+        (``next_try_in``); said in the log and in the status (``renew_after``, ``reason``)."""
+        not_before, not_after, _ = cert_window(self.files.cert)
+        now = time.time()
+        reason = exc.reason if isinstance(exc, NotServed) else None
+        asked = exc.retry_after_s if isinstance(exc, NotServed) else None
+        backoff = self._retry_in(failures)
+        wait = next_try_in(backoff, reason, asked, now, not_before, not_after)
+        said = f"{exc}; trying again in {wait:.0f} s, at {_at(now + wait)}"
+        log.warning("certificate renewal failed (try %d): %s", failures, said)
+        state = "valid" if now < not_after else "expired"
+        self.files.write_status(state, renew_after=now + wait, reason=f"try {failures}: {said}")
+        return wait
 
     def _retry_in(self, failures: int) -> float:
         _, not_after, _ = cert_window(self.files.cert)
@@ -330,7 +360,7 @@ class Renewer:
         if not reply.ok or not reply.certificate:
             self.files.next_key.unlink(missing_ok=True)
             if reply.reason in NOT_NOW:
-                raise BrokerError(f"the renewal was not served ({reply.reason}): {reply.error}")
+                raise NotServed(reply)
             raise AuthError(f"{reply.reason}: {reply.error}")
         old = cert_window(self.files.cert)[2]
         self.files.install(reply.certificate, self.config.device, key.public_key())

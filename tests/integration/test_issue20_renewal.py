@@ -26,7 +26,7 @@ from cloud_sync.renewal_budget import RenewalBudget
 from cloud_sync.revocation import _connect
 from tests.support.agent import wait_online
 from tests.support.identity_cli import as_operator, fleet_cli
-from tests.support.identity_fleet import PREFIX, IdentityFleet
+from tests.support.identity_fleet import PREFIX, IdentityFleet, enrolling_agent, identity_status
 
 DEVICE = "ren-a"
 
@@ -55,32 +55,13 @@ def short_lived(tmp_path: Path) -> Iterator[IdentityFleet]:
     fleet.stop()
 
 
-def _status(agent: Any) -> dict[str, Any]:
-    try:
-        return dict(json.loads((agent.data_dir / "identity" / "status.json").read_text()))
-    except (OSError, ValueError):
-        return {}  # not written yet, or being replaced
-
-
-def _enrolling_agent(fleet: IdentityFleet, agent_factory: Any, tmp_path: Path) -> Any:
-    """A real agent that enrolls ``DEVICE`` with a fresh claim and renews on its own."""
-    token = fleet.ids.create_claims([DEVICE], ttl_s=600)[DEVICE]
-    return agent_factory(
-        broker=fleet.broker,
-        device=DEVICE,
-        data_dir=tmp_path / "agent",
-        prefix=PREFIX,
-        args=fleet.agent_args(token),
-    )
-
-
 def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
     short_lived: IdentityFleet, agent_factory: Any, tmp_path: Path
 ) -> None:
     fleet = short_lived
     busy = BusyForRenewals(DEVICE, times=2)
     fleet.service.limit = busy
-    agent = _enrolling_agent(fleet, agent_factory, tmp_path)
+    agent = enrolling_agent(fleet, agent_factory, tmp_path / "agent", DEVICE)
     operator = fleet.client("operator")
     wait_online(operator, PREFIX, DEVICE)
     first = fleet.ids.device(DEVICE)
@@ -97,8 +78,8 @@ def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
         record = fleet.ids.device(DEVICE)
         if record is not None and record.last_rotation is not None:
             break
-        state = _status(agent).get("state")
-        assert state != "renewal_refused", (_status(agent), agent.output()[-2000:])
+        state = identity_status(agent).get("state")
+        assert state != "renewal_refused", (identity_status(agent), agent.output()[-2000:])
         assert time.monotonic() < deadline, agent.output()[-2000:]
         time.sleep(0.2)
     assert busy.refused == 2 and fleet.service.refusals["rate_limited"] >= 2
@@ -126,10 +107,10 @@ def test_a_renewal_answered_busy_is_retried_and_the_old_certificate_is_shut_out(
     assert operator.request(f"{PREFIX}/{DEVICE}/cmd/ping", {}, timeout=30)["ok"] is True
     # (A 30-second certificate renews again 20 s later: each check takes any rotation.)
     deadline = time.monotonic() + 20
-    while _status(agent).get("serial") in (None, first.current):
-        assert time.monotonic() < deadline, _status(agent)
+    while identity_status(agent).get("serial") in (None, first.current):
+        assert time.monotonic() < deadline, identity_status(agent)
         time.sleep(0.2)
-    assert _status(agent)["state"] == "valid" and _status(agent)["last_rotation"]
+    assert identity_status(agent)["state"] == "valid" and identity_status(agent)["last_rotation"]
     operator.close()
     # What an operator reads of it (item 6): the expiry and the last rotation, from the store.
     store = str(fleet.root / "store")
@@ -150,7 +131,7 @@ def test_a_renewal_past_the_budget_is_tried_again_until_one_is_free(
 ) -> None:
     fleet = short_lived
     fleet.service.budget = RenewalBudget(count=1, window_s=3600.0)
-    agent = _enrolling_agent(fleet, agent_factory, tmp_path)
+    agent = enrolling_agent(fleet, agent_factory, tmp_path / "agent", DEVICE)
     # Its first renewal spends the budget; its second (10 s before its certificate expires) is
     # refused. The agent before this took that for "never": renewal_refused, and it expired.
     deadline = time.monotonic() + 90
@@ -158,7 +139,7 @@ def test_a_renewal_past_the_budget_is_tried_again_until_one_is_free(
         assert "certificate renewal refused" not in agent.output(), agent.output()[-2000:]
         assert time.monotonic() < deadline, agent.output()[-2000:]
         time.sleep(0.2)
-    assert _status(agent).get("state") != "renewal_refused", _status(agent)
+    assert identity_status(agent).get("state") != "renewal_refused", identity_status(agent)
     record = fleet.ids.device(DEVICE)
     assert record is not None and len(record.renewals) == 1
     # A renewal free again (here: the budget raised): the next try renews and rotates.
@@ -171,4 +152,4 @@ def test_a_renewal_past_the_budget_is_tried_again_until_one_is_free(
         assert "certificate renewal refused" not in agent.output(), agent.output()[-2000:]
         assert time.monotonic() < deadline, agent.output()[-2000:]
         time.sleep(0.2)
-    assert _status(agent).get("state") != "renewal_refused", _status(agent)
+    assert identity_status(agent).get("state") != "renewal_refused", identity_status(agent)

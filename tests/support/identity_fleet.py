@@ -108,6 +108,26 @@ class IdentityFleet:
         self.broker.stop()
 
 
+def enrolling_agent(fleet: IdentityFleet, agent_factory: Any, data_dir: Path, device: str) -> Any:
+    """A real agent that enrolls ``device`` with a fresh claim and renews on its own."""
+    token = fleet.ids.create_claims([device], ttl_s=600)[device]
+    return agent_factory(
+        broker=fleet.broker,
+        device=device,
+        data_dir=data_dir,
+        prefix=PREFIX,
+        args=fleet.agent_args(token),
+    )
+
+
+def identity_status(agent: Any) -> dict[str, Any]:
+    """The agent's ``identity/status.json``; empty while not written yet, or being replaced."""
+    try:
+        return dict(json.loads((agent.data_dir / "identity" / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 class TlsClient(Client):
     """tests.support.agent.Client over mTLS with a certificate of the fleet CA."""
 
