@@ -79,6 +79,14 @@ def _name(common_name: str) -> Any:
     )
 
 
+def backdate_s(validity_s: float) -> float:
+    """How far before the moment of issue a certificate's ``not_valid_before`` is set: a device
+    clock a little behind; a tenth at most, so that two thirds of a short validity (a test's
+    minutes) still fall after the moment of issue. An agent renews at a share of the life from
+    ``not_valid_before``, so this moves its renewal earlier (``renewal_budget.check_fits``)."""
+    return min(300.0, validity_s / 10)
+
+
 def _builder(subject: Any, issuer: Any, public_key: Any, days: float, ca: bool) -> Any:
     from cryptography import x509
 
@@ -89,9 +97,7 @@ def _builder(subject: Any, issuer: Any, public_key: Any, days: float, ca: bool) 
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        # A device clock a little behind; a tenth at most, so that two thirds of a short
-        # validity (a test's minutes) still fall after the moment of issue.
-        .not_valid_before(now - min(dt.timedelta(minutes=5), dt.timedelta(days=days) / 10))
+        .not_valid_before(now - dt.timedelta(seconds=backdate_s(days * 86400)))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )

@@ -8,6 +8,7 @@ it inside the record's compare-and-swap)::
     refusal(doc, budget, now, request_id)    # ClaimRefused("renewal_budget"/"replayed") or None
     doc = spend(doc, budget, now, request_id)   # the spend stamped in; raises as refusal does
     check_fits(budget, validity_s=90 * 86400)   # ConfigError: the fleet would expire under it
+    renewal_spacing(validity_s=90 * 86400)      # (shortest time between renewals, least life left)
 
 Why: every renewal adds a certificate that the CRL lists once it is retired (rotated away from,
 or left unconfirmed: ``cloud_sync.identity_rotation``), until it expires. The service's rate
@@ -44,6 +45,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from cloud_sync.fleet_ca import backdate_s
 from cloud_sync.identity_claims import ClaimRefused
 from cloud_sync.identity_records import DeviceIdentity, RenewalSpend
 from modelpack.errors import ConfigError
@@ -143,15 +145,30 @@ def _kept(doc: DeviceIdentity, budget: RenewalBudget, now: float) -> list[Renewa
     return [s for i, s in enumerate(doc.renewals) if i not in dropped]
 
 
+def renewal_spacing(validity_s: float, renew_at: float = AGENT_RENEW_AT) -> tuple[float, float]:
+    """(the shortest time between two renewals of an agent, the least life its certificate has
+    left at a renewal) for certificates of ``validity_s`` issued by the fleet CA. The agent
+    renews at ``renew_at`` (+-jitter) of the life from ``not_valid_before``, which the CA sets
+    before the moment of issue (``backdate_s``): the life is longer than ``validity_s`` and the
+    renewal comes earlier after the issue than ``renew_at`` x ``validity_s``. X.509 times are
+    whole seconds: one more is taken off."""
+    back = backdate_s(validity_s)
+    life = validity_s + back
+    every = (renew_at - AGENT_JITTER) * life - back - 1.0
+    return every, (1 - renew_at - AGENT_JITTER) * life
+
+
 def check_fits(budget: RenewalBudget, validity_s: float, renew_at: float = AGENT_RENEW_AT) -> None:
     """ConfigError when agents renewing certificates of ``validity_s`` at ``renew_at`` of their
-    life (jitter included) need more than ``budget.count`` renewals in a window: refused ones
-    wait (``retry_after_s``) past the life left and the fleet expires. Room is kept for one lost
-    answer per window (tried again, it spends again) unless the certificate outlives a window
-    after its renewal point, when a refused device can wait for the budget to free."""
-    every = (renew_at - AGENT_JITTER) * validity_s
-    need = math.ceil(budget.window_s / every)
-    if (1 - renew_at - AGENT_JITTER) * validity_s <= budget.window_s:
+    life (jitter and the CA's backdating included: ``renewal_spacing``) need more than
+    ``budget.count`` renewals in a window: refused ones wait (``retry_after_s``) past the life
+    left and the fleet expires. Room is kept for one lost answer per window (tried again, it
+    spends again) unless the certificate outlives a window after its renewal point, when a
+    refused device can wait for the budget to free (the agent waits as asked, and in the
+    last stretch of the life at its backoff's pace: ``edge_agent.renewal_wait``)."""
+    every, left = renewal_spacing(validity_s, renew_at)
+    need = math.ceil(budget.window_s / every) if every > 0 else MAX_COUNT + 1
+    if left <= budget.window_s:
         need += 1
     if need > budget.count:
         hours = budget.window_s / 3600
