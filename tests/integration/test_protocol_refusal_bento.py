@@ -115,3 +115,25 @@ def test_pipelined_requests_keep_their_order(servers: dict[str, Process]) -> Non
         got = answers(sock, 3)
     assert [a[:12] for a in got] == [b"HTTP/1.1 200", b"HTTP/1.1 503", b"HTTP/1.1 200"]
     assert b'"add"' in got[0] and got[2].endswith(b'{"ready":true}')
+
+
+def test_refusals_pipelined_in_one_packet_are_each_answered_and_counted(
+    servers: dict[str, Process],
+) -> None:
+    """Once the process is refusing, refusals read whole are answered without the parser
+    (``bentos/refusal_fast_path.py``): each the app's 503, counted once, in order, and what
+    follows still served (here a request the grammar leaves to the parser)."""
+    server = servers["protocol"]
+    before = _refused_total(server)
+    one = head("/predict", len(BODY)) + BODY
+    with _connect(server) as sock:
+        sock.sendall(one)  # a refusal: the process is refusing
+        (first,) = answers(sock, 1)
+        sock.sendall(one * 4 + b"GET /metadata HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = answers(sock, 5)
+    with _connect(servers["app"]) as sock:
+        sock.sendall(one)
+        (apps,) = answers(sock, 1)
+    assert {undated(a) for a in [first, *got[:4]]} == {undated(apps)}
+    assert got[4].startswith(b"HTTP/1.1 200") and b'"add"' in got[4]
+    assert _refused_total(server) == before + 5

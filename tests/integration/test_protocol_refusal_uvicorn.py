@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import socket
 import threading
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bentos import protocol_refusal
 from bentos.protocol_refusal import RefusingProtocol, header_block
@@ -240,13 +243,7 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_behind(
         sock.sendall(head("/ok", 1) + b"a")
         (ok,) = answers(sock, 1)
     assert ok.endswith(b'{"read":1}')
-    connections = refusing.server.server_state.connections
-
-    async def drained() -> None:  # the server drops each connection when its loop sees it close
-        while connections:
-            await asyncio.sleep(0.01)
-
-    asyncio.run(asyncio.wait_for(drained(), 10))
+    _drained(refusing)
     assert refusing.app.calls == ["/ok"]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
@@ -351,13 +348,7 @@ def test_a_hold_the_app_ignores_is_released_once_when_its_request_ends(
         for _ in range(3):  # the client leaves mid-body: released as the connection closes
             with served.connect() as sock:
                 sock.sendall(head("/ok", 1000) + b"x" * 10)
-        connections = served.server.server_state.connections
-
-        async def drained() -> None:
-            while connections:
-                await asyncio.sleep(0.01)
-
-        asyncio.run(asyncio.wait_for(drained(), 10))
+        _drained(served)
     assert len(given) == 6
     assert sorted(released) == list(range(6))
 
@@ -484,3 +475,169 @@ def test_a_client_that_reads_no_answers_is_refused_by_uvicorns_path_which_waits(
         assert sender.is_alive()  # the client's bytes wait in its socket, not in the server
         sock.shutdown(socket.SHUT_RDWR)
     sender.join(10)
+
+
+class Parsing(Unlogged):
+    """``Unlogged``, counting the requests httptools began to parse."""
+
+    parsed = 0
+
+    def on_message_begin(self) -> None:
+        Parsing.parsed += 1
+        super().on_message_begin()
+
+
+@pytest.fixture
+def parsing(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    monkeypatch.setattr(protocol_refusal, "CHECK", check)
+    monkeypatch.setattr(Parsing, "parsed", 0)
+    # Not refusing at first (raising=False: the test also runs on the code before, to fail).
+    recent = getattr(protocol_refusal, "RECENT", 8)
+    monkeypatch.setattr(protocol_refusal, "_admitted_in_row", recent, raising=False)
+    with Served(Parsing) as served:
+        yield served
+
+
+def test_refused_requests_read_whole_are_answered_without_the_parser(parsing: Served) -> None:
+    """While the process is refusing, the refused requests whose bytes are all read are
+    answered without httptools, several in a packet, in order; the first it does not refuse
+    (here one the app takes) and everything after it go to the parser (the refusal behind it
+    waits its turn in uvicorn's pipeline, as before)."""
+    refuse = head("/refuse", 2) + b"{}"
+    with parsing.connect() as sock:
+        sock.sendall(refuse)  # parsed: nothing refused before it
+        assert answers(sock, 1)[0].startswith(b"HTTP/1.1 503")
+        assert Parsing.parsed == 1
+        sock.sendall(refuse * 3 + head("/ok", 1) + b"a" + refuse)
+        got = answers(sock, 5)
+    assert [a[:12] for a in got] == [b"HTTP/1.1 503"] * 3 + [b"HTTP/1.1 200", b"HTTP/1.1 503"]
+    assert len({undated(a) for a in got[:3] + got[4:]}) == 1
+    assert Parsing.parsed == 3  # the first, /ok and the refusal behind it
+    assert parsing.app.calls == ["/ok", "/refuse"]
+    assert parsing.server.server_state.total_requests == 6
+
+
+def test_a_process_not_refusing_parses_every_request(parsing: Served) -> None:
+    """Once ``RECENT`` checks in a row let their requests through, the process is not refusing
+    and the fast path is not tried: a refusal is parsed again (and makes it refusing)."""
+    ok, refuse = head("/ok", 1) + b"a", head("/refuse", 2) + b"{}"
+    with parsing.connect() as sock:
+        sock.sendall(refuse)
+        answers(sock, 1)
+        for _ in range(protocol_refusal.RECENT):
+            sock.sendall(ok)
+            answers(sock, 1)
+        before = Parsing.parsed
+        sock.sendall(refuse)
+        answers(sock, 1)
+        assert Parsing.parsed == before + 1
+        sock.sendall(refuse)
+        answers(sock, 1)
+        assert Parsing.parsed == before + 1  # refusing again: the fast path's
+
+
+def test_a_request_the_fast_path_does_not_recognise_goes_to_the_parser_with_the_rest(
+    parsing: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused request, then one llhttp rejects: the same answers as without the fast path
+    (the 503, uvicorn's 400, the connection closed)."""
+    got = {}
+    for recent in (0, 10**9):
+        monkeypatch.setattr(protocol_refusal, "RECENT", recent)
+        with parsing.connect() as sock:
+            sock.sendall(head("/refuse", 2) + b"{}" + b"POST /refuse HTTP/1.1\r\nA: b\nc\r\n\r\n")
+            got[recent] = answers(sock, 3)
+    assert [undated(a) for a in got[0]] == [undated(a) for a in got[10**9]]
+    assert [a[:12] for a in got[0]] == [b"HTTP/1.1 503", b"HTTP/1.1 400"]
+
+
+# Requests llhttp reads on a kept-alive HTTP/1.1 connection: in the fast path's grammar or not
+# (percent-encoded, absolute-form, chunked, obs-text, odd spacing), refused, let through, given
+# a Hold, or failing the check.
+def _request(path: str, body: bytes, extra: bytes = b"", target: bytes | None = None) -> bytes:
+    line = b"POST %s HTTP/1.1\r\n" % (target or path.encode())
+    return line + b"Host: x\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+TEMPLATES = [
+    lambda body: _request("/refuse", body),
+    lambda body: _request("/refuse", body, target=b"/re%66use?x=1"),
+    lambda body: _request("/refuse", body, target=b"http://x/refuse"),
+    lambda body: _request("/refuse", body, b"X-Obs: \xe9\r\n"),
+    lambda body: _request("/refuse", body, b"x-A:\t \tb \t\r\nConnection: keep-alive\r\n"),
+    lambda body: _request("/refuse", body, b"X-Check: raise\r\n"),
+    lambda body: (
+        (
+            b"POST /refuse HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(body), body)
+        )
+        if body
+        else b"POST /refuse HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    lambda body: _request("/ok", body),
+    lambda body: _request("/hold", body),
+    lambda body: b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(range(len(TEMPLATES))), st.binary(max_size=6)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.integers(0, 10_000), max_size=4),
+)
+def test_the_answers_are_the_same_with_the_fast_path_and_without(
+    chosen: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    """Pipelined requests, sent in pieces cut anywhere: with the fast path always tried and
+    never, the same bytes come back, the check is asked the same questions (once each), the
+    app is called for the same requests, and every Hold is released once."""
+    stream = b"".join(TEMPLATES[index](body) for index, body in chosen)
+    bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    seen = {}
+    for recent in (0, 10**9):
+        recording = Recording()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(protocol_refusal, "CHECK", recording)
+            patch.setattr(protocol_refusal, "RECENT", recent)
+            with Served(Unlogged) as served:
+                with served.connect() as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    for piece in pieces:
+                        sock.sendall(piece)
+                    got = [undated(a) for a in answers(sock, len(chosen))]
+                _drained(served)
+        assert sorted(recording.released) == list(range(len(recording.holds)))
+        seen[recent] = (got, recording.asked, served.app.calls)
+    assert seen[0] == seen[10**9]
+    assert len(seen[0][0]) == len(chosen)
+
+
+class Recording:
+    """``check``, recording what it is asked, with a Hold for ``/hold``."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, list[tuple[bytes, bytes]]]] = []
+        self.released: list[int] = []
+        self.holds: list[CountedHold] = []
+
+    def __call__(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Any:
+        self.asked.append((method, path, headers))
+        if path == "/hold":
+            self.holds.append(CountedHold(self.released, len(self.holds)))
+            return self.holds[-1]
+        return check(method, path, headers)
+
+
+def _drained(served: Served) -> None:
+    connections = served.server.server_state.connections
+
+    async def drained() -> None:  # the server drops each connection when its loop sees it close
+        while connections:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(drained(), 10))
