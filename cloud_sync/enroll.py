@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem
 from cloud_sync.identity_store import ClaimRefused, IdentityStore, token_hash
 from cloud_sync.renewal_budget import RenewalBudget, budget_from_env
+from cloud_sync.reserved_ids import RESERVED_IDS
 from cloud_sync.rollout_state import DEVICE_ID
 from modelpack.errors import ConfigError
 
@@ -142,6 +143,8 @@ class EnrollmentService:
             )
         if not DEVICE_ID.fullmatch(device) or kind not in KINDS:
             return self._refuse(request.id, "bad_request", f"no enrollment topic for {device!r}")
+        if device in RESERVED_IDS:  # cloud identities may publish on its topics (reserved_ids)
+            return self._refuse(request.id, "bad_request", f"device id {device!r} is reserved")
         # A claim's gap is per token: anyone with the shared claim certificate may publish on
         # every device's claim topic, and junk without the token must not lock the device out.
         # ``rotated`` has its own gap: it follows its renewal within the second, and a renewal

@@ -34,7 +34,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -49,7 +49,6 @@ from cloud_sync.identity_records import (
     read_capped,
     signing_environment,
 )
-from cloud_sync.rollout_state import check_device_ids
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, ConflictError, NotFoundError, StoreError, clip
 
@@ -61,20 +60,6 @@ log = logging.getLogger(__name__)
 CLAIMS = "fleet/identity/claims"
 TOKEN_PREFIX = "ebc1."
 _TRIES = 20
-# Device ids that would collide with the cloud's identities or the enrollment topics, the
-# broker's own certificate (CN broker) or the certificate `fleet revoke` probes the CRL with.
-RESERVED_IDS = frozenset(
-    {"sync", "controller", "operator", "claim", "enroll", "group", "broker", "revocation-probe"}
-)
-
-
-def check_enrollable(devices: Iterable[str]) -> list[str]:
-    devices = list(devices)
-    check_device_ids(devices)
-    taken = sorted(set(devices) & RESERVED_IDS)
-    if taken:
-        raise ConfigError(f"device id {taken[0]!r} is reserved for the cloud's identities")
-    return devices
 
 
 class ClaimRefused(Exception):

@@ -42,7 +42,6 @@ from cloud_sync.identity_claims import (
     ClaimDoc,
     ClaimRefused,
     Spent,
-    check_enrollable,
     claims_naming,
     new_claim,
     spend_claim,
@@ -65,6 +64,7 @@ from cloud_sync.identity_records import (
 )
 from cloud_sync.identity_renewals import Renewals
 from cloud_sync.identity_rotation import ROTATION_GRACE_S
+from cloud_sync.reserved_ids import check_enrollable, check_revocable
 from cloud_sync.spent_claims import SpentClaims, spent_path
 from cloud_sync.store import ObjectStore
 from modelpack.errors import ConfigError, NotFoundError, StoreError, clip, first_problem
@@ -257,7 +257,7 @@ class IdentityStore(CrlIndexWriter, Renewals):
         def change(doc: DeviceIdentity) -> DeviceIdentity:
             return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
 
-        check_enrollable([device])
+        check_revocable([device])
         doc = self._change(device, change, over_refused=True)
         at = doc.revoked_at or time.time()
         self._add_to_crl(

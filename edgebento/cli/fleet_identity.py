@@ -168,6 +168,20 @@ def _keeper(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
     return CrlKeeper(ca, ids, args.crl_file, _broker_pid(args), args.crl_refresh, args.crl_check)
 
 
+def _warn_reserved(ids: Any) -> None:
+    """Devices enrolled under an id reserved since (cloud_sync.reserved_ids): said at start."""
+    from cloud_sync.reserved_ids import reserved_records
+
+    taken = reserved_records(ids.store)
+    if taken:
+        logging.getLogger("edgebento.fleet").warning(
+            "device records under reserved ids %s: the cloud's identities may publish on their "
+            "enrollment topics (a forged answer, a renewal in their name), so their renewals "
+            "are refused; revoke them (fleet revoke) and enroll the devices under other ids",
+            ", ".join(taken),
+        )
+
+
 def cmd_enroll_service(args: argparse.Namespace) -> int:
     from cloud_sync.enroll import EnrollmentService, RateLimit
     from cloud_sync.fleet_ca import FleetCA, tls_context
@@ -184,6 +198,7 @@ def cmd_enroll_service(args: argparse.Namespace) -> int:
             "device's record deleted, lets a spare claim re-enroll it, and rotations do not "
             "revoke the old certificate"
         )
+    _warn_reserved(ids)
     keeper = _keeper(args, ca, ids)
     if keeper is not None:  # fatal if it fails: the operator acts (--first-crl on a new host)
         keeper.start(first=args.first_crl)
