@@ -19,8 +19,8 @@ against llhttp on generated requests, valid and near-valid.
 
 In the grammar no line is empty before the head's end, so a head is the bytes up to the first
 blank line, and the same bytes always read the same: a flood's clients send a few heads over
-and over, and a head recognised once is looked up, not read again (``_known``, at most
-``_KNOWN_MAX``, emptied when full). Reading a head of four headers costs about 2.5 µs (more
+and over, and a head recognised once is looked up, not read again (``_known``: at most
+``_KNOWN_MAX`` heads of at most ``_KNOWN_HEAD_MAX`` bytes, emptied when full). Reading a head of four headers costs about 2.5 µs (more
 than llhttp's parse with uvicorn's callbacks); looking it up, about 0.7.
 """
 
@@ -50,6 +50,7 @@ _MAX_LENGTH_DIGITS = 12
 Head = tuple[bytes, str, list[tuple[bytes, bytes]], int]
 _known: dict[bytes, Head] = {}
 _KNOWN_MAX = 256
+_KNOWN_HEAD_MAX = 2048  # longer heads are read each time: a client's heads keep no memory
 
 Request = tuple[int, bytes, str, list[tuple[bytes, bytes]]]
 
@@ -69,9 +70,10 @@ def whole_request(data: bytes, start: int) -> Request | None:
         known = _read(head)
         if known is None:
             return None
-        if len(_known) >= _KNOWN_MAX:
-            _known.clear()
-        _known[head] = known
+        if len(head) <= _KNOWN_HEAD_MAX:
+            if len(_known) >= _KNOWN_MAX:
+                _known.clear()
+            _known[head] = known
     url, found, headers, length = known
     end = head_end + length
     if end > len(data):

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from bentos import refusal_fast_path
 from bentos.refusal_fast_path import path as url_path
 from bentos.refusal_fast_path import whole_request
 
@@ -264,3 +265,13 @@ def test_a_known_head_is_still_a_whole_request_only_with_its_body() -> None:
     again = whole_request(VALID + VALID, len(VALID))
     assert again is not None and again[0] == 2 * len(VALID)
     assert again[3] == first[3] and again[3] is not first[3]
+
+
+def test_only_short_heads_are_kept() -> None:
+    """A client's long heads are read each time, never kept: what is kept stays bounded."""
+    long = VALID.replace(b"Host: a", b"Host: " + b"a" * 3000)
+    assert whole_request(long, 0) is not None
+    assert long[: long.index(b"\r\n\r\n") + 4] not in refusal_fast_path._known
+    for index in range(2 * refusal_fast_path._KNOWN_MAX):
+        assert whole_request(VALID.replace(b"Host: a", b"Host: %d" % index), 0) is not None
+    assert len(refusal_fast_path._known) <= refusal_fast_path._KNOWN_MAX
