@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cloud_sync.fleet_ca import DEVICE_DAYS, FleetCA, cert_pem
 from cloud_sync.identity_store import ClaimRefused, IdentityStore, token_hash
@@ -73,6 +73,19 @@ class EnrollReply(BaseModel):
     certificate: str | None = None
     chain: str | None = None
     retry_after_s: float | None = None  # renewal_budget: when one is free again
+
+    @field_validator("retry_after_s", mode="before")
+    @classmethod
+    def _a_number_or_none(cls, value: object) -> object:
+        """A JSON number, else None: ``true`` or ``"60"`` are no wait (pydantic's lax mode made
+        them 1.0 and 60.0), and one that does not validate (``[1]``) must not throw away the
+        whole answer, an ``ok`` one's certificate (the budget already paid for) included."""
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return None
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 400 digits
+            return None
 
 
 class RateLimit:

@@ -33,7 +33,14 @@ from cloud_sync.enroll import EnrollReply, enroll_topic
 from cloud_sync.fleet_ca import new_key, write_private
 from edge_agent.config import AgentConfig
 from edge_agent.identity_files import IdentityFiles, cert_window
-from edge_agent.renewal_wait import next_try_in
+from edge_agent.renewal_wait import (
+    NOT_NOW,
+    NotServed,
+    backoff_s,
+    last_stretch_at,
+    next_try_in,
+    wait_until,
+)
 from modelpack.errors import AuthError, BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,24 +50,7 @@ REPLY_TIMEOUT_S = 20.0
 # answer comes first (the service answers in order) and the repeat's token_reused is not read.
 CLAIM_RESEND_S = 10.0
 ENROLL_TIMEOUT_S = 120.0
-# Answers that say "not now", not "never": a busy or flooded service (its rate limit), one that
-# failed on its side (the store unreachable), the device's renewal budget spent for now (answers
-# lost on the way spend it too), or a request the service already answered (a duplicate
-# delivery whose first answer was lost). A renewal answered so is tried again as a new request,
-# not before the answer's ``retry_after_s`` where it fits the certificate's life
-# (``edge_agent.renewal_wait``); only a refusal of the device itself (revoked, not enrolled, a
-# bad CSR) ends it.
-NOT_NOW = frozenset({"rate_limited", "internal", "renewal_budget", "replayed"})
 ROTATED_TRIES, ROTATED_GAP_S = 4, 1.5  # the service's gap per device is 1 s by default
-
-
-class NotServed(BrokerError):
-    """A renewal answered "not now" (``NOT_NOW``): its reason, and when the service said to ask
-    again (``retry_after_s``, as it came: ``next_try_in`` judges it)."""
-
-    def __init__(self, reply: EnrollReply) -> None:
-        super().__init__(f"the renewal was not served ({reply.reason}): {reply.error}")
-        self.reason, self.retry_after_s = reply.reason, reply.retry_after_s
 
 
 def _at(when: float) -> str:
@@ -254,6 +244,7 @@ class Renewer:
         self._stop = threading.Event()
         self.rotations = 0
         self.gave_up: str | None = None
+        self._spread = random.random()  # where this device's clamped waits end (renewal_wait)
         channel.route(enroll_topic(config.prefix, config.device, "response"), self._on_reply)
         self._thread = threading.Thread(target=self._run, name="identity-renewer", daemon=True)
 
@@ -307,14 +298,19 @@ class Renewer:
         return max(0.0, not_before + self.config.renew_at * life + jitter - time.time())
 
     def _due(self) -> float:
-        wait = self.due_in()
+        at = time.time() + self.due_in()
         # The status says when: an operator sees a renewal that is due and has not happened.
-        self.files.write_status("valid", renew_after=time.time() + wait)
-        return wait
+        self.files.write_status("valid", renew_after=at)
+        return at
+
+    def _last_stretch(self) -> float:
+        not_before, not_after, _ = cert_window(self.files.cert)
+        return last_stretch_at(not_before, not_after, self._spread)
 
     def _run(self) -> None:
-        failures, wait = 0, self._due()
-        while not self._stop.wait(wait):
+        # Waits are kept on the wall clock, as the certificate's times are (``wait_until``).
+        failures, at, latest = 0, self._due(), None
+        while not wait_until(self._stop, at, latest):
             try:
                 self.renew_once()
             except AuthError as exc:  # revoked or unknown: renewing again will not help
@@ -324,29 +320,27 @@ class Renewer:
                 return
             except Exception as exc:
                 failures += 1
-                wait = self._after_failure(failures, exc)
+                at = self._after_failure(failures, exc)
+                # A wait that ends before the last stretch never reaches into it, however long
+                # the device was suspended: its start is read again at each wake.
+                latest = self._last_stretch if at <= self._last_stretch() else None
             else:
-                failures, wait = 0, self._due()
+                failures, at, latest = 0, self._due(), None
 
     def _after_failure(self, failures: int, exc: Exception) -> float:
-        """The wait before the next try: the backoff, or as long as the service asked
+        """When the next try comes: after the backoff, or as long as the service asked
         (``next_try_in``); said in the log and in the status (``renew_after``, ``reason``)."""
         not_before, not_after, _ = cert_window(self.files.cert)
         now = time.time()
         reason = exc.reason if isinstance(exc, NotServed) else None
         asked = exc.retry_after_s if isinstance(exc, NotServed) else None
-        backoff = self._retry_in(failures)
-        wait = next_try_in(backoff, reason, asked, now, not_before, not_after)
+        backoff = backoff_s(failures, now, not_after)
+        wait = next_try_in(backoff, reason, asked, now, not_before, not_after, spread=self._spread)
         said = f"{exc}; trying again in {wait:.0f} s, at {_at(now + wait)}"
         log.warning("certificate renewal failed (try %d): %s", failures, said)
         state = "valid" if now < not_after else "expired"
         self.files.write_status(state, renew_after=now + wait, reason=f"try {failures}: {said}")
-        return wait
-
-    def _retry_in(self, failures: int) -> float:
-        _, not_after, _ = cert_window(self.files.cert)
-        cap = max(1.0, min(300.0, (not_after - time.time()) / 10))
-        return random.uniform(cap / 2, cap) * min(1.0, 0.25 * failures)
+        return now + wait
 
     def renew_once(self) -> None:
         if not self.channel.wait_connected(REPLY_TIMEOUT_S):

@@ -11,6 +11,7 @@ from cloud_sync.fleet_ca import FleetCA, cert_pem, init_ca, new_key
 from edge_agent.config import AgentConfig
 from edge_agent.identity import KeyMaker, Renewer
 from edge_agent.identity_files import IdentityFiles, cert_window
+from edge_agent.renewal_wait import backoff_s
 
 LIFE_S = 300.0
 
@@ -44,9 +45,10 @@ def test_renewal_is_due_at_two_thirds_of_the_life_with_jitter(tmp_path: Path) ->
 def test_a_failed_renewal_is_retried_within_a_tenth_of_what_is_left(tmp_path: Path) -> None:
     renewer = _renewer(tmp_path)
     _, not_after, _ = cert_window(renewer.files.cert)
-    cap = (not_after - time.time()) / 10
+    now = time.time()
+    cap = (not_after - now) / 10
     for failures in (1, 2, 4, 10):
-        waits = [renewer._retry_in(failures) for _ in range(100)]
+        waits = [backoff_s(failures, now, not_after) for _ in range(100)]
         assert all(0 < wait <= cap + 0.01 for wait in waits), (failures, max(waits), cap)
     # Backoff: later tries wait longer, up to the cap.
-    assert max(renewer._retry_in(1) for _ in range(100)) <= cap / 4 + 0.01
+    assert max(backoff_s(1, now, not_after) for _ in range(100)) <= cap / 4 + 0.01

@@ -22,7 +22,19 @@ from cloud_sync.fleet_ca import FleetCA, cert_pem, init_ca, new_key
 from edge_agent.config import AgentConfig
 from edge_agent.identity import KeyMaker, NotServed, Renewer
 from edge_agent.identity_files import IdentityFiles, cert_window
-from edge_agent.renewal_wait import JITTER, JITTER_MAX_S, next_try_in, reserve_s
+from edge_agent.renewal_wait import (
+    BACKOFF_FLOOR_S,
+    EXPIRED_MAX_S,
+    JITTER,
+    JITTER_MAX_S,
+    WAKE_S,
+    backoff_s,
+    last_stretch_at,
+    next_try_in,
+    reserve_s,
+    spread_max_s,
+    wait_until,
+)
 
 DAY = 86400.0
 lives = st.floats(min_value=10.0, max_value=400 * DAY)
@@ -45,16 +57,32 @@ not_waits = st.one_of(
     asked=waits,
     reason=st.sampled_from(["renewal_budget", "rate_limited", "internal"]),
     draw=fractions,
+    spread=fractions,
 )
-@example(life=90 * DAY, at=0.7, backoff=200.0, asked=3 * 3600.0, reason="renewal_budget", draw=1)
+@example(
+    life=90 * DAY,
+    at=0.7,
+    backoff=200.0,
+    asked=3 * 3600.0,
+    reason="renewal_budget",
+    draw=1,
+    spread=0,
+)
 def test_a_refusal_is_tried_again_no_sooner_than_asked_and_never_into_the_last_stretch(
-    life: float, at: float, backoff: float, asked: float, reason: str, draw: float
+    life: float, at: float, backoff: float, asked: float, reason: str, draw: float, spread: float
 ) -> None:
     not_before, now = 1_000_000.0, 1_000_000.0 + at * life
     not_after = not_before + life
-    wait = next_try_in(backoff, reason, asked, now, not_before, not_after, lambda: draw)
+    wait = next_try_in(backoff, reason, asked, now, not_before, not_after, lambda: draw, spread)
     assert math.isfinite(wait) and wait >= backoff  # never faster than the backoff
-    last = not_after - reserve_s(not_before, not_after)  # the last stretch starts here
+    if now >= not_after:  # expired (see the test below)
+        assert wait <= max(backoff, EXPIRED_MAX_S)
+        return
+    reserve = reserve_s(not_before, not_after)
+    last = not_after - reserve  # the last stretch starts here...
+    # ...and a wait clamped to it ends up to a spread before it, this device's own.
+    assert last_stretch_at(not_before, not_after, spread) >= last - spread_max_s(reserve)
+    last = last_stretch_at(not_before, not_after, spread)
     if now + backoff >= last:
         assert wait == backoff  # in the last stretch: the backoff's pace, whatever was asked
         return
@@ -127,8 +155,8 @@ def test_the_renewer_waits_as_asked_and_says_when_in_its_log_and_status(
     with pytest.raises(NotServed) as refused:
         renewer.renew_once()
     before = time.time()
-    wait = renewer._after_failure(1, refused.value)
-    assert 7200.0 <= wait <= 7200.0 * (1 + JITTER)  # the previous agent: under 75 s
+    wait = renewer._after_failure(1, refused.value) - before  # when, on the wall clock
+    assert 7200.0 <= wait <= 7200.0 * (1 + JITTER) + 1.0  # the previous agent: under 75 s
     status = renewer.files.read_status()
     assert status["state"] == "valid" and status["renew_after"] >= before + 7200.0
     assert "renewal_budget" in status["reason"] and "trying again in" in status["reason"]
@@ -138,3 +166,120 @@ def test_the_renewer_waits_as_asked_and_says_when_in_its_log_and_status(
     late = next_try_in(60.0, "renewal_budget", 7200.0, not_after - 3000, 0.0, not_after)
     assert late == 60.0
     assert channel.asked == 1
+
+
+@given(
+    asked=waits,
+    past=st.floats(min_value=0.0, max_value=30 * DAY),
+    failures=st.integers(1, 20),
+    draw=fractions,
+)
+@example(asked=870.0, past=1.0, failures=1, draw=0.0)
+def test_an_expired_certificate_still_connected_waits_as_asked_at_most_five_minutes(
+    asked: float, past: float, failures: int, draw: float
+) -> None:
+    """The broker keeps a session whose certificate expired: the previous agent, refused, asked
+    every 0.5-1 s (its backoff's cap is a tenth of the life left: none), whatever it was told."""
+    not_before, not_after = 0.0, 45.0
+    now = not_after + past
+    backoff = backoff_s(failures, now, not_after, lambda: draw)
+    assert backoff >= BACKOFF_FLOOR_S  # the previous agent: 0.125-1 s
+    wait = next_try_in(backoff, "renewal_budget", asked, now, not_before, not_after, lambda: draw)
+    assert wait == max(backoff, min(asked * (1 + JITTER * draw), EXPIRED_MAX_S))
+
+
+@given(life=lives, at=fractions, asked=waits)
+def test_a_batch_clamped_to_the_last_stretch_comes_back_spread(
+    life: float, at: float, asked: float
+) -> None:
+    """Waits clamped to the last stretch ended in the same second for a whole batch."""
+    now, not_after = at * life, life
+    first, last = (
+        next_try_in(1.0, "renewal_budget", asked, now, 0.0, not_after, lambda: 0.5, spread)
+        for spread in (1.0, 0.0)
+    )
+    reserve = reserve_s(0.0, life)
+    if (
+        now + 1.0 < not_after - reserve - spread_max_s(reserve)
+        and now + asked > not_after - reserve
+    ):
+        assert last - first == pytest.approx(spread_max_s(reserve), abs=1e-6 * life)
+
+
+class Clock:
+    """A wall clock that a sleep moves on by what was slept, and by ``jump`` more at one sleep
+    (a suspend, or NTP setting the clock forward while the device slept); ``slept`` is the
+    monotonic time the sleeps took."""
+
+    def __init__(self, jump: float, at_sleep: int) -> None:
+        self.now, self.jump, self.at_sleep, self.sleeps, self.slept = 1e9, jump, at_sleep, 0, 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:  # threading.Event.wait, never set here
+        self.sleeps += 1
+        self.slept += seconds
+        self.now += seconds + (self.jump if self.sleeps == self.at_sleep else 0.0)
+        return False
+
+
+@given(
+    wait=st.floats(min_value=1.0, max_value=60 * DAY),
+    jump=st.floats(min_value=0.0, max_value=60 * DAY),
+    at_sleep=st.integers(1, 50),
+    clamp=st.one_of(st.none(), st.floats(min_value=1.0, max_value=60 * DAY)),
+)
+@example(wait=2 * DAY, jump=10 * 3600.0, at_sleep=1, clamp=None)
+def test_a_wait_ends_on_the_wall_clock_whatever_the_device_slept_through(
+    wait: float, jump: float, at_sleep: int, clamp: float | None
+) -> None:
+    """The previous agent slept a wait in one monotonic stretch: suspended for 10 h of a 2-day
+    wait, or set 10 h forward by NTP, it woke 10 h past its target on the wall clock (into the
+    certificate's last stretch, or past its end). Now it sleeps at most ``WAKE_S`` at a time and
+    reads the wall clock (and the clamp, ``latest``) at each wake."""
+    clock = Clock(jump, at_sleep)
+    start = clock.now
+    latest = None if clamp is None else (lambda: start + clamp)
+    stop: Any = clock  # only its wait() is used
+    assert wait_until(stop, start + wait, latest, clock.time) is False
+    end = start + (wait if clamp is None else min(wait, clamp))
+    assert clock.now >= end  # never sooner than asked
+    tolerance = 1e-9 * (end - start) + 1e-6
+    assert clock.slept <= end - start + tolerance  # never more than the wall clock's wait
+    if clock.sleeps >= at_sleep:
+        # The clock jumped at the end of sleep ``at_sleep``: from there the wait goes on only
+        # for what is left of it on the wall clock (the previous agent slept all of ``wait``).
+        assert clock.slept <= max(end - start - jump, at_sleep * WAKE_S) + tolerance
+    else:
+        assert clock.now == pytest.approx(end)
+
+
+def test_a_wait_ends_at_the_clamp_read_at_a_wake() -> None:
+    """The clamp is read again at each wake: a last stretch that begins sooner than it did when
+    the wait began (another certificate installed meanwhile) ends the wait there."""
+    clock = Clock(0.0, 0)
+    start = clock.now
+    clamps = iter([start + 10 * DAY, start + 600.0])
+
+    def latest() -> float:
+        return next(clamps, start + 600.0)
+
+    stop: Any = clock
+    assert wait_until(stop, start + 20 * DAY, latest, clock.time) is False
+    assert clock.now == pytest.approx(start + 600.0)
+
+
+def test_an_answer_with_a_retry_after_s_that_is_no_number_keeps_its_certificate() -> None:
+    """``true`` and ``"60"`` were read as 1 and 60 s (docs: ignored); ``[1]`` failed the whole
+    answer, an ``ok`` one's certificate included, which the budget had already paid for."""
+    for odd in ("true", '"60"', "[1]", "{}", "1" + "0" * 400):
+        doc = f'{{"id": "r1", "ok": true, "certificate": "PEM", "retry_after_s": {odd}}}'
+        reply = EnrollReply.model_validate_json(doc)
+        assert (reply.ok, reply.certificate, reply.retry_after_s) == (True, "PEM", None), odd
+    assert (
+        EnrollReply.model_validate_json(
+            '{"id": "r", "ok": false, "retry_after_s": 60}'
+        ).retry_after_s
+        == 60.0
+    )
