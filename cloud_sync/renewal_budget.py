@@ -8,6 +8,7 @@ it inside the record's compare-and-swap)::
     refusal(doc, budget, now, request_id)    # ClaimRefused("renewal_budget"/"replayed") or None
     doc = spend(doc, budget, now, request_id)   # the spend stamped in; raises as refusal does
     check_fits(budget, validity_s=90 * 86400)   # ConfigError: the fleet would expire under it
+    wait_room_s(budget, validity_s)   # life left at renewal that lets a refused device wait
     renewal_spacing(validity_s=90 * 86400)      # (shortest time between renewals, least life left)
 
 Why: every renewal adds a certificate that the CRL lists once it is retired (rotated away from,
@@ -59,6 +60,12 @@ _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 AGENT_RENEW_AT = 2 / 3  # edge_agent.config's renew_at: the agent renews at 2/3 of the life
 AGENT_JITTER = 0.03  # edge_agent.identity's due_in: +-3 % of the life
+# edge_agent.renewal_wait: the last stretch of the life (a tenth, at most an hour), tried at the
+# backoff's pace; a wait the service asked for ends before it, by up to a tenth of it more
+# (at most 5 minutes); edge_agent.identity's REPLY_TIMEOUT_S: an answer lost is known then.
+AGENT_RESERVE_SHARE, AGENT_RESERVE_MAX_S, AGENT_SPREAD_MAX_S = 0.1, 3600.0, 300.0
+AGENT_REPLY_TIMEOUT_S = 20.0
+SLACK_S = 60.0  # the renewal's own delays: a reconnect, the service's queue
 
 
 @dataclass(frozen=True)
@@ -158,17 +165,32 @@ def renewal_spacing(validity_s: float, renew_at: float = AGENT_RENEW_AT) -> tupl
     return every, (1 - renew_at - AGENT_JITTER) * life
 
 
+def wait_room_s(budget: RenewalBudget, validity_s: float) -> float:
+    """The life a certificate must have left at its renewal point for a device refused after
+    one lost answer to wait for the budget to free before its last stretch begins: a window
+    (the lost answer's spend frees then), the last stretch (``edge_agent.renewal_wait``: from
+    there the device tries at its backoff's pace, and by its end the certificate is gone), the
+    spread by which a wait ends before it, the time an answer is waited for, and slack."""
+    life = validity_s + backdate_s(validity_s)
+    reserve = min(AGENT_RESERVE_MAX_S, AGENT_RESERVE_SHARE * life)
+    spread = min(AGENT_SPREAD_MAX_S, AGENT_RESERVE_SHARE * reserve)
+    return budget.window_s + reserve + spread + AGENT_REPLY_TIMEOUT_S + SLACK_S
+
+
 def check_fits(budget: RenewalBudget, validity_s: float, renew_at: float = AGENT_RENEW_AT) -> None:
     """ConfigError when agents renewing certificates of ``validity_s`` at ``renew_at`` of their
     life (jitter and the CA's backdating included: ``renewal_spacing``) need more than
     ``budget.count`` renewals in a window: refused ones wait (``retry_after_s``) past the life
     left and the fleet expires. Room is kept for one lost answer per window (tried again, it
-    spends again) unless the certificate outlives a window after its renewal point, when a
-    refused device can wait for the budget to free (the agent waits as asked, and in the
-    last stretch of the life at its backoff's pace: ``edge_agent.renewal_wait``)."""
+    spends again) unless the certificate outlives ``wait_room_s`` after its renewal point, when
+    a refused device can wait for the budget to free before its last stretch (the agent waits
+    as asked, and in the last stretch at its backoff's pace: ``edge_agent.renewal_wait``).
+    Skipping the room as soon as the certificate outlived a window (as before) let ``1/24h``
+    take validities from 79.04 h, where after a lost answer the budget freed ~0-68 s before
+    the certificate ended, long after the device's last stretch had begun."""
     every, left = renewal_spacing(validity_s, renew_at)
     need = math.ceil(budget.window_s / every) if every > 0 else MAX_COUNT + 1
-    if left <= budget.window_s:
+    if left < wait_room_s(budget, validity_s):
         need += 1
     if need > budget.count:
         hours = budget.window_s / 3600
