@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from cloud_sync.protocol import TelemetryAck
 from edge_agent.outbox import Outbox, Pending, batch_payload
-from edge_agent.packet_limit import longest_fitting
+from edge_agent.packet_limit import longest_fitting, packet_size
 from edge_agent.session import Session
 from edge_agent.telemetry_acks import NO_ACK_EVIDENCE_S, AckClock, stop_patience
 from modelpack import untrusted_json
@@ -60,7 +60,9 @@ class TelemetryPublisher:
         self.clock = AckClock()
         self.published = self.acknowledged = self.resends = self.bad_acks = 0
         self.set_aside = 0  # records alone over the broker's packet limit
-        self._kept = True  # records may be kept aside (a learned bound): queue them when none
+        # Records are kept aside while the limit is at most this, queued again once it is
+        # higher (0: those an earlier run kept, at the first connection; None: none kept)
+        self._aside_under: int | None = 0
 
     def reconnected(self) -> None:
         """Send again everything not acknowledged: the broker may have lost it."""
@@ -118,12 +120,13 @@ class TelemetryPublisher:
             count = longest_fitting(len(batch), fits)
             if count > 1 and self.session.limit.bound == self.session.max_packet:
                 # A limit learned from the broker's drops is above its real one by an unknown
-                # amount: half as many, or each batch cut a record shorter costs three drops.
+                # amount: half as many, or each batch cut a record shorter costs CLOSES drops.
                 count //= 2
             if count == 0:
                 alone = self._payload(batch[:1], floor)
-                learned = self.session.limit.bound == self.session.max_packet
-                self._set_aside(batch[0], self.session.refusal(self.topic, alone) or "", learned)
+                why = self.session.refusal(self.topic, alone) or ""
+                kept = packet_size(self.topic, alone) <= self.session.limit.configured
+                self._set_aside(batch[0], why, kept)
                 return 1
             batch = batch[:count]
             payload = self._payload(batch, floor)
@@ -147,28 +150,40 @@ class TelemetryPublisher:
         """The batch, naming the holes between its floor and its last record (``skip``)."""
         return batch_payload(batch, floor, None if floor is None else self._skip(batch, floor))
 
-    def _set_aside(self, record: Pending, why: str, learned: bool) -> None:
+    def _set_aside(self, record: Pending, why: str, kept: bool) -> None:
         """A record over the broker's packet limit on its own: out of the queue, counted, said
-        in the log and in an event (the ingestion skips its seq, as an evicted record's). Over a
-        limit said or configured it is deleted; over one ``learned`` from the broker's drops,
-        which may be false and lapses, it is kept aside and queued again (as a new record) once
-        there is no bound: after a restart or when the bound lapsed."""
+        in the log and in an event (the ingestion skips its seq, as an evicted record's). Over
+        a limit the broker said (MQTT 5's CONNACK) or one learned from its drops, it is ``kept``
+        aside (the newest ``ASIDE_KEPT``: a record leaves the device only when the ingestion
+        stores it, and the limit may rise: another broker, one restarted, a false bound that
+        lapses) and queued again (as a new record) once the limit is higher, or after a
+        restart. Over ``max_packet_bytes``, which never rises in a run, it is deleted."""
         kind = _kind(record.body)
         self.outbox.holes.mark(record.boot_id, record.seq)  # earlier batches' floor is below it
-        if learned:
+        if kept:
             self.outbox.set_aside(record.id)
-            self._kept = True
+            under, limit = self._aside_under, self.session.max_packet
+            self._aside_under = limit if under is None else min(under, limit)
         else:
             self.outbox.ack([record.id])
         self.set_aside += 1
-        kept = ": kept, sent again once no bound is learned" if learned else ""
+        note = ": kept, queued again once the broker's limit is higher" if kept else ""
         log.error(
-            "telemetry record %d (%s) set aside, never sent%s: %s", record.seq, kind, kept, why
+            "telemetry record %d (%s) set aside, never sent%s: %s", record.seq, kind, note, why
         )
         event = {"event": "telemetry_set_aside", "boot_id": record.boot_id, "seq": record.seq,
                  "kind": kind, "bytes": len(record.body), "error": why,
-                 "kept": learned}  # fmt: skip
+                 "kept": kept}  # fmt: skip
         self.outbox.append("event", event)
+
+    def _restore_aside(self) -> None:
+        """Once connected (the CONNACK set the limit) under a limit higher than the one records
+        were kept aside under: queue them again (those still over it are set aside again)."""
+        if self._aside_under is None or self.session.max_packet <= self._aside_under:
+            return
+        self._aside_under = None
+        if restored := self.outbox.restore_aside():
+            log.info("%d telemetry record(s) set aside are queued again", restored)
 
     def _unacknowledged(self) -> int:
         """Records sent and not yet acknowledged; rewinds once they waited past the timeout."""
@@ -189,12 +204,9 @@ class TelemetryPublisher:
             self._wake.clear()
             try:
                 self._apply_acks()
-                if self._kept and self.session.limit.bound is None:
-                    self._kept = False
-                    if restored := self.outbox.restore_aside():
-                        log.info("%d telemetry record(s) set aside are queued again", restored)
                 if not self.session.connected:
                     continue
+                self._restore_aside()
                 if self._restart:
                     self._restart = False
                     self._rewind()

@@ -1,16 +1,27 @@
-"""A link that drops every connection at one age, past the old 10 s cap on the packet-limit
-hold, through a real Mosquitto (``max_packet_size``): it teaches no bound, and the answer that
-was on its way at the first drop arrives. (The review's repro: on the code before, the release
-came at 10.25 to 11 s, within the second before each 11.1 s drop: three drops, a false bound, and
-the answer refused.)
+"""Links that drop at chosen ages of each connection, through a real Mosquitto
+(``max_packet_size``): they teach no bound, and the answer that was on its way arrives.
+
+A link that drops every connection at one age, past the old 10 s cap on the packet-limit hold
+(the review's repro: on the code before, the release came at 10.25 to 11 s, within the second
+before each 11.1 s drop: three drops, a false bound, and the answer refused). And a slow link
+whose drops come earlier in each connection, with a send lag (review 98's repro: a proxy that
+cuts each connection 4.5, 3.1, then 2.3 s after the CONNACK reaches the client, an uplink of 512
+bytes a tenth of a second and a downlink 0.2 s late; on the code before, the 12,000-byte
+answer's first close came late (4.5 s), so the next release was early, sent a round trip later;
+the drop at 3.1 s came in the second after it and, at 3 s or more, counted as late again: the
+third connection released early again, the drop at 2.3 s came right after, and the answer was
+refused, "the broker takes at most 12036"; here the cuts are 4.5, 3.1, 2.4, 3.5 and 2.4 s, which
+a rule of five closes without the fix also took for a verdict).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +88,21 @@ class AgeLink:
             self._open.remove(pair)
             self.cuts += 1
             self._changed.notify_all()
-        for s in pair:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
+        _shut(pair)
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while chunk := source.recv(65536):
                 if source not in self._dark:
                     sink.sendall(chunk)
+
+
+def _shut(pair: tuple[socket.socket, socket.socket]) -> None:
+    for s in pair:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
 
 
 def _session(tmp_path: Path, port: int, prefix: str) -> Any:
@@ -135,5 +150,107 @@ def test_a_link_that_drops_at_one_age_past_the_old_cap_teaches_no_bound(
             assert link.cuts >= 1 and session.limit.bound is None and session.limit.refused == 0
     finally:
         stop.set()
+        reader.close()
+        link.close()
+
+
+AGES_S = (4.5, 3.1, 2.4, 3.5, 2.4)  # each connection is cut this long after its CONNACK arrives
+UP_BYTES, UP_TICK_S = 512, 0.1  # the uplink: this many bytes a tick
+DOWN_DELAY_S = 0.2
+PUBLISH_AT_S = 3.7  # the answer, on the first connection: on its way when it is cut
+# The release's jitter draw of each connection: late in the second (cut at 3.1 s), early in
+# the others; each send then comes a round trip (about 0.3 s) after its release.
+DRAWS = (0.5, 0.99, 0.0, 0.0, 0.0)
+
+
+class LagLink(AgeLink):
+    """A TCP proxy: each connection's uplink is throttled, its downlink delayed, and it is cut
+    at the next age of ``AGES_S`` (in turn) after it delivered the CONNACK."""
+
+    def __init__(self, port: int) -> None:
+        self._ages = itertools.cycle(AGES_S)
+        self.publish_now = threading.Event()  # PUBLISH_AT_S into the first connection
+        super().__init__(port)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            for n in itertools.count():
+                client, _ = self._server.accept()
+                pair = (client, socket.create_connection((LOOPBACK, self._target)))
+                self._open.append(pair)
+                age = next(self._ages)
+                threading.Thread(target=self._up, args=(pair,), daemon=True).start()
+                threading.Thread(target=self._down, args=(pair, age, n == 0), daemon=True).start()
+
+    def _up(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        client, upstream = pair
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(UP_BYTES):
+                upstream.sendall(chunk)
+                time.sleep(UP_TICK_S)  # the link's pace, not a wait for the test
+        self._cut(pair)
+
+    def _down(self, pair: tuple[socket.socket, socket.socket], age: float, first: bool) -> None:
+        upstream = pair[1]
+        late: queue.Queue[tuple[float, bytes]] = queue.Queue()
+        threading.Thread(target=self._deliver, args=(pair, late, age, first), daemon=True).start()
+        with contextlib.suppress(OSError):
+            while chunk := upstream.recv(65536):
+                late.put((time.monotonic() + DOWN_DELAY_S, chunk))
+        late.put((0.0, b""))
+
+    def _deliver(
+        self,
+        pair: tuple[socket.socket, socket.socket],
+        late: queue.Queue[tuple[float, bytes]],
+        age: float,
+        first: bool,
+    ) -> None:
+        connack = True
+        with contextlib.suppress(OSError):
+            while chunk := (item := late.get())[1]:
+                time.sleep(max(0.0, item[0] - time.monotonic()))
+                pair[0].sendall(chunk)
+                if connack:  # the CONNACK reached the client: its age starts
+                    connack = False
+                    self._later(age, self._cut, pair)
+                    if first:
+                        self._later(PUBLISH_AT_S, self.publish_now.set)
+        self._cut(pair)
+
+    @staticmethod
+    def _later(delay: float, then: Any, *args: Any) -> None:
+        timer = threading.Timer(delay, then, args)
+        timer.daemon = True
+        timer.start()
+
+
+def test_drops_earlier_in_each_connection_on_a_lagging_link_teach_no_bound(
+    small_broker: SmallPacketMosquitto, tmp_path: Path, topic_prefix: str
+) -> None:
+    """A 12,000-byte answer (the broker takes up to 16 KiB) published 3.7 s into the first
+    connection, 0.8 s before its cut: it needs 2.3 s of uplink, so it is the suspect. The second
+    connection releases it early (the close was late), a round trip later, and the cut at 3.1 s
+    comes in the second after; the third connection holds it past that age, so the cut at
+    2.4 s finds it held and ends the row; the fourth (cut at 3.5 s) sends it at the CONNACK,
+    and the broker takes it: it arrives, no bound, nothing refused. (The code before gave the
+    verdict at the third cut; with five closes and no more, at the fifth: the third connection
+    released early, the fourth after 2.4 s, the fifth early, each sent in the second before.)"""
+    link = LagLink(small_broker.port)
+    session = _session(tmp_path, link.port, topic_prefix)
+    draws = itertools.cycle(DRAWS)
+    session.limit.watch.draw = lambda: next(draws)  # the jitter, one draw per connection
+    reader = Client(small_broker, v5=False)
+    arrived: queue.Queue[Any] = reader.collect(f"{topic_prefix}/dev-f/answer")
+    answer = b"a" * 12_000
+    try:
+        with session:
+            assert link.publish_now.wait(60)
+            session.publish(f"{topic_prefix}/dev-f/answer", answer, on_too_large=arrived.put)
+            got = arrived.get(timeout=120)
+            assert not isinstance(got, str), got  # the old code's refusal, told to the owner
+            assert got.payload == answer
+            assert link.cuts >= 3 and session.limit.bound is None and session.limit.refused == 0
+    finally:
         reader.close()
         link.close()

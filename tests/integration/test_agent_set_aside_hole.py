@@ -5,7 +5,7 @@ seq before it. On the previous code the publisher then waited for its ack timeou
 before sending again under a floor past the hole, so the records after it stayed queued; now the
 set-aside seq is a hole (``Outbox.holes``) and the publisher sends again as soon as an ack stops
 there. The publisher and session of the agent on their own, over Mosquitto with MQTT 5 (the
-broker says its limit, so the record is deleted, not kept aside)."""
+broker says its limit; the record is kept aside, out of the queue, until a higher one)."""
 
 from __future__ import annotations
 
