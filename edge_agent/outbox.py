@@ -31,7 +31,7 @@ from edge_agent.outbox_rows import Holes, deliverable, restorable
 log = logging.getLogger(__name__)
 
 Overflow = Literal["drop_oldest", "drop_newest"]
-ASIDE_KEPT = 64  # records kept aside at most (each cost the device three drops to learn)
+ASIDE_KEPT = 64  # records kept aside at most (over a limit the broker states, or one it took five drops to learn)
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ class Outbox(OutboxFile):
     # --- set aside: over a packet bound learned from the broker's drops -----------------------
 
     def set_aside(self, record_id: int) -> None:
-        """Out of the queue (the ingestion moves past its seq), kept on disk: the bound may be
+        """Out of the queue (the ingestion moves past its seq), kept on disk: the limit may be
         false or lapse; ``restore_aside`` queues it again. Only the newest ``ASIDE_KEPT``."""
         with self._lock:
             try:
