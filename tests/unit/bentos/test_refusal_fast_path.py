@@ -6,6 +6,7 @@ from llhttp would let a request be smuggled."""
 
 from __future__ import annotations
 
+import tracemalloc
 from dataclasses import dataclass, field
 
 import httptools
@@ -267,11 +268,47 @@ def test_a_known_head_is_still_a_whole_request_only_with_its_body() -> None:
     assert again[3] == first[3] and again[3] is not first[3]
 
 
-def test_only_short_heads_are_kept() -> None:
-    """A client's long heads are read each time, never kept: what is kept stays bounded."""
-    long = VALID.replace(b"Host: a", b"Host: " + b"a" * 3000)
-    assert whole_request(long, 0) is not None
-    assert long[: long.index(b"\r\n\r\n") + 4] not in refusal_fast_path._known
-    for index in range(2 * refusal_fast_path._KNOWN_MAX):
-        assert whole_request(VALID.replace(b"Host: a", b"Host: %d" % index), 0) is not None
-    assert len(refusal_fast_path._known) <= refusal_fast_path._KNOWN_MAX
+def _head_of(size: int) -> bytes:
+    """VALID with its Host header grown to make a head of ``size`` bytes."""
+    head = VALID.index(b"\r\n\r\n") + 4
+    return VALID.replace(b"Host: a", b"Host: " + b"a" * (1 + size - head))
+
+
+def test_long_heads_are_left_to_llhttp_unread() -> None:
+    """A head over _HEAD_MAX bytes or _HEADERS_MAX headers is not in the grammar: read by a
+    regular expression it would cost more than llhttp's parse (the CPU a flood's refusals
+    save), and the cache would keep its headers. Found by review 102: a 60 KB head was read."""
+    limit = refusal_fast_path._HEAD_MAX
+    assert whole_request(_head_of(limit), 0) is not None
+    assert whole_request(_head_of(limit + 1), 0) is None
+    assert whole_request(VALID.replace(b"Host: a", b"Host: " + b"a" * 60_000), 0) is None
+    many = b"".join(b"x%d: 1\r\n" % i for i in range(5000))
+    assert whole_request(VALID.replace(b"Host: a\r\n", many), 0) is None
+    # VALID has two headers besides Host: Host and _HEADERS_MAX - 2 more fit, one more does not.
+    fits = b"".join(b"x%d: 1\r\n" % i for i in range(refusal_fast_path._HEADERS_MAX - 3))
+    assert whole_request(VALID.replace(b"Host: a\r\n", b"Host: a\r\n" + fits), 0) is not None
+    over = fits + b"y: 1\r\n"
+    assert whole_request(VALID.replace(b"Host: a\r\n", b"Host: a\r\n" + over), 0) is None
+
+
+def test_what_is_kept_stays_bounded() -> None:
+    """At most _KNOWN_MAX heads, each of at most _HEAD_MAX bytes and _HEADERS_MAX headers:
+    under 2 MB however a client shapes them (review 102 measured 10.6 MB with 395 headers a
+    head)."""
+    refusal_fast_path._known.clear()
+    names = b"".join(
+        b"%c%c:\r\n" % (97 + j % 26, 97 + j // 26 % 26)
+        for j in range(refusal_fast_path._HEADERS_MAX - 1)
+    )
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(2 * refusal_fast_path._KNOWN_MAX):
+            request = b"POST /%d HTTP/1.1\r\n%sContent-Length: 0\r\n\r\n" % (index, names)
+            assert whole_request(request, 0) is not None
+            assert len(refusal_fast_path._known) <= refusal_fast_path._KNOWN_MAX
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        refusal_fast_path._known.clear()
+    assert kept < 2_000_000
