@@ -188,12 +188,15 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
 # Admission reads one header (``ServingCore.refusal``): the protocol's check finds it alone.
 TIMEOUT_NAME = TIMEOUT_HEADER.encode()
 NO_HEADERS: dict[str, str] = {}  # never written
-# Whole refusals as uvicorn writes them, by (reason, Retry-After, message): under a flood
-# nearly every refusal is the same queue_full 503, written from here without building its
-# answer again. A deadline refusal names the work ahead, so its messages vary: at most
-# ``_REFUSALS_KEPT`` are kept, the rest are built each time.
-_REFUSALS: dict[tuple[str, int, str], Refusal] = {}
-_REFUSALS_KEPT = 64
+# Whole refusals as uvicorn writes them, by the core's refusal: under a flood nearly every
+# refusal is the same queue_full 503, written from here without building its answer again. A
+# deadline refusal names the work ahead: the core keeps one error per message (``refusal``), and
+# its answer is kept here too, all of them dropped when ``_REFUSALS_KEPT`` are kept.
+_REFUSALS: dict[OverloadError, Refusal] = {}
+_REFUSALS_KEPT = 1024
+# The mapping ``early`` reads, by the x-timeout-ms value sent: a flood sends the same few.
+_TIMEOUTS: dict[bytes, dict[str, str]] = {}
+_TIMEOUTS_KEPT = 64
 # The core's queue_full refusal (``ServingCore.queue_full``, one instance) and its answer.
 _last_queue_full: tuple[OverloadError, Refusal] | None = None
 
@@ -211,7 +214,12 @@ def early_refusal(
     headers = NO_HEADERS
     for name, value in raw:
         if name == TIMEOUT_NAME:  # the first, as in _first_headers
-            headers = {TIMEOUT_HEADER: value.decode("latin-1")}
+            found = _TIMEOUTS.get(value)
+            if found is None:
+                if len(_TIMEOUTS) >= _TIMEOUTS_KEPT:
+                    _TIMEOUTS.clear()
+                found = _TIMEOUTS[value] = {TIMEOUT_HEADER: value.decode("latin-1")}
+            headers = found
             break
     core = _core()
     exc = early(core, method, path, headers, time.monotonic() - LAG.behind())
@@ -221,13 +229,13 @@ def early_refusal(
     last = _last_queue_full
     if last is not None and last[0] is exc:  # the core's one queue_full refusal: most of them
         return last[1]
-    key = (exc.reason, exc.retry_after_s, str(exc))
-    built = _REFUSALS.get(key)
+    built = _REFUSALS.get(exc)
     if built is None:
         answer = refuse(core, exc, counted=False)
         built = (answer.status, protocol_refusal.header_block(asgi_headers(answer)), answer.body)
-        if len(_REFUSALS) < _REFUSALS_KEPT:
-            _REFUSALS[key] = built
+        if len(_REFUSALS) >= _REFUSALS_KEPT:
+            _REFUSALS.clear()
+        _REFUSALS[exc] = built
     if exc is core.queue_full:
         _last_queue_full = (exc, built)
     return built

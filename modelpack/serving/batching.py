@@ -156,12 +156,16 @@ class Batcher:
         return now + ahead + self.cost.estimate(rows) > deadline
 
     def refuse_late(self) -> OverloadError:
-        ahead = self.expected_wait() + max(0.0, self._busy_until - time.monotonic())
         return OverloadError(
+            self.late_message(), reason="deadline", retry_after_s=self.retry_after_s
+        )
+
+    def late_message(self) -> str:
+        """``refuse_late``'s message: the work ahead now, to the millisecond."""
+        ahead = self.expected_wait() + max(0.0, self._busy_until - time.monotonic())
+        return (
             f"the work ahead would take {ahead:.3f} s, and the request would end past its "
-            "deadline; retry shortly",
-            reason="deadline",
-            retry_after_s=self.retry_after_s,
+            "deadline; retry shortly"
         )
 
     async def submit(
