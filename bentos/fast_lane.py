@@ -38,6 +38,12 @@ from bentos.time_limits import REQUEST_LIMITS
 log = logging.getLogger(__name__)
 
 LANE_PATHS = ("/predict", "/infer", "/metadata")
+METRICS_PATH = "/metrics"  # BentoML's scrape, through the stack: ``on_scrape`` runs first
+_taken = False  # a FastLane was made for the service (its scrapes go through ``on_scrape``)
+
+
+def taken() -> bool:
+    return _taken
 
 
 def in_lane(path: str) -> bool:
@@ -53,12 +59,16 @@ class FastLane:
         core_app: ASGIApp,
         timeout_s: float,
         on_timeout: Callable[[], None] | None = None,
+        on_scrape: Callable[[], None] | None = None,
     ) -> None:
         self.stack, self.core_app, self.timeout_s = stack, core_app, timeout_s
         self.on_timeout = on_timeout  # counts a run timeout (the core's metrics)
+        self.on_scrape = on_scrape  # writes the counts not yet written, before a scrape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not in_lane(scope["path"]):
+            if self.on_scrape is not None and scope.get("path") == METRICS_PATH:
+                self.on_scrape()
             await self.stack(scope, receive, send)
             return
         started = False
@@ -108,10 +118,12 @@ def install(
     timeout_s: float,
     on_timeout: Callable[[], None] | None = None,
     early: Any = None,
+    on_scrape: Callable[[], None] | None = None,
 ) -> None:
     """Make ``service``'s ASGI app (what BentoML's worker hands uvicorn) a ``FastLane``; with
     ``early`` (``protocol_refusal.Check``), the lane's refusals answered by uvicorn's protocol
-    too (``bentos/protocol_refusal.py``), where the lane is taken."""
+    too (``bentos/protocol_refusal.py``), where the lane is taken; ``on_scrape`` before each
+    ``/metrics`` the worker serves (``taken()`` says whether it will be called)."""
     cls = type(service)
     original = cls.to_asgi
 
@@ -128,7 +140,9 @@ def install(
             from bentos import protocol_refusal
 
             protocol_refusal.install(early)
-        return FastLane(stack, core_app, timeout_s, on_timeout)
+        global _taken
+        _taken = True
+        return FastLane(stack, core_app, timeout_s, on_timeout, on_scrape)
 
     cls.to_asgi = to_asgi
 

@@ -72,6 +72,10 @@ TIMEOUT_S = LIMITS.body_timeout_s + RUN_TIMEOUT_S
 
 
 LAG = LoopLag()
+# A worker's refusals are written to the metrics shared by the workers this long after the
+# first of them, not at the loop's next turn, where the fast lane writes them before every
+# scrape the worker serves (another worker's scrape sees them at most this late).
+REFUSALS_WRITTEN_EVERY_S = 0.02
 
 
 def _first_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -133,6 +137,13 @@ current_service = bentoml.get_current_service
 
 def _core() -> ServingCore:
     return current_service().core  # type: ignore[no-any-return]
+
+
+def _write_counts() -> None:
+    """Before a scrape this worker serves: its refusals not yet written."""
+    core = getattr(current_service(), "core", None)
+    if core is not None:
+        core.metrics.write_pending()
 
 
 async def _answer(core: ServingCore, scope: Scope, receive: Receive) -> HttpResponse | None:
@@ -298,6 +309,13 @@ class EdgebentoService:
         # every 700) a flood ran a hundred collections a second, each with the GIL held, and
         # the model's thread waited behind them: goodput was 79% of capacity, 82-95% with this.
         gc.set_threshold(*GC_THRESHOLDS)
+        if fast_lane.taken():  # each scrape this worker serves writes its counts first
+            self.core.metrics.write_refusals_every(REFUSALS_WRITTEN_EVERY_S)
+
+    @bentoml.on_shutdown
+    def write_counts(self) -> None:
+        """The refusals counted and not yet written (``write_refusals_every``)."""
+        self.core.metrics.write_pending()
 
 
 if os.environ.get("EDGEBENTO_FAST_LANE", "1") != "0":
@@ -307,4 +325,5 @@ if os.environ.get("EDGEBENTO_FAST_LANE", "1") != "0":
         TIMEOUT_S,
         lambda: _core().metrics.failed("run_timeout"),
         early_refusal if os.environ.get("EDGEBENTO_PROTOCOL_REFUSAL", "1") != "0" else None,
+        _write_counts,
     )

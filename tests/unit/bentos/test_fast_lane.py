@@ -171,3 +171,21 @@ def test_outside_a_worker_there_is_no_traffic_setting() -> None:
         name = "edgebento"
 
     assert fast_lane._traffic(Service()) == {}
+
+
+def test_a_scrape_writes_the_counts_first_and_nothing_else_does() -> None:
+    """``on_scrape`` (the refusals a worker has not written yet) runs before the stack answers
+    ``/metrics``, and for no other path or scope."""
+    events: list[str] = []
+
+    def stack(by: str) -> Any:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            events.append(f"{by} {scope.get('path')}")
+
+        return app
+
+    lane = FastLane(stack("stack"), stack("core"), 5.0, on_scrape=lambda: events.append("write"))
+    for path, kind in (("/metrics", "http"), ("/predict", "http"), ("/livez", "http")):
+        _call(lane, path, kind)
+    asyncio.run(lane({"type": "lifespan"}, _receive, Recorder()))
+    assert events == ["write", "stack /metrics", "core /predict", "stack /livez", "stack None"]

@@ -63,3 +63,42 @@ def test_refusals_of_a_loop_that_ends_right_after_are_written() -> None:
 
     asyncio.run(last_refusal())
     assert _counts(registry)["queue_full"] == 1 and _counts(registry)["overloaded"] == 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(REASONS), max_size=20), min_size=1, max_size=4))
+def test_refusals_written_every_so_often_are_written_before_a_scrape_or_when_due(
+    turns: list[list[str]],
+) -> None:
+    """BentoML's service: a worker's refusals are written ``every`` after the first not yet
+    written, or sooner by ``write_pending`` (before a scrape it serves, when it stops), with
+    the same totals as counting them one by one."""
+    registry = CollectorRegistry()
+    metrics = InferenceMetrics(registry=registry)
+    every = 0.02
+    metrics.write_refusals_every(every)
+
+    async def refuse_all() -> None:
+        loop = asyncio.get_running_loop()
+        written = 0
+        for index, turn in enumerate(turns):
+            for reason in turn:
+                metrics.overloaded(reason)
+            await asyncio.sleep(0)  # the next turn: not written yet
+            assert _counts(registry)["overloaded"] == written
+            if index % 2:
+                metrics.write_pending()  # a scrape
+            else:
+                due = asyncio.Event()  # a timer due after the write's: it runs after it
+                loop.call_later(2 * every, due.set)
+                await due.wait()
+            written += len(turn)
+            assert _counts(registry)["overloaded"] == written
+
+    asyncio.run(refuse_all())
+    one_by_one = CollectorRegistry()
+    alone = InferenceMetrics(registry=one_by_one)
+    for turn in turns:
+        for reason in turn:
+            alone.overloaded(reason)
+    assert _counts(registry) == _counts(one_by_one)
