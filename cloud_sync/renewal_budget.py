@@ -59,7 +59,7 @@ MAX_COUNT = 100  # each spend is kept in the record (~90 bytes): the record stay
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 AGENT_RENEW_AT = 2 / 3  # edge_agent.config's renew_at: the agent renews at 2/3 of the life
-AGENT_JITTER = 0.03  # edge_agent.identity's due_in: +-3 % of the life
+AGENT_JITTER = 0.03  # edge_agent.renewal_wait's RENEW_JITTER: +-3 % of the life
 # edge_agent.renewal_wait: the last stretch of the life (a tenth, at most an hour), tried at the
 # backoff's pace; a wait the service asked for ends before it, by up to a tenth of it more
 # (at most 5 minutes); edge_agent.identity's REPLY_TIMEOUT_S: an answer lost is known then.

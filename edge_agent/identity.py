@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,11 +35,12 @@ from cloud_sync.fleet_ca import new_key, write_private
 from edge_agent.config import AgentConfig
 from edge_agent.identity_files import IdentityFiles, cert_window
 from edge_agent.renewal_wait import (
+    BACKOFF_MAX_S,
     NOT_NOW,
+    RENEW_JITTER,
+    LastWindow,
     NotServed,
-    backoff_s,
-    last_stretch_at,
-    next_try_in,
+    try_again_in,
     wait_until,
 )
 from modelpack.errors import AuthError, BrokerError, ConfigError
@@ -235,8 +237,10 @@ class Renewer:
         channel: Channel,
         files: IdentityFiles,
         on_event: Callable[[str, dict[str, Any]], None],
+        wait: Callable[[threading.Event, float, Callable[[], float] | None], bool] = wait_until,
     ) -> None:
         self.config, self.channel, self.files, self.on_event = config, channel, files, on_event
+        self._wait, self._window = wait, LastWindow(files.cert)
         # The answer to the one request asked at a time (``_ask``): others are not kept.
         self._replies: dict[str, EnrollReply] = {}
         self._awaiting: str | None = None
@@ -292,54 +296,59 @@ class Renewer:
                 self._awaiting = None
 
     def due_in(self) -> float:
-        not_before, not_after, _ = cert_window(self.files.cert)
+        not_before, not_after, _ = self._window.read()
         life = not_after - not_before
-        jitter = random.uniform(-0.03, 0.03) * life  # a fleet enrolled at once renews spread
+        jitter = random.uniform(-RENEW_JITTER, RENEW_JITTER) * life  # a fleet renews spread
         return max(0.0, not_before + self.config.renew_at * life + jitter - time.time())
+
+    def _status(self, state: str, **fields: Any) -> None:
+        self.files.write_status(state, **self._window.said(fields))
 
     def _due(self) -> float:
         at = time.time() + self.due_in()
         # The status says when: an operator sees a renewal that is due and has not happened.
-        self.files.write_status("valid", renew_after=at)
+        self._status("valid", renew_after=at)
         return at
 
-    def _last_stretch(self) -> float:
-        not_before, not_after, _ = cert_window(self.files.cert)
-        return last_stretch_at(not_before, not_after, self._spread)
-
     def _run(self) -> None:
-        # Waits are kept on the wall clock, as the certificate's times are (``wait_until``).
-        failures, at, latest = 0, self._due(), None
-        while not wait_until(self._stop, at, latest):
+        """Renews until stopped or refused for good. Nothing else ends it (an unreadable
+        certificate file, a full disk): a renewer gone while the status says ``valid`` let the
+        certificate expire unseen. Waits are on the wall clock, as certificates' times are."""
+        failures, at, latest = 0, None, None
+        while not self._stop.is_set():
             try:
+                at = self._due() if at is None else at
+                if self._wait(self._stop, at, latest):
+                    return
                 self.renew_once()
+                failures, at, latest = 0, None, None
             except AuthError as exc:  # revoked or unknown: renewing again will not help
                 self.gave_up = str(exc)
                 log.error("certificate renewal refused: %s", exc)
-                self.files.write_status("renewal_refused", reason=str(exc))
+                self._status("renewal_refused", reason=str(exc))
                 return
             except Exception as exc:
                 failures += 1
-                at = self._after_failure(failures, exc)
-                # A wait that ends before the last stretch never reaches into it, however long
-                # the device was suspended: its start is read again at each wake.
-                latest = self._last_stretch if at <= self._last_stretch() else None
-            else:
-                failures, at, latest = 0, self._due(), None
+                try:
+                    at = self._after_failure(failures, exc)
+                    # A wait that ends before the last stretch never reaches into it, however
+                    # long the device was suspended: its start is read again at each wake.
+                    latest = partial(self._window.last_stretch, self._spread)
+                    latest = latest if at <= latest() else None
+                except Exception:
+                    log.exception("certificate renewal: trying again in %.0f s", BACKOFF_MAX_S)
+                    at, latest = time.time() + BACKOFF_MAX_S, None
 
     def _after_failure(self, failures: int, exc: Exception) -> float:
         """When the next try comes: after the backoff, or as long as the service asked
         (``next_try_in``); said in the log and in the status (``renew_after``, ``reason``)."""
-        not_before, not_after, _ = cert_window(self.files.cert)
+        not_before, not_after, _ = self._window.read()
         now = time.time()
-        reason = exc.reason if isinstance(exc, NotServed) else None
-        asked = exc.retry_after_s if isinstance(exc, NotServed) else None
-        backoff = backoff_s(failures, now, not_after)
-        wait = next_try_in(backoff, reason, asked, now, not_before, not_after, spread=self._spread)
+        wait = try_again_in(failures, exc, now, not_before, not_after, self._spread)
         said = f"{exc}; trying again in {wait:.0f} s, at {_at(now + wait)}"
         log.warning("certificate renewal failed (try %d): %s", failures, said)
         state = "valid" if now < not_after else "expired"
-        self.files.write_status(state, renew_after=now + wait, reason=f"try {failures}: {said}")
+        self._status(state, renew_after=now + wait, reason=f"try {failures}: {said}")
         return now + wait
 
     def renew_once(self) -> None:
@@ -356,17 +365,15 @@ class Renewer:
             if reply.reason in NOT_NOW:
                 raise NotServed(reply)
             raise AuthError(f"{reply.reason}: {reply.error}")
-        old = cert_window(self.files.cert)[2]
+        old = self._window.serial()  # the one connected with, even if unreadable since
         self.files.install(reply.certificate, self.config.device, key.public_key())
-        _, not_after, serial = cert_window(self.files.cert)
+        _, not_after, serial = self._window.read()
         self.channel.use_identity(self.files.cert, self.files.key)
         if not self.channel.wait_connected(REPLY_TIMEOUT_S):
             raise BrokerError("no connection with the new certificate")
         self._confirm(serial)
         self.rotations += 1
-        self.files.write_status(
-            "valid", serial=serial, not_after=not_after, last_rotation=time.time()
-        )
+        self._status("valid", serial=serial, not_after=not_after, last_rotation=time.time())
         self.on_event("event", {"event": "certificate_rotated", "old": old, "new": serial})
         log.info("certificate rotated: %s -> %s (valid until %.0f)", old, serial, not_after)
 

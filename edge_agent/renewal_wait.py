@@ -8,6 +8,7 @@ Import path and API (numbers in, seconds out; ``wait_until`` sleeps; ``NotServed
     backoff = backoff_s(failures, now, not_after)
     wait = next_try_in(backoff, reason, retry_after_s, now, not_before, not_after, spread=s)
     stopped = wait_until(stop_event, now + wait, latest=lambda: last_stretch_at(nb, na, s))
+    window = LastWindow(cert_path); window.read()   # the last window read if unreadable now
 
 Why: a refusal that says "not now" may say when (``retry_after_s``: with ``renewal_budget``,
 when one of the device's renewals is free again). Asked sooner, the service refuses again, and
@@ -37,19 +38,26 @@ Bounds, because the service's word is not trusted with the device's life:
 
 Waits are kept on the wall clock (``wait_until``): the certificate's times are, and a wait
 slept in one monotonic stretch overran them by as long as the device was suspended, or by a
-correction NTP made forward, into its last stretch or past its expiry.
+correction NTP made forward, into its last stretch or past its expiry. A wait also ends after
+its length on the monotonic clock: a clock set back a day stretched an hour's wait to 25 h.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from cloud_sync.enroll import EnrollReply
-from modelpack.errors import BrokerError
+from edge_agent.identity_files import cert_window
+from modelpack.errors import BrokerError, ConfigError
+
+log = logging.getLogger("edge_agent.identity")
 
 JITTER = 0.1  # a tenth of the service's wait, on top of it...
 JITTER_MAX_S = 300.0  # ...at most the backoff's own cap
@@ -58,6 +66,7 @@ PROMPT = frozenset({"replayed"})  # refusals that spent nothing: asked again at 
 BACKOFF_MAX_S, BACKOFF_FLOOR_S = 300.0, 3.0
 EXPIRED_MAX_S = 300.0  # an expired certificate: the longest wait a service's word buys
 WAKE_S = 300.0  # the longest one sleep: the wall clock is read again after it
+RENEW_JITTER = 0.03  # the renewal point's spread, +-3 % of the life: a fleet renews spread
 
 
 # Answers that say "not now", not "never": a busy or flooded service (its rate limit), one that
@@ -142,20 +151,83 @@ def next_try_in(
     return max(backoff_s, min(jittered, until_last))
 
 
+def try_again_in(
+    failures: int, exc: Exception, now: float, not_before: float, not_after: float, spread: float
+) -> float:
+    """Seconds until the try after ``exc``, the ``failures``-th in a row: the backoff, or as
+    long as the service asked if it said "not now" (``NotServed``, ``next_try_in``)."""
+    reason = exc.reason if isinstance(exc, NotServed) else None
+    asked = exc.retry_after_s if isinstance(exc, NotServed) else None
+    backoff = backoff_s(failures, now, not_after)
+    return next_try_in(backoff, reason, asked, now, not_before, not_after, spread=spread)
+
+
 def wait_until(
     stop: threading.Event,
     target: float,
     latest: Callable[[], float] | None = None,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> bool:
     """Sleep until ``target`` on the wall clock (``clock``), or ``latest()`` if that comes
     first (read again at each wake), in sleeps of at most ``WAKE_S``; True when ``stop`` was
     set instead. A device suspended, or its clock set forward, wakes at most ``WAKE_S`` of
-    wall time past the target, not the whole wait."""
+    wall time past the target, not the whole wait; a clock set back does not stretch it either:
+    it also ends once ``monotonic`` has run the wait's length from its start."""
+    deadline = monotonic() + (target - clock())
     while True:
         end = target if latest is None else min(target, latest())
-        left = end - clock()
+        left = min(end - clock(), deadline - monotonic())
         if left <= 0:
             return False
         if stop.wait(min(WAKE_S, left)):
             return True
+
+
+class LastWindow:
+    """The certificate's window (not_before, not_after, serial) as last read from ``path``:
+    a file that cannot be read now (half written, damaged, deleted) leaves the renewer going by
+    the last one it read, and says so (``said``), rather than ending it: a renewer gone while
+    the status still says ``valid`` let the certificate expire, however the file was repaired.
+    ``read`` raises only when no window was ever read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.window: tuple[float, float, str] | None = None
+        self.unreadable: str | None = None  # why the file could not be read at the last read
+
+    def read(self) -> tuple[float, float, str]:
+        try:
+            self.window, self.unreadable = cert_window(self.path), None
+        except (OSError, ValueError, ConfigError) as exc:
+            if self.window is None:
+                raise
+            if self.unreadable is None:
+                log.error(
+                    "the certificate on disk cannot be read (%s): going by the last read, %s",
+                    exc,
+                    self.window[2],
+                )
+            self.unreadable = str(exc)
+        return self.window
+
+    def serial(self) -> str:
+        """The serial as read last ("unknown" if none ever was): an answered renewal installs
+        its certificate whatever the file on disk is now."""
+        try:
+            return self.read()[2]
+        except (OSError, ValueError, ConfigError):
+            return "unknown"
+
+    def last_stretch(self, spread: float) -> float:
+        """``last_stretch_at`` of the window: a wait's clamp, read at each wake."""
+        not_before, not_after, _ = self.read()
+        return last_stretch_at(not_before, not_after, spread)
+
+    def said(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` for the status, the reason led by the unreadable file's, if it is."""
+        if self.unreadable is None:
+            return fields
+        said = f"the certificate on disk cannot be read: {self.unreadable}"
+        reason = fields.get("reason")
+        return {**fields, "reason": f"{said}; {reason}" if reason else said}

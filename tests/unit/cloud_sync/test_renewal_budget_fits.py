@@ -40,7 +40,13 @@ from cloud_sync.renewal_budget import (
 )
 from edge_agent.config import AgentConfig
 from edge_agent.identity import REPLY_TIMEOUT_S, KeyMaker
-from edge_agent.renewal_wait import RESERVE_MAX_S, RESERVE_SHARE, reserve_s, spread_max_s
+from edge_agent.renewal_wait import (
+    RENEW_JITTER,
+    RESERVE_MAX_S,
+    RESERVE_SHARE,
+    reserve_s,
+    spread_max_s,
+)
 from modelpack.errors import ConfigError
 
 DAY = 86400.0
@@ -116,6 +122,7 @@ def test_the_gap_the_backdating_left_is_refused() -> None:
 def test_the_agents_figures_are_the_ones_the_check_assumes() -> None:
     """The check cannot import the agent (DESIGN.md): its copies must not drift."""
     assert AgentConfig.model_fields["renew_at"].default == AGENT_RENEW_AT
+    assert RENEW_JITTER == AGENT_JITTER
     assert (RESERVE_SHARE, RESERVE_MAX_S) == (AGENT_RESERVE_SHARE, AGENT_RESERVE_MAX_S)
     assert spread_max_s(1e9) == AGENT_SPREAD_MAX_S and REPLY_TIMEOUT_S == AGENT_REPLY_TIMEOUT_S
     assert spread_max_s(100.0) == AGENT_RESERVE_SHARE * 100.0

@@ -11,7 +11,7 @@ from cloud_sync.fleet_ca import FleetCA, cert_pem, init_ca, new_key
 from edge_agent.config import AgentConfig
 from edge_agent.identity import KeyMaker, Renewer
 from edge_agent.identity_files import IdentityFiles, cert_window
-from edge_agent.renewal_wait import backoff_s
+from edge_agent.renewal_wait import LastWindow, backoff_s
 
 LIFE_S = 300.0
 
@@ -27,7 +27,7 @@ def _renewer(tmp_path: Path) -> Renewer:
     config = AgentConfig(device="jit-a", data_dir=tmp_path, trust=[tmp_path / "signing.pub"])
     # Only the schedule is under test: no channel, no thread.
     renewer = Renewer.__new__(Renewer)
-    renewer.config, renewer.files = config, files
+    renewer.config, renewer.files, renewer._window = config, files, LastWindow(files.cert)
     return renewer
 
 

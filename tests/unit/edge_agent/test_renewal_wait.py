@@ -185,7 +185,8 @@ def test_an_expired_certificate_still_connected_waits_as_asked_at_most_five_minu
     backoff = backoff_s(failures, now, not_after, lambda: draw)
     assert backoff >= BACKOFF_FLOOR_S  # the previous agent: 0.125-1 s
     wait = next_try_in(backoff, "renewal_budget", asked, now, not_before, not_after, lambda: draw)
-    assert wait == max(backoff, min(asked * (1 + JITTER * draw), EXPIRED_MAX_S))
+    expected = max(backoff, min(asked * (1 + JITTER * draw), EXPIRED_MAX_S))
+    assert wait == pytest.approx(expected, rel=1e-12)
 
 
 @given(life=lives, at=fractions, asked=waits)
@@ -208,14 +209,17 @@ def test_a_batch_clamped_to_the_last_stretch_comes_back_spread(
 
 class Clock:
     """A wall clock that a sleep moves on by what was slept, and by ``jump`` more at one sleep
-    (a suspend, or NTP setting the clock forward while the device slept); ``slept`` is the
-    monotonic time the sleeps took."""
+    (a suspend, or NTP setting the clock forward while the device slept, or back if negative);
+    ``slept`` is the monotonic time the sleeps took (``monotonic``)."""
 
     def __init__(self, jump: float, at_sleep: int) -> None:
         self.now, self.jump, self.at_sleep, self.sleeps, self.slept = 1e9, jump, at_sleep, 0, 0.0
 
     def time(self) -> float:
         return self.now
+
+    def monotonic(self) -> float:
+        return 5e5 + self.slept
 
     def wait(self, seconds: float) -> bool:  # threading.Event.wait, never set here
         self.sleeps += 1
@@ -242,7 +246,7 @@ def test_a_wait_ends_on_the_wall_clock_whatever_the_device_slept_through(
     start = clock.now
     latest = None if clamp is None else (lambda: start + clamp)
     stop: Any = clock  # only its wait() is used
-    assert wait_until(stop, start + wait, latest, clock.time) is False
+    assert wait_until(stop, start + wait, latest, clock.time, clock.monotonic) is False
     end = start + (wait if clamp is None else min(wait, clamp))
     assert clock.now >= end  # never sooner than asked
     tolerance = 1e-9 * (end - start) + 1e-6
@@ -266,8 +270,36 @@ def test_a_wait_ends_at_the_clamp_read_at_a_wake() -> None:
         return next(clamps, start + 600.0)
 
     stop: Any = clock
-    assert wait_until(stop, start + 20 * DAY, latest, clock.time) is False
+    assert wait_until(stop, start + 20 * DAY, latest, clock.time, clock.monotonic) is False
     assert clock.now == pytest.approx(start + 600.0)
+
+
+def test_a_clock_set_back_during_a_wait_does_not_stretch_it() -> None:
+    """An hour's wait, the clock set back a day after its first sleep: the previous agent slept
+    25 h (to the target on the wall clock); the monotonic clock ends it after the hour."""
+    clock = Clock(-DAY, 1)
+    stop: Any = clock
+    assert wait_until(stop, clock.now + 3600.0, None, clock.time, clock.monotonic) is False
+    assert clock.sleeps >= 1 and clock.slept <= 3600.0 + WAKE_S
+
+
+@given(
+    wait=st.floats(min_value=1.0, max_value=60 * DAY),
+    back=st.floats(min_value=0.0, max_value=60 * DAY),
+    at_sleep=st.integers(1, 50),
+    clamp=st.one_of(st.none(), st.floats(min_value=1.0, max_value=60 * DAY)),
+)
+def test_a_wait_is_never_slept_longer_than_asked_whatever_the_clock_is_set_back(
+    wait: float, back: float, at_sleep: int, clamp: float | None
+) -> None:
+    clock = Clock(-back, at_sleep)
+    start = clock.now
+    latest = None if clamp is None else (lambda: start + clamp)
+    stop: Any = clock
+    assert wait_until(stop, start + wait, latest, clock.time, clock.monotonic) is False
+    assert clock.slept <= wait * (1 + 1e-9) + 1e-6
+    if clock.sleeps < at_sleep:  # never set back: the wall clock's end, as before
+        assert clock.now == pytest.approx(start + (wait if clamp is None else min(wait, clamp)))
 
 
 def test_an_answer_with_a_retry_after_s_that_is_no_number_keeps_its_certificate() -> None:
