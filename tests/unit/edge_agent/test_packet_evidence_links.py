@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.packet_limit_false_bounds import held_send, one_message
 from edge_agent.packet_evidence import (
     CLOSES,
     EARLY_S,
@@ -27,6 +26,7 @@ from edge_agent.packet_evidence import (
     PacketLimitWatch,
     Unacked,
 )
+from tests.support.packet_link_sim import held_send, one_message
 
 HEADER_S = 0.01  # the broker reads a packet's header this soon after it starts arriving
 
