@@ -257,7 +257,7 @@ class IdentityStore(CrlIndexWriter, Renewals):
         def change(doc: DeviceIdentity) -> DeviceIdentity:
             return doc.model_copy(update={"revoked": True, "revoked_at": time.time()})
 
-        check_revocable([device])
+        check_revocable([device], lambda d: self.store.exists(self._key(d)))
         doc = self._change(device, change, over_refused=True)
         at = doc.revoked_at or time.time()
         self._add_to_crl(

@@ -5,6 +5,7 @@ Import path and API::
 
     from cloud_sync.reserved_ids import RESERVED_IDS, check_enrollable, reserved_records
     check_enrollable(["cam-1"])       # ConfigError for an invalid or reserved id
+    check_revocable(["broker"], has_record)   # a reserved id too, if it has a record
     reserved_records(store)           # ids of records already in the store under reserved ids
 
 Why the ACL's words: a device's enrollment topics are ``{prefix}/enroll/{device}/{kind}``, and
@@ -20,7 +21,7 @@ here, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cloud_sync.identity_records import DEVICES, device_of
 from cloud_sync.rollout_state import check_device_ids
@@ -50,11 +51,13 @@ def check_enrollable(devices: Iterable[str]) -> list[str]:
     return devices
 
 
-def check_revocable(devices: Iterable[str]) -> list[str]:
-    """As ``check_enrollable``, but a device enrolled under an ACL word before it was reserved
-    (``cmd``, which the operator may have renewed in its name) can still be revoked."""
+def check_revocable(devices: Iterable[str], recorded: Callable[[str], bool]) -> list[str]:
+    """As ``check_enrollable``, but a reserved id with a record (``recorded``: enrolled before
+    it was reserved, as ``cmd``, or ``broker`` and ``revocation-probe``, reserved since
+    e17baad) can still be revoked: ``reserved_records`` tells the operator to. A reserved id
+    without one is refused: revoking it would write a record under a cloud name."""
     devices = check_device_ids(list(devices))
-    check_enrollable(d for d in devices if d not in ACL_WORDS)
+    check_enrollable(d for d in devices if d not in RESERVED_IDS or not recorded(d))
     return devices
 
 

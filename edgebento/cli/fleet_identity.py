@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebento.cli.registry import add_store_args
-from modelpack.errors import ConfigError
+from modelpack.errors import ConfigError, StoreError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -169,12 +169,21 @@ def _keeper(args: argparse.Namespace, ca: Any, ids: Any) -> Any:
 
 
 def _warn_reserved(ids: Any) -> None:
-    """Devices enrolled under an id reserved since (cloud_sync.reserved_ids): said at start."""
+    """Devices enrolled under an id reserved since (cloud_sync.reserved_ids): said at start.
+    A store that cannot be listed now (its endpoint down) is said and does not stop the
+    service, which answers ``internal`` until the store is back."""
     from cloud_sync.reserved_ids import reserved_records
 
-    taken = reserved_records(ids.store)
+    log = logging.getLogger("edgebento.fleet")
+    try:
+        taken = reserved_records(ids.store)
+    except StoreError as exc:
+        log.error(
+            "cannot list device records for reserved ids (checked at the next start): %s", exc
+        )
+        return
     if taken:
-        logging.getLogger("edgebento.fleet").warning(
+        log.warning(
             "device records under reserved ids %s: the cloud's identities may publish on their "
             "enrollment topics (a forged answer, a renewal in their name), so their renewals "
             "are refused; revoke them (fleet revoke) and enroll the devices under other ids",
