@@ -92,3 +92,18 @@ def test_a_renewal_in_a_reserved_ids_name_gets_no_certificate(idfleet: IdentityF
     assert answer["reason"] == "bad_request" and "reserved" in answer["error"], answer
     record = idfleet.ids.device("cmd")
     assert record is not None and len(record.certificates) == 1, record
+
+
+@pytest.mark.parametrize("other", ["cam-b", "cam-a-1", "cam", "cmd"])
+def test_a_device_speaks_on_its_own_enroll_topics_only(idfleet: IdentityFleet, other: str) -> None:
+    """A device's grants (``pattern write edgebento/enroll/%u/renew``, ``.../rotated``) name
+    its own id: another device's enrollment topics, one whose id it is a prefix of or that
+    is a prefix of it included, are refused (PUBACK 135); its own renewal topics are not."""
+    device = idfleet.client("cam-a")
+    try:
+        codes = _publish_all(device, list(_forged(other)))
+        own = _publish_all(device, [enroll_topic(PREFIX, "cam-a", k) for k in ("renew", "rotated")])
+    finally:
+        device.close()
+    assert set(codes.values()) == {NOT_AUTHORIZED}, codes
+    assert NOT_AUTHORIZED not in own.values(), own

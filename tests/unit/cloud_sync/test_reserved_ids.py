@@ -46,11 +46,43 @@ def _granted_words(acl: str) -> set[str]:
     return words
 
 
+def _open_write_grants(acl: str) -> list[str]:
+    """Write grants (``write``, ``readwrite``, or none said) with a wildcard at the second level
+    and at the third (``edgebento/+/+/x``, ``edgebento/+/#``, ``edgebento/#``): with ``+`` =
+    ``enroll`` they grant every device's enrollment topics, whatever its id, so no reserved
+    word can close them; ``_granted_words`` cannot see them."""
+    found = []
+    for line in acl.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0] not in ("topic", "pattern"):
+            continue
+        access = fields[1] if len(fields) > 2 else "readwrite"
+        first, second, third = [*fields[-1].split("/"), "", ""][:3]
+        wild = second == "#" or (second == "+" and third in ("+", "#"))
+        if access in ("write", "readwrite") and first == "edgebento" and wild:
+            found.append(line.strip())
+    return found
+
+
 def test_every_word_the_cloud_acl_grants_where_a_device_id_stands_is_reserved() -> None:
     device_listener = identity_acl(BASE_ACL.read_text())
     words = _granted_words(device_listener) | _granted_words(claim_acl())
     assert {"cmd", "replies", "infer", "status", "desired", "telemetry"} <= words
     assert words - RESERVED_IDS == set()
+    assert _open_write_grants(device_listener) + _open_write_grants(claim_acl()) == []
+
+
+def test_a_write_grant_open_at_the_third_level_is_found() -> None:
+    """The check above has teeth: such grants are found, reads and named levels are not."""
+    acl = """user operator
+topic write edgebento/+/+/x
+topic edgebento/+/#
+topic readwrite edgebento/#
+pattern write edgebento/+/+
+topic read edgebento/#
+topic write edgebento/+/cmd/#
+topic write edgebento/enroll/+/response"""
+    assert _open_write_grants(acl) == acl.splitlines()[1:5]
 
 
 @pytest.fixture
