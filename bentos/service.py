@@ -208,6 +208,7 @@ _REFUSALS_KEPT = 1024
 # The mapping ``early`` reads, by the x-timeout-ms value sent: a flood sends the same few.
 _TIMEOUTS: dict[bytes, dict[str, str]] = {}
 _TIMEOUTS_KEPT = 64
+TIMEOUT_KEPT_BYTES = 64  # the longest value the core parses (a client's megabytes are not kept)
 # The core's queue_full refusal (``ServingCore.queue_full``, one instance) and its answer.
 _last_queue_full: tuple[OverloadError, Refusal] | None = None
 
@@ -225,11 +226,13 @@ def early_refusal(
     headers = NO_HEADERS
     for name, value in raw:
         if name == TIMEOUT_NAME:  # the first, as in _first_headers
-            found = _TIMEOUTS.get(value)
+            found = _TIMEOUTS.get(value) if len(value) <= TIMEOUT_KEPT_BYTES else None
             if found is None:
-                if len(_TIMEOUTS) >= _TIMEOUTS_KEPT:
-                    _TIMEOUTS.clear()
-                found = _TIMEOUTS[value] = {TIMEOUT_HEADER: value.decode("latin-1")}
+                found = {TIMEOUT_HEADER: value.decode("latin-1")}
+                if len(value) <= TIMEOUT_KEPT_BYTES:  # longer: refused as unparsable, not kept
+                    if len(_TIMEOUTS) >= _TIMEOUTS_KEPT:
+                        _TIMEOUTS.clear()
+                    _TIMEOUTS[value] = found
             headers = found
             break
     core = _core()

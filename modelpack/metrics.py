@@ -171,7 +171,8 @@ class InferenceMetrics:
         (a client that has its 503 and asks ``/metrics`` finds it counted). Under a flood most
         requests come here, many in a turn, and each write is a locked write to a file shared
         by the workers: two of them were a tenth of a refusal's CPU. ``write_refusals_every``
-        writes them later still, for a server that writes them before each scrape."""
+        writes them later still, for a server that writes them before each scrape it serves
+        (a scrape another worker serves may then find them a delay and a turn late)."""
         asyncio = sys.modules.get("asyncio")
         loop = asyncio._get_running_loop() if asyncio is not None else None
         if loop is None:

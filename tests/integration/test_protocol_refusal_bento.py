@@ -137,3 +137,27 @@ def test_refusals_pipelined_in_one_packet_are_each_answered_and_counted(
     assert {undated(a) for a in [first, *got[:4]]} == {undated(apps)}
     assert got[4].startswith(b"HTTP/1.1 200") and b'"add"' in got[4]
     assert _refused_total(server) == before + 5
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_a_clients_long_timeout_values_are_not_kept(servers: dict[str, Process]) -> None:
+    """The early check keeps the mapping of each x-timeout-ms value it was sent, for a flood's
+    few values; a value longer than any the core parses is answered (400: not a timeout) and
+    not kept. Review 107: 64 distinct 2 MB values pinned 128 MiB in each worker."""
+    server = servers["protocol"]
+    before = _tree_rss(server.popen.pid)
+    with _connect(server) as sock:
+        for index in range(64):
+            value = b"%08d" % index + b"9" * (1 << 20)
+            sock.sendall(head("/predict", len(BODY))[:-2] + b"x-timeout-ms: " + value + b"\r\n\r\n")
+            sock.sendall(BODY)
+            (answer,) = answers(sock, 1)
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    grown = _tree_rss(server.popen.pid) - before
+    assert grown < 48 << 20, f"the server grew {grown >> 20} MiB"
