@@ -40,6 +40,12 @@ class AgentCollector:
             value=counters.get("dropped_corrupt", 0),
         )
         yield CounterMetricFamily(
+            "edgebento_outbox_dropped_aside",
+            "telemetry records set aside over the broker's packet limit, then deleted because "
+            "more were kept aside than the outbox holds (the agent's set-aside events first)",
+            value=counters.get("dropped_aside", 0),
+        )
+        yield CounterMetricFamily(
             "edgebento_telemetry_acked",
             "records acknowledged as stored by the ingestion",
             value=agent.telemetry.acknowledged,

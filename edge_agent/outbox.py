@@ -70,6 +70,11 @@ class Outbox(OutboxFile):
                 "SELECT COALESCE(MAX(id), 0) FROM records"
             ).fetchone()
 
+    def counters(self) -> dict[str, int]:
+        rows = super().counters()
+        rows.setdefault("dropped_aside", 0)  # set aside, then evicted past ``ASIDE_KEPT``
+        return rows
+
     def stats(self) -> dict[str, Any]:
         return {
             "records": self.count,
@@ -113,18 +118,25 @@ class Outbox(OutboxFile):
 
     def append(self, kind: str, data: dict[str, Any], ts: float | None = None) -> int | None:
         """Store one record; its seq, or None when the overflow policy or the disk dropped it."""
+        return self._append(kind, data, time.time() if ts is None else ts)
+
+    def _append(
+        self, kind: str, data: dict[str, Any], ts: float, aside_id: int | None = None
+    ) -> int | None:
+        """``append``; with ``aside_id``, that row of ``aside`` goes in the same transaction
+        (a crash between the two would store the record twice, under two seqs)."""
         with self._lock:
             seq = self.next_seq
-            body = self._encode(kind, data, seq, time.time() if ts is None else ts)
+            body = self._encode(kind, data, seq, ts)
             if len(body) > self.max_bytes:
-                self._bump("dropped_overflow")
+                self._drop_newest(aside_id)
                 return None
             for attempt in (1, 2):
                 try:
                     self._db.execute("BEGIN IMMEDIATE")
                     if self.bytes + len(body) > self.max_bytes:
                         if self.overflow == "drop_newest":
-                            self._bump("dropped_overflow")
+                            self._drop_newest(aside_id)
                             self._db.execute("COMMIT")
                             return None
                         self._evict_oldest(len(body))
@@ -132,16 +144,23 @@ class Outbox(OutboxFile):
                         "INSERT INTO records(boot_id, seq, size, body) VALUES(?, ?, ?, ?)",
                         (self.boot_id, seq, len(body), body),
                     )
+                    if aside_id is not None:
+                        self._db.execute("DELETE FROM aside WHERE id = ?", (aside_id,))
                     self._db.execute("COMMIT")
                 except sqlite3.DatabaseError as exc:
                     self._rollback()
                     if attempt == 1 and self._recover(exc):
+                        if aside_id is not None:
+                            return None  # a new file: the aside row is in the quarantined one
                         continue
                     self._reload_size()
                     if disk_full(exc) and attempt == 1 and self.count:
                         # Make room inside the file we already own, then try once more.
                         self._shrink_for_disk()
                         continue
+                    if aside_id is not None:
+                        log.warning("a set-aside telemetry record stays aside: %s", exc)
+                        return None  # not lost: still in ``aside``
                     self.dropped_disk_full += 1
                     log.warning("telemetry record dropped: %s", exc)
                     return None
@@ -150,6 +169,11 @@ class Outbox(OutboxFile):
                 self.count += 1
                 return seq
         return None
+
+    def _drop_newest(self, aside_id: int | None) -> None:
+        self._bump("dropped_overflow")
+        if aside_id is not None:
+            self._db.execute("DELETE FROM aside WHERE id = ?", (aside_id,))
 
     def _shrink_for_disk(self) -> None:
         """On a full disk, evict the oldest quarter: deletes reuse pages without growing the file."""
@@ -263,11 +287,13 @@ class Outbox(OutboxFile):
             self.count -= int(row[1])
             return int(row[1])
 
-    # --- set aside: over a packet bound learned from the broker's drops -----------------------
+    # --- set aside: over a packet bound the broker said or one learned from its drops --------
 
     def set_aside(self, record_id: int) -> None:
         """Out of the queue (the ingestion moves past its seq), kept on disk: the limit may be
-        false or lapse; ``restore_aside`` queues it again. Only the newest ``ASIDE_KEPT``."""
+        false or lapse; ``restore_aside`` queues it again. Only ``ASIDE_KEPT``: past them the
+        agent's own ``telemetry_set_aside`` events go first, then the oldest records; each
+        counted (``dropped_aside``) and logged with its seq."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -277,9 +303,7 @@ class Outbox(OutboxFile):
                 self._db.execute(
                     "INSERT INTO aside(body) SELECT body FROM records WHERE id = ?", (record_id,)
                 )
-                self._db.execute(
-                    "DELETE FROM aside WHERE id <= (SELECT MAX(id) FROM aside) - ?", (ASIDE_KEPT,)
-                )
+                evicted = self._evict_aside()
                 gone = self._db.execute("DELETE FROM records WHERE id = ?", (record_id,)).rowcount
                 self._db.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
@@ -289,10 +313,31 @@ class Outbox(OutboxFile):
                 return
             self.bytes -= int(size)
             self.count -= gone
+        for body in evicted:
+            log.warning(
+                "telemetry record %s set aside earlier dropped: more than %d kept aside",
+                _seq(body),
+                ASIDE_KEPT,
+            )
+
+    def _evict_aside(self) -> list[bytes]:
+        """Past ``ASIDE_KEPT`` rows: the set-aside events first, then the oldest; their bodies."""
+        (held,) = self._db.execute("SELECT COUNT(*) FROM aside").fetchone()
+        if held <= ASIDE_KEPT:
+            return []
+        rows = self._db.execute(
+            "SELECT id, body FROM aside ORDER BY instr(body, ?) = 0, id LIMIT ?",
+            (_SET_ASIDE_EVENT, held - ASIDE_KEPT),
+        ).fetchall()
+        ids = tuple(r[0] for r in rows)
+        self._db.execute(f"DELETE FROM aside WHERE id IN ({','.join('?' * len(ids))})", ids)
+        self._bump("dropped_aside", len(ids))
+        return [bytes(r[1]) for r in rows]
 
     def restore_aside(self) -> int:
         """Queue again, as new records of this boot, those set aside: at start, or once the
-        bound they were over lapsed. How many."""
+        bound they were over lapsed. How many. Each record and its aside row change in one
+        transaction."""
         with self._lock:
             try:
                 rows = self._db.execute("SELECT id, body FROM aside ORDER BY id").fetchall()
@@ -302,13 +347,32 @@ class Outbox(OutboxFile):
         restored = 0
         for row_id, body in rows:
             record = restorable(body)
-            if record is not None and self.append(*record) is not None:
-                restored += 1
-            with self._lock, contextlib.suppress(sqlite3.DatabaseError):
-                self._db.execute("DELETE FROM aside WHERE id = ?", (row_id,))
-                if record is None:
+            if record is not None:
+                restored += self._append(*record, aside_id=row_id) is not None
+                continue
+            with self._lock:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute("DELETE FROM aside WHERE id = ?", (row_id,))
                     self._bump("dropped_corrupt")
+                    self._db.execute("COMMIT")
+                except sqlite3.DatabaseError:
+                    self._rollback()
         return restored
+
+
+# How the agent's own telemetry_set_aside events start, as ``_encode`` writes them: evicted
+# from ``aside`` before any other record.
+_SET_ASIDE_EVENT = b'"kind":"event","data":{"event":"telemetry_set_aside",'
+
+
+def _seq(body: bytes) -> object:
+    """The seq a set-aside row names, for the log ("?" when it is not a record)."""
+    try:
+        record = json.loads(body)
+    except ValueError:
+        return "?"
+    return record.get("seq", "?") if isinstance(record, dict) else "?"
 
 
 def batch_payload(

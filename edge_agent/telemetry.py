@@ -15,6 +15,7 @@ no ingestion, or one that is down, stops soon and keeps its records for the next
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ class TelemetryPublisher:
         # Records are kept aside while the limit is at most this, queued again once it is
         # higher (0: those an earlier run kept, at the first connection; None: none kept)
         self._aside_under: int | None = 0
+        self._held_at: int | None = None  # a limit under the smallest record: nothing is sent
 
     def reconnected(self) -> None:
         """Send again everything not acknowledged: the broker may have lost it."""
@@ -106,6 +108,8 @@ class TelemetryPublisher:
         self.clock.forget()
 
     def _send_some(self, limit: int) -> int:
+        if self._held_at is not None and self._held_at == self.session.max_packet:
+            return 0
         batch: list[Pending] = self.outbox.peek(self._last_sent, limit)
         if not batch:
             return 0
@@ -123,11 +127,7 @@ class TelemetryPublisher:
                 # amount: half as many, or each batch cut a record shorter costs CLOSES drops.
                 count //= 2
             if count == 0:
-                alone = self._payload(batch[:1], floor)
-                why = self.session.refusal(self.topic, alone) or ""
-                kept = packet_size(self.topic, alone) <= self.session.limit.configured
-                self._set_aside(batch[0], why, kept)
-                return 1
+                return self._over_limit(batch[0], floor)
             batch = batch[:count]
             payload = self._payload(batch, floor)
         try:
@@ -150,20 +150,46 @@ class TelemetryPublisher:
         """The batch, naming the holes between its floor and its last record (``skip``)."""
         return batch_payload(batch, floor, None if floor is None else self._skip(batch, floor))
 
-    def _set_aside(self, record: Pending, why: str, kept: bool) -> None:
+    def _over_limit(self, record: Pending, floor: int | None) -> int:
+        """A record alone over the limit: set aside (1), or 0 when even the smallest record
+        would be over it. Then nothing can be sent, and setting records aside one by one would
+        only empty the queue into the aside table (each writing an event, itself over): the
+        queue is kept, and sending resumes once the limit changes (a CONNACK)."""
+        limit = self.session.max_packet  # read once: a CONNACK may change it meanwhile
+        least = Pending(record.id, _least_body(self.outbox.device, record), record.boot_id)
+        if packet_size(self.topic, self._payload([least], floor)) > limit:
+            self._held_at = limit
+            log.warning(
+                "telemetry held: the broker takes packets of at most %d bytes, under the "
+                "smallest record's; the %d records queued are kept until a higher limit",
+                limit,
+                self.outbox.count,
+            )
+            return 0
+        size = packet_size(self.topic, self._payload([record], floor))
+        if size <= limit:
+            return 0  # a CONNACK raised the limit since the check: sent at the next turn
+        why = f"the message is {size} bytes; the broker takes at most {limit}"
+        self._set_aside(record, why, kept=size <= self.session.limit.configured, size=size)
+        return 1
+
+    def _set_aside(self, record: Pending, why: str, kept: bool, size: int) -> None:
         """A record over the broker's packet limit on its own: out of the queue, counted, said
         in the log and in an event (the ingestion skips its seq, as an evicted record's). Over
         a limit the broker said (MQTT 5's CONNACK) or one learned from its drops, it is ``kept``
         aside (the newest ``ASIDE_KEPT``: a record leaves the device only when the ingestion
         stores it, and the limit may rise: another broker, one restarted, a false bound that
         lapses) and queued again (as a new record) once the limit is higher, or after a
-        restart. Over ``max_packet_bytes``, which never rises in a run, it is deleted."""
-        kind = _kind(record.body)
+        restart. Over ``max_packet_bytes``, which never rises in a run, it is deleted. It is
+        filed under its own ``size`` (it fits any limit of at least that), not the limit read
+        now: a CONNACK may have raised it since the check. No event is written about a record
+        that is itself such an event (it would be over the limit too, and so on without end)."""
+        kind, named = _described(record.body)
         self.outbox.holes.mark(record.boot_id, record.seq)  # earlier batches' floor is below it
         if kept:
             self.outbox.set_aside(record.id)
-            under, limit = self._aside_under, self.session.max_packet
-            self._aside_under = limit if under is None else min(under, limit)
+            under = self._aside_under
+            self._aside_under = size - 1 if under is None else min(under, size - 1)
         else:
             self.outbox.ack([record.id])
         self.set_aside += 1
@@ -171,6 +197,8 @@ class TelemetryPublisher:
         log.error(
             "telemetry record %d (%s) set aside, never sent%s: %s", record.seq, kind, note, why
         )
+        if kind == "event" and named == "telemetry_set_aside":
+            return  # counted and logged; an event about it would be set aside in turn
         event = {"event": "telemetry_set_aside", "boot_id": record.boot_id, "seq": record.seq,
                  "kind": kind, "bytes": len(record.body), "error": why,
                  "kept": kept}  # fmt: skip
@@ -284,11 +312,22 @@ class TelemetryPublisher:
             self._thread.join(timeout=5)
 
 
-def _kind(body: bytes) -> str:
-    """The kind a stored record names, for the log and the event; "?" when its row is not a
-    JSON object (the outbox file is local state that may have been altered)."""
+def _described(body: bytes) -> tuple[str, object]:
+    """The kind a stored record names, for the log and the event, and its data's ``event``;
+    "?" when its row is not a JSON object (the outbox file is local state that may have been
+    altered)."""
     try:
         record = untrusted_json.loads(body, "a telemetry record")
     except untrusted_json.NotJsonError:
-        return "?"
-    return str(record.get("kind", "?")) if isinstance(record, dict) else "?"
+        return "?", None
+    if not isinstance(record, dict):
+        return "?", None
+    data = record.get("data")
+    return str(record.get("kind", "?")), data.get("event") if isinstance(data, dict) else None
+
+
+def _least_body(device: str, record: Pending) -> bytes:
+    """The smallest record the agent writes (an event with no data) in ``record``'s place."""
+    least = {"schema_version": 1, "device": device, "boot_id": record.boot_id,
+             "seq": record.seq, "ts": time.time(), "kind": "event", "data": {}}  # fmt: skip
+    return json.dumps(least, separators=(",", ":")).encode()
