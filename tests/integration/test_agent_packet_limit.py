@@ -24,7 +24,13 @@ import pytest
 
 from edge_agent.packet_evidence import CLOSES
 from tests.support.agent import AgentProcess, Client, wait_online
-from tests.support.agent_telemetry import DeviceWatch, session_config, telemetry_session
+from tests.support.agent_telemetry import (
+    DeviceWatch,
+    readings,
+    session_config,
+    stated_limit_run,
+    telemetry_session,
+)
 from tests.support.services import SmallPacketMosquitto, free_port
 
 LIMIT = SmallPacketMosquitto.max_packet  # the small_broker fixture's
@@ -220,10 +226,6 @@ def test_a_batch_over_the_limit_goes_in_batches_that_fit(
         watch.close()
 
 
-def _readings(records: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == "reading" and r["data"]["i"] == i]
-
-
 def test_a_record_over_a_limit_the_broker_said_is_sent_once_the_limit_rises(
     tmp_path: Path, topic_prefix: str
 ) -> None:
@@ -231,33 +233,15 @@ def test_a_record_over_a_limit_the_broker_said_is_sent_once_the_limit_rises(
     operator raises max_packet_size and restarts the broker: its CONNACK says 1 MiB, and the
     record, kept aside, is queued again and stored. The old publisher deleted it for good when
     it set it aside: it left the device without the ingestion ever storing it."""
-    from edge_agent.outbox import Outbox
-
-    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto").start()
-    outbox = Outbox(tmp_path / "telemetry.db", "dev-r", 16 << 20)
-    outbox.append("reading", {"i": 0, "pad": "x" * 30_000})
-    outbox.append("reading", {"i": 1})
-    config = session_config(broker, tmp_path, "dev-r", "5", topic_prefix)
-    watches = [DeviceWatch(broker, topic_prefix, "dev-r")]
-    session, drain = telemetry_session(config, outbox, 1000.0)
-    try:
-        with session:
-            watches[0].wait(lambda rs: _readings(rs, 1), 60)
-            aside = watches[0].wait(lambda rs: _events(rs, "telemetry_set_aside"), 60)
-            assert aside[0]["kept"] is True and drain.set_aside == 1
-            watches[0].close()
-            broker.max_packet = 1 << 20
-            broker.restart()  # no persistence: a new watch (the ingestion) subscribes again
-            watches.append(DeviceWatch(broker, topic_prefix, "dev-r"))
-            got = watches[1].wait(lambda rs: _readings(rs, 0), 60)
-            assert got[0]["data"]["pad"] == "x" * 30_000 and session.max_packet == 1 << 20
-            watches[1].wait(lambda rs: outbox.count == 0, 30)  # stored: acknowledged, deleted
-            assert drain.set_aside == 1
-    finally:
-        drain.stop()
-        outbox.close()
-        watches[-1].close()
-        broker.stop()
+    with stated_limit_run(tmp_path, topic_prefix, 16384, 30_000) as run:
+        run.watch.wait(lambda rs: readings(rs, 1), 60)
+        aside = run.watch.wait(lambda rs: _events(rs, "telemetry_set_aside"), 60)
+        assert aside[0]["kept"] is True and run.drain.set_aside == 1
+        watch = run.raise_limit()  # no persistence: a new watch (the ingestion) subscribes again
+        got = watch.wait(lambda rs: readings(rs, 0), 60)
+        assert got[0]["data"]["pad"] == "x" * 30_000 and run.session.max_packet == 1 << 20
+        watch.wait(lambda rs: run.outbox.count == 0, 30)  # stored: acknowledged, deleted
+        assert run.drain.set_aside == 1
 
 
 def test_a_broker_restarted_with_a_lower_limit_does_not_keep_the_device_offline(

@@ -9,55 +9,40 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from edge_agent.outbox import Outbox
-from tests.support.agent_telemetry import DeviceWatch, session_config, telemetry_session
+from tests.support.agent_telemetry import (
+    DeviceWatch,
+    readings,
+    session_config,
+    stated_limit_run,
+    telemetry_session,
+)
 from tests.support.services import SmallPacketMosquitto
 
 pytestmark = pytest.mark.slow
 
 
-def _readings(records: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
-    return [r for r in records if r["kind"] == "reading" and r["data"]["i"] == i]
-
-
 def test_a_small_stated_limit_keeps_the_record_aside_until_the_limit_rises(
     tmp_path: Path, topic_prefix: str
 ) -> None:
-    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto")
-    broker.max_packet = 300  # over the smallest record, under the set-aside event about one
-    broker.start()
-    outbox = Outbox(tmp_path / "telemetry.db", "dev-r", 16 << 20)
-    outbox.append("reading", {"i": 0, "pad": "x" * 2000})
-    outbox.append("reading", {"i": 1})
-    config = session_config(broker, tmp_path, "dev-r", "5", topic_prefix)
-    watches = [DeviceWatch(broker, topic_prefix, "dev-r")]
-    session, drain = telemetry_session(config, outbox, 1000.0)
-    try:
-        with session:
-            watches[0].wait(lambda rs: _readings(rs, 1), 60)
-            # Reading 0 and the event about it (over the limit too, with no event of its own)
-            watches[0].wait(lambda rs: drain.set_aside >= 2, 60)
-            watches[0].close()
-            broker.max_packet = 1 << 20
-            broker.restart()
-            watches.append(DeviceWatch(broker, topic_prefix, "dev-r"))
-            got = watches[1].wait(lambda rs: _readings(rs, 0), 60)
-            assert got[0]["data"]["pad"] == "x" * 2000
-            events = watches[1].wait(lambda rs: watches[1].events("telemetry_set_aside"), 60)
-            # One event, about reading 0 (seq 0), kept aside with it and delivered after it;
-            # on the code before, hundreds of set-asides, each writing another event.
-            assert [(e["seq"], e["kind"], e["kept"]) for e in events] == [(0, "reading", True)]
-            assert drain.set_aside == 2
-    finally:
-        drain.stop()
-        outbox.close()
-        watches[-1].close()
-        broker.stop()
-    assert outbox.counters()["dropped_aside"] == 0
+    # 300 bytes: over the smallest record, under the set-aside event about one
+    with stated_limit_run(tmp_path, topic_prefix, 300, 2000) as run:
+        run.watch.wait(lambda rs: readings(rs, 1), 60)
+        # Reading 0 and the event about it (over the limit too, with no event of its own)
+        run.watch.wait(lambda rs: run.drain.set_aside >= 2, 60)
+        watch = run.raise_limit()
+        got = watch.wait(lambda rs: readings(rs, 0), 60)
+        assert got[0]["data"]["pad"] == "x" * 2000
+        events = watch.wait(lambda rs: watch.events("telemetry_set_aside"), 60)
+        # One event, about reading 0 (seq 0), kept aside with it and delivered after it; on
+        # the code before, hundreds of set-asides, each writing another event.
+        assert [(e["seq"], e["kind"], e["kept"]) for e in events] == [(0, "reading", True)]
+        assert run.drain.set_aside == 2
+        watch.wait(lambda rs: run.outbox.count == 0, 30)  # stored: acknowledged, deleted
+        assert run.outbox.counters()["dropped_aside"] == 0
 
 
 def test_a_stated_limit_under_the_smallest_record_keeps_the_queue(

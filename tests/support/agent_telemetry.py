@@ -7,13 +7,15 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 
-from tests.support.services import Mosquitto
+from tests.support.services import Mosquitto, SmallPacketMosquitto
 
 
 class DeviceWatch:
@@ -153,3 +155,54 @@ def telemetry_session(
     publisher.append(drain.start())
     session.route(f"{topic}/ack", lambda m: drain.on_ack(m.payload))
     return session, drain
+
+
+def readings(records: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """The ``reading`` records whose data's ``i`` is ``i``."""
+    return [r for r in records if r["kind"] == "reading" and r["data"]["i"] == i]
+
+
+@dataclass
+class StatedLimitRun:
+    """The agent's session and publisher over a broker that states its packet limit (MQTT 5),
+    draining an outbox that holds reading 0 (padded) and reading 1; ``watch`` is the ingestion."""
+
+    broker: SmallPacketMosquitto
+    outbox: Any
+    session: Any
+    drain: Any
+    watch: DeviceWatch
+
+    def raise_limit(self, max_packet: int = 1 << 20) -> DeviceWatch:
+        """The broker restarted with a higher limit; it keeps no state, so a new watch."""
+        self.watch.close()
+        self.broker.max_packet = max_packet
+        self.broker.restart()
+        self.watch = DeviceWatch(self.broker, self.session.config.prefix, "dev-r")
+        return self.watch
+
+
+@contextmanager
+def stated_limit_run(
+    tmp_path: Path, prefix: str, max_packet: int, pad: int
+) -> Iterator[StatedLimitRun]:
+    from edge_agent.outbox import Outbox
+
+    broker = SmallPacketMosquitto(workdir=tmp_path / "mosquitto")
+    broker.max_packet = max_packet
+    broker.start()
+    outbox = Outbox(tmp_path / "telemetry.db", "dev-r", 16 << 20)
+    outbox.append("reading", {"i": 0, "pad": "x" * pad})
+    outbox.append("reading", {"i": 1})
+    config = session_config(broker, tmp_path, "dev-r", "5", prefix)
+    watch = DeviceWatch(broker, prefix, "dev-r")
+    session, drain = telemetry_session(config, outbox, 1000.0)
+    run = StatedLimitRun(broker, outbox, session, drain, watch)
+    try:
+        with session:
+            yield run
+    finally:
+        drain.stop()
+        outbox.close()
+        run.watch.close()
+        broker.stop()
