@@ -315,7 +315,29 @@ def runs_note(doc: dict[str, Any]) -> str:
 
 
 def _met(doc: dict[str, Any]) -> str:
-    return {True: "met", False: "**not met**"}.get(doc.get("targets_met"), MISSING)  # type: ignore[arg-type]
+    met = {True: "met", False: "**not met**"}.get(doc.get("targets_met"), MISSING)  # type: ignore[arg-type]
+    missed = unmet(doc)
+    return f"{met}: {', '.join(missed)}" if doc.get("targets_met") is False and missed else met
+
+
+def unmet(doc: dict[str, Any]) -> list[str]:
+    """The targets a result says it missed, by name (``targets``: name -> met), and per figure
+    where each has its own (``figures``: name -> {"targets": ...}), so a reader sees which."""
+    found = [name for name, ok in _bools(doc.get("targets")) if not ok]
+    figures = doc.get("figures")
+    if isinstance(figures, dict):
+        for figure, value in figures.items():
+            if isinstance(value, dict):
+                found += [
+                    f"{name} ({figure})" for name, ok in _bools(value.get("targets")) if not ok
+                ]
+    return found
+
+
+def _bools(targets: Any) -> list[tuple[str, bool]]:
+    if not isinstance(targets, dict):
+        return []
+    return [(str(k), v) for k, v in targets.items() if isinstance(v, bool)]
 
 
 # --- writing ----------------------------------------------------------------------------------------

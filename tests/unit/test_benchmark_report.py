@@ -148,3 +148,18 @@ def test_a_result_of_one_run_is_marked_as_one(tmp_path: Path) -> None:
         in (table)
     )
     assert "| 1 (single run) |" in table
+
+
+def test_a_result_not_met_names_the_targets_it_missed() -> None:
+    """The README's "all targets" column and docs/benchmarks.md say which target a result
+    missed (its own, or a figure's), not only that one was: a row whose headline figure meets
+    its target was marked "not met" for another figure's target, with nothing to say which."""
+    doc = {
+        "targets_met": False,
+        "targets": {"fast": True, "small": False, "note": "text"},
+        "figures": {"a": {"targets": {"recovery": False, "goodput": True}}, "b": 3},
+    }
+    assert report.unmet(doc) == ["small", "recovery (a)"]
+    assert report._met(doc) == "**not met**: small, recovery (a)"
+    assert report._met({"targets_met": False}) == "**not met**"
+    assert report._met({"targets_met": True, "targets": {"x": False}}) == "met"
