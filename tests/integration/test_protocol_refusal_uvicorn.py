@@ -6,6 +6,7 @@ connection serves the next request; anything it must not take goes to the app, i
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import re
@@ -593,8 +594,11 @@ def test_the_answers_are_the_same_with_the_fast_path_and_without(
     chosen: list[tuple[int, bytes]], cuts: list[int]
 ) -> None:
     """Pipelined requests, sent in pieces cut anywhere: with the fast path always tried and
-    never, the same bytes come back, the check is asked the same questions (once each), the
-    app is called for the same requests, and every Hold is released once."""
+    never, the same bytes come back, no request is put to the check twice or answered twice,
+    and every Hold is released once. Which requests are checked is not compared: a request
+    parsed while the one before it is still in flight goes to the app unchecked, in both modes,
+    and whether it is depends on when the app's answer completes (a CI run saw a /hold checked
+    in one mode and not in the other, the same answers coming back)."""
     stream = b"".join(TEMPLATES[index](body) for index, body in chosen)
     bounds = sorted({0, len(stream), *(cut % (len(stream) + 1) for cut in cuts)})
     pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
@@ -612,9 +616,21 @@ def test_the_answers_are_the_same_with_the_fast_path_and_without(
                     got = [undated(a) for a in answers(sock, len(chosen))]
                 _drained(served)
         assert sorted(recording.released) == list(range(len(recording.holds)))
-        seen[recent] = (got, recording.asked, served.app.calls)
+        _each_once(chosen, recording.asked, served.app.calls)
+        seen[recent] = got
     assert seen[0] == seen[10**9]
-    assert len(seen[0][0]) == len(chosen)
+    assert len(seen[0]) == len(chosen)
+
+
+PATHS = ["/refuse"] * 7 + ["/ok", "/hold", None]  # what the check is asked, by template
+
+
+def _each_once(chosen: list[tuple[int, bytes]], asked: list[Any], calls: list[str]) -> None:
+    """No request put to the check more often than the stream has it, none answered twice."""
+    sent = collections.Counter(PATHS[index] for index, _ in chosen)
+    for path, times in collections.Counter(path for _, path, _ in asked).items():
+        assert times <= sent[path], (path, asked)
+    assert len(calls) <= len(chosen)
 
 
 class Recording:
