@@ -36,6 +36,8 @@ import re
 
 import httptools
 
+from modelpack.serving.kept import keep
+
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++"
 _PCHARS = rb"\-A-Za-z0-9._~!$&'()*+,;=:@/%"
 # A header's value with the OWS around it: visible ASCII, spaces and tabs. Possessive: no part
@@ -77,9 +79,7 @@ def whole_request(data: bytes, start: int) -> Request | None:
         known = _read(head)
         if known is None:
             return None
-        if len(_known) >= _KNOWN_MAX:
-            _known.clear()
-        _known[head] = known
+        keep(_known, head, known, _KNOWN_MAX)
     url, found, headers, length = known
     end = head_end + length
     if end > len(data):

@@ -34,7 +34,8 @@ from modelpack import PredictorOptions, logs
 from modelpack.errors import ConfigError, InputError, OverloadError
 from modelpack.metrics import InferenceMetrics
 from modelpack.predictor import Predictor
-from modelpack.serving.core import TIMEOUT_HEADER, ServingCore
+from modelpack.serving.core import TIMEOUT_HEADER, TIMEOUT_MAX_CHARS, ServingCore
+from modelpack.serving.kept import keep
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.reservation import Reservation
 from modelpack.serving.routes import HttpRequest, HttpResponse, admit, early, handle, refuse
@@ -208,7 +209,6 @@ _REFUSALS_KEPT = 1024
 # The mapping ``early`` reads, by the x-timeout-ms value sent: a flood sends the same few.
 _TIMEOUTS: dict[bytes, dict[str, str]] = {}
 _TIMEOUTS_KEPT = 64
-TIMEOUT_KEPT_BYTES = 64  # the longest value the core parses (a client's megabytes are not kept)
 # The core's queue_full refusal (``ServingCore.queue_full``, one instance) and its answer.
 _last_queue_full: tuple[OverloadError, Refusal] | None = None
 
@@ -226,13 +226,11 @@ def early_refusal(
     headers = NO_HEADERS
     for name, value in raw:
         if name == TIMEOUT_NAME:  # the first, as in _first_headers
-            found = _TIMEOUTS.get(value) if len(value) <= TIMEOUT_KEPT_BYTES else None
+            found = _TIMEOUTS.get(value) if len(value) <= TIMEOUT_MAX_CHARS else None
             if found is None:
                 found = {TIMEOUT_HEADER: value.decode("latin-1")}
-                if len(value) <= TIMEOUT_KEPT_BYTES:  # longer: refused as unparsable, not kept
-                    if len(_TIMEOUTS) >= _TIMEOUTS_KEPT:
-                        _TIMEOUTS.clear()
-                    _TIMEOUTS[value] = found
+                if len(value) <= TIMEOUT_MAX_CHARS:  # longer: refused as unparsable, not kept
+                    keep(_TIMEOUTS, value, found, _TIMEOUTS_KEPT)
             headers = found
             break
     core = _core()
@@ -247,9 +245,7 @@ def early_refusal(
     if built is None:
         answer = refuse(core, exc, counted=False)
         built = (answer.status, protocol_refusal.header_block(asgi_headers(answer)), answer.body)
-        if len(_REFUSALS) >= _REFUSALS_KEPT:
-            _REFUSALS.clear()
-        _REFUSALS[exc] = built
+        keep(_REFUSALS, exc, built, _REFUSALS_KEPT)
     if exc is core.queue_full:
         _last_queue_full = (exc, built)
     return built

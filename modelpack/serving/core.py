@@ -23,6 +23,7 @@ from modelpack.metrics import InferenceMetrics, NoMetrics
 from modelpack.predictor import Predictor
 from modelpack.serving import oip
 from modelpack.serving.cache import cache_key
+from modelpack.serving.kept import keep
 from modelpack.serving.limits import ServingLimits
 from modelpack.serving.model import ServedModel
 from modelpack.serving.padding import check_lengths
@@ -70,6 +71,8 @@ def checked_timeout(value: float, what: str) -> float:
 # are the client's): emptied when full.
 _PARSED_TIMEOUTS: dict[str, float] = {}
 _PARSED_KEPT = 64
+# float() of thousands of digits is work for nothing: no timeout is that long.
+TIMEOUT_MAX_CHARS = 64
 
 
 def _timeout_header(headers: Mapping[str, str]) -> float | None:
@@ -79,15 +82,11 @@ def _timeout_header(headers: Mapping[str, str]) -> float | None:
     parsed = _PARSED_TIMEOUTS.get(raw)
     if parsed is not None:
         return parsed
-    parsed = _parsed_timeout(raw)
-    if len(_PARSED_TIMEOUTS) >= _PARSED_KEPT:
-        _PARSED_TIMEOUTS.clear()
-    _PARSED_TIMEOUTS[raw] = parsed
-    return parsed
+    return keep(_PARSED_TIMEOUTS, raw, _parsed_timeout(raw), _PARSED_KEPT)
 
 
 def _parsed_timeout(raw: str) -> float:
-    if len(raw) > 64:  # float() of thousands of digits is work for nothing: no timeout is that long
+    if len(raw) > TIMEOUT_MAX_CHARS:
         raise InputError(f"{TIMEOUT_HEADER} is {len(raw)} characters long", reason="invalid")
     try:
         value = float(raw)
@@ -243,11 +242,8 @@ class ServingCore:
         message = batcher.late_message()
         late = self._late.get(message)
         if late is None or late.retry_after_s != batcher.retry_after_s:
-            if len(self._late) >= LATE_REFUSALS_KEPT:
-                self._late.clear()
-            late = self._late[message] = OverloadError(
-                message, reason="deadline", retry_after_s=batcher.retry_after_s
-            )
+            late = OverloadError(message, reason="deadline", retry_after_s=batcher.retry_after_s)
+            keep(self._late, message, late, LATE_REFUSALS_KEPT)
         return late
 
     def _admit(self, model: ServedModel, deadline: float) -> None:
